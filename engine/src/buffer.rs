@@ -1,0 +1,184 @@
+//! Aligned I/O buffers and a small pool that reuses them.
+//!
+//! Every buffer is aligned to [`AlignedBuf::ALIGNMENT`] so the same buffer
+//! serves buffered and O_DIRECT I/O. Buffers are zeroed when first allocated,
+//! so their whole capacity is initialised memory; the pool then recycles them
+//! to keep allocation (and page faults) off the hot path.
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+
+/// A heap buffer aligned for O_DIRECT. Its heap memory never moves while the
+/// value is alive, so a pointer into it stays valid across moves of the
+/// `AlignedBuf` itself (the io_uring in-flight table relies on this).
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    capacity: usize,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf exclusively owns its allocation, like a Vec<u8>; there
+// is no shared interior state, so moving it to another thread is sound.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only allow reads of initialised bytes.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// The alignment of every buffer: the largest logical block size in use.
+    pub const ALIGNMENT: usize = 4096;
+
+    /// A zeroed buffer of at least `capacity` bytes (rounded up to the
+    /// alignment), with length `capacity`.
+    pub fn new(capacity: usize) -> AlignedBuf {
+        let rounded = capacity.max(1).div_ceil(Self::ALIGNMENT) * Self::ALIGNMENT;
+        let layout = Layout::from_size_align(rounded, Self::ALIGNMENT).expect("buffer layout");
+        // SAFETY: the layout has a non-zero size (rounded >= ALIGNMENT).
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, capacity: rounded, len: capacity }
+    }
+
+    /// Usable bytes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The length in use.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the length in use is zero.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Set the length in use; the bytes keep whatever they held.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity, "buffer length {len} over capacity {}", self.capacity);
+        self.len = len;
+    }
+
+    /// The bytes in use.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for `capacity` initialised bytes (zeroed at
+        // allocation) and len <= capacity.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes in use, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Raw pointer for the kernel. The caller keeps the buffer alive (and
+    /// unread by Rust code) until the kernel is done with it.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Raw pointer for the kernel to read from.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.capacity, Self::ALIGNMENT).expect("buffer layout");
+        // SAFETY: ptr was allocated by `alloc_zeroed` with exactly this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf").field("capacity", &self.capacity).field("len", &self.len).finish()
+    }
+}
+
+/// A per-connection free list of buffers, by power-of-two size class.
+/// Buffers above [`BufferPool::POOLED_SIZE_MAX`] are not kept; the total held
+/// is bounded by `held_bytes_max`.
+pub struct BufferPool {
+    classes: Vec<Vec<AlignedBuf>>,
+    held_bytes: usize,
+    held_bytes_max: usize,
+}
+
+impl BufferPool {
+    /// The largest buffer the pool keeps for reuse.
+    pub const POOLED_SIZE_MAX: usize = 4 << 20;
+    const CLASS_MIN_SHIFT: u32 = 12;
+
+    /// A pool that holds at most `held_bytes_max` bytes of idle buffers.
+    pub fn new(held_bytes_max: usize) -> BufferPool {
+        let classes = (Self::CLASS_MIN_SHIFT..=Self::POOLED_SIZE_MAX.trailing_zeros()).map(|_| Vec::new()).collect();
+        BufferPool { classes, held_bytes: 0, held_bytes_max }
+    }
+
+    fn class_of(capacity: usize) -> Option<usize> {
+        if capacity > Self::POOLED_SIZE_MAX {
+            return None;
+        }
+        let shift = capacity.next_power_of_two().trailing_zeros().max(Self::CLASS_MIN_SHIFT);
+        Some((shift - Self::CLASS_MIN_SHIFT) as usize)
+    }
+
+    /// A buffer of length `len` (capacity rounded up to its size class).
+    pub fn take(&mut self, len: usize) -> AlignedBuf {
+        let Some(class) = Self::class_of(len) else {
+            return AlignedBuf::new(len);
+        };
+        let mut buf = match self.classes[class].pop() {
+            Some(buf) => {
+                self.held_bytes -= buf.capacity();
+                buf
+            }
+            None => AlignedBuf::new(1 << (class as u32 + Self::CLASS_MIN_SHIFT)),
+        };
+        buf.set_len(len);
+        buf
+    }
+
+    /// Return a buffer for reuse (dropped if the pool is full).
+    pub fn give(&mut self, buf: AlignedBuf) {
+        let capacity = buf.capacity();
+        if !capacity.is_power_of_two() || self.held_bytes + capacity > self.held_bytes_max {
+            return;
+        }
+        if let Some(class) = Self::class_of(capacity) {
+            self.held_bytes += capacity;
+            self.classes[class].push(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_and_zeroed() {
+        let buf = AlignedBuf::new(10_000);
+        assert_eq!(buf.as_ptr() as usize % AlignedBuf::ALIGNMENT, 0);
+        assert_eq!(buf.capacity(), 12_288);
+        assert!(buf.as_slice().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn pool_reuses_and_bounds_what_it_holds() {
+        let mut pool = BufferPool::new(16 << 10);
+        let a = pool.take(5000);
+        assert_eq!(a.capacity(), 8192);
+        let ptr = a.as_ptr();
+        pool.give(a);
+        let b = pool.take(6000);
+        assert_eq!(b.as_ptr(), ptr, "a buffer of the same class is reused");
+        assert_eq!(b.len(), 6000);
+        pool.give(b);
+        pool.give(AlignedBuf::new(16 << 10)); // over the bound: dropped
+        assert_eq!(pool.held_bytes, 8192);
+    }
+}

@@ -1,0 +1,26 @@
+//! The crossmirror engine: a volume over a file or a block device, with its
+//! local I/O submitted through io_uring.
+//!
+//! ```text
+//!  frontend (NBD) ──plans──▶ Volume ──entries──▶ Ring<Op> ──▶ kernel
+//!        ▲                                          │
+//!        └──────────── completions (op, result) ◀──┘
+//! ```
+//!
+//! The engine owns the pieces that must be exactly right for the kernel:
+//! aligned buffers ([`buffer`]), the io_uring wrapper whose in-flight table
+//! owns every buffer the kernel may touch ([`uring`]), the O_DIRECT alignment
+//! arithmetic ([`alignment`]) and the volume itself ([`volume`]). It depends on
+//! no other crate of the workspace; callers drive it.
+
+pub mod alignment;
+pub mod buffer;
+pub mod error;
+pub mod range_lock;
+pub mod uring;
+pub mod volume;
+
+pub use buffer::{AlignedBuf, BufferPool};
+pub use error::{EngineError, EngineErrorKind};
+pub use uring::Ring;
+pub use volume::{BackingKind, Volume, VolumeOptions};

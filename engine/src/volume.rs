@@ -1,0 +1,425 @@
+//! A volume: the local store behind an export, a regular file or a block
+//! device, opened buffered or with O_DIRECT.
+//!
+//! The volume builds io_uring entries for the hot path (read, write, fsync,
+//! fallocate) and does the rare operations synchronously: edge-block reads
+//! for unaligned O_DIRECT writes, discard and zero-out ioctls on block
+//! devices, and SEEK_DATA/SEEK_HOLE for block status.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use io_uring::{opcode, squeue, types};
+
+use crate::alignment::Span;
+use crate::buffer::AlignedBuf;
+use crate::error::EngineError;
+use crate::range_lock::RangeLocks;
+
+/// What the volume's path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingKind {
+    /// A regular file (sparse when created by us).
+    File,
+    /// A block device (a disk, a partition, a loop device).
+    BlockDevice,
+}
+
+/// How to open a volume.
+#[derive(Debug, Clone)]
+pub struct VolumeOptions {
+    /// File or block device.
+    pub path: PathBuf,
+    /// Expected size in bytes; creates a sparse file when the path is absent.
+    pub size: Option<u64>,
+    /// Open with O_DIRECT.
+    pub direct: bool,
+    /// Open read-only.
+    pub read_only: bool,
+}
+
+/// How a WRITE_ZEROES request is carried out on this volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroMethod {
+    /// `fallocate` with this mode, through io_uring.
+    Fallocate(i32),
+    /// Synchronously: BLKZEROOUT for the aligned interior of a block device,
+    /// written zeroes for the rest.
+    Synchronous,
+    /// The caller asked for a fast zero and this volume cannot give one.
+    NotFast,
+}
+
+/// A volume open for I/O.
+#[derive(Debug)]
+pub struct Volume {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    kind: BackingKind,
+    direct: bool,
+    read_only: bool,
+    alignment: u64,
+    locks: RangeLocks,
+    fallocate_unsupported: AtomicBool,
+}
+
+// Linux ioctl numbers from <linux/fs.h>.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+impl Volume {
+    /// Alignment used for O_DIRECT on regular files: safe for every
+    /// filesystem with blocks up to 4 KiB.
+    pub const FILE_DIRECT_ALIGNMENT: u64 = 4096;
+
+    /// Open (or create, for a regular file with a size) the volume.
+    pub fn open(options: &VolumeOptions) -> Result<Volume, EngineError> {
+        let path = options.path.clone();
+        let volume_error = |action: &'static str| {
+            let path = path.clone();
+            move |source: io::Error| EngineError::Volume { path, action, source }
+        };
+        let config_error = |message: String| EngineError::Config { path: path.clone(), message };
+        if options.size == Some(0) {
+            return Err(config_error("--size 0: a volume needs at least one byte".into()));
+        }
+        let metadata = match std::fs::metadata(&path) {
+            Ok(metadata) => Some(metadata),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => None,
+            Err(error) => return Err(volume_error("inspect")(error)),
+        };
+        let kind = match &metadata {
+            Some(m) if m.file_type().is_block_device() => BackingKind::BlockDevice,
+            Some(m) if m.is_file() => BackingKind::File,
+            Some(_) => return Err(config_error("is neither a regular file nor a block device".into())),
+            None => {
+                let Some(size) = options.size else {
+                    return Err(config_error(
+                        "does not exist; pass --size to create a sparse volume of that size".into(),
+                    ));
+                };
+                if options.read_only {
+                    return Err(config_error("does not exist, and a read-only volume cannot be created".into()));
+                }
+                create_sparse(&path, size).map_err(volume_error("create"))?;
+                BackingKind::File
+            }
+        };
+        let file = open_file(&path, options).map_err(volume_error("open"))?;
+        let size = match kind {
+            BackingKind::File => file.metadata().map_err(volume_error("stat"))?.len(),
+            BackingKind::BlockDevice => {
+                ioctl_u64(&file, BLKGETSIZE64).map_err(volume_error("read the device size (BLKGETSIZE64)"))?
+            }
+        };
+        if let Some(expected) = options.size {
+            if expected != size {
+                return Err(config_error(format!(
+                    "is {size} bytes but --size says {expected}; drop --size to use the existing size, or pass --size {size}"
+                )));
+            }
+        }
+        if size == 0 {
+            return Err(config_error("is empty (0 bytes); give it a size first or pass a new path with --size".into()));
+        }
+        let alignment = match (options.direct, kind) {
+            (false, _) => 1,
+            (true, BackingKind::File) => Self::FILE_DIRECT_ALIGNMENT,
+            (true, BackingKind::BlockDevice) => {
+                ioctl_int(&file, BLKSSZGET).map_err(volume_error("read the logical block size (BLKSSZGET)"))? as u64
+            }
+        };
+        if size % alignment != 0 {
+            return Err(config_error(format!(
+                "is {size} bytes, not a multiple of {alignment}: O_DIRECT needs whole blocks; resize it or drop --direct"
+            )));
+        }
+        Ok(Volume {
+            file,
+            path,
+            size,
+            kind,
+            direct: options.direct,
+            read_only: options.read_only,
+            alignment,
+            locks: RangeLocks::default(),
+            fallocate_unsupported: AtomicBool::new(false),
+        })
+    }
+
+    /// The path the volume was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// File or block device.
+    pub fn kind(&self) -> BackingKind {
+        self.kind
+    }
+
+    /// Whether the volume is opened with O_DIRECT.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Whether the volume is opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The alignment every file I/O must keep (1 when buffered).
+    pub fn alignment(&self) -> u64 {
+        self.alignment
+    }
+
+    /// Range locks that serialise overlapping write-like operations on a
+    /// direct volume.
+    pub fn locks(&self) -> &RangeLocks {
+        &self.locks
+    }
+
+    /// The file descriptor, for io_uring entries.
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// The aligned span a client range needs.
+    pub fn span(&self, offset: u64, len: u64) -> Span {
+        Span::cover(offset, len, self.alignment)
+    }
+
+    /// A read of `len` bytes at `offset` into `buf`.
+    pub fn read_entry(&self, buf: *mut u8, len: u32, offset: u64) -> squeue::Entry {
+        opcode::Read::new(types::Fd(self.fd()), buf, len).offset(offset).build()
+    }
+
+    /// A write of `len` bytes at `offset` from `buf`; with `fua` the data is
+    /// durable when it completes (RWF_DSYNC).
+    pub fn write_entry(&self, buf: *const u8, len: u32, offset: u64, fua: bool) -> squeue::Entry {
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        opcode::Write::new(types::Fd(self.fd()), buf, len).offset(offset).rw_flags(flags).build()
+    }
+
+    /// An fsync of the whole volume.
+    pub fn fsync_entry(&self) -> squeue::Entry {
+        opcode::Fsync::new(types::Fd(self.fd())).build()
+    }
+
+    /// An fallocate of `len` bytes at `offset` with `mode`.
+    pub fn fallocate_entry(&self, offset: u64, len: u64, mode: i32) -> squeue::Entry {
+        opcode::Fallocate::new(types::Fd(self.fd()), len).offset(offset).mode(mode).build()
+    }
+
+    /// Record that fallocate failed with EOPNOTSUPP, so later requests take
+    /// the synchronous path at once.
+    pub fn note_fallocate_unsupported(&self) {
+        self.fallocate_unsupported.store(true, Ordering::Relaxed);
+    }
+
+    /// How a TRIM is carried out: `Some(mode)` for fallocate through io_uring
+    /// on files, `None` for the synchronous discard of block devices.
+    pub fn trim_fallocate_mode(&self) -> Option<i32> {
+        match self.kind {
+            BackingKind::File => Some(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE),
+            BackingKind::BlockDevice => None,
+        }
+    }
+
+    /// How a WRITE_ZEROES is carried out. `may_punch` is false when the
+    /// client asked for the range to stay allocated (NO_HOLE); `fast_only`
+    /// when it asked for FAST_ZERO.
+    pub fn zero_method(&self, may_punch: bool, fast_only: bool) -> ZeroMethod {
+        let fallocate_works = !self.fallocate_unsupported.load(Ordering::Relaxed);
+        match self.kind {
+            BackingKind::File if fallocate_works => {
+                let mode = if may_punch { libc::FALLOC_FL_PUNCH_HOLE } else { libc::FALLOC_FL_ZERO_RANGE };
+                ZeroMethod::Fallocate(mode | libc::FALLOC_FL_KEEP_SIZE)
+            }
+            _ if fast_only => ZeroMethod::NotFast,
+            _ => ZeroMethod::Synchronous,
+        }
+    }
+
+    /// Read the edge blocks a partial O_DIRECT write needs, into the parts of
+    /// `buf` (which maps `span.file_offset..+span.file_len`) that the client's
+    /// data does not cover. The caller holds the span's range lock.
+    pub fn fill_edges(&self, span: &Span, buf: &mut AlignedBuf) -> io::Result<()> {
+        let alignment = self.alignment as usize;
+        let mut scratch = AlignedBuf::new(alignment);
+        let data = span.head as usize..(span.head + span.len) as usize;
+        for block in span.edge_blocks(self.alignment) {
+            self.file.read_exact_at(scratch.as_mut_slice(), block)?;
+            let start = (block - span.file_offset) as usize;
+            let target = &mut buf.as_mut_slice()[start..start + alignment];
+            for (i, byte) in target.iter_mut().enumerate() {
+                if !data.contains(&(start + i)) {
+                    *byte = scratch.as_slice()[i];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Zero `offset..offset+len` synchronously: BLKZEROOUT for the aligned
+    /// interior of a block device, written zeroes (read-modify-write at
+    /// unaligned edges) for everything else. The caller holds the range lock.
+    pub fn write_zeroes_synchronously(&self, offset: u64, len: u64) -> io::Result<()> {
+        let sector = self.alignment.max(512);
+        let interior_start = offset.next_multiple_of(sector);
+        let interior_end = (offset + len) / sector * sector;
+        if self.kind == BackingKind::BlockDevice && interior_start < interior_end {
+            ioctl_range(&self.file, BLKZEROOUT, interior_start, interior_end - interior_start)?;
+            self.write_zero_bytes(offset, interior_start - offset)?;
+            return self.write_zero_bytes(interior_end, offset + len - interior_end);
+        }
+        self.write_zero_bytes(offset, len)
+    }
+
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let mut position = offset;
+        let end = offset + len;
+        while position < end {
+            let piece = (end - position).min(CHUNK - position % CHUNK);
+            let span = self.span(position, piece);
+            let mut buf = AlignedBuf::new(span.file_len as usize);
+            let data = span.head as usize..(span.head + span.len) as usize;
+            buf.as_mut_slice()[data].fill(0);
+            if self.direct {
+                self.fill_edges(&span, &mut buf)?;
+            }
+            buf.as_mut_slice()[span.head as usize..(span.head + span.len) as usize].fill(0);
+            self.file.write_all_at(buf.as_slice(), span.file_offset)?;
+            position += piece;
+        }
+        Ok(())
+    }
+
+    /// Discard the aligned interior of `offset..offset+len` on a block device
+    /// (TRIM is advisory, so partial sectors at the edges are left alone).
+    pub fn discard_synchronously(&self, offset: u64, len: u64) -> io::Result<()> {
+        let sector = self.alignment.max(512);
+        let start = offset.next_multiple_of(sector);
+        let end = (offset + len) / sector * sector;
+        if start >= end {
+            return Ok(());
+        }
+        match ioctl_range(&self.file, BLKDISCARD, start, end - start) {
+            Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Allocation status of `offset..offset+len` as NBD `base:allocation`
+    /// extents `(length, flags)`, at most `extents_max` of them; they may
+    /// cover less than the whole range.
+    pub fn block_status(&self, offset: u64, len: u32, extents_max: usize) -> io::Result<Vec<(u32, u32)>> {
+        const STATE_HOLE_ZERO: u32 = 0b11;
+        let end = offset + len as u64;
+        if self.kind == BackingKind::BlockDevice {
+            return Ok(vec![(len, 0)]);
+        }
+        let mut extents = Vec::new();
+        let mut position = offset;
+        while position < end && extents.len() < extents_max {
+            let data = match seek(self.fd(), position, libc::SEEK_DATA) {
+                Ok(data) => data.min(end),
+                Err(error) if error.raw_os_error() == Some(libc::ENXIO) => end,
+                Err(error) => return Err(error),
+            };
+            if data > position {
+                extents.push(((data - position) as u32, STATE_HOLE_ZERO));
+                position = data;
+                continue;
+            }
+            let hole = seek(self.fd(), position, libc::SEEK_HOLE)?.min(end);
+            let hole = if hole <= position { end } else { hole };
+            extents.push(((hole - position) as u32, 0));
+            position = hole;
+        }
+        Ok(extents)
+    }
+
+    /// Hint the kernel to read `offset..offset+len` ahead (NBD CACHE).
+    pub fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: posix_fadvise takes a valid fd and plain integers.
+        let rc = unsafe { libc::posix_fadvise(self.fd(), offset as i64, len as i64, libc::POSIX_FADV_WILLNEED) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(())
+    }
+
+    /// Make everything written so far durable.
+    pub fn sync_all(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}
+
+fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
+    let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+    file.set_len(size)?;
+    file.sync_all()
+}
+
+fn open_file(path: &Path, options: &VolumeOptions) -> io::Result<File> {
+    let mut flags = libc::O_CLOEXEC;
+    if options.direct {
+        flags |= libc::O_DIRECT;
+    }
+    OpenOptions::new().read(true).write(!options.read_only).custom_flags(flags).open(path)
+}
+
+fn seek(fd: RawFd, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+    // SAFETY: lseek takes a valid fd and plain integers.
+    let position = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+    if position < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(position as u64)
+}
+
+fn ioctl_u64(file: &File, request: libc::c_ulong) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    // SAFETY: the request writes one u64 through the pointer, which points to
+    // a live local of that type.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request as _, &mut value as *mut u64) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+fn ioctl_int(file: &File, request: libc::c_ulong) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: the request writes one int through the pointer, which points to
+    // a live local of that type.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request as _, &mut value as *mut libc::c_int) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
+fn ioctl_range(file: &File, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKDISCARD and BLKZEROOUT read two u64 (start, length) through
+    // the pointer, which points to a live local array of two u64.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), request as _, range.as_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,906 @@
+//! Transmission: one connection, one thread, one io_uring.
+//!
+//! Socket receives, file I/O and socket sends all go through the
+//! connection's ring, so a connection never blocks on one thing while another
+//! is ready, and the hot path takes no locks. The loop:
+//!
+//! ```text
+//!   recv completes ─▶ parse headers (request.rs) ─▶ validate ─▶ submit file op
+//!   file op completes ─▶ queue reply ─▶ one SENDMSG carries a batch of replies
+//! ```
+//!
+//! Every buffer the kernel touches is owned by the [`Op`] in the ring's
+//! in-flight table. Replies go out in completion order (the protocol allows
+//! any order). On a direct volume, write-like requests hold a range lock on
+//! their aligned span; one that conflicts is parked and retried.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::alignment::Span;
+use engine::range_lock::RangeLockId;
+use engine::volume::ZeroMethod;
+use engine::{AlignedBuf, BufferPool, Ring, Volume};
+use io_uring::{opcode, types};
+
+use crate::handshake::Negotiated;
+use crate::protocol::*;
+use crate::reply::{self, ReplyHeader};
+use crate::request::{self, Command, Limits, RequestHeader};
+
+/// Requests accepted but not yet answered, per connection; over it the
+/// connection stops reading until replies drain.
+pub const OUTSTANDING_MAX: usize = 256;
+/// Reply bytes queued but not yet sent before the connection stops reading.
+pub const QUEUED_REPLY_BYTES_MAX: usize = 64 << 20;
+/// Largest refused WRITE payload read off the socket and thrown away; a
+/// longer one ends the connection (the stream cannot be trusted).
+pub const DISCARD_BYTES_MAX: u64 = 64 << 20;
+/// Extents in one BLOCK_STATUS reply.
+pub const EXTENTS_MAX: usize = 1024;
+const RECEIVE_BUFFER_BYTES: usize = 256 << 10;
+const RING_ENTRIES: u32 = 256;
+const SEND_BATCH_REPLIES_MAX: usize = 64;
+const POOL_HELD_BYTES_MAX: usize = 16 << 20;
+
+/// Counters a connection reports when it ends.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ConnectionStats {
+    /// Requests answered.
+    pub requests: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+}
+
+/// What was wrong with the stream when a connection is dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The client disconnected (DISC or end of stream).
+    Client,
+    /// The server is shutting down.
+    Shutdown,
+    /// The client broke the protocol; the message says how.
+    Protocol(String),
+    /// The socket or the ring failed.
+    Io(String),
+}
+
+/// Run transmission on `socket` until the client leaves, the server shuts
+/// down, or the stream is lost.
+pub fn serve(
+    socket: std::net::TcpStream,
+    volume: Arc<Volume>,
+    negotiated: Negotiated,
+    shutdown: Arc<AtomicBool>,
+) -> Result<(Ending, ConnectionStats), engine::EngineError> {
+    let ring = Ring::new(RING_ENTRIES)?;
+    let limits = Limits {
+        size: volume.size(),
+        read_only: volume.is_read_only(),
+        structured: negotiated.structured,
+        block_status: negotiated.base_allocation.is_some(),
+    };
+    let mut connection = Connection {
+        fd: socket.as_raw_fd(),
+        ring,
+        volume,
+        negotiated,
+        limits,
+        shutdown,
+        receive: Some(vec![0u8; RECEIVE_BUFFER_BYTES]),
+        receive_start: 0,
+        receive_end: 0,
+        receive_token: None,
+        payload: None,
+        discard_left: 0,
+        replies: VecDeque::new(),
+        queued_reply_bytes: 0,
+        sending: false,
+        parked: VecDeque::new(),
+        outstanding: 0,
+        pool: BufferPool::new(POOL_HELD_BYTES_MAX),
+        state: State::Open,
+        stats: ConnectionStats::default(),
+        recycled: Vec::new(),
+    };
+    let ending = connection.run();
+    drop(connection);
+    drop(socket);
+    Ok(ending)
+}
+
+enum Op {
+    Receive { buf: Vec<u8> },
+    ReceivePayload { incoming: Incoming },
+    Send { batch: Box<SendBatch> },
+    Read { cookie: u64, offset: u64, buf: AlignedBuf, span: Span, done: u64 },
+    Write { cookie: u64, buf: AlignedBuf, span: Span, fua: bool, lock: Option<RangeLockId>, done: u64 },
+    Fsync { cookie: u64, lock: Option<RangeLockId> },
+    Fallocate { work: LockedWork, lock: Option<RangeLockId> },
+    Cancel,
+}
+
+/// A WRITE whose payload is still arriving.
+struct Incoming {
+    header: RequestHeader,
+    fua: bool,
+    buf: AlignedBuf,
+    span: Span,
+    received: usize,
+}
+
+impl Incoming {
+    fn missing(&self) -> usize {
+        self.span.len as usize - self.received
+    }
+}
+
+/// A write-like request that needs the range lock on a direct volume.
+enum LockedWork {
+    Write { cookie: u64, buf: AlignedBuf, span: Span, fua: bool },
+    Trim { cookie: u64, offset: u64, len: u64, fua: bool },
+    Zero { cookie: u64, offset: u64, len: u64, fua: bool, may_punch: bool, fast_only: bool },
+}
+
+impl LockedWork {
+    fn range(&self, volume: &Volume) -> (u64, u64) {
+        let span = match self {
+            LockedWork::Write { span, .. } => *span,
+            LockedWork::Trim { offset, len, .. } | LockedWork::Zero { offset, len, .. } => volume.span(*offset, *len),
+        };
+        (span.file_offset, span.file_offset + span.file_len)
+    }
+
+    fn cookie(&self) -> u64 {
+        match self {
+            LockedWork::Write { cookie, .. } | LockedWork::Trim { cookie, .. } | LockedWork::Zero { cookie, .. } => {
+                *cookie
+            }
+        }
+    }
+}
+
+enum Reply {
+    Header(ReplyHeader),
+    Bytes(Vec<u8>),
+    Data { header: ReplyHeader, buf: AlignedBuf, start: usize, len: usize },
+}
+
+impl Reply {
+    fn len(&self) -> usize {
+        match self {
+            Reply::Header(header) => header.as_bytes().len(),
+            Reply::Bytes(bytes) => bytes.len(),
+            Reply::Data { header, len, .. } => header.as_bytes().len() + len,
+        }
+    }
+}
+
+/// Replies in one SENDMSG. Boxed so `msghdr` and `iovecs` keep their
+/// addresses while the kernel reads them.
+struct SendBatch {
+    replies: Vec<Reply>,
+    iovecs: Vec<libc::iovec>,
+    first: usize,
+    msghdr: libc::msghdr,
+}
+
+impl SendBatch {
+    fn new(replies: Vec<Reply>) -> Box<SendBatch> {
+        // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+        let msghdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        let mut batch = Box::new(SendBatch { replies, iovecs: Vec::new(), first: 0, msghdr });
+        let mut iovecs = Vec::with_capacity(batch.replies.len() * 2);
+        for reply in &batch.replies {
+            let mut push =
+                |bytes: &[u8]| iovecs.push(libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() });
+            match reply {
+                Reply::Header(header) => push(header.as_bytes()),
+                Reply::Bytes(bytes) => push(bytes),
+                Reply::Data { header, buf, start, len } => {
+                    push(header.as_bytes());
+                    push(&buf.as_slice()[*start..start + len]);
+                }
+            }
+        }
+        batch.iovecs = iovecs;
+        batch.point_msghdr();
+        batch
+    }
+
+    fn point_msghdr(&mut self) {
+        // The iovecs point into `replies`, whose heap storage does not move
+        // while the batch is alive, and the batch is never mutated in ways
+        // that reallocate it.
+        self.msghdr.msg_iov = self.iovecs[self.first..].as_mut_ptr();
+        self.msghdr.msg_iovlen = self.iovecs.len() - self.first;
+    }
+
+    /// Account for `sent` bytes; true when everything is sent.
+    fn advance(&mut self, mut sent: usize) -> bool {
+        while sent > 0 && self.first < self.iovecs.len() {
+            let iovec = &mut self.iovecs[self.first];
+            if sent >= iovec.iov_len {
+                sent -= iovec.iov_len;
+                self.first += 1;
+            } else {
+                // SAFETY: sent < iov_len, so the new base stays inside the
+                // same buffer.
+                iovec.iov_base = unsafe { (iovec.iov_base as *mut u8).add(sent) } as *mut _;
+                iovec.iov_len -= sent;
+                sent = 0;
+            }
+        }
+        while self.first < self.iovecs.len() && self.iovecs[self.first].iov_len == 0 {
+            self.first += 1;
+        }
+        if self.first == self.iovecs.len() {
+            return true;
+        }
+        self.point_msghdr();
+        false
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    Open,
+    /// No more requests are read; outstanding ones finish, then close.
+    Draining(Ending),
+    /// The socket is unusable: wait for the ring to empty, then close.
+    Failed(Ending),
+}
+
+struct Connection {
+    fd: RawFd,
+    ring: Ring<Op>,
+    volume: Arc<Volume>,
+    negotiated: Negotiated,
+    limits: Limits,
+    shutdown: Arc<AtomicBool>,
+    receive: Option<Vec<u8>>,
+    receive_start: usize,
+    receive_end: usize,
+    receive_token: Option<u64>,
+    payload: Option<Incoming>,
+    discard_left: u64,
+    replies: VecDeque<Reply>,
+    queued_reply_bytes: usize,
+    sending: bool,
+    parked: VecDeque<LockedWork>,
+    outstanding: usize,
+    pool: BufferPool,
+    state: State,
+    stats: ConnectionStats,
+    recycled: Vec<(Op, i32)>,
+}
+
+impl Connection {
+    fn run(&mut self) -> (Ending, ConnectionStats) {
+        let mut completions = std::mem::take(&mut self.recycled);
+        loop {
+            if self.state == State::Open && self.shutdown.load(Ordering::Relaxed) {
+                self.state = State::Draining(Ending::Shutdown);
+            }
+            self.retry_parked();
+            self.start_receive();
+            self.start_send();
+            if let Some(ending) = self.finished() {
+                return (ending, self.stats);
+            }
+            if self.ring.in_flight() == 0 {
+                // Only parked work is left, waiting on another connection's
+                // range lock: there is no completion to wait for.
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            let timeout = if self.parked.is_empty() { Duration::from_millis(200) } else { Duration::from_millis(1) };
+            if let Err(error) = self.ring.submit_and_wait(1, Some(timeout)) {
+                self.fail(Ending::Io(format!("io_uring_enter: {error}")));
+            }
+            self.ring.reap(&mut completions);
+            for (op, result) in completions.drain(..) {
+                self.complete(op, result);
+            }
+        }
+    }
+
+    /// The reason to stop, once nothing is left to do.
+    fn finished(&mut self) -> Option<Ending> {
+        match &self.state {
+            State::Open => None,
+            State::Failed(ending) => (self.ring.in_flight() == 0).then(|| ending.clone()),
+            State::Draining(ending) => {
+                let idle = self.outstanding == 0 && self.replies.is_empty() && !self.sending && self.parked.is_empty();
+                if !idle {
+                    return None;
+                }
+                if let Some(token) = self.receive_token.take() {
+                    if let Err((_, error)) = self.ring.cancel(token, Op::Cancel) {
+                        tracing::warn!(?error, "could not cancel the pending receive");
+                    }
+                }
+                (self.ring.in_flight() == 0).then(|| ending.clone())
+            }
+        }
+    }
+
+    fn fail(&mut self, ending: Ending) {
+        if !matches!(self.state, State::Failed(_)) {
+            self.state = State::Failed(ending);
+            self.replies.clear();
+            self.queued_reply_bytes = 0;
+            for work in std::mem::take(&mut self.parked) {
+                drop(work);
+                self.outstanding -= 1;
+            }
+            if let Some(token) = self.receive_token.take() {
+                let _ = self.ring.cancel(token, Op::Cancel);
+            }
+        }
+    }
+
+    fn start_receive(&mut self) {
+        let room = self.outstanding < OUTSTANDING_MAX && self.queued_reply_bytes < QUEUED_REPLY_BYTES_MAX;
+        if self.state != State::Open || self.receive_token.is_some() || !room || !self.ring.has_room() {
+            return;
+        }
+        if let Some(mut incoming) = self.payload.take() {
+            let start = incoming.span.head as usize + incoming.received;
+            let missing = incoming.missing();
+            // SAFETY (for the pointer): start + missing <= head + len <= buffer length.
+            let pointer = incoming.buf.as_mut_slice()[start..start + missing].as_mut_ptr();
+            let entry = opcode::Recv::new(types::Fd(self.fd), pointer, missing as u32).build();
+            // SAFETY: the entry points into `incoming.buf`, heap memory owned
+            // by the op that is stored in the in-flight table until reaped.
+            match unsafe { self.ring.push(entry, Op::ReceivePayload { incoming }) } {
+                Ok(token) => self.receive_token = Some(token),
+                Err((Op::ReceivePayload { incoming }, _)) => self.payload = Some(incoming),
+                Err(_) => unreachable!("push returns the op it was given"),
+            }
+            return;
+        }
+        let Some(mut buf) = self.receive.take() else { return };
+        if self.receive_start == self.receive_end {
+            self.receive_start = 0;
+            self.receive_end = 0;
+        } else if buf.len() - self.receive_end < 4096 {
+            buf.copy_within(self.receive_start..self.receive_end, 0);
+            self.receive_end -= self.receive_start;
+            self.receive_start = 0;
+        }
+        let free = &mut buf[self.receive_end..];
+        let entry = opcode::Recv::new(types::Fd(self.fd), free.as_mut_ptr(), free.len() as u32).build();
+        // SAFETY: the entry points into `buf`'s heap storage; `buf` moves
+        // into the op (its heap storage does not move) and stays in the
+        // in-flight table until reaped.
+        match unsafe { self.ring.push(entry, Op::Receive { buf }) } {
+            Ok(token) => self.receive_token = Some(token),
+            Err((Op::Receive { buf }, _)) => self.receive = Some(buf),
+            Err(_) => unreachable!("push returns the op it was given"),
+        }
+    }
+
+    fn start_send(&mut self) {
+        if self.sending || self.replies.is_empty() || matches!(self.state, State::Failed(_)) || !self.ring.has_room() {
+            return;
+        }
+        let count = self.replies.len().min(SEND_BATCH_REPLIES_MAX);
+        let replies: Vec<Reply> = self.replies.drain(..count).collect();
+        let batch = SendBatch::new(replies);
+        self.push_send(batch);
+    }
+
+    fn push_send(&mut self, batch: Box<SendBatch>) {
+        let entry = opcode::SendMsg::new(types::Fd(self.fd), &batch.msghdr).flags(libc::MSG_NOSIGNAL as u32).build();
+        // SAFETY: the msghdr, its iovecs and every buffer they point to are
+        // owned by the boxed batch, which the op keeps until reaped.
+        match unsafe { self.ring.push(entry, Op::Send { batch }) } {
+            Ok(_) => self.sending = true,
+            Err((Op::Send { batch }, _)) => {
+                // Put the replies back in front; they are sent next time.
+                for reply in batch.replies.into_iter().rev() {
+                    self.replies.push_front(reply);
+                }
+            }
+            Err(_) => unreachable!("push returns the op it was given"),
+        }
+    }
+
+    fn complete(&mut self, op: Op, result: i32) {
+        match op {
+            Op::Receive { buf } => self.received(buf, result),
+            Op::ReceivePayload { incoming } => self.received_payload(incoming, result),
+            Op::Send { batch } => self.sent(batch, result),
+            Op::Read { cookie, offset, buf, span, done } => self.read_done(cookie, offset, buf, span, done, result),
+            Op::Write { cookie, buf, span, fua, lock, done } => {
+                self.write_done(cookie, buf, span, fua, lock, done, result)
+            }
+            Op::Fsync { cookie, lock } => {
+                self.unlock(lock);
+                self.reply_status(cookie, CMD_FLUSH, result);
+            }
+            Op::Fallocate { work, lock } => self.fallocate_done(work, lock, result),
+            Op::Cancel => {}
+        }
+    }
+
+    fn received(&mut self, buf: Vec<u8>, result: i32) {
+        self.receive_token = None;
+        self.receive = Some(buf);
+        if result <= 0 {
+            self.receive_ended(result);
+            return;
+        }
+        self.receive_end += result as usize;
+        self.parse();
+    }
+
+    fn received_payload(&mut self, mut incoming: Incoming, result: i32) {
+        self.receive_token = None;
+        if result <= 0 {
+            self.pool.give(incoming.buf);
+            self.receive_ended(result);
+            return;
+        }
+        incoming.received += result as usize;
+        if incoming.missing() > 0 {
+            self.payload = Some(incoming);
+            return;
+        }
+        self.outstanding += 1;
+        self.write_received(incoming);
+    }
+
+    fn receive_ended(&mut self, result: i32) {
+        if result == -libc::ECANCELED || self.state != State::Open {
+            return;
+        }
+        let ending = if result == 0 || result == -libc::ECONNRESET {
+            Ending::Client
+        } else {
+            Ending::Io(format!("receive: {}", std::io::Error::from_raw_os_error(-result)))
+        };
+        self.state = State::Draining(ending);
+    }
+
+    /// Take every complete request out of the receive buffer.
+    fn parse(&mut self) {
+        while self.state == State::Open {
+            let buf = self.receive.as_ref().expect("receive buffer is home while parsing");
+            let available = self.receive_end - self.receive_start;
+            if self.discard_left > 0 {
+                let skipped = (available as u64).min(self.discard_left);
+                self.receive_start += skipped as usize;
+                self.discard_left -= skipped;
+                if self.discard_left > 0 {
+                    return;
+                }
+                continue;
+            }
+            if available < REQUEST_HEADER_LEN {
+                return;
+            }
+            let bytes: &[u8; REQUEST_HEADER_LEN] =
+                buf[self.receive_start..self.receive_start + REQUEST_HEADER_LEN].try_into().expect("header length");
+            let Some(header) = request::parse_header(bytes) else {
+                let magic = u32::from_be_bytes(bytes[0..4].try_into().expect("4 bytes"));
+                self.fail(Ending::Protocol(format!("bad request magic {magic:#010x}")));
+                return;
+            };
+            self.receive_start += REQUEST_HEADER_LEN;
+            self.request(header);
+        }
+    }
+
+    fn request(&mut self, header: RequestHeader) {
+        let mut outcome = request::validate(&header, &self.limits);
+        if self.state != State::Open || self.shutdown.load(Ordering::Relaxed) {
+            outcome = Err(ESHUTDOWN);
+        }
+        if header.command == CMD_DISC && outcome.is_ok() {
+            self.state = State::Draining(Ending::Client);
+            return;
+        }
+        self.outstanding += 1;
+        match outcome {
+            Ok(Command::Write { fua }) => self.write_arriving(header, fua),
+            Ok(command) => self.execute(header, command),
+            Err(error) => {
+                let payload = header.payload_len() as u64;
+                if payload > DISCARD_BYTES_MAX {
+                    self.fail(Ending::Protocol(format!(
+                        "write of {payload} bytes over the {DISCARD_BYTES_MAX}-byte limit"
+                    )));
+                    return;
+                }
+                self.discard_left = payload;
+                self.reply_error(header.cookie, header.command, error);
+            }
+        }
+    }
+
+    /// Start collecting a WRITE's payload, from the receive buffer first.
+    fn write_arriving(&mut self, header: RequestHeader, fua: bool) {
+        let span = self.volume.span(header.offset, header.length as u64);
+        let mut buf = self.pool.take(span.file_len as usize);
+        let buffered = self.receive.as_ref().expect("receive buffer is home while parsing");
+        let available = (self.receive_end - self.receive_start).min(header.length as usize);
+        let head = span.head as usize;
+        buf.as_mut_slice()[head..head + available]
+            .copy_from_slice(&buffered[self.receive_start..self.receive_start + available]);
+        self.receive_start += available;
+        let incoming = Incoming { header, fua, buf, span, received: available };
+        if incoming.missing() > 0 {
+            // The rest arrives straight into the buffer; the request is
+            // counted again when it is complete.
+            self.outstanding -= 1;
+            self.payload = Some(incoming);
+            debug_assert_eq!(self.receive_start, self.receive_end, "the receive buffer is drained up to the payload");
+            return;
+        }
+        self.write_received(incoming);
+    }
+
+    fn write_received(&mut self, incoming: Incoming) {
+        let Incoming { header, fua, buf, span, .. } = incoming;
+        if self.shutdown.load(Ordering::Relaxed) {
+            self.pool.give(buf);
+            self.reply_error(header.cookie, CMD_WRITE, ESHUTDOWN);
+            return;
+        }
+        self.locked(LockedWork::Write { cookie: header.cookie, buf, span, fua });
+    }
+
+    fn execute(&mut self, header: RequestHeader, command: Command) {
+        let cookie = header.cookie;
+        let (offset, len) = (header.offset, header.length as u64);
+        match command {
+            Command::Read => {
+                let span = self.volume.span(offset, len);
+                let buf = self.pool.take(span.file_len as usize);
+                self.push_read(cookie, offset, buf, span, 0);
+            }
+            Command::Flush => {
+                let entry = self.volume.fsync_entry();
+                // SAFETY: fsync carries no pointers.
+                if let Err((op, _)) = unsafe { self.ring.push(entry, Op::Fsync { cookie, lock: None }) } {
+                    self.refused(op);
+                }
+            }
+            Command::Trim { fua } => self.locked(LockedWork::Trim { cookie, offset, len, fua }),
+            Command::WriteZeroes { fua, may_punch, fast_only } => {
+                self.locked(LockedWork::Zero { cookie, offset, len, fua, may_punch, fast_only })
+            }
+            Command::Cache => {
+                let result =
+                    self.volume.prefetch(offset, len).err().and_then(|error| error.raw_os_error()).map_or(0, |e| -e);
+                self.reply_status(cookie, CMD_CACHE, result);
+            }
+            Command::BlockStatus { req_one } => {
+                let extents_max = if req_one { 1 } else { EXTENTS_MAX };
+                match self.volume.block_status(offset, header.length, extents_max) {
+                    Ok(extents) => {
+                        let context = self.negotiated.base_allocation.expect("validated: context selected");
+                        self.queue_reply(Reply::Bytes(reply::block_status_chunk(cookie, context, &extents)), false);
+                    }
+                    Err(error) => {
+                        let errno = errno_to_nbd(error.raw_os_error().unwrap_or(libc::EIO));
+                        self.reply_error(cookie, CMD_BLOCK_STATUS, errno);
+                    }
+                }
+            }
+            Command::Write { .. } | Command::Disconnect => unreachable!("handled by the caller"),
+        }
+    }
+
+    fn push_read(&mut self, cookie: u64, offset: u64, mut buf: AlignedBuf, span: Span, done: u64) {
+        let pointer = buf.as_mut_slice()[done as usize..].as_mut_ptr();
+        let entry = self.volume.read_entry(pointer, (span.file_len - done) as u32, span.file_offset + done);
+        // SAFETY: the entry points into `buf`, heap memory owned by the op
+        // until it is reaped.
+        if let Err((op, _)) = unsafe { self.ring.push(entry, Op::Read { cookie, offset, buf, span, done }) } {
+            self.refused(op);
+        }
+    }
+
+    fn read_done(&mut self, cookie: u64, offset: u64, buf: AlignedBuf, span: Span, done: u64, result: i32) {
+        if result < 0 || (result == 0 && done < span.file_len) {
+            self.pool.give(buf);
+            let errno = if result < 0 { errno_to_nbd(-result) } else { EIO };
+            self.reply_error(cookie, CMD_READ, errno);
+            return;
+        }
+        let done = done + result as u64;
+        if done < span.file_len {
+            self.push_read(cookie, offset, buf, span, done);
+            return;
+        }
+        let (start, len) = (span.head as usize, span.len as usize);
+        let header = if self.negotiated.structured {
+            ReplyHeader::offset_data(cookie, offset, len as u32)
+        } else {
+            ReplyHeader::simple(0, cookie)
+        };
+        self.queue_reply(Reply::Data { header, buf, start, len }, false);
+    }
+
+    /// Run write-like work now, or park it if its range is busy.
+    fn locked(&mut self, work: LockedWork) {
+        if !self.volume.is_direct() {
+            self.start_locked(work, None);
+            return;
+        }
+        let (start, end) = work.range(&self.volume);
+        match self.volume.locks().try_lock(start, end) {
+            Some(lock) => self.start_locked(work, Some(lock)),
+            None => self.parked.push_back(work),
+        }
+    }
+
+    fn retry_parked(&mut self) {
+        for _ in 0..self.parked.len() {
+            let Some(work) = self.parked.pop_front() else { break };
+            let (start, end) = work.range(&self.volume);
+            match self.volume.locks().try_lock(start, end) {
+                Some(lock) => self.start_locked(work, Some(lock)),
+                None => self.parked.push_back(work),
+            }
+        }
+    }
+
+    fn start_locked(&mut self, work: LockedWork, lock: Option<RangeLockId>) {
+        match work {
+            LockedWork::Write { cookie, mut buf, span, fua } => {
+                if self.volume.is_direct() && (span.partial_head() || span.partial_tail()) {
+                    if let Err(error) = self.volume.fill_edges(&span, &mut buf) {
+                        tracing::warn!(%error, offset = span.file_offset, "reading edge blocks for an unaligned write failed");
+                        self.unlock(lock);
+                        self.pool.give(buf);
+                        self.reply_error(cookie, CMD_WRITE, errno_to_nbd(error.raw_os_error().unwrap_or(libc::EIO)));
+                        return;
+                    }
+                }
+                self.push_write(cookie, buf, span, fua, lock, 0);
+            }
+            LockedWork::Trim { cookie, offset, len, fua } => match self.volume.trim_fallocate_mode() {
+                Some(mode) => self.push_fallocate(LockedWork::Trim { cookie, offset, len, fua }, lock, mode),
+                None => {
+                    let result = self.volume.discard_synchronously(offset, len);
+                    self.synchronous_done(cookie, CMD_TRIM, fua, lock, result);
+                }
+            },
+            LockedWork::Zero { cookie, offset, len, fua, may_punch, fast_only } => {
+                match self.volume.zero_method(may_punch, fast_only) {
+                    ZeroMethod::Fallocate(mode) => {
+                        let work = LockedWork::Zero { cookie, offset, len, fua, may_punch, fast_only };
+                        self.push_fallocate(work, lock, mode);
+                    }
+                    ZeroMethod::NotFast => {
+                        self.unlock(lock);
+                        self.reply_error(cookie, CMD_WRITE_ZEROES, ENOTSUP);
+                    }
+                    ZeroMethod::Synchronous => {
+                        let result = self.volume.write_zeroes_synchronously(offset, len);
+                        self.synchronous_done(cookie, CMD_WRITE_ZEROES, fua, lock, result);
+                    }
+                }
+            }
+        }
+    }
+
+    fn push_write(
+        &mut self,
+        cookie: u64,
+        buf: AlignedBuf,
+        span: Span,
+        fua: bool,
+        lock: Option<RangeLockId>,
+        done: u64,
+    ) {
+        let pointer = buf.as_slice()[done as usize..].as_ptr();
+        let entry = self.volume.write_entry(pointer, (span.file_len - done) as u32, span.file_offset + done, fua);
+        // SAFETY: the entry points into `buf`, heap memory owned by the op
+        // until it is reaped.
+        if let Err((op, _)) = unsafe { self.ring.push(entry, Op::Write { cookie, buf, span, fua, lock, done }) } {
+            self.refused(op);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_done(
+        &mut self,
+        cookie: u64,
+        buf: AlignedBuf,
+        span: Span,
+        fua: bool,
+        lock: Option<RangeLockId>,
+        done: u64,
+        result: i32,
+    ) {
+        if result <= 0 {
+            self.unlock(lock);
+            self.pool.give(buf);
+            let errno = if result < 0 { errno_to_nbd(-result) } else { EIO };
+            self.reply_error(cookie, CMD_WRITE, errno);
+            return;
+        }
+        let done = done + result as u64;
+        if done < span.file_len {
+            self.push_write(cookie, buf, span, fua, lock, done);
+            return;
+        }
+        self.unlock(lock);
+        self.pool.give(buf);
+        self.reply_status(cookie, CMD_WRITE, 0);
+    }
+
+    fn push_fallocate(&mut self, work: LockedWork, lock: Option<RangeLockId>, mode: i32) {
+        let (offset, len) = match &work {
+            LockedWork::Trim { offset, len, .. } | LockedWork::Zero { offset, len, .. } => (*offset, *len),
+            LockedWork::Write { .. } => unreachable!("writes are not fallocated"),
+        };
+        let entry = self.volume.fallocate_entry(offset, len, mode);
+        // SAFETY: fallocate carries no pointers.
+        if let Err((op, _)) = unsafe { self.ring.push(entry, Op::Fallocate { work, lock }) } {
+            self.refused(op);
+        }
+    }
+
+    fn fallocate_done(&mut self, work: LockedWork, lock: Option<RangeLockId>, result: i32) {
+        let unsupported = result == -libc::EOPNOTSUPP;
+        let (cookie, command, fua, result) = match work {
+            LockedWork::Trim { cookie, fua, .. } => (cookie, CMD_TRIM, fua, if unsupported { 0 } else { result }),
+            LockedWork::Zero { cookie, offset, len, fua, fast_only, .. } if unsupported => {
+                self.volume.note_fallocate_unsupported();
+                if fast_only {
+                    self.unlock(lock);
+                    self.reply_error(cookie, CMD_WRITE_ZEROES, ENOTSUP);
+                    return;
+                }
+                let result = self.volume.write_zeroes_synchronously(offset, len);
+                self.synchronous_done(cookie, CMD_WRITE_ZEROES, fua, lock, result);
+                return;
+            }
+            LockedWork::Zero { cookie, fua, .. } => (cookie, CMD_WRITE_ZEROES, fua, result),
+            LockedWork::Write { .. } => unreachable!("writes are not fallocated"),
+        };
+        if result < 0 || !fua {
+            self.unlock(lock);
+            self.reply_status(cookie, command, result);
+            return;
+        }
+        self.push_fsync_then_reply(cookie, lock);
+    }
+
+    fn synchronous_done(
+        &mut self,
+        cookie: u64,
+        command: u16,
+        fua: bool,
+        lock: Option<RangeLockId>,
+        result: std::io::Result<()>,
+    ) {
+        match result {
+            Err(error) => {
+                self.unlock(lock);
+                let errno = error.raw_os_error().unwrap_or(libc::EIO);
+                self.reply_status(cookie, command, -errno);
+            }
+            Ok(()) if fua => self.push_fsync_then_reply(cookie, lock),
+            Ok(()) => {
+                self.unlock(lock);
+                self.reply_status(cookie, command, 0);
+            }
+        }
+    }
+
+    fn push_fsync_then_reply(&mut self, cookie: u64, lock: Option<RangeLockId>) {
+        let entry = self.volume.fsync_entry();
+        // SAFETY: fsync carries no pointers.
+        if let Err((op, _)) = unsafe { self.ring.push(entry, Op::Fsync { cookie, lock }) } {
+            self.refused(op);
+        }
+    }
+
+    /// The ring refused an op (its in-flight table is full, which the
+    /// outstanding limit should prevent): answer EIO rather than lose it.
+    fn refused(&mut self, op: Op) {
+        tracing::error!("io_uring refused an operation; answering EIO");
+        match op {
+            Op::Read { cookie, buf, .. } => {
+                self.pool.give(buf);
+                self.reply_error(cookie, CMD_READ, EIO);
+            }
+            Op::Write { cookie, buf, lock, .. } => {
+                self.unlock(lock);
+                self.pool.give(buf);
+                self.reply_error(cookie, CMD_WRITE, EIO);
+            }
+            Op::Fsync { cookie, lock } => {
+                self.unlock(lock);
+                self.reply_error(cookie, CMD_FLUSH, EIO);
+            }
+            Op::Fallocate { work, lock } => {
+                self.unlock(lock);
+                self.reply_error(work.cookie(), CMD_TRIM, EIO);
+            }
+            Op::Receive { .. } | Op::ReceivePayload { .. } | Op::Send { .. } | Op::Cancel => {
+                unreachable!("socket ops are pushed only with room in the ring")
+            }
+        }
+    }
+
+    fn unlock(&self, lock: Option<RangeLockId>) {
+        if let Some(lock) = lock {
+            self.volume.locks().unlock(lock);
+        }
+    }
+
+    fn sent(&mut self, mut batch: Box<SendBatch>, result: i32) {
+        self.sending = false;
+        if result < 0 {
+            self.fail(Ending::Io(format!("send: {}", std::io::Error::from_raw_os_error(-result))));
+            return;
+        }
+        if !batch.advance(result as usize) {
+            self.push_send(batch);
+            return;
+        }
+        for reply in batch.replies {
+            self.queued_reply_bytes -= reply.len();
+            if let Reply::Data { buf, .. } = reply {
+                self.pool.give(buf);
+            }
+        }
+    }
+
+    /// Answer a request that carries no data: 0 or a negative errno.
+    fn reply_status(&mut self, cookie: u64, command: u16, result: i32) {
+        if result < 0 {
+            self.reply_error(cookie, command, errno_to_nbd(-result));
+        } else {
+            self.queue_reply(Reply::Header(ReplyHeader::simple(0, cookie)), false);
+        }
+    }
+
+    fn reply_error(&mut self, cookie: u64, command: u16, error: u32) {
+        let structured_only = self.negotiated.structured && matches!(command, CMD_READ | CMD_BLOCK_STATUS);
+        let reply = if structured_only {
+            Reply::Bytes(reply::error_chunk(cookie, error, error_message(error)))
+        } else {
+            Reply::Header(ReplyHeader::simple(error, cookie))
+        };
+        self.queue_reply(reply, true);
+    }
+
+    fn queue_reply(&mut self, reply: Reply, error: bool) {
+        assert!(self.outstanding > 0, "a reply without a request");
+        self.outstanding -= 1;
+        self.stats.requests += 1;
+        self.stats.errors += error as u64;
+        if matches!(self.state, State::Failed(_)) {
+            if let Reply::Data { buf, .. } = reply {
+                self.pool.give(buf);
+            }
+            return;
+        }
+        self.queued_reply_bytes += reply.len();
+        self.replies.push_back(reply);
+    }
+}
+
+fn error_message(error: u32) -> &'static str {
+    match error {
+        EPERM => "the export is read-only",
+        EINVAL => "invalid request (range, flags or command)",
+        ENOSPC => "request goes past the end of the export",
+        EOVERFLOW => "request is larger than the maximum payload",
+        ENOTSUP => "a fast zero is not possible here",
+        ESHUTDOWN => "the server is shutting down",
+        _ => "I/O error on the server's store",
+    }
+}

@@ -1,0 +1,248 @@
+//! Harness for crossmirror's whole-system tests: start the real binary,
+//! find real clients, make scratch files and loop devices, and clean all of
+//! it up (processes are killed and loop devices detached on drop).
+//!
+//! A test that needs a tool calls [`require_tool`]: outside CI a missing tool
+//! skips the test with a message; under `CI=true` it fails the run.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Whether `tool` is on PATH. Under `CI=true` a missing tool panics, so CI
+/// cannot pass by skipping; elsewhere the test prints why it is skipped.
+pub fn require_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{tool} is not installed; the test command in README.md installs it");
+        }
+        eprintln!("SKIPPED: {tool} is not installed (run the README's test command to install it)");
+    }
+    found
+}
+
+/// Whether the process runs as root (loop devices and mounts need it).
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("this test needs root (loop devices, mounts)");
+        }
+        eprintln!("SKIPPED: needs root");
+    }
+    root
+}
+
+/// The crossmirror binary built next to this test.
+pub fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let path = dir.join("crossmirror");
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace` before the tests", path.display());
+    path
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("address").port()
+}
+
+/// A scratch directory on a disk filesystem (O_DIRECT works there, unlike
+/// tmpfs), removed on drop.
+pub struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    /// A new empty directory.
+    pub fn new(label: &str) -> Scratch {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let path = PathBuf::from(format!(
+            "/var/tmp/crossmirror-test-{}-{}-{label}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create scratch directory");
+        Scratch { path }
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A running `crossmirror` process, killed on drop.
+pub struct Process {
+    child: Option<Child>,
+    /// Address it listens on.
+    pub address: SocketAddr,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Start `crossmirror serve` with `args` (without `--listen`) and wait
+    /// until it accepts connections.
+    pub fn serve(scratch: &Scratch, args: &[&str]) -> Process {
+        let port = free_port();
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        let listen = address.to_string();
+        let mut all: Vec<&str> = vec!["serve", "--listen", &listen];
+        all.extend_from_slice(args);
+        Self::start(scratch, &all, address)
+    }
+
+    /// Start the binary with `args` and wait for `address` to accept.
+    pub fn start(scratch: &Scratch, args: &[&str], address: SocketAddr) -> Process {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let log = scratch.join(&format!("process-{}.log", COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let log_file = std::fs::File::create(&log).expect("create log");
+        let child = Command::new(binary())
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start crossmirror");
+        let mut process = Process { child: Some(child), address, log };
+        process.wait_listening();
+        process
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&self.address, Duration::from_millis(100)).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("crossmirror exited with {status} before listening:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("crossmirror did not listen on {} within 10 s:\n{}", self.address, self.log());
+    }
+
+    /// An NBD URI for the default export.
+    pub fn uri(&self) -> String {
+        format!("nbd://{}", self.address)
+    }
+
+    /// What the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Send `signal` and wait (up to 30 s) for the exit status.
+    pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: kill with a pid we own and a valid signal number.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("crossmirror did not exit within 30 s of signal {signal}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Run a command, panic with its output if it fails, return its stdout.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let output = run_output(program, args);
+    if !output.status.success() {
+        panic!(
+            "{program} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Run a command and return its whole output, whatever its status.
+pub fn run_output(program: &str, args: &[&str]) -> Output {
+    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// Run a Python script with Debian's python3 (which has libnbd's bindings).
+pub fn nbdsh_script(script: &str) -> String {
+    run("/usr/bin/python3", &["-c", script])
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// SHA-256 of a file, via coreutils.
+pub fn sha256(path: &Path) -> String {
+    run("sha256sum", &[path.to_str().expect("utf-8 path")]).split_whitespace().next().expect("digest").to_string()
+}
+
+/// A loop device over a file, detached on drop.
+pub struct LoopDevice {
+    /// The device node, e.g. /dev/loop3.
+    pub path: String,
+}
+
+impl LoopDevice {
+    /// Attach `file`; `direct` enables the loop driver's direct I/O.
+    pub fn attach(file: &Path, direct: bool) -> LoopDevice {
+        let direct_flag = if direct { "--direct-io=on" } else { "--direct-io=off" };
+        let path = run("losetup", &["--find", "--show", direct_flag, file.to_str().expect("utf-8 path")]).trim().to_string();
+        LoopDevice { path }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.path]).status();
+    }
+}

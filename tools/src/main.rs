@@ -1,0 +1,40 @@
+//! The `crossmirror` command: wires the engine and the NBD frontend into a
+//! process, with configuration from the command line and logs via tracing.
+
+mod serve;
+mod size;
+
+use clap::{Parser, Subcommand};
+
+/// crossmirror: a block volume served over NBD, written locally through
+/// io_uring.
+#[derive(Parser)]
+#[command(name = "crossmirror", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve one volume over NBD.
+    Serve(serve::ServeArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(args),
+    };
+    if let Err(error) = result {
+        eprintln!("crossmirror: error: {error:#}");
+        std::process::exit(1);
+    }
+}
