@@ -294,13 +294,12 @@ impl Volume {
         while position < end {
             let piece = (end - position).min(CHUNK - position % CHUNK);
             let span = self.span(position, piece);
+            // A new buffer is all zeroes; only the edges of a partial block
+            // need the bytes that are already on disk.
             let mut buf = AlignedBuf::new(span.file_len as usize);
-            let data = span.head as usize..(span.head + span.len) as usize;
-            buf.as_mut_slice()[data].fill(0);
             if self.direct {
                 self.fill_edges(&span, &mut buf)?;
             }
-            buf.as_mut_slice()[span.head as usize..(span.head + span.len) as usize].fill(0);
             self.file.write_all_at(buf.as_slice(), span.file_offset)?;
             position += piece;
         }

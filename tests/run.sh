@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The one test command (README.md): installs what the tests need on a fresh
+# Debian machine, then builds and runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(fio libnbd-bin python3-libnbd nbdkit qemu-utils e2fsprogs util-linux fuse3 iptables)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo build --workspace
+cargo test --workspace
