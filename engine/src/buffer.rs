@@ -105,6 +105,7 @@ pub struct BufferPool {
     classes: Vec<Vec<AlignedBuf>>,
     held_bytes: usize,
     held_bytes_max: usize,
+    lent_bytes: usize,
 }
 
 impl BufferPool {
@@ -115,7 +116,7 @@ impl BufferPool {
     /// A pool that holds at most `held_bytes_max` bytes of idle buffers.
     pub fn new(held_bytes_max: usize) -> BufferPool {
         let classes = (Self::CLASS_MIN_SHIFT..=Self::POOLED_SIZE_MAX.trailing_zeros()).map(|_| Vec::new()).collect();
-        BufferPool { classes, held_bytes: 0, held_bytes_max }
+        BufferPool { classes, held_bytes: 0, held_bytes_max, lent_bytes: 0 }
     }
 
     fn class_of(capacity: usize) -> Option<usize> {
@@ -126,8 +127,21 @@ impl BufferPool {
         Some((shift - Self::CLASS_MIN_SHIFT) as usize)
     }
 
+    /// Bytes of buffers taken and not yet given back: what the caller has
+    /// in use, for its memory limit.
+    pub fn lent_bytes(&self) -> usize {
+        self.lent_bytes
+    }
+
     /// A buffer of length `len` (capacity rounded up to its size class).
+    /// Every buffer taken goes back through [`BufferPool::give`].
     pub fn take(&mut self, len: usize) -> AlignedBuf {
+        let buf = self.take_unaccounted(len);
+        self.lent_bytes += buf.capacity();
+        buf
+    }
+
+    fn take_unaccounted(&mut self, len: usize) -> AlignedBuf {
         let Some(class) = Self::class_of(len) else {
             return AlignedBuf::new(len);
         };
@@ -145,6 +159,7 @@ impl BufferPool {
     /// Return a buffer for reuse (dropped if the pool is full).
     pub fn give(&mut self, buf: AlignedBuf) {
         let capacity = buf.capacity();
+        self.lent_bytes = self.lent_bytes.saturating_sub(capacity);
         if !capacity.is_power_of_two() || self.held_bytes + capacity > self.held_bytes_max {
             return;
         }
@@ -178,7 +193,11 @@ mod tests {
         assert_eq!(b.as_ptr(), ptr, "a buffer of the same class is reused");
         assert_eq!(b.len(), 6000);
         pool.give(b);
-        pool.give(AlignedBuf::new(16 << 10)); // over the bound: dropped
+        assert_eq!(pool.lent_bytes(), 0);
+        let big = pool.take(16 << 10);
+        assert_eq!(pool.lent_bytes(), 16 << 10);
+        pool.give(big); // over the bound: dropped
         assert_eq!(pool.held_bytes, 8192);
+        assert_eq!(pool.lent_bytes(), 0);
     }
 }

@@ -36,6 +36,9 @@ use crate::request::{self, Command, Limits, RequestHeader};
 pub const OUTSTANDING_MAX: usize = 256;
 /// Reply bytes queued but not yet sent before the connection stops reading.
 pub const QUEUED_REPLY_BYTES_MAX: usize = 64 << 20;
+/// Bytes of data buffers a connection may have in use (reads in flight,
+/// writes received, replies unsent); over it the connection stops reading.
+pub const BUFFER_BYTES_MAX: usize = 128 << 20;
 /// Largest refused WRITE payload read off the socket and thrown away; a
 /// longer one ends the connection (the stream cannot be trusted).
 pub const DISCARD_BYTES_MAX: u64 = 64 << 20;
@@ -331,11 +334,20 @@ impl Connection {
     fn fail(&mut self, ending: Ending) {
         if !matches!(self.state, State::Failed(_)) {
             self.state = State::Failed(ending);
-            self.replies.clear();
+            for reply in std::mem::take(&mut self.replies) {
+                if let Reply::Data { buf, .. } = reply {
+                    self.pool.give(buf);
+                }
+            }
             self.queued_reply_bytes = 0;
             for work in std::mem::take(&mut self.parked) {
-                drop(work);
+                if let LockedWork::Write { buf, .. } = work {
+                    self.pool.give(buf);
+                }
                 self.outstanding -= 1;
+            }
+            if let Some(incoming) = self.payload.take() {
+                self.pool.give(incoming.buf);
             }
             if let Some(token) = self.receive_token.take() {
                 let _ = self.ring.cancel(token, Op::Cancel);
@@ -344,7 +356,9 @@ impl Connection {
     }
 
     fn start_receive(&mut self) {
-        let room = self.outstanding < OUTSTANDING_MAX && self.queued_reply_bytes < QUEUED_REPLY_BYTES_MAX;
+        let room = self.outstanding < OUTSTANDING_MAX
+            && self.queued_reply_bytes < QUEUED_REPLY_BYTES_MAX
+            && self.pool.lent_bytes() < BUFFER_BYTES_MAX;
         if self.state != State::Open || self.receive_token.is_some() || !room || !self.ring.has_room() {
             return;
         }
@@ -467,9 +481,11 @@ impl Connection {
         self.state = State::Draining(ending);
     }
 
-    /// Take every complete request out of the receive buffer.
+    /// Take every complete request out of the receive buffer. While the
+    /// server shuts down, requests already received are still parsed so
+    /// that each gets its ESHUTDOWN answer.
     fn parse(&mut self) {
-        while self.state == State::Open {
+        while matches!(self.state, State::Open | State::Draining(Ending::Shutdown)) {
             let buf = self.receive.as_ref().expect("receive buffer is home while parsing");
             let available = self.receive_end - self.receive_start;
             if self.discard_left > 0 {
@@ -501,8 +517,11 @@ impl Connection {
         if self.state != State::Open || self.shutdown.load(Ordering::Relaxed) {
             outcome = Err(ESHUTDOWN);
         }
-        if header.command == CMD_DISC && outcome.is_ok() {
-            self.state = State::Draining(Ending::Client);
+        if header.command == CMD_DISC {
+            // DISC never gets a reply, whatever its flags.
+            if self.state == State::Open {
+                self.state = State::Draining(Ending::Client);
+            }
             return;
         }
         self.outstanding += 1;
