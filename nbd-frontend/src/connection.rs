@@ -99,6 +99,8 @@ pub fn serve(
         receive_token: None,
         payload: None,
         discard_left: 0,
+        discard_reply: None,
+        stream_lost: false,
         replies: VecDeque::new(),
         queued_reply_bytes: 0,
         sending: false,
@@ -270,6 +272,13 @@ struct Connection {
     receive_token: Option<u64>,
     payload: Option<Incoming>,
     discard_left: u64,
+    /// The error answer of a refused WRITE, sent once its payload has been
+    /// read off the socket: libnbd matches a reply to a write only after it
+    /// has sent the whole payload, so an earlier reply would break it.
+    discard_reply: Option<(u64, u32)>,
+    /// The byte stream can no longer be parsed (a partial request was
+    /// abandoned while draining).
+    stream_lost: bool,
     replies: VecDeque<Reply>,
     queued_reply_bytes: usize,
     sending: bool,
@@ -317,6 +326,8 @@ impl Connection {
             State::Open => None,
             State::Failed(ending) => (self.ring.in_flight() == 0).then(|| ending.clone()),
             State::Draining(ending) => {
+                let ending = ending.clone();
+                self.abandon_partial_request();
                 let idle = self.outstanding == 0 && self.replies.is_empty() && !self.sending && self.parked.is_empty();
                 if !idle {
                     return None;
@@ -326,8 +337,25 @@ impl Connection {
                         tracing::warn!(?error, "could not cancel the pending receive");
                     }
                 }
-                (self.ring.in_flight() == 0).then(|| ending.clone())
+                (self.ring.in_flight() == 0).then_some(ending)
             }
+        }
+    }
+
+    /// While draining no more bytes are read, so a request whose payload is
+    /// still on the way is dropped, and nothing after it can be parsed.
+    fn abandon_partial_request(&mut self) {
+        if let Some(incoming) = self.payload.take() {
+            self.pool.give(incoming.buf);
+            self.stream_lost = true;
+        }
+        if self.discard_reply.take().is_some() {
+            self.outstanding -= 1;
+            self.stream_lost = true;
+        }
+        if self.discard_left > 0 {
+            self.discard_left = 0;
+            self.stream_lost = true;
         }
     }
 
@@ -346,9 +374,7 @@ impl Connection {
                 }
                 self.outstanding -= 1;
             }
-            if let Some(incoming) = self.payload.take() {
-                self.pool.give(incoming.buf);
-            }
+            self.abandon_partial_request();
             if let Some(token) = self.receive_token.take() {
                 let _ = self.ring.cancel(token, Op::Cancel);
             }
@@ -485,7 +511,7 @@ impl Connection {
     /// server shuts down, requests already received are still parsed so
     /// that each gets its ESHUTDOWN answer.
     fn parse(&mut self) {
-        while matches!(self.state, State::Open | State::Draining(Ending::Shutdown)) {
+        while !self.stream_lost && matches!(self.state, State::Open | State::Draining(Ending::Shutdown)) {
             let buf = self.receive.as_ref().expect("receive buffer is home while parsing");
             let available = self.receive_end - self.receive_start;
             if self.discard_left > 0 {
@@ -494,6 +520,9 @@ impl Connection {
                 self.discard_left -= skipped;
                 if self.discard_left > 0 {
                     return;
+                }
+                if let Some((cookie, error)) = self.discard_reply.take() {
+                    self.reply_error(cookie, CMD_WRITE, error);
                 }
                 continue;
             }
@@ -536,8 +565,12 @@ impl Connection {
                     )));
                     return;
                 }
-                self.discard_left = payload;
-                self.reply_error(header.cookie, header.command, error);
+                if payload > 0 {
+                    self.discard_left = payload;
+                    self.discard_reply = Some((header.cookie, error));
+                } else {
+                    self.reply_error(header.cookie, header.command, error);
+                }
             }
         }
     }
