@@ -236,7 +236,8 @@ impl LoopDevice {
     /// Attach `file`; `direct` enables the loop driver's direct I/O.
     pub fn attach(file: &Path, direct: bool) -> LoopDevice {
         let direct_flag = if direct { "--direct-io=on" } else { "--direct-io=off" };
-        let path = run("losetup", &["--find", "--show", direct_flag, file.to_str().expect("utf-8 path")]).trim().to_string();
+        let path =
+            run("losetup", &["--find", "--show", direct_flag, file.to_str().expect("utf-8 path")]).trim().to_string();
         LoopDevice { path }
     }
 }
