@@ -2,6 +2,7 @@
 # The one test command (README.md): installs what the tests need on a fresh
 # Debian machine, then builds and runs every test of the workspace.
 set -euo pipefail
+set -o pipefail
 cd "$(dirname "$0")/.."
 
 packages=(fio libnbd-bin python3-libnbd nbdkit qemu-utils e2fsprogs util-linux fuse3 iptables)
@@ -20,4 +21,9 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
+# One closing line for the whole run: the sum over every test binary.
+awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"
