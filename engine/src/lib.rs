@@ -14,8 +14,10 @@
 //! no other crate of the workspace; callers drive it.
 
 pub mod alignment;
+pub mod bitmap;
 pub mod buffer;
 pub mod error;
+pub mod protocol;
 pub mod range_lock;
 pub mod uring;
 pub mod volume;

@@ -1,0 +1,884 @@
+//! The persistent write-intent bitmap: which regions of the volume may differ
+//! between the production copy and each mirror copy (DESIGN.md §3, invariant 6).
+//!
+//! ```text
+//!  write(offset, len) ──▶ mark ──▶ flush (one msync for a batch) ──▶ issue the data write
+//!  copy has the region durably ──▶ clear(slot, region)
+//!  (re)connect ──▶ dirty_regions(slot) drives the resync
+//! ```
+//!
+//! The bitmap lives in a file next to the volume (`<volume>.cmbitmap`),
+//! memory-mapped with `memmap2`:
+//!
+//! ```text
+//!  offset size field         meaning
+//!       0    8 magic         "CMBITMAP"
+//!       8    4 version       1
+//!      12    4 slots         copy slots, 1 to 8
+//!      16    8 volume_size   bytes
+//!      24    8 region_bytes  bytes per bit, a power of two
+//!      32    8 generation    the volume's generation
+//!      40    4 crc           CRC32 of bytes 0..40
+//!      44      zero up to 4096
+//!    4096      slot 0 words, then slot 1 words, …
+//! ```
+//!
+//! The header is little-endian and its CRC32 covers bytes 0..40. Each slot (one
+//! per mirror copy, up to [`SLOTS_MAX`]) is an array of little-endian `u64`
+//! words, one bit per region of `region_bytes`; bits past the last region stay
+//! zero. A set bit means "this copy may differ here". Marking sets the bit in
+//! every slot, since every copy must receive the write; each copy's bit is
+//! cleared separately when that copy has the region durably.
+//!
+//! Concurrency: the words are read and written as `AtomicU64`s in the shared
+//! mapping. Marking a region whose bits are all set already and durable — the
+//! common case for a hot region — is a few lock-free loads. Setting bits and
+//! writing the header happen under one mutex and are numbered; each word
+//! remembers (in memory only) the number of the last change that set bits in
+//! it, and the flush records the highest number its msync carried. A mark
+//! that finds its bits set asks for a flush only if the change that set them
+//! is newer than that. Because the flush reads the change count under the
+//! same mutex, every change it counts has finished its stores before the
+//! msync starts. Concurrent writers therefore share one msync (group commit)
+//! instead of each paying for their own, and a mark never returns "durable"
+//! for a bit another thread set but has not yet flushed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use memmap2::MmapRaw;
+
+/// The suffix appended to a volume's path to name its bitmap file.
+pub const BITMAP_FILE_SUFFIX: &str = ".cmbitmap";
+/// The default region size: 64 KiB, one bit per 64 KiB of volume.
+pub const REGION_BYTES_DEFAULT: u64 = 64 << 10;
+/// The smallest region size: one page.
+pub const REGION_BYTES_MIN: u64 = 4 << 10;
+/// The largest region size.
+pub const REGION_BYTES_MAX: u64 = 1 << 30;
+/// The most copy slots a bitmap holds.
+pub const SLOTS_MAX: u32 = 8;
+/// The most regions a volume may have (512 MiB of bits per slot).
+pub const REGIONS_MAX: u64 = 1 << 32;
+
+const MAGIC: [u8; 8] = *b"CMBITMAP";
+const VERSION: u32 = 1;
+/// The header takes one page, so the words that follow are page-aligned.
+const HEADER_BYTES: usize = 4096;
+const HEADER_CRC_OFFSET: usize = 40;
+const GENERATION_OFFSET: usize = 32;
+const BITS_PER_WORD: u64 = 64;
+
+/// The path of the bitmap that belongs to the volume at `volume_path`.
+pub fn bitmap_path(volume_path: &Path) -> PathBuf {
+    let mut name = volume_path.as_os_str().to_owned();
+    name.push(BITMAP_FILE_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// What went wrong with a bitmap, for callers that choose a reaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapErrorKind {
+    /// The parameters asked for cannot be (region size, slots, volume size).
+    Config,
+    /// The file was made for another volume geometry.
+    Mismatch,
+    /// The file is damaged.
+    Corrupt,
+    /// Another process holds the bitmap.
+    Busy,
+    /// The operating system refused an operation.
+    Io,
+}
+
+/// A bitmap error: says what happened, to which file, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum BitmapError {
+    /// The parameters asked for cannot be.
+    #[error("bitmap {path}: {message}")]
+    Config {
+        /// The bitmap file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// The file's header disagrees with the volume it is opened for.
+    #[error("bitmap {path}: {message}")]
+    Mismatch {
+        /// The bitmap file.
+        path: PathBuf,
+        /// Both geometries and what to do.
+        message: String,
+    },
+    /// The file is damaged.
+    #[error("bitmap {path}: {message}; move it aside to start over (every copy then needs a full resync)")]
+    Corrupt {
+        /// The bitmap file.
+        path: PathBuf,
+        /// What is damaged.
+        message: String,
+    },
+    /// Another process holds the file's lock.
+    #[error("bitmap {path} is in use by another process; stop it before starting this one")]
+    Busy {
+        /// The bitmap file.
+        path: PathBuf,
+    },
+    /// An operating-system call failed.
+    #[error("bitmap {path}: {action}: {source}")]
+    Io {
+        /// The bitmap file.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl BitmapError {
+    /// The kind of this error.
+    pub fn kind(&self) -> BitmapErrorKind {
+        match self {
+            BitmapError::Config { .. } => BitmapErrorKind::Config,
+            BitmapError::Mismatch { .. } => BitmapErrorKind::Mismatch,
+            BitmapError::Corrupt { .. } => BitmapErrorKind::Corrupt,
+            BitmapError::Busy { .. } => BitmapErrorKind::Busy,
+            BitmapError::Io { .. } => BitmapErrorKind::Io,
+        }
+    }
+}
+
+/// The geometry a bitmap file records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    volume_size: u64,
+    region_bytes: u64,
+    slots: u32,
+}
+
+impl Geometry {
+    fn region_count(&self) -> u64 {
+        self.volume_size.div_ceil(self.region_bytes)
+    }
+
+    fn words_per_slot(&self) -> usize {
+        self.region_count().div_ceil(BITS_PER_WORD) as usize
+    }
+
+    fn file_bytes(&self) -> u64 {
+        HEADER_BYTES as u64 + u64::from(self.slots) * self.words_per_slot() as u64 * 8
+    }
+
+    fn check(&self, path: &Path) -> Result<(), BitmapError> {
+        let refuse = |message: String| BitmapError::Config { path: path.to_path_buf(), message };
+        if self.volume_size == 0 {
+            return Err(refuse("the volume size is 0; a mirrored volume needs at least one byte".into()));
+        }
+        if !self.region_bytes.is_power_of_two() || !(REGION_BYTES_MIN..=REGION_BYTES_MAX).contains(&self.region_bytes) {
+            return Err(refuse(format!(
+                "region size {} bytes is not a power of two from {REGION_BYTES_MIN} to {REGION_BYTES_MAX}",
+                self.region_bytes
+            )));
+        }
+        if !(1..=SLOTS_MAX).contains(&self.slots) {
+            return Err(refuse(format!("{} copy slots asked for; a bitmap holds 1 to {SLOTS_MAX}", self.slots)));
+        }
+        if self.region_count() > REGIONS_MAX {
+            return Err(refuse(format!(
+                "a {}-byte volume has {} regions of {} bytes, over the limit of {REGIONS_MAX}; use larger regions",
+                self.volume_size,
+                self.region_count(),
+                self.region_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    fn header(&self, generation: u64) -> [u8; HEADER_BYTES] {
+        let mut header = [0u8; HEADER_BYTES];
+        header[0..8].copy_from_slice(&MAGIC);
+        header[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        header[12..16].copy_from_slice(&self.slots.to_le_bytes());
+        header[16..24].copy_from_slice(&self.volume_size.to_le_bytes());
+        header[24..32].copy_from_slice(&self.region_bytes.to_le_bytes());
+        header[GENERATION_OFFSET..GENERATION_OFFSET + 8].copy_from_slice(&generation.to_le_bytes());
+        let crc = crc32fast::hash(&header[..HEADER_CRC_OFFSET]);
+        header[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+        header
+    }
+}
+
+/// Read a header: its geometry and generation, or why it is unusable.
+fn parse_header(path: &Path, header: &[u8; HEADER_BYTES]) -> Result<(Geometry, u64), BitmapError> {
+    let corrupt = |message: String| BitmapError::Corrupt { path: path.to_path_buf(), message };
+    let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+    if header[0..8] != MAGIC {
+        return Err(corrupt("is not a crossmirror bitmap (bad magic)".into()));
+    }
+    let carried = u32_at(HEADER_CRC_OFFSET);
+    let computed = crc32fast::hash(&header[..HEADER_CRC_OFFSET]);
+    if carried != computed {
+        return Err(corrupt(format!("header fails its CRC (carried {carried:#010x}, computed {computed:#010x})")));
+    }
+    if u32_at(8) != VERSION {
+        return Err(BitmapError::Mismatch {
+            path: path.to_path_buf(),
+            message: format!("was written by bitmap version {}, this build reads version {VERSION}", u32_at(8)),
+        });
+    }
+    let geometry = Geometry { slots: u32_at(12), volume_size: u64_at(16), region_bytes: u64_at(24) };
+    geometry.check(path).map_err(|error| corrupt(format!("header is invalid: {error}")))?;
+    Ok((geometry, u64_at(GENERATION_OFFSET)))
+}
+
+/// The write-intent bitmap of one volume, shared by every thread that
+/// writes, replicates or resyncs it (all methods take `&self`).
+///
+/// Besides the mapping it keeps one in-memory change stamp per word of a
+/// slot, 1/`slots` of the bitmap's own size. Dropping it does not msync:
+/// marks were made durable by their flushes, and clears not yet written
+/// cost only some extra resync. Call [`WriteIntentBitmap::sync_all`] for a
+/// clean close that keeps the clears too.
+#[derive(Debug)]
+pub struct WriteIntentBitmap {
+    path: PathBuf,
+    geometry: Geometry,
+    region_shift: u32,
+    words_per_slot: usize,
+    /// The shared mapping of the whole file; never resized while mapped.
+    map: MmapRaw,
+    /// Holds the exclusive `flock` for as long as the bitmap is open.
+    _file: File,
+    /// Taken to set bits or write the header. Counts the bit-setting and
+    /// header changes made so far; a change's number is taken before its
+    /// stores, inside the same critical section.
+    changes: Mutex<u64>,
+    /// The change count, readable without the lock.
+    changes_seen: AtomicU64,
+    /// Per word index within a slot: the number of the last change that set
+    /// bits in that word of any slot. Stored before the bits themselves.
+    word_changes: Box<[AtomicU64]>,
+    /// Serialises msyncs.
+    flush_lock: Mutex<()>,
+    /// Every change up to this count is durable.
+    changes_durable: AtomicU64,
+}
+
+impl WriteIntentBitmap {
+    /// Open the bitmap at `path`, or create it with every bit clear when the
+    /// file does not exist. An existing file must record exactly this volume
+    /// size, region size and slot count. Another process holding the file is
+    /// refused.
+    ///
+    /// A new bitmap says no copy differs: a caller that creates one for a
+    /// volume that already holds data must [`WriteIntentBitmap::set_all`]
+    /// (and flush) before relying on it.
+    pub fn open_or_create(
+        path: &Path,
+        volume_size: u64,
+        region_bytes: u64,
+        slots: u32,
+    ) -> Result<WriteIntentBitmap, BitmapError> {
+        let geometry = Geometry { volume_size, region_bytes, slots };
+        geometry.check(path)?;
+        if !path.exists() {
+            create(path, &geometry)?;
+        }
+        open(path, geometry)
+    }
+
+    /// Mark the regions that `len` bytes at `offset` touch as possibly
+    /// different on every copy. Returns whether the caller must call
+    /// [`WriteIntentBitmap::flush`] before issuing the data write: true
+    /// unless every bit was already set and durable. Writes that mark
+    /// together may share one flush.
+    ///
+    /// # Panics
+    /// When the extent runs past the end of the volume; callers validate
+    /// requests before they reach the bitmap.
+    pub fn mark(&self, offset: u64, len: u64) -> bool {
+        let Some((first, last)) = self.regions_touched(offset, len) else {
+            return false;
+        };
+        if self.all_set(first, last) {
+            // The Acquire loads of the words saw bits stored with Release
+            // after their change numbers were stamped, so the stamps read
+            // here are at least the numbers of the changes that set them.
+            let newest = (first / BITS_PER_WORD..=last / BITS_PER_WORD)
+                .map(|word_index| self.word_changes[word_index as usize].load(Ordering::Acquire))
+                .max()
+                .unwrap_or(0);
+            return newest > self.changes_durable.load(Ordering::Acquire);
+        }
+        let mut changes = self.lock_changes();
+        let change = self.count_change(&mut changes);
+        self.stamp_words(first, last, change);
+        for slot in 0..self.geometry.slots {
+            self.for_each_word(slot, first, last, |word, mask| {
+                word.fetch_or(mask, Ordering::Release);
+            });
+        }
+        true
+    }
+
+    /// Make every mark and every header change so far durable (one msync),
+    /// unless an earlier flush already did. Clears are written along the way
+    /// but never waited for: a stale set bit costs a resync, not data.
+    pub fn flush(&self) -> Result<(), BitmapError> {
+        let target = self.changes_seen.load(Ordering::Acquire);
+        if self.changes_durable.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let _flushing = self.flush_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        // Another thread's msync may have covered this change while we waited.
+        if self.changes_durable.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        // Read the count under the change lock: every change it includes has
+        // finished its stores, so the msync below carries all of them.
+        let covered = *self.lock_changes();
+        self.map.flush().map_err(|source| self.io_error("msync", source))?;
+        self.changes_durable.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Write every change, clears included, to disk now (for a clean close).
+    pub fn sync_all(&self) -> Result<(), BitmapError> {
+        let _flushing = self.flush_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let covered = *self.lock_changes();
+        self.map.flush().map_err(|source| self.io_error("msync", source))?;
+        self.changes_durable.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Clear one region's bit in `slot`: that copy has the region durably.
+    ///
+    /// The caller orders this after every write to the region that the copy
+    /// has not acknowledged; a clear racing a mark of the same region could
+    /// otherwise lose the mark (invariant 6).
+    ///
+    /// # Panics
+    /// When the slot or the region does not exist.
+    pub fn clear(&self, slot: u32, region_index: u64) {
+        assert!(region_index < self.region_count(), "region {region_index} is past the end of the bitmap");
+        self.for_each_word(slot, region_index, region_index, |word, mask| {
+            word.fetch_and(!mask, Ordering::Release);
+        });
+    }
+
+    /// Clear `slot`'s bits for the regions that lie wholly inside `len` bytes
+    /// at `offset`; regions the extent only partly covers stay set. The last
+    /// region of the volume counts as covered when the extent reaches the end.
+    ///
+    /// # Panics
+    /// When the slot does not exist or the extent runs past the volume's end.
+    pub fn clear_range(&self, slot: u32, offset: u64, len: u64) {
+        let end = self.extent_end(offset, len);
+        let first = offset.div_ceil(self.geometry.region_bytes);
+        let end_region = if end == self.geometry.volume_size { self.region_count() } else { end >> self.region_shift };
+        if first < end_region {
+            self.for_each_word(slot, first, end_region - 1, |word, mask| {
+                word.fetch_and(!mask, Ordering::Release);
+            });
+        }
+    }
+
+    /// Set every region's bit in `slot`: the copy needs a full sync. Call
+    /// [`WriteIntentBitmap::flush`] before relying on it.
+    ///
+    /// # Panics
+    /// When the slot does not exist.
+    pub fn set_all(&self, slot: u32) {
+        let mut changes = self.lock_changes();
+        let change = self.count_change(&mut changes);
+        self.stamp_words(0, self.region_count() - 1, change);
+        self.for_each_word(slot, 0, self.region_count() - 1, |word, mask| {
+            word.fetch_or(mask, Ordering::Release);
+        });
+    }
+
+    /// The indices of the regions set in `slot`, in increasing order. Each
+    /// word is read once, so bits changed during the walk may or may not show.
+    ///
+    /// # Panics
+    /// When the slot does not exist.
+    pub fn dirty_regions(&self, slot: u32) -> impl Iterator<Item = u64> + '_ {
+        self.slot_words(slot).iter().enumerate().flat_map(|(word_index, word)| {
+            let mut bits = u64::from_le(word.load(Ordering::Acquire));
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let bit = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                Some(word_index as u64 * BITS_PER_WORD + bit)
+            })
+        })
+    }
+
+    /// The bytes of volume covered by the regions set in `slot` (the last
+    /// region counts only the part inside the volume).
+    ///
+    /// # Panics
+    /// When the slot does not exist.
+    pub fn dirty_bytes(&self, slot: u32) -> u64 {
+        let set: u64 = self
+            .slot_words(slot)
+            .iter()
+            .map(|word| u64::from(u64::from_le(word.load(Ordering::Acquire)).count_ones()))
+            .sum();
+        let last = self.region_count() - 1;
+        let last_shortfall = self.geometry.region_bytes * self.region_count() - self.geometry.volume_size;
+        let last_set = self.is_set(slot, last);
+        set * self.geometry.region_bytes - if last_set { last_shortfall } else { 0 }
+    }
+
+    /// Whether region `region_index` is set in `slot`.
+    ///
+    /// # Panics
+    /// When the slot or the region does not exist.
+    pub fn is_set(&self, slot: u32, region_index: u64) -> bool {
+        assert!(region_index < self.region_count(), "region {region_index} is past the end of the bitmap");
+        let word = &self.slot_words(slot)[(region_index / BITS_PER_WORD) as usize];
+        u64::from_le(word.load(Ordering::Acquire)) & (1 << (region_index % BITS_PER_WORD)) != 0
+    }
+
+    /// The volume's generation as recorded in the bitmap.
+    pub fn generation(&self) -> u64 {
+        let _changes = self.lock_changes();
+        let mut bytes = [0u8; 8];
+        // SAFETY: the header page is only read or written while `changes` is
+        // locked, and it lies inside the mapping, which outlives `self`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(GENERATION_OFFSET), bytes.as_mut_ptr(), bytes.len())
+        };
+        u64::from_le_bytes(bytes)
+    }
+
+    /// Record the volume's generation; durable after the next flush. The
+    /// generation and the header CRC lie in the file's first 512-byte sector,
+    /// which disks write whole, so a crash leaves the old or the new header.
+    pub fn set_generation(&self, generation: u64) {
+        let mut changes = self.lock_changes();
+        self.count_change(&mut changes);
+        let header = self.geometry.header(generation);
+        // SAFETY: the header page is only read or written while `changes` is
+        // locked (held here), it is disjoint from the words that other threads
+        // touch through atomics, and it lies inside the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), self.map.as_mut_ptr(), HEADER_CRC_OFFSET + 4) };
+    }
+
+    /// The region size in bytes.
+    pub fn region_bytes(&self) -> u64 {
+        self.geometry.region_bytes
+    }
+
+    /// The number of regions: the volume size divided by the region size,
+    /// rounded up.
+    pub fn region_count(&self) -> u64 {
+        self.geometry.region_count()
+    }
+
+    /// The number of copy slots.
+    pub fn slots(&self) -> u32 {
+        self.geometry.slots
+    }
+
+    /// The volume size in bytes.
+    pub fn volume_size(&self) -> u64 {
+        self.geometry.volume_size
+    }
+
+    /// The bitmap file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock_changes(&self) -> MutexGuard<'_, u64> {
+        // The count stays meaningful after a panic elsewhere: it only grows.
+        self.changes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Number one change, before its stores, under the change lock.
+    fn count_change(&self, changes: &mut MutexGuard<'_, u64>) -> u64 {
+        **changes += 1;
+        self.changes_seen.store(**changes, Ordering::Release);
+        **changes
+    }
+
+    /// Record that change `change` sets bits of regions `first..=last`;
+    /// called under the change lock before the bits are stored, so the
+    /// stamps only grow.
+    fn stamp_words(&self, first: u64, last: u64, change: u64) {
+        for word_index in first / BITS_PER_WORD..=last / BITS_PER_WORD {
+            self.word_changes[word_index as usize].store(change, Ordering::Release);
+        }
+    }
+
+    fn extent_end(&self, offset: u64, len: u64) -> u64 {
+        let end = offset.checked_add(len).filter(|end| *end <= self.geometry.volume_size);
+        end.unwrap_or_else(|| {
+            panic!("extent of {len} bytes at {offset} runs past the volume's {} bytes", self.geometry.volume_size)
+        })
+    }
+
+    /// The first and last regions an extent touches; `None` when it is empty.
+    fn regions_touched(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        let end = self.extent_end(offset, len);
+        (len > 0).then(|| (offset >> self.region_shift, (end - 1) >> self.region_shift))
+    }
+
+    fn all_set(&self, first: u64, last: u64) -> bool {
+        (0..self.geometry.slots).all(|slot| {
+            let mut all = true;
+            self.for_each_word(slot, first, last, |word, mask| {
+                all &= word.load(Ordering::Acquire) & mask == mask;
+            });
+            all
+        })
+    }
+
+    /// Call `action` with each word of `slot` that holds bits of regions
+    /// `first..=last`, and the mask (in the word's stored byte order) of
+    /// those bits.
+    fn for_each_word(&self, slot: u32, first: u64, last: u64, mut action: impl FnMut(&AtomicU64, u64)) {
+        debug_assert!(first <= last && last < self.region_count());
+        let words = self.slot_words(slot);
+        for word_index in first / BITS_PER_WORD..=last / BITS_PER_WORD {
+            let word_first = word_index * BITS_PER_WORD;
+            let low = first.max(word_first) - word_first;
+            let high = last.min(word_first + BITS_PER_WORD - 1) - word_first;
+            let width = high - low + 1;
+            let mask = if width == BITS_PER_WORD { u64::MAX } else { ((1u64 << width) - 1) << low };
+            action(&words[word_index as usize], mask.to_le());
+        }
+    }
+
+    fn slot_words(&self, slot: u32) -> &[AtomicU64] {
+        assert!(slot < self.geometry.slots, "slot {slot} does not exist; the bitmap has {}", self.geometry.slots);
+        let start = slot as usize * self.words_per_slot;
+        &self.words()[start..start + self.words_per_slot]
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        let count = self.geometry.slots as usize * self.words_per_slot;
+        // SAFETY: the mapping starts page-aligned and `open` checked that it
+        // spans HEADER_BYTES + count * 8 bytes, so the words are in bounds and
+        // 8-byte aligned. The file's length never changes while it is mapped:
+        // this process holds its exclusive flock and never truncates it. In
+        // this process the words are only ever accessed through these atomics
+        // (the header, accessed by plain copies, is disjoint), and AtomicU64
+        // has the size of u64, for which every bit pattern is valid. The slice
+        // borrows `self`, which owns the mapping.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(HEADER_BYTES).cast::<AtomicU64>(), count) }
+    }
+
+    fn io_error(&self, action: &'static str, source: io::Error) -> BitmapError {
+        BitmapError::Io { path: self.path.clone(), action, source }
+    }
+}
+
+/// Create the file whole beside its final name, make it durable, then rename
+/// it into place, so a crash never leaves a half-written bitmap at `path`.
+fn create(path: &Path, geometry: &Geometry) -> Result<(), BitmapError> {
+    let io_error = |action, source| BitmapError::Io { path: path.to_path_buf(), action, source };
+    let mut temporary_name = path.as_os_str().to_owned();
+    temporary_name.push(format!(".creating-{}", std::process::id()));
+    let temporary = PathBuf::from(temporary_name);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&temporary)
+        .map_err(|source| io_error("create", source))?;
+    let result = (|| {
+        file.set_len(geometry.file_bytes()).map_err(|source| io_error("set length", source))?;
+        file.write_all_at(&geometry.header(0), 0).map_err(|source| io_error("write header", source))?;
+        file.sync_all().map_err(|source| io_error("fsync", source))?;
+        fs::rename(&temporary, path).map_err(|source| io_error("rename into place", source))?;
+        let parent = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        File::open(parent)
+            .and_then(|directory| directory.sync_all())
+            .map_err(|source| io_error("fsync directory", source))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temporary);
+    }
+    result
+}
+
+fn open(path: &Path, geometry: Geometry) -> Result<WriteIntentBitmap, BitmapError> {
+    let io_error = |action, source| BitmapError::Io { path: path.to_path_buf(), action, source };
+    let file = OpenOptions::new().read(true).write(true).open(path).map_err(|source| io_error("open", source))?;
+    lock_exclusive(path, &file)?;
+    let length = file.metadata().map_err(|source| io_error("stat", source))?.len();
+    let mut header = [0u8; HEADER_BYTES];
+    if length < HEADER_BYTES as u64 {
+        return Err(BitmapError::Corrupt { path: path.to_path_buf(), message: format!("is only {length} bytes long") });
+    }
+    file.read_exact_at(&mut header, 0).map_err(|source| io_error("read header", source))?;
+    let (recorded, _generation) = parse_header(path, &header)?;
+    if recorded != geometry {
+        return Err(BitmapError::Mismatch {
+            path: path.to_path_buf(),
+            message: format!(
+                "was made for a {}-byte volume with {}-byte regions and {} slots, but this volume is {} bytes with {}-byte regions and {} slots; \
+                 open it with its own settings, or move it aside and resync every copy in full",
+                recorded.volume_size,
+                recorded.region_bytes,
+                recorded.slots,
+                geometry.volume_size,
+                geometry.region_bytes,
+                geometry.slots
+            ),
+        });
+    }
+    if length != geometry.file_bytes() {
+        return Err(BitmapError::Corrupt {
+            path: path.to_path_buf(),
+            message: format!("is {length} bytes long, its header calls for {}", geometry.file_bytes()),
+        });
+    }
+    let map = MmapRaw::map_raw(&file).map_err(|source| io_error("mmap", source))?;
+    assert_eq!(map.len() as u64, geometry.file_bytes(), "the mapping spans the whole file");
+    assert_eq!(map.as_ptr() as usize % 8, 0, "mappings are page-aligned");
+    // A process that died between setting bits and flushing them may have
+    // left them in the page cache only. Marks treat every bit found at open
+    // as durable, so make that true before the first mark.
+    map.flush().map_err(|source| io_error("msync at open", source))?;
+    let changes = 0;
+    Ok(WriteIntentBitmap {
+        path: path.to_path_buf(),
+        geometry,
+        region_shift: geometry.region_bytes.trailing_zeros(),
+        words_per_slot: geometry.words_per_slot(),
+        map,
+        _file: file,
+        changes: Mutex::new(changes),
+        changes_seen: AtomicU64::new(changes),
+        word_changes: (0..geometry.words_per_slot()).map(|_| AtomicU64::new(0)).collect(),
+        flush_lock: Mutex::new(()),
+        changes_durable: AtomicU64::new(changes),
+    })
+}
+
+/// Take the file's exclusive advisory lock, or say who holds it. The lock
+/// goes with the open file, so it is released when the process dies.
+fn lock_exclusive(path: &Path, file: &File) -> Result<(), BitmapError> {
+    // SAFETY: flock only reads the descriptor number and `file` keeps that
+    // descriptor open for the whole call.
+    let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if result == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    if error.kind() == io::ErrorKind::WouldBlock {
+        return Err(BitmapError::Busy { path: path.to_path_buf() });
+    }
+    Err(BitmapError::Io { path: path.to_path_buf(), action: "lock", source: error })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    const MIB: u64 = 1 << 20;
+
+    fn open_in(directory: &Path, volume_size: u64, region_bytes: u64, slots: u32) -> WriteIntentBitmap {
+        WriteIntentBitmap::open_or_create(&directory.join("volume.cmbitmap"), volume_size, region_bytes, slots).unwrap()
+    }
+
+    /// The bitmap's file name is the volume's with the suffix appended.
+    #[test]
+    fn path_sits_next_to_the_volume() {
+        assert_eq!(bitmap_path(Path::new("/srv/vol.img")), PathBuf::from("/srv/vol.img.cmbitmap"));
+    }
+
+    /// A new bitmap is clear and has the geometry asked for and the expected file size.
+    #[test]
+    fn new_bitmap_is_clear() {
+        let directory = tempfile::tempdir().unwrap();
+        let bitmap = open_in(directory.path(), 10 * MIB + 1, REGION_BYTES_DEFAULT, 3);
+        assert_eq!(bitmap.region_count(), 161);
+        assert_eq!(bitmap.slots(), 3);
+        assert_eq!(bitmap.dirty_regions(0).count(), 0);
+        assert_eq!(fs::metadata(bitmap.path()).unwrap().len(), 4096 + 3 * 3 * 8);
+    }
+
+    /// mark asks for a flush the first time and not once the bits are durable.
+    #[test]
+    fn mark_asks_for_a_flush_only_until_durable() {
+        let directory = tempfile::tempdir().unwrap();
+        let bitmap = open_in(directory.path(), 4 * MIB, REGION_BYTES_DEFAULT, 2);
+        assert!(bitmap.mark(100, 10));
+        assert!(bitmap.mark(100, 10), "set but not yet durable");
+        bitmap.flush().unwrap();
+        assert!(!bitmap.mark(100, 10));
+        assert!(!bitmap.mark(0, 10), "same region");
+        assert!(bitmap.mark(REGION_BYTES_DEFAULT, 1), "a new region");
+    }
+
+    /// A mark spanning regions sets every touched region in every slot, and nothing else.
+    #[test]
+    fn mark_sets_touched_regions_in_every_slot() {
+        let directory = tempfile::tempdir().unwrap();
+        let bitmap = open_in(directory.path(), 64 * MIB, 4096, 2);
+        bitmap.mark(4095, 4098);
+        for slot in 0..2 {
+            assert_eq!(bitmap.dirty_regions(slot).collect::<Vec<_>>(), [0, 1, 2]);
+        }
+        bitmap.mark(63 * 4096, 2 * 4096);
+        assert_eq!(bitmap.dirty_regions(1).collect::<Vec<_>>(), [0, 1, 2, 63, 64]);
+    }
+
+    /// clear_range clears wholly covered regions only, and the volume's short tail region.
+    #[test]
+    fn clear_range_keeps_partly_covered_regions() {
+        let directory = tempfile::tempdir().unwrap();
+        let bitmap = open_in(directory.path(), 10 * 4096 + 100, 4096, 1);
+        bitmap.set_all(0);
+        assert_eq!(bitmap.region_count(), 11);
+        bitmap.clear_range(0, 100, 3 * 4096);
+        assert_eq!(bitmap.dirty_regions(0).collect::<Vec<_>>(), [0, 3, 4, 5, 6, 7, 8, 9, 10]);
+        bitmap.clear_range(0, 9 * 4096, 4096 + 100);
+        assert_eq!(bitmap.dirty_regions(0).collect::<Vec<_>>(), [0, 3, 4, 5, 6, 7, 8]);
+        bitmap.clear(0, 0);
+        assert!(!bitmap.is_set(0, 0));
+    }
+
+    /// dirty_bytes counts whole regions, and only the in-volume part of the last one.
+    #[test]
+    fn dirty_bytes_counts_the_short_last_region() {
+        let directory = tempfile::tempdir().unwrap();
+        let bitmap = open_in(directory.path(), 3 * 4096 + 10, 4096, 2);
+        bitmap.set_all(1);
+        assert_eq!(bitmap.dirty_bytes(1), 3 * 4096 + 10);
+        assert_eq!(bitmap.dirty_bytes(0), 0);
+        bitmap.clear(1, 3);
+        assert_eq!(bitmap.dirty_bytes(1), 3 * 4096);
+    }
+
+    /// set_all sets exactly the regions that exist, no padding bits.
+    #[test]
+    fn set_all_sets_exactly_every_region() {
+        let directory = tempfile::tempdir().unwrap();
+        let bitmap = open_in(directory.path(), 130 * 4096, 4096, 1);
+        bitmap.set_all(0);
+        assert_eq!(bitmap.dirty_regions(0).collect::<Vec<_>>(), (0..130).collect::<Vec<_>>());
+    }
+
+    /// A file made for another geometry is refused, naming both geometries.
+    #[test]
+    fn other_geometry_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        drop(open_in(directory.path(), 4 * MIB, 4096, 2));
+        let path = directory.path().join("volume.cmbitmap");
+        for (size, region, slots) in [(8 * MIB, 4096, 2), (4 * MIB, 8192, 2), (4 * MIB, 4096, 3)] {
+            let error = WriteIntentBitmap::open_or_create(&path, size, region, slots).unwrap_err();
+            assert_eq!(error.kind(), BitmapErrorKind::Mismatch, "{error}");
+            assert!(error.to_string().contains("4194304-byte volume"), "{error}");
+        }
+    }
+
+    /// Impossible parameters are refused before any file is made.
+    #[test]
+    fn bad_parameters_are_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("volume.cmbitmap");
+        for (size, region, slots) in [(0, 4096, 1), (MIB, 3000, 1), (MIB, 2048, 1), (MIB, 4096, 0), (MIB, 4096, 9)] {
+            let error = WriteIntentBitmap::open_or_create(&path, size, region, slots).unwrap_err();
+            assert_eq!(error.kind(), BitmapErrorKind::Config, "{error}");
+        }
+        assert!(!path.exists());
+    }
+
+    /// A damaged header is refused as corrupt instead of being trusted.
+    #[test]
+    fn damaged_header_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        drop(open_in(directory.path(), MIB, 4096, 1));
+        let path = directory.path().join("volume.cmbitmap");
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0xff], 20).unwrap();
+        let error = WriteIntentBitmap::open_or_create(&path, MIB, 4096, 1).unwrap_err();
+        assert_eq!(error.kind(), BitmapErrorKind::Corrupt, "{error}");
+    }
+
+    /// A truncated file is refused as corrupt.
+    #[test]
+    fn truncated_file_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        drop(open_in(directory.path(), MIB, 4096, 1));
+        let path = directory.path().join("volume.cmbitmap");
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(4096 + 8).unwrap();
+        let error = WriteIntentBitmap::open_or_create(&path, MIB, 4096, 1).unwrap_err();
+        assert_eq!(error.kind(), BitmapErrorKind::Corrupt, "{error}");
+    }
+
+    /// A bitmap already open elsewhere is refused as busy.
+    #[test]
+    fn second_opener_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let _first = open_in(directory.path(), MIB, 4096, 1);
+        let error =
+            WriteIntentBitmap::open_or_create(&directory.path().join("volume.cmbitmap"), MIB, 4096, 1).unwrap_err();
+        assert_eq!(error.kind(), BitmapErrorKind::Busy, "{error}");
+    }
+
+    /// The generation persists across a reopen.
+    #[test]
+    fn generation_persists() {
+        let directory = tempfile::tempdir().unwrap();
+        let bitmap = open_in(directory.path(), MIB, 4096, 1);
+        assert_eq!(bitmap.generation(), 0);
+        bitmap.set_generation(17);
+        bitmap.flush().unwrap();
+        drop(bitmap);
+        assert_eq!(open_in(directory.path(), MIB, 4096, 1).generation(), 17);
+    }
+
+    /// Threads marking and flushing at once all end with their bits set and durable.
+    #[test]
+    fn concurrent_marks_share_flushes() {
+        let directory = tempfile::tempdir().unwrap();
+        let bitmap = Arc::new(open_in(directory.path(), 64 * MIB, 4096, 2));
+        let threads: Vec<_> = (0..4u64)
+            .map(|thread| {
+                let bitmap = Arc::clone(&bitmap);
+                std::thread::spawn(move || {
+                    for write in 0..200u64 {
+                        let offset = ((write * 4 + thread) * 7919 % 16384) * 4096;
+                        if bitmap.mark(offset, 4096) {
+                            bitmap.flush().unwrap();
+                        }
+                        assert!(bitmap.is_set(0, offset / 4096) && bitmap.is_set(1, offset / 4096));
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(bitmap.dirty_regions(0).count(), 800);
+        assert_eq!(bitmap.dirty_regions(1).count(), 800);
+        assert!(bitmap.dirty_regions(0).all(|region| !bitmap.mark(region * 4096, 4096)), "every bit is durable");
+    }
+
+    /// An extent past the end of the volume is a caller bug and panics.
+    #[test]
+    #[should_panic(expected = "runs past the volume")]
+    fn mark_past_the_end_panics() {
+        let directory = tempfile::tempdir().unwrap();
+        open_in(directory.path(), MIB, 4096, 1).mark(MIB - 1, 2);
+    }
+}
