@@ -109,6 +109,16 @@ impl Process {
         Self::start(scratch, &all, address)
     }
 
+    /// Start `crossmirror serve` on the file `volume` in `scratch` of `size`
+    /// (e.g. "64M"; created sparse if absent), with `extra` arguments.
+    pub fn serve_volume(scratch: &Scratch, size: &str, extra: &[&str]) -> Process {
+        let volume = scratch.join("volume");
+        let volume = volume.to_str().expect("utf-8 path");
+        let mut args = vec!["--volume", volume, "--size", size];
+        args.extend_from_slice(extra);
+        Process::serve(scratch, &args)
+    }
+
     /// Start the binary with `args` and wait for `address` to accept.
     pub fn start(scratch: &Scratch, args: &[&str], address: SocketAddr) -> Process {
         static COUNTER: AtomicU32 = AtomicU32::new(0);

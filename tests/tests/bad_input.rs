@@ -42,11 +42,7 @@ const ENOSPC: u32 = 28;
 
 /// Start a server on a fresh 64 MiB sparse volume in `scratch`.
 fn serve(scratch: &Scratch, extra: &[&str]) -> Process {
-    let volume = scratch.join("volume.img");
-    let volume = volume.to_str().expect("utf-8 path");
-    let mut args = vec!["--volume", volume, "--size", "64M"];
-    args.extend_from_slice(extra);
-    Process::serve(scratch, &args)
+    Process::serve_volume(scratch, "64M", extra)
 }
 
 /// Random bytes written at offset 0 (and flushed) before any bad input, so

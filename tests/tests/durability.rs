@@ -77,12 +77,7 @@ fn acknowledged_writes_survive_sigkill(direct: bool) {
     }
     let scratch = Scratch::new(if direct { "sigkill-direct" } else { "sigkill-buffered" });
     let volume = scratch.join("volume");
-    let volume_arg = volume.to_str().expect("utf-8 path");
-    let mut args = vec!["--volume", volume_arg, "--size", "64M"];
-    if direct {
-        args.push("--direct");
-    }
-    let mut server = Process::serve(&scratch, &args);
+    let mut server = Process::serve_volume(&scratch, "64M", if direct { &["--direct"] } else { &[] });
 
     let writes = planned_writes();
     let mut expected = vec![0u8; VOLUME_BYTES];
@@ -123,7 +118,7 @@ fn acknowledged_writes_survive_sigkill(direct: bool) {
 
     assert_same_image(&std::fs::read(&volume).expect("read volume"), &expected, &writes, "volume file after SIGKILL");
 
-    let mut server = Process::serve(&scratch, &args);
+    let mut server = Process::serve_volume(&scratch, "64M", if direct { &["--direct"] } else { &[] });
     let read_back = scratch.join("read-back.bin");
     run("nbdcopy", &[&server.uri(), read_back.to_str().expect("utf-8 path")]);
     assert_same_image(&std::fs::read(&read_back).expect("read back"), &expected, &writes, "NBD read after restart");

@@ -35,12 +35,7 @@ fn ext4_round_trip(direct: bool) {
     }
     let scratch = Scratch::new(if direct { "mount-direct" } else { "mount-buffered" });
     let volume = scratch.join("volume");
-    let volume_arg = volume.to_str().expect("utf-8 path");
-    let mut args = vec!["--volume", volume_arg, "--size", "256M"];
-    if direct {
-        args.push("--direct");
-    }
-    let mut server = Process::serve(&scratch, &args);
+    let mut server = Process::serve_volume(&scratch, "256M", if direct { &["--direct"] } else { &[] });
 
     // Guards are declared in the reverse of teardown order: Rust drops the mount first, then
     // the loop device, then the FUSE mount, then (last) the server.
@@ -67,7 +62,7 @@ fn ext4_round_trip(direct: bool) {
     assert!(status.success(), "server exited with {status} on SIGTERM:\n{}", server.log());
 
     // The volume file itself must now hold the same clean filesystem.
-    fsck_clean(volume_arg, &server);
+    fsck_clean(volume.to_str().expect("utf-8 path"), &server);
     let loop_device = LoopDevice::attach(&volume, false);
     let mut mount = Mount::attach(&loop_device.path, &mount_point, &["-o", "ro,noload"]);
     verify_tree(&mount_point, &files, "from the volume file after server exit");
