@@ -17,8 +17,11 @@ pub mod alignment;
 pub mod bitmap;
 pub mod buffer;
 pub mod error;
+pub mod metadata;
 pub mod protocol;
 pub mod range_lock;
+pub mod receiver;
+pub mod replicator;
 pub mod uring;
 pub mod volume;
 

@@ -272,6 +272,21 @@ impl Volume {
         Ok(())
     }
 
+    /// Read `len` bytes at `offset` with a plain blocking pread (through an
+    /// aligned bounce buffer on an O_DIRECT volume). For the replicator's
+    /// resync and verify, which read whole regions off the hot path.
+    pub fn read_synchronously(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        if !self.direct {
+            let mut data = vec![0u8; len as usize];
+            self.file.read_exact_at(&mut data, offset)?;
+            return Ok(data);
+        }
+        let span = self.span(offset, len);
+        let mut buf = AlignedBuf::new(span.file_len as usize);
+        self.file.read_exact_at(buf.as_mut_slice(), span.file_offset)?;
+        Ok(buf.as_slice()[span.head as usize..(span.head + span.len) as usize].to_vec())
+    }
+
     /// Zero `offset..offset+len` synchronously: BLKZEROOUT for the aligned
     /// interior of a block device, written zeroes (read-modify-write at
     /// unaligned edges) for everything else. The caller holds the range lock.

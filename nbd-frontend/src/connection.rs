@@ -14,7 +14,7 @@
 //! any order). On a direct volume, write-like requests hold a range lock on
 //! their aligned span; one that conflicts is parked and retried.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use engine::alignment::Span;
 use engine::range_lock::RangeLockId;
+use engine::replicator::{Change, Completions, Replicator, Shipped};
 use engine::volume::ZeroMethod;
 use engine::{AlignedBuf, BufferPool, Ring, Volume};
 use io_uring::{opcode, types};
@@ -78,8 +79,16 @@ pub fn serve(
     volume: Arc<Volume>,
     negotiated: Negotiated,
     shutdown: Arc<AtomicBool>,
+    mirror: Option<Arc<Replicator>>,
 ) -> Result<(Ending, ConnectionStats), engine::EngineError> {
     let ring = Ring::new(RING_ENTRIES)?;
+    let completions = match &mirror {
+        Some(_) => Some(
+            Completions::new()
+                .map_err(|source| engine::EngineError::Io { action: "create the completion eventfd", source })?,
+        ),
+        None => None,
+    };
     let limits = Limits {
         size: volume.size(),
         read_only: volume.is_read_only(),
@@ -110,6 +119,11 @@ pub fn serve(
         state: State::Open,
         stats: ConnectionStats::default(),
         recycled: Vec::new(),
+        mirror,
+        completions,
+        waiting: HashMap::new(),
+        next_ticket: 1,
+        wake_token: None,
     };
     let ending = connection.run();
     drop(connection);
@@ -118,14 +132,54 @@ pub fn serve(
 }
 
 enum Op {
-    Receive { buf: Vec<u8> },
-    ReceivePayload { incoming: Incoming },
-    Send { batch: Box<SendBatch> },
-    Read { cookie: u64, offset: u64, buf: AlignedBuf, span: Span, done: u64 },
-    Write { cookie: u64, buf: AlignedBuf, span: Span, fua: bool, lock: Option<RangeLockId>, done: u64 },
-    Fsync { cookie: u64, lock: Option<RangeLockId> },
-    Fallocate { work: LockedWork, lock: Option<RangeLockId> },
+    Receive {
+        buf: Vec<u8>,
+    },
+    ReceivePayload {
+        incoming: Incoming,
+    },
+    Send {
+        batch: Box<SendBatch>,
+    },
+    Read {
+        cookie: u64,
+        offset: u64,
+        buf: AlignedBuf,
+        span: Span,
+        done: u64,
+    },
+    Write {
+        cookie: u64,
+        buf: AlignedBuf,
+        span: Span,
+        fua: bool,
+        lock: Option<RangeLockId>,
+        done: u64,
+    },
+    Fsync {
+        cookie: u64,
+        lock: Option<RangeLockId>,
+        shipping: Option<Shipping>,
+    },
+    Fallocate {
+        work: LockedWork,
+        lock: Option<RangeLockId>,
+    },
+    /// Reads the mirror's completion eventfd.
+    Wake {
+        _buf: Box<u64>,
+    },
     Cancel,
+}
+
+/// A write-like request whose local part is done or in progress, to be
+/// shipped to the copies (mirrored volumes only) before it is answered.
+#[derive(Debug, Clone, Copy)]
+struct Shipping {
+    command: u16,
+    offset: u64,
+    len: u64,
+    fua: bool,
 }
 
 /// A WRITE whose payload is still arriving.
@@ -157,6 +211,17 @@ impl LockedWork {
             LockedWork::Trim { offset, len, .. } | LockedWork::Zero { offset, len, .. } => volume.span(*offset, *len),
         };
         (span.file_offset, span.file_offset + span.file_len)
+    }
+
+    /// What to ship once the local part is done.
+    fn shipping(&self) -> Shipping {
+        match *self {
+            LockedWork::Write { span, fua, .. } => {
+                Shipping { command: CMD_WRITE, offset: span.file_offset + span.head, len: span.len, fua }
+            }
+            LockedWork::Trim { offset, len, fua, .. } => Shipping { command: CMD_TRIM, offset, len, fua },
+            LockedWork::Zero { offset, len, fua, .. } => Shipping { command: CMD_WRITE_ZEROES, offset, len, fua },
+        }
     }
 
     fn cookie(&self) -> u64 {
@@ -288,6 +353,15 @@ struct Connection {
     state: State,
     stats: ConnectionStats,
     recycled: Vec<(Op, i32)>,
+    /// The replicator of a mirrored volume.
+    mirror: Option<Arc<Replicator>>,
+    /// Where the replicator reports changes the sync copies acknowledged.
+    completions: Option<Arc<Completions>>,
+    /// Shipped requests waiting for their copies: ticket → (cookie, command).
+    waiting: HashMap<u64, (u64, u16)>,
+    next_ticket: u64,
+    /// The eventfd read in flight, if any.
+    wake_token: Option<u64>,
 }
 
 impl Connection {
@@ -300,6 +374,9 @@ impl Connection {
             self.retry_parked();
             self.start_receive();
             self.start_send();
+            if !self.waiting.is_empty() {
+                self.arm_wake();
+            }
             if let Some(ending) = self.finished() {
                 return (ending, self.stats);
             }
@@ -324,7 +401,13 @@ impl Connection {
     fn finished(&mut self) -> Option<Ending> {
         match &self.state {
             State::Open => None,
-            State::Failed(ending) => (self.ring.in_flight() == 0).then(|| ending.clone()),
+            State::Failed(ending) => {
+                let ending = ending.clone();
+                if self.waiting.is_empty() {
+                    self.cancel_wake();
+                }
+                (self.ring.in_flight() == 0).then_some(ending)
+            }
             State::Draining(ending) => {
                 let ending = ending.clone();
                 self.abandon_partial_request();
@@ -337,6 +420,7 @@ impl Connection {
                         tracing::warn!(?error, "could not cancel the pending receive");
                     }
                 }
+                self.cancel_wake();
                 (self.ring.in_flight() == 0).then_some(ending)
             }
         }
@@ -459,11 +543,21 @@ impl Connection {
             Op::Write { cookie, buf, span, fua, lock, done } => {
                 self.write_done(cookie, buf, span, fua, lock, done, result)
             }
-            Op::Fsync { cookie, lock } => {
+            Op::Fsync { cookie, lock, shipping: None } => {
                 self.unlock(lock);
                 self.reply_status(cookie, CMD_FLUSH, result);
             }
+            Op::Fsync { cookie, lock, shipping: Some(shipping) } => {
+                if result < 0 {
+                    self.abandon(&shipping);
+                    self.unlock(lock);
+                    self.reply_status(cookie, shipping.command, result);
+                } else {
+                    self.ship(cookie, shipping, lock, None);
+                }
+            }
             Op::Fallocate { work, lock } => self.fallocate_done(work, lock, result),
+            Op::Wake { .. } => self.woken(result),
             Op::Cancel => {}
         }
     }
@@ -618,8 +712,10 @@ impl Connection {
             }
             Command::Flush => {
                 let entry = self.volume.fsync_entry();
+                let shipping =
+                    self.mirror.is_some().then_some(Shipping { command: CMD_FLUSH, offset: 0, len: 0, fua: false });
                 // SAFETY: fsync carries no pointers.
-                if let Err((op, _)) = unsafe { self.ring.push(entry, Op::Fsync { cookie, lock: None }) } {
+                if let Err((op, _)) = unsafe { self.ring.push(entry, Op::Fsync { cookie, lock: None, shipping }) } {
                     self.refused(op);
                 }
             }
@@ -682,7 +778,9 @@ impl Connection {
 
     /// Run write-like work now, or park it if its range is busy.
     fn locked(&mut self, work: LockedWork) {
-        if !self.volume.is_direct() {
+        // Mirrored volumes serialise overlapping changes too, so every copy
+        // applies them in the order the local store did.
+        if !self.volume.is_direct() && self.mirror.is_none() {
             self.start_locked(work, None);
             return;
         }
@@ -705,11 +803,25 @@ impl Connection {
     }
 
     fn start_locked(&mut self, work: LockedWork, lock: Option<RangeLockId>) {
+        if let Some(mirror) = &self.mirror {
+            let (cookie, shipping) = (work.cookie(), work.shipping());
+            if let Err(error) = mirror.begin_write(shipping.offset, shipping.len) {
+                tracing::error!(%error, "cannot mark the write-intent bitmap; answering EIO");
+                self.unlock(lock);
+                if let LockedWork::Write { buf, .. } = work {
+                    self.pool.give(buf);
+                }
+                self.reply_error(cookie, shipping.command, EIO);
+                return;
+            }
+        }
         match work {
             LockedWork::Write { cookie, mut buf, span, fua } => {
                 if self.volume.is_direct() && (span.partial_head() || span.partial_tail()) {
                     if let Err(error) = self.volume.fill_edges(&span, &mut buf) {
                         tracing::warn!(%error, offset = span.file_offset, "reading edge blocks for an unaligned write failed");
+                        let offset = span.file_offset + span.head;
+                        self.abandon(&Shipping { command: CMD_WRITE, offset, len: span.len, fua });
                         self.unlock(lock);
                         self.pool.give(buf);
                         self.reply_error(cookie, CMD_WRITE, errno_to_nbd(error.raw_os_error().unwrap_or(libc::EIO)));
@@ -722,7 +834,7 @@ impl Connection {
                 Some(mode) => self.push_fallocate(LockedWork::Trim { cookie, offset, len, fua }, lock, mode),
                 None => {
                     let result = self.volume.discard_synchronously(offset, len);
-                    self.synchronous_done(cookie, CMD_TRIM, fua, lock, result);
+                    self.synchronous_done(cookie, Shipping { command: CMD_TRIM, offset, len, fua }, lock, result);
                 }
             },
             LockedWork::Zero { cookie, offset, len, fua, may_punch, fast_only } => {
@@ -732,12 +844,14 @@ impl Connection {
                         self.push_fallocate(work, lock, mode);
                     }
                     ZeroMethod::NotFast => {
+                        self.abandon(&Shipping { command: CMD_WRITE_ZEROES, offset, len, fua });
                         self.unlock(lock);
                         self.reply_error(cookie, CMD_WRITE_ZEROES, ENOTSUP);
                     }
                     ZeroMethod::Synchronous => {
                         let result = self.volume.write_zeroes_synchronously(offset, len);
-                        self.synchronous_done(cookie, CMD_WRITE_ZEROES, fua, lock, result);
+                        let shipping = Shipping { command: CMD_WRITE_ZEROES, offset, len, fua };
+                        self.synchronous_done(cookie, shipping, lock, result);
                     }
                 }
             }
@@ -773,7 +887,9 @@ impl Connection {
         done: u64,
         result: i32,
     ) {
+        let shipping = Shipping { command: CMD_WRITE, offset: span.file_offset + span.head, len: span.len, fua };
         if result <= 0 {
+            self.abandon(&shipping);
             self.unlock(lock);
             self.pool.give(buf);
             let errno = if result < 0 { errno_to_nbd(-result) } else { EIO };
@@ -785,9 +901,9 @@ impl Connection {
             self.push_write(cookie, buf, span, fua, lock, done);
             return;
         }
-        self.unlock(lock);
+        let data = &buf.as_slice()[span.head as usize..(span.head + span.len) as usize];
+        self.ship(cookie, shipping, lock, Some(data));
         self.pool.give(buf);
-        self.reply_status(cookie, CMD_WRITE, 0);
     }
 
     fn push_fallocate(&mut self, work: LockedWork, lock: Option<RangeLockId>, mode: i32) {
@@ -804,57 +920,148 @@ impl Connection {
 
     fn fallocate_done(&mut self, work: LockedWork, lock: Option<RangeLockId>, result: i32) {
         let unsupported = result == -libc::EOPNOTSUPP;
+        let shipping = work.shipping();
         let (cookie, command, fua, result) = match work {
             LockedWork::Trim { cookie, fua, .. } => (cookie, CMD_TRIM, fua, if unsupported { 0 } else { result }),
             LockedWork::Zero { cookie, offset, len, fua, fast_only, .. } if unsupported => {
                 self.volume.note_fallocate_unsupported();
                 if fast_only {
+                    self.abandon(&shipping);
                     self.unlock(lock);
                     self.reply_error(cookie, CMD_WRITE_ZEROES, ENOTSUP);
                     return;
                 }
                 let result = self.volume.write_zeroes_synchronously(offset, len);
-                self.synchronous_done(cookie, CMD_WRITE_ZEROES, fua, lock, result);
+                self.synchronous_done(cookie, Shipping { command: CMD_WRITE_ZEROES, offset, len, fua }, lock, result);
                 return;
             }
             LockedWork::Zero { cookie, fua, .. } => (cookie, CMD_WRITE_ZEROES, fua, result),
             LockedWork::Write { .. } => unreachable!("writes are not fallocated"),
         };
-        if result < 0 || !fua {
+        if result < 0 {
+            self.abandon(&shipping);
             self.unlock(lock);
             self.reply_status(cookie, command, result);
             return;
         }
-        self.push_fsync_then_reply(cookie, lock);
+        if !fua {
+            self.ship(cookie, shipping, lock, None);
+            return;
+        }
+        self.push_fsync_then_ship(cookie, lock, shipping);
     }
 
     fn synchronous_done(
         &mut self,
         cookie: u64,
-        command: u16,
-        fua: bool,
+        shipping: Shipping,
         lock: Option<RangeLockId>,
         result: std::io::Result<()>,
     ) {
         match result {
             Err(error) => {
+                self.abandon(&shipping);
                 self.unlock(lock);
                 let errno = error.raw_os_error().unwrap_or(libc::EIO);
-                self.reply_status(cookie, command, -errno);
+                self.reply_status(cookie, shipping.command, -errno);
             }
-            Ok(()) if fua => self.push_fsync_then_reply(cookie, lock),
-            Ok(()) => {
-                self.unlock(lock);
-                self.reply_status(cookie, command, 0);
+            Ok(()) if shipping.fua => self.push_fsync_then_ship(cookie, lock, shipping),
+            Ok(()) => self.ship(cookie, shipping, lock, None),
+        }
+    }
+
+    fn push_fsync_then_ship(&mut self, cookie: u64, lock: Option<RangeLockId>, shipping: Shipping) {
+        let entry = self.volume.fsync_entry();
+        // SAFETY: fsync carries no pointers.
+        if let Err((op, _)) = unsafe { self.ring.push(entry, Op::Fsync { cookie, lock, shipping: Some(shipping) }) } {
+            self.refused(op);
+        }
+    }
+
+    /// The local part of a write-like request (or a flush) is done: ship
+    /// it to the copies, release its range, then answer now or once the
+    /// sync copies acknowledge. Unmirrored volumes answer at once.
+    fn ship(&mut self, cookie: u64, shipping: Shipping, lock: Option<RangeLockId>, data: Option<&[u8]>) {
+        let (Some(mirror), Some(completions)) = (&self.mirror, &self.completions) else {
+            self.unlock(lock);
+            self.reply_status(cookie, shipping.command, 0);
+            return;
+        };
+        let Shipping { command, offset, len, fua } = shipping;
+        let change = match command {
+            CMD_WRITE => Change::Write { offset, data: data.expect("a write ships its data"), fua },
+            CMD_TRIM => Change::Trim { offset, length: len, fua },
+            CMD_WRITE_ZEROES => Change::WriteZeroes { offset, length: len, fua },
+            _ => Change::Flush,
+        };
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let shipped = mirror.ship(change, completions, ticket);
+        self.unlock(lock);
+        match shipped {
+            Shipped::Done(result) => self.reply_status(cookie, command, result),
+            Shipped::Pending => {
+                self.waiting.insert(ticket, (cookie, command));
+                self.arm_wake();
             }
         }
     }
 
-    fn push_fsync_then_reply(&mut self, cookie: u64, lock: Option<RangeLockId>) {
-        let entry = self.volume.fsync_entry();
-        // SAFETY: fsync carries no pointers.
-        if let Err((op, _)) = unsafe { self.ring.push(entry, Op::Fsync { cookie, lock }) } {
-            self.refused(op);
+    /// The local part failed or was never issued: nothing is shipped.
+    fn abandon(&self, shipping: &Shipping) {
+        if let Some(mirror) = &self.mirror {
+            if shipping.command != CMD_FLUSH {
+                mirror.abandon(shipping.offset, shipping.len);
+            }
+        }
+    }
+
+    /// Keep one read of the completion eventfd in flight while any request
+    /// waits for its copies.
+    fn arm_wake(&mut self) {
+        if self.wake_token.is_some() {
+            return;
+        }
+        let Some(completions) = &self.completions else { return };
+        let fd = completions.fd();
+        let mut buf = Box::new(0u64);
+        let pointer = (&mut *buf as *mut u64).cast::<u8>();
+        let entry = opcode::Read::new(types::Fd(fd), pointer, 8).build();
+        // SAFETY: the entry points into the boxed u64, owned by the op (the
+        // box's heap storage does not move) until it is reaped.
+        match unsafe { self.ring.push(entry, Op::Wake { _buf: buf }) } {
+            Ok(token) => self.wake_token = Some(token),
+            Err(_) => {
+                // The ring is full; completions arriving meanwhile are
+                // picked up by the next arm (the eventfd stays readable).
+            }
+        }
+    }
+
+    fn woken(&mut self, result: i32) {
+        self.wake_token = None;
+        if result < 0 && result != -libc::ECANCELED && result != -libc::EINTR {
+            tracing::error!(error = %std::io::Error::from_raw_os_error(-result), "reading the completion eventfd failed");
+        }
+        let mut done = Vec::new();
+        if let Some(completions) = &self.completions {
+            completions.take(&mut done);
+        }
+        for (ticket, result) in done {
+            if let Some((cookie, command)) = self.waiting.remove(&ticket) {
+                self.reply_status(cookie, command, result);
+            }
+        }
+        if !self.waiting.is_empty() {
+            self.arm_wake();
+        }
+    }
+
+    fn cancel_wake(&mut self) {
+        if let Some(token) = self.wake_token.take() {
+            if let Err((_, error)) = self.ring.cancel(token, Op::Cancel) {
+                tracing::warn!(?error, "could not cancel the completion read");
+            }
         }
     }
 
@@ -867,20 +1074,30 @@ impl Connection {
                 self.pool.give(buf);
                 self.reply_error(cookie, CMD_READ, EIO);
             }
-            Op::Write { cookie, buf, lock, .. } => {
+            Op::Write { cookie, buf, lock, span, fua, .. } => {
+                self.abandon(&Shipping {
+                    command: CMD_WRITE,
+                    offset: span.file_offset + span.head,
+                    len: span.len,
+                    fua,
+                });
                 self.unlock(lock);
                 self.pool.give(buf);
                 self.reply_error(cookie, CMD_WRITE, EIO);
             }
-            Op::Fsync { cookie, lock } => {
+            Op::Fsync { cookie, lock, shipping } => {
+                if let Some(shipping) = shipping {
+                    self.abandon(&shipping);
+                }
                 self.unlock(lock);
                 self.reply_error(cookie, CMD_FLUSH, EIO);
             }
             Op::Fallocate { work, lock } => {
+                self.abandon(&work.shipping());
                 self.unlock(lock);
                 self.reply_error(work.cookie(), CMD_TRIM, EIO);
             }
-            Op::Receive { .. } | Op::ReceivePayload { .. } | Op::Send { .. } | Op::Cancel => {
+            Op::Receive { .. } | Op::ReceivePayload { .. } | Op::Send { .. } | Op::Wake { .. } | Op::Cancel => {
                 unreachable!("socket ops are pushed only with room in the ring")
             }
         }

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use engine::replicator::Replicator;
 use engine::Volume;
 
 use crate::connection::{self, Ending};
@@ -30,6 +31,8 @@ pub struct Export {
     pub description: String,
     /// The volume behind it.
     pub volume: Arc<Volume>,
+    /// The replicator that ships its writes to copy hosts, if it is mirrored.
+    pub mirror: Option<Arc<Replicator>>,
 }
 
 /// Server settings.
@@ -118,6 +121,7 @@ impl Server {
             }
             let context = ConnectionContext {
                 volume: self.export.volume.clone(),
+                mirror: self.export.mirror.clone(),
                 info: self.info.clone(),
                 shutdown: self.shutdown.clone(),
                 handshake_timeout: self.config.handshake_timeout,
@@ -153,6 +157,7 @@ impl Server {
 
 struct ConnectionContext {
     volume: Arc<Volume>,
+    mirror: Option<Arc<Replicator>>,
     info: ExportInfo,
     shutdown: Arc<AtomicBool>,
     handshake_timeout: Duration,
@@ -180,7 +185,7 @@ impl ConnectionContext {
         };
         let _ = stream.set_read_timeout(None);
         tracing::info!(%peer, structured = negotiated.structured, block_status = negotiated.base_allocation.is_some(), "client connected");
-        match connection::serve(stream, self.volume, negotiated, self.shutdown) {
+        match connection::serve(stream, self.volume, negotiated, self.shutdown, self.mirror) {
             Ok((ending, stats)) => match ending {
                 Ending::Client | Ending::Shutdown => {
                     tracing::info!(%peer, ?ending, requests = stats.requests, errors = stats.errors, "connection closed")

@@ -257,3 +257,71 @@ impl Drop for LoopDevice {
         let _ = Command::new("losetup").args(["-d", &self.path]).status();
     }
 }
+
+/// A TCP port on `ip` (a loopback address such as 127.0.0.2) that was free
+/// a moment ago.
+pub fn free_port_on(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0)).expect("bind an ephemeral port").local_addr().expect("address").port()
+}
+
+/// Write a fresh secret file (mode 600) into `scratch` under `name`.
+pub fn write_secret(scratch: &Scratch, name: &str, seed: u64) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = scratch.join(name);
+    let text: String = random_bytes(32, seed).iter().map(|byte| format!("{byte:02x}")).collect();
+    std::fs::write(&path, text).expect("write the secret");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+    path
+}
+
+/// Poll `condition` every 50 ms until it holds or `timeout` passes; returns
+/// whether it held.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// iptables rules that drop TCP between two loopback addresses, in both
+/// directions, for one port; removed on drop.
+pub struct LinkCut {
+    rules: Vec<Vec<String>>,
+}
+
+impl LinkCut {
+    /// Drop every packet to `to_ip:port` and every packet from it.
+    pub fn new(to_ip: &str, port: u16) -> LinkCut {
+        let port = port.to_string();
+        let rules: Vec<Vec<String>> = [
+            vec!["INPUT", "-p", "tcp", "-d", to_ip, "--dport", &port, "-j", "DROP"],
+            vec!["INPUT", "-p", "tcp", "-s", to_ip, "--sport", &port, "-j", "DROP"],
+        ]
+        .iter()
+        .map(|rule| rule.iter().map(|word| word.to_string()).collect())
+        .collect();
+        for rule in &rules {
+            let mut args = vec!["-I".to_string()];
+            args.extend(rule.iter().cloned());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run("iptables", &args);
+        }
+        LinkCut { rules }
+    }
+}
+
+impl Drop for LinkCut {
+    fn drop(&mut self) {
+        for rule in &self.rules {
+            let mut args = vec!["-D".to_string()];
+            args.extend(rule.iter().cloned());
+            let _ = Command::new("iptables").args(&args).status();
+        }
+    }
+}

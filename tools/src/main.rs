@@ -1,8 +1,11 @@
 //! The `crossmirror` command: wires the engine and the NBD frontend into a
 //! process, with configuration from the command line and logs via tracing.
 
+mod admin;
+mod copy_host;
 mod serve;
 mod size;
+mod status;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +22,10 @@ struct Cli {
 enum Command {
     /// Serve one volume over NBD.
     Serve(serve::ServeArgs),
+    /// Hold a copy of a production volume: receive its writes and apply them.
+    CopyHost(copy_host::CopyHostArgs),
+    /// Print a production host's mirror status (from its admin endpoint).
+    Status(status::StatusArgs),
 }
 
 fn main() {
@@ -32,6 +39,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::CopyHost(args) => copy_host::run(args),
+        Command::Status(args) => status::run(args),
     };
     if let Err(error) = result {
         eprintln!("crossmirror: error: {error:#}");

@@ -1,5 +1,6 @@
 //! `crossmirror serve`: open the volume, serve it over NBD until SIGINT or
-//! SIGTERM, then finish in-flight requests, sync and exit 0.
+//! SIGTERM, then finish in-flight requests, sync and exit 0. With
+//! `--mirror`, every write is also shipped to the named copy hosts.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,10 +8,18 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
+use engine::bitmap::{bitmap_path, WriteIntentBitmap, SLOTS_MAX};
+use engine::metadata::{load_metadata, metadata_path, production_identity};
+use engine::protocol::load_secret;
+use engine::replicator::{CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig};
 use engine::{Volume, VolumeOptions};
 use nbd_frontend::{Export, Server, ServerConfig};
 
+use crate::admin;
 use crate::size::parse_size;
+
+/// An async copy's default lag bound.
+const LAG_BYTES_MAX_DEFAULT: u64 = 64 << 20;
 
 /// Arguments of `crossmirror serve`.
 #[derive(Args, Debug)]
@@ -36,6 +45,52 @@ pub struct ServeArgs {
     /// Connections served at once.
     #[arg(long, default_value_t = 64)]
     connections_max: usize,
+    /// A copy host to ship every write to:
+    /// NAME=HOST:PORT[,mode=sync|async][,lag_bytes_max=SIZE]. Repeatable
+    /// (up to 8 copies). Sync is the default mode; an async copy's default
+    /// lag bound is 64M.
+    #[arg(long = "mirror", value_parser = parse_mirror)]
+    mirrors: Vec<CopyConfig>,
+    /// File holding the secret shared with the copy hosts (chmod 600).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Serve `GET /status` (JSON) over HTTP on this address.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// Bytes per write-intent bitmap bit (a power of two, 4K to 1G).
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    region_size: u64,
+    /// Resync bytes per second per copy; 0 means unlimited.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    resync_rate_max: u64,
+}
+
+/// Parse `NAME=HOST:PORT[,mode=sync|async][,lag_bytes_max=SIZE]`.
+fn parse_mirror(text: &str) -> Result<CopyConfig, String> {
+    let (name, rest) = text.split_once('=').ok_or("expected NAME=HOST:PORT[,mode=sync|async]")?;
+    if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(format!("copy name {name:?}: use 1 to 64 letters, digits, '-' or '_'"));
+    }
+    let mut parts = rest.split(',');
+    let address = parts.next().unwrap_or_default();
+    let address: SocketAddr =
+        address.parse().map_err(|_| format!("copy {name}: {address:?} is not an address like 127.0.0.2:7789"))?;
+    let mut config =
+        CopyConfig { name: name.to_string(), address, mode: MirrorMode::Sync, lag_bytes_max: LAG_BYTES_MAX_DEFAULT };
+    for option in parts {
+        match option.split_once('=') {
+            Some(("mode", "sync")) => config.mode = MirrorMode::Sync,
+            Some(("mode", "async")) => config.mode = MirrorMode::Async,
+            Some(("lag_bytes_max", size)) => {
+                config.lag_bytes_max =
+                    parse_size(size).map_err(|error| format!("copy {name}: lag_bytes_max: {error}"))?
+            }
+            _ => {
+                return Err(format!("copy {name}: unknown option {option:?} (use mode=sync|async, lag_bytes_max=SIZE)"))
+            }
+        }
+    }
+    Ok(config)
 }
 
 /// Run the server until a signal stops it.
@@ -46,10 +101,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Fail now, with the cause and the fix, if io_uring is unavailable,
     // rather than on the first client.
     engine::Ring::<()>::new(2)?;
+    let mirror = start_mirror(&args, &volume)?;
     let export = Export {
         name: args.export.clone(),
         description: format!("crossmirror volume {}", args.volume.display()),
         volume: volume.clone(),
+        mirror: mirror.clone(),
     };
     let config = ServerConfig { listen: args.listen, connections_max: args.connections_max, ..ServerConfig::default() };
     let server = Server::bind(config, export).with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -66,6 +123,65 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         read_only = volume.is_read_only(),
         "serving"
     );
-    server.run()?;
+    let admin = match args.admin {
+        Some(address) => Some(admin::AdminServer::start(address, mirror.clone(), volume.clone())?),
+        None => None,
+    };
+    let served = server.run();
+    if let Some(mirror) = &mirror {
+        mirror.stop();
+    }
+    drop(admin);
+    served?;
     Ok(())
+}
+
+/// Open the bitmap and the mirror state and start the replicator, when
+/// copies are configured.
+fn start_mirror(args: &ServeArgs, volume: &Arc<Volume>) -> anyhow::Result<Option<Arc<Replicator>>> {
+    if args.mirrors.is_empty() {
+        anyhow::ensure!(args.secret_file.is_none(), "--secret-file is for --mirror; no copy is configured");
+        return Ok(None);
+    }
+    anyhow::ensure!(!args.read_only, "a read-only volume has no writes to mirror; drop --read-only or --mirror");
+    anyhow::ensure!(
+        args.mirrors.len() <= SLOTS_MAX as usize,
+        "{} copies configured; at most {SLOTS_MAX} are supported",
+        args.mirrors.len()
+    );
+    for (index, copy) in args.mirrors.iter().enumerate() {
+        anyhow::ensure!(
+            !args.mirrors[..index].iter().any(|other| other.name == copy.name),
+            "copy name {} is given twice",
+            copy.name
+        );
+    }
+    anyhow::ensure!(
+        args.region_size <= 16 << 20,
+        "--region-size {} is over 16M; a resync frame carries at most one region of up to 16M",
+        args.region_size
+    );
+    let secret_file = args
+        .secret_file
+        .as_ref()
+        .context("--mirror needs --secret-file FILE, the secret shared with the copy hosts")?;
+    let secret = load_secret(secret_file)?;
+    let identity = production_identity(&args.volume, volume.size())?;
+    let generation = load_metadata(&metadata_path(&args.volume))?.map_or(1, |metadata| metadata.generation.max(1));
+    let bitmap =
+        WriteIntentBitmap::open_or_create(&bitmap_path(&args.volume), volume.size(), args.region_size, SLOTS_MAX)?;
+    let store = LocalStateFile::for_volume(&args.volume);
+    let config = ReplicatorConfig {
+        copies: args.mirrors.clone(),
+        secret,
+        identity,
+        generation,
+        epoch: 1,
+        resync_rate_max: args.resync_rate_max,
+    };
+    let replicator = Replicator::start(volume.clone(), Arc::new(bitmap), Arc::new(store), config)?;
+    for copy in &args.mirrors {
+        tracing::info!(copy = %copy.name, address = %copy.address, mode = copy.mode.as_str(), "mirroring to copy {}", copy.name);
+    }
+    Ok(Some(replicator))
 }

@@ -182,6 +182,15 @@ pub enum ReplicationError {
         /// The error from the random source.
         message: String,
     },
+    /// A socket operation with the peer failed.
+    #[error("replication connection: {action}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl ReplicationError {
@@ -200,7 +209,9 @@ impl ReplicationError {
             ReplicationError::Identity { .. } => ReplicationErrorKind::Identity,
             ReplicationError::Protocol { .. } => ReplicationErrorKind::Protocol,
             ReplicationError::Secret { .. } => ReplicationErrorKind::Secret,
-            ReplicationError::SecretIo { .. } | ReplicationError::Random { .. } => ReplicationErrorKind::Io,
+            ReplicationError::SecretIo { .. } | ReplicationError::Random { .. } | ReplicationError::Io { .. } => {
+                ReplicationErrorKind::Io
+            }
         }
     }
 

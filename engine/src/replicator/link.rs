@@ -1,0 +1,778 @@
+//! One copy's link: a thread that connects (with backoff), authenticates,
+//! resyncs the copy's dirty regions, and sends every change shipped to it;
+//! a reader thread per connection takes the copy's acknowledgements.
+//!
+//! ```text
+//!               ┌──────────── connect fails: back off 0.1 s … 2 s ◀────────────┐
+//!  disconnected ┴─▶ connect + handshake ─▶ syncing ─▶ resync pass + flush ack ─▶ up_to_date
+//!        ▲                                   ▲  async lag over the bound: behind ┘ │
+//!        └──── any error: record stale, release every waiting write ◀─────────────┘
+//! ```
+//!
+//! Clearing the bitmap: every change queued for the copy adds its regions to
+//! `touched`. A Flush takes `touched` as its snapshot; when the copy
+//! acknowledges that Flush, each snapshot region that no later change
+//! touched and no write has in flight is cleared in the copy's slot. A
+//! dropped change (copy disconnected or behind) empties `touched` and bumps
+//! `clear_epoch`, so no snapshot taken before the drop clears anything, and
+//! the next resync pass starts from the first region.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::protocol::frame::{FrameFlags, FrameHeader, FrameKind};
+use crate::protocol::{FrameDecoder, ReplicationError};
+use crate::replicator::connect::CopyConnection;
+use crate::replicator::{Change, CopyConfig, MirrorMode, RecordedState, Shared, Ticket};
+
+/// How long a connection attempt (connect and handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// First and last wait between connection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often touched regions are flushed on the copy so their bits can clear.
+const CLEAN_INTERVAL: Duration = Duration::from_millis(500);
+/// Frames taken off the queue per send round.
+const SEND_BATCH_FRAMES: usize = 64;
+/// The most resync data in one frame (adjacent dirty regions are joined).
+const RESYNC_FRAME_BYTES: u64 = 1 << 20;
+/// Resync queues more data only while less than this is queued or unacked.
+const RESYNC_WINDOW_BYTES: u64 = 8 << 20;
+/// A sync link stops taking new writes (the writer waits) past this many
+/// unacknowledged bytes, so a slow copy cannot exhaust memory.
+const SYNC_QUEUE_BYTES_MAX: u64 = 256 << 20;
+/// A heartbeat is sent after this long without any frame.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// A copy that leaves a frame unacknowledged this long, or a socket that
+/// takes no bytes this long, is declared lost (like DRBD's `timeout`): sync
+/// writes wait at most about this long for a dead copy.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a copy looks like from the production host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyState {
+    /// Connected, resynced, receiving every write.
+    UpToDate,
+    /// Connected and being resynced: not a consistent image.
+    Syncing,
+    /// Async copy past its lag bound: writes are tracked in the bitmap only
+    /// until the queue drains and a resync pass starts.
+    Behind,
+    /// Not connected; its writes are tracked in the bitmap.
+    Disconnected,
+    /// Not connected, and recording it stale failed: writes it misses
+    /// cannot be acknowledged (they get EIO) until the record succeeds.
+    Stale,
+}
+
+impl CopyState {
+    /// The state's name in status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyState::UpToDate => "up_to_date",
+            CopyState::Syncing => "syncing",
+            CopyState::Behind => "behind",
+            CopyState::Disconnected => "disconnected",
+            CopyState::Stale => "stale",
+        }
+    }
+}
+
+/// Counters of one copy, for the admin endpoint.
+#[derive(Debug, Default)]
+pub struct CopyCounters {
+    bytes_shipped: AtomicU64,
+    frames_rejected: AtomicU64,
+    resync_bytes_total: AtomicU64,
+    resync_bytes_done: AtomicU64,
+    connects: AtomicU64,
+}
+
+/// A copy's status, as `GET /status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyStatus {
+    /// Its name.
+    pub name: String,
+    /// Its replication address.
+    pub address: String,
+    /// `sync` or `async`.
+    pub mode: &'static str,
+    /// `up_to_date`, `syncing`, `behind`, `disconnected` or `stale`.
+    pub state: &'static str,
+    /// Bytes of regions whose bit is set in its slot.
+    pub dirty_bytes: u64,
+    /// Bytes the current or last resync pass set out to send.
+    pub resync_bytes_total: u64,
+    /// Bytes of it sent so far.
+    pub resync_bytes_done: u64,
+    /// Write bytes queued or sent and not yet acknowledged.
+    pub lag_bytes: u64,
+    /// Payload bytes sent to it, writes and resync.
+    pub bytes_shipped: u64,
+    /// Frames from it that were refused (corrupt, out of order, forged).
+    pub frames_rejected: u64,
+    /// Connections established so far.
+    pub connects: u64,
+}
+
+/// A frame waiting to be sent.
+#[derive(Debug)]
+struct Outgoing {
+    kind: FrameKind,
+    flags: FrameFlags,
+    offset: u64,
+    length: u32,
+    payload: Option<Arc<[u8]>>,
+    ticket: Option<Arc<Ticket>>,
+    /// Bytes counted in `lag_bytes` (writes) or `resync_bytes_outstanding`
+    /// (resync data) until it is acknowledged.
+    lag: u64,
+    /// Resync data rather than an application write.
+    resync: bool,
+    /// A Flush's snapshot of touched regions, with the clear epoch it was taken in.
+    snapshot: Option<(u64, Vec<u64>)>,
+    /// The Flush that ends a resync pass.
+    ends_resync: bool,
+}
+
+/// A frame sent and not yet acknowledged.
+#[derive(Debug)]
+struct Unacked {
+    sequence: u64,
+    kind: FrameKind,
+    ticket: Option<Arc<Ticket>>,
+    lag: u64,
+    resync: bool,
+    sent_at: Instant,
+    snapshot: Option<(u64, Vec<u64>)>,
+    ends_resync: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: CopyState,
+    /// Bumped per connection, so a reader of an old connection changes nothing.
+    connection: u64,
+    queue: VecDeque<Outgoing>,
+    unacked: VecDeque<Unacked>,
+    lag_bytes: u64,
+    resync_bytes_outstanding: u64,
+    touched: HashSet<u64>,
+    clear_epoch: u64,
+    /// The next region the resync pass looks at; `None` when no pass runs.
+    resync_next: Option<u64>,
+    /// The pass's last Flush is queued; waiting for its ack.
+    resync_flush_queued: bool,
+    last_flush: Instant,
+    /// The connection failed; the sender tears it down.
+    broken: bool,
+}
+
+/// One copy's link.
+#[derive(Debug)]
+pub(crate) struct Link {
+    config: CopyConfig,
+    slot: u32,
+    shared: Arc<Shared>,
+    inner: Mutex<Inner>,
+    /// Signalled when the sender has work or the lag shrank.
+    wake: Condvar,
+    counters: CopyCounters,
+}
+
+impl Link {
+    pub(crate) fn new(config: CopyConfig, slot: u32, shared: Arc<Shared>) -> Link {
+        Link {
+            config,
+            slot,
+            shared,
+            inner: Mutex::new(Inner {
+                state: CopyState::Disconnected,
+                connection: 0,
+                queue: VecDeque::new(),
+                unacked: VecDeque::new(),
+                lag_bytes: 0,
+                resync_bytes_outstanding: 0,
+                touched: HashSet::new(),
+                clear_epoch: 0,
+                resync_next: None,
+                resync_flush_queued: false,
+                last_flush: Instant::now(),
+                broken: false,
+            }),
+            wake: Condvar::new(),
+            counters: CopyCounters::default(),
+        }
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn wake_all(&self) {
+        let _inner = self.lock();
+        self.wake.notify_all();
+    }
+
+    pub(crate) fn status(&self) -> CopyStatus {
+        let inner = self.lock();
+        CopyStatus {
+            name: self.config.name.clone(),
+            address: self.config.address.to_string(),
+            mode: self.config.mode.as_str(),
+            state: inner.state.as_str(),
+            dirty_bytes: self.shared.bitmap.dirty_bytes(self.slot),
+            resync_bytes_total: self.counters.resync_bytes_total.load(Ordering::Relaxed),
+            resync_bytes_done: self.counters.resync_bytes_done.load(Ordering::Relaxed),
+            lag_bytes: inner.lag_bytes,
+            bytes_shipped: self.counters.bytes_shipped.load(Ordering::Relaxed),
+            frames_rejected: self.counters.frames_rejected.load(Ordering::Relaxed),
+            connects: self.counters.connects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Queue a change for this copy, or drop it (the bitmap keeps its
+    /// regions) when the copy cannot take it. A sync copy's ticket is held
+    /// until the copy acknowledges or is recorded stale.
+    pub(crate) fn ship(&self, change: &Change<'_>, payload: Option<&Arc<[u8]>>, ticket: &Arc<Ticket>) {
+        let mut inner = self.lock();
+        let sync = self.config.mode == MirrorMode::Sync;
+        // A sync copy that is far behind makes the writer wait (bounded memory).
+        while sync
+            && matches!(inner.state, CopyState::UpToDate | CopyState::Syncing)
+            && inner.lag_bytes > SYNC_QUEUE_BYTES_MAX
+            && !inner.broken
+            && !self.shared.shutdown.load(Ordering::Relaxed)
+        {
+            inner = self.wake.wait_timeout(inner, Duration::from_millis(100)).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        match inner.state {
+            CopyState::UpToDate | CopyState::Syncing => {}
+            CopyState::Behind | CopyState::Disconnected => {
+                self.dropped(&mut inner);
+                return;
+            }
+            CopyState::Stale => {
+                // The copy missed writes and is not recorded stale yet.
+                if self.shared.record(self.slot, RecordedState::Stale).is_ok() {
+                    inner.state = CopyState::Disconnected;
+                } else {
+                    ticket.fail();
+                }
+                self.dropped(&mut inner);
+                return;
+            }
+        }
+        let lag = match change {
+            Change::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        };
+        if self.config.mode == MirrorMode::Async
+            && change.extent().is_some()
+            && inner.lag_bytes + lag > self.config.lag_bytes_max
+        {
+            match self.shared.record(self.slot, RecordedState::Stale) {
+                Ok(()) => tracing::warn!(
+                    copy = %self.config.name,
+                    lag_bytes = inner.lag_bytes,
+                    lag_bytes_max = self.config.lag_bytes_max,
+                    "copy {} is behind: more than lag_bytes_max unacknowledged; tracking its writes in the bitmap \
+                     and resyncing it once it catches up",
+                    self.config.name
+                ),
+                Err(error) => tracing::error!(copy = %self.config.name, %error, "cannot record the copy stale"),
+            }
+            inner.state = CopyState::Behind;
+            self.dropped(&mut inner);
+            return;
+        }
+        let (kind, flags, offset, length) = match *change {
+            Change::Write { offset, data, fua } => (FrameKind::Write, fua_flag(fua), offset, data.len() as u32),
+            Change::Trim { offset, length, fua } => (FrameKind::Trim, fua_flag(fua), offset, length as u32),
+            Change::WriteZeroes { offset, length, fua } => {
+                (FrameKind::WriteZeroes, fua_flag(fua), offset, length as u32)
+            }
+            Change::Flush => (FrameKind::Flush, FrameFlags::NONE, 0, 0),
+        };
+        if let Some((offset, len)) = change.extent() {
+            for region in self.shared.regions(offset, len) {
+                inner.touched.insert(region);
+            }
+        }
+        let ticket = sync.then(|| {
+            ticket.remaining.fetch_add(1, Ordering::AcqRel);
+            ticket.clone()
+        });
+        let snapshot = (kind == FrameKind::Flush).then(|| take_snapshot(&mut inner));
+        inner.lag_bytes += lag;
+        inner.queue.push_back(Outgoing {
+            kind,
+            flags,
+            offset,
+            length,
+            payload: payload.cloned(),
+            ticket,
+            lag,
+            resync: false,
+            snapshot,
+            ends_resync: false,
+        });
+        self.wake.notify_all();
+    }
+
+    /// A change this copy will not get: its bits must stay set.
+    fn dropped(&self, inner: &mut Inner) {
+        inner.touched.clear();
+        inner.clear_epoch += 1;
+    }
+
+    /// The link thread: connect, serve the connection, tear down, repeat.
+    pub(crate) fn run(self: Arc<Self>) {
+        let mut backoff = BACKOFF_MIN;
+        let mut last_error = String::new();
+        while !self.shared.shutdown.load(Ordering::Relaxed) {
+            let connected = CopyConnection::connect(
+                self.config.address,
+                &self.shared.secret,
+                self.shared.identity,
+                CONNECT_TIMEOUT,
+                ACK_TIMEOUT,
+            );
+            let connection = match connected {
+                Ok(connection) => connection,
+                Err(error) => {
+                    let message = error.to_string();
+                    if message != last_error {
+                        tracing::warn!(copy = %self.config.name, address = %self.config.address, %error,
+                            "cannot connect to copy {}: {error}; retrying with backoff", self.config.name);
+                        last_error = message;
+                    }
+                    self.sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            backoff = BACKOFF_MIN;
+            last_error.clear();
+            self.counters.connects.fetch_add(1, Ordering::Relaxed);
+            self.serve(connection);
+        }
+        self.teardown("shutting down");
+    }
+
+    fn sleep(&self, duration: Duration) {
+        let inner = self.lock();
+        if !self.shared.shutdown.load(Ordering::Relaxed) {
+            let _ = self.wake.wait_timeout(inner, duration);
+        }
+    }
+
+    fn serve(self: &Arc<Self>, mut connection: CopyConnection) {
+        let generation = {
+            let mut inner = self.lock();
+            if let Err(error) = self.shared.record(self.slot, RecordedState::Syncing) {
+                tracing::error!(copy = %self.config.name, %error, "cannot record the copy syncing; dropping the connection");
+                return;
+            }
+            inner.connection += 1;
+            inner.state = CopyState::Syncing;
+            inner.broken = false;
+            self.start_resync_pass(&mut inner);
+            inner.connection
+        };
+        tracing::info!(
+            copy = %self.config.name,
+            address = %self.config.address,
+            session = format_args!("{:#018x}", connection.session().id),
+            dirty_bytes = self.shared.bitmap.dirty_bytes(self.slot),
+            "connected to copy {}; resyncing its dirty regions",
+            self.config.name
+        );
+        let reader = match connection.stream().try_clone() {
+            Ok(stream) => {
+                let link = self.clone();
+                let session = connection.session().id;
+                std::thread::Builder::new()
+                    .name(format!("acks-{}", self.config.name))
+                    .spawn(move || link.read_acks(stream, session, generation))
+                    .ok()
+            }
+            Err(_) => None,
+        };
+        if reader.is_none() {
+            tracing::error!(copy = %self.config.name, "cannot start the acknowledgement reader; dropping the connection");
+        } else {
+            self.send_loop(&mut connection);
+        }
+        let _ = connection.stream().shutdown(Shutdown::Both);
+        if let Some(reader) = reader {
+            let _ = reader.join();
+        }
+        self.teardown("the connection ended");
+    }
+
+    fn start_resync_pass(&self, inner: &mut Inner) {
+        inner.resync_next = Some(0);
+        inner.resync_flush_queued = false;
+        let total = self.shared.bitmap.dirty_bytes(self.slot);
+        self.counters.resync_bytes_total.store(total, Ordering::Relaxed);
+        self.counters.resync_bytes_done.store(0, Ordering::Relaxed);
+    }
+
+    /// Record the copy stale and release everything waiting on it.
+    fn teardown(&self, why: &str) {
+        let mut inner = self.lock();
+        let waiting = inner.queue.len() + inner.unacked.len();
+        let was = inner.state;
+        let recorded = self.shared.record(self.slot, RecordedState::Stale);
+        let result = match &recorded {
+            Ok(()) => 0,
+            Err(error) => {
+                tracing::error!(copy = %self.config.name, %error,
+                    "cannot record copy {} stale; writes it misses get EIO until the record succeeds", self.config.name);
+                -libc::EIO
+            }
+        };
+        inner.state = if recorded.is_ok() { CopyState::Disconnected } else { CopyState::Stale };
+        for outgoing in std::mem::take(&mut inner.queue) {
+            if let Some(ticket) = outgoing.ticket {
+                ticket.release(result);
+            }
+        }
+        for unacked in std::mem::take(&mut inner.unacked) {
+            if let Some(ticket) = unacked.ticket {
+                ticket.release(result);
+            }
+        }
+        inner.lag_bytes = 0;
+        inner.resync_bytes_outstanding = 0;
+        inner.resync_next = None;
+        inner.broken = false;
+        inner.connection += 1;
+        self.dropped(&mut inner);
+        self.wake.notify_all();
+        if was != CopyState::Disconnected {
+            tracing::warn!(copy = %self.config.name, waiting, "copy {} disconnected ({why}); recorded stale; \
+                its writes are tracked in the bitmap until it reconnects", self.config.name);
+        }
+    }
+
+    /// Send queued frames, resync data and periodic flushes until the
+    /// connection breaks or the replicator stops.
+    fn send_loop(&self, connection: &mut CopyConnection) {
+        let mut batch: Vec<(FrameHeader, Option<Arc<[u8]>>)> = Vec::with_capacity(SEND_BATCH_FRAMES);
+        let mut last_sent = Instant::now();
+        let mut resync_started = Instant::now();
+        let mut resync_sent: u64 = 0;
+        loop {
+            {
+                let mut inner = self.lock();
+                loop {
+                    if inner.broken || self.shared.shutdown.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if !inner.queue.is_empty() {
+                        break;
+                    }
+                    if inner.state == CopyState::Behind && inner.unacked.is_empty() {
+                        tracing::info!(copy = %self.config.name, "copy {} caught up with its queue; resyncing the writes it missed", self.config.name);
+                        inner.state = CopyState::Syncing;
+                        self.start_resync_pass(&mut inner);
+                        resync_started = Instant::now();
+                        resync_sent = 0;
+                    }
+                    if let Some(unacked) = inner.unacked.front() {
+                        if unacked.sent_at.elapsed() > ACK_TIMEOUT {
+                            tracing::warn!(copy = %self.config.name, sequence = unacked.sequence,
+                                "copy {} left a {:?} frame unacknowledged for over {} s; dropping the connection",
+                                self.config.name, unacked.kind, ACK_TIMEOUT.as_secs());
+                            return;
+                        }
+                    }
+                    if inner.resync_next.is_some()
+                        && inner.lag_bytes + inner.resync_bytes_outstanding < self.resync_window()
+                    {
+                        let pause = self.resync_pause(resync_started, resync_sent);
+                        if pause.is_zero() {
+                            match self.queue_resync(&mut inner) {
+                                Ok(sent) => {
+                                    resync_sent += sent;
+                                    continue;
+                                }
+                                Err(error) => {
+                                    tracing::error!(copy = %self.config.name, %error, "resync cannot read the local volume; dropping the connection");
+                                    return;
+                                }
+                            }
+                        }
+                        inner = self.wake.wait_timeout(inner, pause).unwrap_or_else(PoisonError::into_inner).0;
+                        continue;
+                    }
+                    let flush_due = !inner.touched.is_empty() && inner.last_flush.elapsed() >= CLEAN_INTERVAL;
+                    if flush_due {
+                        self.queue_flush(&mut inner, false);
+                        break;
+                    }
+                    if last_sent.elapsed() >= HEARTBEAT_INTERVAL {
+                        break;
+                    }
+                    inner = self.wake.wait_timeout(inner, CLEAN_INTERVAL / 2).unwrap_or_else(PoisonError::into_inner).0;
+                }
+                let generation = self.shared.generation;
+                let epoch = self.shared.epoch;
+                if inner.queue.is_empty() {
+                    // Nothing to send for a while: a heartbeat keeps the path checked.
+                    let header = connection.header(FrameKind::Heartbeat, FrameFlags::NONE, generation, epoch);
+                    batch.push((header, None));
+                }
+                while batch.len() < SEND_BATCH_FRAMES {
+                    let Some(outgoing) = inner.queue.pop_front() else { break };
+                    let mut header = connection.header(outgoing.kind, outgoing.flags, generation, epoch);
+                    header.offset = outgoing.offset;
+                    header.length = outgoing.length;
+                    header.payload_len = outgoing.payload.as_ref().map_or(0, |payload| payload.len() as u32);
+                    inner.unacked.push_back(Unacked {
+                        sequence: header.sequence,
+                        kind: outgoing.kind,
+                        ticket: outgoing.ticket,
+                        lag: outgoing.lag,
+                        resync: outgoing.resync,
+                        sent_at: Instant::now(),
+                        snapshot: outgoing.snapshot,
+                        ends_resync: outgoing.ends_resync,
+                    });
+                    batch.push((header, outgoing.payload));
+                }
+            }
+            for (header, payload) in batch.drain(..) {
+                let payload = payload.as_deref().unwrap_or(&[]);
+                if let Err(error) = connection.send(&header, payload) {
+                    tracing::warn!(copy = %self.config.name, %error, "sending to copy {} failed", self.config.name);
+                    return;
+                }
+                self.counters.bytes_shipped.fetch_add(payload.len() as u64, Ordering::Relaxed);
+            }
+            last_sent = Instant::now();
+        }
+    }
+
+    /// Resync bytes in flight at most: an async copy's resync stays well
+    /// inside its lag bound, so application writes never push it behind.
+    fn resync_window(&self) -> u64 {
+        match self.config.mode {
+            MirrorMode::Sync => RESYNC_WINDOW_BYTES,
+            MirrorMode::Async => RESYNC_WINDOW_BYTES.min(self.config.lag_bytes_max / 2).max(1),
+        }
+    }
+
+    /// How long resync must wait to stay under `resync_rate_max`.
+    fn resync_pause(&self, started: Instant, sent: u64) -> Duration {
+        let rate = self.shared.resync_rate_max;
+        if rate == 0 {
+            return Duration::ZERO;
+        }
+        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+        due.saturating_sub(started.elapsed())
+    }
+
+    /// Queue the next dirty region's data, or the pass's closing Flush.
+    /// Runs under the link lock, so no write to the region is shipped
+    /// between the read and the queueing. Returns the bytes queued.
+    fn queue_resync(&self, inner: &mut Inner) -> std::io::Result<u64> {
+        let next = inner.resync_next.expect("a pass is running");
+        let region_bytes = self.shared.bitmap.region_bytes();
+        let region = self.shared.bitmap.dirty_regions(self.slot).find(|region| *region >= next);
+        let Some(region) = region else {
+            inner.resync_next = None;
+            if !inner.resync_flush_queued {
+                inner.resync_flush_queued = true;
+                self.queue_flush(inner, true);
+            }
+            return Ok(0);
+        };
+        // Adjacent dirty regions travel together, up to RESYNC_FRAME_BYTES.
+        let regions_max = (RESYNC_FRAME_BYTES / region_bytes).max(1);
+        let mut end = region + 1;
+        while end < self.shared.bitmap.region_count()
+            && end - region < regions_max
+            && self.shared.bitmap.is_set(self.slot, end)
+        {
+            end += 1;
+        }
+        let size = self.shared.volume.size();
+        let offset = region * region_bytes;
+        let length = (end * region_bytes).min(size) - offset;
+        let data: Arc<[u8]> = Arc::from(self.shared.volume.read_synchronously(offset, length)?);
+        inner.touched.extend(region..end);
+        inner.resync_bytes_outstanding += length;
+        inner.resync_next = Some(end);
+        inner.queue.push_back(Outgoing {
+            kind: FrameKind::ResyncData,
+            flags: FrameFlags::NONE,
+            offset,
+            length: length as u32,
+            payload: Some(data),
+            ticket: None,
+            lag: length,
+            resync: true,
+            snapshot: None,
+            ends_resync: false,
+        });
+        self.counters.resync_bytes_done.fetch_add(length, Ordering::Relaxed);
+        Ok(length)
+    }
+
+    fn queue_flush(&self, inner: &mut Inner, ends_resync: bool) {
+        let snapshot = take_snapshot(inner);
+        inner.queue.push_back(Outgoing {
+            kind: FrameKind::Flush,
+            flags: FrameFlags::NONE,
+            offset: 0,
+            length: 0,
+            payload: None,
+            ticket: None,
+            lag: 0,
+            resync: false,
+            snapshot: Some(snapshot),
+            ends_resync,
+        });
+    }
+
+    /// The reader thread: take acknowledgements in order until the stream
+    /// ends or carries something wrong.
+    fn read_acks(self: Arc<Self>, mut stream: TcpStream, session: u64, connection: u64) {
+        let mut decoder = FrameDecoder::new();
+        let mut buffer = vec![0u8; 64 << 10];
+        let why = loop {
+            let frame = match decoder.pop() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => match std::io::Read::read(&mut stream, &mut buffer) {
+                    Ok(0) => break "the copy host closed the connection".to_string(),
+                    Ok(received) => {
+                        if let Err(error) = decoder.push(&buffer[..received]) {
+                            break self.rejected(&error);
+                        }
+                        continue;
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(error) => break format!("reading acknowledgements failed: {error}"),
+                },
+                Err(error) => break self.rejected(&error),
+            };
+            if let Err(error) = self.on_ack(&frame.header, session, connection) {
+                break self.rejected(&error);
+            }
+        };
+        let mut inner = self.lock();
+        if inner.connection == connection {
+            if !self.shared.shutdown.load(Ordering::Relaxed) {
+                tracing::warn!(copy = %self.config.name, "connection to copy {} lost: {why}", self.config.name);
+            }
+            inner.broken = true;
+            self.wake.notify_all();
+        }
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+
+    fn rejected(&self, error: &ReplicationError) -> String {
+        let total = self.counters.frames_rejected.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(copy = %self.config.name, kind = ?error.kind(), frames_rejected = total,
+            "refused a frame from copy {}: {error}", self.config.name);
+        format!("refused a frame: {error}")
+    }
+
+    fn on_ack(&self, header: &FrameHeader, session: u64, connection: u64) -> Result<(), ReplicationError> {
+        if header.session != session {
+            return Err(ReplicationError::WrongSession {
+                kind: header.kind,
+                received: header.session,
+                expected: session,
+            });
+        }
+        if header.kind == FrameKind::Heartbeat {
+            return Ok(());
+        }
+        if !matches!(header.kind, FrameKind::WriteAck | FrameKind::FlushAck) {
+            return Err(ReplicationError::Protocol {
+                message: format!("a copy host sends only acknowledgements, not {:?} frames", header.kind),
+            });
+        }
+        let mut inner = self.lock();
+        if inner.connection != connection {
+            return Ok(());
+        }
+        let Some(front) = inner.unacked.front() else {
+            return Err(ReplicationError::Protocol {
+                message: format!(
+                    "{:?} for sequence {} acknowledges nothing that was sent",
+                    header.kind, header.sequence
+                ),
+            });
+        };
+        let expected_kind = if front.kind == FrameKind::Flush { FrameKind::FlushAck } else { FrameKind::WriteAck };
+        if front.sequence != header.sequence || header.kind != expected_kind {
+            return Err(ReplicationError::Protocol {
+                message: format!(
+                    "{:?} for sequence {} arrived, but the oldest unacknowledged frame is {:?} sequence {}",
+                    header.kind, header.sequence, front.kind, front.sequence
+                ),
+            });
+        }
+        let acked = inner.unacked.pop_front().expect("front exists");
+        if acked.resync {
+            inner.resync_bytes_outstanding -= acked.lag;
+        } else {
+            inner.lag_bytes -= acked.lag;
+        }
+        if let Some(ticket) = acked.ticket {
+            ticket.release(0);
+        }
+        if let Some((epoch, regions)) = acked.snapshot {
+            if epoch == inner.clear_epoch {
+                let inflight = self.shared.inflight();
+                for region in regions {
+                    if !inner.touched.contains(&region) && !inflight.contains_key(&region) {
+                        self.shared.bitmap.clear(self.slot, region);
+                    }
+                }
+            }
+        }
+        if acked.ends_resync && inner.state == CopyState::Syncing && inner.resync_next.is_none() {
+            let dirty = self.shared.bitmap.dirty_bytes(self.slot);
+            match self.shared.record(self.slot, RecordedState::Current) {
+                Ok(()) => {
+                    inner.state = CopyState::UpToDate;
+                    tracing::info!(copy = %self.config.name, dirty_bytes = dirty,
+                        resync_bytes = self.counters.resync_bytes_done.load(Ordering::Relaxed),
+                        "copy {} is up to date", self.config.name);
+                }
+                Err(error) => {
+                    tracing::error!(copy = %self.config.name, %error, "cannot record the copy current; resyncing again");
+                    self.start_resync_pass(&mut inner);
+                }
+            }
+        }
+        self.wake.notify_all();
+        Ok(())
+    }
+}
+
+fn fua_flag(fua: bool) -> FrameFlags {
+    if fua {
+        FrameFlags::FUA
+    } else {
+        FrameFlags::NONE
+    }
+}
+
+fn take_snapshot(inner: &mut Inner) -> (u64, Vec<u64>) {
+    inner.last_flush = Instant::now();
+    (inner.clear_epoch, inner.touched.drain().collect())
+}

@@ -1,0 +1,480 @@
+//! The production side of mirroring: ship every change of the volume to each
+//! copy host, wait for the sync copies, track what each copy misses in the
+//! write-intent bitmap, and resync it.
+//!
+//! ```text
+//!  NBD write ─▶ begin_write (bitmap mark, durable) ─▶ local write (io_uring) ─▶ ship ─┬─▶ link "east" (sync)  ─TCP─▶ copy host
+//!                                                                                    └─▶ link "west" (async) ─TCP─▶ copy host
+//!  reply ◀── Completions (eventfd) ◀── every sync copy acknowledged (or was durably recorded stale)
+//! ```
+//!
+//! Ordering: a change is shipped only after its local write completed, and
+//! every link sends in the order changes were shipped. A write acknowledged
+//! to the client before another was issued was therefore shipped before it,
+//! and each copy applies frames in arrival order: copies stay
+//! crash-consistent (DESIGN.md §4, invariant 5). Overlapping writes are
+//! serialised by the volume's range locks, which the frontend holds until
+//! the change is shipped, so every copy sees them in the order the local
+//! store did.
+//!
+//! Resync reads a region from the local store and queues it under the
+//! link's lock, the same lock `ship` queues under. A write to that region
+//! either completed before the read (the read sees it) or is shipped after
+//! the resync data (and overwrites it on the copy): resync never puts back
+//! older data over a newer write.
+//!
+//! The bitmap: every write marks its regions in every copy's slot before it
+//! is issued. A copy's bit is cleared when a Flush sent after the region's
+//! last write to that copy is acknowledged and no write to the region is in
+//! flight or was shipped since (see [`link`]). A write a link drops (the
+//! copy is disconnected or too far behind) keeps its bit and stops every
+//! pending clear of that link, so the bitmap over-approximates (invariant 6).
+//!
+//! Mirror state: a copy that misses a write is recorded `stale` through the
+//! [`MirrorStateStore`] before any write it missed is acknowledged
+//! (invariant 3); it becomes `current` again when a resync pass and the flush
+//! after it are acknowledged.
+
+pub mod connect;
+mod link;
+pub mod state;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+
+use crate::bitmap::{BitmapError, WriteIntentBitmap};
+use crate::protocol::auth::VolumeIdentity;
+use crate::protocol::Secret;
+use crate::volume::Volume;
+
+use link::Link;
+pub use link::{CopyState, CopyStatus, ACK_TIMEOUT};
+pub use state::{CopyRecord, LocalStateFile, MirrorStateStore, RecordedState, StateError};
+
+/// How a copy's acknowledgement gates the client's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MirrorMode {
+    /// A write is acknowledged once this copy has it too.
+    Sync,
+    /// A write is acknowledged after the local write; the copy lags by at
+    /// most `lag_bytes_max` before it goes `behind` and is resynced.
+    Async,
+}
+
+impl MirrorMode {
+    /// The mode's name on the command line and in status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorMode::Sync => "sync",
+            MirrorMode::Async => "async",
+        }
+    }
+}
+
+/// One copy, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyConfig {
+    /// A short name: letters, digits, `-` and `_`.
+    pub name: String,
+    /// The copy host's replication address.
+    pub address: SocketAddr,
+    /// Sync or async.
+    pub mode: MirrorMode,
+    /// Async only: bytes shipped but not yet acknowledged before the copy
+    /// goes `behind`.
+    pub lag_bytes_max: u64,
+}
+
+/// Everything the replicator needs besides the volume and its bitmap.
+#[derive(Debug)]
+pub struct ReplicatorConfig {
+    /// The copies, at most the bitmap's slot count.
+    pub copies: Vec<CopyConfig>,
+    /// The secret shared with every copy host.
+    pub secret: Secret,
+    /// The volume's identity, offered in every handshake.
+    pub identity: VolumeIdentity,
+    /// The volume's generation, carried by every frame.
+    pub generation: u64,
+    /// The fencing epoch, carried by every frame.
+    pub epoch: u64,
+    /// Resync bytes per second per copy; 0 means unlimited.
+    pub resync_rate_max: u64,
+}
+
+/// A change to ship, after its local write completed.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// `data` was written at `offset`.
+    Write {
+        /// Volume offset in bytes.
+        offset: u64,
+        /// The bytes written.
+        data: &'a [u8],
+        /// Force unit access: durable on the copies before their ack.
+        fua: bool,
+    },
+    /// `length` bytes at `offset` were trimmed.
+    Trim {
+        /// Volume offset in bytes.
+        offset: u64,
+        /// Length in bytes.
+        length: u64,
+        /// Durable on the copies before their ack.
+        fua: bool,
+    },
+    /// `length` bytes at `offset` were zeroed.
+    WriteZeroes {
+        /// Volume offset in bytes.
+        offset: u64,
+        /// Length in bytes.
+        length: u64,
+        /// Durable on the copies before their ack.
+        fua: bool,
+    },
+    /// Make everything shipped so far durable on every copy.
+    Flush,
+}
+
+impl Change<'_> {
+    /// The extent the change touches; `None` for a flush.
+    fn extent(&self) -> Option<(u64, u64)> {
+        match *self {
+            Change::Write { offset, data, .. } => Some((offset, data.len() as u64)),
+            Change::Trim { offset, length, .. } | Change::WriteZeroes { offset, length, .. } => Some((offset, length)),
+            Change::Flush => None,
+        }
+    }
+}
+
+/// Whether a shipped change may be acknowledged now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shipped {
+    /// Now, with this result (0 or a negative errno).
+    Done(i32),
+    /// Later: its id arrives through the [`Completions`] it was shipped with.
+    Pending,
+}
+
+/// Where shipped changes that waited for copies are reported: a queue and an
+/// eventfd that an event loop (an io_uring read) waits on.
+#[derive(Debug)]
+pub struct Completions {
+    eventfd: OwnedFd,
+    done: Mutex<Vec<(u64, i32)>>,
+}
+
+impl Completions {
+    /// A new, empty queue with its eventfd.
+    pub fn new() -> std::io::Result<Arc<Completions>> {
+        // SAFETY: eventfd takes an initial value and flags; no memory.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: eventfd returned a new descriptor that nothing else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Arc::new(Completions { eventfd, done: Mutex::new(Vec::new()) }))
+    }
+
+    /// The eventfd; readable (an 8-byte counter) when completions are queued.
+    pub fn fd(&self) -> RawFd {
+        self.eventfd.as_raw_fd()
+    }
+
+    /// Move every queued completion (id, result) into `out`.
+    pub fn take(&self, out: &mut Vec<(u64, i32)>) {
+        out.append(&mut self.done.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    fn push(&self, id: u64, result: i32) {
+        self.done.lock().unwrap_or_else(PoisonError::into_inner).push((id, result));
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A full
+        // counter (EAGAIN) still leaves it readable, which is all we need.
+        let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// One shipped change that sync copies must acknowledge: counts the links
+/// still holding it; the last one reports it.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    remaining: AtomicUsize,
+    result: AtomicI32,
+    completions: Arc<Completions>,
+    id: u64,
+}
+
+impl Ticket {
+    /// Fail the change without holding it: a copy missed it and could not
+    /// be recorded stale.
+    pub(crate) fn fail(&self) {
+        self.result.store(-libc::EIO, Ordering::Relaxed);
+    }
+
+    /// This holder is done with it; `result` is 0 or a negative errno.
+    pub(crate) fn release(&self, result: i32) {
+        if result != 0 {
+            self.result.store(result, Ordering::Relaxed);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.completions.push(self.id, self.result.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// What the replicator and its links share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) volume: Arc<Volume>,
+    pub(crate) bitmap: Arc<WriteIntentBitmap>,
+    pub(crate) secret: Secret,
+    pub(crate) identity: VolumeIdentity,
+    pub(crate) generation: u64,
+    pub(crate) epoch: u64,
+    pub(crate) resync_rate_max: u64,
+    /// Per region: writes marked whose change is not shipped yet. A region
+    /// with writes in flight is never cleared.
+    pub(crate) inflight: Mutex<HashMap<u64, u32>>,
+    store: Arc<dyn MirrorStateStore>,
+    records: Mutex<Vec<CopyRecord>>,
+    pub(crate) shutdown: AtomicBool,
+}
+
+impl Shared {
+    pub(crate) fn inflight(&self) -> MutexGuard<'_, HashMap<u64, u32>> {
+        self.inflight.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Record `state` for the copy in `slot`, durably.
+    pub(crate) fn record(&self, slot: u32, state: RecordedState) -> Result<(), StateError> {
+        let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        let record = records.iter_mut().find(|record| record.slot == slot).expect("every link has a record");
+        if record.state == state {
+            return Ok(());
+        }
+        let before = record.state;
+        record.state = state;
+        let result = self.store.store(&records);
+        if result.is_err() {
+            records.iter_mut().find(|record| record.slot == slot).expect("found above").state = before;
+        }
+        result
+    }
+
+    /// The regions `len` bytes at `offset` touch.
+    pub(crate) fn regions(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        let region = self.bitmap.region_bytes();
+        if len == 0 {
+            return 0..0;
+        }
+        offset / region..(offset + len - 1) / region + 1
+    }
+}
+
+/// The production host's replicator: one link per copy.
+pub struct Replicator {
+    shared: Arc<Shared>,
+    links: Vec<Arc<Link>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for Replicator {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.debug_struct("Replicator").field("copies", &self.links.len()).finish()
+    }
+}
+
+/// Why the replicator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The mirror state could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The bitmap could not be flushed.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+}
+
+impl Replicator {
+    /// Start replicating `volume` to the configured copies. Every copy is
+    /// recorded `stale` durably before this returns (none is connected yet,
+    /// so none has the writes to come); a copy the state store has never
+    /// seen gets a bitmap slot with every bit set (a full initial sync).
+    pub fn start(
+        volume: Arc<Volume>,
+        bitmap: Arc<WriteIntentBitmap>,
+        store: Arc<dyn MirrorStateStore>,
+        config: ReplicatorConfig,
+    ) -> Result<Arc<Replicator>, StartError> {
+        let slots = bitmap.slots();
+        if config.copies.len() > slots as usize {
+            return Err(StartError::Config(format!(
+                "{} copies configured, but the bitmap {} has {slots} slots",
+                config.copies.len(),
+                bitmap.path().display()
+            )));
+        }
+        let mut records = store.load()?;
+        records.retain(|record| config.copies.iter().any(|copy| copy.name == record.name));
+        let mut assigned = Vec::new();
+        for copy in &config.copies {
+            if let Some(record) = records.iter_mut().find(|record| record.name == copy.name) {
+                if record.slot >= slots {
+                    return Err(StartError::Config(format!(
+                        "the mirror state puts copy {} in bitmap slot {}, but the bitmap has {slots} slots",
+                        copy.name, record.slot
+                    )));
+                }
+                record.state = RecordedState::Stale;
+                assigned.push(record.slot);
+                continue;
+            }
+            let slot = (0..slots)
+                .find(|slot| !records.iter().any(|record| record.slot == *slot))
+                .expect("fewer copies than slots");
+            bitmap.set_all(slot);
+            tracing::info!(copy = %copy.name, slot, "new copy {}: it gets a full initial sync", copy.name);
+            records.push(CopyRecord {
+                name: copy.name.clone(),
+                slot,
+                state: RecordedState::Stale,
+                generation: config.generation,
+            });
+            assigned.push(slot);
+        }
+        bitmap.flush()?;
+        store.store(&records)?;
+        let shared = Arc::new(Shared {
+            volume,
+            bitmap,
+            secret: config.secret,
+            identity: config.identity,
+            generation: config.generation,
+            epoch: config.epoch,
+            resync_rate_max: config.resync_rate_max,
+            inflight: Mutex::new(HashMap::new()),
+            store,
+            records: Mutex::new(records),
+            shutdown: AtomicBool::new(false),
+        });
+        let links: Vec<Arc<Link>> = config
+            .copies
+            .into_iter()
+            .zip(assigned)
+            .map(|(copy, slot)| Arc::new(Link::new(copy, slot, shared.clone())))
+            .collect();
+        let mut threads = Vec::new();
+        for link in &links {
+            let link = link.clone();
+            let name = format!("link-{}", link.name());
+            let thread = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || link.run())
+                .map_err(|error| StartError::Config(format!("cannot start a link thread: {error}")))?;
+            threads.push(thread);
+        }
+        Ok(Arc::new(Replicator { shared, links, threads: Mutex::new(threads) }))
+    }
+
+    /// Before a write-like change is issued locally: mark its regions in the
+    /// bitmap, durably, and count it in flight. Every call is followed by
+    /// exactly one [`Replicator::ship`] or [`Replicator::abandon`] of the same
+    /// extent.
+    pub fn begin_write(&self, offset: u64, len: u64) -> Result<(), BitmapError> {
+        {
+            let mut inflight = self.shared.inflight();
+            for region in self.shared.regions(offset, len) {
+                *inflight.entry(region).or_insert(0) += 1;
+            }
+        }
+        if self.shared.bitmap.mark(offset, len) {
+            if let Err(error) = self.shared.bitmap.flush() {
+                self.abandon(offset, len);
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// The local write of an extent begun with [`Replicator::begin_write`]
+    /// failed: nothing is shipped; its regions stay marked.
+    pub fn abandon(&self, offset: u64, len: u64) {
+        self.end_inflight(offset, len);
+    }
+
+    /// Ship a change whose local part completed. For a write-like change
+    /// this ends its in-flight count (the caller still holds its range
+    /// lock). Returns whether it may be acknowledged now or must wait for
+    /// `id` on `completions`.
+    pub fn ship(&self, change: Change<'_>, completions: &Arc<Completions>, id: u64) -> Shipped {
+        let ticket = Arc::new(Ticket {
+            remaining: AtomicUsize::new(1),
+            result: AtomicI32::new(0),
+            completions: completions.clone(),
+            id,
+        });
+        let payload: Option<Arc<[u8]>> = match change {
+            Change::Write { data, .. } => Some(Arc::from(data)),
+            _ => None,
+        };
+        for link in &self.links {
+            link.ship(&change, payload.as_ref(), &ticket);
+        }
+        if let Some((offset, len)) = change.extent() {
+            self.end_inflight(offset, len);
+        }
+        // Release our own hold; if the links are all done already, answer now.
+        if ticket.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            return Shipped::Done(ticket.result.load(Ordering::Relaxed));
+        }
+        Shipped::Pending
+    }
+
+    fn end_inflight(&self, offset: u64, len: u64) {
+        let mut inflight = self.shared.inflight();
+        for region in self.shared.regions(offset, len) {
+            if let Some(count) = inflight.get_mut(&region) {
+                *count -= 1;
+                if *count == 0 {
+                    inflight.remove(&region);
+                }
+            }
+        }
+    }
+
+    /// Every copy's status, in configuration order.
+    pub fn status(&self) -> Vec<CopyStatus> {
+        self.links.iter().map(|link| link.status()).collect()
+    }
+
+    /// The bitmap's region size in bytes.
+    pub fn region_bytes(&self) -> u64 {
+        self.shared.bitmap.region_bytes()
+    }
+
+    /// Stop every link: connections close, queued changes are dropped (their
+    /// copies are already recorded stale), threads are joined, the bitmap
+    /// is written out.
+    pub fn stop(&self) {
+        self.shared.shutdown.store(true, Ordering::Relaxed);
+        for link in &self.links {
+            link.wake_all();
+        }
+        for thread in std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner)) {
+            let _ = thread.join();
+        }
+        if let Err(error) = self.shared.bitmap.sync_all() {
+            tracing::warn!(%error, "could not write the bitmap out on shutdown; the next start resyncs a little more");
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The mirror state: for each copy of a volume, whether it holds the volume
+//! (`current`), has missed writes (`stale`) or is being resynced
+//! (`syncing`), and which bitmap slot tracks its differences.
+//!
+//! The replicator reads and writes it only through [`MirrorStateStore`], so
+//! that the group layer can keep it on quorum storage later (DESIGN.md §6);
+//! here it lives next to the volume in `<volume>.cmcopies`, a small text
+//! file replaced atomically and durably on every change:
+//!
+//! ```text
+//!  crossmirror-copies 1
+//!  copy east slot 0 state current generation 1
+//!  copy west slot 1 state stale generation 1
+//!  crc 1c291ca3
+//! ```
+//!
+//! The last line is the CRC32 of every byte before it, so a damaged file is
+//! refused rather than read as a copy being current (invariant 2).
+
+use std::fmt::Write as _;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::metadata::replace_file_durably;
+
+/// The suffix appended to a volume's path to name its mirror-state file.
+pub const STATE_FILE_SUFFIX: &str = ".cmcopies";
+const HEADER_LINE: &str = "crossmirror-copies 1";
+
+/// What the mirror state records about one copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordedState {
+    /// The copy has every acknowledged write (sync) or a consistent prefix
+    /// of them (async) and may be promoted.
+    Current,
+    /// The copy missed writes; it must be resynced before it is used.
+    Stale,
+    /// The copy is being resynced: not a consistent image, never promoted.
+    Syncing,
+}
+
+impl RecordedState {
+    fn as_str(self) -> &'static str {
+        match self {
+            RecordedState::Current => "current",
+            RecordedState::Stale => "stale",
+            RecordedState::Syncing => "syncing",
+        }
+    }
+
+    fn parse(text: &str) -> Option<RecordedState> {
+        match text {
+            "current" => Some(RecordedState::Current),
+            "stale" => Some(RecordedState::Stale),
+            "syncing" => Some(RecordedState::Syncing),
+            _ => None,
+        }
+    }
+}
+
+/// One copy's record.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CopyRecord {
+    /// The copy's name, as given on the command line.
+    pub name: String,
+    /// The write-intent bitmap slot that tracks this copy.
+    pub slot: u32,
+    /// Its state.
+    pub state: RecordedState,
+    /// The volume generation the record was made in.
+    pub generation: u64,
+}
+
+/// A mirror-state error: the file, what was being done, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("mirror state {path}: {message}")]
+pub struct StateError {
+    /// The state file (or the quorum key, for other stores).
+    pub path: PathBuf,
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+/// Where the mirror state lives. Implementations store durably: when
+/// [`MirrorStateStore::store`] returns, a crash of this host keeps the
+/// records.
+pub trait MirrorStateStore: Send + Sync + std::fmt::Debug {
+    /// Every copy's record; empty when nothing was stored yet.
+    fn load(&self) -> Result<Vec<CopyRecord>, StateError>;
+    /// Replace every record, durably.
+    fn store(&self, records: &[CopyRecord]) -> Result<(), StateError>;
+}
+
+/// The mirror state in a file next to the volume.
+#[derive(Debug, Clone)]
+pub struct LocalStateFile {
+    path: PathBuf,
+}
+
+impl LocalStateFile {
+    /// The state file that belongs to the volume at `volume_path`.
+    pub fn for_volume(volume_path: &Path) -> LocalStateFile {
+        let mut name = volume_path.as_os_str().to_owned();
+        name.push(STATE_FILE_SUFFIX);
+        LocalStateFile { path: PathBuf::from(name) }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn error(&self, message: impl Into<String>) -> StateError {
+        StateError { path: self.path.clone(), message: message.into() }
+    }
+}
+
+impl MirrorStateStore for LocalStateFile {
+    fn load(&self) -> Result<Vec<CopyRecord>, StateError> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => decode(&bytes).map_err(|message| {
+                self.error(format!("{message}; the file is damaged: move it aside and every copy gets a full sync"))
+            }),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(error) => Err(self.error(format!("read: {error}"))),
+        }
+    }
+
+    fn store(&self, records: &[CopyRecord]) -> Result<(), StateError> {
+        replace_file_durably(&self.path, encode(records).as_bytes())
+            .map_err(|(action, error)| self.error(format!("{action}: {error}")))
+    }
+}
+
+/// The file's text for `records`.
+pub fn encode(records: &[CopyRecord]) -> String {
+    let mut text = format!("{HEADER_LINE}\n");
+    for record in records {
+        let _ = writeln!(
+            text,
+            "copy {} slot {} state {} generation {}",
+            record.name,
+            record.slot,
+            record.state.as_str(),
+            record.generation
+        );
+    }
+    let crc = crc32fast::hash(text.as_bytes());
+    let _ = writeln!(text, "crc {crc:08x}");
+    text
+}
+
+/// The records in a file's bytes, or what is wrong with them.
+pub fn decode(bytes: &[u8]) -> Result<Vec<CopyRecord>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "is not UTF-8 text".to_string())?;
+    let body_end = text.trim_end_matches('\n').rfind('\n').map(|at| at + 1).ok_or("has no CRC line")?;
+    let (body, crc_line) = text.split_at(body_end);
+    let carried = crc_line
+        .trim_end()
+        .strip_prefix("crc ")
+        .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+        .ok_or("does not end with a `crc XXXXXXXX` line")?;
+    let computed = crc32fast::hash(body.as_bytes());
+    if carried != computed {
+        return Err(format!("fails its CRC (carried {carried:08x}, computed {computed:08x})"));
+    }
+    let mut lines = body.lines();
+    if lines.next() != Some(HEADER_LINE) {
+        return Err(format!("does not start with `{HEADER_LINE}`"));
+    }
+    let mut records = Vec::new();
+    for line in lines {
+        let words: Vec<&str> = line.split(' ').collect();
+        let record = match words.as_slice() {
+            ["copy", name, "slot", slot, "state", state, "generation", generation] => CopyRecord {
+                name: name.to_string(),
+                slot: slot.parse().map_err(|_| format!("bad slot in `{line}`"))?,
+                state: RecordedState::parse(state).ok_or_else(|| format!("unknown state in `{line}`"))?,
+                generation: generation.parse().map_err(|_| format!("bad generation in `{line}`"))?,
+            },
+            _ => return Err(format!("cannot read the line `{line}`")),
+        };
+        records.push(record);
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records() -> Vec<CopyRecord> {
+        vec![
+            CopyRecord { name: "east".into(), slot: 0, state: RecordedState::Current, generation: 1 },
+            CopyRecord { name: "west".into(), slot: 1, state: RecordedState::Syncing, generation: 7 },
+        ]
+    }
+
+    #[test]
+    fn records_round_trip_through_the_file() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = LocalStateFile::for_volume(&directory.path().join("volume"));
+        assert_eq!(store.load().unwrap(), []);
+        store.store(&records()).unwrap();
+        assert_eq!(store.load().unwrap(), records());
+    }
+
+    /// Any flipped byte is refused, never read as another state.
+    #[test]
+    fn a_damaged_file_is_refused() {
+        let text = encode(&records());
+        for at in 0..text.len() {
+            let mut bytes = text.clone().into_bytes();
+            bytes[at] ^= 0x04;
+            assert!(decode(&bytes).is_err(), "flipping byte {at} went unnoticed: {}", String::from_utf8_lossy(&bytes));
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! Mirroring with real processes: a production host (`serve --mirror`) on
+//! 127.0.0.1 and copy hosts on 127.0.0.2 and 127.0.0.3, fio through NBD,
+//! copies killed, the production host killed, links cut with iptables.
+//! Every test ends by comparing the sha256 of every store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use system_tests::{
+    binary, free_port, free_port_on, require_root, require_tool, run, sha256, wait_until, write_secret, LinkCut,
+    Process, Scratch,
+};
+
+const SIZE: &str = "64M";
+
+/// A copy host: its store, its address, its process.
+struct Copy {
+    name: String,
+    volume: PathBuf,
+    address: SocketAddr,
+    process: Option<Process>,
+}
+
+/// A production host and its copies.
+struct Mirror {
+    scratch: Scratch,
+    secret: PathBuf,
+    volume: PathBuf,
+    admin: SocketAddr,
+    production: Option<Process>,
+    production_args: Vec<String>,
+    copies: Vec<Copy>,
+}
+
+impl Mirror {
+    /// Start `copies` (name, ip, options such as "mode=async") and a production host mirroring to them.
+    fn start(label: &str, copies: &[(&str, &str, &str)], extra: &[&str]) -> Mirror {
+        let scratch = Scratch::new(label);
+        let secret = write_secret(&scratch, "secret", 7);
+        let volume = scratch.join("production.img");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut mirror = Mirror {
+            secret,
+            volume,
+            admin,
+            production: None,
+            production_args: Vec::new(),
+            copies: Vec::new(),
+            scratch,
+        };
+        let mut mirrors = Vec::new();
+        for (name, ip, options) in copies {
+            let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+            let volume = mirror.scratch.join(&format!("copy-{name}.img"));
+            let mut copy = Copy { name: name.to_string(), volume, address, process: None };
+            mirror.start_copy(&mut copy);
+            let mut spec = format!("{name}={address}");
+            if !options.is_empty() {
+                spec.push(',');
+                spec.push_str(options);
+            }
+            mirrors.push(spec);
+            mirror.copies.push(copy);
+        }
+        let mut args: Vec<String> = vec![
+            "--volume".into(),
+            mirror.volume.display().to_string(),
+            "--size".into(),
+            SIZE.into(),
+            "--secret-file".into(),
+            mirror.secret.display().to_string(),
+            "--admin".into(),
+            mirror.admin.to_string(),
+        ];
+        for spec in mirrors {
+            args.push("--mirror".into());
+            args.push(spec);
+        }
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        mirror.production_args = args;
+        mirror.start_production();
+        mirror
+    }
+
+    fn start_copy(&self, copy: &mut Copy) {
+        let volume = copy.volume.display().to_string();
+        let listen = copy.address.to_string();
+        let secret = self.secret.display().to_string();
+        let args = ["copy-host", "--volume", &volume, "--size", SIZE, "--listen", &listen, "--secret-file", &secret];
+        copy.process = Some(Process::start(&self.scratch, &args, copy.address));
+    }
+
+    fn start_production(&mut self) {
+        let mut args: Vec<&str> = vec!["serve"];
+        args.extend(self.production_args.iter().map(String::as_str));
+        let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let listen = address.to_string();
+        args.push("--listen");
+        args.push(&listen);
+        self.production = Some(Process::start(&self.scratch, &args, address));
+    }
+
+    fn uri(&self) -> String {
+        self.production.as_ref().expect("production running").uri()
+    }
+
+    /// The status document, via `crossmirror status --json`.
+    fn status(&self) -> serde_json::Value {
+        let admin = self.admin.to_string();
+        let text = run(binary().to_str().unwrap(), &["status", "--admin", &admin, "--json"]);
+        serde_json::from_str(&text).unwrap_or_else(|error| panic!("status is not JSON ({error}):\n{text}"))
+    }
+
+    fn copy_status(&self, name: &str) -> serde_json::Value {
+        let status = self.status();
+        let copies = status["copies"].as_array().expect("copies").clone();
+        copies.into_iter().find(|copy| copy["name"] == name).unwrap_or_else(|| panic!("no copy {name}: {status}"))
+    }
+
+    /// Wait until every copy is up to date with nothing in flight.
+    fn wait_up_to_date(&self, timeout: Duration) {
+        let settled = wait_until(timeout, || {
+            let status = self.status();
+            status["copies"]
+                .as_array()
+                .expect("copies")
+                .iter()
+                .all(|copy| copy["state"] == "up_to_date" && copy["lag_bytes"] == 0 && copy["dirty_bytes"] == 0)
+        });
+        assert!(settled, "copies did not become up to date:\n{:#}\n{}", self.status(), self.logs());
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Some(production) = &self.production {
+            out.push_str(&format!("--- production log:\n{}\n", production.log()));
+        }
+        for copy in &self.copies {
+            if let Some(process) = &copy.process {
+                out.push_str(&format!("--- copy {} log:\n{}\n", copy.name, process.log()));
+            }
+        }
+        out
+    }
+
+    /// Stop everything cleanly, then assert every store equals the production volume.
+    fn stop_and_compare(mut self) {
+        let logs = self.logs();
+        let status = self.production.as_mut().expect("production running").stop_with(libc::SIGTERM);
+        assert!(status.success(), "production exited with {status}:\n{logs}");
+        for copy in &mut self.copies {
+            let status = copy.process.as_mut().expect("copy running").stop_with(libc::SIGTERM);
+            assert!(status.success(), "copy {} exited with {status}:\n{logs}", copy.name);
+        }
+        let expected = sha256(&self.volume);
+        for copy in &self.copies {
+            assert_eq!(
+                sha256(&copy.volume),
+                expected,
+                "copy {} differs from the production volume:\n{logs}",
+                copy.name
+            );
+        }
+    }
+}
+
+/// fio through NBD with crc32c verification, ending with a flush.
+fn fio(uri: &str, seconds: u32, extra: &[&str]) -> Child {
+    let uri = format!("--uri={uri}");
+    let runtime = format!("--runtime={seconds}");
+    let mut args = vec![
+        "--name=mirror",
+        "--ioengine=nbd",
+        uri.as_str(),
+        "--size=48M",
+        "--iodepth=16",
+        "--numjobs=1",
+        "--rw=randwrite",
+        "--bsrange=4k-64k",
+        "--end_fsync=1",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--randrepeat=0",
+    ];
+    if seconds > 0 {
+        args.push("--time_based");
+        args.push(runtime.as_str());
+        args.push("--do_verify=0");
+    }
+    args.extend_from_slice(extra);
+    Command::new("fio").args(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start fio")
+}
+
+fn fio_finish(child: Child) -> String {
+    let output = child.wait_with_output().expect("wait for fio");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success() && text.contains("err= 0"), "fio failed:\n{text}");
+    text
+}
+
+fn tools() -> bool {
+    require_tool("fio") && require_tool("sha256sum")
+}
+
+/// Three-way identity: fio writes and verifies through NBD on a production
+/// host with two sync copies; afterwards all three stores are identical.
+#[test]
+fn three_way_identity_with_two_sync_copies() {
+    if !tools() {
+        return;
+    }
+    let mirror = Mirror::start("mirror-identity", &[("east", "127.0.0.2", ""), ("west", "127.0.0.3", "")], &[]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    fio_finish(fio(&mirror.uri(), 0, &[]));
+    mirror.wait_up_to_date(Duration::from_secs(30));
+    let east = mirror.copy_status("east");
+    assert!(east["bytes_shipped"].as_u64().unwrap() > 48 << 20, "{east}");
+    assert_eq!(east["frames_rejected"], 0, "{east}");
+    mirror.stop_and_compare();
+}
+
+/// Copy loss: a copy is SIGKILLed under load; the application keeps going;
+/// the restarted copy resyncs only what it missed and ends identical.
+#[test]
+fn killed_copy_resyncs_only_what_it_missed() {
+    if !tools() {
+        return;
+    }
+    let mut mirror = Mirror::start("mirror-copy-loss", &[("east", "127.0.0.2", ""), ("west", "127.0.0.3", "")], &[]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let load = fio(&mirror.uri(), 6, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    mirror.copies[1].process.as_mut().unwrap().stop_with(libc::SIGKILL);
+    fio_finish(load);
+    assert!(wait_until(Duration::from_secs(10), || mirror.copy_status("west")["state"] == "disconnected"));
+    let dirty = mirror.copy_status("west")["dirty_bytes"].as_u64().unwrap();
+    assert!(dirty > 0, "the lost copy missed writes, so some regions must be dirty");
+    let mut west = mirror.copies.remove(1);
+    mirror.start_copy(&mut west);
+    mirror.copies.push(west);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let west = mirror.copy_status("west");
+    let resynced = west["resync_bytes_total"].as_u64().unwrap();
+    assert!(resynced <= dirty + dirty / 10, "resynced {resynced} bytes for {dirty} dirty bytes: {west}");
+    assert!(resynced > 0, "{west}");
+    mirror.stop_and_compare();
+}
+
+/// Production crash: the production host is SIGKILLed under load and
+/// restarted; the bitmap drives the resync and the stores end identical.
+#[test]
+fn production_crash_is_repaired_from_the_bitmap() {
+    if !tools() {
+        return;
+    }
+    let mut mirror = Mirror::start("mirror-production-crash", &[("east", "127.0.0.2", "")], &[]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let load = fio(&mirror.uri(), 10, &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    mirror.production.as_mut().unwrap().stop_with(libc::SIGKILL);
+    let _ = load.wait_with_output();
+    mirror.start_production();
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let east = mirror.copy_status("east");
+    assert!(east["connects"].as_u64().unwrap() >= 1, "{east}");
+    mirror.stop_and_compare();
+}
+
+/// A link cut with iptables and restored: the copy is dropped after the ack
+/// timeout while the application keeps writing, then reconnects and resyncs
+/// without any restart.
+#[test]
+fn cut_link_is_resynced_after_it_heals() {
+    if !tools() || !require_root() || !require_tool("iptables") {
+        return;
+    }
+    let mirror = Mirror::start("mirror-link-cut", &[("east", "127.0.0.2", "")], &[]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let port = mirror.copies[0].address.port();
+    let cut = LinkCut::new("127.0.0.2", port);
+    let started = Instant::now();
+    let load = fio(&mirror.uri(), 12, &["--lat_percentiles=1"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || mirror.copy_status("east")["state"] == "disconnected"),
+        "the cut copy was never declared disconnected:\n{}",
+        mirror.logs()
+    );
+    let text = fio_finish(load);
+    assert!(started.elapsed() < Duration::from_secs(30), "the application stalled:\n{text}");
+    drop(cut);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    mirror.stop_and_compare();
+}
+
+/// Async: with a small lag bound and a copy frozen by SIGSTOP, the copy goes
+/// `behind`, the application is never held up by it (no write waits as long
+/// as the copy stays frozen), and the copy catches up to identical once
+/// thawed.
+#[test]
+fn frozen_async_copy_goes_behind_and_catches_up() {
+    if !tools() {
+        return;
+    }
+    let mirror = Mirror::start("mirror-async-behind", &[("dr", "127.0.0.2", "mode=async,lag_bytes_max=1M")], &[]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let pid = mirror.copies[0].process.as_ref().unwrap().pid();
+    let load = fio(&mirror.uri(), 6, &["--output-format=json"]);
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill with a pid this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let frozen = Instant::now();
+    let behind = wait_until(Duration::from_secs(3), || mirror.copy_status("dr")["state"] == "behind");
+    let lag = mirror.copy_status("dr")["lag_bytes"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(frozen.elapsed()));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(behind, "the frozen async copy never went behind:\n{}", mirror.logs());
+    assert!(lag <= 1 << 20, "lag {lag} is past the 1M bound");
+    let output = load.wait_with_output().expect("wait for fio");
+    // fio may print notes before its JSON document.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json = &stdout[stdout.find("\n{").map_or(0, |at| at + 1)..];
+    let report: serde_json::Value = serde_json::from_str(json)
+        .unwrap_or_else(|error| panic!("fio JSON: {error}\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr)));
+    let job = &report["jobs"][0];
+    assert_eq!(job["error"], 0, "{job}");
+    let max_ms = job["write"]["clat_ns"]["max"].as_f64().unwrap() / 1e6;
+    assert!(max_ms < 1000.0, "a write waited {max_ms:.0} ms while the async copy was frozen for 3 s");
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    mirror.stop_and_compare();
+}

@@ -1,0 +1,573 @@
+//! `crossmirror copy-host`: hold a copy of a production volume. Accept the
+//! production host's replication connection, authenticate it, and apply its
+//! frames to the local store in arrival order until SIGINT or SIGTERM; then
+//! finish the frame being applied, fsync and exit 0.
+//!
+//! ```text
+//!  accept ─▶ thread per connection (at most CONNECTIONS_MAX) ─▶ handshake (10 s deadline)
+//!        ─▶ claim the one session slot ─▶ adopt the volume identity (fresh copy) ─▶ Accept
+//!        ─▶ loop { frame ─▶ Receiver ─▶ store metadata? ─▶ apply (pwrite/fsync) ─▶ ack }
+//! ```
+//!
+//! The decisions are in `engine::receiver` (pure); this file only moves
+//! bytes. Handshakes may run side by side, so an unauthenticated peer cannot
+//! lock the production host out, but only one authenticated production
+//! connection is served at a time: a second is refused with a log line. A
+//! refused frame closes its connection; the production host reconnects.
+//! Applying is synchronous and in order — correctness first; an io_uring
+//! apply path that keeps order is future work.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use engine::metadata::{format_uuid, load_metadata, metadata_path, store_metadata, VolumeMetadata};
+use engine::protocol::auth::{random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, RefuseReason, Session};
+use engine::protocol::frame::{encode_frame, Frame, FrameHeader};
+use engine::protocol::{load_secret, FrameDecoder, ReplicationError, ReplicationErrorKind, Secret};
+use engine::receiver::{adopt_identity, apply_synchronously, identity_for_offer, Receiver, ReceiverCounters};
+use engine::{Volume, VolumeOptions};
+
+use crate::size::parse_size;
+
+/// How long a peer may take from connecting to a completed handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once, handshaking or established; more are refused.
+const CONNECTIONS_MAX: usize = 8;
+/// How often blocked reads and the accept loop look at the shutdown flag.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a write of acks may block before the peer is given up.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most bytes read from the socket at once.
+const READ_CHUNK_BYTES: usize = 1 << 20;
+
+/// Arguments of `crossmirror copy-host`.
+#[derive(Args, Debug)]
+pub struct CopyHostArgs {
+    /// Regular file or block device holding this host's copy of the volume.
+    #[arg(long)]
+    volume: PathBuf,
+    /// Volume size (e.g. 1G); creates a sparse file if the path is absent.
+    /// It must equal the production volume's size.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Address to listen on for the production host (e.g. 127.0.0.2:7789).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// File holding the secret shared with the production host; it must be
+    /// private to its owner (chmod 600).
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// Open the volume with O_DIRECT (bypass the page cache).
+    #[arg(long)]
+    direct: bool,
+}
+
+/// What every connection thread shares.
+struct Host {
+    volume: Volume,
+    metadata_path: PathBuf,
+    /// The metadata as last stored; changed only by the session holder.
+    metadata: Mutex<VolumeMetadata>,
+    secret: Secret,
+    counters: ReceiverCounters,
+    shutdown: Arc<AtomicBool>,
+    /// The production host of the established session, if any.
+    session_holder: Mutex<Option<SocketAddr>>,
+}
+
+impl Host {
+    fn metadata(&self) -> MutexGuard<'_, VolumeMetadata> {
+        self.metadata.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Take the one session slot for `peer`, or name the peer holding it.
+    fn claim_session(&self, peer: SocketAddr) -> Result<SessionSlot<'_>, SocketAddr> {
+        let mut holder = self.session_holder.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(holder) = *holder {
+            return Err(holder);
+        }
+        *holder = Some(peer);
+        Ok(SessionSlot { host: self })
+    }
+}
+
+/// The session slot, released when the session ends.
+struct SessionSlot<'host> {
+    host: &'host Host,
+}
+
+impl Drop for SessionSlot<'_> {
+    fn drop(&mut self) {
+        *self.host.session_holder.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+/// Run the copy host until a signal stops it.
+pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
+    let secret = load_secret(&args.secret_file)?;
+    let options = VolumeOptions { path: args.volume.clone(), size: args.size, direct: args.direct, read_only: false };
+    let volume = Volume::open(&options)?;
+    lock_volume(&volume)?;
+    let metadata_path = metadata_path(&args.volume);
+    let metadata = load_metadata(&metadata_path)?.unwrap_or_else(VolumeMetadata::fresh);
+    if let Some(identity) = metadata.identity {
+        anyhow::ensure!(
+            identity.size_bytes == volume.size(),
+            "metadata {} says volume {} mirrors uuid {} of {} bytes, but the volume is {} bytes; \
+             restore its size, or move the metadata aside to make it a fresh copy (it then needs a full sync)",
+            metadata_path.display(),
+            args.volume.display(),
+            format_uuid(&identity.uuid),
+            identity.size_bytes,
+            volume.size()
+        );
+    }
+    let listener = TcpListener::bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
+    listener.set_nonblocking(true).context("setting the listening socket non-blocking")?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, shutdown.clone()).context("installing the signal handler")?;
+    }
+    let mirrors = match metadata.identity {
+        Some(identity) => format!("uuid {} ({} bytes)", format_uuid(&identity.uuid), identity.size_bytes),
+        None => "nothing yet (fresh copy)".to_string(),
+    };
+    tracing::info!(
+        listen = %listener.local_addr().unwrap_or(args.listen),
+        volume = %args.volume.display(),
+        size = volume.size(),
+        direct = volume.is_direct(),
+        state = ?metadata.state,
+        generation = metadata.generation,
+        epoch_promised = metadata.epoch_promised,
+        "copy host listening; the volume mirrors {mirrors}"
+    );
+    let host = Arc::new(Host {
+        volume,
+        metadata_path,
+        metadata: Mutex::new(metadata),
+        secret,
+        counters: ReceiverCounters::default(),
+        shutdown,
+        session_holder: Mutex::new(None),
+    });
+    let threads = accept_until_shutdown(&host, &listener);
+    tracing::info!(connections = threads.len(), "shutting down: finishing the frame being applied");
+    for thread in threads {
+        let _ = thread.join();
+    }
+    host.volume.sync_all().context("final fsync of the volume")?;
+    tracing::info!(
+        frames_accepted = host.counters.frames_accepted(),
+        frames_rejected = host.counters.frames_rejected(),
+        "volume synced; copy host stopped"
+    );
+    Ok(())
+}
+
+/// Take an exclusive lock on the volume, so two copy hosts never apply
+/// frames to one store. The lock goes with the open file.
+fn lock_volume(volume: &Volume) -> anyhow::Result<()> {
+    // SAFETY: flock only reads the descriptor number, and `volume` keeps that
+    // descriptor open for the whole call.
+    let result = unsafe { libc::flock(volume.fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if result == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    if error.kind() == io::ErrorKind::WouldBlock {
+        anyhow::bail!(
+            "volume {} is locked by another process (another copy host?); stop it before starting this one",
+            volume.path().display()
+        );
+    }
+    Err(error).with_context(|| format!("locking volume {}", volume.path().display()))
+}
+
+fn accept_until_shutdown(host: &Arc<Host>, listener: &TcpListener) -> Vec<JoinHandle<()>> {
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    while !host.shutdown.load(Ordering::Relaxed) {
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(POLL_INTERVAL / 5);
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                std::thread::sleep(POLL_INTERVAL / 5);
+                continue;
+            }
+        };
+        threads.retain(|thread| !thread.is_finished());
+        if threads.len() >= CONNECTIONS_MAX {
+            tracing::warn!(
+                %peer,
+                "connection from {peer} refused: {CONNECTIONS_MAX} connections are open already (handshaking or established)"
+            );
+            continue;
+        }
+        let host = host.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("copy-{peer}"))
+            .spawn(move || serve_connection(&host, stream, peer));
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            Err(error) => tracing::error!(%error, %peer, "could not start a connection thread"),
+        }
+    }
+    threads
+}
+
+/// Why a connection stopped delivering frames.
+#[derive(Debug)]
+enum Ending {
+    /// The peer closed the connection.
+    PeerClosed,
+    /// SIGINT or SIGTERM.
+    Shutdown,
+    /// The handshake deadline passed.
+    TimedOut,
+    /// The bytes did not decode into an intact frame.
+    Refused(ReplicationError),
+    /// The socket failed.
+    Io(io::Error),
+}
+
+/// One socket: frames in through the decoder, encoded frames out in batches.
+struct Connection<'host> {
+    host: &'host Host,
+    stream: TcpStream,
+    peer: SocketAddr,
+    decoder: FrameDecoder,
+    read_buffer: Vec<u8>,
+    outgoing: Vec<u8>,
+}
+
+impl Connection<'_> {
+    /// The next frame; before blocking for more bytes, send what is queued.
+    fn next_frame(&mut self, deadline: Option<Instant>) -> Result<Frame, Ending> {
+        loop {
+            if self.host.shutdown.load(Ordering::Relaxed) {
+                return Err(Ending::Shutdown);
+            }
+            if let Some(frame) = self.decoder.pop().map_err(Ending::Refused)? {
+                return Ok(frame);
+            }
+            self.flush().map_err(Ending::Io)?;
+            let mut wait = POLL_INTERVAL;
+            if let Some(deadline) = deadline {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    return Err(Ending::TimedOut);
+                }
+                wait = wait.min(remaining);
+            }
+            self.stream.set_read_timeout(Some(wait)).map_err(Ending::Io)?;
+            match self.stream.read(&mut self.read_buffer) {
+                Ok(0) => return Err(Ending::PeerClosed),
+                Ok(received) => self.decoder.push(&self.read_buffer[..received]).map_err(Ending::Refused)?,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(error) => return Err(Ending::Io(error)),
+            }
+        }
+    }
+
+    /// Queue a frame; it leaves with the next flush.
+    fn queue(&mut self, header: &FrameHeader, payload: &[u8]) {
+        self.outgoing.extend_from_slice(&encode_frame(header, payload));
+    }
+
+    fn queue_message(&mut self, message: &HandshakeMessage) {
+        let (header, payload) = message.to_frame();
+        self.queue(&header, &payload);
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.outgoing.is_empty() {
+            return Ok(());
+        }
+        let result = self.stream.write_all(&self.outgoing);
+        self.outgoing.clear();
+        result
+    }
+
+    /// Send what is queued, best effort: the connection is closing anyway.
+    fn flush_before_closing(&mut self) {
+        if let Err(error) = self.flush() {
+            tracing::debug!(peer = %self.peer, %error, "could not send the last frames before closing");
+        }
+    }
+}
+
+fn serve_connection(host: &Host, stream: TcpStream, peer: SocketAddr) {
+    if let Err(error) = configure_socket(&stream) {
+        tracing::warn!(%peer, %error, "could not set socket options; closing the connection from {peer}");
+        return;
+    }
+    let mut connection = Connection {
+        host,
+        stream,
+        peer,
+        decoder: FrameDecoder::new(),
+        read_buffer: vec![0; READ_CHUNK_BYTES],
+        outgoing: Vec::new(),
+    };
+    let Some((session, _slot)) = handshake(&mut connection) else {
+        connection.flush_before_closing();
+        return;
+    };
+    receive(&mut connection, &session);
+    connection.flush_before_closing();
+}
+
+fn configure_socket(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    engine::replicator::connect::configure_socket(stream)
+}
+
+/// What a refusal of this kind means, in a few words for the log.
+fn refusal_name(kind: ReplicationErrorKind) -> &'static str {
+    match kind {
+        ReplicationErrorKind::Corrupt => "corrupt frame",
+        ReplicationErrorKind::Version => "unknown protocol version",
+        ReplicationErrorKind::Replay => "replayed or out-of-order frame",
+        ReplicationErrorKind::WrongSession => "frame of another session",
+        ReplicationErrorKind::Fenced => "fenced frame (older epoch or generation)",
+        ReplicationErrorKind::TooLarge => "frame over its limit",
+        ReplicationErrorKind::AuthFailed => "wrong secret",
+        ReplicationErrorKind::Identity => "another volume",
+        ReplicationErrorKind::Protocol => "protocol violation",
+        ReplicationErrorKind::Secret | ReplicationErrorKind::Io => "local error",
+    }
+}
+
+/// Log and count a handshake that ended in a refusal, queueing `refusal`
+/// for the peer.
+fn refuse_handshake(connection: &mut Connection<'_>, refusal: Option<RefuseReason>, error: &ReplicationError) {
+    if let Some(reason) = refusal {
+        connection.queue_message(&HandshakeMessage::Refuse { reason });
+    }
+    let total = connection.host.counters.record_rejected();
+    let peer = connection.peer;
+    tracing::warn!(
+        %peer,
+        kind = ?error.kind(),
+        frames_rejected = total,
+        "handshake with production host {peer} refused: {}: {error}; frames_rejected={total}; closing the connection",
+        refusal_name(error.kind())
+    );
+}
+
+/// Log a connection that ended while no frame was being judged.
+fn log_ending(peer: SocketAddr, phase: &str, ending: &Ending) {
+    match ending {
+        Ending::PeerClosed => tracing::info!(%peer, "production host {peer} closed the connection {phase}"),
+        Ending::Shutdown => tracing::info!(%peer, "closing the connection to {peer} {phase}: shutting down"),
+        Ending::TimedOut => tracing::warn!(
+            %peer,
+            "{peer} did not complete the handshake within {} s; closing the connection",
+            HANDSHAKE_TIMEOUT.as_secs()
+        ),
+        Ending::Refused(_) => {}
+        Ending::Io(error) => tracing::warn!(%peer, %error, "connection to {peer} lost {phase}: {error}"),
+    }
+}
+
+/// Run the copy's side of the handshake; on success the session and the
+/// claimed session slot, after the Accept is queued.
+fn handshake<'host>(connection: &mut Connection<'host>) -> Option<(Session, SessionSlot<'host>)> {
+    let host = connection.host;
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let next_message = |connection: &mut Connection<'host>| -> Option<HandshakeMessage> {
+        let frame = match connection.next_frame(Some(deadline)) {
+            Ok(frame) => frame,
+            Err(Ending::Refused(error)) => {
+                refuse_handshake(connection, None, &error);
+                return None;
+            }
+            Err(ending) => {
+                log_ending(connection.peer, "during the handshake", &ending);
+                return None;
+            }
+        };
+        match HandshakeMessage::from_frame(&frame) {
+            Ok(message) => Some(message),
+            Err(error) => {
+                refuse_handshake(connection, Some(RefuseReason::Protocol), &error);
+                None
+            }
+        }
+    };
+    let hello = next_message(connection)?;
+    let HandshakeMessage::Hello { identity: offered, .. } = hello else {
+        let error = ReplicationError::Protocol {
+            message: format!("the handshake must open with Hello, got {:?}", hello.kind()),
+        };
+        refuse_handshake(connection, Some(RefuseReason::Protocol), &error);
+        return None;
+    };
+    let metadata = *host.metadata();
+    let identity = match identity_for_offer(host.volume.path(), host.volume.size(), &metadata, &offered) {
+        Ok(identity) => identity,
+        Err(error) => {
+            refuse_handshake(connection, Some(RefuseReason::IdentityMismatch), &error);
+            return None;
+        }
+    };
+    let nonce = match random_nonce() {
+        Ok(nonce) => nonce,
+        Err(error) => {
+            tracing::error!(peer = %connection.peer, %error, "cannot handshake");
+            return None;
+        }
+    };
+    let mut copy_handshake = CopyHandshake::new(&host.secret, identity, nonce);
+    let mut step = copy_handshake.on_message(&hello);
+    loop {
+        match step.outcome {
+            HandshakeOutcome::Continue => {
+                if let Some(message) = &step.send {
+                    connection.queue_message(message);
+                }
+                let message = next_message(connection)?;
+                step = copy_handshake.on_message(&message);
+            }
+            HandshakeOutcome::Failed(error) => {
+                refuse_handshake(connection, step.send.and_then(refusal_reason), &error);
+                return None;
+            }
+            // The Accept waits until the slot is claimed and the identity stored.
+            HandshakeOutcome::Established(session) => return admit(connection, session),
+        }
+    }
+}
+
+fn refusal_reason(message: HandshakeMessage) -> Option<RefuseReason> {
+    match message {
+        HandshakeMessage::Refuse { reason } => Some(reason),
+        _ => None,
+    }
+}
+
+/// Admit an authenticated session: claim the slot, adopt the identity on a
+/// fresh copy (stored durably before anything is accepted), queue Accept.
+fn admit<'host>(connection: &mut Connection<'host>, session: Session) -> Option<(Session, SessionSlot<'host>)> {
+    let host = connection.host;
+    let peer = connection.peer;
+    let slot = match host.claim_session(peer) {
+        Ok(slot) => slot,
+        Err(holder) => {
+            connection.queue_message(&HandshakeMessage::Refuse { reason: RefuseReason::Protocol });
+            tracing::warn!(
+                %peer,
+                "refusing production host {peer}: production host {holder} is already connected, \
+                 and a copy serves one production connection at a time"
+            );
+            return None;
+        }
+    };
+    let mut metadata = host.metadata();
+    match adopt_identity(host.volume.path(), &metadata, &session) {
+        Ok(None) => {}
+        Ok(Some(adopted)) => {
+            if let Err(error) = store_metadata(&host.metadata_path, &adopted) {
+                tracing::error!(%peer, "cannot record the volume this copy mirrors: {error}; closing the connection");
+                return None;
+            }
+            *metadata = adopted;
+            tracing::info!(
+                %peer,
+                "volume {} now mirrors uuid {} ({} bytes); state syncing: it needs a full initial sync",
+                host.volume.path().display(),
+                format_uuid(&session.identity.uuid),
+                session.identity.size_bytes
+            );
+        }
+        Err(error) => {
+            drop(metadata);
+            refuse_handshake(connection, Some(RefuseReason::IdentityMismatch), &error);
+            return None;
+        }
+    }
+    drop(metadata);
+    connection.queue_message(&HandshakeMessage::Accept);
+    tracing::info!(
+        %peer,
+        session = format_args!("{:#018x}", session.id),
+        "production host {peer} authenticated; receiving writes for uuid {}",
+        format_uuid(&session.identity.uuid)
+    );
+    Some((session, slot))
+}
+
+/// The data phase: judge each frame, store raised promises, apply, ack.
+fn receive(connection: &mut Connection<'_>, session: &Session) {
+    let host = connection.host;
+    let peer = connection.peer;
+    let metadata = *host.metadata();
+    let mut receiver = Receiver::new(session, metadata, host.volume.size(), &host.counters);
+    loop {
+        let judged = match connection.next_frame(None) {
+            Ok(frame) => receiver.on_frame(frame),
+            Err(Ending::Refused(error)) => Err(receiver.refuse(error)),
+            Err(ending) => {
+                log_ending(peer, "", &ending);
+                return;
+            }
+        };
+        let step = match judged {
+            Ok(step) => step,
+            Err(error) => {
+                let total = host.counters.frames_rejected();
+                tracing::warn!(
+                    %peer,
+                    kind = ?error.kind(),
+                    frames_rejected = total,
+                    "refused a frame from production host {peer}: {}: {error}; nothing of it was applied; \
+                     frames_rejected={total}; closing the connection",
+                    refusal_name(error.kind())
+                );
+                return;
+            }
+        };
+        if let Some(promised) = step.persist {
+            if let Err(error) = store_metadata(&host.metadata_path, &promised) {
+                tracing::error!(%peer, "cannot store the raised epoch or generation: {error}; closing the connection");
+                return;
+            }
+            *host.metadata() = promised;
+            tracing::info!(
+                %peer,
+                "promised epoch {} at generation {}",
+                promised.epoch_promised,
+                promised.generation
+            );
+        }
+        if let Some(apply) = &step.apply {
+            if let Err(error) = apply_synchronously(&host.volume, apply) {
+                tracing::error!(
+                    %peer,
+                    "cannot apply a frame to volume {}: {error}; closing the connection without acknowledging it",
+                    host.volume.path().display()
+                );
+                return;
+            }
+        }
+        if let Some(reply) = step.reply {
+            connection.queue(&reply, &[]);
+        }
+    }
+}

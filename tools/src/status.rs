@@ -1,0 +1,130 @@
+//! `crossmirror status --admin ADDR [--json]`: fetch `GET /status` from a
+//! running `serve` and print it, as a table for people or as the JSON for
+//! scripts.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+/// Arguments of `crossmirror status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The admin address of the production host (its `serve --admin`).
+    #[arg(long)]
+    admin: SocketAddr,
+    /// Print the JSON document as the endpoint returns it.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Fetch and print the status.
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let status = fetch(args.admin)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    print!("{}", table(&status));
+    Ok(())
+}
+
+/// `GET /status` from `admin`.
+pub fn fetch(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
+    let url = format!("http://{admin}/status");
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+    let body = agent
+        .get(&url)
+        .call()
+        .with_context(|| {
+            format!("cannot reach the admin endpoint {url}; is `crossmirror serve --admin {admin}` running?")
+        })?
+        .into_string()
+        .context("reading the status")?;
+    serde_json::from_str(&body).with_context(|| format!("{url} answered something that is not status JSON"))
+}
+
+/// The status as a table, one row per copy; a syncing copy gets a progress bar.
+pub fn table(status: &serde_json::Value) -> String {
+    let mut out = format!(
+        "volume {} ({} bytes)\n",
+        status["volume"].as_str().unwrap_or("?"),
+        status["size"].as_u64().unwrap_or(0)
+    );
+    let copies = status["copies"].as_array().cloned().unwrap_or_default();
+    if copies.is_empty() {
+        out.push_str("no copies configured\n");
+        return out;
+    }
+    out.push_str(&format!(
+        "{:<12} {:<21} {:<6} {:<13} {:>10} {:>10} {:>10} {:>8}\n",
+        "COPY", "ADDRESS", "MODE", "STATE", "DIRTY", "LAG", "SHIPPED", "REJECTED"
+    ));
+    for copy in &copies {
+        let number = |field: &str| copy[field].as_u64().unwrap_or(0);
+        let text = |field: &str| copy[field].as_str().unwrap_or("?").to_string();
+        out.push_str(&format!(
+            "{:<12} {:<21} {:<6} {:<13} {:>10} {:>10} {:>10} {:>8}\n",
+            text("name"),
+            text("address"),
+            text("mode"),
+            text("state"),
+            human(number("dirty_bytes")),
+            human(number("lag_bytes")),
+            human(number("bytes_shipped")),
+            number("frames_rejected"),
+        ));
+        if text("state") == "syncing" {
+            let (done, total) = (number("resync_bytes_done"), number("resync_bytes_total"));
+            out.push_str(&format!("             resync {} {} of {}\n", bar(done, total), human(done), human(total)));
+        }
+    }
+    out
+}
+
+fn bar(done: u64, total: u64) -> String {
+    const WIDTH: u64 = 30;
+    let fraction = if total == 0 { 1.0 } else { (done.min(total) as f64) / (total as f64) };
+    let filled = (fraction * WIDTH as f64).round() as u64;
+    format!("[{}{}] {:>3.0}%", "#".repeat(filled as usize), "-".repeat((WIDTH - filled) as usize), fraction * 100.0)
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_syncing_copy_gets_a_progress_bar() {
+        let status = serde_json::json!({
+            "volume": "/srv/vol", "size": 1073741824u64,
+            "copies": [
+                {"name": "east", "address": "127.0.0.2:7789", "mode": "sync", "state": "syncing",
+                 "dirty_bytes": 1048576, "lag_bytes": 0, "bytes_shipped": 3 << 20, "frames_rejected": 0,
+                 "resync_bytes_done": 512 << 10, "resync_bytes_total": 1 << 20},
+                {"name": "west", "address": "127.0.0.3:7789", "mode": "async", "state": "up_to_date",
+                 "dirty_bytes": 0, "lag_bytes": 4096, "bytes_shipped": 10, "frames_rejected": 2}
+            ]
+        });
+        let table = table(&status);
+        assert!(table.contains("east         127.0.0.2:7789        sync   syncing"), "{table}");
+        assert!(table.contains("[###############---------------]  50% 512.0 KiB of 1.0 MiB"), "{table}");
+        assert!(table.contains("west") && table.contains("up_to_date") && table.contains("4.0 KiB"), "{table}");
+        assert_eq!(table.matches("resync").count(), 1, "{table}");
+    }
+}
