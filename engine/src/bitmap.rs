@@ -55,8 +55,10 @@ use memmap2::MmapRaw;
 
 /// The suffix appended to a volume's path to name its bitmap file.
 pub const BITMAP_FILE_SUFFIX: &str = ".cmbitmap";
-/// The default region size: 64 KiB, one bit per 64 KiB of volume.
-pub const REGION_BYTES_DEFAULT: u64 = 64 << 10;
+/// The default region size: 256 KiB, one bit per 256 KiB of volume (chosen by
+/// measurement, see benches/RESULTS.md: 64 KiB regions churn bits under
+/// random writes, and every re-marked region costs an msync).
+pub const REGION_BYTES_DEFAULT: u64 = 256 << 10;
 /// The smallest region size: one page.
 pub const REGION_BYTES_MIN: u64 = 4 << 10;
 /// The largest region size.
@@ -708,7 +710,7 @@ mod tests {
     #[test]
     fn new_bitmap_is_clear() {
         let directory = tempfile::tempdir().unwrap();
-        let bitmap = open_in(directory.path(), 10 * MIB + 1, REGION_BYTES_DEFAULT, 3);
+        let bitmap = open_in(directory.path(), 10 * MIB + 1, 64 << 10, 3);
         assert_eq!(bitmap.region_count(), 161);
         assert_eq!(bitmap.slots(), 3);
         assert_eq!(bitmap.dirty_regions(0).count(), 0);

@@ -29,8 +29,8 @@ use anyhow::Context;
 use clap::Args;
 use engine::metadata::{format_uuid, load_metadata, metadata_path, store_metadata, VolumeMetadata};
 use engine::protocol::auth::{random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, RefuseReason, Session};
-use engine::protocol::frame::{encode_frame, Frame, FrameHeader};
-use engine::protocol::{load_secret, FrameDecoder, ReplicationError, ReplicationErrorKind, Secret};
+use engine::protocol::frame::{encode_frame, Frame, FrameHeader, HEADER_LEN};
+use engine::protocol::{decode_header, load_secret, verify_payload, ReplicationError, ReplicationErrorKind, Secret};
 use engine::receiver::{adopt_identity, apply_synchronously, identity_for_offer, Receiver, ReceiverCounters};
 use engine::{Volume, VolumeOptions};
 
@@ -44,8 +44,9 @@ const CONNECTIONS_MAX: usize = 8;
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a write of acks may block before the peer is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// The most bytes read from the socket at once.
-const READ_CHUNK_BYTES: usize = 1 << 20;
+/// The read buffer: headers and small payloads are read through it in
+/// large reads; a payload of half its size or more is read directly.
+const READ_CHUNK_BYTES: usize = 256 << 10;
 
 /// Arguments of `crossmirror copy-host`.
 #[derive(Args, Debug)]
@@ -246,20 +247,43 @@ struct Connection<'host> {
     host: &'host Host,
     stream: TcpStream,
     peer: SocketAddr,
-    decoder: FrameDecoder,
+    /// Received bytes not yet taken: `read_buffer[read_start..read_end]`.
     read_buffer: Vec<u8>,
+    read_start: usize,
+    read_end: usize,
     outgoing: Vec<u8>,
 }
 
 impl Connection<'_> {
-    /// The next frame; before blocking for more bytes, send what is queued.
+    /// The next frame. Its header and small payloads come out of the read
+    /// buffer; a large payload is read straight into its own buffer, so the
+    /// bytes are copied once between the socket and the store's write.
+    /// Before blocking for more bytes, what is queued is sent.
     fn next_frame(&mut self, deadline: Option<Instant>) -> Result<Frame, Ending> {
-        loop {
+        let mut header_bytes = [0u8; HEADER_LEN];
+        self.read_exact(&mut header_bytes, deadline)?;
+        let header = decode_header(&header_bytes).map_err(Ending::Refused)?;
+        let mut payload = vec![0u8; header.payload_len as usize];
+        self.read_exact(&mut payload, deadline)?;
+        verify_payload(&header, &header_bytes, &payload).map_err(Ending::Refused)?;
+        Ok(Frame { header, payload })
+    }
+
+    fn read_exact(&mut self, out: &mut [u8], deadline: Option<Instant>) -> Result<(), Ending> {
+        let mut filled = 0;
+        while filled < out.len() {
+            let buffered = self.read_end - self.read_start;
+            if buffered > 0 {
+                let count = buffered.min(out.len() - filled);
+                out[filled..filled + count]
+                    .copy_from_slice(&self.read_buffer[self.read_start..self.read_start + count]);
+                self.read_start += count;
+                filled += count;
+                continue;
+            }
+            (self.read_start, self.read_end) = (0, 0);
             if self.host.shutdown.load(Ordering::Relaxed) {
                 return Err(Ending::Shutdown);
-            }
-            if let Some(frame) = self.decoder.pop().map_err(Ending::Refused)? {
-                return Ok(frame);
             }
             self.flush().map_err(Ending::Io)?;
             let mut wait = POLL_INTERVAL;
@@ -271,9 +295,13 @@ impl Connection<'_> {
                 wait = wait.min(remaining);
             }
             self.stream.set_read_timeout(Some(wait)).map_err(Ending::Io)?;
-            match self.stream.read(&mut self.read_buffer) {
+            let missing = out.len() - filled;
+            let direct = missing >= self.read_buffer.len() / 2;
+            let target = if direct { &mut out[filled..] } else { &mut self.read_buffer[..] };
+            match self.stream.read(target) {
                 Ok(0) => return Err(Ending::PeerClosed),
-                Ok(received) => self.decoder.push(&self.read_buffer[..received]).map_err(Ending::Refused)?,
+                Ok(received) if direct => filled += received,
+                Ok(received) => self.read_end = received,
                 Err(error)
                     if matches!(
                         error.kind(),
@@ -282,6 +310,7 @@ impl Connection<'_> {
                 Err(error) => return Err(Ending::Io(error)),
             }
         }
+        Ok(())
     }
 
     /// Queue a frame; it leaves with the next flush.
@@ -320,8 +349,9 @@ fn serve_connection(host: &Host, stream: TcpStream, peer: SocketAddr) {
         host,
         stream,
         peer,
-        decoder: FrameDecoder::new(),
         read_buffer: vec![0; READ_CHUNK_BYTES],
+        read_start: 0,
+        read_end: 0,
         outgoing: Vec::new(),
     };
     let Some((session, _slot)) = handshake(&mut connection) else {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use engine::bitmap::{bitmap_path, WriteIntentBitmap, SLOTS_MAX};
+use engine::bitmap::{bitmap_path, WriteIntentBitmap, REGION_BYTES_DEFAULT, SLOTS_MAX};
 use engine::metadata::{load_metadata, metadata_path, production_identity};
 use engine::protocol::load_secret;
 use engine::replicator::{CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig};
@@ -57,8 +57,10 @@ pub struct ServeArgs {
     /// Serve `GET /status` (JSON) over HTTP on this address.
     #[arg(long)]
     admin: Option<SocketAddr>,
-    /// Bytes per write-intent bitmap bit (a power of two, 4K to 1G).
-    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    /// Bytes per write-intent bitmap bit (a power of two, 4K to 16M; default
+    /// 256K). Larger regions mean fewer bitmap syncs under random writes and
+    /// more data resynced per dirty region.
+    #[arg(long, value_parser = parse_size, default_value_t = REGION_BYTES_DEFAULT)]
     region_size: u64,
     /// Resync bytes per second per copy; 0 means unlimited.
     #[arg(long, value_parser = parse_size, default_value = "0")]

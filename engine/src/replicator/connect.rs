@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crate::protocol::auth::{
     random_nonce, HandshakeMessage, HandshakeOutcome, ProductionHandshake, Session, VolumeIdentity,
 };
-use crate::protocol::frame::{encode_header, Frame, FrameFlags, FrameHeader, FrameKind};
+use crate::protocol::frame::{encode_header, Frame, FrameFlags, FrameHeader, FrameKind, HEADER_LEN};
 use crate::protocol::{FrameDecoder, ReplicationError, Secret, SendSequence};
 
 /// Kernel socket buffer sizes: room for a few large frames in flight.
@@ -136,6 +136,22 @@ impl CopyConnection {
             .map_err(|source| ReplicationError::Io { action: "send a frame to the copy host", source })
     }
 
+    /// Send several frames with as few system calls as the kernel allows:
+    /// one writev carries many headers and payloads.
+    pub fn send_batch(&mut self, frames: &[(FrameHeader, &[u8])]) -> Result<(), ReplicationError> {
+        let headers: Vec<[u8; HEADER_LEN]> =
+            frames.iter().map(|(header, payload)| encode_header(header, payload)).collect();
+        let mut slices: Vec<io::IoSlice<'_>> = Vec::with_capacity(frames.len() * 2);
+        for (header, (_, payload)) in headers.iter().zip(frames) {
+            slices.push(io::IoSlice::new(header));
+            if !payload.is_empty() {
+                slices.push(io::IoSlice::new(payload));
+            }
+        }
+        write_all_slices(&mut self.stream, &mut slices)
+            .map_err(|source| ReplicationError::Io { action: "send frames to the copy host", source })
+    }
+
     /// Send raw bytes as they are: for tests that forge frames.
     pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ReplicationError> {
         self.stream.write_all(bytes).map_err(|source| ReplicationError::Io { action: "send bytes", source })
@@ -188,17 +204,19 @@ impl CopyConnection {
 /// Write `first` then `second` completely, with writev so that a header and
 /// its payload usually leave in one system call.
 pub fn write_all_vectored(stream: &mut TcpStream, first: &[u8], second: &[u8]) -> io::Result<()> {
-    let total = first.len() + second.len();
-    let mut written = 0;
-    while written < total {
-        let slices = if written < first.len() {
-            [io::IoSlice::new(&first[written..]), io::IoSlice::new(second)]
-        } else {
-            [io::IoSlice::new(&second[written - first.len()..]), io::IoSlice::new(&[])]
-        };
-        match stream.write_vectored(&slices) {
+    write_all_slices(stream, &mut [io::IoSlice::new(first), io::IoSlice::new(second)])
+}
+
+/// Write every slice completely, in order, with as few writev calls as the
+/// kernel allows (at most 1024 slices per call).
+fn write_all_slices(stream: &mut TcpStream, mut slices: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    io::IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        let count = slices.len().min(IOV_MAX);
+        match stream.write_vectored(&slices[..count]) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the socket took no bytes")),
-            Ok(count) => written += count,
+            Ok(written) => io::IoSlice::advance_slices(&mut slices, written),
             Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
             Err(error) => return Err(error),
         }

@@ -125,7 +125,7 @@ struct Outgoing {
     flags: FrameFlags,
     offset: u64,
     length: u32,
-    payload: Option<Arc<[u8]>>,
+    payload: Option<Arc<Vec<u8>>>,
     ticket: Option<Arc<Ticket>>,
     /// Bytes counted in `lag_bytes` (writes) or `resync_bytes_outstanding`
     /// (resync data) until it is acknowledged.
@@ -161,7 +161,15 @@ struct Inner {
     lag_bytes: u64,
     resync_bytes_outstanding: u64,
     touched: HashSet<u64>,
+    /// Regions of the last acknowledged Flush's snapshot: cleared at the
+    /// next Flush's acknowledgement if no change touched them meanwhile, so
+    /// a bit clears only after its region stayed quiet for a whole
+    /// CLEAN_INTERVAL (a hot region keeps its bit and costs no msync).
+    clear_candidates: Vec<u64>,
     clear_epoch: u64,
+    /// Threads blocked on `wake` (the sender, writers held back): only
+    /// then is it signalled, which spares a futex call per change.
+    waiters: u32,
     /// The next region the resync pass looks at; `None` when no pass runs.
     resync_next: Option<u64>,
     /// The pass's last Flush is queued; waiting for its ack.
@@ -197,7 +205,9 @@ impl Link {
                 lag_bytes: 0,
                 resync_bytes_outstanding: 0,
                 touched: HashSet::new(),
+                clear_candidates: Vec::new(),
                 clear_epoch: 0,
+                waiters: 0,
                 resync_next: None,
                 resync_flush_queued: false,
                 last_flush: Instant::now(),
@@ -214,6 +224,21 @@ impl Link {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Wait on `wake` for at most `timeout`, counted in `waiters`.
+    fn wait<'a>(&self, mut inner: MutexGuard<'a, Inner>, timeout: Duration) -> MutexGuard<'a, Inner> {
+        inner.waiters += 1;
+        let mut inner = self.wake.wait_timeout(inner, timeout).unwrap_or_else(PoisonError::into_inner).0;
+        inner.waiters -= 1;
+        inner
+    }
+
+    /// Wake the waiters, if there are any.
+    fn notify(&self, inner: &Inner) {
+        if inner.waiters > 0 {
+            self.wake.notify_all();
+        }
     }
 
     pub(crate) fn wake_all(&self) {
@@ -241,7 +266,7 @@ impl Link {
     /// Queue a change for this copy, or drop it (the bitmap keeps its
     /// regions) when the copy cannot take it. A sync copy's ticket is held
     /// until the copy acknowledges or is recorded stale.
-    pub(crate) fn ship(&self, change: &Change<'_>, payload: Option<&Arc<[u8]>>, ticket: &Arc<Ticket>) {
+    pub(crate) fn ship(&self, change: &Change<'_>, payload: Option<&Arc<Vec<u8>>>, ticket: &Arc<Ticket>) {
         let mut inner = self.lock();
         let sync = self.config.mode == MirrorMode::Sync;
         // A sync copy that is far behind makes the writer wait (bounded memory).
@@ -251,7 +276,7 @@ impl Link {
             && !inner.broken
             && !self.shared.shutdown.load(Ordering::Relaxed)
         {
-            inner = self.wake.wait_timeout(inner, Duration::from_millis(100)).unwrap_or_else(PoisonError::into_inner).0;
+            inner = self.wait(inner, Duration::from_millis(100));
         }
         match inner.state {
             CopyState::UpToDate | CopyState::Syncing => {}
@@ -324,12 +349,13 @@ impl Link {
             snapshot,
             ends_resync: false,
         });
-        self.wake.notify_all();
+        self.notify(&inner);
     }
 
     /// A change this copy will not get: its bits must stay set.
     fn dropped(&self, inner: &mut Inner) {
         inner.touched.clear();
+        inner.clear_candidates.clear();
         inner.clear_epoch += 1;
     }
 
@@ -467,7 +493,7 @@ impl Link {
     /// Send queued frames, resync data and periodic flushes until the
     /// connection breaks or the replicator stops.
     fn send_loop(&self, connection: &mut CopyConnection) {
-        let mut batch: Vec<(FrameHeader, Option<Arc<[u8]>>)> = Vec::with_capacity(SEND_BATCH_FRAMES);
+        let mut batch: Vec<(FrameHeader, Option<Arc<Vec<u8>>>)> = Vec::with_capacity(SEND_BATCH_FRAMES);
         let mut last_sent = Instant::now();
         let mut resync_started = Instant::now();
         let mut resync_sent: u64 = 0;
@@ -512,10 +538,11 @@ impl Link {
                                 }
                             }
                         }
-                        inner = self.wake.wait_timeout(inner, pause).unwrap_or_else(PoisonError::into_inner).0;
+                        inner = self.wait(inner, pause);
                         continue;
                     }
-                    let flush_due = !inner.touched.is_empty() && inner.last_flush.elapsed() >= CLEAN_INTERVAL;
+                    let flush_due = !(inner.touched.is_empty() && inner.clear_candidates.is_empty())
+                        && inner.last_flush.elapsed() >= CLEAN_INTERVAL;
                     if flush_due {
                         self.queue_flush(&mut inner, false);
                         break;
@@ -523,7 +550,7 @@ impl Link {
                     if last_sent.elapsed() >= HEARTBEAT_INTERVAL {
                         break;
                     }
-                    inner = self.wake.wait_timeout(inner, CLEAN_INTERVAL / 2).unwrap_or_else(PoisonError::into_inner).0;
+                    inner = self.wait(inner, CLEAN_INTERVAL / 2);
                 }
                 let generation = self.shared.generation;
                 let epoch = self.shared.epoch;
@@ -551,14 +578,19 @@ impl Link {
                     batch.push((header, outgoing.payload));
                 }
             }
-            for (header, payload) in batch.drain(..) {
-                let payload = payload.as_deref().unwrap_or(&[]);
-                if let Err(error) = connection.send(&header, payload) {
-                    tracing::warn!(copy = %self.config.name, %error, "sending to copy {} failed", self.config.name);
-                    return;
-                }
-                self.counters.bytes_shipped.fetch_add(payload.len() as u64, Ordering::Relaxed);
+            let frames: Vec<(FrameHeader, &[u8])> = batch
+                .iter()
+                .map(|(header, payload)| (*header, payload.as_ref().map_or(&[][..], |payload| payload.as_slice())))
+                .collect();
+            let payload_bytes: u64 = frames.iter().map(|(_, payload)| payload.len() as u64).sum();
+            let sent = connection.send_batch(&frames);
+            drop(frames);
+            batch.clear();
+            if let Err(error) = sent {
+                tracing::warn!(copy = %self.config.name, %error, "sending to copy {} failed", self.config.name);
+                return;
             }
+            self.counters.bytes_shipped.fetch_add(payload_bytes, Ordering::Relaxed);
             last_sent = Instant::now();
         }
     }
@@ -609,7 +641,7 @@ impl Link {
         let size = self.shared.volume.size();
         let offset = region * region_bytes;
         let length = (end * region_bytes).min(size) - offset;
-        let data: Arc<[u8]> = Arc::from(self.shared.volume.read_synchronously(offset, length)?);
+        let data = Arc::new(self.shared.volume.read_synchronously(offset, length)?);
         inner.touched.extend(region..end);
         inner.resync_bytes_outstanding += length;
         inner.resync_next = Some(end);
@@ -736,12 +768,24 @@ impl Link {
         }
         if let Some((epoch, regions)) = acked.snapshot {
             if epoch == inner.clear_epoch {
-                let inflight = self.shared.inflight();
-                for region in regions {
-                    if !inner.touched.contains(&region) && !inflight.contains_key(&region) {
-                        self.shared.bitmap.clear(self.slot, region);
+                // Every change to a candidate was shipped before the previous
+                // Flush, which the copy has acknowledged; clear it unless a
+                // change touched it since (this snapshot, `touched`) or a
+                // write to it is still in flight.
+                let candidates = std::mem::take(&mut inner.clear_candidates);
+                if !candidates.is_empty() {
+                    let recent: HashSet<u64> = regions.iter().copied().collect();
+                    let inflight = self.shared.inflight();
+                    for region in candidates {
+                        if !recent.contains(&region)
+                            && !inner.touched.contains(&region)
+                            && !inflight.contains_key(&region)
+                        {
+                            self.shared.bitmap.clear(self.slot, region);
+                        }
                     }
                 }
+                inner.clear_candidates = regions;
             }
         }
         if acked.ends_resync && inner.state == CopyState::Syncing && inner.resync_next.is_none() {
@@ -759,7 +803,7 @@ impl Link {
                 }
             }
         }
-        self.wake.notify_all();
+        self.notify(&inner);
         Ok(())
     }
 }

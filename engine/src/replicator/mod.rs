@@ -423,8 +423,8 @@ impl Replicator {
             completions: completions.clone(),
             id,
         });
-        let payload: Option<Arc<[u8]>> = match change {
-            Change::Write { data, .. } => Some(Arc::from(data)),
+        let payload: Option<Arc<Vec<u8>>> = match change {
+            Change::Write { data, .. } => Some(Arc::new(data.to_vec())),
             _ => None,
         };
         for link in &self.links {

@@ -1,0 +1,290 @@
+#!/usr/bin/python3
+"""benches/mirror.py: what mirroring costs, measured in one run.
+
+fio (ioengine=nbd, numjobs=2) through `crossmirror serve` on a 1 GiB volume
+with no copy, one sync copy, one async copy and two sync copies, all on this
+machine (production on 127.0.0.1, copies on 127.0.0.2 and 127.0.0.3),
+interleaved over rounds; then the resync throughput of 1 GiB of dirty regions
+(a new copy's full initial sync), next to loopback TCP throughput (iperf3)
+measured in the same run. Prints Markdown: medians, each configuration's
+ratio to the unreplicated run, and the resync ratio.
+
+Usage:
+    /usr/bin/python3 benches/mirror.py                 # full run (~12 min)
+    ROUNDS=1 RUNTIME=3 /usr/bin/python3 benches/mirror.py   # quick check
+
+Environment: ROUNDS [3], RUNTIME [8] seconds per fio run, CONFIGS
+["none sync1 async1 sync2"], WORKLOADS [the four NBD workloads], CM_BIN
+[target/release/crossmirror; built unless given], SCRATCH [/var/tmp], OUT
+[also write the report here], REGION [serve's default] bitmap region size.
+Needs iperf3 (apt-get install iperf3) besides fio. The production volume is
+shared by the configurations and the copies are not compared: correctness is
+the tests' job, this only measures.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+RUNTIME = int(os.environ.get("RUNTIME", "8"))
+CONFIGS = os.environ.get("CONFIGS", "none sync1 async1 sync2").split()
+WORKLOADS = os.environ.get(
+    "WORKLOADS", "4k-randwrite-qd32 4k-randread-qd32 1M-seqwrite-qd8 1M-seqread-qd8"
+).split()
+SCRATCH_PARENT = os.environ.get("SCRATCH", "/var/tmp")
+OUT = os.environ.get("OUT", "")
+REGION = os.environ.get("REGION", "")
+SIZE = 1 << 30
+
+COPIES = {
+    "none": [],
+    "sync1": [("east", "127.0.0.2", "")],
+    "async1": [("dr", "127.0.0.2", ",mode=async")],
+    "sync2": [("east", "127.0.0.2", ""), ("west", "127.0.0.3", "")],
+}
+WORKLOAD_ARGS = {
+    "4k-randwrite-qd32": ["--rw=randwrite", "--bs=4k", "--iodepth=32"],
+    "4k-randread-qd32": ["--rw=randread", "--bs=4k", "--iodepth=32"],
+    "1M-seqwrite-qd8": ["--rw=write", "--bs=1M", "--iodepth=8"],
+    "1M-seqread-qd8": ["--rw=read", "--bs=1M", "--iodepth=8"],
+}
+
+
+def log(message):
+    print(f"[mirror {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port(ip):
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(ip, port, process, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {ip}:{port}")
+        try:
+            socket.create_connection((ip, port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {ip}:{port}")
+
+
+def status(admin):
+    with urllib.request.urlopen(f"http://{admin}/status", timeout=10) as response:
+        return json.load(response)
+
+
+def wait_up_to_date(admin, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        copies = status(admin)["copies"]
+        if all(c["state"] == "up_to_date" and c["dirty_bytes"] == 0 and c["lag_bytes"] == 0 for c in copies):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"copies not up to date: {status(admin)}")
+
+
+class Setup:
+    """A production host and its copies for one configuration; the stores
+    persist across rounds, so only the first start of a copy is a full sync."""
+
+    def __init__(self, scratch, config, binary, secret):
+        self.scratch, self.config, self.binary, self.secret = scratch, config, binary, secret
+        self.processes = []
+        self.volume = os.path.join(scratch, "production.img")
+
+    def start(self, wait=True):
+        mirrors = []
+        for name, ip, options in COPIES[self.config]:
+            port = free_port(ip)
+            store = os.path.join(self.scratch, f"{self.config}-{name}.img")
+            args = [self.binary, "copy-host", "--volume", store, "--size", "1G", "--listen", f"{ip}:{port}",
+                    "--secret-file", self.secret]
+            process = self.spawn(args, f"{self.config}-{name}")
+            wait_listening(ip, port, process)
+            mirrors += ["--mirror", f"{name}={ip}:{port}{options}"]
+        self.port = free_port("127.0.0.1")
+        self.admin = f"127.0.0.1:{free_port('127.0.0.1')}"
+        # Each configuration keeps its own bitmap and mirror state.
+        volume_link = os.path.join(self.scratch, f"{self.config}-production.img")
+        if not os.path.exists(volume_link):
+            os.symlink(self.volume, volume_link)
+        args = [self.binary, "serve", "--volume", volume_link, "--listen", f"127.0.0.1:{self.port}"]
+        if mirrors:
+            args += mirrors + ["--secret-file", self.secret, "--admin", self.admin]
+            if REGION:
+                args += ["--region-size", REGION]
+        process = self.spawn(args, f"{self.config}-production")
+        wait_listening("127.0.0.1", self.port, process)
+        self.production = process
+        if mirrors and wait:
+            wait_up_to_date(self.admin)
+
+    def spawn(self, args, label):
+        log_file = open(os.path.join(self.scratch, f"{label}.log"), "ab")
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log_file,
+                                   env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"})
+        self.processes.append(process)
+        return process
+
+    def stop(self):
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes = []
+
+
+def fio(port, workload):
+    args = ["fio", "--name=bench", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}", "--numjobs=2",
+            "--size=512M", "--offset_increment=512M", "--time_based", f"--runtime={RUNTIME}", "--ramp_time=1",
+            "--group_reporting", "--output-format=json"] + WORKLOAD_ARGS[workload]
+    output = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    report = json.loads(output[output.find("{"):])
+    job = report["jobs"][0]
+    side = "read" if "read" in workload else "write"
+    return job[side]["iops"], job[side]["bw_bytes"] / 1e6
+
+
+def iperf(scratch):
+    server = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.2", "-p", "5299", "-1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    try:
+        output = subprocess.run(["iperf3", "-c", "127.0.0.2", "-p", "5299", "-t", "5", "-J"],
+                                capture_output=True, text=True, check=True).stdout
+        return json.loads(output)["end"]["sum_received"]["bits_per_second"] / 8 / 1e6
+    finally:
+        server.wait(timeout=10)
+
+
+def resync(scratch, binary, secret):
+    """A new copy of a fully written 1 GiB volume: time its initial sync."""
+    setup = Setup(scratch, "resync", binary, secret)
+    COPIES["resync"] = [("fresh", "127.0.0.2", "")]
+    store = os.path.join(scratch, "resync-fresh.img")
+    for leftover in [store, store + ".cmmeta", os.path.join(scratch, "resync-production.img.cmcopies"),
+                     os.path.join(scratch, "resync-production.img.cmbitmap")]:
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    started = time.time()
+    setup.start(wait=False)
+    while status(setup.admin)["copies"][0]["state"] != "up_to_date":
+        if time.time() - started > 600:
+            raise RuntimeError("the new copy never became up to date")
+        time.sleep(0.02)
+    copy = status(setup.admin)["copies"][0]
+    setup.stop()
+    # The pass runs from the "connected" log line to the "up to date" one.
+    stamps = {}
+    with open(os.path.join(scratch, "resync-production.log")) as f:
+        for line in f:
+            for key, text in (("start", "connected to copy"), ("end", "is up to date")):
+                if text in line and key not in stamps:
+                    stamps[key] = line.split()[0]
+    def seconds(stamp):
+        clock = stamp.split("T")[1].rstrip("Z")
+        hours, minutes, rest = clock.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(rest)
+    return copy["resync_bytes_done"], seconds(stamps["end"]) - seconds(stamps["start"])
+
+
+def main():
+    binary = os.environ.get("CM_BIN")
+    if not binary:
+        subprocess.run(["cargo", "build", "--release", "-p", "crossmirror"], cwd=REPO, check=True)
+        binary = os.path.join(REPO, "target/release/crossmirror")
+    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    scratch = tempfile.mkdtemp(prefix="crossmirror-bench-", dir=SCRATCH_PARENT)
+    try:
+        secret = os.path.join(scratch, "secret")
+        with open(secret, "w") as f:
+            f.write(os.urandom(32).hex())
+        os.chmod(secret, 0o600)
+        volume = os.path.join(scratch, "production.img")
+        log("filling the 1 GiB volume from /dev/urandom")
+        subprocess.run(["dd", "if=/dev/urandom", f"of={volume}", "bs=1M", "count=1024", "status=none"], check=True)
+        results = {}
+        for round_number in range(ROUNDS):
+            order = CONFIGS[round_number % len(CONFIGS):] + CONFIGS[:round_number % len(CONFIGS)]
+            for config in order:
+                setup = Setup(scratch, config, binary, secret)
+                log(f"round {round_number + 1}: {config}: starting (copies sync first)")
+                setup.start()
+                try:
+                    for workload in WORKLOADS:
+                        iops, mbs = fio(setup.port, workload)
+                        results.setdefault((config, workload), []).append((iops, mbs))
+                        log(f"round {round_number + 1}: {config} {workload}: {iops:.0f} IOPS {mbs:.1f} MB/s")
+                    if config != "none":
+                        wait_up_to_date(setup.admin)
+                finally:
+                    setup.stop()
+        log("sync: write back what the fio runs left dirty, so it does not throttle the resync")
+        subprocess.run(["sync"], check=True)
+        log("loopback TCP throughput (iperf3, 5 s)")
+        tcp = iperf(scratch)
+        log("resync of 1 GiB (a new copy's full sync)")
+        resynced, seconds = resync(scratch, binary, secret)
+        report = render(results, commit, tcp, resynced, seconds)
+        print(report)
+        if OUT:
+            with open(OUT, "w") as f:
+                f.write(report)
+    finally:
+        if os.environ.get("KEEP") != "1":
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def render(results, commit, tcp, resynced, seconds):
+    lines = [
+        "# Mirroring benchmark",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit}",
+        f"- command: `ROUNDS={ROUNDS} RUNTIME={RUNTIME} CONFIGS='{' '.join(CONFIGS)}' REGION={REGION or 'default'} "
+        "/usr/bin/python3 benches/mirror.py`",
+        "- fio: ioengine=nbd numjobs=2 size=512M offset_increment=512M, buffered server, 1 GiB volume; "
+        "production on 127.0.0.1, copies on 127.0.0.2/127.0.0.3, all on this 2-core machine",
+        f"- medians of {ROUNDS} interleaved rounds",
+        "",
+        "| workload | " + " | ".join(CONFIGS) + " | " + " | ".join(f"{c}/none" for c in CONFIGS if c != "none") + " |",
+        "|---|" + "---:|" * (2 * len(CONFIGS) - 1),
+    ]
+    for workload in WORKLOADS:
+        medians = {c: statistics.median(r[0] for r in results[(c, workload)]) for c in CONFIGS}
+        row = [workload] + [f"{medians[c]:.0f}" for c in CONFIGS]
+        base = medians.get("none")
+        row += [f"{medians[c] / base:.2f}" if base else "-" for c in CONFIGS if c != "none"]
+        lines.append("| " + " | ".join(row) + " |")
+    rate = resynced / seconds / 1e6
+    lines += [
+        "",
+        f"Resync: {resynced / 2**30:.2f} GiB in {seconds:.1f} s (resync pass: 'connected' to 'up to date' in the production log) "
+        f"= {rate:.0f} MB/s; loopback TCP (iperf3, one stream) {tcp:.0f} MB/s; ratio {rate / tcp:.2f}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
