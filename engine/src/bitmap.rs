@@ -407,6 +407,22 @@ impl WriteIntentBitmap {
         });
     }
 
+    /// Set `slot`'s bits for every region `len` bytes at `offset` touch: that
+    /// copy needs those regions resynced (online verify found them
+    /// different). Call [`WriteIntentBitmap::flush`] before relying on it.
+    ///
+    /// # Panics
+    /// When the slot does not exist or the extent runs past the volume's end.
+    pub fn set_range(&self, slot: u32, offset: u64, len: u64) {
+        let Some((first, last)) = self.regions_touched(offset, len) else { return };
+        let mut changes = self.lock_changes();
+        let change = self.count_change(&mut changes);
+        self.stamp_words(first, last, change);
+        self.for_each_word(slot, first, last, |word, mask| {
+            word.fetch_or(mask, Ordering::Release);
+        });
+    }
+
     /// The indices of the regions set in `slot`, in increasing order. Each
     /// word is read once, so bits changed during the walk may or may not show.
     ///

@@ -23,6 +23,7 @@ pub mod range_lock;
 pub mod receiver;
 pub mod replicator;
 pub mod uring;
+pub mod verify;
 pub mod volume;
 
 pub use buffer::{AlignedBuf, BufferPool};

@@ -35,7 +35,7 @@ use crate::error::EngineError;
 use crate::metadata::{format_uuid, StoreState, VolumeMetadata};
 use crate::protocol::auth::{Session, VolumeIdentity};
 use crate::protocol::error::ReplicationError;
-use crate::protocol::frame::{Frame, FrameFlags, FrameHeader, FrameKind};
+use crate::protocol::frame::{Frame, FrameFlags, FrameHeader, FrameKind, WRITE_BYTES_MAX};
 use crate::protocol::sequence::SequenceCheck;
 use crate::volume::{Volume, ZeroMethod};
 
@@ -103,6 +103,16 @@ pub enum Apply {
     },
     /// Make everything applied so far durable.
     Flush,
+    /// Answer with the checksums of `length` bytes at `offset` (online
+    /// verify): the shell reads the extent, after every earlier frame is
+    /// applied, and fills the reply's payload with
+    /// [`crate::verify::chunk_checksums`].
+    Checksum {
+        /// Volume offset in bytes.
+        offset: u64,
+        /// Length in bytes.
+        length: u64,
+    },
 }
 
 /// What the shell does for one accepted frame, in this order: store the
@@ -196,6 +206,7 @@ impl<'counters> Receiver<'counters> {
             FrameKind::Trim => (Some(Apply::Trim { offset, length, fua }), Some(FrameKind::WriteAck)),
             FrameKind::WriteZeroes => (Some(Apply::WriteZeroes { offset, length, fua }), Some(FrameKind::WriteAck)),
             FrameKind::Flush => (Some(Apply::Flush), Some(FrameKind::FlushAck)),
+            FrameKind::ChecksumRequest => (Some(Apply::Checksum { offset, length }), Some(FrameKind::ChecksumReply)),
             FrameKind::Heartbeat => {
                 (None, header.flags.contains(FrameFlags::ACK_REQUESTED).then_some(FrameKind::Heartbeat))
             }
@@ -214,6 +225,7 @@ impl<'counters> Receiver<'counters> {
             | FrameKind::Trim
             | FrameKind::WriteZeroes
             | FrameKind::Flush
+            | FrameKind::ChecksumRequest
             | FrameKind::Heartbeat => return Ok(()),
             FrameKind::Hello | FrameKind::Challenge | FrameKind::Response | FrameKind::Accept | FrameKind::Refuse => {
                 "is a handshake frame, and the handshake is over"
@@ -221,7 +233,6 @@ impl<'counters> Receiver<'counters> {
             FrameKind::WriteAck | FrameKind::FlushAck | FrameKind::ChecksumReply => {
                 "is an answer, and a copy host asks nothing of its production host"
             }
-            FrameKind::ChecksumRequest => "asks for region checksums, which this copy host does not serve yet",
         };
         Err(ReplicationError::Protocol {
             message: format!("{kind:?} frame sequence {} {why}; refused, nothing applied", header.sequence),
@@ -229,6 +240,14 @@ impl<'counters> Receiver<'counters> {
     }
 
     fn check_extent(&self, header: &FrameHeader) -> Result<(), ReplicationError> {
+        if header.kind == FrameKind::ChecksumRequest && header.length > WRITE_BYTES_MAX {
+            return Err(ReplicationError::Protocol {
+                message: format!(
+                    "ChecksumRequest sequence {} asks for {} bytes at once, over the {WRITE_BYTES_MAX}-byte limit; refused",
+                    header.sequence, header.length
+                ),
+            });
+        }
         let end = header.offset + u64::from(header.length);
         if end > self.volume_size {
             return Err(ReplicationError::Protocol {
@@ -256,7 +275,7 @@ impl<'counters> Receiver<'counters> {
     }
 
     fn reply(&self, kind: FrameKind, request: &FrameHeader) -> FrameHeader {
-        let extent = kind == FrameKind::WriteAck;
+        let extent = matches!(kind, FrameKind::WriteAck | FrameKind::ChecksumReply);
         FrameHeader {
             kind,
             // The ack says the write is durable exactly when the frame asked for it.
@@ -329,6 +348,18 @@ fn identity_mismatch(volume: &Path, mirrored: &VolumeIdentity, offered: &VolumeI
     }
 }
 
+/// The payload of the reply to `apply`: the chunk checksums a Checksum
+/// asks for, read from `volume`; empty for every other change.
+pub fn reply_payload(volume: &Volume, apply: &Apply) -> Result<Vec<u8>, EngineError> {
+    match *apply {
+        Apply::Checksum { offset, length } => volume
+            .read_synchronously(offset, length)
+            .map(|data| crate::verify::chunk_checksums(&data))
+            .map_err(|source| EngineError::Io { action: "read an extent to checksum it", source }),
+        _ => Ok(Vec::new()),
+    }
+}
+
 /// Carry out `apply` on `volume` with synchronous system calls, durably
 /// when it carries FUA or is a flush. O_DIRECT volumes are written through an
 /// aligned buffer, with the edge blocks of an unaligned extent read first.
@@ -346,6 +377,7 @@ pub fn apply_synchronously(volume: &Volume, apply: &Apply) -> Result<(), EngineE
             sync_if(volume, *fua)
         }
         Apply::Flush => volume.sync_all().map_err(io_error("apply a flush (fsync)")),
+        Apply::Checksum { .. } => Ok(()),
     }
 }
 
@@ -523,6 +555,24 @@ mod tests {
         );
     }
 
+    /// A checksum request becomes a Checksum command answered by a
+    /// ChecksumReply naming the extent; one over the size limit is refused.
+    #[test]
+    fn checksum_requests_are_answered_in_order_and_bounded() {
+        let counters = ReceiverCounters::default();
+        let mut receiver = Receiver::new(&SESSION, metadata(1, 1), SIZE, &counters);
+        let request = with(frame(FrameKind::ChecksumRequest, 1, 65536, &[]), |header| header.length = 131072);
+        let step = receiver.on_frame(request).unwrap();
+        assert_eq!(step.apply, Some(Apply::Checksum { offset: 65536, length: 131072 }));
+        let reply = step.reply.unwrap();
+        assert_eq!(
+            (reply.kind, reply.sequence, reply.offset, reply.length),
+            (FrameKind::ChecksumReply, 1, 65536, 131072)
+        );
+        let huge = with(frame(FrameKind::ChecksumRequest, 2, 0, &[]), |header| header.length = WRITE_BYTES_MAX + 1);
+        assert_eq!(receiver.on_frame(huge).unwrap_err().kind(), ReplicationErrorKind::Protocol);
+    }
+
     /// Each kind of bad frame is refused with its kind, counted, yields no
     /// command, and closes the receiver to everything after it.
     #[test]
@@ -632,7 +682,7 @@ mod tests {
                 Apply::Trim { offset, length, .. } | Apply::WriteZeroes { offset, length, .. } => {
                     expected[*offset as usize..(*offset + *length) as usize].fill(0)
                 }
-                Apply::Flush => {}
+                Apply::Flush | Apply::Checksum { .. } => {}
             }
         }
         for direct in [false, true] {

@@ -1,6 +1,8 @@
 //! The admin endpoint: `GET /status` answers JSON with every copy's state
-//! and counters. HTTP comes from `tiny_http` (small, synchronous, no async
-//! runtime), on its own thread; it binds loopback unless told otherwise.
+//! and counters; `POST /verify?copy=NAME[&repair=1]` runs an online verify of
+//! that copy and answers its report. HTTP comes from `tiny_http` (small,
+//! synchronous, no async runtime), on its own thread, one request at a time;
+//! it binds loopback unless told otherwise.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -49,16 +51,58 @@ impl Drop for AdminServer {
 
 fn serve(server: &tiny_http::Server, mirror: Option<&Replicator>, volume: &Volume) {
     for request in server.incoming_requests() {
-        let (code, body) = match (request.method(), request.url()) {
-            (tiny_http::Method::Get, "/status") => (200, status_json(mirror, volume).to_string()),
-            (tiny_http::Method::Get, _) => (404, json!({ "error": "not found; try GET /status" }).to_string()),
-            _ => (405, json!({ "error": "only GET is served" }).to_string()),
+        let url = request.url().to_string();
+        let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
+        let (code, body) = match (request.method(), path) {
+            (tiny_http::Method::Get, "/status") => (200, status_json(mirror, volume)),
+            (tiny_http::Method::Post, "/verify") => verify(mirror, query),
+            (tiny_http::Method::Get, _) => (404, json!({ "error": "not found; try GET /status" })),
+            _ => (405, json!({ "error": "GET /status and POST /verify?copy=NAME[&repair=1] are served" })),
         };
+        let body = body.to_string();
         let header = tiny_http::Header::from_bytes("Content-Type", "application/json").expect("a valid header");
         let response = tiny_http::Response::from_string(body + "\n").with_status_code(code).with_header(header);
         if let Err(error) = request.respond(response) {
             tracing::debug!(%error, "admin client went away before its answer");
         }
+    }
+}
+
+/// Run an online verify as the query (`copy=NAME`, `repair=1`) asks.
+fn verify(mirror: Option<&Replicator>, query: &str) -> (u16, serde_json::Value) {
+    let Some(mirror) = mirror else {
+        return (409, json!({ "error": "this volume has no copies to verify" }));
+    };
+    let mut copy = None;
+    let mut repair = false;
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        match pair.split_once('=') {
+            Some(("copy", name)) => copy = Some(name.to_string()),
+            Some(("repair", value)) => repair = matches!(value, "1" | "true" | "yes"),
+            _ => return (400, json!({ "error": format!("unknown query parameter {pair:?}") })),
+        }
+    }
+    let Some(copy) = copy else {
+        return (400, json!({ "error": "name the copy: POST /verify?copy=NAME" }));
+    };
+    match mirror.verify(&copy, repair) {
+        Ok(report) => {
+            let mismatches: Vec<serde_json::Value> = report
+                .mismatches
+                .iter()
+                .map(|(offset, length)| json!({ "offset": offset, "length": length }))
+                .collect();
+            (
+                200,
+                json!({
+                    "copy": report.copy,
+                    "bytes_compared": report.bytes_compared,
+                    "mismatches": mismatches,
+                    "repaired": report.repaired,
+                }),
+            )
+        }
+        Err(error) => (409, json!({ "error": error })),
     }
 }
 

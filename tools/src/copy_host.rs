@@ -31,7 +31,9 @@ use engine::metadata::{format_uuid, load_metadata, metadata_path, store_metadata
 use engine::protocol::auth::{random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, RefuseReason, Session};
 use engine::protocol::frame::{encode_frame, Frame, FrameHeader, HEADER_LEN};
 use engine::protocol::{decode_header, load_secret, verify_payload, ReplicationError, ReplicationErrorKind, Secret};
-use engine::receiver::{adopt_identity, apply_synchronously, identity_for_offer, Receiver, ReceiverCounters};
+use engine::receiver::{
+    adopt_identity, apply_synchronously, identity_for_offer, reply_payload, Receiver, ReceiverCounters,
+};
 use engine::{Volume, VolumeOptions};
 
 use crate::size::parse_size;
@@ -596,8 +598,17 @@ fn receive(connection: &mut Connection<'_>, session: &Session) {
                 return;
             }
         }
-        if let Some(reply) = step.reply {
-            connection.queue(&reply, &[]);
+        if let Some(mut reply) = step.reply {
+            let payload = match step.apply.as_ref().map(|apply| reply_payload(&host.volume, apply)) {
+                Some(Ok(payload)) => payload,
+                None => Vec::new(),
+                Some(Err(error)) => {
+                    tracing::error!(%peer, "cannot answer a checksum request: {error}; closing the connection");
+                    return;
+                }
+            };
+            reply.payload_len = payload.len() as u32;
+            connection.queue(&reply, &payload);
         }
     }
 }

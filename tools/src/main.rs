@@ -6,6 +6,7 @@ mod copy_host;
 mod serve;
 mod size;
 mod status;
+mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,8 @@ enum Command {
     CopyHost(copy_host::CopyHostArgs),
     /// Print a production host's mirror status (from its admin endpoint).
     Status(status::StatusArgs),
+    /// Compare a copy with the production volume while it is in use (online verify).
+    Verify(verify::VerifyArgs),
 }
 
 fn main() {
@@ -43,6 +46,12 @@ fn main() {
         Command::Serve(args) => serve::run(args),
         Command::CopyHost(args) => copy_host::run(args),
         Command::Status(args) => status::run(args),
+        Command::Verify(args) => match verify::run(args) {
+            Ok(true) => Ok(()),
+            // Mismatches found and not repaired: like cmp, exit 1.
+            Ok(false) => std::process::exit(1),
+            Err(error) => Err(error),
+        },
     };
     if let Err(error) = result {
         eprintln!("crossmirror: error: {error:#}");

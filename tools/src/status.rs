@@ -32,17 +32,32 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
 
 /// `GET /status` from `admin`.
 pub fn fetch(admin: SocketAddr) -> anyhow::Result<serde_json::Value> {
-    let url = format!("http://{admin}/status");
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
-    let body = agent
-        .get(&url)
-        .call()
-        .with_context(|| {
-            format!("cannot reach the admin endpoint {url}; is `crossmirror serve --admin {admin}` running?")
-        })?
-        .into_string()
-        .context("reading the status")?;
-    serde_json::from_str(&body).with_context(|| format!("{url} answered something that is not status JSON"))
+    request(admin, "GET", "/status", Duration::from_secs(10))
+}
+
+/// Send `method path` to the admin endpoint and parse its JSON answer; an
+/// error status turns into an error with the endpoint's message.
+pub fn request(admin: SocketAddr, method: &str, path: &str, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+    let url = format!("http://{admin}{path}");
+    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+    let response = match agent.request(method, &url).call() {
+        Ok(response) => response,
+        Err(ureq::Error::Status(code, response)) => {
+            let body = response.into_string().unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|value| value["error"].as_str().map(str::to_string))
+                .unwrap_or(body);
+            anyhow::bail!("{url}: {code}: {message}");
+        }
+        Err(error) => {
+            return Err(error).with_context(|| {
+                format!("cannot reach the admin endpoint {url}; is `crossmirror serve --admin {admin}` running?")
+            })
+        }
+    };
+    let body = response.into_string().context("reading the answer")?;
+    serde_json::from_str(&body).with_context(|| format!("{url} answered something that is not JSON"))
 }
 
 /// The status as a table, one row per copy; a syncing copy gets a progress bar.

@@ -20,6 +20,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,8 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// takes no bytes this long, is declared lost (like DRBD's `timeout`): sync
 /// writes wait at most about this long for a dead copy.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long verify waits for writes to an extent to pause.
+const VERIFY_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// What a copy looks like from the production host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +139,8 @@ struct Outgoing {
     snapshot: Option<(u64, Vec<u64>)>,
     /// The Flush that ends a resync pass.
     ends_resync: bool,
+    /// A ChecksumRequest's waiting verifier.
+    reply: Option<SyncSender<Vec<u8>>>,
 }
 
 /// A frame sent and not yet acknowledged.
@@ -149,6 +154,7 @@ struct Unacked {
     sent_at: Instant,
     snapshot: Option<(u64, Vec<u64>)>,
     ends_resync: bool,
+    reply: Option<SyncSender<Vec<u8>>>,
 }
 
 #[derive(Debug)]
@@ -348,6 +354,7 @@ impl Link {
             resync: false,
             snapshot,
             ends_resync: false,
+            reply: None,
         });
         self.notify(&inner);
     }
@@ -357,6 +364,82 @@ impl Link {
         inner.touched.clear();
         inner.clear_candidates.clear();
         inner.clear_epoch += 1;
+    }
+
+    /// Online verify of one extent: the chunks whose checksums differ
+    /// between the local store and the copy. Waits until no write to the
+    /// extent is in flight, then, holding the link lock and the in-flight
+    /// table (so no write to it can start or be shipped), reads it locally
+    /// and queues the ChecksumRequest behind every change shipped so far.
+    pub(crate) fn verify_extent(&self, offset: u64, length: u64) -> Result<Vec<(u64, u64)>, String> {
+        let deadline = Instant::now() + VERIFY_WAIT_MAX;
+        let (local, answer) = loop {
+            let mut inner = self.lock();
+            if inner.state != CopyState::UpToDate {
+                return Err(format!(
+                    "copy {} is {}; verify compares an up_to_date copy only",
+                    self.config.name,
+                    inner.state.as_str()
+                ));
+            }
+            let inflight = self.shared.inflight();
+            if self.shared.regions(offset, length).any(|region| inflight.contains_key(&region)) {
+                drop(inflight);
+                drop(inner);
+                if Instant::now() > deadline {
+                    return Err(format!("writes to bytes {offset}..{} never paused; verify gave up", offset + length));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            let data = self
+                .shared
+                .volume
+                .read_synchronously(offset, length)
+                .map_err(|error| format!("reading bytes {offset}..{} locally: {error}", offset + length))?;
+            drop(inflight);
+            let (sender, answer) = sync_channel(1);
+            inner.queue.push_back(Outgoing {
+                kind: FrameKind::ChecksumRequest,
+                flags: FrameFlags::NONE,
+                offset,
+                length: length as u32,
+                payload: None,
+                ticket: None,
+                lag: 0,
+                resync: false,
+                snapshot: None,
+                ends_resync: false,
+                reply: Some(sender),
+            });
+            self.notify(&inner);
+            break (crate::verify::chunk_checksums(&data), answer);
+        };
+        let remote = answer
+            .recv_timeout(ACK_TIMEOUT * 2)
+            .map_err(|_| format!("copy {} did not answer a checksum request (connection lost?)", self.config.name))?;
+        Ok(crate::verify::mismatches(offset, length, &local, &remote))
+    }
+
+    /// Resync the given byte ranges: mark them in this copy's slot, durably,
+    /// record the copy `syncing`, and start a resync pass.
+    pub(crate) fn repair(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
+        let mut inner = self.lock();
+        self.shared
+            .record(self.slot, RecordedState::Syncing)
+            .map_err(|error| format!("cannot record copy {} syncing: {error}", self.config.name))?;
+        for &(offset, length) in ranges {
+            self.shared.bitmap.set_range(self.slot, offset, length);
+        }
+        self.shared.bitmap.flush().map_err(|error| format!("cannot mark the regions to repair: {error}"))?;
+        if matches!(inner.state, CopyState::UpToDate | CopyState::Syncing) {
+            inner.state = CopyState::Syncing;
+            self.start_resync_pass(&mut inner);
+        }
+        tracing::warn!(copy = %self.config.name, regions = ranges.len(),
+            "verify found {} mismatching chunks on copy {}; resyncing them", ranges.len(), self.config.name);
+        self.notify(&inner);
+        Ok(())
     }
 
     /// The link thread: connect, serve the connection, tear down, repeat.
@@ -574,6 +657,7 @@ impl Link {
                         sent_at: Instant::now(),
                         snapshot: outgoing.snapshot,
                         ends_resync: outgoing.ends_resync,
+                        reply: outgoing.reply,
                     });
                     batch.push((header, outgoing.payload));
                 }
@@ -656,6 +740,7 @@ impl Link {
             resync: true,
             snapshot: None,
             ends_resync: false,
+            reply: None,
         });
         self.counters.resync_bytes_done.fetch_add(length, Ordering::Relaxed);
         Ok(length)
@@ -674,6 +759,7 @@ impl Link {
             resync: false,
             snapshot: Some(snapshot),
             ends_resync,
+            reply: None,
         });
     }
 
@@ -698,7 +784,7 @@ impl Link {
                 },
                 Err(error) => break self.rejected(&error),
             };
-            if let Err(error) = self.on_ack(&frame.header, session, connection) {
+            if let Err(error) = self.on_ack(&frame.header, frame.payload, session, connection) {
                 break self.rejected(&error);
             }
         };
@@ -720,7 +806,13 @@ impl Link {
         format!("refused a frame: {error}")
     }
 
-    fn on_ack(&self, header: &FrameHeader, session: u64, connection: u64) -> Result<(), ReplicationError> {
+    fn on_ack(
+        &self,
+        header: &FrameHeader,
+        payload: Vec<u8>,
+        session: u64,
+        connection: u64,
+    ) -> Result<(), ReplicationError> {
         if header.session != session {
             return Err(ReplicationError::WrongSession {
                 kind: header.kind,
@@ -731,7 +823,7 @@ impl Link {
         if header.kind == FrameKind::Heartbeat {
             return Ok(());
         }
-        if !matches!(header.kind, FrameKind::WriteAck | FrameKind::FlushAck) {
+        if !matches!(header.kind, FrameKind::WriteAck | FrameKind::FlushAck | FrameKind::ChecksumReply) {
             return Err(ReplicationError::Protocol {
                 message: format!("a copy host sends only acknowledgements, not {:?} frames", header.kind),
             });
@@ -748,7 +840,11 @@ impl Link {
                 ),
             });
         };
-        let expected_kind = if front.kind == FrameKind::Flush { FrameKind::FlushAck } else { FrameKind::WriteAck };
+        let expected_kind = match front.kind {
+            FrameKind::Flush => FrameKind::FlushAck,
+            FrameKind::ChecksumRequest => FrameKind::ChecksumReply,
+            _ => FrameKind::WriteAck,
+        };
         if front.sequence != header.sequence || header.kind != expected_kind {
             return Err(ReplicationError::Protocol {
                 message: format!(
@@ -765,6 +861,10 @@ impl Link {
         }
         if let Some(ticket) = acked.ticket {
             ticket.release(0);
+        }
+        if let Some(reply) = acked.reply {
+            // The verifier may have given up waiting; then nobody needs it.
+            let _ = reply.try_send(payload);
         }
         if let Some((epoch, regions)) = acked.snapshot {
             if epoch == inner.clear_epoch {

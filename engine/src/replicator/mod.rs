@@ -152,6 +152,19 @@ impl Change<'_> {
     }
 }
 
+/// What an online verify found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// The copy compared.
+    pub copy: String,
+    /// Bytes compared (the whole volume).
+    pub bytes_compared: u64,
+    /// The byte ranges (offset, length) whose checksums differ.
+    pub mismatches: Vec<(u64, u64)>,
+    /// Whether a resync of the mismatching ranges was started.
+    pub repaired: bool,
+}
+
 /// Whether a shipped change may be acknowledged now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shipped {
@@ -450,6 +463,32 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    /// Online verify of the copy `name`: compare the checksums of every
+    /// region with the copy's while the volume stays in use; with `repair`,
+    /// resync the regions that differ.
+    pub fn verify(&self, name: &str, repair: bool) -> Result<VerifyReport, String> {
+        let link = self
+            .links
+            .iter()
+            .find(|link| link.name() == name)
+            .ok_or_else(|| format!("there is no copy named {name:?}"))?;
+        let size = self.shared.volume.size();
+        let step = self.shared.bitmap.region_bytes().max(crate::verify::CHUNK_BYTES);
+        let mut mismatches = Vec::new();
+        let mut offset = 0;
+        while offset < size {
+            let length = step.min(size - offset);
+            mismatches.extend(link.verify_extent(offset, length)?);
+            offset += length;
+        }
+        tracing::info!(copy = name, mismatches = mismatches.len(), "verify of copy {name} compared {size} bytes");
+        let repaired = repair && !mismatches.is_empty();
+        if repaired {
+            link.repair(&mismatches)?;
+        }
+        Ok(VerifyReport { copy: name.to_string(), bytes_compared: size, mismatches, repaired })
     }
 
     /// Every copy's status, in configuration order.
