@@ -182,6 +182,13 @@ struct Shipping {
     fua: bool,
 }
 
+impl Shipping {
+    /// A WRITE of the client's bytes in `span`.
+    fn write(span: &Span, fua: bool) -> Shipping {
+        Shipping { command: CMD_WRITE, offset: span.file_offset + span.head, len: span.len, fua }
+    }
+}
+
 /// A WRITE whose payload is still arriving.
 struct Incoming {
     header: RequestHeader,
@@ -216,9 +223,7 @@ impl LockedWork {
     /// What to ship once the local part is done.
     fn shipping(&self) -> Shipping {
         match *self {
-            LockedWork::Write { span, fua, .. } => {
-                Shipping { command: CMD_WRITE, offset: span.file_offset + span.head, len: span.len, fua }
-            }
+            LockedWork::Write { span, fua, .. } => Shipping::write(&span, fua),
             LockedWork::Trim { offset, len, fua, .. } => Shipping { command: CMD_TRIM, offset, len, fua },
             LockedWork::Zero { offset, len, fua, .. } => Shipping { command: CMD_WRITE_ZEROES, offset, len, fua },
         }
@@ -820,8 +825,7 @@ impl Connection {
                 if self.volume.is_direct() && (span.partial_head() || span.partial_tail()) {
                     if let Err(error) = self.volume.fill_edges(&span, &mut buf) {
                         tracing::warn!(%error, offset = span.file_offset, "reading edge blocks for an unaligned write failed");
-                        let offset = span.file_offset + span.head;
-                        self.abandon(&Shipping { command: CMD_WRITE, offset, len: span.len, fua });
+                        self.abandon(&Shipping::write(&span, fua));
                         self.unlock(lock);
                         self.pool.give(buf);
                         self.reply_error(cookie, CMD_WRITE, errno_to_nbd(error.raw_os_error().unwrap_or(libc::EIO)));
@@ -887,7 +891,7 @@ impl Connection {
         done: u64,
         result: i32,
     ) {
-        let shipping = Shipping { command: CMD_WRITE, offset: span.file_offset + span.head, len: span.len, fua };
+        let shipping = Shipping::write(&span, fua);
         if result <= 0 {
             self.abandon(&shipping);
             self.unlock(lock);
@@ -1075,12 +1079,7 @@ impl Connection {
                 self.reply_error(cookie, CMD_READ, EIO);
             }
             Op::Write { cookie, buf, lock, span, fua, .. } => {
-                self.abandon(&Shipping {
-                    command: CMD_WRITE,
-                    offset: span.file_offset + span.head,
-                    len: span.len,
-                    fua,
-                });
+                self.abandon(&Shipping::write(&span, fua));
                 self.unlock(lock);
                 self.pool.give(buf);
                 self.reply_error(cookie, CMD_WRITE, EIO);

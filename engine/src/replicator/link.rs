@@ -605,6 +605,14 @@ impl Link {
                             return;
                         }
                     }
+                    // Flush every CLEAN_INTERVAL, during a resync too, so bits
+                    // clear as their regions become durable on the copy.
+                    let flush_due = !(inner.touched.is_empty() && inner.clear_candidates.is_empty())
+                        && inner.last_flush.elapsed() >= CLEAN_INTERVAL;
+                    if flush_due {
+                        self.queue_flush(&mut inner, false);
+                        break;
+                    }
                     if inner.resync_next.is_some()
                         && inner.lag_bytes + inner.resync_bytes_outstanding < self.resync_window()
                     {
@@ -623,12 +631,6 @@ impl Link {
                         }
                         inner = self.wait(inner, pause);
                         continue;
-                    }
-                    let flush_due = !(inner.touched.is_empty() && inner.clear_candidates.is_empty())
-                        && inner.last_flush.elapsed() >= CLEAN_INTERVAL;
-                    if flush_due {
-                        self.queue_flush(&mut inner, false);
-                        break;
                     }
                     if last_sent.elapsed() >= HEARTBEAT_INTERVAL {
                         break;
