@@ -13,7 +13,7 @@ use engine::protocol::auth::VolumeIdentity;
 use engine::protocol::frame::{encode_frame, FrameFlags, FrameKind};
 use engine::protocol::{load_secret, ReplicationErrorKind};
 use engine::replicator::connect::CopyConnection;
-use system_tests::{free_port_on, random_bytes, wait_until, write_secret, Process, Scratch};
+use system_tests::{binary, free_port_on, random_bytes, wait_until, write_secret, Process, Scratch};
 
 const SIZE: u64 = 8 << 20;
 
@@ -22,6 +22,7 @@ struct Host {
     volume: PathBuf,
     secret: PathBuf,
     address: SocketAddr,
+    admin: SocketAddr,
     process: Process,
 }
 
@@ -30,12 +31,24 @@ fn copy_host(label: &str) -> Host {
     let secret = write_secret(&scratch, "secret", 11);
     let volume = scratch.join("copy.img");
     let address: SocketAddr = format!("127.0.0.2:{}", free_port_on("127.0.0.2")).parse().unwrap();
-    let (volume_text, secret_text, listen) =
-        (volume.display().to_string(), secret.display().to_string(), address.to_string());
-    let args =
-        ["copy-host", "--volume", &volume_text, "--size", "8M", "--listen", &listen, "--secret-file", &secret_text];
+    let admin: SocketAddr = format!("127.0.0.2:{}", free_port_on("127.0.0.2")).parse().unwrap();
+    let (volume_text, secret_text, listen, admin_text) =
+        (volume.display().to_string(), secret.display().to_string(), address.to_string(), admin.to_string());
+    let args = [
+        "copy-host",
+        "--volume",
+        &volume_text,
+        "--size",
+        "8M",
+        "--listen",
+        &listen,
+        "--secret-file",
+        &secret_text,
+        "--admin",
+        &admin_text,
+    ];
     let process = Process::start(&scratch, &args, address);
-    Host { scratch, volume, secret, address, process }
+    Host { scratch, volume, secret, address, admin, process }
 }
 
 fn identity() -> VolumeIdentity {
@@ -62,6 +75,19 @@ fn contents(host: &Host) -> Vec<u8> {
     std::fs::read(&host.volume).unwrap()
 }
 
+/// The copy host's `GET /status`, through `crossmirror status --json`.
+fn status(host: &Host) -> serde_json::Value {
+    let admin = host.admin.to_string();
+    let text = system_tests::run(binary().to_str().unwrap(), &["status", "--admin", &admin, "--json"]);
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The copy host counted exactly `rejected` refused frames.
+fn assert_rejected(host: &Host, rejected: u64) {
+    let counted = wait_until(Duration::from_secs(5), || status(host)["frames_rejected"] == rejected);
+    assert!(counted, "frames_rejected is not {rejected}: {}", status(host));
+}
+
 fn wait_for_log(host: &Host, text: &str) {
     let found = wait_until(Duration::from_secs(5), || host.process.log().contains(text));
     assert!(found, "the copy host never logged {text:?}:\n{}", host.process.log());
@@ -84,6 +110,10 @@ fn authenticated_writes_are_applied_in_order() {
     expected[8192..8192 + 11].copy_from_slice(b"overwritten");
     assert!(contents(&host) == expected, "the copy's store differs from the writes sent");
     assert!(host.process.log().contains("now mirrors uuid"), "{}", host.process.log());
+    let status = status(&host);
+    assert_eq!(status["frames_accepted"], 3, "{status}");
+    assert_eq!(status["frames_rejected"], 0, "{status}");
+    assert_eq!(status["write_bytes_accepted"], 10_011, "{status}");
 }
 
 /// A production host with another secret is refused during the handshake:
@@ -99,6 +129,7 @@ fn wrong_secret_is_refused() {
     assert_eq!(error.kind(), ReplicationErrorKind::AuthFailed, "{error}");
     wait_for_log(&host, "wrong secret");
     wait_for_log(&host, "frames_rejected=1");
+    assert_rejected(&host, 1);
     assert!(contents(&host).iter().all(|byte| *byte == 0));
 }
 
@@ -121,6 +152,7 @@ fn corrupt_frame_is_refused_and_not_applied() {
     assert!(connection.receive().is_err(), "the copy must close the connection");
     wait_for_log(&host, "corrupt frame");
     wait_for_log(&host, "nothing of it was applied");
+    assert_rejected(&host, 1);
     let stored = contents(&host);
     assert_eq!(&stored[..4], b"good");
     assert!(stored[65536..65536 + 4096].iter().all(|byte| *byte == 0), "the corrupt write was applied");
@@ -143,6 +175,7 @@ fn replayed_frame_is_refused() {
     connection.send(&header, b"first").unwrap();
     assert!(connection.receive().is_err(), "the copy must close the connection");
     wait_for_log(&host, "replayed or out-of-order frame");
+    assert_rejected(&host, 1);
     assert_eq!(&contents(&host)[..6], b"second");
 }
 

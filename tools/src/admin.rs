@@ -1,8 +1,9 @@
-//! The admin endpoint: `GET /status` answers JSON with every copy's state
-//! and counters; `POST /verify?copy=NAME[&repair=1]` runs an online verify of
-//! that copy and answers its report. HTTP comes from `tiny_http` (small,
-//! synchronous, no async runtime), on its own thread, one request at a time;
-//! it binds loopback unless told otherwise.
+//! The admin endpoint. On a production host `GET /status` answers JSON with
+//! every copy's state and counters, and `POST /verify?copy=NAME[&repair=1]`
+//! runs an online verify of that copy; on a copy host `GET /status` answers
+//! what it mirrors and its frame counters. HTTP comes from `tiny_http`
+//! (small, synchronous, no async runtime), on its own thread, one request at
+//! a time; it binds loopback unless told otherwise.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,9 @@ use engine::replicator::{CopyStatus, Replicator};
 use engine::Volume;
 use serde_json::json;
 
+/// What answers a request: (method, path, query) to (status code, JSON).
+pub type Handler = Box<dyn Fn(&tiny_http::Method, &str, &str) -> (u16, serde_json::Value) + Send>;
+
 /// A running admin endpoint; stopped on drop.
 pub struct AdminServer {
     server: Arc<tiny_http::Server>,
@@ -20,12 +24,23 @@ pub struct AdminServer {
 }
 
 impl AdminServer {
-    /// Serve `GET /status` on `address`.
-    pub fn start(
+    /// Serve a production host's `GET /status` and `POST /verify` on `address`.
+    pub fn production(
         address: SocketAddr,
         mirror: Option<Arc<Replicator>>,
         volume: Arc<Volume>,
     ) -> anyhow::Result<AdminServer> {
+        let handler: Handler = Box::new(move |method, path, query| match (method, path) {
+            (tiny_http::Method::Get, "/status") => (200, status_json(mirror.as_deref(), &volume)),
+            (tiny_http::Method::Post, "/verify") => verify(mirror.as_deref(), query),
+            (tiny_http::Method::Get, _) => (404, json!({ "error": "not found; try GET /status" })),
+            _ => (405, json!({ "error": "GET /status and POST /verify?copy=NAME[&repair=1] are served" })),
+        });
+        AdminServer::start(address, handler)
+    }
+
+    /// Serve requests on `address` with `handler`.
+    pub fn start(address: SocketAddr, handler: Handler) -> anyhow::Result<AdminServer> {
         let server = tiny_http::Server::http(address)
             .map_err(|error| anyhow::anyhow!("{error}"))
             .with_context(|| format!("cannot serve the admin endpoint on {address}"))?;
@@ -33,7 +48,7 @@ impl AdminServer {
         let serving = server.clone();
         let thread = std::thread::Builder::new()
             .name("admin".into())
-            .spawn(move || serve(&serving, mirror.as_deref(), &volume))
+            .spawn(move || serve(&serving, &handler))
             .context("starting the admin thread")?;
         tracing::info!(%address, "admin endpoint: GET http://{address}/status");
         Ok(AdminServer { server, thread: Some(thread) })
@@ -49,16 +64,11 @@ impl Drop for AdminServer {
     }
 }
 
-fn serve(server: &tiny_http::Server, mirror: Option<&Replicator>, volume: &Volume) {
+fn serve(server: &tiny_http::Server, handler: &Handler) {
     for request in server.incoming_requests() {
         let url = request.url().to_string();
         let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
-        let (code, body) = match (request.method(), path) {
-            (tiny_http::Method::Get, "/status") => (200, status_json(mirror, volume)),
-            (tiny_http::Method::Post, "/verify") => verify(mirror, query),
-            (tiny_http::Method::Get, _) => (404, json!({ "error": "not found; try GET /status" })),
-            _ => (405, json!({ "error": "GET /status and POST /verify?copy=NAME[&repair=1] are served" })),
-        };
+        let (code, body) = handler(request.method(), path, query);
         let body = body.to_string();
         let header = tiny_http::Header::from_bytes("Content-Type", "application/json").expect("a valid header");
         let response = tiny_http::Response::from_string(body + "\n").with_status_code(code).with_header(header);

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use engine::metadata::{format_uuid, load_metadata, metadata_path, store_metadata, VolumeMetadata};
+use engine::metadata::{format_uuid, load_metadata, metadata_path, store_metadata, StoreState, VolumeMetadata};
 use engine::protocol::auth::{random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, RefuseReason, Session};
 use engine::protocol::frame::{encode_frame, Frame, FrameHeader, HEADER_LEN};
 use engine::protocol::{decode_header, load_secret, verify_payload, ReplicationError, ReplicationErrorKind, Secret};
@@ -36,6 +36,7 @@ use engine::receiver::{
 };
 use engine::{Volume, VolumeOptions};
 
+use crate::admin;
 use crate::size::parse_size;
 
 /// How long a peer may take from connecting to a completed handshake.
@@ -70,6 +71,10 @@ pub struct CopyHostArgs {
     /// Open the volume with O_DIRECT (bypass the page cache).
     #[arg(long)]
     direct: bool,
+    /// Serve `GET /status` (JSON: what this copy mirrors, its state and
+    /// frame counters) over HTTP on this address.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
 }
 
 /// What every connection thread shares.
@@ -86,6 +91,28 @@ struct Host {
 }
 
 impl Host {
+    /// The copy host's `GET /status` document.
+    fn status_json(&self) -> serde_json::Value {
+        let metadata = *self.metadata();
+        let production = *self.session_holder.lock().unwrap_or_else(PoisonError::into_inner);
+        serde_json::json!({
+            "role": "copy",
+            "volume": self.volume.path().display().to_string(),
+            "size": self.volume.size(),
+            "mirrors": metadata.identity.map(|identity| format_uuid(&identity.uuid)),
+            "store_state": match metadata.state {
+                StoreState::Consistent => "consistent",
+                StoreState::Syncing => "syncing",
+            },
+            "generation": metadata.generation,
+            "epoch_promised": metadata.epoch_promised,
+            "production": production.map(|peer| peer.to_string()),
+            "frames_accepted": self.counters.frames_accepted(),
+            "frames_rejected": self.counters.frames_rejected(),
+            "write_bytes_accepted": self.counters.write_bytes_accepted(),
+        })
+    }
+
     fn metadata(&self) -> MutexGuard<'_, VolumeMetadata> {
         self.metadata.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -161,7 +188,19 @@ pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
         shutdown,
         session_holder: Mutex::new(None),
     });
+    let admin = match args.admin {
+        Some(address) => {
+            let status_host = host.clone();
+            let handler: admin::Handler = Box::new(move |method, path, _query| match (method, path) {
+                (tiny_http::Method::Get, "/status") => (200, status_host.status_json()),
+                _ => (404, serde_json::json!({ "error": "a copy host serves GET /status only" })),
+            });
+            Some(admin::AdminServer::start(address, handler)?)
+        }
+        None => None,
+    };
     let threads = accept_until_shutdown(&host, &listener);
+    drop(admin);
     tracing::info!(connections = threads.len(), "shutting down: finishing the frame being applied");
     for thread in threads {
         let _ = thread.join();

@@ -126,7 +126,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         "serving"
     );
     let admin = match args.admin {
-        Some(address) => Some(admin::AdminServer::start(address, mirror.clone(), volume.clone())?),
+        Some(address) => Some(admin::AdminServer::production(address, mirror.clone(), volume.clone())?),
         None => None,
     };
     let served = server.run();

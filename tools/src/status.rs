@@ -60,8 +60,12 @@ pub fn request(admin: SocketAddr, method: &str, path: &str, timeout: Duration) -
     serde_json::from_str(&body).with_context(|| format!("{url} answered something that is not JSON"))
 }
 
-/// The status as a table, one row per copy; a syncing copy gets a progress bar.
+/// The status as a table, one row per copy; a syncing copy gets a progress
+/// bar. A copy host's status is a few lines about itself.
 pub fn table(status: &serde_json::Value) -> String {
+    if status["role"] == "copy" {
+        return copy_host_lines(status);
+    }
     let mut out = format!(
         "volume {} ({} bytes)\n",
         status["volume"].as_str().unwrap_or("?"),
@@ -96,6 +100,28 @@ pub fn table(status: &serde_json::Value) -> String {
         }
     }
     out
+}
+
+fn copy_host_lines(status: &serde_json::Value) -> String {
+    let text = |field: &str| match &status[field] {
+        serde_json::Value::String(text) => text.clone(),
+        serde_json::Value::Null => "-".to_string(),
+        other => other.to_string(),
+    };
+    format!(
+        "copy host, volume {} ({} bytes)\nmirrors {}  store {}  generation {}  epoch {}\n\
+         production {}  frames accepted {}  rejected {}  written {}\n",
+        text("volume"),
+        text("size"),
+        text("mirrors"),
+        text("store_state"),
+        text("generation"),
+        text("epoch_promised"),
+        text("production"),
+        text("frames_accepted"),
+        text("frames_rejected"),
+        human(status["write_bytes_accepted"].as_u64().unwrap_or(0)),
+    )
 }
 
 fn bar(done: u64, total: u64) -> String {
