@@ -37,6 +37,17 @@ struct Mirror {
 impl Mirror {
     /// Start `copies` (name, ip, options such as "mode=async") and a production host mirroring to them.
     fn start(label: &str, copies: &[(&str, &str, &str)], extra: &[&str]) -> Mirror {
+        Mirror::start_with(label, copies, extra, |_, _| {})
+    }
+
+    /// Like [`Mirror::start`], with `prepare` called on the production
+    /// volume's path and the copies' store paths before anything starts.
+    fn start_with(
+        label: &str,
+        copies: &[(&str, &str, &str)],
+        extra: &[&str],
+        prepare: impl FnOnce(&std::path::Path, &[PathBuf]),
+    ) -> Mirror {
         let scratch = Scratch::new(label);
         let secret = write_secret(&scratch, "secret", 7);
         let volume = scratch.join("production.img");
@@ -50,6 +61,9 @@ impl Mirror {
             copies: Vec::new(),
             scratch,
         };
+        let stores: Vec<PathBuf> =
+            copies.iter().map(|(name, _, _)| mirror.scratch.join(&format!("copy-{name}.img"))).collect();
+        prepare(&mirror.volume, &stores);
         let mut mirrors = Vec::new();
         for (name, ip, options) in copies {
             let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
@@ -381,5 +395,29 @@ fn verify_finds_a_flipped_byte_and_repair_fixes_it() {
     let (code, text) = verify(&mirror, "east", false);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("0 mismatching"), "{text}");
+    mirror.stop_and_compare();
+}
+
+/// Checksum resync: a new copy whose store already holds the volume but for
+/// one flipped byte gets only the 64 KiB chunk that differs; every other
+/// region moves as a checksum.
+#[test]
+fn checksum_resync_sends_only_the_chunks_that_differ() {
+    if !tools() {
+        return;
+    }
+    let flipped_at: usize = (5 << 20) + 7;
+    let prepare = |volume: &std::path::Path, stores: &[PathBuf]| {
+        let mut data = system_tests::random_bytes(64 << 20, 42);
+        std::fs::write(volume, &data).unwrap();
+        data[flipped_at] ^= 0x5a;
+        std::fs::write(&stores[0], &data).unwrap();
+    };
+    let mirror =
+        Mirror::start_with("mirror-checksum-resync", &[("east", "127.0.0.2", "")], &["--resync-checksums"], prepare);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let east = mirror.copy_status("east");
+    assert_eq!(east["resync_bytes_total"], 64 << 20, "a new copy is checked whole: {east}");
+    assert_eq!(east["bytes_shipped"], 64 << 10, "only the chunk with the flipped byte moves: {east}");
     mirror.stop_and_compare();
 }

@@ -65,6 +65,13 @@ pub struct ServeArgs {
     /// Resync bytes per second per copy; 0 means unlimited.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     resync_rate_max: u64,
+    /// Resync by checksum: compare each dirty region's 64 KiB chunk CRC32s
+    /// with the copy's and send only the chunks that differ (less traffic,
+    /// one more read on each side). For a new copy that already holds most
+    /// of the data, e.g. restored from a backup or created empty like an
+    /// empty volume.
+    #[arg(long)]
+    resync_checksums: bool,
 }
 
 /// Parse `NAME=HOST:PORT[,mode=sync|async][,lag_bytes_max=SIZE]`.
@@ -180,6 +187,7 @@ fn start_mirror(args: &ServeArgs, volume: &Arc<Volume>) -> anyhow::Result<Option
         generation,
         epoch: 1,
         resync_rate_max: args.resync_rate_max,
+        resync_checksums: args.resync_checksums,
     };
     let replicator = Replicator::start(volume.clone(), Arc::new(bitmap), Arc::new(store), config)?;
     for copy in &args.mirrors {

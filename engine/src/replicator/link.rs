@@ -141,6 +141,8 @@ struct Outgoing {
     ends_resync: bool,
     /// A ChecksumRequest's waiting verifier.
     reply: Option<SyncSender<Vec<u8>>>,
+    /// A resync checksum pass's request: the local chunk checksums.
+    resync_check: Option<Vec<u8>>,
 }
 
 /// A frame sent and not yet acknowledged.
@@ -155,6 +157,9 @@ struct Unacked {
     snapshot: Option<(u64, Vec<u64>)>,
     ends_resync: bool,
     reply: Option<SyncSender<Vec<u8>>>,
+    resync_check: Option<Vec<u8>>,
+    offset: u64,
+    length: u32,
 }
 
 #[derive(Debug)]
@@ -180,6 +185,8 @@ struct Inner {
     resync_next: Option<u64>,
     /// The pass's last Flush is queued; waiting for its ack.
     resync_flush_queued: bool,
+    /// Checksum-pass requests not answered yet; the pass ends after them.
+    resync_checks_outstanding: u32,
     last_flush: Instant,
     /// The connection failed; the sender tears it down.
     broken: bool,
@@ -216,6 +223,7 @@ impl Link {
                 waiters: 0,
                 resync_next: None,
                 resync_flush_queued: false,
+                resync_checks_outstanding: 0,
                 last_flush: Instant::now(),
                 broken: false,
             }),
@@ -355,6 +363,7 @@ impl Link {
             snapshot,
             ends_resync: false,
             reply: None,
+            resync_check: None,
         });
         self.notify(&inner);
     }
@@ -411,6 +420,7 @@ impl Link {
                 snapshot: None,
                 ends_resync: false,
                 reply: Some(sender),
+                resync_check: None,
             });
             self.notify(&inner);
             break (crate::verify::chunk_checksums(&data), answer);
@@ -562,6 +572,7 @@ impl Link {
         }
         inner.lag_bytes = 0;
         inner.resync_bytes_outstanding = 0;
+        inner.resync_checks_outstanding = 0;
         inner.resync_next = None;
         inner.broken = false;
         inner.connection += 1;
@@ -619,8 +630,12 @@ impl Link {
                         let pause = self.resync_pause(resync_started, resync_sent);
                         if pause.is_zero() {
                             match self.queue_resync(&mut inner) {
-                                Ok(sent) => {
+                                Ok(Some(sent)) => {
                                     resync_sent += sent;
+                                    continue;
+                                }
+                                Ok(None) => {
+                                    inner = self.wait(inner, Duration::from_millis(10));
                                     continue;
                                 }
                                 Err(error) => {
@@ -660,6 +675,9 @@ impl Link {
                         snapshot: outgoing.snapshot,
                         ends_resync: outgoing.ends_resync,
                         reply: outgoing.reply,
+                        resync_check: outgoing.resync_check,
+                        offset: outgoing.offset,
+                        length: outgoing.length,
                     });
                     batch.push((header, outgoing.payload));
                 }
@@ -700,20 +718,26 @@ impl Link {
         due.saturating_sub(started.elapsed())
     }
 
-    /// Queue the next dirty region's data, or the pass's closing Flush.
-    /// Runs under the link lock, so no write to the region is shipped
-    /// between the read and the queueing. Returns the bytes queued.
-    fn queue_resync(&self, inner: &mut Inner) -> std::io::Result<u64> {
+    /// Queue the next dirty region's data (or, in a checksum pass, a
+    /// checksum request for it), or the pass's closing Flush. Runs under the
+    /// link lock, so no write to the region is shipped between the read and
+    /// the queueing. Returns the bytes queued, or `None` when the pass waits
+    /// for checksum answers.
+    fn queue_resync(&self, inner: &mut Inner) -> std::io::Result<Option<u64>> {
         let next = inner.resync_next.expect("a pass is running");
         let region_bytes = self.shared.bitmap.region_bytes();
         let region = self.shared.bitmap.dirty_regions(self.slot).find(|region| *region >= next);
         let Some(region) = region else {
+            if inner.resync_checks_outstanding > 0 {
+                // A checksum answer may still queue data; end the pass after it.
+                return Ok(None);
+            }
             inner.resync_next = None;
             if !inner.resync_flush_queued {
                 inner.resync_flush_queued = true;
                 self.queue_flush(inner, true);
             }
-            return Ok(0);
+            return Ok(Some(0));
         };
         // Adjacent dirty regions travel together, up to RESYNC_FRAME_BYTES.
         let regions_max = (RESYNC_FRAME_BYTES / region_bytes).max(1);
@@ -727,25 +751,63 @@ impl Link {
         let size = self.shared.volume.size();
         let offset = region * region_bytes;
         let length = (end * region_bytes).min(size) - offset;
-        let data = Arc::new(self.shared.volume.read_synchronously(offset, length)?);
+        let data = self.shared.volume.read_synchronously(offset, length)?;
         inner.touched.extend(region..end);
         inner.resync_bytes_outstanding += length;
         inner.resync_next = Some(end);
+        let (kind, payload, resync_check) = if self.shared.resync_checksums {
+            inner.resync_checks_outstanding += 1;
+            (FrameKind::ChecksumRequest, None, Some(crate::verify::chunk_checksums(&data)))
+        } else {
+            (FrameKind::ResyncData, Some(Arc::new(data)), None)
+        };
         inner.queue.push_back(Outgoing {
-            kind: FrameKind::ResyncData,
+            kind,
             flags: FrameFlags::NONE,
             offset,
             length: length as u32,
-            payload: Some(data),
+            payload,
             ticket: None,
             lag: length,
             resync: true,
             snapshot: None,
             ends_resync: false,
             reply: None,
+            resync_check,
         });
         self.counters.resync_bytes_done.fetch_add(length, Ordering::Relaxed);
-        Ok(length)
+        Ok(Some(length))
+    }
+
+    /// A checksum-pass answer: queue the chunks that differ, read now under
+    /// the link lock, so they carry every write shipped before them.
+    fn resync_differences(&self, inner: &mut Inner, offset: u64, length: u64, local: &[u8], remote: &[u8]) {
+        inner.resync_checks_outstanding -= 1;
+        for (start, len) in crate::verify::mismatches(offset, length, local, remote) {
+            let data = match self.shared.volume.read_synchronously(start, len) {
+                Ok(data) => data,
+                Err(error) => {
+                    tracing::error!(copy = %self.config.name, %error, "resync cannot read the local volume; dropping the connection");
+                    inner.broken = true;
+                    return;
+                }
+            };
+            inner.resync_bytes_outstanding += len;
+            inner.queue.push_back(Outgoing {
+                kind: FrameKind::ResyncData,
+                flags: FrameFlags::NONE,
+                offset: start,
+                length: len as u32,
+                payload: Some(Arc::new(data)),
+                ticket: None,
+                lag: len,
+                resync: true,
+                snapshot: None,
+                ends_resync: false,
+                reply: None,
+                resync_check: None,
+            });
+        }
     }
 
     fn queue_flush(&self, inner: &mut Inner, ends_resync: bool) {
@@ -762,6 +824,7 @@ impl Link {
             snapshot: Some(snapshot),
             ends_resync,
             reply: None,
+            resync_check: None,
         });
     }
 
@@ -863,6 +926,9 @@ impl Link {
         }
         if let Some(ticket) = acked.ticket {
             ticket.release(0);
+        }
+        if let Some(local) = &acked.resync_check {
+            self.resync_differences(&mut inner, acked.offset, u64::from(acked.length), local, &payload);
         }
         if let Some(reply) = acked.reply {
             // The verifier may have given up waiting; then nobody needs it.

@@ -105,6 +105,9 @@ pub struct ReplicatorConfig {
     pub epoch: u64,
     /// Resync bytes per second per copy; 0 means unlimited.
     pub resync_rate_max: u64,
+    /// Resync by checksum: compare each dirty region's chunk checksums with
+    /// the copy's first and send only the chunks that differ.
+    pub resync_checksums: bool,
 }
 
 /// A change to ship, after its local write completed.
@@ -252,6 +255,7 @@ pub(crate) struct Shared {
     pub(crate) generation: u64,
     pub(crate) epoch: u64,
     pub(crate) resync_rate_max: u64,
+    pub(crate) resync_checksums: bool,
     /// Per region: writes marked whose change is not shipped yet. A region
     /// with writes in flight is never cleared.
     pub(crate) inflight: Mutex<HashMap<u64, u32>>,
@@ -375,6 +379,7 @@ impl Replicator {
             generation: config.generation,
             epoch: config.epoch,
             resync_rate_max: config.resync_rate_max,
+            resync_checksums: config.resync_checksums,
             inflight: Mutex::new(HashMap::new()),
             store,
             records: Mutex::new(records),
