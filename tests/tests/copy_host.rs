@@ -197,3 +197,24 @@ fn another_volume_is_refused() {
     wait_for_log(&host, "another volume");
     assert_eq!(&contents(&host)[..4], b"mine");
 }
+
+/// A production host that connects again (its old connection looks alive
+/// to the copy, as after a link cut) takes over at once: the old session is
+/// closed, the new one's writes apply.
+#[test]
+fn a_reconnecting_production_host_takes_over() {
+    let host = copy_host("copy-host-takeover");
+    let volume = identity();
+    let mut old = connect(&host, volume);
+    write(&mut old, 0, b"old");
+    let mut new = connect(&host, volume);
+    write(&mut new, 0, b"new");
+    assert_eq!(&contents(&host)[..3], b"new");
+    wait_for_log(&host, "the newer session takes over");
+    let mut header = old.header(FrameKind::Write, FrameFlags::NONE, 1, 1);
+    header.length = 3;
+    header.payload_len = 3;
+    let _ = old.send(&header, b"old");
+    assert!(old.receive().is_err(), "the old session must be closed");
+    assert_eq!(&contents(&host)[..3], b"new");
+}

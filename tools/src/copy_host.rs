@@ -12,15 +12,18 @@
 //! The decisions are in `engine::receiver` (pure); this file only moves
 //! bytes. Handshakes may run side by side, so an unauthenticated peer cannot
 //! lock the production host out, but only one authenticated production
-//! connection is served at a time: a second is refused with a log line. A
-//! refused frame closes its connection; the production host reconnects.
+//! connection is served at a time: a newer authenticated session takes over
+//! from an older one, which finishes the frame it is applying and closes (a
+//! production host that reconnects after a link cut need not wait for its dead
+//! connection to time out here). A refused frame closes its connection; the
+//! production host reconnects.
 //! Applying is synchronous and in order — correctness first; an io_uring
 //! apply path that keeps order is future work.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -45,6 +48,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECTIONS_MAX: usize = 8;
 /// How often blocked reads and the accept loop look at the shutdown flag.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a newly authenticated session waits for the old one to stop.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 /// How long a write of acks may block before the peer is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The read buffer: headers and small payloads are read through it in
@@ -88,6 +93,11 @@ struct Host {
     shutdown: Arc<AtomicBool>,
     /// The production host of the established session, if any.
     session_holder: Mutex<Option<SocketAddr>>,
+    /// The id of the session that may run; an older one sees it change and
+    /// stops, so a production host that reconnects (after a link cut, say)
+    /// takes over at once instead of waiting for the dead connection to time out.
+    active_session: AtomicU64,
+    next_session: AtomicU64,
 }
 
 impl Host {
@@ -117,14 +127,30 @@ impl Host {
         self.metadata.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Take the one session slot for `peer`, or name the peer holding it.
-    fn claim_session(&self, peer: SocketAddr) -> Result<SessionSlot<'_>, SocketAddr> {
-        let mut holder = self.session_holder.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(holder) = *holder {
-            return Err(holder);
+    /// Take the one session slot for the authenticated `peer`: a session
+    /// holding it is told to stop and waited for (it finishes the frame it
+    /// is applying), so frames of two sessions never interleave. Returns the
+    /// slot and the new session's id, or the holder that did not let go.
+    fn claim_session(&self, peer: SocketAddr) -> Result<(SessionSlot<'_>, u64), SocketAddr> {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.active_session.store(id, Ordering::Release);
+        let deadline = Instant::now() + TAKEOVER_WAIT;
+        loop {
+            {
+                let mut holder = self.session_holder.lock().unwrap_or_else(PoisonError::into_inner);
+                match *holder {
+                    None => {
+                        *holder = Some(peer);
+                        return Ok((SessionSlot { host: self }, id));
+                    }
+                    Some(old) if Instant::now() > deadline || self.active_session.load(Ordering::Acquire) != id => {
+                        return Err(old);
+                    }
+                    Some(_) => {}
+                }
+            }
+            std::thread::sleep(POLL_INTERVAL / 10);
         }
-        *holder = Some(peer);
-        Ok(SessionSlot { host: self })
     }
 }
 
@@ -187,6 +213,8 @@ pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
         counters: ReceiverCounters::default(),
         shutdown,
         session_holder: Mutex::new(None),
+        active_session: AtomicU64::new(0),
+        next_session: AtomicU64::new(1),
     });
     let admin = match args.admin {
         Some(address) => {
@@ -275,6 +303,8 @@ enum Ending {
     PeerClosed,
     /// SIGINT or SIGTERM.
     Shutdown,
+    /// A newer authenticated session of the production host took over.
+    Superseded,
     /// The handshake deadline passed.
     TimedOut,
     /// The bytes did not decode into an intact frame.
@@ -293,6 +323,8 @@ struct Connection<'host> {
     read_start: usize,
     read_end: usize,
     outgoing: Vec<u8>,
+    /// This connection's session id once admitted; 0 while handshaking.
+    session: u64,
 }
 
 impl Connection<'_> {
@@ -325,6 +357,9 @@ impl Connection<'_> {
             (self.read_start, self.read_end) = (0, 0);
             if self.host.shutdown.load(Ordering::Relaxed) {
                 return Err(Ending::Shutdown);
+            }
+            if self.session != 0 && self.host.active_session.load(Ordering::Acquire) != self.session {
+                return Err(Ending::Superseded);
             }
             self.flush().map_err(Ending::Io)?;
             let mut wait = POLL_INTERVAL;
@@ -393,6 +428,7 @@ fn serve_connection(host: &Host, stream: TcpStream, peer: SocketAddr) {
         read_buffer: vec![0; READ_CHUNK_BYTES],
         read_start: 0,
         read_end: 0,
+        session: 0,
         outgoing: Vec::new(),
     };
     let Some((session, _slot)) = handshake(&mut connection) else {
@@ -447,6 +483,11 @@ fn log_ending(peer: SocketAddr, phase: &str, ending: &Ending) {
     match ending {
         Ending::PeerClosed => tracing::info!(%peer, "production host {peer} closed the connection {phase}"),
         Ending::Shutdown => tracing::info!(%peer, "closing the connection to {peer} {phase}: shutting down"),
+        Ending::Superseded => tracing::warn!(
+            %peer,
+            "closing the connection to {peer}: the production host connected again and authenticated; \
+             the newer session takes over"
+        ),
         Ending::TimedOut => tracing::warn!(
             %peer,
             "{peer} did not complete the handshake within {} s; closing the connection",
@@ -539,13 +580,17 @@ fn admit<'host>(connection: &mut Connection<'host>, session: Session) -> Option<
     let host = connection.host;
     let peer = connection.peer;
     let slot = match host.claim_session(peer) {
-        Ok(slot) => slot,
+        Ok((slot, id)) => {
+            connection.session = id;
+            slot
+        }
         Err(holder) => {
             connection.queue_message(&HandshakeMessage::Refuse { reason: RefuseReason::Protocol });
             tracing::warn!(
                 %peer,
-                "refusing production host {peer}: production host {holder} is already connected, \
-                 and a copy serves one production connection at a time"
+                "refusing production host {peer}: the session of {holder} did not stop within {} s, \
+                 or a newer session took over first",
+                TAKEOVER_WAIT.as_secs()
             );
             return None;
         }
