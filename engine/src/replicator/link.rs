@@ -10,12 +10,21 @@
 //! ```
 //!
 //! Clearing the bitmap: every change queued for the copy adds its regions to
-//! `touched`. A Flush takes `touched` as its snapshot; when the copy
-//! acknowledges that Flush, each snapshot region that no later change
-//! touched and no write has in flight is cleared in the copy's slot. A
-//! dropped change (copy disconnected or behind) empties `touched` and bumps
-//! `clear_epoch`, so no snapshot taken before the drop clears anything, and
-//! the next resync pass starts from the first region.
+//! `touched`. A Flush takes `touched` as its snapshot; the regions of an
+//! acknowledged snapshot become candidates, and at the next acknowledged
+//! Flush each candidate that no change touched since, no write has in
+//! flight, and that is not `resync_pending` is cleared in the copy's slot.
+//!
+//! `resync_pending` holds the regions the copy may lack whole: every dirty
+//! region when the connection begins, and the regions of every change the
+//! copy did not get (disconnected, behind). A bit covers a whole region, so a
+//! later write to part of such a region reaching the copy proves nothing
+//! about the rest: only a resync pass, which sends the region whole, takes it
+//! out. Resync passes walk `resync_pending`, from the first region, whenever
+//! the copy (re)connects or catches up after being behind. (A region cleared
+//! merely because a partial write to it was acknowledged lost a missed write
+//! once; `partial_write_during_resync_does_not_hide_a_missed_write` in
+//! tests/tests/mirror.rs is that case.)
 
 use std::collections::{HashSet, VecDeque};
 use std::net::{Shutdown, TcpStream};
@@ -183,6 +192,11 @@ struct Inner {
     waiters: u32,
     /// The next region the resync pass looks at; `None` when no pass runs.
     resync_next: Option<u64>,
+    /// Regions the copy may lack whole: dirty when the connection began, or
+    /// touched by a change this copy did not get. Only sending the region
+    /// whole (resync) takes one out; until then its bit never clears, even
+    /// if later writes to part of it reach the copy.
+    resync_pending: RegionSet,
     /// The pass's last Flush is queued; waiting for its ack.
     resync_flush_queued: bool,
     /// Checksum-pass requests not answered yet; the pass ends after them.
@@ -206,6 +220,7 @@ pub(crate) struct Link {
 
 impl Link {
     pub(crate) fn new(config: CopyConfig, slot: u32, shared: Arc<Shared>) -> Link {
+        let regions = shared.bitmap.region_count();
         Link {
             config,
             slot,
@@ -222,6 +237,7 @@ impl Link {
                 clear_epoch: 0,
                 waiters: 0,
                 resync_next: None,
+                resync_pending: RegionSet::new(regions),
                 resync_flush_queued: false,
                 resync_checks_outstanding: 0,
                 last_flush: Instant::now(),
@@ -295,7 +311,7 @@ impl Link {
         match inner.state {
             CopyState::UpToDate | CopyState::Syncing => {}
             CopyState::Behind | CopyState::Disconnected => {
-                self.dropped(&mut inner);
+                self.dropped(&mut inner, change.extent());
                 return;
             }
             CopyState::Stale => {
@@ -305,7 +321,7 @@ impl Link {
                 } else {
                     ticket.fail();
                 }
-                self.dropped(&mut inner);
+                self.dropped(&mut inner, change.extent());
                 return;
             }
         }
@@ -329,7 +345,7 @@ impl Link {
                 Err(error) => tracing::error!(copy = %self.config.name, %error, "cannot record the copy stale"),
             }
             inner.state = CopyState::Behind;
-            self.dropped(&mut inner);
+            self.dropped(&mut inner, change.extent());
             return;
         }
         let (kind, flags, offset, length) = match *change {
@@ -368,11 +384,14 @@ impl Link {
         self.notify(&inner);
     }
 
-    /// A change this copy will not get: its bits must stay set.
-    fn dropped(&self, inner: &mut Inner) {
-        inner.touched.clear();
-        inner.clear_candidates.clear();
-        inner.clear_epoch += 1;
+    /// A change this copy will not get: its regions need a resync whole,
+    /// and until then their bits never clear.
+    fn dropped(&self, inner: &mut Inner, extent: Option<(u64, u64)>) {
+        if let Some((offset, len)) = extent {
+            for region in self.shared.regions(offset, len) {
+                inner.resync_pending.insert(region);
+            }
+        }
     }
 
     /// Online verify of one extent: the chunks whose checksums differ
@@ -440,6 +459,9 @@ impl Link {
             .map_err(|error| format!("cannot record copy {} syncing: {error}", self.config.name))?;
         for &(offset, length) in ranges {
             self.shared.bitmap.set_range(self.slot, offset, length);
+            for region in self.shared.regions(offset, length) {
+                inner.resync_pending.insert(region);
+            }
         }
         self.shared.bitmap.flush().map_err(|error| format!("cannot mark the regions to repair: {error}"))?;
         if matches!(inner.state, CopyState::UpToDate | CopyState::Syncing) {
@@ -503,6 +525,11 @@ impl Link {
             inner.connection += 1;
             inner.state = CopyState::Syncing;
             inner.broken = false;
+            // Everything dirty now may be missing on the copy: it goes whole.
+            inner.resync_pending.clear_all();
+            for region in self.shared.bitmap.dirty_regions(self.slot) {
+                inner.resync_pending.insert(region);
+            }
             self.start_resync_pass(&mut inner);
             inner.connection
         };
@@ -540,7 +567,7 @@ impl Link {
     fn start_resync_pass(&self, inner: &mut Inner) {
         inner.resync_next = Some(0);
         inner.resync_flush_queued = false;
-        let total = self.shared.bitmap.dirty_bytes(self.slot);
+        let total = inner.resync_pending.len() * self.shared.bitmap.region_bytes();
         self.counters.resync_bytes_total.store(total, Ordering::Relaxed);
         self.counters.resync_bytes_done.store(0, Ordering::Relaxed);
     }
@@ -576,7 +603,11 @@ impl Link {
         inner.resync_next = None;
         inner.broken = false;
         inner.connection += 1;
-        self.dropped(&mut inner);
+        // The connection is gone with its unacknowledged flushes; the next
+        // one resyncs every dirty region whole, so nothing prepared here clears.
+        inner.touched.clear();
+        inner.clear_candidates.clear();
+        inner.clear_epoch += 1;
         self.wake.notify_all();
         if was != CopyState::Disconnected {
             tracing::warn!(copy = %self.config.name, waiting, "copy {} disconnected ({why}); recorded stale; \
@@ -726,7 +757,7 @@ impl Link {
     fn queue_resync(&self, inner: &mut Inner) -> std::io::Result<Option<u64>> {
         let next = inner.resync_next.expect("a pass is running");
         let region_bytes = self.shared.bitmap.region_bytes();
-        let region = self.shared.bitmap.dirty_regions(self.slot).find(|region| *region >= next);
+        let region = inner.resync_pending.next_at_or_after(next);
         let Some(region) = region else {
             if inner.resync_checks_outstanding > 0 {
                 // A checksum answer may still queue data; end the pass after it.
@@ -744,9 +775,12 @@ impl Link {
         let mut end = region + 1;
         while end < self.shared.bitmap.region_count()
             && end - region < regions_max
-            && self.shared.bitmap.is_set(self.slot, end)
+            && inner.resync_pending.contains(end)
         {
             end += 1;
+        }
+        for sent in region..end {
+            inner.resync_pending.remove(sent);
         }
         let size = self.shared.volume.size();
         let offset = region * region_bytes;
@@ -948,6 +982,7 @@ impl Link {
                         if !recent.contains(&region)
                             && !inner.touched.contains(&region)
                             && !inflight.contains_key(&region)
+                            && !inner.resync_pending.contains(region)
                         {
                             self.shared.bitmap.clear(self.slot, region);
                         }
@@ -987,4 +1022,84 @@ fn fua_flag(fua: bool) -> FrameFlags {
 fn take_snapshot(inner: &mut Inner) -> (u64, Vec<u64>) {
     inner.last_flush = Instant::now();
     (inner.clear_epoch, inner.touched.drain().collect())
+}
+
+/// A set of region indices as a bit vector: one bit per region of the volume.
+#[derive(Debug)]
+struct RegionSet {
+    words: Vec<u64>,
+    count: u64,
+}
+
+impl RegionSet {
+    fn new(regions: u64) -> RegionSet {
+        RegionSet { words: vec![0; regions.div_ceil(64) as usize], count: 0 }
+    }
+
+    fn insert(&mut self, region: u64) {
+        let (word, bit) = ((region / 64) as usize, region % 64);
+        if self.words[word] & (1 << bit) == 0 {
+            self.words[word] |= 1 << bit;
+            self.count += 1;
+        }
+    }
+
+    fn remove(&mut self, region: u64) {
+        let (word, bit) = ((region / 64) as usize, region % 64);
+        if self.words[word] & (1 << bit) != 0 {
+            self.words[word] &= !(1 << bit);
+            self.count -= 1;
+        }
+    }
+
+    fn contains(&self, region: u64) -> bool {
+        self.words.get((region / 64) as usize).is_some_and(|word| word & (1 << (region % 64)) != 0)
+    }
+
+    fn clear_all(&mut self) {
+        self.words.fill(0);
+        self.count = 0;
+    }
+
+    fn len(&self) -> u64 {
+        self.count
+    }
+
+    /// The smallest region in the set that is `start` or after it.
+    fn next_at_or_after(&self, start: u64) -> Option<u64> {
+        let mut index = (start / 64) as usize;
+        let mut word = *self.words.get(index)? & (u64::MAX << (start % 64));
+        loop {
+            if word != 0 {
+                return Some(index as u64 * 64 + u64::from(word.trailing_zeros()));
+            }
+            index += 1;
+            word = *self.words.get(index)?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RegionSet;
+
+    #[test]
+    fn region_set_finds_the_next_member() {
+        let mut set = RegionSet::new(200);
+        for region in [3, 64, 130, 199] {
+            set.insert(region);
+        }
+        set.insert(64);
+        assert_eq!(set.len(), 4);
+        assert_eq!(set.next_at_or_after(0), Some(3));
+        assert_eq!(set.next_at_or_after(4), Some(64));
+        assert_eq!(set.next_at_or_after(65), Some(130));
+        assert_eq!(set.next_at_or_after(131), Some(199));
+        assert_eq!(set.next_at_or_after(200), None);
+        set.remove(130);
+        assert!(!set.contains(130) && set.contains(199));
+        assert_eq!(set.next_at_or_after(65), Some(199));
+        set.clear_all();
+        assert_eq!((set.len(), set.next_at_or_after(0)), (0, None));
+    }
 }
