@@ -125,6 +125,10 @@ pub struct Step {
     pub persist: Option<VolumeMetadata>,
     /// The change to apply to the store.
     pub apply: Option<Apply>,
+    /// Metadata to store durably after the change is applied and before the
+    /// reply: a resync pass's closing flush makes the store consistent again,
+    /// which may be recorded only once that flush is done.
+    pub persist_after: Option<VolumeMetadata>,
     /// The reply to send once the change is applied (an empty payload): a
     /// WriteAck or FlushAck carrying the frame's own sequence number, or a
     /// Heartbeat answer.
@@ -194,7 +198,20 @@ impl<'counters> Receiver<'counters> {
         self.check.check(&header)?;
         self.check_receivable(&header)?;
         self.check_extent(&header)?;
-        let persist = self.raise_promises();
+        let mut persist = self.raise_promises();
+        let mut persist_after = None;
+        if header.kind == FrameKind::ResyncData && self.metadata.state == StoreState::Consistent {
+            // Resync data makes the image inconsistent until the pass ends.
+            self.metadata.state = StoreState::Syncing;
+            persist = Some(self.metadata);
+        }
+        if header.kind == FrameKind::Flush
+            && header.flags.contains(FrameFlags::SYNCED)
+            && self.metadata.state == StoreState::Syncing
+        {
+            self.metadata.state = StoreState::Consistent;
+            persist_after = Some(self.metadata);
+        }
         let fua = header.flags.contains(FrameFlags::FUA);
         let offset = header.offset;
         let length = u64::from(header.length);
@@ -212,7 +229,7 @@ impl<'counters> Receiver<'counters> {
             }
             other => unreachable!("{other:?} frames were refused by check_receivable"),
         };
-        Ok(Step { persist, apply, reply: reply_kind.map(|kind| self.reply(kind, &header)) })
+        Ok(Step { persist, apply, persist_after, reply: reply_kind.map(|kind| self.reply(kind, &header)) })
     }
 
     /// Refuse the kinds a copy never receives: handshake frames after the
@@ -524,7 +541,7 @@ mod tests {
             with(frame(FrameKind::Heartbeat, 7, 0, &[]), |header| header.flags = FrameFlags::ACK_REQUESTED),
         ];
         let steps: Vec<Step> = frames.into_iter().map(|frame| receiver.on_frame(frame).unwrap()).collect();
-        let step = |apply, reply| Step { persist: None, apply, reply: Some(reply) };
+        let step = |apply, reply| Step { persist: None, apply, persist_after: None, reply: Some(reply) };
         assert_eq!(
             steps,
             [
@@ -545,7 +562,7 @@ mod tests {
                     ack(FrameKind::WriteAck, 4, 512, 100, FrameFlags::NONE)
                 ),
                 step(Some(Apply::Flush), ack(FrameKind::FlushAck, 5, 0, 0, FrameFlags::NONE)),
-                Step { persist: None, apply: None, reply: None },
+                Step { persist: None, apply: None, persist_after: None, reply: None },
                 step(None, ack(FrameKind::Heartbeat, 7, 0, 0, FrameFlags::NONE)),
             ]
         );
@@ -553,6 +570,25 @@ mod tests {
             (counters.frames_accepted(), counters.frames_rejected(), counters.write_bytes_accepted()),
             (7, 0, 5)
         );
+    }
+
+    /// Resync data makes a consistent store `syncing` before it is applied;
+    /// the pass's closing flush (SYNCED) makes it consistent after the flush.
+    #[test]
+    fn store_state_follows_resync_passes() {
+        let counters = ReceiverCounters::default();
+        let mut receiver = Receiver::new(&SESSION, metadata(1, 1), SIZE, &counters);
+        let step = receiver.on_frame(frame(FrameKind::ResyncData, 1, 0, b"data")).unwrap();
+        assert_eq!(step.persist.map(|stored| stored.state), Some(StoreState::Syncing));
+        let step = receiver.on_frame(frame(FrameKind::ResyncData, 2, 8, b"more")).unwrap();
+        assert_eq!(step.persist, None, "already syncing");
+        let plain = receiver.on_frame(frame(FrameKind::Flush, 3, 0, &[])).unwrap();
+        assert_eq!(plain.persist_after, None, "a flush without SYNCED leaves the store syncing");
+        let synced = with(frame(FrameKind::Flush, 4, 0, &[]), |header| header.flags = FrameFlags::SYNCED);
+        let step = receiver.on_frame(synced).unwrap();
+        assert_eq!((step.persist, step.apply), (None, Some(Apply::Flush)));
+        assert_eq!(step.persist_after.map(|stored| stored.state), Some(StoreState::Consistent));
+        assert_eq!(receiver.metadata().state, StoreState::Consistent);
     }
 
     /// A checksum request becomes a Checksum command answered by a

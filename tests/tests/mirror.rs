@@ -20,6 +20,7 @@ struct Copy {
     name: String,
     volume: PathBuf,
     address: SocketAddr,
+    admin: SocketAddr,
     process: Option<Process>,
 }
 
@@ -68,7 +69,8 @@ impl Mirror {
         for (name, ip, options) in copies {
             let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
             let volume = mirror.scratch.join(&format!("copy-{name}.img"));
-            let mut copy = Copy { name: name.to_string(), volume, address, process: None };
+            let admin: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+            let mut copy = Copy { name: name.to_string(), volume, address, admin, process: None };
             mirror.start_copy(&mut copy);
             let mut spec = format!("{name}={address}");
             if !options.is_empty() {
@@ -102,7 +104,20 @@ impl Mirror {
         let volume = copy.volume.display().to_string();
         let listen = copy.address.to_string();
         let secret = self.secret.display().to_string();
-        let args = ["copy-host", "--volume", &volume, "--size", SIZE, "--listen", &listen, "--secret-file", &secret];
+        let admin = copy.admin.to_string();
+        let args = [
+            "copy-host",
+            "--volume",
+            &volume,
+            "--size",
+            SIZE,
+            "--listen",
+            &listen,
+            "--secret-file",
+            &secret,
+            "--admin",
+            &admin,
+        ];
         copy.process = Some(Process::start(&self.scratch, &args, copy.address));
     }
 
@@ -123,6 +138,14 @@ impl Mirror {
     /// The status document, via `crossmirror status --json`.
     fn status(&self) -> serde_json::Value {
         let admin = self.admin.to_string();
+        let text = run(binary().to_str().unwrap(), &["status", "--admin", &admin, "--json"]);
+        serde_json::from_str(&text).unwrap_or_else(|error| panic!("status is not JSON ({error}):\n{text}"))
+    }
+
+    /// A copy host's own status document.
+    fn copy_host_status(&self, name: &str) -> serde_json::Value {
+        let copy = self.copies.iter().find(|copy| copy.name == name).expect("a copy of that name");
+        let admin = copy.admin.to_string();
         let text = run(binary().to_str().unwrap(), &["status", "--admin", &admin, "--json"]);
         serde_json::from_str(&text).unwrap_or_else(|error| panic!("status is not JSON ({error}):\n{text}"))
     }
@@ -239,6 +262,11 @@ fn three_way_identity_with_two_sync_copies() {
     let east = mirror.copy_status("east");
     assert!(east["bytes_shipped"].as_u64().unwrap() > 48 << 20, "{east}");
     assert_eq!(east["frames_rejected"], 0, "{east}");
+    for name in ["east", "west"] {
+        let copy = mirror.copy_host_status(name);
+        assert_eq!(copy["store_state"], "consistent", "{copy}");
+        assert_eq!(copy["frames_rejected"], 0, "{copy}");
+    }
     mirror.stop_and_compare();
 }
 

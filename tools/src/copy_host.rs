@@ -667,9 +667,10 @@ fn receive(connection: &mut Connection<'_>, session: &Session) {
             *host.metadata() = promised;
             tracing::info!(
                 %peer,
-                "promised epoch {} at generation {}",
+                "stored: epoch {} promised, generation {}, store {:?}",
                 promised.epoch_promised,
-                promised.generation
+                promised.generation,
+                promised.state
             );
         }
         if let Some(apply) = &step.apply {
@@ -681,6 +682,14 @@ fn receive(connection: &mut Connection<'_>, session: &Session) {
                 );
                 return;
             }
+        }
+        if let Some(consistent) = step.persist_after {
+            if let Err(error) = store_metadata(&host.metadata_path, &consistent) {
+                tracing::error!(%peer, "cannot record the store consistent: {error}; closing the connection");
+                return;
+            }
+            *host.metadata() = consistent;
+            tracing::info!(%peer, "resync pass complete: the store holds a consistent image again");
         }
         if let Some(mut reply) = step.reply {
             let payload = match step.apply.as_ref().map(|apply| reply_payload(&host.volume, apply)) {

@@ -167,8 +167,11 @@ impl FrameFlags {
     pub const FUA: FrameFlags = FrameFlags(1 << 0);
     /// The sender wants an acknowledgement of this frame.
     pub const ACK_REQUESTED: FrameFlags = FrameFlags(1 << 1);
+    /// On a Flush that ends a resync pass: once it is done the copy holds a
+    /// whole, crash-consistent image again (its store leaves `syncing`).
+    pub const SYNCED: FrameFlags = FrameFlags(1 << 2);
     /// Every flag this version knows; a frame with any other bit is refused.
-    pub const KNOWN: FrameFlags = FrameFlags(Self::FUA.0 | Self::ACK_REQUESTED.0);
+    pub const KNOWN: FrameFlags = FrameFlags(Self::FUA.0 | Self::ACK_REQUESTED.0 | Self::SYNCED.0);
 
     /// The flags with these bits, if every bit is known.
     pub fn from_bits(bits: u16) -> Option<FrameFlags> {
@@ -543,7 +546,8 @@ mod tests {
     #[test]
     fn flags_accept_only_known_bits() {
         assert_eq!(FrameFlags::from_bits(3), Some(FrameFlags::FUA | FrameFlags::ACK_REQUESTED));
-        assert_eq!(FrameFlags::from_bits(4), None);
+        assert_eq!(FrameFlags::from_bits(4), Some(FrameFlags::SYNCED));
+        assert_eq!(FrameFlags::from_bits(8), None);
         assert!((FrameFlags::FUA | FrameFlags::ACK_REQUESTED).contains(FrameFlags::FUA));
         assert!(!FrameFlags::ACK_REQUESTED.contains(FrameFlags::FUA));
     }

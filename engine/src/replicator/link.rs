@@ -846,9 +846,12 @@ impl Link {
 
     fn queue_flush(&self, inner: &mut Inner, ends_resync: bool) {
         let snapshot = take_snapshot(inner);
+        // The pass's closing flush tells the copy its image is whole again,
+        // unless a change it missed is still waiting for the next pass.
+        let synced = ends_resync && inner.state == CopyState::Syncing && inner.resync_pending.len() == 0;
         inner.queue.push_back(Outgoing {
             kind: FrameKind::Flush,
-            flags: FrameFlags::NONE,
+            flags: if synced { FrameFlags::SYNCED } else { FrameFlags::NONE },
             offset: 0,
             length: 0,
             payload: None,
