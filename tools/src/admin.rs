@@ -14,6 +14,15 @@ use engine::replicator::{CopyStatus, Replicator};
 use engine::Volume;
 use serde_json::json;
 
+/// An admin address from the command line: `HOST:PORT`, or a bare `PORT`
+/// meaning loopback (`127.0.0.1:PORT`).
+pub fn parse_admin_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse().map_err(|_| format!("{text:?} is not an address like 127.0.0.1:7790 or a port like 7790"))
+}
+
 /// What answers a request: (method, path, query) to (status code, JSON).
 pub type Handler = Box<dyn Fn(&tiny_http::Method, &str, &str) -> (u16, serde_json::Value) + Send>;
 

@@ -77,8 +77,9 @@ pub struct CopyHostArgs {
     #[arg(long)]
     direct: bool,
     /// Serve `GET /status` (JSON: what this copy mirrors, its state and
-    /// frame counters) over HTTP on this address.
-    #[arg(long)]
+    /// frame counters) over HTTP on this address (a bare port means
+    /// 127.0.0.1:PORT).
+    #[arg(long, value_parser = admin::parse_admin_address)]
     admin: Option<SocketAddr>,
 }
 

@@ -54,8 +54,9 @@ pub struct ServeArgs {
     /// File holding the secret shared with the copy hosts (chmod 600).
     #[arg(long)]
     secret_file: Option<PathBuf>,
-    /// Serve `GET /status` (JSON) over HTTP on this address.
-    #[arg(long)]
+    /// Serve `GET /status` (JSON) and `POST /verify` over HTTP on this
+    /// address (a bare port means 127.0.0.1:PORT).
+    #[arg(long, value_parser = admin::parse_admin_address)]
     admin: Option<SocketAddr>,
     /// Bytes per write-intent bitmap bit (a power of two, 4K to 16M; default
     /// 256K). Larger regions mean fewer bitmap syncs under random writes and

@@ -11,8 +11,9 @@ use clap::Args;
 /// Arguments of `crossmirror status`.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
-    /// The admin address of the production host (its `serve --admin`).
-    #[arg(long)]
+    /// The admin address of a production or copy host (its `--admin`; a
+    /// bare port means 127.0.0.1:PORT).
+    #[arg(long, value_parser = crate::admin::parse_admin_address)]
     admin: SocketAddr,
     /// Print the JSON document as the endpoint returns it.
     #[arg(long)]

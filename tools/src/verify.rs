@@ -13,8 +13,9 @@ use crate::status::request;
 /// Arguments of `crossmirror verify`.
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
-    /// The admin address of the production host (its `serve --admin`).
-    #[arg(long)]
+    /// The admin address of the production host (its `serve --admin`; a
+    /// bare port means 127.0.0.1:PORT).
+    #[arg(long, value_parser = crate::admin::parse_admin_address)]
     admin: SocketAddr,
     /// The copy to compare.
     #[arg(long)]
