@@ -83,7 +83,8 @@ pub enum Apply {
         /// Force unit access.
         fua: bool,
     },
-    /// Discard `length` bytes at `offset` (advisory, like the production side's).
+    /// Trim `length` bytes at `offset`: they read back as zeroes, as they do
+    /// on the production host.
     Trim {
         /// Volume offset in bytes.
         offset: u64,
@@ -417,15 +418,13 @@ fn write(volume: &Volume, offset: u64, data: &[u8], fua: bool) -> io::Result<()>
     write_all_at(volume.fd(), buf.as_slice(), span.file_offset, flags)
 }
 
+/// A trim the production host carried out: its range reads as zeroes there
+/// (a punched hole, or zeroes on a block device), so here too it is made to
+/// read as zeroes, by punching a hole where the file system can and writing
+/// zeroes where it cannot, rather than by a discard whose contents are up to
+/// the device.
 fn trim(volume: &Volume, offset: u64, length: u64) -> io::Result<()> {
-    let Some(mode) = volume.trim_fallocate_mode() else {
-        return volume.discard_synchronously(offset, length);
-    };
-    match fallocate(volume.fd(), mode, offset, length) {
-        // A trim is advisory: a file system that cannot punch holes keeps the data.
-        Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
-        other => other,
-    }
+    write_zeroes(volume, offset, length)
 }
 
 fn write_zeroes(volume: &Volume, offset: u64, length: u64) -> io::Result<()> {

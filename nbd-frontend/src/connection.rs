@@ -554,7 +554,7 @@ impl Connection {
             }
             Op::Fsync { cookie, lock, shipping: Some(shipping) } => {
                 if result < 0 {
-                    self.abandon(&shipping);
+                    self.abandon_changed(&shipping);
                     self.unlock(lock);
                     self.reply_status(cookie, shipping.command, result);
                 } else {
@@ -837,7 +837,15 @@ impl Connection {
             LockedWork::Trim { cookie, offset, len, fua } => match self.volume.trim_fallocate_mode() {
                 Some(mode) => self.push_fallocate(LockedWork::Trim { cookie, offset, len, fua }, lock, mode),
                 None => {
-                    let result = self.volume.discard_synchronously(offset, len);
+                    // A discarded block device range reads back as whatever
+                    // the device likes; a mirrored one must read the same on
+                    // every copy, so it is zeroed instead (BLKZEROOUT, which
+                    // thin devices still unmap).
+                    let result = if self.mirror.is_some() {
+                        self.volume.write_zeroes_synchronously(offset, len)
+                    } else {
+                        self.volume.discard_synchronously(offset, len)
+                    };
                     self.synchronous_done(cookie, Shipping { command: CMD_TRIM, offset, len, fua }, lock, result);
                 }
             },
@@ -893,7 +901,7 @@ impl Connection {
     ) {
         let shipping = Shipping::write(&span, fua);
         if result <= 0 {
-            self.abandon(&shipping);
+            self.abandon_changed(&shipping);
             self.unlock(lock);
             self.pool.give(buf);
             let errno = if result < 0 { errno_to_nbd(-result) } else { EIO };
@@ -926,7 +934,16 @@ impl Connection {
         let unsupported = result == -libc::EOPNOTSUPP;
         let shipping = work.shipping();
         let (cookie, command, fua, result) = match work {
-            LockedWork::Trim { cookie, fua, .. } => (cookie, CMD_TRIM, fua, if unsupported { 0 } else { result }),
+            // A trim is advisory: a file system that cannot punch holes keeps
+            // the data, and then nothing is shipped either (a copy that could
+            // punch would otherwise read zeroes where this store has data).
+            LockedWork::Trim { cookie, .. } if unsupported => {
+                self.abandon(&shipping);
+                self.unlock(lock);
+                self.reply_status(cookie, CMD_TRIM, 0);
+                return;
+            }
+            LockedWork::Trim { cookie, fua, .. } => (cookie, CMD_TRIM, fua, result),
             LockedWork::Zero { cookie, offset, len, fua, fast_only, .. } if unsupported => {
                 self.volume.note_fallocate_unsupported();
                 if fast_only {
@@ -943,7 +960,7 @@ impl Connection {
             LockedWork::Write { .. } => unreachable!("writes are not fallocated"),
         };
         if result < 0 {
-            self.abandon(&shipping);
+            self.abandon_changed(&shipping);
             self.unlock(lock);
             self.reply_status(cookie, command, result);
             return;
@@ -964,7 +981,7 @@ impl Connection {
     ) {
         match result {
             Err(error) => {
-                self.abandon(&shipping);
+                self.abandon_changed(&shipping);
                 self.unlock(lock);
                 let errno = error.raw_os_error().unwrap_or(libc::EIO);
                 self.reply_status(cookie, shipping.command, -errno);
@@ -1011,11 +1028,22 @@ impl Connection {
         }
     }
 
-    /// The local part failed or was never issued: nothing is shipped.
+    /// The local part was never issued: nothing is shipped, nothing changed.
     fn abandon(&self, shipping: &Shipping) {
         if let Some(mirror) = &self.mirror {
             if shipping.command != CMD_FLUSH {
                 mirror.abandon(shipping.offset, shipping.len);
+            }
+        }
+    }
+
+    /// The local part failed after it may have changed the store (a write
+    /// cut short, an fsync that failed after the change): nothing is
+    /// shipped, and the copies resync the extent.
+    fn abandon_changed(&self, shipping: &Shipping) {
+        if let Some(mirror) = &self.mirror {
+            if shipping.command != CMD_FLUSH {
+                mirror.abandon_changed(shipping.offset, shipping.len);
             }
         }
     }
@@ -1079,20 +1107,20 @@ impl Connection {
                 self.reply_error(cookie, CMD_READ, EIO);
             }
             Op::Write { cookie, buf, lock, span, fua, .. } => {
-                self.abandon(&Shipping::write(&span, fua));
+                self.abandon_changed(&Shipping::write(&span, fua));
                 self.unlock(lock);
                 self.pool.give(buf);
                 self.reply_error(cookie, CMD_WRITE, EIO);
             }
             Op::Fsync { cookie, lock, shipping } => {
                 if let Some(shipping) = shipping {
-                    self.abandon(&shipping);
+                    self.abandon_changed(&shipping);
                 }
                 self.unlock(lock);
                 self.reply_error(cookie, CMD_FLUSH, EIO);
             }
             Op::Fallocate { work, lock } => {
-                self.abandon(&work.shipping());
+                self.abandon_changed(&work.shipping());
                 self.unlock(lock);
                 self.reply_error(work.cookie(), CMD_TRIM, EIO);
             }

@@ -496,3 +496,43 @@ fn partial_write_during_resync_does_not_hide_a_missed_write() {
     mirror.wait_up_to_date(Duration::from_secs(60));
     mirror.stop_and_compare();
 }
+
+/// Trims and zeroes reach the copies as zeroes: after writes, a discard and
+/// a write-zeroes through NBD, every store reads the same.
+#[test]
+fn trims_and_zeroes_leave_identical_stores() {
+    if !tools() || !require_tool("qemu-io") {
+        return;
+    }
+    let mirror = Mirror::start("mirror-trim", &[("east", "127.0.0.2", ""), ("west", "127.0.0.3", "mode=async")], &[]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let uri = mirror.uri();
+    qemu_write(&uri, 1 << 20, "2M", 0x5c);
+    system_tests::run("qemu-io", &["-f", "raw", "-c", "discard 1114112 262144", &uri]);
+    system_tests::run("qemu-io", &["-f", "raw", "-c", "write -z 2359296 65536", &uri]);
+    system_tests::run("qemu-io", &["-f", "raw", "-c", "discard 2424832 1000", &uri]);
+    mirror.wait_up_to_date(Duration::from_secs(30));
+    mirror.stop_and_compare();
+}
+
+/// A mirrored volume is not served without its copies: writes would bypass
+/// the bitmap and the copies would silently miss them later.
+#[test]
+fn a_mirrored_volume_is_not_served_without_its_copies() {
+    if !tools() {
+        return;
+    }
+    let mut mirror = Mirror::start("mirror-unmirrored-serve", &[("east", "127.0.0.2", "")], &[]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    mirror.production.as_mut().unwrap().stop_with(libc::SIGTERM);
+    let volume = mirror.volume.display().to_string();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let output =
+        system_tests::run_output(binary().to_str().unwrap(), &["serve", "--volume", &volume, "--listen", &listen]);
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "serving a mirrored volume without --mirror must fail: {text}");
+    assert!(text.contains("has copies") && text.contains("--mirror"), "{text}");
+    mirror.start_production();
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    mirror.stop_and_compare();
+}

@@ -66,7 +66,7 @@ pub struct ServeArgs {
     /// Resync bytes per second per copy; 0 means unlimited.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     resync_rate_max: u64,
-    /// Resync by checksum: compare each dirty region's 64 KiB chunk CRC32s
+    /// Resync by checksum: compare each dirty region's 64 KiB chunk digests (SHA-256, 128 bits)
     /// with the copy's and send only the chunks that differ (less traffic,
     /// one more read on each side). For a new copy that already holds most
     /// of the data, e.g. restored from a backup or created empty like an
@@ -151,6 +151,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 fn start_mirror(args: &ServeArgs, volume: &Arc<Volume>) -> anyhow::Result<Option<Arc<Replicator>>> {
     if args.mirrors.is_empty() {
         anyhow::ensure!(args.secret_file.is_none(), "--secret-file is for --mirror; no copy is configured");
+        // Writes served without the replicator would bypass the bitmap, and a
+        // later mirrored start would trust it: the copies would silently
+        // miss them. Refuse instead.
+        let state = LocalStateFile::for_volume(&args.volume);
+        anyhow::ensure!(
+            args.read_only || !state.path().exists(),
+            "volume {} has copies ({} exists): serve it with its --mirror options, or, to stop mirroring it, \
+             remove {} and {} (every copy then needs a full sync if it is mirrored again)",
+            args.volume.display(),
+            state.path().display(),
+            state.path().display(),
+            bitmap_path(&args.volume).display()
+        );
         return Ok(None);
     }
     anyhow::ensure!(!args.read_only, "a read-only volume has no writes to mirror; drop --read-only or --mirror");

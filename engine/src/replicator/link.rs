@@ -146,8 +146,8 @@ struct Outgoing {
     resync: bool,
     /// A Flush's snapshot of touched regions, with the clear epoch it was taken in.
     snapshot: Option<(u64, Vec<u64>)>,
-    /// The Flush that ends a resync pass.
-    ends_resync: bool,
+    /// The Flush that ends a resync pass: the pass's number.
+    ends_resync: Option<u64>,
     /// A ChecksumRequest's waiting verifier.
     reply: Option<SyncSender<Vec<u8>>>,
     /// A resync checksum pass's request: the local chunk checksums.
@@ -164,7 +164,7 @@ struct Unacked {
     resync: bool,
     sent_at: Instant,
     snapshot: Option<(u64, Vec<u64>)>,
-    ends_resync: bool,
+    ends_resync: Option<u64>,
     reply: Option<SyncSender<Vec<u8>>>,
     resync_check: Option<Vec<u8>>,
     offset: u64,
@@ -199,6 +199,9 @@ struct Inner {
     resync_pending: RegionSet,
     /// The pass's last Flush is queued; waiting for its ack.
     resync_flush_queued: bool,
+    /// Numbers the resync passes, so only the current pass's closing Flush
+    /// can make the copy up to date.
+    resync_pass: u64,
     /// Checksum-pass requests not answered yet; the pass ends after them.
     resync_checks_outstanding: u32,
     last_flush: Instant,
@@ -239,6 +242,7 @@ impl Link {
                 resync_next: None,
                 resync_pending: RegionSet::new(regions),
                 resync_flush_queued: false,
+                resync_pass: 0,
                 resync_checks_outstanding: 0,
                 last_flush: Instant::now(),
                 broken: false,
@@ -318,7 +322,9 @@ impl Link {
                 // The copy missed writes and is not recorded stale yet.
                 if self.shared.record(self.slot, RecordedState::Stale).is_ok() {
                     inner.state = CopyState::Disconnected;
-                } else {
+                } else if sync {
+                    // Invariant 3: a sync copy's missed write is not
+                    // acknowledged until the copy is recorded stale.
                     ticket.fail();
                 }
                 self.dropped(&mut inner, change.extent());
@@ -342,6 +348,8 @@ impl Link {
                      and resyncing it once it catches up",
                     self.config.name
                 ),
+                // An async copy that misses writes still holds a consistent
+                // (older) image; resyncing it is what must be recorded first.
                 Err(error) => tracing::error!(copy = %self.config.name, %error, "cannot record the copy stale"),
             }
             inner.state = CopyState::Behind;
@@ -377,10 +385,34 @@ impl Link {
             lag,
             resync: false,
             snapshot,
-            ends_resync: false,
+            ends_resync: None,
             reply: None,
             resync_check: None,
         });
+        self.notify(&inner);
+    }
+
+    /// The local store changed in a way no frame carries (a failed write
+    /// may have written part of its data): resync the extent's regions,
+    /// starting a pass now if the copy is connected.
+    pub(crate) fn missed(&self, offset: u64, len: u64) {
+        let mut inner = self.lock();
+        self.dropped(&mut inner, Some((offset, len)));
+        if !matches!(inner.state, CopyState::UpToDate | CopyState::Syncing) {
+            return;
+        }
+        if let Err(error) = self.shared.record(self.slot, RecordedState::Syncing) {
+            tracing::error!(copy = %self.config.name, %error, "cannot record the copy syncing; dropping the connection");
+            inner.broken = true;
+        } else {
+            inner.state = CopyState::Syncing;
+            if inner.resync_next.is_none() {
+                self.start_resync_pass(&mut inner);
+            } else {
+                // The running pass may be past these regions: go round again.
+                inner.resync_next = Some(0);
+            }
+        }
         self.notify(&inner);
     }
 
@@ -437,7 +469,7 @@ impl Link {
                 lag: 0,
                 resync: false,
                 snapshot: None,
-                ends_resync: false,
+                ends_resync: None,
                 reply: Some(sender),
                 resync_check: None,
             });
@@ -565,6 +597,7 @@ impl Link {
     }
 
     fn start_resync_pass(&self, inner: &mut Inner) {
+        inner.resync_pass += 1;
         inner.resync_next = Some(0);
         inner.resync_flush_queued = false;
         let total = inner.resync_pending.len() * self.shared.bitmap.region_bytes();
@@ -633,11 +666,20 @@ impl Link {
                         break;
                     }
                     if inner.state == CopyState::Behind && inner.unacked.is_empty() {
-                        tracing::info!(copy = %self.config.name, "copy {} caught up with its queue; resyncing the writes it missed", self.config.name);
-                        inner.state = CopyState::Syncing;
-                        self.start_resync_pass(&mut inner);
-                        resync_started = Instant::now();
-                        resync_sent = 0;
+                        // Resync data tears the copy's image: record it first.
+                        match self.shared.record(self.slot, RecordedState::Syncing) {
+                            Ok(()) => {
+                                tracing::info!(copy = %self.config.name, "copy {} caught up with its queue; resyncing the writes it missed", self.config.name);
+                                inner.state = CopyState::Syncing;
+                                self.start_resync_pass(&mut inner);
+                                resync_started = Instant::now();
+                                resync_sent = 0;
+                            }
+                            Err(error) => {
+                                tracing::error!(copy = %self.config.name, %error, "cannot record the copy syncing; dropping the connection");
+                                return;
+                            }
+                        }
                     }
                     if let Some(unacked) = inner.unacked.front() {
                         if unacked.sent_at.elapsed() > ACK_TIMEOUT {
@@ -713,6 +755,17 @@ impl Link {
                     batch.push((header, outgoing.payload));
                 }
             }
+            // A Flush whose acknowledgement can clear bits must not outrun
+            // the production's own durability: the regions of its snapshot
+            // were written locally before it was taken, so an fsync now makes
+            // them durable here before the copy can even see the Flush.
+            if batch.iter().any(|(header, _)| header.kind == FrameKind::Flush) {
+                if let Err(error) = self.shared.volume.sync_all() {
+                    tracing::error!(copy = %self.config.name, %error,
+                        "cannot fsync the local volume before a flush; dropping the connection so no bit clears");
+                    return;
+                }
+            }
             let frames: Vec<(FrameHeader, &[u8])> = batch
                 .iter()
                 .map(|(header, payload)| (*header, payload.as_ref().map_or(&[][..], |payload| payload.as_slice())))
@@ -779,13 +832,13 @@ impl Link {
         {
             end += 1;
         }
-        for sent in region..end {
-            inner.resync_pending.remove(sent);
-        }
         let size = self.shared.volume.size();
         let offset = region * region_bytes;
         let length = (end * region_bytes).min(size) - offset;
         let data = self.shared.volume.read_synchronously(offset, length)?;
+        for sent in region..end {
+            inner.resync_pending.remove(sent);
+        }
         inner.touched.extend(region..end);
         inner.resync_bytes_outstanding += length;
         inner.resync_next = Some(end);
@@ -805,7 +858,7 @@ impl Link {
             lag: length,
             resync: true,
             snapshot: None,
-            ends_resync: false,
+            ends_resync: None,
             reply: None,
             resync_check,
         });
@@ -826,6 +879,8 @@ impl Link {
                     return;
                 }
             };
+            // Touched again: no Flush queued before this data may clear it.
+            inner.touched.extend(self.shared.regions(start, len));
             inner.resync_bytes_outstanding += len;
             inner.queue.push_back(Outgoing {
                 kind: FrameKind::ResyncData,
@@ -837,7 +892,7 @@ impl Link {
                 lag: len,
                 resync: true,
                 snapshot: None,
-                ends_resync: false,
+                ends_resync: None,
                 reply: None,
                 resync_check: None,
             });
@@ -852,6 +907,7 @@ impl Link {
         inner.queue.push_back(Outgoing {
             kind: FrameKind::Flush,
             flags: if synced { FrameFlags::SYNCED } else { FrameFlags::NONE },
+            ends_resync: ends_resync.then_some(inner.resync_pass),
             offset: 0,
             length: 0,
             payload: None,
@@ -859,7 +915,6 @@ impl Link {
             lag: 0,
             resync: false,
             snapshot: Some(snapshot),
-            ends_resync,
             reply: None,
             resync_check: None,
         });
@@ -994,7 +1049,10 @@ impl Link {
                 inner.clear_candidates = regions;
             }
         }
-        if acked.ends_resync && inner.state == CopyState::Syncing && inner.resync_next.is_none() {
+        if acked.ends_resync == Some(inner.resync_pass)
+            && inner.state == CopyState::Syncing
+            && inner.resync_next.is_none()
+        {
             let dirty = self.shared.bitmap.dirty_bytes(self.slot);
             match self.shared.record(self.slot, RecordedState::Current) {
                 Ok(()) => {

@@ -425,8 +425,18 @@ impl Replicator {
     }
 
     /// The local write of an extent begun with [`Replicator::begin_write`]
-    /// failed: nothing is shipped; its regions stay marked.
+    /// was never issued: nothing is shipped; its regions stay marked.
     pub fn abandon(&self, offset: u64, len: u64) {
+        self.end_inflight(offset, len);
+    }
+
+    /// The local write of an extent begun with [`Replicator::begin_write`]
+    /// failed after it may have changed the local store: nothing is shipped,
+    /// and every copy resyncs the extent's regions.
+    pub fn abandon_changed(&self, offset: u64, len: u64) {
+        for link in &self.links {
+            link.missed(offset, len);
+        }
         self.end_inflight(offset, len);
     }
 
