@@ -296,12 +296,45 @@ pub struct LinkCut {
 }
 
 impl LinkCut {
-    /// Drop every packet to `to_ip:port` and every packet from it.
+    /// Drop every packet to `to_ip:port` and every packet from it. Rules
+    /// carry a comment naming this test process; rules left behind by a test
+    /// process that no longer exists (killed before its cleanup ran) are
+    /// removed first.
     pub fn new(to_ip: &str, port: u16) -> LinkCut {
+        remove_orphaned_rules();
         let port = port.to_string();
+        let comment = format!("{RULE_COMMENT_PREFIX}{}", std::process::id());
         let rules: Vec<Vec<String>> = [
-            vec!["INPUT", "-p", "tcp", "-d", to_ip, "--dport", &port, "-j", "DROP"],
-            vec!["INPUT", "-p", "tcp", "-s", to_ip, "--sport", &port, "-j", "DROP"],
+            vec![
+                "INPUT",
+                "-p",
+                "tcp",
+                "-d",
+                to_ip,
+                "--dport",
+                &port,
+                "-m",
+                "comment",
+                "--comment",
+                &comment,
+                "-j",
+                "DROP",
+            ],
+            vec![
+                "INPUT",
+                "-p",
+                "tcp",
+                "-s",
+                to_ip,
+                "--sport",
+                &port,
+                "-m",
+                "comment",
+                "--comment",
+                &comment,
+                "-j",
+                "DROP",
+            ],
         ]
         .iter()
         .map(|rule| rule.iter().map(|word| word.to_string()).collect())
@@ -323,5 +356,23 @@ impl Drop for LinkCut {
             args.extend(rule.iter().cloned());
             let _ = Command::new("iptables").args(&args).status();
         }
+    }
+}
+
+const RULE_COMMENT_PREFIX: &str = "crossmirror-test-";
+
+/// Delete the INPUT rules whose comment names a test process that is gone.
+fn remove_orphaned_rules() {
+    let listing = run_output("iptables", &["-S", "INPUT"]);
+    for line in String::from_utf8_lossy(&listing.stdout).lines() {
+        let Some(at) = line.find(RULE_COMMENT_PREFIX) else { continue };
+        let pid: String = line[at + RULE_COMMENT_PREFIX.len()..].chars().take_while(char::is_ascii_digit).collect();
+        if pid.is_empty() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let Some(rule) = line.strip_prefix("-A ") else { continue };
+        let mut args = vec!["-D"];
+        args.extend(rule.split_whitespace().map(|word| word.trim_matches('"')));
+        let _ = Command::new("iptables").args(&args).status();
     }
 }
