@@ -322,13 +322,27 @@ fn production_crash_is_repaired_from_the_bitmap() {
 /// without any restart.
 #[test]
 fn cut_link_is_resynced_after_it_heals() {
-    if !tools() || !require_root() || !require_tool("iptables") {
+    if !tools() || !require_root() || !require_tool("iptables") || !require_tool("qemu-io") {
         return;
     }
     let mirror = Mirror::start("mirror-link-cut", &[("east", "127.0.0.2", "")], &[]);
     mirror.wait_up_to_date(Duration::from_secs(60));
+    let state_file = PathBuf::from(format!("{}.cmcopies", mirror.volume.display()));
+    let recorded = || std::fs::read_to_string(&state_file).unwrap();
+    assert!(recorded().contains("copy east slot 0 state current"), "{}", recorded());
     let port = mirror.copies[0].address.port();
     let cut = LinkCut::new("127.0.0.2", port);
+    // Invariant 3: the write the unreachable sync copy misses is answered
+    // only once the mirror state records that copy stale.
+    let write_started = Instant::now();
+    qemu_write(&mirror.uri(), 0, "4k", 0x77);
+    let waited = write_started.elapsed();
+    assert!(
+        recorded().contains("copy east slot 0 state stale"),
+        "acknowledged before stale was recorded: {}",
+        recorded()
+    );
+    assert!(waited >= Duration::from_secs(4), "a sync write was answered after {waited:?} without its copy");
     let started = Instant::now();
     let load = fio(&mirror.uri(), 12, &["--lat_percentiles=1"]);
     assert!(

@@ -43,6 +43,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// First and last wait between connection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// At most how often the local volume is fsynced so that bits can clear
+/// (under a sustained random load some region always goes quiet).
+const LOCAL_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// How often touched regions are flushed on the copy so their bits can clear.
 const CLEAN_INTERVAL: Duration = Duration::from_millis(500);
 /// Frames taken off the queue per send round.
@@ -144,8 +147,8 @@ struct Outgoing {
     lag: u64,
     /// Resync data rather than an application write.
     resync: bool,
-    /// A Flush's snapshot of touched regions, with the clear epoch it was taken in.
-    snapshot: Option<(u64, Vec<u64>)>,
+    /// A Flush's snapshot of touched regions.
+    snapshot: Option<Snapshot>,
     /// The Flush that ends a resync pass: the pass's number.
     ends_resync: Option<u64>,
     /// A ChecksumRequest's waiting verifier.
@@ -163,7 +166,7 @@ struct Unacked {
     lag: u64,
     resync: bool,
     sent_at: Instant,
-    snapshot: Option<(u64, Vec<u64>)>,
+    snapshot: Option<Snapshot>,
     ends_resync: Option<u64>,
     reply: Option<SyncSender<Vec<u8>>>,
     resync_check: Option<Vec<u8>>,
@@ -187,6 +190,13 @@ struct Inner {
     /// CLEAN_INTERVAL (a hot region keeps its bit and costs no msync).
     clear_candidates: Vec<u64>,
     clear_epoch: u64,
+    /// Flushes with a snapshot sent and not yet acknowledged.
+    snapshot_flushes_unacked: u32,
+    /// When the local volume was last fsynced for clearing.
+    last_local_sync: Instant,
+    /// A queued Flush's acknowledgement may clear bits: the local volume is
+    /// fsynced before the next batch goes out.
+    local_sync_due: bool,
     /// Threads blocked on `wake` (the sender, writers held back): only
     /// then is it signalled, which spares a futex call per change.
     waiters: u32,
@@ -238,6 +248,9 @@ impl Link {
                 touched: HashSet::new(),
                 clear_candidates: Vec::new(),
                 clear_epoch: 0,
+                snapshot_flushes_unacked: 0,
+                last_local_sync: Instant::now().checked_sub(LOCAL_SYNC_INTERVAL).unwrap_or_else(Instant::now),
+                local_sync_due: false,
                 waiters: 0,
                 resync_next: None,
                 resync_pending: RegionSet::new(regions),
@@ -641,6 +654,8 @@ impl Link {
         inner.touched.clear();
         inner.clear_candidates.clear();
         inner.clear_epoch += 1;
+        inner.snapshot_flushes_unacked = 0;
+        inner.local_sync_due = false;
         self.wake.notify_all();
         if was != CopyState::Disconnected {
             tracing::warn!(copy = %self.config.name, waiting, "copy {} disconnected ({why}); recorded stale; \
@@ -656,7 +671,7 @@ impl Link {
         let mut resync_started = Instant::now();
         let mut resync_sent: u64 = 0;
         loop {
-            {
+            let local_sync = {
                 let mut inner = self.lock();
                 loop {
                     if inner.broken || self.shared.shutdown.load(Ordering::Relaxed) {
@@ -754,12 +769,13 @@ impl Link {
                     });
                     batch.push((header, outgoing.payload));
                 }
-            }
+                std::mem::take(&mut inner.local_sync_due)
+            };
             // A Flush whose acknowledgement can clear bits must not outrun
-            // the production's own durability: the regions of its snapshot
-            // were written locally before it was taken, so an fsync now makes
+            // the production's own durability: the writes to the regions it
+            // may clear completed before it was queued, so an fsync now makes
             // them durable here before the copy can even see the Flush.
-            if batch.iter().any(|(header, _)| header.kind == FrameKind::Flush) {
+            if local_sync {
                 if let Err(error) = self.shared.volume.sync_all() {
                     tracing::error!(copy = %self.config.name, %error,
                         "cannot fsync the local volume before a flush; dropping the connection so no bit clears");
@@ -1026,27 +1042,39 @@ impl Link {
             // The verifier may have given up waiting; then nobody needs it.
             let _ = reply.try_send(payload);
         }
-        if let Some((epoch, regions)) = acked.snapshot {
+        if acked.snapshot.is_some() {
+            inner.snapshot_flushes_unacked = inner.snapshot_flushes_unacked.saturating_sub(1);
+        }
+        if let Some(Snapshot { epoch, regions, clears }) = acked.snapshot {
             if epoch == inner.clear_epoch {
                 // Every change to a candidate was shipped before the previous
-                // Flush, which the copy has acknowledged; clear it unless a
-                // change touched it since (this snapshot, `touched`) or a
-                // write to it is still in flight.
+                // Flush, which the copy has acknowledged. A candidate touched
+                // since (this snapshot, `touched`), with a write in flight or
+                // waiting for a resync pass stops being one; the others are
+                // cleared if the local volume was fsynced for this Flush, or
+                // stay candidates for the next one.
                 let candidates = std::mem::take(&mut inner.clear_candidates);
+                let mut quiet = Vec::new();
                 if !candidates.is_empty() {
                     let recent: HashSet<u64> = regions.iter().copied().collect();
                     let inflight = self.shared.inflight();
                     for region in candidates {
-                        if !recent.contains(&region)
-                            && !inner.touched.contains(&region)
-                            && !inflight.contains_key(&region)
-                            && !inner.resync_pending.contains(region)
+                        if recent.contains(&region)
+                            || inner.touched.contains(&region)
+                            || inflight.contains_key(&region)
+                            || inner.resync_pending.contains(region)
                         {
+                            continue;
+                        }
+                        if clears {
                             self.shared.bitmap.clear(self.slot, region);
+                        } else {
+                            quiet.push(region);
                         }
                     }
                 }
                 inner.clear_candidates = regions;
+                inner.clear_candidates.extend(quiet);
             }
         }
         if acked.ends_resync == Some(inner.resync_pass)
@@ -1080,9 +1108,38 @@ fn fua_flag(fua: bool) -> FrameFlags {
     }
 }
 
-fn take_snapshot(inner: &mut Inner) -> (u64, Vec<u64>) {
+/// A Flush's snapshot: the regions touched since the previous one.
+#[derive(Debug)]
+struct Snapshot {
+    /// The clear epoch it was taken in; a teardown voids it.
+    epoch: u64,
+    regions: Vec<u64>,
+    /// The local volume is fsynced before this Flush is sent, so its
+    /// acknowledgement may clear bits.
+    clears: bool,
+}
+
+/// Take the regions touched since the last Flush as the next Flush's
+/// snapshot. A copy's flush must not clear a bit whose region is not durable
+/// on the production host either, so a Flush that may clear bits (a
+/// candidate is not in the snapshot, or an earlier snapshot Flush is still
+/// out and the candidates are not known yet) has the local volume fsynced
+/// before it is sent — at most once per LOCAL_SYNC_INTERVAL; in between,
+/// quiet candidates wait for the next Flush.
+fn take_snapshot(inner: &mut Inner) -> Snapshot {
     inner.last_flush = Instant::now();
-    (inner.clear_epoch, inner.touched.drain().collect())
+    let regions: Vec<u64> = inner.touched.drain().collect();
+    let might_clear = inner.snapshot_flushes_unacked > 0 || {
+        let recent: HashSet<u64> = regions.iter().copied().collect();
+        inner.clear_candidates.iter().any(|region| !recent.contains(region))
+    };
+    let clears = might_clear && inner.last_local_sync.elapsed() >= LOCAL_SYNC_INTERVAL;
+    if clears {
+        inner.local_sync_due = true;
+        inner.last_local_sync = Instant::now();
+    }
+    inner.snapshot_flushes_unacked += 1;
+    Snapshot { epoch: inner.clear_epoch, regions, clears }
 }
 
 /// A set of region indices as a bit vector: one bit per region of the volume.
