@@ -304,41 +304,16 @@ impl LinkCut {
         remove_orphaned_rules();
         let port = port.to_string();
         let comment = format!("{RULE_COMMENT_PREFIX}{}", std::process::id());
-        let rules: Vec<Vec<String>> = [
-            vec![
-                "INPUT",
-                "-p",
-                "tcp",
-                "-d",
-                to_ip,
-                "--dport",
-                &port,
-                "-m",
-                "comment",
-                "--comment",
-                &comment,
-                "-j",
-                "DROP",
-            ],
-            vec![
-                "INPUT",
-                "-p",
-                "tcp",
-                "-s",
-                to_ip,
-                "--sport",
-                &port,
-                "-m",
-                "comment",
-                "--comment",
-                &comment,
-                "-j",
-                "DROP",
-            ],
-        ]
-        .iter()
-        .map(|rule| rule.iter().map(|word| word.to_string()).collect())
-        .collect();
+        // One rule per direction: packets to the port, packets from it.
+        let rules: Vec<Vec<String>> = [("-d", "--dport"), ("-s", "--sport")]
+            .iter()
+            .map(|(address, port_option)| {
+                let rule = ["INPUT", "-p", "tcp", address, to_ip, port_option, &port, "-m", "comment", "--comment"];
+                let mut rule: Vec<String> = rule.iter().map(|word| word.to_string()).collect();
+                rule.extend([comment.clone(), "-j".into(), "DROP".into()]);
+                rule
+            })
+            .collect();
         for rule in &rules {
             let mut args = vec!["-I".to_string()];
             args.extend(rule.iter().cloned());
