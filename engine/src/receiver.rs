@@ -37,7 +37,7 @@ use crate::protocol::auth::{Session, VolumeIdentity};
 use crate::protocol::error::ReplicationError;
 use crate::protocol::frame::{Frame, FrameFlags, FrameHeader, FrameKind, WRITE_BYTES_MAX};
 use crate::protocol::sequence::SequenceCheck;
-use crate::volume::{Volume, ZeroMethod};
+use crate::volume::Volume;
 
 /// Counters of one copy host, shared across its connections (and later read
 /// by the admin endpoint).
@@ -386,12 +386,12 @@ pub fn apply_synchronously(volume: &Volume, apply: &Apply) -> Result<(), EngineE
     let io_error = |action| move |source| EngineError::Io { action, source };
     match apply {
         Apply::Write { offset, data, fua } => write(volume, *offset, data, *fua).map_err(io_error("apply a write")),
-        Apply::Trim { offset, length, fua } => {
-            trim(volume, *offset, *length).map_err(io_error("apply a trim"))?;
-            sync_if(volume, *fua)
-        }
-        Apply::WriteZeroes { offset, length, fua } => {
-            write_zeroes(volume, *offset, *length).map_err(io_error("apply a write-zeroes"))?;
+        // A trim the production host carried out reads back as zeroes there
+        // (a punched hole, or zeroes on a block device), so here it is made
+        // to read as zeroes too, rather than by a discard whose contents are
+        // up to the device.
+        Apply::Trim { offset, length, fua } | Apply::WriteZeroes { offset, length, fua } => {
+            volume.zero_synchronously(*offset, *length).map_err(io_error("apply a trim or write-zeroes"))?;
             sync_if(volume, *fua)
         }
         Apply::Flush => volume.sync_all().map_err(io_error("apply a flush (fsync)")),
@@ -418,28 +418,6 @@ fn write(volume: &Volume, offset: u64, data: &[u8], fua: bool) -> io::Result<()>
     write_all_at(volume.fd(), buf.as_slice(), span.file_offset, flags)
 }
 
-/// A trim the production host carried out: its range reads as zeroes there
-/// (a punched hole, or zeroes on a block device), so here too it is made to
-/// read as zeroes, by punching a hole where the file system can and writing
-/// zeroes where it cannot, rather than by a discard whose contents are up to
-/// the device.
-fn trim(volume: &Volume, offset: u64, length: u64) -> io::Result<()> {
-    write_zeroes(volume, offset, length)
-}
-
-fn write_zeroes(volume: &Volume, offset: u64, length: u64) -> io::Result<()> {
-    match volume.zero_method(true, false) {
-        ZeroMethod::Fallocate(mode) => match fallocate(volume.fd(), mode, offset, length) {
-            Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                volume.note_fallocate_unsupported();
-                volume.write_zeroes_synchronously(offset, length)
-            }
-            other => other,
-        },
-        ZeroMethod::Synchronous | ZeroMethod::NotFast => volume.write_zeroes_synchronously(offset, length),
-    }
-}
-
 /// pwritev2 until every byte is written, with `flags` (RWF_DSYNC for FUA).
 fn write_all_at(fd: RawFd, mut bytes: &[u8], mut offset: u64, flags: libc::c_int) -> io::Result<()> {
     while !bytes.is_empty() {
@@ -459,15 +437,6 @@ fn write_all_at(fd: RawFd, mut bytes: &[u8], mut offset: u64, flags: libc::c_int
         }
         bytes = &bytes[written as usize..];
         offset += written as u64;
-    }
-    Ok(())
-}
-
-fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, length: u64) -> io::Result<()> {
-    // SAFETY: fallocate takes a descriptor and plain integers; no memory is passed.
-    let result = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, length as libc::off_t) };
-    if result < 0 {
-        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

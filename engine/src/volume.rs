@@ -302,6 +302,26 @@ impl Volume {
         self.write_zero_bytes(offset, len)
     }
 
+    /// Make `offset..offset+len` read as zeroes, synchronously, the cheapest
+    /// way this volume allows: punch a hole or zero-range on a file
+    /// (remembering when the file system cannot), BLKZEROOUT or written
+    /// zeroes otherwise. The copy host's way to apply a trim or write-zeroes.
+    pub fn zero_synchronously(&self, offset: u64, len: u64) -> io::Result<()> {
+        if let ZeroMethod::Fallocate(mode) = self.zero_method(true, false) {
+            // SAFETY: fallocate takes a descriptor and plain integers; no memory.
+            let result = unsafe { libc::fallocate(self.fd(), mode, offset as libc::off_t, len as libc::off_t) };
+            if result == 0 {
+                return Ok(());
+            }
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(error);
+            }
+            self.note_fallocate_unsupported();
+        }
+        self.write_zeroes_synchronously(offset, len)
+    }
+
     fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: u64 = 1 << 20;
         let mut position = offset;

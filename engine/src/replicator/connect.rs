@@ -131,9 +131,7 @@ impl CopyConnection {
     /// Send one frame: its header, then `payload`, in one system call when
     /// the kernel takes it all.
     pub fn send(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<(), ReplicationError> {
-        let header_bytes = encode_header(header, payload);
-        write_all_vectored(&mut self.stream, &header_bytes, payload)
-            .map_err(|source| ReplicationError::Io { action: "send a frame to the copy host", source })
+        self.send_batch(&[(*header, payload)])
     }
 
     /// Send several frames with as few system calls as the kernel allows:
@@ -199,12 +197,6 @@ impl CopyConnection {
             self.decoder.push(&self.read_buffer[..received])?;
         }
     }
-}
-
-/// Write `first` then `second` completely, with writev so that a header and
-/// its payload usually leave in one system call.
-pub fn write_all_vectored(stream: &mut TcpStream, first: &[u8], second: &[u8]) -> io::Result<()> {
-    write_all_slices(stream, &mut [io::IoSlice::new(first), io::IoSlice::new(second)])
 }
 
 /// Write every slice completely, in order, with as few writev calls as the

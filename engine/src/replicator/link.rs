@@ -157,21 +157,44 @@ struct Outgoing {
     resync_check: Option<Vec<u8>>,
 }
 
-/// A frame sent and not yet acknowledged.
+impl Outgoing {
+    /// A frame of `kind` for `length` bytes at `offset`, with nothing else
+    /// attached; the callers set what their kind carries.
+    fn new(kind: FrameKind, offset: u64, length: u64) -> Outgoing {
+        Outgoing {
+            kind,
+            flags: FrameFlags::NONE,
+            offset,
+            length: length as u32,
+            payload: None,
+            ticket: None,
+            lag: 0,
+            resync: false,
+            snapshot: None,
+            ends_resync: None,
+            reply: None,
+            resync_check: None,
+        }
+    }
+
+    /// Resync data for `data.len()` bytes at `offset`.
+    fn resync_data(offset: u64, data: Vec<u8>) -> Outgoing {
+        let length = data.len() as u64;
+        Outgoing {
+            payload: Some(Arc::new(data)),
+            lag: length,
+            resync: true,
+            ..Outgoing::new(FrameKind::ResyncData, offset, length)
+        }
+    }
+}
+
+/// A frame sent and not yet acknowledged (its payload is gone with the send).
 #[derive(Debug)]
 struct Unacked {
     sequence: u64,
-    kind: FrameKind,
-    ticket: Option<Arc<Ticket>>,
-    lag: u64,
-    resync: bool,
     sent_at: Instant,
-    snapshot: Option<Snapshot>,
-    ends_resync: Option<u64>,
-    reply: Option<SyncSender<Vec<u8>>>,
-    resync_check: Option<Vec<u8>>,
-    offset: u64,
-    length: u32,
+    frame: Outgoing,
 }
 
 #[derive(Debug)]
@@ -189,9 +212,6 @@ struct Inner {
     /// a bit clears only after its region stayed quiet for a whole
     /// CLEAN_INTERVAL (a hot region keeps its bit and costs no msync).
     clear_candidates: Vec<u64>,
-    clear_epoch: u64,
-    /// Flushes with a snapshot sent and not yet acknowledged.
-    snapshot_flushes_unacked: u32,
     /// When the local volume was last fsynced for clearing.
     last_local_sync: Instant,
     /// A queued Flush's acknowledgement may clear bits: the local volume is
@@ -207,8 +227,6 @@ struct Inner {
     /// whole (resync) takes one out; until then its bit never clears, even
     /// if later writes to part of it reach the copy.
     resync_pending: RegionSet,
-    /// The pass's last Flush is queued; waiting for its ack.
-    resync_flush_queued: bool,
     /// Numbers the resync passes, so only the current pass's closing Flush
     /// can make the copy up to date.
     resync_pass: u64,
@@ -247,14 +265,11 @@ impl Link {
                 resync_bytes_outstanding: 0,
                 touched: HashSet::new(),
                 clear_candidates: Vec::new(),
-                clear_epoch: 0,
-                snapshot_flushes_unacked: 0,
                 last_local_sync: Instant::now().checked_sub(LOCAL_SYNC_INTERVAL).unwrap_or_else(Instant::now),
                 local_sync_due: false,
                 waiters: 0,
                 resync_next: None,
                 resync_pending: RegionSet::new(regions),
-                resync_flush_queued: false,
                 resync_pass: 0,
                 resync_checks_outstanding: 0,
                 last_flush: Instant::now(),
@@ -313,7 +328,9 @@ impl Link {
     /// Queue a change for this copy, or drop it (the bitmap keeps its
     /// regions) when the copy cannot take it. A sync copy's ticket is held
     /// until the copy acknowledges or is recorded stale.
-    pub(crate) fn ship(&self, change: &Change<'_>, payload: Option<&Arc<Vec<u8>>>, ticket: &Arc<Ticket>) {
+    /// `payload` is the write's data shared by every link; the first link
+    /// that queues it makes the one copy (none is made when no copy takes it).
+    pub(crate) fn ship(&self, change: &Change<'_>, payload: &mut Option<Arc<Vec<u8>>>, ticket: &Arc<Ticket>) {
         let mut inner = self.lock();
         let sync = self.config.mode == MirrorMode::Sync;
         // A sync copy that is far behind makes the writer wait (bounded memory).
@@ -370,11 +387,9 @@ impl Link {
             return;
         }
         let (kind, flags, offset, length) = match *change {
-            Change::Write { offset, data, fua } => (FrameKind::Write, fua_flag(fua), offset, data.len() as u32),
-            Change::Trim { offset, length, fua } => (FrameKind::Trim, fua_flag(fua), offset, length as u32),
-            Change::WriteZeroes { offset, length, fua } => {
-                (FrameKind::WriteZeroes, fua_flag(fua), offset, length as u32)
-            }
+            Change::Write { offset, data, fua } => (FrameKind::Write, fua_flag(fua), offset, data.len() as u64),
+            Change::Trim { offset, length, fua } => (FrameKind::Trim, fua_flag(fua), offset, length),
+            Change::WriteZeroes { offset, length, fua } => (FrameKind::WriteZeroes, fua_flag(fua), offset, length),
             Change::Flush => (FrameKind::Flush, FrameFlags::NONE, 0, 0),
         };
         if let Some((offset, len)) = change.extent() {
@@ -388,19 +403,17 @@ impl Link {
         });
         let snapshot = (kind == FrameKind::Flush).then(|| take_snapshot(&mut inner));
         inner.lag_bytes += lag;
+        let payload = match change {
+            Change::Write { data, .. } => Some(payload.get_or_insert_with(|| Arc::new(data.to_vec())).clone()),
+            _ => None,
+        };
         inner.queue.push_back(Outgoing {
-            kind,
             flags,
-            offset,
-            length,
-            payload: payload.cloned(),
+            payload,
             ticket,
             lag,
-            resync: false,
             snapshot,
-            ends_resync: None,
-            reply: None,
-            resync_check: None,
+            ..Outgoing::new(kind, offset, length)
         });
         self.notify(&inner);
     }
@@ -473,18 +486,8 @@ impl Link {
             drop(inflight);
             let (sender, answer) = sync_channel(1);
             inner.queue.push_back(Outgoing {
-                kind: FrameKind::ChecksumRequest,
-                flags: FrameFlags::NONE,
-                offset,
-                length: length as u32,
-                payload: None,
-                ticket: None,
-                lag: 0,
-                resync: false,
-                snapshot: None,
-                ends_resync: None,
                 reply: Some(sender),
-                resync_check: None,
+                ..Outgoing::new(FrameKind::ChecksumRequest, offset, length)
             });
             self.notify(&inner);
             break (crate::verify::chunk_checksums(&data), answer);
@@ -612,7 +615,6 @@ impl Link {
     fn start_resync_pass(&self, inner: &mut Inner) {
         inner.resync_pass += 1;
         inner.resync_next = Some(0);
-        inner.resync_flush_queued = false;
         let total = inner.resync_pending.len() * self.shared.bitmap.region_bytes();
         self.counters.resync_bytes_total.store(total, Ordering::Relaxed);
         self.counters.resync_bytes_done.store(0, Ordering::Relaxed);
@@ -639,7 +641,7 @@ impl Link {
             }
         }
         for unacked in std::mem::take(&mut inner.unacked) {
-            if let Some(ticket) = unacked.ticket {
+            if let Some(ticket) = unacked.frame.ticket {
                 ticket.release(result);
             }
         }
@@ -653,8 +655,6 @@ impl Link {
         // one resyncs every dirty region whole, so nothing prepared here clears.
         inner.touched.clear();
         inner.clear_candidates.clear();
-        inner.clear_epoch += 1;
-        inner.snapshot_flushes_unacked = 0;
         inner.local_sync_due = false;
         self.wake.notify_all();
         if was != CopyState::Disconnected {
@@ -700,7 +700,7 @@ impl Link {
                         if unacked.sent_at.elapsed() > ACK_TIMEOUT {
                             tracing::warn!(copy = %self.config.name, sequence = unacked.sequence,
                                 "copy {} left a {:?} frame unacknowledged for over {} s; dropping the connection",
-                                self.config.name, unacked.kind, ACK_TIMEOUT.as_secs());
+                                self.config.name, unacked.frame.kind, ACK_TIMEOUT.as_secs());
                             return;
                         }
                     }
@@ -748,26 +748,14 @@ impl Link {
                     batch.push((header, None));
                 }
                 while batch.len() < SEND_BATCH_FRAMES {
-                    let Some(outgoing) = inner.queue.pop_front() else { break };
-                    let mut header = connection.header(outgoing.kind, outgoing.flags, generation, epoch);
-                    header.offset = outgoing.offset;
-                    header.length = outgoing.length;
-                    header.payload_len = outgoing.payload.as_ref().map_or(0, |payload| payload.len() as u32);
-                    inner.unacked.push_back(Unacked {
-                        sequence: header.sequence,
-                        kind: outgoing.kind,
-                        ticket: outgoing.ticket,
-                        lag: outgoing.lag,
-                        resync: outgoing.resync,
-                        sent_at: Instant::now(),
-                        snapshot: outgoing.snapshot,
-                        ends_resync: outgoing.ends_resync,
-                        reply: outgoing.reply,
-                        resync_check: outgoing.resync_check,
-                        offset: outgoing.offset,
-                        length: outgoing.length,
-                    });
-                    batch.push((header, outgoing.payload));
+                    let Some(mut frame) = inner.queue.pop_front() else { break };
+                    let mut header = connection.header(frame.kind, frame.flags, generation, epoch);
+                    header.offset = frame.offset;
+                    header.length = frame.length;
+                    let payload = frame.payload.take();
+                    header.payload_len = payload.as_ref().map_or(0, |payload| payload.len() as u32);
+                    inner.unacked.push_back(Unacked { sequence: header.sequence, sent_at: Instant::now(), frame });
+                    batch.push((header, payload));
                 }
                 std::mem::take(&mut inner.local_sync_due)
             };
@@ -833,10 +821,7 @@ impl Link {
                 return Ok(None);
             }
             inner.resync_next = None;
-            if !inner.resync_flush_queued {
-                inner.resync_flush_queued = true;
-                self.queue_flush(inner, true);
-            }
+            self.queue_flush(inner, true);
             return Ok(Some(0));
         };
         // Adjacent dirty regions travel together, up to RESYNC_FRAME_BYTES.
@@ -858,26 +843,18 @@ impl Link {
         inner.touched.extend(region..end);
         inner.resync_bytes_outstanding += length;
         inner.resync_next = Some(end);
-        let (kind, payload, resync_check) = if self.shared.resync_checksums {
+        let outgoing = if self.shared.resync_checksums {
             inner.resync_checks_outstanding += 1;
-            (FrameKind::ChecksumRequest, None, Some(crate::verify::chunk_checksums(&data)))
+            Outgoing {
+                lag: length,
+                resync: true,
+                resync_check: Some(crate::verify::chunk_checksums(&data)),
+                ..Outgoing::new(FrameKind::ChecksumRequest, offset, length)
+            }
         } else {
-            (FrameKind::ResyncData, Some(Arc::new(data)), None)
+            Outgoing::resync_data(offset, data)
         };
-        inner.queue.push_back(Outgoing {
-            kind,
-            flags: FrameFlags::NONE,
-            offset,
-            length: length as u32,
-            payload,
-            ticket: None,
-            lag: length,
-            resync: true,
-            snapshot: None,
-            ends_resync: None,
-            reply: None,
-            resync_check,
-        });
+        inner.queue.push_back(outgoing);
         self.counters.resync_bytes_done.fetch_add(length, Ordering::Relaxed);
         Ok(Some(length))
     }
@@ -898,20 +875,7 @@ impl Link {
             // Touched again: no Flush queued before this data may clear it.
             inner.touched.extend(self.shared.regions(start, len));
             inner.resync_bytes_outstanding += len;
-            inner.queue.push_back(Outgoing {
-                kind: FrameKind::ResyncData,
-                flags: FrameFlags::NONE,
-                offset: start,
-                length: len as u32,
-                payload: Some(Arc::new(data)),
-                ticket: None,
-                lag: len,
-                resync: true,
-                snapshot: None,
-                ends_resync: None,
-                reply: None,
-                resync_check: None,
-            });
+            inner.queue.push_back(Outgoing::resync_data(start, data));
         }
     }
 
@@ -921,18 +885,10 @@ impl Link {
         // unless a change it missed is still waiting for the next pass.
         let synced = ends_resync && inner.state == CopyState::Syncing && inner.resync_pending.len() == 0;
         inner.queue.push_back(Outgoing {
-            kind: FrameKind::Flush,
             flags: if synced { FrameFlags::SYNCED } else { FrameFlags::NONE },
             ends_resync: ends_resync.then_some(inner.resync_pass),
-            offset: 0,
-            length: 0,
-            payload: None,
-            ticket: None,
-            lag: 0,
-            resync: false,
             snapshot: Some(snapshot),
-            reply: None,
-            resync_check: None,
+            ..Outgoing::new(FrameKind::Flush, 0, 0)
         });
     }
 
@@ -1013,7 +969,7 @@ impl Link {
                 ),
             });
         };
-        let expected_kind = match front.kind {
+        let expected_kind = match front.frame.kind {
             FrameKind::Flush => FrameKind::FlushAck,
             FrameKind::ChecksumRequest => FrameKind::ChecksumReply,
             _ => FrameKind::WriteAck,
@@ -1022,11 +978,11 @@ impl Link {
             return Err(ReplicationError::Protocol {
                 message: format!(
                     "{:?} for sequence {} arrived, but the oldest unacknowledged frame is {:?} sequence {}",
-                    header.kind, header.sequence, front.kind, front.sequence
+                    header.kind, header.sequence, front.frame.kind, front.sequence
                 ),
             });
         }
-        let acked = inner.unacked.pop_front().expect("front exists");
+        let acked = inner.unacked.pop_front().expect("front exists").frame;
         if acked.resync {
             inner.resync_bytes_outstanding -= acked.lag;
         } else {
@@ -1042,11 +998,10 @@ impl Link {
             // The verifier may have given up waiting; then nobody needs it.
             let _ = reply.try_send(payload);
         }
-        if acked.snapshot.is_some() {
-            inner.snapshot_flushes_unacked = inner.snapshot_flushes_unacked.saturating_sub(1);
-        }
-        if let Some(Snapshot { epoch, regions, clears }) = acked.snapshot {
-            if epoch == inner.clear_epoch {
+        // (Acknowledgements of an older connection never get here, and a
+        // teardown forgets the candidates, so every snapshot is current.)
+        if let Some(Snapshot { regions, clears }) = acked.snapshot {
+            {
                 // Every change to a candidate was shipped before the previous
                 // Flush, which the copy has acknowledged. A candidate touched
                 // since (this snapshot, `touched`), with a write in flight or
@@ -1111,8 +1066,6 @@ fn fua_flag(fua: bool) -> FrameFlags {
 /// A Flush's snapshot: the regions touched since the previous one.
 #[derive(Debug)]
 struct Snapshot {
-    /// The clear epoch it was taken in; a teardown voids it.
-    epoch: u64,
     regions: Vec<u64>,
     /// The local volume is fsynced before this Flush is sent, so its
     /// acknowledgement may clear bits.
@@ -1129,7 +1082,14 @@ struct Snapshot {
 fn take_snapshot(inner: &mut Inner) -> Snapshot {
     inner.last_flush = Instant::now();
     let regions: Vec<u64> = inner.touched.drain().collect();
-    let might_clear = inner.snapshot_flushes_unacked > 0 || {
+    // A snapshot Flush still queued or unacknowledged (it is derived, not
+    // counted) leaves the candidates at this one's acknowledgement unknown.
+    let earlier_out = inner
+        .queue
+        .iter()
+        .chain(inner.unacked.iter().map(|unacked| &unacked.frame))
+        .any(|frame| frame.snapshot.is_some());
+    let might_clear = earlier_out || {
         let recent: HashSet<u64> = regions.iter().copied().collect();
         inner.clear_candidates.iter().any(|region| !recent.contains(region))
     };
@@ -1138,8 +1098,7 @@ fn take_snapshot(inner: &mut Inner) -> Snapshot {
         inner.local_sync_due = true;
         inner.last_local_sync = Instant::now();
     }
-    inner.snapshot_flushes_unacked += 1;
-    Snapshot { epoch: inner.clear_epoch, regions, clears }
+    Snapshot { regions, clears }
 }
 
 /// A set of region indices as a bit vector: one bit per region of the volume.

@@ -451,12 +451,11 @@ impl Replicator {
             completions: completions.clone(),
             id,
         });
-        let payload: Option<Arc<Vec<u8>>> = match change {
-            Change::Write { data, .. } => Some(Arc::new(data.to_vec())),
-            _ => None,
-        };
+        // A write's data is copied once, by the first link that queues it,
+        // and not at all while no copy takes it (all disconnected or behind).
+        let mut payload = None;
         for link in &self.links {
-            link.ship(&change, payload.as_ref(), &ticket);
+            link.ship(&change, &mut payload, &ticket);
         }
         if let Some((offset, len)) = change.extent() {
             self.end_inflight(offset, len);
