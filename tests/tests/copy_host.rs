@@ -23,6 +23,7 @@ struct Host {
     secret: PathBuf,
     address: SocketAddr,
     admin: SocketAddr,
+    args: Vec<String>,
     process: Process,
 }
 
@@ -48,7 +49,15 @@ fn copy_host(label: &str) -> Host {
         &admin_text,
     ];
     let process = Process::start(&scratch, &args, address);
-    Host { scratch, volume, secret, address, admin, process }
+    let args = args.iter().map(|arg| arg.to_string()).collect();
+    Host { scratch, volume, secret, address, admin, args, process }
+}
+
+/// Stop the copy host with SIGTERM and start it again on the same store.
+fn restart(host: &mut Host) {
+    assert!(host.process.stop_with(libc::SIGTERM).success(), "{}", host.process.log());
+    let args: Vec<&str> = host.args.iter().map(String::as_str).collect();
+    host.process = Process::start(&host.scratch, &args, host.address);
 }
 
 fn identity() -> VolumeIdentity {
@@ -62,7 +71,12 @@ fn connect(host: &Host, identity: VolumeIdentity) -> CopyConnection {
 
 /// Send a write and wait for its ack.
 fn write(connection: &mut CopyConnection, offset: u64, data: &[u8]) {
-    let mut header = connection.header(FrameKind::Write, FrameFlags::NONE, 1, 1);
+    write_at_epoch(connection, 1, offset, data);
+}
+
+/// Send a write carrying fencing `epoch` and wait for its ack.
+fn write_at_epoch(connection: &mut CopyConnection, epoch: u64, offset: u64, data: &[u8]) {
+    let mut header = connection.header(FrameKind::Write, FrameFlags::NONE, 1, epoch);
     header.offset = offset;
     header.length = data.len() as u32;
     header.payload_len = data.len() as u32;
@@ -217,4 +231,28 @@ fn a_reconnecting_production_host_takes_over() {
     let _ = old.send(&header, b"old");
     assert!(old.receive().is_err(), "the old session must be closed");
     assert_eq!(&contents(&host)[..3], b"new");
+}
+
+/// Invariant 4: once a copy has accepted a frame of epoch 3, it refuses
+/// frames of an older epoch on any later session, also after its own
+/// restart (the promise is stored before the frame applies); nothing of a
+/// fenced frame is applied.
+#[test]
+fn an_older_epoch_is_fenced_across_sessions_and_restarts() {
+    let mut host = copy_host("copy-host-fencing");
+    let volume = identity();
+    let mut newer = connect(&host, volume);
+    write_at_epoch(&mut newer, 3, 0, b"epoch3");
+    drop(newer);
+    restart(&mut host);
+    assert_eq!(status(&host)["epoch_promised"], 3, "{}", status(&host));
+    let mut deposed = connect(&host, volume);
+    let mut header = deposed.header(FrameKind::Write, FrameFlags::NONE, 1, 1);
+    header.length = 6;
+    header.payload_len = 6;
+    deposed.send(&header, b"epoch1").unwrap();
+    assert!(deposed.receive().is_err(), "the copy must close the connection of a deposed production host");
+    wait_for_log(&host, "fenced frame");
+    assert_rejected(&host, 1);
+    assert_eq!(&contents(&host)[..6], b"epoch3");
 }
