@@ -14,6 +14,7 @@
 //! no other crate of the workspace; callers drive it.
 
 pub mod alignment;
+pub mod applier;
 pub mod bitmap;
 pub mod buffer;
 pub mod error;

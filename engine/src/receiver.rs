@@ -9,21 +9,22 @@
 //!                                  ├─ refused: ReplicationError (kind), frames_rejected + 1, nothing applied,
 //!                                  │           the connection is closed
 //!                                  └─ Step { persist (raised epoch/generation), apply, reply (ack) }
-//!  shell: store metadata ─▶ apply_synchronously ─▶ send the ack
+//!  shell: store metadata ─▶ Applier (io_uring, ordered) ─▶ send the acks in order
 //! ```
 //!
 //! The shell carries out each [`Step`] in order — persist, then apply, then
-//! acknowledge — and takes frames strictly in arrival order, one at a time.
-//! So a raised epoch is durable before any frame carrying it is applied, a
-//! write is applied before its ack leaves, and a write acknowledged before
-//! another was issued is never applied after it: the copy is crash-consistent
-//! (DESIGN.md §3, invariant 5). An acknowledged write without FUA is applied
-//! (in the page cache); FUA and Flush make it durable before the ack.
+//! acknowledge — through [`crate::applier::Applier`]: a raised epoch is
+//! durable before any frame carrying it is applied (earlier frames finish
+//! first), a write is applied before its ack leaves, acks leave in arrival
+//! order, and a write acknowledged before another was issued is never applied
+//! after it (overlapping writes in arrival order, BARRIER frames after
+//! everything before them): the copy is crash-consistent (DESIGN.md §3,
+//! invariant 5). An acknowledged write without FUA is applied (in the page
+//! cache); FUA and Flush make it durable before the ack.
 //!
 //! [`apply_synchronously`] does plain synchronous system calls on the
-//! volume, one frame at a time. An io_uring applier that keeps many writes in
-//! flight while preserving this order (writes to disjoint extents may overlap;
-//! a flush waits for everything before it) is future work.
+//! volume; the applier uses it for the rare changes (trim, zeroes, unaligned
+//! O_DIRECT writes) after draining its ring.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -126,6 +127,10 @@ pub struct Step {
     pub persist: Option<VolumeMetadata>,
     /// The change to apply to the store.
     pub apply: Option<Apply>,
+    /// Apply the change only after every earlier frame's change is applied
+    /// (the frame carries [`FrameFlags::BARRIER`]). Without it a write may
+    /// be applied alongside earlier writes it does not overlap.
+    pub barrier: bool,
     /// Metadata to store durably after the change is applied and before the
     /// reply: a resync pass's closing flush makes the store consistent again,
     /// which may be recorded only once that flush is done.
@@ -230,7 +235,8 @@ impl<'counters> Receiver<'counters> {
             }
             other => unreachable!("{other:?} frames were refused by check_receivable"),
         };
-        Ok(Step { persist, apply, persist_after, reply: reply_kind.map(|kind| self.reply(kind, &header)) })
+        let barrier = header.flags.contains(FrameFlags::BARRIER);
+        Ok(Step { persist, apply, barrier, persist_after, reply: reply_kind.map(|kind| self.reply(kind, &header)) })
     }
 
     /// Refuse the kinds a copy never receives: handshake frames after the
@@ -381,7 +387,7 @@ pub fn reply_payload(volume: &Volume, apply: &Apply) -> Result<Vec<u8>, EngineEr
 /// Carry out `apply` on `volume` with synchronous system calls, durably
 /// when it carries FUA or is a flush. O_DIRECT volumes are written through an
 /// aligned buffer, with the edge blocks of an unaligned extent read first.
-/// The caller applies one frame at a time, in arrival order.
+/// The caller makes sure no change it overlaps is in flight.
 pub fn apply_synchronously(volume: &Volume, apply: &Apply) -> Result<(), EngineError> {
     let io_error = |action| move |source| EngineError::Io { action, source };
     match apply {
@@ -509,7 +515,8 @@ mod tests {
             with(frame(FrameKind::Heartbeat, 7, 0, &[]), |header| header.flags = FrameFlags::ACK_REQUESTED),
         ];
         let steps: Vec<Step> = frames.into_iter().map(|frame| receiver.on_frame(frame).unwrap()).collect();
-        let step = |apply, reply| Step { persist: None, apply, persist_after: None, reply: Some(reply) };
+        let step =
+            |apply, reply| Step { persist: None, apply, barrier: false, persist_after: None, reply: Some(reply) };
         assert_eq!(
             steps,
             [
@@ -530,7 +537,7 @@ mod tests {
                     ack(FrameKind::WriteAck, 4, 512, 100, FrameFlags::NONE)
                 ),
                 step(Some(Apply::Flush), ack(FrameKind::FlushAck, 5, 0, 0, FrameFlags::NONE)),
-                Step { persist: None, apply: None, persist_after: None, reply: None },
+                Step { persist: None, apply: None, barrier: false, persist_after: None, reply: None },
                 step(None, ack(FrameKind::Heartbeat, 7, 0, 0, FrameFlags::NONE)),
             ]
         );

@@ -1,12 +1,12 @@
 //! `crossmirror copy-host`: hold a copy of a production volume. Accept the
 //! production host's replication connection, authenticate it, and apply its
-//! frames to the local store in arrival order until SIGINT or SIGTERM; then
-//! finish the frame being applied, fsync and exit 0.
+//! frames to the local store through io_uring until SIGINT or SIGTERM; then
+//! finish the changes in flight, fsync and exit 0.
 //!
 //! ```text
 //!  accept ─▶ thread per connection (at most CONNECTIONS_MAX) ─▶ handshake (10 s deadline)
 //!        ─▶ claim the one session slot ─▶ adopt the volume identity (fresh copy) ─▶ Accept
-//!        ─▶ loop { frame ─▶ Receiver ─▶ store metadata? ─▶ apply (pwrite/fsync) ─▶ ack }
+//!        ─▶ loop { frame ─▶ Receiver ─▶ store metadata? ─▶ Applier (io_uring) ─▶ acks in order }
 //! ```
 //!
 //! The decisions are in `engine::receiver` (pure); this file only moves
@@ -17,10 +17,13 @@
 //! production host that reconnects after a link cut need not wait for its dead
 //! connection to time out here). A refused frame closes its connection; the
 //! production host reconnects.
-//! Applying is synchronous and in order — correctness first; an io_uring
-//! apply path that keeps order is future work. Reading and checking frames
-//! (socket copy, CRC) runs on a helper thread ahead of the applying thread,
-//! at most PIPELINE_FRAMES frames ahead; the order does not change.
+//! Changes are applied by `engine::applier`: many writes in flight at once,
+//! never one before an earlier write it overlaps or, when it carries the
+//! BARRIER flag, before anything earlier; acks leave in arrival order once
+//! their change is done. Reading and checking frames (socket copy, CRC) runs
+//! on a helper thread ahead of the applying thread, at most PIPELINE_FRAMES
+//! frames ahead; it rings the applier's doorbell (an eventfd its ring reads)
+//! when the applier waits for completions.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -32,13 +35,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use engine::applier::{Applier, Doorbell};
 use engine::metadata::{format_uuid, load_metadata, metadata_path, store_metadata, StoreState, VolumeMetadata};
 use engine::protocol::auth::{random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, RefuseReason, Session};
 use engine::protocol::frame::{encode_frame, Frame, FrameHeader, HEADER_LEN};
 use engine::protocol::{decode_header, load_secret, verify_payload, ReplicationError, ReplicationErrorKind, Secret};
-use engine::receiver::{
-    adopt_identity, apply_synchronously, identity_for_offer, reply_payload, Receiver, ReceiverCounters,
-};
+use engine::receiver::{adopt_identity, identity_for_offer, Receiver, ReceiverCounters};
 use engine::{Volume, VolumeOptions};
 
 use crate::admin;
@@ -646,62 +648,122 @@ fn receive(connection: &mut Connection<'_>, session: &Session) {
             return;
         }
     };
+    let doorbell = match Doorbell::new() {
+        Ok(doorbell) => doorbell,
+        Err(error) => {
+            tracing::error!(%peer, %error, "cannot create an eventfd; closing the connection");
+            return;
+        }
+    };
+    let mut applier = match Applier::new(&host.volume, Some(doorbell.clone())) {
+        Ok(applier) => applier,
+        Err(error) => {
+            tracing::error!(%peer, "cannot set up the io_uring applier: {error}; closing the connection");
+            return;
+        }
+    };
     // Two stages: this thread's helper reads and checks frames (socket copy,
-    // CRC) while this thread applies them in arrival order and acknowledges.
+    // CRC) while this thread applies them and acknowledges.
     let (sender, frames) = std::sync::mpsc::sync_channel::<Result<Frame, Ending>>(PIPELINE_FRAMES);
     std::thread::scope(|scope| {
+        let ringer = doorbell.clone();
         scope.spawn(move || loop {
             let next = connection.next_frame(None);
             let ended = next.is_err();
-            if sender.send(next).is_err() || ended {
+            let sent = sender.send(next);
+            ringer.ring();
+            if sent.is_err() || ended {
                 break;
             }
         });
-        apply_frames(host, peer, session, &frames, &mut writer);
+        let ending = apply_frames(host, peer, session, &frames, &doorbell, &mut applier, &mut writer);
+        // What was applied before the connection ended is acknowledged.
+        if !matches!(ending, Applied::Failed) && applier.drain().is_ok() {
+            let mut outgoing = Vec::new();
+            applier.take_replies(&mut outgoing);
+            let _ = writer.write_all(&outgoing);
+        }
         // Stop the reader: it sees the closed channel or the closed socket.
         drop(frames);
         let _ = writer.shutdown(std::net::Shutdown::Both);
     });
 }
 
-/// The applying stage: judge each frame, store raised promises, apply,
-/// acknowledge. Acknowledgements are sent in batches, whenever no frame is
-/// waiting.
+/// How the applying stage ended.
+enum Applied {
+    /// The connection ended or a frame was refused; what was applied may
+    /// still be acknowledged.
+    Ended,
+    /// A change could not be made: nothing more is acknowledged.
+    Failed,
+}
+
+/// The applying stage: judge each frame, store raised promises, hand the
+/// change to the applier, and send the replies it releases, in batches,
+/// whenever no frame is waiting.
 fn apply_frames(
     host: &Host,
     peer: SocketAddr,
     session: &Session,
     frames: &std::sync::mpsc::Receiver<Result<Frame, Ending>>,
+    doorbell: &Doorbell,
+    applier: &mut Applier<'_>,
     writer: &mut TcpStream,
-) {
+) -> Applied {
     let metadata = *host.metadata();
     let mut receiver = Receiver::new(session, metadata, host.volume.size(), &host.counters);
     let mut outgoing: Vec<u8> = Vec::new();
+    let failed = |error: engine::EngineError, what: &str| {
+        tracing::error!(
+            %peer,
+            "cannot {what} on volume {}: {error}; closing the connection without acknowledging it",
+            host.volume.path().display()
+        );
+        Applied::Failed
+    };
     loop {
         let next = match frames.try_recv() {
             Ok(next) => next,
             Err(std::sync::mpsc::TryRecvError::Empty) => {
+                applier.take_replies(&mut outgoing);
                 if !outgoing.is_empty() {
                     if let Err(error) = writer.write_all(&outgoing) {
                         log_ending(peer, "", &Ending::Io(error));
-                        return;
+                        return Applied::Failed;
                     }
                     outgoing.clear();
                 }
-                match frames.recv() {
-                    Ok(next) => next,
-                    Err(_) => return,
+                if applier.idle() {
+                    match frames.recv() {
+                        Ok(next) => next,
+                        Err(_) => return Applied::Ended,
+                    }
+                } else {
+                    // Wait for a change to complete or a frame to arrive.
+                    doorbell.arm();
+                    match frames.try_recv() {
+                        Ok(next) => {
+                            doorbell.disarm();
+                            next
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Empty) => {
+                            if let Err(error) = applier.wait() {
+                                return failed(error, "apply a change");
+                            }
+                            continue;
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => return Applied::Ended,
+                    }
                 }
             }
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return Applied::Ended,
         };
         let judged = match next {
             Ok(frame) => receiver.on_frame(frame),
             Err(Ending::Refused(error)) => Err(receiver.refuse(error)),
             Err(ending) => {
-                let _ = writer.write_all(&outgoing);
                 log_ending(peer, "", &ending);
-                return;
+                return Applied::Ended;
             }
         };
         let step = match judged {
@@ -716,14 +778,18 @@ fn apply_frames(
                      frames_rejected={total}; closing the connection",
                     refusal_name(error.kind())
                 );
-                let _ = writer.write_all(&outgoing);
-                return;
+                return Applied::Ended;
             }
         };
         if let Some(promised) = step.persist {
+            // The promise is durable before this frame takes effect; earlier
+            // frames finish first, so none of them is applied after it.
+            if let Err(error) = applier.drain() {
+                return failed(error, "apply a change");
+            }
             if let Err(error) = store_metadata(&host.metadata_path, &promised) {
                 tracing::error!(%peer, "cannot store the raised epoch or generation: {error}; closing the connection");
-                return;
+                return Applied::Failed;
             }
             *host.metadata() = promised;
             tracing::info!(
@@ -734,35 +800,24 @@ fn apply_frames(
                 promised.state
             );
         }
-        if let Some(apply) = &step.apply {
-            if let Err(error) = apply_synchronously(&host.volume, apply) {
-                tracing::error!(
-                    %peer,
-                    "cannot apply a frame to volume {}: {error}; closing the connection without acknowledging it",
-                    host.volume.path().display()
-                );
-                return;
+        let Some(consistent) = step.persist_after else {
+            if let Err(error) = applier.start(step.apply, step.barrier, step.reply) {
+                return failed(error, "apply a change");
             }
+            continue;
+        };
+        // The flush that ends a resync pass: done, then recorded, then answered.
+        if let Err(error) = applier.start(step.apply, true, None) {
+            return failed(error, "apply a flush");
         }
-        if let Some(consistent) = step.persist_after {
-            if let Err(error) = store_metadata(&host.metadata_path, &consistent) {
-                tracing::error!(%peer, "cannot record the store consistent: {error}; closing the connection");
-                return;
-            }
-            *host.metadata() = consistent;
-            tracing::info!(%peer, "resync pass complete: the store holds a consistent image again");
+        if let Err(error) = store_metadata(&host.metadata_path, &consistent) {
+            tracing::error!(%peer, "cannot record the store consistent: {error}; closing the connection");
+            return Applied::Failed;
         }
-        if let Some(mut reply) = step.reply {
-            let payload = match step.apply.as_ref().map(|apply| reply_payload(&host.volume, apply)) {
-                Some(Ok(payload)) => payload,
-                None => Vec::new(),
-                Some(Err(error)) => {
-                    tracing::error!(%peer, "cannot answer a checksum request: {error}; closing the connection");
-                    return;
-                }
-            };
-            reply.payload_len = payload.len() as u32;
-            outgoing.extend_from_slice(&encode_frame(&reply, &payload));
+        *host.metadata() = consistent;
+        tracing::info!(%peer, "resync pass complete: the store holds a consistent image again");
+        if let Err(error) = applier.start(None, false, step.reply) {
+            return failed(error, "apply a change");
         }
     }
 }

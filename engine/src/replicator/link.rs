@@ -235,6 +235,8 @@ struct Inner {
     last_flush: Instant,
     /// The connection failed; the sender tears it down.
     broken: bool,
+    /// [`Shared::released`] when this link last queued a barrier frame.
+    barrier_released: u64,
 }
 
 /// One copy's link.
@@ -274,6 +276,7 @@ impl Link {
                 resync_checks_outstanding: 0,
                 last_flush: Instant::now(),
                 broken: false,
+                barrier_released: 0,
             }),
             wake: Condvar::new(),
             counters: CopyCounters::default(),
@@ -386,12 +389,23 @@ impl Link {
             self.dropped(&mut inner, change.extent());
             return;
         }
-        let (kind, flags, offset, length) = match *change {
+        let (kind, mut flags, offset, length) = match *change {
             Change::Write { offset, data, fua } => (FrameKind::Write, fua_flag(fua), offset, data.len() as u64),
             Change::Trim { offset, length, fua } => (FrameKind::Trim, fua_flag(fua), offset, length),
             Change::WriteZeroes { offset, length, fua } => (FrameKind::WriteZeroes, fua_flag(fua), offset, length),
             Change::Flush => (FrameKind::Flush, FrameFlags::NONE, 0, 0),
         };
+        if !sync {
+            // An async copy's acknowledgement does not gate the client's: a
+            // change released since this link's last barrier may have been
+            // acknowledged before this one was issued, so this one must not
+            // be applied before it (see the module docs of `replicator`).
+            let released = self.shared.released.load(Ordering::SeqCst);
+            if released != inner.barrier_released {
+                inner.barrier_released = released;
+                flags = flags | FrameFlags::BARRIER;
+            }
+        }
         if let Some((offset, len)) = change.extent() {
             for region in self.shared.regions(offset, len) {
                 inner.touched.insert(region);

@@ -10,12 +10,17 @@
 //!
 //! Ordering: a change is shipped only after its local write completed, and
 //! every link sends in the order changes were shipped. A write acknowledged
-//! to the client before another was issued was therefore shipped before it,
-//! and each copy applies frames in arrival order: copies stay
-//! crash-consistent (DESIGN.md §4, invariant 5). Overlapping writes are
-//! serialised by the volume's range locks, which the frontend holds until
-//! the change is shipped, so every copy sees them in the order the local
-//! store did.
+//! to the client before another was issued was therefore shipped before it.
+//! A copy applies many writes at once (`engine::applier`) but never one
+//! before an earlier write it overlaps, and never one marked BARRIER before
+//! everything earlier: an async link marks a frame BARRIER when any change
+//! was released to the client since its last barrier, which covers every
+//! write acknowledged before this one was issued. A sync link needs no
+//! barrier: its own acknowledgement gates the client's, so such a write had
+//! been applied on the copy already. Copies stay crash-consistent (DESIGN.md
+//! §4, invariant 5). Overlapping writes are serialised by the volume's range
+//! locks, which the frontend holds until the change is shipped, so every
+//! copy sees them in the order the local store did.
 //!
 //! Resync reads a region from the local store and queues it under the
 //! link's lock, the same lock `ship` queues under. A write to that region
@@ -43,7 +48,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
@@ -225,6 +230,8 @@ pub(crate) struct Ticket {
     result: AtomicI32,
     completions: Arc<Completions>,
     id: u64,
+    /// [`Shared::released`], bumped when this change may be acknowledged.
+    released: Arc<AtomicU64>,
 }
 
 impl Ticket {
@@ -240,6 +247,7 @@ impl Ticket {
             self.result.store(result, Ordering::Relaxed);
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.released.fetch_add(1, Ordering::SeqCst);
             self.completions.push(self.id, self.result.load(Ordering::Relaxed));
         }
     }
@@ -259,6 +267,10 @@ pub(crate) struct Shared {
     /// Per region: writes marked whose change is not shipped yet. A region
     /// with writes in flight is never cleared.
     pub(crate) inflight: Mutex<HashMap<u64, u32>>,
+    /// Changes released to be acknowledged to the client so far. A link
+    /// that sees it grow between two frames marks the later one a barrier
+    /// (see [`link`]).
+    pub(crate) released: Arc<AtomicU64>,
     store: Arc<dyn MirrorStateStore>,
     records: Mutex<Vec<CopyRecord>>,
     pub(crate) shutdown: AtomicBool,
@@ -381,6 +393,7 @@ impl Replicator {
             resync_rate_max: config.resync_rate_max,
             resync_checksums: config.resync_checksums,
             inflight: Mutex::new(HashMap::new()),
+            released: Arc::new(AtomicU64::new(0)),
             store,
             records: Mutex::new(records),
             shutdown: AtomicBool::new(false),
@@ -450,6 +463,7 @@ impl Replicator {
             result: AtomicI32::new(0),
             completions: completions.clone(),
             id,
+            released: self.shared.released.clone(),
         });
         // A write's data is copied once, by the first link that queues it,
         // and not at all while no copy takes it (all disconnected or behind).
@@ -462,6 +476,7 @@ impl Replicator {
         }
         // Release our own hold; if the links are all done already, answer now.
         if ticket.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.released.fetch_add(1, Ordering::SeqCst);
             return Shipped::Done(ticket.result.load(Ordering::Relaxed));
         }
         Shipped::Pending
