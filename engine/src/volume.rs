@@ -386,6 +386,21 @@ impl Volume {
         Ok(extents)
     }
 
+    /// Whether the volume provably reads as zeroes throughout: a regular
+    /// file with no data extents (SEEK_DATA finds none; written but not yet
+    /// allocated pages count as data). A block device cannot be proven empty
+    /// without reading it, so it never is.
+    pub fn holds_no_data(&self) -> io::Result<bool> {
+        if self.kind == BackingKind::BlockDevice {
+            return Ok(false);
+        }
+        match seek(self.fd(), 0, libc::SEEK_DATA) {
+            Ok(_) => Ok(false),
+            Err(error) if error.raw_os_error() == Some(libc::ENXIO) => Ok(true),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Hint the kernel to read `offset..offset+len` ahead (NBD CACHE).
     pub fn prefetch(&self, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: posix_fadvise takes a valid fd and plain integers.

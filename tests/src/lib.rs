@@ -54,7 +54,7 @@ pub fn binary() -> PathBuf {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("address").port()
+    free_port_on("127.0.0.1")
 }
 
 /// A scratch directory on a disk filesystem (O_DIRECT works there, unlike
@@ -259,9 +259,27 @@ impl Drop for LoopDevice {
 }
 
 /// A TCP port on `ip` (a loopback address such as 127.0.0.2) that was free
-/// a moment ago.
+/// a moment ago. Ports come from below the kernel's ephemeral range
+/// (32768 and up), so no outgoing connection is given one by the kernel
+/// before the server binds it, and each is handed out once per test
+/// process, so two tests running side by side never get the same one.
 pub fn free_port_on(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0)).expect("bind an ephemeral port").local_addr().expect("address").port()
+    const FIRST: u32 = 20000;
+    const COUNT: u32 = 12000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % COUNT,
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % COUNT) as u16;
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port on {ip} between {FIRST} and {}", FIRST + COUNT);
 }
 
 /// Write a fresh secret file (mode 600) into `scratch` under `name`.

@@ -38,7 +38,7 @@ use clap::Args;
 use engine::applier::{Applier, Doorbell};
 use engine::metadata::{format_uuid, load_metadata, metadata_path, store_metadata, StoreState, VolumeMetadata};
 use engine::protocol::auth::{random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, RefuseReason, Session};
-use engine::protocol::frame::{encode_frame, Frame, FrameHeader, HEADER_LEN};
+use engine::protocol::frame::{encode_frame, Frame, FrameFlags, FrameHeader, HEADER_LEN};
 use engine::protocol::{decode_header, load_secret, verify_payload, ReplicationError, ReplicationErrorKind, Secret};
 use engine::receiver::{adopt_identity, identity_for_offer, Receiver, ReceiverCounters};
 use engine::{Volume, VolumeOptions};
@@ -627,7 +627,12 @@ fn admit<'host>(connection: &mut Connection<'host>, session: Session) -> Option<
         }
     }
     drop(metadata);
-    connection.queue_message(&HandshakeMessage::Accept);
+    // The Accept says whether this store holds no data, for --assume-clean.
+    let (mut accept, payload) = HandshakeMessage::Accept.to_frame();
+    if host.volume.holds_no_data().unwrap_or(false) {
+        accept.flags = FrameFlags::EMPTY;
+    }
+    connection.queue(&accept, &payload);
     tracing::info!(
         %peer,
         session = format_args!("{:#018x}", session.id),

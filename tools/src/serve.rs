@@ -73,6 +73,14 @@ pub struct ServeArgs {
     /// empty volume.
     #[arg(long)]
     resync_checksums: bool,
+    /// Skip a copy's resync (the initial full sync of a new copy, say) when
+    /// both stores were created empty: taken only when this volume and the
+    /// copy's store are regular files with no data extents (they read as
+    /// zeroes throughout); otherwise the copy is resynced as usual and the
+    /// log says why. A block device cannot be proven empty: use
+    /// --resync-checksums there.
+    #[arg(long)]
+    assume_clean: bool,
 }
 
 /// Parse `NAME=HOST:PORT[,mode=sync|async][,lag_bytes_max=SIZE]`.
@@ -202,6 +210,7 @@ fn start_mirror(args: &ServeArgs, volume: &Arc<Volume>) -> anyhow::Result<Option
         epoch: 1,
         resync_rate_max: args.resync_rate_max,
         resync_checksums: args.resync_checksums,
+        assume_clean: args.assume_clean,
     };
     let replicator = Replicator::start(volume.clone(), Arc::new(bitmap), Arc::new(store), config)?;
     for copy in &args.mirrors {

@@ -5,7 +5,7 @@
 //!       0    4 magic        0x434d5246, "CMRF"
 //!       4    1 version      1
 //!       5    1 kind         FrameKind
-//!       6    2 flags        FrameFlags (FUA, ACK_REQUESTED, SYNCED, BARRIER)
+//!       6    2 flags        FrameFlags (FUA, ACK_REQUESTED, SYNCED, BARRIER, EMPTY)
 //!       8    8 session      agreed in the handshake; 0 on handshake frames
 //!      16    8 sequence     1, 2, 3, … per session and direction
 //!      24    8 generation   the volume's generation
@@ -175,8 +175,12 @@ impl FrameFlags {
     /// earlier may have been acknowledged to the client before this one was
     /// issued, so the copy never holds the later write without the earlier.
     pub const BARRIER: FrameFlags = FrameFlags(1 << 3);
+    /// On Accept: the copy's store holds no data (a regular file with no
+    /// data extents) and reads as zeroes throughout.
+    pub const EMPTY: FrameFlags = FrameFlags(1 << 4);
     /// Every flag this version knows; a frame with any other bit is refused.
-    pub const KNOWN: FrameFlags = FrameFlags(Self::FUA.0 | Self::ACK_REQUESTED.0 | Self::SYNCED.0 | Self::BARRIER.0);
+    pub const KNOWN: FrameFlags =
+        FrameFlags(Self::FUA.0 | Self::ACK_REQUESTED.0 | Self::SYNCED.0 | Self::BARRIER.0 | Self::EMPTY.0);
 
     /// The flags with these bits, if every bit is known.
     pub fn from_bits(bits: u16) -> Option<FrameFlags> {
@@ -553,7 +557,8 @@ mod tests {
         assert_eq!(FrameFlags::from_bits(3), Some(FrameFlags::FUA | FrameFlags::ACK_REQUESTED));
         assert_eq!(FrameFlags::from_bits(4), Some(FrameFlags::SYNCED));
         assert_eq!(FrameFlags::from_bits(8), Some(FrameFlags::BARRIER));
-        assert_eq!(FrameFlags::from_bits(16), None);
+        assert_eq!(FrameFlags::from_bits(16), Some(FrameFlags::EMPTY));
+        assert_eq!(FrameFlags::from_bits(32), None);
         assert!((FrameFlags::FUA | FrameFlags::ACK_REQUESTED).contains(FrameFlags::FUA));
         assert!(!FrameFlags::ACK_REQUESTED.contains(FrameFlags::FUA));
     }

@@ -53,6 +53,7 @@ pub struct CopyConnection {
     decoder: FrameDecoder,
     read_buffer: Vec<u8>,
     sequence: SendSequence,
+    copy_holds_no_data: bool,
 }
 
 impl CopyConnection {
@@ -76,12 +77,16 @@ impl CopyConnection {
             decoder: FrameDecoder::new(),
             read_buffer: vec![0; READ_CHUNK_BYTES],
             sequence: SendSequence::new(),
+            copy_holds_no_data: false,
         };
         let (mut handshake, hello) = ProductionHandshake::start(secret, identity, random_nonce()?);
         connection.send_message(&hello)?;
         loop {
             let frame = connection.receive_until(Some(deadline))?;
             let message = HandshakeMessage::from_frame(&frame)?;
+            if message == HandshakeMessage::Accept {
+                connection.copy_holds_no_data = frame.header.flags.contains(FrameFlags::EMPTY);
+            }
             let step = handshake.on_message(&message);
             if let Some(reply) = &step.send {
                 connection.send_message(reply)?;
@@ -100,6 +105,11 @@ impl CopyConnection {
                 }
             }
         }
+    }
+
+    /// Whether the copy said, in its Accept, that its store holds no data.
+    pub fn copy_holds_no_data(&self) -> bool {
+        self.copy_holds_no_data
     }
 
     /// The session agreed in the handshake.

@@ -592,6 +592,9 @@ impl Link {
             for region in self.shared.bitmap.dirty_regions(self.slot) {
                 inner.resync_pending.insert(region);
             }
+            if self.shared.assume_clean && inner.resync_pending.len() > 0 {
+                self.assume_clean(&mut inner, &connection);
+            }
             self.start_resync_pass(&mut inner);
             inner.connection
         };
@@ -624,6 +627,39 @@ impl Link {
             let _ = reader.join();
         }
         self.teardown("the connection ended");
+    }
+
+    /// `--assume-clean`: when both stores provably read as zeroes, the copy
+    /// misses nothing and its dirty regions need no resync. Called under the
+    /// link lock as the connection begins: a local write not visible to the
+    /// check is still in flight, and it is shipped to this copy once the lock
+    /// is released, like any write after the connection began.
+    fn assume_clean(&self, inner: &mut Inner, connection: &CopyConnection) {
+        let name = &self.config.name;
+        let local_empty = match self.shared.volume.holds_no_data() {
+            Ok(empty) => empty,
+            Err(error) => {
+                tracing::warn!(copy = %name, %error, "--assume-clean: cannot tell whether the volume holds data");
+                false
+            }
+        };
+        if !local_empty || !connection.copy_holds_no_data() {
+            let which = if local_empty { "the copy's store" } else { "this volume" };
+            tracing::warn!(
+                copy = %name,
+                "--assume-clean not taken for copy {name}: {which} holds data (or is a block device, which cannot be \
+                 proven empty); resyncing its dirty regions"
+            );
+            return;
+        }
+        let skipped = inner.resync_pending.len() * self.shared.bitmap.region_bytes();
+        inner.resync_pending.clear_all();
+        self.shared.bitmap.clear_range(self.slot, 0, self.shared.volume.size());
+        tracing::info!(
+            copy = %name,
+            skipped_bytes = skipped,
+            "--assume-clean: this volume and copy {name}'s store both hold no data; no resync needed"
+        );
     }
 
     fn start_resync_pass(&self, inner: &mut Inner) {

@@ -113,6 +113,9 @@ pub struct ReplicatorConfig {
     /// Resync by checksum: compare each dirty region's chunk checksums with
     /// the copy's first and send only the chunks that differ.
     pub resync_checksums: bool,
+    /// Skip the resync of a copy when both stores provably read as zeroes
+    /// throughout (sparse files with no data extents on both sides).
+    pub assume_clean: bool,
 }
 
 /// A change to ship, after its local write completed.
@@ -264,6 +267,7 @@ pub(crate) struct Shared {
     pub(crate) epoch: u64,
     pub(crate) resync_rate_max: u64,
     pub(crate) resync_checksums: bool,
+    pub(crate) assume_clean: bool,
     /// Per region: writes marked whose change is not shipped yet. A region
     /// with writes in flight is never cleared.
     pub(crate) inflight: Mutex<HashMap<u64, u32>>,
@@ -392,6 +396,7 @@ impl Replicator {
             epoch: config.epoch,
             resync_rate_max: config.resync_rate_max,
             resync_checksums: config.resync_checksums,
+            assume_clean: config.assume_clean,
             inflight: Mutex::new(HashMap::new()),
             released: Arc::new(AtomicU64::new(0)),
             store,
