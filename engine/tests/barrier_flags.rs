@@ -1,0 +1,447 @@
+//! The production side's BARRIER marking, over real sockets, against a fake
+//! copy host written here.
+//!
+//! The rule (see `engine::replicator`): an async link marks a write or flush
+//! frame BARRIER when the count of changes released to be acknowledged to the
+//! client changed since that link last queued a barrier frame; a sync link
+//! never does, since its own acknowledgement gates the client's.
+//!
+//! The fake copy authenticates with the real copy handshake, records the kind,
+//! flags and offset of every frame it receives, and answers through
+//! [`engine::receiver::Receiver`], so its acknowledgements are exactly the real
+//! copy host's. It applies nothing.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use engine::bitmap::{WriteIntentBitmap, REGION_BYTES_DEFAULT, SLOTS_MAX};
+use engine::metadata::VolumeMetadata;
+use engine::protocol::auth::{random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, VolumeIdentity};
+use engine::protocol::frame::encode_frame;
+use engine::protocol::{Frame, FrameDecoder, FrameFlags, FrameKind, Secret};
+use engine::receiver::{adopt_identity, Receiver, ReceiverCounters};
+use engine::replicator::{
+    Change, Completions, CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig, Shipped,
+};
+use engine::{Volume, VolumeOptions};
+
+const VOLUME_SIZE: u64 = 16 << 20;
+const IDENTITY: VolumeIdentity = VolumeIdentity { uuid: [0x42; 16], size_bytes: VOLUME_SIZE };
+const WRITE_BYTES: usize = 4096;
+/// How long any one wait may take before the test fails.
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// How often the fake copy's blocking reads wake to look at its stop flag.
+const READ_TICK: Duration = Duration::from_millis(50);
+
+fn secret() -> Secret {
+    Secret::from_bytes(b"barrier flags test secret, 32 b!".to_vec()).expect("32 bytes make a secret")
+}
+
+/// One frame as the fake copy received it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    kind: FrameKind,
+    flags: FrameFlags,
+    offset: u64,
+}
+
+type Log = Arc<Mutex<Vec<Seen>>>;
+
+fn snapshot(log: &Log) -> Vec<Seen> {
+    log.lock().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+/// The fake copy's socket: whole frames in, frames out.
+struct Wire {
+    stream: TcpStream,
+    decoder: FrameDecoder,
+    buffer: Vec<u8>,
+}
+
+impl Wire {
+    /// The next frame; `None` when the production host closed the
+    /// connection or the test asked the copy to stop.
+    fn next_frame(&mut self, stop: &AtomicBool) -> Result<Option<Frame>, String> {
+        loop {
+            if let Some(frame) = self.decoder.pop().map_err(|error| format!("undecodable frame: {error}"))? {
+                return Ok(Some(frame));
+            }
+            if stop.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            match self.stream.read(&mut self.buffer) {
+                Ok(0) => return Ok(None),
+                Ok(received) => self
+                    .decoder
+                    .push(&self.buffer[..received])
+                    .map_err(|error| format!("undecodable bytes: {error}"))?,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(error) => return Err(format!("reading from the production host: {error}")),
+            }
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.stream.write_all(bytes).map_err(|error| format!("writing to the production host: {error}"))
+    }
+}
+
+/// Accept one connection, authenticate as the copy, then record and
+/// acknowledge every frame until the connection ends or `stop` is set.
+fn serve_copy(listener: TcpListener, secret: Secret, log: Log, stop: Arc<AtomicBool>) -> Result<(), String> {
+    listener.set_nonblocking(true).map_err(|error| error.to_string())?;
+    let deadline = Instant::now() + TIMEOUT;
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return Err("the replicator never connected".into());
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(error) => return Err(format!("accept: {error}")),
+        }
+    };
+    stream.set_nonblocking(false).map_err(|error| error.to_string())?;
+    stream.set_nodelay(true).map_err(|error| error.to_string())?;
+    stream.set_read_timeout(Some(READ_TICK)).map_err(|error| error.to_string())?;
+    let mut wire = Wire { stream, decoder: FrameDecoder::new(), buffer: vec![0; 256 << 10] };
+
+    // The handshake, as the copy host runs it: Hello ─▶ Challenge, Response ─▶ Accept.
+    let nonce = random_nonce().map_err(|error| error.to_string())?;
+    let mut handshake = CopyHandshake::new(&secret, IDENTITY, nonce);
+    let session = loop {
+        let frame = wire.next_frame(&stop)?.ok_or("the connection ended during the handshake")?;
+        let message = HandshakeMessage::from_frame(&frame).map_err(|error| error.to_string())?;
+        let next = handshake.on_message(&message);
+        if let Some(reply) = &next.send {
+            let (header, payload) = reply.to_frame();
+            wire.send(&encode_frame(&header, &payload))?;
+        }
+        match next.outcome {
+            HandshakeOutcome::Continue => {}
+            HandshakeOutcome::Established(session) => break session,
+            HandshakeOutcome::Failed(error) => return Err(format!("handshake failed: {error}")),
+        }
+    };
+    // A fresh copy adopts the volume it is offered, as `admit` does.
+    let metadata = adopt_identity(Path::new("fake-copy"), &VolumeMetadata::fresh(), &session)
+        .map_err(|error| error.to_string())?
+        .expect("a fresh copy adopts the offered volume");
+    let counters = ReceiverCounters::default();
+    let mut receiver = Receiver::new(&session, metadata, VOLUME_SIZE, &counters);
+    while let Some(frame) = wire.next_frame(&stop)? {
+        let header = frame.header;
+        log.lock().unwrap_or_else(PoisonError::into_inner).push(Seen {
+            kind: header.kind,
+            flags: header.flags,
+            offset: header.offset,
+        });
+        let step = receiver.on_frame(frame).map_err(|error| format!("the copy refused {header:?}: {error}"))?;
+        if let Some(reply) = step.reply {
+            if let Err(error) = wire.send(&encode_frame(&reply, &[])) {
+                // The production host may close first when the test stops it.
+                return if stop.load(Ordering::SeqCst) { Ok(()) } else { Err(error) };
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A replicator with one copy, the fake copy host it ships to, and the
+/// client-side completion queue. Dropping it stops both.
+struct Mirror {
+    replicator: Arc<Replicator>,
+    completions: Arc<Completions>,
+    log: Log,
+    stop: Arc<AtomicBool>,
+    copy: Option<JoinHandle<Result<(), String>>>,
+    _directory: tempfile::TempDir,
+}
+
+impl Mirror {
+    fn start(mode: MirrorMode) -> Mirror {
+        Mirror::start_with(mode, |_, _| {})
+    }
+
+    /// Start the replicator, run `before_copy` while the copy host has not
+    /// answered the handshake yet (so the link is still disconnected), then
+    /// start the fake copy host.
+    fn start_with(mode: MirrorMode, before_copy: impl FnOnce(&Replicator, &Arc<Completions>)) -> Mirror {
+        let directory = tempfile::tempdir().unwrap();
+        let volume_path = directory.path().join("volume");
+        let options =
+            VolumeOptions { path: volume_path.clone(), size: Some(VOLUME_SIZE), direct: false, read_only: false };
+        let volume = Arc::new(Volume::open(&options).unwrap());
+        let bitmap = WriteIntentBitmap::open_or_create(
+            &directory.path().join("volume.cmbitmap"),
+            VOLUME_SIZE,
+            REGION_BYTES_DEFAULT,
+            SLOTS_MAX,
+        )
+        .unwrap();
+        let store = LocalStateFile::for_volume(&volume_path);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address: SocketAddr = listener.local_addr().unwrap();
+        let config = ReplicatorConfig {
+            copies: vec![CopyConfig { name: "copy".into(), address, mode, lag_bytes_max: 64 << 20 }],
+            secret: secret(),
+            identity: IDENTITY,
+            generation: 1,
+            epoch: 1,
+            resync_rate_max: 0,
+            resync_checksums: false,
+            // The new copy gets its full initial resync, as the tests expect.
+            assume_clean: false,
+        };
+        let replicator = Replicator::start(volume, Arc::new(bitmap), Arc::new(store), config).unwrap();
+        let completions = Completions::new().unwrap();
+        let log: Log = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut mirror = Mirror { replicator, completions, log, stop, copy: None, _directory: directory };
+        before_copy(&mirror.replicator, &mirror.completions);
+        let (log, stop) = (mirror.log.clone(), mirror.stop.clone());
+        mirror.copy = Some(
+            std::thread::Builder::new()
+                .name("fake-copy".into())
+                .spawn(move || serve_copy(listener, secret(), log, stop))
+                .unwrap(),
+        );
+        mirror
+    }
+
+    /// Fail at once, with its error, if the fake copy host gave up.
+    fn check_copy(&mut self) {
+        if self.copy.as_ref().is_some_and(JoinHandle::is_finished) {
+            let result = self.copy.take().unwrap().join().expect("the fake copy host panicked");
+            panic!("the fake copy host ended early: {result:?}; frames: {:?}", snapshot(&self.log));
+        }
+    }
+
+    /// Poll until `done` holds, for at most [`TIMEOUT`].
+    fn wait_until(&mut self, what: &str, mut done: impl FnMut(&Mirror) -> bool) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !done(self) {
+            self.check_copy();
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; frames: {:?}", snapshot(&self.log));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn wait_up_to_date(&mut self) {
+        self.wait_until("the copy to be up_to_date", |mirror| mirror.replicator.status()[0].state == "up_to_date");
+    }
+
+    /// The frames the copy has received so far.
+    fn frames(&self) -> Vec<Seen> {
+        snapshot(&self.log)
+    }
+
+    /// Wait until the copy received a Write frame at `offset`.
+    fn wait_write_frame(&mut self, offset: u64) {
+        self.wait_until(&format!("the write at {offset}"), |mirror| {
+            mirror.frames().iter().any(|seen| seen.kind == FrameKind::Write && seen.offset == offset)
+        });
+    }
+
+    /// Wait until the client may be answered for the change shipped as `id`.
+    fn wait_completion(&mut self, id: u64) {
+        let mut taken = Vec::new();
+        let completions = self.completions.clone();
+        self.wait_until(&format!("the completion of change {id}"), |_| {
+            completions.take(&mut taken);
+            taken.iter().any(|&(done, _)| done == id)
+        });
+        assert_eq!(taken, [(id, 0)], "exactly change {id} completes, successfully");
+    }
+
+    /// A write of `WRITE_BYTES` at `offset`, begun and shipped as the
+    /// frontend does once the local write completed.
+    fn write(&self, offset: u64, id: u64) -> Shipped {
+        ship_write(&self.replicator, &self.completions, offset, id)
+    }
+
+    /// Wait until the change `id`, shipped to a sync copy, may be answered
+    /// to the client: its copy acknowledged it. Usually `ship` returns
+    /// Pending and the answer comes through the completions; on loopback
+    /// the ack may overtake the rest of `ship`, which then answers Done at
+    /// once — only after the copy received (and acknowledged) its frame,
+    /// which `received` finds in the frames.
+    fn wait_sync_answer(&mut self, shipped: Shipped, id: u64, received: impl Fn(&[Seen]) -> bool) {
+        match shipped {
+            Shipped::Pending => self.wait_completion(id),
+            Shipped::Done(result) => {
+                assert_eq!(result, 0, "change {id} failed");
+                let frames = self.frames();
+                assert!(received(&frames), "change {id} answered before its copy had it: {frames:?}");
+            }
+        }
+    }
+
+    fn flush(&self, id: u64) -> Shipped {
+        self.replicator.ship(Change::Flush, &self.completions, id)
+    }
+
+    /// Stop the replicator and the copy; the copy's own verdict.
+    fn finish(mut self) -> Result<(), String> {
+        self.shut_down().unwrap_or(Ok(()))
+    }
+
+    fn shut_down(&mut self) -> Option<Result<(), String>> {
+        // Set first: the copy may see the connection close under it.
+        self.stop.store(true, Ordering::SeqCst);
+        self.replicator.stop();
+        let copy = self.copy.take()?;
+        Some(copy.join().unwrap_or_else(|_| Err("the fake copy host panicked".into())))
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        let _ = self.shut_down();
+    }
+}
+
+fn ship_write(replicator: &Replicator, completions: &Arc<Completions>, offset: u64, id: u64) -> Shipped {
+    let data = vec![id as u8; WRITE_BYTES];
+    replicator.begin_write(offset, data.len() as u64).unwrap();
+    replicator.ship(Change::Write { offset, data: &data, fua: false }, completions, id)
+}
+
+/// The frame of the write at `offset` (each test writes an offset once).
+fn write_frame(frames: &[Seen], offset: u64) -> (usize, Seen) {
+    let mut found =
+        frames.iter().copied().enumerate().filter(|(_, seen)| seen.kind == FrameKind::Write && seen.offset == offset);
+    let first = found.next().unwrap_or_else(|| panic!("no Write frame at {offset}: {frames:?}"));
+    assert_eq!(found.next(), None, "one Write frame at {offset}: {frames:?}");
+    first
+}
+
+const A: u64 = 0;
+const B: u64 = 1 << 20;
+const C: u64 = 2 << 20;
+const D: u64 = 3 << 20;
+const E: u64 = 4 << 20;
+
+/// An async link: nothing was released before the first write, so its
+/// frame is no barrier; every later write and flush follows a release (each
+/// async ship releases its change at once) and is one.
+#[test]
+fn async_frames_after_a_release_carry_barrier() {
+    let mut mirror = Mirror::start(MirrorMode::Async);
+    mirror.wait_up_to_date();
+    // released 0, last barrier at 0: A is no barrier. Its ship releases it (1).
+    assert_eq!(mirror.write(A, 1), Shipped::Done(0), "an async copy does not hold the client's answer");
+    // released 1 ≠ 0: B is a barrier (last barrier at 1); its ship releases (2).
+    assert_eq!(mirror.write(B, 2), Shipped::Done(0));
+    // Back to back, but each after the release of the one before: C, D, the
+    // Flush and E all see released move since the last barrier.
+    assert_eq!(mirror.write(C, 3), Shipped::Done(0));
+    assert_eq!(mirror.write(D, 4), Shipped::Done(0));
+    assert_eq!(mirror.flush(5), Shipped::Done(0));
+    assert_eq!(mirror.write(E, 6), Shipped::Done(0));
+    mirror.wait_write_frame(E);
+    let frames = mirror.frames();
+
+    let writes: Vec<(u64, FrameFlags)> =
+        [A, B, C, D, E].into_iter().map(|offset| (offset, write_frame(&frames, offset).1.flags)).collect();
+    assert_eq!(
+        writes,
+        [
+            (A, FrameFlags::NONE),
+            (B, FrameFlags::BARRIER),
+            (C, FrameFlags::BARRIER),
+            (D, FrameFlags::BARRIER),
+            (E, FrameFlags::BARRIER),
+        ],
+        "frames: {frames:?}"
+    );
+    // The links send in ship order: A, B, C, D, Flush, E.
+    let positions: Vec<usize> = [A, B, C, D, E].into_iter().map(|offset| write_frame(&frames, offset).0).collect();
+    assert!(positions.windows(2).all(|pair| pair[0] < pair[1]), "writes out of order: {frames:?}");
+    // Between D and E: the shipped Flush, a barrier, and maybe periodic
+    // clean-up flushes or heartbeats, which `ship` did not queue and which
+    // are no barriers.
+    let between = &frames[positions[3] + 1..positions[4]];
+    let barriers: Vec<&Seen> = between.iter().filter(|seen| seen.flags.contains(FrameFlags::BARRIER)).collect();
+    assert_eq!(barriers.len(), 1, "one barrier between D and E, the shipped Flush: {between:?}");
+    assert_eq!((barriers[0].kind, barriers[0].flags), (FrameKind::Flush, FrameFlags::BARRIER));
+    // Everything else (resync data, the resync pass's SYNCED flush, clean-up
+    // flushes, heartbeats) was not queued by `ship`: never a barrier.
+    for (index, seen) in frames.iter().enumerate() {
+        if seen.kind == FrameKind::Write || (positions[3] < index && index < positions[4]) {
+            continue;
+        }
+        assert!(!seen.flags.contains(FrameFlags::BARRIER), "{seen:?} is no shipped change, yet a barrier: {frames:?}");
+    }
+    assert!(frames.iter().any(|seen| seen.kind == FrameKind::ResyncData), "the new copy was resynced first");
+    assert_eq!(mirror.finish(), Ok(()));
+}
+
+/// An async link that missed a released change while disconnected: the
+/// change was dropped, not queued, so the link's last barrier is still from
+/// before it, and the first frame it queues after connecting is a barrier.
+#[test]
+fn async_first_frame_after_connect_is_a_barrier_when_a_change_was_released_meanwhile() {
+    const MISSED: u64 = 5 << 20;
+    let mut mirror = Mirror::start_with(MirrorMode::Async, |replicator, completions| {
+        // The copy host has not answered the handshake: the link is disconnected.
+        assert_eq!(replicator.status()[0].state, "disconnected");
+        assert_eq!(ship_write(replicator, completions, MISSED, 1), Shipped::Done(0));
+    });
+    mirror.wait_up_to_date();
+    // released 1 (the missed write), last barrier at 0: A is a barrier.
+    assert_eq!(mirror.write(A, 2), Shipped::Done(0));
+    assert_eq!(mirror.write(B, 3), Shipped::Done(0));
+    mirror.wait_write_frame(B);
+    let frames = mirror.frames();
+    assert!(
+        !frames.iter().any(|seen| seen.kind == FrameKind::Write && seen.offset == MISSED),
+        "the write shipped while disconnected reaches the copy by resync only: {frames:?}"
+    );
+    assert_eq!(write_frame(&frames, A).1.flags, FrameFlags::BARRIER, "frames: {frames:?}");
+    assert_eq!(write_frame(&frames, B).1.flags, FrameFlags::BARRIER, "frames: {frames:?}");
+    assert_eq!(mirror.finish(), Ok(()));
+}
+
+/// A sync link: A's acknowledgement releases it to the client before B is
+/// shipped (what makes an async link mark B), yet no frame is a barrier.
+#[test]
+fn sync_frames_never_carry_barrier() {
+    let mut mirror = Mirror::start(MirrorMode::Sync);
+    mirror.wait_up_to_date();
+    let has_write = |offset| {
+        move |frames: &[Seen]| frames.iter().any(|seen| seen.kind == FrameKind::Write && seen.offset == offset)
+    };
+    let shipped = mirror.write(A, 1);
+    mirror.wait_sync_answer(shipped, 1, has_write(A));
+    // A is released to the client now: an async link would mark B a barrier.
+    let shipped = mirror.write(B, 2);
+    mirror.wait_sync_answer(shipped, 2, has_write(B));
+    let flush_count = |frames: &[Seen]| frames.iter().filter(|seen| seen.kind == FrameKind::Flush).count();
+    let flushes = flush_count(&mirror.frames());
+    let shipped = mirror.flush(3);
+    mirror.wait_sync_answer(shipped, 3, |frames| flush_count(frames) > flushes);
+    let frames = mirror.frames();
+    assert_eq!(write_frame(&frames, A).1.flags, FrameFlags::NONE, "frames: {frames:?}");
+    assert_eq!(write_frame(&frames, B).1.flags, FrameFlags::NONE, "frames: {frames:?}");
+    assert!(write_frame(&frames, A).0 < write_frame(&frames, B).0);
+    for seen in &frames {
+        assert!(!seen.flags.contains(FrameFlags::BARRIER), "a sync link sent a barrier: {seen:?} in {frames:?}");
+    }
+    assert!(frames.iter().any(|seen| seen.kind == FrameKind::Flush && seen.flags == FrameFlags::NONE));
+    assert_eq!(mirror.finish(), Ok(()));
+}
