@@ -21,6 +21,8 @@ struct Copy {
     volume: PathBuf,
     address: SocketAddr,
     admin: SocketAddr,
+    /// The copy host opens its store with O_DIRECT (writes through its ring).
+    direct: bool,
     process: Option<Process>,
 }
 
@@ -36,7 +38,9 @@ struct Mirror {
 }
 
 impl Mirror {
-    /// Start `copies` (name, ip, options such as "mode=async") and a production host mirroring to them.
+    /// Start `copies` (name, ip, options such as "mode=async"; the option
+    /// "direct" starts that copy host with --direct) and a production host
+    /// mirroring to them.
     fn start(label: &str, copies: &[(&str, &str, &str)], extra: &[&str]) -> Mirror {
         Mirror::start_with(label, copies, extra, |_, _| {})
     }
@@ -70,12 +74,13 @@ impl Mirror {
             let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
             let volume = mirror.scratch.join(&format!("copy-{name}.img"));
             let admin: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
-            let mut copy = Copy { name: name.to_string(), volume, address, admin, process: None };
+            let direct = options.split(',').any(|option| option == "direct");
+            let mut copy = Copy { name: name.to_string(), volume, address, admin, direct, process: None };
             mirror.start_copy(&mut copy);
             let mut spec = format!("{name}={address}");
-            if !options.is_empty() {
+            for option in options.split(',').filter(|option| !option.is_empty() && *option != "direct") {
                 spec.push(',');
-                spec.push_str(options);
+                spec.push_str(option);
             }
             mirrors.push(spec);
             mirror.copies.push(copy);
@@ -105,7 +110,7 @@ impl Mirror {
         let listen = copy.address.to_string();
         let secret = self.secret.display().to_string();
         let admin = copy.admin.to_string();
-        let args = [
+        let mut args = vec![
             "copy-host",
             "--volume",
             &volume,
@@ -118,6 +123,9 @@ impl Mirror {
             "--admin",
             &admin,
         ];
+        if copy.direct {
+            args.push("--direct");
+        }
         copy.process = Some(Process::start(&self.scratch, &args, copy.address));
     }
 
@@ -255,7 +263,8 @@ fn three_way_identity_with_two_sync_copies() {
     if !tools() {
         return;
     }
-    let mirror = Mirror::start("mirror-identity", &[("east", "127.0.0.2", ""), ("west", "127.0.0.3", "")], &[]);
+    // west applies with O_DIRECT, through its io_uring, many writes at once.
+    let mirror = Mirror::start("mirror-identity", &[("east", "127.0.0.2", ""), ("west", "127.0.0.3", "direct")], &[]);
     mirror.wait_up_to_date(Duration::from_secs(60));
     fio_finish(fio(&mirror.uri(), 0, &[]));
     mirror.wait_up_to_date(Duration::from_secs(30));
@@ -601,7 +610,7 @@ fn a_killed_sync_copy_holds_a_prefix_of_the_acknowledged_writes() {
 /// applier's unit tests (a barrier starts after everything before it).
 #[test]
 fn a_killed_async_copy_holds_a_prefix_of_the_acknowledged_writes() {
-    killed_copy_holds_a_prefix("mirror-prefix-async", "mode=async");
+    killed_copy_holds_a_prefix("mirror-prefix-async", "mode=async,direct");
 }
 
 fn killed_copy_holds_a_prefix(label: &str, options: &str) {
