@@ -191,7 +191,8 @@ def resync(scratch, binary, secret, direct):
     COPIES["resync"] = [("fresh", "127.0.0.2", ",direct" if direct else "")]
     store = os.path.join(scratch, "resync-fresh.img")
     for leftover in [store, store + ".cmmeta", os.path.join(scratch, "resync-production.img.cmcopies"),
-                     os.path.join(scratch, "resync-production.img.cmbitmap")]:
+                     os.path.join(scratch, "resync-production.img.cmbitmap"),
+                     os.path.join(scratch, "resync-production.log")]:
         if os.path.exists(leftover):
             os.remove(leftover)
     started = time.time()
