@@ -51,7 +51,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types};
 
-use crate::buffer::AlignedBuf;
+use crate::buffer::{AlignedBuf, BufferPool};
 use crate::error::EngineError;
 use crate::protocol::frame::{encode_frame, FrameHeader};
 use crate::receiver::{apply_synchronously, reply_payload, Apply};
@@ -156,6 +156,9 @@ pub struct Applier<'v> {
     failed: Option<EngineError>,
     broken: bool,
     reaped: Vec<(Op, i32)>,
+    /// Aligned buffers of O_DIRECT writes, reused (a fresh one costs page
+    /// faults and zeroing per write).
+    pool: BufferPool,
 }
 
 impl<'v> Applier<'v> {
@@ -173,6 +176,7 @@ impl<'v> Applier<'v> {
             failed: None,
             broken: false,
             reaped: Vec::new(),
+            pool: BufferPool::new(IN_FLIGHT_BYTES_MAX),
         })
     }
 
@@ -286,7 +290,7 @@ impl<'v> Applier<'v> {
     /// The write's bytes as the volume can take them through the ring, or
     /// the data back when it takes the synchronous path (a buffered volume,
     /// see the module docs; an O_DIRECT write that is not block aligned).
-    fn payload_for(&self, offset: u64, data: Vec<u8>) -> Result<AlignedBuf, Vec<u8>> {
+    fn payload_for(&mut self, offset: u64, data: Vec<u8>) -> Result<AlignedBuf, Vec<u8>> {
         if !self.volume.is_direct() {
             return Err(data);
         }
@@ -294,7 +298,7 @@ impl<'v> Applier<'v> {
         if span.head != 0 || span.file_len != data.len() as u64 {
             return Err(data);
         }
-        let mut buf = AlignedBuf::new(data.len());
+        let mut buf = self.pool.take(data.len());
         buf.as_mut_slice().copy_from_slice(&data);
         Ok(buf)
     }
@@ -411,6 +415,7 @@ impl<'v> Applier<'v> {
                     }
                     return;
                 }
+                self.pool.give(data);
                 self.reply_mut(index).done = true;
                 self.retire(index);
             }

@@ -53,7 +53,7 @@ const SEND_BATCH_FRAMES: usize = 64;
 /// The most resync data in one frame (adjacent dirty regions are joined).
 const RESYNC_FRAME_BYTES: u64 = 1 << 20;
 /// Resync queues more data only while less than this is queued or unacked.
-const RESYNC_WINDOW_BYTES: u64 = 8 << 20;
+const RESYNC_WINDOW_BYTES: u64 = 32 << 20;
 /// A sync link stops taking new writes (the writer waits) past this many
 /// unacknowledged bytes, so a slow copy cannot exhaust memory.
 const SYNC_QUEUE_BYTES_MAX: u64 = 256 << 20;
