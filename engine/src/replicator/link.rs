@@ -652,9 +652,20 @@ impl Link {
             );
             return;
         }
-        let skipped = inner.resync_pending.len() * self.shared.bitmap.region_bytes();
-        inner.resync_pending.clear_all();
-        self.shared.bitmap.clear_range(self.slot, 0, self.shared.volume.size());
+        // A region with a write in flight keeps its bit and is resynced
+        // whole: if this copy misses that write, a later crash of this host
+        // must still find the bit (a region in flight is never cleared).
+        let inflight = self.shared.inflight();
+        let dirty: Vec<u64> = self.shared.bitmap.dirty_regions(self.slot).collect();
+        let mut skipped = 0;
+        for region in dirty {
+            if !inflight.contains_key(&region) {
+                self.shared.bitmap.clear(self.slot, region);
+                inner.resync_pending.remove(region);
+                skipped += self.shared.bitmap.region_bytes();
+            }
+        }
+        drop(inflight);
         tracing::info!(
             copy = %name,
             skipped_bytes = skipped,
