@@ -45,7 +45,6 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -53,6 +52,7 @@ use io_uring::{opcode, types};
 
 use crate::buffer::{AlignedBuf, BufferPool};
 use crate::error::EngineError;
+use crate::eventfd::EventFd;
 use crate::protocol::frame::{encode_frame, FrameHeader};
 use crate::receiver::{apply_synchronously, reply_payload, Apply};
 use crate::uring::Ring;
@@ -71,21 +71,14 @@ const RING_ENTRIES: u32 = 128;
 /// system call).
 #[derive(Debug)]
 pub struct Doorbell {
-    eventfd: OwnedFd,
+    eventfd: EventFd,
     armed: AtomicBool,
 }
 
 impl Doorbell {
     /// A new doorbell with its eventfd.
     pub fn new() -> io::Result<Arc<Doorbell>> {
-        // SAFETY: eventfd takes an initial value and flags; no memory.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: eventfd returned a new descriptor that nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Arc::new(Doorbell { eventfd, armed: AtomicBool::new(false) }))
+        Ok(Arc::new(Doorbell { eventfd: EventFd::new()?, armed: AtomicBool::new(false) }))
     }
 
     /// The applier is about to look for work and wait: call before the last
@@ -102,10 +95,7 @@ impl Doorbell {
     /// Work was handed over: wake the applier if it may be waiting.
     pub fn ring(&self) {
         if self.armed.swap(false, Ordering::SeqCst) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A
-            // full counter (EAGAIN) still leaves it readable.
-            let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            self.eventfd.signal();
         }
     }
 }
@@ -362,8 +352,7 @@ impl<'v> Applier<'v> {
             if let Some(bell) = &self.doorbell {
                 let mut counter = Box::new(0u64);
                 let entry =
-                    opcode::Read::new(types::Fd(bell.eventfd.as_raw_fd()), (&mut *counter as *mut u64).cast(), 8)
-                        .build();
+                    opcode::Read::new(types::Fd(bell.eventfd.fd()), (&mut *counter as *mut u64).cast(), 8).build();
                 self.push(entry, Op::Doorbell { _counter: counter })?;
                 self.doorbell_queued = true;
             }

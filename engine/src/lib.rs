@@ -18,6 +18,7 @@ pub mod applier;
 pub mod bitmap;
 pub mod buffer;
 pub mod error;
+pub mod eventfd;
 pub mod metadata;
 pub mod protocol;
 pub mod range_lock;

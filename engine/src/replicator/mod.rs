@@ -47,12 +47,13 @@ pub mod state;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use crate::bitmap::{BitmapError, WriteIntentBitmap};
+use crate::eventfd::EventFd;
 use crate::protocol::auth::VolumeIdentity;
 use crate::protocol::Secret;
 use crate::volume::Volume;
@@ -189,26 +190,19 @@ pub enum Shipped {
 /// eventfd that an event loop (an io_uring read) waits on.
 #[derive(Debug)]
 pub struct Completions {
-    eventfd: OwnedFd,
+    eventfd: EventFd,
     done: Mutex<Vec<(u64, i32)>>,
 }
 
 impl Completions {
     /// A new, empty queue with its eventfd.
     pub fn new() -> std::io::Result<Arc<Completions>> {
-        // SAFETY: eventfd takes an initial value and flags; no memory.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: eventfd returned a new descriptor that nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Arc::new(Completions { eventfd, done: Mutex::new(Vec::new()) }))
+        Ok(Arc::new(Completions { eventfd: EventFd::new()?, done: Mutex::new(Vec::new()) }))
     }
 
     /// The eventfd; readable (an 8-byte counter) when completions are queued.
     pub fn fd(&self) -> RawFd {
-        self.eventfd.as_raw_fd()
+        self.eventfd.fd()
     }
 
     /// Move every queued completion (id, result) into `out`.
@@ -218,10 +212,7 @@ impl Completions {
 
     fn push(&self, id: u64, result: i32) {
         self.done.lock().unwrap_or_else(PoisonError::into_inner).push((id, result));
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A full
-        // counter (EAGAIN) still leaves it readable, which is all we need.
-        let _ = unsafe { libc::write(self.eventfd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.eventfd.signal();
     }
 }
 
