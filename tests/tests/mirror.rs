@@ -606,7 +606,7 @@ fn a_killed_sync_copy_holds_a_prefix_of_the_acknowledged_writes() {
 /// io_uring applier may apply back-to-back writes side by side. Whether a
 /// kill lands inside such a window is timing (this test passed with the
 /// barriers switched off); the two halves are checked deterministically in
-/// engine/tests/barrier_flags.rs (which frames an async link marks) and the
+/// engine/tests/fake_copy.rs (which frames an async link marks) and the
 /// applier's unit tests (a barrier starts after everything before it).
 #[test]
 fn a_killed_async_copy_holds_a_prefix_of_the_acknowledged_writes() {

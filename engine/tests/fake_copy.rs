@@ -1,5 +1,6 @@
-//! The production side's BARRIER marking, over real sockets, against a fake
-//! copy host written here.
+//! The production side's replicator over real sockets, against a fake copy
+//! host written here: its BARRIER marking (invariant 5), and `--assume-clean`
+//! keeping the bit of a region with a write in flight (invariant 6).
 //!
 //! The rule (see `engine::replicator`): an async link marks a write or flush
 //! frame BARRIER when the count of changes released to be acknowledged to the
@@ -97,7 +98,15 @@ impl Wire {
 
 /// Accept one connection, authenticate as the copy, then record and
 /// acknowledge every frame until the connection ends or `stop` is set.
-fn serve_copy(listener: TcpListener, secret: Secret, log: Log, stop: Arc<AtomicBool>) -> Result<(), String> {
+/// With `empty`, the Accept says the copy's store holds no data, as the real
+/// copy host's does for an unwritten sparse file.
+fn serve_copy(
+    listener: TcpListener,
+    secret: Secret,
+    log: Log,
+    stop: Arc<AtomicBool>,
+    empty: bool,
+) -> Result<(), String> {
     listener.set_nonblocking(true).map_err(|error| error.to_string())?;
     let deadline = Instant::now() + TIMEOUT;
     let stream = loop {
@@ -128,7 +137,10 @@ fn serve_copy(listener: TcpListener, secret: Secret, log: Log, stop: Arc<AtomicB
         let message = HandshakeMessage::from_frame(&frame).map_err(|error| error.to_string())?;
         let next = handshake.on_message(&message);
         if let Some(reply) = &next.send {
-            let (header, payload) = reply.to_frame();
+            let (mut header, payload) = reply.to_frame();
+            if empty && *reply == HandshakeMessage::Accept {
+                header.flags = FrameFlags::EMPTY;
+            }
             wire.send(&encode_frame(&header, &payload))?;
         }
         match next.outcome {
@@ -174,13 +186,18 @@ struct Mirror {
 
 impl Mirror {
     fn start(mode: MirrorMode) -> Mirror {
-        Mirror::start_with(mode, |_, _| {})
+        Mirror::start_with(mode, false, |_, _| {})
     }
 
     /// Start the replicator, run `before_copy` while the copy host has not
     /// answered the handshake yet (so the link is still disconnected), then
-    /// start the fake copy host.
-    fn start_with(mode: MirrorMode, before_copy: impl FnOnce(&Replicator, &Arc<Completions>)) -> Mirror {
+    /// start the fake copy host. With `assume_clean`, the replicator runs
+    /// with `--assume-clean` and the copy says its store is empty.
+    fn start_with(
+        mode: MirrorMode,
+        assume_clean: bool,
+        before_copy: impl FnOnce(&Replicator, &Arc<Completions>),
+    ) -> Mirror {
         let directory = tempfile::tempdir().unwrap();
         let volume_path = directory.path().join("volume");
         let options =
@@ -204,8 +221,7 @@ impl Mirror {
             epoch: 1,
             resync_rate_max: 0,
             resync_checksums: false,
-            // The new copy gets its full initial resync, as the tests expect.
-            assume_clean: false,
+            assume_clean,
         };
         let replicator = Replicator::start(volume, Arc::new(bitmap), Arc::new(store), config).unwrap();
         let completions = Completions::new().unwrap();
@@ -217,7 +233,7 @@ impl Mirror {
         mirror.copy = Some(
             std::thread::Builder::new()
                 .name("fake-copy".into())
-                .spawn(move || serve_copy(listener, secret(), log, stop))
+                .spawn(move || serve_copy(listener, secret(), log, stop, assume_clean))
                 .unwrap(),
         );
         mirror
@@ -397,7 +413,7 @@ fn async_frames_after_a_release_carry_barrier() {
 #[test]
 fn async_first_frame_after_connect_is_a_barrier_when_a_change_was_released_meanwhile() {
     const MISSED: u64 = 5 << 20;
-    let mut mirror = Mirror::start_with(MirrorMode::Async, |replicator, completions| {
+    let mut mirror = Mirror::start_with(MirrorMode::Async, false, |replicator, completions| {
         // The copy host has not answered the handshake: the link is disconnected.
         assert_eq!(replicator.status()[0].state, "disconnected");
         assert_eq!(ship_write(replicator, completions, MISSED, 1), Shipped::Done(0));
@@ -444,4 +460,24 @@ fn sync_frames_never_carry_barrier() {
     }
     assert!(frames.iter().any(|seen| seen.kind == FrameKind::Flush && seen.flags == FrameFlags::NONE));
     assert_eq!(mirror.finish(), Ok(()));
+}
+
+/// Invariant 6 under `--assume-clean`: both stores are empty, so the new
+/// copy's dirty regions are cleared, except one with a write in flight (begun
+/// before the copy connected, not yet shipped). Its bit must stay set: if the
+/// copy then missed that write, a crash of this host must still find it.
+#[test]
+fn assume_clean_keeps_the_bit_of_a_region_with_a_write_in_flight() {
+    let mut mirror = Mirror::start_with(MirrorMode::Sync, true, |replicator, _| {
+        replicator.begin_write(C, WRITE_BYTES as u64).unwrap();
+    });
+    mirror.wait_up_to_date();
+    let status = &mirror.replicator.status()[0];
+    assert_eq!(status.dirty_bytes, REGION_BYTES_DEFAULT, "only the region in flight stays dirty: {status:?}");
+    assert_eq!(status.resync_bytes_total, REGION_BYTES_DEFAULT, "only that region is resynced: {status:?}");
+    let resynced: Vec<u64> =
+        mirror.frames().iter().filter(|seen| seen.kind == FrameKind::ResyncData).map(|seen| seen.offset).collect();
+    assert_eq!(resynced, [C], "the region in flight goes whole, nothing else");
+    mirror.replicator.abandon(C, WRITE_BYTES as u64);
+    mirror.finish().unwrap();
 }
