@@ -13,17 +13,19 @@
 //! ```text
 //!  offset size field         meaning
 //!       0    8 magic         "CMBITMAP"
-//!       8    4 version       1
+//!       8    4 version       2
 //!      12    4 slots         copy slots, 1 to 8
 //!      16    8 volume_size   bytes
 //!      24    8 region_bytes  bytes per bit, a power of two
 //!      32    8 generation    the volume's generation
-//!      40    4 crc           CRC32 of bytes 0..40
-//!      44      zero up to 4096
+//!      40    4 state         1 open (in use, or its process died), 2 closed cleanly
+//!      44    4 body_crc      CRC32 of every slot word; meaningful when closed
+//!      48    4 crc           CRC32 of bytes 0..48
+//!      52      zero up to 4096
 //!    4096      slot 0 words, then slot 1 words, …
 //! ```
 //!
-//! The header is little-endian and its CRC32 covers bytes 0..40. Each slot (one
+//! The header is little-endian and its CRC32 covers bytes 0..48. Each slot (one
 //! per mirror copy, up to [`SLOTS_MAX`]) is an array of little-endian `u64`
 //! words, one bit per region of `region_bytes`; bits past the last region stay
 //! zero. A set bit means "this copy may differ here". Marking sets the bit in
@@ -42,13 +44,32 @@
 //! msync starts. Concurrent writers therefore share one msync (group commit)
 //! instead of each paying for their own, and a mark never returns "durable"
 //! for a bit another thread set but has not yet flushed.
+//!
+//! Damage (DESIGN.md §4, invariant 9). A zeroed or flipped body would read
+//! as "this copy misses nothing", so the body's meaning is protected, not
+//! only the header's:
+//! - The file is fully allocated (`posix_fallocate`) when it is created and
+//!   again when it is opened, so a store into the mapping on a full
+//!   filesystem can never raise SIGBUS: a full disk is an error at start.
+//! - Opening marks the header `open` (durably, before the first mark); a
+//!   clean close ([`WriteIntentBitmap::close_clean`]) writes the body's CRC
+//!   and marks it `closed`. A closed bitmap whose body fails its CRC was
+//!   damaged while nobody held it: every bit of every slot is set (a full
+//!   resync of every copy) and [`WriteIntentBitmap::opened`] says so.
+//! - A bitmap found `open` belongs to a process that died; its body is
+//!   trusted as the marks it made durable. Damage done to the file while
+//!   it was in that state cannot be told from those marks (the body changes
+//!   with every write, so no checksum can cover it while in use); the
+//!   README says so.
+//! - A missing bitmap is created with every bit clear; the replicator sets
+//!   every slot of a copy it already knows (see `Replicator::start`).
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use memmap2::MmapRaw;
@@ -69,11 +90,33 @@ pub const SLOTS_MAX: u32 = 8;
 pub const REGIONS_MAX: u64 = 1 << 32;
 
 const MAGIC: [u8; 8] = *b"CMBITMAP";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// The header takes one page, so the words that follow are page-aligned.
 const HEADER_BYTES: usize = 4096;
-const HEADER_CRC_OFFSET: usize = 40;
 const GENERATION_OFFSET: usize = 32;
+const STATE_OFFSET: usize = 40;
+const BODY_CRC_OFFSET: usize = 44;
+const HEADER_CRC_OFFSET: usize = 48;
+/// The bytes of the header that are written as one (inside the first
+/// 512-byte sector, which disks write whole).
+const HEADER_USED_BYTES: usize = HEADER_CRC_OFFSET + 4;
+const STATE_OPEN: u32 = 1;
+const STATE_CLOSED: u32 = 2;
+
+/// How a bitmap was found when it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// There was no file; a new one was made with every bit clear.
+    Created,
+    /// The file was closed cleanly and its body matched its CRC.
+    Clean,
+    /// The file was still marked open: its process died. The body holds
+    /// every mark that process made durable.
+    AfterCrash,
+    /// The file was closed cleanly but its body fails its CRC: it was
+    /// damaged. Every bit of every slot was set (every copy resyncs in full).
+    Damaged,
+}
 const BITS_PER_WORD: u64 = 64;
 
 /// The path of the bitmap that belongs to the volume at `volume_path`.
@@ -203,7 +246,7 @@ impl Geometry {
         Ok(())
     }
 
-    fn header(&self, generation: u64) -> [u8; HEADER_BYTES] {
+    fn header(&self, generation: u64, state: u32, body_crc: u32) -> [u8; HEADER_BYTES] {
         let mut header = [0u8; HEADER_BYTES];
         header[0..8].copy_from_slice(&MAGIC);
         header[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -211,14 +254,25 @@ impl Geometry {
         header[16..24].copy_from_slice(&self.volume_size.to_le_bytes());
         header[24..32].copy_from_slice(&self.region_bytes.to_le_bytes());
         header[GENERATION_OFFSET..GENERATION_OFFSET + 8].copy_from_slice(&generation.to_le_bytes());
+        header[STATE_OFFSET..STATE_OFFSET + 4].copy_from_slice(&state.to_le_bytes());
+        header[BODY_CRC_OFFSET..BODY_CRC_OFFSET + 4].copy_from_slice(&body_crc.to_le_bytes());
         let crc = crc32fast::hash(&header[..HEADER_CRC_OFFSET]);
         header[HEADER_CRC_OFFSET..HEADER_CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
         header
     }
 }
 
-/// Read a header: its geometry and generation, or why it is unusable.
-fn parse_header(path: &Path, header: &[u8; HEADER_BYTES]) -> Result<(Geometry, u64), BitmapError> {
+/// What a header records.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    geometry: Geometry,
+    generation: u64,
+    state: u32,
+    body_crc: u32,
+}
+
+/// Read a header, or say why it is unusable.
+fn parse_header(path: &Path, header: &[u8; HEADER_BYTES]) -> Result<Header, BitmapError> {
     let corrupt = |message: String| BitmapError::Corrupt { path: path.to_path_buf(), message };
     let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
     let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
@@ -233,12 +287,23 @@ fn parse_header(path: &Path, header: &[u8; HEADER_BYTES]) -> Result<(Geometry, u
     if u32_at(8) != VERSION {
         return Err(BitmapError::Mismatch {
             path: path.to_path_buf(),
-            message: format!("was written by bitmap version {}, this build reads version {VERSION}", u32_at(8)),
+            message: format!(
+                "was written by bitmap version {}, this build reads version {VERSION}; run the release that wrote it, \
+                 or move it aside (every copy then gets a full resync)",
+                u32_at(8)
+            ),
         });
     }
     let geometry = Geometry { slots: u32_at(12), volume_size: u64_at(16), region_bytes: u64_at(24) };
     geometry.check(path).map_err(|error| corrupt(format!("header is invalid: {error}")))?;
-    Ok((geometry, u64_at(GENERATION_OFFSET)))
+    let state = u32_at(STATE_OFFSET);
+    if state != STATE_OPEN && state != STATE_CLOSED {
+        return Err(corrupt(format!("header names an unknown state {state}")));
+    }
+    if header[HEADER_USED_BYTES..].iter().any(|byte| *byte != 0) {
+        return Err(corrupt("header has non-zero reserved bytes".into()));
+    }
+    Ok(Header { geometry, generation: u64_at(GENERATION_OFFSET), state, body_crc: u32_at(BODY_CRC_OFFSET) })
 }
 
 /// The write-intent bitmap of one volume, shared by every thread that
@@ -272,6 +337,23 @@ pub struct WriteIntentBitmap {
     flush_lock: Mutex<()>,
     /// Every change up to this count is durable.
     changes_durable: AtomicU64,
+    /// How the file was found at open.
+    opened: Opened,
+    /// Whether the header says `closed` (after [`WriteIntentBitmap::close_clean`]);
+    /// the next change marks it `open` again first.
+    closed: AtomicBool,
+}
+
+/// What a bitmap made by [`WriteIntentBitmap::open_or_create_with`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewBits {
+    /// Every bit clear: no copy differs (a volume with no copies yet).
+    Clear,
+    /// Every region's bit set in every slot: every copy may differ
+    /// everywhere. A mirrored volume uses this, so a bitmap that went
+    /// missing can never be recreated as "nothing to resync", even when the
+    /// process dies before it records anything else.
+    Set,
 }
 
 impl WriteIntentBitmap {
@@ -289,12 +371,65 @@ impl WriteIntentBitmap {
         region_bytes: u64,
         slots: u32,
     ) -> Result<WriteIntentBitmap, BitmapError> {
+        WriteIntentBitmap::open_or_create_with(path, volume_size, region_bytes, slots, NewBits::Clear)
+    }
+
+    /// [`WriteIntentBitmap::open_or_create`], with a new file's bits as `new_bits` says.
+    pub fn open_or_create_with(
+        path: &Path,
+        volume_size: u64,
+        region_bytes: u64,
+        slots: u32,
+        new_bits: NewBits,
+    ) -> Result<WriteIntentBitmap, BitmapError> {
         let geometry = Geometry { volume_size, region_bytes, slots };
         geometry.check(path)?;
-        if !path.exists() {
-            create(path, &geometry)?;
+        let created = !path.exists();
+        if created {
+            create(path, &geometry, new_bits)?;
         }
-        open(path, geometry)
+        let mut bitmap = open(path, geometry)?;
+        if created {
+            bitmap.opened = Opened::Created;
+        }
+        Ok(bitmap)
+    }
+
+    /// How the file was found when it was opened.
+    pub fn opened(&self) -> Opened {
+        self.opened
+    }
+
+    /// Close cleanly: write every change out, with the body's CRC in a
+    /// header marked `closed`, so the next open can tell a damaged body.
+    /// Call it once every writer and link has stopped; a change made after
+    /// it marks the header `open` again (and a change racing it at worst
+    /// makes the next open see damage and resync every copy in full).
+    pub fn close_clean(&self) -> Result<(), BitmapError> {
+        let _flushing = self.flush_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let changes = self.lock_changes();
+        let body_crc = self.body_crc();
+        self.write_header(self.read_generation(), STATE_CLOSED, body_crc);
+        self.closed.store(true, Ordering::Release);
+        let covered = *changes;
+        drop(changes);
+        self.map.flush().map_err(|source| self.io_error("msync", source))?;
+        self.changes_durable.fetch_max(covered, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Before a change to the body: a header still marked `closed` is
+    /// marked `open` (durable with the change's flush, or at worst seen as
+    /// damage at the next open, which resyncs more, never less).
+    fn reopen_if_closed(&self) {
+        if !self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut changes = self.lock_changes();
+        if self.closed.swap(false, Ordering::AcqRel) {
+            self.count_change(&mut changes);
+            self.write_header(self.read_generation(), STATE_OPEN, 0);
+        }
     }
 
     /// Mark the regions that `len` bytes at `offset` touch as possibly
@@ -320,6 +455,7 @@ impl WriteIntentBitmap {
                 .unwrap_or(0);
             return newest > self.changes_durable.load(Ordering::Acquire);
         }
+        self.reopen_if_closed();
         let mut changes = self.lock_changes();
         let change = self.count_change(&mut changes);
         self.stamp_words(first, last, change);
@@ -371,6 +507,7 @@ impl WriteIntentBitmap {
     /// When the slot or the region does not exist.
     pub fn clear(&self, slot: u32, region_index: u64) {
         assert!(region_index < self.region_count(), "region {region_index} is past the end of the bitmap");
+        self.reopen_if_closed();
         self.for_each_word(slot, region_index, region_index, |word, mask| {
             word.fetch_and(!mask, Ordering::Release);
         });
@@ -387,6 +524,7 @@ impl WriteIntentBitmap {
         let first = offset.div_ceil(self.geometry.region_bytes);
         let end_region = if end == self.geometry.volume_size { self.region_count() } else { end >> self.region_shift };
         if first < end_region {
+            self.reopen_if_closed();
             self.for_each_word(slot, first, end_region - 1, |word, mask| {
                 word.fetch_and(!mask, Ordering::Release);
             });
@@ -399,6 +537,7 @@ impl WriteIntentBitmap {
     /// # Panics
     /// When the slot does not exist.
     pub fn set_all(&self, slot: u32) {
+        self.reopen_if_closed();
         let mut changes = self.lock_changes();
         let change = self.count_change(&mut changes);
         self.stamp_words(0, self.region_count() - 1, change);
@@ -415,6 +554,7 @@ impl WriteIntentBitmap {
     /// When the slot does not exist or the extent runs past the volume's end.
     pub fn set_range(&self, slot: u32, offset: u64, len: u64) {
         let Some((first, last)) = self.regions_touched(offset, len) else { return };
+        self.reopen_if_closed();
         let mut changes = self.lock_changes();
         let change = self.count_change(&mut changes);
         self.stamp_words(first, last, change);
@@ -472,13 +612,7 @@ impl WriteIntentBitmap {
     /// The volume's generation as recorded in the bitmap.
     pub fn generation(&self) -> u64 {
         let _changes = self.lock_changes();
-        let mut bytes = [0u8; 8];
-        // SAFETY: the header page is only read or written while `changes` is
-        // locked, and it lies inside the mapping, which outlives `self`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(GENERATION_OFFSET), bytes.as_mut_ptr(), bytes.len())
-        };
-        u64::from_le_bytes(bytes)
+        self.read_generation()
     }
 
     /// Record the volume's generation; durable after the next flush. The
@@ -487,11 +621,38 @@ impl WriteIntentBitmap {
     pub fn set_generation(&self, generation: u64) {
         let mut changes = self.lock_changes();
         self.count_change(&mut changes);
-        let header = self.geometry.header(generation);
+        self.closed.store(false, Ordering::Release);
+        self.write_header(generation, STATE_OPEN, 0);
+    }
+
+    /// The generation in the mapped header; called with `changes` locked.
+    fn read_generation(&self) -> u64 {
+        let mut bytes = [0u8; 8];
         // SAFETY: the header page is only read or written while `changes` is
-        // locked (held here), it is disjoint from the words that other threads
-        // touch through atomics, and it lies inside the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), self.map.as_mut_ptr(), HEADER_CRC_OFFSET + 4) };
+        // locked (the caller holds it), and it lies inside the mapping, which
+        // outlives `self`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(GENERATION_OFFSET), bytes.as_mut_ptr(), bytes.len())
+        };
+        u64::from_le_bytes(bytes)
+    }
+
+    /// Write the header into the mapping; called with `changes` locked.
+    fn write_header(&self, generation: u64, state: u32, body_crc: u32) {
+        let header = self.geometry.header(generation, state, body_crc);
+        // SAFETY: the header page is only read or written while `changes` is
+        // locked (the caller holds it), it is disjoint from the words that
+        // other threads touch through atomics, and it lies inside the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), self.map.as_mut_ptr(), HEADER_USED_BYTES) };
+    }
+
+    /// The CRC32 of every slot word, in the file's byte order.
+    fn body_crc(&self) -> u32 {
+        let mut hasher = crc32fast::Hasher::new();
+        for word in self.words() {
+            hasher.update(&word.load(Ordering::Acquire).to_ne_bytes());
+        }
+        hasher.finalize()
     }
 
     /// The region size in bytes.
@@ -604,9 +765,10 @@ impl WriteIntentBitmap {
     }
 }
 
-/// Create the file whole beside its final name, make it durable, then rename
-/// it into place, so a crash never leaves a half-written bitmap at `path`.
-fn create(path: &Path, geometry: &Geometry) -> Result<(), BitmapError> {
+/// Create the file whole beside its final name (every block allocated, the
+/// bits as `new_bits` says), make it durable, then rename it into place, so
+/// a crash never leaves a half-written bitmap at `path`.
+fn create(path: &Path, geometry: &Geometry, new_bits: NewBits) -> Result<(), BitmapError> {
     let io_error = |action, source| BitmapError::Io { path: path.to_path_buf(), action, source };
     let mut temporary_name = path.as_os_str().to_owned();
     temporary_name.push(format!(".creating-{}", std::process::id()));
@@ -619,8 +781,12 @@ fn create(path: &Path, geometry: &Geometry) -> Result<(), BitmapError> {
         .open(&temporary)
         .map_err(|source| io_error("create", source))?;
     let result = (|| {
-        file.set_len(geometry.file_bytes()).map_err(|source| io_error("set length", source))?;
-        file.write_all_at(&geometry.header(0), 0).map_err(|source| io_error("write header", source))?;
+        allocate(&file, geometry.file_bytes()).map_err(|source| io_error("allocate", source))?;
+        if new_bits == NewBits::Set {
+            write_set_bits(&file, geometry).map_err(|source| io_error("write", source))?;
+        }
+        let header = geometry.header(0, STATE_OPEN, 0);
+        file.write_all_at(&header, 0).map_err(|source| io_error("write header", source))?;
         file.sync_all().map_err(|source| io_error("fsync", source))?;
         fs::rename(&temporary, path).map_err(|source| io_error("rename into place", source))?;
         let parent = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -634,6 +800,44 @@ fn create(path: &Path, geometry: &Geometry) -> Result<(), BitmapError> {
     result
 }
 
+/// Allocate every block of the file's first `length` bytes (extending it),
+/// so no later store into its mapping can fail for want of space: a full
+/// filesystem raises SIGBUS on a store to an unallocated page of a shared
+/// mapping, and the host would die instead of answering an I/O error.
+fn allocate(file: &File, length: u64) -> io::Result<()> {
+    // SAFETY: posix_fallocate only reads the descriptor number, which `file`
+    // keeps open for the whole call. (glibc writes zeroes where the
+    // filesystem has no fallocate.)
+    let result = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, length as libc::off_t) };
+    match result {
+        0 => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Set every region's bit in every slot of a new file (padding bits stay clear).
+fn write_set_bits(file: &File, geometry: &Geometry) -> io::Result<()> {
+    const CHUNK_WORDS: usize = 1 << 17;
+    let regions = geometry.region_count();
+    let words = geometry.words_per_slot();
+    let chunk = vec![0xffu8; CHUNK_WORDS.min(words) * 8];
+    for slot in 0..u64::from(geometry.slots) {
+        let slot_start = HEADER_BYTES as u64 + slot * words as u64 * 8;
+        let mut written = 0;
+        while written < words {
+            let count = CHUNK_WORDS.min(words - written);
+            file.write_all_at(&chunk[..count * 8], slot_start + written as u64 * 8)?;
+            written += count;
+        }
+        let tail_bits = regions % BITS_PER_WORD;
+        if tail_bits != 0 {
+            let last = (1u64 << tail_bits) - 1;
+            file.write_all_at(&last.to_le_bytes(), slot_start + (words as u64 - 1) * 8)?;
+        }
+    }
+    Ok(())
+}
+
 fn open(path: &Path, geometry: Geometry) -> Result<WriteIntentBitmap, BitmapError> {
     let io_error = |action, source| BitmapError::Io { path: path.to_path_buf(), action, source };
     let file = OpenOptions::new().read(true).write(true).open(path).map_err(|source| io_error("open", source))?;
@@ -644,7 +848,8 @@ fn open(path: &Path, geometry: Geometry) -> Result<WriteIntentBitmap, BitmapErro
         return Err(BitmapError::Corrupt { path: path.to_path_buf(), message: format!("is only {length} bytes long") });
     }
     file.read_exact_at(&mut header, 0).map_err(|source| io_error("read header", source))?;
-    let (recorded, _generation) = parse_header(path, &header)?;
+    let header = parse_header(path, &header)?;
+    let recorded = header.geometry;
     if recorded != geometry {
         return Err(BitmapError::Mismatch {
             path: path.to_path_buf(),
@@ -666,15 +871,14 @@ fn open(path: &Path, geometry: Geometry) -> Result<WriteIntentBitmap, BitmapErro
             message: format!("is {length} bytes long, its header calls for {}", geometry.file_bytes()),
         });
     }
+    // Files copied sparsely, or made by hand, may have holes: fill them now,
+    // while a full disk is still an error rather than a signal.
+    allocate(&file, length).map_err(|source| io_error("allocate (is the filesystem full?)", source))?;
     let map = MmapRaw::map_raw(&file).map_err(|source| io_error("mmap", source))?;
     assert_eq!(map.len() as u64, geometry.file_bytes(), "the mapping spans the whole file");
     assert_eq!(map.as_ptr() as usize % 8, 0, "mappings are page-aligned");
-    // A process that died between setting bits and flushing them may have
-    // left them in the page cache only. Marks treat every bit found at open
-    // as durable, so make that true before the first mark.
-    map.flush().map_err(|source| io_error("msync at open", source))?;
     let changes = 0;
-    Ok(WriteIntentBitmap {
+    let mut bitmap = WriteIntentBitmap {
         path: path.to_path_buf(),
         geometry,
         region_shift: geometry.region_bytes.trailing_zeros(),
@@ -686,7 +890,32 @@ fn open(path: &Path, geometry: Geometry) -> Result<WriteIntentBitmap, BitmapErro
         word_changes: (0..geometry.words_per_slot()).map(|_| AtomicU64::new(0)).collect(),
         flush_lock: Mutex::new(()),
         changes_durable: AtomicU64::new(changes),
-    })
+        opened: Opened::AfterCrash,
+        closed: AtomicBool::new(false),
+    };
+    if header.state == STATE_CLOSED {
+        bitmap.opened = if bitmap.body_crc() == header.body_crc { Opened::Clean } else { Opened::Damaged };
+    }
+    if bitmap.opened == Opened::Damaged {
+        tracing::error!(
+            bitmap = %path.display(),
+            "bitmap {} was closed cleanly but its body fails its CRC: it was damaged while stopped; \
+             every copy gets a full resync",
+            path.display()
+        );
+        for slot in 0..geometry.slots {
+            bitmap.for_each_word(slot, 0, geometry.region_count() - 1, |word, mask| {
+                word.fetch_or(mask, Ordering::Release);
+            });
+        }
+    }
+    // Mark the header open. A process that died between setting bits and
+    // flushing them may have left them in the page cache only; marks treat
+    // every bit found at open as durable, so make that true (and the open
+    // state, and any damage repair) durable before the first mark.
+    bitmap.write_header(header.generation, STATE_OPEN, 0);
+    bitmap.map.flush().map_err(|source| io_error("msync at open", source))?;
+    Ok(bitmap)
 }
 
 /// Take the file's exclusive advisory lock, or say who holds it. The lock
@@ -890,6 +1119,83 @@ mod tests {
         assert_eq!(bitmap.dirty_regions(0).count(), 800);
         assert_eq!(bitmap.dirty_regions(1).count(), 800);
         assert!(bitmap.dirty_regions(0).all(|region| !bitmap.mark(region * 4096, 4096)), "every bit is durable");
+    }
+
+    /// Every block of a new bitmap is allocated (no sparse pages a store could fault on).
+    #[test]
+    fn new_bitmap_is_fully_allocated() {
+        use std::os::unix::fs::MetadataExt;
+        let directory = tempfile::tempdir_in("/var/tmp").unwrap();
+        let bitmap = open_in(directory.path(), 1 << 40, 64 << 10, 8);
+        let metadata = fs::metadata(bitmap.path()).unwrap();
+        assert!(metadata.blocks() * 512 >= metadata.len(), "{} blocks for {} bytes", metadata.blocks(), metadata.len());
+    }
+
+    /// A bitmap made with NewBits::Set says every region of every slot may differ, padding clear.
+    #[test]
+    fn new_set_bitmap_has_every_region_set() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("volume.cmbitmap");
+        let bitmap = WriteIntentBitmap::open_or_create_with(&path, 130 * 4096 + 1, 4096, 3, NewBits::Set).unwrap();
+        assert_eq!(bitmap.opened(), Opened::Created);
+        for slot in 0..3 {
+            assert_eq!(bitmap.dirty_regions(slot).collect::<Vec<_>>(), (0..131).collect::<Vec<_>>());
+        }
+        assert!(!bitmap.mark(0, 1), "bits found at open are durable");
+    }
+
+    /// After a clean close, any damage to the body (zeroed, one bit flipped)
+    /// is found at the next open and every bit of every slot is set.
+    #[test]
+    fn damaged_body_after_a_clean_close_sets_every_bit() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("volume.cmbitmap");
+        for damage in [0usize, 1] {
+            let bitmap = open_in(directory.path(), MIB, 4096, 2);
+            bitmap.mark(8192, 1);
+            bitmap.flush().unwrap();
+            bitmap.close_clean().unwrap();
+            drop(bitmap);
+            assert_eq!(open_in(directory.path(), MIB, 4096, 2).opened(), Opened::Clean);
+            let bitmap = open_in(directory.path(), MIB, 4096, 2);
+            bitmap.close_clean().unwrap();
+            drop(bitmap);
+            let file = OpenOptions::new().write(true).open(&path).unwrap();
+            if damage == 0 {
+                file.write_all_at(&[0u8; 64], 4096).unwrap();
+            } else {
+                file.write_all_at(&[0x10], 4096 + 40).unwrap();
+            }
+            let bitmap = open_in(directory.path(), MIB, 4096, 2);
+            assert_eq!(bitmap.opened(), Opened::Damaged);
+            for slot in 0..2 {
+                assert_eq!(bitmap.dirty_regions(slot).count() as u64, bitmap.region_count(), "damage {damage}");
+            }
+            drop(bitmap);
+            fs::remove_file(&path).unwrap();
+        }
+    }
+
+    /// A bitmap whose process died (never closed) is trusted as found, and
+    /// a change after a clean close marks it open again.
+    #[test]
+    fn unclosed_bitmap_is_opened_after_a_crash() {
+        let directory = tempfile::tempdir().unwrap();
+        let bitmap = open_in(directory.path(), MIB, 4096, 1);
+        bitmap.mark(0, 1);
+        bitmap.flush().unwrap();
+        drop(bitmap);
+        let bitmap = open_in(directory.path(), MIB, 4096, 1);
+        assert_eq!(bitmap.opened(), Opened::AfterCrash);
+        assert_eq!(bitmap.dirty_regions(0).collect::<Vec<_>>(), [0]);
+        bitmap.close_clean().unwrap();
+        bitmap.clear(0, 0);
+        bitmap.mark(4096, 1);
+        bitmap.flush().unwrap();
+        drop(bitmap);
+        let bitmap = open_in(directory.path(), MIB, 4096, 1);
+        assert_eq!(bitmap.opened(), Opened::AfterCrash, "a change after the close reopened the header");
+        assert_eq!(bitmap.dirty_regions(0).collect::<Vec<_>>(), [1]);
     }
 
     /// An extent past the end of the volume is a caller bug and panics.

@@ -14,22 +14,34 @@
 //! same identity to the other copies. Until the group layer keeps the mirror
 //! state on quorum storage (DESIGN.md §6), the copy's state lives here.
 //!
-//! The file is a fixed 64-byte little-endian record with a CRC32:
+//! The file is a fixed 128-byte little-endian record with a CRC32:
 //!
 //! ```text
-//!  offset size field           meaning
-//!       0    8 magic           "CMMETA\0\0"
-//!       8    4 version         1
-//!      12    1 state           1 consistent, 2 syncing
-//!      13    1 has_identity    0 or 1
+//!  offset size field              meaning
+//!       0    8 magic              "CMMETA\0\0"
+//!       8    4 version            2
+//!      12    1 state              1 consistent, 2 syncing
+//!      13    1 has_identity       0 or 1
 //!      14    2 zero
-//!      16   16 uuid            the mirrored volume's identifier; zero when absent
-//!      32    8 size_bytes      the mirrored volume's size; zero when absent
-//!      40    8 generation      the generation this store holds
-//!      48    8 epoch_promised  the highest epoch this store has promised
-//!      56    4 zero
-//!      60    4 crc             CRC32 of bytes 0..60
+//!      16   16 uuid               the mirrored volume's identifier; zero when absent
+//!      32    8 size_bytes         the mirrored volume's size; zero when absent
+//!      40    8 generation         the generation this store holds
+//!      48    8 epoch_promised     the highest epoch this store has promised
+//!      56   16 store_token        random; drawn when the store's contents start a new lineage
+//!      72    8 store_fingerprint  where the store's data lives (`fingerprint.rs`); zero = unknown
+//!      80   44 zero
+//!     124    4 crc                CRC32 of bytes 0..124
 //! ```
+//!
+//! Version 1 records (64 bytes, no store token or fingerprint) are still
+//! read; their store is unproven, so a copy draws a new token (a full
+//! resync) and a production volume records its fingerprint.
+//!
+//! Where the metadata lives ([`MetadataFiles`]): beside a regular-file
+//! volume (`<volume>.cmmeta`, `.cmbitmap`, `.cmcopies`), and for a block
+//! device in a metadata directory (`--metadata-dir`, default
+//! [`METADATA_DIR_DEFAULT`]), never in `/dev`, which is a tmpfs that a
+//! reboot empties.
 //!
 //! Why a binary record rather than TOML: the epoch in this file is a fencing
 //! token (DESIGN.md §4, invariant 4), so a damaged file must be refused, not
@@ -44,16 +56,94 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::protocol::auth::VolumeIdentity;
+use crate::bitmap::BITMAP_FILE_SUFFIX;
+use crate::fingerprint::Fingerprint;
+use crate::protocol::auth::{StoreToken, VolumeIdentity, STORE_TOKEN_UNKNOWN};
+use crate::replicator::state::STATE_FILE_SUFFIX;
 
 /// The suffix appended to a volume's path to name its metadata file.
 pub const METADATA_FILE_SUFFIX: &str = ".cmmeta";
 /// The length of the metadata record in bytes.
-pub const METADATA_BYTES: usize = 64;
+pub const METADATA_BYTES: usize = 128;
+/// Where a block device's metadata lives unless `--metadata-dir` says otherwise.
+pub const METADATA_DIR_DEFAULT: &str = "/var/lib/crossmirror";
 
 const MAGIC: [u8; 8] = *b"CMMETA\0\0";
-const VERSION: u32 = 1;
-const CRC_OFFSET: usize = 60;
+const VERSION: u32 = 2;
+const CRC_OFFSET: usize = 124;
+const V1_BYTES: usize = 64;
+const V1_CRC_OFFSET: usize = 60;
+
+/// The three metadata files of one volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataFiles {
+    /// The identity, generation, epoch and store record (`.cmmeta`).
+    pub metadata: PathBuf,
+    /// The write-intent bitmap (`.cmbitmap`), production only.
+    pub bitmap: PathBuf,
+    /// The mirror state (`.cmcopies`), production only.
+    pub state: PathBuf,
+}
+
+impl MetadataFiles {
+    /// The files beside the volume at `volume` (`<volume>.cmmeta`, …).
+    pub fn beside(volume: &Path) -> MetadataFiles {
+        let with = |suffix: &str| {
+            let mut name = volume.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        MetadataFiles {
+            metadata: with(METADATA_FILE_SUFFIX),
+            bitmap: with(BITMAP_FILE_SUFFIX),
+            state: with(STATE_FILE_SUFFIX),
+        }
+    }
+
+    /// The files of the volume at `volume` in `directory`, named by the
+    /// volume's whole path with `%` and `/` escaped (`/dev/loop0` becomes
+    /// `dev%2Floop0.cmmeta`), so two volumes never share a name. The path is
+    /// taken as given, not resolved: name a device by a stable link
+    /// (`/dev/disk/by-id/…`) and its metadata follows it.
+    pub fn in_directory(directory: &Path, volume: &Path) -> MetadataFiles {
+        let absolute = std::path::absolute(volume).unwrap_or_else(|_| volume.to_path_buf());
+        let text = absolute.to_string_lossy();
+        let escaped = text.trim_start_matches('/').replace('%', "%25").replace('/', "%2F");
+        MetadataFiles::beside(&directory.join(escaped))
+    }
+
+    /// Where the metadata of `volume` lives: in `metadata_dir` when given;
+    /// else beside a regular file, and in [`METADATA_DIR_DEFAULT`] for a
+    /// block device.
+    pub fn locate(volume: &Path, block_device: bool, metadata_dir: Option<&Path>) -> MetadataFiles {
+        match metadata_dir {
+            Some(directory) => MetadataFiles::in_directory(directory, volume),
+            None if block_device => MetadataFiles::in_directory(Path::new(METADATA_DIR_DEFAULT), volume),
+            None => MetadataFiles::beside(volume),
+        }
+    }
+
+    /// Whichever of the three files exists.
+    pub fn existing(&self) -> Vec<&Path> {
+        [&self.metadata, &self.bitmap, &self.state]
+            .into_iter()
+            .map(PathBuf::as_path)
+            .filter(|path| path.exists())
+            .collect()
+    }
+
+    /// Make the directory that holds the files, if it is missing.
+    pub fn create_directory(&self) -> Result<(), MetadataError> {
+        let Some(directory) = self.metadata.parent().filter(|parent| !parent.as_os_str().is_empty()) else {
+            return Ok(());
+        };
+        fs::create_dir_all(directory).map_err(|source| MetadataError::Io {
+            path: directory.to_path_buf(),
+            action: "create the metadata directory",
+            source,
+        })
+    }
+}
 
 /// The path of the metadata file that belongs to the volume at `volume_path`.
 pub fn metadata_path(volume_path: &Path) -> PathBuf {
@@ -153,13 +243,25 @@ pub struct VolumeMetadata {
     pub epoch_promised: u64,
     /// Whether the store is a consistent image.
     pub state: StoreState,
+    /// The store's token (see [`StoreToken`]); unknown until drawn.
+    pub store_token: StoreToken,
+    /// The fingerprint of the store this record was made for (see
+    /// `fingerprint.rs`); zero when unknown.
+    pub store_fingerprint: u64,
 }
 
 impl VolumeMetadata {
     /// The metadata of a fresh copy: no identity, nothing promised, and
     /// `syncing`, since it holds no image of any volume yet.
     pub fn fresh() -> VolumeMetadata {
-        VolumeMetadata { identity: None, generation: 0, epoch_promised: 0, state: StoreState::Syncing }
+        VolumeMetadata {
+            identity: None,
+            generation: 0,
+            epoch_promised: 0,
+            state: StoreState::Syncing,
+            store_token: STORE_TOKEN_UNKNOWN,
+            store_fingerprint: 0,
+        }
     }
 
     /// The record's bytes, CRC included.
@@ -175,6 +277,8 @@ impl VolumeMetadata {
         }
         bytes[40..48].copy_from_slice(&self.generation.to_le_bytes());
         bytes[48..56].copy_from_slice(&self.epoch_promised.to_le_bytes());
+        bytes[56..72].copy_from_slice(&self.store_token);
+        bytes[72..80].copy_from_slice(&self.store_fingerprint.to_le_bytes());
         let crc = crc32fast::hash(&bytes[..CRC_OFFSET]);
         bytes[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         bytes
@@ -183,9 +287,13 @@ impl VolumeMetadata {
     /// The metadata the record `bytes`, read from `path`, holds.
     fn decode(path: &Path, bytes: &[u8]) -> Result<VolumeMetadata, MetadataError> {
         let corrupt = |message: String| MetadataError::Corrupt { path: path.to_path_buf(), message };
-        let bytes: &[u8; METADATA_BYTES] = bytes
-            .try_into()
-            .map_err(|_| corrupt(format!("is {} bytes long, a metadata record is {METADATA_BYTES}", bytes.len())))?;
+        let crc_offset = match bytes.len() {
+            METADATA_BYTES => CRC_OFFSET,
+            V1_BYTES => V1_CRC_OFFSET,
+            length => {
+                return Err(corrupt(format!("is {length} bytes long, a metadata record is {METADATA_BYTES}")));
+            }
+        };
         if bytes[0..8] != MAGIC {
             return Err(corrupt(
                 "does not start with the metadata magic \"CMMETA\"; it is not a crossmirror metadata file".into(),
@@ -193,13 +301,14 @@ impl VolumeMetadata {
         }
         // The CRC is checked before the version, so a damaged version field
         // reads as damage rather than as a file from another release.
-        let carried = u32::from_le_bytes(array(&bytes[CRC_OFFSET..]));
-        let computed = crc32fast::hash(&bytes[..CRC_OFFSET]);
+        let carried = u32::from_le_bytes(array(&bytes[crc_offset..crc_offset + 4]));
+        let computed = crc32fast::hash(&bytes[..crc_offset]);
         if carried != computed {
             return Err(corrupt(format!("fails its CRC (carried {carried:#010x}, computed {computed:#010x})")));
         }
         let version = u32::from_le_bytes(array(&bytes[8..12]));
-        if version != VERSION {
+        let expected = if crc_offset == V1_CRC_OFFSET { 1 } else { VERSION };
+        if version != expected {
             return Err(MetadataError::Version { path: path.to_path_buf(), found: version, supported: VERSION });
         }
         let state = match bytes[12] {
@@ -207,9 +316,17 @@ impl VolumeMetadata {
             2 => StoreState::Syncing,
             other => return Err(corrupt(format!("names an unknown state {other}"))),
         };
-        if bytes[14..16] != [0; 2] || bytes[56..60] != [0; 4] {
+        let reserved_zero = match version {
+            1 => bytes[56..60] == [0; 4],
+            _ => bytes[80..CRC_OFFSET].iter().all(|byte| *byte == 0),
+        };
+        if bytes[14..16] != [0; 2] || !reserved_zero {
             return Err(corrupt("has non-zero reserved bytes".into()));
         }
+        let (store_token, store_fingerprint) = match version {
+            1 => (STORE_TOKEN_UNKNOWN, 0),
+            _ => (array(&bytes[56..72]), u64::from_le_bytes(array(&bytes[72..80]))),
+        };
         let uuid: [u8; 16] = array(&bytes[16..32]);
         let size_bytes = u64::from_le_bytes(array(&bytes[32..40]));
         let identity = match bytes[13] {
@@ -224,8 +341,19 @@ impl VolumeMetadata {
             generation: u64::from_le_bytes(array(&bytes[40..48])),
             epoch_promised: u64::from_le_bytes(array(&bytes[48..56])),
             state,
+            store_token,
+            store_fingerprint,
         })
     }
+}
+
+/// A new random store token (never the unknown one).
+pub fn new_store_token() -> Result<StoreToken, io::Error> {
+    let mut token = STORE_TOKEN_UNKNOWN;
+    while token == STORE_TOKEN_UNKNOWN {
+        getrandom::fill(&mut token).map_err(|error| io::Error::other(error.to_string()))?;
+    }
+    Ok(token)
 }
 
 fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
@@ -300,27 +428,94 @@ pub fn new_identity(size_bytes: u64) -> Result<VolumeIdentity, io::Error> {
     Ok(VolumeIdentity { uuid, size_bytes })
 }
 
-/// The identity of the production volume at `volume_path` of `size_bytes`:
-/// the one its metadata records, or a new one, created and stored durably
-/// the first time. A recorded identity of another size is refused: a
-/// resized volume is another volume to its copies.
-pub fn production_identity(volume_path: &Path, size_bytes: u64) -> Result<VolumeIdentity, MetadataError> {
-    let path = metadata_path(volume_path);
-    let metadata = load_metadata(&path)?;
-    if let Some(identity) = metadata.and_then(|metadata| metadata.identity) {
-        if identity.size_bytes != size_bytes {
-            return Err(MetadataError::Mismatch {
-                path,
-                message: format!(
-                    "records volume uuid {} of {} bytes, but {} is {size_bytes} bytes; restore the volume's size, \
-                     or move the metadata aside to make it a new volume (every copy then needs a full sync)",
+/// Record `fingerprint` as the production store's, after `--new-store`
+/// accepted it and every copy's bits were made durable.
+pub fn adopt_store(files: &MetadataFiles, fingerprint: &Fingerprint) -> Result<(), MetadataError> {
+    let recorded = load_metadata(&files.metadata)?.unwrap_or_else(VolumeMetadata::fresh);
+    store_metadata(&files.metadata, &VolumeMetadata { store_fingerprint: fingerprint.value, ..recorded })
+}
+
+/// What a production volume's metadata says as it starts serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProductionStart {
+    /// The volume's identity, offered to every copy.
+    pub identity: VolumeIdentity,
+    /// The generation the volume holds.
+    pub generation: u64,
+    /// The store was not the one last served and `--new-store` accepted
+    /// it: every copy must be resynced from it in full.
+    pub store_replaced: bool,
+}
+
+/// Open the production volume's metadata (`files`) for a store of
+/// `size_bytes` whose fingerprint is `fingerprint`: the recorded identity,
+/// or a new one, created and stored durably the first time.
+///
+/// Refused, with what to do: a recorded identity of another size (a resized
+/// volume is another volume to its copies); a store that is not the one last
+/// served, unless `new_store` accepts it; a store recorded `syncing` (it is
+/// no consistent image); and metadata that is missing while the volume's
+/// bitmap or mirror state exist (it was lost: a new identity would orphan
+/// every copy, and the bitmap would no longer be known to match).
+pub fn production_start(
+    files: &MetadataFiles,
+    size_bytes: u64,
+    fingerprint: &Fingerprint,
+    new_store: bool,
+) -> Result<ProductionStart, MetadataError> {
+    let path = &files.metadata;
+    let mismatch = |message: String| MetadataError::Mismatch { path: path.clone(), message };
+    let metadata = load_metadata(path)?;
+    if metadata.is_none() {
+        let others: Vec<String> = files.existing().iter().map(|other| other.display().to_string()).collect();
+        if !others.is_empty() {
+            return Err(mismatch(format!(
+                "is missing, but {} exist(s): the volume's metadata was lost. Restore it from where it went; or, to \
+                 make this a new volume, move {} aside too (its copies then hold another volume: recreate them)",
+                others.join(" and "),
+                others.join(" and ")
+            )));
+        }
+    }
+    let mut store_replaced = false;
+    if let Some(recorded) = metadata {
+        if let Some(identity) = recorded.identity {
+            if identity.size_bytes != size_bytes {
+                return Err(mismatch(format!(
+                    "records volume uuid {} of {} bytes, but the volume is {size_bytes} bytes; restore the volume's \
+                     size, or move the metadata aside to make it a new volume (every copy then needs a full sync)",
                     format_uuid(&identity.uuid),
                     identity.size_bytes,
-                    volume_path.display()
-                ),
-            });
+                )));
+            }
         }
-        return Ok(identity);
+        if recorded.state == StoreState::Syncing && recorded.identity.is_some() {
+            return Err(mismatch(
+                "records this store as syncing: it was a copy in the middle of a resync and holds no consistent \
+                 image of the volume; it cannot be served. Serve a current copy instead"
+                    .into(),
+            ));
+        }
+        if recorded.store_fingerprint != 0 && recorded.store_fingerprint != fingerprint.value {
+            if !new_store {
+                return Err(mismatch(format!(
+                    "was made for another store than the one now at this path ({}): the store was replaced, \
+                     restored or swapped. Put the right store back; or, if this store holds the data to serve, \
+                     start with --new-store: every copy is then resynced from it in full",
+                    fingerprint.description
+                )));
+            }
+            store_replaced = true;
+        }
+        if let Some(identity) = recorded.identity {
+            // A replaced store is recorded only by `adopt_store`, once every
+            // copy's bits are durably set: a crash in between must find the
+            // old fingerprint and refuse (or resync) again.
+            if recorded.store_fingerprint == 0 {
+                store_metadata(path, &VolumeMetadata { store_fingerprint: fingerprint.value, ..recorded })?;
+            }
+            return Ok(ProductionStart { identity, generation: recorded.generation.max(1), store_replaced });
+        }
     }
     let identity = new_identity(size_bytes).map_err(|source| MetadataError::Io {
         path: path.clone(),
@@ -330,8 +525,14 @@ pub fn production_identity(volume_path: &Path, size_bytes: u64) -> Result<Volume
     // A volume that starts serving as production is, by definition, the
     // reference image; a fresh store's other fields start from zero.
     let base = metadata.unwrap_or(VolumeMetadata { generation: 1, ..VolumeMetadata::fresh() });
-    store_metadata(&path, &VolumeMetadata { identity: Some(identity), state: StoreState::Consistent, ..base })?;
-    Ok(identity)
+    let created = VolumeMetadata {
+        identity: Some(identity),
+        state: StoreState::Consistent,
+        store_fingerprint: fingerprint.value,
+        ..base
+    };
+    store_metadata(path, &created)?;
+    Ok(ProductionStart { identity, generation: created.generation.max(1), store_replaced })
 }
 
 #[cfg(test)]
@@ -342,7 +543,18 @@ mod tests {
     const IDENTITY: VolumeIdentity = VolumeIdentity { uuid: [0xa5; 16], size_bytes: 64 << 20 };
 
     fn mirrored() -> VolumeMetadata {
-        VolumeMetadata { identity: Some(IDENTITY), generation: 7, epoch_promised: 12, state: StoreState::Consistent }
+        VolumeMetadata {
+            identity: Some(IDENTITY),
+            generation: 7,
+            epoch_promised: 12,
+            state: StoreState::Consistent,
+            store_token: [0x3c; 16],
+            store_fingerprint: 0x1234_5678_9abc_def0,
+        }
+    }
+
+    fn fingerprint_of(value: u64) -> Fingerprint {
+        Fingerprint { value, description: format!("test store {value}") }
     }
 
     /// What is stored is what is loaded, with and without an identity.
@@ -374,14 +586,14 @@ mod tests {
             assert_eq!(error.kind(), MetadataErrorKind::Corrupt, "bit {bit}");
             assert!(error.to_string().contains("move it aside"), "{error}");
         }
-        for bytes in [&good[..63], &[good.as_slice(), &[0]].concat()[..], b"[volume]\nepoch = 3\n"] {
+        for bytes in [&good[..127], &good[..64], &[good.as_slice(), &[0]].concat()[..], b"[volume]\nepoch = 3\n"] {
             fs::write(&path, bytes).unwrap();
             assert_eq!(load_metadata(&path).unwrap_err().kind(), MetadataErrorKind::Corrupt);
         }
         fs::write(&path, [0u8; METADATA_BYTES]).unwrap();
         assert!(load_metadata(&path).unwrap_err().to_string().contains("not a crossmirror metadata file"));
         let mut newer = good;
-        newer[8] = 2;
+        newer[8] = 3;
         let crc = crc32fast::hash(&newer[..CRC_OFFSET]);
         newer[CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
         fs::write(&path, newer).unwrap();
@@ -413,19 +625,88 @@ mod tests {
     #[test]
     fn production_identity_is_created_once_and_kept() {
         let directory = tempfile::tempdir_in("/var/tmp").unwrap();
-        let volume = directory.path().join("volume");
-        let identity = production_identity(&volume, 1 << 30).unwrap();
+        let files = MetadataFiles::beside(&directory.path().join("volume"));
+        let store = fingerprint_of(5);
+        let identity = production_start(&files, 1 << 30, &store, false).unwrap().identity;
         assert_eq!(identity.size_bytes, 1 << 30);
         assert_eq!(identity.uuid[6] >> 4, 4);
         assert_eq!(identity.uuid[8] >> 6, 0b10);
-        assert_eq!(production_identity(&volume, 1 << 30).unwrap(), identity);
-        let stored = load_metadata(&metadata_path(&volume)).unwrap().unwrap();
+        assert_eq!(production_start(&files, 1 << 30, &store, false).unwrap().identity, identity);
+        let stored = load_metadata(&files.metadata).unwrap().unwrap();
         assert_eq!(stored.identity, Some(identity));
         assert_eq!(stored.state, StoreState::Consistent);
-        let error = production_identity(&volume, 2 << 30).unwrap_err();
+        assert_eq!(stored.store_fingerprint, 5);
+        let error = production_start(&files, 2 << 30, &store, false).unwrap_err();
         assert_eq!(error.kind(), MetadataErrorKind::Mismatch);
         assert!(error.to_string().contains(&format_uuid(&identity.uuid)), "{error}");
-        assert_ne!(production_identity(&directory.path().join("other"), 1 << 30).unwrap(), identity);
+        let other = MetadataFiles::beside(&directory.path().join("other"));
+        assert_ne!(production_start(&other, 1 << 30, &store, false).unwrap().identity, identity);
+    }
+
+    /// Another store at the volume's path is refused, unless --new-store
+    /// accepts it, which says every copy must resync in full; after that the
+    /// new store is the recorded one.
+    #[test]
+    fn a_replaced_production_store_is_refused_or_adopted() {
+        let directory = tempfile::tempdir_in("/var/tmp").unwrap();
+        let files = MetadataFiles::beside(&directory.path().join("volume"));
+        let identity = production_start(&files, 1 << 30, &fingerprint_of(5), false).unwrap().identity;
+        let error = production_start(&files, 1 << 30, &fingerprint_of(6), false).unwrap_err();
+        assert_eq!(error.kind(), MetadataErrorKind::Mismatch);
+        assert!(error.to_string().contains("--new-store"), "{error}");
+        let adopted = production_start(&files, 1 << 30, &fingerprint_of(6), true).unwrap();
+        assert_eq!((adopted.identity, adopted.store_replaced), (identity, true));
+        let error = production_start(&files, 1 << 30, &fingerprint_of(6), false).unwrap_err();
+        assert!(error.to_string().contains("--new-store"), "not recorded until adopt_store: {error}");
+        adopt_store(&files, &fingerprint_of(6)).unwrap();
+        let again = production_start(&files, 1 << 30, &fingerprint_of(6), false).unwrap();
+        assert!(!again.store_replaced);
+    }
+
+    /// Lost metadata beside a surviving bitmap or mirror state is refused,
+    /// never replaced by a new identity; a copy's store caught mid-resync is
+    /// not served.
+    #[test]
+    fn lost_metadata_and_syncing_stores_are_refused() {
+        let directory = tempfile::tempdir_in("/var/tmp").unwrap();
+        let files = MetadataFiles::beside(&directory.path().join("volume"));
+        fs::write(&files.state, b"anything").unwrap();
+        let error = production_start(&files, 1 << 30, &fingerprint_of(5), false).unwrap_err();
+        assert!(error.to_string().contains("was lost"), "{error}");
+        assert!(!files.metadata.exists());
+        fs::remove_file(&files.state).unwrap();
+        let syncing = VolumeMetadata { state: StoreState::Syncing, ..mirrored() };
+        store_metadata(&files.metadata, &syncing).unwrap();
+        let error = production_start(&files, IDENTITY.size_bytes, &fingerprint_of(5), true).unwrap_err();
+        assert!(error.to_string().contains("syncing"), "{error}");
+    }
+
+    /// A version 1 record is read, with its store unknown.
+    #[test]
+    fn version_1_records_are_read() {
+        let directory = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = directory.path().join("volume.cmmeta");
+        let mut bytes = [0u8; 64];
+        bytes[..56].copy_from_slice(&mirrored().encode()[..56]);
+        bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[..60]);
+        bytes[60..].copy_from_slice(&crc.to_le_bytes());
+        fs::write(&path, bytes).unwrap();
+        let loaded = load_metadata(&path).unwrap().unwrap();
+        assert_eq!(loaded, VolumeMetadata { store_token: STORE_TOKEN_UNKNOWN, store_fingerprint: 0, ..mirrored() });
+    }
+
+    /// Block devices keep their metadata in the metadata directory, named by
+    /// their whole path, never in /dev; regular files keep it beside them.
+    #[test]
+    fn metadata_of_block_devices_lives_in_the_metadata_directory() {
+        let files = MetadataFiles::locate(Path::new("/dev/loop0"), true, None);
+        assert_eq!(files.metadata, PathBuf::from("/var/lib/crossmirror/dev%2Floop0.cmmeta"));
+        assert_eq!(files.bitmap, PathBuf::from("/var/lib/crossmirror/dev%2Floop0.cmbitmap"));
+        let files = MetadataFiles::locate(Path::new("/srv/a%b/vol.img"), false, Some(Path::new("/meta")));
+        assert_eq!(files.state, PathBuf::from("/meta/srv%2Fa%25b%2Fvol.img.cmcopies"));
+        let files = MetadataFiles::locate(Path::new("/srv/vol.img"), false, None);
+        assert_eq!(files.metadata, PathBuf::from("/srv/vol.img.cmmeta"));
     }
 
     /// UUIDs print in the usual hyphenated form.

@@ -459,7 +459,13 @@ mod tests {
     const SESSION: Session = Session { id: 0x5e55, identity: IDENTITY };
 
     fn metadata(generation: u64, epoch_promised: u64) -> VolumeMetadata {
-        VolumeMetadata { identity: Some(IDENTITY), generation, epoch_promised, state: StoreState::Consistent }
+        VolumeMetadata {
+            identity: Some(IDENTITY),
+            generation,
+            epoch_promised,
+            state: StoreState::Consistent,
+            ..VolumeMetadata::fresh()
+        }
     }
 
     fn frame(kind: FrameKind, sequence: u64, offset: u64, payload: &[u8]) -> Frame {

@@ -138,7 +138,7 @@ fn serve_copy(
         let next = handshake.on_message(&message);
         if let Some(reply) = &next.send {
             let (mut header, payload) = reply.to_frame();
-            if empty && *reply == HandshakeMessage::Accept {
+            if empty && matches!(reply, HandshakeMessage::Accept { .. }) {
                 header.flags = FrameFlags::EMPTY;
             }
             wire.send(&encode_frame(&header, &payload))?;

@@ -5,6 +5,8 @@
 //! A test that needs a tool calls [`require_tool`]: outside CI a missing tool
 //! skips the test with a message; under `CI=true` it fails the run.
 
+pub mod mirror;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -121,6 +123,12 @@ impl Process {
 
     /// Start the binary with `args` and wait for `address` to accept.
     pub fn start(scratch: &Scratch, args: &[&str], address: SocketAddr) -> Process {
+        Process::try_start(scratch, args, address).unwrap_or_else(|log| panic!("{log}"))
+    }
+
+    /// Start the binary with `args` and wait for `address` to accept; when
+    /// the process exits first (it refused to start), what it logged.
+    pub fn try_start(scratch: &Scratch, args: &[&str], address: SocketAddr) -> Result<Process, String> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let log = scratch.join(&format!("process-{}.log", COUNTER.fetch_add(1, Ordering::Relaxed)));
         let log_file = std::fs::File::create(&log).expect("create log");
@@ -132,18 +140,18 @@ impl Process {
             .spawn()
             .expect("start crossmirror");
         let mut process = Process { child: Some(child), address, log };
-        process.wait_listening();
-        process
+        process.wait_listening().map(|()| process)
     }
 
-    fn wait_listening(&mut self) {
+    fn wait_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if TcpStream::connect_timeout(&self.address, Duration::from_millis(100)).is_ok() {
-                return;
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("crossmirror exited with {status} before listening:\n{}", self.log());
+                self.child = None;
+                return Err(format!("crossmirror exited with {status} before listening:\n{}", self.log()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

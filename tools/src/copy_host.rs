@@ -27,7 +27,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -36,11 +36,17 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use engine::applier::{Applier, Doorbell};
-use engine::metadata::{format_uuid, load_metadata, metadata_path, store_metadata, StoreState, VolumeMetadata};
-use engine::protocol::auth::{random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, RefuseReason, Session};
+use engine::fingerprint::fingerprint;
+use engine::metadata::{
+    format_uuid, load_metadata, new_store_token, store_metadata, MetadataFiles, StoreState, VolumeMetadata,
+};
+use engine::protocol::auth::{
+    random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, RefuseReason, Session, STORE_TOKEN_UNKNOWN,
+};
 use engine::protocol::frame::{encode_frame, Frame, FrameFlags, FrameHeader, HEADER_LEN};
 use engine::protocol::{decode_header, load_secret, verify_payload, ReplicationError, ReplicationErrorKind, Secret};
 use engine::receiver::{adopt_identity, identity_for_offer, Receiver, ReceiverCounters};
+use engine::volume::BackingKind;
 use engine::{Volume, VolumeOptions};
 
 use crate::admin;
@@ -88,6 +94,10 @@ pub struct CopyHostArgs {
     /// 127.0.0.1:PORT).
     #[arg(long, value_parser = admin::parse_admin_address)]
     admin: Option<SocketAddr>,
+    /// Directory for this volume's metadata file. Default: beside a regular
+    /// file (`<volume>.cmmeta`); /var/lib/crossmirror for a block device.
+    #[arg(long)]
+    metadata_dir: Option<PathBuf>,
 }
 
 /// What every connection thread shares.
@@ -173,14 +183,18 @@ impl Drop for SessionSlot<'_> {
     }
 }
 
-/// Run the copy host until a signal stops it.
-pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
-    let secret = load_secret(&args.secret_file)?;
-    let options = VolumeOptions { path: args.volume.clone(), size: args.size, direct: args.direct, read_only: false };
-    let volume = Volume::open(&options)?;
-    lock_volume(&volume)?;
-    let metadata_path = metadata_path(&args.volume);
-    let metadata = load_metadata(&metadata_path)?.unwrap_or_else(VolumeMetadata::fresh);
+/// Load the copy's metadata, and prove the store is the one it was made
+/// for (invariant 9): a store whose fingerprint changed (a new blank file,
+/// another disk, a restored file) gets a new store token and is marked
+/// syncing, so the production host resyncs it in full instead of trusting
+/// its bitmap. A fresh copy draws its token here too.
+fn open_metadata(args: &CopyHostArgs, volume: &Volume) -> anyhow::Result<(PathBuf, VolumeMetadata)> {
+    let block_device = volume.kind() == BackingKind::BlockDevice;
+    let files = MetadataFiles::locate(&args.volume, block_device, args.metadata_dir.as_deref());
+    refuse_metadata_in_dev(&args.volume, block_device, args.metadata_dir.as_deref(), &files)?;
+    files.create_directory()?;
+    let metadata_path = files.metadata;
+    let mut metadata = load_metadata(&metadata_path)?.unwrap_or_else(VolumeMetadata::fresh);
     if let Some(identity) = metadata.identity {
         anyhow::ensure!(
             identity.size_bytes == volume.size(),
@@ -193,6 +207,60 @@ pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
             volume.size()
         );
     }
+    let store =
+        fingerprint(&args.volume).with_context(|| format!("cannot fingerprint the store {}", args.volume.display()))?;
+    if metadata.store_token != STORE_TOKEN_UNKNOWN && metadata.store_fingerprint == store.value {
+        return Ok((metadata_path, metadata));
+    }
+    if metadata.identity.is_some() {
+        tracing::warn!(
+            volume = %args.volume.display(),
+            "the store {} is not the one {} was made for (now: {}); it gets a new store token and a full resync",
+            args.volume.display(),
+            metadata_path.display(),
+            store.description
+        );
+    }
+    metadata.store_token = new_store_token().context("drawing a store token")?;
+    metadata.store_fingerprint = store.value;
+    metadata.state = StoreState::Syncing;
+    if metadata.identity.is_some() {
+        store_metadata(&metadata_path, &metadata)?;
+    }
+    Ok((metadata_path, metadata))
+}
+
+/// Metadata an older release wrote into /dev (a tmpfs emptied by every
+/// reboot) is not silently left behind: say where it goes now.
+pub fn refuse_metadata_in_dev(
+    volume: &Path,
+    block_device: bool,
+    metadata_dir: Option<&Path>,
+    files: &MetadataFiles,
+) -> anyhow::Result<()> {
+    let beside = MetadataFiles::beside(volume);
+    if !block_device || metadata_dir.is_some() || beside == *files || files.metadata.exists() {
+        return Ok(());
+    }
+    let old: Vec<String> = beside.existing().iter().map(|path| path.display().to_string()).collect();
+    anyhow::ensure!(
+        old.is_empty(),
+        "metadata of {} was found at {} (where an older release kept it; /dev does not survive a reboot): \
+         move it to {} (same names), or pass --metadata-dir",
+        volume.display(),
+        old.join(", "),
+        files.metadata.parent().map_or_else(String::new, |directory| directory.display().to_string())
+    );
+    Ok(())
+}
+
+/// Run the copy host until a signal stops it.
+pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
+    let secret = load_secret(&args.secret_file)?;
+    let options = VolumeOptions { path: args.volume.clone(), size: args.size, direct: args.direct, read_only: false };
+    let volume = Volume::open(&options)?;
+    lock_volume(&volume)?;
+    let (metadata_path, metadata) = open_metadata(&args, &volume)?;
     let listener = TcpListener::bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
     listener.set_nonblocking(true).context("setting the listening socket non-blocking")?;
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -554,7 +622,8 @@ fn handshake<'host>(connection: &mut Connection<'host>) -> Option<(Session, Sess
             return None;
         }
     };
-    let mut copy_handshake = CopyHandshake::new(&host.secret, identity, nonce);
+    let store = host.metadata().store_token;
+    let mut copy_handshake = CopyHandshake::new(&host.secret, identity, nonce).with_store(store);
     let mut step = copy_handshake.on_message(&hello);
     loop {
         match step.outcome {
@@ -628,7 +697,8 @@ fn admit<'host>(connection: &mut Connection<'host>, session: Session) -> Option<
     }
     drop(metadata);
     // The Accept says whether this store holds no data, for --assume-clean.
-    let (mut accept, payload) = HandshakeMessage::Accept.to_frame();
+    let store = host.metadata().store_token;
+    let (mut accept, payload) = HandshakeMessage::Accept { store }.to_frame();
     if host.volume.holds_no_data().unwrap_or(false) {
         accept.flags = FrameFlags::EMPTY;
     }

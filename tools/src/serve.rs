@@ -8,14 +8,17 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use engine::bitmap::{bitmap_path, WriteIntentBitmap, REGION_BYTES_DEFAULT, SLOTS_MAX};
-use engine::metadata::{load_metadata, metadata_path, production_identity};
+use engine::bitmap::{NewBits, Opened, WriteIntentBitmap, REGION_BYTES_DEFAULT, SLOTS_MAX};
+use engine::fingerprint::fingerprint;
+use engine::metadata::{adopt_store, production_start, MetadataFiles};
 use engine::protocol::load_secret;
 use engine::replicator::{CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig};
+use engine::volume::BackingKind;
 use engine::{Volume, VolumeOptions};
 use nbd_frontend::{Export, Server, ServerConfig};
 
 use crate::admin;
+use crate::copy_host::refuse_metadata_in_dev;
 use crate::size::parse_size;
 
 /// An async copy's default lag bound.
@@ -81,6 +84,16 @@ pub struct ServeArgs {
     /// --resync-checksums there.
     #[arg(long)]
     assume_clean: bool,
+    /// Directory for the volume's metadata files (.cmmeta, .cmbitmap,
+    /// .cmcopies). Default: beside a regular file; /var/lib/crossmirror for a
+    /// block device.
+    #[arg(long)]
+    metadata_dir: Option<PathBuf>,
+    /// Accept a store that is not the one this volume's metadata was made
+    /// for (replaced, restored, swapped) as the volume's data: every copy is
+    /// then resynced from it in full. Without it such a store is refused.
+    #[arg(long)]
+    new_store: bool,
 }
 
 /// Parse `NAME=HOST:PORT[,mode=sync|async][,lag_bytes_max=SIZE]`.
@@ -157,20 +170,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 /// Open the bitmap and the mirror state and start the replicator, when
 /// copies are configured.
 fn start_mirror(args: &ServeArgs, volume: &Arc<Volume>) -> anyhow::Result<Option<Arc<Replicator>>> {
+    let block_device = volume.kind() == BackingKind::BlockDevice;
+    let files = MetadataFiles::locate(&args.volume, block_device, args.metadata_dir.as_deref());
+    refuse_metadata_in_dev(&args.volume, block_device, args.metadata_dir.as_deref(), &files)?;
     if args.mirrors.is_empty() {
         anyhow::ensure!(args.secret_file.is_none(), "--secret-file is for --mirror; no copy is configured");
         // Writes served without the replicator would bypass the bitmap, and a
         // later mirrored start would trust it: the copies would silently
         // miss them. Refuse instead.
-        let state = LocalStateFile::for_volume(&args.volume);
         anyhow::ensure!(
-            args.read_only || !state.path().exists(),
+            args.read_only || !files.state.exists(),
             "volume {} has copies ({} exists): serve it with its --mirror options, or, to stop mirroring it, \
              remove {} and {} (every copy then needs a full sync if it is mirrored again)",
             args.volume.display(),
-            state.path().display(),
-            state.path().display(),
-            bitmap_path(&args.volume).display()
+            files.state.display(),
+            files.state.display(),
+            files.bitmap.display()
         );
         return Ok(None);
     }
@@ -197,16 +212,52 @@ fn start_mirror(args: &ServeArgs, volume: &Arc<Volume>) -> anyhow::Result<Option
         .as_ref()
         .context("--mirror needs --secret-file FILE, the secret shared with the copy hosts")?;
     let secret = load_secret(secret_file)?;
-    let identity = production_identity(&args.volume, volume.size())?;
-    let generation = load_metadata(&metadata_path(&args.volume))?.map_or(1, |metadata| metadata.generation.max(1));
-    let bitmap =
-        WriteIntentBitmap::open_or_create(&bitmap_path(&args.volume), volume.size(), args.region_size, SLOTS_MAX)?;
-    let store = LocalStateFile::for_volume(&args.volume);
+    files.create_directory()?;
+    let store_fingerprint =
+        fingerprint(&args.volume).with_context(|| format!("cannot fingerprint the store {}", args.volume.display()))?;
+    let start = production_start(&files, volume.size(), &store_fingerprint, args.new_store)?;
+    // A new bitmap says every copy differs everywhere: one that went missing
+    // must never come back as "nothing to resync" (invariant 9).
+    let bitmap = WriteIntentBitmap::open_or_create_with(
+        &files.bitmap,
+        volume.size(),
+        args.region_size,
+        SLOTS_MAX,
+        NewBits::Set,
+    )?;
+    match bitmap.opened() {
+        Opened::Created if !files.state.exists() => {}
+        Opened::Created => tracing::warn!(
+            bitmap = %files.bitmap.display(),
+            "the bitmap {} was missing: every copy gets a full resync",
+            files.bitmap.display()
+        ),
+        Opened::Damaged => tracing::error!(
+            bitmap = %files.bitmap.display(),
+            "the bitmap {} was damaged while stopped: every copy gets a full resync",
+            files.bitmap.display()
+        ),
+        Opened::Clean | Opened::AfterCrash => {}
+    }
+    if start.store_replaced {
+        tracing::warn!(
+            volume = %args.volume.display(),
+            "--new-store: {} is taken as the volume's data ({}); every copy gets a full resync",
+            args.volume.display(),
+            store_fingerprint.description
+        );
+        for slot in 0..bitmap.slots() {
+            bitmap.set_all(slot);
+        }
+        bitmap.flush()?;
+        adopt_store(&files, &store_fingerprint)?;
+    }
+    let store = LocalStateFile::at(&files.state);
     let config = ReplicatorConfig {
         copies: args.mirrors.clone(),
         secret,
-        identity,
-        generation,
+        identity: start.identity,
+        generation: start.generation,
         epoch: 1,
         resync_rate_max: args.resync_rate_max,
         resync_checksums: args.resync_checksums,

@@ -7,7 +7,7 @@
 //!      │◀── Challenge { nonce_c, proof_c } ───────│ proof_c = MAC(copy, nonce_c, nonce_p, identity)
 //!      │ checks proof_c                           │
 //!      │── Response { proof_p } ─────────────────▶│ proof_p = MAC(production, nonce_p, nonce_c, identity)
-//!      │◀── Accept ───────────────────────────────│ checks proof_p
+//!      │◀── Accept { store } ─────────────────────│ checks proof_p; store = the copy store's token
 //!   session = MAC(session label, nonce_p, nonce_c), truncated to 64 bits
 //! ```
 //!
@@ -42,6 +42,14 @@ pub const PROOF_LEN: usize = 32;
 pub type Nonce = [u8; NONCE_LEN];
 /// A proof of knowledge of the secret.
 pub type Proof = [u8; PROOF_LEN];
+/// A copy store's token: random bytes drawn whenever a store's contents
+/// start a new lineage (a fresh copy, or a store found replaced), carried in
+/// the Accept. The production host records the token it last synced; another
+/// token means "this is not the store you synced": a full resync (DESIGN.md
+/// §4, invariant 9). All zeroes means unknown and never matches.
+pub type StoreToken = [u8; 16];
+/// The token that means "unknown".
+pub const STORE_TOKEN_UNKNOWN: StoreToken = [0; 16];
 
 const PROOF_LABEL: &[u8] = b"crossmirror replication handshake proof v1\0";
 const SESSION_LABEL: &[u8] = b"crossmirror replication session id v1\0";
@@ -121,7 +129,10 @@ pub enum HandshakeMessage {
         proof: Proof,
     },
     /// Copy → production: authenticated; the session begins.
-    Accept,
+    Accept {
+        /// The copy store's token.
+        store: StoreToken,
+    },
     /// Either way: the handshake failed.
     Refuse {
         /// Why.
@@ -136,7 +147,7 @@ impl HandshakeMessage {
             HandshakeMessage::Hello { .. } => FrameKind::Hello,
             HandshakeMessage::Challenge { .. } => FrameKind::Challenge,
             HandshakeMessage::Response { .. } => FrameKind::Response,
-            HandshakeMessage::Accept => FrameKind::Accept,
+            HandshakeMessage::Accept { .. } => FrameKind::Accept,
             HandshakeMessage::Refuse { .. } => FrameKind::Refuse,
         }
     }
@@ -155,7 +166,7 @@ impl HandshakeMessage {
                 payload.extend_from_slice(proof);
             }
             HandshakeMessage::Response { proof } => payload.extend_from_slice(proof),
-            HandshakeMessage::Accept => {}
+            HandshakeMessage::Accept { store } => payload.extend_from_slice(store),
             HandshakeMessage::Refuse { reason } => payload.push(*reason as u8),
         }
         let mut header = FrameHeader::new(self.kind());
@@ -184,6 +195,7 @@ impl HandshakeMessage {
             FrameKind::Challenge => CHALLENGE_PAYLOAD_LEN,
             FrameKind::Response => PROOF_LEN,
             FrameKind::Refuse => 1,
+            FrameKind::Accept => 16,
             _ => 0,
         };
         if payload.len() != expected_len {
@@ -204,7 +216,7 @@ impl HandshakeMessage {
                 HandshakeMessage::Challenge { nonce: array(&payload[..NONCE_LEN]), proof: array(&payload[NONCE_LEN..]) }
             }
             FrameKind::Response => HandshakeMessage::Response { proof: array(payload) },
-            FrameKind::Accept => HandshakeMessage::Accept,
+            FrameKind::Accept => HandshakeMessage::Accept { store: array(payload) },
             _ => HandshakeMessage::Refuse { reason: refuse_reason(payload[0])? },
         })
     }
@@ -384,7 +396,7 @@ impl ProductionHandshake {
                 self.on_challenge(nonce, proof)
             }
             (ProductionState::AwaitingChallenge, _) => out_of_turn("Challenge", message),
-            (ProductionState::AwaitingAccept { session }, HandshakeMessage::Accept) => HandshakeStep {
+            (ProductionState::AwaitingAccept { session }, HandshakeMessage::Accept { .. }) => HandshakeStep {
                 send: None,
                 outcome: HandshakeOutcome::Established(Session { id: session, identity: self.identity }),
             },
@@ -427,6 +439,7 @@ pub struct CopyHandshake {
     keys: Keys,
     identity: VolumeIdentity,
     nonce: Nonce,
+    store: StoreToken,
     state: CopyState,
 }
 
@@ -434,7 +447,19 @@ impl CopyHandshake {
     /// Wait for a production host's Hello, for the volume `identity` this
     /// copy holds, with a fresh `nonce`.
     pub fn new(secret: &Secret, identity: VolumeIdentity, nonce: Nonce) -> CopyHandshake {
-        CopyHandshake { keys: Keys::new(secret), identity, nonce, state: CopyState::AwaitingHello }
+        CopyHandshake {
+            keys: Keys::new(secret),
+            identity,
+            nonce,
+            store: STORE_TOKEN_UNKNOWN,
+            state: CopyState::AwaitingHello,
+        }
+    }
+
+    /// The store token the Accept carries (unknown unless set).
+    pub fn with_store(mut self, store: StoreToken) -> CopyHandshake {
+        self.store = store;
+        self
     }
 
     /// Feed the production host's next message.
@@ -494,7 +519,10 @@ impl CopyHandshake {
             );
         }
         let session = Session { id: self.keys.session_id(production_nonce, &self.nonce), identity: self.identity };
-        HandshakeStep { send: Some(HandshakeMessage::Accept), outcome: HandshakeOutcome::Established(session) }
+        HandshakeStep {
+            send: Some(HandshakeMessage::Accept { store: self.store }),
+            outcome: HandshakeOutcome::Established(session),
+        }
     }
 }
 
@@ -545,15 +573,16 @@ mod tests {
 
     fn run(production_nonce: Nonce, copy_nonce: Nonce) -> Run {
         let (mut production, hello) = ProductionHandshake::start(&secret(1), IDENTITY, production_nonce);
-        let mut copy = CopyHandshake::new(&secret(1), IDENTITY, copy_nonce);
+        let mut copy = CopyHandshake::new(&secret(1), IDENTITY, copy_nonce).with_store([9; 16]);
         let step = copy.on_message(&over_the_wire(&hello));
         let challenge = step.send.unwrap();
         let step = production.on_message(&over_the_wire(&challenge));
         let response = step.send.unwrap();
         let step = copy.on_message(&over_the_wire(&response));
-        assert_eq!(step.send, Some(HandshakeMessage::Accept));
+        let accept = HandshakeMessage::Accept { store: [9; 16] };
+        assert_eq!(step.send, Some(accept), "the Accept carries the copy store's token");
         let copy_session = established(&step.outcome);
-        let step = production.on_message(&over_the_wire(&HandshakeMessage::Accept));
+        let step = production.on_message(&over_the_wire(&accept));
         assert!(step.send.is_none());
         Run { hello, challenge, response, production: established(&step.outcome), copy: copy_session }
     }
@@ -663,7 +692,7 @@ mod tests {
         let step = copy.on_message(&HandshakeMessage::Hello { nonce: [1; 32], identity: IDENTITY });
         assert_eq!(failed_kind(&step.outcome), ReplicationErrorKind::Protocol);
         let (mut production, _) = ProductionHandshake::start(&secret(1), IDENTITY, [1; 32]);
-        let step = production.on_message(&HandshakeMessage::Accept);
+        let step = production.on_message(&HandshakeMessage::Accept { store: [1; 16] });
         assert_eq!(failed_kind(&step.outcome), ReplicationErrorKind::Protocol);
     }
 
@@ -676,10 +705,12 @@ mod tests {
         let short = Frame { header: FrameHeader { payload_len: 31, ..header }, payload };
         let with_session =
             Frame { header: FrameHeader { session: 5, ..FrameHeader::new(FrameKind::Accept) }, payload: vec![] };
+        let short_accept =
+            Frame { header: FrameHeader { payload_len: 0, ..FrameHeader::new(FrameKind::Accept) }, payload: vec![] };
         let odd_refusal =
             Frame { header: FrameHeader { payload_len: 1, ..FrameHeader::new(FrameKind::Refuse) }, payload: vec![9] };
         let heartbeat = Frame { header: FrameHeader::new(FrameKind::Heartbeat), payload: vec![] };
-        for frame in [short, with_session, odd_refusal, heartbeat] {
+        for frame in [short, with_session, short_accept, odd_refusal, heartbeat] {
             assert_eq!(HandshakeMessage::from_frame(&frame).unwrap_err().kind(), ReplicationErrorKind::Protocol);
         }
     }

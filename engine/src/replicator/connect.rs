@@ -14,7 +14,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::protocol::auth::{
-    random_nonce, HandshakeMessage, HandshakeOutcome, ProductionHandshake, Session, VolumeIdentity,
+    random_nonce, HandshakeMessage, HandshakeOutcome, ProductionHandshake, Session, StoreToken, VolumeIdentity,
+    STORE_TOKEN_UNKNOWN,
 };
 use crate::protocol::frame::{encode_header, Frame, FrameFlags, FrameHeader, FrameKind, HEADER_LEN};
 use crate::protocol::{FrameDecoder, ReplicationError, Secret, SendSequence};
@@ -54,6 +55,7 @@ pub struct CopyConnection {
     read_buffer: Vec<u8>,
     sequence: SendSequence,
     copy_holds_no_data: bool,
+    copy_store: StoreToken,
 }
 
 impl CopyConnection {
@@ -78,14 +80,16 @@ impl CopyConnection {
             read_buffer: vec![0; READ_CHUNK_BYTES],
             sequence: SendSequence::new(),
             copy_holds_no_data: false,
+            copy_store: STORE_TOKEN_UNKNOWN,
         };
         let (mut handshake, hello) = ProductionHandshake::start(secret, identity, random_nonce()?);
         connection.send_message(&hello)?;
         loop {
             let frame = connection.receive_until(Some(deadline))?;
             let message = HandshakeMessage::from_frame(&frame)?;
-            if message == HandshakeMessage::Accept {
+            if let HandshakeMessage::Accept { store } = message {
                 connection.copy_holds_no_data = frame.header.flags.contains(FrameFlags::EMPTY);
+                connection.copy_store = store;
             }
             let step = handshake.on_message(&message);
             if let Some(reply) = &step.send {
@@ -105,6 +109,11 @@ impl CopyConnection {
                 }
             }
         }
+    }
+
+    /// The copy store's token, from its Accept.
+    pub fn copy_store(&self) -> StoreToken {
+        self.copy_store
     }
 
     /// Whether the copy said, in its Accept, that its store holds no data.

@@ -33,6 +33,7 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::protocol::auth::STORE_TOKEN_UNKNOWN;
 use crate::protocol::frame::{FrameFlags, FrameHeader, FrameKind};
 use crate::protocol::{FrameDecoder, ReplicationError};
 use crate::replicator::connect::CopyConnection;
@@ -584,6 +585,10 @@ impl Link {
                 tracing::error!(copy = %self.config.name, %error, "cannot record the copy syncing; dropping the connection");
                 return;
             }
+            if let Err(error) = self.check_store(&connection) {
+                tracing::error!(copy = %self.config.name, %error, "{error}; dropping the connection");
+                return;
+            }
             inner.connection += 1;
             inner.state = CopyState::Syncing;
             inner.broken = false;
@@ -627,6 +632,39 @@ impl Link {
             let _ = reader.join();
         }
         self.teardown("the connection ended");
+    }
+
+    /// Invariant 9: a copy store that is not the one last synced here (its
+    /// token differs: a fresh copy, a store replaced or swapped behind our
+    /// back, lost copy metadata) may differ anywhere, whatever the bitmap
+    /// says. Set its every bit, durably, before the new token is recorded;
+    /// a crash between the two leaves the bits set and the old token, so
+    /// the next connection does the same again.
+    fn check_store(&self, connection: &CopyConnection) -> Result<(), String> {
+        let offered = connection.copy_store();
+        let recorded = self.shared.recorded_store(self.slot);
+        if offered == recorded && offered != STORE_TOKEN_UNKNOWN {
+            return Ok(());
+        }
+        if recorded != STORE_TOKEN_UNKNOWN {
+            tracing::warn!(
+                copy = %self.config.name,
+                "copy {}'s store is not the one last synced (its store token changed: a new copy store, a store \
+                 replaced or restored, or its metadata lost); it gets a full resync",
+                self.config.name
+            );
+        }
+        self.shared.bitmap.set_all(self.slot);
+        self.shared
+            .bitmap
+            .flush()
+            .map_err(|error| format!("cannot mark copy {} for a full resync: {error}", self.config.name))?;
+        if offered == STORE_TOKEN_UNKNOWN {
+            return Ok(());
+        }
+        self.shared
+            .record_store(self.slot, offered)
+            .map_err(|error| format!("cannot record copy {}'s store token: {error}", self.config.name))
     }
 
     /// `--assume-clean`: when both stores provably read as zeroes, the copy

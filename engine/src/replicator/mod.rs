@@ -54,7 +54,7 @@ use std::thread::JoinHandle;
 
 use crate::bitmap::{BitmapError, WriteIntentBitmap};
 use crate::eventfd::EventFd;
-use crate::protocol::auth::VolumeIdentity;
+use crate::protocol::auth::{StoreToken, VolumeIdentity, STORE_TOKEN_UNKNOWN};
 use crate::protocol::Secret;
 use crate::volume::Volume;
 
@@ -292,6 +292,26 @@ impl Shared {
         result
     }
 
+    /// The store token recorded for the copy in `slot`.
+    pub(crate) fn recorded_store(&self, slot: u32) -> StoreToken {
+        let records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        records.iter().find(|record| record.slot == slot).expect("every link has a record").store
+    }
+
+    /// Record `store` as the token of the copy store in `slot`, durably.
+    /// The caller has made that copy's every bit set and durable first.
+    pub(crate) fn record_store(&self, slot: u32, store: StoreToken) -> Result<(), StateError> {
+        let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        let record = records.iter_mut().find(|record| record.slot == slot).expect("every link has a record");
+        let before = record.store;
+        record.store = store;
+        let result = self.store.store(&records);
+        if result.is_err() {
+            records.iter_mut().find(|record| record.slot == slot).expect("found above").store = before;
+        }
+        result
+    }
+
     /// The regions `len` bytes at `offset` touch.
     pub(crate) fn regions(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
         let region = self.bitmap.region_bytes();
@@ -373,6 +393,7 @@ impl Replicator {
                 slot,
                 state: RecordedState::Stale,
                 generation: config.generation,
+                store: STORE_TOKEN_UNKNOWN,
             });
             assigned.push(slot);
         }
@@ -537,7 +558,7 @@ impl Replicator {
         for thread in std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner)) {
             let _ = thread.join();
         }
-        if let Err(error) = self.shared.bitmap.sync_all() {
+        if let Err(error) = self.shared.bitmap.close_clean() {
             tracing::warn!(%error, "could not write the bitmap out on shutdown; the next start resyncs a little more");
         }
     }

@@ -8,24 +8,29 @@
 //! file replaced atomically and durably on every change:
 //!
 //! ```text
-//!  crossmirror-copies 1
-//!  copy east slot 0 state current generation 1
-//!  copy west slot 1 state stale generation 1
+//!  crossmirror-copies 2
+//!  copy east slot 0 state current generation 1 store 5f0c…(32 hex digits)
+//!  copy west slot 1 state stale generation 1 store 00000000000000000000000000000000
 //!  crc 1c291ca3
 //! ```
 //!
 //! The last line is the CRC32 of every byte before it, so a damaged file is
-//! refused rather than read as a copy being current (invariant 2).
+//! refused rather than read as a copy being current (invariant 2). `store`
+//! is the token of the copy store last synced (all zeroes: none yet); a copy
+//! that offers another token gets a full resync (invariant 9). Version 1
+//! files (no `store`) are read with every store unknown.
 
 use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::metadata::replace_file_durably;
+use crate::protocol::auth::StoreToken;
 
 /// The suffix appended to a volume's path to name its mirror-state file.
 pub const STATE_FILE_SUFFIX: &str = ".cmcopies";
-const HEADER_LINE: &str = "crossmirror-copies 1";
+const HEADER_LINE: &str = "crossmirror-copies 2";
+const HEADER_LINE_V1: &str = "crossmirror-copies 1";
 
 /// What the mirror state records about one copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,6 +74,8 @@ pub struct CopyRecord {
     pub state: RecordedState,
     /// The volume generation the record was made in.
     pub generation: u64,
+    /// The token of the copy store last synced; unknown when none was.
+    pub store: StoreToken,
 }
 
 /// A mirror-state error: the file, what was being done, and why.
@@ -105,6 +112,11 @@ impl LocalStateFile {
         LocalStateFile { path: PathBuf::from(name) }
     }
 
+    /// The state file at `path`.
+    pub fn at(path: &Path) -> LocalStateFile {
+        LocalStateFile { path: path.to_path_buf() }
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -136,9 +148,10 @@ impl MirrorStateStore for LocalStateFile {
 pub fn encode(records: &[CopyRecord]) -> String {
     let mut text = format!("{HEADER_LINE}\n");
     for record in records {
+        let store: String = record.store.iter().map(|byte| format!("{byte:02x}")).collect();
         let _ = writeln!(
             text,
-            "copy {} slot {} state {} generation {}",
+            "copy {} slot {} state {} generation {} store {store}",
             record.name,
             record.slot,
             record.state.as_str(),
@@ -165,24 +178,47 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<CopyRecord>, String> {
         return Err(format!("fails its CRC (carried {carried:08x}, computed {computed:08x})"));
     }
     let mut lines = body.lines();
-    if lines.next() != Some(HEADER_LINE) {
-        return Err(format!("does not start with `{HEADER_LINE}`"));
-    }
+    let version = match lines.next() {
+        Some(HEADER_LINE) => 2,
+        Some(HEADER_LINE_V1) => 1,
+        _ => return Err(format!("does not start with `{HEADER_LINE}`")),
+    };
     let mut records = Vec::new();
     for line in lines {
         let words: Vec<&str> = line.split(' ').collect();
-        let record = match words.as_slice() {
-            ["copy", name, "slot", slot, "state", state, "generation", generation] => CopyRecord {
-                name: name.to_string(),
-                slot: slot.parse().map_err(|_| format!("bad slot in `{line}`"))?,
-                state: RecordedState::parse(state).ok_or_else(|| format!("unknown state in `{line}`"))?,
-                generation: generation.parse().map_err(|_| format!("bad generation in `{line}`"))?,
-            },
+        let (name, slot, state, generation, store) = match (version, words.as_slice()) {
+            (1, ["copy", name, "slot", slot, "state", state, "generation", generation]) => {
+                (name, slot, state, generation, None)
+            }
+            (2, ["copy", name, "slot", slot, "state", state, "generation", generation, "store", store]) => {
+                (name, slot, state, generation, Some(*store))
+            }
             _ => return Err(format!("cannot read the line `{line}`")),
         };
-        records.push(record);
+        records.push(CopyRecord {
+            name: name.to_string(),
+            slot: slot.parse().map_err(|_| format!("bad slot in `{line}`"))?,
+            state: RecordedState::parse(state).ok_or_else(|| format!("unknown state in `{line}`"))?,
+            generation: generation.parse().map_err(|_| format!("bad generation in `{line}`"))?,
+            store: match store {
+                Some(hex) => parse_token(hex).ok_or_else(|| format!("bad store token in `{line}`"))?,
+                None => [0; 16],
+            },
+        });
     }
     Ok(records)
+}
+
+/// A store token written as 32 lowercase hex digits.
+fn parse_token(hex: &str) -> Option<StoreToken> {
+    if hex.len() != 32 || !hex.bytes().all(|byte| byte.is_ascii_digit() || (b'a'..=b'f').contains(&byte)) {
+        return None;
+    }
+    let mut token = [0u8; 16];
+    for (index, byte) in token.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[index * 2..index * 2 + 2], 16).ok()?;
+    }
+    Some(token)
 }
 
 #[cfg(test)]
@@ -191,8 +227,14 @@ mod tests {
 
     fn records() -> Vec<CopyRecord> {
         vec![
-            CopyRecord { name: "east".into(), slot: 0, state: RecordedState::Current, generation: 1 },
-            CopyRecord { name: "west".into(), slot: 1, state: RecordedState::Syncing, generation: 7 },
+            CopyRecord {
+                name: "east".into(),
+                slot: 0,
+                state: RecordedState::Current,
+                generation: 1,
+                store: [0xab; 16],
+            },
+            CopyRecord { name: "west".into(), slot: 1, state: RecordedState::Syncing, generation: 7, store: [0; 16] },
         ]
     }
 
@@ -203,6 +245,17 @@ mod tests {
         assert_eq!(store.load().unwrap(), []);
         store.store(&records()).unwrap();
         assert_eq!(store.load().unwrap(), records());
+    }
+
+    /// A version 1 file is read with every store unknown.
+    #[test]
+    fn version_1_files_are_read() {
+        let mut text = "crossmirror-copies 1\ncopy east slot 0 state current generation 1\n".to_string();
+        let crc = crc32fast::hash(text.as_bytes());
+        text.push_str(&format!("crc {crc:08x}\n"));
+        let records = decode(text.as_bytes()).unwrap();
+        assert_eq!(records[0].store, [0; 16]);
+        assert_eq!(records[0].state, RecordedState::Current);
     }
 
     /// Any flipped byte is refused, never read as another state.
