@@ -20,7 +20,7 @@
 //!  offset size field              meaning
 //!       0    8 magic              "CMMETA\0\0"
 //!       8    4 version            2
-//!      12    1 state              1 consistent, 2 syncing
+//!      12    1 state              1 consistent, 2 syncing, 3 failed (production store failed a flush)
 //!      13    1 has_identity       0 or 1
 //!      14    2 zero
 //!      16   16 uuid               the mirrored volume's identifier; zero when absent
@@ -162,6 +162,21 @@ pub enum StoreState {
     /// The store is being (re)synchronised and is not a usable image; it is
     /// never promoted or served.
     Syncing = 2,
+    /// The store failed a flush while it was production: it may lack
+    /// writes that were acknowledged and that its copies hold. Not served
+    /// again unless the operator takes it as a new store.
+    Failed = 3,
+}
+
+impl StoreState {
+    /// The state's name in status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreState::Consistent => "consistent",
+            StoreState::Syncing => "syncing",
+            StoreState::Failed => "failed",
+        }
+    }
 }
 
 /// What went wrong with a metadata file, for callers that choose a reaction.
@@ -314,6 +329,7 @@ impl VolumeMetadata {
         let state = match bytes[12] {
             1 => StoreState::Consistent,
             2 => StoreState::Syncing,
+            3 => StoreState::Failed,
             other => return Err(corrupt(format!("names an unknown state {other}"))),
         };
         let reserved_zero = match version {
@@ -428,11 +444,13 @@ pub fn new_identity(size_bytes: u64) -> Result<VolumeIdentity, io::Error> {
     Ok(VolumeIdentity { uuid, size_bytes })
 }
 
-/// Record `fingerprint` as the production store's, after `--new-store`
-/// accepted it and every copy's bits were made durable.
+/// Record `fingerprint` as the production store's, and the store as
+/// consistent, after `--new-store` accepted it and every copy's bits were
+/// made durable.
 pub fn adopt_store(files: &MetadataFiles, fingerprint: &Fingerprint) -> Result<(), MetadataError> {
     let recorded = load_metadata(&files.metadata)?.unwrap_or_else(VolumeMetadata::fresh);
-    store_metadata(&files.metadata, &VolumeMetadata { store_fingerprint: fingerprint.value, ..recorded })
+    let adopted = VolumeMetadata { store_fingerprint: fingerprint.value, state: StoreState::Consistent, ..recorded };
+    store_metadata(&files.metadata, &adopted)
 }
 
 /// What a production volume's metadata says as it starts serving.
@@ -488,6 +506,17 @@ pub fn production_start(
                     identity.size_bytes,
                 )));
             }
+        }
+        if recorded.state == StoreState::Failed && !new_store {
+            return Err(mismatch(
+                "records that this store failed a flush while it was serving: it may lack writes that were \
+                 acknowledged and that its copies hold. Fail over to a current copy; or, once the store is \
+                 checked or replaced, start with --new-store: every copy is then resynced from it in full"
+                    .into(),
+            ));
+        }
+        if recorded.state == StoreState::Failed {
+            store_replaced = true;
         }
         if recorded.state == StoreState::Syncing && recorded.identity.is_some() {
             return Err(mismatch(

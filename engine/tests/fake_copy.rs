@@ -222,6 +222,7 @@ impl Mirror {
             resync_rate_max: 0,
             resync_checksums: false,
             assume_clean,
+            metadata_path: None,
         };
         let replicator = Replicator::start(volume, Arc::new(bitmap), Arc::new(store), config).unwrap();
         let completions = Completions::new().unwrap();

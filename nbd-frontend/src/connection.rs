@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use engine::alignment::Span;
 use engine::range_lock::RangeLockId;
-use engine::replicator::{Change, Completions, Replicator, Shipped};
+use engine::replicator::{Change, Completions, Replicator, Shipped, WriteRefused};
 use engine::volume::ZeroMethod;
 use engine::{AlignedBuf, BufferPool, Ring, Volume};
 use io_uring::{opcode, types};
@@ -554,6 +554,9 @@ impl Connection {
             }
             Op::Fsync { cookie, lock, shipping: Some(shipping) } => {
                 if result < 0 {
+                    if let Some(mirror) = &self.mirror {
+                        mirror.local_flush_failed(-result);
+                    }
                     self.abandon_changed(&shipping);
                     self.unlock(lock);
                     self.reply_status(cookie, shipping.command, result);
@@ -709,6 +712,15 @@ impl Connection {
     fn execute(&mut self, header: RequestHeader, command: Command) {
         let cookie = header.cookie;
         let (offset, len) = (header.offset, header.length as u64);
+        if self.mirror.as_ref().is_some_and(|mirror| mirror.local_failure().is_some()) {
+            // The store may lack acknowledged writes: neither reads nor
+            // flushes can be answered truthfully from it any more.
+            match command {
+                Command::Read => return self.reply_error(cookie, CMD_READ, EIO),
+                Command::Flush => return self.reply_error(cookie, CMD_FLUSH, EIO),
+                _ => {}
+            }
+        }
         match command {
             Command::Read => {
                 let span = self.volume.span(offset, len);
@@ -811,7 +823,10 @@ impl Connection {
         if let Some(mirror) = &self.mirror {
             let (cookie, shipping) = (work.cookie(), work.shipping());
             if let Err(error) = mirror.begin_write(shipping.offset, shipping.len) {
-                tracing::error!(%error, "cannot mark the write-intent bitmap; answering EIO");
+                // A failed local store was logged once when it failed.
+                if let WriteRefused::Bitmap(_) = error {
+                    tracing::error!(%error, "answering EIO");
+                }
                 self.unlock(lock);
                 if let LockedWork::Write { buf, .. } = work {
                     self.pool.give(buf);

@@ -129,9 +129,14 @@ fn verify(mirror: Option<&Replicator>, query: &str) -> (u16, serde_json::Value) 
 pub fn status_json(mirror: Option<&Replicator>, volume: &Volume) -> serde_json::Value {
     let copies: Vec<serde_json::Value> =
         mirror.map(|mirror| mirror.status()).unwrap_or_default().iter().map(copy_json).collect();
+    let failure = mirror.and_then(|mirror| mirror.local_failure());
     json!({
         "volume": volume.path().display().to_string(),
         "size": volume.size(),
+        "local_store": {
+            "state": if failure.is_some() { "failed" } else { "ok" },
+            "error": failure,
+        },
         "region_bytes": mirror.map(|mirror| mirror.region_bytes()),
         "copies": copies,
     })

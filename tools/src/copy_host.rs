@@ -128,10 +128,7 @@ impl Host {
             "volume": self.volume.path().display().to_string(),
             "size": self.volume.size(),
             "mirrors": metadata.identity.map(|identity| format_uuid(&identity.uuid)),
-            "store_state": match metadata.state {
-                StoreState::Consistent => "consistent",
-                StoreState::Syncing => "syncing",
-            },
+            "store_state": metadata.state.as_str(),
             "generation": metadata.generation,
             "epoch_promised": metadata.epoch_promised,
             "production": production.map(|peer| peer.to_string()),

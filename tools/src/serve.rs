@@ -262,6 +262,7 @@ fn start_mirror(args: &ServeArgs, volume: &Arc<Volume>) -> anyhow::Result<Option
         resync_rate_max: args.resync_rate_max,
         resync_checksums: args.resync_checksums,
         assume_clean: args.assume_clean,
+        metadata_path: Some(files.metadata.clone()),
     };
     let replicator = Replicator::start(volume.clone(), Arc::new(bitmap), Arc::new(store), config)?;
     for copy in &args.mirrors {

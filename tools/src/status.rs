@@ -72,6 +72,13 @@ pub fn table(status: &serde_json::Value) -> String {
         status["volume"].as_str().unwrap_or("?"),
         status["size"].as_u64().unwrap_or(0)
     );
+    if status["local_store"]["state"] == "failed" {
+        out.push_str(&format!(
+            "LOCAL STORE FAILED: {}; every request gets EIO and the copies may hold acknowledged writes this store \
+             lacks: fail over to a current copy\n",
+            status["local_store"]["error"].as_str().unwrap_or("?")
+        ));
+    }
     let copies = status["copies"].as_array().cloned().unwrap_or_default();
     if copies.is_empty() {
         out.push_str("no copies configured\n");

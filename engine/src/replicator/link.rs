@@ -82,6 +82,10 @@ pub enum CopyState {
     /// Not connected, and recording it stale failed: writes it misses
     /// cannot be acknowledged (they get EIO) until the record succeeds.
     Stale,
+    /// The production store failed a flush: writes acknowledged before it
+    /// may be missing there while this copy holds them. Neither side is
+    /// known to match the other (see `Replicator::local_flush_failed`).
+    Diverged,
 }
 
 impl CopyState {
@@ -93,6 +97,7 @@ impl CopyState {
             CopyState::Behind => "behind",
             CopyState::Disconnected => "disconnected",
             CopyState::Stale => "stale",
+            CopyState::Diverged => "diverged",
         }
     }
 }
@@ -318,7 +323,7 @@ impl Link {
             name: self.config.name.clone(),
             address: self.config.address.to_string(),
             mode: self.config.mode.as_str(),
-            state: inner.state.as_str(),
+            state: if self.shared.local_failure().is_some() { CopyState::Diverged } else { inner.state }.as_str(),
             dirty_bytes: self.shared.bitmap.dirty_bytes(self.slot),
             resync_bytes_total: self.counters.resync_bytes_total.load(Ordering::Relaxed),
             resync_bytes_done: self.counters.resync_bytes_done.load(Ordering::Relaxed),
@@ -348,7 +353,8 @@ impl Link {
         }
         match inner.state {
             CopyState::UpToDate | CopyState::Syncing => {}
-            CopyState::Behind | CopyState::Disconnected => {
+            // Diverged is only ever reported by status, never stored.
+            CopyState::Behind | CopyState::Disconnected | CopyState::Diverged => {
                 self.dropped(&mut inner, change.extent());
                 return;
             }

@@ -48,12 +48,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use crate::bitmap::{BitmapError, WriteIntentBitmap};
 use crate::eventfd::EventFd;
+use crate::metadata::StoreState;
 use crate::protocol::auth::{StoreToken, VolumeIdentity, STORE_TOKEN_UNKNOWN};
 use crate::protocol::Secret;
 use crate::volume::Volume;
@@ -117,6 +119,9 @@ pub struct ReplicatorConfig {
     /// Skip the resync of a copy when both stores provably read as zeroes
     /// throughout (sparse files with no data extents on both sides).
     pub assume_clean: bool,
+    /// The production volume's metadata file: a failed local flush is
+    /// recorded there, so a restart does not serve the store again.
+    pub metadata_path: Option<PathBuf>,
 }
 
 /// A change to ship, after its local write completed.
@@ -269,6 +274,9 @@ pub(crate) struct Shared {
     store: Arc<dyn MirrorStateStore>,
     records: Mutex<Vec<CopyRecord>>,
     pub(crate) shutdown: AtomicBool,
+    /// Why the local store failed, once it has (see [`Replicator::local_flush_failed`]).
+    local_failure: Mutex<Option<String>>,
+    metadata_path: Option<PathBuf>,
 }
 
 impl Shared {
@@ -290,6 +298,11 @@ impl Shared {
             records.iter_mut().find(|record| record.slot == slot).expect("found above").state = before;
         }
         result
+    }
+
+    /// Why the local store failed, if it has.
+    pub(crate) fn local_failure(&self) -> Option<String> {
+        self.local_failure.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// The store token recorded for the copy in `slot`.
@@ -333,6 +346,17 @@ impl fmt::Debug for Replicator {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.debug_struct("Replicator").field("copies", &self.links.len()).finish()
     }
+}
+
+/// Why a write cannot begin.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteRefused {
+    /// The bitmap mark could not be made durable.
+    #[error("cannot mark the write-intent bitmap: {0}")]
+    Bitmap(BitmapError),
+    /// The local store failed earlier; nothing more is written to it.
+    #[error("the local store failed earlier: {0}")]
+    LocalStoreFailed(String),
 }
 
 /// Why the replicator could not start.
@@ -414,6 +438,8 @@ impl Replicator {
             store,
             records: Mutex::new(records),
             shutdown: AtomicBool::new(false),
+            local_failure: Mutex::new(None),
+            metadata_path: config.metadata_path,
         });
         let links: Vec<Arc<Link>> = config
             .copies
@@ -438,7 +464,10 @@ impl Replicator {
     /// bitmap, durably, and count it in flight. Every call is followed by
     /// exactly one [`Replicator::ship`] or [`Replicator::abandon`] of the same
     /// extent.
-    pub fn begin_write(&self, offset: u64, len: u64) -> Result<(), BitmapError> {
+    pub fn begin_write(&self, offset: u64, len: u64) -> Result<(), WriteRefused> {
+        if let Some(why) = self.shared.local_failure() {
+            return Err(WriteRefused::LocalStoreFailed(why));
+        }
         {
             let mut inflight = self.shared.inflight();
             for region in self.shared.regions(offset, len) {
@@ -448,10 +477,56 @@ impl Replicator {
         if self.shared.bitmap.mark(offset, len) {
             if let Err(error) = self.shared.bitmap.flush() {
                 self.abandon(offset, len);
-                return Err(error);
+                return Err(WriteRefused::Bitmap(error));
             }
         }
         Ok(())
+    }
+
+    /// The local store failed a flush (an fsync returned `errno`): writes
+    /// already acknowledged may be missing from it, while the sync copies
+    /// hold them (page-cache writeback lost them; a later fsync would not
+    /// even report it again). The policy, like DRBD's `on-io-error` but
+    /// fail-stop, since this host cannot serve from a copy: the store is
+    /// failed for good. Every later request gets EIO (the frontend asks
+    /// [`Replicator::local_failure`]), every copy's state reads `diverged`,
+    /// and the failure is recorded in the volume's metadata so a restart
+    /// refuses to serve the store. The operator fails over to a current
+    /// copy, or checks the store and starts it with `--new-store`.
+    pub fn local_flush_failed(&self, errno: i32) {
+        let error = std::io::Error::from_raw_os_error(errno);
+        let why = format!("a flush of the local store failed ({error})");
+        {
+            let mut failure = self.shared.local_failure.lock().unwrap_or_else(PoisonError::into_inner);
+            if failure.is_some() {
+                return;
+            }
+            *failure = Some(why.clone());
+        }
+        tracing::error!(
+            volume = %self.shared.volume.path().display(),
+            %error,
+            "{why}: writes acknowledged before it may be missing on {} while its copies hold them. \
+             This host now answers every request with EIO. Stop it and fail over to a current copy \
+             (or check the store and restart with --new-store: every copy is then resynced from it)",
+            self.shared.volume.path().display()
+        );
+        let Some(path) = &self.shared.metadata_path else { return };
+        let recorded = crate::metadata::load_metadata(path).and_then(|metadata| {
+            let metadata = metadata.unwrap_or_else(crate::metadata::VolumeMetadata::fresh);
+            crate::metadata::store_metadata(
+                path,
+                &crate::metadata::VolumeMetadata { state: StoreState::Failed, ..metadata },
+            )
+        });
+        if let Err(error) = recorded {
+            tracing::error!(%error, "cannot record the local store's failure in its metadata; do not restart this host on it");
+        }
+    }
+
+    /// Why the local store failed, once a flush of it has.
+    pub fn local_failure(&self) -> Option<String> {
+        self.shared.local_failure()
     }
 
     /// The local write of an extent begun with [`Replicator::begin_write`]

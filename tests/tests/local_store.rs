@@ -1,0 +1,245 @@
+//! The production host's own store and its metadata under failure, against
+//! the real binary: a store whose writeback fails (issue 8, item 5), a full
+//! filesystem under the bitmap (item 2), and where a block device's
+//! metadata lives (item 6). Each needs root (tmpfs mounts, loop devices).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use system_tests::{
+    binary, free_port, free_port_on, nbdsh_script, require_root, require_tool, run, run_output, wait_until,
+    write_secret, LoopDevice, Process, Scratch,
+};
+
+/// A tmpfs of a given size mounted inside a scratch directory; unmounted on drop.
+struct SmallFilesystem {
+    path: PathBuf,
+}
+
+impl SmallFilesystem {
+    fn mount(scratch: &Scratch, name: &str, size: &str) -> SmallFilesystem {
+        let path = scratch.join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        let options = format!("size={size}");
+        run("mount", &["-t", "tmpfs", "-o", &options, "tmpfs", path.to_str().unwrap()]);
+        SmallFilesystem { path }
+    }
+
+    /// Write zeroes into a file until the filesystem is full.
+    fn fill(&self) {
+        let target = format!("of={}", self.path.join("filler").display());
+        let output = run_output("dd", &["if=/dev/zero", &target, "bs=1M"]);
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(text.contains("No space left"), "dd did not fill the filesystem: {text}");
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+fn status(admin: SocketAddr) -> serde_json::Value {
+    let admin = admin.to_string();
+    let text = run(binary().to_str().unwrap(), &["status", "--admin", &admin, "--json"]);
+    serde_json::from_str(&text).unwrap_or_else(|error| panic!("status is not JSON ({error}):\n{text}"))
+}
+
+fn qemu_io(uri: &str, command: &str) -> std::process::Output {
+    run_output("qemu-io", &["-f", "raw", "-c", command, uri])
+}
+
+fn ready() -> bool {
+    require_root() && require_tool("qemu-io") && require_tool("losetup") && require_tool("dd")
+}
+
+/// A copy host on 127.0.0.2 for a 64 MiB store in `scratch`.
+fn copy_host(scratch: &Scratch, secret: &Path) -> Process {
+    let address: SocketAddr = format!("127.0.0.2:{}", free_port_on("127.0.0.2")).parse().unwrap();
+    let store = scratch.join("copy.img");
+    let args = [
+        "copy-host",
+        "--volume",
+        store.to_str().unwrap(),
+        "--size",
+        "64M",
+        "--listen",
+        &address.to_string(),
+        "--secret-file",
+        secret.to_str().unwrap(),
+    ];
+    Process::start(scratch, &args, address)
+}
+
+/// Start `serve` with `args` plus a fresh --listen and --admin; the process and its admin address.
+fn serve(scratch: &Scratch, args: &[&str]) -> Result<(Process, SocketAddr), String> {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (admin_text, listen) = (admin.to_string(), address.to_string());
+    let mut all = vec!["serve", "--listen", &listen, "--admin", &admin_text];
+    all.extend_from_slice(args);
+    Process::try_start(scratch, &all, address).map(|process| (process, admin))
+}
+
+/// Item 5: the production store is a buffered block device whose writeback
+/// fails (a loop device over a file on a filesystem that fills up). The
+/// flush that finds it answers EIO; from then on the host says so: status
+/// shows the local store failed and the copy `diverged` (it holds writes the
+/// store lost), reads and writes get EIO, and a restart refuses the store.
+/// Item 6 on the way: the block device's metadata is in --metadata-dir, not /dev.
+#[test]
+fn a_failed_local_flush_stops_the_claim_that_the_mirror_is_consistent() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new("local-store-failed");
+    let small = SmallFilesystem::mount(&scratch, "small", "40m");
+    let backing = small.path.join("backing.img");
+    std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
+    let device = LoopDevice::attach(&backing, false);
+    let secret = write_secret(&scratch, "secret", 3);
+    let copy = copy_host(&scratch, &secret);
+    let metadata_dir = scratch.join("metadata");
+    let mirror = format!("east={}", copy.address);
+    let args = [
+        "--volume",
+        device.path.as_str(),
+        "--secret-file",
+        secret.to_str().unwrap(),
+        "--mirror",
+        &mirror,
+        "--metadata-dir",
+        metadata_dir.to_str().unwrap(),
+    ];
+    let (mut production, admin) = serve(&scratch, &args).unwrap_or_else(|log| panic!("{log}"));
+    let up_to_date = || status(admin)["copies"][0]["state"] == "up_to_date";
+    assert!(wait_until(Duration::from_secs(60), up_to_date), "{:#}\n{}", status(admin), production.log());
+    let escaped = device.path.trim_start_matches('/').replace('/', "%2F");
+    assert!(metadata_dir.join(format!("{escaped}.cmmeta")).exists(), "metadata is in --metadata-dir");
+    assert!(metadata_dir.join(format!("{escaped}.cmbitmap")).exists());
+    assert!(!Path::new(&format!("{}.cmmeta", device.path)).exists(), "no metadata is written into /dev");
+
+    // 8 MiB into the page cache while the device's file has room; then the
+    // filesystem under it fills up, so their writeback fails at the flush.
+    // (qemu-io flushes when it closes, so libnbd writes, fills, flushes in
+    // one session. Writes that find the filesystem full already fail
+    // themselves on this kernel: the easy case, the client gets EIO.)
+    let filler = small.path.join("filler");
+    let script = format!(
+        r#"
+import nbd, subprocess
+h = nbd.NBD()
+h.connect_uri("{uri}")
+h.pwrite(b"\x5a" * (8 << 20), 0)
+subprocess.run(["dd", "if=/dev/zero", "of={filler}", "bs=1M"], capture_output=True)
+try:
+    h.flush()
+    print("flush ok")
+except nbd.Error as error:
+    print("flush failed", error)
+"#,
+        uri = production.uri(),
+        filler = filler.display()
+    );
+    let flushed = nbdsh_script(&script);
+    assert!(flushed.contains("flush failed"), "the flush must fail: {flushed}\n{}", production.log());
+    let uri = production.uri();
+    let document = status(admin);
+    assert_eq!(document["local_store"]["state"], "failed", "{document:#}");
+    assert_eq!(document["copies"][0]["state"], "diverged", "{document:#}");
+    assert!(production.log().contains("a flush of the local store failed"), "{}", production.log());
+    let read = qemu_io(&uri, "read 0 4k");
+    let text = format!("{}{}", String::from_utf8_lossy(&read.stdout), String::from_utf8_lossy(&read.stderr));
+    assert!(!read.status.success() || text.contains("error"), "reads of a failed store get EIO: {text}");
+    let table = run(binary().to_str().unwrap(), &["status", "--admin", &admin.to_string()]);
+    assert!(table.contains("LOCAL STORE FAILED"), "{table}");
+
+    let status = production.stop_with(libc::SIGTERM);
+    assert!(status.code().is_some(), "{status}");
+    let refused = serve(&scratch, &args).map(|_| ()).expect_err("a failed store is not served again");
+    assert!(refused.contains("failed a flush"), "{refused}");
+    drop(copy);
+}
+
+/// Item 2: the bitmap lives on a filesystem that fills up after the host
+/// started. Stores into the bitmap's mapping must not raise SIGBUS: every
+/// page was allocated when the file was made, so writes that mark new
+/// regions all over the volume still succeed and the host keeps serving.
+#[test]
+fn a_full_metadata_filesystem_does_not_kill_the_host() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new("local-store-full-metadata");
+    let small = SmallFilesystem::mount(&scratch, "metadata", "24m");
+    let secret = write_secret(&scratch, "secret", 4);
+    let volume = scratch.join("volume.img");
+    // 64 GiB at 4 KiB regions: a 16 MiB bitmap; one bitmap page per 128 MiB.
+    let copy_address = format!("east=127.0.0.2:{}", free_port_on("127.0.0.2"));
+    let args = [
+        "--volume",
+        volume.to_str().unwrap(),
+        "--size",
+        "64G",
+        "--region-size",
+        "4K",
+        "--secret-file",
+        secret.to_str().unwrap(),
+        "--mirror",
+        &copy_address,
+        "--metadata-dir",
+        small.path.to_str().unwrap(),
+    ];
+    let (production, admin) = serve(&scratch, &args).unwrap_or_else(|log| panic!("{log}"));
+    small.fill();
+    let uri = production.uri();
+    for index in 0..40u64 {
+        let offset = index * (1536 << 20);
+        let output = qemu_io(&uri, &format!("write -P 0x{:02x} {offset} 4k", index + 1));
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success() && !text.contains("error"), "write at {offset}: {text}\n{}", production.log());
+    }
+    let document = status(admin);
+    assert_eq!(document["copies"][0]["state"], "disconnected", "{document:#}");
+    assert!(document["copies"][0]["dirty_bytes"].as_u64().unwrap() > 0, "{document:#}");
+}
+
+/// Item 6: with no --metadata-dir, a block device's metadata goes to
+/// /var/lib/crossmirror (created if missing), named by the device's path.
+#[test]
+fn block_device_metadata_defaults_to_var_lib() {
+    if !ready() {
+        return;
+    }
+    let scratch = Scratch::new("local-store-default-metadata");
+    let backing = scratch.join("backing.img");
+    std::fs::File::create(&backing).unwrap().set_len(16 << 20).unwrap();
+    let device = LoopDevice::attach(&backing, false);
+    let escaped = device.path.trim_start_matches('/').replace('/', "%2F");
+    let files: Vec<PathBuf> = [".cmmeta", ".cmbitmap", ".cmcopies"]
+        .iter()
+        .map(|suffix| PathBuf::from(format!("/var/lib/crossmirror/{escaped}{suffix}")))
+        .collect();
+    struct Remove(Vec<PathBuf>);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            for path in &self.0 {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+    let _remove = Remove(files.clone());
+    for path in &files {
+        let _ = std::fs::remove_file(path);
+    }
+    let secret = write_secret(&scratch, "secret", 5);
+    let mirror = format!("east=127.0.0.2:{}", free_port_on("127.0.0.2"));
+    let args = ["--volume", device.path.as_str(), "--secret-file", secret.to_str().unwrap(), "--mirror", &mirror];
+    let (production, _admin) = serve(&scratch, &args).unwrap_or_else(|log| panic!("{log}"));
+    for path in &files {
+        assert!(path.exists(), "{} is missing:\n{}", path.display(), production.log());
+    }
+    assert!(!Path::new(&format!("{}.cmmeta", device.path)).exists());
+}
