@@ -19,6 +19,7 @@ pub mod bitmap;
 pub mod buffer;
 pub mod error;
 pub mod eventfd;
+pub mod log_limit;
 pub mod metadata;
 pub mod protocol;
 pub mod range_lock;

@@ -227,9 +227,11 @@ pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
     let admin = match args.admin {
         Some(address) => {
             let status_host = host.clone();
-            let handler: admin::Handler = Box::new(move |method, path, _query| match (method, path) {
-                (tiny_http::Method::Get, "/status") => (200, status_host.status_json()),
-                _ => (404, serde_json::json!({ "error": "a copy host serves GET /status only" })),
+            let handler: crate::http::Handler = Arc::new(move |request: &crate::http::Request| {
+                match (request.method.as_str(), request.path.as_str()) {
+                    ("GET", "/status") => (200, status_host.status_json()),
+                    _ => (404, serde_json::json!({ "error": "a copy host serves GET /status only" })),
+                }
             });
             Some(admin::AdminServer::start(address, handler)?)
         }

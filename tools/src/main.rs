@@ -1,8 +1,10 @@
 //! The `crossmirror` command: wires the engine and the NBD frontend into a
 //! process, with configuration from the command line and logs via tracing.
 
+mod address;
 mod admin;
 mod copy_host;
+mod http;
 mod serve;
 mod size;
 mod status;
