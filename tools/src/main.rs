@@ -3,6 +3,7 @@
 
 mod address;
 mod admin;
+mod admission;
 mod copy_host;
 mod http;
 mod serve;
