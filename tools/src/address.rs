@@ -23,7 +23,7 @@ pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
         return Ok(address);
     }
     let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(format!("{text:?} has no port; {FORMS}"));
+        return Err(format!("{text:?} is neither a port nor HOST:PORT; {FORMS}"));
     };
     if host.contains(':') && !host.starts_with('[') {
         return Err(format!("{text:?}: an IPv6 address goes in brackets, like [::1]:7790"));
@@ -65,7 +65,7 @@ pub fn bind_error(address: SocketAddr, flag: &str, error: &io::Error) -> anyhow:
         }
         _ => error.to_string(),
     };
-    anyhow::anyhow!("cannot listen on {address} ({flag} {address}): {cause}")
+    anyhow::anyhow!("cannot listen on {address} ({flag}): {cause}")
 }
 
 #[cfg(test)]

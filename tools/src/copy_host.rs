@@ -51,6 +51,7 @@ use engine::{Volume, VolumeOptions};
 use crate::admin;
 use crate::admission::{Admission, Ticket, HANDSHAKES_MAX};
 use crate::size::parse_size;
+use crate::start_files::StartFiles;
 
 /// How long a peer may take from connecting to a completed handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,8 +88,9 @@ pub struct CopyHostArgs {
     /// It must equal the production volume's size.
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
-    /// Address to listen on for the production host (e.g. 127.0.0.2:7789).
-    #[arg(long)]
+    /// Address to listen on for the production host: PORT (meaning
+    /// 127.0.0.1:PORT), IPV4:PORT, [IPV6]:PORT or HOST:PORT (e.g. 127.0.0.2:7789).
+    #[arg(long, value_parser = crate::address::parse_address)]
     listen: SocketAddr,
     /// File holding the secret shared with the production host; it must be
     /// private to its owner (chmod 600).
@@ -194,6 +196,7 @@ impl Drop for SessionSlot<'_> {
 /// Run the copy host until a signal stops it.
 pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
     let secret = load_secret(&args.secret_file)?;
+    let start_files = StartFiles::note(&[args.volume.clone(), metadata_path(&args.volume)]);
     let options = VolumeOptions { path: args.volume.clone(), size: args.size, direct: args.direct, read_only: false };
     let volume = Volume::open(&options)?;
     lock_volume(&volume)?;
@@ -211,7 +214,7 @@ pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
             volume.size()
         );
     }
-    let listener = TcpListener::bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = crate::address::bind(args.listen, "--listen")?;
     listener.set_nonblocking(true).context("setting the listening socket non-blocking")?;
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -257,6 +260,7 @@ pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    start_files.started();
     let threads = accept_until_shutdown(&host, &listener);
     drop(admin);
     tracing::info!(connections = threads.len(), "shutting down: finishing the frame being applied");
