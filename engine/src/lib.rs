@@ -20,6 +20,7 @@ pub mod buffer;
 pub mod error;
 pub mod eventfd;
 pub mod fingerprint;
+pub mod log_limit;
 pub mod metadata;
 pub mod protocol;
 pub mod range_lock;

@@ -108,10 +108,38 @@ impl Volume {
                 if options.read_only {
                     return Err(config_error("does not exist, and a read-only volume cannot be created".into()));
                 }
-                create_sparse(&path, size).map_err(volume_error("create"))?;
+                if options.direct && size % Self::FILE_DIRECT_ALIGNMENT != 0 {
+                    return Err(config_error(format!(
+                        "--size {size} is not a multiple of {}: O_DIRECT needs whole blocks; \
+                         round the size or drop --direct",
+                        Self::FILE_DIRECT_ALIGNMENT
+                    )));
+                }
+                create_sparse(&path, size).map_err(|error| creation_error(&path, error))?;
                 BackingKind::File
             }
         };
+        let created = metadata.is_none();
+        match Self::open_existing(options, kind) {
+            Ok(volume) => Ok(volume),
+            Err(error) => {
+                // Only a file this call created is removed.
+                if created {
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The rest of [`Volume::open`], once the file exists.
+    fn open_existing(options: &VolumeOptions, kind: BackingKind) -> Result<Volume, EngineError> {
+        let path = options.path.clone();
+        let volume_error = |action: &'static str| {
+            let path = path.clone();
+            move |source: io::Error| EngineError::Volume { path, action, source }
+        };
+        let config_error = |message: String| EngineError::Config { path: path.clone(), message };
         let file = open_file(&path, options).map_err(volume_error("open"))?;
         let size = match kind {
             BackingKind::File => file.metadata().map_err(volume_error("stat"))?.len(),
@@ -417,10 +445,35 @@ impl Volume {
     }
 }
 
+/// The error for a volume file that could not be created, naming what to do.
+fn creation_error(path: &Path, error: io::Error) -> EngineError {
+    let directory = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let message = match error.kind() {
+        io::ErrorKind::NotFound => format!(
+            "cannot be created: its directory {} does not exist; create it first (mkdir -p {}) or choose another path",
+            directory.display(),
+            directory.display()
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "cannot be created: permission denied in directory {}; choose a directory you can write to",
+            directory.display()
+        ),
+        _ => format!("cannot be created in directory {}: {error}", directory.display()),
+    };
+    EngineError::Config { path: path.to_path_buf(), message }
+}
+
 fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
     let file = OpenOptions::new().write(true).create_new(true).open(path)?;
-    file.set_len(size)?;
-    file.sync_all()
+    let sized = file.set_len(size).and_then(|()| file.sync_all());
+    if sized.is_err() {
+        // The file is this call's own: a failed creation leaves nothing.
+        let _ = std::fs::remove_file(path);
+    }
+    sized
 }
 
 fn open_file(path: &Path, options: &VolumeOptions) -> io::Result<File> {

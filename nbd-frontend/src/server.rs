@@ -12,8 +12,9 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use engine::log_limit::LogLimit;
 use engine::replicator::Replicator;
 use engine::Volume;
 
@@ -21,6 +22,10 @@ use crate::connection::{self, Ending};
 use crate::error::NbdError;
 use crate::handshake::{self, ExportInfo};
 use crate::protocol::*;
+
+/// Repeated log lines of one kind: this many per interval, then a summary.
+const LOG_LINES_PER_INTERVAL: u32 = 5;
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The one export a server offers.
 #[derive(Debug, Clone)]
@@ -96,7 +101,17 @@ impl Server {
         let negotiating: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
         let next_id = AtomicU64::new(0);
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        // Lines a client can make repeat (by connecting in a loop) are
+        // rate-limited, so it cannot fill the disk with them.
+        let log_limit = Arc::new(LogLimit::new(LOG_INTERVAL, LOG_LINES_PER_INTERVAL));
         while !self.shutdown.load(Ordering::Relaxed) {
+            for (kind, count) in log_limit.take_suppressed(Instant::now()) {
+                tracing::warn!(
+                    suppressed = count,
+                    "suppressed {count} similar messages in the last {} s: {kind}",
+                    LOG_INTERVAL.as_secs()
+                );
+            }
             if !wait_readable(&self.listener, Duration::from_millis(100)) {
                 threads.retain(|thread| !thread.is_finished());
                 continue;
@@ -105,13 +120,17 @@ impl Server {
                 Ok(accepted) => accepted,
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(error) => {
-                    tracing::warn!(%error, "accept failed");
+                    if log_limit.allow("accept failed", Instant::now()) {
+                        tracing::warn!(%error, "accept failed");
+                    }
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
             };
             if active.load(Ordering::Relaxed) >= self.config.connections_max {
-                tracing::warn!(%peer, limit = self.config.connections_max, "connection refused: too many connections (raise the limit or close idle clients)");
+                if log_limit.allow("connection refused: too many connections", Instant::now()) {
+                    tracing::warn!(%peer, limit = self.config.connections_max, "connection refused: too many connections (raise the limit or close idle clients)");
+                }
                 continue;
             }
             active.fetch_add(1, Ordering::Relaxed);
@@ -127,6 +146,7 @@ impl Server {
                 handshake_timeout: self.config.handshake_timeout,
                 negotiating: negotiating.clone(),
                 id,
+                log_limit: log_limit.clone(),
             };
             let active = active.clone();
             let spawned = std::thread::Builder::new().name(format!("nbd-{peer}")).spawn(move || {
@@ -163,6 +183,7 @@ struct ConnectionContext {
     handshake_timeout: Duration,
     negotiating: Arc<Mutex<HashMap<u64, TcpStream>>>,
     id: u64,
+    log_limit: Arc<LogLimit>,
 }
 
 impl ConnectionContext {
@@ -179,7 +200,9 @@ impl ConnectionContext {
                 return;
             }
             Err(error) => {
-                tracing::warn!(%error, "handshake failed; connection closed");
+                if self.log_limit.allow("handshake failed", Instant::now()) {
+                    tracing::warn!(%error, "handshake failed; connection closed");
+                }
                 return;
             }
         };
@@ -191,7 +214,9 @@ impl ConnectionContext {
                     tracing::info!(%peer, ?ending, requests = stats.requests, errors = stats.errors, "connection closed")
                 }
                 Ending::Protocol(message) => {
-                    tracing::warn!(%peer, %message, requests = stats.requests, "protocol violation; connection closed")
+                    if self.log_limit.allow("protocol violation", Instant::now()) {
+                        tracing::warn!(%peer, %message, requests = stats.requests, "protocol violation; connection closed")
+                    }
                 }
                 Ending::Io(message) => tracing::warn!(%peer, %message, "connection lost"),
             },

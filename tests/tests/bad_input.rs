@@ -662,3 +662,25 @@ fn abort_option_is_acked_then_closed() {
     assert_closed(&mut stream, "NBD_OPT_ABORT");
     assert_server_healthy(&server, &data);
 }
+
+/// A client repeating a bad handshake in a loop cannot fill the disk with
+/// log lines: the server logs the first few of a kind and counts the rest.
+#[test]
+fn repeated_bad_handshakes_do_not_flood_the_log() {
+    let scratch = Scratch::new("bad-handshake-flood");
+    let server = serve(&scratch, &[]);
+    let data = seed_data(&server);
+    let lines_before = server.log().lines().count();
+    for _ in 0..300 {
+        let mut stream = connect(server.address);
+        read_greeting(&mut stream);
+        stream.write_all(&[0xde, 0xad, 0xbe, 0xef]).expect("send garbage flags");
+        assert_closed(&mut stream, "garbage client flags");
+    }
+    // The connection threads log after closing: let the last ones finish.
+    std::thread::sleep(Duration::from_millis(300));
+    let log = server.log();
+    let lines = log.lines().count() - lines_before;
+    assert!(lines < 30, "300 bad handshakes made the server log {lines} lines:\n{log}");
+    assert_server_healthy(&server, &data);
+}

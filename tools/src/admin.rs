@@ -1,35 +1,24 @@
 //! The admin endpoint. On a production host `GET /status` answers JSON with
 //! every copy's state and counters, and `POST /verify?copy=NAME[&repair=1]`
-//! runs an online verify of that copy; on a copy host `GET /status` answers
-//! what it mirrors and its frame counters. HTTP comes from `tiny_http`
-//! (small, synchronous, no async runtime), on its own thread, one request at
-//! a time; it binds loopback unless told otherwise.
+//! runs an online verify of that copy (one at a time); on a copy host
+//! `GET /status` answers what it mirrors and its frame counters. HTTP comes
+//! from [`crate::http`]: requests bounded in size and time, a capped number of
+//! connections, on threads of their own, away from the data path; it binds
+//! loopback unless told otherwise.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use engine::replicator::{CopyStatus, Replicator};
 use engine::Volume;
 use serde_json::json;
 
-/// An admin address from the command line: `HOST:PORT`, or a bare `PORT`
-/// meaning loopback (`127.0.0.1:PORT`).
-pub fn parse_admin_address(text: &str) -> Result<SocketAddr, String> {
-    if let Ok(port) = text.parse::<u16>() {
-        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
-    }
-    text.parse().map_err(|_| format!("{text:?} is not an address like 127.0.0.1:7790 or a port like 7790"))
-}
-
-/// What answers a request: (method, path, query) to (status code, JSON).
-pub type Handler = Box<dyn Fn(&tiny_http::Method, &str, &str) -> (u16, serde_json::Value) + Send>;
+pub use crate::address::parse_address as parse_admin_address;
+use crate::http::{Handler, HttpServer, Request};
 
 /// A running admin endpoint; stopped on drop.
 pub struct AdminServer {
-    server: Arc<tiny_http::Server>,
-    thread: Option<JoinHandle<()>>,
+    _server: HttpServer,
 }
 
 impl AdminServer {
@@ -39,51 +28,28 @@ impl AdminServer {
         mirror: Option<Arc<Replicator>>,
         volume: Arc<Volume>,
     ) -> anyhow::Result<AdminServer> {
-        let handler: Handler = Box::new(move |method, path, query| match (method, path) {
-            (tiny_http::Method::Get, "/status") => (200, status_json(mirror.as_deref(), &volume)),
-            (tiny_http::Method::Post, "/verify") => verify(mirror.as_deref(), query),
-            (tiny_http::Method::Get, _) => (404, json!({ "error": "not found; try GET /status" })),
-            _ => (405, json!({ "error": "GET /status and POST /verify?copy=NAME[&repair=1] are served" })),
-        });
+        // A verify reads the whole volume: one at a time, and a second is
+        // told so rather than queued behind it.
+        let verifying = Mutex::new(());
+        let handler: Handler =
+            Arc::new(move |request: &Request| match (request.method.as_str(), request.path.as_str()) {
+                ("GET", "/status") => (200, status_json(mirror.as_deref(), &volume)),
+                ("POST", "/verify") => match verifying.try_lock() {
+                    Ok(_running) => verify(mirror.as_deref(), &request.query),
+                    Err(_) => (409, json!({ "error": "a verify is running already; try again when it ends" })),
+                },
+                ("GET", _) => (404, json!({ "error": "not found; try GET /status" })),
+                _ => (405, json!({ "error": "GET /status and POST /verify?copy=NAME[&repair=1] are served" })),
+            });
         AdminServer::start(address, handler)
     }
 
     /// Serve requests on `address` with `handler`.
     pub fn start(address: SocketAddr, handler: Handler) -> anyhow::Result<AdminServer> {
-        let server = tiny_http::Server::http(address)
-            .map_err(|error| anyhow::anyhow!("{error}"))
-            .with_context(|| format!("cannot serve the admin endpoint on {address}"))?;
-        let server = Arc::new(server);
-        let serving = server.clone();
-        let thread = std::thread::Builder::new()
-            .name("admin".into())
-            .spawn(move || serve(&serving, &handler))
-            .context("starting the admin thread")?;
+        let server = HttpServer::start(address, "--admin", handler)?;
+        let address = server.local_addr();
         tracing::info!(%address, "admin endpoint: GET http://{address}/status");
-        Ok(AdminServer { server, thread: Some(thread) })
-    }
-}
-
-impl Drop for AdminServer {
-    fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn serve(server: &tiny_http::Server, handler: &Handler) {
-    for request in server.incoming_requests() {
-        let url = request.url().to_string();
-        let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
-        let (code, body) = handler(request.method(), path, query);
-        let body = body.to_string();
-        let header = tiny_http::Header::from_bytes("Content-Type", "application/json").expect("a valid header");
-        let response = tiny_http::Response::from_string(body + "\n").with_status_code(code).with_header(header);
-        if let Err(error) = request.respond(response) {
-            tracing::debug!(%error, "admin client went away before its answer");
-        }
+        Ok(AdminServer { _server: server })
     }
 }
 

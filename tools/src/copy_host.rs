@@ -4,14 +4,18 @@
 //! finish the changes in flight, fsync and exit 0.
 //!
 //! ```text
-//!  accept ─▶ thread per connection (at most CONNECTIONS_MAX) ─▶ handshake (10 s deadline)
+//!  accept ─▶ admission (evict the oldest idle handshake when full) ─▶ thread per connection
+//!        ─▶ handshake (Hello within 2 s, all of it within 10 s)
 //!        ─▶ claim the one session slot ─▶ adopt the volume identity (fresh copy) ─▶ Accept
 //!        ─▶ loop { frame ─▶ Receiver ─▶ store metadata? ─▶ Applier (io_uring) ─▶ acks in order }
 //! ```
 //!
 //! The decisions are in `engine::receiver` (pure); this file only moves
-//! bytes. Handshakes may run side by side, so an unauthenticated peer cannot
-//! lock the production host out, but only one authenticated production
+//! bytes. Handshakes may run side by side, and a new connection always gets
+//! a place among them (`admission`: the oldest one that has not sent its
+//! Hello is closed to make room), so an unauthenticated peer cannot lock the
+//! production host out; repeated log lines are rate-limited, so it cannot
+//! fill the disk either. Only one authenticated production
 //! connection is served at a time: a newer authenticated session takes over
 //! from an older one, which finishes the frame it is applying and closes (a
 //! production host that reconnects after a link cut need not wait for its dead
@@ -37,6 +41,7 @@ use anyhow::Context;
 use clap::Args;
 use engine::applier::{Applier, Doorbell};
 use engine::fingerprint::fingerprint;
+use engine::log_limit::LogLimit;
 use engine::metadata::{
     format_uuid, load_metadata, new_store_token, store_metadata, MetadataFiles, StoreState, VolumeMetadata,
 };
@@ -50,12 +55,22 @@ use engine::volume::BackingKind;
 use engine::{Volume, VolumeOptions};
 
 use crate::admin;
+use crate::admission::{Admission, Ticket, HANDSHAKES_MAX};
 use crate::size::parse_size;
+use crate::start_files::StartFiles;
 
 /// How long a peer may take from connecting to a completed handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections open at once, handshaking or established; more are refused.
-const CONNECTIONS_MAX: usize = 8;
+/// How long a peer may take from connecting to its Hello (a production host
+/// sends it at once): idle connections leave their place soon.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connection threads at once: the handshakes the admission table holds,
+/// those just evicted and still exiting, and the sessions (an old one and
+/// the newer one taking over). A safety net: admission bounds handshakes.
+const THREADS_MAX: usize = 4 * HANDSHAKES_MAX;
+/// Repeated log lines of one kind: this many per interval, then a summary.
+const LOG_LINES_PER_INTERVAL: u32 = 5;
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How often blocked reads and the accept loop look at the shutdown flag.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Frames read and checked ahead of the one being applied (each at most a
@@ -79,8 +94,9 @@ pub struct CopyHostArgs {
     /// It must equal the production volume's size.
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
-    /// Address to listen on for the production host (e.g. 127.0.0.2:7789).
-    #[arg(long)]
+    /// Address to listen on for the production host: PORT (meaning
+    /// 127.0.0.1:PORT), IPV4:PORT, [IPV6]:PORT or HOST:PORT (e.g. 127.0.0.2:7789).
+    #[arg(long, value_parser = crate::address::parse_address)]
     listen: SocketAddr,
     /// File holding the secret shared with the production host; it must be
     /// private to its owner (chmod 600).
@@ -116,6 +132,10 @@ struct Host {
     /// takes over at once instead of waiting for the dead connection to time out.
     active_session: AtomicU64,
     next_session: AtomicU64,
+    /// The handshakes open, and which to close to make room.
+    admission: Admission,
+    /// Rate limit of log lines a peer can repeat (refusals, handshake endings).
+    log_limit: LogLimit,
 }
 
 impl Host {
@@ -254,11 +274,14 @@ pub fn refuse_metadata_in_dev(
 /// Run the copy host until a signal stops it.
 pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
     let secret = load_secret(&args.secret_file)?;
+    // A copy's metadata is written only once it meets its production host,
+    // so the one file a failed start may leave is a volume it created.
+    let start_files = StartFiles::note(&[args.volume.clone()]);
     let options = VolumeOptions { path: args.volume.clone(), size: args.size, direct: args.direct, read_only: false };
     let volume = Volume::open(&options)?;
     lock_volume(&volume)?;
     let (metadata_path, metadata) = open_metadata(&args, &volume)?;
-    let listener = TcpListener::bind(args.listen).with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = crate::address::bind(args.listen, "--listen")?;
     listener.set_nonblocking(true).context("setting the listening socket non-blocking")?;
     let shutdown = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -288,18 +311,23 @@ pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
         session_holder: Mutex::new(None),
         active_session: AtomicU64::new(0),
         next_session: AtomicU64::new(1),
+        admission: Admission::default(),
+        log_limit: LogLimit::new(LOG_INTERVAL, LOG_LINES_PER_INTERVAL),
     });
     let admin = match args.admin {
         Some(address) => {
             let status_host = host.clone();
-            let handler: admin::Handler = Box::new(move |method, path, _query| match (method, path) {
-                (tiny_http::Method::Get, "/status") => (200, status_host.status_json()),
-                _ => (404, serde_json::json!({ "error": "a copy host serves GET /status only" })),
+            let handler: crate::http::Handler = Arc::new(move |request: &crate::http::Request| {
+                match (request.method.as_str(), request.path.as_str()) {
+                    ("GET", "/status") => (200, status_host.status_json()),
+                    _ => (404, serde_json::json!({ "error": "a copy host serves GET /status only" })),
+                }
             });
             Some(admin::AdminServer::start(address, handler)?)
         }
         None => None,
     };
+    start_files.started();
     let threads = accept_until_shutdown(&host, &listener);
     drop(admin);
     tracing::info!(connections = threads.len(), "shutting down: finishing the frame being applied");
@@ -337,6 +365,7 @@ fn lock_volume(volume: &Volume) -> anyhow::Result<()> {
 fn accept_until_shutdown(host: &Arc<Host>, listener: &TcpListener) -> Vec<JoinHandle<()>> {
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     while !host.shutdown.load(Ordering::Relaxed) {
+        report_suppressed(host);
         let (stream, peer) = match listener.accept() {
             Ok(accepted) => accepted,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
@@ -344,17 +373,22 @@ fn accept_until_shutdown(host: &Arc<Host>, listener: &TcpListener) -> Vec<JoinHa
                 continue;
             }
             Err(error) => {
-                tracing::warn!(%error, "accept failed");
+                if host.log_limit.allow("accept failed", Instant::now()) {
+                    tracing::warn!(%error, "accept failed: {error}");
+                }
                 std::thread::sleep(POLL_INTERVAL / 5);
                 continue;
             }
         };
         threads.retain(|thread| !thread.is_finished());
-        if threads.len() >= CONNECTIONS_MAX {
-            tracing::warn!(
-                %peer,
-                "connection from {peer} refused: {CONNECTIONS_MAX} connections are open already (handshaking or established)"
-            );
+        if threads.len() >= THREADS_MAX {
+            if host.log_limit.allow("too many connection threads", Instant::now()) {
+                tracing::warn!(
+                    %peer,
+                    "connection from {peer} refused: {THREADS_MAX} connection threads are running \
+                     (handshakes closing, sessions)"
+                );
+            }
             continue;
         }
         let host = host.clone();
@@ -367,6 +401,42 @@ fn accept_until_shutdown(host: &Arc<Host>, listener: &TcpListener) -> Vec<JoinHa
         }
     }
     threads
+}
+
+/// Log one summary line per kind of line held back in the interval that ended.
+fn report_suppressed(host: &Host) {
+    for (kind, count) in host.log_limit.take_suppressed(Instant::now()) {
+        tracing::warn!(
+            suppressed = count,
+            "suppressed {count} similar messages in the last {} s: {kind}",
+            LOG_INTERVAL.as_secs()
+        );
+    }
+}
+
+/// Give the connection its place among the handshakes, closing the one the
+/// admission rule names to make room.
+fn take_place<'host>(host: &'host Host, stream: &TcpStream, peer: SocketAddr) -> Option<Ticket<'host>> {
+    let (ticket, evicted) = match host.admission.admit(stream, peer, Instant::now()) {
+        Ok(admitted) => admitted,
+        Err(error) => {
+            tracing::warn!(%peer, %error, "cannot track the connection from {peer}: {error}; closing it");
+            return None;
+        }
+    };
+    if let Some(evicted) = evicted {
+        if host.log_limit.allow("handshake evicted", Instant::now()) {
+            let old = evicted.peer;
+            let what = if evicted.greeted { "waiting for its handshake" } else { "idle, no Hello yet" };
+            tracing::warn!(
+                %peer,
+                evicted = %old,
+                "closed the unauthenticated connection from {old} ({what}) to make room for {peer}: \
+                 at most {HANDSHAKES_MAX} handshakes are open at once"
+            );
+        }
+    }
+    Some(ticket)
 }
 
 /// Why a connection stopped delivering frames.
@@ -504,7 +574,13 @@ fn serve_connection(host: &Host, stream: TcpStream, peer: SocketAddr) {
         session: 0,
         outgoing: Vec::new(),
     };
-    let Some((session, _slot)) = handshake(&mut connection) else {
+    let Some(ticket) = take_place(host, &connection.stream, peer) else {
+        return;
+    };
+    let established = handshake(&mut connection, &ticket);
+    // Authenticated or not, it no longer holds a place among the handshakes.
+    drop(ticket);
+    let Some((session, _slot)) = established else {
         connection.flush_before_closing();
         return;
     };
@@ -542,6 +618,9 @@ fn refuse_handshake(connection: &mut Connection<'_>, refusal: Option<RefuseReaso
     }
     let total = connection.host.counters.record_rejected();
     let peer = connection.peer;
+    if !connection.host.log_limit.allow("handshake refused", Instant::now()) {
+        return;
+    }
     tracing::warn!(
         %peer,
         kind = ?error.kind(),
@@ -554,6 +633,9 @@ fn refuse_handshake(connection: &mut Connection<'_>, refusal: Option<RefuseReaso
 /// Log a connection that ended while no frame was being judged.
 fn log_ending(peer: SocketAddr, phase: &str, ending: &Ending) {
     match ending {
+        Ending::PeerClosed if phase.contains("handshake") => {
+            tracing::info!(%peer, "{peer} closed the connection {phase}, before it authenticated")
+        }
         Ending::PeerClosed => tracing::info!(%peer, "production host {peer} closed the connection {phase}"),
         Ending::Shutdown => tracing::info!(%peer, "closing the connection to {peer} {phase}: shutting down"),
         Ending::Superseded => tracing::warn!(
@@ -563,7 +645,9 @@ fn log_ending(peer: SocketAddr, phase: &str, ending: &Ending) {
         ),
         Ending::TimedOut => tracing::warn!(
             %peer,
-            "{peer} did not complete the handshake within {} s; closing the connection",
+            "{peer} did not complete the handshake in time (its Hello within {} s, all of it within {} s); \
+             closing the connection",
+            HELLO_TIMEOUT.as_secs(),
             HANDSHAKE_TIMEOUT.as_secs()
         ),
         Ending::Refused(_) => {}
@@ -573,18 +657,28 @@ fn log_ending(peer: SocketAddr, phase: &str, ending: &Ending) {
 
 /// Run the copy's side of the handshake; on success the session and the
 /// claimed session slot, after the Accept is queued.
-fn handshake<'host>(connection: &mut Connection<'host>) -> Option<(Session, SessionSlot<'host>)> {
+fn handshake<'host>(connection: &mut Connection<'host>, ticket: &Ticket<'_>) -> Option<(Session, SessionSlot<'host>)> {
     let host = connection.host;
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let next_message = |connection: &mut Connection<'host>| -> Option<HandshakeMessage> {
+    let started = Instant::now();
+    let deadline = started + HANDSHAKE_TIMEOUT;
+    let next_message = |connection: &mut Connection<'host>, deadline: Instant| -> Option<HandshakeMessage> {
         let frame = match connection.next_frame(Some(deadline)) {
             Ok(frame) => frame,
             Err(Ending::Refused(error)) => {
                 refuse_handshake(connection, None, &error);
                 return None;
             }
+            Err(_) if ticket.evicted() => return None,
             Err(ending) => {
-                log_ending(connection.peer, "during the handshake", &ending);
+                // A peer can end handshakes in a loop: these lines are rate-limited.
+                let kind = match ending {
+                    Ending::PeerClosed => "handshake closed by the peer",
+                    Ending::TimedOut => "handshake timed out",
+                    _ => "handshake ended",
+                };
+                if connection.host.log_limit.allow(kind, Instant::now()) {
+                    log_ending(connection.peer, "during the handshake", &ending);
+                }
                 return None;
             }
         };
@@ -596,7 +690,8 @@ fn handshake<'host>(connection: &mut Connection<'host>) -> Option<(Session, Sess
             }
         }
     };
-    let hello = next_message(connection)?;
+    let hello = next_message(connection, started + HELLO_TIMEOUT)?;
+    ticket.greeted();
     let HandshakeMessage::Hello { identity: offered, .. } = hello else {
         let error = ReplicationError::Protocol {
             message: format!("the handshake must open with Hello, got {:?}", hello.kind()),
@@ -628,7 +723,7 @@ fn handshake<'host>(connection: &mut Connection<'host>) -> Option<(Session, Sess
                 if let Some(message) = &step.send {
                     connection.queue_message(message);
                 }
-                let message = next_message(connection)?;
+                let message = next_message(connection, deadline)?;
                 step = copy_handshake.on_message(&message);
             }
             HandshakeOutcome::Failed(error) => {

@@ -1,10 +1,14 @@
 //! The `crossmirror` command: wires the engine and the NBD frontend into a
 //! process, with configuration from the command line and logs via tracing.
 
+mod address;
 mod admin;
+mod admission;
 mod copy_host;
+mod http;
 mod serve;
 mod size;
+mod start_files;
 mod status;
 mod verify;
 
@@ -54,7 +58,39 @@ fn main() {
         },
     };
     if let Err(error) = result {
-        eprintln!("crossmirror: error: {error:#}");
+        eprintln!("crossmirror: error: {}", describe(&error));
         std::process::exit(1);
+    }
+}
+
+/// The error and its causes on one line, each said once: an error whose
+/// message already includes its source (`create: No such file or
+/// directory`) is not followed by that source again.
+fn describe(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let source = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let error = anyhow::Error::new(source)
+            .context(format!("create: {}", std::io::Error::from(std::io::ErrorKind::NotFound)));
+        let error = error.context("volume /x/y");
+        assert_eq!(describe(&error), "volume /x/y: create: entity not found");
     }
 }

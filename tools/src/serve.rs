@@ -8,18 +8,18 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use engine::bitmap::{NewBits, Opened, WriteIntentBitmap, REGION_BYTES_DEFAULT, SLOTS_MAX};
+use engine::bitmap::{NewBits, Opened, WriteIntentBitmap, REGION_BYTES_DEFAULT, REGION_BYTES_MIN, SLOTS_MAX};
 use engine::fingerprint::fingerprint;
 use engine::metadata::{adopt_store, production_start, MetadataFiles};
-use engine::protocol::load_secret;
+use engine::protocol::{load_secret, Secret};
 use engine::replicator::{CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig};
-use engine::volume::BackingKind;
 use engine::{Volume, VolumeOptions};
 use nbd_frontend::{Export, Server, ServerConfig};
 
-use crate::admin;
 use crate::copy_host::refuse_metadata_in_dev;
 use crate::size::parse_size;
+use crate::start_files::StartFiles;
+use crate::{address, admin};
 
 /// An async copy's default lag bound.
 const LAG_BYTES_MAX_DEFAULT: u64 = 64 << 20;
@@ -33,8 +33,9 @@ pub struct ServeArgs {
     /// Volume size (e.g. 1G); creates a sparse file if the path is absent.
     #[arg(long, value_parser = parse_size)]
     size: Option<u64>,
-    /// Address to listen on (loopback by default).
-    #[arg(long, default_value = "127.0.0.1:10809")]
+    /// Address to listen on: PORT (meaning 127.0.0.1:PORT), IPV4:PORT,
+    /// [IPV6]:PORT or HOST:PORT (loopback by default).
+    #[arg(long, default_value = "127.0.0.1:10809", value_parser = address::parse_address)]
     listen: SocketAddr,
     /// Export name (the empty name also selects it).
     #[arg(long, default_value = "")]
@@ -104,8 +105,7 @@ fn parse_mirror(text: &str) -> Result<CopyConfig, String> {
     }
     let mut parts = rest.split(',');
     let address = parts.next().unwrap_or_default();
-    let address: SocketAddr =
-        address.parse().map_err(|_| format!("copy {name}: {address:?} is not an address like 127.0.0.2:7789"))?;
+    let address = address::parse_address(address).map_err(|error| format!("copy {name}: {error}"))?;
     let mut config =
         CopyConfig { name: name.to_string(), address, mode: MirrorMode::Sync, lag_bytes_max: LAG_BYTES_MAX_DEFAULT };
     for option in parts {
@@ -126,13 +126,21 @@ fn parse_mirror(text: &str) -> Result<CopyConfig, String> {
 
 /// Run the server until a signal stops it.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Everything that can be checked is checked before anything is created.
+    let files = MetadataFiles::locate(&args.volume, is_block_device(&args.volume), args.metadata_dir.as_deref());
+    let secret = check_configuration(&args, &files)?;
+    let start_files =
+        StartFiles::note(&[args.volume.clone(), files.bitmap.clone(), files.state.clone(), files.metadata.clone()]);
     let options =
         VolumeOptions { path: args.volume.clone(), size: args.size, direct: args.direct, read_only: args.read_only };
     let volume = Arc::new(Volume::open(&options)?);
     // Fail now, with the cause and the fix, if io_uring is unavailable,
     // rather than on the first client.
     engine::Ring::<()>::new(2)?;
-    let mirror = start_mirror(&args, &volume)?;
+    let mirror = match secret {
+        Some(secret) => Some(start_mirror(&args, &volume, &files, secret)?),
+        None => None,
+    };
     let export = Export {
         name: args.export.clone(),
         description: format!("crossmirror volume {}", args.volume.display()),
@@ -140,11 +148,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         mirror: mirror.clone(),
     };
     let config = ServerConfig { listen: args.listen, connections_max: args.connections_max, ..ServerConfig::default() };
-    let server = Server::bind(config, export).with_context(|| format!("cannot listen on {}", args.listen))?;
+    let server = Server::bind(config, export).map_err(|error| listen_error(args.listen, error))?;
     let shutdown = server.shutdown_flag();
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, shutdown.clone()).context("installing the signal handler")?;
     }
+    let admin = match args.admin {
+        Some(address) => Some(admin::AdminServer::production(address, mirror.clone(), volume.clone())?),
+        None => None,
+    };
+    start_files.started();
     tracing::info!(
         listen = %server.local_addr(),
         volume = %args.volume.display(),
@@ -154,10 +167,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         read_only = volume.is_read_only(),
         "serving"
     );
-    let admin = match args.admin {
-        Some(address) => Some(admin::AdminServer::production(address, mirror.clone(), volume.clone())?),
-        None => None,
-    };
     let served = server.run();
     if let Some(mirror) = &mirror {
         mirror.stop();
@@ -167,12 +176,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Open the bitmap and the mirror state and start the replicator, when
-/// copies are configured.
-fn start_mirror(args: &ServeArgs, volume: &Arc<Volume>) -> anyhow::Result<Option<Arc<Replicator>>> {
-    let block_device = volume.kind() == BackingKind::BlockDevice;
-    let files = MetadataFiles::locate(&args.volume, block_device, args.metadata_dir.as_deref());
-    refuse_metadata_in_dev(&args.volume, block_device, args.metadata_dir.as_deref(), &files)?;
+/// Whether `path` names an existing block device (its metadata then lives in
+/// a metadata directory, not beside it in /dev).
+fn is_block_device(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|metadata| metadata.file_type().is_block_device())
+}
+
+/// The error for a failed bind of `--listen`, in one line.
+fn listen_error(listen: SocketAddr, error: nbd_frontend::NbdError) -> anyhow::Error {
+    let io_error = std::error::Error::source(&error).and_then(|source| source.downcast_ref::<std::io::Error>());
+    match io_error {
+        Some(io_error) => address::bind_error(listen, "--listen", io_error),
+        None => anyhow::Error::new(error).context(format!("cannot listen on {listen} (--listen)")),
+    }
+}
+
+/// Check the options that need no volume, before anything is created; with
+/// copies configured, the secret they share.
+fn check_configuration(args: &ServeArgs, files: &MetadataFiles) -> anyhow::Result<Option<Secret>> {
+    refuse_metadata_in_dev(&args.volume, is_block_device(&args.volume), args.metadata_dir.as_deref(), files)?;
     if args.mirrors.is_empty() {
         anyhow::ensure!(args.secret_file.is_none(), "--secret-file is for --mirror; no copy is configured");
         // Writes served without the replicator would bypass the bitmap, and a
@@ -203,19 +226,28 @@ fn start_mirror(args: &ServeArgs, volume: &Arc<Volume>) -> anyhow::Result<Option
         );
     }
     anyhow::ensure!(
-        args.region_size <= 16 << 20,
-        "--region-size {} is over 16M; a resync frame carries at most one region of up to 16M",
+        args.region_size.is_power_of_two() && (REGION_BYTES_MIN..=16 << 20).contains(&args.region_size),
+        "--region-size {} must be a power of two from 4K to 16M (a resync frame carries at most one region)",
         args.region_size
     );
     let secret_file = args
         .secret_file
         .as_ref()
         .context("--mirror needs --secret-file FILE, the secret shared with the copy hosts")?;
-    let secret = load_secret(secret_file)?;
+    Ok(Some(load_secret(secret_file)?))
+}
+
+/// Open the bitmap and the mirror state and start the replicator.
+fn start_mirror(
+    args: &ServeArgs,
+    volume: &Arc<Volume>,
+    files: &MetadataFiles,
+    secret: Secret,
+) -> anyhow::Result<Arc<Replicator>> {
     files.create_directory()?;
     let store_fingerprint =
         fingerprint(&args.volume).with_context(|| format!("cannot fingerprint the store {}", args.volume.display()))?;
-    let start = production_start(&files, volume.size(), &store_fingerprint, args.new_store)?;
+    let start = production_start(files, volume.size(), &store_fingerprint, args.new_store)?;
     // A new bitmap says every copy differs everywhere: one that went missing
     // must never come back as "nothing to resync" (invariant 9).
     let bitmap = WriteIntentBitmap::open_or_create_with(
@@ -250,7 +282,7 @@ fn start_mirror(args: &ServeArgs, volume: &Arc<Volume>) -> anyhow::Result<Option
             bitmap.set_all(slot);
         }
         bitmap.flush()?;
-        adopt_store(&files, &store_fingerprint)?;
+        adopt_store(files, &store_fingerprint)?;
     }
     let store = LocalStateFile::at(&files.state);
     let config = ReplicatorConfig {
@@ -268,5 +300,5 @@ fn start_mirror(args: &ServeArgs, volume: &Arc<Volume>) -> anyhow::Result<Option
     for copy in &args.mirrors {
         tracing::info!(copy = %copy.name, address = %copy.address, mode = copy.mode.as_str(), "mirroring to copy {}", copy.name);
     }
-    Ok(Some(replicator))
+    Ok(replicator)
 }
