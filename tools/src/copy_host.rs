@@ -276,7 +276,7 @@ pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
     let secret = load_secret(&args.secret_file)?;
     // A copy's metadata is written only once it meets its production host,
     // so the one file a failed start may leave is a volume it created.
-    let start_files = StartFiles::note(&[args.volume.clone()]);
+    let start_files = StartFiles::note(std::slice::from_ref(&args.volume));
     let options = VolumeOptions { path: args.volume.clone(), size: args.size, direct: args.direct, read_only: false };
     let volume = Volume::open(&options)?;
     lock_volume(&volume)?;
