@@ -11,7 +11,9 @@ use clap::Args;
 use engine::bitmap::{bitmap_path, WriteIntentBitmap, REGION_BYTES_DEFAULT, SLOTS_MAX};
 use engine::metadata::{load_metadata, metadata_path, production_identity};
 use engine::protocol::load_secret;
-use engine::replicator::{CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig};
+use engine::replicator::{
+    CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig, LOCAL_SYNC_INTERVAL_DEFAULT,
+};
 use engine::{Volume, VolumeOptions};
 use nbd_frontend::{Export, Server, ServerConfig};
 
@@ -211,6 +213,7 @@ fn start_mirror(args: &ServeArgs, volume: &Arc<Volume>) -> anyhow::Result<Option
         resync_rate_max: args.resync_rate_max,
         resync_checksums: args.resync_checksums,
         assume_clean: args.assume_clean,
+        local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
     };
     let replicator = Replicator::start(volume.clone(), Arc::new(bitmap), Arc::new(store), config)?;
     for copy in &args.mirrors {

@@ -51,6 +51,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::bitmap::{BitmapError, WriteIntentBitmap};
 use crate::eventfd::EventFd;
@@ -59,7 +60,7 @@ use crate::protocol::Secret;
 use crate::volume::Volume;
 
 use link::Link;
-pub use link::{CopyState, CopyStatus, ACK_TIMEOUT};
+pub use link::{CopyState, CopyStatus, ACK_TIMEOUT, LOCAL_SYNC_INTERVAL_DEFAULT};
 pub use state::{CopyRecord, LocalStateFile, MirrorStateStore, RecordedState, StateError};
 
 /// How a copy's acknowledgement gates the client's.
@@ -117,6 +118,10 @@ pub struct ReplicatorConfig {
     /// Skip the resync of a copy when both stores provably read as zeroes
     /// throughout (sparse files with no data extents on both sides).
     pub assume_clean: bool,
+    /// At most how often the local volume is fsynced so that bits can clear
+    /// ([`LOCAL_SYNC_INTERVAL_DEFAULT`]; tests shorten it to drive the
+    /// clearing rule without waiting).
+    pub local_sync_interval: Duration,
 }
 
 /// A change to ship, after its local write completed.
@@ -259,6 +264,7 @@ pub(crate) struct Shared {
     pub(crate) resync_rate_max: u64,
     pub(crate) resync_checksums: bool,
     pub(crate) assume_clean: bool,
+    pub(crate) local_sync_interval: Duration,
     /// Per region: writes marked whose change is not shipped yet. A region
     /// with writes in flight is never cleared.
     pub(crate) inflight: Mutex<HashMap<u64, u32>>,
@@ -388,6 +394,7 @@ impl Replicator {
             resync_rate_max: config.resync_rate_max,
             resync_checksums: config.resync_checksums,
             assume_clean: config.assume_clean,
+            local_sync_interval: config.local_sync_interval,
             inflight: Mutex::new(HashMap::new()),
             released: Arc::new(AtomicU64::new(0)),
             store,
