@@ -186,7 +186,7 @@ impl Feeder {
                 return;
             }
             assert!(Instant::now() < deadline, "no acknowledgement for the write at {offset}");
-            match (&*self.connection.stream()).read(&mut buffer) {
+            match self.connection.stream().read(&mut buffer) {
                 Ok(0) => panic!("the copy host closed the connection"),
                 Ok(received) => self.decoder.push(&buffer[..received]).unwrap(),
                 Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
