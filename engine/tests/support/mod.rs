@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod page_cache;
+
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
