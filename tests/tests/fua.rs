@@ -7,9 +7,9 @@
 //! of `/sys/block/loopN/stat`): a write with RWF_DSYNC to a block device
 //! becomes a FUA write, which the loop driver (write cache on, no native
 //! FUA) receives as a flush; a write without it sends none. Each test writes
-//! once without FUA (no flush may follow: this proves nothing else flushes
-//! the device meanwhile) and once with FUA (a flush must have reached the
-//! device before the answer).
+//! once to warm up, then once without FUA (no flush may follow: this proves
+//! nothing else flushes the device meanwhile) and once with FUA (a flush
+//! must have reached the device before the answer).
 //!
 //! The production host runs with no copy, so no fsync of its own (the
 //! clearing rule's) can flush the device. The copy host is driven by this
@@ -98,6 +98,7 @@ fn production_flushes(label: &str, direct: bool) -> (u64, u64, u64) {
         "import nbd\n\
          def flushes():\n    return int(open('/sys/block/{name}/stat').read().split()[15])\n\
          h = nbd.NBD()\nh.connect_uri({uri:?})\n\
+         h.pwrite(b'\\x33' * {BLOCK}, {BLOCK} * 4)\n\
          before = flushes()\n\
          h.pwrite(b'\\x11' * {BLOCK}, 0)\n\
          plain = flushes()\n\
@@ -212,6 +213,9 @@ fn copy_host_flushes(label: &str, direct: bool) -> (u64, u64, u64) {
     }
     let copy = Process::start(&device.scratch, &args, address);
     let mut feeder = Feeder::connect(address, &secret);
+    // The first frame may make the copy persist its promises (epoch,
+    // generation); measure from the second on.
+    feeder.write(4 * BLOCK as u64, 0x33, FrameFlags::NONE);
     let before = device.flushes();
     feeder.write(0, 0x11, FrameFlags::NONE);
     let plain = device.flushes();
