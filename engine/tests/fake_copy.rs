@@ -28,6 +28,7 @@ use engine::protocol::{Frame, FrameDecoder, FrameFlags, FrameKind, Secret};
 use engine::receiver::{adopt_identity, Receiver, ReceiverCounters};
 use engine::replicator::{
     Change, Completions, CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig, Shipped,
+    LOCAL_SYNC_INTERVAL_DEFAULT,
 };
 use engine::{Volume, VolumeOptions};
 
@@ -223,6 +224,7 @@ impl Mirror {
             resync_checksums: false,
             assume_clean,
             metadata_path: None,
+            local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
         };
         let replicator = Replicator::start(volume, Arc::new(bitmap), Arc::new(store), config).unwrap();
         let completions = Completions::new().unwrap();

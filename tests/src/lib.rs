@@ -3,7 +3,8 @@
 //! it up (processes are killed and loop devices detached on drop).
 //!
 //! A test that needs a tool calls [`require_tool`]: outside CI a missing tool
-//! skips the test with a message; under `CI=true` it fails the run.
+//! skips the test with a `SKIPPED:` line (see [`skip`]) that `tests/run.sh`
+//! counts in its closing summary; under `CI=true` it fails the run.
 
 pub mod mirror;
 
@@ -27,9 +28,21 @@ pub fn require_tool(tool: &str) -> bool {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("{tool} is not installed; the test command in README.md installs it");
         }
-        eprintln!("SKIPPED: {tool} is not installed (run the README's test command to install it)");
+        skip(&format!("{tool} is not installed (run the README's test command to install it)"));
     }
     found
+}
+
+/// Say that the running test is skipped, and why, on a line of its own:
+/// `SKIPPED: <test name>: <reason>`. It is written to stderr directly, past
+/// the test harness's output capture (which would hide it, as the test
+/// passes), so `tests/run.sh` sees it and counts the test as skipped, not
+/// passed. The caller then returns from the test.
+pub fn skip(reason: &str) {
+    use std::io::Write;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("unknown test");
+    let _ = std::io::stderr().write_all(format!("SKIPPED: {test}: {reason}\n").as_bytes());
 }
 
 /// Whether the process runs as root (loop devices and mounts need it).
@@ -40,7 +53,7 @@ pub fn require_root() -> bool {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("this test needs root (loop devices, mounts)");
         }
-        eprintln!("SKIPPED: needs root");
+        skip("needs root (loop devices, mounts)");
     }
     root
 }

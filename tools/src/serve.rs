@@ -12,7 +12,9 @@ use engine::bitmap::{NewBits, Opened, WriteIntentBitmap, REGION_BYTES_DEFAULT, R
 use engine::fingerprint::fingerprint;
 use engine::metadata::{adopt_store, production_start, MetadataFiles};
 use engine::protocol::{load_secret, Secret};
-use engine::replicator::{CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig};
+use engine::replicator::{
+    CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig, LOCAL_SYNC_INTERVAL_DEFAULT,
+};
 use engine::{Volume, VolumeOptions};
 use nbd_frontend::{Export, Server, ServerConfig};
 
@@ -295,6 +297,7 @@ fn start_mirror(
         resync_checksums: args.resync_checksums,
         assume_clean: args.assume_clean,
         metadata_path: Some(files.metadata.clone()),
+        local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
     };
     let replicator = Replicator::start(volume.clone(), Arc::new(bitmap), Arc::new(store), config)?;
     for copy in &args.mirrors {

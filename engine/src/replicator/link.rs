@@ -45,8 +45,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// At most how often the local volume is fsynced so that bits can clear
-/// (under a sustained random load some region always goes quiet).
-const LOCAL_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// (under a sustained random load some region always goes quiet), unless
+/// the configuration says otherwise.
+pub const LOCAL_SYNC_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
 /// How often touched regions are flushed on the copy so their bits can clear.
 const CLEAN_INTERVAL: Duration = Duration::from_millis(500);
 /// Frames taken off the queue per send round.
@@ -260,6 +261,7 @@ pub(crate) struct Link {
 impl Link {
     pub(crate) fn new(config: CopyConfig, slot: u32, shared: Arc<Shared>) -> Link {
         let regions = shared.bitmap.region_count();
+        let last_local_sync = Instant::now().checked_sub(shared.local_sync_interval).unwrap_or_else(Instant::now);
         Link {
             config,
             slot,
@@ -273,7 +275,7 @@ impl Link {
                 resync_bytes_outstanding: 0,
                 touched: HashSet::new(),
                 clear_candidates: Vec::new(),
-                last_local_sync: Instant::now().checked_sub(LOCAL_SYNC_INTERVAL).unwrap_or_else(Instant::now),
+                last_local_sync,
                 local_sync_due: false,
                 waiters: 0,
                 resync_next: None,
@@ -422,7 +424,7 @@ impl Link {
             ticket.remaining.fetch_add(1, Ordering::AcqRel);
             ticket.clone()
         });
-        let snapshot = (kind == FrameKind::Flush).then(|| take_snapshot(&mut inner));
+        let snapshot = (kind == FrameKind::Flush).then(|| take_snapshot(&mut inner, self.shared.local_sync_interval));
         inner.lag_bytes += lag;
         let payload = match change {
             Change::Write { data, .. } => Some(payload.get_or_insert_with(|| Arc::new(data.to_vec())).clone()),
@@ -985,7 +987,7 @@ impl Link {
     }
 
     fn queue_flush(&self, inner: &mut Inner, ends_resync: bool) {
-        let snapshot = take_snapshot(inner);
+        let snapshot = take_snapshot(inner, self.shared.local_sync_interval);
         // The pass's closing flush tells the copy its image is whole again,
         // unless a change it missed is still waiting for the next pass.
         let synced = ends_resync && inner.state == CopyState::Syncing && inner.resync_pending.len() == 0;
@@ -1182,9 +1184,9 @@ struct Snapshot {
 /// on the production host either, so a Flush that may clear bits (a
 /// candidate is not in the snapshot, or an earlier snapshot Flush is still
 /// out and the candidates are not known yet) has the local volume fsynced
-/// before it is sent — at most once per LOCAL_SYNC_INTERVAL; in between,
+/// before it is sent — at most once per `local_sync_interval`; in between,
 /// quiet candidates wait for the next Flush.
-fn take_snapshot(inner: &mut Inner) -> Snapshot {
+fn take_snapshot(inner: &mut Inner, local_sync_interval: Duration) -> Snapshot {
     inner.last_flush = Instant::now();
     let regions: Vec<u64> = inner.touched.drain().collect();
     // A snapshot Flush still queued or unacknowledged (it is derived, not
@@ -1198,7 +1200,7 @@ fn take_snapshot(inner: &mut Inner) -> Snapshot {
         let recent: HashSet<u64> = regions.iter().copied().collect();
         inner.clear_candidates.iter().any(|region| !recent.contains(region))
     };
-    let clears = might_clear && inner.last_local_sync.elapsed() >= LOCAL_SYNC_INTERVAL;
+    let clears = might_clear && inner.last_local_sync.elapsed() >= local_sync_interval;
     if clears {
         inner.local_sync_due = true;
         inner.last_local_sync = Instant::now();

@@ -52,6 +52,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::bitmap::{BitmapError, WriteIntentBitmap};
 use crate::eventfd::EventFd;
@@ -61,7 +62,7 @@ use crate::protocol::Secret;
 use crate::volume::Volume;
 
 use link::Link;
-pub use link::{CopyState, CopyStatus, ACK_TIMEOUT};
+pub use link::{CopyState, CopyStatus, ACK_TIMEOUT, LOCAL_SYNC_INTERVAL_DEFAULT};
 pub use state::{CopyRecord, LocalStateFile, MirrorStateStore, RecordedState, StateError};
 
 /// How a copy's acknowledgement gates the client's.
@@ -122,6 +123,10 @@ pub struct ReplicatorConfig {
     /// The production volume's metadata file: a failed local flush is
     /// recorded there, so a restart does not serve the store again.
     pub metadata_path: Option<PathBuf>,
+    /// At most how often the local volume is fsynced so that bits can clear
+    /// ([`LOCAL_SYNC_INTERVAL_DEFAULT`]; tests shorten it to drive the
+    /// clearing rule without waiting).
+    pub local_sync_interval: Duration,
 }
 
 /// A change to ship, after its local write completed.
@@ -264,6 +269,7 @@ pub(crate) struct Shared {
     pub(crate) resync_rate_max: u64,
     pub(crate) resync_checksums: bool,
     pub(crate) assume_clean: bool,
+    pub(crate) local_sync_interval: Duration,
     /// Per region: writes marked whose change is not shipped yet. A region
     /// with writes in flight is never cleared.
     pub(crate) inflight: Mutex<HashMap<u64, u32>>,
@@ -433,6 +439,7 @@ impl Replicator {
             resync_rate_max: config.resync_rate_max,
             resync_checksums: config.resync_checksums,
             assume_clean: config.assume_clean,
+            local_sync_interval: config.local_sync_interval,
             inflight: Mutex::new(HashMap::new()),
             released: Arc::new(AtomicU64::new(0)),
             store,
