@@ -36,6 +36,7 @@ impl<T> Ring<T> {
     /// Set up a ring with `entries` submission slots (a power of two).
     pub fn new(entries: u32) -> Result<Ring<T>, EngineError> {
         let ring = IoUring::builder().setup_cqsize(entries * 2).build(entries).map_err(explain_setup_error)?;
+        check_opcodes(&ring)?;
         let in_flight_max = ring.params().cq_entries() as usize;
         Ok(Ring { ring, slots: Vec::new(), free: Vec::new(), in_flight: 0, in_flight_max })
     }
@@ -169,6 +170,47 @@ impl<T> Drop for Ring<T> {
     }
 }
 
+/// Every opcode the engine and the NBD frontend submit, with the kernel
+/// release that brought it.
+const OPCODES_USED: [(u8, &str, &str); 8] = [
+    (opcode::Nop::CODE, "NOP", "5.1"),
+    (opcode::Read::CODE, "READ", "5.6"),
+    (opcode::Write::CODE, "WRITE", "5.6"),
+    (opcode::Fsync::CODE, "FSYNC", "5.1"),
+    (opcode::Fallocate::CODE, "FALLOCATE", "5.6"),
+    (opcode::AsyncCancel::CODE, "ASYNC_CANCEL", "5.5"),
+    (opcode::Recv::CODE, "RECV", "5.6"),
+    (opcode::SendMsg::CODE, "SENDMSG", "5.3"),
+];
+
+/// Refuse a ring that lacks an opcode the engine uses, naming it, rather
+/// than fail the first request that needs it with EINVAL.
+fn check_opcodes(ring: &IoUring) -> Result<(), EngineError> {
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe).map_err(|source| EngineError::UringUnavailable {
+        message: "the kernel cannot say which io_uring operations it supports (IORING_REGISTER_PROBE, Linux 5.6)"
+            .to_string(),
+        source,
+    })?;
+    let missing = missing_opcodes(|code| probe.is_supported(code));
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(EngineError::UringUnavailable {
+        message: format!("this kernel's io_uring lacks {}; run on Linux 5.6 or newer", missing.join(", ")),
+        source: io::Error::from(io::ErrorKind::Unsupported),
+    })
+}
+
+/// The used opcodes that `supported` says no to, named with their release.
+fn missing_opcodes(supported: impl Fn(u8) -> bool) -> Vec<String> {
+    OPCODES_USED
+        .iter()
+        .filter(|(code, _, _)| !supported(*code))
+        .map(|(_, name, release)| format!("{name} (Linux {release})"))
+        .collect()
+}
+
 fn explain_setup_error(source: io::Error) -> EngineError {
     let message = match source.raw_os_error() {
         Some(libc::EPERM) => "io_uring_setup was refused (EPERM): io_uring is disabled by the sysctl kernel.io_uring_disabled or limited to a group by kernel.io_uring_group; run `sysctl kernel.io_uring_disabled=0` as root, or add this user to that group".to_string(),
@@ -183,6 +225,15 @@ fn explain_setup_error(source: io::Error) -> EngineError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This kernel has every opcode used; one without RECV is named with its release.
+    #[test]
+    fn missing_opcodes_are_named() {
+        let ring = IoUring::new(4).expect("io_uring available");
+        assert!(check_opcodes(&ring).is_ok());
+        let missing = missing_opcodes(|code| code != opcode::Recv::CODE);
+        assert_eq!(missing, ["RECV (Linux 5.6)"]);
+    }
 
     #[test]
     fn nop_round_trip_returns_the_owner() {
