@@ -26,6 +26,7 @@ pub mod protocol;
 pub mod range_lock;
 pub mod receiver;
 pub mod replicator;
+pub mod seam;
 pub mod uring;
 pub mod verify;
 pub mod volume;

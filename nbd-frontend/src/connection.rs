@@ -14,7 +14,7 @@
 //! any order). On a direct volume, write-like requests hold a range lock on
 //! their aligned span; one that conflicts is parked and retried.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use engine::alignment::Span;
 use engine::range_lock::RangeLockId;
-use engine::replicator::{Change, Completions, Replicator, Shipped, WriteRefused};
+use engine::replicator::Replicator;
+use engine::seam::{ChangeExtent, ChangeKind, ChangeSeam, Refused};
 use engine::volume::ZeroMethod;
 use engine::{AlignedBuf, BufferPool, Ring, Volume};
 use io_uring::{opcode, types};
@@ -82,13 +83,8 @@ pub fn serve(
     mirror: Option<Arc<Replicator>>,
 ) -> Result<(Ending, ConnectionStats), engine::EngineError> {
     let ring = Ring::new(RING_ENTRIES)?;
-    let completions = match &mirror {
-        Some(_) => Some(
-            Completions::new()
-                .map_err(|source| engine::EngineError::Io { action: "create the completion eventfd", source })?,
-        ),
-        None => None,
-    };
+    let seam = ChangeSeam::new(mirror)
+        .map_err(|source| engine::EngineError::Io { action: "create the completion eventfd", source })?;
     let limits = Limits {
         size: volume.size(),
         read_only: volume.is_read_only(),
@@ -119,10 +115,7 @@ pub fn serve(
         state: State::Open,
         stats: ConnectionStats::default(),
         recycled: Vec::new(),
-        mirror,
-        completions,
-        waiting: HashMap::new(),
-        next_ticket: 1,
+        seam,
         wake_token: None,
     };
     let ending = connection.run();
@@ -156,36 +149,43 @@ enum Op {
         lock: Option<RangeLockId>,
         done: u64,
     },
+    /// Makes `change` durable: a flush, or the sync after a FUA change.
     Fsync {
         cookie: u64,
         lock: Option<RangeLockId>,
-        shipping: Option<Shipping>,
+        change: ChangeExtent,
+    },
+    /// A change done synchronously (a fallback), its result carried through
+    /// the ring so it completes like every other local part.
+    Done {
+        cookie: u64,
+        lock: Option<RangeLockId>,
+        change: ChangeExtent,
+        result: i32,
     },
     Fallocate {
         work: LockedWork,
         lock: Option<RangeLockId>,
     },
-    /// Reads the mirror's completion eventfd.
+    /// Reads the seam's eventfd (answers from the copies are ready).
     Wake {
         _buf: Box<u64>,
     },
     Cancel,
 }
 
-/// A write-like request whose local part is done or in progress, to be
-/// shipped to the copies (mirrored volumes only) before it is answered.
-#[derive(Debug, Clone, Copy)]
-struct Shipping {
-    command: u16,
-    offset: u64,
-    len: u64,
-    fua: bool,
+/// The change a WRITE of the client's bytes in `span` makes.
+fn write_change(span: &Span, fua: bool) -> ChangeExtent {
+    ChangeExtent { kind: ChangeKind::Write, offset: span.file_offset + span.head, length: span.len, fua }
 }
 
-impl Shipping {
-    /// A WRITE of the client's bytes in `span`.
-    fn write(span: &Span, fua: bool) -> Shipping {
-        Shipping { command: CMD_WRITE, offset: span.file_offset + span.head, len: span.len, fua }
+/// The NBD command a change answers.
+fn command_of(change: &ChangeExtent) -> u16 {
+    match change.kind {
+        ChangeKind::Write => CMD_WRITE,
+        ChangeKind::Trim => CMD_TRIM,
+        ChangeKind::WriteZeroes => CMD_WRITE_ZEROES,
+        ChangeKind::Flush => CMD_FLUSH,
     }
 }
 
@@ -220,12 +220,16 @@ impl LockedWork {
         (span.file_offset, span.file_offset + span.file_len)
     }
 
-    /// What to ship once the local part is done.
-    fn shipping(&self) -> Shipping {
+    /// The change this work makes.
+    fn change(&self) -> ChangeExtent {
         match *self {
-            LockedWork::Write { span, fua, .. } => Shipping::write(&span, fua),
-            LockedWork::Trim { offset, len, fua, .. } => Shipping { command: CMD_TRIM, offset, len, fua },
-            LockedWork::Zero { offset, len, fua, .. } => Shipping { command: CMD_WRITE_ZEROES, offset, len, fua },
+            LockedWork::Write { span, fua, .. } => write_change(&span, fua),
+            LockedWork::Trim { offset, len, fua, .. } => {
+                ChangeExtent { kind: ChangeKind::Trim, offset, length: len, fua }
+            }
+            LockedWork::Zero { offset, len, fua, .. } => {
+                ChangeExtent { kind: ChangeKind::WriteZeroes, offset, length: len, fua }
+            }
         }
     }
 
@@ -358,13 +362,9 @@ struct Connection {
     state: State,
     stats: ConnectionStats,
     recycled: Vec<(Op, i32)>,
-    /// The replicator of a mirrored volume.
-    mirror: Option<Arc<Replicator>>,
-    /// Where the replicator reports changes the sync copies acknowledged.
-    completions: Option<Arc<Completions>>,
-    /// Shipped requests waiting for their copies: ticket → (cookie, command).
-    waiting: HashMap<u64, (u64, u16)>,
-    next_ticket: u64,
+    /// Where every change goes once its local part is done; answers
+    /// (cookie, command) once the copies have it.
+    seam: ChangeSeam<(u64, u16)>,
     /// The eventfd read in flight, if any.
     wake_token: Option<u64>,
 }
@@ -379,7 +379,7 @@ impl Connection {
             self.retry_parked();
             self.start_receive();
             self.start_send();
-            if !self.waiting.is_empty() {
+            if self.seam.has_waiting() {
                 self.arm_wake();
             }
             if let Some(ending) = self.finished() {
@@ -408,7 +408,7 @@ impl Connection {
             State::Open => None,
             State::Failed(ending) => {
                 let ending = ending.clone();
-                if self.waiting.is_empty() {
+                if !self.seam.has_waiting() {
                     self.cancel_wake();
                 }
                 (self.ring.in_flight() == 0).then_some(ending)
@@ -548,22 +548,17 @@ impl Connection {
             Op::Write { cookie, buf, span, fua, lock, done } => {
                 self.write_done(cookie, buf, span, fua, lock, done, result)
             }
-            Op::Fsync { cookie, lock, shipping: None } => {
-                self.unlock(lock);
-                self.reply_status(cookie, CMD_FLUSH, result);
-            }
-            Op::Fsync { cookie, lock, shipping: Some(shipping) } => {
+            Op::Fsync { cookie, lock, change } => {
                 if result < 0 {
-                    if let Some(mirror) = &self.mirror {
-                        mirror.local_flush_failed(-result);
-                    }
-                    self.abandon_changed(&shipping);
+                    // The sync failed: writes already answered may be lost.
+                    self.seam.failed(&change, -result, true);
                     self.unlock(lock);
-                    self.reply_status(cookie, shipping.command, result);
+                    self.reply_status(cookie, command_of(&change), result);
                 } else {
-                    self.ship(cookie, shipping, lock, None);
+                    self.ship(cookie, change, lock, None);
                 }
             }
+            Op::Done { cookie, lock, change, result } => self.local_part_done(cookie, change, lock, result),
             Op::Fallocate { work, lock } => self.fallocate_done(work, lock, result),
             Op::Wake { .. } => self.woken(result),
             Op::Cancel => {}
@@ -712,14 +707,11 @@ impl Connection {
     fn execute(&mut self, header: RequestHeader, command: Command) {
         let cookie = header.cookie;
         let (offset, len) = (header.offset, header.length as u64);
-        if self.mirror.as_ref().is_some_and(|mirror| mirror.local_failure().is_some()) {
+        if matches!(command, Command::Read | Command::Flush) && self.seam.check_store().is_err() {
             // The store may lack acknowledged writes: neither reads nor
             // flushes can be answered truthfully from it any more.
-            match command {
-                Command::Read => return self.reply_error(cookie, CMD_READ, EIO),
-                Command::Flush => return self.reply_error(cookie, CMD_FLUSH, EIO),
-                _ => {}
-            }
+            let code = if matches!(command, Command::Read) { CMD_READ } else { CMD_FLUSH };
+            return self.reply_error(cookie, code, EIO);
         }
         match command {
             Command::Read => {
@@ -727,15 +719,7 @@ impl Connection {
                 let buf = self.pool.take(span.file_len as usize);
                 self.push_read(cookie, offset, buf, span, 0);
             }
-            Command::Flush => {
-                let entry = self.volume.fsync_entry();
-                let shipping =
-                    self.mirror.is_some().then_some(Shipping { command: CMD_FLUSH, offset: 0, len: 0, fua: false });
-                // SAFETY: fsync carries no pointers.
-                if let Err((op, _)) = unsafe { self.ring.push(entry, Op::Fsync { cookie, lock: None, shipping }) } {
-                    self.refused(op);
-                }
-            }
+            Command::Flush => self.push_fsync_then_ship(cookie, None, ChangeExtent::flush()),
             Command::Trim { fua } => self.locked(LockedWork::Trim { cookie, offset, len, fua }),
             Command::WriteZeroes { fua, may_punch, fast_only } => {
                 self.locked(LockedWork::Zero { cookie, offset, len, fua, may_punch, fast_only })
@@ -797,7 +781,7 @@ impl Connection {
     fn locked(&mut self, work: LockedWork) {
         // Mirrored volumes serialise overlapping changes too, so every copy
         // applies them in the order the local store did.
-        if !self.volume.is_direct() && self.mirror.is_none() {
+        if !self.volume.is_direct() && !self.seam.is_mirrored() {
             self.start_locked(work, None);
             return;
         }
@@ -820,27 +804,25 @@ impl Connection {
     }
 
     fn start_locked(&mut self, work: LockedWork, lock: Option<RangeLockId>) {
-        if let Some(mirror) = &self.mirror {
-            let (cookie, shipping) = (work.cookie(), work.shipping());
-            if let Err(error) = mirror.begin_write(shipping.offset, shipping.len) {
-                // A failed local store was logged once when it failed.
-                if let WriteRefused::Bitmap(_) = error {
-                    tracing::error!(%error, "answering EIO");
-                }
-                self.unlock(lock);
-                if let LockedWork::Write { buf, .. } = work {
-                    self.pool.give(buf);
-                }
-                self.reply_error(cookie, shipping.command, EIO);
-                return;
+        let (cookie, change) = (work.cookie(), work.change());
+        if let Err(error) = self.seam.begin(&change) {
+            // A failed local store was logged once when it failed.
+            if let Refused::Bitmap(_) = error {
+                tracing::error!(%error, "answering EIO");
             }
+            self.unlock(lock);
+            if let LockedWork::Write { buf, .. } = work {
+                self.pool.give(buf);
+            }
+            self.reply_error(cookie, command_of(&change), EIO);
+            return;
         }
         match work {
             LockedWork::Write { cookie, mut buf, span, fua } => {
                 if self.volume.is_direct() && (span.partial_head() || span.partial_tail()) {
                     if let Err(error) = self.volume.fill_edges(&span, &mut buf) {
                         tracing::warn!(%error, offset = span.file_offset, "reading edge blocks for an unaligned write failed");
-                        self.abandon(&Shipping::write(&span, fua));
+                        self.seam.abandon(&write_change(&span, fua));
                         self.unlock(lock);
                         self.pool.give(buf);
                         self.reply_error(cookie, CMD_WRITE, errno_to_nbd(error.raw_os_error().unwrap_or(libc::EIO)));
@@ -856,12 +838,12 @@ impl Connection {
                     // the device likes; a mirrored one must read the same on
                     // every copy, so it is zeroed instead (BLKZEROOUT, which
                     // thin devices still unmap).
-                    let result = if self.mirror.is_some() {
+                    let result = if self.seam.is_mirrored() {
                         self.volume.write_zeroes_synchronously(offset, len)
                     } else {
                         self.volume.discard_synchronously(offset, len)
                     };
-                    self.synchronous_done(cookie, Shipping { command: CMD_TRIM, offset, len, fua }, lock, result);
+                    self.synchronous_done(cookie, change, lock, result);
                 }
             },
             LockedWork::Zero { cookie, offset, len, fua, may_punch, fast_only } => {
@@ -871,14 +853,13 @@ impl Connection {
                         self.push_fallocate(work, lock, mode);
                     }
                     ZeroMethod::NotFast => {
-                        self.abandon(&Shipping { command: CMD_WRITE_ZEROES, offset, len, fua });
+                        self.seam.abandon(&change);
                         self.unlock(lock);
                         self.reply_error(cookie, CMD_WRITE_ZEROES, ENOTSUP);
                     }
                     ZeroMethod::Synchronous => {
                         let result = self.volume.write_zeroes_synchronously(offset, len);
-                        let shipping = Shipping { command: CMD_WRITE_ZEROES, offset, len, fua };
-                        self.synchronous_done(cookie, shipping, lock, result);
+                        self.synchronous_done(cookie, change, lock, result);
                     }
                 }
             }
@@ -914,9 +895,9 @@ impl Connection {
         done: u64,
         result: i32,
     ) {
-        let shipping = Shipping::write(&span, fua);
+        let change = write_change(&span, fua);
         if result <= 0 {
-            self.abandon_changed(&shipping);
+            self.seam.failed(&change, if result < 0 { -result } else { libc::EIO }, false);
             self.unlock(lock);
             self.pool.give(buf);
             let errno = if result < 0 { errno_to_nbd(-result) } else { EIO };
@@ -929,7 +910,7 @@ impl Connection {
             return;
         }
         let data = &buf.as_slice()[span.head as usize..(span.head + span.len) as usize];
-        self.ship(cookie, shipping, lock, Some(data));
+        self.ship(cookie, change, lock, Some(data));
         self.pool.give(buf);
     }
 
@@ -947,130 +928,93 @@ impl Connection {
 
     fn fallocate_done(&mut self, work: LockedWork, lock: Option<RangeLockId>, result: i32) {
         let unsupported = result == -libc::EOPNOTSUPP;
-        let shipping = work.shipping();
-        let (cookie, command, fua, result) = match work {
+        let change = work.change();
+        match work {
             // A trim is advisory: a file system that cannot punch holes keeps
             // the data, and then nothing is shipped either (a copy that could
             // punch would otherwise read zeroes where this store has data).
             LockedWork::Trim { cookie, .. } if unsupported => {
-                self.abandon(&shipping);
+                self.seam.abandon(&change);
                 self.unlock(lock);
                 self.reply_status(cookie, CMD_TRIM, 0);
-                return;
             }
-            LockedWork::Trim { cookie, fua, .. } => (cookie, CMD_TRIM, fua, result),
-            LockedWork::Zero { cookie, offset, len, fua, fast_only, .. } if unsupported => {
+            LockedWork::Zero { cookie, offset, len, fast_only, .. } if unsupported => {
                 self.volume.note_fallocate_unsupported();
                 if fast_only {
-                    self.abandon(&shipping);
+                    self.seam.abandon(&change);
                     self.unlock(lock);
                     self.reply_error(cookie, CMD_WRITE_ZEROES, ENOTSUP);
                     return;
                 }
                 let result = self.volume.write_zeroes_synchronously(offset, len);
-                self.synchronous_done(cookie, Shipping { command: CMD_WRITE_ZEROES, offset, len, fua }, lock, result);
-                return;
+                self.synchronous_done(cookie, change, lock, result);
             }
-            LockedWork::Zero { cookie, fua, .. } => (cookie, CMD_WRITE_ZEROES, fua, result),
-            LockedWork::Write { .. } => unreachable!("writes are not fallocated"),
-        };
-        if result < 0 {
-            self.abandon_changed(&shipping);
-            self.unlock(lock);
-            self.reply_status(cookie, command, result);
-            return;
+            work => self.local_part_done(work.cookie(), change, lock, result),
         }
-        if !fua {
-            self.ship(cookie, shipping, lock, None);
-            return;
-        }
-        self.push_fsync_then_ship(cookie, lock, shipping);
     }
 
+    /// A synchronous fallback finished: its result goes through the ring
+    /// (a NOP carrying it), so it completes on the same path as the ring's
+    /// own operations, in order with them.
     fn synchronous_done(
         &mut self,
         cookie: u64,
-        shipping: Shipping,
+        change: ChangeExtent,
         lock: Option<RangeLockId>,
         result: std::io::Result<()>,
     ) {
-        match result {
-            Err(error) => {
-                self.abandon_changed(&shipping);
-                self.unlock(lock);
-                let errno = error.raw_os_error().unwrap_or(libc::EIO);
-                self.reply_status(cookie, shipping.command, -errno);
-            }
-            Ok(()) if shipping.fua => self.push_fsync_then_ship(cookie, lock, shipping),
-            Ok(()) => self.ship(cookie, shipping, lock, None),
-        }
-    }
-
-    fn push_fsync_then_ship(&mut self, cookie: u64, lock: Option<RangeLockId>, shipping: Shipping) {
-        let entry = self.volume.fsync_entry();
-        // SAFETY: fsync carries no pointers.
-        if let Err((op, _)) = unsafe { self.ring.push(entry, Op::Fsync { cookie, lock, shipping: Some(shipping) }) } {
+        let result = match result {
+            Ok(()) => 0,
+            Err(error) => -error.raw_os_error().unwrap_or(libc::EIO),
+        };
+        let op = Op::Done { cookie, lock, change, result };
+        // SAFETY: a NOP carries no pointers.
+        if let Err((op, _)) = unsafe { self.ring.push(opcode::Nop::new().build(), op) } {
             self.refused(op);
         }
     }
 
-    /// The local part of a write-like request (or a flush) is done: ship
-    /// it to the copies, release its range, then answer now or once the
-    /// sync copies acknowledge. Unmirrored volumes answer at once.
-    fn ship(&mut self, cookie: u64, shipping: Shipping, lock: Option<RangeLockId>, data: Option<&[u8]>) {
-        let (Some(mirror), Some(completions)) = (&self.mirror, &self.completions) else {
+    /// The local part of a trim or zero ended with `result`: fail it, make
+    /// it durable first (FUA), or ship it.
+    fn local_part_done(&mut self, cookie: u64, change: ChangeExtent, lock: Option<RangeLockId>, result: i32) {
+        if result < 0 {
+            self.seam.failed(&change, -result, false);
             self.unlock(lock);
-            self.reply_status(cookie, shipping.command, 0);
-            return;
-        };
-        let Shipping { command, offset, len, fua } = shipping;
-        let change = match command {
-            CMD_WRITE => Change::Write { offset, data: data.expect("a write ships its data"), fua },
-            CMD_TRIM => Change::Trim { offset, length: len, fua },
-            CMD_WRITE_ZEROES => Change::WriteZeroes { offset, length: len, fua },
-            _ => Change::Flush,
-        };
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        let shipped = mirror.ship(change, completions, ticket);
+            self.reply_status(cookie, command_of(&change), result);
+        } else if change.fua {
+            self.push_fsync_then_ship(cookie, lock, change);
+        } else {
+            self.ship(cookie, change, lock, None);
+        }
+    }
+
+    fn push_fsync_then_ship(&mut self, cookie: u64, lock: Option<RangeLockId>, change: ChangeExtent) {
+        let entry = self.volume.fsync_entry();
+        // SAFETY: fsync carries no pointers.
+        if let Err((op, _)) = unsafe { self.ring.push(entry, Op::Fsync { cookie, lock, change }) } {
+            self.refused(op);
+        }
+    }
+
+    /// The local part of a change is done: hand it to the seam (which ships
+    /// it to any copies), release its range, then answer now or once the
+    /// copies have it.
+    fn ship(&mut self, cookie: u64, change: ChangeExtent, lock: Option<RangeLockId>, data: Option<&[u8]>) {
+        let command = command_of(&change);
+        let answer = self.seam.completed(&change, data, (cookie, command));
         self.unlock(lock);
-        match shipped {
-            Shipped::Done(result) => self.reply_status(cookie, command, result),
-            Shipped::Pending => {
-                self.waiting.insert(ticket, (cookie, command));
-                self.arm_wake();
-            }
+        if let Some(((cookie, command), result)) = answer {
+            self.reply_status(cookie, command, result);
         }
     }
 
-    /// The local part was never issued: nothing is shipped, nothing changed.
-    fn abandon(&self, shipping: &Shipping) {
-        if let Some(mirror) = &self.mirror {
-            if shipping.command != CMD_FLUSH {
-                mirror.abandon(shipping.offset, shipping.len);
-            }
-        }
-    }
-
-    /// The local part failed after it may have changed the store (a write
-    /// cut short, an fsync that failed after the change): nothing is
-    /// shipped, and the copies resync the extent.
-    fn abandon_changed(&self, shipping: &Shipping) {
-        if let Some(mirror) = &self.mirror {
-            if shipping.command != CMD_FLUSH {
-                mirror.abandon_changed(shipping.offset, shipping.len);
-            }
-        }
-    }
-
-    /// Keep one read of the completion eventfd in flight while any request
+    /// Keep one read of the seam's eventfd in flight while any request
     /// waits for its copies.
     fn arm_wake(&mut self) {
         if self.wake_token.is_some() {
             return;
         }
-        let Some(completions) = &self.completions else { return };
-        let fd = completions.fd();
+        let Some(fd) = self.seam.wake_fd() else { return };
         let mut buf = Box::new(0u64);
         let pointer = (&mut *buf as *mut u64).cast::<u8>();
         let entry = opcode::Read::new(types::Fd(fd), pointer, 8).build();
@@ -1090,16 +1034,12 @@ impl Connection {
         if result < 0 && result != -libc::ECANCELED && result != -libc::EINTR {
             tracing::error!(error = %std::io::Error::from_raw_os_error(-result), "reading the completion eventfd failed");
         }
-        let mut done = Vec::new();
-        if let Some(completions) = &self.completions {
-            completions.take(&mut done);
+        let mut answers = Vec::new();
+        self.seam.take_answers(&mut answers);
+        for ((cookie, command), result) in answers {
+            self.reply_status(cookie, command, result);
         }
-        for (ticket, result) in done {
-            if let Some((cookie, command)) = self.waiting.remove(&ticket) {
-                self.reply_status(cookie, command, result);
-            }
-        }
-        if !self.waiting.is_empty() {
+        if self.seam.has_waiting() {
             self.arm_wake();
         }
     }
@@ -1122,22 +1062,24 @@ impl Connection {
                 self.reply_error(cookie, CMD_READ, EIO);
             }
             Op::Write { cookie, buf, lock, span, fua, .. } => {
-                self.abandon_changed(&Shipping::write(&span, fua));
+                self.seam.failed(&write_change(&span, fua), libc::EIO, false);
                 self.unlock(lock);
                 self.pool.give(buf);
                 self.reply_error(cookie, CMD_WRITE, EIO);
             }
-            Op::Fsync { cookie, lock, shipping } => {
-                if let Some(shipping) = shipping {
-                    self.abandon_changed(&shipping);
-                }
+            // The local part may have run (the sync had not), or may not
+            // have (a flush, or a change done synchronously): either way its
+            // extent is resynced, and the store is not failed.
+            Op::Fsync { cookie, lock, change } | Op::Done { cookie, lock, change, .. } => {
+                self.seam.failed(&change, libc::EIO, false);
                 self.unlock(lock);
-                self.reply_error(cookie, CMD_FLUSH, EIO);
+                self.reply_error(cookie, command_of(&change), EIO);
             }
             Op::Fallocate { work, lock } => {
-                self.abandon_changed(&work.shipping());
+                let change = work.change();
+                self.seam.failed(&change, libc::EIO, false);
                 self.unlock(lock);
-                self.reply_error(work.cookie(), CMD_TRIM, EIO);
+                self.reply_error(work.cookie(), command_of(&change), EIO);
             }
             Op::Receive { .. } | Op::ReceivePayload { .. } | Op::Send { .. } | Op::Wake { .. } | Op::Cancel => {
                 unreachable!("socket ops are pushed only with room in the ring")

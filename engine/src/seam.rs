@@ -1,0 +1,209 @@
+//! The write seam: the one typed interface through which a frontend changes
+//! a volume. The frontend does the local I/O (its own io_uring) and tells
+//! the seam where each change stands; the seam keeps the bitmap, the copies
+//! and the local store's health out of the frontend's sight.
+//!
+//! ```text
+//!  frontend                         seam                               replicator
+//!  begin(change) ─────────────────▶ mark the bitmap, count in flight ─▶ (durable before the local I/O)
+//!  local I/O …
+//!  completed(change, data, owner) ─▶ ship to the copies ─────────────▶ Answer now, or later:
+//!  take_answers() ◀── wake_fd() readable ◀── every sync copy acknowledged
+//!  failed(change, errno) ──────────▶ the copies resync the extent; a failed sync fails the store
+//!  abandon(change) ────────────────▶ never issued: nothing changed, nothing shipped
+//! ```
+//!
+//! An unmirrored volume has the same seam with nothing behind it: every
+//! change is answered as soon as its local part completed. The frontend
+//! never names a copy, a bitmap region or a replication frame, and the seam
+//! never sees a protocol's command codes (cloud-hypervisor's `AsyncIo` keeps
+//! its block layer apart the same way).
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use crate::replicator::{Change, Completions, Replicator, Shipped, WriteRefused};
+
+/// What a change does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    /// Bytes written.
+    Write,
+    /// A range discarded: it reads as zeroes afterwards on a mirrored volume.
+    Trim,
+    /// A range zeroed.
+    WriteZeroes,
+    /// Everything completed before it made durable.
+    Flush,
+}
+
+/// One change to a volume, as the frontend submits it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChangeExtent {
+    /// What it does.
+    pub kind: ChangeKind,
+    /// Volume offset in bytes (0 for a flush).
+    pub offset: u64,
+    /// Length in bytes (0 for a flush).
+    pub length: u64,
+    /// Force unit access: durable before it is answered.
+    pub fua: bool,
+}
+
+impl ChangeExtent {
+    /// A flush.
+    pub fn flush() -> ChangeExtent {
+        ChangeExtent { kind: ChangeKind::Flush, offset: 0, length: 0, fua: false }
+    }
+
+    fn is_flush(&self) -> bool {
+        self.kind == ChangeKind::Flush
+    }
+}
+
+/// Why a change or a read is refused before its local part starts.
+pub type Refused = WriteRefused;
+
+/// One connection's seam. `T` is what the frontend needs to answer a change
+/// later (its request cookie, say); the seam hands it back with the result.
+#[derive(Debug)]
+pub struct ChangeSeam<T> {
+    mirror: Option<Arc<Replicator>>,
+    completions: Option<Arc<Completions>>,
+    waiting: HashMap<u64, T>,
+    next_ticket: u64,
+}
+
+impl<T> ChangeSeam<T> {
+    /// The seam of a volume mirrored by `mirror`, or of an unmirrored one.
+    pub fn new(mirror: Option<Arc<Replicator>>) -> std::io::Result<ChangeSeam<T>> {
+        let completions = match mirror {
+            Some(_) => Some(Completions::new()?),
+            None => None,
+        };
+        Ok(ChangeSeam { mirror, completions, waiting: HashMap::new(), next_ticket: 1 })
+    }
+
+    /// Whether changes are shipped to copies. Overlapping changes must then
+    /// be serialised (range locks), so every copy applies them in the order
+    /// the local store did; and a trim must leave zeroes, so that every copy
+    /// reads the same.
+    pub fn is_mirrored(&self) -> bool {
+        self.mirror.is_some()
+    }
+
+    /// Before a read or a flush: whether the local store can still answer
+    /// truthfully (it cannot once a flush of it failed).
+    pub fn check_store(&self) -> Result<(), Refused> {
+        match self.mirror.as_ref().and_then(|mirror| mirror.local_failure()) {
+            Some(why) => Err(WriteRefused::LocalStoreFailed(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Before the local part of a write, trim or zero is issued: its
+    /// regions are marked durably in the bitmap and counted in flight.
+    /// Every `begin` is followed by exactly one `completed`, `failed` or
+    /// `abandon` of the same change.
+    pub fn begin(&self, change: &ChangeExtent) -> Result<(), Refused> {
+        match &self.mirror {
+            Some(mirror) if !change.is_flush() => mirror.begin_write(change.offset, change.length),
+            Some(_) => self.check_store(),
+            None => Ok(()),
+        }
+    }
+
+    /// The local part was never issued: nothing changed, nothing is shipped.
+    pub fn abandon(&self, change: &ChangeExtent) {
+        if let Some(mirror) = &self.mirror {
+            if !change.is_flush() {
+                mirror.abandon(change.offset, change.length);
+            }
+        }
+    }
+
+    /// The local part failed with `errno` after it may have changed the
+    /// store: nothing is shipped and the copies resync the extent. When the
+    /// failure was the sync that makes the change (or a flush) durable, the
+    /// store may have lost acknowledged writes: it is failed for good (see
+    /// [`Replicator::local_flush_failed`]).
+    pub fn failed(&self, change: &ChangeExtent, errno: i32, sync_failed: bool) {
+        let Some(mirror) = &self.mirror else { return };
+        if sync_failed {
+            mirror.local_flush_failed(errno);
+        }
+        if !change.is_flush() {
+            mirror.abandon_changed(change.offset, change.length);
+        }
+    }
+
+    /// The local part completed (`data` is a write's bytes): ship it. The
+    /// answer, `(owner, 0 or -errno)`, is returned now, or later from
+    /// [`ChangeSeam::take_answers`] once every sync copy acknowledged.
+    pub fn completed(&mut self, change: &ChangeExtent, data: Option<&[u8]>, owner: T) -> Option<(T, i32)> {
+        let (Some(mirror), Some(completions)) = (&self.mirror, &self.completions) else {
+            return Some((owner, 0));
+        };
+        let ChangeExtent { kind, offset, length, fua } = *change;
+        let change = match kind {
+            ChangeKind::Write => Change::Write { offset, data: data.expect("a write ships its data"), fua },
+            ChangeKind::Trim => Change::Trim { offset, length, fua },
+            ChangeKind::WriteZeroes => Change::WriteZeroes { offset, length, fua },
+            ChangeKind::Flush => Change::Flush,
+        };
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        match mirror.ship(change, completions, ticket) {
+            Shipped::Done(result) => Some((owner, result)),
+            Shipped::Pending => {
+                self.waiting.insert(ticket, owner);
+                None
+            }
+        }
+    }
+
+    /// Whether any change waits for its copies.
+    pub fn has_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// The eventfd that is readable (an 8-byte counter) when answers are
+    /// ready; `None` on an unmirrored volume.
+    pub fn wake_fd(&self) -> Option<RawFd> {
+        self.completions.as_ref().map(|completions| completions.fd())
+    }
+
+    /// Move every answer that is ready into `out`.
+    pub fn take_answers(&mut self, out: &mut Vec<(T, i32)>) {
+        let Some(completions) = &self.completions else { return };
+        let mut done = Vec::new();
+        completions.take(&mut done);
+        for (ticket, result) in done {
+            if let Some(owner) = self.waiting.remove(&ticket) {
+                out.push((owner, result));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without copies every change is answered as soon as its local part
+    /// completed, and nothing waits.
+    #[test]
+    fn an_unmirrored_seam_answers_at_once() {
+        let mut seam: ChangeSeam<u32> = ChangeSeam::new(None).unwrap();
+        let write = ChangeExtent { kind: ChangeKind::Write, offset: 0, length: 3, fua: false };
+        assert!(seam.begin(&write).is_ok());
+        assert_eq!(seam.completed(&write, Some(b"abc"), 7), Some((7, 0)));
+        assert_eq!(seam.completed(&ChangeExtent::flush(), None, 8), Some((8, 0)));
+        assert!(!seam.has_waiting() && seam.wake_fd().is_none() && !seam.is_mirrored());
+        assert!(seam.check_store().is_ok());
+        let mut answers = Vec::new();
+        seam.take_answers(&mut answers);
+        assert!(answers.is_empty());
+    }
+}
