@@ -292,7 +292,7 @@ fn killed_copy_resyncs_only_what_it_missed() {
     std::thread::sleep(Duration::from_secs(2));
     mirror.copies[1].process.as_mut().unwrap().stop_with(libc::SIGKILL);
     fio_finish(load);
-    assert!(wait_until(Duration::from_secs(10), || mirror.copy_status("west")["state"] == "disconnected"));
+    assert!(wait_until(Duration::from_secs(10), || mirror.copy_status("west")["state"] == "stale"));
     let dirty = mirror.copy_status("west")["dirty_bytes"].as_u64().unwrap();
     assert!(dirty > 0, "the lost copy missed writes, so some regions must be dirty");
     let mut west = mirror.copies.remove(1);
@@ -355,7 +355,7 @@ fn cut_link_is_resynced_after_it_heals() {
     let started = Instant::now();
     let load = fio(&mirror.uri(), 12, &["--lat_percentiles=1"]);
     assert!(
-        wait_until(Duration::from_secs(20), || mirror.copy_status("east")["state"] == "disconnected"),
+        wait_until(Duration::from_secs(20), || mirror.copy_status("east")["state"] == "stale"),
         "the cut copy was never declared disconnected:\n{}",
         mirror.logs()
     );
@@ -533,7 +533,7 @@ fn partial_write_during_resync_does_not_hide_a_missed_write() {
     mirror.start_production();
     mirror.wait_up_to_date(Duration::from_secs(60));
     mirror.copies[0].process.as_mut().unwrap().stop_with(libc::SIGKILL);
-    assert!(wait_until(Duration::from_secs(10), || mirror.copy_status("east")["state"] == "disconnected"));
+    assert!(wait_until(Duration::from_secs(10), || mirror.copy_status("east")["state"] == "stale"));
     let uri = mirror.uri();
     // Missed by the copy: 4 KiB at the start of the region at 50 MiB, and a
     // byte in each of 30 regions before it (7.5 MiB to resync at 2 MiB/s).
