@@ -35,6 +35,8 @@ struct Mirror {
     production: Option<Process>,
     production_args: Vec<String>,
     copies: Vec<Copy>,
+    /// The volume's size, as `--size` takes it.
+    size: String,
 }
 
 impl Mirror {
@@ -53,6 +55,17 @@ impl Mirror {
         extra: &[&str],
         prepare: impl FnOnce(&std::path::Path, &[PathBuf]),
     ) -> Mirror {
+        Mirror::start_sized(label, SIZE, copies, extra, prepare)
+    }
+
+    /// Like [`Mirror::start_with`], for a volume of `size` (e.g. "1G").
+    fn start_sized(
+        label: &str,
+        size: &str,
+        copies: &[(&str, &str, &str)],
+        extra: &[&str],
+        prepare: impl FnOnce(&std::path::Path, &[PathBuf]),
+    ) -> Mirror {
         let scratch = Scratch::new(label);
         let secret = write_secret(&scratch, "secret", 7);
         let volume = scratch.join("production.img");
@@ -64,6 +77,7 @@ impl Mirror {
             production: None,
             production_args: Vec::new(),
             copies: Vec::new(),
+            size: size.to_string(),
             scratch,
         };
         let stores: Vec<PathBuf> =
@@ -89,7 +103,7 @@ impl Mirror {
             "--volume".into(),
             mirror.volume.display().to_string(),
             "--size".into(),
-            SIZE.into(),
+            size.into(),
             "--secret-file".into(),
             mirror.secret.display().to_string(),
             "--admin".into(),
@@ -115,7 +129,7 @@ impl Mirror {
             "--volume",
             &volume,
             "--size",
-            SIZE,
+            &self.size,
             "--listen",
             &listen,
             "--secret-file",
@@ -653,5 +667,146 @@ fn killed_copy_holds_a_prefix(label: &str, options: &str) {
     mirror.start_copy(&mut east);
     mirror.copies.push(east);
     mirror.wait_up_to_date(Duration::from_secs(60));
+    mirror.stop_and_compare();
+}
+
+/// Bytes allocated to a file (st_blocks × 512).
+fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap_or_else(|error| panic!("stat {}: {error}", path.display())).blocks() * 512
+}
+
+/// Thin provisioning survives a resync: a 1 GiB sparse production volume
+/// holding 4 MiB of data and 2 MiB of written zeroes gets a full initial
+/// sync to a new sparse copy, whose allocation stays near the 4 MiB of data
+/// (holes and zero chunks go as ResyncZeroes), and the stores are identical.
+#[test]
+fn full_sync_of_a_sparse_volume_keeps_the_copy_sparse() {
+    if !tools() || !require_tool("qemu-io") {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let mirror = Mirror::start_sized("mirror-thin", "1G", &[("east", "127.0.0.2", "")], &[], |volume, _| {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(volume).unwrap();
+        file.set_len(1 << 30).unwrap();
+        for (index, offset) in [0, 300 * MIB, 700 * MIB, (1 << 30) - MIB].into_iter().enumerate() {
+            file.write_all_at(&system_tests::random_bytes(MIB as usize, 40 + index as u64), offset).unwrap();
+        }
+        // Written zeroes are allocated here, and must not be on the copy.
+        file.write_all_at(&vec![0u8; 2 * MIB as usize], 500 * MIB).unwrap();
+        file.sync_all().unwrap();
+    });
+    mirror.wait_up_to_date(Duration::from_secs(120));
+    let east = mirror.copy_status("east");
+    assert_eq!(east["resync_bytes_total"], 1u64 << 30, "a new copy gets a full sync: {east}");
+    // An acknowledged write after the sync reaches the copy too (compared below).
+    qemu_write(&mirror.uri(), 900 * MIB, "64k", 0x4d);
+    mirror.wait_up_to_date(Duration::from_secs(30));
+    let production = allocated_bytes(&mirror.volume);
+    let copy = allocated_bytes(&mirror.copies[0].volume);
+    eprintln!("allocated: production {production} bytes, copy {copy} bytes");
+    assert!(production >= 6 * MIB, "the production volume holds its written zeroes: {production}");
+    assert!(copy <= 6 * MIB, "the copy of 4 MiB of data (+64 KiB) allocates {copy} bytes: the sync made it thick");
+    mirror.stop_and_compare();
+}
+
+/// A tmpfs of a given size, mounted for one test; unmounted and removed on
+/// drop (after the processes using it, which are declared after it).
+struct SmallFilesystem {
+    path: PathBuf,
+}
+
+impl SmallFilesystem {
+    fn mount(label: &str, size: &str) -> SmallFilesystem {
+        let path = PathBuf::from(format!("/var/tmp/crossmirror-test-{}-{label}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create the mount point");
+        let options = format!("size={size}");
+        run("mount", &["-t", "tmpfs", "-o", &options, "tmpfs", path.to_str().unwrap()]);
+        SmallFilesystem { path }
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let path = self.path.to_str().unwrap();
+        if !Command::new("umount").arg(path).status().is_ok_and(|status| status.success()) {
+            let _ = Command::new("umount").args(["-l", path]).status();
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// A copy host whose store fills its filesystem while the application
+/// writes: it tells the production host why (an Error frame), the copy is
+/// `stale` with a `last_error` about space, the writes are acknowledged,
+/// reconnects back off (a few connections and bounded data in 10 s, where
+/// it used to redial at once, dozens of times a second), and once space is
+/// freed the resync sends what the copy missed, not the whole volume again,
+/// and the stores end identical.
+#[test]
+fn a_copy_out_of_space_is_stale_with_the_reason_and_backs_off() {
+    if !tools() || !require_root() || !require_tool("mount") || !require_tool("qemu-io") {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    // 96 MiB, 40 of them taken by a filler: the 64 MiB copy store can hold
+    // 56 MiB of data.
+    let filesystem = SmallFilesystem::mount("enospc-fs", "96M");
+    let filler = filesystem.path.join("filler");
+    std::fs::write(&filler, vec![0xeeu8; 40 * MIB as usize]).expect("write the filler");
+    let store = filesystem.path.join("copy-east.img");
+    let mirror = Mirror::start_with("mirror-enospc", &[("east", "127.0.0.2", "")], &[], |volume, stores| {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(volume).unwrap();
+        file.set_len(64 * MIB).unwrap();
+        file.write_all_at(&system_tests::random_bytes(40 * MIB as usize, 51), 0).unwrap();
+        std::fs::File::create(&store).unwrap().set_len(64 * MIB).unwrap();
+        std::os::unix::fs::symlink(&store, &stores[0]).unwrap();
+    });
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    // 20 MiB more than the 16 MiB the copy has room for; acknowledged all
+    // the same (the copy is recorded stale first).
+    let uri = mirror.uri();
+    for (index, offset) in [40 * MIB, 50 * MIB].into_iter().enumerate() {
+        qemu_write(&uri, offset, "10M", 0x51 + index as u8);
+    }
+    let out_of_space = wait_until(Duration::from_secs(30), || {
+        let east = mirror.copy_status("east");
+        east["state"] == "stale" && east["last_error"].as_str().is_some_and(|error| error.contains("no space"))
+    });
+    assert!(
+        out_of_space,
+        "the full copy is not stale with a reason about space: {}\n{}",
+        mirror.copy_status("east"),
+        mirror.logs()
+    );
+    let production = mirror.production.as_ref().unwrap();
+    let disconnects = || production.log().matches("copy east disconnected").count();
+    let (before, lines_before) = (mirror.copy_status("east"), disconnects());
+    std::thread::sleep(Duration::from_secs(10));
+    let (after, lines_after) = (mirror.copy_status("east"), disconnects());
+    let number = |status: &serde_json::Value, field: &str| status[field].as_u64().unwrap();
+    let connects = number(&after, "connects") - number(&before, "connects");
+    let shipped = number(&after, "bytes_shipped") - number(&before, "bytes_shipped");
+    let lines = lines_after - lines_before;
+    eprintln!(
+        "in 10 s while the copy was full: {connects} connections, {shipped} bytes shipped, {lines} disconnect lines"
+    );
+    assert!(connects <= 8, "{connects} connections in 10 s to a full copy: no backoff\n{after}");
+    assert!(lines <= 8, "{lines} disconnect lines in 10 s:\n{}", production.log());
+    assert!(shipped <= 8 * 24 * MIB, "{shipped} bytes shipped in 10 s to a full copy\n{after}");
+    // Acknowledged while the copy is away, so the resync must bring it.
+    qemu_write(&uri, 64 * MIB - 64 * 1024, "64k", 0x6b);
+    std::fs::remove_file(&filler).expect("free space");
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let east = mirror.copy_status("east");
+    assert_eq!(east["last_error"], serde_json::Value::Null, "an up to date copy has no last error: {east}");
+    let last_pass = number(&east, "resync_bytes_total");
+    assert!(
+        last_pass <= 21 * MIB,
+        "the resync after freeing space sent {last_pass} bytes, not what was missed: {east}"
+    );
+    assert_eq!(mirror.copy_host_status("east")["store_state"], "consistent");
     mirror.stop_and_compare();
 }
