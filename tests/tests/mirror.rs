@@ -810,3 +810,185 @@ fn a_copy_out_of_space_is_stale_with_the_reason_and_backs_off() {
     assert_eq!(mirror.copy_host_status("east")["store_state"], "consistent");
     mirror.stop_and_compare();
 }
+
+/// The lines of `log` that mention `text`, as (level, line).
+fn log_lines<'a>(log: &'a str, text: &str) -> Vec<(&'static str, &'a str)> {
+    let level = |line: &str| ["ERROR", "WARN", "INFO", "DEBUG"].into_iter().find(|level| line.contains(level));
+    log.lines().filter(|line| line.contains(text)).map(|line| (level(line).unwrap_or("?"), line)).collect()
+}
+
+/// Status says why a copy is not connected (`last_error`, JSON and table)
+/// for a copy host with another secret and one with a store of another
+/// size; both are `stale`. Verify answers 404 with the copies' names for an
+/// unknown copy and 409 with the state for a stale one.
+#[test]
+fn status_says_why_a_copy_is_not_connected_and_verify_says_which_copies_exist() {
+    if !tools() {
+        return;
+    }
+    let scratch = Scratch::new("mirror-why");
+    let secret = write_secret(&scratch, "secret", 7);
+    let other_secret = write_secret(&scratch, "other-secret", 8);
+    let mut copies = Vec::new();
+    for (name, ip, secret, size) in [("east", "127.0.0.2", &other_secret, "64M"), ("west", "127.0.0.3", &secret, "32M")]
+    {
+        let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+        let volume = scratch.join(&format!("copy-{name}.img")).display().to_string();
+        let (listen, secret) = (address.to_string(), secret.display().to_string());
+        let args = ["copy-host", "--volume", &volume, "--size", size, "--listen", &listen, "--secret-file", &secret];
+        copies.push((name, address, Process::start(&scratch, &args, address)));
+    }
+    let admin = format!("127.0.0.1:{}", free_port());
+    let volume = scratch.join("production.img").display().to_string();
+    let secret = secret.display().to_string();
+    let mut args = vec!["--volume", &volume, "--size", SIZE, "--secret-file", &secret, "--admin", &admin];
+    let specs: Vec<String> = copies.iter().map(|(name, address, _)| format!("{name}={address}")).collect();
+    for spec in &specs {
+        args.extend(["--mirror", spec.as_str()]);
+    }
+    let production = Process::serve(&scratch, &args);
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&run(binary().to_str().unwrap(), &["status", "--admin", &admin, "--json"])).unwrap()
+    };
+    let why = |name: &str| -> (String, String) {
+        let status = status();
+        let copy = status["copies"].as_array().unwrap().iter().find(|copy| copy["name"] == name).unwrap().clone();
+        (copy["state"].as_str().unwrap().to_string(), copy["last_error"].as_str().unwrap_or("").to_string())
+    };
+    let explained = wait_until(Duration::from_secs(10), || {
+        let (east, west) = (why("east"), why("west"));
+        east.0 == "stale" && east.1.contains("authentication") && west.0 == "stale" && west.1.contains("another volume")
+    });
+    assert!(explained, "status does not say why: {:#}\n{}", status(), production.log());
+    let table = run(binary().to_str().unwrap(), &["status", "--admin", &admin]);
+    assert!(table.contains("last error: cannot connect to copy east") && table.contains("authentication"), "{table}");
+    // Verify: an unknown copy is 404 and the answer lists the copies; a
+    // stale copy is 409 and says its state.
+    let verify = |copy: &str| {
+        let output =
+            system_tests::run_output(binary().to_str().unwrap(), &["verify", "--admin", &admin, "--copy", copy]);
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (ok, text) = verify("north");
+    assert!(
+        !ok && text.contains("404") && text.contains("there is no copy named \"north\"") && text.contains("east, west"),
+        "{text}"
+    );
+    let (ok, text) = verify("east");
+    assert!(
+        !ok && text.contains("409") && text.contains("copy east is stale") && text.contains("authentication"),
+        "{text}"
+    );
+    drop(production);
+    drop(copies);
+}
+
+/// A sync copy frozen with SIGSTOP is dropped after the ack timeout, and
+/// the log and `last_error` say so (not "the copy host closed the
+/// connection"); once thawed it catches up. On an up to date copy the dirty
+/// bytes right after writes are all `clearing_bytes` (sent, waiting for the
+/// next bitmap clear), none to resync. A clean shutdown records the copy
+/// stale at INFO, not as a warning.
+#[test]
+fn an_ack_timeout_is_reported_as_one_and_a_clean_stop_is_no_warning() {
+    if !tools() || !require_tool("qemu-io") {
+        return;
+    }
+    let mut mirror = Mirror::start("mirror-ack-timeout", &[("east", "127.0.0.2", "")], &[]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let uri = mirror.uri();
+    qemu_write(&uri, 3 << 20, "1M", 0x21);
+    let east = mirror.copy_status("east");
+    assert_eq!(east["state"], "up_to_date", "{east}");
+    let number = |field: &str| east[field].as_u64().unwrap();
+    assert!(number("dirty_bytes") > 0, "a region just written waits for the next clear: {east}");
+    assert_eq!(number("resync_pending_bytes"), 0, "{east}");
+    assert_eq!(number("clearing_bytes"), number("dirty_bytes"), "{east}");
+    let pid = mirror.copies[0].process.as_ref().unwrap().pid();
+    // SAFETY: kill with a pid this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    qemu_write(&uri, 5 << 20, "64k", 0x22);
+    let timed_out = wait_until(Duration::from_secs(20), || {
+        let east = mirror.copy_status("east");
+        east["state"] == "stale" && east["last_error"].as_str().is_some_and(|error| error.contains("ack timeout"))
+    });
+    let log = mirror.production.as_ref().unwrap().log();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(timed_out, "the frozen copy's last_error does not say ack timeout: {}\n{log}", mirror.copy_status("east"));
+    let lines = log_lines(&log, "copy east disconnected");
+    assert!(!lines.is_empty(), "{log}");
+    assert!(lines.iter().all(|(_, line)| line.contains("ack timeout") && line.contains("over 5 s")), "{lines:?}");
+    assert!(!log.contains("closed the connection"), "the ack timeout was reported as a closed connection:\n{log}");
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let production = mirror.production.as_mut().unwrap();
+    assert!(production.stop_with(libc::SIGTERM).success());
+    let log = production.log();
+    let stale_lines = log_lines(&log, "recorded stale");
+    assert!(!stale_lines.is_empty(), "{log}");
+    // The one warning is the ack timeout's; stopping is not one.
+    let warnings: Vec<_> = stale_lines.iter().filter(|(level, _)| matches!(*level, "WARN" | "ERROR")).collect();
+    assert!(warnings.iter().all(|(_, line)| line.contains("ack timeout")), "{warnings:?}");
+    let at_stop = log_lines(&log, "recorded stale at shutdown");
+    assert!(at_stop.iter().any(|(level, _)| *level == "INFO"), "{log}");
+    mirror.start_production();
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    mirror.stop_and_compare();
+}
+
+/// `chattr +i` on a directory, so nothing in it can be created or renamed
+/// (root included); undone on drop.
+struct Immutable {
+    path: PathBuf,
+}
+
+impl Immutable {
+    fn set(path: &std::path::Path) -> Immutable {
+        run("chattr", &["+i", path.to_str().unwrap()]);
+        Immutable { path: path.to_path_buf() }
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").args(["-i", self.path.to_str().unwrap()]).status();
+    }
+}
+
+/// When the mirror state cannot be written, a sync copy that is lost cannot
+/// be recorded stale: the log says exactly that (no "recorded stale" after
+/// it), status shows `disconnected` with the reason, and writes get EIO
+/// (invariant 3). Once the state can be written, the next write records
+/// the copy stale and is acknowledged; the copy then resyncs to identical.
+#[test]
+fn a_copy_that_cannot_be_recorded_stale_is_reported_truthfully() {
+    if !tools() || !require_root() || !require_tool("chattr") || !require_tool("qemu-io") {
+        return;
+    }
+    let mut mirror = Mirror::start("mirror-unrecorded", &[("east", "127.0.0.2", "")], &[]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let uri = mirror.uri();
+    let frozen = Immutable::set(mirror.volume.parent().unwrap());
+    mirror.copies[0].process.as_mut().unwrap().stop_with(libc::SIGKILL);
+    let unrecorded = wait_until(Duration::from_secs(20), || {
+        let east = mirror.copy_status("east");
+        east["state"] == "disconnected"
+            && east["last_error"].as_str().is_some_and(|error| error.contains("recording the copy stale failed"))
+    });
+    assert!(unrecorded, "{}\n{}", mirror.copy_status("east"), mirror.logs());
+    let write = system_tests::run_output("qemu-io", &["-f", "raw", "-c", "write -P 0x33 0 4k", &uri]);
+    let text = format!("{}{}", String::from_utf8_lossy(&write.stdout), String::from_utf8_lossy(&write.stderr));
+    assert!(text.contains("Input/output error"), "a write the unrecorded copy misses was acknowledged: {text}");
+    let log = mirror.production.as_ref().unwrap().log();
+    assert!(log_lines(&log, "cannot be recorded stale").iter().any(|(level, _)| *level == "ERROR"), "{log}");
+    assert!(log_lines(&log, "recorded stale;").is_empty(), "the log claims a record that failed:\n{log}");
+    drop(frozen);
+    qemu_write(&uri, 0, "4k", 0x34);
+    let east = mirror.copy_status("east");
+    assert_eq!(east["state"], "stale", "{east}");
+    let mut east = mirror.copies.remove(0);
+    mirror.start_copy(&mut east);
+    mirror.copies.push(east);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    mirror.stop_and_compare();
+}
