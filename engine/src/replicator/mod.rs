@@ -26,7 +26,11 @@
 //! link's lock, the same lock `ship` queues under. A write to that region
 //! either completed before the read (the read sees it) or is shipped after
 //! the resync data (and overwrites it on the copy): resync never puts back
-//! older data over a newer write.
+//! older data over a newer write. The same holds for the parts of a region
+//! sent as zeroes (ResyncZeroes, which keep a thin copy thin): the hole
+//! lookup (SEEK_DATA/SEEK_HOLE) and the zero check are that read, made under
+//! that lock, so a write that lands in a hole after the lookup is shipped
+//! after the zeroes and overwrites them on the copy.
 //!
 //! The bitmap: every write marks its regions in every copy's slot before it
 //! is issued. A copy's bit is cleared when a Flush sent after the region's
