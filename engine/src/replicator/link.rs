@@ -12,8 +12,8 @@
 //! Every failed connection — refused, timed out, closed, or ended by the
 //! copy host's Error frame (its store is full, say) — waits before the next
 //! try, doubling from BACKOFF_MIN up to BACKOFF_MAX; a connection that made
-//! progress (a bit cleared, or the copy up to date) starts over from
-//! BACKOFF_MIN. Without it a copy host that failed every connection at once
+//! progress (a bit cleared, or the copy up to date) and did not end with the
+//! copy's Error frame starts over from BACKOFF_MIN. Without it a copy host that failed every connection at once
 //! was redialled ~27 times a second and sent the same resync data each time.
 //! Why the last connection failed is kept as the copy's `last_error` for
 //! status until it is up to date again.
@@ -1101,6 +1101,7 @@ impl Link {
     fn read_acks(self: Arc<Self>, mut stream: TcpStream, session: u64, connection: u64) {
         let mut decoder = FrameDecoder::new();
         let mut buffer = vec![0u8; 64 << 10];
+        let mut copy_failed = false;
         let why = loop {
             let frame = match decoder.pop() {
                 Ok(Some(frame)) => frame,
@@ -1120,7 +1121,10 @@ impl Link {
             if frame.header.kind == FrameKind::Error && frame.header.session == session {
                 // The copy host says why it gives up, then closes.
                 break match CopyFailure::from_frame(&frame) {
-                    Ok(failure) => format!("the copy host reported {failure}"),
+                    Ok(failure) => {
+                        copy_failed = true;
+                        format!("the copy host reported {failure}")
+                    }
                     Err(error) => self.rejected(&error),
                 };
             }
@@ -1133,6 +1137,12 @@ impl Link {
             // The first cause wins: the sender's (an ack timeout, say) when
             // it shut the socket down, which this reader then sees as closed.
             inner.ending.get_or_insert(why);
+            // A copy host that could not apply a change (a full store) will
+            // most likely fail the next connection too, whatever this one
+            // cleared: back off rather than redial at once.
+            if copy_failed {
+                inner.progress = false;
+            }
             inner.broken = true;
             self.wake.notify_all();
         }
