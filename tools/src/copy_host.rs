@@ -17,6 +17,12 @@
 //! production host that reconnects after a link cut need not wait for its dead
 //! connection to time out here). A refused frame closes its connection; the
 //! production host reconnects.
+//! A change that cannot be applied (above all a full store, ENOSPC) is
+//! reported to the production host in an Error frame, after the acks of
+//! everything applied before it, and the connection is read to its end
+//! (at most ERROR_LINGER) so the report is not lost to a reset: the
+//! production host then records the copy stale with that reason and backs
+//! off instead of redialling and resending at once.
 //! Changes are applied by `engine::applier`: many writes in flight at once,
 //! never one before an earlier write it overlaps or, when it carries the
 //! BARRIER flag, before anything earlier; acks leave in arrival order once
