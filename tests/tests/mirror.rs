@@ -283,7 +283,9 @@ fn three_way_identity_with_two_sync_copies() {
     fio_finish(fio(&mirror.uri(), 0, &[]));
     mirror.wait_up_to_date(Duration::from_secs(30));
     let east = mirror.copy_status("east");
-    assert!(east["bytes_shipped"].as_u64().unwrap() > 48 << 20, "{east}");
+    // fio's 48 MiB went to the copy (the initial sync of the empty volume
+    // went as zeroes, without data).
+    assert!(east["bytes_shipped"].as_u64().unwrap() >= 48 << 20, "{east}");
     assert_eq!(east["frames_rejected"], 0, "{east}");
     for name in ["east", "west"] {
         let copy = mirror.copy_host_status(name);
