@@ -206,7 +206,8 @@ impl<'counters> Receiver<'counters> {
         self.check_extent(&header)?;
         let mut persist = self.raise_promises();
         let mut persist_after = None;
-        if header.kind == FrameKind::ResyncData && self.metadata.state == StoreState::Consistent {
+        let resync = matches!(header.kind, FrameKind::ResyncData | FrameKind::ResyncZeroes);
+        if resync && self.metadata.state == StoreState::Consistent {
             // Resync data makes the image inconsistent until the pass ends.
             self.metadata.state = StoreState::Syncing;
             persist = Some(self.metadata);
@@ -227,7 +228,9 @@ impl<'counters> Receiver<'counters> {
                 (Some(Apply::Write { offset, data: frame.payload, fua }), Some(FrameKind::WriteAck))
             }
             FrameKind::Trim => (Some(Apply::Trim { offset, length, fua }), Some(FrameKind::WriteAck)),
-            FrameKind::WriteZeroes => (Some(Apply::WriteZeroes { offset, length, fua }), Some(FrameKind::WriteAck)),
+            FrameKind::WriteZeroes | FrameKind::ResyncZeroes => {
+                (Some(Apply::WriteZeroes { offset, length, fua }), Some(FrameKind::WriteAck))
+            }
             FrameKind::Flush => (Some(Apply::Flush), Some(FrameKind::FlushAck)),
             FrameKind::ChecksumRequest => (Some(Apply::Checksum { offset, length }), Some(FrameKind::ChecksumReply)),
             FrameKind::Heartbeat => {
@@ -248,13 +251,14 @@ impl<'counters> Receiver<'counters> {
             | FrameKind::ResyncData
             | FrameKind::Trim
             | FrameKind::WriteZeroes
+            | FrameKind::ResyncZeroes
             | FrameKind::Flush
             | FrameKind::ChecksumRequest
             | FrameKind::Heartbeat => return Ok(()),
             FrameKind::Hello | FrameKind::Challenge | FrameKind::Response | FrameKind::Accept | FrameKind::Refuse => {
                 "is a handshake frame, and the handshake is over"
             }
-            FrameKind::WriteAck | FrameKind::FlushAck | FrameKind::ChecksumReply => {
+            FrameKind::WriteAck | FrameKind::FlushAck | FrameKind::ChecksumReply | FrameKind::Error => {
                 "is an answer, and a copy host asks nothing of its production host"
             }
         };
@@ -570,6 +574,22 @@ mod tests {
         assert_eq!((step.persist, step.apply), (None, Some(Apply::Flush)));
         assert_eq!(step.persist_after.map(|stored| stored.state), Some(StoreState::Consistent));
         assert_eq!(receiver.metadata().state, StoreState::Consistent);
+    }
+
+    /// Resync zeroes make a consistent store `syncing` like resync data, and
+    /// become a WriteZeroes (a punched hole on a file) acknowledged as a write.
+    #[test]
+    fn resync_zeroes_are_zeroed_and_make_the_store_syncing() {
+        let counters = ReceiverCounters::default();
+        let mut receiver = Receiver::new(&SESSION, metadata(1, 1), SIZE, &counters);
+        let zeroes = with(frame(FrameKind::ResyncZeroes, 1, 65536, &[]), |header| header.length = 65536);
+        let step = receiver.on_frame(zeroes).unwrap();
+        assert_eq!(step.persist.map(|stored| stored.state), Some(StoreState::Syncing));
+        assert_eq!(step.apply, Some(Apply::WriteZeroes { offset: 65536, length: 65536, fua: false }));
+        assert_eq!(
+            step.reply.map(|reply| (reply.kind, reply.offset, reply.length)),
+            Some((FrameKind::WriteAck, 65536, 65536))
+        );
     }
 
     /// A checksum request becomes a Checksum command answered by a

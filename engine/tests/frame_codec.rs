@@ -2,9 +2,11 @@
 //! the sequence check: round trips, detection of every single-bit error, no
 //! panic on arbitrary bytes, and chunking that changes nothing.
 
+use engine::protocol::copy_failure::{CopyFailure, CopyFailureKind};
 use engine::protocol::decoder::FrameDecoder;
 use engine::protocol::frame::{
-    decode_header, encode_frame, encode_header, verify_payload, Frame, FrameFlags, FrameHeader, FrameKind, HEADER_LEN,
+    decode_header, encode_frame, encode_header, verify_payload, Frame, FrameFlags, FrameHeader, FrameKind,
+    ERROR_PAYLOAD_MAX, HEADER_LEN,
 };
 use engine::protocol::sequence::SequenceCheck;
 use engine::protocol::ReplicationErrorKind;
@@ -41,7 +43,7 @@ fn valid_frame() -> impl Strategy<Value = (FrameHeader, Vec<u8>)> {
                     header.offset = offset.min(u64::MAX - u64::from(header.length));
                     payload
                 }
-                FrameKind::Trim | FrameKind::WriteZeroes | FrameKind::ChecksumRequest => {
+                FrameKind::Trim | FrameKind::WriteZeroes | FrameKind::ResyncZeroes | FrameKind::ChecksumRequest => {
                     header.length = length.max(1);
                     header.offset = offset.min(u64::MAX - u64::from(header.length));
                     Vec::new()
@@ -50,6 +52,12 @@ fn valid_frame() -> impl Strategy<Value = (FrameHeader, Vec<u8>)> {
                     header.length = length;
                     header.offset = offset.min(u64::MAX - u64::from(length));
                     bytes
+                }
+                FrameKind::Error => {
+                    // A kind code and a message: 2 to ERROR_PAYLOAD_MAX bytes.
+                    let mut payload = bytes;
+                    payload.resize(payload.len().clamp(2, ERROR_PAYLOAD_MAX as usize), b'm');
+                    payload
                 }
                 _ => bytes,
             };
@@ -139,6 +147,32 @@ proptest! {
                         break;
                     }
                 }
+            }
+        }
+    }
+
+    /// An Error frame's report is decoded strictly: a known kind and a
+    /// printable UTF-8 message round-trip, anything else is refused, and
+    /// nothing panics; a payload outside 2..=ERROR_PAYLOAD_MAX bytes is
+    /// refused from the header alone.
+    #[test]
+    fn error_reports_decode_strictly(code in any::<u8>(), message in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let mut payload = vec![code];
+        payload.extend_from_slice(&message);
+        let mut header = FrameHeader::new(FrameKind::Error);
+        header.payload_len = payload.len() as u32;
+        let decoded = decode_whole(&encode_frame(&header, &payload));
+        let well_sized = (2..=ERROR_PAYLOAD_MAX as usize).contains(&payload.len());
+        prop_assert_eq!(decoded.is_ok(), well_sized);
+        if let Ok(frame) = decoded {
+            let report = CopyFailure::from_frame(&frame);
+            let valid = CopyFailureKind::from_code(code).is_some()
+                && std::str::from_utf8(&message).is_ok_and(|text| !text.chars().any(char::is_control));
+            prop_assert_eq!(report.is_ok(), valid, "{:?}", report);
+            if let Ok(report) = report {
+                prop_assert_eq!(report.message.as_bytes(), &message[..]);
+                let (again, again_payload) = report.to_frame(0);
+                prop_assert_eq!((again.kind, again_payload), (FrameKind::Error, payload));
             }
         }
     }

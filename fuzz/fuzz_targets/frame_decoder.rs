@@ -11,6 +11,7 @@
 #![no_main]
 
 use engine::protocol::auth::HandshakeMessage;
+use engine::protocol::copy_failure::CopyFailure;
 use engine::protocol::decoder::FrameDecoder;
 use engine::protocol::frame::{
     decode_header, encode_frame, verify_payload, Frame, FrameFlags, FrameHeader, FrameKind, HEADER_LEN,
@@ -47,6 +48,13 @@ fn decode(stream: &[u8], chunk_len: usize) -> (Vec<Frame>, bool) {
                     assert_eq!(frame.payload.len(), frame.header.payload_len as usize);
                     if frame.header.kind.is_handshake() {
                         let _ = HandshakeMessage::from_frame(&frame);
+                    }
+                    if frame.header.kind == FrameKind::Error {
+                        // A report from another host is decoded strictly; a
+                        // refused one is an error, never a panic.
+                        if let Ok(failure) = CopyFailure::from_frame(&frame) {
+                            assert!(!failure.message.is_empty() && !failure.message.chars().any(char::is_control));
+                        }
                     }
                     frames.push(frame);
                 }
@@ -87,13 +95,18 @@ fn build_frames(mut input: &[u8]) -> (Vec<Frame>, &[u8]) {
         let wanted = usize::from(u16::from_le_bytes([recipe[5], recipe[6]]) % 1024);
         let (payload, rest) = match kind {
             FrameKind::Write | FrameKind::ResyncData => rest.split_at((wanted + 1).min(rest.len())),
-            FrameKind::Trim | FrameKind::WriteZeroes | FrameKind::ChecksumRequest => rest.split_at(0),
+            FrameKind::Trim | FrameKind::WriteZeroes | FrameKind::ResyncZeroes | FrameKind::ChecksumRequest => {
+                rest.split_at(0)
+            }
+            // An error report: a kind code and a message, 2 to 513 bytes.
+            FrameKind::Error => rest.split_at((wanted % 512 + 2).min(rest.len())),
             _ => rest.split_at(wanted.min(rest.len())),
         };
         match kind {
             FrameKind::Write | FrameKind::ResyncData if payload.is_empty() => break,
+            FrameKind::Error if payload.len() < 2 => break,
             FrameKind::Write | FrameKind::ResyncData => header.length = payload.len() as u32,
-            FrameKind::Trim | FrameKind::WriteZeroes | FrameKind::ChecksumRequest => {
+            FrameKind::Trim | FrameKind::WriteZeroes | FrameKind::ResyncZeroes | FrameKind::ChecksumRequest => {
                 header.length = u32::from(recipe[7]) * 4096 + 1;
             }
             _ => {}

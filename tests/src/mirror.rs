@@ -45,6 +45,8 @@ pub struct Mirror {
     pub production_args: Vec<String>,
     /// The copies, in configuration order.
     pub copies: Vec<Copy>,
+    /// The volume's size, as `--size` takes it.
+    pub size: String,
 }
 
 impl Mirror {
@@ -63,6 +65,17 @@ impl Mirror {
         extra: &[&str],
         prepare: impl FnOnce(&std::path::Path, &[PathBuf]),
     ) -> Mirror {
+        Mirror::start_sized(label, SIZE, copies, extra, prepare)
+    }
+
+    /// Like [`Mirror::start_with`], for a volume of `size` (e.g. "1G").
+    pub fn start_sized(
+        label: &str,
+        size: &str,
+        copies: &[(&str, &str, &str)],
+        extra: &[&str],
+        prepare: impl FnOnce(&std::path::Path, &[PathBuf]),
+    ) -> Mirror {
         let scratch = Scratch::new(label);
         let secret = write_secret(&scratch, "secret", 7);
         let volume = scratch.join("production.img");
@@ -74,6 +87,7 @@ impl Mirror {
             production: None,
             production_args: Vec::new(),
             copies: Vec::new(),
+            size: size.to_string(),
             scratch,
         };
         let stores: Vec<PathBuf> =
@@ -99,7 +113,7 @@ impl Mirror {
             "--volume".into(),
             mirror.volume.display().to_string(),
             "--size".into(),
-            SIZE.into(),
+            size.into(),
             "--secret-file".into(),
             mirror.secret.display().to_string(),
             "--admin".into(),
@@ -131,7 +145,7 @@ impl Mirror {
             "--volume",
             &volume,
             "--size",
-            SIZE,
+            &self.size,
             "--listen",
             &listen,
             "--secret-file",

@@ -202,7 +202,7 @@ fn a_full_metadata_filesystem_does_not_kill_the_host() {
         assert!(output.status.success() && !text.contains("error"), "write at {offset}: {text}\n{}", production.log());
     }
     let document = status(admin);
-    assert_eq!(document["copies"][0]["state"], "disconnected", "{document:#}");
+    assert_eq!(document["copies"][0]["state"], "stale", "{document:#}");
     assert!(document["copies"][0]["dirty_bytes"].as_u64().unwrap() > 0, "{document:#}");
 }
 

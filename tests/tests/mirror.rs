@@ -7,8 +7,13 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use system_tests::mirror::{fio, fio_finish, tools, Mirror};
-use system_tests::{binary, free_port, require_root, require_tool, wait_until, LinkCut};
+use std::net::SocketAddr;
+
+use system_tests::mirror::{fio, fio_finish, tools, Mirror, SIZE};
+use system_tests::{
+    binary, free_port, free_port_on, require_root, require_tool, run, wait_until, write_secret, LinkCut, Process,
+    Scratch,
+};
 
 /// Three-way identity: fio writes and verifies through NBD on a production
 /// host with two sync copies; afterwards all three stores are identical.
@@ -23,7 +28,9 @@ fn three_way_identity_with_two_sync_copies() {
     fio_finish(fio(&mirror.uri(), 0, &[]));
     mirror.wait_up_to_date(Duration::from_secs(30));
     let east = mirror.copy_status("east");
-    assert!(east["bytes_shipped"].as_u64().unwrap() > 48 << 20, "{east}");
+    // fio's 48 MiB went to the copy (the initial sync of the empty volume
+    // went as zeroes, without data).
+    assert!(east["bytes_shipped"].as_u64().unwrap() >= 48 << 20, "{east}");
     assert_eq!(east["frames_rejected"], 0, "{east}");
     for name in ["east", "west"] {
         let copy = mirror.copy_host_status(name);
@@ -46,7 +53,7 @@ fn killed_copy_resyncs_only_what_it_missed() {
     std::thread::sleep(Duration::from_secs(2));
     mirror.copies[1].process.as_mut().unwrap().stop_with(libc::SIGKILL);
     fio_finish(load);
-    assert!(wait_until(Duration::from_secs(10), || mirror.copy_status("west")["state"] == "disconnected"));
+    assert!(wait_until(Duration::from_secs(10), || mirror.copy_status("west")["state"] == "stale"));
     let dirty = mirror.copy_status("west")["dirty_bytes"].as_u64().unwrap();
     assert!(dirty > 0, "the lost copy missed writes, so some regions must be dirty");
     let mut west = mirror.copies.remove(1);
@@ -109,7 +116,7 @@ fn cut_link_is_resynced_after_it_heals() {
     let started = Instant::now();
     let load = fio(&mirror.uri(), 12, &["--lat_percentiles=1"]);
     assert!(
-        wait_until(Duration::from_secs(20), || mirror.copy_status("east")["state"] == "disconnected"),
+        wait_until(Duration::from_secs(20), || mirror.copy_status("east")["state"] == "stale"),
         "the cut copy was never declared disconnected:\n{}",
         mirror.logs()
     );
@@ -287,7 +294,7 @@ fn partial_write_during_resync_does_not_hide_a_missed_write() {
     mirror.start_production();
     mirror.wait_up_to_date(Duration::from_secs(60));
     mirror.copies[0].process.as_mut().unwrap().stop_with(libc::SIGKILL);
-    assert!(wait_until(Duration::from_secs(10), || mirror.copy_status("east")["state"] == "disconnected"));
+    assert!(wait_until(Duration::from_secs(10), || mirror.copy_status("east")["state"] == "stale"));
     let uri = mirror.uri();
     // Missed by the copy: 4 KiB at the start of the region at 50 MiB, and a
     // byte in each of 30 regions before it (7.5 MiB to resync at 2 MiB/s).
@@ -403,6 +410,329 @@ fn killed_copy_holds_a_prefix(label: &str, options: &str) {
     let later: Vec<usize> = (prefix..BLOCKS).filter(|block| written(*block)).collect();
     assert!(later.is_empty(), "the copy holds blocks {later:?} but lacks block {prefix}, written before them");
     assert!(prefix > 0 && prefix < BLOCKS, "the kill should land mid-way (prefix {prefix} of {BLOCKS})");
+    let mut east = mirror.copies.remove(0);
+    mirror.start_copy(&mut east);
+    mirror.copies.push(east);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    mirror.stop_and_compare();
+}
+
+/// Bytes allocated to a file (st_blocks × 512).
+fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap_or_else(|error| panic!("stat {}: {error}", path.display())).blocks() * 512
+}
+
+/// Thin provisioning survives a resync: a 1 GiB sparse production volume
+/// holding 4 MiB of data and 2 MiB of written zeroes gets a full initial
+/// sync to a new sparse copy, whose allocation stays near the 4 MiB of data
+/// (holes and zero chunks go as ResyncZeroes), and the stores are identical.
+#[test]
+fn full_sync_of_a_sparse_volume_keeps_the_copy_sparse() {
+    if !tools() || !require_tool("qemu-io") {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    let mirror = Mirror::start_sized("mirror-thin", "1G", &[("east", "127.0.0.2", "")], &[], |volume, _| {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(volume).unwrap();
+        file.set_len(1 << 30).unwrap();
+        for (index, offset) in [0, 300 * MIB, 700 * MIB, (1 << 30) - MIB].into_iter().enumerate() {
+            file.write_all_at(&system_tests::random_bytes(MIB as usize, 40 + index as u64), offset).unwrap();
+        }
+        // Written zeroes are allocated here, and must not be on the copy.
+        file.write_all_at(&vec![0u8; 2 * MIB as usize], 500 * MIB).unwrap();
+        file.sync_all().unwrap();
+    });
+    mirror.wait_up_to_date(Duration::from_secs(120));
+    let east = mirror.copy_status("east");
+    assert_eq!(east["resync_bytes_total"], 1u64 << 30, "a new copy gets a full sync: {east}");
+    // An acknowledged write after the sync reaches the copy too (compared below).
+    qemu_write(&mirror.uri(), 900 * MIB, "64k", 0x4d);
+    mirror.wait_up_to_date(Duration::from_secs(30));
+    let production = allocated_bytes(&mirror.volume);
+    let copy = allocated_bytes(&mirror.copies[0].volume);
+    eprintln!("allocated: production {production} bytes, copy {copy} bytes");
+    assert!(production >= 6 * MIB, "the production volume holds its written zeroes: {production}");
+    assert!(copy <= 6 * MIB, "the copy of 4 MiB of data (+64 KiB) allocates {copy} bytes: the sync made it thick");
+    mirror.stop_and_compare();
+}
+
+/// A tmpfs of a given size, mounted for one test; unmounted and removed on
+/// drop (after the processes using it, which are declared after it).
+struct SmallFilesystem {
+    path: PathBuf,
+}
+
+impl SmallFilesystem {
+    fn mount(label: &str, size: &str) -> SmallFilesystem {
+        let path = PathBuf::from(format!("/var/tmp/crossmirror-test-{}-{label}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create the mount point");
+        let options = format!("size={size}");
+        run("mount", &["-t", "tmpfs", "-o", &options, "tmpfs", path.to_str().unwrap()]);
+        SmallFilesystem { path }
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let path = self.path.to_str().unwrap();
+        if !Command::new("umount").arg(path).status().is_ok_and(|status| status.success()) {
+            let _ = Command::new("umount").args(["-l", path]).status();
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// A copy host whose store fills its filesystem while the application
+/// writes: it tells the production host why (an Error frame), the copy is
+/// `stale` with a `last_error` about space, the writes are acknowledged,
+/// reconnects back off (a few connections and bounded data in 10 s, where
+/// it used to redial at once, dozens of times a second), and once space is
+/// freed the resync sends what the copy missed, not the whole volume again,
+/// and the stores end identical.
+#[test]
+fn a_copy_out_of_space_is_stale_with_the_reason_and_backs_off() {
+    if !tools() || !require_root() || !require_tool("mount") || !require_tool("qemu-io") {
+        return;
+    }
+    const MIB: u64 = 1 << 20;
+    // 96 MiB, 40 of them taken by a filler: the 64 MiB copy store can hold
+    // 56 MiB of data.
+    let filesystem = SmallFilesystem::mount("enospc-fs", "96M");
+    let filler = filesystem.path.join("filler");
+    std::fs::write(&filler, vec![0xeeu8; 40 * MIB as usize]).expect("write the filler");
+    let store = filesystem.path.join("copy-east.img");
+    let mirror = Mirror::start_with("mirror-enospc", &[("east", "127.0.0.2", "")], &[], |volume, stores| {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::create(volume).unwrap();
+        file.set_len(64 * MIB).unwrap();
+        file.write_all_at(&system_tests::random_bytes(40 * MIB as usize, 51), 0).unwrap();
+        std::fs::File::create(&store).unwrap().set_len(64 * MIB).unwrap();
+        std::os::unix::fs::symlink(&store, &stores[0]).unwrap();
+    });
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    // 20 MiB more than the 16 MiB the copy has room for; acknowledged all
+    // the same (the copy is recorded stale first).
+    let uri = mirror.uri();
+    for (index, offset) in [40 * MIB, 50 * MIB].into_iter().enumerate() {
+        qemu_write(&uri, offset, "10M", 0x51 + index as u8);
+    }
+    let out_of_space = wait_until(Duration::from_secs(30), || {
+        let east = mirror.copy_status("east");
+        east["state"] == "stale" && east["last_error"].as_str().is_some_and(|error| error.contains("no space"))
+    });
+    assert!(
+        out_of_space,
+        "the full copy is not stale with a reason about space: {}\n{}",
+        mirror.copy_status("east"),
+        mirror.logs()
+    );
+    let production = mirror.production.as_ref().unwrap();
+    let disconnects = || production.log().matches("copy east disconnected").count();
+    let (before, lines_before) = (mirror.copy_status("east"), disconnects());
+    std::thread::sleep(Duration::from_secs(10));
+    let (after, lines_after) = (mirror.copy_status("east"), disconnects());
+    let number = |status: &serde_json::Value, field: &str| status[field].as_u64().unwrap();
+    let connects = number(&after, "connects") - number(&before, "connects");
+    let shipped = number(&after, "bytes_shipped") - number(&before, "bytes_shipped");
+    let lines = lines_after - lines_before;
+    eprintln!(
+        "in 10 s while the copy was full: {connects} connections, {shipped} bytes shipped, {lines} disconnect lines"
+    );
+    assert!(connects <= 8, "{connects} connections in 10 s to a full copy: no backoff\n{after}");
+    assert!(lines <= 8, "{lines} disconnect lines in 10 s:\n{}", production.log());
+    assert!(shipped <= 8 * 24 * MIB, "{shipped} bytes shipped in 10 s to a full copy\n{after}");
+    // Acknowledged while the copy is away, so the resync must bring it.
+    qemu_write(&uri, 64 * MIB - 64 * 1024, "64k", 0x6b);
+    std::fs::remove_file(&filler).expect("free space");
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let east = mirror.copy_status("east");
+    assert_eq!(east["last_error"], serde_json::Value::Null, "an up to date copy has no last error: {east}");
+    let last_pass = number(&east, "resync_bytes_total");
+    assert!(
+        last_pass <= 21 * MIB,
+        "the resync after freeing space sent {last_pass} bytes, not what was missed: {east}"
+    );
+    assert_eq!(mirror.copy_host_status("east")["store_state"], "consistent");
+    mirror.stop_and_compare();
+}
+
+/// The lines of `log` that mention `text`, as (level, line).
+fn log_lines<'a>(log: &'a str, text: &str) -> Vec<(&'static str, &'a str)> {
+    let level = |line: &str| ["ERROR", "WARN", "INFO", "DEBUG"].into_iter().find(|level| line.contains(level));
+    log.lines().filter(|line| line.contains(text)).map(|line| (level(line).unwrap_or("?"), line)).collect()
+}
+
+/// Status says why a copy is not connected (`last_error`, JSON and table)
+/// for a copy host with another secret and one with a store of another
+/// size; both are `stale`. Verify answers 404 with the copies' names for an
+/// unknown copy and 409 with the state for a stale one.
+#[test]
+fn status_says_why_a_copy_is_not_connected_and_verify_says_which_copies_exist() {
+    if !tools() {
+        return;
+    }
+    let scratch = Scratch::new("mirror-why");
+    let secret = write_secret(&scratch, "secret", 7);
+    let other_secret = write_secret(&scratch, "other-secret", 8);
+    let mut copies = Vec::new();
+    for (name, ip, secret, size) in [("east", "127.0.0.2", &other_secret, "64M"), ("west", "127.0.0.3", &secret, "32M")]
+    {
+        let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+        let volume = scratch.join(&format!("copy-{name}.img")).display().to_string();
+        let (listen, secret) = (address.to_string(), secret.display().to_string());
+        let args = ["copy-host", "--volume", &volume, "--size", size, "--listen", &listen, "--secret-file", &secret];
+        copies.push((name, address, Process::start(&scratch, &args, address)));
+    }
+    let admin = format!("127.0.0.1:{}", free_port());
+    let volume = scratch.join("production.img").display().to_string();
+    let secret = secret.display().to_string();
+    let mut args = vec!["--volume", &volume, "--size", SIZE, "--secret-file", &secret, "--admin", &admin];
+    let specs: Vec<String> = copies.iter().map(|(name, address, _)| format!("{name}={address}")).collect();
+    for spec in &specs {
+        args.extend(["--mirror", spec.as_str()]);
+    }
+    let production = Process::serve(&scratch, &args);
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&run(binary().to_str().unwrap(), &["status", "--admin", &admin, "--json"])).unwrap()
+    };
+    let why = |name: &str| -> (String, String) {
+        let status = status();
+        let copy = status["copies"].as_array().unwrap().iter().find(|copy| copy["name"] == name).unwrap().clone();
+        (copy["state"].as_str().unwrap().to_string(), copy["last_error"].as_str().unwrap_or("").to_string())
+    };
+    let explained = wait_until(Duration::from_secs(10), || {
+        let (east, west) = (why("east"), why("west"));
+        east.0 == "stale" && east.1.contains("authentication") && west.0 == "stale" && west.1.contains("another volume")
+    });
+    assert!(explained, "status does not say why: {:#}\n{}", status(), production.log());
+    let table = run(binary().to_str().unwrap(), &["status", "--admin", &admin]);
+    assert!(table.contains("last error: cannot connect to copy east") && table.contains("authentication"), "{table}");
+    // Verify: an unknown copy is 404 and the answer lists the copies; a
+    // stale copy is 409 and says its state.
+    let verify = |copy: &str| {
+        let output =
+            system_tests::run_output(binary().to_str().unwrap(), &["verify", "--admin", &admin, "--copy", copy]);
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (ok, text) = verify("north");
+    assert!(
+        !ok && text.contains("404") && text.contains("there is no copy named \"north\"") && text.contains("east, west"),
+        "{text}"
+    );
+    let (ok, text) = verify("east");
+    assert!(
+        !ok && text.contains("409") && text.contains("copy east is stale") && text.contains("authentication"),
+        "{text}"
+    );
+    drop(production);
+    drop(copies);
+}
+
+/// A sync copy frozen with SIGSTOP is dropped after the ack timeout, and
+/// the log and `last_error` say so (not "the copy host closed the
+/// connection"); once thawed it catches up. On an up to date copy the dirty
+/// bytes right after writes are all `clearing_bytes` (sent, waiting for the
+/// next bitmap clear), none to resync. A clean shutdown records the copy
+/// stale at INFO, not as a warning.
+#[test]
+fn an_ack_timeout_is_reported_as_one_and_a_clean_stop_is_no_warning() {
+    if !tools() || !require_tool("qemu-io") {
+        return;
+    }
+    let mut mirror = Mirror::start("mirror-ack-timeout", &[("east", "127.0.0.2", "")], &[]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let uri = mirror.uri();
+    qemu_write(&uri, 3 << 20, "1M", 0x21);
+    let east = mirror.copy_status("east");
+    assert_eq!(east["state"], "up_to_date", "{east}");
+    let number = |field: &str| east[field].as_u64().unwrap();
+    assert!(number("dirty_bytes") > 0, "a region just written waits for the next clear: {east}");
+    assert_eq!(number("resync_pending_bytes"), 0, "{east}");
+    assert_eq!(number("clearing_bytes"), number("dirty_bytes"), "{east}");
+    let pid = mirror.copies[0].process.as_ref().unwrap().pid();
+    // SAFETY: kill with a pid this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    qemu_write(&uri, 5 << 20, "64k", 0x22);
+    let timed_out = wait_until(Duration::from_secs(20), || {
+        let east = mirror.copy_status("east");
+        east["state"] == "stale" && east["last_error"].as_str().is_some_and(|error| error.contains("ack timeout"))
+    });
+    let log = mirror.production.as_ref().unwrap().log();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(timed_out, "the frozen copy's last_error does not say ack timeout: {}\n{log}", mirror.copy_status("east"));
+    let lines = log_lines(&log, "copy east disconnected");
+    assert!(!lines.is_empty(), "{log}");
+    assert!(lines.iter().all(|(_, line)| line.contains("ack timeout") && line.contains("over 5 s")), "{lines:?}");
+    assert!(!log.contains("closed the connection"), "the ack timeout was reported as a closed connection:\n{log}");
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let production = mirror.production.as_mut().unwrap();
+    assert!(production.stop_with(libc::SIGTERM).success());
+    let log = production.log();
+    let stale_lines = log_lines(&log, "recorded stale");
+    assert!(!stale_lines.is_empty(), "{log}");
+    // The one warning is the ack timeout's; stopping is not one.
+    let warnings: Vec<_> = stale_lines.iter().filter(|(level, _)| matches!(*level, "WARN" | "ERROR")).collect();
+    assert!(warnings.iter().all(|(_, line)| line.contains("ack timeout")), "{warnings:?}");
+    let at_stop = log_lines(&log, "recorded stale at shutdown");
+    assert!(at_stop.iter().any(|(level, _)| *level == "INFO"), "{log}");
+    mirror.start_production();
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    mirror.stop_and_compare();
+}
+
+/// `chattr +i` on a directory, so nothing in it can be created or renamed
+/// (root included); undone on drop.
+struct Immutable {
+    path: PathBuf,
+}
+
+impl Immutable {
+    fn set(path: &std::path::Path) -> Immutable {
+        run("chattr", &["+i", path.to_str().unwrap()]);
+        Immutable { path: path.to_path_buf() }
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").args(["-i", self.path.to_str().unwrap()]).status();
+    }
+}
+
+/// When the mirror state cannot be written, a sync copy that is lost cannot
+/// be recorded stale: the log says exactly that (no "recorded stale" after
+/// it), status shows `disconnected` with the reason, and writes get EIO
+/// (invariant 3). Once the state can be written, the next write records
+/// the copy stale and is acknowledged; the copy then resyncs to identical.
+#[test]
+fn a_copy_that_cannot_be_recorded_stale_is_reported_truthfully() {
+    if !tools() || !require_root() || !require_tool("chattr") || !require_tool("qemu-io") {
+        return;
+    }
+    let mut mirror = Mirror::start("mirror-unrecorded", &[("east", "127.0.0.2", "")], &[]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let uri = mirror.uri();
+    let frozen = Immutable::set(mirror.volume.parent().unwrap());
+    mirror.copies[0].process.as_mut().unwrap().stop_with(libc::SIGKILL);
+    let unrecorded = wait_until(Duration::from_secs(20), || {
+        let east = mirror.copy_status("east");
+        east["state"] == "disconnected"
+            && east["last_error"].as_str().is_some_and(|error| error.contains("recording the copy stale failed"))
+    });
+    assert!(unrecorded, "{}\n{}", mirror.copy_status("east"), mirror.logs());
+    let write = system_tests::run_output("qemu-io", &["-f", "raw", "-c", "write -P 0x33 0 4k", &uri]);
+    let text = format!("{}{}", String::from_utf8_lossy(&write.stdout), String::from_utf8_lossy(&write.stderr));
+    assert!(text.contains("Input/output error"), "a write the unrecorded copy misses was acknowledged: {text}");
+    let log = mirror.production.as_ref().unwrap().log();
+    assert!(log_lines(&log, "cannot be recorded stale").iter().any(|(level, _)| *level == "ERROR"), "{log}");
+    assert!(log_lines(&log, "recorded stale;").is_empty(), "the log claims a record that failed:\n{log}");
+    drop(frozen);
+    qemu_write(&uri, 0, "4k", 0x34);
+    let east = mirror.copy_status("east");
+    assert_eq!(east["state"], "stale", "{east}");
     let mut east = mirror.copies.remove(0);
     mirror.start_copy(&mut east);
     mirror.copies.push(east);

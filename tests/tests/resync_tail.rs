@@ -107,7 +107,7 @@ fn the_last_block_written_while_the_copy_was_away_reaches_it() {
     let mut hosts = Hosts::start("resync-tail");
     hosts.wait_for("up to date", |copy| copy["state"] == "up_to_date");
     hosts.copy.as_mut().unwrap().stop_with(libc::SIGKILL);
-    hosts.wait_for("disconnected", |copy| copy["state"] == "disconnected");
+    hosts.wait_for("stale", |copy| copy["state"] == "stale");
 
     let uri = hosts.production.as_ref().unwrap().uri();
     let command = format!("write -P {PATTERN:#04x} {} {BLOCK}", SIZE_BYTES - BLOCK);

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use engine::replicator::{CopyStatus, Replicator};
+use engine::replicator::{CopyStatus, Replicator, VerifyError};
 use engine::Volume;
 use serde_json::json;
 
@@ -87,7 +87,21 @@ fn verify(mirror: Option<&Replicator>, query: &str) -> (u16, serde_json::Value) 
                 }),
             )
         }
-        Err(error) => (409, json!({ "error": error })),
+        Err(error) => verify_error(&error),
+    }
+}
+
+/// The HTTP answer to a verify that did not run or did not finish: 404 with
+/// the copies' names for an unknown copy, 409 with its state for a copy that
+/// is not up to date, 503 for a verify cut short (the copy went away).
+fn verify_error(error: &VerifyError) -> (u16, serde_json::Value) {
+    let message = error.to_string();
+    match error {
+        VerifyError::UnknownCopy { copies, .. } => (404, json!({ "error": message, "copies": copies })),
+        VerifyError::NotUpToDate { copy, state, last_error } => {
+            (409, json!({ "error": message, "copy": copy, "state": state, "last_error": last_error }))
+        }
+        VerifyError::Failed { copy, .. } => (503, json!({ "error": message, "copy": copy })),
     }
 }
 
@@ -114,7 +128,10 @@ fn copy_json(copy: &CopyStatus) -> serde_json::Value {
         "address": copy.address,
         "mode": copy.mode,
         "state": copy.state,
+        "last_error": copy.last_error,
         "dirty_bytes": copy.dirty_bytes,
+        "resync_pending_bytes": copy.resync_pending_bytes,
+        "clearing_bytes": copy.clearing_bytes,
         "resync_bytes_total": copy.resync_bytes_total,
         "resync_bytes_done": copy.resync_bytes_done,
         "lag_bytes": copy.lag_bytes,

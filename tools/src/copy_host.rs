@@ -21,6 +21,12 @@
 //! production host that reconnects after a link cut need not wait for its dead
 //! connection to time out here). A refused frame closes its connection; the
 //! production host reconnects.
+//! A change that cannot be applied (above all a full store, ENOSPC) is
+//! reported to the production host in an Error frame, after the acks of
+//! everything applied before it, and the connection is read to its end
+//! (at most ERROR_LINGER) so the report is not lost to a reset: the
+//! production host then records the copy stale with that reason and backs
+//! off instead of redialling and resending at once.
 //! Changes are applied by `engine::applier`: many writes in flight at once,
 //! never one before an earlier write it overlaps or, when it carries the
 //! BARRIER flag, before anything earlier; acks leave in arrival order once
@@ -48,6 +54,7 @@ use engine::metadata::{
 use engine::protocol::auth::{
     random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, RefuseReason, Session, STORE_TOKEN_UNKNOWN,
 };
+use engine::protocol::copy_failure::{CopyFailure, CopyFailureKind};
 use engine::protocol::frame::{encode_frame, Frame, FrameFlags, FrameHeader, HEADER_LEN};
 use engine::protocol::{decode_header, load_secret, verify_payload, ReplicationError, ReplicationErrorKind, Secret};
 use engine::receiver::{adopt_identity, identity_for_offer, Receiver, ReceiverCounters};
@@ -80,6 +87,10 @@ const PIPELINE_FRAMES: usize = 8;
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 /// How long a write of acks may block before the peer is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// After an Error frame, how long the connection is read and discarded
+/// while the production host closes its end: closing with its frames
+/// unread would reset the connection, and the reset may discard the report.
+const ERROR_LINGER: Duration = Duration::from_secs(2);
 /// The read buffer: headers and small payloads are read through it in
 /// large reads; a payload of half its size or more is read directly.
 const READ_CHUNK_BYTES: usize = 256 << 10;
@@ -844,11 +855,27 @@ fn receive(connection: &mut Connection<'_>, session: &Session) {
             }
         });
         let ending = apply_frames(host, peer, session, &frames, &doorbell, &mut applier, &mut writer);
-        // What was applied before the connection ended is acknowledged.
-        if !matches!(ending, Applied::Failed) && applier.drain().is_ok() {
-            let mut outgoing = Vec::new();
-            applier.take_replies(&mut outgoing);
-            let _ = writer.write_all(&outgoing);
+        // What was applied before the connection ended (or before the change
+        // that failed: replies leave in order, and a failed change's never)
+        // is acknowledged.
+        let _ = applier.drain();
+        let mut outgoing = Vec::new();
+        applier.take_replies(&mut outgoing);
+        let report = match ending {
+            Applied::Failed(Some(failure)) => Some(failure),
+            Applied::Ended | Applied::Failed(None) => None,
+        };
+        if let Some(failure) = &report {
+            // Tell the production host why, so it does not take this for a
+            // lost link and resend at once (it backs off and says why in status).
+            let (header, payload) = failure.to_frame(session.id);
+            outgoing.extend_from_slice(&encode_frame(&header, &payload));
+            tracing::warn!(%peer, kind = failure.kind.as_str(),
+                "telling production host {peer} why this copy stops: {}", failure.message);
+        }
+        if writer.write_all(&outgoing).is_ok() && report.is_some() {
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+            linger(&frames);
         }
         // Stop the reader: it sees the closed channel or the closed socket.
         drop(frames);
@@ -856,13 +883,27 @@ fn receive(connection: &mut Connection<'_>, session: &Session) {
     });
 }
 
+/// Read and discard frames until the production host closes its end (it
+/// does on the Error frame) or ERROR_LINGER passes.
+fn linger(frames: &std::sync::mpsc::Receiver<Result<Frame, Ending>>) {
+    let deadline = Instant::now() + ERROR_LINGER;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match frames.recv_timeout(left) {
+            Ok(Ok(_)) if !left.is_zero() => {}
+            _ => return,
+        }
+    }
+}
+
 /// How the applying stage ended.
 enum Applied {
     /// The connection ended or a frame was refused; what was applied may
     /// still be acknowledged.
     Ended,
-    /// A change could not be made: nothing more is acknowledged.
-    Failed,
+    /// A change could not be made (nothing from it on is acknowledged);
+    /// the report for the production host, unless the socket itself failed.
+    Failed(Option<CopyFailure>),
 }
 
 /// The applying stage: judge each frame, store raised promises, hand the
@@ -881,12 +922,14 @@ fn apply_frames(
     let mut receiver = Receiver::new(session, metadata, host.volume.size(), &host.counters);
     let mut outgoing: Vec<u8> = Vec::new();
     let failed = |error: engine::EngineError, what: &str| {
-        tracing::error!(
-            %peer,
-            "cannot {what} on volume {}: {error}; closing the connection without acknowledging it",
-            host.volume.path().display()
-        );
-        Applied::Failed
+        let volume = host.volume.path().display();
+        tracing::error!(%peer, "cannot {what} on volume {volume}: {error}; closing the connection without acknowledging it");
+        let what = format!("{what} on volume {volume}");
+        Applied::Failed(Some(CopyFailure::from_error(&error, &what, CopyFailureKind::StoreIo)))
+    };
+    let metadata_failed = |error: engine::metadata::MetadataError, what: &str| {
+        tracing::error!(%peer, "cannot {what}: {error}; closing the connection");
+        Applied::Failed(Some(CopyFailure::from_error(&error, what, CopyFailureKind::Metadata)))
     };
     loop {
         let next = match frames.try_recv() {
@@ -896,7 +939,7 @@ fn apply_frames(
                 if !outgoing.is_empty() {
                     if let Err(error) = writer.write_all(&outgoing) {
                         log_ending(peer, "", &Ending::Io(error));
-                        return Applied::Failed;
+                        return Applied::Failed(None);
                     }
                     outgoing.clear();
                 }
@@ -955,8 +998,7 @@ fn apply_frames(
                 return failed(error, "apply a change");
             }
             if let Err(error) = store_metadata(&host.metadata_path, &promised) {
-                tracing::error!(%peer, "cannot store the raised epoch or generation: {error}; closing the connection");
-                return Applied::Failed;
+                return metadata_failed(error, "store the raised epoch, generation or store state");
             }
             *host.metadata() = promised;
             tracing::info!(
@@ -978,8 +1020,7 @@ fn apply_frames(
             return failed(error, "apply a flush");
         }
         if let Err(error) = store_metadata(&host.metadata_path, &consistent) {
-            tracing::error!(%peer, "cannot record the store consistent: {error}; closing the connection");
-            return Applied::Failed;
+            return metadata_failed(error, "record the store consistent");
         }
         *host.metadata() = consistent;
         tracing::info!(%peer, "resync pass complete: the store holds a consistent image again");

@@ -62,7 +62,11 @@ pub fn request(admin: SocketAddr, method: &str, path: &str, timeout: Duration) -
 }
 
 /// The status as a table, one row per copy; a syncing copy gets a progress
-/// bar. A copy host's status is a few lines about itself.
+/// bar, and a copy with a `last_error` a line saying it. The copy's dirty
+/// bytes are split in two: TO RESYNC, what it may lack and a resync will
+/// send, and CLEARING, what it has been sent whose bits wait for the next
+/// bitmap clear (not a divergence). A copy host's status is a few lines
+/// about itself.
 pub fn table(status: &serde_json::Value) -> String {
     if status["role"] == "copy" {
         return copy_host_lines(status);
@@ -85,19 +89,20 @@ pub fn table(status: &serde_json::Value) -> String {
         return out;
     }
     out.push_str(&format!(
-        "{:<12} {:<21} {:<6} {:<13} {:>10} {:>10} {:>10} {:>8}\n",
-        "COPY", "ADDRESS", "MODE", "STATE", "DIRTY", "LAG", "SHIPPED", "REJECTED"
+        "{:<12} {:<21} {:<6} {:<13} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
+        "COPY", "ADDRESS", "MODE", "STATE", "TO RESYNC", "CLEARING", "LAG", "SHIPPED", "REJECTED"
     ));
     for copy in &copies {
         let number = |field: &str| copy[field].as_u64().unwrap_or(0);
         let text = |field: &str| copy[field].as_str().unwrap_or("?").to_string();
         out.push_str(&format!(
-            "{:<12} {:<21} {:<6} {:<13} {:>10} {:>10} {:>10} {:>8}\n",
+            "{:<12} {:<21} {:<6} {:<13} {:>10} {:>10} {:>10} {:>10} {:>8}\n",
             text("name"),
             text("address"),
             text("mode"),
             text("state"),
-            human(number("dirty_bytes")),
+            human(number("resync_pending_bytes")),
+            human(number("clearing_bytes")),
             human(number("lag_bytes")),
             human(number("bytes_shipped")),
             number("frames_rejected"),
@@ -105,6 +110,9 @@ pub fn table(status: &serde_json::Value) -> String {
         if text("state") == "syncing" {
             let (done, total) = (number("resync_bytes_done"), number("resync_bytes_total"));
             out.push_str(&format!("             resync {} {} of {}\n", bar(done, total), human(done), human(total)));
+        }
+        if let Some(error) = copy["last_error"].as_str() {
+            out.push_str(&format!("             last error: {error}\n"));
         }
     }
     out
@@ -165,7 +173,7 @@ mod tests {
             "copies": [
                 {"name": "east", "address": "127.0.0.2:7789", "mode": "sync", "state": "syncing",
                  "dirty_bytes": 1048576, "lag_bytes": 0, "bytes_shipped": 3 << 20, "frames_rejected": 0,
-                 "resync_bytes_done": 512 << 10, "resync_bytes_total": 1 << 20},
+                 "resync_bytes_done": 512 << 10, "resync_bytes_total": 1 << 20, "last_error": null},
                 {"name": "west", "address": "127.0.0.3:7789", "mode": "async", "state": "up_to_date",
                  "dirty_bytes": 0, "lag_bytes": 4096, "bytes_shipped": 10, "frames_rejected": 2}
             ]
@@ -175,5 +183,25 @@ mod tests {
         assert!(table.contains("[###############---------------]  50% 512.0 KiB of 1.0 MiB"), "{table}");
         assert!(table.contains("west") && table.contains("up_to_date") && table.contains("4.0 KiB"), "{table}");
         assert_eq!(table.matches("resync").count(), 1, "{table}");
+        assert!(!table.contains("last error"), "{table}");
+    }
+
+    /// A stale copy shows why (its last error), and dirty bytes are split
+    /// into what is to resync and what waits for the next bitmap clear.
+    #[test]
+    fn a_stale_copy_shows_its_last_error_and_dirty_bytes_are_split() {
+        let status = serde_json::json!({
+            "volume": "/srv/vol", "size": 1073741824u64,
+            "copies": [
+                {"name": "east", "address": "127.0.0.2:7789", "mode": "sync", "state": "stale",
+                 "dirty_bytes": 3 << 20, "resync_pending_bytes": 2 << 20, "clearing_bytes": 1 << 20,
+                 "lag_bytes": 0, "bytes_shipped": 0, "frames_rejected": 0,
+                 "last_error": "the copy host reported no space: no space left on the copy host"}
+            ]
+        });
+        let table = table(&status);
+        assert!(table.contains("TO RESYNC   CLEARING"), "{table}");
+        assert!(table.contains("stale            2.0 MiB    1.0 MiB"), "{table}");
+        assert!(table.contains("             last error: the copy host reported no space"), "{table}");
     }
 }

@@ -45,6 +45,9 @@ pub const HEADER_LEN: usize = 64;
 pub const WRITE_BYTES_MAX: u32 = 32 << 20;
 /// The largest payload of a control frame (handshake, acks, flush, heartbeat).
 pub const CONTROL_PAYLOAD_MAX: u32 = 4096;
+/// The largest payload of an Error frame: a kind code and a message of at
+/// most [`crate::protocol::copy_failure::MESSAGE_BYTES_MAX`] bytes.
+pub const ERROR_PAYLOAD_MAX: u32 = 1 + crate::protocol::copy_failure::MESSAGE_BYTES_MAX as u32;
 /// The largest payload any frame may carry. A header that announces more is
 /// refused before anything is allocated for it.
 pub const PAYLOAD_MAX: u32 = WRITE_BYTES_MAX + CONTROL_PAYLOAD_MAX;
@@ -86,8 +89,17 @@ pub enum FrameKind {
     ChecksumRequest = 33,
     /// Either way: the checksums asked for.
     ChecksumReply = 34,
+    /// Production → copy: a dirty extent that reads as zeroes, sent by
+    /// resync without data; the copy zeroes it the cheapest way (a punched
+    /// hole on a file), so a thin copy stays thin.
+    ResyncZeroes = 35,
     /// Either way: the connection is alive.
     Heartbeat = 48,
+    /// Copy → production: the copy cannot go on (its store is full, say);
+    /// the payload is an error kind code and a short UTF-8 message
+    /// ([`crate::protocol::copy_failure`]), and the copy closes the
+    /// connection after it.
+    Error = 49,
 }
 
 /// The shape a frame of a given kind must have.
@@ -103,11 +115,14 @@ enum Shape {
     Acknowledgement,
     /// May name an extent and carries up to [`PAYLOAD_MAX`] bytes.
     Bulk,
+    /// Names no extent and carries 2 to [`ERROR_PAYLOAD_MAX`] bytes: a kind
+    /// code and a message of at least one byte.
+    Report,
 }
 
 impl FrameKind {
     /// Every kind, in wire order.
-    pub const ALL: [FrameKind; 15] = [
+    pub const ALL: [FrameKind; 17] = [
         FrameKind::Hello,
         FrameKind::Challenge,
         FrameKind::Response,
@@ -122,7 +137,9 @@ impl FrameKind {
         FrameKind::ResyncData,
         FrameKind::ChecksumRequest,
         FrameKind::ChecksumReply,
+        FrameKind::ResyncZeroes,
         FrameKind::Heartbeat,
+        FrameKind::Error,
     ];
 
     /// The kind with this wire value, if there is one.
@@ -142,7 +159,9 @@ impl FrameKind {
     fn shape(self) -> Shape {
         match self {
             FrameKind::Write | FrameKind::ResyncData => Shape::Data,
-            FrameKind::Trim | FrameKind::WriteZeroes | FrameKind::ChecksumRequest => Shape::Extent,
+            FrameKind::Trim | FrameKind::WriteZeroes | FrameKind::ResyncZeroes | FrameKind::ChecksumRequest => {
+                Shape::Extent
+            }
             FrameKind::Hello
             | FrameKind::Challenge
             | FrameKind::Response
@@ -152,6 +171,7 @@ impl FrameKind {
             | FrameKind::Heartbeat => Shape::Control,
             FrameKind::WriteAck | FrameKind::FlushAck => Shape::Acknowledgement,
             FrameKind::ChecksumReply => Shape::Bulk,
+            FrameKind::Error => Shape::Report,
         }
     }
 }
@@ -386,6 +406,13 @@ fn check_shape(header: &FrameHeader) -> Result<(), ReplicationError> {
         Shape::Control | Shape::Acknowledgement if header.payload_len > CONTROL_PAYLOAD_MAX => {
             Some(format!("carries {} bytes, over its limit of {CONTROL_PAYLOAD_MAX}", header.payload_len))
         }
+        Shape::Report if header.offset != 0 || header.length != 0 => {
+            Some(format!("names an extent (offset {}, length {}) it has no use for", header.offset, header.length))
+        }
+        Shape::Report if header.payload_len < 2 || header.payload_len > ERROR_PAYLOAD_MAX => Some(format!(
+            "carries {} bytes; an error report carries a kind code and a message, 2 to {ERROR_PAYLOAD_MAX} bytes",
+            header.payload_len
+        )),
         _ => None,
     };
     match broken {

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod auth;
+pub mod copy_failure;
 pub mod decoder;
 pub mod error;
 pub mod frame;

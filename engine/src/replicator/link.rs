@@ -3,11 +3,20 @@
 //! a reader thread per connection takes the copy's acknowledgements.
 //!
 //! ```text
-//!               ┌──────────── connect fails: back off 0.1 s … 2 s ◀────────────┐
-//!  disconnected ┴─▶ connect + handshake ─▶ syncing ─▶ resync pass + flush ack ─▶ up_to_date
-//!        ▲                                   ▲  async lag over the bound: behind ┘ │
-//!        └──── any error: record stale, release every waiting write ◀─────────────┘
+//!          ┌── connection fails or ends without progress: back off 0.1 s, 0.2 s, … 10 s ◀──┐
+//!  stale ──┴─▶ connect + handshake ─▶ syncing ─▶ resync pass + flush ack ─▶ up_to_date     │
+//!    ▲                                   ▲  async lag over the bound: behind ┘ │            │
+//!    └──── any error: record stale, release every waiting write, keep the reason ─────────┘
 //! ```
+//!
+//! Every failed connection — refused, timed out, closed, or ended by the
+//! copy host's Error frame (its store is full, say) — waits before the next
+//! try, doubling from BACKOFF_MIN up to BACKOFF_MAX; a connection that made
+//! progress (a bit cleared, or the copy up to date) and did not end with the
+//! copy's Error frame starts over from BACKOFF_MIN. Without it a copy host that failed every connection at once
+//! was redialled ~27 times a second and sent the same resync data each time.
+//! Why the last connection failed is kept as the copy's `last_error` for
+//! status until it is up to date again.
 //!
 //! Clearing the bitmap: every change queued for the copy adds its regions to
 //! `touched`. A Flush takes `touched` as its snapshot; the regions of an
@@ -34,16 +43,26 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::protocol::auth::STORE_TOKEN_UNKNOWN;
+use crate::protocol::copy_failure::CopyFailure;
 use crate::protocol::frame::{FrameFlags, FrameHeader, FrameKind};
 use crate::protocol::{FrameDecoder, ReplicationError};
 use crate::replicator::connect::CopyConnection;
-use crate::replicator::{Change, CopyConfig, MirrorMode, RecordedState, Shared, Ticket};
+use crate::replicator::resync_set::ResyncSet;
+use crate::replicator::{Change, CopyConfig, MirrorMode, RecordedState, Shared, Ticket, VerifyError};
 
 /// How long a connection attempt (connect and handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// First and last wait between connection attempts.
+/// First and last wait between connection attempts: doubled after each
+/// connection that failed or made no progress, back to the first after one
+/// that made progress.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// The longest `last_error` kept for status, in bytes.
+const LAST_ERROR_BYTES_MAX: usize = 1024;
+/// Resync data is checked for zeroes in chunks of this many bytes; a chunk
+/// of zeroes goes as ResyncZeroes, without data, and stays a hole on a
+/// thin copy.
+const ZERO_CHUNK_BYTES: u64 = 64 << 10;
 /// At most how often the local volume is fsynced so that bits can clear
 /// (under a sustained random load some region always goes quiet), unless
 /// the configuration says otherwise.
@@ -78,11 +97,11 @@ pub enum CopyState {
     /// Async copy past its lag bound: writes are tracked in the bitmap only
     /// until the queue drains and a resync pass starts.
     Behind,
-    /// Not connected; its writes are tracked in the bitmap.
-    Disconnected,
+    /// Not connected and recorded stale; its writes are tracked in the bitmap.
+    Stale,
     /// Not connected, and recording it stale failed: writes it misses
     /// cannot be acknowledged (they get EIO) until the record succeeds.
-    Stale,
+    Unrecorded,
     /// The production store failed a flush: writes acknowledged before it
     /// may be missing there while this copy holds them. Neither side is
     /// known to match the other (see `Replicator::local_flush_failed`).
@@ -96,8 +115,8 @@ impl CopyState {
             CopyState::UpToDate => "up_to_date",
             CopyState::Syncing => "syncing",
             CopyState::Behind => "behind",
-            CopyState::Disconnected => "disconnected",
             CopyState::Stale => "stale",
+            CopyState::Unrecorded => "disconnected",
             CopyState::Diverged => "diverged",
         }
     }
@@ -108,8 +127,6 @@ impl CopyState {
 pub struct CopyCounters {
     bytes_shipped: AtomicU64,
     frames_rejected: AtomicU64,
-    resync_bytes_total: AtomicU64,
-    resync_bytes_done: AtomicU64,
     connects: AtomicU64,
 }
 
@@ -122,10 +139,23 @@ pub struct CopyStatus {
     pub address: String,
     /// `sync` or `async`.
     pub mode: &'static str,
-    /// `up_to_date`, `syncing`, `behind`, `disconnected` or `stale`.
+    /// `up_to_date`, `syncing`, `behind`, `stale` (not connected, recorded
+    /// stale) or `disconnected` (not connected, and recording it stale
+    /// failed: writes it misses get EIO).
     pub state: &'static str,
+    /// Why the copy is not up to date: the last connection failure or the
+    /// copy host's own report (a full store, say); `None` once it is up to
+    /// date again.
+    pub last_error: Option<String>,
     /// Bytes of regions whose bit is set in its slot.
     pub dirty_bytes: u64,
+    /// Of `dirty_bytes`, what the copy may lack and a resync will send:
+    /// all of it while the copy is not connected.
+    pub resync_pending_bytes: u64,
+    /// Of `dirty_bytes`, regions the copy has been sent that wait for the
+    /// next bitmap clear (a flush on the copy and, at most every 5 s, on
+    /// this host, after the region stayed quiet): not a divergence.
+    pub clearing_bytes: u64,
     /// Bytes the current or last resync pass set out to send.
     pub resync_bytes_total: u64,
     /// Bytes of it sent so far.
@@ -194,6 +224,13 @@ impl Outgoing {
             ..Outgoing::new(FrameKind::ResyncData, offset, length)
         }
     }
+
+    /// Resync of `length` bytes at `offset` that read as zeroes: no data,
+    /// but counted in the resync window like data, so a long run of zeroes
+    /// is not queued all at once.
+    fn resync_zeroes(offset: u64, length: u64) -> Outgoing {
+        Outgoing { lag: length, resync: true, ..Outgoing::new(FrameKind::ResyncZeroes, offset, length) }
+    }
 }
 
 /// A frame sent and not yet acknowledged (its payload is gone with the send).
@@ -232,8 +269,9 @@ struct Inner {
     /// Regions the copy may lack whole: dirty when the connection began, or
     /// touched by a change this copy did not get. Only sending the region
     /// whole (resync) takes one out; until then its bit never clears, even
-    /// if later writes to part of it reach the copy.
-    resync_pending: RegionSet,
+    /// if later writes to part of it reach the copy. Keeps the pass's
+    /// progress too.
+    resync_pending: ResyncSet,
     /// Numbers the resync passes, so only the current pass's closing Flush
     /// can make the copy up to date.
     resync_pass: u64,
@@ -242,6 +280,15 @@ struct Inner {
     last_flush: Instant,
     /// The connection failed; the sender tears it down.
     broken: bool,
+    /// Why the current connection ended: the first cause seen (the copy's
+    /// Error frame, an ack timeout, a closed socket), so a later symptom of
+    /// the same teardown does not replace it.
+    ending: Option<String>,
+    /// Why the copy is not up to date, for status; cleared when it is.
+    last_error: Option<String>,
+    /// The current connection cleared a bit or made the copy up to date:
+    /// the next connection attempt need not back off.
+    progress: bool,
     /// [`Shared::released`] when this link last queued a barrier frame.
     barrier_released: u64,
 }
@@ -260,14 +307,14 @@ pub(crate) struct Link {
 
 impl Link {
     pub(crate) fn new(config: CopyConfig, slot: u32, shared: Arc<Shared>) -> Link {
-        let regions = shared.bitmap.region_count();
+        let resync_pending = ResyncSet::new(shared.volume.size(), shared.bitmap.region_bytes());
         let last_local_sync = Instant::now().checked_sub(shared.local_sync_interval).unwrap_or_else(Instant::now);
         Link {
             config,
             slot,
             shared,
             inner: Mutex::new(Inner {
-                state: CopyState::Disconnected,
+                state: CopyState::Stale,
                 connection: 0,
                 queue: VecDeque::new(),
                 unacked: VecDeque::new(),
@@ -279,11 +326,14 @@ impl Link {
                 local_sync_due: false,
                 waiters: 0,
                 resync_next: None,
-                resync_pending: RegionSet::new(regions),
+                resync_pending,
                 resync_pass: 0,
                 resync_checks_outstanding: 0,
                 last_flush: Instant::now(),
                 broken: false,
+                ending: None,
+                last_error: None,
+                progress: false,
                 barrier_released: 0,
             }),
             wake: Condvar::new(),
@@ -321,14 +371,24 @@ impl Link {
 
     pub(crate) fn status(&self) -> CopyStatus {
         let inner = self.lock();
+        let dirty_bytes = self.shared.bitmap.dirty_bytes(self.slot);
+        // A copy that is not connected gets every dirty region resynced
+        // whole when it connects; a connected one only what is pending.
+        let resync_pending_bytes = match inner.state {
+            CopyState::Stale | CopyState::Unrecorded => dirty_bytes,
+            _ => inner.resync_pending.bytes().min(dirty_bytes),
+        };
         CopyStatus {
             name: self.config.name.clone(),
             address: self.config.address.to_string(),
             mode: self.config.mode.as_str(),
             state: if self.shared.local_failure().is_some() { CopyState::Diverged } else { inner.state }.as_str(),
-            dirty_bytes: self.shared.bitmap.dirty_bytes(self.slot),
-            resync_bytes_total: self.counters.resync_bytes_total.load(Ordering::Relaxed),
-            resync_bytes_done: self.counters.resync_bytes_done.load(Ordering::Relaxed),
+            last_error: inner.last_error.clone(),
+            dirty_bytes,
+            resync_pending_bytes,
+            clearing_bytes: dirty_bytes - resync_pending_bytes,
+            resync_bytes_total: inner.resync_pending.bytes_total(),
+            resync_bytes_done: inner.resync_pending.bytes_done(),
             lag_bytes: inner.lag_bytes,
             bytes_shipped: self.counters.bytes_shipped.load(Ordering::Relaxed),
             frames_rejected: self.counters.frames_rejected.load(Ordering::Relaxed),
@@ -356,14 +416,16 @@ impl Link {
         match inner.state {
             CopyState::UpToDate | CopyState::Syncing => {}
             // Diverged is only ever reported by status, never stored.
-            CopyState::Behind | CopyState::Disconnected | CopyState::Diverged => {
+            CopyState::Behind | CopyState::Stale | CopyState::Diverged => {
                 self.dropped(&mut inner, change.extent());
                 return;
             }
-            CopyState::Stale => {
+            CopyState::Unrecorded => {
                 // The copy missed writes and is not recorded stale yet.
                 if self.shared.record(self.slot, RecordedState::Stale).is_ok() {
-                    inner.state = CopyState::Disconnected;
+                    inner.state = CopyState::Stale;
+                    tracing::info!(copy = %self.config.name, "copy {} is recorded stale now; writes it misses are \
+                        acknowledged again and tracked in the bitmap", self.config.name);
                 } else if sync {
                     // Invariant 3: a sync copy's missed write is not
                     // acknowledged until the copy is recorded stale.
@@ -480,23 +542,29 @@ impl Link {
     /// extent is in flight, then, holding the link lock and the in-flight
     /// table (so no write to it can start or be shipped), reads it locally
     /// and queues the ChecksumRequest behind every change shipped so far.
-    pub(crate) fn verify_extent(&self, offset: u64, length: u64) -> Result<Vec<(u64, u64)>, String> {
+    pub(crate) fn verify_extent(&self, offset: u64, length: u64) -> Result<Vec<(u64, u64)>, VerifyError> {
         let deadline = Instant::now() + VERIFY_WAIT_MAX;
+        let failed = |message: String| VerifyError::Failed { copy: self.config.name.clone(), message };
         let (local, answer) = loop {
             let mut inner = self.lock();
             if inner.state != CopyState::UpToDate {
-                return Err(format!(
-                    "copy {} is {}; verify compares an up_to_date copy only",
-                    self.config.name,
-                    inner.state.as_str()
-                ));
+                return Err(VerifyError::NotUpToDate {
+                    copy: self.config.name.clone(),
+                    state: inner.state.as_str(),
+                    last_error: inner.last_error.clone(),
+                });
             }
             let inflight = self.shared.inflight();
             if self.shared.regions(offset, length).any(|region| inflight.contains_key(&region)) {
                 drop(inflight);
                 drop(inner);
                 if Instant::now() > deadline {
-                    return Err(format!("writes to bytes {offset}..{} never paused; verify gave up", offset + length));
+                    return Err(failed(format!(
+                        "writes to bytes {offset}..{} never paused for {} s; verify gave up, try again when the volume is \
+                         less busy",
+                        offset + length,
+                        VERIFY_WAIT_MAX.as_secs()
+                    )));
                 }
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
@@ -505,7 +573,7 @@ impl Link {
                 .shared
                 .volume
                 .read_synchronously(offset, length)
-                .map_err(|error| format!("reading bytes {offset}..{} locally: {error}", offset + length))?;
+                .map_err(|error| failed(format!("reading bytes {offset}..{} locally: {error}", offset + length)))?;
             drop(inflight);
             let (sender, answer) = sync_channel(1);
             inner.queue.push_back(Outgoing {
@@ -515,9 +583,13 @@ impl Link {
             self.notify(&inner);
             break (crate::verify::chunk_checksums(&data), answer);
         };
-        let remote = answer
-            .recv_timeout(ACK_TIMEOUT * 2)
-            .map_err(|_| format!("copy {} did not answer a checksum request (connection lost?)", self.config.name))?;
+        let remote = answer.recv_timeout(ACK_TIMEOUT * 2).map_err(|_| {
+            failed(format!(
+                "copy {} did not answer a checksum request within {} s (connection lost?); see its last_error in status",
+                self.config.name,
+                (ACK_TIMEOUT * 2).as_secs()
+            ))
+        })?;
         Ok(crate::verify::mismatches(offset, length, &local, &remote))
     }
 
@@ -547,8 +619,9 @@ impl Link {
 
     /// The link thread: connect, serve the connection, tear down, repeat.
     pub(crate) fn run(self: Arc<Self>) {
-        let mut backoff = BACKOFF_MIN;
-        let mut last_error = String::new();
+        // Halved once so that the first wait is BACKOFF_MIN.
+        let mut backoff = BACKOFF_MIN / 2;
+        let mut logged_error = String::new();
         while !self.shared.shutdown.load(Ordering::Relaxed) {
             let connected = CopyConnection::connect(
                 self.config.address,
@@ -557,49 +630,75 @@ impl Link {
                 CONNECT_TIMEOUT,
                 ACK_TIMEOUT,
             );
-            let connection = match connected {
-                Ok(connection) => connection,
+            let progress = match connected {
+                Ok(connection) => {
+                    logged_error.clear();
+                    self.counters.connects.fetch_add(1, Ordering::Relaxed);
+                    self.serve(connection)
+                }
                 Err(error) => {
-                    let message = error.to_string();
-                    if message != last_error {
+                    let message = format!("cannot connect to copy {}: {error}", self.config.name);
+                    // The same failure again and again is logged once.
+                    if message != logged_error {
                         tracing::warn!(copy = %self.config.name, address = %self.config.address, %error,
-                            "cannot connect to copy {}: {error}; retrying with backoff", self.config.name);
-                        last_error = message;
+                            "{message}; retrying with backoff ({} s at most between tries)", BACKOFF_MAX.as_secs());
+                        logged_error.clone_from(&message);
                     }
-                    self.sleep(backoff);
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
+                    self.set_last_error(&mut self.lock(), message);
+                    false
                 }
             };
-            backoff = BACKOFF_MIN;
-            last_error.clear();
-            self.counters.connects.fetch_add(1, Ordering::Relaxed);
-            self.serve(connection);
+            backoff = next_backoff(backoff, progress);
+            self.sleep(backoff);
         }
-        self.teardown("shutting down");
+        self.teardown("this host is shutting down");
     }
 
+    /// Wait `duration`, or less if the replicator stops (other wake-ups,
+    /// such as a write queued meanwhile, do not cut it short).
     fn sleep(&self, duration: Duration) {
-        let inner = self.lock();
-        if !self.shared.shutdown.load(Ordering::Relaxed) {
-            let _ = self.wake.wait_timeout(inner, duration);
+        let deadline = Instant::now() + duration;
+        let mut inner = self.lock();
+        while !self.shared.shutdown.load(Ordering::Relaxed) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            inner = self.wake.wait_timeout(inner, left).unwrap_or_else(PoisonError::into_inner).0;
         }
     }
 
-    fn serve(self: &Arc<Self>, mut connection: CopyConnection) {
+    fn set_last_error(&self, inner: &mut Inner, mut message: String) {
+        if message.len() > LAST_ERROR_BYTES_MAX {
+            let mut end = LAST_ERROR_BYTES_MAX;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        inner.last_error = Some(message);
+    }
+
+    /// Serve one established connection until it ends; whether it made
+    /// progress (a bit cleared, or the copy became up to date).
+    fn serve(self: &Arc<Self>, mut connection: CopyConnection) -> bool {
         let generation = {
             let mut inner = self.lock();
             if let Err(error) = self.shared.record(self.slot, RecordedState::Syncing) {
                 tracing::error!(copy = %self.config.name, %error, "cannot record the copy syncing; dropping the connection");
-                return;
+                self.set_last_error(&mut inner, format!("cannot record the copy syncing: {error}"));
+                return false;
             }
             if let Err(error) = self.check_store(&connection) {
                 tracing::error!(copy = %self.config.name, %error, "{error}; dropping the connection");
-                return;
+                self.set_last_error(&mut inner, error);
+                return false;
             }
             inner.connection += 1;
             inner.state = CopyState::Syncing;
             inner.broken = false;
+            inner.ending = None;
+            inner.progress = false;
             // Everything dirty now may be missing on the copy: it goes whole.
             inner.resync_pending.clear_all();
             for region in self.shared.bitmap.dirty_regions(self.slot) {
@@ -630,16 +729,22 @@ impl Link {
             }
             Err(_) => None,
         };
-        if reader.is_none() {
-            tracing::error!(copy = %self.config.name, "cannot start the acknowledgement reader; dropping the connection");
-        } else {
-            self.send_loop(&mut connection);
+        let ending = match reader {
+            None => Some("cannot start the acknowledgement reader thread".to_string()),
+            Some(_) => self.send_loop(&mut connection),
+        };
+        // The sender's cause is recorded before the socket is shut down, so
+        // the reader's "closed" that follows does not replace it.
+        if let Some(ending) = ending {
+            self.lock().ending.get_or_insert(ending);
         }
         let _ = connection.stream().shutdown(Shutdown::Both);
         if let Some(reader) = reader {
             let _ = reader.join();
         }
+        let progress = self.lock().progress;
         self.teardown("the connection ended");
+        progress
     }
 
     /// Invariant 9: a copy store that is not the one last synced here (its
@@ -722,26 +827,20 @@ impl Link {
     fn start_resync_pass(&self, inner: &mut Inner) {
         inner.resync_pass += 1;
         inner.resync_next = Some(0);
-        let total = inner.resync_pending.len() * self.shared.bitmap.region_bytes();
-        self.counters.resync_bytes_total.store(total, Ordering::Relaxed);
-        self.counters.resync_bytes_done.store(0, Ordering::Relaxed);
+        inner.resync_pending.start_pass();
     }
 
-    /// Record the copy stale and release everything waiting on it.
+    /// Record the copy stale and release everything waiting on it. `why`
+    /// is the cause when the connection left none (see [`Inner::ending`]).
     fn teardown(&self, why: &str) {
         let mut inner = self.lock();
         let waiting = inner.queue.len() + inner.unacked.len();
         let was = inner.state;
+        let shutting_down = self.shared.shutdown.load(Ordering::Relaxed);
+        let why = inner.ending.take().unwrap_or_else(|| why.to_string());
         let recorded = self.shared.record(self.slot, RecordedState::Stale);
-        let result = match &recorded {
-            Ok(()) => 0,
-            Err(error) => {
-                tracing::error!(copy = %self.config.name, %error,
-                    "cannot record copy {} stale; writes it misses get EIO until the record succeeds", self.config.name);
-                -libc::EIO
-            }
-        };
-        inner.state = if recorded.is_ok() { CopyState::Disconnected } else { CopyState::Stale };
+        let result = if recorded.is_ok() { 0 } else { -libc::EIO };
+        inner.state = if recorded.is_ok() { CopyState::Stale } else { CopyState::Unrecorded };
         for outgoing in std::mem::take(&mut inner.queue) {
             if let Some(ticket) = outgoing.ticket {
                 ticket.release(result);
@@ -756,6 +855,7 @@ impl Link {
         inner.resync_bytes_outstanding = 0;
         inner.resync_checks_outstanding = 0;
         inner.resync_next = None;
+        inner.resync_pending.end_pass();
         inner.broken = false;
         inner.connection += 1;
         // The connection is gone with its unacknowledged flushes; the next
@@ -764,15 +864,30 @@ impl Link {
         inner.clear_candidates.clear();
         inner.local_sync_due = false;
         self.wake.notify_all();
-        if was != CopyState::Disconnected {
-            tracing::warn!(copy = %self.config.name, waiting, "copy {} disconnected ({why}); recorded stale; \
-                its writes are tracked in the bitmap until it reconnects", self.config.name);
+        let name = &self.config.name;
+        match &recorded {
+            Err(error) => {
+                self.set_last_error(&mut inner, format!("{why}; recording the copy stale failed: {error}"));
+                tracing::error!(copy = %name, %error, waiting,
+                    "copy {name} disconnected ({why}) and cannot be recorded stale: {error}; writes it misses get EIO \
+                     until the record succeeds");
+            }
+            Ok(()) if was == CopyState::Stale => {}
+            Ok(()) if shutting_down => tracing::info!(copy = %name, waiting,
+                "copy {name} recorded stale at shutdown: this host stops shipping to it, and the next start resyncs \
+                 the regions its bitmap marks"),
+            Ok(()) => {
+                self.set_last_error(&mut inner, why.clone());
+                tracing::warn!(copy = %name, waiting, "copy {name} disconnected ({why}); recorded stale; \
+                    its writes are tracked in the bitmap until it reconnects");
+            }
         }
     }
 
     /// Send queued frames, resync data and periodic flushes until the
-    /// connection breaks or the replicator stops.
-    fn send_loop(&self, connection: &mut CopyConnection) {
+    /// connection breaks or the replicator stops. Returns why it stopped,
+    /// unless the reader saw it first (`broken`) or this host stops.
+    fn send_loop(&self, connection: &mut CopyConnection) -> Option<String> {
         let mut batch: Vec<(FrameHeader, Option<Arc<Vec<u8>>>)> = Vec::with_capacity(SEND_BATCH_FRAMES);
         let mut last_sent = Instant::now();
         let mut resync_started = Instant::now();
@@ -782,7 +897,7 @@ impl Link {
                 let mut inner = self.lock();
                 loop {
                     if inner.broken || self.shared.shutdown.load(Ordering::Relaxed) {
-                        return;
+                        return None;
                     }
                     if !inner.queue.is_empty() {
                         break;
@@ -799,16 +914,19 @@ impl Link {
                             }
                             Err(error) => {
                                 tracing::error!(copy = %self.config.name, %error, "cannot record the copy syncing; dropping the connection");
-                                return;
+                                return Some(format!("cannot record the copy syncing: {error}"));
                             }
                         }
                     }
                     if let Some(unacked) = inner.unacked.front() {
                         if unacked.sent_at.elapsed() > ACK_TIMEOUT {
-                            tracing::warn!(copy = %self.config.name, sequence = unacked.sequence,
-                                "copy {} left a {:?} frame unacknowledged for over {} s; dropping the connection",
-                                self.config.name, unacked.frame.kind, ACK_TIMEOUT.as_secs());
-                            return;
+                            return Some(format!(
+                                "ack timeout: the copy host left a {:?} frame (sequence {}) unacknowledged for over {} s \
+                                 (copy host hung, overloaded, or the link is down)",
+                                unacked.frame.kind,
+                                unacked.sequence,
+                                ACK_TIMEOUT.as_secs()
+                            ));
                         }
                     }
                     // Flush every CLEAN_INTERVAL, during a resync too, so bits
@@ -835,7 +953,7 @@ impl Link {
                                 }
                                 Err(error) => {
                                     tracing::error!(copy = %self.config.name, %error, "resync cannot read the local volume; dropping the connection");
-                                    return;
+                                    return Some(format!("resync cannot read the local volume: {error}"));
                                 }
                             }
                         }
@@ -874,7 +992,7 @@ impl Link {
                 if let Err(error) = self.shared.volume.sync_all() {
                     tracing::error!(copy = %self.config.name, %error,
                         "cannot fsync the local volume before a flush; dropping the connection so no bit clears");
-                    return;
+                    return Some(format!("cannot fsync the local volume before a flush: {error}"));
                 }
             }
             let frames: Vec<(FrameHeader, &[u8])> = batch
@@ -886,8 +1004,7 @@ impl Link {
             drop(frames);
             batch.clear();
             if let Err(error) = sent {
-                tracing::warn!(copy = %self.config.name, %error, "sending to copy {} failed", self.config.name);
-                return;
+                return Some(format!("sending to the copy host failed: {error}"));
             }
             self.counters.bytes_shipped.fetch_add(payload_bytes, Ordering::Relaxed);
             last_sent = Instant::now();
@@ -915,9 +1032,9 @@ impl Link {
 
     /// Queue the next dirty region's data (or, in a checksum pass, a
     /// checksum request for it), or the pass's closing Flush. Runs under the
-    /// link lock, so no write to the region is shipped between the read and
-    /// the queueing. Returns the bytes queued, or `None` when the pass waits
-    /// for checksum answers.
+    /// link lock, so no write to the region is shipped between the read (or
+    /// the hole lookup) and the queueing. Returns the bytes queued, or
+    /// `None` when the pass waits for checksum answers.
     fn queue_resync(&self, inner: &mut Inner) -> std::io::Result<Option<u64>> {
         let next = inner.resync_next.expect("a pass is running");
         let region_bytes = self.shared.bitmap.region_bytes();
@@ -943,27 +1060,54 @@ impl Link {
         let size = self.shared.volume.size();
         let offset = region * region_bytes;
         let length = (end * region_bytes).min(size) - offset;
-        let data = self.shared.volume.read_synchronously(offset, length)?;
-        for sent in region..end {
-            inner.resync_pending.remove(sent);
-        }
-        inner.touched.extend(region..end);
-        inner.resync_bytes_outstanding += length;
-        inner.resync_next = Some(end);
-        let outgoing = if self.shared.resync_checksums {
+        if self.shared.resync_checksums {
+            let data = self.shared.volume.read_synchronously(offset, length)?;
             inner.resync_checks_outstanding += 1;
-            Outgoing {
+            inner.queue.push_back(Outgoing {
                 lag: length,
                 resync: true,
                 resync_check: Some(crate::verify::chunk_checksums(&data)),
                 ..Outgoing::new(FrameKind::ChecksumRequest, offset, length)
-            }
+            });
         } else {
-            Outgoing::resync_data(offset, data)
-        };
-        inner.queue.push_back(outgoing);
-        self.counters.resync_bytes_done.fetch_add(length, Ordering::Relaxed);
+            for piece in self.resync_pieces(offset, length)? {
+                inner.queue.push_back(match piece {
+                    Piece::Zeroes { offset, length } => Outgoing::resync_zeroes(offset, length),
+                    Piece::Data { offset, data } => Outgoing::resync_data(offset, data),
+                });
+            }
+        }
+        inner.resync_pending.take(region..end);
+        inner.touched.extend(region..end);
+        inner.resync_bytes_outstanding += length;
+        inner.resync_next = Some(end);
         Ok(Some(length))
+    }
+
+    /// `length` bytes at `offset` of the local volume as resync pieces:
+    /// holes (SEEK_HOLE on a regular file, not read at all) and 64 KiB
+    /// chunks that read as zeroes become zero pieces, the rest data;
+    /// neighbours of one kind are joined.
+    fn resync_pieces(&self, offset: u64, length: u64) -> std::io::Result<Vec<Piece>> {
+        let end = offset + length;
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut position = offset;
+        while position < end {
+            let extents = self.shared.volume.block_status(position, (end - position) as u32, 64)?;
+            assert!(!extents.is_empty(), "block status covers at least one byte of a non-empty range");
+            for (extent_length, flags) in extents {
+                let extent_length = u64::from(extent_length);
+                if flags & BLOCK_STATUS_HOLE != 0 {
+                    push_piece(&mut pieces, Piece::Zeroes { offset: position, length: extent_length });
+                } else {
+                    let data = self.shared.volume.read_synchronously(position, extent_length)?;
+                    split_zero_chunks(&mut pieces, position, data);
+                }
+                position += extent_length;
+            }
+        }
+        assert_eq!(position, end, "resync pieces cover exactly the range");
+        Ok(pieces)
     }
 
     /// A checksum-pass answer: queue the chunks that differ, read now under
@@ -1004,6 +1148,7 @@ impl Link {
     fn read_acks(self: Arc<Self>, mut stream: TcpStream, session: u64, connection: u64) {
         let mut decoder = FrameDecoder::new();
         let mut buffer = vec![0u8; 64 << 10];
+        let mut copy_failed = false;
         let why = loop {
             let frame = match decoder.pop() {
                 Ok(Some(frame)) => frame,
@@ -1020,14 +1165,30 @@ impl Link {
                 },
                 Err(error) => break self.rejected(&error),
             };
+            if frame.header.kind == FrameKind::Error && frame.header.session == session {
+                // The copy host says why it gives up, then closes.
+                break match CopyFailure::from_frame(&frame) {
+                    Ok(failure) => {
+                        copy_failed = true;
+                        format!("the copy host reported {failure}")
+                    }
+                    Err(error) => self.rejected(&error),
+                };
+            }
             if let Err(error) = self.on_ack(&frame.header, frame.payload, session, connection) {
                 break self.rejected(&error);
             }
         };
         let mut inner = self.lock();
         if inner.connection == connection {
-            if !self.shared.shutdown.load(Ordering::Relaxed) {
-                tracing::warn!(copy = %self.config.name, "connection to copy {} lost: {why}", self.config.name);
+            // The first cause wins: the sender's (an ack timeout, say) when
+            // it shut the socket down, which this reader then sees as closed.
+            inner.ending.get_or_insert(why);
+            // A copy host that could not apply a change (a full store) will
+            // most likely fail the next connection too, whatever this one
+            // cleared: back off rather than redial at once.
+            if copy_failed {
+                inner.progress = false;
             }
             inner.broken = true;
             self.wake.notify_all();
@@ -1130,6 +1291,7 @@ impl Link {
                         }
                         if clears {
                             self.shared.bitmap.clear(self.slot, region);
+                            inner.progress = true;
                         } else {
                             quiet.push(region);
                         }
@@ -1147,8 +1309,10 @@ impl Link {
             match self.shared.record(self.slot, RecordedState::Current) {
                 Ok(()) => {
                     inner.state = CopyState::UpToDate;
+                    inner.progress = true;
+                    inner.last_error = None;
                     tracing::info!(copy = %self.config.name, dirty_bytes = dirty,
-                        resync_bytes = self.counters.resync_bytes_done.load(Ordering::Relaxed),
+                        resync_bytes = inner.resync_pending.bytes_done(),
                         "copy {} is up to date", self.config.name);
                 }
                 Err(error) => {
@@ -1159,6 +1323,80 @@ impl Link {
         }
         self.notify(&inner);
         Ok(())
+    }
+}
+
+/// The NBD block-status flag of an extent that is a hole (reads as zeroes).
+const BLOCK_STATUS_HOLE: u32 = 0b01;
+
+/// A piece of a resync range: zeroes (sent without data) or data.
+#[derive(Debug)]
+enum Piece {
+    Zeroes { offset: u64, length: u64 },
+    Data { offset: u64, data: Vec<u8> },
+}
+
+/// Append `piece`, joined with the last one when both are zeroes and touch.
+fn push_piece(pieces: &mut Vec<Piece>, piece: Piece) {
+    if let (Some(Piece::Zeroes { offset, length }), Piece::Zeroes { offset: next, length: more }) =
+        (pieces.last_mut(), &piece)
+    {
+        if *offset + *length == *next {
+            *length += more;
+            return;
+        }
+    }
+    pieces.push(piece);
+}
+
+/// Whether `chunk` holds only zero bytes. Data is rejected at its first or
+/// last byte in almost every case; a candidate is or-folded whole, which
+/// compiles to wide vector instructions (an early-exit scan does not), so
+/// resync spends about a memory read per zero chunk.
+fn is_zero(chunk: &[u8]) -> bool {
+    chunk.first().is_none_or(|byte| *byte == 0)
+        && chunk.last().is_none_or(|byte| *byte == 0)
+        && chunk.iter().fold(0u8, |all, byte| all | byte) == 0
+}
+
+/// Append `data` (read at `offset`) as pieces: each ZERO_CHUNK_BYTES chunk
+/// (aligned to the volume) of zeroes a zero piece, each run of the other
+/// chunks one data piece (the buffer itself when nothing in it is zero).
+fn split_zero_chunks(pieces: &mut Vec<Piece>, offset: u64, data: Vec<u8>) {
+    // (start, end, zero) runs of chunks, relative to `data`.
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    let mut start = 0usize;
+    while start < data.len() {
+        let absolute = offset + start as u64;
+        let chunk_end = ((absolute / ZERO_CHUNK_BYTES + 1) * ZERO_CHUNK_BYTES - offset).min(data.len() as u64) as usize;
+        let zero = is_zero(&data[start..chunk_end]);
+        match runs.last_mut() {
+            Some((_, end, kind)) if *kind == zero => *end = chunk_end,
+            _ => runs.push((start, chunk_end, zero)),
+        }
+        start = chunk_end;
+    }
+    if let [(_, _, false)] = runs.as_slice() {
+        pieces.push(Piece::Data { offset, data });
+        return;
+    }
+    for (from, to, zero) in runs {
+        let at = offset + from as u64;
+        if zero {
+            push_piece(pieces, Piece::Zeroes { offset: at, length: (to - from) as u64 });
+        } else {
+            pieces.push(Piece::Data { offset: at, data: data[from..to].to_vec() });
+        }
+    }
+}
+
+/// The wait before the next connection attempt: back to the shortest after
+/// a connection that made progress, else twice the last, up to the longest.
+fn next_backoff(last: Duration, progress: bool) -> Duration {
+    if progress {
+        BACKOFF_MIN
+    } else {
+        (last * 2).min(BACKOFF_MAX)
     }
 }
 
@@ -1208,82 +1446,67 @@ fn take_snapshot(inner: &mut Inner, local_sync_interval: Duration) -> Snapshot {
     Snapshot { regions, clears }
 }
 
-/// A set of region indices as a bit vector: one bit per region of the volume.
-#[derive(Debug)]
-struct RegionSet {
-    words: Vec<u64>,
-    count: u64,
-}
-
-impl RegionSet {
-    fn new(regions: u64) -> RegionSet {
-        RegionSet { words: vec![0; regions.div_ceil(64) as usize], count: 0 }
-    }
-
-    fn insert(&mut self, region: u64) {
-        let (word, bit) = ((region / 64) as usize, region % 64);
-        if self.words[word] & (1 << bit) == 0 {
-            self.words[word] |= 1 << bit;
-            self.count += 1;
-        }
-    }
-
-    fn remove(&mut self, region: u64) {
-        let (word, bit) = ((region / 64) as usize, region % 64);
-        if self.words[word] & (1 << bit) != 0 {
-            self.words[word] &= !(1 << bit);
-            self.count -= 1;
-        }
-    }
-
-    fn contains(&self, region: u64) -> bool {
-        self.words.get((region / 64) as usize).is_some_and(|word| word & (1 << (region % 64)) != 0)
-    }
-
-    fn clear_all(&mut self) {
-        self.words.fill(0);
-        self.count = 0;
-    }
-
-    fn len(&self) -> u64 {
-        self.count
-    }
-
-    /// The smallest region in the set that is `start` or after it.
-    fn next_at_or_after(&self, start: u64) -> Option<u64> {
-        let mut index = (start / 64) as usize;
-        let mut word = *self.words.get(index)? & (u64::MAX << (start % 64));
-        loop {
-            if word != 0 {
-                return Some(index as u64 * 64 + u64::from(word.trailing_zeros()));
-            }
-            index += 1;
-            word = *self.words.get(index)?;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::RegionSet;
+    use super::*;
 
+    fn shape(pieces: &[Piece]) -> Vec<(&'static str, u64, u64)> {
+        pieces
+            .iter()
+            .map(|piece| match piece {
+                Piece::Zeroes { offset, length } => ("zeroes", *offset, *length),
+                Piece::Data { offset, data } => ("data", *offset, data.len() as u64),
+            })
+            .collect()
+    }
+
+    /// Chunks of zeroes (aligned to the volume, not to the read) become zero
+    /// pieces joined with a hole before them; data runs stay whole.
     #[test]
-    fn region_set_finds_the_next_member() {
-        let mut set = RegionSet::new(200);
-        for region in [3, 64, 130, 199] {
-            set.insert(region);
+    fn zero_chunks_become_zero_pieces() {
+        const CHUNK: u64 = ZERO_CHUNK_BYTES;
+        let offset = CHUNK / 2; // a read that starts mid-chunk
+        let mut data = vec![0u8; (4 * CHUNK) as usize];
+        data[(CHUNK / 2 + 10) as usize] = 1; // in the volume's chunk 1
+        data[(3 * CHUNK + CHUNK / 2) as usize] = 2; // in the volume's last, partial chunk 4
+        let mut pieces = vec![Piece::Zeroes { offset: 0, length: offset }];
+        split_zero_chunks(&mut pieces, offset, data);
+        assert_eq!(
+            shape(&pieces),
+            [
+                ("zeroes", 0, CHUNK),
+                ("data", CHUNK, CHUNK),
+                ("zeroes", 2 * CHUNK, 2 * CHUNK),
+                ("data", 4 * CHUNK, CHUNK / 2)
+            ]
+        );
+        let Piece::Data { data, .. } = &pieces[1] else { unreachable!() };
+        assert_eq!(data[10], 1, "the data piece holds the bytes at its offset");
+    }
+
+    /// A read with no zero chunk is one data piece; one of zeroes one zero piece.
+    #[test]
+    fn whole_reads_stay_whole() {
+        let mut pieces = Vec::new();
+        split_zero_chunks(&mut pieces, 0, vec![7u8; 3 * ZERO_CHUNK_BYTES as usize]);
+        split_zero_chunks(&mut pieces, 3 * ZERO_CHUNK_BYTES, vec![0u8; 2 * ZERO_CHUNK_BYTES as usize]);
+        assert_eq!(
+            shape(&pieces),
+            [("data", 0, 3 * ZERO_CHUNK_BYTES), ("zeroes", 3 * ZERO_CHUNK_BYTES, 2 * ZERO_CHUNK_BYTES)]
+        );
+    }
+
+    /// Backoff doubles to its cap after connections without progress and
+    /// starts over after one with progress.
+    #[test]
+    fn backoff_doubles_to_the_cap_and_resets_on_progress() {
+        let mut backoff = BACKOFF_MIN / 2;
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            backoff = next_backoff(backoff, false);
+            waits.push(backoff.as_millis());
         }
-        set.insert(64);
-        assert_eq!(set.len(), 4);
-        assert_eq!(set.next_at_or_after(0), Some(3));
-        assert_eq!(set.next_at_or_after(4), Some(64));
-        assert_eq!(set.next_at_or_after(65), Some(130));
-        assert_eq!(set.next_at_or_after(131), Some(199));
-        assert_eq!(set.next_at_or_after(200), None);
-        set.remove(130);
-        assert!(!set.contains(130) && set.contains(199));
-        assert_eq!(set.next_at_or_after(65), Some(199));
-        set.clear_all();
-        assert_eq!((set.len(), set.next_at_or_after(0)), (0, None));
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 6400, 10000, 10000, 10000]);
+        assert_eq!(next_backoff(backoff, true), BACKOFF_MIN);
     }
 }

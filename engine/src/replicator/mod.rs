@@ -26,7 +26,11 @@
 //! link's lock, the same lock `ship` queues under. A write to that region
 //! either completed before the read (the read sees it) or is shipped after
 //! the resync data (and overwrites it on the copy): resync never puts back
-//! older data over a newer write.
+//! older data over a newer write. The same holds for the parts of a region
+//! sent as zeroes (ResyncZeroes, which keep a thin copy thin): the hole
+//! lookup (SEEK_DATA/SEEK_HOLE) and the zero check are that read, made under
+//! that lock, so a write that lands in a hole after the lookup is shipped
+//! after the zeroes and overwrites them on the copy.
 //!
 //! The bitmap: every write marks its regions in every copy's slot before it
 //! is issued. A copy's bit is cleared when a Flush sent after the region's
@@ -42,6 +46,7 @@
 
 pub mod connect;
 mod link;
+mod resync_set;
 pub mod state;
 
 use std::collections::HashMap;
@@ -185,6 +190,38 @@ pub struct VerifyReport {
     pub mismatches: Vec<(u64, u64)>,
     /// Whether a resync of the mismatching ranges was started.
     pub repaired: bool,
+}
+
+/// Why an online verify did not run or did not finish.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// No copy has that name.
+    #[error("there is no copy named {name:?}; the copies are: {}", copies.join(", "))]
+    UnknownCopy {
+        /// The name asked for.
+        name: String,
+        /// The configured copies' names.
+        copies: Vec<String>,
+    },
+    /// The copy is not up to date, so there is nothing to compare yet.
+    #[error("copy {copy} is {state}{}; verify compares an up_to_date copy only: wait until `crossmirror status` shows it up_to_date",
+        last_error.as_ref().map(|error| format!(" ({error})")).unwrap_or_default())]
+    NotUpToDate {
+        /// The copy.
+        copy: String,
+        /// Its state as status shows it.
+        state: &'static str,
+        /// Why it is not up to date, when known.
+        last_error: Option<String>,
+    },
+    /// The verify started and could not finish.
+    #[error("verify of copy {copy} did not finish: {message}")]
+    Failed {
+        /// The copy.
+        copy: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
 }
 
 /// Whether a shipped change may be acknowledged now.
@@ -596,12 +633,11 @@ impl Replicator {
     /// Online verify of the copy `name`: compare the checksums of every
     /// region with the copy's while the volume stays in use; with `repair`,
     /// resync the regions that differ.
-    pub fn verify(&self, name: &str, repair: bool) -> Result<VerifyReport, String> {
-        let link = self
-            .links
-            .iter()
-            .find(|link| link.name() == name)
-            .ok_or_else(|| format!("there is no copy named {name:?}"))?;
+    pub fn verify(&self, name: &str, repair: bool) -> Result<VerifyReport, VerifyError> {
+        let link = self.links.iter().find(|link| link.name() == name).ok_or_else(|| VerifyError::UnknownCopy {
+            name: name.to_string(),
+            copies: self.links.iter().map(|link| link.name().to_string()).collect(),
+        })?;
         let size = self.shared.volume.size();
         let step = self.shared.bitmap.region_bytes().max(crate::verify::CHUNK_BYTES);
         let mut mismatches = Vec::new();
@@ -614,7 +650,7 @@ impl Replicator {
         tracing::info!(copy = name, mismatches = mismatches.len(), "verify of copy {name} compared {size} bytes");
         let repaired = repair && !mismatches.is_empty();
         if repaired {
-            link.repair(&mismatches)?;
+            link.repair(&mismatches).map_err(|message| VerifyError::Failed { copy: name.to_string(), message })?;
         }
         Ok(VerifyReport { copy: name.to_string(), bytes_compared: size, mismatches, repaired })
     }
