@@ -68,7 +68,7 @@ use crate::volume::Volume;
 
 use link::Link;
 pub use link::{CopyState, CopyStatus, ACK_TIMEOUT, LOCAL_SYNC_INTERVAL_DEFAULT};
-pub use state::{CopyRecord, LocalStateFile, MirrorStateStore, RecordedState, StateError};
+pub use state::{CopyRecord, LocalStateFile, MirrorStateStore, RecordedState, StateError, StateErrorKind};
 
 /// How a copy's acknowledgement gates the client's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -405,9 +405,35 @@ pub enum WriteRefused {
 /// Why the replicator could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The configuration is unusable.
-    #[error("{0}")]
-    Config(String),
+    /// More copies than the bitmap has slots.
+    #[error("{configured} copies configured, but the bitmap {bitmap} has {slots} slots")]
+    TooManyCopies {
+        /// Copies configured.
+        configured: usize,
+        /// The bitmap's slots.
+        slots: u32,
+        /// The bitmap file.
+        bitmap: PathBuf,
+    },
+    /// The mirror state names a slot the bitmap does not have.
+    #[error("the mirror state puts copy {copy} in bitmap slot {slot}, but the bitmap has {slots} slots")]
+    SlotOutOfRange {
+        /// The copy.
+        copy: String,
+        /// The slot recorded for it.
+        slot: u32,
+        /// The bitmap's slots.
+        slots: u32,
+    },
+    /// A link thread could not be started.
+    #[error("cannot start the link thread of copy {copy}: {source}")]
+    Thread {
+        /// The copy.
+        copy: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The mirror state could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
@@ -429,11 +455,11 @@ impl Replicator {
     ) -> Result<Arc<Replicator>, StartError> {
         let slots = bitmap.slots();
         if config.copies.len() > slots as usize {
-            return Err(StartError::Config(format!(
-                "{} copies configured, but the bitmap {} has {slots} slots",
-                config.copies.len(),
-                bitmap.path().display()
-            )));
+            return Err(StartError::TooManyCopies {
+                configured: config.copies.len(),
+                slots,
+                bitmap: bitmap.path().to_path_buf(),
+            });
         }
         let mut records = store.load()?;
         records.retain(|record| config.copies.iter().any(|copy| copy.name == record.name));
@@ -441,10 +467,7 @@ impl Replicator {
         for copy in &config.copies {
             if let Some(record) = records.iter_mut().find(|record| record.name == copy.name) {
                 if record.slot >= slots {
-                    return Err(StartError::Config(format!(
-                        "the mirror state puts copy {} in bitmap slot {}, but the bitmap has {slots} slots",
-                        copy.name, record.slot
-                    )));
+                    return Err(StartError::SlotOutOfRange { copy: copy.name.clone(), slot: record.slot, slots });
                 }
                 record.state = RecordedState::Stale;
                 assigned.push(record.slot);
@@ -493,12 +516,12 @@ impl Replicator {
             .collect();
         let mut threads = Vec::new();
         for link in &links {
-            let link = link.clone();
-            let name = format!("link-{}", link.name());
+            let copy = link.name().to_string();
+            let running = link.clone();
             let thread = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || link.run())
-                .map_err(|error| StartError::Config(format!("cannot start a link thread: {error}")))?;
+                .name(format!("link-{copy}"))
+                .spawn(move || running.run())
+                .map_err(|source| StartError::Thread { copy, source })?;
             threads.push(thread);
         }
         Ok(Arc::new(Replicator { shared, links, threads: Mutex::new(threads) }))

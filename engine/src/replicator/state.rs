@@ -78,14 +78,49 @@ pub struct CopyRecord {
     pub store: StoreToken,
 }
 
-/// A mirror-state error: the file, what was being done, and why.
+/// What kind of mirror-state failure, for callers that choose a reaction
+/// (the quorum store of the group layer reports the same kinds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StateErrorKind {
+    /// The stored records are damaged: refuse to start rather than guess.
+    Corrupt,
+    /// The store could not be read or written now (I/O, full disk, no
+    /// quorum): writes that need a record get EIO until it succeeds.
+    Unavailable,
+}
+
+/// A mirror-state error: where, what kind, and what to do.
 #[derive(Debug, thiserror::Error)]
-#[error("mirror state {path}: {message}")]
-pub struct StateError {
-    /// The state file (or the quorum key, for other stores).
-    pub path: PathBuf,
-    /// What went wrong and what to do.
-    pub message: String,
+pub enum StateError {
+    /// The stored records are damaged.
+    #[error("mirror state {path}: {message}; the file is damaged: move it aside and every copy gets a full sync")]
+    Corrupt {
+        /// The state file (or the quorum key, for other stores).
+        path: PathBuf,
+        /// What is damaged.
+        message: String,
+    },
+    /// The store could not be read or written.
+    #[error("mirror state {path}: {action}: {source}")]
+    Unavailable {
+        /// The state file (or the quorum key, for other stores).
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl StateError {
+    /// The kind of this error.
+    pub fn kind(&self) -> StateErrorKind {
+        match self {
+            StateError::Corrupt { .. } => StateErrorKind::Corrupt,
+            StateError::Unavailable { .. } => StateErrorKind::Unavailable,
+        }
+    }
 }
 
 /// Where the mirror state lives. Implementations store durably: when
@@ -122,25 +157,23 @@ impl LocalStateFile {
         &self.path
     }
 
-    fn error(&self, message: impl Into<String>) -> StateError {
-        StateError { path: self.path.clone(), message: message.into() }
+    fn unavailable(&self, action: &'static str, source: io::Error) -> StateError {
+        StateError::Unavailable { path: self.path.clone(), action, source }
     }
 }
 
 impl MirrorStateStore for LocalStateFile {
     fn load(&self) -> Result<Vec<CopyRecord>, StateError> {
         match std::fs::read(&self.path) {
-            Ok(bytes) => decode(&bytes).map_err(|message| {
-                self.error(format!("{message}; the file is damaged: move it aside and every copy gets a full sync"))
-            }),
+            Ok(bytes) => decode(&bytes).map_err(|message| StateError::Corrupt { path: self.path.clone(), message }),
             Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(error) => Err(self.error(format!("read: {error}"))),
+            Err(error) => Err(self.unavailable("read", error)),
         }
     }
 
     fn store(&self, records: &[CopyRecord]) -> Result<(), StateError> {
         replace_file_durably(&self.path, encode(records).as_bytes())
-            .map_err(|(action, error)| self.error(format!("{action}: {error}")))
+            .map_err(|(action, error)| self.unavailable(action, error))
     }
 }
 
@@ -245,6 +278,20 @@ mod tests {
         assert_eq!(store.load().unwrap(), []);
         store.store(&records()).unwrap();
         assert_eq!(store.load().unwrap(), records());
+    }
+
+    /// A damaged file is Corrupt (refuse to start); a store that cannot be
+    /// written is Unavailable (writes needing a record get EIO).
+    #[test]
+    fn errors_say_their_kind() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = LocalStateFile::for_volume(&directory.path().join("volume"));
+        std::fs::write(store.path(), b"crossmirror-copies 2\ncrc 00000000\n").unwrap();
+        assert_eq!(store.load().unwrap_err().kind(), StateErrorKind::Corrupt);
+        let nowhere = LocalStateFile::at(&directory.path().join("missing").join("volume.cmcopies"));
+        let error = nowhere.store(&records()).unwrap_err();
+        assert_eq!(error.kind(), StateErrorKind::Unavailable);
+        assert!(error.to_string().contains("missing"), "{error}");
     }
 
     /// A version 1 file is read with every store unknown.

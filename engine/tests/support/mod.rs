@@ -248,7 +248,11 @@ impl MirrorStateStore for TestStateStore {
         }
         inner.blocked = false;
         if stale && inner.mode == StaleRecords::Fail {
-            return Err(StateError { path: "test-store".into(), message: "the test makes stale records fail".into() });
+            return Err(StateError::Unavailable {
+                path: "test-store".into(),
+                action: "record a copy stale",
+                source: std::io::Error::other("the test makes stale records fail"),
+            });
         }
         inner.records = records.to_vec();
         Ok(())
