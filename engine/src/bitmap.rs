@@ -655,6 +655,14 @@ impl WriteIntentBitmap {
         hasher.finalize()
     }
 
+    /// The regions that `len` bytes at `offset` touch; empty when `len` is 0.
+    ///
+    /// # Panics
+    /// When the extent runs past the end of the volume.
+    pub fn regions(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        self.regions_touched(offset, len).map_or(0..0, |(first, last)| first..last + 1)
+    }
+
     /// The region size in bytes.
     pub fn region_bytes(&self) -> u64 {
         self.geometry.region_bytes

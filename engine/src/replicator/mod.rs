@@ -368,13 +368,9 @@ impl Shared {
         result
     }
 
-    /// The regions `len` bytes at `offset` touch.
+    /// The regions `len` bytes at `offset` touch (the bitmap's arithmetic).
     pub(crate) fn regions(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
-        let region = self.bitmap.region_bytes();
-        if len == 0 {
-            return 0..0;
-        }
-        offset / region..(offset + len - 1) / region + 1
+        self.bitmap.regions(offset, len)
     }
 }
 
