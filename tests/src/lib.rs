@@ -390,3 +390,44 @@ fn remove_orphaned_rules() {
         let _ = Command::new("iptables").args(&args).status();
     }
 }
+
+/// A tmpfs of a given size, mounted for one test (root only); unmounted and
+/// removed on drop, so declare it before the processes that use it.
+pub struct Tmpfs {
+    /// The mount point.
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mount a tmpfs of `size` (e.g. "40m") at a new directory named by `label`.
+    pub fn mount(label: &str, size: &str) -> Tmpfs {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let path = PathBuf::from(format!(
+            "/var/tmp/crossmirror-tmpfs-{}-{}-{label}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create the mount point");
+        let options = format!("size={size}");
+        run("mount", &["-t", "tmpfs", "-o", &options, "tmpfs", path.to_str().expect("utf-8 path")]);
+        Tmpfs { path }
+    }
+
+    /// Write zeroes into a file until the filesystem is full.
+    pub fn fill(&self) {
+        let target = format!("of={}", self.path.join("filler").display());
+        let output = run_output("dd", &["if=/dev/zero", &target, "bs=1M"]);
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(text.contains("No space left"), "dd did not fill the filesystem: {text}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let path = self.path.to_str().expect("utf-8 path");
+        if !Command::new("umount").arg(path).status().is_ok_and(|status| status.success()) {
+            let _ = Command::new("umount").args(["-l", path]).status();
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}

@@ -9,37 +9,8 @@ use std::time::Duration;
 
 use system_tests::{
     binary, free_port, free_port_on, nbdsh_script, require_root, require_tool, run, run_output, wait_until,
-    write_secret, LoopDevice, Process, Scratch,
+    write_secret, LoopDevice, Process, Scratch, Tmpfs,
 };
-
-/// A tmpfs of a given size mounted inside a scratch directory; unmounted on drop.
-struct SmallFilesystem {
-    path: PathBuf,
-}
-
-impl SmallFilesystem {
-    fn mount(scratch: &Scratch, name: &str, size: &str) -> SmallFilesystem {
-        let path = scratch.join(name);
-        std::fs::create_dir_all(&path).unwrap();
-        let options = format!("size={size}");
-        run("mount", &["-t", "tmpfs", "-o", &options, "tmpfs", path.to_str().unwrap()]);
-        SmallFilesystem { path }
-    }
-
-    /// Write zeroes into a file until the filesystem is full.
-    fn fill(&self) {
-        let target = format!("of={}", self.path.join("filler").display());
-        let output = run_output("dd", &["if=/dev/zero", &target, "bs=1M"]);
-        let text = String::from_utf8_lossy(&output.stderr);
-        assert!(text.contains("No space left"), "dd did not fill the filesystem: {text}");
-    }
-}
-
-impl Drop for SmallFilesystem {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
 
 fn status(admin: SocketAddr) -> serde_json::Value {
     let admin = admin.to_string();
@@ -95,7 +66,7 @@ fn a_failed_local_flush_stops_the_claim_that_the_mirror_is_consistent() {
         return;
     }
     let scratch = Scratch::new("local-store-failed");
-    let small = SmallFilesystem::mount(&scratch, "small", "40m");
+    let small = Tmpfs::mount("local-store-failed", "40m");
     let backing = small.path.join("backing.img");
     std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
     let device = LoopDevice::attach(&backing, false);
@@ -173,7 +144,7 @@ fn a_full_metadata_filesystem_does_not_kill_the_host() {
         return;
     }
     let scratch = Scratch::new("local-store-full-metadata");
-    let small = SmallFilesystem::mount(&scratch, "metadata", "24m");
+    let small = Tmpfs::mount("local-store-metadata", "24m");
     let secret = write_secret(&scratch, "secret", 4);
     let volume = scratch.join("volume.img");
     // 64 GiB at 4 KiB regions: a 16 MiB bitmap; one bitmap page per 128 MiB.

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use system_tests::mirror::{fio, fio_finish, tools, Mirror, SIZE};
 use system_tests::{
     binary, free_port, free_port_on, require_root, require_tool, run, wait_until, write_secret, LinkCut, Process,
-    Scratch,
+    Scratch, Tmpfs,
 };
 
 /// Three-way identity: fio writes and verifies through NBD on a production
@@ -458,32 +458,6 @@ fn full_sync_of_a_sparse_volume_keeps_the_copy_sparse() {
     mirror.stop_and_compare();
 }
 
-/// A tmpfs of a given size, mounted for one test; unmounted and removed on
-/// drop (after the processes using it, which are declared after it).
-struct SmallFilesystem {
-    path: PathBuf,
-}
-
-impl SmallFilesystem {
-    fn mount(label: &str, size: &str) -> SmallFilesystem {
-        let path = PathBuf::from(format!("/var/tmp/crossmirror-test-{}-{label}", std::process::id()));
-        std::fs::create_dir_all(&path).expect("create the mount point");
-        let options = format!("size={size}");
-        run("mount", &["-t", "tmpfs", "-o", &options, "tmpfs", path.to_str().unwrap()]);
-        SmallFilesystem { path }
-    }
-}
-
-impl Drop for SmallFilesystem {
-    fn drop(&mut self) {
-        let path = self.path.to_str().unwrap();
-        if !Command::new("umount").arg(path).status().is_ok_and(|status| status.success()) {
-            let _ = Command::new("umount").args(["-l", path]).status();
-        }
-        let _ = std::fs::remove_dir(&self.path);
-    }
-}
-
 /// A copy host whose store fills its filesystem while the application
 /// writes: it tells the production host why (an Error frame), the copy is
 /// `stale` with a `last_error` about space, the writes are acknowledged,
@@ -499,7 +473,7 @@ fn a_copy_out_of_space_is_stale_with_the_reason_and_backs_off() {
     const MIB: u64 = 1 << 20;
     // 96 MiB, 40 of them taken by a filler: the 64 MiB copy store can hold
     // 56 MiB of data.
-    let filesystem = SmallFilesystem::mount("enospc-fs", "96M");
+    let filesystem = Tmpfs::mount("enospc-fs", "96M");
     let filler = filesystem.path.join("filler");
     std::fs::write(&filler, vec![0xeeu8; 40 * MIB as usize]).expect("write the filler");
     let store = filesystem.path.join("copy-east.img");
