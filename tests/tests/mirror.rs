@@ -578,7 +578,10 @@ fn status_says_why_a_copy_is_not_connected_and_verify_says_which_copies_exist() 
     };
     let explained = wait_until(Duration::from_secs(10), || {
         let (east, west) = (why("east"), why("west"));
-        east.0 == "stale" && east.1.contains("authentication") && west.0 == "stale" && west.1.contains("another volume")
+        east.0 == "stale"
+            && east.1.contains("authentication")
+            && west.0 == "stale"
+            && west.1.contains("another size than 67108864 bytes")
     });
     assert!(explained, "status does not say why: {:#}\n{}", status(), production.log());
     let table = run(binary().to_str().unwrap(), &["status", "--admin", &admin]);

@@ -327,14 +327,19 @@ impl fmt::Debug for Keys {
 }
 
 /// The error a peer's refusal turns into on this side.
-fn refused(reason: RefuseReason) -> ReplicationError {
+/// The error for a peer's refusal; `ours` is the volume this side offered
+/// or holds, so the message says which one and of what size.
+fn refused(reason: RefuseReason, ours: &VolumeIdentity) -> ReplicationError {
     match reason {
         RefuseReason::AuthFailed => ReplicationError::auth_failed(
             "the peer refused our proof: the two hosts hold different secrets; give both the same --secret-file",
         ),
         RefuseReason::IdentityMismatch => ReplicationError::Identity {
-            message: "the copy host holds another volume (other identity or size); point it at this volume's copy"
-                .into(),
+            message: format!(
+                "the peer refused volume {ours}: it holds another volume, or a store of another size than {} \
+                 bytes; point it at this volume's copy, or give it a store of {} bytes",
+                ours.size_bytes, ours.size_bytes
+            ),
         },
         RefuseReason::Protocol => {
             ReplicationError::protocol("the peer refused the handshake as out of order or malformed")
@@ -389,7 +394,7 @@ impl ProductionHandshake {
 
     fn step(&mut self, message: &HandshakeMessage) -> HandshakeStep {
         if let HandshakeMessage::Refuse { reason } = message {
-            return HandshakeStep::fail(None, refused(*reason));
+            return HandshakeStep::fail(None, refused(*reason, &self.identity));
         }
         match (self.state, message) {
             (ProductionState::AwaitingChallenge, HandshakeMessage::Challenge { nonce, proof }) => {
@@ -473,7 +478,7 @@ impl CopyHandshake {
 
     fn step(&mut self, message: &HandshakeMessage) -> HandshakeStep {
         if let HandshakeMessage::Refuse { reason } = message {
-            return HandshakeStep::fail(None, refused(*reason));
+            return HandshakeStep::fail(None, refused(*reason, &self.identity));
         }
         match (self.state, message) {
             (CopyState::AwaitingHello, HandshakeMessage::Hello { nonce, identity }) => self.on_hello(nonce, identity),
