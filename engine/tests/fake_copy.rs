@@ -12,20 +12,19 @@
 //! [`engine::receiver::Receiver`], so its acknowledgements are exactly the real
 //! copy host's. It applies nothing.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+mod support;
+
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use engine::bitmap::{WriteIntentBitmap, REGION_BYTES_DEFAULT, SLOTS_MAX};
-use engine::metadata::VolumeMetadata;
-use engine::protocol::auth::{random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, VolumeIdentity};
+use engine::protocol::auth::VolumeIdentity;
 use engine::protocol::frame::encode_frame;
-use engine::protocol::{Frame, FrameDecoder, FrameFlags, FrameKind, Secret};
-use engine::receiver::{adopt_identity, Receiver, ReceiverCounters};
+use engine::protocol::{FrameFlags, FrameKind, Secret};
+use engine::receiver::ReceiverCounters;
 use engine::replicator::{
     Change, Completions, CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig, Shipped,
     LOCAL_SYNC_INTERVAL_DEFAULT,
@@ -58,45 +57,6 @@ fn snapshot(log: &Log) -> Vec<Seen> {
     log.lock().unwrap_or_else(PoisonError::into_inner).clone()
 }
 
-/// The fake copy's socket: whole frames in, frames out.
-struct Wire {
-    stream: TcpStream,
-    decoder: FrameDecoder,
-    buffer: Vec<u8>,
-}
-
-impl Wire {
-    /// The next frame; `None` when the production host closed the
-    /// connection or the test asked the copy to stop.
-    fn next_frame(&mut self, stop: &AtomicBool) -> Result<Option<Frame>, String> {
-        loop {
-            if let Some(frame) = self.decoder.pop().map_err(|error| format!("undecodable frame: {error}"))? {
-                return Ok(Some(frame));
-            }
-            if stop.load(Ordering::SeqCst) {
-                return Ok(None);
-            }
-            match self.stream.read(&mut self.buffer) {
-                Ok(0) => return Ok(None),
-                Ok(received) => self
-                    .decoder
-                    .push(&self.buffer[..received])
-                    .map_err(|error| format!("undecodable bytes: {error}"))?,
-                Err(error)
-                    if matches!(
-                        error.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
-                    ) => {}
-                Err(error) => return Err(format!("reading from the production host: {error}")),
-            }
-        }
-    }
-
-    fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.stream.write_all(bytes).map_err(|error| format!("writing to the production host: {error}"))
-    }
-}
-
 /// Accept one connection, authenticate as the copy, then record and
 /// acknowledge every frame until the connection ends or `stop` is set.
 /// With `empty`, the Accept says the copy's store holds no data, as the real
@@ -108,55 +68,12 @@ fn serve_copy(
     stop: Arc<AtomicBool>,
     empty: bool,
 ) -> Result<(), String> {
-    listener.set_nonblocking(true).map_err(|error| error.to_string())?;
-    let deadline = Instant::now() + TIMEOUT;
-    let stream = loop {
-        match listener.accept() {
-            Ok((stream, _)) => break stream,
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                if stop.load(Ordering::SeqCst) {
-                    return Ok(());
-                }
-                if Instant::now() > deadline {
-                    return Err("the replicator never connected".into());
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(error) => return Err(format!("accept: {error}")),
-        }
-    };
-    stream.set_nonblocking(false).map_err(|error| error.to_string())?;
-    stream.set_nodelay(true).map_err(|error| error.to_string())?;
-    stream.set_read_timeout(Some(READ_TICK)).map_err(|error| error.to_string())?;
-    let mut wire = Wire { stream, decoder: FrameDecoder::new(), buffer: vec![0; 256 << 10] };
-
-    // The handshake, as the copy host runs it: Hello ─▶ Challenge, Response ─▶ Accept.
-    let nonce = random_nonce().map_err(|error| error.to_string())?;
-    let mut handshake = CopyHandshake::new(&secret, IDENTITY, nonce);
-    let session = loop {
-        let frame = wire.next_frame(&stop)?.ok_or("the connection ended during the handshake")?;
-        let message = HandshakeMessage::from_frame(&frame).map_err(|error| error.to_string())?;
-        let next = handshake.on_message(&message);
-        if let Some(reply) = &next.send {
-            let (mut header, payload) = reply.to_frame();
-            if empty && matches!(reply, HandshakeMessage::Accept { .. }) {
-                header.flags = FrameFlags::EMPTY;
-            }
-            wire.send(&encode_frame(&header, &payload))?;
-        }
-        match next.outcome {
-            HandshakeOutcome::Continue => {}
-            HandshakeOutcome::Established(session) => break session,
-            HandshakeOutcome::Failed(error) => return Err(format!("handshake failed: {error}")),
-        }
-    };
-    // A fresh copy adopts the volume it is offered, as `admit` does.
-    let metadata = adopt_identity(Path::new("fake-copy"), &VolumeMetadata::fresh(), &session)
-        .map_err(|error| error.to_string())?
-        .expect("a fresh copy adopts the offered volume");
+    let Some(stream) = support::accept_production(&listener, &stop, READ_TICK)? else { return Ok(()) };
+    let mut wire = support::Wire::new(stream);
+    let mut idle = |_: &mut std::net::TcpStream| Ok(stop.load(Ordering::SeqCst));
     let counters = ReceiverCounters::default();
-    let mut receiver = Receiver::new(&session, metadata, VOLUME_SIZE, &counters);
-    while let Some(frame) = wire.next_frame(&stop)? {
+    let mut receiver = support::handshake_as_copy(&secret, IDENTITY, empty, &counters, &mut wire, &mut idle)?;
+    while let Some(frame) = wire.next_frame(&mut idle)? {
         let header = frame.header;
         log.lock().unwrap_or_else(PoisonError::into_inner).push(Seen {
             kind: header.kind,
@@ -165,7 +82,7 @@ fn serve_copy(
         });
         let step = receiver.on_frame(frame).map_err(|error| format!("the copy refused {header:?}: {error}"))?;
         if let Some(reply) = step.reply {
-            if let Err(error) = wire.send(&encode_frame(&reply, &[])) {
+            if let Err(error) = support::send(&mut wire.stream, &encode_frame(&reply, &[])) {
                 // The production host may close first when the test stops it.
                 return if stop.load(Ordering::SeqCst) { Ok(()) } else { Err(error) };
             }

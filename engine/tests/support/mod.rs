@@ -25,7 +25,7 @@ use engine::bitmap::{WriteIntentBitmap, REGION_BYTES_DEFAULT, SLOTS_MAX};
 use engine::metadata::VolumeMetadata;
 use engine::protocol::auth::{random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, VolumeIdentity};
 use engine::protocol::frame::encode_frame;
-use engine::protocol::{Frame, FrameDecoder, FrameKind, Secret};
+use engine::protocol::{Frame, FrameDecoder, FrameFlags, FrameKind, Secret};
 use engine::receiver::{adopt_identity, Receiver, ReceiverCounters};
 use engine::replicator::{
     Change, Completions, CopyConfig, CopyRecord, MirrorMode, MirrorStateStore, RecordedState, Replicator,
@@ -75,14 +75,52 @@ struct Control {
 /// Accept one connection, authenticate as the copy, then answer every
 /// frame, as steered through `control`, until the connection ends or `stop`.
 fn serve_copy(listener: TcpListener, control: Arc<Mutex<Control>>, stop: Arc<AtomicBool>) -> Result<(), String> {
+    let Some(stream) = accept_production(&listener, &stop, READ_TICK)? else { return Ok(()) };
+    let mut wire = Wire::new(stream);
+    // Between frames: stop when told to, and send what the test released.
+    let mut idle = |stream: &mut TcpStream| -> Result<bool, String> {
+        if stop.load(Ordering::SeqCst) || lock(&control).close {
+            return Ok(true);
+        }
+        release(stream, &control)?;
+        Ok(false)
+    };
+    let counters = ReceiverCounters::default();
+    let mut receiver = handshake_as_copy(&secret(), IDENTITY, false, &counters, &mut wire, &mut idle)?;
+    while let Some(frame) = wire.next_frame(&mut idle)? {
+        let header = frame.header;
+        let seen = Seen { kind: header.kind, offset: header.offset };
+        let step = receiver.on_frame(frame).map_err(|error| format!("the copy refused {header:?}: {error}"))?;
+        let mut control = lock(&control);
+        control.frames.push(seen);
+        let Some(reply) = step.reply else { continue };
+        let bytes = encode_frame(&reply, &[]);
+        if control.holding {
+            control.held.push_back((seen, bytes));
+        } else if let Err(error) = send(&mut wire.stream, &bytes) {
+            return if stop.load(Ordering::SeqCst) { Ok(()) } else { Err(error) };
+        }
+    }
+    // Closing (on `close`, or when this returns) ends the connection.
+    let _ = wire.stream.shutdown(std::net::Shutdown::Both);
+    Ok(())
+}
+
+/// Wait (at most [`TIMEOUT`], or until `stop`) for the replicator to
+/// connect; the stream, blocking with reads that wake every `read_tick`.
+pub fn accept_production(
+    listener: &TcpListener,
+    stop: &AtomicBool,
+    read_tick: Duration,
+) -> Result<Option<TcpStream>, String> {
     listener.set_nonblocking(true).map_err(|error| error.to_string())?;
     let deadline = Instant::now() + TIMEOUT;
-    let mut stream = loop {
+    let stream = loop {
         match listener.accept() {
             Ok((stream, _)) => break stream,
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
                 if stop.load(Ordering::SeqCst) {
-                    return Ok(());
+                    return Ok(None);
                 }
                 if Instant::now() > deadline {
                     return Err("the replicator never connected".into());
@@ -94,23 +132,44 @@ fn serve_copy(listener: TcpListener, control: Arc<Mutex<Control>>, stop: Arc<Ato
     };
     stream.set_nonblocking(false).map_err(|error| error.to_string())?;
     stream.set_nodelay(true).map_err(|error| error.to_string())?;
-    stream.set_read_timeout(Some(READ_TICK)).map_err(|error| error.to_string())?;
-    let mut decoder = FrameDecoder::new();
-    let mut buffer = vec![0u8; 256 << 10];
-    let mut next_frame = |stream: &mut TcpStream, control: &Mutex<Control>| -> Result<Option<Frame>, String> {
+    stream.set_read_timeout(Some(read_tick)).map_err(|error| error.to_string())?;
+    Ok(Some(stream))
+}
+
+/// A fake copy's socket: whole frames in, bytes out.
+pub struct Wire {
+    /// The connection to the production host.
+    pub stream: TcpStream,
+    decoder: FrameDecoder,
+    buffer: Vec<u8>,
+}
+
+impl Wire {
+    /// A wire over a connected stream.
+    pub fn new(stream: TcpStream) -> Wire {
+        Wire { stream, decoder: FrameDecoder::new(), buffer: vec![0; 256 << 10] }
+    }
+
+    /// The next frame; `None` when the production host closed the
+    /// connection or `idle` (run whenever no whole frame is buffered, before
+    /// each read) says to stop.
+    pub fn next_frame(
+        &mut self,
+        idle: &mut impl FnMut(&mut TcpStream) -> Result<bool, String>,
+    ) -> Result<Option<Frame>, String> {
         loop {
-            if let Some(frame) = decoder.pop().map_err(|error| format!("undecodable frame: {error}"))? {
+            if let Some(frame) = self.decoder.pop().map_err(|error| format!("undecodable frame: {error}"))? {
                 return Ok(Some(frame));
             }
-            if stop.load(Ordering::SeqCst) || lock(control).close {
+            if idle(&mut self.stream)? {
                 return Ok(None);
             }
-            release(stream, control)?;
-            match stream.read(&mut buffer) {
+            match self.stream.read(&mut self.buffer) {
                 Ok(0) => return Ok(None),
-                Ok(received) => {
-                    decoder.push(&buffer[..received]).map_err(|error| format!("undecodable bytes: {error}"))?
-                }
+                Ok(received) => self
+                    .decoder
+                    .push(&self.buffer[..received])
+                    .map_err(|error| format!("undecodable bytes: {error}"))?,
                 Err(error)
                     if matches!(
                         error.kind(),
@@ -119,17 +178,34 @@ fn serve_copy(listener: TcpListener, control: Arc<Mutex<Control>>, stop: Arc<Ato
                 Err(error) => return Err(format!("reading from the production host: {error}")),
             }
         }
-    };
+    }
+}
 
+/// Authenticate as the copy host does (Hello ─▶ Challenge, Response ─▶
+/// Accept; with `empty`, the Accept says the store holds no data, as the real
+/// copy host's does for an unwritten sparse file), adopt the offered volume
+/// as a fresh copy, and return the real [`Receiver`] that answers the frames
+/// to come.
+pub fn handshake_as_copy<'a>(
+    secret: &Secret,
+    identity: VolumeIdentity,
+    empty: bool,
+    counters: &'a ReceiverCounters,
+    wire: &mut Wire,
+    idle: &mut impl FnMut(&mut TcpStream) -> Result<bool, String>,
+) -> Result<Receiver<'a>, String> {
     let nonce = random_nonce().map_err(|error| error.to_string())?;
-    let mut handshake = CopyHandshake::new(&secret(), IDENTITY, nonce);
+    let mut handshake = CopyHandshake::new(secret, identity, nonce);
     let session = loop {
-        let frame = next_frame(&mut stream, &control)?.ok_or("the connection ended during the handshake")?;
+        let frame = wire.next_frame(idle)?.ok_or("the connection ended during the handshake")?;
         let message = HandshakeMessage::from_frame(&frame).map_err(|error| error.to_string())?;
         let next = handshake.on_message(&message);
         if let Some(reply) = &next.send {
-            let (header, payload) = reply.to_frame();
-            send(&mut stream, &encode_frame(&header, &payload))?;
+            let (mut header, payload) = reply.to_frame();
+            if empty && matches!(reply, HandshakeMessage::Accept { .. }) {
+                header.flags = FrameFlags::EMPTY;
+            }
+            send(&mut wire.stream, &encode_frame(&header, &payload))?;
         }
         match next.outcome {
             HandshakeOutcome::Continue => {}
@@ -137,31 +213,15 @@ fn serve_copy(listener: TcpListener, control: Arc<Mutex<Control>>, stop: Arc<Ato
             HandshakeOutcome::Failed(error) => return Err(format!("handshake failed: {error}")),
         }
     };
+    // A fresh copy adopts the volume it is offered, as the copy host's `admit` does.
     let metadata = adopt_identity(Path::new("fake-copy"), &VolumeMetadata::fresh(), &session)
         .map_err(|error| error.to_string())?
         .expect("a fresh copy adopts the offered volume");
-    let counters = ReceiverCounters::default();
-    let mut receiver = Receiver::new(&session, metadata, VOLUME_SIZE, &counters);
-    while let Some(frame) = next_frame(&mut stream, &control)? {
-        let header = frame.header;
-        let seen = Seen { kind: header.kind, offset: header.offset };
-        let step = receiver.on_frame(frame).map_err(|error| format!("the copy refused {header:?}: {error}"))?;
-        let mut control = lock(&control);
-        control.frames.push(seen);
-        let Some(reply) = step.reply else { continue };
-        let bytes = encode_frame(&reply, &[]);
-        if control.holding {
-            control.held.push_back((seen, bytes));
-        } else if let Err(error) = send(&mut stream, &bytes) {
-            return if stop.load(Ordering::SeqCst) { Ok(()) } else { Err(error) };
-        }
-    }
-    // Closing (on `close`, or when this returns) ends the connection.
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    Ok(())
+    Ok(Receiver::new(&session, metadata, identity.size_bytes, counters))
 }
 
-fn send(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
+/// Write `bytes` to the production host.
+pub fn send(stream: &mut TcpStream, bytes: &[u8]) -> Result<(), String> {
     stream.write_all(bytes).map_err(|error| format!("writing to the production host: {error}"))
 }
 
