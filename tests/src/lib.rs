@@ -431,3 +431,45 @@ impl Drop for Tmpfs {
         let _ = std::fs::remove_dir(&self.path);
     }
 }
+
+/// A `crossmirror copy-host` started for a test.
+pub struct CopyHost {
+    /// The running process.
+    pub process: Process,
+    /// Its replication address.
+    pub address: SocketAddr,
+    /// Its admin address.
+    pub admin: SocketAddr,
+    /// The arguments it was started with (to restart it alike).
+    pub args: Vec<String>,
+}
+
+impl CopyHost {
+    /// Start a copy host on loopback address `ip` (fresh ports) for the
+    /// store `store` of `size`, sharing `secret`, with an admin endpoint and
+    /// any `extra` arguments (`--direct`, …).
+    pub fn start(scratch: &Scratch, ip: &str, store: &Path, size: &str, secret: &Path, extra: &[&str]) -> CopyHost {
+        let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().expect("address");
+        let admin: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().expect("address");
+        let mut args: Vec<String> = [
+            "copy-host",
+            "--volume",
+            store.to_str().expect("utf-8 path"),
+            "--size",
+            size,
+            "--listen",
+            &address.to_string(),
+            "--secret-file",
+            secret.to_str().expect("utf-8 path"),
+            "--admin",
+            &admin.to_string(),
+        ]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        let borrowed: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = Process::start(scratch, &borrowed, address);
+        CopyHost { process, address, admin, args }
+    }
+}

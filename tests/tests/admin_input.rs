@@ -15,7 +15,7 @@ use engine::metadata::new_identity;
 use engine::protocol::frame::{FrameFlags, FrameKind};
 use engine::protocol::load_secret;
 use engine::replicator::connect::CopyConnection;
-use system_tests::{free_port, random_bytes, write_secret, Process, Scratch};
+use system_tests::{free_port, random_bytes, write_secret, CopyHost, Process, Scratch};
 
 const VOLUME_BYTES: u64 = 8 << 20;
 /// The admin endpoint's limit from accepting a connection to a whole request.
@@ -53,26 +53,8 @@ fn production(label: &str) -> Host {
 fn copy_host(label: &str) -> Host {
     let scratch = Scratch::new(label);
     let secret = write_secret(&scratch, "secret", 7);
-    let volume = scratch.join("copy.img");
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let (volume_text, secret_text, listen, admin_text) =
-        (volume.display().to_string(), secret.display().to_string(), address.to_string(), admin.to_string());
-    let args = [
-        "copy-host",
-        "--volume",
-        &volume_text,
-        "--size",
-        "8M",
-        "--listen",
-        &listen,
-        "--secret-file",
-        &secret_text,
-        "--admin",
-        &admin_text,
-    ];
-    let process = Process::start(&scratch, &args, address);
-    Host { process, admin, kind: Kind::Copy { secret }, _scratch: scratch }
+    let copy = CopyHost::start(&scratch, "127.0.0.1", &scratch.join("copy.img"), "8M", &secret, &[]);
+    Host { process: copy.process, admin: copy.admin, kind: Kind::Copy { secret }, _scratch: scratch }
 }
 
 /// Send `request` as is and read the answer to the end; returns the status

@@ -13,7 +13,7 @@ use engine::protocol::auth::VolumeIdentity;
 use engine::protocol::frame::{encode_frame, FrameFlags, FrameKind};
 use engine::protocol::{load_secret, ReplicationErrorKind};
 use engine::replicator::connect::CopyConnection;
-use system_tests::{binary, free_port_on, random_bytes, wait_until, write_secret, Process, Scratch};
+use system_tests::{binary, random_bytes, wait_until, write_secret, CopyHost, Process, Scratch};
 
 const SIZE: u64 = 8 << 20;
 
@@ -31,25 +31,8 @@ fn copy_host(label: &str) -> Host {
     let scratch = Scratch::new(label);
     let secret = write_secret(&scratch, "secret", 11);
     let volume = scratch.join("copy.img");
-    let address: SocketAddr = format!("127.0.0.2:{}", free_port_on("127.0.0.2")).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.2:{}", free_port_on("127.0.0.2")).parse().unwrap();
-    let (volume_text, secret_text, listen, admin_text) =
-        (volume.display().to_string(), secret.display().to_string(), address.to_string(), admin.to_string());
-    let args = [
-        "copy-host",
-        "--volume",
-        &volume_text,
-        "--size",
-        "8M",
-        "--listen",
-        &listen,
-        "--secret-file",
-        &secret_text,
-        "--admin",
-        &admin_text,
-    ];
-    let process = Process::start(&scratch, &args, address);
-    let args = args.iter().map(|arg| arg.to_string()).collect();
+    let copy = CopyHost::start(&scratch, "127.0.0.2", &volume, "8M", &secret, &[]);
+    let CopyHost { process, address, admin, args } = copy;
     Host { scratch, volume, secret, address, admin, args, process }
 }
 

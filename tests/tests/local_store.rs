@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use system_tests::{
     binary, free_port, free_port_on, nbdsh_script, require_root, require_tool, run, run_output, wait_until,
-    write_secret, LoopDevice, Process, Scratch, Tmpfs,
+    write_secret, CopyHost, LoopDevice, Process, Scratch, Tmpfs,
 };
 
 fn status(admin: SocketAddr) -> serde_json::Value {
@@ -24,24 +24,6 @@ fn qemu_io(uri: &str, command: &str) -> std::process::Output {
 
 fn ready() -> bool {
     require_root() && require_tool("qemu-io") && require_tool("losetup") && require_tool("dd")
-}
-
-/// A copy host on 127.0.0.2 for a 64 MiB store in `scratch`.
-fn copy_host(scratch: &Scratch, secret: &Path) -> Process {
-    let address: SocketAddr = format!("127.0.0.2:{}", free_port_on("127.0.0.2")).parse().unwrap();
-    let store = scratch.join("copy.img");
-    let args = [
-        "copy-host",
-        "--volume",
-        store.to_str().unwrap(),
-        "--size",
-        "64M",
-        "--listen",
-        &address.to_string(),
-        "--secret-file",
-        secret.to_str().unwrap(),
-    ];
-    Process::start(scratch, &args, address)
 }
 
 /// Start `serve` with `args` plus a fresh --listen and --admin; the process and its admin address.
@@ -71,7 +53,7 @@ fn a_failed_local_flush_stops_the_claim_that_the_mirror_is_consistent() {
     std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
     let device = LoopDevice::attach(&backing, false);
     let secret = write_secret(&scratch, "secret", 3);
-    let copy = copy_host(&scratch, &secret);
+    let copy = CopyHost::start(&scratch, "127.0.0.2", &scratch.join("copy.img"), "64M", &secret, &[]);
     let metadata_dir = scratch.join("metadata");
     let mirror = format!("east={}", copy.address);
     let args = [
