@@ -4,7 +4,6 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 
 use engine::alignment::Span;
 use engine::{AlignedBuf, Ring, Volume, VolumeOptions};
@@ -28,12 +27,10 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = PathBuf::from(format!("/var/tmp/crossmirror-engine-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    let _ = std::fs::remove_file(&path);
-    path
+/// A scratch directory on a disk filesystem (O_DIRECT works there, unlike
+/// tmpfs), removed with everything in it when dropped.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("crossmirror-engine-").tempdir_in("/var/tmp").unwrap()
 }
 
 fn complete(ring: &mut Ring<AlignedBuf>) -> (AlignedBuf, i32) {
@@ -75,8 +72,9 @@ proptest! {
 
     #[test]
     fn direct_uring_matches_plain_pwrite(ops in proptest::collection::vec(op(), 1..40)) {
-        let path = scratch("direct.img");
-        let copy_path = scratch("copy.img");
+        let directory = scratch();
+        let path = directory.path().join("direct.img");
+        let copy_path = directory.path().join("copy.img");
         let options = VolumeOptions { path: path.clone(), size: Some(SIZE), direct: true, read_only: false };
         let volume = Volume::open(&options).unwrap();
         prop_assert_eq!(volume.alignment(), 4096);
@@ -106,7 +104,5 @@ proptest! {
         copy.read_exact_at(&mut expected, 0).unwrap();
         prop_assert!(whole == expected, "final contents differ");
         drop(volume);
-        let _ = std::fs::remove_file(&path);
-        let _ = std::fs::remove_file(&copy_path);
     }
 }
