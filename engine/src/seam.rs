@@ -65,6 +65,31 @@ impl ChangeExtent {
 /// Why a change or a read is refused before its local part starts.
 pub type Refused = WriteRefused;
 
+/// Where a volume's changes go: nowhere beyond the local store, or to the
+/// copies through a replicator. A frontend holds one per volume and opens a
+/// [`ChangeSeam`] per connection; it never looks inside.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    mirror: Option<Arc<Replicator>>,
+}
+
+impl Changes {
+    /// The changes of a volume with no copies.
+    pub fn unmirrored() -> Changes {
+        Changes { mirror: None }
+    }
+
+    /// The changes of a volume mirrored by `mirror`.
+    pub fn mirrored(mirror: Arc<Replicator>) -> Changes {
+        Changes { mirror: Some(mirror) }
+    }
+
+    /// A seam for one connection (each has its own answer queue).
+    pub fn seam<T>(&self) -> std::io::Result<ChangeSeam<T>> {
+        ChangeSeam::new(self.mirror.clone())
+    }
+}
+
 /// One connection's seam. `T` is what the frontend needs to answer a change
 /// later (its request cookie, say); the seam hands it back with the result.
 #[derive(Debug)]

@@ -9,6 +9,11 @@
 //!   file op completes ─▶ queue reply ─▶ one SENDMSG carries a batch of replies
 //! ```
 //!
+//! Every change (write, trim, zeroes, flush) goes through the volume's
+//! [`ChangeSeam`] (`engine::seam`): begun before its local I/O, completed or
+//! failed after it, answered when the seam says so. This file knows nothing
+//! of copies or the write-intent bitmap.
+//!
 //! Every buffer the kernel touches is owned by the [`Op`] in the ring's
 //! in-flight table. Replies go out in completion order (the protocol allows
 //! any order). On a direct volume, write-like requests hold a range lock on
@@ -22,8 +27,7 @@ use std::time::Duration;
 
 use engine::alignment::Span;
 use engine::range_lock::RangeLockId;
-use engine::replicator::Replicator;
-use engine::seam::{ChangeExtent, ChangeKind, ChangeSeam, Refused};
+use engine::seam::{ChangeExtent, ChangeKind, ChangeSeam, Changes, Refused};
 use engine::volume::ZeroMethod;
 use engine::{AlignedBuf, BufferPool, Ring, Volume};
 use io_uring::{opcode, types};
@@ -80,11 +84,11 @@ pub fn serve(
     volume: Arc<Volume>,
     negotiated: Negotiated,
     shutdown: Arc<AtomicBool>,
-    mirror: Option<Arc<Replicator>>,
+    changes: &Changes,
 ) -> Result<(Ending, ConnectionStats), engine::EngineError> {
     let ring = Ring::new(RING_ENTRIES)?;
-    let seam = ChangeSeam::new(mirror)
-        .map_err(|source| engine::EngineError::Io { action: "create the completion eventfd", source })?;
+    let seam =
+        changes.seam().map_err(|source| engine::EngineError::Io { action: "create the completion eventfd", source })?;
     let limits = Limits {
         size: volume.size(),
         read_only: volume.is_read_only(),

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use engine::log_limit::LogLimit;
-use engine::replicator::Replicator;
+use engine::seam::Changes;
 use engine::Volume;
 
 use crate::connection::{self, Ending};
@@ -36,8 +36,8 @@ pub struct Export {
     pub description: String,
     /// The volume behind it.
     pub volume: Arc<Volume>,
-    /// The replicator that ships its writes to copy hosts, if it is mirrored.
-    pub mirror: Option<Arc<Replicator>>,
+    /// Where its changes go (to copies, when it is mirrored).
+    pub changes: Changes,
 }
 
 /// Server settings.
@@ -140,7 +140,7 @@ impl Server {
             }
             let context = ConnectionContext {
                 volume: self.export.volume.clone(),
-                mirror: self.export.mirror.clone(),
+                changes: self.export.changes.clone(),
                 info: self.info.clone(),
                 shutdown: self.shutdown.clone(),
                 handshake_timeout: self.config.handshake_timeout,
@@ -177,7 +177,7 @@ impl Server {
 
 struct ConnectionContext {
     volume: Arc<Volume>,
-    mirror: Option<Arc<Replicator>>,
+    changes: Changes,
     info: ExportInfo,
     shutdown: Arc<AtomicBool>,
     handshake_timeout: Duration,
@@ -208,7 +208,7 @@ impl ConnectionContext {
         };
         let _ = stream.set_read_timeout(None);
         tracing::info!(%peer, structured = negotiated.structured, block_status = negotiated.base_allocation.is_some(), "client connected");
-        match connection::serve(stream, self.volume, negotiated, self.shutdown, self.mirror) {
+        match connection::serve(stream, self.volume, negotiated, self.shutdown, &self.changes) {
             Ok((ending, stats)) => match ending {
                 Ending::Client | Ending::Shutdown => {
                     tracing::info!(%peer, ?ending, requests = stats.requests, errors = stats.errors, "connection closed")

@@ -15,6 +15,7 @@ use engine::protocol::{load_secret, Secret};
 use engine::replicator::{
     CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig, LOCAL_SYNC_INTERVAL_DEFAULT,
 };
+use engine::seam::Changes;
 use engine::{Volume, VolumeOptions};
 use nbd_frontend::{Export, Server, ServerConfig};
 
@@ -147,7 +148,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         name: args.export.clone(),
         description: format!("crossmirror volume {}", args.volume.display()),
         volume: volume.clone(),
-        mirror: mirror.clone(),
+        changes: mirror.clone().map_or_else(Changes::unmirrored, Changes::mirrored),
     };
     let config = ServerConfig { listen: args.listen, connections_max: args.connections_max, ..ServerConfig::default() };
     let server = Server::bind(config, export).map_err(|error| listen_error(args.listen, error))?;
