@@ -13,10 +13,12 @@
 //! arithmetic ([`alignment`]) and the volume itself ([`volume`]). It depends on
 //! no other crate of the workspace; callers drive it.
 
+pub mod admission;
 pub mod alignment;
 pub mod applier;
 pub mod bitmap;
 pub mod buffer;
+pub mod copy_role;
 pub mod error;
 pub mod eventfd;
 pub mod fingerprint;

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use engine::bitmap::{NewBits, Opened, WriteIntentBitmap, REGION_BYTES_DEFAULT, REGION_BYTES_MIN, SLOTS_MAX};
 use engine::fingerprint::fingerprint;
-use engine::metadata::{adopt_store, production_start, MetadataFiles};
+use engine::metadata::{adopt_store, production_start, refuse_metadata_in_dev, MetadataFiles};
 use engine::protocol::{load_secret, Secret};
 use engine::replicator::{
     CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig, LOCAL_SYNC_INTERVAL_DEFAULT,
@@ -18,7 +18,6 @@ use engine::replicator::{
 use engine::{Volume, VolumeOptions};
 use nbd_frontend::{Export, Server, ServerConfig};
 
-use crate::copy_host::refuse_metadata_in_dev;
 use crate::size::parse_size;
 use crate::start_files::StartFiles;
 use crate::{address, admin};
