@@ -100,6 +100,7 @@ pub enum MirrorServiceError {
 pub struct MirrorService {
     replicator: Arc<Replicator>,
     epoch: u64,
+    bitmap_path: PathBuf,
     stopped: bool,
 }
 
@@ -122,8 +123,9 @@ impl MirrorService {
             take_new_store(&config, &bitmap, &store_fingerprint)?;
         }
         let epoch = config.epoch;
+        let bitmap_path = config.files.bitmap.clone();
         let replicator = start_replicator(config, bitmap, start)?;
-        Ok(MirrorService { replicator, epoch, stopped: false })
+        Ok(MirrorService { replicator, epoch, bitmap_path, stopped: false })
     }
 
     /// The replicator, for the NBD export and the admin endpoint. Let go of
@@ -147,8 +149,9 @@ impl MirrorService {
     /// joined, queued changes are dropped (their copies are recorded stale
     /// already), the bitmap is written out clean. The bitmap file and its
     /// lock are released when the last holder of the replicator lets go:
-    /// here, when the NBD server and the admin endpoint holding it were
-    /// stopped first (a holder left is logged).
+    /// by this call when the NBD server holding it was stopped first and
+    /// other holders keep only a `Weak` (a holder left is logged; the next
+    /// start on the volume would find the bitmap busy until it lets go).
     pub fn stop(mut self) {
         self.shut_down();
     }
@@ -161,7 +164,11 @@ impl MirrorService {
         self.replicator.stop();
         let holders = Arc::strong_count(&self.replicator) - 1;
         if holders > 0 {
-            tracing::debug!(holders, "mirroring stopped; the bitmap stays open until the other holders let go");
+            tracing::info!(
+                holders,
+                "mirroring stopped; the bitmap {} stays locked until {holders} other holder(s) of the replicator let go",
+                self.bitmap_path.display()
+            );
         }
     }
 }
@@ -247,4 +254,64 @@ fn start_replicator(
         tracing::info!(copy = %copy.name, address = %copy.address, mode = copy.mode.as_str(), "mirroring to copy {}", copy.name);
     }
     Ok(replicator)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bitmap::BitmapErrorKind;
+    use crate::replicator::{MirrorMode, LOCAL_SYNC_INTERVAL_DEFAULT};
+    use crate::volume::VolumeOptions;
+
+    fn config(volume: &Arc<Volume>, epoch: u64) -> MirrorServiceConfig {
+        MirrorServiceConfig {
+            volume: volume.clone(),
+            files: MetadataFiles::beside(volume.path()),
+            // Nothing listens on port 1: the link backs off until the stop.
+            copies: vec![CopyConfig {
+                name: "east".to_string(),
+                address: "127.0.0.1:1".parse().unwrap(),
+                mode: MirrorMode::Sync,
+                lag_bytes_max: 1 << 20,
+            }],
+            secret: Secret::from_bytes(b"mirror service unit test secret!".to_vec()).unwrap(),
+            epoch,
+            region_bytes: 64 << 10,
+            resync_rate_max: 0,
+            resync_checksums: false,
+            assume_clean: false,
+            new_store: false,
+            local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
+        }
+    }
+
+    /// A node changing role: while mirroring runs, a second start on the
+    /// same volume is refused (its bitmap is busy); once stopped, the next
+    /// start takes the epoch it is given.
+    #[test]
+    fn a_volume_is_mirrored_again_in_the_same_process_once_stopped() {
+        let directory = tempfile::tempdir().unwrap();
+        let options = VolumeOptions {
+            path: directory.path().join("production.img"),
+            size: Some(1 << 20),
+            direct: false,
+            read_only: false,
+        };
+        let volume = Arc::new(Volume::open(&options).unwrap());
+        let first = MirrorService::start(config(&volume, 1)).unwrap();
+        assert_eq!(first.status().epoch, 1);
+        let refused = MirrorService::start(config(&volume, 1)).err().expect("the bitmap is held");
+        assert!(
+            matches!(&refused, MirrorServiceError::Bitmap(error) if error.kind() == BitmapErrorKind::Busy),
+            "{refused:?}"
+        );
+        first.stop();
+        let second = MirrorService::start(config(&volume, 7)).expect("the bitmap is free after stop");
+        let status = second.status();
+        assert_eq!(status.epoch, 7);
+        assert_eq!(status.region_bytes, 64 << 10);
+        assert_eq!(status.copies.len(), 1);
+        assert_eq!(status.copies[0].name, "east");
+        second.stop();
+    }
 }

@@ -127,7 +127,7 @@ impl Scratch {
         Arc::new(Volume::open(&options).expect("the production volume opens"))
     }
 
-    fn mirror_service(&self, volume: &Arc<Volume>, copy: SocketAddr) -> MirrorService {
+    fn mirror_service(&self, volume: &Arc<Volume>, copy: SocketAddr, epoch: u64) -> MirrorService {
         let config = MirrorServiceConfig {
             volume: volume.clone(),
             files: MetadataFiles::beside(&self.production),
@@ -138,7 +138,7 @@ impl Scratch {
                 lag_bytes_max: 64 << 20,
             }],
             secret: secret(),
-            epoch: 1,
+            epoch,
             region_bytes: REGION_BYTES,
             resync_rate_max: 0,
             resync_checksums: false,
@@ -152,9 +152,11 @@ impl Scratch {
 
 /// The mirroring service ships to the copy role: the copy is synced, then
 /// takes sync writes, each answered only after the copy acknowledged it.
+/// Each round mirrors at a higher fencing epoch, which the copy promises.
 fn mirror_to_the_copy_role(scratch: &Scratch, copy: &CopyRole, round: usize) {
     let volume = scratch.production_volume();
-    let service = scratch.mirror_service(&volume, copy.status().listen);
+    let epoch = round as u64 + 1;
+    let service = scratch.mirror_service(&volume, copy.status().listen, epoch);
     wait_until("the copy to be up to date", || service.status().copies[0].state == "up_to_date");
     let replicator = service.replicator();
     let completions = Completions::new().expect("an eventfd");
@@ -181,6 +183,7 @@ fn mirror_to_the_copy_role(scratch: &Scratch, copy: &CopyRole, round: usize) {
     answers.extend(later);
     assert!(answers.iter().all(|(_, result)| *result == 0), "every write succeeds: {answers:?}");
     assert!(copy.status().write_bytes_accepted >= accepted_before + WRITES_PER_ROUND * REGION_BYTES);
+    assert_eq!(copy.status().epoch_promised, epoch, "the copy promised the epoch the service was started with");
     drop(replicator);
     service.stop();
 }
@@ -202,7 +205,7 @@ fn hold_a_session_open_across_stop(scratch: &Scratch, copy: CopyRole) {
 /// until the stop.
 fn mirror_to_nobody(scratch: &Scratch, copy: SocketAddr) {
     let volume = scratch.production_volume();
-    let service = scratch.mirror_service(&volume, copy);
+    let service = scratch.mirror_service(&volume, copy, 1);
     wait_until("the link to fail to connect", || service.status().copies[0].last_error.is_some());
     service.stop();
 }

@@ -144,12 +144,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Some(secret) => Some(start_mirror(&args, &volume, &files, secret)?),
         None => None,
     };
-    let mirror = mirror_service.as_ref().map(MirrorService::replicator);
     let export = Export {
         name: args.export.clone(),
         description: format!("crossmirror volume {}", args.volume.display()),
         volume: volume.clone(),
-        mirror: mirror.clone(),
+        mirror: mirror_service.as_ref().map(MirrorService::replicator),
     };
     let config = ServerConfig { listen: args.listen, connections_max: args.connections_max, ..ServerConfig::default() };
     let server = Server::bind(config, export).map_err(|error| listen_error(args.listen, error))?;
@@ -158,7 +157,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, shutdown.clone()).context("installing the signal handler")?;
     }
     let admin = match args.admin {
-        Some(address) => Some(admin::AdminServer::production(address, mirror.clone(), volume.clone())?),
+        Some(address) => Some(admin::AdminServer::production(address, mirror_service.as_ref(), volume.clone())?),
         None => None,
     };
     start_files.started();
@@ -171,6 +170,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         read_only = volume.is_read_only(),
         "serving"
     );
+    // The server's export lets go of the replicator when it stops, and the
+    // admin endpoint holds it only while it answers: the stop then releases
+    // the bitmap too.
     let served = server.run();
     if let Some(mirror_service) = mirror_service {
         mirror_service.stop();

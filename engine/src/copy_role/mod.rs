@@ -607,3 +607,45 @@ fn take_place<'host>(host: &'host Host, stream: &TcpStream, peer: SocketAddr) ->
     }
     Some(ticket)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(path: &Path, read_only: bool) -> CopyRoleConfig {
+        CopyRoleConfig {
+            volume: VolumeOptions { path: path.to_path_buf(), size: Some(1 << 20), direct: false, read_only },
+            metadata_dir: None,
+            listen: CopyListen::Address(SocketAddr::from(([127, 0, 0, 1], 0))),
+            secret: Secret::from_bytes(b"copy role unit test secret 32 b!".to_vec()).unwrap(),
+        }
+    }
+
+    /// A node handing a store from one role to the next: a second role on
+    /// a store another one holds is refused with a kind to branch on, and
+    /// starts as soon as the first one stopped.
+    #[test]
+    fn a_store_held_by_a_role_is_refused_until_that_role_stops() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("copy.img");
+        let first = CopyRole::start(config(&path, false)).unwrap();
+        let refused = CopyRole::start(config(&path, false)).err().expect("the store is held");
+        assert!(matches!(refused, CopyRoleError::Locked { .. }), "{refused:?}");
+        assert!(refused.to_string().contains("locked by another process"), "{refused}");
+        first.stop().unwrap();
+        let second = CopyRole::start(config(&path, false)).expect("the store is free after stop");
+        assert_eq!(second.status().volume, path);
+        assert_eq!(second.status().store_state, StoreState::Syncing, "a fresh copy needs a full sync");
+        second.stop().unwrap();
+    }
+
+    /// A copy is written by its production host: a read-only store is refused before it is opened.
+    #[test]
+    fn a_read_only_store_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("copy.img");
+        let refused = CopyRole::start(config(&path, true)).err().expect("read-only is refused");
+        assert!(matches!(refused, CopyRoleError::ReadOnly { .. }), "{refused:?}");
+        assert!(!path.exists(), "nothing was created");
+    }
+}
