@@ -12,16 +12,24 @@
 //! owns every buffer the kernel may touch ([`uring`]), the O_DIRECT alignment
 //! arithmetic ([`alignment`]) and the volume itself ([`volume`]). It depends on
 //! no other crate of the workspace; callers drive it.
+//!
+//! The two roles a host plays are library services with start, status and
+//! stop, owned by no CLI, so a process can change role at runtime: the copy
+//! role ([`copy_role`]) and the production side's mirroring
+//! ([`mirror_service`], composed with the NBD server by the caller).
 
+pub mod admission;
 pub mod alignment;
 pub mod applier;
 pub mod bitmap;
 pub mod buffer;
+pub mod copy_role;
 pub mod error;
 pub mod eventfd;
 pub mod fingerprint;
 pub mod log_limit;
 pub mod metadata;
+pub mod mirror_service;
 pub mod protocol;
 pub mod range_lock;
 pub mod receiver;

@@ -152,6 +152,30 @@ pub fn metadata_path(volume_path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Metadata an older release wrote into /dev (a tmpfs emptied by every
+/// reboot) is not silently left behind: say where it goes now. `files` are
+/// the metadata files `volume` uses now.
+pub fn refuse_metadata_in_dev(
+    volume: &Path,
+    block_device: bool,
+    metadata_dir: Option<&Path>,
+    files: &MetadataFiles,
+) -> Result<(), MetadataError> {
+    let beside = MetadataFiles::beside(volume);
+    if !block_device || metadata_dir.is_some() || beside == *files || files.metadata.exists() {
+        return Ok(());
+    }
+    let old: Vec<String> = beside.existing().iter().map(|path| path.display().to_string()).collect();
+    if old.is_empty() {
+        return Ok(());
+    }
+    Err(MetadataError::LeftInDev {
+        volume: volume.to_path_buf(),
+        found: old.join(", "),
+        directory: files.metadata.parent().map_or_else(String::new, |directory| directory.display().to_string()),
+    })
+}
+
 /// Whether a store's contents form a whole, crash-consistent image of the
 /// mirrored volume at some moment (DESIGN.md §4, invariant 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -221,6 +245,19 @@ pub enum MetadataError {
         /// Both sides of the disagreement and what to do.
         message: String,
     },
+    /// Metadata an older release wrote into /dev, beside a block device.
+    #[error(
+        "metadata of {volume} was found at {found} (where an older release kept it; /dev does not survive a \
+         reboot): move it to {directory} (same names), or pass --metadata-dir"
+    )]
+    LeftInDev {
+        /// The block device.
+        volume: PathBuf,
+        /// The files found beside it, comma-separated.
+        found: String,
+        /// Where its metadata lives now.
+        directory: String,
+    },
     /// An operating-system call failed.
     #[error("metadata {path}: {action}: {source}")]
     Io {
@@ -240,7 +277,7 @@ impl MetadataError {
         match self {
             MetadataError::Corrupt { .. } => MetadataErrorKind::Corrupt,
             MetadataError::Version { .. } => MetadataErrorKind::Version,
-            MetadataError::Mismatch { .. } => MetadataErrorKind::Mismatch,
+            MetadataError::Mismatch { .. } | MetadataError::LeftInDev { .. } => MetadataErrorKind::Mismatch,
             MetadataError::Io { .. } => MetadataErrorKind::Io,
         }
     }

@@ -7,8 +7,9 @@
 //! loopback unless told otherwise.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
+use engine::mirror_service::MirrorService;
 use engine::replicator::{CopyStatus, Replicator, VerifyError};
 use engine::Volume;
 use serde_json::json;
@@ -23,16 +24,20 @@ pub struct AdminServer {
 
 impl AdminServer {
     /// Serve a production host's `GET /status` and `POST /verify` on `address`.
+    /// The endpoint holds the replicator only while it answers a request,
+    /// so stopping the mirroring releases its bitmap at once.
     pub fn production(
         address: SocketAddr,
-        mirror: Option<Arc<Replicator>>,
+        mirror: Option<&MirrorService>,
         volume: Arc<Volume>,
     ) -> anyhow::Result<AdminServer> {
+        let mirror: Option<Weak<Replicator>> = mirror.map(|mirror| Arc::downgrade(&mirror.replicator()));
         // A verify reads the whole volume: one at a time, and a second is
         // told so rather than queued behind it.
         let verifying = Mutex::new(());
-        let handler: Handler =
-            Arc::new(move |request: &Request| match (request.method.as_str(), request.path.as_str()) {
+        let handler: Handler = Arc::new(move |request: &Request| {
+            let mirror = mirror.as_ref().and_then(Weak::upgrade);
+            match (request.method.as_str(), request.path.as_str()) {
                 ("GET", "/status") => (200, status_json(mirror.as_deref(), &volume)),
                 ("POST", "/verify") => match verifying.try_lock() {
                     Ok(_running) => verify(mirror.as_deref(), &request.query),
@@ -40,7 +45,8 @@ impl AdminServer {
                 },
                 ("GET", _) => (404, json!({ "error": "not found; try GET /status" })),
                 _ => (405, json!({ "error": "GET /status and POST /verify?copy=NAME[&repair=1] are served" })),
-            });
+            }
+        });
         AdminServer::start(address, handler)
     }
 

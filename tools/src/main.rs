@@ -3,7 +3,6 @@
 
 mod address;
 mod admin;
-mod admission;
 mod copy_host;
 mod http;
 mod serve;

@@ -1,6 +1,10 @@
 //! `crossmirror serve`: open the volume, serve it over NBD until SIGINT or
 //! SIGTERM, then finish in-flight requests, sync and exit 0. With
-//! `--mirror`, every write is also shipped to the named copy hosts.
+//! `--mirror`, every write is also shipped to the named copy hosts: the NBD
+//! server (`nbd_frontend::Server`) composed with the mirroring service
+//! (`engine::mirror_service`), both library services; this file keeps the
+//! arguments, the checks made before anything is created, signals and the
+//! admin wiring.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,18 +12,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use engine::bitmap::{NewBits, Opened, WriteIntentBitmap, REGION_BYTES_DEFAULT, REGION_BYTES_MIN, SLOTS_MAX};
-use engine::fingerprint::fingerprint;
-use engine::metadata::{adopt_store, production_start, MetadataFiles};
+use engine::bitmap::{REGION_BYTES_DEFAULT, REGION_BYTES_MIN, SLOTS_MAX};
+use engine::metadata::{refuse_metadata_in_dev, MetadataFiles};
+use engine::mirror_service::{MirrorService, MirrorServiceConfig};
 use engine::protocol::{load_secret, Secret};
-use engine::replicator::{
-    CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig, LOCAL_SYNC_INTERVAL_DEFAULT,
-};
+use engine::replicator::{CopyConfig, MirrorMode, LOCAL_SYNC_INTERVAL_DEFAULT};
 use engine::seam::Changes;
 use engine::{Volume, VolumeOptions};
 use nbd_frontend::{Export, Server, ServerConfig};
 
-use crate::copy_host::refuse_metadata_in_dev;
 use crate::size::parse_size;
 use crate::start_files::StartFiles;
 use crate::{address, admin};
@@ -140,7 +141,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Fail now, with the cause and the fix, if io_uring is unavailable,
     // rather than on the first client.
     engine::Ring::<()>::new(2)?;
-    let mirror = match secret {
+    let mirror_service = match secret {
         Some(secret) => Some(start_mirror(&args, &volume, &files, secret)?),
         None => None,
     };
@@ -148,7 +149,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         name: args.export.clone(),
         description: format!("crossmirror volume {}", args.volume.display()),
         volume: volume.clone(),
-        changes: mirror.clone().map_or_else(Changes::unmirrored, Changes::mirrored),
+        changes: mirror_service
+            .as_ref()
+            .map(MirrorService::replicator)
+            .map_or_else(Changes::unmirrored, Changes::mirrored),
     };
     let config = ServerConfig { listen: args.listen, connections_max: args.connections_max, ..ServerConfig::default() };
     let server = Server::bind(config, export).map_err(|error| listen_error(args.listen, error))?;
@@ -157,7 +161,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         signal_hook::flag::register(signal, shutdown.clone()).context("installing the signal handler")?;
     }
     let admin = match args.admin {
-        Some(address) => Some(admin::AdminServer::production(address, mirror.clone(), volume.clone())?),
+        Some(address) => Some(admin::AdminServer::production(address, mirror_service.as_ref(), volume.clone())?),
         None => None,
     };
     start_files.started();
@@ -170,9 +174,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         read_only = volume.is_read_only(),
         "serving"
     );
+    // The server's export lets go of the replicator when it stops, and the
+    // admin endpoint holds it only while it answers: the stop then releases
+    // the bitmap too.
     let served = server.run();
-    if let Some(mirror) = &mirror {
-        mirror.stop();
+    if let Some(mirror_service) = mirror_service {
+        mirror_service.stop();
     }
     drop(admin);
     served?;
@@ -240,69 +247,25 @@ fn check_configuration(args: &ServeArgs, files: &MetadataFiles) -> anyhow::Resul
     Ok(Some(load_secret(secret_file)?))
 }
 
-/// Open the bitmap and the mirror state and start the replicator.
+/// Start mirroring the volume to the copies of `--mirror`, at epoch 1.
 fn start_mirror(
     args: &ServeArgs,
     volume: &Arc<Volume>,
     files: &MetadataFiles,
     secret: Secret,
-) -> anyhow::Result<Arc<Replicator>> {
-    files.create_directory()?;
-    let store_fingerprint =
-        fingerprint(&args.volume).with_context(|| format!("cannot fingerprint the store {}", args.volume.display()))?;
-    let start = production_start(files, volume.size(), &store_fingerprint, args.new_store)?;
-    // A new bitmap says every copy differs everywhere: one that went missing
-    // must never come back as "nothing to resync" (invariant 9).
-    let bitmap = WriteIntentBitmap::open_or_create_with(
-        &files.bitmap,
-        volume.size(),
-        args.region_size,
-        SLOTS_MAX,
-        NewBits::Set,
-    )?;
-    match bitmap.opened() {
-        Opened::Created if !files.state.exists() => {}
-        Opened::Created => tracing::warn!(
-            bitmap = %files.bitmap.display(),
-            "the bitmap {} was missing: every copy gets a full resync",
-            files.bitmap.display()
-        ),
-        Opened::Damaged => tracing::error!(
-            bitmap = %files.bitmap.display(),
-            "the bitmap {} was damaged while stopped: every copy gets a full resync",
-            files.bitmap.display()
-        ),
-        Opened::Clean | Opened::AfterCrash => {}
-    }
-    if start.store_replaced {
-        tracing::warn!(
-            volume = %args.volume.display(),
-            "--new-store: {} is taken as the volume's data ({}); every copy gets a full resync",
-            args.volume.display(),
-            store_fingerprint.description
-        );
-        for slot in 0..bitmap.slots() {
-            bitmap.set_all(slot);
-        }
-        bitmap.flush()?;
-        adopt_store(files, &store_fingerprint)?;
-    }
-    let store = LocalStateFile::at(&files.state);
-    let config = ReplicatorConfig {
+) -> anyhow::Result<MirrorService> {
+    let config = MirrorServiceConfig {
+        volume: volume.clone(),
+        files: files.clone(),
         copies: args.mirrors.clone(),
         secret,
-        identity: start.identity,
-        generation: start.generation,
         epoch: 1,
+        region_bytes: args.region_size,
         resync_rate_max: args.resync_rate_max,
         resync_checksums: args.resync_checksums,
         assume_clean: args.assume_clean,
-        metadata_path: Some(files.metadata.clone()),
+        new_store: args.new_store,
         local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
     };
-    let replicator = Replicator::start(volume.clone(), Arc::new(bitmap), Arc::new(store), config)?;
-    for copy in &args.mirrors {
-        tracing::info!(copy = %copy.name, address = %copy.address, mode = copy.mode.as_str(), "mirroring to copy {}", copy.name);
-    }
-    Ok(replicator)
+    Ok(MirrorService::start(config)?)
 }

@@ -1,5 +1,6 @@
-//! Admission of unauthenticated replication connections on the copy host:
-//! which handshakes may stay open, and which one is closed to make room.
+//! Admission of unauthenticated replication connections to the copy role
+//! ([`crate::copy_role`]): which handshakes may stay open, and which one is
+//! closed to make room.
 //!
 //! A peer without the secret must not keep the real production host out. A
 //! fixed table of handshakes that refuses newcomers when full let a client

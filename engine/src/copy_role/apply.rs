@@ -1,0 +1,242 @@
+//! The data phase of a copy role session: judge each frame (the pure
+//! [`crate::receiver::Receiver`]), store raised promises durably, apply the
+//! change through [`crate::applier`] and send the acks it releases, in
+//! order. A helper thread reads and checks frames ahead of the applying
+//! thread (at most PIPELINE_FRAMES); a change that cannot be applied is
+//! reported to the production host in an Error frame.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use super::connection::{log_ending, refusal_name, Connection, Ending};
+use super::Host;
+use crate::applier::{Applier, Doorbell};
+use crate::metadata::store_metadata;
+use crate::protocol::auth::Session;
+use crate::protocol::copy_failure::{CopyFailure, CopyFailureKind};
+use crate::protocol::frame::{encode_frame, Frame};
+use crate::receiver::Receiver;
+
+/// Frames read and checked ahead of the one being applied (each at most a
+/// maximal frame, 32 MiB; in practice one NBD request, up to 1 MiB).
+const PIPELINE_FRAMES: usize = 8;
+/// After an Error frame, how long the connection is read and discarded
+/// while the production host closes its end: closing with its frames
+/// unread would reset the connection, and the reset may discard the report.
+const ERROR_LINGER: Duration = Duration::from_secs(2);
+
+/// The data phase: judge each frame, store raised promises, apply, ack.
+pub(super) fn receive(connection: &mut Connection<'_>, session: &Session) {
+    let host = connection.host;
+    let peer = connection.peer;
+    let mut writer = match connection.stream.try_clone() {
+        Ok(writer) => writer,
+        Err(error) => {
+            tracing::warn!(%peer, %error, "cannot clone the socket for acknowledgements; closing the connection");
+            return;
+        }
+    };
+    let doorbell = match Doorbell::new() {
+        Ok(doorbell) => doorbell,
+        Err(error) => {
+            tracing::error!(%peer, %error, "cannot create an eventfd; closing the connection");
+            return;
+        }
+    };
+    let mut applier = match Applier::new(&host.volume, Some(doorbell.clone())) {
+        Ok(applier) => applier,
+        Err(error) => {
+            tracing::error!(%peer, "cannot set up the io_uring applier: {error}; closing the connection");
+            return;
+        }
+    };
+    // Two stages: this thread's helper reads and checks frames (socket copy,
+    // CRC) while this thread applies them and acknowledges.
+    let (sender, frames) = std::sync::mpsc::sync_channel::<Result<Frame, Ending>>(PIPELINE_FRAMES);
+    std::thread::scope(|scope| {
+        let ringer = doorbell.clone();
+        scope.spawn(move || loop {
+            let next = connection.next_frame(None);
+            let ended = next.is_err();
+            let sent = sender.send(next);
+            ringer.ring();
+            if sent.is_err() || ended {
+                break;
+            }
+        });
+        let ending = apply_frames(host, peer, session, &frames, &doorbell, &mut applier, &mut writer);
+        // What was applied before the connection ended (or before the change
+        // that failed: replies leave in order, and a failed change's never)
+        // is acknowledged.
+        let _ = applier.drain();
+        let mut outgoing = Vec::new();
+        applier.take_replies(&mut outgoing);
+        let report = match ending {
+            Applied::Failed(Some(failure)) => Some(failure),
+            Applied::Ended | Applied::Failed(None) => None,
+        };
+        if let Some(failure) = &report {
+            // Tell the production host why, so it does not take this for a
+            // lost link and resend at once (it backs off and says why in status).
+            let (header, payload) = failure.to_frame(session.id);
+            outgoing.extend_from_slice(&encode_frame(&header, &payload));
+            tracing::warn!(%peer, kind = failure.kind.as_str(),
+                "telling production host {peer} why this copy stops: {}", failure.message);
+        }
+        if writer.write_all(&outgoing).is_ok() && report.is_some() {
+            let _ = writer.shutdown(std::net::Shutdown::Write);
+            linger(&frames);
+        }
+        // Stop the reader: it sees the closed channel or the closed socket.
+        drop(frames);
+        let _ = writer.shutdown(std::net::Shutdown::Both);
+    });
+}
+
+/// Read and discard frames until the production host closes its end (it
+/// does on the Error frame) or ERROR_LINGER passes.
+fn linger(frames: &std::sync::mpsc::Receiver<Result<Frame, Ending>>) {
+    let deadline = Instant::now() + ERROR_LINGER;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match frames.recv_timeout(left) {
+            Ok(Ok(_)) if !left.is_zero() => {}
+            _ => return,
+        }
+    }
+}
+
+/// How the applying stage ended.
+enum Applied {
+    /// The connection ended or a frame was refused; what was applied may
+    /// still be acknowledged.
+    Ended,
+    /// A change could not be made (nothing from it on is acknowledged);
+    /// the report for the production host, unless the socket itself failed.
+    Failed(Option<CopyFailure>),
+}
+
+/// The applying stage: judge each frame, store raised promises, hand the
+/// change to the applier, and send the replies it releases, in batches,
+/// whenever no frame is waiting.
+fn apply_frames(
+    host: &Host,
+    peer: SocketAddr,
+    session: &Session,
+    frames: &std::sync::mpsc::Receiver<Result<Frame, Ending>>,
+    doorbell: &Doorbell,
+    applier: &mut Applier<'_>,
+    writer: &mut TcpStream,
+) -> Applied {
+    let metadata = *host.metadata();
+    let mut receiver = Receiver::new(session, metadata, host.volume.size(), host.counters());
+    let mut outgoing: Vec<u8> = Vec::new();
+    let failed = |error: crate::EngineError, what: &str| {
+        let volume = host.volume.path().display();
+        tracing::error!(%peer, "cannot {what} on volume {volume}: {error}; closing the connection without acknowledging it");
+        let what = format!("{what} on volume {volume}");
+        Applied::Failed(Some(CopyFailure::from_error(&error, &what, CopyFailureKind::StoreIo)))
+    };
+    let metadata_failed = |error: crate::metadata::MetadataError, what: &str| {
+        tracing::error!(%peer, "cannot {what}: {error}; closing the connection");
+        Applied::Failed(Some(CopyFailure::from_error(&error, what, CopyFailureKind::Metadata)))
+    };
+    loop {
+        let next = match frames.try_recv() {
+            Ok(next) => next,
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                applier.take_replies(&mut outgoing);
+                if !outgoing.is_empty() {
+                    if let Err(error) = writer.write_all(&outgoing) {
+                        log_ending(peer, "", &Ending::Io(error));
+                        return Applied::Failed(None);
+                    }
+                    outgoing.clear();
+                }
+                if applier.idle() {
+                    match frames.recv() {
+                        Ok(next) => next,
+                        Err(_) => return Applied::Ended,
+                    }
+                } else {
+                    // Wait for a change to complete or a frame to arrive.
+                    doorbell.arm();
+                    match frames.try_recv() {
+                        Ok(next) => {
+                            doorbell.disarm();
+                            next
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Empty) => {
+                            if let Err(error) = applier.wait() {
+                                return failed(error, "apply a change");
+                            }
+                            continue;
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => return Applied::Ended,
+                    }
+                }
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return Applied::Ended,
+        };
+        let judged = match next {
+            Ok(frame) => receiver.on_frame(frame),
+            Err(Ending::Refused(error)) => Err(receiver.refuse(error)),
+            Err(ending) => {
+                log_ending(peer, "", &ending);
+                return Applied::Ended;
+            }
+        };
+        let step = match judged {
+            Ok(step) => step,
+            Err(error) => {
+                let total = host.counters().frames_rejected();
+                tracing::warn!(
+                    %peer,
+                    kind = ?error.kind(),
+                    frames_rejected = total,
+                    "refused a frame from production host {peer}: {}: {error}; nothing of it was applied; \
+                     frames_rejected={total}; closing the connection",
+                    refusal_name(error.kind())
+                );
+                return Applied::Ended;
+            }
+        };
+        if let Some(promised) = step.persist {
+            // The promise is durable before this frame takes effect; earlier
+            // frames finish first, so none of them is applied after it.
+            if let Err(error) = applier.drain() {
+                return failed(error, "apply a change");
+            }
+            if let Err(error) = store_metadata(&host.metadata_path, &promised) {
+                return metadata_failed(error, "store the raised epoch, generation or store state");
+            }
+            *host.metadata() = promised;
+            tracing::info!(
+                %peer,
+                "stored: epoch {} promised, generation {}, store {:?}",
+                promised.epoch_promised,
+                promised.generation,
+                promised.state
+            );
+        }
+        let Some(consistent) = step.persist_after else {
+            if let Err(error) = applier.start(step.apply, step.barrier, step.reply) {
+                return failed(error, "apply a change");
+            }
+            continue;
+        };
+        // The flush that ends a resync pass: done, then recorded, then answered.
+        if let Err(error) = applier.start(step.apply, true, None) {
+            return failed(error, "apply a flush");
+        }
+        if let Err(error) = store_metadata(&host.metadata_path, &consistent) {
+            return metadata_failed(error, "record the store consistent");
+        }
+        *host.metadata() = consistent;
+        tracing::info!(%peer, "resync pass complete: the store holds a consistent image again");
+        if let Err(error) = applier.start(None, false, step.reply) {
+            return failed(error, "apply a change");
+        }
+    }
+}
