@@ -929,17 +929,11 @@ fn open(path: &Path, geometry: Geometry) -> Result<WriteIntentBitmap, BitmapErro
 /// Take the file's exclusive advisory lock, or say who holds it. The lock
 /// goes with the open file, so it is released when the process dies.
 fn lock_exclusive(path: &Path, file: &File) -> Result<(), BitmapError> {
-    // SAFETY: flock only reads the descriptor number and `file` keeps that
-    // descriptor open for the whole call.
-    let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if result == 0 {
-        return Ok(());
+    match crate::file_lock::try_lock_exclusive(file.as_raw_fd()) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(BitmapError::Busy { path: path.to_path_buf() }),
+        Err(source) => Err(BitmapError::Io { path: path.to_path_buf(), action: "lock", source }),
     }
-    let error = io::Error::last_os_error();
-    if error.kind() == io::ErrorKind::WouldBlock {
-        return Err(BitmapError::Busy { path: path.to_path_buf() });
-    }
-    Err(BitmapError::Io { path: path.to_path_buf(), action: "lock", source: error })
 }
 
 #[cfg(test)]

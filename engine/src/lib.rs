@@ -26,6 +26,7 @@ pub mod buffer;
 pub mod copy_role;
 pub mod error;
 pub mod eventfd;
+pub mod file_lock;
 pub mod fingerprint;
 pub mod log_limit;
 pub mod metadata;

@@ -506,18 +506,12 @@ fn open_metadata(volume: &Volume, metadata_dir: Option<&Path>) -> Result<(PathBu
 /// Take an exclusive lock on the volume, so two copy hosts never apply
 /// frames to one store. The lock goes with the open file.
 fn lock_volume(volume: &Volume) -> Result<(), CopyRoleError> {
-    // SAFETY: flock only reads the descriptor number, and `volume` keeps that
-    // descriptor open for the whole call.
-    let result = unsafe { libc::flock(volume.fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if result == 0 {
-        return Ok(());
-    }
-    let error = io::Error::last_os_error();
     let path = volume.path().to_path_buf();
-    if error.kind() == io::ErrorKind::WouldBlock {
-        return Err(CopyRoleError::Locked { path });
+    match crate::file_lock::try_lock_exclusive(volume.fd()) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(CopyRoleError::Locked { path }),
+        Err(source) => Err(CopyRoleError::Lock { path, source }),
     }
-    Err(CopyRoleError::Lock { path, source: error })
 }
 
 /// Accept connections until the role stops, then join every connection
