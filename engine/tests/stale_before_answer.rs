@@ -13,7 +13,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use engine::protocol::FrameKind;
-use engine::replicator::{MirrorMode, RecordedState, Shipped};
+use engine::replicator::{CopyState, MirrorMode, RecordedState, Shipped};
 use support::{Mirror, StaleRecords, REGION};
 
 const W: u64 = 3 * REGION;
@@ -56,7 +56,7 @@ fn no_write_the_lost_copy_missed_is_answered_while_its_stale_record_is_being_wri
     mirror.store.set_mode(StaleRecords::Store);
     assert_eq!(mirror.wait_answer(Shipped::Pending, id), 0, "once recorded stale, the write succeeds");
     assert_eq!(mirror.store.recorded(), Some(RecordedState::Stale));
-    assert_eq!(mirror.replicator.status()[0].state, "stale");
+    assert_eq!(mirror.replicator.status()[0].state, CopyState::Stale);
     mirror.finish().unwrap();
 }
 
@@ -75,7 +75,7 @@ fn writes_the_lost_copy_missed_get_eio_when_it_cannot_be_recorded_stale() {
     );
     assert_eq!(mirror.store.recorded(), Some(RecordedState::Current), "the failed record changed nothing");
     mirror.wait_until("the copy to show disconnected (not recorded stale)", |mirror| {
-        mirror.replicator.status()[0].state == "disconnected"
+        mirror.replicator.status()[0].state == CopyState::Unrecorded
     });
     assert_eq!(mirror.write(W + REGION, 2), Shipped::Done(-libc::EIO), "a later write the copy misses gets EIO too");
     mirror.store.set_mode(StaleRecords::Store);

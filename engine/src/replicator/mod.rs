@@ -46,6 +46,8 @@
 
 pub mod connect;
 mod link;
+mod link_core;
+mod resync_pieces;
 mod resync_set;
 pub mod state;
 
@@ -276,12 +278,6 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    /// Fail the change without holding it: a copy missed it and could not
-    /// be recorded stale.
-    pub(crate) fn fail(&self) {
-        self.result.store(-libc::EIO, Ordering::Relaxed);
-    }
-
     /// This holder is done with it; `result` is 0 or a negative errno.
     pub(crate) fn release(&self, result: i32) {
         if result != 0 {
