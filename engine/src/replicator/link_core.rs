@@ -1197,3 +1197,7 @@ impl<H, V> LinkCore<H, V> {
         cleared
     }
 }
+
+#[cfg(test)]
+#[path = "link_core_tests.rs"]
+mod tests;
