@@ -499,19 +499,8 @@ impl<H, V> LinkCore<H, V> {
         now_ms: u64,
     ) -> Vec<Command<H, V>> {
         assert!(hold.is_none() || self.config.mode == MirrorMode::Sync, "only a sync copy holds changes");
-        match self.state {
-            CopyState::UpToDate | CopyState::Syncing => {}
-            // Diverged is only ever reported by status, never stored.
-            CopyState::Behind | CopyState::Stale | CopyState::Diverged => {
-                self.dropped(change.extent());
-                return release(hold, 0);
-            }
-            CopyState::Unrecorded => {
-                // The copy missed writes and is not recorded stale yet: the
-                // hold waits for the record (invariant 3).
-                self.dropped(change.extent());
-                return self.persist(RecordedState::Stale, AfterPersist::MissedWhileUnrecorded { hold });
-            }
+        if !self.state.takes_changes() {
+            return self.not_taken(change, hold);
         }
         let lag = match change {
             Change::Write { data, .. } => data.len() as u64,
@@ -547,6 +536,20 @@ impl<H, V> LinkCore<H, V> {
         self.lag_bytes += lag;
         self.queue.push_back(frame);
         Vec::new()
+    }
+
+    /// A change the copy cannot take now: dropped, its regions kept for
+    /// resync.
+    fn not_taken(&mut self, change: &Change<'_>, hold: Option<H>) -> Vec<Command<H, V>> {
+        self.dropped(change.extent());
+        match self.state {
+            // The copy missed writes and is not recorded stale yet: the hold
+            // waits for the record (invariant 3).
+            CopyState::Unrecorded => self.persist(RecordedState::Stale, AfterPersist::MissedWhileUnrecorded { hold }),
+            // Diverged is only ever reported by status, never stored.
+            CopyState::Behind | CopyState::Stale | CopyState::Diverged => release(hold, 0),
+            CopyState::UpToDate | CopyState::Syncing => unreachable!("a connected copy takes every change"),
+        }
     }
 
     /// The local store changed in a way no frame carries (a failed write
@@ -712,7 +715,7 @@ impl<H, V> LinkCore<H, V> {
 
     /// The connection is gone (or could not be served): record the copy
     /// stale, then release everything waiting on it. `why` is the cause when
-    /// the connection left none (see [`LinkCore::ending`]).
+    /// the connection left none (the first cause seen is kept as its ending).
     pub(crate) fn lost(&mut self, why: &str, shutting_down: bool) -> Vec<Command<H, V>> {
         let waiting = self.queue.len() + self.unacked.len();
         let was = self.state;
@@ -758,79 +761,101 @@ impl<H, V> LinkCore<H, V> {
 
     /// The shell carried out the [`Command::Persist`] asked for last.
     pub(crate) fn persisted(&mut self, result: Result<(), String>) -> Vec<Command<H, V>> {
-        let then = self.persisting.take().expect("a persist was asked for");
-        let name = self.config.name.clone();
-        match (then, result) {
-            (AfterPersist::MissedWhileUnrecorded { hold }, Ok(())) => {
-                self.state = CopyState::Stale;
-                tracing::info!(copy = %name, "copy {name} is recorded stale now; writes it misses are \
-                    acknowledged again and tracked in the bitmap");
-                release(hold, 0)
-            }
-            // Invariant 3: a sync copy's missed write is not acknowledged
-            // until the copy is recorded stale.
-            (AfterPersist::MissedWhileUnrecorded { hold }, Err(_)) => release(hold, -libc::EIO),
-            (AfterPersist::WentBehind { lag_bytes }, result) => {
-                match result {
-                    Ok(()) => tracing::warn!(copy = %name, lag_bytes, lag_bytes_max = self.config.lag_bytes_max,
-                        "copy {name} is behind: more than lag_bytes_max unacknowledged; tracking its writes in the \
-                         bitmap and resyncing it once it catches up"),
-                    // An async copy that misses writes still holds a consistent
-                    // (older) image; resyncing it is what must be recorded first.
-                    Err(error) => tracing::error!(copy = %name, %error, "cannot record the copy stale"),
-                }
+        match self.persisting.take().expect("a persist was asked for") {
+            AfterPersist::MissedWhileUnrecorded { hold } => self.missed_write_recorded(hold, result),
+            AfterPersist::WentBehind { lag_bytes } => {
+                self.behind_recorded(lag_bytes, result);
                 Vec::new()
             }
-            (AfterPersist::Lost { holds, was, why, waiting, shutting_down }, result) => {
+            AfterPersist::Lost { holds, was, why, waiting, shutting_down } => {
                 self.lost_recorded(holds, was, why, waiting, shutting_down, result)
             }
-            (AfterPersist::Connecting, Ok(())) => Vec::new(),
-            (AfterPersist::Connecting, Err(error)) => {
-                tracing::error!(copy = %name, %error, "cannot record the copy syncing; dropping the connection");
-                let why = format!("cannot record the copy syncing: {error}");
-                self.set_last_error(why.clone());
-                vec![Command::Close { why }]
-            }
-            (AfterPersist::CaughtUp { now_ms }, Ok(())) => {
-                tracing::info!(copy = %name, "copy {name} caught up with its queue; resyncing the writes it missed");
-                self.state = CopyState::Syncing;
-                self.start_resync_pass();
-                self.resync_started_ms = now_ms;
-                self.resync_sent_bytes = 0;
+            AfterPersist::Connecting => self.connecting_recorded(result),
+            AfterPersist::CaughtUp { now_ms } => self.caught_up_recorded(now_ms, result),
+            AfterPersist::Missed => {
+                self.missed_recorded(result);
                 Vec::new()
             }
-            (AfterPersist::CaughtUp { .. }, Err(error)) => {
-                tracing::error!(copy = %name, %error, "cannot record the copy syncing; dropping the connection");
-                self.close(format!("cannot record the copy syncing: {error}"))
-            }
-            (AfterPersist::Missed, Ok(())) => {
-                self.state = CopyState::Syncing;
-                if self.resync_next.is_none() {
-                    self.start_resync_pass();
-                } else {
-                    // The running pass may be past these regions: go round again.
-                    self.resync_next = Some(0);
-                }
-                Vec::new()
-            }
-            (AfterPersist::Missed, Err(error)) => {
-                tracing::error!(copy = %name, %error, "cannot record the copy syncing; dropping the connection");
-                self.connection_failed(format!("cannot record the copy syncing: {error}"));
-                Vec::new()
-            }
-            (AfterPersist::PassDone, Ok(())) => {
-                self.state = CopyState::UpToDate;
-                self.progress = true;
-                self.last_error = None;
-                tracing::info!(copy = %name, resync_bytes = self.resync_pending.bytes_done(), "copy {name} is up to date");
-                Vec::new()
-            }
-            (AfterPersist::PassDone, Err(error)) => {
-                tracing::error!(copy = %name, %error, "cannot record the copy current; resyncing again");
-                self.start_resync_pass();
+            AfterPersist::PassDone => {
+                self.pass_done_recorded(result);
                 Vec::new()
             }
         }
+    }
+
+    /// A change shipped while the copy was not recorded stale: released once
+    /// the copy is recorded stale. Invariant 3: a sync copy's missed write is
+    /// not acknowledged until the copy is recorded stale.
+    fn missed_write_recorded(&mut self, hold: Option<H>, result: Result<(), String>) -> Vec<Command<H, V>> {
+        if result.is_err() {
+            return release(hold, -libc::EIO);
+        }
+        self.state = CopyState::Stale;
+        tracing::info!(copy = %self.config.name, "copy {} is recorded stale now; writes it misses are \
+            acknowledged again and tracked in the bitmap", self.config.name);
+        release(hold, 0)
+    }
+
+    fn behind_recorded(&self, lag_bytes: u64, result: Result<(), String>) {
+        let name = &self.config.name;
+        match result {
+            Ok(()) => tracing::warn!(copy = %name, lag_bytes, lag_bytes_max = self.config.lag_bytes_max,
+                "copy {name} is behind: more than lag_bytes_max unacknowledged; tracking its writes in the \
+                 bitmap and resyncing it once it catches up"),
+            // An async copy that misses writes still holds a consistent
+            // (older) image; resyncing it is what must be recorded first.
+            Err(error) => tracing::error!(copy = %name, %error, "cannot record the copy stale"),
+        }
+    }
+
+    fn connecting_recorded(&mut self, result: Result<(), String>) -> Vec<Command<H, V>> {
+        let Err(error) = result else { return Vec::new() };
+        tracing::error!(copy = %self.config.name, %error, "cannot record the copy syncing; dropping the connection");
+        let why = format!("cannot record the copy syncing: {error}");
+        self.set_last_error(why.clone());
+        vec![Command::Close { why }]
+    }
+
+    fn caught_up_recorded(&mut self, now_ms: u64, result: Result<(), String>) -> Vec<Command<H, V>> {
+        let name = self.config.name.clone();
+        if let Err(error) = result {
+            tracing::error!(copy = %name, %error, "cannot record the copy syncing; dropping the connection");
+            return self.close(format!("cannot record the copy syncing: {error}"));
+        }
+        tracing::info!(copy = %name, "copy {name} caught up with its queue; resyncing the writes it missed");
+        self.state = CopyState::Syncing;
+        self.start_resync_pass();
+        self.resync_started_ms = now_ms;
+        self.resync_sent_bytes = 0;
+        Vec::new()
+    }
+
+    fn missed_recorded(&mut self, result: Result<(), String>) {
+        if let Err(error) = result {
+            tracing::error!(copy = %self.config.name, %error, "cannot record the copy syncing; dropping the connection");
+            self.connection_failed(format!("cannot record the copy syncing: {error}"));
+            return;
+        }
+        self.state = CopyState::Syncing;
+        if self.resync_next.is_none() {
+            self.start_resync_pass();
+        } else {
+            // The running pass may be past these regions: go round again.
+            self.resync_next = Some(0);
+        }
+    }
+
+    fn pass_done_recorded(&mut self, result: Result<(), String>) {
+        let name = &self.config.name;
+        if let Err(error) = result {
+            tracing::error!(copy = %name, %error, "cannot record the copy current; resyncing again");
+            self.start_resync_pass();
+            return;
+        }
+        self.state = CopyState::UpToDate;
+        self.progress = true;
+        self.last_error = None;
+        tracing::info!(copy = %name, resync_bytes = self.resync_pending.bytes_done(), "copy {name} is up to date");
     }
 
     /// The lost connection's Persist(Stale) is done: only now are its held

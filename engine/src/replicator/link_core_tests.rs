@@ -336,3 +336,31 @@ fn assume_clean_keeps_the_regions_in_flight() {
     assert_eq!(core.connected(0, [1, 4, 9], true, &mut region_4_in_flight), vec![Command::ClearBits(vec![1, 9])]);
     assert_eq!(core.poll_send(0), read_region(4));
 }
+
+/// A region the copy may lack whole (a change it could not get) keeps its
+/// bit even when a later write to part of it is acknowledged and two Flushes
+/// pass: only the resync pass, which sends it whole, takes it out. (A region
+/// cleared because a partial write to it was acknowledged lost a write once.)
+#[test]
+fn a_partial_write_does_not_clear_a_region_waiting_for_resync() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut core, 5, Some(1), 0), vec![]);
+    // The local store changed in region 5 in a way no frame carries.
+    assert_eq!(core.missed(5 * REGION, 512), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 5)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![1], result: 0 }]
+    );
+    // A due Flush goes before the pass's next read.
+    assert_eq!(core.poll_send(CLEAN_MS), send(false, vec![flush_frame(3, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.poll_send(2 * CLEAN_MS), send(true, vec![flush_frame(4, FrameFlags::NONE)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::FlushAck, 4, &mut nothing_in_flight()),
+        vec![],
+        "a region pending resync cleared"
+    );
+    assert_eq!(core.poll_send(2 * CLEAN_MS), read_region(5));
+}

@@ -35,7 +35,7 @@
 //! The bitmap: every write marks its regions in every copy's slot before it
 //! is issued. A copy's bit is cleared when a Flush sent after the region's
 //! last write to that copy is acknowledged and no write to the region is in
-//! flight or was shipped since (see [`link`]). A write a link drops (the
+//! flight or was shipped since (see [`link_core`]). A write a link drops (the
 //! copy is disconnected or too far behind) keeps its bit and stops every
 //! pending clear of that link, so the bitmap over-approximates (invariant 6).
 //!
