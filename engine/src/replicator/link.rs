@@ -241,14 +241,17 @@ impl Link {
     /// Carry out `commands` in order, feeding the outcome of a persist or a
     /// read back to the core (whose follow-up commands come next). `in_flight`
     /// is the in-flight table the core's clearing decision read, if it was
-    /// locked for it: it stays locked through the ClearBits that follow, so
-    /// a write that begins meanwhile sets its bit after the clear, and is
-    /// unlocked before anything else. Returns what the sender does next.
+    /// locked for it: it stays locked until the last ClearBits is carried
+    /// out (a Release of the acknowledged Flush's hold may come first), so a
+    /// write that begins meanwhile sets its bit after the clear, never
+    /// before it; it is unlocked before anything after (a persist, say).
+    /// Returns what the sender does next.
     fn execute(&self, locked: &mut Locked, commands: Vec<LinkCommand>, in_flight: &mut InFlightGuard<'_>) -> Next {
         let mut work = VecDeque::from(commands);
         let mut next = Next::Poll;
         while let Some(command) = work.pop_front() {
-            if !matches!(command, Command::ClearBits(_)) {
+            let clears_ahead = |command: &LinkCommand| matches!(command, Command::ClearBits(_));
+            if !clears_ahead(&command) && !work.iter().any(clears_ahead) {
                 in_flight.take();
             }
             let follow_up = match command {
