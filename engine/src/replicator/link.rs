@@ -37,7 +37,6 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::protocol::auth::STORE_TOKEN_UNKNOWN;
 use crate::protocol::copy_failure::CopyFailure;
 use crate::protocol::frame::{FrameHeader, FrameKind};
 use crate::protocol::{FrameDecoder, ReplicationError};
@@ -258,6 +257,18 @@ impl Link {
                 Command::Persist(state) => {
                     let result = self.shared.record(self.slot, state).map_err(|error| error.to_string());
                     locked.core.persisted(result)
+                }
+                Command::PersistStoreToken(token) => {
+                    let result = self.shared.record_store(self.slot, token).map_err(|error| error.to_string());
+                    locked.core.persisted(result)
+                }
+                Command::SetAllBits => {
+                    self.shared.bitmap.set_all(self.slot);
+                    continue;
+                }
+                Command::SyncBitmap => {
+                    let result = self.shared.bitmap.flush().map_err(|error| error.to_string());
+                    locked.core.bitmap_synced(result)
                 }
                 Command::Release { holds, result } => {
                     for hold in holds {
@@ -509,17 +520,14 @@ impl Link {
     }
 
     /// Begin serving `connection`: record the copy syncing, check its store
-    /// (invariant 9), and hand the dirty regions to the core. The
+    /// (invariant 9: the core's commands), and hand the dirty regions to the
+    /// core. The
     /// connection's number in the core, or `None` when it cannot be served.
     fn begin(&self, connection: &CopyConnection) -> Option<u64> {
         let mut locked = self.lock();
-        let commands = locked.core.connecting();
+        let recorded = self.shared.recorded_store(self.slot);
+        let commands = locked.core.connecting(connection.copy_store(), recorded);
         if let Next::Close(_) = self.execute(&mut locked, commands, &mut None) {
-            return None;
-        }
-        if let Err(error) = self.check_store(connection) {
-            tracing::error!(copy = %self.config.name, %error, "{error}; dropping the connection");
-            locked.core.set_last_error(error);
             return None;
         }
         let dirty: Vec<u64> = self.shared.bitmap.dirty_regions(self.slot).collect();
@@ -529,39 +537,6 @@ impl Link {
         let commands = locked.core.connected(self.now_ms(), dirty, assume_clean, &mut in_flight);
         self.execute(&mut locked, commands, &mut guard);
         Some(locked.core.connection())
-    }
-
-    /// Invariant 9: a copy store that is not the one last synced here (its
-    /// token differs: a fresh copy, a store replaced or swapped behind our
-    /// back, lost copy metadata) may differ anywhere, whatever the bitmap
-    /// says. Set its every bit, durably, before the new token is recorded;
-    /// a crash between the two leaves the bits set and the old token, so
-    /// the next connection does the same again.
-    fn check_store(&self, connection: &CopyConnection) -> Result<(), String> {
-        let offered = connection.copy_store();
-        let recorded = self.shared.recorded_store(self.slot);
-        if offered == recorded && offered != STORE_TOKEN_UNKNOWN {
-            return Ok(());
-        }
-        if recorded != STORE_TOKEN_UNKNOWN {
-            tracing::warn!(
-                copy = %self.config.name,
-                "copy {}'s store is not the one last synced (its store token changed: a new copy store, a store \
-                 replaced or restored, or its metadata lost); it gets a full resync",
-                self.config.name
-            );
-        }
-        self.shared.bitmap.set_all(self.slot);
-        self.shared
-            .bitmap
-            .flush()
-            .map_err(|error| format!("cannot mark copy {} for a full resync: {error}", self.config.name))?;
-        if offered == STORE_TOKEN_UNKNOWN {
-            return Ok(());
-        }
-        self.shared
-            .record_store(self.slot, offered)
-            .map_err(|error| format!("cannot record copy {}'s store token: {error}", self.config.name))
     }
 
     /// `--assume-clean`: whether both stores provably read as zeroes, so

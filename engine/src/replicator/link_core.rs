@@ -51,6 +51,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::protocol::auth::{StoreToken, STORE_TOKEN_UNKNOWN};
 use crate::protocol::frame::{FrameFlags, FrameKind};
 use crate::protocol::ReplicationError;
 use crate::replicator::resync_pieces::Piece;
@@ -181,6 +182,13 @@ pub(crate) enum Command<H, V> {
     /// Record the copy's state durably, then call [`LinkCore::persisted`]
     /// with the result before anything else.
     Persist(RecordedState),
+    /// Record the copy store's token durably, then call
+    /// [`LinkCore::persisted`] with the result before anything else.
+    PersistStoreToken(StoreToken),
+    /// Set every bit of the copy's slot: it gets a full resync.
+    SetAllBits,
+    /// Make the bitmap durable, then call [`LinkCore::bitmap_synced`].
+    SyncBitmap,
     /// Answer these held changes with `result` (0 or a negative errno).
     Release { holds: Vec<H>, result: i32 },
     /// Clear the copy's bits of these regions, while the in-flight table
@@ -289,8 +297,10 @@ enum AfterPersist<H> {
     WentBehind { lag_bytes: u64 },
     /// The connection is gone with these held changes (Stale).
     Lost { holds: Vec<H>, was: CopyState, why: String, waiting: usize, shutting_down: bool },
-    /// A connection begins (Syncing).
-    Connecting,
+    /// A connection begins (Syncing): then the copy store's token is checked.
+    Connecting { offered: StoreToken, recorded: StoreToken },
+    /// A new copy store's token, after its every bit was set durably.
+    StoreToken,
     /// A behind copy drained its queue (Syncing).
     CaughtUp { now_ms: u64 },
     /// A change the copy cannot get from a frame (Syncing).
@@ -359,6 +369,9 @@ pub(crate) struct LinkCore<H, V> {
     barrier_released: u64,
     /// The persist the shell is carrying out.
     persisting: Option<AfterPersist<H>>,
+    /// The bitmap sync the shell is carrying out: for a new copy store
+    /// with this token.
+    syncing_bitmap: Option<StoreToken>,
 }
 
 impl<H, V> LinkCore<H, V> {
@@ -393,6 +406,7 @@ impl<H, V> LinkCore<H, V> {
             progress: false,
             barrier_released: 0,
             persisting: None,
+            syncing_bitmap: None,
         }
     }
 
@@ -650,10 +664,59 @@ fn release<H, V>(hold: Option<H>, result: i32) -> Vec<Command<H, V>> {
 
 /// Events of the connection's life: it begins, it is lost, a persist is done.
 impl<H, V> LinkCore<H, V> {
-    /// A connection to the copy is established: resync data will tear the
-    /// copy's image, so record it syncing first.
-    pub(crate) fn connecting(&mut self) -> Vec<Command<H, V>> {
-        self.persist(RecordedState::Syncing, AfterPersist::Connecting)
+    /// A connection to the copy is established, its store offering the
+    /// token `offered`; `recorded` is the token recorded for this copy.
+    /// Resync data will tear the copy's image, so it is recorded syncing
+    /// first; then its store is checked (invariant 9). The shell calls
+    /// [`LinkCore::connected`] unless the commands end with a Close.
+    pub(crate) fn connecting(&mut self, offered: StoreToken, recorded: StoreToken) -> Vec<Command<H, V>> {
+        self.persist(RecordedState::Syncing, AfterPersist::Connecting { offered, recorded })
+    }
+
+    /// Invariant 9: a copy store that is not the one last synced here (its
+    /// token differs: a fresh copy, a store replaced or swapped behind our
+    /// back, lost copy metadata) may differ anywhere, whatever the bitmap
+    /// says. Set its every bit, durably, before the new token is recorded;
+    /// a crash between the two leaves the bits set and the old token, so
+    /// the next connection does the same again.
+    fn check_store(&mut self, offered: StoreToken, recorded: StoreToken) -> Vec<Command<H, V>> {
+        if offered == recorded && offered != STORE_TOKEN_UNKNOWN {
+            return Vec::new();
+        }
+        if recorded != STORE_TOKEN_UNKNOWN {
+            tracing::warn!(
+                copy = %self.config.name,
+                "copy {}'s store is not the one last synced (its store token changed: a new copy store, a store \
+                 replaced or restored, or its metadata lost); it gets a full resync",
+                self.config.name
+            );
+        }
+        assert!(self.syncing_bitmap.is_none(), "the shell carries out one bitmap sync at a time");
+        self.syncing_bitmap = Some(offered);
+        vec![Command::SetAllBits, Command::SyncBitmap]
+    }
+
+    /// The shell carried out the [`Command::SyncBitmap`] asked for last:
+    /// the copy store's every bit is durably set, so its token may be
+    /// recorded (none when the copy did not say).
+    pub(crate) fn bitmap_synced(&mut self, result: Result<(), String>) -> Vec<Command<H, V>> {
+        let offered = self.syncing_bitmap.take().expect("a bitmap sync was asked for");
+        if let Err(error) = result {
+            return self.not_connected(format!("cannot mark copy {} for a full resync: {error}", self.config.name));
+        }
+        if offered == STORE_TOKEN_UNKNOWN {
+            return Vec::new();
+        }
+        assert!(self.persisting.is_none(), "the shell carries out one persist at a time");
+        self.persisting = Some(AfterPersist::StoreToken);
+        vec![Command::PersistStoreToken(offered)]
+    }
+
+    /// The connection being set up cannot be served, for `why`.
+    fn not_connected(&mut self, why: String) -> Vec<Command<H, V>> {
+        tracing::error!(copy = %self.config.name, "{why}; dropping the connection");
+        self.set_last_error(why.clone());
+        vec![Command::Close { why }]
     }
 
     /// The connection begins (recorded syncing, the copy's store checked):
@@ -770,7 +833,16 @@ impl<H, V> LinkCore<H, V> {
             AfterPersist::Lost { holds, was, why, waiting, shutting_down } => {
                 self.lost_recorded(holds, was, why, waiting, shutting_down, result)
             }
-            AfterPersist::Connecting => self.connecting_recorded(result),
+            AfterPersist::Connecting { offered, recorded } => match result {
+                Ok(()) => self.check_store(offered, recorded),
+                Err(error) => self.not_connected(format!("cannot record the copy syncing: {error}")),
+            },
+            AfterPersist::StoreToken => match result {
+                Ok(()) => Vec::new(),
+                Err(error) => {
+                    self.not_connected(format!("cannot record copy {}'s store token: {error}", self.config.name))
+                }
+            },
             AfterPersist::CaughtUp { now_ms } => self.caught_up_recorded(now_ms, result),
             AfterPersist::Missed => {
                 self.missed_recorded(result);
@@ -806,14 +878,6 @@ impl<H, V> LinkCore<H, V> {
             // (older) image; resyncing it is what must be recorded first.
             Err(error) => tracing::error!(copy = %name, %error, "cannot record the copy stale"),
         }
-    }
-
-    fn connecting_recorded(&mut self, result: Result<(), String>) -> Vec<Command<H, V>> {
-        let Err(error) = result else { return Vec::new() };
-        tracing::error!(copy = %self.config.name, %error, "cannot record the copy syncing; dropping the connection");
-        let why = format!("cannot record the copy syncing: {error}");
-        self.set_last_error(why.clone());
-        vec![Command::Close { why }]
     }
 
     fn caught_up_recorded(&mut self, now_ms: u64, result: Result<(), String>) -> Vec<Command<H, V>> {

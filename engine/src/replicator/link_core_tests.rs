@@ -8,6 +8,8 @@ use super::*;
 const REGION: u64 = 1 << 20;
 const REGIONS: u64 = 16;
 const WRITE: [u8; 4096] = [7; 4096];
+/// The copy store's token, the one recorded for it.
+const STORE: StoreToken = [1; 16];
 /// The flush interval in the core's milliseconds.
 const CLEAN_MS: u64 = 500;
 
@@ -91,7 +93,7 @@ fn ack(
 
 /// Connect with `dirty` regions: recorded syncing first, then the pass.
 fn connect(core: &mut TestCore, dirty: &[u64], now_ms: u64) {
-    assert_eq!(core.connecting(), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.connecting(STORE, STORE), vec![Command::Persist(RecordedState::Syncing)]);
     assert_eq!(core.persisted(Ok(())), vec![]);
     assert_eq!(core.connected(now_ms, dirty.iter().copied(), false, &mut nothing_in_flight()), vec![]);
     assert_eq!(core.state(), CopyState::Syncing);
@@ -330,7 +332,7 @@ fn an_ack_timeout_closes_and_an_ack_out_of_order_is_refused() {
 #[test]
 fn assume_clean_keeps_the_regions_in_flight() {
     let mut core = core(MirrorMode::Sync, 0);
-    assert_eq!(core.connecting(), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.connecting(STORE, STORE), vec![Command::Persist(RecordedState::Syncing)]);
     assert_eq!(core.persisted(Ok(())), vec![]);
     let mut region_4_in_flight = |region| region == 4;
     assert_eq!(core.connected(0, [1, 4, 9], true, &mut region_4_in_flight), vec![Command::ClearBits(vec![1, 9])]);
@@ -363,4 +365,31 @@ fn a_partial_write_does_not_clear_a_region_waiting_for_resync() {
         "a region pending resync cleared"
     );
     assert_eq!(core.poll_send(2 * CLEAN_MS), read_region(5));
+}
+
+/// Invariant 9: a copy store with another token than the one recorded (a
+/// replaced store) gets every bit set, durably, before its token is
+/// recorded; when the bits cannot be made durable, the token is not
+/// recorded and the connection is not served.
+#[test]
+fn a_replaced_copy_store_gets_every_bit_set_durably_before_its_token_is_recorded() {
+    let replaced: StoreToken = [2; 16];
+    let mut core = core(MirrorMode::Sync, 0);
+    assert_eq!(core.connecting(replaced, STORE), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![Command::SetAllBits, Command::SyncBitmap]);
+    assert_eq!(core.bitmap_synced(Ok(())), vec![Command::PersistStoreToken(replaced)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    // A copy that offers no token gets the full resync, and no token is recorded.
+    assert_eq!(core.connecting(STORE_TOKEN_UNKNOWN, STORE), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![Command::SetAllBits, Command::SyncBitmap]);
+    assert_eq!(core.bitmap_synced(Ok(())), vec![]);
+    // The bits cannot be made durable: the token stays, the connection ends.
+    assert_eq!(core.connecting(replaced, STORE), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![Command::SetAllBits, Command::SyncBitmap]);
+    let why = "cannot mark copy east for a full resync: no space left on device".to_string();
+    assert_eq!(
+        core.bitmap_synced(Err("no space left on device".to_string())),
+        vec![Command::Close { why: why.clone() }]
+    );
+    assert_eq!(core.last_error(), Some(&why));
 }

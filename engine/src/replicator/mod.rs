@@ -92,6 +92,12 @@ impl MirrorMode {
     }
 }
 
+impl fmt::Display for MirrorMode {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
 /// One copy, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyConfig {
