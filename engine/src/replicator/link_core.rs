@@ -5,18 +5,26 @@
 //! feeds back what came of the ones that have an outcome (a persist, a read).
 //!
 //! ```text
-//!  events (shell calls)                        commands (shell carries out, in order)
-//!  ───────────────────────────────────         ──────────────────────────────────────────────────
-//!  ship(change, hold, released, now)  ─┐       Persist(state)        ─▶ shell: record ─▶ persisted(result)
-//!  acked(kind, sequence, in_flight)   ─┤       Release{holds,result}    (only after the Persist that
-//!  poll_send(now)   (the "tick")      ─┤                                 invariant 3 asks for)
-//!  connecting() / connected(dirty,…)  ─┼─▶ ──▶ ClearBits(regions)      (in-flight table still locked)
-//!  lost(why)                          ─┤       ReadForResync{…}      ─▶ shell: read ─▶ resync_read(result)
-//!  missed(extent) / persisted(result) ─┤       Send{sync_local_first, frames}
-//!  resync_read(result)                ─┘       AnswerVerify / Wait{ms} / Close{why}
+//!  events (shell calls)                          commands (shell carries out, in order)
+//!  ────────────────────────────────────          ─────────────────────────────────────────────────────
+//!  ship(change, hold, released, now) ──┐         Persist(state)       ─▶ record ─▶ persisted(result)
+//!  acked(connection, kind, sequence,   │         PersistStoreToken    ─▶ record ─▶ persisted(result)
+//!        payload, in_flight)           │         Release{holds,result}  (after the Persist invariant 3
+//!  poll_send(now)       (the tick)     │                                 asks for; EIO if it failed)
+//!  connecting(offered, recorded token) ├──▶ ──▶  SetAllBits, SyncBitmap ─▶ flush ─▶ bitmap_synced(result)
+//!  connected(now, dirty, assume_clean, │         ClearBits(regions)     (in-flight table still locked)
+//!            in_flight)                │         ReadForResync{…}     ─▶ read ─▶ resync_read(result)
+//!  lost(why) / reader_ended(why)       │         Send{sync_local_first, frames}
+//!  missed(extent) / repair_marked(…)   │         AnswerVerify{reply, checksums}
+//!  persisted / bitmap_synced /         │         Wait{ms}               (nothing to send before then)
+//!  resync_read   (outcomes fed back) ──┘         Close{why}             (end the connection)
 //! ```
 //!
-//! Two invariants are decided here and nowhere else:
+//! The shell carries out a command with an outcome (a persist, a bitmap
+//! sync, a read) at once and feeds the outcome back before the next one, so
+//! the core never has two in progress; it asserts so.
+//!
+//! Three invariants are decided here and nowhere else:
 //!
 //! - Invariant 6, the bitmap over-approximates: a bit is cleared only by
 //!   [`LinkCore::acked`] of a Flush, and only for a region that was a
@@ -28,6 +36,9 @@
 //!   [`LinkCore::persisted`] of the `Persist(Stale)` that [`LinkCore::lost`]
 //!   asks for, with EIO when recording failed; a write shipped while the copy
 //!   is not recorded stale waits for the same.
+//! - Invariant 9, a store's identity travels with its data: a copy store
+//!   whose token is not the one recorded gets every bit set, durably, before
+//!   its token is recorded ([`LinkCore::connecting`]).
 //!
 //! Clearing the bitmap: every change queued for the copy adds its regions to
 //! `touched`. A Flush takes `touched` as its snapshot; the regions of an
@@ -480,7 +491,7 @@ impl<H, V> LinkCore<H, V> {
 
     /// A change this copy will not get: its regions need a resync whole,
     /// and until then their bits never clear.
-    pub(crate) fn dropped(&mut self, extent: Option<(u64, u64)>) {
+    fn dropped(&mut self, extent: Option<(u64, u64)>) {
         if let Some((offset, length)) = extent {
             for region in self.regions(offset, length) {
                 self.resync_pending.insert(region);
