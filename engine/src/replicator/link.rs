@@ -44,7 +44,7 @@ use crate::replicator::connect::CopyConnection;
 use crate::replicator::link_core::{Command, CoreConfig, LinkCore, Outgoing, ResyncRead, ResyncReadDone};
 pub use crate::replicator::link_core::{CopyState, ACK_TIMEOUT};
 use crate::replicator::resync_pieces::read_pieces;
-use crate::replicator::{Change, CopyConfig, MirrorMode, RecordedState, Shared, Ticket, VerifyError};
+use crate::replicator::{Change, CopyConfig, MirrorMode, Shared, Ticket, VerifyError};
 
 /// How long a connection attempt (connect and handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -137,6 +137,8 @@ enum Next {
         frames: Vec<Outgoing>,
     },
     Close(String),
+    /// Whether a repair started.
+    Repair(Result<(), String>),
 }
 
 /// One copy's link.
@@ -261,6 +263,16 @@ impl Link {
                 Command::PersistStoreToken(token) => {
                     let result = self.shared.record_store(self.slot, token).map_err(|error| error.to_string());
                     locked.core.persisted(result)
+                }
+                Command::SetBits(ranges) => {
+                    for (offset, length) in ranges {
+                        self.shared.bitmap.set_range(self.slot, offset, length);
+                    }
+                    continue;
+                }
+                Command::RepairStarted(started) => {
+                    next = Next::Repair(started);
+                    continue;
                 }
                 Command::SetAllBits => {
                     self.shared.bitmap.set_all(self.slot);
@@ -412,19 +424,13 @@ impl Link {
     /// record the copy `syncing`, and start a resync pass.
     pub(crate) fn repair(&self, ranges: &[(u64, u64)]) -> Result<(), String> {
         let mut locked = self.lock();
-        self.shared
-            .record(self.slot, RecordedState::Syncing)
-            .map_err(|error| format!("cannot record copy {} syncing: {error}", self.config.name))?;
-        for &(offset, length) in ranges {
-            self.shared.bitmap.set_range(self.slot, offset, length);
-        }
-        locked.core.repair_marked(ranges);
-        self.shared.bitmap.flush().map_err(|error| format!("cannot mark the regions to repair: {error}"))?;
-        locked.core.start_repair();
-        tracing::warn!(copy = %self.config.name, regions = ranges.len(),
-            "verify found {} mismatching chunks on copy {}; resyncing them", ranges.len(), self.config.name);
+        let commands = locked.core.repair(ranges.to_vec());
+        let next = self.execute(&mut locked, commands, &mut None);
         self.notify(&locked);
-        Ok(())
+        match next {
+            Next::Repair(started) => started,
+            other => unreachable!("a repair ends with whether it started, not {other:?}"),
+        }
     }
 
     /// The link thread: connect, serve the connection, tear down, repeat.
@@ -616,6 +622,7 @@ impl Link {
                 Next::Wait(duration) => locked = self.wait(locked, duration),
                 Next::Send { sync_local_first, frames } => return Ok((sync_local_first, frames)),
                 Next::Close(why) => return Err(Some(why)),
+                Next::Repair(_) => unreachable!("the sender's commands start no repair"),
             }
         }
     }

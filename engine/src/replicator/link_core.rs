@@ -198,6 +198,8 @@ pub(crate) enum Command<H, V> {
     PersistStoreToken(StoreToken),
     /// Set every bit of the copy's slot: it gets a full resync.
     SetAllBits,
+    /// Set the copy's bits of these byte ranges (offset, length).
+    SetBits(Vec<(u64, u64)>),
     /// Make the bitmap durable, then call [`LinkCore::bitmap_synced`].
     SyncBitmap,
     /// Answer these held changes with `result` (0 or a negative errno).
@@ -217,6 +219,8 @@ pub(crate) enum Command<H, V> {
     Wait { ms: u64 },
     /// End the connection; `why` is already kept as its ending.
     Close { why: String },
+    /// Whether the repair asked for started, or why not.
+    RepairStarted(Result<(), String>),
 }
 
 /// A Flush's snapshot: the regions touched since the previous one.
@@ -312,12 +316,23 @@ enum AfterPersist<H> {
     Connecting { offered: StoreToken, recorded: StoreToken },
     /// A new copy store's token, after its every bit was set durably.
     StoreToken,
+    /// A repair's copy (Syncing), before its ranges are marked.
+    Repair { ranges: Vec<(u64, u64)> },
     /// A behind copy drained its queue (Syncing).
     CaughtUp { now_ms: u64 },
     /// A change the copy cannot get from a frame (Syncing).
     Missed,
     /// The resync pass's closing Flush was acknowledged (Current).
     PassDone,
+}
+
+/// What a [`Command::SyncBitmap`] was for: what [`LinkCore::bitmap_synced`] does.
+#[derive(Debug, Clone, Copy)]
+enum AfterBitmapSync {
+    /// A new copy store's bits are set: its token may be recorded.
+    StoreCheck { offered: StoreToken },
+    /// A repair's ranges are marked: the resync may start.
+    Repair { ranges: usize },
 }
 
 /// One copy's link state: the send queue, the clearing rule, the resync
@@ -380,9 +395,8 @@ pub(crate) struct LinkCore<H, V> {
     barrier_released: u64,
     /// The persist the shell is carrying out.
     persisting: Option<AfterPersist<H>>,
-    /// The bitmap sync the shell is carrying out: for a new copy store
-    /// with this token.
-    syncing_bitmap: Option<StoreToken>,
+    /// The bitmap sync the shell is carrying out.
+    syncing_bitmap: Option<AfterBitmapSync>,
 }
 
 impl<H, V> LinkCore<H, V> {
@@ -588,22 +602,41 @@ impl<H, V> LinkCore<H, V> {
         self.persist(RecordedState::Syncing, AfterPersist::Missed)
     }
 
-    /// Verify found these byte ranges differing: the copy may lack them
-    /// whole. The shell marks them in the bitmap, durably, then calls
-    /// [`LinkCore::start_repair`].
-    pub(crate) fn repair_marked(&mut self, ranges: &[(u64, u64)]) {
-        for &(offset, length) in ranges {
-            self.dropped(Some((offset, length)));
-        }
+    /// Verify found these byte ranges differing: resync them. The copy is
+    /// recorded syncing, the ranges are marked in its slot, durably, and a
+    /// pass starts if it is connected; the last command says whether the
+    /// repair started ([`Command::RepairStarted`]).
+    pub(crate) fn repair(&mut self, ranges: Vec<(u64, u64)>) -> Vec<Command<H, V>> {
+        self.persist(RecordedState::Syncing, AfterPersist::Repair { ranges })
     }
 
-    /// The repair's regions are durably marked: resync them now if the copy
-    /// is connected (the shell recorded it syncing first).
-    pub(crate) fn start_repair(&mut self) {
+    /// The repair's copy is recorded syncing (or not).
+    fn repair_recorded(&mut self, ranges: Vec<(u64, u64)>, result: Result<(), String>) -> Vec<Command<H, V>> {
+        if let Err(error) = result {
+            let why = format!("cannot record copy {} syncing: {error}", self.config.name);
+            return vec![Command::RepairStarted(Err(why))];
+        }
+        // The copy may lack these ranges whole: their bits never clear
+        // before a pass sends them, even before the marks are durable.
+        for &(offset, length) in &ranges {
+            self.dropped(Some((offset, length)));
+        }
+        self.sync_bitmap(AfterBitmapSync::Repair { ranges: ranges.len() }, Command::SetBits(ranges))
+    }
+
+    /// The repair's ranges are marked durably (or not): resync them now if
+    /// the copy is connected.
+    fn repair_marked(&mut self, ranges: usize, result: Result<(), String>) -> Vec<Command<H, V>> {
+        if let Err(error) = result {
+            return vec![Command::RepairStarted(Err(format!("cannot mark the regions to repair: {error}")))];
+        }
         if self.state.takes_changes() {
             self.state = CopyState::Syncing;
             self.start_resync_pass();
         }
+        tracing::warn!(copy = %self.config.name, regions = ranges,
+            "verify found {ranges} mismatching chunks on copy {}; resyncing them", self.config.name);
+        vec![Command::RepairStarted(Ok(()))]
     }
 
     /// An online verify's ChecksumRequest, queued behind every change
@@ -702,16 +735,17 @@ impl<H, V> LinkCore<H, V> {
                 self.config.name
             );
         }
-        assert!(self.syncing_bitmap.is_none(), "the shell carries out one bitmap sync at a time");
-        self.syncing_bitmap = Some(offered);
-        vec![Command::SetAllBits, Command::SyncBitmap]
+        self.sync_bitmap(AfterBitmapSync::StoreCheck { offered }, Command::SetAllBits)
     }
 
     /// The shell carried out the [`Command::SyncBitmap`] asked for last:
     /// the copy store's every bit is durably set, so its token may be
     /// recorded (none when the copy did not say).
     pub(crate) fn bitmap_synced(&mut self, result: Result<(), String>) -> Vec<Command<H, V>> {
-        let offered = self.syncing_bitmap.take().expect("a bitmap sync was asked for");
+        let offered = match self.syncing_bitmap.take().expect("a bitmap sync was asked for") {
+            AfterBitmapSync::StoreCheck { offered } => offered,
+            AfterBitmapSync::Repair { ranges } => return self.repair_marked(ranges, result),
+        };
         if let Err(error) = result {
             return self.not_connected(format!("cannot mark copy {} for a full resync: {error}", self.config.name));
         }
@@ -721,6 +755,13 @@ impl<H, V> LinkCore<H, V> {
         assert!(self.persisting.is_none(), "the shell carries out one persist at a time");
         self.persisting = Some(AfterPersist::StoreToken);
         vec![Command::PersistStoreToken(offered)]
+    }
+
+    /// Set bits with `set`, then sync the bitmap, then `then`.
+    fn sync_bitmap(&mut self, then: AfterBitmapSync, set: Command<H, V>) -> Vec<Command<H, V>> {
+        assert!(self.syncing_bitmap.is_none(), "the shell carries out one bitmap sync at a time");
+        self.syncing_bitmap = Some(then);
+        vec![set, Command::SyncBitmap]
     }
 
     /// The connection being set up cannot be served, for `why`.
@@ -844,6 +885,7 @@ impl<H, V> LinkCore<H, V> {
             AfterPersist::Lost { holds, was, why, waiting, shutting_down } => {
                 self.lost_recorded(holds, was, why, waiting, shutting_down, result)
             }
+            AfterPersist::Repair { ranges } => self.repair_recorded(ranges, result),
             AfterPersist::Connecting { offered, recorded } => match result {
                 Ok(()) => self.check_store(offered, recorded),
                 Err(error) => self.not_connected(format!("cannot record the copy syncing: {error}")),

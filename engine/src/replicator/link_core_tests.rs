@@ -393,3 +393,22 @@ fn a_replaced_copy_store_gets_every_bit_set_durably_before_its_token_is_recorded
     );
     assert_eq!(core.last_error(), Some(&why));
 }
+
+/// A repair records the copy syncing, then marks the ranges durably, then
+/// resyncs them; the ranges' regions never clear in between. When the
+/// record fails nothing is marked, and the repair says why.
+#[test]
+fn a_repair_is_recorded_and_marked_durably_before_its_pass() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    let ranges = vec![(7 * REGION + 4096, 4096)];
+    assert_eq!(core.repair(ranges.clone()), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![Command::SetBits(ranges.clone()), Command::SyncBitmap]);
+    assert_eq!(core.bitmap_synced(Ok(())), vec![Command::RepairStarted(Ok(()))]);
+    assert_eq!(core.state(), CopyState::Syncing);
+    assert_eq!(core.poll_send(0), read_region(7));
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(core.repair(ranges), vec![Command::Persist(RecordedState::Syncing)]);
+    let why = "cannot record copy east syncing: read-only file system".to_string();
+    assert_eq!(core.persisted(Err("read-only file system".to_string())), vec![Command::RepairStarted(Err(why))]);
+    assert_eq!(core.state(), CopyState::UpToDate);
+}
