@@ -467,11 +467,16 @@ impl<H, V> LinkCore<H, V> {
             && !self.broken
     }
 
+    /// The regions `length` bytes at `offset` touch: the arithmetic of
+    /// `WriteIntentBitmap::regions`, which the core, holding no bitmap,
+    /// does from the region size it was given.
     fn regions(&self, offset: u64, length: u64) -> std::ops::Range<u64> {
         if length == 0 {
             return 0..0;
         }
-        offset / self.config.region_bytes..(offset + length - 1) / self.config.region_bytes + 1
+        let end = offset.checked_add(length).expect("an extent ends inside u64");
+        assert!(end <= self.config.volume_bytes, "bytes {offset}..{end} run past the volume's end");
+        offset / self.config.region_bytes..(end - 1) / self.config.region_bytes + 1
     }
 
     fn region_count(&self) -> u64 {
