@@ -26,7 +26,7 @@ use engine::protocol::frame::encode_frame;
 use engine::protocol::{FrameFlags, FrameKind, Secret};
 use engine::receiver::ReceiverCounters;
 use engine::replicator::{
-    Change, Completions, CopyConfig, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig, Shipped,
+    Change, Completions, CopyConfig, CopyState, LocalStateFile, MirrorMode, Replicator, ReplicatorConfig, Shipped,
     LOCAL_SYNC_INTERVAL_DEFAULT,
 };
 use engine::{Volume, VolumeOptions};
@@ -178,7 +178,9 @@ impl Mirror {
     }
 
     fn wait_up_to_date(&mut self) {
-        self.wait_until("the copy to be up_to_date", |mirror| mirror.replicator.status()[0].state == "up_to_date");
+        self.wait_until("the copy to be up_to_date", |mirror| {
+            mirror.replicator.status()[0].state == CopyState::UpToDate
+        });
     }
 
     /// The frames the copy has received so far.
@@ -337,7 +339,7 @@ fn async_first_frame_after_connect_is_a_barrier_when_a_change_was_released_meanw
     const MISSED: u64 = 5 << 20;
     let mut mirror = Mirror::start_with(MirrorMode::Async, false, |replicator, completions| {
         // The copy host has not answered the handshake: the link is disconnected.
-        assert_eq!(replicator.status()[0].state, "stale");
+        assert_eq!(replicator.status()[0].state, CopyState::Stale);
         assert_eq!(ship_write(replicator, completions, MISSED, 1), Shipped::Done(0));
     });
     mirror.wait_up_to_date();

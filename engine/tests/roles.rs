@@ -25,7 +25,7 @@ use engine::metadata::{load_metadata, MetadataFiles};
 use engine::mirror_service::{MirrorService, MirrorServiceConfig};
 use engine::protocol::Secret;
 use engine::replicator::connect::CopyConnection;
-use engine::replicator::{Change, Completions, CopyConfig, MirrorMode, Shipped};
+use engine::replicator::{Change, Completions, CopyConfig, CopyState, MirrorMode, Shipped};
 use engine::{Volume, VolumeOptions};
 
 const VOLUME_BYTES: u64 = 4 << 20;
@@ -157,7 +157,7 @@ fn mirror_to_the_copy_role(scratch: &Scratch, copy: &CopyRole, round: usize) {
     let volume = scratch.production_volume();
     let epoch = round as u64 + 1;
     let service = scratch.mirror_service(&volume, copy.status().listen, epoch);
-    wait_until("the copy to be up to date", || service.status().copies[0].state == "up_to_date");
+    wait_until("the copy to be up to date", || service.status().copies[0].state == CopyState::UpToDate);
     let replicator = service.replicator();
     let completions = Completions::new().expect("an eventfd");
     let file = File::options().write(true).open(&scratch.production).expect("the production store");

@@ -13,7 +13,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use engine::protocol::FrameKind;
-use engine::replicator::{MirrorMode, RecordedState, Shipped};
+use engine::replicator::{CopyState, MirrorMode, RecordedState, Shipped};
 use support::{Mirror, StaleRecords, REGION};
 
 const W: u64 = 3 * REGION;
@@ -56,7 +56,7 @@ fn no_write_the_lost_copy_missed_is_answered_while_its_stale_record_is_being_wri
     mirror.store.set_mode(StaleRecords::Store);
     assert_eq!(mirror.wait_answer(Shipped::Pending, id), 0, "once recorded stale, the write succeeds");
     assert_eq!(mirror.store.recorded(), Some(RecordedState::Stale));
-    assert_eq!(mirror.replicator.status()[0].state, "stale", "recorded stale, it shows stale");
+    assert_eq!(mirror.replicator.status()[0].state, CopyState::Stale);
     mirror.finish().unwrap();
 }
 
@@ -74,8 +74,9 @@ fn writes_the_lost_copy_missed_get_eio_when_it_cannot_be_recorded_stale() {
         "a write its sync copy missed cannot succeed while that copy is not recorded stale"
     );
     assert_eq!(mirror.store.recorded(), Some(RecordedState::Current), "the failed record changed nothing");
-    // Not recorded stale, it shows disconnected (as `mirror.rs` checks through `/status`).
-    mirror.wait_until("the copy to show disconnected", |mirror| mirror.replicator.status()[0].state == "disconnected");
+    mirror.wait_until("the copy to show disconnected (not recorded stale)", |mirror| {
+        mirror.replicator.status()[0].state == CopyState::Unrecorded
+    });
     assert_eq!(mirror.write(W + REGION, 2), Shipped::Done(-libc::EIO), "a later write the copy misses gets EIO too");
     mirror.store.set_mode(StaleRecords::Store);
     assert_eq!(mirror.write(W + 2 * REGION, 3), Shipped::Done(0), "once recorded stale, writes succeed again");

@@ -132,8 +132,8 @@ fn copy_json(copy: &CopyStatus) -> serde_json::Value {
     json!({
         "name": copy.name,
         "address": copy.address,
-        "mode": copy.mode,
-        "state": copy.state,
+        "mode": copy.mode.as_str(),
+        "state": copy.state.as_str(),
         "last_error": copy.last_error,
         "dirty_bytes": copy.dirty_bytes,
         "resync_pending_bytes": copy.resync_pending_bytes,

@@ -35,7 +35,7 @@
 //! The bitmap: every write marks its regions in every copy's slot before it
 //! is issued. A copy's bit is cleared when a Flush sent after the region's
 //! last write to that copy is acknowledged and no write to the region is in
-//! flight or was shipped since (see [`link`]). A write a link drops (the
+//! flight or was shipped since (see [`link_core`]). A write a link drops (the
 //! copy is disconnected or too far behind) keeps its bit and stops every
 //! pending clear of that link, so the bitmap over-approximates (invariant 6).
 //!
@@ -46,6 +46,8 @@
 
 pub mod connect;
 mod link;
+mod link_core;
+mod resync_pieces;
 mod resync_set;
 pub mod state;
 
@@ -87,6 +89,12 @@ impl MirrorMode {
             MirrorMode::Sync => "sync",
             MirrorMode::Async => "async",
         }
+    }
+}
+
+impl fmt::Display for MirrorMode {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
     }
 }
 
@@ -276,12 +284,6 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    /// Fail the change without holding it: a copy missed it and could not
-    /// be recorded stale.
-    pub(crate) fn fail(&self) {
-        self.result.store(-libc::EIO, Ordering::Relaxed);
-    }
-
     /// This holder is done with it; `result` is 0 or a negative errno.
     pub(crate) fn release(&self, result: i32) {
         if result != 0 {

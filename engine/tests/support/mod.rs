@@ -28,7 +28,7 @@ use engine::protocol::frame::encode_frame;
 use engine::protocol::{Frame, FrameDecoder, FrameFlags, FrameKind, Secret};
 use engine::receiver::{adopt_identity, Receiver, ReceiverCounters};
 use engine::replicator::{
-    Change, Completions, CopyConfig, CopyRecord, MirrorMode, MirrorStateStore, RecordedState, Replicator,
+    Change, Completions, CopyConfig, CopyRecord, CopyState, MirrorMode, MirrorStateStore, RecordedState, Replicator,
     ReplicatorConfig, Shipped, StateError,
 };
 use engine::{Volume, VolumeOptions};
@@ -411,7 +411,9 @@ impl Mirror {
     }
 
     pub fn wait_up_to_date(&mut self) {
-        self.wait_until("the copy to be up_to_date", |mirror| mirror.replicator.status()[0].state == "up_to_date");
+        self.wait_until("the copy to be up_to_date", |mirror| {
+            mirror.replicator.status()[0].state == CopyState::UpToDate
+        });
     }
 
     /// Wait until the copy is up to date, then flush until every bit of it

@@ -1,0 +1,1350 @@
+//! The decisions of one copy's link, as a pure state machine: events in,
+//! commands out. No I/O, no threads, no locks, no clock: the shell
+//! (`link.rs`) holds the core under its mutex, passes the time in as
+//! milliseconds since the link began, carries out every command in order, and
+//! feeds back what came of the ones that have an outcome (a persist, a read).
+//!
+//! ```text
+//!  events (shell calls)                          commands (shell carries out, in order)
+//!  ────────────────────────────────────          ─────────────────────────────────────────────────────
+//!  ship(change, hold, released, now) ──┐         Persist(state)       ─▶ record ─▶ persisted(result)
+//!  acked(connection, kind, sequence,   │         PersistStoreToken    ─▶ record ─▶ persisted(result)
+//!        payload, in_flight)           │         Release{holds,result}  (after the Persist invariant 3
+//!  poll_send(now)       (the tick)     │                                 asks for; EIO if it failed)
+//!  connecting(offered, recorded token) ├──▶ ──▶  SetAllBits, SyncBitmap ─▶ flush ─▶ bitmap_synced(result)
+//!  connected(now, dirty, assume_clean, │         ClearBits(regions)     (in-flight table still locked)
+//!            in_flight)                │         ReadForResync{…}     ─▶ read ─▶ resync_read(result)
+//!  lost(why) / reader_ended(why)       │         Send{sync_local_first, frames}
+//!  missed(extent) / repair_marked(…)   │         AnswerVerify{reply, checksums}
+//!  persisted / bitmap_synced /         │         Wait{ms}               (nothing to send before then)
+//!  resync_read   (outcomes fed back) ──┘         Close{why}             (end the connection)
+//! ```
+//!
+//! The shell carries out a command with an outcome (a persist, a bitmap
+//! sync, a read) at once and feeds the outcome back before the next one, so
+//! the core never has two in progress; it asserts so.
+//!
+//! Three invariants are decided here and nowhere else:
+//!
+//! - Invariant 6, the bitmap over-approximates: a bit is cleared only by
+//!   [`LinkCore::acked`] of a Flush, and only for a region that was a
+//!   candidate of the previous acknowledged Flush, is not in this Flush's
+//!   snapshot, was not touched since, has no write in flight (the shell's
+//!   in-flight table, an input) and is not `resync_pending`. A lost
+//!   connection forgets every candidate: nothing prepared on it clears.
+//! - Invariant 3, mark before ack: a sync copy's held writes are released by
+//!   [`LinkCore::persisted`] of the `Persist(Stale)` that [`LinkCore::lost`]
+//!   asks for, with EIO when recording failed; a write shipped while the copy
+//!   is not recorded stale waits for the same.
+//! - Invariant 9, a store's identity travels with its data: a copy store
+//!   whose token is not the one recorded gets every bit set, durably, before
+//!   its token is recorded ([`LinkCore::connecting`]).
+//!
+//! Clearing the bitmap: every change queued for the copy adds its regions to
+//! `touched`. A Flush takes `touched` as its snapshot; the regions of an
+//! acknowledged snapshot become candidates, and at the next acknowledged
+//! Flush each candidate that no change touched since, no write has in
+//! flight, and that is not `resync_pending` is cleared in the copy's slot.
+//!
+//! `resync_pending` holds the regions the copy may lack whole: every dirty
+//! region when the connection begins, and the regions of every change the
+//! copy did not get (disconnected, behind). A bit covers a whole region, so a
+//! later write to part of such a region reaching the copy proves nothing
+//! about the rest: only a resync pass, which sends the region whole, takes it
+//! out. Resync passes walk `resync_pending`, from the first region, whenever
+//! the copy (re)connects or catches up after being behind. (A region cleared
+//! merely because a partial write to it was acknowledged lost a missed write
+//! once; `partial_write_during_resync_does_not_hide_a_missed_write` in
+//! tests/tests/mirror.rs is that case.)
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::protocol::auth::{StoreToken, STORE_TOKEN_UNKNOWN};
+use crate::protocol::frame::{FrameFlags, FrameKind};
+use crate::protocol::ReplicationError;
+use crate::replicator::resync_pieces::Piece;
+use crate::replicator::resync_set::ResyncSet;
+use crate::replicator::{Change, MirrorMode, RecordedState};
+
+/// How often touched regions are flushed on the copy so their bits can clear.
+const CLEAN_INTERVAL: Duration = Duration::from_millis(500);
+/// Frames taken off the queue per send round.
+const SEND_BATCH_FRAMES: usize = 64;
+/// The most resync data in one frame (adjacent dirty regions are joined).
+const RESYNC_FRAME_BYTES: u64 = 1 << 20;
+/// Resync queues more data only while less than this is queued or unacked.
+const RESYNC_WINDOW_BYTES: u64 = 32 << 20;
+/// A sync link stops taking new writes (the writer waits) past this many
+/// unacknowledged bytes, so a slow copy cannot exhaust memory.
+const SYNC_QUEUE_BYTES_MAX: u64 = 256 << 20;
+/// A heartbeat is sent after this long without any frame.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
+/// A copy that leaves a frame unacknowledged this long, or a socket that
+/// takes no bytes this long, is declared lost (like DRBD's `timeout`): sync
+/// writes wait at most about this long for a dead copy.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest `last_error` kept for status, in bytes.
+const LAST_ERROR_BYTES_MAX: usize = 1024;
+/// How long the sender waits for checksum answers before it looks again.
+const CHECKSUM_ANSWER_WAIT: Duration = Duration::from_millis(10);
+
+/// What a copy looks like from the production host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyState {
+    /// Connected, resynced, receiving every write.
+    UpToDate,
+    /// Connected and being resynced: not a consistent image.
+    Syncing,
+    /// Async copy past its lag bound: writes are tracked in the bitmap only
+    /// until the queue drains and a resync pass starts.
+    Behind,
+    /// Not connected and recorded stale; its writes are tracked in the bitmap.
+    Stale,
+    /// Not connected, and recording it stale failed: writes it misses
+    /// cannot be acknowledged (they get EIO) until the record succeeds.
+    Unrecorded,
+    /// The production store failed a flush: writes acknowledged before it
+    /// may be missing there while this copy holds them. Neither side is
+    /// known to match the other (see `Replicator::local_flush_failed`).
+    Diverged,
+}
+
+impl CopyState {
+    /// The state's name in status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyState::UpToDate => "up_to_date",
+            CopyState::Syncing => "syncing",
+            CopyState::Behind => "behind",
+            CopyState::Stale => "stale",
+            CopyState::Unrecorded => "disconnected",
+            CopyState::Diverged => "diverged",
+        }
+    }
+
+    /// Connected and taking every change (up to date or syncing).
+    fn takes_changes(self) -> bool {
+        matches!(self, CopyState::UpToDate | CopyState::Syncing)
+    }
+}
+
+impl fmt::Display for CopyState {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// What the core needs to know of its copy and volume.
+#[derive(Debug, Clone)]
+pub(crate) struct CoreConfig {
+    /// The copy's name, for logs and errors.
+    pub(crate) name: String,
+    pub(crate) mode: MirrorMode,
+    /// Async only: unacknowledged write bytes before the copy goes behind.
+    pub(crate) lag_bytes_max: u64,
+    pub(crate) region_bytes: u64,
+    pub(crate) volume_bytes: u64,
+    /// At most how often the local volume is fsynced so that bits can clear.
+    pub(crate) local_sync_interval_ms: u64,
+    /// Resync bytes per second; 0 means unlimited.
+    pub(crate) resync_rate_max: u64,
+    /// Resync by checksum first (a ChecksumRequest per dirty range).
+    pub(crate) resync_checksums: bool,
+}
+
+/// A frame for the shell to send, numbered by the core (the shell asserts
+/// that its connection numbers it the same).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Outgoing {
+    pub(crate) kind: FrameKind,
+    pub(crate) flags: FrameFlags,
+    pub(crate) sequence: u64,
+    pub(crate) offset: u64,
+    pub(crate) length: u32,
+    pub(crate) payload: Option<Arc<Vec<u8>>>,
+}
+
+/// How the shell reads a resync range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ResyncRead {
+    /// As pieces: holes and zero chunks become zeroes, the rest data.
+    Pieces,
+    /// As chunk checksums, for a checksum-pass request.
+    Checksums,
+    /// As plain data (a chunk a checksum answer says differs).
+    Data,
+}
+
+/// What the shell read for a [`Command::ReadForResync`].
+#[derive(Debug)]
+pub(crate) enum ResyncReadDone {
+    Pieces(Vec<Piece>),
+    Checksums(Vec<u8>),
+    Data(Vec<u8>),
+}
+
+/// What the shell does, in the order given. `H` is a held change (a sync
+/// write's ticket), `V` a verifier waiting for a checksum answer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Command<H, V> {
+    /// Record the copy's state durably, then call [`LinkCore::persisted`]
+    /// with the result before anything else.
+    Persist(RecordedState),
+    /// Record the copy store's token durably, then call
+    /// [`LinkCore::persisted`] with the result before anything else.
+    PersistStoreToken(StoreToken),
+    /// Set every bit of the copy's slot: it gets a full resync.
+    SetAllBits,
+    /// Set the copy's bits of these byte ranges (offset, length).
+    SetBits(Vec<(u64, u64)>),
+    /// Make the bitmap durable, then call [`LinkCore::bitmap_synced`].
+    SyncBitmap,
+    /// Answer these held changes with `result` (0 or a negative errno).
+    Release { holds: Vec<H>, result: i32 },
+    /// Clear the copy's bits of these regions, while the in-flight table
+    /// read for this decision is still locked (a write beginning meanwhile
+    /// sets its bit again after the clear, never before it).
+    ClearBits(Vec<u64>),
+    /// Read a range of the local volume under the link lock, then call
+    /// [`LinkCore::resync_read`].
+    ReadForResync { offset: u64, length: u64, read: ResyncRead },
+    /// A verifier's answer: the copy's chunk checksums.
+    AnswerVerify { reply: V, checksums: Vec<u8> },
+    /// Fsync the local volume first if asked, then send the frames.
+    Send { sync_local_first: bool, frames: Vec<Outgoing> },
+    /// Nothing to send before `ms` pass (or something is shipped).
+    Wait { ms: u64 },
+    /// End the connection; `why` is already kept as its ending.
+    Close { why: String },
+    /// Whether the repair asked for started, or why not.
+    RepairStarted(Result<(), String>),
+}
+
+/// A Flush's snapshot: the regions touched since the previous one.
+#[derive(Debug)]
+struct Snapshot {
+    regions: Vec<u64>,
+    /// The local volume is fsynced before this Flush is sent, so its
+    /// acknowledgement may clear bits.
+    clears: bool,
+}
+
+/// A frame waiting to be sent, and after it what its acknowledgement does.
+#[derive(Debug)]
+struct Frame<H, V> {
+    kind: FrameKind,
+    flags: FrameFlags,
+    offset: u64,
+    length: u32,
+    payload: Option<Arc<Vec<u8>>>,
+    hold: Option<H>,
+    /// Bytes counted in `lag_bytes` (writes) or `resync_bytes_outstanding`
+    /// (resync data) until it is acknowledged.
+    lag: u64,
+    /// Resync data rather than an application write.
+    resync: bool,
+    /// A Flush's snapshot of touched regions.
+    snapshot: Option<Snapshot>,
+    /// The Flush that ends a resync pass: the pass's number.
+    ends_resync: Option<u64>,
+    /// A ChecksumRequest's waiting verifier.
+    reply: Option<V>,
+    /// A resync checksum pass's request: the local chunk checksums.
+    resync_check: Option<Vec<u8>>,
+}
+
+impl<H, V> Frame<H, V> {
+    /// A frame of `kind` for `length` bytes at `offset`, with nothing else
+    /// attached; the callers set what their kind carries.
+    fn new(kind: FrameKind, offset: u64, length: u64) -> Frame<H, V> {
+        Frame {
+            kind,
+            flags: FrameFlags::NONE,
+            offset,
+            length: u32::try_from(length).expect("a frame's length fits its header"),
+            payload: None,
+            hold: None,
+            lag: 0,
+            resync: false,
+            snapshot: None,
+            ends_resync: None,
+            reply: None,
+            resync_check: None,
+        }
+    }
+
+    /// Resync data for `data.len()` bytes at `offset`.
+    fn resync_data(offset: u64, data: Vec<u8>) -> Frame<H, V> {
+        let length = data.len() as u64;
+        Frame {
+            payload: Some(Arc::new(data)),
+            lag: length,
+            resync: true,
+            ..Frame::new(FrameKind::ResyncData, offset, length)
+        }
+    }
+
+    /// Resync of `length` bytes at `offset` that read as zeroes: no data,
+    /// but counted in the resync window like data, so a long run of zeroes
+    /// is not queued all at once.
+    fn resync_zeroes(offset: u64, length: u64) -> Frame<H, V> {
+        Frame { lag: length, resync: true, ..Frame::new(FrameKind::ResyncZeroes, offset, length) }
+    }
+}
+
+/// A frame sent and not yet acknowledged (its payload is gone with the send).
+#[derive(Debug)]
+struct Unacked<H, V> {
+    sequence: u64,
+    sent_at_ms: u64,
+    frame: Frame<H, V>,
+}
+
+/// What a [`Command::Persist`] was for: what [`LinkCore::persisted`] does.
+#[derive(Debug)]
+enum AfterPersist<H> {
+    /// A change shipped while the copy was not recorded stale (Stale).
+    MissedWhileUnrecorded { hold: Option<H> },
+    /// An async copy went over its lag bound (Stale).
+    WentBehind { lag_bytes: u64 },
+    /// The connection is gone with these held changes (Stale).
+    Lost { holds: Vec<H>, was: CopyState, why: String, waiting: usize, shutting_down: bool },
+    /// A connection begins (Syncing): then the copy store's token is checked.
+    Connecting { offered: StoreToken, recorded: StoreToken },
+    /// A new copy store's token, after its every bit was set durably.
+    StoreToken,
+    /// A repair's copy (Syncing), before its ranges are marked.
+    Repair { ranges: Vec<(u64, u64)> },
+    /// A behind copy drained its queue (Syncing).
+    CaughtUp { now_ms: u64 },
+    /// A change the copy cannot get from a frame (Syncing).
+    Missed,
+    /// The resync pass's closing Flush was acknowledged (Current).
+    PassDone,
+}
+
+/// What a [`Command::SyncBitmap`] was for: what [`LinkCore::bitmap_synced`] does.
+#[derive(Debug, Clone, Copy)]
+enum AfterBitmapSync {
+    /// A new copy store's bits are set: its token may be recorded.
+    StoreCheck { offered: StoreToken },
+    /// A repair's ranges are marked: the resync may start.
+    Repair { ranges: usize },
+}
+
+/// One copy's link state: the send queue, the clearing rule, the resync
+/// bookkeeping and the copy's state, driven by events.
+#[derive(Debug)]
+pub(crate) struct LinkCore<H, V> {
+    config: CoreConfig,
+    state: CopyState,
+    /// Bumped per connection, so a reader of an old connection changes nothing.
+    connection: u64,
+    /// The next frame's sequence number on this connection.
+    next_sequence: u64,
+    queue: VecDeque<Frame<H, V>>,
+    unacked: VecDeque<Unacked<H, V>>,
+    lag_bytes: u64,
+    resync_bytes_outstanding: u64,
+    touched: HashSet<u64>,
+    /// Regions of the last acknowledged Flush's snapshot: cleared at the
+    /// next Flush's acknowledgement if no change touched them meanwhile, so
+    /// a bit clears only after its region stayed quiet for a whole
+    /// CLEAN_INTERVAL (a hot region keeps its bit and costs no msync).
+    clear_candidates: Vec<u64>,
+    /// When the local volume was last fsynced for clearing; `None`: never.
+    last_local_sync_ms: Option<u64>,
+    /// A queued Flush's acknowledgement may clear bits: the local volume is
+    /// fsynced before the next batch goes out.
+    local_sync_due: bool,
+    /// The next region the resync pass looks at; `None` when no pass runs.
+    resync_next: Option<u64>,
+    /// Regions the copy may lack whole: dirty when the connection began, or
+    /// touched by a change this copy did not get. Only sending the region
+    /// whole (resync) takes one out; until then its bit never clears, even
+    /// if later writes to part of it reach the copy. Keeps the pass's
+    /// progress too.
+    resync_pending: ResyncSet,
+    /// Numbers the resync passes, so only the current pass's closing Flush
+    /// can make the copy up to date.
+    resync_pass: u64,
+    /// Checksum-pass requests not answered yet; the pass ends after them.
+    resync_checks_outstanding: u32,
+    /// The regions a [`Command::ReadForResync`] of the pass is reading.
+    resync_reading: Option<(u64, u64)>,
+    /// When the pass (for `resync_rate_max`) started, and what it queued.
+    resync_started_ms: u64,
+    resync_sent_bytes: u64,
+    last_flush_ms: u64,
+    last_sent_ms: u64,
+    /// The connection failed; the sender tears it down.
+    broken: bool,
+    /// Why the current connection ended: the first cause seen (the copy's
+    /// Error frame, an ack timeout, a closed socket), so a later symptom of
+    /// the same teardown does not replace it.
+    ending: Option<String>,
+    /// Why the copy is not up to date, for status; cleared when it is.
+    last_error: Option<String>,
+    /// The current connection cleared a bit or made the copy up to date:
+    /// the next connection attempt need not back off.
+    progress: bool,
+    /// `Shared::released` when this link last queued a barrier frame.
+    barrier_released: u64,
+    /// The persist the shell is carrying out.
+    persisting: Option<AfterPersist<H>>,
+    /// The bitmap sync the shell is carrying out.
+    syncing_bitmap: Option<AfterBitmapSync>,
+}
+
+impl<H, V> LinkCore<H, V> {
+    /// A link not connected yet: stale, nothing queued.
+    pub(crate) fn new(config: CoreConfig) -> LinkCore<H, V> {
+        let resync_pending = ResyncSet::new(config.volume_bytes, config.region_bytes);
+        LinkCore {
+            config,
+            state: CopyState::Stale,
+            connection: 0,
+            next_sequence: 1,
+            queue: VecDeque::new(),
+            unacked: VecDeque::new(),
+            lag_bytes: 0,
+            resync_bytes_outstanding: 0,
+            touched: HashSet::new(),
+            clear_candidates: Vec::new(),
+            last_local_sync_ms: None,
+            local_sync_due: false,
+            resync_next: None,
+            resync_pending,
+            resync_pass: 0,
+            resync_checks_outstanding: 0,
+            resync_reading: None,
+            resync_started_ms: 0,
+            resync_sent_bytes: 0,
+            last_flush_ms: 0,
+            last_sent_ms: 0,
+            broken: false,
+            ending: None,
+            last_error: None,
+            progress: false,
+            barrier_released: 0,
+            persisting: None,
+            syncing_bitmap: None,
+        }
+    }
+
+    pub(crate) fn state(&self) -> CopyState {
+        self.state
+    }
+
+    pub(crate) fn connection(&self) -> u64 {
+        self.connection
+    }
+
+    pub(crate) fn last_error(&self) -> Option<&String> {
+        self.last_error.as_ref()
+    }
+
+    pub(crate) fn lag_bytes(&self) -> u64 {
+        self.lag_bytes
+    }
+
+    pub(crate) fn progress(&self) -> bool {
+        self.progress
+    }
+
+    pub(crate) fn resync_pending(&self) -> &ResyncSet {
+        &self.resync_pending
+    }
+
+    /// A sync copy this far behind makes the writer wait (bounded memory).
+    pub(crate) fn holds_back_writers(&self) -> bool {
+        self.config.mode == MirrorMode::Sync
+            && self.state.takes_changes()
+            && self.lag_bytes > SYNC_QUEUE_BYTES_MAX
+            && !self.broken
+    }
+
+    /// The regions `length` bytes at `offset` touch: the arithmetic of
+    /// `WriteIntentBitmap::regions`, which the core, holding no bitmap,
+    /// does from the region size it was given.
+    fn regions(&self, offset: u64, length: u64) -> std::ops::Range<u64> {
+        if length == 0 {
+            return 0..0;
+        }
+        let end = offset.checked_add(length).expect("an extent ends inside u64");
+        assert!(end <= self.config.volume_bytes, "bytes {offset}..{end} run past the volume's end");
+        offset / self.config.region_bytes..(end - 1) / self.config.region_bytes + 1
+    }
+
+    fn region_count(&self) -> u64 {
+        self.config.volume_bytes.div_ceil(self.config.region_bytes)
+    }
+
+    fn persist(&mut self, state: RecordedState, then: AfterPersist<H>) -> Vec<Command<H, V>> {
+        assert!(self.persisting.is_none(), "the shell carries out one persist at a time");
+        self.persisting = Some(then);
+        vec![Command::Persist(state)]
+    }
+
+    /// Keep `message` as why the copy is not up to date, cut to a bound.
+    pub(crate) fn set_last_error(&mut self, mut message: String) {
+        if message.len() > LAST_ERROR_BYTES_MAX {
+            let mut end = LAST_ERROR_BYTES_MAX;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        self.last_error = Some(message);
+    }
+
+    /// The connection must end for `why` (the first cause wins); the sender
+    /// sees it at its next [`LinkCore::poll_send`].
+    pub(crate) fn connection_failed(&mut self, why: String) {
+        self.ending.get_or_insert(why);
+        self.broken = true;
+    }
+
+    /// A change this copy will not get: its regions need a resync whole,
+    /// and until then their bits never clear.
+    fn dropped(&mut self, extent: Option<(u64, u64)>) {
+        if let Some((offset, length)) = extent {
+            for region in self.regions(offset, length) {
+                self.resync_pending.insert(region);
+            }
+        }
+    }
+
+    fn start_resync_pass(&mut self) {
+        self.resync_pass += 1;
+        self.resync_next = Some(0);
+        self.resync_pending.start_pass();
+    }
+}
+
+/// Events from writers: changes shipped, missed, repaired.
+impl<H, V> LinkCore<H, V> {
+    /// Queue a change for this copy, or drop it (the bitmap keeps its
+    /// regions) when the copy cannot take it. `hold` is a sync copy's hold
+    /// on the change: kept until the copy acknowledges it or is recorded
+    /// stale, else released by a command. `payload` is the write's data
+    /// shared by every link; the first link that queues it makes the one
+    /// copy (none is made when no copy takes it). `released` is
+    /// `Shared::released` now.
+    pub(crate) fn ship(
+        &mut self,
+        change: &Change<'_>,
+        payload: &mut Option<Arc<Vec<u8>>>,
+        hold: Option<H>,
+        released: u64,
+        now_ms: u64,
+    ) -> Vec<Command<H, V>> {
+        assert!(hold.is_none() || self.config.mode == MirrorMode::Sync, "only a sync copy holds changes");
+        if !self.state.takes_changes() {
+            return self.not_taken(change, hold);
+        }
+        let lag = match change {
+            Change::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        };
+        if self.config.mode == MirrorMode::Async
+            && change.extent().is_some()
+            && self.lag_bytes + lag > self.config.lag_bytes_max
+        {
+            self.state = CopyState::Behind;
+            self.dropped(change.extent());
+            let mut commands = release(hold, 0);
+            commands.extend(self.persist(RecordedState::Stale, AfterPersist::WentBehind { lag_bytes: self.lag_bytes }));
+            return commands;
+        }
+        let mut frame = frame_of(change, payload);
+        if self.config.mode == MirrorMode::Async && released != self.barrier_released {
+            // An async copy's acknowledgement does not gate the client's: a
+            // change released since this link's last barrier may have been
+            // acknowledged before this one was issued, so this one must not
+            // be applied before it (see the module docs of `replicator`).
+            self.barrier_released = released;
+            frame.flags = frame.flags | FrameFlags::BARRIER;
+        }
+        if let Some((offset, length)) = change.extent() {
+            self.touched.extend(self.regions(offset, length));
+        }
+        if frame.kind == FrameKind::Flush {
+            frame.snapshot = Some(self.take_snapshot(now_ms));
+        }
+        frame.hold = hold;
+        frame.lag = lag;
+        self.lag_bytes += lag;
+        self.queue.push_back(frame);
+        Vec::new()
+    }
+
+    /// A change the copy cannot take now: dropped, its regions kept for
+    /// resync.
+    fn not_taken(&mut self, change: &Change<'_>, hold: Option<H>) -> Vec<Command<H, V>> {
+        self.dropped(change.extent());
+        match self.state {
+            // The copy missed writes and is not recorded stale yet: the hold
+            // waits for the record (invariant 3).
+            CopyState::Unrecorded => self.persist(RecordedState::Stale, AfterPersist::MissedWhileUnrecorded { hold }),
+            // Diverged is only ever reported by status, never stored.
+            CopyState::Behind | CopyState::Stale | CopyState::Diverged => release(hold, 0),
+            CopyState::UpToDate | CopyState::Syncing => unreachable!("a connected copy takes every change"),
+        }
+    }
+
+    /// The local store changed in a way no frame carries (a failed write
+    /// may have written part of its data): resync the extent's regions,
+    /// starting a pass now if the copy is connected.
+    pub(crate) fn missed(&mut self, offset: u64, length: u64) -> Vec<Command<H, V>> {
+        self.dropped(Some((offset, length)));
+        if !self.state.takes_changes() {
+            return Vec::new();
+        }
+        self.persist(RecordedState::Syncing, AfterPersist::Missed)
+    }
+
+    /// Verify found these byte ranges differing: resync them. The copy is
+    /// recorded syncing, the ranges are marked in its slot, durably, and a
+    /// pass starts if it is connected; the last command says whether the
+    /// repair started ([`Command::RepairStarted`]).
+    pub(crate) fn repair(&mut self, ranges: Vec<(u64, u64)>) -> Vec<Command<H, V>> {
+        self.persist(RecordedState::Syncing, AfterPersist::Repair { ranges })
+    }
+
+    /// The repair's copy is recorded syncing (or not).
+    fn repair_recorded(&mut self, ranges: Vec<(u64, u64)>, result: Result<(), String>) -> Vec<Command<H, V>> {
+        if let Err(error) = result {
+            let why = format!("cannot record copy {} syncing: {error}", self.config.name);
+            return vec![Command::RepairStarted(Err(why))];
+        }
+        // The copy may lack these ranges whole: their bits never clear
+        // before a pass sends them, even before the marks are durable.
+        for &(offset, length) in &ranges {
+            self.dropped(Some((offset, length)));
+        }
+        self.sync_bitmap(AfterBitmapSync::Repair { ranges: ranges.len() }, Command::SetBits(ranges))
+    }
+
+    /// The repair's ranges are marked durably (or not): resync them now if
+    /// the copy is connected.
+    fn repair_marked(&mut self, ranges: usize, result: Result<(), String>) -> Vec<Command<H, V>> {
+        if let Err(error) = result {
+            return vec![Command::RepairStarted(Err(format!("cannot mark the regions to repair: {error}")))];
+        }
+        if self.state.takes_changes() {
+            self.state = CopyState::Syncing;
+            self.start_resync_pass();
+        }
+        tracing::warn!(copy = %self.config.name, regions = ranges,
+            "verify found {ranges} mismatching chunks on copy {}; resyncing them", self.config.name);
+        vec![Command::RepairStarted(Ok(()))]
+    }
+
+    /// An online verify's ChecksumRequest, queued behind every change
+    /// shipped so far; the shell read the local side under the same lock.
+    pub(crate) fn queue_checksum_request(&mut self, offset: u64, length: u64, reply: V) {
+        self.queue.push_back(Frame { reply: Some(reply), ..Frame::new(FrameKind::ChecksumRequest, offset, length) });
+    }
+
+    /// Take the regions touched since the last Flush as the next Flush's
+    /// snapshot. A copy's flush must not clear a bit whose region is not
+    /// durable on the production host either, so a Flush that may clear bits
+    /// (a candidate is not in the snapshot, or an earlier snapshot Flush is
+    /// still out and the candidates are not known yet) has the local volume
+    /// fsynced before it is sent — at most once per `local_sync_interval`;
+    /// in between, quiet candidates wait for the next Flush.
+    fn take_snapshot(&mut self, now_ms: u64) -> Snapshot {
+        self.last_flush_ms = now_ms;
+        let regions: Vec<u64> = self.touched.drain().collect();
+        // A snapshot Flush still queued or unacknowledged (it is derived, not
+        // counted) leaves the candidates at this one's acknowledgement unknown.
+        let earlier_out = self
+            .queue
+            .iter()
+            .chain(self.unacked.iter().map(|unacked| &unacked.frame))
+            .any(|frame| frame.snapshot.is_some());
+        let might_clear = earlier_out || {
+            let recent: HashSet<u64> = regions.iter().copied().collect();
+            self.clear_candidates.iter().any(|region| !recent.contains(region))
+        };
+        let sync_allowed = self
+            .last_local_sync_ms
+            .is_none_or(|last| now_ms.saturating_sub(last) >= self.config.local_sync_interval_ms);
+        let clears = might_clear && sync_allowed;
+        if clears {
+            self.local_sync_due = true;
+            self.last_local_sync_ms = Some(now_ms);
+        }
+        Snapshot { regions, clears }
+    }
+}
+
+/// The frame that carries `change`, its payload shared through `payload`.
+fn frame_of<H, V>(change: &Change<'_>, payload: &mut Option<Arc<Vec<u8>>>) -> Frame<H, V> {
+    let (kind, flags, offset, length) = match *change {
+        Change::Write { offset, data, fua } => (FrameKind::Write, fua_flag(fua), offset, data.len() as u64),
+        Change::Trim { offset, length, fua } => (FrameKind::Trim, fua_flag(fua), offset, length),
+        Change::WriteZeroes { offset, length, fua } => (FrameKind::WriteZeroes, fua_flag(fua), offset, length),
+        Change::Flush => (FrameKind::Flush, FrameFlags::NONE, 0, 0),
+    };
+    let payload = match change {
+        Change::Write { data, .. } => Some(payload.get_or_insert_with(|| Arc::new(data.to_vec())).clone()),
+        _ => None,
+    };
+    Frame { flags, payload, ..Frame::new(kind, offset, length) }
+}
+
+fn fua_flag(fua: bool) -> FrameFlags {
+    if fua {
+        FrameFlags::FUA
+    } else {
+        FrameFlags::NONE
+    }
+}
+
+/// Release `hold`, if there is one, with `result`.
+fn release<H, V>(hold: Option<H>, result: i32) -> Vec<Command<H, V>> {
+    hold.map(|hold| Command::Release { holds: vec![hold], result }).into_iter().collect()
+}
+
+/// Events of the connection's life: it begins, it is lost, a persist is done.
+impl<H, V> LinkCore<H, V> {
+    /// A connection to the copy is established, its store offering the
+    /// token `offered`; `recorded` is the token recorded for this copy.
+    /// Resync data will tear the copy's image, so it is recorded syncing
+    /// first; then its store is checked (invariant 9). The shell calls
+    /// [`LinkCore::connected`] unless the commands end with a Close.
+    pub(crate) fn connecting(&mut self, offered: StoreToken, recorded: StoreToken) -> Vec<Command<H, V>> {
+        self.persist(RecordedState::Syncing, AfterPersist::Connecting { offered, recorded })
+    }
+
+    /// Invariant 9: a copy store that is not the one last synced here (its
+    /// token differs: a fresh copy, a store replaced or swapped behind our
+    /// back, lost copy metadata) may differ anywhere, whatever the bitmap
+    /// says. Set its every bit, durably, before the new token is recorded;
+    /// a crash between the two leaves the bits set and the old token, so
+    /// the next connection does the same again.
+    fn check_store(&mut self, offered: StoreToken, recorded: StoreToken) -> Vec<Command<H, V>> {
+        if offered == recorded && offered != STORE_TOKEN_UNKNOWN {
+            return Vec::new();
+        }
+        if recorded != STORE_TOKEN_UNKNOWN {
+            tracing::warn!(
+                copy = %self.config.name,
+                "copy {}'s store is not the one last synced (its store token changed: a new copy store, a store \
+                 replaced or restored, or its metadata lost); it gets a full resync",
+                self.config.name
+            );
+        }
+        self.sync_bitmap(AfterBitmapSync::StoreCheck { offered }, Command::SetAllBits)
+    }
+
+    /// The shell carried out the [`Command::SyncBitmap`] asked for last:
+    /// the copy store's every bit is durably set, so its token may be
+    /// recorded (none when the copy did not say).
+    pub(crate) fn bitmap_synced(&mut self, result: Result<(), String>) -> Vec<Command<H, V>> {
+        let offered = match self.syncing_bitmap.take().expect("a bitmap sync was asked for") {
+            AfterBitmapSync::StoreCheck { offered } => offered,
+            AfterBitmapSync::Repair { ranges } => return self.repair_marked(ranges, result),
+        };
+        if let Err(error) = result {
+            return self.not_connected(format!("cannot mark copy {} for a full resync: {error}", self.config.name));
+        }
+        if offered == STORE_TOKEN_UNKNOWN {
+            return Vec::new();
+        }
+        assert!(self.persisting.is_none(), "the shell carries out one persist at a time");
+        self.persisting = Some(AfterPersist::StoreToken);
+        vec![Command::PersistStoreToken(offered)]
+    }
+
+    /// Set bits with `set`, then sync the bitmap, then `then`.
+    fn sync_bitmap(&mut self, then: AfterBitmapSync, set: Command<H, V>) -> Vec<Command<H, V>> {
+        assert!(self.syncing_bitmap.is_none(), "the shell carries out one bitmap sync at a time");
+        self.syncing_bitmap = Some(then);
+        vec![set, Command::SyncBitmap]
+    }
+
+    /// The connection being set up cannot be served, for `why`.
+    fn not_connected(&mut self, why: String) -> Vec<Command<H, V>> {
+        tracing::error!(copy = %self.config.name, "{why}; dropping the connection");
+        self.set_last_error(why.clone());
+        vec![Command::Close { why }]
+    }
+
+    /// The connection begins (recorded syncing, the copy's store checked):
+    /// everything dirty now may be missing on the copy, so it goes whole.
+    /// `assume_clean`: both stores provably hold no data (`--assume-clean`),
+    /// so the dirty regions need no resync — except a region with a write in
+    /// flight, which keeps its bit and is resynced whole: if this copy misses
+    /// that write, a later crash of this host must still find the bit (a
+    /// region in flight is never cleared). A write in flight now is shipped
+    /// to this copy once the shell's lock is released, like any write after
+    /// the connection began.
+    pub(crate) fn connected(
+        &mut self,
+        now_ms: u64,
+        dirty_regions: impl IntoIterator<Item = u64>,
+        assume_clean: bool,
+        in_flight: &mut dyn FnMut(u64) -> bool,
+    ) -> Vec<Command<H, V>> {
+        assert!(self.queue.is_empty() && self.unacked.is_empty(), "a lost connection left nothing queued");
+        self.connection += 1;
+        self.next_sequence = 1;
+        self.state = CopyState::Syncing;
+        self.broken = false;
+        self.ending = None;
+        self.progress = false;
+        self.last_sent_ms = now_ms;
+        self.resync_pending.clear_all();
+        for region in dirty_regions {
+            self.resync_pending.insert(region);
+        }
+        let mut commands = Vec::new();
+        if assume_clean {
+            let mut skipped = Vec::new();
+            let mut next = self.resync_pending.next_at_or_after(0);
+            while let Some(region) = next {
+                if !in_flight(region) {
+                    skipped.push(region);
+                }
+                next = self.resync_pending.next_at_or_after(region + 1);
+            }
+            for &region in &skipped {
+                self.resync_pending.remove(region);
+            }
+            tracing::info!(
+                copy = %self.config.name,
+                skipped_bytes = skipped.len() as u64 * self.config.region_bytes,
+                "--assume-clean: this volume and copy {}'s store both hold no data; no resync needed",
+                self.config.name
+            );
+            if !skipped.is_empty() {
+                commands.push(Command::ClearBits(skipped));
+            }
+        }
+        self.start_resync_pass();
+        self.resync_started_ms = now_ms;
+        self.resync_sent_bytes = 0;
+        commands
+    }
+
+    /// The connection is gone (or could not be served): record the copy
+    /// stale, then release everything waiting on it. `why` is the cause when
+    /// the connection left none (the first cause seen is kept as its ending).
+    pub(crate) fn lost(&mut self, why: &str, shutting_down: bool) -> Vec<Command<H, V>> {
+        let waiting = self.queue.len() + self.unacked.len();
+        let was = self.state;
+        let why = self.ending.take().unwrap_or_else(|| why.to_string());
+        let holds: Vec<H> = std::mem::take(&mut self.queue)
+            .into_iter()
+            .chain(std::mem::take(&mut self.unacked).into_iter().map(|unacked| unacked.frame))
+            .filter_map(|frame| frame.hold)
+            .collect();
+        self.lag_bytes = 0;
+        self.resync_bytes_outstanding = 0;
+        self.resync_checks_outstanding = 0;
+        self.resync_next = None;
+        self.resync_reading = None;
+        self.resync_pending.end_pass();
+        self.broken = false;
+        self.connection += 1;
+        // The connection is gone with its unacknowledged flushes; the next
+        // one resyncs every dirty region whole, so nothing prepared here clears.
+        self.touched.clear();
+        self.clear_candidates.clear();
+        self.local_sync_due = false;
+        // Invariant 3: the holds are released by `persisted`, after the
+        // record, with EIO if it failed.
+        self.persist(RecordedState::Stale, AfterPersist::Lost { holds, was, why, waiting, shutting_down })
+    }
+
+    /// The reader of `connection` saw it end for `why`. `copy_failed`: the
+    /// copy host sent its Error frame (a full store, say) and will most
+    /// likely fail the next connection too, whatever this one cleared: back
+    /// off rather than redial at once.
+    pub(crate) fn reader_ended(&mut self, connection: u64, why: String, copy_failed: bool) {
+        if connection != self.connection {
+            return;
+        }
+        // The first cause wins: the sender's (an ack timeout, say) when it
+        // shut the socket down, which the reader then sees as closed.
+        self.connection_failed(why);
+        if copy_failed {
+            self.progress = false;
+        }
+    }
+
+    /// The shell carried out the [`Command::Persist`] asked for last.
+    pub(crate) fn persisted(&mut self, result: Result<(), String>) -> Vec<Command<H, V>> {
+        match self.persisting.take().expect("a persist was asked for") {
+            AfterPersist::MissedWhileUnrecorded { hold } => self.missed_write_recorded(hold, result),
+            AfterPersist::WentBehind { lag_bytes } => {
+                self.behind_recorded(lag_bytes, result);
+                Vec::new()
+            }
+            AfterPersist::Lost { holds, was, why, waiting, shutting_down } => {
+                self.lost_recorded(holds, was, why, waiting, shutting_down, result)
+            }
+            AfterPersist::Repair { ranges } => self.repair_recorded(ranges, result),
+            AfterPersist::Connecting { offered, recorded } => match result {
+                Ok(()) => self.check_store(offered, recorded),
+                Err(error) => self.not_connected(format!("cannot record the copy syncing: {error}")),
+            },
+            AfterPersist::StoreToken => match result {
+                Ok(()) => Vec::new(),
+                Err(error) => {
+                    self.not_connected(format!("cannot record copy {}'s store token: {error}", self.config.name))
+                }
+            },
+            AfterPersist::CaughtUp { now_ms } => self.caught_up_recorded(now_ms, result),
+            AfterPersist::Missed => {
+                self.missed_recorded(result);
+                Vec::new()
+            }
+            AfterPersist::PassDone => {
+                self.pass_done_recorded(result);
+                Vec::new()
+            }
+        }
+    }
+
+    /// A change shipped while the copy was not recorded stale: released once
+    /// the copy is recorded stale. Invariant 3: a sync copy's missed write is
+    /// not acknowledged until the copy is recorded stale.
+    fn missed_write_recorded(&mut self, hold: Option<H>, result: Result<(), String>) -> Vec<Command<H, V>> {
+        if result.is_err() {
+            return release(hold, -libc::EIO);
+        }
+        self.state = CopyState::Stale;
+        tracing::info!(copy = %self.config.name, "copy {} is recorded stale now; writes it misses are \
+            acknowledged again and tracked in the bitmap", self.config.name);
+        release(hold, 0)
+    }
+
+    fn behind_recorded(&self, lag_bytes: u64, result: Result<(), String>) {
+        let name = &self.config.name;
+        match result {
+            Ok(()) => tracing::warn!(copy = %name, lag_bytes, lag_bytes_max = self.config.lag_bytes_max,
+                "copy {name} is behind: more than lag_bytes_max unacknowledged; tracking its writes in the \
+                 bitmap and resyncing it once it catches up"),
+            // An async copy that misses writes still holds a consistent
+            // (older) image; resyncing it is what must be recorded first.
+            Err(error) => tracing::error!(copy = %name, %error, "cannot record the copy stale"),
+        }
+    }
+
+    fn caught_up_recorded(&mut self, now_ms: u64, result: Result<(), String>) -> Vec<Command<H, V>> {
+        let name = self.config.name.clone();
+        if let Err(error) = result {
+            tracing::error!(copy = %name, %error, "cannot record the copy syncing; dropping the connection");
+            return self.close(format!("cannot record the copy syncing: {error}"));
+        }
+        tracing::info!(copy = %name, "copy {name} caught up with its queue; resyncing the writes it missed");
+        self.state = CopyState::Syncing;
+        self.start_resync_pass();
+        self.resync_started_ms = now_ms;
+        self.resync_sent_bytes = 0;
+        Vec::new()
+    }
+
+    fn missed_recorded(&mut self, result: Result<(), String>) {
+        if let Err(error) = result {
+            tracing::error!(copy = %self.config.name, %error, "cannot record the copy syncing; dropping the connection");
+            self.connection_failed(format!("cannot record the copy syncing: {error}"));
+            return;
+        }
+        self.state = CopyState::Syncing;
+        if self.resync_next.is_none() {
+            self.start_resync_pass();
+        } else {
+            // The running pass may be past these regions: go round again.
+            self.resync_next = Some(0);
+        }
+    }
+
+    fn pass_done_recorded(&mut self, result: Result<(), String>) {
+        let name = &self.config.name;
+        if let Err(error) = result {
+            tracing::error!(copy = %name, %error, "cannot record the copy current; resyncing again");
+            self.start_resync_pass();
+            return;
+        }
+        self.state = CopyState::UpToDate;
+        self.progress = true;
+        self.last_error = None;
+        tracing::info!(copy = %name, resync_bytes = self.resync_pending.bytes_done(), "copy {name} is up to date");
+    }
+
+    /// The lost connection's Persist(Stale) is done: only now are its held
+    /// changes released, with EIO when the copy could not be recorded stale.
+    fn lost_recorded(
+        &mut self,
+        holds: Vec<H>,
+        was: CopyState,
+        why: String,
+        waiting: usize,
+        shutting_down: bool,
+        recorded: Result<(), String>,
+    ) -> Vec<Command<H, V>> {
+        let name = self.config.name.clone();
+        self.state = if recorded.is_ok() { CopyState::Stale } else { CopyState::Unrecorded };
+        match &recorded {
+            Err(error) => {
+                self.set_last_error(format!("{why}; recording the copy stale failed: {error}"));
+                tracing::error!(copy = %name, %error, waiting,
+                    "copy {name} disconnected ({why}) and cannot be recorded stale: {error}; writes it misses get EIO \
+                     until the record succeeds");
+            }
+            Ok(()) if was == CopyState::Stale => {}
+            Ok(()) if shutting_down => tracing::info!(copy = %name, waiting,
+                "copy {name} recorded stale at shutdown: this host stops shipping to it, and the next start resyncs \
+                 the regions its bitmap marks"),
+            Ok(()) => {
+                self.set_last_error(why.clone());
+                tracing::warn!(copy = %name, waiting, "copy {name} disconnected ({why}); recorded stale; \
+                    its writes are tracked in the bitmap until it reconnects");
+            }
+        }
+        if holds.is_empty() {
+            return Vec::new();
+        }
+        vec![Command::Release { holds, result: if recorded.is_ok() { 0 } else { -libc::EIO } }]
+    }
+
+    /// End the connection for `why` now (the sender's own decision).
+    fn close(&mut self, why: String) -> Vec<Command<H, V>> {
+        self.connection_failed(why);
+        vec![Command::Close { why: self.ending.clone().expect("just set") }]
+    }
+}
+
+/// The sender's tick: what to send, read or wait for next.
+impl<H, V> LinkCore<H, V> {
+    /// What the sender does now: send a batch (queued frames, a due Flush,
+    /// resync data, a heartbeat), read the next resync range, record a
+    /// behind copy syncing, wait, or close the connection.
+    pub(crate) fn poll_send(&mut self, now_ms: u64) -> Vec<Command<H, V>> {
+        if self.broken {
+            let why = self.ending.clone().unwrap_or_else(|| "the connection failed".to_string());
+            return vec![Command::Close { why }];
+        }
+        if !self.queue.is_empty() {
+            return self.take_batch(now_ms);
+        }
+        if self.state == CopyState::Behind && self.unacked.is_empty() {
+            // Resync data tears the copy's image: record it first.
+            return self.persist(RecordedState::Syncing, AfterPersist::CaughtUp { now_ms });
+        }
+        if let Some(unacked) = self.unacked.front() {
+            if now_ms.saturating_sub(unacked.sent_at_ms) > ACK_TIMEOUT.as_millis() as u64 {
+                let why = format!(
+                    "ack timeout: the copy host left a {:?} frame (sequence {}) unacknowledged for over {} s \
+                     (copy host hung, overloaded, or the link is down)",
+                    unacked.frame.kind,
+                    unacked.sequence,
+                    ACK_TIMEOUT.as_secs()
+                );
+                return self.close(why);
+            }
+        }
+        // Flush every CLEAN_INTERVAL, during a resync too, so bits clear as
+        // their regions become durable on the copy.
+        let flush_due = !(self.touched.is_empty() && self.clear_candidates.is_empty())
+            && now_ms.saturating_sub(self.last_flush_ms) >= CLEAN_INTERVAL.as_millis() as u64;
+        if flush_due {
+            self.queue_flush(false, now_ms);
+            return self.take_batch(now_ms);
+        }
+        if self.resync_next.is_some() && self.lag_bytes + self.resync_bytes_outstanding < self.resync_window() {
+            let pause_ms = self.resync_pause_ms(now_ms);
+            if pause_ms > 0 {
+                return vec![Command::Wait { ms: pause_ms }];
+            }
+            return self.next_resync(now_ms);
+        }
+        if now_ms.saturating_sub(self.last_sent_ms) >= HEARTBEAT_INTERVAL.as_millis() as u64 {
+            return self.take_batch(now_ms);
+        }
+        vec![Command::Wait { ms: CLEAN_INTERVAL.as_millis() as u64 / 2 }]
+    }
+
+    /// Up to SEND_BATCH_FRAMES queued frames (a heartbeat when none is
+    /// queued: it keeps the path checked), numbered and moved to `unacked`.
+    fn take_batch(&mut self, now_ms: u64) -> Vec<Command<H, V>> {
+        let mut frames = Vec::new();
+        if self.queue.is_empty() {
+            frames.push(self.outgoing_heartbeat());
+        }
+        while frames.len() < SEND_BATCH_FRAMES {
+            let Some(mut frame) = self.queue.pop_front() else { break };
+            let sequence = self.take_sequence();
+            frames.push(Outgoing {
+                kind: frame.kind,
+                flags: frame.flags,
+                sequence,
+                offset: frame.offset,
+                length: frame.length,
+                payload: frame.payload.take(),
+            });
+            self.unacked.push_back(Unacked { sequence, sent_at_ms: now_ms, frame });
+        }
+        self.last_sent_ms = now_ms;
+        vec![Command::Send { sync_local_first: std::mem::take(&mut self.local_sync_due), frames }]
+    }
+
+    fn outgoing_heartbeat(&mut self) -> Outgoing {
+        let sequence = self.take_sequence();
+        Outgoing { kind: FrameKind::Heartbeat, flags: FrameFlags::NONE, sequence, offset: 0, length: 0, payload: None }
+    }
+
+    fn take_sequence(&mut self) -> u64 {
+        let sequence = self.next_sequence;
+        self.next_sequence = sequence.checked_add(1).expect("a session never sends 2^64 frames");
+        sequence
+    }
+
+    /// Resync bytes in flight at most: an async copy's resync stays well
+    /// inside its lag bound, so application writes never push it behind.
+    fn resync_window(&self) -> u64 {
+        match self.config.mode {
+            MirrorMode::Sync => RESYNC_WINDOW_BYTES,
+            MirrorMode::Async => RESYNC_WINDOW_BYTES.min(self.config.lag_bytes_max / 2).max(1),
+        }
+    }
+
+    /// How long resync must wait to stay under `resync_rate_max`.
+    fn resync_pause_ms(&self, now_ms: u64) -> u64 {
+        let rate = self.config.resync_rate_max;
+        if rate == 0 {
+            return 0;
+        }
+        let due_ms =
+            u64::try_from((u128::from(self.resync_sent_bytes) * 1000).div_ceil(u128::from(rate))).unwrap_or(u64::MAX);
+        due_ms.saturating_sub(now_ms.saturating_sub(self.resync_started_ms))
+    }
+
+    /// Ask for the next dirty range's data (or, in a checksum pass, its
+    /// checksums), or queue the pass's closing Flush, or wait for checksum
+    /// answers. The shell reads under the link lock, so no write to the
+    /// range is shipped between the read (or the hole lookup) and the
+    /// queueing.
+    fn next_resync(&mut self, now_ms: u64) -> Vec<Command<H, V>> {
+        let next = self.resync_next.expect("a pass is running");
+        let Some(region) = self.resync_pending.next_at_or_after(next) else {
+            if self.resync_checks_outstanding > 0 {
+                // A checksum answer may still queue data; end the pass after it.
+                return vec![Command::Wait { ms: CHECKSUM_ANSWER_WAIT.as_millis() as u64 }];
+            }
+            self.resync_next = None;
+            self.queue_flush(true, now_ms);
+            return self.take_batch(now_ms);
+        };
+        // Adjacent dirty regions travel together, up to RESYNC_FRAME_BYTES.
+        let region_bytes = self.config.region_bytes;
+        let regions_max = (RESYNC_FRAME_BYTES / region_bytes).max(1);
+        let mut end = region + 1;
+        while end < self.region_count() && end - region < regions_max && self.resync_pending.contains(end) {
+            end += 1;
+        }
+        let offset = region * region_bytes;
+        let length = (end * region_bytes).min(self.config.volume_bytes) - offset;
+        self.resync_reading = Some((region, end));
+        let read = if self.config.resync_checksums { ResyncRead::Checksums } else { ResyncRead::Pieces };
+        vec![Command::ReadForResync { offset, length, read }]
+    }
+
+    /// The shell read `length` bytes at `offset` for a
+    /// [`Command::ReadForResync`]: queue what it read. A failed read ends the
+    /// connection.
+    pub(crate) fn resync_read(
+        &mut self,
+        offset: u64,
+        length: u64,
+        result: Result<ResyncReadDone, String>,
+    ) -> Vec<Command<H, V>> {
+        let done = match result {
+            Ok(done) => done,
+            Err(error) => {
+                tracing::error!(copy = %self.config.name, %error, "resync cannot read the local volume; dropping the connection");
+                self.connection_failed(format!("resync cannot read the local volume: {error}"));
+                return Vec::new();
+            }
+        };
+        if self.broken {
+            // An earlier read of the same answer failed; the connection ends.
+            return Vec::new();
+        }
+        match done {
+            ResyncReadDone::Data(data) => {
+                // Touched again: no Flush queued before this data may clear it.
+                self.touched.extend(self.regions(offset, length));
+                self.resync_bytes_outstanding += length;
+                self.queue.push_back(Frame::resync_data(offset, data));
+                return Vec::new();
+            }
+            ResyncReadDone::Checksums(checksums) => {
+                self.resync_checks_outstanding += 1;
+                self.queue.push_back(Frame {
+                    lag: length,
+                    resync: true,
+                    resync_check: Some(checksums),
+                    ..Frame::new(FrameKind::ChecksumRequest, offset, length)
+                });
+            }
+            ResyncReadDone::Pieces(pieces) => {
+                for piece in pieces {
+                    self.queue.push_back(match piece {
+                        Piece::Zeroes { offset, length } => Frame::resync_zeroes(offset, length),
+                        Piece::Data { offset, data } => Frame::resync_data(offset, data),
+                    });
+                }
+            }
+        }
+        let (region, end) = self.resync_reading.take().expect("a pass read was asked for");
+        self.resync_pending.take(region..end);
+        self.touched.extend(region..end);
+        self.resync_bytes_outstanding += length;
+        self.resync_sent_bytes += length;
+        self.resync_next = Some(end);
+        Vec::new()
+    }
+
+    fn queue_flush(&mut self, ends_resync: bool, now_ms: u64) {
+        let snapshot = self.take_snapshot(now_ms);
+        // The pass's closing flush tells the copy its image is whole again,
+        // unless a change it missed is still waiting for the next pass.
+        let synced = ends_resync && self.state == CopyState::Syncing && self.resync_pending.len() == 0;
+        self.queue.push_back(Frame {
+            flags: if synced { FrameFlags::SYNCED } else { FrameFlags::NONE },
+            ends_resync: ends_resync.then_some(self.resync_pass),
+            snapshot: Some(snapshot),
+            ..Frame::new(FrameKind::Flush, 0, 0)
+        });
+    }
+}
+
+/// The reader's events: acknowledgements, in order.
+impl<H, V> LinkCore<H, V> {
+    /// The copy acknowledged `sequence` with `kind` on `connection` (an
+    /// acknowledgement of an older connection changes nothing). `payload`
+    /// is a ChecksumReply's checksums. `in_flight` says whether a region
+    /// has a write in flight; the shell keeps what it read locked until the
+    /// commands are carried out. An acknowledgement out of order or of the
+    /// wrong kind is a protocol error: the shell ends the connection.
+    pub(crate) fn acked(
+        &mut self,
+        connection: u64,
+        kind: FrameKind,
+        sequence: u64,
+        payload: Vec<u8>,
+        in_flight: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<Vec<Command<H, V>>, ReplicationError> {
+        if connection != self.connection {
+            return Ok(Vec::new());
+        }
+        let acked = self.take_acked(kind, sequence)?;
+        if acked.resync {
+            self.resync_bytes_outstanding = self
+                .resync_bytes_outstanding
+                .checked_sub(acked.lag)
+                .expect("resync bytes outstanding never go below 0");
+        } else {
+            self.lag_bytes = self.lag_bytes.checked_sub(acked.lag).expect("lag bytes never go below 0");
+        }
+        let mut commands = release(acked.hold, 0);
+        if let Some(local) = &acked.resync_check {
+            // A checksum-pass answer: the chunks that differ are read now,
+            // under the link lock, so they carry every write shipped before.
+            self.resync_checks_outstanding -= 1;
+            let (offset, length) = (acked.offset, u64::from(acked.length));
+            for (start, length) in crate::verify::mismatches(offset, length, local, &payload) {
+                // Touched again: no Flush queued before this data may clear it.
+                self.touched.extend(self.regions(start, length));
+                commands.push(Command::ReadForResync { offset: start, length, read: ResyncRead::Data });
+            }
+        }
+        if let Some(reply) = acked.reply {
+            commands.push(Command::AnswerVerify { reply, checksums: payload });
+        }
+        // (Acknowledgements of an older connection never get here, and a
+        // lost connection forgets the candidates, so every snapshot is current.)
+        if let Some(snapshot) = acked.snapshot {
+            let cleared = self.clear_after_flush(snapshot, in_flight);
+            if !cleared.is_empty() {
+                self.progress = true;
+                commands.push(Command::ClearBits(cleared));
+            }
+        }
+        if acked.ends_resync == Some(self.resync_pass) && self.state == CopyState::Syncing && self.resync_next.is_none()
+        {
+            commands.extend(self.persist(RecordedState::Current, AfterPersist::PassDone));
+        }
+        Ok(commands)
+    }
+
+    /// The oldest unacknowledged frame, if `kind` and `sequence` acknowledge it.
+    fn take_acked(&mut self, kind: FrameKind, sequence: u64) -> Result<Frame<H, V>, ReplicationError> {
+        let Some(front) = self.unacked.front() else {
+            return Err(ReplicationError::Protocol {
+                message: format!("{kind:?} for sequence {sequence} acknowledges nothing that was sent"),
+            });
+        };
+        let expected_kind = match front.frame.kind {
+            FrameKind::Flush => FrameKind::FlushAck,
+            FrameKind::ChecksumRequest => FrameKind::ChecksumReply,
+            _ => FrameKind::WriteAck,
+        };
+        if front.sequence != sequence || kind != expected_kind {
+            return Err(ReplicationError::Protocol {
+                message: format!(
+                    "{kind:?} for sequence {sequence} arrived, but the oldest unacknowledged frame is {:?} sequence {}",
+                    front.frame.kind, front.sequence
+                ),
+            });
+        }
+        Ok(self.unacked.pop_front().expect("front exists").frame)
+    }
+
+    /// The clearing rule (invariant 6) at a Flush's acknowledgement: which
+    /// candidates clear now. Every change to a candidate was shipped before
+    /// the previous Flush, which the copy has acknowledged. A candidate
+    /// touched since (this snapshot, `touched`), with a write in flight or
+    /// waiting for a resync pass stops being one; the others are cleared if
+    /// the local volume was fsynced for this Flush, or stay candidates for
+    /// the next one. This snapshot's regions are the next candidates.
+    fn clear_after_flush(&mut self, snapshot: Snapshot, in_flight: &mut dyn FnMut(u64) -> bool) -> Vec<u64> {
+        let Snapshot { regions, clears } = snapshot;
+        let candidates = std::mem::take(&mut self.clear_candidates);
+        let mut cleared = Vec::new();
+        let mut quiet = Vec::new();
+        if !candidates.is_empty() {
+            let recent: HashSet<u64> = regions.iter().copied().collect();
+            for region in candidates {
+                if recent.contains(&region)
+                    || self.touched.contains(&region)
+                    || self.resync_pending.contains(region)
+                    || in_flight(region)
+                {
+                    continue;
+                }
+                if clears {
+                    cleared.push(region);
+                } else {
+                    quiet.push(region);
+                }
+            }
+        }
+        self.clear_candidates = regions;
+        self.clear_candidates.extend(quiet);
+        cleared
+    }
+}
+
+#[cfg(test)]
+#[path = "link_core_tests.rs"]
+mod tests;

@@ -1,0 +1,414 @@
+//! The link core driven by hand, event by event, with the exact commands it
+//! must return: no sockets, no threads, no clock. Holds are write ids (u64),
+//! verifiers ids too.
+
+use super::*;
+
+/// Regions of 1 MiB: one region per resync frame, so reads are region by region.
+const REGION: u64 = 1 << 20;
+const REGIONS: u64 = 16;
+const WRITE: [u8; 4096] = [7; 4096];
+/// The copy store's token, the one recorded for it.
+const STORE: StoreToken = [1; 16];
+/// The flush interval in the core's milliseconds.
+const CLEAN_MS: u64 = 500;
+
+type TestCore = LinkCore<u64, u64>;
+type TestCommand = Command<u64, u64>;
+
+fn core(mode: MirrorMode, lag_bytes_max: u64) -> TestCore {
+    LinkCore::new(CoreConfig {
+        name: "east".to_string(),
+        mode,
+        lag_bytes_max,
+        region_bytes: REGION,
+        volume_bytes: REGIONS * REGION,
+        local_sync_interval_ms: 0,
+        resync_rate_max: 0,
+        resync_checksums: false,
+    })
+}
+
+fn nothing_in_flight() -> impl FnMut(u64) -> bool {
+    |_| false
+}
+
+fn write_at(region: u64) -> Change<'static> {
+    Change::Write { offset: region * REGION + 4096, data: &WRITE, fua: false }
+}
+
+fn ship(core: &mut TestCore, region: u64, hold: Option<u64>, now_ms: u64) -> Vec<TestCommand> {
+    core.ship(&write_at(region), &mut None, hold, 0, now_ms)
+}
+
+/// The frame the core sends for a write shipped by [`ship`].
+fn write_frame(sequence: u64, region: u64) -> Outgoing {
+    Outgoing {
+        kind: FrameKind::Write,
+        flags: FrameFlags::NONE,
+        sequence,
+        offset: region * REGION + 4096,
+        length: WRITE.len() as u32,
+        payload: Some(Arc::new(WRITE.to_vec())),
+    }
+}
+
+fn flush_frame(sequence: u64, flags: FrameFlags) -> Outgoing {
+    Outgoing { kind: FrameKind::Flush, flags, sequence, offset: 0, length: 0, payload: None }
+}
+
+fn zeroes_frame(sequence: u64, region: u64) -> Outgoing {
+    Outgoing {
+        kind: FrameKind::ResyncZeroes,
+        flags: FrameFlags::NONE,
+        sequence,
+        offset: region * REGION,
+        length: REGION as u32,
+        payload: None,
+    }
+}
+
+fn send(sync_local_first: bool, frames: Vec<Outgoing>) -> Vec<TestCommand> {
+    vec![Command::Send { sync_local_first, frames }]
+}
+
+fn read_region(region: u64) -> Vec<TestCommand> {
+    vec![Command::ReadForResync { offset: region * REGION, length: REGION, read: ResyncRead::Pieces }]
+}
+
+/// The shell's read of a region that holds only zeroes.
+fn zeroes_read(region: u64) -> Result<ResyncReadDone, String> {
+    Ok(ResyncReadDone::Pieces(vec![Piece::Zeroes { offset: region * REGION, length: REGION }]))
+}
+
+fn ack(
+    core: &mut TestCore,
+    kind: FrameKind,
+    sequence: u64,
+    in_flight: &mut dyn FnMut(u64) -> bool,
+) -> Vec<TestCommand> {
+    let connection = core.connection();
+    core.acked(connection, kind, sequence, Vec::new(), in_flight).expect("an acknowledgement in order")
+}
+
+/// Connect with `dirty` regions: recorded syncing first, then the pass.
+fn connect(core: &mut TestCore, dirty: &[u64], now_ms: u64) {
+    assert_eq!(core.connecting(STORE, STORE), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.connected(now_ms, dirty.iter().copied(), false, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.state(), CopyState::Syncing);
+}
+
+/// Connect with nothing dirty, and take the copy up to date: the pass is
+/// only its closing Flush (sequence 1), acknowledged and recorded current.
+fn up_to_date(mode: MirrorMode, lag_bytes_max: u64) -> TestCore {
+    let mut core = core(mode, lag_bytes_max);
+    connect(&mut core, &[], 0);
+    assert_eq!(core.poll_send(0), send(false, vec![flush_frame(1, FrameFlags::SYNCED)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::FlushAck, 1, &mut nothing_in_flight()),
+        vec![Command::Persist(RecordedState::Current)]
+    );
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.state(), CopyState::UpToDate);
+    core
+}
+
+/// Invariant 6 with a write in flight: a region whose write is acknowledged
+/// becomes a clear candidate at the next Flush and would clear at the one
+/// after (the local volume fsynced first), but not while another write to
+/// it is in flight; once that write is shipped, the region must stay quiet
+/// through two more Flushes before its bit clears.
+#[test]
+fn a_bit_never_clears_while_a_write_to_its_region_is_in_flight() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut core, 2, Some(7), 0), vec![]);
+    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 2)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![7], result: 0 }]
+    );
+    // The first Flush takes region 2 as its snapshot: nothing can clear yet.
+    assert_eq!(core.poll_send(CLEAN_MS), send(false, vec![flush_frame(3, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
+    // The second may clear region 2: the local volume is fsynced first.
+    assert_eq!(core.poll_send(2 * CLEAN_MS), send(true, vec![flush_frame(4, FrameFlags::NONE)]));
+    // A second write to region 2 is marked and in flight (not shipped yet).
+    let mut region_2_in_flight = |region| region == 2;
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 4, &mut region_2_in_flight), vec![], "a region in flight cleared");
+    // The write is shipped and acknowledged; two quiet Flushes later the bit clears.
+    assert_eq!(ship(&mut core, 2, Some(8), 2 * CLEAN_MS), vec![]);
+    assert_eq!(core.poll_send(2 * CLEAN_MS), send(false, vec![write_frame(5, 2)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 5, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![8], result: 0 }]
+    );
+    assert_eq!(core.poll_send(3 * CLEAN_MS), send(false, vec![flush_frame(6, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 6, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.poll_send(4 * CLEAN_MS), send(true, vec![flush_frame(7, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 7, &mut nothing_in_flight()), vec![Command::ClearBits(vec![2])]);
+    assert!(core.progress(), "a cleared bit is progress");
+}
+
+/// A lost acknowledgement: the connection goes away with the clearing Flush
+/// unacknowledged. Nothing clears — not by the late ack of the old
+/// connection, not by the first Flush of the next one — and the next
+/// connection resyncs the region whole.
+#[test]
+fn a_flush_ack_lost_with_its_connection_clears_nothing() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut core, 3, Some(1), 0), vec![]);
+    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 3)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![1], result: 0 }]
+    );
+    assert_eq!(core.poll_send(CLEAN_MS), send(false, vec![flush_frame(3, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.poll_send(2 * CLEAN_MS), send(true, vec![flush_frame(4, FrameFlags::NONE)]));
+    let old_connection = core.connection();
+    assert_eq!(core.lost("the copy host closed the connection", false), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.state(), CopyState::Stale);
+    assert_eq!(core.last_error().map(String::as_str), Some("the copy host closed the connection"));
+    let late = core.acked(old_connection, FrameKind::FlushAck, 4, Vec::new(), &mut nothing_in_flight());
+    assert_eq!(late.expect("an old connection's ack is ignored"), vec![], "a lost connection's flush cleared a bit");
+    // The bit is still set: the next connection resyncs region 3 whole, and
+    // its first Flushes clear nothing (the candidates were forgotten).
+    let now_ms = 2 * CLEAN_MS + 10;
+    connect(&mut core, &[3], now_ms);
+    assert_eq!(core.poll_send(now_ms), read_region(3));
+    assert_eq!(core.resync_read(3 * REGION, REGION, zeroes_read(3)), vec![]);
+    assert_eq!(core.poll_send(now_ms), send(false, vec![zeroes_frame(1, 3)]));
+    assert_eq!(core.poll_send(now_ms), send(false, vec![flush_frame(2, FrameFlags::SYNCED)]));
+    assert_eq!(ack(&mut core, FrameKind::WriteAck, 1, &mut nothing_in_flight()), vec![]);
+    assert_eq!(
+        ack(&mut core, FrameKind::FlushAck, 2, &mut nothing_in_flight()),
+        vec![Command::Persist(RecordedState::Current)]
+    );
+}
+
+/// A reconnect in the middle of a resync pass: every dirty region is
+/// pending again, the one already sent too, and the new pass sends them
+/// all from the first, numbered from 1 on the new connection.
+#[test]
+fn a_reconnect_mid_resync_makes_every_dirty_region_pending_again() {
+    let mut core = core(MirrorMode::Sync, 0);
+    connect(&mut core, &[1, 4, 9], 0);
+    assert_eq!(core.resync_pending().bytes(), 3 * REGION);
+    assert_eq!(core.poll_send(0), read_region(1));
+    assert_eq!(core.resync_read(REGION, REGION, zeroes_read(1)), vec![]);
+    assert_eq!(core.poll_send(0), send(false, vec![zeroes_frame(1, 1)]));
+    assert_eq!(core.poll_send(0), read_region(4));
+    assert_eq!(core.resync_pending().bytes(), 2 * REGION);
+    assert_eq!(core.lost("ack timeout", false), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    // The bitmap still marks all three: none was cleared.
+    connect(&mut core, &[1, 4, 9], 10);
+    assert_eq!(core.resync_pending().bytes(), 3 * REGION, "the regions sent before the reconnect are pending again");
+    let mut sent = Vec::new();
+    for region in [1, 4, 9] {
+        assert_eq!(core.poll_send(10), read_region(region));
+        assert_eq!(core.resync_read(region * REGION, REGION, zeroes_read(region)), vec![]);
+        sent.push(core.poll_send(10));
+    }
+    assert_eq!(
+        sent,
+        [
+            send(false, vec![zeroes_frame(1, 1)]),
+            send(false, vec![zeroes_frame(2, 4)]),
+            send(false, vec![zeroes_frame(3, 9)])
+        ]
+    );
+    assert_eq!(core.poll_send(10), send(false, vec![flush_frame(4, FrameFlags::SYNCED)]));
+}
+
+/// An async copy over its lag bound goes behind: it is recorded stale, the
+/// writes it cannot take are dropped (no frame) with their regions kept for
+/// resync, and once what it was sent is acknowledged it is recorded syncing
+/// and a pass sends exactly the dropped regions.
+#[test]
+fn an_async_copy_going_behind_drops_writes_keeps_their_regions_and_resyncs_after_draining() {
+    let mut core = up_to_date(MirrorMode::Async, 2 * WRITE.len() as u64);
+    assert_eq!(ship(&mut core, 1, None, 0), vec![]);
+    assert_eq!(ship(&mut core, 2, None, 0), vec![]);
+    assert_eq!(core.lag_bytes(), 2 * WRITE.len() as u64);
+    assert_eq!(ship(&mut core, 5, None, 0), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.state(), CopyState::Behind);
+    assert_eq!(ship(&mut core, 6, None, 0), vec![], "a behind copy drops the write without a new record");
+    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1), write_frame(3, 2)]));
+    // Still behind with writes unacknowledged: nothing to do but wait.
+    assert_eq!(core.poll_send(0), vec![Command::Wait { ms: CLEAN_MS / 2 }]);
+    assert_eq!(ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()), vec![]);
+    assert_eq!(ack(&mut core, FrameKind::WriteAck, 3, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.poll_send(1), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.state(), CopyState::Syncing);
+    assert_eq!(core.poll_send(1), read_region(5));
+    assert_eq!(core.resync_read(5 * REGION, REGION, zeroes_read(5)), vec![]);
+    assert_eq!(core.poll_send(1), send(false, vec![zeroes_frame(4, 5)]));
+    // The resync window of an async copy is half its lag bound: one region
+    // at a time here.
+    assert_eq!(core.poll_send(1), vec![Command::Wait { ms: CLEAN_MS / 2 }]);
+    assert_eq!(ack(&mut core, FrameKind::WriteAck, 4, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.poll_send(1), read_region(6));
+    assert_eq!(core.resync_read(6 * REGION, REGION, zeroes_read(6)), vec![]);
+    assert_eq!(core.poll_send(1), send(false, vec![zeroes_frame(5, 6)]));
+    assert_eq!(ack(&mut core, FrameKind::WriteAck, 5, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.poll_send(1), send(false, vec![flush_frame(6, FrameFlags::SYNCED)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::FlushAck, 6, &mut nothing_in_flight()),
+        vec![Command::Persist(RecordedState::Current)]
+    );
+}
+
+/// A sync copy lost with writes waiting (sent and queued): it is recorded
+/// stale first, and only then are the writes released, with success.
+#[test]
+fn a_lost_sync_copy_is_recorded_stale_before_its_waiting_writes_are_released() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut core, 1, Some(1), 0), vec![]);
+    assert_eq!(ship(&mut core, 2, Some(2), 0), vec![]);
+    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1), write_frame(3, 2)]));
+    assert_eq!(ship(&mut core, 3, Some(3), 0), vec![]);
+    assert_eq!(
+        core.lost("the copy host closed the connection", false),
+        vec![Command::Persist(RecordedState::Stale)],
+        "released before the record"
+    );
+    assert_eq!(core.persisted(Ok(())), vec![Command::Release { holds: vec![3, 1, 2], result: 0 }]);
+    assert_eq!(core.state(), CopyState::Stale);
+    assert_eq!(ship(&mut core, 4, Some(4), 0), vec![Command::Release { holds: vec![4], result: 0 }]);
+}
+
+/// When the lost sync copy cannot be recorded stale, its waiting writes get
+/// EIO, and so does every later write it misses, each after another try to
+/// record it, until a record succeeds.
+#[test]
+fn a_lost_sync_copy_that_cannot_be_recorded_stale_fails_its_writes_with_eio() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut core, 1, Some(1), 0), vec![]);
+    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1)]));
+    assert_eq!(core.lost("ack timeout", false), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(
+        core.persisted(Err("disk full".to_string())),
+        vec![Command::Release { holds: vec![1], result: -libc::EIO }]
+    );
+    assert_eq!(core.state(), CopyState::Unrecorded);
+    assert_eq!(core.last_error().map(String::as_str), Some("ack timeout; recording the copy stale failed: disk full"));
+    assert_eq!(ship(&mut core, 2, Some(2), 0), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(
+        core.persisted(Err("disk full".to_string())),
+        vec![Command::Release { holds: vec![2], result: -libc::EIO }]
+    );
+    assert_eq!(ship(&mut core, 3, Some(3), 0), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(core.persisted(Ok(())), vec![Command::Release { holds: vec![3], result: 0 }]);
+    assert_eq!(core.state(), CopyState::Stale);
+}
+
+/// A frame left unacknowledged past ACK_TIMEOUT ends the connection, and
+/// the reason is kept; an acknowledgement out of order is a protocol error.
+#[test]
+fn an_ack_timeout_closes_and_an_ack_out_of_order_is_refused() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut core, 1, Some(1), 0), vec![]);
+    assert_eq!(ship(&mut core, 2, Some(2), 0), vec![]);
+    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1), write_frame(3, 2)]));
+    let connection = core.connection();
+    let refused = core.acked(connection, FrameKind::WriteAck, 3, Vec::new(), &mut nothing_in_flight());
+    assert!(matches!(refused, Err(ReplicationError::Protocol { .. })), "{refused:?}");
+    let timeout_ms = ACK_TIMEOUT.as_millis() as u64 + 1;
+    let why = "ack timeout: the copy host left a Write frame (sequence 2) unacknowledged for over 5 s (copy host \
+               hung, overloaded, or the link is down)";
+    assert_eq!(core.poll_send(timeout_ms), vec![Command::Close { why: why.to_string() }]);
+    assert_eq!(core.lost("the connection ended", false), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(core.persisted(Ok(())), vec![Command::Release { holds: vec![1, 2], result: 0 }]);
+    assert_eq!(core.last_error().map(String::as_str), Some(why));
+}
+
+/// `--assume-clean`: dirty regions need no resync when both stores hold no
+/// data, except one with a write in flight, which keeps its bit.
+#[test]
+fn assume_clean_keeps_the_regions_in_flight() {
+    let mut core = core(MirrorMode::Sync, 0);
+    assert_eq!(core.connecting(STORE, STORE), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    let mut region_4_in_flight = |region| region == 4;
+    assert_eq!(core.connected(0, [1, 4, 9], true, &mut region_4_in_flight), vec![Command::ClearBits(vec![1, 9])]);
+    assert_eq!(core.poll_send(0), read_region(4));
+}
+
+/// A region the copy may lack whole (a change it could not get) keeps its
+/// bit even when a later write to part of it is acknowledged and two Flushes
+/// pass: only the resync pass, which sends it whole, takes it out. (A region
+/// cleared because a partial write to it was acknowledged lost a write once.)
+#[test]
+fn a_partial_write_does_not_clear_a_region_waiting_for_resync() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut core, 5, Some(1), 0), vec![]);
+    // The local store changed in region 5 in a way no frame carries.
+    assert_eq!(core.missed(5 * REGION, 512), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 5)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![1], result: 0 }]
+    );
+    // A due Flush goes before the pass's next read.
+    assert_eq!(core.poll_send(CLEAN_MS), send(false, vec![flush_frame(3, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.poll_send(2 * CLEAN_MS), send(true, vec![flush_frame(4, FrameFlags::NONE)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::FlushAck, 4, &mut nothing_in_flight()),
+        vec![],
+        "a region pending resync cleared"
+    );
+    assert_eq!(core.poll_send(2 * CLEAN_MS), read_region(5));
+}
+
+/// Invariant 9: a copy store with another token than the one recorded (a
+/// replaced store) gets every bit set, durably, before its token is
+/// recorded; when the bits cannot be made durable, the token is not
+/// recorded and the connection is not served.
+#[test]
+fn a_replaced_copy_store_gets_every_bit_set_durably_before_its_token_is_recorded() {
+    let replaced: StoreToken = [2; 16];
+    let mut core = core(MirrorMode::Sync, 0);
+    assert_eq!(core.connecting(replaced, STORE), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![Command::SetAllBits, Command::SyncBitmap]);
+    assert_eq!(core.bitmap_synced(Ok(())), vec![Command::PersistStoreToken(replaced)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    // A copy that offers no token gets the full resync, and no token is recorded.
+    assert_eq!(core.connecting(STORE_TOKEN_UNKNOWN, STORE), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![Command::SetAllBits, Command::SyncBitmap]);
+    assert_eq!(core.bitmap_synced(Ok(())), vec![]);
+    // The bits cannot be made durable: the token stays, the connection ends.
+    assert_eq!(core.connecting(replaced, STORE), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![Command::SetAllBits, Command::SyncBitmap]);
+    let why = "cannot mark copy east for a full resync: no space left on device".to_string();
+    assert_eq!(
+        core.bitmap_synced(Err("no space left on device".to_string())),
+        vec![Command::Close { why: why.clone() }]
+    );
+    assert_eq!(core.last_error(), Some(&why));
+}
+
+/// A repair records the copy syncing, then marks the ranges durably, then
+/// resyncs them; the ranges' regions never clear in between. When the
+/// record fails nothing is marked, and the repair says why.
+#[test]
+fn a_repair_is_recorded_and_marked_durably_before_its_pass() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    let ranges = vec![(7 * REGION + 4096, 4096)];
+    assert_eq!(core.repair(ranges.clone()), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![Command::SetBits(ranges.clone()), Command::SyncBitmap]);
+    assert_eq!(core.bitmap_synced(Ok(())), vec![Command::RepairStarted(Ok(()))]);
+    assert_eq!(core.state(), CopyState::Syncing);
+    assert_eq!(core.poll_send(0), read_region(7));
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(core.repair(ranges), vec![Command::Persist(RecordedState::Syncing)]);
+    let why = "cannot record copy east syncing: read-only file system".to_string();
+    assert_eq!(core.persisted(Err("read-only file system".to_string())), vec![Command::RepairStarted(Err(why))]);
+    assert_eq!(core.state(), CopyState::UpToDate);
+}
