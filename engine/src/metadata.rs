@@ -519,60 +519,13 @@ pub fn production_start(
     new_store: bool,
 ) -> Result<ProductionStart, MetadataError> {
     let path = &files.metadata;
-    let mismatch = |message: String| MetadataError::Mismatch { path: path.clone(), message };
     let metadata = load_metadata(path)?;
     if metadata.is_none() {
-        let others: Vec<String> = files.existing().iter().map(|other| other.display().to_string()).collect();
-        if !others.is_empty() {
-            return Err(mismatch(format!(
-                "is missing, but {} exist(s): the volume's metadata was lost. Restore it from where it went; or, to \
-                 make this a new volume, move {} aside too (its copies then hold another volume: recreate them)",
-                others.join(" and "),
-                others.join(" and ")
-            )));
-        }
+        refuse_lost_metadata(files)?;
     }
     let mut store_replaced = false;
     if let Some(recorded) = metadata {
-        if let Some(identity) = recorded.identity {
-            if identity.size_bytes != size_bytes {
-                return Err(mismatch(format!(
-                    "records volume uuid {} of {} bytes, but the volume is {size_bytes} bytes; restore the volume's \
-                     size, or move the metadata aside to make it a new volume (every copy then needs a full sync)",
-                    format_uuid(&identity.uuid),
-                    identity.size_bytes,
-                )));
-            }
-        }
-        if recorded.state == StoreState::Failed && !new_store {
-            return Err(mismatch(
-                "records that this store failed a flush while it was serving: it may lack writes that were \
-                 acknowledged and that its copies hold. Fail over to a current copy; or, once the store is \
-                 checked or replaced, start with --new-store: every copy is then resynced from it in full"
-                    .into(),
-            ));
-        }
-        if recorded.state == StoreState::Failed {
-            store_replaced = true;
-        }
-        if recorded.state == StoreState::Syncing && recorded.identity.is_some() {
-            return Err(mismatch(
-                "records this store as syncing: it was a copy in the middle of a resync and holds no consistent \
-                 image of the volume; it cannot be served. Serve a current copy instead"
-                    .into(),
-            ));
-        }
-        if recorded.store_fingerprint != 0 && recorded.store_fingerprint != fingerprint.value {
-            if !new_store {
-                return Err(mismatch(format!(
-                    "was made for another store than the one now at this path ({}): the store was replaced, \
-                     restored or swapped. Put the right store back; or, if this store holds the data to serve, \
-                     start with --new-store: every copy is then resynced from it in full",
-                    fingerprint.description
-                )));
-            }
-            store_replaced = true;
-        }
+        store_replaced = check_recorded_store(path, &recorded, size_bytes, fingerprint, new_store)?;
         if let Some(identity) = recorded.identity {
             // A replaced store is recorded only by `adopt_store`, once every
             // copy's bits are durably set: a crash in between must find the
@@ -599,6 +552,71 @@ pub fn production_start(
     };
     store_metadata(path, &created)?;
     Ok(ProductionStart { identity, generation: created.generation.max(1), store_replaced })
+}
+
+/// No metadata: refused when the volume's bitmap or mirror state survive
+/// (the metadata was lost; a new identity would orphan every copy).
+fn refuse_lost_metadata(files: &MetadataFiles) -> Result<(), MetadataError> {
+    let others: Vec<String> = files.existing().iter().map(|other| other.display().to_string()).collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    Err(MetadataError::Mismatch {
+        path: files.metadata.clone(),
+        message: format!(
+            "is missing, but {} exist(s): the volume's metadata was lost. Restore it from where it went; or, to \
+             make this a new volume, move {} aside too (its copies then hold another volume: recreate them)",
+            others.join(" and "),
+            others.join(" and ")
+        ),
+    })
+}
+
+/// Whether the store recorded at `path` may be served as production: its
+/// size, its state (never `syncing`; `failed` only with `new_store`) and its
+/// fingerprint (another store only with `new_store`). Returns whether every
+/// copy must be resynced from it in full.
+fn check_recorded_store(
+    path: &Path,
+    recorded: &VolumeMetadata,
+    size_bytes: u64,
+    fingerprint: &Fingerprint,
+    new_store: bool,
+) -> Result<bool, MetadataError> {
+    let mismatch = |message: String| MetadataError::Mismatch { path: path.to_path_buf(), message };
+    if let Some(identity) = recorded.identity.filter(|identity| identity.size_bytes != size_bytes) {
+        return Err(mismatch(format!(
+            "records volume uuid {} of {} bytes, but the volume is {size_bytes} bytes; restore the volume's \
+             size, or move the metadata aside to make it a new volume (every copy then needs a full sync)",
+            format_uuid(&identity.uuid),
+            identity.size_bytes,
+        )));
+    }
+    if recorded.state == StoreState::Failed && !new_store {
+        return Err(mismatch(
+            "records that this store failed a flush while it was serving: it may lack writes that were \
+             acknowledged and that its copies hold. Fail over to a current copy; or, once the store is \
+             checked or replaced, start with --new-store: every copy is then resynced from it in full"
+                .into(),
+        ));
+    }
+    if recorded.state == StoreState::Syncing && recorded.identity.is_some() {
+        return Err(mismatch(
+            "records this store as syncing: it was a copy in the middle of a resync and holds no consistent \
+             image of the volume; it cannot be served. Serve a current copy instead"
+                .into(),
+        ));
+    }
+    let another_store = recorded.store_fingerprint != 0 && recorded.store_fingerprint != fingerprint.value;
+    if another_store && !new_store {
+        return Err(mismatch(format!(
+            "was made for another store than the one now at this path ({}): the store was replaced, \
+             restored or swapped. Put the right store back; or, if this store holds the data to serve, \
+             start with --new-store: every copy is then resynced from it in full",
+            fingerprint.description
+        )));
+    }
+    Ok(another_store || recorded.state == StoreState::Failed)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::metadata::store_metadata;
 use crate::protocol::auth::Session;
 use crate::protocol::copy_failure::{CopyFailure, CopyFailureKind};
 use crate::protocol::frame::{encode_frame, Frame};
-use crate::receiver::Receiver;
+use crate::receiver::{Receiver, Step};
 
 /// Frames read and checked ahead of the one being applied (each at most a
 /// maximal frame, 32 MiB; in practice one NBD request, up to 1 MiB).
@@ -132,111 +132,133 @@ fn apply_frames(
     let metadata = *host.metadata();
     let mut receiver = Receiver::new(session, metadata, host.volume.size(), host.counters());
     let mut outgoing: Vec<u8> = Vec::new();
-    let failed = |error: crate::EngineError, what: &str| {
-        let volume = host.volume.path().display();
-        tracing::error!(%peer, "cannot {what} on volume {volume}: {error}; closing the connection without acknowledging it");
-        let what = format!("{what} on volume {volume}");
-        Applied::Failed(Some(CopyFailure::from_error(&error, &what, CopyFailureKind::StoreIo)))
-    };
-    let metadata_failed = |error: crate::metadata::MetadataError, what: &str| {
-        tracing::error!(%peer, "cannot {what}: {error}; closing the connection");
-        Applied::Failed(Some(CopyFailure::from_error(&error, what, CopyFailureKind::Metadata)))
-    };
     loop {
-        let next = match frames.try_recv() {
-            Ok(next) => next,
-            Err(std::sync::mpsc::TryRecvError::Empty) => {
-                applier.take_replies(&mut outgoing);
-                if !outgoing.is_empty() {
-                    if let Err(error) = writer.write_all(&outgoing) {
-                        log_ending(peer, "", &Ending::Io(error));
-                        return Applied::Failed(None);
-                    }
-                    outgoing.clear();
-                }
-                if applier.idle() {
-                    match frames.recv() {
-                        Ok(next) => next,
-                        Err(_) => return Applied::Ended,
-                    }
-                } else {
-                    // Wait for a change to complete or a frame to arrive.
-                    doorbell.arm();
-                    match frames.try_recv() {
-                        Ok(next) => {
-                            doorbell.disarm();
-                            next
-                        }
-                        Err(std::sync::mpsc::TryRecvError::Empty) => {
-                            if let Err(error) = applier.wait() {
-                                return failed(error, "apply a change");
-                            }
-                            continue;
-                        }
-                        Err(std::sync::mpsc::TryRecvError::Disconnected) => return Applied::Ended,
-                    }
-                }
-            }
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => return Applied::Ended,
-        };
-        let judged = match next {
-            Ok(frame) => receiver.on_frame(frame),
-            Err(Ending::Refused(error)) => Err(receiver.refuse(error)),
-            Err(ending) => {
-                log_ending(peer, "", &ending);
-                return Applied::Ended;
-            }
-        };
-        let step = match judged {
-            Ok(step) => step,
-            Err(error) => {
-                let total = host.counters().frames_rejected();
-                tracing::warn!(
-                    %peer,
-                    kind = ?error.kind(),
-                    frames_rejected = total,
-                    "refused a frame from production host {peer}: {}: {error}; nothing of it was applied; \
-                     frames_rejected={total}; closing the connection",
-                    refusal_name(error.kind())
-                );
-                return Applied::Ended;
-            }
-        };
-        if let Some(promised) = step.persist {
-            // The promise is durable before this frame takes effect; earlier
-            // frames finish first, so none of them is applied after it.
-            if let Err(error) = applier.drain() {
-                return failed(error, "apply a change");
-            }
-            if let Err(error) = store_metadata(&host.metadata_path, &promised) {
-                return metadata_failed(error, "store the raised epoch, generation or store state");
-            }
-            *host.metadata() = promised;
-            tracing::info!(
-                %peer,
-                "stored: epoch {} promised, generation {}, store {:?}",
-                promised.epoch_promised,
-                promised.generation,
-                promised.state
-            );
-        }
-        let Some(consistent) = step.persist_after else {
-            if let Err(error) = applier.start(step.apply, step.barrier, step.reply) {
-                return failed(error, "apply a change");
-            }
-            continue;
-        };
-        // The flush that ends a resync pass: done, then recorded, then answered.
-        if let Err(error) = applier.start(step.apply, true, None) {
-            return failed(error, "apply a flush");
-        }
-        if let Err(error) = store_metadata(&host.metadata_path, &consistent) {
-            return metadata_failed(error, "record the store consistent");
-        }
-        *host.metadata() = consistent;
-        tracing::info!(%peer, "resync pass complete: the store holds a consistent image again");
-        if let Err(error) = applier.start(None, false, step.reply) {
-            return failed(error, "apply a change");
+        let outcome = wait_for_frame(host, peer, frames, doorbell, applier, writer, &mut outgoing)
+            .and_then(|next| judge(host, peer, &mut receiver, next))
+            .and_then(|step| carry_out(host, peer, applier, step));
+        if let Err(applied) = outcome {
+            return applied;
         }
     }
+}
+
+/// The next frame from the reader. While none is there, the replies that
+/// are ready go out and the applier's ring makes progress; `Err` says how
+/// the loop ends (the reader is gone, or sending or applying failed).
+fn wait_for_frame(
+    host: &Host,
+    peer: SocketAddr,
+    frames: &std::sync::mpsc::Receiver<Result<Frame, Ending>>,
+    doorbell: &Doorbell,
+    applier: &mut Applier<'_>,
+    writer: &mut TcpStream,
+    outgoing: &mut Vec<u8>,
+) -> Result<Result<Frame, Ending>, Applied> {
+    use std::sync::mpsc::TryRecvError;
+    loop {
+        match frames.try_recv() {
+            Ok(next) => return Ok(next),
+            Err(TryRecvError::Disconnected) => return Err(Applied::Ended),
+            Err(TryRecvError::Empty) => {}
+        }
+        applier.take_replies(outgoing);
+        if !outgoing.is_empty() {
+            if let Err(error) = writer.write_all(outgoing) {
+                log_ending(peer, "", &Ending::Io(error));
+                return Err(Applied::Failed(None));
+            }
+            outgoing.clear();
+        }
+        if applier.idle() {
+            return frames.recv().map_err(|_| Applied::Ended);
+        }
+        // Wait for a change to complete or a frame to arrive.
+        doorbell.arm();
+        match frames.try_recv() {
+            Ok(next) => {
+                doorbell.disarm();
+                return Ok(next);
+            }
+            Err(TryRecvError::Empty) => {
+                applier.wait().map_err(|error| store_failed(host, peer, error, "apply a change"))?
+            }
+            Err(TryRecvError::Disconnected) => return Err(Applied::Ended),
+        }
+    }
+}
+
+/// Judge a frame (or the reader's ending) with the receiver; a refused
+/// frame ends the connection, nothing of it applied.
+fn judge(
+    host: &Host,
+    peer: SocketAddr,
+    receiver: &mut Receiver<'_>,
+    next: Result<Frame, Ending>,
+) -> Result<Step, Applied> {
+    let judged = match next {
+        Ok(frame) => receiver.on_frame(frame),
+        Err(Ending::Refused(error)) => Err(receiver.refuse(error)),
+        Err(ending) => {
+            log_ending(peer, "", &ending);
+            return Err(Applied::Ended);
+        }
+    };
+    judged.map_err(|error| {
+        let total = host.counters().frames_rejected();
+        tracing::warn!(
+            %peer,
+            kind = ?error.kind(),
+            frames_rejected = total,
+            "refused a frame from production host {peer}: {}: {error}; nothing of it was applied; \
+             frames_rejected={total}; closing the connection",
+            refusal_name(error.kind())
+        );
+        Applied::Ended
+    })
+}
+
+/// Carry out a judged frame: a raised promise stored before it takes
+/// effect, the change started on the applier, and the flush that ends a
+/// resync pass done, then recorded, then answered.
+fn carry_out(host: &Host, peer: SocketAddr, applier: &mut Applier<'_>, step: Step) -> Result<(), Applied> {
+    let apply_failed = |error| store_failed(host, peer, error, "apply a change");
+    if let Some(promised) = step.persist {
+        // The promise is durable before this frame takes effect; earlier
+        // frames finish first, so none of them is applied after it.
+        applier.drain().map_err(apply_failed)?;
+        store_metadata(&host.metadata_path, &promised)
+            .map_err(|error| metadata_failed(peer, error, "store the raised epoch, generation or store state"))?;
+        *host.metadata() = promised;
+        tracing::info!(
+            %peer,
+            "stored: epoch {} promised, generation {}, store {:?}",
+            promised.epoch_promised,
+            promised.generation,
+            promised.state
+        );
+    }
+    let Some(consistent) = step.persist_after else {
+        return applier.start(step.apply, step.barrier, step.reply).map_err(apply_failed);
+    };
+    applier.start(step.apply, true, None).map_err(|error| store_failed(host, peer, error, "apply a flush"))?;
+    store_metadata(&host.metadata_path, &consistent)
+        .map_err(|error| metadata_failed(peer, error, "record the store consistent"))?;
+    *host.metadata() = consistent;
+    tracing::info!(%peer, "resync pass complete: the store holds a consistent image again");
+    applier.start(None, false, step.reply).map_err(apply_failed)
+}
+
+/// The store failed `what`: say so to the production host (an Error frame)
+/// and close.
+fn store_failed(host: &Host, peer: SocketAddr, error: crate::EngineError, what: &str) -> Applied {
+    let volume = host.volume.path().display();
+    tracing::error!(%peer, "cannot {what} on volume {volume}: {error}; closing the connection without acknowledging it");
+    let what = format!("{what} on volume {volume}");
+    Applied::Failed(Some(CopyFailure::from_error(&error, &what, CopyFailureKind::StoreIo)))
+}
+
+/// The metadata could not be stored for `what`: say so and close.
+fn metadata_failed(peer: SocketAddr, error: crate::metadata::MetadataError, what: &str) -> Applied {
+    tracing::error!(%peer, "cannot {what}: {error}; closing the connection");
+    Applied::Failed(Some(CopyFailure::from_error(&error, what, CopyFailureKind::Metadata)))
 }
