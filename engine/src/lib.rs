@@ -13,6 +13,11 @@
 //! arithmetic ([`alignment`]) and the volume itself ([`volume`]). It depends on
 //! no other crate of the workspace; callers drive it.
 //!
+//! A frontend changes a volume only through the write seam ([`seam`]), which
+//! marks the write-intent bitmap ([`bitmap`]), ships the change to the copies
+//! through the [`replicator`] (whose decisions, the bit-clearing rule among
+//! them, are a pure core: `replicator/link_core.rs`) and says when to answer.
+//!
 //! The two roles a host plays are library services with start, status and
 //! stop, owned by no CLI, so a process can change role at runtime: the copy
 //! role ([`copy_role`]) and the production side's mirroring
