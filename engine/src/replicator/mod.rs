@@ -35,7 +35,7 @@
 //! The bitmap: every write marks its regions in every copy's slot before it
 //! is issued. A copy's bit is cleared when a Flush sent after the region's
 //! last write to that copy is acknowledged and no write to the region is in
-//! flight or was shipped since (see [`link_core`]). A write a link drops (the
+//! flight or was shipped since (see `link_core.rs`). A write a link drops (the
 //! copy is disconnected or too far behind) keeps its bit and stops every
 //! pending clear of that link, so the bitmap over-approximates (invariant 6).
 //!
@@ -314,7 +314,7 @@ pub(crate) struct Shared {
     pub(crate) inflight: Mutex<HashMap<u64, u32>>,
     /// Changes released to be acknowledged to the client so far. A link
     /// that sees it grow between two frames marks the later one a barrier
-    /// (see [`link`]).
+    /// (see `link_core.rs`).
     pub(crate) released: Arc<AtomicU64>,
     store: Arc<dyn MirrorStateStore>,
     records: Mutex<Vec<CopyRecord>>,
