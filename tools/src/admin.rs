@@ -99,7 +99,9 @@ fn verify(mirror: Option<&Replicator>, query: &str) -> (u16, serde_json::Value) 
 
 /// The HTTP answer to a verify that did not run or did not finish: 404 with
 /// the copies' names for an unknown copy, 409 with its state for a copy that
-/// is not up to date, 503 for a verify cut short (the copy went away).
+/// is not up to date, 503 for a verify cut short (the copy went away, or
+/// writes never paused: try again), 500 when the local store or the repair
+/// failed.
 fn verify_error(error: &VerifyError) -> (u16, serde_json::Value) {
     let message = error.to_string();
     match error {
@@ -107,7 +109,12 @@ fn verify_error(error: &VerifyError) -> (u16, serde_json::Value) {
         VerifyError::NotUpToDate { copy, state, last_error } => {
             (409, json!({ "error": message, "copy": copy, "state": state, "last_error": last_error }))
         }
-        VerifyError::Failed { copy, .. } => (503, json!({ "error": message, "copy": copy })),
+        VerifyError::Busy { copy, .. } | VerifyError::CopyLost { copy, .. } => {
+            (503, json!({ "error": message, "copy": copy }))
+        }
+        VerifyError::Io { copy, .. } | VerifyError::RepairFailed { copy, .. } => {
+            (500, json!({ "error": message, "copy": copy }))
+        }
     }
 }
 

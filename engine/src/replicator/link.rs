@@ -373,7 +373,6 @@ impl Link {
     /// and queues the ChecksumRequest behind every change shipped so far.
     pub(crate) fn verify_extent(&self, offset: u64, length: u64) -> Result<Vec<(u64, u64)>, VerifyError> {
         let deadline = Instant::now() + VERIFY_WAIT_MAX;
-        let failed = |message: String| VerifyError::Failed { copy: self.config.name.clone(), message };
         let (local, answer) = loop {
             let mut locked = self.lock();
             let state = locked.core.state();
@@ -389,33 +388,36 @@ impl Link {
                 drop(inflight);
                 drop(locked);
                 if Instant::now() > deadline {
-                    return Err(failed(format!(
-                        "writes to bytes {offset}..{} never paused for {} s; verify gave up, try again when the volume is \
-                         less busy",
-                        offset + length,
-                        VERIFY_WAIT_MAX.as_secs()
-                    )));
+                    return Err(VerifyError::Busy {
+                        copy: self.config.name.clone(),
+                        message: format!(
+                            "writes to bytes {offset}..{} never paused for {} s; verify gave up, try again when the \
+                             volume is less busy",
+                            offset + length,
+                            VERIFY_WAIT_MAX.as_secs()
+                        ),
+                    });
                 }
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
-            let data = self
-                .shared
-                .volume
-                .read_synchronously(offset, length)
-                .map_err(|error| failed(format!("reading bytes {offset}..{} locally: {error}", offset + length)))?;
+            let data = self.shared.volume.read_synchronously(offset, length).map_err(|error| VerifyError::Io {
+                copy: self.config.name.clone(),
+                message: format!("reading bytes {offset}..{} locally: {error}", offset + length),
+            })?;
             drop(inflight);
             let (sender, answer) = sync_channel(1);
             locked.core.queue_checksum_request(offset, length, sender);
             self.notify(&locked);
             break (crate::verify::chunk_checksums(&data), answer);
         };
-        let remote = answer.recv_timeout(ACK_TIMEOUT * 2).map_err(|_| {
-            failed(format!(
+        let remote = answer.recv_timeout(ACK_TIMEOUT * 2).map_err(|_| VerifyError::CopyLost {
+            copy: self.config.name.clone(),
+            message: format!(
                 "copy {} did not answer a checksum request within {} s (connection lost?); see its last_error in status",
                 self.config.name,
                 (ACK_TIMEOUT * 2).as_secs()
-            ))
+            ),
         })?;
         Ok(crate::verify::mismatches(offset, length, &local, &remote))
     }

@@ -222,14 +222,52 @@ pub enum VerifyError {
         /// Why it is not up to date, when known.
         last_error: Option<String>,
     },
-    /// The verify started and could not finish.
+    /// Writes to an extent never paused long enough to compare it.
     #[error("verify of copy {copy} did not finish: {message}")]
-    Failed {
+    Busy {
         /// The copy.
         copy: String,
-        /// What went wrong and what to do.
+        /// Which extent, and what to do.
         message: String,
     },
+    /// The copy stopped answering (its connection was lost) during verify.
+    #[error("verify of copy {copy} did not finish: {message}")]
+    CopyLost {
+        /// The copy.
+        copy: String,
+        /// What went unanswered, and where to look.
+        message: String,
+    },
+    /// Reading the local store failed.
+    #[error("verify of copy {copy} did not finish: {message}")]
+    Io {
+        /// The copy.
+        copy: String,
+        /// What was being read, and the operating system's error.
+        message: String,
+    },
+    /// The mismatches were found but their resync could not be started.
+    #[error("verify of copy {copy} found mismatches but could not start their repair: {message}")]
+    RepairFailed {
+        /// The copy.
+        copy: String,
+        /// Why (a bitmap sync or a mirror-state record failed).
+        message: String,
+    },
+}
+
+impl VerifyError {
+    /// The copy the verify was about, when there is one.
+    pub fn copy(&self) -> Option<&str> {
+        match self {
+            VerifyError::UnknownCopy { .. } => None,
+            VerifyError::NotUpToDate { copy, .. }
+            | VerifyError::Busy { copy, .. }
+            | VerifyError::CopyLost { copy, .. }
+            | VerifyError::Io { copy, .. }
+            | VerifyError::RepairFailed { copy, .. } => Some(copy),
+        }
+    }
 }
 
 /// Whether a shipped change may be acknowledged now.
@@ -671,7 +709,8 @@ impl Replicator {
         tracing::info!(copy = name, mismatches = mismatches.len(), "verify of copy {name} compared {size} bytes");
         let repaired = repair && !mismatches.is_empty();
         if repaired {
-            link.repair(&mismatches).map_err(|message| VerifyError::Failed { copy: name.to_string(), message })?;
+            link.repair(&mismatches)
+                .map_err(|message| VerifyError::RepairFailed { copy: name.to_string(), message })?;
         }
         Ok(VerifyReport { copy: name.to_string(), bytes_compared: size, mismatches, repaired })
     }
