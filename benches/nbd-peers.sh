@@ -17,7 +17,9 @@
 #   CM_BIN [/work/main/target/release/crossmirror]  crossmirror binary
 #                     (setting CM_BIN also skips the build)
 #   MODES ["buffered direct"]
-#   SERVERS ["crossmirror nbdkit qemu-nbd"]
+#   SERVERS ["crossmirror nbdkit qemu-nbd"]; also crossmirror-base, a second
+#                     crossmirror build (CM_BASE_BIN) for an A/B in one run
+#   CM_BASE_BIN []    the crossmirror-base binary
 #   WORKLOADS ["4k-randwrite-qd32 4k-randread-qd32 1M-seqwrite-qd8 1M-seqread-qd8"]
 #   SCRATCH_PARENT [/var/tmp]  scratch dir parent (must not be tmpfs)
 #   PORT_BASE [20809] first TCP port tried on 127.0.0.1 (a fresh port per start)
@@ -87,7 +89,7 @@ nbdkit file --version >/dev/null 2>&1 || die "nbdkit file plugin missing"
 for w in $WORKLOADS; do wl_params "$w" >/dev/null || die "unknown workload $w"; done
 for m in $MODES; do [[ $m == buffered || $m == direct ]] || die "unknown mode $m"; done
 for s in $SERVERS; do
-    case $s in crossmirror | nbdkit | qemu-nbd) ;; *) die "unknown server $s" ;; esac
+    case $s in crossmirror | nbdkit | qemu-nbd) ;; crossmirror-base) [[ -x ${CM_BASE_BIN:-} ]] || die "crossmirror-base needs CM_BASE_BIN" ;; *) die "unknown server $s" ;; esac
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "RUNTIME must be a positive integer"
@@ -209,10 +211,11 @@ start_server() {
     local srv=$1 mode=$2 logf=$3
     pick_port
     case $srv in
-        crossmirror)
-            local extra=()
+        crossmirror | crossmirror-base)
+            local extra=() binary=$CM_BIN
             [[ $mode == direct ]] && extra=(--direct)
-            "$CM_BIN" serve --volume "$VOL" --listen "127.0.0.1:$PORT" "${extra[@]}" >"$logf" 2>&1 &
+            [[ $srv == crossmirror-base ]] && binary=$CM_BASE_BIN
+            "$binary" serve --volume "$VOL" --listen "127.0.0.1:$PORT" "${extra[@]}" >"$logf" 2>&1 &
             ;;
         nbdkit)
             local extra=()

@@ -39,7 +39,6 @@ import json
 import shutil
 import math
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -170,15 +169,7 @@ class QemuSetup:
         return self.target
 
     def stop(self):
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        mirror.stop_processes(self.processes)
         self.processes = []
 
 
