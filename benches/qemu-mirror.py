@@ -272,8 +272,8 @@ def measure(scratch, binary, commit):
 
     for config in [c for c in CONFIGS if c.endswith("-sync")]:
         setup = make(config)
-        setup.start()
         try:
+            setup.start()
             prove_synchronous(setup, config)
         finally:
             setup.stop()
@@ -282,8 +282,8 @@ def measure(scratch, binary, commit):
         order = CONFIGS[round_number % len(CONFIGS):] + CONFIGS[:round_number % len(CONFIGS)]
         for config in order:
             setup = make(config)
-            setup.start()
             try:
+                setup.start()
                 for workload in WORKLOADS:
                     iops = fio(setup.uri, workload)
                     results.setdefault((config, workload), []).append(iops)
