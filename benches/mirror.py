@@ -201,13 +201,15 @@ def resync(scratch, binary, secret, direct):
         if os.path.exists(leftover):
             os.remove(leftover)
     started = time.time()
-    setup.start(wait=False)
-    while status(setup.admin)["copies"][0]["state"] != "up_to_date":
-        if time.time() - started > 600:
-            raise RuntimeError("the new copy never became up to date")
-        time.sleep(0.02)
-    copy = status(setup.admin)["copies"][0]
-    setup.stop()
+    try:
+        setup.start(wait=False)
+        while status(setup.admin)["copies"][0]["state"] != "up_to_date":
+            if time.time() - started > 600:
+                raise RuntimeError("the new copy never became up to date")
+            time.sleep(0.02)
+        copy = status(setup.admin)["copies"][0]
+    finally:
+        setup.stop()
     # The pass runs from the "connected" log line to the "up to date" one.
     stamps = {}
     with open(os.path.join(scratch, "resync-production.log")) as f:
@@ -244,8 +246,8 @@ def main():
             for config in order:
                 setup = Setup(scratch, config, binary, secret)
                 log(f"round {round_number + 1}: {config}: starting (copies sync first)")
-                setup.start()
                 try:
+                    setup.start()
                     for workload in WORKLOADS:
                         iops, mbs = fio(setup.port, workload)
                         results.setdefault((config, workload), []).append((iops, mbs))
