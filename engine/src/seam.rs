@@ -127,10 +127,11 @@ impl<T> ChangeSeam<T> {
         }
     }
 
-    /// Before the local part of a write, trim or zero is issued: its
-    /// regions are marked durably in the bitmap and counted in flight.
-    /// Every `begin` is followed by exactly one `completed`, `failed` or
-    /// `abandon` of the same change.
+    /// Before the local part of a change is issued: a write, trim or zero
+    /// has its regions marked durably in the bitmap and counted in flight
+    /// (and is then followed by exactly one `completed`, `failed` or
+    /// `abandon` of the same change); a flush is refused once the store
+    /// failed one.
     pub fn begin(&self, change: &ChangeExtent) -> Result<(), Refused> {
         match &self.mirror {
             Some(mirror) if !change.is_flush() => mirror.begin_write(change.offset, change.length),

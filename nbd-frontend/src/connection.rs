@@ -711,19 +711,19 @@ impl Connection {
     fn execute(&mut self, header: RequestHeader, command: Command) {
         let cookie = header.cookie;
         let (offset, len) = (header.offset, header.length as u64);
-        if matches!(command, Command::Read | Command::Flush) && self.seam.check_store().is_err() {
-            // The store may lack acknowledged writes: neither reads nor
-            // flushes can be answered truthfully from it any more.
-            let code = if matches!(command, Command::Read) { CMD_READ } else { CMD_FLUSH };
-            return self.reply_error(cookie, code, EIO);
-        }
         match command {
+            // A store that failed a flush may lack acknowledged writes: it
+            // cannot answer a read truthfully any more (nor a flush: `begin`).
+            Command::Read if self.seam.check_store().is_err() => self.reply_error(cookie, CMD_READ, EIO),
             Command::Read => {
                 let span = self.volume.span(offset, len);
                 let buf = self.pool.take(span.file_len as usize);
                 self.push_read(cookie, offset, buf, span, 0);
             }
-            Command::Flush => self.push_fsync_then_ship(cookie, None, ChangeExtent::flush()),
+            Command::Flush => match self.seam.begin(&ChangeExtent::flush()) {
+                Ok(()) => self.push_fsync_then_ship(cookie, None, ChangeExtent::flush()),
+                Err(_) => self.reply_error(cookie, CMD_FLUSH, EIO),
+            },
             Command::Trim { fua } => self.locked(LockedWork::Trim { cookie, offset, len, fua }),
             Command::WriteZeroes { fua, may_punch, fast_only } => {
                 self.locked(LockedWork::Zero { cookie, offset, len, fua, may_punch, fast_only })

@@ -57,7 +57,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -358,7 +358,9 @@ pub(crate) struct Shared {
     records: Mutex<Vec<CopyRecord>>,
     pub(crate) shutdown: AtomicBool,
     /// Why the local store failed, once it has (see [`Replicator::local_flush_failed`]).
-    local_failure: Mutex<Option<String>>,
+    /// Set once and never cleared, so every read and write can look at it
+    /// without a lock.
+    local_failure: OnceLock<String>,
     metadata_path: Option<PathBuf>,
 }
 
@@ -385,7 +387,7 @@ impl Shared {
 
     /// Why the local store failed, if it has.
     pub(crate) fn local_failure(&self) -> Option<String> {
-        self.local_failure.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.local_failure.get().cloned()
     }
 
     /// The store token recorded for the copy in `slot`.
@@ -541,7 +543,7 @@ impl Replicator {
             store,
             records: Mutex::new(records),
             shutdown: AtomicBool::new(false),
-            local_failure: Mutex::new(None),
+            local_failure: OnceLock::new(),
             metadata_path: config.metadata_path,
         });
         let links: Vec<Arc<Link>> = config
@@ -568,8 +570,8 @@ impl Replicator {
     /// exactly one [`Replicator::ship`] or [`Replicator::abandon`] of the same
     /// extent.
     pub fn begin_write(&self, offset: u64, len: u64) -> Result<(), WriteRefused> {
-        if let Some(why) = self.shared.local_failure() {
-            return Err(WriteRefused::LocalStoreFailed(why));
+        if let Some(why) = self.shared.local_failure.get() {
+            return Err(WriteRefused::LocalStoreFailed(why.clone()));
         }
         {
             let mut inflight = self.shared.inflight();
@@ -599,12 +601,8 @@ impl Replicator {
     pub fn local_flush_failed(&self, errno: i32) {
         let error = std::io::Error::from_raw_os_error(errno);
         let why = format!("a flush of the local store failed ({error})");
-        {
-            let mut failure = self.shared.local_failure.lock().unwrap_or_else(PoisonError::into_inner);
-            if failure.is_some() {
-                return;
-            }
-            *failure = Some(why.clone());
+        if self.shared.local_failure.set(why.clone()).is_err() {
+            return;
         }
         tracing::error!(
             volume = %self.shared.volume.path().display(),
