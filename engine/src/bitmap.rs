@@ -312,7 +312,7 @@ fn parse_header(path: &Path, header: &[u8; HEADER_BYTES]) -> Result<Header, Bitm
 /// Besides the mapping it keeps one in-memory change stamp per word of a
 /// slot, 1/`slots` of the bitmap's own size. Dropping it does not msync:
 /// marks were made durable by their flushes, and clears not yet written
-/// cost only some extra resync. Call [`WriteIntentBitmap::sync_all`] for a
+/// cost only some extra resync. Call [`WriteIntentBitmap::close_clean`] for a
 /// clean close that keeps the clears too.
 #[derive(Debug)]
 pub struct WriteIntentBitmap {
@@ -482,15 +482,6 @@ impl WriteIntentBitmap {
         }
         // Read the count under the change lock: every change it includes has
         // finished its stores, so the msync below carries all of them.
-        let covered = *self.lock_changes();
-        self.map.flush().map_err(|source| self.io_error("msync", source))?;
-        self.changes_durable.fetch_max(covered, Ordering::AcqRel);
-        Ok(())
-    }
-
-    /// Write every change, clears included, to disk now (for a clean close).
-    pub fn sync_all(&self) -> Result<(), BitmapError> {
-        let _flushing = self.flush_lock.lock().unwrap_or_else(PoisonError::into_inner);
         let covered = *self.lock_changes();
         self.map.flush().map_err(|source| self.io_error("msync", source))?;
         self.changes_durable.fetch_max(covered, Ordering::AcqRel);
@@ -912,9 +903,7 @@ fn open(path: &Path, geometry: Geometry) -> Result<WriteIntentBitmap, BitmapErro
             path.display()
         );
         for slot in 0..geometry.slots {
-            bitmap.for_each_word(slot, 0, geometry.region_count() - 1, |word, mask| {
-                word.fetch_or(mask, Ordering::Release);
-            });
+            bitmap.set_all(slot);
         }
     }
     // Mark the header open. A process that died between setting bits and

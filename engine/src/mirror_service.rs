@@ -8,7 +8,7 @@
 //! mirrored again in the same process.
 //!
 //! ```text
-//!  tools: serve / node ─▶ Volume::open ─▶ MirrorService::start ─▶ Arc<Replicator> ─▶ nbd_frontend::Server (Export.mirror)
+//!  tools: serve / node ─▶ Volume::open ─▶ MirrorService::start ─▶ Arc<Replicator> ─▶ nbd_frontend::Server (Export.changes)
 //!                                          (metadata, bitmap, state, links)       └▶ admin endpoint (status, verify)
 //!  stop:  Server stops ─▶ MirrorService::stop (links joined, bitmap closed clean) ─▶ last holder drops: flock released
 //! ```

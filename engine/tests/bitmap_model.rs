@@ -120,7 +120,7 @@ proptest! {
                 .sum();
             prop_assert_eq!(bitmap.dirty_bytes(slot), expected);
         }
-        bitmap.sync_all().unwrap();
+        bitmap.close_clean().unwrap();
         drop(bitmap);
         prop_assert_eq!(bits(&open(&path, volume_size, slots)), model);
     }
