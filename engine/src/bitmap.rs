@@ -119,13 +119,6 @@ pub enum Opened {
 }
 const BITS_PER_WORD: u64 = 64;
 
-/// The path of the bitmap that belongs to the volume at `volume_path`.
-pub fn bitmap_path(volume_path: &Path) -> PathBuf {
-    let mut name = volume_path.as_os_str().to_owned();
-    name.push(BITMAP_FILE_SUFFIX);
-    PathBuf::from(name)
-}
-
 /// What went wrong with a bitmap, for callers that choose a reaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BitmapErrorKind {
@@ -934,12 +927,6 @@ mod tests {
 
     fn open_in(directory: &Path, volume_size: u64, region_bytes: u64, slots: u32) -> WriteIntentBitmap {
         WriteIntentBitmap::open_or_create(&directory.join("volume.cmbitmap"), volume_size, region_bytes, slots).unwrap()
-    }
-
-    /// The bitmap's file name is the volume's with the suffix appended.
-    #[test]
-    fn path_sits_next_to_the_volume() {
-        assert_eq!(bitmap_path(Path::new("/srv/vol.img")), PathBuf::from("/srv/vol.img.cmbitmap"));
     }
 
     /// A new bitmap is clear and has the geometry asked for and the expected file size.

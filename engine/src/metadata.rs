@@ -145,13 +145,6 @@ impl MetadataFiles {
     }
 }
 
-/// The path of the metadata file that belongs to the volume at `volume_path`.
-pub fn metadata_path(volume_path: &Path) -> PathBuf {
-    let mut name = volume_path.as_os_str().to_owned();
-    name.push(METADATA_FILE_SUFFIX);
-    PathBuf::from(name)
-}
-
 /// Metadata an older release wrote into /dev (a tmpfs emptied by every
 /// reboot) is not silently left behind: say where it goes now. `files` are
 /// the metadata files `volume` uses now.

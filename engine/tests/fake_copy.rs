@@ -128,7 +128,7 @@ impl Mirror {
             SLOTS_MAX,
         )
         .unwrap();
-        let store = LocalStateFile::for_volume(&volume_path);
+        let store = LocalStateFile::at(&engine::metadata::MetadataFiles::beside(&volume_path).state);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address: SocketAddr = listener.local_addr().unwrap();
         let config = ReplicatorConfig {

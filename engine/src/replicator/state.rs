@@ -140,13 +140,6 @@ pub struct LocalStateFile {
 }
 
 impl LocalStateFile {
-    /// The state file that belongs to the volume at `volume_path`.
-    pub fn for_volume(volume_path: &Path) -> LocalStateFile {
-        let mut name = volume_path.as_os_str().to_owned();
-        name.push(STATE_FILE_SUFFIX);
-        LocalStateFile { path: PathBuf::from(name) }
-    }
-
     /// The state file at `path`.
     pub fn at(path: &Path) -> LocalStateFile {
         LocalStateFile { path: path.to_path_buf() }
@@ -274,7 +267,7 @@ mod tests {
     #[test]
     fn records_round_trip_through_the_file() {
         let directory = tempfile::tempdir().unwrap();
-        let store = LocalStateFile::for_volume(&directory.path().join("volume"));
+        let store = LocalStateFile::at(&crate::metadata::MetadataFiles::beside(&directory.path().join("volume")).state);
         assert_eq!(store.load().unwrap(), []);
         store.store(&records()).unwrap();
         assert_eq!(store.load().unwrap(), records());
@@ -285,7 +278,7 @@ mod tests {
     #[test]
     fn errors_say_their_kind() {
         let directory = tempfile::tempdir().unwrap();
-        let store = LocalStateFile::for_volume(&directory.path().join("volume"));
+        let store = LocalStateFile::at(&crate::metadata::MetadataFiles::beside(&directory.path().join("volume")).state);
         std::fs::write(store.path(), b"crossmirror-copies 2\ncrc 00000000\n").unwrap();
         assert_eq!(store.load().unwrap_err().kind(), StateErrorKind::Corrupt);
         let nowhere = LocalStateFile::at(&directory.path().join("missing").join("volume.cmcopies"));
