@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use system_tests::{free_port, free_port_on, wait_until, write_secret, Process, Scratch};
+use system_tests::{free_port, wait_until, write_secret, CopyHost, Process, Scratch};
 
 /// Connections the hostile client holds open: more than the copy host's
 /// table of handshakes.
@@ -72,26 +72,10 @@ fn hostile_client(target: SocketAddr, stop: Arc<AtomicBool>, opened: Arc<AtomicU
 #[test]
 fn idle_connections_do_not_keep_the_production_host_out() {
     let scratch = Scratch::new("replication-flood");
-    let secret = write_secret(&scratch, "secret", 5);
-    let secret = secret.display().to_string();
-    let copy_address: SocketAddr = format!("127.0.0.2:{}", free_port_on("127.0.0.2")).parse().unwrap();
-    let copy_admin: SocketAddr = format!("127.0.0.2:{}", free_port_on("127.0.0.2")).parse().unwrap();
-    let (store, listen, admin) =
-        (scratch.join("copy.img").display().to_string(), copy_address.to_string(), copy_admin.to_string());
-    let copy_args = [
-        "copy-host",
-        "--volume",
-        &store,
-        "--size",
-        "8M",
-        "--listen",
-        &listen,
-        "--secret-file",
-        &secret,
-        "--admin",
-        &admin,
-    ];
-    let copy = Process::start(&scratch, &copy_args, copy_address);
+    let secret_path = write_secret(&scratch, "secret", 5);
+    let copy_host = CopyHost::start(&scratch, "127.0.0.2", &scratch.join("copy.img"), "8M", &secret_path, &[]);
+    let (copy, copy_address, copy_admin) = (copy_host.process, copy_host.address, copy_host.admin);
+    let secret = secret_path.display().to_string();
 
     let volume = scratch.join("production.img").display().to_string();
     let mirror = format!("copy={copy_address}");
