@@ -167,7 +167,12 @@ def stop_processes(processes):
 
 
 def fio(port, workload):
-    args = ["fio", "--name=bench", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}", "--numjobs=2",
+    return fio_uri(f"nbd://127.0.0.1:{port}", workload)
+
+
+def fio_uri(uri, workload):
+    """fio against `uri`: (IOPS, MB/s) of the workload's direction."""
+    args = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--numjobs=2",
             "--size=512M", "--offset_increment=512M", "--time_based", f"--runtime={RUNTIME}", "--ramp_time=1",
             "--group_reporting", "--output-format=json"] + WORKLOAD_ARGS[workload]
     output = subprocess.run(args, capture_output=True, text=True, check=True).stdout

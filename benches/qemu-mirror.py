@@ -194,15 +194,6 @@ class CrossmirrorSetup:
         self.setup.stop()
 
 
-def fio(uri, workload):
-    args = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", "--numjobs=2", "--size=512M",
-            "--offset_increment=512M", "--time_based", f"--runtime={RUNTIME}", "--ramp_time=1",
-            "--group_reporting", "--output-format=json"] + mirror.WORKLOAD_ARGS[workload]
-    output = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    job = json.loads(output[output.find("{"):])["jobs"][0]
-    return job["write" if "write" in workload else "read"]["iops"]
-
-
 PROOF = r"""
 import nbd, os, sys, time, signal
 uri, copy, pid, offset = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -285,7 +276,7 @@ def measure(scratch, binary, commit):
             try:
                 setup.start()
                 for workload in WORKLOADS:
-                    iops = fio(setup.uri, workload)
+                    iops, _ = mirror.fio_uri(setup.uri, workload)
                     results.setdefault((config, workload), []).append(iops)
                     log(f"round {round_number + 1} {config} {workload}: {iops:.0f} IOPS")
             finally:
