@@ -106,6 +106,24 @@ except nbd.Error as error:
     let read = qemu_io(&uri, "read 0 4k");
     let text = format!("{}{}", String::from_utf8_lossy(&read.stdout), String::from_utf8_lossy(&read.stderr));
     assert!(!read.status.success() || text.contains("error"), "reads of a failed store get EIO: {text}");
+    let script = format!(
+        r#"
+import nbd
+h = nbd.NBD()
+h.connect_uri("{uri}")
+for name, call in (("write", lambda: h.pwrite(b"x" * 4096, 0)), ("flush", h.flush)):
+    try:
+        call()
+        print(name, "succeeded")
+    except nbd.Error as error:
+        print(name, "failed", error)
+"#
+    );
+    let later = nbdsh_script(&script);
+    assert!(
+        later.contains("write failed") && later.contains("flush failed"),
+        "writes and flushes of a failed store get EIO: {later}"
+    );
     let table = run(binary().to_str().unwrap(), &["status", "--admin", &admin.to_string()]);
     assert!(table.contains("LOCAL STORE FAILED"), "{table}");
 
