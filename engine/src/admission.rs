@@ -7,10 +7,14 @@
 //! re-opening idle connections keep a restarted production host out for 45 s.
 //! Here a newcomer always gets a slot: when the table is full (or its peer
 //! address holds its share), the oldest handshake that has not yet sent its
-//! Hello is closed — else the oldest one. A real production host sends its
-//! Hello as soon as it connects, so idle connections are always evicted
-//! before it; and an idle connection is closed anyway after the short Hello
-//! deadline. The choice is a pure function ([`victim`]), tested below.
+//! Hello is closed — else the oldest one of the address that holds the most.
+//! A real production host sends its Hello as soon as it connects, so idle
+//! connections are always evicted before it; sending a Hello takes no
+//! secret, so among greeted ones a flood from a few addresses loses its own
+//! before the production host's single handshake (only as many addresses as
+//! the table has slots could push it out); and an idle connection is closed
+//! anyway after the short Hello deadline. The choice is a pure function
+//! ([`victim`]), tested below.
 
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,9 +40,11 @@ pub struct Pending {
 /// Which handshake to close before a new one from `ip` is admitted, if any:
 /// the table is full, or `ip` holds its share of it. Within the set that is
 /// over its limit (`ip`'s own handshakes, else all), idle ones (no Hello
-/// yet) go first, the oldest first.
+/// yet) go first, then those of the address holding the most, the oldest
+/// first.
 pub fn victim(pending: &[Pending], ip: IpAddr) -> Option<usize> {
-    let from_ip = pending.iter().filter(|entry| entry.peer.ip() == ip).count();
+    let held_by = |ip: IpAddr| pending.iter().filter(|entry| entry.peer.ip() == ip).count();
+    let from_ip = held_by(ip);
     let only_ip = if from_ip >= HANDSHAKES_PER_PEER_MAX {
         true
     } else if pending.len() >= HANDSHAKES_MAX {
@@ -50,7 +56,7 @@ pub fn victim(pending: &[Pending], ip: IpAddr) -> Option<usize> {
         .iter()
         .enumerate()
         .filter(|(_, entry)| !only_ip || entry.peer.ip() == ip)
-        .min_by_key(|(_, entry)| (entry.greeted, entry.accepted))
+        .min_by_key(|(_, entry)| (entry.greeted, std::cmp::Reverse(held_by(entry.peer.ip())), entry.accepted))
         .map(|(index, _)| index)
 }
 
@@ -190,6 +196,18 @@ mod tests {
             entry.greeted = true;
         }
         assert_eq!(victim(&table, "10.0.1.1".parse().unwrap()), Some(HANDSHAKES_MAX - 1), "all greeted: the oldest");
+    }
+
+    /// Greeted handshakes from two flooding addresses (a Hello needs no
+    /// secret) cannot push out the production host's one, the oldest.
+    #[test]
+    fn a_flood_from_several_addresses_loses_its_own_greeted_handshakes_first() {
+        let now = Instant::now();
+        let mut table = vec![pending("10.0.0.100", 1, 1000, true, now)]; // production, mid-handshake
+        table.extend((0..8u16).map(|i| pending("10.0.0.1", i, 100 + i as u64, true, now)));
+        table.extend((0..7u16).map(|i| pending("10.0.0.2", i, 10 + i as u64, true, now)));
+        assert_eq!(table.len(), HANDSHAKES_MAX);
+        assert_eq!(victim(&table, "10.0.0.2".parse().unwrap()), Some(8), "the busiest address's oldest");
     }
 
     #[test]

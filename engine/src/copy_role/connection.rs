@@ -162,9 +162,12 @@ pub(super) fn serve_connection(host: &Host, stream: TcpStream, peer: SocketAddr)
     let Some(ticket) = take_place(host, &connection.stream, peer) else {
         return;
     };
-    let established = handshake(&mut connection, &ticket);
-    // Authenticated or not, it no longer holds a place among the handshakes.
+    let authenticated = handshake(&mut connection, &ticket);
+    // Authenticated or not, it no longer holds a place among the handshakes:
+    // an authenticated peer waiting for the session slot (up to the takeover
+    // wait) must not be evicted by newer unauthenticated connections.
     drop(ticket);
+    let established = authenticated.and_then(|session| admit(&mut connection, session));
     let Some((session, _slot)) = established else {
         connection.flush_before_closing();
         return;
@@ -240,9 +243,9 @@ pub(super) fn log_ending(peer: SocketAddr, phase: &str, ending: &Ending) {
     }
 }
 
-/// Run the copy's side of the handshake; on success the session and the
-/// claimed session slot, after the Accept is queued.
-fn handshake<'host>(connection: &mut Connection<'host>, ticket: &Ticket<'_>) -> Option<(Session, SessionSlot<'host>)> {
+/// Run the copy's side of the handshake up to authentication; on success
+/// the session, which `admit` then claims the slot for and accepts.
+fn handshake<'host>(connection: &mut Connection<'host>, ticket: &Ticket<'_>) -> Option<Session> {
     let host = connection.host;
     let started = Instant::now();
     let deadline = started + HANDSHAKE_TIMEOUT;
@@ -316,7 +319,7 @@ fn handshake<'host>(connection: &mut Connection<'host>, ticket: &Ticket<'_>) -> 
                 return None;
             }
             // The Accept waits until the slot is claimed and the identity stored.
-            HandshakeOutcome::Established(session) => return admit(connection, session),
+            HandshakeOutcome::Established(session) => return Some(session),
         }
     }
 }
