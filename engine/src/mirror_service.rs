@@ -94,6 +94,22 @@ pub enum MirrorServiceError {
     /// The replicator could not start.
     #[error(transparent)]
     Replicator(#[from] StartError),
+    /// Another process holds the store (a copy host applying to it, or
+    /// another production host serving it).
+    #[error("volume {path} is in use by another process (a copy host or another production host); stop it first")]
+    Locked {
+        /// The store.
+        path: PathBuf,
+    },
+    /// The store's lock could not be taken.
+    #[error("cannot lock volume {path}: {source}")]
+    Lock {
+        /// The store.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Mirroring of one production volume to its copies, running.
@@ -112,9 +128,16 @@ impl MirrorService {
             config.copies.len() <= SLOTS_MAX as usize,
             "at most {SLOTS_MAX} copies; callers check the configuration"
         );
+        let path = config.volume.path();
+        // Before anything is read or written: no other process may hold the
+        // store (a copy host applying to it would share its .cmmeta).
+        match config.volume.try_lock_exclusive() {
+            Ok(true) => {}
+            Ok(false) => return Err(MirrorServiceError::Locked { path: path.to_path_buf() }),
+            Err(source) => return Err(MirrorServiceError::Lock { path: path.to_path_buf(), source }),
+        }
         let files = &config.files;
         files.create_directory()?;
-        let path = config.volume.path();
         let store_fingerprint =
             fingerprint(path).map_err(|source| MirrorServiceError::Fingerprint { path: path.to_path_buf(), source })?;
         let start = production_start(files, config.volume.size(), &store_fingerprint, config.new_store)?;
@@ -305,6 +328,9 @@ mod tests {
             matches!(&refused, MirrorServiceError::Bitmap(error) if error.kind() == BitmapErrorKind::Busy),
             "{refused:?}"
         );
+        let elsewhere = Arc::new(Volume::open(&options).unwrap());
+        let refused = MirrorService::start(config(&elsewhere, 1)).err().expect("the store is held");
+        assert!(matches!(refused, MirrorServiceError::Locked { .. }), "{refused:?}");
         first.stop();
         let second = MirrorService::start(config(&volume, 7)).expect("the bitmap is free after stop");
         let status = second.status();

@@ -218,6 +218,15 @@ impl Volume {
         &self.locks
     }
 
+    /// Take the exclusive lock of this open volume without waiting:
+    /// `Ok(true)` when taken (or already held through this open file),
+    /// `Ok(false)` when another open file of the store holds it. Both roles
+    /// take it, so a store is never served and applied to at once, nor
+    /// applied to by two copy hosts.
+    pub fn try_lock_exclusive(&self) -> io::Result<bool> {
+        crate::file_lock::try_lock_exclusive(self.fd())
+    }
+
     /// The file descriptor, for io_uring entries.
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()

@@ -504,10 +504,11 @@ fn open_metadata(volume: &Volume, metadata_dir: Option<&Path>) -> Result<(PathBu
 }
 
 /// Take an exclusive lock on the volume, so two copy hosts never apply
-/// frames to one store. The lock goes with the open file.
+/// frames to one store, nor a production host serve it meanwhile. The lock
+/// goes with the open file.
 fn lock_volume(volume: &Volume) -> Result<(), CopyRoleError> {
     let path = volume.path().to_path_buf();
-    match crate::file_lock::try_lock_exclusive(volume.fd()) {
+    match volume.try_lock_exclusive() {
         Ok(true) => Ok(()),
         Ok(false) => Err(CopyRoleError::Locked { path }),
         Err(source) => Err(CopyRoleError::Lock { path, source }),
