@@ -371,16 +371,23 @@ impl Shared {
 
     /// Record `state` for the copy in `slot`, durably.
     pub(crate) fn record(&self, slot: u32, state: RecordedState) -> Result<(), StateError> {
+        self.update_record(slot, |record| record.state = state)
+    }
+
+    /// Change the record of the copy in `slot` and store every record; an
+    /// unchanged record is not stored again, a failed store leaves the
+    /// record as it was.
+    fn update_record(&self, slot: u32, change: impl FnOnce(&mut CopyRecord)) -> Result<(), StateError> {
         let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
-        let record = records.iter_mut().find(|record| record.slot == slot).expect("every link has a record");
-        if record.state == state {
+        let index = records.iter().position(|record| record.slot == slot).expect("every link has a record");
+        let before = records[index].clone();
+        change(&mut records[index]);
+        if records[index] == before {
             return Ok(());
         }
-        let before = record.state;
-        record.state = state;
         let result = self.store.store(&records);
         if result.is_err() {
-            records.iter_mut().find(|record| record.slot == slot).expect("found above").state = before;
+            records[index] = before;
         }
         result
     }
@@ -399,15 +406,7 @@ impl Shared {
     /// Record `store` as the token of the copy store in `slot`, durably.
     /// The caller has made that copy's every bit set and durable first.
     pub(crate) fn record_store(&self, slot: u32, store: StoreToken) -> Result<(), StateError> {
-        let mut records = self.records.lock().unwrap_or_else(PoisonError::into_inner);
-        let record = records.iter_mut().find(|record| record.slot == slot).expect("every link has a record");
-        let before = record.store;
-        record.store = store;
-        let result = self.store.store(&records);
-        if result.is_err() {
-            records.iter_mut().find(|record| record.slot == slot).expect("found above").store = before;
-        }
-        result
+        self.update_record(slot, |record| record.store = store)
     }
 
     /// The regions `len` bytes at `offset` touch (the bitmap's arithmetic).

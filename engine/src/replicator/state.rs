@@ -228,7 +228,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<CopyRecord>, String> {
             generation: generation.parse().map_err(|_| format!("bad generation in `{line}`"))?,
             store: match store {
                 Some(hex) => parse_token(hex).ok_or_else(|| format!("bad store token in `{line}`"))?,
-                None => [0; 16],
+                None => crate::protocol::auth::STORE_TOKEN_UNKNOWN,
             },
         });
     }
