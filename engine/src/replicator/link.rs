@@ -242,17 +242,16 @@ impl Link {
     /// Carry out `commands` in order, feeding the outcome of a persist or a
     /// read back to the core (whose follow-up commands come next). `in_flight`
     /// is the in-flight table the core's clearing decision read, if it was
-    /// locked for it: it stays locked until the last ClearBits is carried
-    /// out (a Release of the acknowledged Flush's hold may come first), so a
-    /// write that begins meanwhile sets its bit after the clear, never
-    /// before it; it is unlocked before anything after (a persist, say).
+    /// locked for it: it stays locked while the ClearBits the core puts
+    /// first is carried out, so a write that begins meanwhile sets its bit
+    /// after the clear, never before it; it is unlocked before anything
+    /// after (a release, a persist).
     /// Returns what the sender does next.
     fn execute(&self, locked: &mut Locked, commands: Vec<LinkCommand>, in_flight: &mut InFlightGuard<'_>) -> Next {
         let mut work = VecDeque::from(commands);
         let mut next = Next::Poll;
         while let Some(command) = work.pop_front() {
-            let clears_ahead = |command: &LinkCommand| matches!(command, Command::ClearBits(_));
-            if !clears_ahead(&command) && !work.iter().any(clears_ahead) {
+            if !matches!(command, Command::ClearBits(_)) {
                 in_flight.take();
             }
             let follow_up = match command {

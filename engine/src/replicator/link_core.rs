@@ -319,7 +319,7 @@ enum AfterPersist<H> {
     /// A repair's copy (Syncing), before its ranges are marked.
     Repair { ranges: Vec<(u64, u64)> },
     /// A behind copy drained its queue (Syncing).
-    CaughtUp { now_ms: u64 },
+    CaughtUp,
     /// A change the copy cannot get from a frame (Syncing).
     Missed,
     /// The resync pass's closing Flush was acknowledged (Current).
@@ -375,16 +375,18 @@ pub(crate) struct LinkCore<H, V> {
     resync_checks_outstanding: u32,
     /// The regions a [`Command::ReadForResync`] of the pass is reading.
     resync_reading: Option<(u64, u64)>,
-    /// When the pass (for `resync_rate_max`) started, and what it queued.
-    resync_started_ms: u64,
+    /// When the pass (for `resync_rate_max`) first asked whether to wait,
+    /// and what it queued since: set by the first `resync_pause_ms` of each
+    /// pass, so every pass is held to the rate, not only the first of a
+    /// connection.
+    resync_started_ms: Option<u64>,
     resync_sent_bytes: u64,
     last_flush_ms: u64,
     last_sent_ms: u64,
-    /// The connection failed; the sender tears it down.
-    broken: bool,
-    /// Why the current connection ended: the first cause seen (the copy's
-    /// Error frame, an ack timeout, a closed socket), so a later symptom of
-    /// the same teardown does not replace it.
+    /// Why the current connection failed, once it has (the sender then tears
+    /// it down): the first cause seen (the copy's Error frame, an ack
+    /// timeout, a closed socket), so a later symptom of the same teardown
+    /// does not replace it.
     ending: Option<String>,
     /// Why the copy is not up to date, for status; cleared when it is.
     last_error: Option<String>,
@@ -421,11 +423,10 @@ impl<H, V> LinkCore<H, V> {
             resync_pass: 0,
             resync_checks_outstanding: 0,
             resync_reading: None,
-            resync_started_ms: 0,
+            resync_started_ms: None,
             resync_sent_bytes: 0,
             last_flush_ms: 0,
             last_sent_ms: 0,
-            broken: false,
             ending: None,
             last_error: None,
             progress: false,
@@ -464,7 +465,7 @@ impl<H, V> LinkCore<H, V> {
         self.config.mode == MirrorMode::Sync
             && self.state.takes_changes()
             && self.lag_bytes > SYNC_QUEUE_BYTES_MAX
-            && !self.broken
+            && self.ending.is_none()
     }
 
     /// The regions `length` bytes at `offset` touch: the arithmetic of
@@ -505,7 +506,6 @@ impl<H, V> LinkCore<H, V> {
     /// sees it at its next [`LinkCore::poll_send`].
     pub(crate) fn connection_failed(&mut self, why: String) {
         self.ending.get_or_insert(why);
-        self.broken = true;
     }
 
     /// A change this copy will not get: its regions need a resync whole,
@@ -522,6 +522,8 @@ impl<H, V> LinkCore<H, V> {
         self.resync_pass += 1;
         self.resync_next = Some(0);
         self.resync_pending.start_pass();
+        self.resync_started_ms = None;
+        self.resync_sent_bytes = 0;
     }
 }
 
@@ -796,7 +798,6 @@ impl<H, V> LinkCore<H, V> {
         self.connection += 1;
         self.next_sequence = 1;
         self.state = CopyState::Syncing;
-        self.broken = false;
         self.ending = None;
         self.progress = false;
         self.last_sent_ms = now_ms;
@@ -828,8 +829,6 @@ impl<H, V> LinkCore<H, V> {
             }
         }
         self.start_resync_pass();
-        self.resync_started_ms = now_ms;
-        self.resync_sent_bytes = 0;
         commands
     }
 
@@ -851,7 +850,6 @@ impl<H, V> LinkCore<H, V> {
         self.resync_next = None;
         self.resync_reading = None;
         self.resync_pending.end_pass();
-        self.broken = false;
         self.connection += 1;
         // The connection is gone with its unacknowledged flushes; the next
         // one resyncs every dirty region whole, so nothing prepared here clears.
@@ -901,7 +899,7 @@ impl<H, V> LinkCore<H, V> {
                     self.not_connected(format!("cannot record copy {}'s store token: {error}", self.config.name))
                 }
             },
-            AfterPersist::CaughtUp { now_ms } => self.caught_up_recorded(now_ms, result),
+            AfterPersist::CaughtUp => self.caught_up_recorded(result),
             AfterPersist::Missed => {
                 self.missed_recorded(result);
                 Vec::new()
@@ -938,7 +936,7 @@ impl<H, V> LinkCore<H, V> {
         }
     }
 
-    fn caught_up_recorded(&mut self, now_ms: u64, result: Result<(), String>) -> Vec<Command<H, V>> {
+    fn caught_up_recorded(&mut self, result: Result<(), String>) -> Vec<Command<H, V>> {
         let name = self.config.name.clone();
         if let Err(error) = result {
             tracing::error!(copy = %name, %error, "cannot record the copy syncing; dropping the connection");
@@ -947,8 +945,6 @@ impl<H, V> LinkCore<H, V> {
         tracing::info!(copy = %name, "copy {name} caught up with its queue; resyncing the writes it missed");
         self.state = CopyState::Syncing;
         self.start_resync_pass();
-        self.resync_started_ms = now_ms;
-        self.resync_sent_bytes = 0;
         Vec::new()
     }
 
@@ -1029,16 +1025,15 @@ impl<H, V> LinkCore<H, V> {
     /// resync data, a heartbeat), read the next resync range, record a
     /// behind copy syncing, wait, or close the connection.
     pub(crate) fn poll_send(&mut self, now_ms: u64) -> Vec<Command<H, V>> {
-        if self.broken {
-            let why = self.ending.clone().unwrap_or_else(|| "the connection failed".to_string());
-            return vec![Command::Close { why }];
+        if let Some(why) = &self.ending {
+            return vec![Command::Close { why: why.clone() }];
         }
         if !self.queue.is_empty() {
             return self.take_batch(now_ms);
         }
         if self.state == CopyState::Behind && self.unacked.is_empty() {
             // Resync data tears the copy's image: record it first.
-            return self.persist(RecordedState::Syncing, AfterPersist::CaughtUp { now_ms });
+            return self.persist(RecordedState::Syncing, AfterPersist::CaughtUp);
         }
         if let Some(unacked) = self.unacked.front() {
             if now_ms.saturating_sub(unacked.sent_at_ms) > ACK_TIMEOUT.as_millis() as u64 {
@@ -1118,14 +1113,15 @@ impl<H, V> LinkCore<H, V> {
     }
 
     /// How long resync must wait to stay under `resync_rate_max`.
-    fn resync_pause_ms(&self, now_ms: u64) -> u64 {
+    fn resync_pause_ms(&mut self, now_ms: u64) -> u64 {
         let rate = self.config.resync_rate_max;
         if rate == 0 {
             return 0;
         }
+        let started_ms = *self.resync_started_ms.get_or_insert(now_ms);
         let due_ms =
             u64::try_from((u128::from(self.resync_sent_bytes) * 1000).div_ceil(u128::from(rate))).unwrap_or(u64::MAX);
-        due_ms.saturating_sub(now_ms.saturating_sub(self.resync_started_ms))
+        due_ms.saturating_sub(now_ms.saturating_sub(started_ms))
     }
 
     /// Ask for the next dirty range's data (or, in a checksum pass, its
@@ -1175,7 +1171,7 @@ impl<H, V> LinkCore<H, V> {
                 return Vec::new();
             }
         };
-        if self.broken {
+        if self.ending.is_some() {
             // An earlier read of the same answer failed; the connection ends.
             return Vec::new();
         }
@@ -1256,7 +1252,20 @@ impl<H, V> LinkCore<H, V> {
         } else {
             self.lag_bytes = self.lag_bytes.checked_sub(acked.lag).expect("lag bytes never go below 0");
         }
-        let mut commands = release(acked.hold, 0);
+        // The clearing decision read the in-flight table, which the shell
+        // keeps locked until the ClearBits is carried out: it comes first,
+        // so nothing else (a client's answer, say) runs under that lock.
+        let mut commands = Vec::new();
+        // (Acknowledgements of an older connection never get here, and a
+        // lost connection forgets the candidates, so every snapshot is current.)
+        if let Some(snapshot) = acked.snapshot {
+            let cleared = self.clear_after_flush(snapshot, in_flight);
+            if !cleared.is_empty() {
+                self.progress = true;
+                commands.push(Command::ClearBits(cleared));
+            }
+        }
+        commands.extend(release(acked.hold, 0));
         if let Some(local) = &acked.resync_check {
             // A checksum-pass answer: the chunks that differ are read now,
             // under the link lock, so they carry every write shipped before.
@@ -1271,18 +1280,17 @@ impl<H, V> LinkCore<H, V> {
         if let Some(reply) = acked.reply {
             commands.push(Command::AnswerVerify { reply, checksums: payload });
         }
-        // (Acknowledgements of an older connection never get here, and a
-        // lost connection forgets the candidates, so every snapshot is current.)
-        if let Some(snapshot) = acked.snapshot {
-            let cleared = self.clear_after_flush(snapshot, in_flight);
-            if !cleared.is_empty() {
-                self.progress = true;
-                commands.push(Command::ClearBits(cleared));
-            }
-        }
         if acked.ends_resync == Some(self.resync_pass) && self.state == CopyState::Syncing && self.resync_next.is_none()
         {
-            commands.extend(self.persist(RecordedState::Current, AfterPersist::PassDone));
+            if self.resync_pending.len() == 0 {
+                commands.extend(self.persist(RecordedState::Current, AfterPersist::PassDone));
+            } else {
+                // Regions were added after the closing Flush went out without
+                // a new pass (a repair whose marks could not be synced, a
+                // missed change whose syncing record failed): the copy may
+                // lack them, so it is not current; another pass sends them.
+                self.start_resync_pass();
+            }
         }
         Ok(commands)
     }

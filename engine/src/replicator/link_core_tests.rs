@@ -412,3 +412,85 @@ fn a_repair_is_recorded_and_marked_durably_before_its_pass() {
     assert_eq!(core.persisted(Err("read-only file system".to_string())), vec![Command::RepairStarted(Err(why))]);
     assert_eq!(core.state(), CopyState::UpToDate);
 }
+
+/// A client's Flush to a sync copy that is also the Flush a clear waits
+/// for: its acknowledgement clears the bit first, then releases the
+/// client's hold, so the shell can let go of the in-flight table it locked
+/// for the clearing decision before anything else runs.
+#[test]
+fn a_clearing_flush_clears_before_it_releases_its_hold() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut core, 2, Some(7), 0), vec![]);
+    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 2)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![7], result: 0 }]
+    );
+    assert_eq!(core.poll_send(CLEAN_MS), send(false, vec![flush_frame(3, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.ship(&Change::Flush, &mut None, Some(9), 0, 2 * CLEAN_MS), vec![]);
+    assert_eq!(core.poll_send(2 * CLEAN_MS), send(true, vec![flush_frame(4, FrameFlags::NONE)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::FlushAck, 4, &mut nothing_in_flight()),
+        vec![Command::ClearBits(vec![2]), Command::Release { holds: vec![9], result: 0 }]
+    );
+}
+
+/// Invariant 2: a pass's closing Flush acknowledged while regions wait for
+/// resync (a repair whose marks could not be made durable came in after it
+/// went out) does not record the copy current; another pass sends them.
+#[test]
+fn a_closing_flush_does_not_make_a_copy_current_while_regions_wait() {
+    let mut core = core(MirrorMode::Sync, 0);
+    connect(&mut core, &[], 0);
+    assert_eq!(core.poll_send(0), send(false, vec![flush_frame(1, FrameFlags::SYNCED)]));
+    assert_eq!(core.repair(vec![(0, REGION)]), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![Command::SetBits(vec![(0, REGION)]), Command::SyncBitmap]);
+    assert_eq!(
+        core.bitmap_synced(Err("no space".into())),
+        vec![Command::RepairStarted(Err("cannot mark the regions to repair: no space".into()))]
+    );
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 1, &mut nothing_in_flight()), vec![], "recorded current");
+    assert_eq!(core.state(), CopyState::Syncing);
+    assert_eq!(core.poll_send(0), read_region(0), "region 0 is resynced");
+}
+
+/// `resync_rate_max` holds every pass to the rate, not only the first of a
+/// connection: a repair's pass long after the copy connected waits between
+/// its regions as the first pass did.
+#[test]
+fn every_resync_pass_keeps_to_the_rate() {
+    let mut core = LinkCore::new(CoreConfig {
+        name: "east".to_string(),
+        mode: MirrorMode::Sync,
+        lag_bytes_max: 0,
+        region_bytes: REGION,
+        volume_bytes: REGIONS * REGION,
+        local_sync_interval_ms: 0,
+        resync_rate_max: REGION, // one region per second
+        resync_checksums: false,
+    });
+    // The first pass, as the copy connects, sends region 5.
+    connect(&mut core, &[5], 0);
+    assert_eq!(core.poll_send(0), read_region(5));
+    assert_eq!(core.resync_read(5 * REGION, REGION, zeroes_read(5)), vec![]);
+    assert_eq!(core.poll_send(0), send(false, vec![zeroes_frame(1, 5)]));
+    assert_eq!(core.poll_send(1000), send(false, vec![flush_frame(2, FrameFlags::NONE)]));
+    assert_eq!(core.poll_send(1000), send(true, vec![flush_frame(3, FrameFlags::SYNCED)]));
+    assert_eq!(ack(&mut core, FrameKind::WriteAck, 1, &mut nothing_in_flight()), vec![]);
+    ack(&mut core, FrameKind::FlushAck, 2, &mut nothing_in_flight());
+    let acked = ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight());
+    assert!(acked.contains(&Command::Persist(RecordedState::Current)), "{acked:?}");
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    // A minute later, verify repairs two regions.
+    let later = 60_000;
+    assert_eq!(core.repair(vec![(0, 2 * REGION)]), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![Command::SetBits(vec![(0, 2 * REGION)]), Command::SyncBitmap]);
+    assert_eq!(core.bitmap_synced(Ok(())), vec![Command::RepairStarted(Ok(()))]);
+    assert_eq!(core.poll_send(later), read_region(0));
+    assert_eq!(core.resync_read(0, REGION, zeroes_read(0)), vec![]);
+    assert_eq!(core.poll_send(later), send(false, vec![zeroes_frame(4, 0)]));
+    // (The Flush that lets the region's bit clear is due first.)
+    assert_eq!(core.poll_send(later + 10), send(false, vec![flush_frame(5, FrameFlags::NONE)]));
+    assert_eq!(core.poll_send(later + 10), vec![Command::Wait { ms: 990 }], "the second region waits for the rate");
+}
