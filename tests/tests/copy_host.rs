@@ -239,3 +239,33 @@ fn an_older_epoch_is_fenced_across_sessions_and_restarts() {
     assert_rejected(&host, 1);
     assert_eq!(&contents(&host)[..6], b"epoch3");
 }
+
+/// Invariant 8: an unauthenticated peer that opens with a data frame
+/// announcing the largest payload is refused at its header — nothing is
+/// allocated for the payload, and the connection closes at once rather than
+/// at the handshake deadline.
+#[test]
+fn a_data_frame_before_the_handshake_is_refused_at_its_header() {
+    use std::io::{Read, Write};
+    let host = copy_host("copy-host-preauth-data");
+    let mut header = engine::protocol::frame::FrameHeader::new(FrameKind::Write);
+    header.length = engine::protocol::frame::WRITE_BYTES_MAX;
+    header.payload_len = engine::protocol::frame::WRITE_BYTES_MAX;
+    let payload = vec![0u8; engine::protocol::frame::WRITE_BYTES_MAX as usize];
+    let frame = encode_frame(&header, &payload);
+    let bytes = &frame[..engine::protocol::frame::HEADER_LEN]; // the header only
+    let mut stream = std::net::TcpStream::connect(host.address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let sent = std::time::Instant::now();
+    stream.write_all(bytes).unwrap();
+    // Whatever the copy answers (a refusal), the connection then closes.
+    let mut answer = Vec::new();
+    let ended = stream.read_to_end(&mut answer);
+    let took = sent.elapsed();
+    assert!(
+        ended.is_ok() && took < Duration::from_secs(1),
+        "the connection was not closed at the header ({ended:?} after {took:?}):\n{}",
+        host.process.log()
+    );
+    wait_for_log(&host, "data frames wait for Accept");
+}

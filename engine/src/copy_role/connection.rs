@@ -53,6 +53,8 @@ pub(super) struct Connection<'host> {
     outgoing: Vec<u8>,
     /// This connection's session id once admitted; 0 while handshaking.
     session: u64,
+    /// The socket's read timeout as last set (a setsockopt only when it changes).
+    read_timeout: Option<Duration>,
 }
 
 impl Connection<'_> {
@@ -64,6 +66,14 @@ impl Connection<'_> {
         let mut header_bytes = [0u8; HEADER_LEN];
         self.read_exact(&mut header_bytes, deadline)?;
         let header = decode_header(&header_bytes).map_err(Ending::Refused)?;
+        if self.session == 0 && !header.kind.is_handshake() {
+            // Nothing is allocated for an unauthenticated peer's data frame
+            // (up to 32 MiB of payload per connection otherwise).
+            return Err(Ending::Refused(ReplicationError::protocol(format!(
+                "a {:?} frame arrived during the handshake; data frames wait for Accept",
+                header.kind
+            ))));
+        }
         let mut payload = vec![0u8; header.payload_len as usize];
         self.read_exact(&mut payload, deadline)?;
         verify_payload(&header, &header_bytes, &payload).map_err(Ending::Refused)?;
@@ -98,7 +108,10 @@ impl Connection<'_> {
                 }
                 wait = wait.min(remaining);
             }
-            self.stream.set_read_timeout(Some(wait)).map_err(Ending::Io)?;
+            if self.read_timeout != Some(wait) {
+                self.stream.set_read_timeout(Some(wait)).map_err(Ending::Io)?;
+                self.read_timeout = Some(wait);
+            }
             let missing = out.len() - filled;
             let direct = missing >= self.read_buffer.len() / 2;
             let target = if direct { &mut out[filled..] } else { &mut self.read_buffer[..] };
@@ -157,6 +170,7 @@ pub(super) fn serve_connection(host: &Host, stream: TcpStream, peer: SocketAddr)
         read_start: 0,
         read_end: 0,
         session: 0,
+        read_timeout: None,
         outgoing: Vec::new(),
     };
     let Some(ticket) = take_place(host, &connection.stream, peer) else {
