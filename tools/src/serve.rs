@@ -178,10 +178,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // admin endpoint holds it only while it answers: the stop then releases
     // the bitmap too.
     let served = server.run();
+    // The admin endpoint goes first, as copy-host's does: no new verify can
+    // take the replicator while mirroring stops.
+    drop(admin);
     if let Some(mirror_service) = mirror_service {
         mirror_service.stop();
     }
-    drop(admin);
     served?;
     Ok(())
 }
