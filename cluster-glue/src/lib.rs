@@ -1,0 +1,5 @@
+//! crossmirror's group layer (DESIGN.md §2, §5, §6): the group config,
+//! membership and the join protocol, host selection, and the mirror-state
+//! record on quorum storage.
+
+pub mod quorum;
