@@ -33,6 +33,7 @@ pub mod error;
 pub mod eventfd;
 pub mod file_lock;
 pub mod fingerprint;
+pub mod gate;
 pub mod log_limit;
 pub mod metadata;
 pub mod mirror_service;

@@ -26,7 +26,9 @@ use crate::bitmap::{BitmapError, NewBits, Opened, WriteIntentBitmap, SLOTS_MAX};
 use crate::fingerprint::{fingerprint, Fingerprint};
 use crate::metadata::{adopt_store, production_start, MetadataError, MetadataFiles, ProductionStart};
 use crate::protocol::Secret;
-use crate::replicator::{CopyConfig, CopyStatus, LocalStateFile, Replicator, ReplicatorConfig, StartError};
+use crate::replicator::{
+    CopyConfig, CopyStatus, LocalStateFile, MirrorStateStore, Replicator, ReplicatorConfig, StartError,
+};
 use crate::volume::Volume;
 
 /// Everything the mirroring of a production volume needs.
@@ -57,6 +59,12 @@ pub struct MirrorServiceConfig {
     pub new_store: bool,
     /// At most how often the local volume is fsynced so that bits can clear.
     pub local_sync_interval: Duration,
+    /// Where the mirror state lives: `None` is the `.cmcopies` file of
+    /// `files`; a group node passes its quorum-backed record.
+    pub state_store: Option<Arc<dyn MirrorStateStore>>,
+    /// The volume generation frames carry, when the caller keeps it (a
+    /// group node: its record's); `None` is the metadata's.
+    pub generation: Option<u64>,
 }
 
 /// What a running mirror service shows.
@@ -259,12 +267,15 @@ fn start_replicator(
     bitmap: WriteIntentBitmap,
     start: ProductionStart,
 ) -> Result<Arc<Replicator>, MirrorServiceError> {
-    let store = LocalStateFile::at(&config.files.state);
+    let store = match config.state_store {
+        Some(store) => store,
+        None => Arc::new(LocalStateFile::at(&config.files.state)),
+    };
     let replicator_config = ReplicatorConfig {
         copies: config.copies.clone(),
         secret: config.secret,
         identity: start.identity,
-        generation: start.generation,
+        generation: config.generation.unwrap_or(start.generation),
         epoch: config.epoch,
         resync_rate_max: config.resync_rate_max,
         resync_checksums: config.resync_checksums,
@@ -272,9 +283,9 @@ fn start_replicator(
         metadata_path: Some(config.files.metadata.clone()),
         local_sync_interval: config.local_sync_interval,
     };
-    let replicator = Replicator::start(config.volume, Arc::new(bitmap), Arc::new(store), replicator_config)?;
+    let replicator = Replicator::start(config.volume, Arc::new(bitmap), store, replicator_config)?;
     for copy in &config.copies {
-        tracing::info!(copy = %copy.name, address = %copy.address, mode = copy.mode.as_str(), "mirroring to copy {}", copy.name);
+        tracing::info!(copy = %copy.name, address = ?copy.address, mode = copy.mode.as_str(), "mirroring to copy {}", copy.name);
     }
     Ok(replicator)
 }
@@ -293,7 +304,7 @@ mod tests {
             // Nothing listens on port 1: the link backs off until the stop.
             copies: vec![CopyConfig {
                 name: "east".to_string(),
-                address: "127.0.0.1:1".parse().unwrap(),
+                address: Some("127.0.0.1:1".parse().unwrap()),
                 mode: MirrorMode::Sync,
                 lag_bytes_max: 1 << 20,
             }],
@@ -305,6 +316,8 @@ mod tests {
             assume_clean: false,
             new_store: false,
             local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
+            state_store: None,
+            generation: None,
         }
     }
 

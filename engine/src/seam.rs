@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use crate::gate::{Gate, GateRefused};
 use crate::replicator::{Change, Completions, Replicator, Shipped, WriteRefused};
 
 /// What a change does.
@@ -71,22 +72,31 @@ pub type Refused = WriteRefused;
 #[derive(Debug, Clone, Default)]
 pub struct Changes {
     mirror: Option<Arc<Replicator>>,
+    gate: Option<Arc<Gate>>,
 }
 
 impl Changes {
     /// The changes of a volume with no copies.
     pub fn unmirrored() -> Changes {
-        Changes { mirror: None }
+        Changes { mirror: None, gate: None }
     }
 
     /// The changes of a volume mirrored by `mirror`.
     pub fn mirrored(mirror: Arc<Replicator>) -> Changes {
-        Changes { mirror: Some(mirror) }
+        Changes { mirror: Some(mirror), gate: None }
+    }
+
+    /// These changes, served only while `gate` lets requests through (a
+    /// group node's lease from its quorum).
+    pub fn gated(self, gate: Arc<Gate>) -> Changes {
+        Changes { gate: Some(gate), ..self }
     }
 
     /// A seam for one connection (each has its own answer queue).
     pub fn seam<T>(&self) -> std::io::Result<ChangeSeam<T>> {
-        ChangeSeam::new(self.mirror.clone())
+        let mut seam = ChangeSeam::new(self.mirror.clone())?;
+        seam.gate = self.gate.clone();
+        Ok(seam)
     }
 }
 
@@ -95,6 +105,7 @@ impl Changes {
 #[derive(Debug)]
 pub struct ChangeSeam<T> {
     mirror: Option<Arc<Replicator>>,
+    gate: Option<Arc<Gate>>,
     completions: Option<Arc<Completions>>,
     waiting: HashMap<u64, T>,
     next_ticket: u64,
@@ -107,7 +118,17 @@ impl<T> ChangeSeam<T> {
             Some(_) => Some(Completions::new()?),
             None => None,
         };
-        Ok(ChangeSeam { mirror, completions, waiting: HashMap::new(), next_ticket: 1 })
+        Ok(ChangeSeam { mirror, gate: None, completions, waiting: HashMap::new(), next_ticket: 1 })
+    }
+
+    /// Before any request is served (a read, a write, a flush, anything):
+    /// pass the volume's gate. Blocks while the gate suspends requests; an
+    /// error is answered EIO.
+    pub fn admit(&self) -> Result<(), GateRefused> {
+        match &self.gate {
+            Some(gate) => gate.pass(),
+            None => Ok(()),
+        }
     }
 
     /// Whether changes are shipped to copies. Overlapping changes must then

@@ -133,7 +133,7 @@ impl Scratch {
             files: MetadataFiles::beside(&self.production),
             copies: vec![CopyConfig {
                 name: "east".to_string(),
-                address: copy,
+                address: Some(copy),
                 mode: MirrorMode::Sync,
                 lag_bytes_max: 64 << 20,
             }],
@@ -145,6 +145,8 @@ impl Scratch {
             assume_clean: false,
             new_store: false,
             local_sync_interval: Duration::from_millis(10),
+            state_store: None,
+            generation: None,
         };
         MirrorService::start(config).expect("mirroring starts")
     }

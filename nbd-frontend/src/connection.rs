@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine::alignment::Span;
+use engine::gate::GateRefused;
 use engine::range_lock::RangeLockId;
 use engine::seam::{ChangeExtent, ChangeKind, ChangeSeam, Changes, Refused};
 use engine::volume::ZeroMethod;
@@ -121,6 +122,7 @@ pub fn serve(
         recycled: Vec::new(),
         seam,
         wake_token: None,
+        gate_refusal_logged: false,
     };
     let ending = connection.run();
     drop(connection);
@@ -371,6 +373,8 @@ struct Connection {
     seam: ChangeSeam<(u64, u16)>,
     /// The eventfd read in flight, if any.
     wake_token: Option<u64>,
+    /// Whether a refusal at the volume's gate was logged on this connection.
+    gate_refusal_logged: bool,
 }
 
 impl Connection {
@@ -705,11 +709,30 @@ impl Connection {
             self.reply_error(header.cookie, CMD_WRITE, ESHUTDOWN);
             return;
         }
+        if let Err(error) = self.seam.admit() {
+            self.pool.give(buf);
+            self.refused_at_gate(header.cookie, CMD_WRITE, &error);
+            return;
+        }
         self.locked(LockedWork::Write { cookie: header.cookie, buf, span, fua });
+    }
+
+    /// A request the volume's gate refused (no quorum, or no longer served
+    /// here): EIO, logged once per connection.
+    fn refused_at_gate(&mut self, cookie: u64, command: u16, error: &GateRefused) {
+        if !self.gate_refusal_logged {
+            tracing::warn!(%error, "answering EIO: {error}");
+            self.gate_refusal_logged = true;
+        }
+        self.reply_error(cookie, command, EIO);
     }
 
     fn execute(&mut self, header: RequestHeader, command: Command) {
         let cookie = header.cookie;
+        if let Err(error) = self.seam.admit() {
+            self.refused_at_gate(cookie, header.command, &error);
+            return;
+        }
         let (offset, len) = (header.offset, header.length as u64);
         match command {
             // A store that failed a flush may lack acknowledged writes: it

@@ -110,8 +110,12 @@ fn parse_mirror(text: &str) -> Result<CopyConfig, String> {
     let mut parts = rest.split(',');
     let address = parts.next().unwrap_or_default();
     let address = address::parse_address(address).map_err(|error| format!("copy {name}: {error}"))?;
-    let mut config =
-        CopyConfig { name: name.to_string(), address, mode: MirrorMode::Sync, lag_bytes_max: LAG_BYTES_MAX_DEFAULT };
+    let mut config = CopyConfig {
+        name: name.to_string(),
+        address: Some(address),
+        mode: MirrorMode::Sync,
+        lag_bytes_max: LAG_BYTES_MAX_DEFAULT,
+    };
     for option in parts {
         match option.split_once('=') {
             Some(("mode", "sync")) => config.mode = MirrorMode::Sync,
@@ -268,6 +272,8 @@ fn start_mirror(
         assume_clean: args.assume_clean,
         new_store: args.new_store,
         local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
+        state_store: None,
+        generation: None,
     };
     Ok(MirrorService::start(config)?)
 }

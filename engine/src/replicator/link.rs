@@ -31,7 +31,7 @@
 //! read and the queueing (see the module docs of `replicator`).
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -61,6 +61,8 @@ pub const LOCAL_SYNC_INTERVAL_DEFAULT: Duration = Duration::from_secs(5);
 const VERIFY_WAIT_MAX: Duration = Duration::from_secs(10);
 /// How long a writer held back by a full sync queue waits before it looks again.
 const HELD_BACK_WAIT: Duration = Duration::from_millis(100);
+/// How long a status request waits for a link busy recording its state.
+const STATUS_WAIT_MAX: Duration = Duration::from_millis(200);
 
 /// Counters of one copy, for the admin endpoint.
 #[derive(Debug, Default)]
@@ -71,7 +73,7 @@ pub struct CopyCounters {
 }
 
 /// A copy's status, as `GET /status` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CopyStatus {
     /// Its name.
     pub name: String,
@@ -153,6 +155,20 @@ pub(crate) struct Link {
     counters: CopyCounters,
     /// The core's time zero: it gets milliseconds since.
     started: Instant,
+    /// Where the copy host is now (the group layer moves it), and the
+    /// connection to it while there is one, so that a move closes it.
+    address: Mutex<Target>,
+    /// The last status shown, for when the link is too busy to ask.
+    last_status: Mutex<CopyStatus>,
+}
+
+/// Where a link connects, and the stream it has there.
+#[derive(Debug, Default)]
+struct Target {
+    address: Option<SocketAddr>,
+    /// Bumped on every move: a sleeping link tries the new address at once.
+    moves: u64,
+    stream: Option<TcpStream>,
 }
 
 impl Link {
@@ -167,6 +183,7 @@ impl Link {
             resync_rate_max: shared.resync_rate_max,
             resync_checksums: shared.resync_checksums,
         });
+        let target = Target { address: config.address, moves: 0, stream: None };
         Link {
             config,
             slot,
@@ -175,7 +192,36 @@ impl Link {
             wake: Condvar::new(),
             counters: CopyCounters::default(),
             started: Instant::now(),
+            address: Mutex::new(target),
+            last_status: Mutex::new(CopyStatus::default()),
         }
+    }
+
+    fn target(&self) -> MutexGuard<'_, Target> {
+        self.address.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The copy host's address now.
+    fn current_address(&self) -> Option<SocketAddr> {
+        self.target().address
+    }
+
+    /// Move the link to `address`: the connection to the old one is shut
+    /// down (the sender and reader see it end), and a sleeping link wakes.
+    pub(crate) fn set_address(&self, address: Option<SocketAddr>) {
+        let mut target = self.target();
+        if target.address == address {
+            return;
+        }
+        tracing::info!(copy = %self.config.name, from = ?target.address, to = ?address,
+            "copy {} moves to {}", self.config.name, address.map_or("no host".to_string(), |a| a.to_string()));
+        target.address = address;
+        target.moves += 1;
+        if let Some(stream) = target.stream.take() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        drop(target);
+        self.wake_all();
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -211,8 +257,31 @@ impl Link {
         self.wake.notify_all();
     }
 
+    /// The copy's status. While the link is busy recording its state (the
+    /// quorum may be unreachable: the record waits for it), the last status
+    /// is shown with that said, rather than the caller waiting too.
     pub(crate) fn status(&self) -> CopyStatus {
-        let locked = self.lock();
+        let deadline = Instant::now() + STATUS_WAIT_MAX;
+        let locked = loop {
+            match self.inner.try_lock() {
+                Ok(locked) => break locked,
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => break poisoned.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    let mut status = self.last_status.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                    status.last_error = Some("busy recording its state on the mirror-state store".to_string());
+                    return status;
+                }
+            }
+        };
+        let status = self.status_locked(&locked);
+        *self.last_status.lock().unwrap_or_else(PoisonError::into_inner) = status.clone();
+        status
+    }
+
+    fn status_locked(&self, locked: &Locked) -> CopyStatus {
         let core = &locked.core;
         let dirty_bytes = self.shared.bitmap.dirty_bytes(self.slot);
         // A copy that is not connected gets every dirty region resynced
@@ -223,7 +292,7 @@ impl Link {
         };
         CopyStatus {
             name: self.config.name.clone(),
-            address: self.config.address.to_string(),
+            address: self.current_address().map_or_else(|| "(no host)".to_string(), |address| address.to_string()),
             mode: self.config.mode,
             state: if self.shared.local_failure().is_some() { CopyState::Diverged } else { core.state() },
             last_error: core.last_error().cloned(),
@@ -440,43 +509,71 @@ impl Link {
         let mut backoff = BACKOFF_MIN / 2;
         let mut logged_error = String::new();
         while !self.shared.shutdown.load(Ordering::Relaxed) {
-            let connected = CopyConnection::connect(
-                self.config.address,
-                &self.shared.secret,
-                self.shared.identity,
-                CONNECT_TIMEOUT,
-                ACK_TIMEOUT,
-            );
-            let progress = match connected {
-                Ok(connection) => {
-                    logged_error.clear();
-                    self.counters.connects.fetch_add(1, Ordering::Relaxed);
-                    self.serve(connection)
-                }
-                Err(error) => {
-                    let message = format!("cannot connect to copy {}: {error}", self.config.name);
-                    // The same failure again and again is logged once.
+            let (address, moves) = {
+                let target = self.target();
+                (target.address, target.moves)
+            };
+            let progress = match address {
+                None => {
+                    let message =
+                        format!("copy {} has no host: its site has no live member with access", self.config.name);
                     if message != logged_error {
-                        tracing::warn!(copy = %self.config.name, address = %self.config.address, %error,
-                            "{message}; retrying with backoff ({} s at most between tries)", BACKOFF_MAX.as_secs());
+                        tracing::warn!(copy = %self.config.name, "{message}; its writes are tracked in the bitmap");
                         logged_error.clone_from(&message);
                     }
                     self.lock().core.set_last_error(message);
                     false
                 }
+                Some(address) => self.connect_and_serve(address, moves, &mut logged_error),
             };
             backoff = next_backoff(backoff, progress);
-            self.sleep(backoff);
+            self.sleep(backoff, moves);
         }
         self.teardown("this host is shutting down");
     }
 
-    /// Wait `duration`, or less if the replicator stops (other wake-ups,
-    /// such as a write queued meanwhile, do not cut it short).
-    fn sleep(&self, duration: Duration) {
+    /// One connection attempt to `address` (the target's `moves`-th), served
+    /// until it ends; whether it made progress.
+    fn connect_and_serve(self: &Arc<Self>, address: SocketAddr, moves: u64, logged_error: &mut String) -> bool {
+        let connected =
+            CopyConnection::connect(address, &self.shared.secret, self.shared.identity, CONNECT_TIMEOUT, ACK_TIMEOUT);
+        match connected {
+            Ok(connection) => {
+                {
+                    let mut target = self.target();
+                    if target.moves != moves {
+                        // Moved while connecting: this host is no longer the copy's.
+                        return false;
+                    }
+                    target.stream = connection.stream().try_clone().ok();
+                }
+                logged_error.clear();
+                self.counters.connects.fetch_add(1, Ordering::Relaxed);
+                let progress = self.serve(connection);
+                self.target().stream = None;
+                progress
+            }
+            Err(error) => {
+                let message = format!("cannot connect to copy {}: {error}", self.config.name);
+                // The same failure again and again is logged once.
+                if message != *logged_error {
+                    tracing::warn!(copy = %self.config.name, %address, %error,
+                        "{message}; retrying with backoff ({} s at most between tries)", BACKOFF_MAX.as_secs());
+                    logged_error.clone_from(&message);
+                }
+                self.lock().core.set_last_error(message);
+                false
+            }
+        }
+    }
+
+    /// Wait `duration`, or less if the replicator stops or the copy moves
+    /// away from the `moves`-th target (other wake-ups, such as a write
+    /// queued meanwhile, do not cut it short).
+    fn sleep(&self, duration: Duration, moves: u64) {
         let deadline = Instant::now() + duration;
         let mut locked = self.lock();
-        while !self.shared.shutdown.load(Ordering::Relaxed) {
+        while !self.shared.shutdown.load(Ordering::Relaxed) && self.target().moves == moves {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -491,7 +588,7 @@ impl Link {
         let Some(generation) = self.begin(&connection) else { return false };
         tracing::info!(
             copy = %self.config.name,
-            address = %self.config.address,
+            address = ?self.current_address(),
             session = format_args!("{:#018x}", connection.session().id),
             dirty_bytes = self.shared.bitmap.dirty_bytes(self.slot),
             "connected to copy {}; resyncing its dirty regions",

@@ -92,7 +92,7 @@ const LAST_ERROR_BYTES_MAX: usize = 1024;
 const CHECKSUM_ANSWER_WAIT: Duration = Duration::from_millis(10);
 
 /// What a copy looks like from the production host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CopyState {
     /// Connected, resynced, receiving every write.
     UpToDate,
@@ -102,6 +102,7 @@ pub enum CopyState {
     /// until the queue drains and a resync pass starts.
     Behind,
     /// Not connected and recorded stale; its writes are tracked in the bitmap.
+    #[default]
     Stale,
     /// Not connected, and recording it stale failed: writes it misses
     /// cannot be acknowledged (they get EIO) until the record succeeds.

@@ -73,9 +73,10 @@ pub use link::{CopyState, CopyStatus, ACK_TIMEOUT, LOCAL_SYNC_INTERVAL_DEFAULT};
 pub use state::{CopyRecord, LocalStateFile, MirrorStateStore, RecordedState, StateError, StateErrorKind};
 
 /// How a copy's acknowledgement gates the client's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum MirrorMode {
     /// A write is acknowledged once this copy has it too.
+    #[default]
     Sync,
     /// A write is acknowledged after the local write; the copy lags by at
     /// most `lag_bytes_max` before it goes `behind` and is resynced.
@@ -103,8 +104,10 @@ impl fmt::Display for MirrorMode {
 pub struct CopyConfig {
     /// A short name: letters, digits, `-` and `_`.
     pub name: String,
-    /// The copy host's replication address.
-    pub address: SocketAddr,
+    /// The copy host's replication address; `None` while the copy's site
+    /// has no host (the group layer sets it with
+    /// [`Replicator::set_copy_address`] when one joins).
+    pub address: Option<SocketAddr>,
     /// Sync or async.
     pub mode: MirrorMode,
     /// Async only: bytes shipped but not yet acknowledged before the copy
@@ -710,6 +713,19 @@ impl Replicator {
                 .map_err(|message| VerifyError::RepairFailed { copy: name.to_string(), message })?;
         }
         Ok(VerifyReport { copy: name.to_string(), bytes_compared: size, mismatches, repaired })
+    }
+
+    /// Point the copy `name` at another host (`None`: its site has no host
+    /// now). A connection to the old address is closed; the new one is
+    /// tried at once and resynced from the bitmap. Whether `name` is a copy.
+    pub fn set_copy_address(&self, name: &str, address: Option<SocketAddr>) -> bool {
+        match self.links.iter().find(|link| link.name() == name) {
+            Some(link) => {
+                link.set_address(address);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Every copy's status, in configuration order.
