@@ -2,4 +2,6 @@
 //! membership and the join protocol, host selection, and the mirror-state
 //! record on quorum storage.
 
+pub mod core;
 pub mod quorum;
+pub mod record;

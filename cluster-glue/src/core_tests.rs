@@ -1,0 +1,255 @@
+//! The core driven by exact event sequences: each test says which commands
+//! come out, in order.
+
+use super::*;
+use crate::record::{CopyRecordState, GroupRecord, MemberEntry, MemberState};
+
+const DIGEST: &str = "d1";
+
+fn topology(me: &str) -> Topology {
+    let member = |name: &str, site: &str, order: u32, last: u8| MemberInfo {
+        name: name.to_string(),
+        site: site.to_string(),
+        backup_order: order,
+        address: IpAddr::from([127, 0, 0, last]),
+    };
+    Topology {
+        me: me.to_string(),
+        production_site: "east".to_string(),
+        copy_sites: vec![CopySite { name: "west".to_string(), mode: "sync".to_string() }],
+        members: vec![member("a", "east", 1, 1), member("b1", "west", 1, 2), member("b2", "west", 2, 4)],
+        witnesses: vec!["w".to_string()],
+        config_digest: DIGEST.to_string(),
+        mirror_port: 7401,
+    }
+}
+
+fn entry(state: MemberState, incarnation: u64, access: bool) -> MemberEntry {
+    MemberEntry { state, incarnation, access, access_problem: None }
+}
+
+fn empty_record() -> GroupRecord {
+    GroupRecord::new(DIGEST, "east", &[("west".to_string(), "sync".to_string())])
+}
+
+/// The record after `change`, with seq + 1.
+fn next(record: &GroupRecord, change: impl FnOnce(&mut GroupRecord)) -> GroupRecord {
+    let mut next = record.clone();
+    change(&mut next);
+    next.seq = record.seq + 1;
+    next
+}
+
+fn write(before: &GroupRecord, after: &GroupRecord, why: &str) -> Command {
+    Command::Write { expected: before.seq, record: after.clone(), why: why.to_string() }
+}
+
+fn live(names: &[&str], settled: bool) -> Event {
+    Event::Liveness { live: names.iter().map(|name| name.to_string()).collect(), settled }
+}
+
+/// A node that has joined with access, in a record where `others` are
+/// joined too; returns the core and the record it holds.
+fn joined_node(me: &str, leader: bool, others: &[&str]) -> (Core, GroupRecord) {
+    let mut core = Core::new(topology(me));
+    let mut record = empty_record();
+    for other in others {
+        record.members.insert(other.to_string(), entry(MemberState::Joined, 1, *other != "w"));
+    }
+    record.seq = 5;
+    core.step(Event::Leader(leader));
+    core.step(live(&[&["a", "b1", "b2", "w"][..], others].concat(), false));
+    let commands = core.step(Event::Record(Some(record.clone())));
+    let Some(Command::Write { record: joining, .. }) = commands.last().cloned() else { panic!("{commands:?}") };
+    core.step(Event::Written(joining.clone()));
+    let commands = core.step(Event::Access(Ok(())));
+    let Some(Command::Write { record: joined, .. }) = commands.last().cloned() else { panic!("{commands:?}") };
+    (core, joined)
+}
+
+#[test]
+fn the_first_member_creates_the_record_and_joins() {
+    let mut core = Core::new(topology("a"));
+    let commands = core.step(Event::Record(None));
+    let mut created = empty_record();
+    created.members.insert("a".to_string(), entry(MemberState::Joining, 1, false));
+    created.seq = 1;
+    assert_eq!(
+        commands,
+        vec![
+            Command::CheckAccess,
+            Command::Write { expected: 0, record: created.clone(), why: "a joining (incarnation 1)".into() }
+        ]
+    );
+    assert_eq!(core.step(Event::Written(created.clone())), vec![]);
+    let joined = next(&created, |record| {
+        record.members.insert("a".into(), entry(MemberState::Joined, 1, true)).map(drop).unwrap_or(())
+    });
+    assert_eq!(core.step(Event::Access(Ok(()))), vec![write(&created, &joined, "a joined with access to its store")]);
+    // Not the leader: nobody names it host, so it runs nothing.
+    assert_eq!(core.step(Event::Written(joined)), vec![]);
+}
+
+#[test]
+fn the_leader_joins_and_makes_itself_production_host_in_one_write_then_serves_with_no_copy_host() {
+    let (mut core, joined) = joined_node("a", true, &[]);
+    assert_eq!(joined.production.host.as_deref(), Some("a"));
+    assert_eq!((joined.epoch, joined.generation), (1, 1));
+    assert_eq!(joined.history.len(), 1);
+    assert_eq!(
+        core.step(Event::Written(joined)),
+        vec![Command::StartProduction { epoch: 1 }, Command::SetCopyHost { site: "west".into(), address: None }]
+    );
+}
+
+#[test]
+fn a_copy_host_that_joins_is_picked_up_and_the_production_host_connects_to_it() {
+    let (mut core, hosted) = joined_node("a", true, &[]);
+    core.step(Event::Written(hosted.clone()));
+    // b1 joins (the record read after its write).
+    let with_b1 = next(&hosted, |record| {
+        record.members.insert("b1".into(), entry(MemberState::Joined, 1, true));
+    });
+    let picked = next(&with_b1, |record| record.copies[0].host = Some("b1".into()));
+    assert_eq!(
+        core.step(Event::Record(Some(with_b1.clone()))),
+        vec![write(&with_b1, &picked, "copy site west hosted by b1")]
+    );
+    assert_eq!(
+        core.step(Event::Written(picked.clone())),
+        vec![Command::SetCopyHost { site: "west".into(), address: Some("127.0.0.2:7401".parse().unwrap()) }]
+    );
+    // On b1, the same record starts the copy role.
+    let (mut b1, _) = joined_node("b1", false, &["a"]);
+    let mine = next(&picked, |record| {
+        record.members.insert("b1".into(), entry(MemberState::Joined, 1, true));
+    });
+    assert_eq!(b1.step(Event::Written(mine)), vec![Command::StartCopy]);
+}
+
+#[test]
+fn a_silent_copy_host_is_forced_out_and_the_next_in_backup_order_takes_its_store() {
+    let (mut core, hosted) = joined_node("a", true, &["b1", "b2"]);
+    assert_eq!(hosted.copies[0].host.as_deref(), Some("b1"));
+    let commands = core.step(Event::Written(hosted.clone()));
+    assert_eq!(commands[0], Command::StartProduction { epoch: 1 });
+    // Not settled yet: silence is not failure.
+    assert_eq!(core.step(live(&["a", "b2", "w"], false)), vec![]);
+    let moved = next(&hosted, |record| {
+        record.members.get_mut("b1").unwrap().state = MemberState::ForcedLeaving;
+        record.copies[0].host = Some("b2".into());
+    });
+    assert_eq!(
+        core.step(live(&["a", "b2", "w"], true)),
+        vec![write(&hosted, &moved, "b1 forced out: not heard from; copy site west hosted by b2")]
+    );
+    assert_eq!(
+        core.step(Event::Written(moved)),
+        vec![Command::SetCopyHost { site: "west".into(), address: Some("127.0.0.4:7401".parse().unwrap()) }]
+    );
+}
+
+#[test]
+fn a_member_that_learns_it_was_forced_out_fences_itself_then_joins_again() {
+    let (mut b1, joined) = joined_node("b1", false, &["a"]);
+    let hosting = next(&joined, |record| record.copies[0].host = Some("b1".into()));
+    assert_eq!(b1.step(Event::Written(hosting.clone())), vec![Command::StartCopy]);
+    let forced = next(&hosting, |record| {
+        record.members.get_mut("b1").unwrap().state = MemberState::ForcedLeaving;
+        record.copies[0].host = None;
+    });
+    let rejoining = next(&forced, |record| {
+        record.members.insert("b1".into(), entry(MemberState::Joining, 2, false));
+    });
+    assert_eq!(
+        b1.step(Event::Record(Some(forced.clone()))),
+        vec![
+            Command::Fence { why: "the group forced this member out".into() },
+            Command::CheckAccess,
+            write(&forced, &rejoining, "b1 joining (incarnation 2)"),
+        ]
+    );
+}
+
+#[test]
+fn a_member_with_another_config_exits_before_writing_anything() {
+    let mut core = Core::new(topology("b1"));
+    let mut record = empty_record();
+    record.config_digest = "other".into();
+    let commands = core.step(Event::Record(Some(record)));
+    assert!(
+        matches!(&commands[..], [Command::Exit { error: Some(error) }] if error.contains("differs")),
+        "{commands:?}"
+    );
+    assert_eq!(core.step(Event::Access(Ok(()))), vec![]);
+}
+
+#[test]
+fn a_second_node_with_the_same_name_is_refused() {
+    let mut core = Core::new(topology("b1"));
+    let record = empty_record();
+    let commands = core.step(Event::Record(Some(record.clone())));
+    let Some(Command::Write { record: joining, .. }) = commands.last().cloned() else { panic!() };
+    core.step(Event::Written(joining.clone()));
+    // Another process named b1 started meanwhile.
+    let other = next(&joining, |record| {
+        record.members.insert("b1".into(), entry(MemberState::Joining, 2, false));
+    });
+    let commands = core.step(Event::Record(Some(other)));
+    assert!(
+        matches!(&commands[..], [Command::Exit { error: Some(error) }] if error.contains("another node")),
+        "{commands:?}"
+    );
+}
+
+#[test]
+fn a_production_host_that_leaves_hands_over_top_down_and_the_next_member_takes_it_with_a_new_epoch() {
+    let (mut core, hosted) = joined_node("a", true, &["b1"]);
+    core.step(Event::Written(hosted.clone()));
+    let leaving = next(&hosted, |record| record.members.get_mut("a").unwrap().state = MemberState::Leaving);
+    assert_eq!(core.step(Event::Leave), vec![Command::StopRoles, write(&hosted, &leaving, "a leaving")]);
+    assert_eq!(core.step(Event::Written(leaving.clone())), vec![]);
+    let left = next(&leaving, |record| {
+        record.members.get_mut("a").unwrap().state = MemberState::Inactive;
+        record.production.host = None;
+    });
+    assert_eq!(
+        core.step(Event::RolesStopped),
+        vec![Command::Exit { error: None }, write(&leaving, &left, "a left; its roles are handed on")]
+    );
+    // Any later event is ignored.
+    assert_eq!(core.step(Event::Written(left.clone())), vec![]);
+    // Another production member, leading, takes the site with a new epoch
+    // and a new generation.
+    let mut topology = topology("a2");
+    topology.members.push(MemberInfo {
+        name: "a2".into(),
+        site: "east".into(),
+        backup_order: 2,
+        address: IpAddr::from([127, 0, 0, 5]),
+    });
+    let mut a2 = Core::new(topology);
+    a2.step(Event::Leader(true));
+    a2.step(live(&["a2", "b1", "w"], false));
+    let Some(Command::Write { record: joining, .. }) = a2.step(Event::Record(Some(left))).pop() else { panic!() };
+    a2.step(Event::Written(joining));
+    let Some(Command::Write { record: taken, why, .. }) = a2.step(Event::Access(Ok(()))).pop() else { panic!() };
+    assert_eq!(why, "a2 joined with access to its store; a2 hosts the production site (epoch 2)");
+    assert_eq!((taken.epoch, taken.generation, taken.production.host.as_deref()), (2, 2, Some("a2")));
+    assert_eq!(
+        taken.history.last().map(|entry| (entry.generation, entry.epoch, entry.production.as_str())),
+        Some((2, 2, "a2"))
+    );
+}
+
+#[test]
+fn a_stale_copy_state_written_by_the_replicator_is_kept_by_the_core() {
+    let (mut core, hosted) = joined_node("a", true, &["b1"]);
+    core.step(Event::Written(hosted.clone()));
+    let stale = next(&hosted, |record| {
+        record.copies[0].state = CopyRecordState::Stale { since: 9, reason: "connection lost".into() };
+    });
+    // Nothing to decide: the core never touches a copy's state.
+    assert_eq!(core.step(Event::Record(Some(stale.clone()))), vec![]);
+    assert_eq!(core.record(), Some(&stale));
+}
