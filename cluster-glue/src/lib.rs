@@ -3,5 +3,6 @@
 //! record on quorum storage.
 
 pub mod core;
+pub mod liveness;
 pub mod quorum;
 pub mod record;

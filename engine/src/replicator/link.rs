@@ -325,7 +325,8 @@ impl Link {
             }
             let follow_up = match command {
                 Command::Persist(state) => {
-                    let result = self.shared.record(self.slot, state).map_err(|error| error.to_string());
+                    let reason = locked.core.last_error().cloned();
+                    let result = self.shared.record(self.slot, state, reason).map_err(|error| error.to_string());
                     locked.core.persisted(result)
                 }
                 Command::PersistStoreToken(token) => {

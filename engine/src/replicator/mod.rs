@@ -372,9 +372,15 @@ impl Shared {
         self.inflight.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Record `state` for the copy in `slot`, durably.
-    pub(crate) fn record(&self, slot: u32, state: RecordedState) -> Result<(), StateError> {
-        self.update_record(slot, |record| record.state = state)
+    /// Record `state` for the copy in `slot`, durably, with why (kept with
+    /// a change of state only).
+    pub(crate) fn record(&self, slot: u32, state: RecordedState, reason: Option<String>) -> Result<(), StateError> {
+        self.update_record(slot, |record| {
+            if record.state != state {
+                record.state = state;
+                record.reason = reason;
+            }
+        })
     }
 
     /// Change the record of the copy in `slot` and store every record; an
@@ -509,7 +515,11 @@ impl Replicator {
                 if record.slot >= slots {
                     return Err(StartError::SlotOutOfRange { copy: copy.name.clone(), slot: record.slot, slots });
                 }
-                record.state = RecordedState::Stale;
+                if record.state != RecordedState::Stale {
+                    record.state = RecordedState::Stale;
+                    record.reason =
+                        Some("the production host started: resynced from its bitmap when it connects".to_string());
+                }
                 assigned.push(record.slot);
                 continue;
             }
@@ -524,6 +534,7 @@ impl Replicator {
                 state: RecordedState::Stale,
                 generation: config.generation,
                 store: STORE_TOKEN_UNKNOWN,
+                reason: Some("a new copy: it gets a full initial sync".to_string()),
             });
             assigned.push(slot);
         }

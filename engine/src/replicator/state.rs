@@ -76,6 +76,9 @@ pub struct CopyRecord {
     pub generation: u64,
     /// The token of the copy store last synced; unknown when none was.
     pub store: StoreToken,
+    /// Why it was last recorded stale, when the store keeps it (the group
+    /// record does; the local file does not).
+    pub reason: Option<String>,
 }
 
 /// What kind of mirror-state failure, for callers that choose a reaction
@@ -230,6 +233,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<CopyRecord>, String> {
                 Some(hex) => parse_token(hex).ok_or_else(|| format!("bad store token in `{line}`"))?,
                 None => crate::protocol::auth::STORE_TOKEN_UNKNOWN,
             },
+            reason: None,
         });
     }
     Ok(records)
@@ -259,8 +263,16 @@ mod tests {
                 state: RecordedState::Current,
                 generation: 1,
                 store: [0xab; 16],
+                reason: None,
             },
-            CopyRecord { name: "west".into(), slot: 1, state: RecordedState::Syncing, generation: 7, store: [0; 16] },
+            CopyRecord {
+                name: "west".into(),
+                slot: 1,
+                state: RecordedState::Syncing,
+                generation: 7,
+                store: [0; 16],
+                reason: None,
+            },
         ]
     }
 
