@@ -255,13 +255,12 @@ impl Liveness {
                     continue;
                 }
                 match datagram.kind {
-                    KIND_HEARTBEAT if mismatched => {
-                        if !guard.mismatched.contains_key(&datagram.name) {
-                            tracing::error!(peer = %datagram.name,
-                                "member {} runs another group config (its digest differs from this node's): it is not counted live", datagram.name);
-                            guard.mismatched.insert(datagram.name.clone(), None);
-                        }
+                    KIND_HEARTBEAT if mismatched && !guard.mismatched.contains_key(&datagram.name) => {
+                        tracing::error!(peer = %datagram.name,
+                            "member {} runs another group config (its digest differs from this node's): it is not counted live", datagram.name);
+                        guard.mismatched.insert(datagram.name.clone(), None);
                     }
+                    KIND_HEARTBEAT if mismatched => {}
                     KIND_HEARTBEAT => {
                         guard.mismatched.remove(&datagram.name);
                     }
