@@ -6,3 +6,4 @@ pub mod core;
 pub mod liveness;
 pub mod quorum;
 pub mod record;
+pub mod record_store;
