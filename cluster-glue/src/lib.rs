@@ -2,4 +2,5 @@
 //! membership and the join protocol, host selection, and the mirror-state
 //! record on quorum storage.
 
+pub mod config;
 pub mod quorum;
