@@ -27,6 +27,13 @@
 //!   `[[member]]` and `[[witness]]` tables is part of the config (and of its
 //!   digest); the order of keys inside a table is not.
 //! - `volume_size` is a multiple of 4 KiB, so any copy may be opened O_DIRECT.
+//! - `direct` may be set on any site (how its host opens the store);
+//!   `mode` and `lag_bytes_max` only on copy sites. `lag_bytes_max` is
+//!   accepted, and kept in the digest, on a sync copy too.
+//! - Relative paths (`secret_file`, `volume`, `state_dir`) resolve against
+//!   the config file's directory; two members or witnesses may not share a
+//!   `state_dir`. A group may have no copy site; at most `SLOTS_MAX` (the
+//!   bitmap's slots) copy sites and [`VOTERS_MAX`] voters.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
