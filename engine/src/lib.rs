@@ -42,6 +42,7 @@ pub mod range_lock;
 pub mod receiver;
 pub mod replicator;
 pub mod seam;
+pub mod size;
 pub mod uring;
 pub mod verify;
 pub mod volume;

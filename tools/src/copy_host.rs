@@ -15,10 +15,10 @@ use clap::Args;
 use engine::copy_role::{CopyListen, CopyRole, CopyRoleConfig, CopyRoleError, CopyRoleStatus};
 use engine::metadata::format_uuid;
 use engine::protocol::load_secret;
+use engine::size::parse_size;
 use engine::VolumeOptions;
 
 use crate::admin;
-use crate::size::parse_size;
 use crate::start_files::StartFiles;
 
 /// How often the main thread looks for a signal.

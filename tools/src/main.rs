@@ -6,7 +6,6 @@ mod admin;
 mod copy_host;
 mod http;
 mod serve;
-mod size;
 mod start_files;
 mod status;
 mod verify;

@@ -18,10 +18,10 @@ use engine::mirror_service::{MirrorService, MirrorServiceConfig};
 use engine::protocol::{load_secret, Secret};
 use engine::replicator::{CopyConfig, MirrorMode, LOCAL_SYNC_INTERVAL_DEFAULT};
 use engine::seam::Changes;
+use engine::size::parse_size;
 use engine::{Volume, VolumeOptions};
 use nbd_frontend::{Export, Server, ServerConfig};
 
-use crate::size::parse_size;
 use crate::start_files::StartFiles;
 use crate::{address, admin};
 
