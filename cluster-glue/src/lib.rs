@@ -2,6 +2,7 @@
 //! membership and the join protocol, host selection, and the mirror-state
 //! record on quorum storage.
 
+pub mod access;
 pub mod config;
 pub mod core;
 pub mod liveness;

@@ -442,7 +442,7 @@ pub fn store_metadata(path: &Path, metadata: &VolumeMetadata) -> Result<(), Meta
 /// Replace the file at `path` with `bytes` atomically and durably: write a
 /// temporary file beside it, fsync it, rename it over `path`, fsync the
 /// directory. On failure, what was being done and the error.
-pub(crate) fn replace_file_durably(path: &Path, bytes: &[u8]) -> Result<(), (&'static str, io::Error)> {
+pub fn replace_file_durably(path: &Path, bytes: &[u8]) -> Result<(), (&'static str, io::Error)> {
     let mut temporary_name = path.as_os_str().to_owned();
     temporary_name.push(format!(".writing-{}", std::process::id()));
     let temporary = PathBuf::from(temporary_name);

@@ -502,6 +502,11 @@ fn seek(fd: RawFd, offset: u64, whence: libc::c_int) -> io::Result<u64> {
     Ok(position as u64)
 }
 
+/// The size of the block device open as `file`, in bytes.
+pub fn block_device_size(file: &File) -> io::Result<u64> {
+    ioctl_u64(file, BLKGETSIZE64)
+}
+
 fn ioctl_u64(file: &File, request: libc::c_ulong) -> io::Result<u64> {
     let mut value: u64 = 0;
     // SAFETY: the request writes one u64 through the pointer, which points to

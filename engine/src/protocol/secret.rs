@@ -38,6 +38,16 @@ impl Secret {
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }
+
+    /// A key for another use of the same secret (the group layer's quorum
+    /// and liveness traffic): HMAC-SHA256 of `purpose` under the secret, so
+    /// the replication key itself never leaves this crate.
+    pub fn derive_key(&self, purpose: &str) -> Vec<u8> {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&self.bytes).expect("HMAC takes a key of any length");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
 }
 
 impl fmt::Debug for Secret {
