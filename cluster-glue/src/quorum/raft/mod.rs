@@ -237,7 +237,8 @@ impl RaftQuorum {
         };
         let _ = self.stop.send(true);
         let raft = self.raft.clone();
-        let _ = runtime.block_on(tokio::time::timeout(STOP_TIMEOUT, raft.shutdown()));
+        // The timer must be made inside the runtime's context.
+        let _ = runtime.block_on(async { tokio::time::timeout(STOP_TIMEOUT, raft.shutdown()).await });
         runtime.shutdown_timeout(STOP_TIMEOUT);
     }
 
@@ -249,7 +250,9 @@ impl RaftQuorum {
         work: impl Future<Output = Result<T, QuorumError>>,
     ) -> Result<T, QuorumError> {
         let runtime = self.runtime.as_ref().ok_or(QuorumError::Stopped)?;
-        runtime.block_on(tokio::time::timeout(timeout, work)).unwrap_or(Err(QuorumError::Timeout { what, timeout }))
+        runtime
+            .block_on(async { tokio::time::timeout(timeout, work).await })
+            .unwrap_or(Err(QuorumError::Timeout { what, timeout }))
     }
 
     /// Ask the leader — this node or another — until it answers for good.
