@@ -437,6 +437,18 @@ impl Core {
                 }
             }
             Phase::Joined => {
+                let incarnation = self.incarnation;
+                let access = if witness { Ok(()) } else { self.access.clone().unwrap_or(Ok(())) };
+                match record.members.get_mut(&me) {
+                    // The `joined` write did not land (a conflict): again.
+                    Some(entry) if entry.incarnation == incarnation && entry.state == MemberState::Joining => {
+                        entry.state = MemberState::Joined;
+                        entry.access = !witness && access.is_ok();
+                        entry.access_problem = access.err();
+                        why.push(format!("{me} joined"));
+                    }
+                    _ => {}
+                }
                 if let (Some(problem), Some(entry)) = (self.role_failure.take(), record.members.get_mut(&me)) {
                     entry.access = false;
                     entry.access_problem = Some(problem.clone());

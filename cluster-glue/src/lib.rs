@@ -6,6 +6,7 @@ pub mod access;
 pub mod config;
 pub mod core;
 pub mod liveness;
+pub mod node;
 pub mod quorum;
 pub mod record;
 pub mod record_store;

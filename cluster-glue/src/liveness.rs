@@ -72,8 +72,11 @@ struct Datagram {
 #[derive(Debug, Default)]
 struct Heard {
     /// Per peer: when last heard (with this node's config), and the
-    /// highest (boot, seq) taken.
+    /// highest (boot, seq) taken (per kind: each kind is sent by one thread,
+    /// so its seqs grow).
     last: HashMap<String, (Option<Instant>, u64, u64)>,
+    /// Per (peer, kind) the highest (boot, seq) taken.
+    seen: HashMap<(String, u8), (u64, u64)>,
     /// Peers whose config differs, with their canonical config when known.
     mismatched: HashMap<String, Option<String>>,
     /// Answers to this node's config queries.
@@ -298,12 +301,14 @@ impl Drop for Liveness {
 /// Take `datagram` if its `(boot, seq)` is new for its sender; a heartbeat
 /// from a peer with this node's config (`counts`) makes it heard from now.
 fn take(heard: &mut Heard, datagram: &Datagram, counts: bool) -> bool {
-    let previous = heard.last.get(&datagram.name).copied();
-    if let Some((_, boot, seq)) = previous {
-        if boot == datagram.boot && datagram.seq <= seq {
+    let key = (datagram.name.clone(), datagram.kind);
+    if let Some((boot, seq)) = heard.seen.get(&key) {
+        if *boot == datagram.boot && datagram.seq <= *seq {
             return false;
         }
     }
+    heard.seen.insert(key, (datagram.boot, datagram.seq));
+    let previous = heard.last.get(&datagram.name).copied();
     let when = if counts && datagram.kind == KIND_HEARTBEAT {
         Some(Instant::now())
     } else {

@@ -123,6 +123,7 @@ pub enum MirrorServiceError {
 /// Mirroring of one production volume to its copies, running.
 pub struct MirrorService {
     replicator: Arc<Replicator>,
+    volume: Arc<Volume>,
     epoch: u64,
     bitmap_path: PathBuf,
     stopped: bool,
@@ -154,9 +155,10 @@ impl MirrorService {
             take_new_store(&config, &bitmap, &store_fingerprint)?;
         }
         let epoch = config.epoch;
+        let volume = config.volume.clone();
         let bitmap_path = config.files.bitmap.clone();
         let replicator = start_replicator(config, bitmap, start)?;
-        Ok(MirrorService { replicator, epoch, bitmap_path, stopped: false })
+        Ok(MirrorService { replicator, volume, epoch, bitmap_path, stopped: false })
     }
 
     /// The replicator, for the NBD export and the admin endpoint. Let go of
@@ -164,6 +166,11 @@ impl MirrorService {
     /// released by it.
     pub fn replicator(&self) -> Arc<Replicator> {
         self.replicator.clone()
+    }
+
+    /// The volume mirrored.
+    pub fn volume(&self) -> &Volume {
+        &self.volume
     }
 
     /// Every copy's state, the local store's health, the bitmap geometry.

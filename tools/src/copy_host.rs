@@ -98,7 +98,7 @@ pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
 }
 
 /// The copy host's `GET /status` document.
-fn status_json(status: &CopyRoleStatus) -> serde_json::Value {
+pub fn status_json(status: &CopyRoleStatus) -> serde_json::Value {
     serde_json::json!({
         "role": "copy",
         "volume": status.volume.display().to_string(),

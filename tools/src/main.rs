@@ -5,6 +5,7 @@ mod address;
 mod admin;
 mod copy_host;
 mod http;
+mod node;
 mod serve;
 mod start_files;
 mod status;
@@ -27,6 +28,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Hold a copy of a production volume: receive its writes and apply them.
     CopyHost(copy_host::CopyHostArgs),
+    /// Run a member of a mirrored group (the group config names the roles).
+    Node(node::NodeArgs),
     /// Print a production host's mirror status (from its admin endpoint).
     Status(status::StatusArgs),
     /// Compare a copy with the production volume while it is in use (online verify).
@@ -37,7 +40,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
         )
         .with_writer(std::io::stderr)
         // Colours only on a terminal: log files and journald get plain text.
@@ -47,6 +50,7 @@ fn main() {
     let result = match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::CopyHost(args) => copy_host::run(args),
+        Command::Node(args) => node::run(args),
         Command::Status(args) => status::run(args),
         Command::Verify(args) => match verify::run(args) {
             Ok(true) => Ok(()),

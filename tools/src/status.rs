@@ -12,9 +12,13 @@ use clap::Args;
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// The admin address of a production or copy host (its `--admin`; a
-    /// bare port means 127.0.0.1:PORT).
-    #[arg(long, value_parser = crate::admin::parse_admin_address)]
-    admin: SocketAddr,
+    /// bare port means 127.0.0.1:PORT), or of a group node.
+    #[arg(long, value_parser = crate::admin::parse_admin_address, required_unless_present = "config")]
+    admin: Option<SocketAddr>,
+    /// A group config: the first member or witness that answers shows the
+    /// group.
+    #[arg(long, conflicts_with = "admin")]
+    config: Option<std::path::PathBuf>,
     /// Print the JSON document as the endpoint returns it.
     #[arg(long)]
     json: bool,
@@ -22,7 +26,11 @@ pub struct StatusArgs {
 
 /// Fetch and print the status.
 pub fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let status = fetch(args.admin)?;
+    let status = match (&args.config, args.admin) {
+        (Some(path), _) => fetch_group(path)?,
+        (None, Some(admin)) => fetch(admin)?,
+        (None, None) => anyhow::bail!("give --admin ADDR or --config FILE"),
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
@@ -68,6 +76,9 @@ pub fn request(admin: SocketAddr, method: &str, path: &str, timeout: Duration) -
 /// bitmap clear (not a divergence). A copy host's status is a few lines
 /// about itself.
 pub fn table(status: &serde_json::Value) -> String {
+    if status.get("group").is_some() {
+        return group_lines(status);
+    }
     if status["role"] == "copy" {
         return copy_host_lines(status);
     }
@@ -204,4 +215,81 @@ mod tests {
         assert!(table.contains("stale            2.0 MiB    1.0 MiB"), "{table}");
         assert!(table.contains("             last error: the copy host reported no space"), "{table}");
     }
+}
+
+/// `GET /status` from the first node of the group at `path` that answers.
+fn fetch_group(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let config = cluster_glue::config::GroupConfig::load(path)?;
+    let mut errors = Vec::new();
+    for voter in config.voters() {
+        let admin = SocketAddr::new(voter.address, config.ports.admin);
+        match request(admin, "GET", "/status", Duration::from_secs(2)) {
+            Ok(status) => return Ok(status),
+            Err(error) => errors.push(format!("{}: {error:#}", voter.name)),
+        }
+    }
+    anyhow::bail!("no node of group {} answered:\n  {}", config.group, errors.join("\n  "))
+}
+
+/// A group node's status for people: quorum, members, the record.
+fn group_lines(status: &serde_json::Value) -> String {
+    let text = |value: &serde_json::Value| value.as_str().map_or_else(|| value.to_string(), str::to_string);
+    let quorum = &status["quorum"];
+    let voters = quorum["voters"].as_array().cloned().unwrap_or_default();
+    let reachable = voters.iter().filter(|voter| voter["reachable"] == true).count();
+    let mut out = format!(
+        "group {} (answered by {}, {})\nquorum: leader {}, term {}, {} of {} voters reachable from {}\n",
+        text(&status["group"]),
+        text(&status["node"]),
+        text(&status["phase"]),
+        text(&quorum["leader"]),
+        quorum["term"],
+        reachable,
+        voters.len(),
+        text(&status["node"]),
+    );
+    out.push_str(&format!("{:<12} {:<10} {:<15} {:<16} {}\n", "MEMBER", "SITE", "STATE", "ROLE", "NOTE"));
+    for member in status["members"].as_array().cloned().unwrap_or_default() {
+        let note = match (&member["access_problem"], &member["live"]) {
+            (serde_json::Value::String(problem), _) => format!("no access: {problem}"),
+            (_, serde_json::Value::Bool(false)) => "not heard from".to_string(),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "{:<12} {:<10} {:<15} {:<16} {}\n",
+            text(&member["name"]),
+            member["site"].as_str().unwrap_or("-"),
+            text(&member["state"]),
+            text(&member["role"]),
+            note
+        ));
+    }
+    let record = &status["record"];
+    if record.is_null() {
+        out.push_str("record: not read yet\n");
+        return out;
+    }
+    out.push_str(&format!(
+        "record: seq {}, epoch {}, generation {}; production site {} hosted by {}\n",
+        record["seq"],
+        record["epoch"],
+        record["generation"],
+        text(&record["production"]["site"]),
+        record["production"]["host"].as_str().unwrap_or("nobody"),
+    ));
+    for copy in record["copies"].as_array().cloned().unwrap_or_default() {
+        let reason = match copy["state"].as_str() {
+            Some("stale") => format!(" ({})", text(&copy["reason"])),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "  copy {} ({}) hosted by {}: {}{}\n",
+            text(&copy["site"]),
+            text(&copy["mode"]),
+            copy["host"].as_str().unwrap_or("nobody"),
+            text(&copy["state"]),
+            reason
+        ));
+    }
+    out
 }

@@ -1,0 +1,545 @@
+//! The shell that runs one group member (`crossmirror node`): it starts the
+//! member's liveness and its quorum voter, feeds the core (`core.rs`) what
+//! happens and carries out what the core says, through a [`RoleRunner`]
+//! that the binary provides (the production role needs the NBD server, which
+//! this crate never imports).
+//!
+//! ```text
+//!  node thread ── watch record / liveness / leadership ──▶ Core::step ──▶ commands
+//!       │            CAS the record ◀──────────────────────────────────────┘
+//!       ├─ RoleRunner: start/stop production (NBD + replicator), copy role
+//!  lease thread ── renew_lease every lease/4 ──▶ Gate (NBD requests pass while valid)
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use engine::gate::{Gate, OnExpiry};
+use engine::protocol::Secret;
+use engine::replicator::{CopyConfig, MirrorMode, MirrorStateStore};
+use serde_json::json;
+
+use crate::config::{diff, CopyMode, GroupConfig, OnQuorumLoss, SiteRole};
+use crate::core::{Command, CopySite, Core, Event, MemberInfo, Topology};
+use crate::liveness::{Liveness, LivenessConfig};
+use crate::quorum::raft::{RaftQuorum, RaftQuorumConfig};
+use crate::quorum::{CasOutcome, QuorumStore};
+use crate::record::{GroupRecord, MemberState, RECORD_KEY};
+use crate::record_store::{RecordStore, CALL_TIMEOUT};
+
+/// How long a joining member waits for its peers' configs.
+const CONFIG_CHECK_WAIT: Duration = Duration::from_millis(1500);
+/// How long the node thread waits for a record change per round.
+const WATCH_WAIT: Duration = Duration::from_millis(100);
+
+/// What the production role needs to start.
+pub struct ProductionSpec {
+    /// The store.
+    pub volume: PathBuf,
+    /// The group's volume size.
+    pub size: u64,
+    /// Bytes per bitmap bit.
+    pub region_bytes: u64,
+    /// One copy per copy site, with no host yet.
+    pub copies: Vec<CopyConfig>,
+    /// The replication secret.
+    pub secret: Secret,
+    /// The fencing epoch.
+    pub epoch: u64,
+    /// The mirror state, on the group record.
+    pub state_store: Arc<dyn MirrorStateStore>,
+    /// NBD requests pass only while it is open (the quorum lease).
+    pub gate: Arc<Gate>,
+    /// Where to serve NBD.
+    pub nbd_listen: SocketAddr,
+    /// The export name.
+    pub export: String,
+}
+
+/// What the copy role needs to start.
+pub struct CopySpec {
+    /// The store.
+    pub volume: PathBuf,
+    /// The group's volume size.
+    pub size: u64,
+    /// Open it O_DIRECT.
+    pub direct: bool,
+    /// Where to listen for the production host.
+    pub listen: SocketAddr,
+    /// The replication secret.
+    pub secret: Secret,
+}
+
+/// Runs the roles the core names this member to (the binary implements it
+/// with the NBD server, the mirror service and the copy role).
+pub trait RoleRunner {
+    /// Serve the production store over NBD and mirror it.
+    fn start_production(&mut self, spec: ProductionSpec) -> Result<(), String>;
+    /// Point a copy site's link at its host.
+    fn set_copy_host(&mut self, site: &str, address: Option<SocketAddr>);
+    /// Stop serving: drain, flush, stop mirroring.
+    fn stop_production(&mut self);
+    /// Host this member's copy store.
+    fn start_copy(&mut self, spec: CopySpec) -> Result<(), String>;
+    /// Stop hosting it.
+    fn stop_copy(&mut self);
+    /// The roles' status, for `crossmirror status`.
+    fn status(&self) -> serde_json::Value;
+}
+
+/// Who runs and with what.
+pub struct NodeOptions {
+    /// The group config.
+    pub config: GroupConfig,
+    /// This node's name.
+    pub name: String,
+    /// The group's secret.
+    pub secret: Secret,
+}
+
+/// The node's status document, refreshed by the node thread.
+pub type StatusBoard = Arc<Mutex<serde_json::Value>>;
+
+/// The topology the core works with.
+fn topology(config: &GroupConfig, me: &str) -> Topology {
+    Topology {
+        me: me.to_string(),
+        production_site: config.production_site().name.clone(),
+        copy_sites: config
+            .copy_sites()
+            .into_iter()
+            .map(|site| CopySite { name: site.name.clone(), mode: site.mode.as_str().to_string() })
+            .collect(),
+        members: config
+            .members
+            .iter()
+            .map(|member| MemberInfo {
+                name: member.name.clone(),
+                site: member.site.clone(),
+                backup_order: member.backup_order,
+                address: member.address,
+            })
+            .collect(),
+        witnesses: config.witnesses.iter().map(|witness| witness.name.clone()).collect(),
+        config_digest: config.digest_hex(),
+        mirror_port: config.ports.mirror,
+    }
+}
+
+/// Refuse an unknown name with the names there are.
+pub fn check_name(config: &GroupConfig, name: &str) -> Result<(), String> {
+    if config.voter_id(name).is_some() {
+        return Ok(());
+    }
+    let members: Vec<&str> = config.members.iter().map(|member| member.name.as_str()).collect();
+    let witnesses: Vec<&str> = config.witnesses.iter().map(|witness| witness.name.as_str()).collect();
+    Err(format!(
+        "--name {name:?} is not in {}: its members are {} and its witnesses {}",
+        config.path.display(),
+        members.join(", "),
+        if witnesses.is_empty() { "none".to_string() } else { witnesses.join(", ") }
+    ))
+}
+
+/// Run member `options.name` until it leaves (`leave` set, e.g. by
+/// SIGTERM) or must stop; the error says why it could not run.
+pub fn run(
+    options: NodeOptions,
+    runner: &mut dyn RoleRunner,
+    leave: &AtomicBool,
+    board: &StatusBoard,
+) -> Result<(), String> {
+    let NodeOptions { config, name, secret } = options;
+    check_name(&config, &name)?;
+    let voters = config.voters();
+    let me = voters.iter().find(|voter| voter.name == name).expect("checked above").clone();
+    let quorum_address = |address| SocketAddr::new(address, config.ports.quorum);
+    let liveness = Liveness::start(LivenessConfig {
+        me: name.clone(),
+        listen: quorum_address(me.address),
+        peers: voters
+            .iter()
+            .filter(|voter| voter.name != name)
+            .map(|voter| (voter.name.clone(), quorum_address(voter.address)))
+            .collect(),
+        secret: secret.derive_key("crossmirror liveness"),
+        group: config.group.clone(),
+        digest: config.digest(),
+        canonical: config.canonical(),
+    })
+    .map_err(|error| {
+        format!("cannot listen on {} (UDP, the group's quorum port): {error}", quorum_address(me.address))
+    })?;
+    let mismatches = liveness.config_mismatches(CONFIG_CHECK_WAIT);
+    if let Some((peer, theirs)) = mismatches.first() {
+        let lines = diff(&config.canonical(), theirs);
+        return Err(format!(
+            "refusing to join group {}: member {peer} runs another group config (- this node's {}, + {peer}'s):\n  {}\nevery member needs the same file",
+            config.group,
+            config.path.display(),
+            lines.join("\n  ")
+        ));
+    }
+    let state_dir = config
+        .members
+        .iter()
+        .find(|member| member.name == name)
+        .map(|member| member.state_dir.clone())
+        .or_else(|| config.witness(&name).map(|witness| witness.state_dir.clone()))
+        .expect("a voter is a member or a witness");
+    std::fs::create_dir_all(&state_dir).map_err(|error| format!("cannot create {}: {error}", state_dir.display()))?;
+    let voter_addresses: BTreeMap<u64, SocketAddr> =
+        voters.iter().map(|voter| (voter.id, quorum_address(voter.address))).collect();
+    let raft = RaftQuorum::start(RaftQuorumConfig::new(
+        me.id,
+        voter_addresses,
+        state_dir.join("quorum"),
+        secret.derive_key("crossmirror quorum"),
+        config.group.clone(),
+    ))
+    .map_err(|error| format!("cannot start the quorum voter: {error}"))?;
+    let quorum: Arc<dyn QuorumStore> = Arc::new(raft);
+    tracing::info!(group = %config.group, node = %name, voters = voters.len(), "node {name} starting in group {}", config.group);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let lease = Arc::new(LeaseKeeper { producing: Mutex::new(None), stopping: stopping.clone() });
+    let lease_thread = {
+        let (lease, quorum, term) = (lease.clone(), quorum.clone(), config.lease);
+        std::thread::Builder::new()
+            .name("lease".into())
+            .spawn(move || lease.run(quorum.as_ref(), term))
+            .map_err(|error| format!("cannot start the lease thread: {error}"))?
+    };
+    let mut shell = Shell {
+        config: &config,
+        name: &name,
+        secret,
+        quorum: quorum.clone(),
+        liveness: &liveness,
+        runner,
+        lease: lease.clone(),
+        stopping: stopping.clone(),
+        events: Vec::new(),
+        exit: None,
+        need_read: true,
+    };
+    let result = shell.main_loop(Core::new(topology(&config, &name)), leave, board);
+    stopping.store(true, Ordering::Relaxed);
+    let _ = lease_thread.join();
+    drop(shell);
+    liveness.stop();
+    // The quorum voter stops when its last holder lets go.
+    drop(quorum);
+    result
+}
+
+/// Renews the production host's lease from the quorum and keeps its gate.
+struct LeaseKeeper {
+    /// The gate of the production role while it runs.
+    producing: Mutex<Option<Arc<Gate>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl LeaseKeeper {
+    fn gate(&self) -> Option<Arc<Gate>> {
+        self.producing.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn run(&self, quorum: &dyn QuorumStore, term: Duration) {
+        let mut lost_logged = false;
+        while !self.stopping.load(Ordering::Relaxed) {
+            if let Some(gate) = self.gate() {
+                match quorum.renew_lease(term, term / 2) {
+                    Ok(lease) => {
+                        gate.renew(lease.valid_until);
+                        if lost_logged {
+                            tracing::info!("quorum regained: the production host serves again");
+                            lost_logged = false;
+                        }
+                    }
+                    Err(error) => {
+                        gate.set_reason(&format!("no lease from the quorum ({error})"));
+                        if !lost_logged {
+                            tracing::warn!(%error, "quorum lost: NBD requests wait (or fail, under on_quorum_loss = \"io-error\") once the lease runs out");
+                            lost_logged = true;
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(term / 4);
+        }
+    }
+}
+
+struct Shell<'a> {
+    config: &'a GroupConfig,
+    name: &'a str,
+    secret: Secret,
+    quorum: Arc<dyn QuorumStore>,
+    liveness: &'a Liveness,
+    runner: &'a mut dyn RoleRunner,
+    lease: Arc<LeaseKeeper>,
+    stopping: Arc<AtomicBool>,
+    /// Events waiting to be stepped.
+    events: Vec<Event>,
+    exit: Option<Result<(), String>>,
+    need_read: bool,
+}
+
+impl Shell<'_> {
+    fn main_loop(&mut self, mut core: Core, leave: &AtomicBool, board: &StatusBoard) -> Result<(), String> {
+        let mut leader = None;
+        let mut live: Option<(BTreeSet<String>, bool)> = None;
+        let mut leave_sent = false;
+        let mut seq = 0;
+        loop {
+            if leave.load(Ordering::Relaxed) && !leave_sent {
+                leave_sent = true;
+                tracing::info!(node = %self.name, "leaving the group: stopping NBD, draining, flushing, handing over");
+                self.events.push(Event::Leave);
+            }
+            let is_leader = self.quorum.status().is_leader;
+            if leader != Some(is_leader) {
+                leader = Some(is_leader);
+                self.events.push(Event::Leader(is_leader));
+            }
+            let now_live = self.liveness.live();
+            if live.as_ref() != Some(&now_live) {
+                live = Some(now_live.clone());
+                self.events.push(Event::Liveness { live: now_live.0, settled: now_live.1 });
+            }
+            if self.need_read && !core.is_writing() {
+                match self.quorum.read(RECORD_KEY, CALL_TIMEOUT) {
+                    Ok(stored) => {
+                        self.need_read = false;
+                        match stored.map(|stored| GroupRecord::decode(&stored.value)).transpose() {
+                            Ok(record) => self.events.push(Event::Record(record)),
+                            Err(error) => return Err(format!("{error}: refusing to guess which copy is current")),
+                        }
+                    }
+                    Err(error) => tracing::debug!(%error, "reading the group record"),
+                }
+            }
+            while !self.events.is_empty() {
+                for event in std::mem::take(&mut self.events) {
+                    let commands = core.step(event);
+                    for command in commands {
+                        self.execute(command);
+                    }
+                }
+            }
+            if let Some(exit) = self.exit.take() {
+                return exit;
+            }
+            if let Some(record) = core.record() {
+                seq = record.seq;
+            }
+            *board.lock().unwrap_or_else(PoisonError::into_inner) = self.status(&core, live.as_ref());
+            if self.need_read {
+                std::thread::sleep(WATCH_WAIT);
+                continue;
+            }
+            match self.quorum.watch(RECORD_KEY, seq, WATCH_WAIT) {
+                Ok(Some(stored)) => match GroupRecord::decode(&stored.value) {
+                    Ok(record) => self.events.push(Event::Record(Some(record))),
+                    Err(error) => return Err(format!("{error}: refusing to guess which copy is current")),
+                },
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::debug!(%error, "watching the group record");
+                    std::thread::sleep(WATCH_WAIT);
+                }
+            }
+        }
+    }
+
+    fn execute(&mut self, command: Command) {
+        match command {
+            Command::Write { expected, record, why } => {
+                match self.quorum.compare_and_set(RECORD_KEY, expected, record.encode(), CALL_TIMEOUT) {
+                    Ok(CasOutcome::Written(_)) => {
+                        tracing::info!(seq = record.seq, epoch = record.epoch, "record seq {}: {why}", record.seq);
+                        self.events.push(Event::Written(record));
+                    }
+                    Ok(CasOutcome::Conflict(_)) => {
+                        self.events.push(Event::Conflict);
+                        self.need_read = true;
+                    }
+                    Err(error) => {
+                        // It may still commit: the next read tells.
+                        tracing::warn!(%error, "writing the group record ({why}) got no quorum answer; reading it again");
+                        self.events.push(Event::Conflict);
+                        self.need_read = true;
+                    }
+                }
+            }
+            Command::CheckAccess => {
+                let member = self.config.member(self.name).expect("only members check access");
+                let result = crate::access::check(&member.volume, self.config.volume_size, &self.config.group);
+                if let Err(problem) = &result {
+                    tracing::error!(volume = %member.volume.display(), "no access to the store: {problem}");
+                }
+                self.events.push(Event::Access(result));
+            }
+            Command::StartProduction { epoch } => self.start_production(epoch),
+            Command::SetCopyHost { site, address } => self.runner.set_copy_host(&site, address),
+            Command::StopProduction => {
+                tracing::info!("no longer the production host: stopping NBD and mirroring");
+                self.stop_production("this member no longer hosts the production site");
+            }
+            Command::StartCopy => {
+                let member = self.config.member(self.name).expect("only members host copies");
+                let site = self.config.site(&member.site).expect("validated");
+                let spec = CopySpec {
+                    volume: member.volume.clone(),
+                    size: self.config.volume_size,
+                    direct: site.direct,
+                    listen: SocketAddr::new(member.address, self.config.ports.mirror),
+                    secret: self.secret.clone(),
+                };
+                tracing::info!(site = %member.site, "hosting the copy store of site {}", member.site);
+                if let Err(why) = self.runner.start_copy(spec) {
+                    tracing::error!("cannot host the copy store: {why}");
+                    self.events.push(Event::RoleFailed { why });
+                }
+            }
+            Command::StopCopy => self.runner.stop_copy(),
+            Command::Fence { why } => {
+                tracing::error!("self-fence: {why}; stopping every role at once");
+                if let Some(gate) = self.lease.gate() {
+                    gate.close(&why);
+                }
+                self.stop_production(&why);
+                self.runner.stop_copy();
+            }
+            Command::StopRoles => {
+                self.stop_production("this member is leaving the group");
+                self.runner.stop_copy();
+                self.events.push(Event::RolesStopped);
+            }
+            Command::Exit { error } => {
+                self.exit = Some(match error {
+                    None => Ok(()),
+                    Some(error) => Err(error),
+                });
+            }
+        }
+    }
+
+    fn start_production(&mut self, epoch: u64) {
+        let member = self.config.member(self.name).expect("only members produce");
+        let gate = Arc::new(Gate::new(match self.config.on_quorum_loss {
+            OnQuorumLoss::Suspend => OnExpiry::Suspend,
+            OnQuorumLoss::IoError => OnExpiry::Fail,
+        }));
+        let copies = self
+            .config
+            .sites
+            .iter()
+            .filter(|site| site.role == SiteRole::Copy)
+            .map(|site| CopyConfig {
+                name: site.name.clone(),
+                address: None,
+                mode: match site.mode {
+                    CopyMode::Sync => MirrorMode::Sync,
+                    CopyMode::Async => MirrorMode::Async,
+                },
+                lag_bytes_max: site.lag_bytes_max,
+            })
+            .collect();
+        let state_store = Arc::new(RecordStore::new(
+            self.quorum.clone(),
+            self.config.on_quorum_loss == OnQuorumLoss::Suspend,
+            self.stopping.clone(),
+        ));
+        let spec = ProductionSpec {
+            volume: member.volume.clone(),
+            size: self.config.volume_size,
+            region_bytes: self.config.region_size,
+            copies,
+            secret: self.secret.clone(),
+            epoch,
+            state_store,
+            gate: gate.clone(),
+            nbd_listen: SocketAddr::new(member.address, self.config.ports.nbd),
+            export: self.config.nbd_export.clone(),
+        };
+        *self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner) = Some(gate);
+        tracing::info!(epoch, nbd = %SocketAddr::new(member.address, self.config.ports.nbd),
+            "production host of group {} (epoch {epoch}): serving NBD and mirroring", self.config.group);
+        if let Err(why) = self.runner.start_production(spec) {
+            tracing::error!("cannot serve the production store: {why}");
+            self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner).take();
+            self.events.push(Event::RoleFailed { why });
+        }
+    }
+
+    fn stop_production(&mut self, why: &str) {
+        if let Some(gate) = self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            gate.close(why);
+        }
+        self.runner.stop_production();
+    }
+
+    fn status(&self, core: &Core, live: Option<&(BTreeSet<String>, bool)>) -> serde_json::Value {
+        let quorum = self.quorum.status();
+        let voters = self.config.voters();
+        let name_of = |id: u64| voters.iter().find(|voter| voter.id == id).map(|voter| voter.name.clone());
+        let record = core.record();
+        let role = |name: &str| -> &'static str {
+            if self.config.witness(name).is_some() {
+                return "witness";
+            }
+            let Some(record) = record else { return "standby" };
+            if record.production.host.as_deref() == Some(name) {
+                "production host"
+            } else if record.copies.iter().any(|copy| copy.host.as_deref() == Some(name)) {
+                "copy host"
+            } else {
+                "standby"
+            }
+        };
+        let members: Vec<serde_json::Value> = voters
+            .iter()
+            .map(|voter| {
+                let entry = record.and_then(|record| record.members.get(&voter.name));
+                json!({
+                    "name": voter.name,
+                    "site": self.config.member(&voter.name).map(|member| member.site.clone()),
+                    "address": voter.address.to_string(),
+                    "state": entry.map_or(MemberState::Inactive.name(), |entry| entry.state.name()),
+                    "role": role(&voter.name),
+                    "access": entry.map(|entry| entry.access),
+                    "access_problem": entry.and_then(|entry| entry.access_problem.clone()),
+                    "live": live.map(|(live, _)| live.contains(&voter.name)),
+                })
+            })
+            .collect();
+        let gate = self.lease.gate();
+        json!({
+            "group": self.config.group,
+            "node": self.name,
+            "phase": core.phase(),
+            "config_digest": self.config.digest_hex(),
+            "quorum": {
+                "leader": quorum.leader.and_then(name_of),
+                "term": quorum.term,
+                "is_leader": quorum.is_leader,
+                "last_applied": quorum.last_applied,
+                "voters": quorum.voters.iter().map(|voter| json!({
+                    "name": name_of(voter.id),
+                    "address": voter.address.to_string(),
+                    "reachable": voter.reachable,
+                })).collect::<Vec<_>>(),
+            },
+            "members": members,
+            "record": record,
+            "roles": self.runner.status(),
+            "io": gate.map(|gate| json!({ "lease_valid": gate.is_open(), "requests_waiting": gate.waiting() })),
+            "liveness_refused": self.liveness.refused(),
+        })
+    }
+}
