@@ -173,50 +173,6 @@ fn human(bytes: u64) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_syncing_copy_gets_a_progress_bar() {
-        let status = serde_json::json!({
-            "volume": "/srv/vol", "size": 1073741824u64,
-            "copies": [
-                {"name": "east", "address": "127.0.0.2:7789", "mode": "sync", "state": "syncing",
-                 "dirty_bytes": 1048576, "lag_bytes": 0, "bytes_shipped": 3 << 20, "frames_rejected": 0,
-                 "resync_bytes_done": 512 << 10, "resync_bytes_total": 1 << 20, "last_error": null},
-                {"name": "west", "address": "127.0.0.3:7789", "mode": "async", "state": "up_to_date",
-                 "dirty_bytes": 0, "lag_bytes": 4096, "bytes_shipped": 10, "frames_rejected": 2}
-            ]
-        });
-        let table = table(&status);
-        assert!(table.contains("east         127.0.0.2:7789        sync   syncing"), "{table}");
-        assert!(table.contains("[###############---------------]  50% 512.0 KiB of 1.0 MiB"), "{table}");
-        assert!(table.contains("west") && table.contains("up_to_date") && table.contains("4.0 KiB"), "{table}");
-        assert_eq!(table.matches("resync").count(), 1, "{table}");
-        assert!(!table.contains("last error"), "{table}");
-    }
-
-    /// A stale copy shows why (its last error), and dirty bytes are split
-    /// into what is to resync and what waits for the next bitmap clear.
-    #[test]
-    fn a_stale_copy_shows_its_last_error_and_dirty_bytes_are_split() {
-        let status = serde_json::json!({
-            "volume": "/srv/vol", "size": 1073741824u64,
-            "copies": [
-                {"name": "east", "address": "127.0.0.2:7789", "mode": "sync", "state": "stale",
-                 "dirty_bytes": 3 << 20, "resync_pending_bytes": 2 << 20, "clearing_bytes": 1 << 20,
-                 "lag_bytes": 0, "bytes_shipped": 0, "frames_rejected": 0,
-                 "last_error": "the copy host reported no space: no space left on the copy host"}
-            ]
-        });
-        let table = table(&status);
-        assert!(table.contains("TO RESYNC   CLEARING"), "{table}");
-        assert!(table.contains("stale            2.0 MiB    1.0 MiB"), "{table}");
-        assert!(table.contains("             last error: the copy host reported no space"), "{table}");
-    }
-}
-
 /// `GET /status` from the first node of the group at `path` that answers.
 fn fetch_group(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
     let config = cluster_glue::config::GroupConfig::load(path)?;
@@ -292,4 +248,48 @@ fn group_lines(status: &serde_json::Value) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_syncing_copy_gets_a_progress_bar() {
+        let status = serde_json::json!({
+            "volume": "/srv/vol", "size": 1073741824u64,
+            "copies": [
+                {"name": "east", "address": "127.0.0.2:7789", "mode": "sync", "state": "syncing",
+                 "dirty_bytes": 1048576, "lag_bytes": 0, "bytes_shipped": 3 << 20, "frames_rejected": 0,
+                 "resync_bytes_done": 512 << 10, "resync_bytes_total": 1 << 20, "last_error": null},
+                {"name": "west", "address": "127.0.0.3:7789", "mode": "async", "state": "up_to_date",
+                 "dirty_bytes": 0, "lag_bytes": 4096, "bytes_shipped": 10, "frames_rejected": 2}
+            ]
+        });
+        let table = table(&status);
+        assert!(table.contains("east         127.0.0.2:7789        sync   syncing"), "{table}");
+        assert!(table.contains("[###############---------------]  50% 512.0 KiB of 1.0 MiB"), "{table}");
+        assert!(table.contains("west") && table.contains("up_to_date") && table.contains("4.0 KiB"), "{table}");
+        assert_eq!(table.matches("resync").count(), 1, "{table}");
+        assert!(!table.contains("last error"), "{table}");
+    }
+
+    /// A stale copy shows why (its last error), and dirty bytes are split
+    /// into what is to resync and what waits for the next bitmap clear.
+    #[test]
+    fn a_stale_copy_shows_its_last_error_and_dirty_bytes_are_split() {
+        let status = serde_json::json!({
+            "volume": "/srv/vol", "size": 1073741824u64,
+            "copies": [
+                {"name": "east", "address": "127.0.0.2:7789", "mode": "sync", "state": "stale",
+                 "dirty_bytes": 3 << 20, "resync_pending_bytes": 2 << 20, "clearing_bytes": 1 << 20,
+                 "lag_bytes": 0, "bytes_shipped": 0, "frames_rejected": 0,
+                 "last_error": "the copy host reported no space: no space left on the copy host"}
+            ]
+        });
+        let table = table(&status);
+        assert!(table.contains("TO RESYNC   CLEARING"), "{table}");
+        assert!(table.contains("stale            2.0 MiB    1.0 MiB"), "{table}");
+        assert!(table.contains("             last error: the copy host reported no space"), "{table}");
+    }
 }
