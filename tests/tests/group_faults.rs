@@ -493,10 +493,14 @@ fn a_group_killed_whole_still_knows_its_copy_is_stale_and_resyncs_it() {
     );
 
     // Graceful stop, production first (it drains and flushes to the copy).
-    for name in ["a", "b", "w"] {
+    // The witness, left alone without a quorum, cannot record its own
+    // leave (its SIGTERM waits for a quorum that never comes back), so it
+    // is killed; it holds no data.
+    for name in ["a", "b"] {
         let status = group.stop(name);
         assert!(status.success(), "node {name} exited with {status}:\n{}", group.log(name));
     }
+    group.kill("w");
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")), "the copy's store differs from production's");
     assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
 }
