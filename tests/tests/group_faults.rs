@@ -548,10 +548,17 @@ fn a_production_host_without_quorum_suspends_writes_until_the_cut_heals() {
     group.start("b");
     group.start("w");
     wait_current(&group, Duration::from_secs(30));
+    // (A new production host answers EIO under io-error until its first
+    // lease: see `a_new_production_host_does_not_fail_writes_before_its_first_lease`.)
+    group.wait_status("a", Duration::from_secs(10), |status| status["io"]["lease_valid"] == true);
     let mut client = connect_one_by_one(&group.nbd_uri());
     client.send("0");
     let first = client.line_after(1, Duration::from_secs(5));
-    assert!(first.as_deref().is_some_and(|line| line.starts_with("ok")), "a write before the cut: {first:?}");
+    assert!(
+        first.as_deref().is_some_and(|line| line.starts_with("ok")),
+        "a write before the cut: {first:?}\n{}",
+        group.logs_tail(20)
+    );
 
     let cut = cut_production(&mut group, gid);
     let log_from = group.log("a").len();
@@ -692,10 +699,17 @@ fn a_production_host_without_quorum_fails_writes_with_eio_under_io_error() {
     group.start("b");
     group.start("w");
     wait_current(&group, Duration::from_secs(30));
+    // (A new production host answers EIO under io-error until its first
+    // lease: see `a_new_production_host_does_not_fail_writes_before_its_first_lease`.)
+    group.wait_status("a", Duration::from_secs(10), |status| status["io"]["lease_valid"] == true);
     let mut client = connect_one_by_one(&group.nbd_uri());
     client.send("0");
     let first = client.line_after(1, Duration::from_secs(5));
-    assert!(first.as_deref().is_some_and(|line| line.starts_with("ok")), "a write before the cut: {first:?}");
+    assert!(
+        first.as_deref().is_some_and(|line| line.starts_with("ok")),
+        "a write before the cut: {first:?}\n{}",
+        group.logs_tail(20)
+    );
 
     let cut = cut_production(&mut group, gid);
     client.send("4096");
@@ -708,6 +722,64 @@ fn a_production_host_without_quorum_fails_writes_with_eio_under_io_error() {
     assert!(is_eio(&fields), "a write without quorum failed, but not with EIO: {outcome}");
     assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
 }
+
+/// Under `on_quorum_loss = "io-error"`, a production host that has just
+/// started, in a group with its quorum, fails no write: a client that
+/// connects the moment NBD is served writes at once.
+#[test]
+fn a_new_production_host_does_not_fail_writes_before_its_first_lease() {
+    if !require_tool("nbdsh") {
+        return;
+    }
+    let _serial = serial();
+    let mut group = Group::new("gf-first-lease", three_nodes("gffirstlease", "io-error"));
+    let address = format!("{}:{}", group.ips["a"], group.ports[2]);
+    let client = Python::start(FIRST_WRITES, &[&address]);
+    for name in ["a", "b", "w"] {
+        group.start(name);
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || client.lines().iter().any(|line| line.starts_with("ok"))),
+        "no write succeeded: {:?}\n{}",
+        client.lines(),
+        group.logs_tail(20)
+    );
+    let failed: Vec<String> = client.lines().into_iter().filter(|line| line.starts_with("err")).collect();
+    assert!(
+        failed.is_empty(),
+        "a new production host, its group in quorum, failed writes before its first lease: {failed:?}\n{}",
+        group
+            .log("a")
+            .lines()
+            .filter(|line| line.contains("EIO") || line.contains("serving NBD"))
+            .take(4)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// Wait for the NBD port (argv[1], ip:port) to accept, connect, and write
+/// until a write succeeds (every 20 ms, 100 tries), printing each outcome.
+const FIRST_WRITES: &str = r#"
+import nbd, socket, sys, time
+ip, port = sys.argv[1].rsplit(":", 1)
+while True:
+    try:
+        socket.create_connection((ip, int(port)), timeout=0.2).close()
+        break
+    except OSError:
+        time.sleep(0.005)
+h = nbd.NBD()
+h.connect_uri("nbd://" + sys.argv[1])
+for i in range(100):
+    try:
+        h.pwrite(b"\x11" * 4096, 0)
+        print("ok %.6f" % time.time(), flush=True)
+        break
+    except nbd.Error as e:
+        print("err %.6f %s %s" % (time.time(), e.errno, str(e).replace("\n", " ")), flush=True)
+        time.sleep(0.02)
+"#;
 
 /// Two groups on the same three addresses, different ports: A's production
 /// host is cut from A's other voters on A's quorum port only. A suspends; B
