@@ -477,6 +477,12 @@ impl Shell<'_> {
             nbd_listen: SocketAddr::new(member.address, self.config.ports.nbd),
             export: self.config.nbd_export.clone(),
         };
+        // The first lease before the first request, so that none is turned
+        // away for want of one (the lease thread renews it from here on).
+        match self.quorum.renew_lease(self.config.lease, self.config.lease / 2) {
+            Ok(lease) => gate.renew(lease.valid_until),
+            Err(error) => gate.set_reason(&format!("no lease from the quorum yet ({error})")),
+        }
         *self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner) = Some(gate);
         tracing::info!(epoch, nbd = %SocketAddr::new(member.address, self.config.ports.nbd),
             "production host of group {} (epoch {epoch}): serving NBD and mirroring", self.config.group);
