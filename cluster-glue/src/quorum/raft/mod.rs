@@ -24,6 +24,15 @@
 //! already voted or holds a log gets `NotAllowed`, which is expected (it
 //! learns the membership from the leader). The voter sets must therefore be
 //! identical in every voter's config; membership is fixed.
+//!
+//! Timing (openraft 0.9): a follower that has heard from a leader refuses
+//! to vote for another for `election_timeout.1` (its leader lease), and
+//! starts an election `election_timeout.1` plus a random
+//! `election_timeout.0..election_timeout.1` after the last heartbeat. With
+//! the defaults a new leader is elected 1.5–2 s after the old one dies, and
+//! a lease from [`QuorumStore::renew_lease`] is sound for a term up to
+//! `election_timeout.1` (1 s) less clock-rate drift: no other leader can be
+//! confirmed before the followers that acknowledged this one let go.
 
 mod durable;
 mod frame;
