@@ -88,11 +88,9 @@ fn three_voters_cas_read_watch_lease_failover_and_quorum_loss() {
     // catches up after a restart by receiving the leader's snapshot.
     let lagging_id = node(&nodes, other_follower).status().id;
     nodes[other_follower].take().expect("follower").stop();
-    let mut revision = 2;
-    for _ in 0..LAGGING_ENTRIES {
-        let written = node(&nodes, follower).compare_and_set("lag", revision - 2, vec![1; 1000], CALL_TIMEOUT);
-        assert_eq!(written.expect("cas"), CasOutcome::Written(revision - 1));
-        revision += 1;
+    for written in 1..=LAGGING_ENTRIES {
+        let outcome = node(&nodes, follower).compare_and_set("lag", written - 1, vec![1; 1000], CALL_TIMEOUT);
+        assert_eq!(outcome.expect("cas"), CasOutcome::Written(written));
     }
     nodes[other_follower] = Some(RaftQuorum::start(config(lagging_id, &voters, root.path())).expect("restart"));
     let caught_up = node(&nodes, other_follower).watch("lag", LAGGING_ENTRIES - 1, Duration::from_secs(10));
