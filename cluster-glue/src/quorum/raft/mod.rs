@@ -77,6 +77,10 @@ const SNAPSHOT_CHUNK_BYTES: u64 = 1 << 20;
 const RETRY_PAUSE_MIN: Duration = Duration::from_millis(10);
 /// Longest pause between retries.
 const RETRY_PAUSE_MAX: Duration = Duration::from_millis(100);
+/// One forwarded request waits at most this long for the leader's answer,
+/// so a frozen leader costs one attempt, not the whole call, once another
+/// is elected.
+const FORWARD_ATTEMPT_MAX: Duration = Duration::from_secs(1);
 /// How long stop waits for openraft and the runtime.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -281,10 +285,17 @@ impl RaftQuorum {
             let reply = match leader {
                 Some(leader) if leader == self.me => leader::serve(&self.raft, &self.shared, request.clone()).await,
                 Some(leader) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
+                    let left = deadline.saturating_duration_since(Instant::now()).min(FORWARD_ATTEMPT_MAX);
                     let timeout_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
                     let forwarded = Request::Client { request: request.clone(), timeout_ms };
-                    match self.peers.call(leader, forwarded, left).await {
+                    // Give up on a leader as soon as this node learns of another.
+                    let mut metrics = self.raft.metrics();
+                    let replaced = metrics.wait_for(|metrics| metrics.current_leader != Some(leader));
+                    let answer = tokio::select! {
+                        answer = self.peers.call(leader, forwarded, left) => answer,
+                        _ = replaced => Err(CallError::NoReply { peer: leader, why: "another leader was elected".to_string() }),
+                    };
+                    match answer {
                         Ok(wire::Reply::Client(reply)) => reply,
                         Ok(_) => ClientReply::Retry(format!("node {leader} answered with another kind of reply")),
                         Err(CallError::NotSent { why, .. }) => ClientReply::Retry(why),
