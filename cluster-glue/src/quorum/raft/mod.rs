@@ -268,9 +268,10 @@ impl RaftQuorum {
             .unwrap_or(Err(QuorumError::Timeout { what, timeout }))
     }
 
-    /// Ask the leader — this node or another — until it answers for good.
-    /// `NotLeader` and `Retry` answers, and failures to reach the leader, are
-    /// retried with a growing pause; the caller's timeout bounds it all.
+    /// Ask the leader — this node or another — until it answers. Refusals
+    /// and failures to reach the leader are retried with a growing pause;
+    /// the caller's timeout bounds it all. If this node's openraft has
+    /// stopped, the answer is the reason (storage failure or stop).
     /// `unsure` is set when a request may have been acted on without the
     /// answer reaching us.
     async fn ask_leader(
@@ -281,7 +282,14 @@ impl RaftQuorum {
     ) -> Result<ClientReply, QuorumError> {
         let mut pause = RETRY_PAUSE_MIN;
         loop {
-            let leader = self.raft.metrics().borrow().current_leader;
+            let leader = {
+                let metrics = self.raft.metrics();
+                let metrics = metrics.borrow();
+                if let Err(fatal) = &metrics.running_state {
+                    return Err(stopped_error(fatal));
+                }
+                metrics.current_leader
+            };
             let reply = match leader {
                 Some(leader) if leader == self.me => leader::serve(&self.raft, &self.shared, request.clone()).await,
                 Some(leader) => {
@@ -308,16 +316,13 @@ impl RaftQuorum {
                 None => ClientReply::Retry("no leader known".to_string()),
             };
             match reply {
-                ClientReply::NotLeader(_) | ClientReply::Retry(_) => {
+                // A leader that failed for good is stopping: another will
+                // be elected. If it was this node, the next turn says why.
+                ClientReply::NotLeader(_) | ClientReply::Retry(_) | ClientReply::Failed(_) => {
                     tracing::debug!(?reply, "quorum: retrying a client request");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(RETRY_PAUSE_MAX);
                 }
-                ClientReply::Failed(why) if self.raft.metrics().borrow().running_state.is_err() => {
-                    tracing::warn!(%why, "quorum: openraft stopped");
-                    return Err(QuorumError::Stopped);
-                }
-                ClientReply::Failed(why) => return Err(QuorumError::Other(why)),
                 answered => return Ok(answered),
             }
         }
@@ -341,6 +346,18 @@ async fn bootstrap(raft: &Raft<TypeConfig>, voters: &BTreeMap<u64, SocketAddr>) 
         }
         Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
         Err(error) => Err(QuorumError::Other(format!("quorum: cannot initialize the group: {error}"))),
+    }
+}
+
+/// The error for calls on a voter whose openraft has stopped: a storage
+/// failure (the log or vote could not be made durable) or a stop.
+fn stopped_error(fatal: &openraft::error::Fatal<u64>) -> QuorumError {
+    match fatal {
+        openraft::error::Fatal::StorageError(error) => QuorumError::Storage(error.to_string()),
+        other => {
+            tracing::debug!(%other, "quorum: openraft stopped");
+            QuorumError::Stopped
+        }
     }
 }
 
