@@ -185,6 +185,8 @@ def main():
     results = {workload: {"group": [], "standalone": []} for workload in WORKLOADS}
     group = Group(scratch, binary, secret, "path")
     standalone = mirror.Setup(scratch, "sync1", binary, secret)
+    with open(standalone.volume, "wb") as file:
+        file.truncate(1 << 30)
     for round_index in range(ROUNDS):
         for kind in ("group", "standalone"):
             if kind == "group":
