@@ -6,6 +6,7 @@
 //! skips the test with a `SKIPPED:` line (see [`skip`]) that `tests/run.sh`
 //! counts in its closing summary; under `CI=true` it fails the run.
 
+pub mod group;
 pub mod mirror;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -1,0 +1,571 @@
+//! A crossmirror group as real `crossmirror node` processes, for the group
+//! tests: a [`GroupSpec`] names the sites, members and witnesses; a
+//! [`Group`] gives every node its own loopback address, picks four ports
+//! free on all of them, writes the config (and the secret) into a scratch
+//! directory, and starts, stops, kills, freezes and asks the nodes.
+//!
+//! ```text
+//!  GroupSpec ──Group::new──▶ scratch/config.toml, secret, <member>/ state dirs
+//!                 │           nodes on 127.<p>.<k>.1, .2, … (one block per group)
+//!                 └─ start/stop/kill/freeze ─▶ node processes ─▶ scratch/node-<name>.log
+//!                    status/record/wait_for ◀── GET /status on each node's admin port
+//! ```
+//!
+//! Each group gets a block of addresses no other group of any test process
+//! uses at the same time (127.<from the pid>.<a counter>.x), so tests run in
+//! parallel threads and beside other test binaries. Every process a group
+//! started is SIGKILLed on drop.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{binary, random_bytes, write_secret, Scratch};
+
+/// A site of the group.
+#[derive(Clone, Debug)]
+pub struct SiteSpec {
+    /// Its name.
+    pub name: String,
+    /// "production" or "copy".
+    pub role: String,
+    /// "sync" or "async" (copy sites only).
+    pub mode: Option<String>,
+    /// `lag_bytes_max`, e.g. "64M" (copy sites only).
+    pub lag_bytes_max: Option<String>,
+}
+
+/// A member of the group.
+#[derive(Clone, Debug)]
+pub struct MemberSpec {
+    /// Its name.
+    pub name: String,
+    /// Its site.
+    pub site: String,
+    /// Lower hosts first.
+    pub backup_order: u32,
+    /// Its store: a file name in the scratch directory (members of one site
+    /// may share one), or an absolute path.
+    pub volume: String,
+}
+
+/// What a group is made of; [`Group::new`] turns it into a config file.
+#[derive(Clone, Debug)]
+pub struct GroupSpec {
+    /// The group's name.
+    pub group: String,
+    /// `volume_size`, e.g. "64M".
+    pub volume_size: String,
+    /// The sites, in config order.
+    pub sites: Vec<SiteSpec>,
+    /// The members, in config order (voter ids follow it).
+    pub members: Vec<MemberSpec>,
+    /// The witnesses' names.
+    pub witnesses: Vec<String>,
+    /// `on_quorum_loss`, when not the default.
+    pub on_quorum_loss: Option<String>,
+    /// `[quorum] lease_ms`, when not the default.
+    pub lease_ms: Option<u64>,
+}
+
+impl GroupSpec {
+    /// A group named `group` with a 64M volume and nothing in it yet.
+    pub fn new(group: &str) -> GroupSpec {
+        GroupSpec {
+            group: group.to_string(),
+            volume_size: "64M".to_string(),
+            sites: Vec::new(),
+            members: Vec::new(),
+            witnesses: Vec::new(),
+            on_quorum_loss: None,
+            lease_ms: None,
+        }
+    }
+
+    /// The production site `name`.
+    pub fn production(mut self, name: &str) -> GroupSpec {
+        self.sites.push(SiteSpec { name: name.into(), role: "production".into(), mode: None, lag_bytes_max: None });
+        self
+    }
+
+    /// A copy site `name` in `mode` ("sync" or "async").
+    pub fn copy(mut self, name: &str, mode: &str) -> GroupSpec {
+        self.sites.push(SiteSpec {
+            name: name.into(),
+            role: "copy".into(),
+            mode: Some(mode.into()),
+            lag_bytes_max: Some("64M".into()),
+        });
+        self
+    }
+
+    /// A member `name` of `site` at `backup_order` on the store `volume`
+    /// (see [`MemberSpec::volume`]).
+    pub fn member(mut self, name: &str, site: &str, backup_order: u32, volume: &str) -> GroupSpec {
+        self.members.push(MemberSpec { name: name.into(), site: site.into(), backup_order, volume: volume.into() });
+        self
+    }
+
+    /// A witness `name`.
+    pub fn witness(mut self, name: &str) -> GroupSpec {
+        self.witnesses.push(name.into());
+        self
+    }
+
+    /// Set `volume_size`.
+    pub fn volume_size(mut self, size: &str) -> GroupSpec {
+        self.volume_size = size.into();
+        self
+    }
+
+    /// Set `on_quorum_loss` ("suspend" or "io-error").
+    pub fn on_quorum_loss(mut self, value: &str) -> GroupSpec {
+        self.on_quorum_loss = Some(value.into());
+        self
+    }
+
+    /// Set `[quorum] lease_ms`.
+    pub fn lease_ms(mut self, lease_ms: u64) -> GroupSpec {
+        self.lease_ms = Some(lease_ms);
+        self
+    }
+
+    /// Every voter's name, members first, in config order.
+    pub fn names(&self) -> Vec<String> {
+        self.members.iter().map(|member| member.name.clone()).chain(self.witnesses.iter().cloned()).collect()
+    }
+
+    /// The config text, with `ips` giving each voter's address and
+    /// `ports` = [quorum, mirror, nbd, admin].
+    fn render(&self, ips: &BTreeMap<String, String>, ports: [u16; 4]) -> String {
+        let mut out =
+            format!("group = {:?}\nvolume_size = {:?}\nsecret_file = \"secret\"\n", self.group, self.volume_size);
+        if let Some(value) = &self.on_quorum_loss {
+            out.push_str(&format!("on_quorum_loss = {value:?}\n"));
+        }
+        out.push_str(&format!(
+            "\n[ports]\nquorum = {}\nmirror = {}\nnbd = {}\nadmin = {}\n\n[quorum]\nbackend = \"embedded\"\n",
+            ports[0], ports[1], ports[2], ports[3]
+        ));
+        if let Some(lease_ms) = self.lease_ms {
+            out.push_str(&format!("lease_ms = {lease_ms}\n"));
+        }
+        for site in &self.sites {
+            out.push_str(&format!("\n[[site]]\nname = {:?}\nrole = {:?}\n", site.name, site.role));
+            if let Some(mode) = &site.mode {
+                out.push_str(&format!("mode = {mode:?}\n"));
+            }
+            if let Some(lag) = &site.lag_bytes_max {
+                out.push_str(&format!("lag_bytes_max = {lag:?}\n"));
+            }
+        }
+        for member in &self.members {
+            out.push_str(&format!(
+                "\n[[member]]\nname = {:?}\nsite = {:?}\naddress = {:?}\nvolume = {:?}\nbackup_order = {}\nstate_dir = {:?}\n",
+                member.name, member.site, ips[&member.name], member.volume, member.backup_order, member.name
+            ));
+        }
+        for witness in &self.witnesses {
+            out.push_str(&format!(
+                "\n[[witness]]\nname = {witness:?}\naddress = {:?}\nstate_dir = {witness:?}\n",
+                ips[witness]
+            ));
+        }
+        out
+    }
+}
+
+/// A block of loopback addresses of its own: `127.<p>.<k>` where `p` comes
+/// from the process id and `k` from a counter, so neither another group of
+/// this process nor (short of a pid clash) of another test process uses it.
+fn address_block() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let process = 10 + std::process::id() % 240;
+    let k = 1 + NEXT.fetch_add(1, Ordering::Relaxed) % 250;
+    format!("127.{process}.{k}")
+}
+
+/// Whether `port` is free on every one of `ips`, for TCP and UDP.
+fn port_free(ips: &[String], port: u16) -> bool {
+    ips.iter().all(|ip| TcpListener::bind((ip.as_str(), port)).is_ok() && UdpSocket::bind((ip.as_str(), port)).is_ok())
+}
+
+/// Four consecutive ports free on every one of `ips` (TCP and UDP), from
+/// below the kernel's ephemeral range (32768 and up) so no outgoing
+/// connection takes one before a node binds it.
+fn free_ports(ips: &[String]) -> [u16; 4] {
+    static SEED: AtomicU32 = AtomicU32::new(0);
+    let mut state = u64::from(std::process::id()) << 20 | u64::from(SEED.fetch_add(1, Ordering::Relaxed));
+    for _ in 0..1000 {
+        state = u64::from_le_bytes(random_bytes(8, state)[..8].try_into().expect("8 bytes"));
+        let base = 20000 + (state % 12000) as u16 / 4 * 4;
+        let ports = [base, base + 1, base + 2, base + 3];
+        if ports.iter().all(|&port| port_free(ips, port)) {
+            return ports;
+        }
+    }
+    panic!("no four free ports on {ips:?}");
+}
+
+/// A group of `crossmirror node` processes for one test; every process it
+/// started is SIGKILLed on drop.
+pub struct Group {
+    /// Where the config, the secret, the stores, the state dirs and the logs live.
+    pub scratch: Scratch,
+    /// What the group was made from.
+    pub spec: GroupSpec,
+    /// The config file.
+    pub config: PathBuf,
+    /// Each voter's address.
+    pub ips: BTreeMap<String, String>,
+    /// `[quorum, mirror, nbd, admin]`.
+    pub ports: [u16; 4],
+    nodes: BTreeMap<String, Child>,
+    frozen: std::collections::BTreeSet<String>,
+}
+
+impl Group {
+    /// Lay out `spec` in a new scratch directory named by `label`: addresses,
+    /// ports, the secret and `config.toml`. Starts nothing.
+    pub fn new(label: &str, spec: GroupSpec) -> Group {
+        let scratch = Scratch::new(label);
+        write_secret(&scratch, "secret", 11);
+        let block = address_block();
+        let ips: BTreeMap<String, String> =
+            spec.names().into_iter().enumerate().map(|(i, name)| (name, format!("{block}.{}", i + 1))).collect();
+        let all: Vec<String> = ips.values().cloned().collect();
+        let ports = free_ports(&all);
+        let config = scratch.join("config.toml");
+        std::fs::write(&config, spec.render(&ips, ports)).expect("write the group config");
+        Group { scratch, spec, config, ips, ports, nodes: BTreeMap::new(), frozen: Default::default() }
+    }
+
+    /// Write, beside the group's config, a config `file` made from the spec
+    /// as `edit` changes it, with the same addresses and ports (e.g. a node
+    /// with another setting, or another group on the same nodes).
+    pub fn write_config(&self, file: &str, edit: impl FnOnce(&mut GroupSpec)) -> PathBuf {
+        let mut spec = self.spec.clone();
+        edit(&mut spec);
+        let path = self.scratch.join(file);
+        std::fs::write(&path, spec.render(&self.ips, self.ports)).expect("write the config");
+        path
+    }
+
+    /// The config text.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.config).expect("read the config")
+    }
+
+    /// The store of member `name`.
+    pub fn store(&self, name: &str) -> PathBuf {
+        let member = self.spec.members.iter().find(|member| member.name == name).expect("a member of that name");
+        self.scratch.join(&member.volume)
+    }
+
+    /// The state directory of voter `name`.
+    pub fn state_dir(&self, name: &str) -> PathBuf {
+        self.scratch.join(name)
+    }
+
+    /// Start node `name` with the group's config.
+    pub fn start(&mut self, name: &str) {
+        let config = self.config.clone();
+        self.start_with(name, &config);
+    }
+
+    /// Start node `name` with the config at `config`; its stderr goes
+    /// (appended) to its log.
+    pub fn start_with(&mut self, name: &str, config: &Path) {
+        assert!(!self.nodes.contains_key(name), "node {name} is already running");
+        let child = self.spawn(name, config);
+        self.nodes.insert(name.to_string(), child);
+    }
+
+    fn spawn(&self, name: &str, config: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(name))
+            .expect("open the node's log");
+        Command::new(binary())
+            .args(["node", "--config", config.to_str().expect("utf-8 path"), "--name", name])
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start crossmirror node")
+    }
+
+    /// Run node `name` with `config` and wait up to `timeout` for it to
+    /// exit by itself (a refusal); its exit status (`None` if it was still
+    /// running, then it is killed) and what it logged in this run.
+    pub fn run_to_exit(&self, name: &str, config: &Path, timeout: Duration) -> (Option<ExitStatus>, String) {
+        let before = self.log(name).len();
+        let mut child = self.spawn(name, config);
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, self.log(name)[before..].to_string())
+    }
+
+    /// SIGKILL node `name` and reap it.
+    pub fn kill(&mut self, name: &str) {
+        let mut child = self.nodes.remove(name).unwrap_or_else(|| panic!("node {name} is not running"));
+        self.frozen.remove(name);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGTERM node `name` (a graceful leave) and wait up to 30 s for it;
+    /// its exit status.
+    pub fn stop(&mut self, name: &str) -> ExitStatus {
+        let mut child = self.nodes.remove(name).unwrap_or_else(|| panic!("node {name} is not running"));
+        self.frozen.remove(name);
+        // SAFETY: kill(2) on a child we own, with a valid signal.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node {name} did not exit within 30 s of SIGTERM:\n{}", self.logs_tail(30));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM every node of `names`, in that order, at once (the way
+    /// `node --all` stops a group: a node that leaves needs a quorum to
+    /// record it), and wait up to `timeout` for all of them; each one's exit
+    /// status, `None` for one still running then (it is SIGKILLed).
+    pub fn stop_all(&mut self, names: &[&str], timeout: Duration) -> Vec<(String, Option<ExitStatus>)> {
+        let mut children: Vec<(String, Child)> = Vec::new();
+        for name in names {
+            let child = self.nodes.remove(*name).unwrap_or_else(|| panic!("node {name} is not running"));
+            self.frozen.remove(*name);
+            // SAFETY: kill(2) on a child we own, with a valid signal.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            children.push((name.to_string(), child));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut exits: Vec<(String, Option<ExitStatus>)> = Vec::new();
+        for (name, mut child) in children {
+            let status = loop {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    break Some(status);
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            exits.push((name, status));
+        }
+        exits
+    }
+
+    /// SIGSTOP node `name` (it stays, silent).
+    pub fn freeze(&mut self, name: &str) {
+        self.signal(name, libc::SIGSTOP);
+        self.frozen.insert(name.to_string());
+    }
+
+    /// SIGCONT node `name`.
+    pub fn thaw(&mut self, name: &str) {
+        self.signal(name, libc::SIGCONT);
+        self.frozen.remove(name);
+    }
+
+    fn signal(&self, name: &str, signal: i32) {
+        let child = self.nodes.get(name).unwrap_or_else(|| panic!("node {name} is not running"));
+        // SAFETY: kill(2) on a child we own, with a valid signal.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+
+    /// Whether node `name` was started here and has not exited.
+    pub fn running(&mut self, name: &str) -> bool {
+        self.nodes.get_mut(name).is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// The admin address of voter `name`.
+    pub fn admin(&self, name: &str) -> SocketAddr {
+        format!("{}:{}", self.ips[name], self.ports[3]).parse().expect("address")
+    }
+
+    /// Node `name`'s `GET /status`, or why there is none (1 s timeout).
+    pub fn try_status(&self, name: &str) -> Result<Value, String> {
+        http_get_json(self.admin(name), "/status", Duration::from_secs(1))
+    }
+
+    /// Node `name`'s `GET /status`; panics when it does not answer.
+    pub fn status(&self, name: &str) -> Value {
+        self.try_status(name).unwrap_or_else(|error| panic!("node {name} has no status: {error}"))
+    }
+
+    /// The group record with the highest `seq` among the running, unfrozen
+    /// nodes that answer (`Value::Null` when none has one).
+    pub fn record(&self) -> Value {
+        let mut best: Option<Value> = None;
+        for name in self.nodes.keys().filter(|name| !self.frozen.contains(*name)) {
+            let Ok(status) = self.try_status(name) else { continue };
+            let record = &status["record"];
+            if record.is_object() && best.as_ref().is_none_or(|best| record["seq"].as_u64() > best["seq"].as_u64()) {
+                best = Some(record.clone());
+            }
+        }
+        best.unwrap_or(Value::Null)
+    }
+
+    /// Wait up to `timeout` for the record to satisfy `condition`; the
+    /// record then. Panics with the last record and every node's log tail.
+    pub fn wait_for(&self, timeout: Duration, mut condition: impl FnMut(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let record = self.record();
+            if !record.is_null() && condition(&record) {
+                return record;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "the group record did not get there within {timeout:?}; last record:\n{}\n{}",
+                    serde_json::to_string_pretty(&record).unwrap_or_default(),
+                    self.logs_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait up to `timeout` for node `name`'s status to satisfy `condition`;
+    /// that status. Panics like [`Group::wait_for`].
+    pub fn wait_status(&self, name: &str, timeout: Duration, mut condition: impl FnMut(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.try_status(name);
+            if let Ok(status) = &status {
+                if condition(status) {
+                    return status.clone();
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "node {name}'s status did not get there within {timeout:?}; last:\n{}\n{}",
+                    status
+                        .map(|status| serde_json::to_string_pretty(&status).unwrap_or_default())
+                        .unwrap_or_else(|e| e),
+                    self.logs_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The NBD URI of the production host the record names (panics when it
+    /// names none).
+    pub fn nbd_uri(&self) -> String {
+        let record = self.record();
+        let host = record["production"]["host"].as_str().unwrap_or_else(|| panic!("no production host in {record}"));
+        format!("nbd://{}:{}", self.ips[host], self.ports[2])
+    }
+
+    /// The path of node `name`'s log.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.scratch.join(&format!("node-{name}.log"))
+    }
+
+    /// What node `name` logged so far (every run of it).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    /// The last `lines` lines of every node's log, for a failure message.
+    pub fn logs_tail(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for name in self.spec.names() {
+            let log = self.log(&name);
+            let all: Vec<&str> = log.lines().collect();
+            out.push_str(&format!("--- node {name} (last {lines} lines) ---\n"));
+            for line in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Run `crossmirror status --config <config>` with `extra` arguments;
+    /// (success, stdout, stderr).
+    pub fn status_command(&self, extra: &[&str]) -> (bool, String, String) {
+        let mut args = vec!["status", "--config", self.config.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        let output = Command::new(binary()).args(&args).output().expect("run crossmirror status");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for child in self.nodes.values_mut() {
+            let _ = child.kill();
+        }
+        for child in self.nodes.values_mut() {
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The state of member `name` in `record` ("joined", …; "" when absent).
+pub fn member_state<'a>(record: &'a Value, name: &str) -> &'a str {
+    record["members"][name]["state"].as_str().unwrap_or("")
+}
+
+/// The record's entry of copy site `site` (`Value::Null` when absent).
+pub fn copy_entry<'a>(record: &'a Value, site: &str) -> &'a Value {
+    record["copies"]
+        .as_array()
+        .and_then(|copies| copies.iter().find(|copy| copy["site"] == site))
+        .unwrap_or(&Value::Null)
+}
+
+/// A GET with HTTP/1.0 and a `timeout` on each step; the JSON body.
+pub fn http_get_json(address: SocketAddr, path: &str, timeout: Duration) -> Result<Value, String> {
+    let mut stream = TcpStream::connect_timeout(&address, timeout).map_err(|error| format!("{address}: {error}"))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|error| error.to_string())?;
+    stream.set_write_timeout(Some(timeout)).map_err(|error| error.to_string())?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .map_err(|error| format!("{address}: {error}"))?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).map_err(|error| format!("{address}: {error}"))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(|| format!("{address}: no HTTP answer"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!("{address}: {}", head.lines().next().unwrap_or("")));
+    }
+    serde_json::from_str(body).map_err(|error| format!("{address}: not JSON ({error}): {body}"))
+}
