@@ -569,3 +569,55 @@ pub fn http_get_json(address: SocketAddr, path: &str, timeout: Duration) -> Resu
     }
     serde_json::from_str(body).map_err(|error| format!("{address}: not JSON ({error}): {body}"))
 }
+
+// ---------------------------------------------------------------------------
+// Added for tests/tests/group_faults.rs (branch gfaults): starting a node
+// under its own group id, and a second group on the same addresses.
+
+impl Group {
+    /// Start node `name` with the group's config, its process running with
+    /// group id `gid` (uid unchanged). The fault tests use it so iptables'
+    /// owner match (`-m owner --gid-owner`) can tell this node's outgoing
+    /// packets apart: outgoing TCP connections leave from 127.0.0.1, not
+    /// from the member's address, so an address-pair rule misses them.
+    pub fn start_with_gid(&mut self, name: &str, gid: u32) {
+        use std::os::unix::process::CommandExt;
+        assert!(!self.nodes.contains_key(name), "node {name} is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(name))
+            .expect("open the node's log");
+        let child = Command::new(binary())
+            .args(["node", "--config", self.config.to_str().expect("utf-8 path"), "--name", name])
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .gid(gid)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start crossmirror node");
+        self.nodes.insert(name.to_string(), child);
+    }
+
+    /// Lay out `spec` like [`Group::new`], but on the addresses `ips` (e.g.
+    /// another group's: two groups on the same hosts) with ports free on
+    /// all of them now, so none of a running group's.
+    pub fn new_on(label: &str, spec: GroupSpec, ips: &BTreeMap<String, String>) -> Group {
+        let scratch = Scratch::new(label);
+        write_secret(&scratch, "secret", 13);
+        let ips: BTreeMap<String, String> = spec
+            .names()
+            .into_iter()
+            .map(|name| {
+                let ip = ips.get(&name).unwrap_or_else(|| panic!("no address for {name}")).clone();
+                (name, ip)
+            })
+            .collect();
+        let all: Vec<String> = ips.values().cloned().collect();
+        let ports = free_ports(&all);
+        let config = scratch.join("config.toml");
+        std::fs::write(&config, spec.render(&ips, ports)).expect("write the group config");
+        Group { scratch, spec, config, ips, ports, nodes: BTreeMap::new(), frozen: Default::default() }
+    }
+}
