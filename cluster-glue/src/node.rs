@@ -35,6 +35,9 @@ use crate::record_store::{RecordStore, CALL_TIMEOUT};
 const CONFIG_CHECK_WAIT: Duration = Duration::from_millis(1500);
 /// How long the node thread waits for a record change per round.
 const WATCH_WAIT: Duration = Duration::from_millis(100);
+/// How long a leaving member tries to record that it left (the last voter
+/// of a group never can: nobody is left to make a quorum).
+const LEAVE_RECORD_WAIT: Duration = Duration::from_secs(5);
 
 /// What the production role needs to start.
 pub struct ProductionSpec {
@@ -293,11 +296,18 @@ impl Shell<'_> {
     fn main_loop(&mut self, mut core: Core, leave: &AtomicBool, board: &StatusBoard) -> Result<(), String> {
         let mut leader = None;
         let mut live: Option<(BTreeSet<String>, bool)> = None;
-        let mut leave_sent = false;
+        let mut leave_sent: Option<std::time::Instant> = None;
         let mut seq = 0;
         loop {
-            if leave.load(Ordering::Relaxed) && !leave_sent {
-                leave_sent = true;
+            if let Some(since) = leave_sent {
+                if since.elapsed() > LEAVE_RECORD_WAIT {
+                    tracing::warn!(node = %self.name,
+                        "left without recording it: the quorum did not answer (the group marks this member failed once it is not heard from)");
+                    return Ok(());
+                }
+            }
+            if leave.load(Ordering::Relaxed) && leave_sent.is_none() {
+                leave_sent = Some(std::time::Instant::now());
                 tracing::info!(node = %self.name, "leaving the group: stopping NBD, draining, flushing, handing over");
                 self.events.push(Event::Leave);
             }
@@ -467,6 +477,12 @@ impl Shell<'_> {
             nbd_listen: SocketAddr::new(member.address, self.config.ports.nbd),
             export: self.config.nbd_export.clone(),
         };
+        // The first lease before the first request, so that none is turned
+        // away for want of one (the lease thread renews it from here on).
+        match self.quorum.renew_lease(self.config.lease, self.config.lease / 2) {
+            Ok(lease) => gate.renew(lease.valid_until),
+            Err(error) => gate.set_reason(&format!("no lease from the quorum yet ({error})")),
+        }
         *self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner) = Some(gate);
         tracing::info!(epoch, nbd = %SocketAddr::new(member.address, self.config.ports.nbd),
             "production host of group {} (epoch {epoch}): serving NBD and mirroring", self.config.group);

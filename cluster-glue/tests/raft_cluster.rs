@@ -1,5 +1,6 @@
 //! A 3-voter embedded quorum on 127.0.0.1: CAS semantics, reads and watches
-//! on followers, leases, failover after the leader stops, and timeouts
+//! on followers, leases, a follower catching up by snapshot, failover after
+//! the leader stops, and timeouts
 //! (not hangs) once the quorum is lost.
 
 mod raft_common;
@@ -11,6 +12,8 @@ use cluster_glue::quorum::{CasOutcome, QuorumError, QuorumStore, Versioned};
 use raft_common::{config, voters, wait_for_leader};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// More than a snapshot interval (200) plus the log kept behind it (100).
+const LAGGING_ENTRIES: u64 = 400;
 
 fn versioned(revision: u64, value: &[u8]) -> Versioned {
     Versioned { revision, value: value.to_vec() }
@@ -81,14 +84,29 @@ fn three_voters_cas_read_watch_lease_failover_and_quorum_loss() {
     assert!(status.last_applied.is_some());
     assert!(status.voters.iter().all(|voter| voter.reachable == Some(true)), "{status:?}");
 
+    // A follower stops, misses more than a snapshot's worth of entries, and
+    // catches up after a restart by receiving the leader's snapshot.
+    let lagging_id = node(&nodes, other_follower).status().id;
+    nodes[other_follower].take().expect("follower").stop();
+    for written in 1..=LAGGING_ENTRIES {
+        let outcome = node(&nodes, follower).compare_and_set("lag", written - 1, vec![1; 1000], CALL_TIMEOUT);
+        assert_eq!(outcome.expect("cas"), CasOutcome::Written(written));
+    }
+    nodes[other_follower] = Some(RaftQuorum::start(config(lagging_id, &voters, root.path())).expect("restart"));
+    let caught_up = node(&nodes, other_follower).watch("lag", LAGGING_ENTRIES - 1, Duration::from_secs(10));
+    assert_eq!(caught_up.expect("watch").map(|value| value.revision), Some(LAGGING_ENTRIES));
+    assert!(root.path().join(format!("node-{lagging_id}")).join("raft-snapshot.json").exists());
+    assert_eq!(node(&nodes, other_follower).read("k", CALL_TIMEOUT).expect("read"), Some(versioned(2, b"c")));
+
     // The leader stops: another is elected and CAS still works.
     let old_leader_id = node(&nodes, leader).status().id;
     let stopped_at = Instant::now();
     nodes[leader].take().expect("leader").stop();
+    let stop_took = stopped_at.elapsed();
     let new_leader = wait_for_leader(&nodes, Duration::from_secs(5));
     let failover = stopped_at.elapsed();
     assert_ne!(node(&nodes, new_leader).status().id, old_leader_id);
-    eprintln!("new leader after {failover:?}");
+    eprintln!("new leader {failover:?} after the stop began (the stop itself took {stop_took:?})");
     let survivor = if new_leader == follower { other_follower } else { follower };
     assert_eq!(
         node(&nodes, survivor).compare_and_set("k", 2, b"d".to_vec(), CALL_TIMEOUT).expect("cas"),
@@ -96,9 +114,10 @@ fn three_voters_cas_read_watch_lease_failover_and_quorum_loss() {
     );
     assert_eq!(node(&nodes, new_leader).read("k", CALL_TIMEOUT).expect("read"), Some(versioned(3, b"d")));
 
-    // Two of three stopped: no quorum, every call times out on time.
-    nodes[new_leader].take().expect("new leader").stop();
-    let alone = node(&nodes, survivor);
+    // Two of three stopped: no quorum, every call times out on time — also
+    // on the leader left alone, which must not confirm a lease by itself.
+    nodes[survivor].take().expect("survivor").stop();
+    let alone = node(&nodes, new_leader);
     let timeout = Duration::from_millis(800);
     let started = Instant::now();
     assert_timeout(alone.read("k", timeout), started, timeout);

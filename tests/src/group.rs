@@ -347,10 +347,42 @@ impl Group {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("node {name} did not exit within 30 s of SIGTERM:\n{}", self.log(name));
+                panic!("node {name} did not exit within 30 s of SIGTERM:\n{}", self.logs_tail(30));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// SIGTERM every node of `names`, in that order, at once (the way
+    /// `node --all` stops a group: a node that leaves needs a quorum to
+    /// record it), and wait up to `timeout` for all of them; each one's exit
+    /// status, `None` for one still running then (it is SIGKILLed).
+    pub fn stop_all(&mut self, names: &[&str], timeout: Duration) -> Vec<(String, Option<ExitStatus>)> {
+        let mut children: Vec<(String, Child)> = Vec::new();
+        for name in names {
+            let child = self.nodes.remove(*name).unwrap_or_else(|| panic!("node {name} is not running"));
+            self.frozen.remove(*name);
+            // SAFETY: kill(2) on a child we own, with a valid signal.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            children.push((name.to_string(), child));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut exits: Vec<(String, Option<ExitStatus>)> = Vec::new();
+        for (name, mut child) in children {
+            let status = loop {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    break Some(status);
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            exits.push((name, status));
+        }
+        exits
     }
 
     /// SIGSTOP node `name` (it stays, silent).

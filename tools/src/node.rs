@@ -98,6 +98,11 @@ fn run_all(path: &std::path::Path, config: &GroupConfig) -> anyhow::Result<()> {
     let voters = config.voters();
     let local: Vec<_> = voters.iter().filter(|voter| is_local(voter.address)).collect();
     anyhow::ensure!(!local.is_empty(), "no member or witness of {} has an address on this machine", path.display());
+    if !config.secret_file.exists() {
+        // Every node runs here: the secret needs no copying. Made once.
+        create_secret(&config.secret_file)?;
+        println!("created the group's secret {} (32 random bytes, mode 600)", config.secret_file.display());
+    }
     let exe = std::env::current_exe().context("finding this program")?;
     let mut children: Vec<(String, Child)> = Vec::new();
     for voter in &local {
@@ -137,20 +142,47 @@ fn run_all(path: &std::path::Path, config: &GroupConfig) -> anyhow::Result<()> {
     while !stop.load(Ordering::Relaxed) && children.iter_mut().any(|(_, child)| matches!(child.try_wait(), Ok(None))) {
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Copies first, production last: the production host hands over last.
-    for (_, child) in children.iter_mut().rev() {
-        // SAFETY: kill(2) with a child's pid and SIGTERM has no memory effects.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    }
+    // Top-down: the production site's members leave first (NBD drained and
+    // flushed while the copies still take the last writes, so they stay
+    // current), then the copy hosts, then the witnesses.
+    let rank = |name: &str| match config.member(name) {
+        Some(member) if member.site == production.name => 0,
+        Some(_) => 1,
+        None => 2,
+    };
+    children.sort_by_key(|(name, _)| rank(name));
     let mut failed = Vec::new();
-    for (name, mut child) in children {
-        match child.wait() {
-            Ok(status) if status.success() => {}
-            Ok(status) => failed.push(format!("{name}: {status}")),
-            Err(error) => failed.push(format!("{name}: {error}")),
+    for rank_now in 0..3 {
+        for (_, child) in children.iter_mut().filter(|(name, _)| rank(name) == rank_now) {
+            // SAFETY: kill(2) with a child's pid and SIGTERM has no memory effects.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        for (name, child) in children.iter_mut().filter(|(name, _)| rank(name) == rank_now) {
+            match child.wait() {
+                Ok(status) if status.success() => {}
+                Ok(status) => failed.push(format!("{name}: {status}")),
+                Err(error) => failed.push(format!("{name}: {error}")),
+            }
         }
     }
     anyhow::ensure!(failed.is_empty(), "nodes failed: {}", failed.join(", "));
+    Ok(())
+}
+
+/// Write a new random secret to `path`, private to its owner.
+fn create_secret(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|error| anyhow::anyhow!("no randomness for the secret: {error}"))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating the secret {}", path.display()))?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
     Ok(())
 }
 

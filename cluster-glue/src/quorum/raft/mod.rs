@@ -24,6 +24,15 @@
 //! already voted or holds a log gets `NotAllowed`, which is expected (it
 //! learns the membership from the leader). The voter sets must therefore be
 //! identical in every voter's config; membership is fixed.
+//!
+//! Timing (openraft 0.9): a follower that has heard from a leader refuses
+//! to vote for another for `election_timeout.1` (its leader lease), and
+//! starts an election `election_timeout.1` plus a random
+//! `election_timeout.0..election_timeout.1` after the last heartbeat. With
+//! the defaults a new leader is elected 1.5–2 s after the old one dies, and
+//! a lease from [`QuorumStore::renew_lease`] is sound for a term up to
+//! `election_timeout.1` (1 s) less clock-rate drift: no other leader can be
+//! confirmed before the followers that acknowledged this one let go.
 
 mod durable;
 mod frame;
@@ -68,6 +77,10 @@ const SNAPSHOT_CHUNK_BYTES: u64 = 1 << 20;
 const RETRY_PAUSE_MIN: Duration = Duration::from_millis(10);
 /// Longest pause between retries.
 const RETRY_PAUSE_MAX: Duration = Duration::from_millis(100);
+/// One forwarded request waits at most this long for the leader's answer,
+/// so a frozen leader costs one attempt, not the whole call, once another
+/// is elected.
+const FORWARD_ATTEMPT_MAX: Duration = Duration::from_secs(1);
 /// How long stop waits for openraft and the runtime.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -255,9 +268,10 @@ impl RaftQuorum {
             .unwrap_or(Err(QuorumError::Timeout { what, timeout }))
     }
 
-    /// Ask the leader — this node or another — until it answers for good.
-    /// `NotLeader` and `Retry` answers, and failures to reach the leader, are
-    /// retried with a growing pause; the caller's timeout bounds it all.
+    /// Ask the leader — this node or another — until it answers. Refusals
+    /// and failures to reach the leader are retried with a growing pause;
+    /// the caller's timeout bounds it all. If this node's openraft has
+    /// stopped, the answer is the reason (storage failure or stop).
     /// `unsure` is set when a request may have been acted on without the
     /// answer reaching us.
     async fn ask_leader(
@@ -268,14 +282,28 @@ impl RaftQuorum {
     ) -> Result<ClientReply, QuorumError> {
         let mut pause = RETRY_PAUSE_MIN;
         loop {
-            let leader = self.raft.metrics().borrow().current_leader;
+            let leader = {
+                let metrics = self.raft.metrics();
+                let metrics = metrics.borrow();
+                if let Err(fatal) = &metrics.running_state {
+                    return Err(stopped_error(fatal));
+                }
+                metrics.current_leader
+            };
             let reply = match leader {
                 Some(leader) if leader == self.me => leader::serve(&self.raft, &self.shared, request.clone()).await,
                 Some(leader) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
+                    let left = deadline.saturating_duration_since(Instant::now()).min(FORWARD_ATTEMPT_MAX);
                     let timeout_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
                     let forwarded = Request::Client { request: request.clone(), timeout_ms };
-                    match self.peers.call(leader, forwarded, left).await {
+                    // Give up on a leader as soon as this node learns of another.
+                    let mut metrics = self.raft.metrics();
+                    let replaced = metrics.wait_for(|metrics| metrics.current_leader != Some(leader));
+                    let answer = tokio::select! {
+                        answer = self.peers.call(leader, forwarded, left) => answer,
+                        _ = replaced => Err(CallError::NoReply { peer: leader, why: "another leader was elected".to_string() }),
+                    };
+                    match answer {
                         Ok(wire::Reply::Client(reply)) => reply,
                         Ok(_) => ClientReply::Retry(format!("node {leader} answered with another kind of reply")),
                         Err(CallError::NotSent { why, .. }) => ClientReply::Retry(why),
@@ -288,16 +316,13 @@ impl RaftQuorum {
                 None => ClientReply::Retry("no leader known".to_string()),
             };
             match reply {
-                ClientReply::NotLeader(_) | ClientReply::Retry(_) => {
+                // A leader that failed for good is stopping: another will
+                // be elected. If it was this node, the next turn says why.
+                ClientReply::NotLeader(_) | ClientReply::Retry(_) | ClientReply::Failed(_) => {
                     tracing::debug!(?reply, "quorum: retrying a client request");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(RETRY_PAUSE_MAX);
                 }
-                ClientReply::Failed(why) if self.raft.metrics().borrow().running_state.is_err() => {
-                    tracing::warn!(%why, "quorum: openraft stopped");
-                    return Err(QuorumError::Stopped);
-                }
-                ClientReply::Failed(why) => return Err(QuorumError::Other(why)),
                 answered => return Ok(answered),
             }
         }
@@ -321,6 +346,18 @@ async fn bootstrap(raft: &Raft<TypeConfig>, voters: &BTreeMap<u64, SocketAddr>) 
         }
         Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
         Err(error) => Err(QuorumError::Other(format!("quorum: cannot initialize the group: {error}"))),
+    }
+}
+
+/// The error for calls on a voter whose openraft has stopped: a storage
+/// failure (the log or vote could not be made durable) or a stop.
+fn stopped_error(fatal: &openraft::error::Fatal<u64>) -> QuorumError {
+    match fatal {
+        openraft::error::Fatal::StorageError(error) => QuorumError::Storage(error.to_string()),
+        other => {
+            tracing::debug!(%other, "quorum: openraft stopped");
+            QuorumError::Stopped
+        }
     }
 }
 
