@@ -510,14 +510,12 @@ fn a_group_killed_whole_still_knows_its_copy_is_stale_and_resyncs_it() {
     );
 
     // Graceful stop, production first (it drains and flushes to the copy).
-    // The witness, left alone without a quorum, cannot record its own
-    // leave (its SIGTERM waits for a quorum that never comes back), so it
-    // is killed; it holds no data.
-    for name in ["a", "b"] {
+    // The witness, last, has no quorum left to record its leave: it gives
+    // up after a few seconds.
+    for name in ["a", "b", "w"] {
         let status = group.stop(name);
         assert!(status.success(), "node {name} exited with {status}:\n{}", group.log(name));
     }
-    group.kill("w");
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")), "the copy's store differs from production's");
     assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
 }
@@ -548,8 +546,8 @@ fn a_production_host_without_quorum_suspends_writes_until_the_cut_heals() {
     group.start("b");
     group.start("w");
     wait_current(&group, Duration::from_secs(30));
-    // (A new production host answers EIO under io-error until its first
-    // lease: see `a_new_production_host_does_not_fail_writes_before_its_first_lease`.)
+    // a serves with a valid lease before the cut (the first lease before
+    // NBD is `a_new_production_host_does_not_fail_writes_before_its_first_lease`'s).
     group.wait_status("a", Duration::from_secs(10), |status| status["io"]["lease_valid"] == true);
     let mut client = connect_one_by_one(&group.nbd_uri());
     client.send("0");
@@ -699,8 +697,8 @@ fn a_production_host_without_quorum_fails_writes_with_eio_under_io_error() {
     group.start("b");
     group.start("w");
     wait_current(&group, Duration::from_secs(30));
-    // (A new production host answers EIO under io-error until its first
-    // lease: see `a_new_production_host_does_not_fail_writes_before_its_first_lease`.)
+    // a serves with a valid lease before the cut (the first lease before
+    // NBD is `a_new_production_host_does_not_fail_writes_before_its_first_lease`'s).
     group.wait_status("a", Duration::from_secs(10), |status| status["io"]["lease_valid"] == true);
     let mut client = connect_one_by_one(&group.nbd_uri());
     client.send("0");
