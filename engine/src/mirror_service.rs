@@ -65,6 +65,10 @@ pub struct MirrorServiceConfig {
     /// The volume generation frames carry, when the caller keeps it (a
     /// group node: its record's); `None` is the metadata's.
     pub generation: Option<u64>,
+    /// The address to connect to copy hosts from (a group member's own),
+    /// so that they and any packet filter see which host connects; `None`:
+    /// the system picks.
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 /// What a running mirror service shows.
@@ -289,6 +293,7 @@ fn start_replicator(
         assume_clean: config.assume_clean,
         metadata_path: Some(config.files.metadata.clone()),
         local_sync_interval: config.local_sync_interval,
+        source_address: config.source_address,
     };
     let replicator = Replicator::start(config.volume, Arc::new(bitmap), store, replicator_config)?;
     for copy in &config.copies {
@@ -323,6 +328,7 @@ mod tests {
             assume_clean: false,
             new_store: false,
             local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
+            source_address: None,
             state_store: None,
             generation: None,
         }

@@ -142,6 +142,7 @@ impl Mirror {
             assume_clean,
             metadata_path: None,
             local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
+            source_address: None,
         };
         let replicator = Replicator::start(volume, Arc::new(bitmap), Arc::new(store), config).unwrap();
         let completions = Completions::new().unwrap();

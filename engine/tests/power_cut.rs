@@ -59,6 +59,7 @@ fn a_power_cut_after_the_data_write_keeps_its_mark() {
         resync_checksums: false,
         assume_clean: false,
         local_sync_interval: Duration::from_secs(5),
+        source_address: None,
         metadata_path: None,
     };
     let replicator = Replicator::start(volume, bitmap.clone(), TestStateStore::new(), config).unwrap();

@@ -145,6 +145,7 @@ impl Scratch {
             assume_clean: false,
             new_store: false,
             local_sync_interval: Duration::from_millis(10),
+            source_address: None,
             state_store: None,
             generation: None,
         };

@@ -225,6 +225,7 @@ impl RoleRunner for Roles {
             assume_clean: false,
             new_store: false,
             local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
+            source_address: Some(spec.nbd_listen.ip()),
             state_store: Some(spec.state_store),
             generation: None,
         })

@@ -272,6 +272,7 @@ fn start_mirror(
         assume_clean: args.assume_clean,
         new_store: args.new_store,
         local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
+        source_address: None,
         state_store: None,
         generation: None,
     };

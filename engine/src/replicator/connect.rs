@@ -10,7 +10,7 @@
 //! speak to a copy host directly (forged frames, replays).
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::protocol::auth::{
@@ -30,6 +30,18 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 pub const KEEPALIVE_RETRIES: u32 = 3;
 /// The most bytes read from the socket at once.
 const READ_CHUNK_BYTES: usize = 256 << 10;
+
+/// A TCP connection to `address` from `source` (when given and of the same
+/// family), within `timeout`.
+fn connect_socket(address: SocketAddr, source: Option<IpAddr>, timeout: Duration) -> io::Result<TcpStream> {
+    let Some(source) = source.filter(|source| source.is_ipv4() == address.is_ipv4() && !source.is_unspecified()) else {
+        return TcpStream::connect_timeout(&address, timeout);
+    };
+    let socket = socket2::Socket::new(socket2::Domain::for_address(address), socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&address.into(), timeout)?;
+    Ok(socket.into())
+}
 
 /// Set the options every replication socket uses: no Nagle delay (acks and
 /// small writes leave at once), large buffers, keepalive so a dead peer is
@@ -69,9 +81,22 @@ impl CopyConnection {
         timeout: Duration,
         write_timeout: Duration,
     ) -> Result<CopyConnection, ReplicationError> {
+        CopyConnection::connect_from(address, None, secret, identity, timeout, write_timeout)
+    }
+
+    /// [`CopyConnection::connect`] from the local address `source` (any
+    /// port; `None`: the system picks).
+    pub fn connect_from(
+        address: SocketAddr,
+        source: Option<IpAddr>,
+        secret: &Secret,
+        identity: VolumeIdentity,
+        timeout: Duration,
+        write_timeout: Duration,
+    ) -> Result<CopyConnection, ReplicationError> {
         let deadline = Instant::now() + timeout;
         let io_error = |action: &'static str| move |source| ReplicationError::Io { action, source };
-        let stream = TcpStream::connect_timeout(&address, timeout).map_err(io_error("connect to the copy host"))?;
+        let stream = connect_socket(address, source, timeout).map_err(io_error("connect to the copy host"))?;
         configure_socket(&stream).map_err(io_error("set socket options"))?;
         let mut connection = CopyConnection {
             stream,

@@ -536,8 +536,14 @@ impl Link {
     /// One connection attempt to `address` (the target's `moves`-th), served
     /// until it ends; whether it made progress.
     fn connect_and_serve(self: &Arc<Self>, address: SocketAddr, moves: u64, logged_error: &mut String) -> bool {
-        let connected =
-            CopyConnection::connect(address, &self.shared.secret, self.shared.identity, CONNECT_TIMEOUT, ACK_TIMEOUT);
+        let connected = CopyConnection::connect_from(
+            address,
+            self.shared.source_address,
+            &self.shared.secret,
+            self.shared.identity,
+            CONNECT_TIMEOUT,
+            ACK_TIMEOUT,
+        );
         match connected {
             Ok(connection) => {
                 {

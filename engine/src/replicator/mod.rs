@@ -143,6 +143,8 @@ pub struct ReplicatorConfig {
     /// ([`LOCAL_SYNC_INTERVAL_DEFAULT`]; tests shorten it to drive the
     /// clearing rule without waiting).
     pub local_sync_interval: Duration,
+    /// The address to connect to copy hosts from; `None`: the system picks.
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 /// A change to ship, after its local write completed.
@@ -350,6 +352,7 @@ pub(crate) struct Shared {
     pub(crate) resync_checksums: bool,
     pub(crate) assume_clean: bool,
     pub(crate) local_sync_interval: Duration,
+    pub(crate) source_address: Option<std::net::IpAddr>,
     /// Per region: writes marked whose change is not shipped yet. A region
     /// with writes in flight is never cleared.
     pub(crate) inflight: Mutex<HashMap<u64, u32>>,
@@ -551,6 +554,7 @@ impl Replicator {
             resync_checksums: config.resync_checksums,
             assume_clean: config.assume_clean,
             local_sync_interval: config.local_sync_interval,
+            source_address: config.source_address,
             inflight: Mutex::new(HashMap::new()),
             released: Arc::new(AtomicU64::new(0)),
             store,

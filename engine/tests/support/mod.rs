@@ -366,6 +366,7 @@ impl Mirror {
             resync_checksums: false,
             assume_clean: false,
             local_sync_interval,
+            source_address: None,
             metadata_path: None,
         };
         let replicator = Replicator::start(volume, bitmap.clone(), store.clone(), config).unwrap();

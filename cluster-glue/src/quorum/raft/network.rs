@@ -103,7 +103,20 @@ impl Peers {
             }
         }
         let address = *self.addresses.get(&peer).ok_or_else(|| not_sent("not a voter".to_string()))?;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+        // From this voter's own address, so that the peer (and any packet
+        // filter between them) sees which voter it is.
+        let source = self.addresses.get(&self.me).map(|own| SocketAddr::new(own.ip(), 0));
+        let socket = match address {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }
+        .map_err(|error| not_sent(format!("socket: {error}")))?;
+        if let Some(source) =
+            source.filter(|source| !source.ip().is_unspecified() && source.is_ipv4() == address.is_ipv4())
+        {
+            socket.bind(source).map_err(|error| not_sent(format!("bind {source}: {error}")))?;
+        }
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(address))
             .await
             .map_err(|_| not_sent(format!("connect to {address} timed out")))?
             .map_err(|error| not_sent(format!("connect to {address}: {error}")))?;
