@@ -13,12 +13,13 @@
 //! The tests run one at a time (a lock): their timing checks are about the
 //! product, not about two groups fighting for two CPUs.
 //!
-//! Outgoing TCP connections of a node leave from 127.0.0.1 (the kernel's
-//! source for 127.0.0.0/8), not from the member's address, so a rule on an
-//! address pair does not cut them (reported as a bug). The cuts here also
-//! match the cut node's own packets by its group id (`-m owner
-//! --gid-owner`, the node started with [`Group::start_with_gid`]) and the
-//! packets to its address by port.
+//! The cuts drop packets between the members' addresses (group traffic
+//! leaves from the member's own address), and also match the cut node's own
+//! packets by its group id (`-m owner --gid-owner`, the node started with
+//! [`Group::start_with_gid`]) and the packets to its address by port, so
+//! they hold even for a connection that leaves from 127.0.0.1.
+//! `an_address_pair_cut_isolates_the_production_host` checks the plain
+//! address-pair cut.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -585,10 +586,10 @@ fn a_production_host_without_quorum_suspends_writes_until_the_cut_heals() {
 
 /// The cut DESIGN.md §7 describes: iptables DROP between a's address and
 /// b's and w's, both directions, every protocol and port — nothing else.
-/// a must lose its lease and stay out. (Fails while the nodes' outgoing TCP
-/// connections leave from 127.0.0.1 instead of the member's address: raft
-/// still reaches a while liveness (UDP, bound to the member's address) does
-/// not, and a is forced out and readmitted several times a second.)
+/// a must lose its lease and stay out. (It failed while the nodes' outgoing
+/// TCP connections left from 127.0.0.1: raft still reached a while liveness,
+/// UDP from the member's address, did not, and a was forced out and
+/// readmitted several times a second.)
 #[test]
 fn an_address_pair_cut_isolates_the_production_host() {
     if !iptables_available() {
@@ -634,8 +635,8 @@ fn an_address_pair_cut_isolates_the_production_host() {
         served.is_empty() && last <= first + 1 && seq_after < seq_before + 10,
         "a, cut from b and w by address, did not stay out: over 3 s sampled 4 s after the cut it held a valid \
          lease at {served:?}, its incarnation went from {first} to {last} and the record's seq from {seq_before} to \
-         {seq_after} (forced out, rejoined, forced out …). The cut misses the TCP connections, which leave from \
-         127.0.0.1, not the member's address:\n{connections}\n{}",
+         {seq_after} (forced out, rejoined, forced out …). Connections that miss the cut leave from another \
+         address than the member's:\n{connections}\n{}",
         group.logs_tail(8)
     );
 }
