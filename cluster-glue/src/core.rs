@@ -34,6 +34,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::record::{GroupRecord, MemberEntry, MemberState};
 
+/// Added to the lease before a failed production host is replaced: clock
+/// rate differences between hosts and the time a renewal takes.
+pub const LEASE_MARGIN_MS: u64 = 500;
+
 /// A copy site as the core needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopySite {
@@ -73,6 +77,9 @@ pub struct Topology {
     pub config_digest: String,
     /// The port copy hosts listen on for replication.
     pub mirror_port: u16,
+    /// The production host's lease: a failed production host is replaced
+    /// only after this much more than its lease could last.
+    pub lease_ms: u64,
 }
 
 impl Topology {
@@ -118,6 +125,12 @@ pub enum Event {
     RoleFailed {
         /// What failed, in words.
         why: String,
+    },
+    /// Time passed: milliseconds on this node's monotonic clock (never
+    /// compared with another node's).
+    Tick {
+        /// Milliseconds since this node started.
+        now_ms: u64,
     },
     /// The operator asked this node to leave (SIGTERM).
     Leave,
@@ -206,6 +219,10 @@ pub struct Core {
     leader: bool,
     /// The epoch the production role runs with, if it runs.
     production: Option<u64>,
+    /// This node's clock, from the last `Tick`.
+    now_ms: u64,
+    /// When this node first saw each member `forced-leaving` (its clock).
+    forced_seen: BTreeMap<String, u64>,
     /// Each copy site's address as last told to the production role.
     copy_hosts: BTreeMap<String, Option<SocketAddr>>,
     copy_running: bool,
@@ -228,6 +245,8 @@ impl Core {
             settled: false,
             leader: false,
             production: None,
+            now_ms: 0,
+            forced_seen: BTreeMap::new(),
             copy_hosts: BTreeMap::new(),
             copy_running: false,
             role_failure: None,
@@ -286,6 +305,7 @@ impl Core {
                 self.settled = settled;
             }
             Event::Leader(leader) => self.leader = leader,
+            Event::Tick { now_ms } => self.now_ms = now_ms,
             Event::RoleFailed { why } => {
                 self.production = None;
                 self.copy_running = false;
@@ -316,6 +336,7 @@ impl Core {
         if !self.record_known {
             return;
         }
+        self.note_forced();
         let recorded_digest = self.record.as_ref().map(|record| record.config_digest.clone());
         if let Some(recorded_digest) = recorded_digest {
             if recorded_digest != self.topology.config_digest {
@@ -358,6 +379,19 @@ impl Core {
         }
         if self.phase == Phase::Joined && !self.writing {
             self.role_rules(commands);
+        }
+    }
+
+    /// Remember when each forced-out member was first seen so (by this
+    /// node's clock: a takeover waits out the lease on one clock only).
+    fn note_forced(&mut self) {
+        let Some(record) = &self.record else { return };
+        let now = self.now_ms;
+        self.forced_seen.retain(|name, _| record.member_state(name) == MemberState::ForcedLeaving);
+        for (name, entry) in &record.members {
+            if entry.state == MemberState::ForcedLeaving {
+                self.forced_seen.entry(name.clone()).or_insert(now);
+            }
         }
     }
 
@@ -531,7 +565,17 @@ impl Core {
         let host = record.production.host.clone();
         let replace = match host.as_deref() {
             None => true,
-            Some(host) => record.member_state(host) == MemberState::Inactive,
+            Some(host) => match record.member_state(host) {
+                MemberState::Inactive => true,
+                // Failed: replaced once its lease has certainly run out (it
+                // renews only while the record names it, so no renewal
+                // after the forced-out record was committed can succeed).
+                MemberState::ForcedLeaving => self
+                    .forced_seen
+                    .get(host)
+                    .is_some_and(|seen| self.now_ms.saturating_sub(*seen) >= self.topology.lease_ms + LEASE_MARGIN_MS),
+                _ => false,
+            },
         };
         if replace {
             if let Some(next) = self.candidate(record, &self.topology.production_site) {
@@ -542,7 +586,13 @@ impl Core {
                 record.epoch += 1;
                 record.production.host = Some(next.clone());
                 record.push_history(&next);
-                why.push(format!("{next} hosts the production site (epoch {})", record.epoch));
+                match host.as_deref() {
+                    Some(old) if record.member_state(old) == MemberState::ForcedLeaving => why.push(format!(
+                        "{old} failed and its lease ran out: {next} takes over the production site (epoch {}, generation {})",
+                        record.epoch, record.generation
+                    )),
+                    _ => why.push(format!("{next} hosts the production site (epoch {})", record.epoch)),
+                }
             }
         }
     }

@@ -21,6 +21,7 @@ fn topology(me: &str) -> Topology {
         witnesses: vec!["w".to_string()],
         config_digest: DIGEST.to_string(),
         mirror_port: 7401,
+        lease_ms: 2000,
     }
 }
 

@@ -31,6 +31,8 @@ use sha2::Sha256;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
 /// Silence for this long is failure.
 pub const FAILURE_AFTER: Duration = Duration::from_millis(2000);
+/// A heartbeat this late means this process itself was paused.
+const PAUSE_AFTER: Duration = Duration::from_millis(1000);
 
 const MAGIC: &[u8; 4] = b"CMLV";
 const MAC_LEN: usize = 32;
@@ -90,7 +92,10 @@ pub struct Liveness {
     config: Arc<LivenessConfig>,
     socket: Arc<UdpSocket>,
     heard: Arc<Mutex<Heard>>,
-    started: Instant,
+    /// Since when silence counts: the start, or the end of a pause of this
+    /// process (SIGSTOP, a stalled VM), during which the peers' silence was
+    /// this node's own deafness.
+    awake_since: Arc<Mutex<Instant>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     boot: u64,
@@ -109,7 +114,7 @@ impl Liveness {
             config,
             socket,
             heard: Arc::new(Mutex::new(Heard::default())),
-            started: Instant::now(),
+            awake_since: Arc::new(Mutex::new(Instant::now())),
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
             boot: u64::from_le_bytes(boot_bytes),
@@ -138,7 +143,8 @@ impl Liveness {
             .map(|(name, _)| name.clone())
             .collect();
         live.insert(self.config.me.clone());
-        (live, self.started.elapsed() >= FAILURE_AFTER)
+        let awake_since = *self.awake_since.lock().unwrap_or_else(PoisonError::into_inner);
+        (live, awake_since.elapsed() >= FAILURE_AFTER)
     }
 
     /// Peers that announced another config digest (with their config, when
@@ -204,10 +210,28 @@ impl Liveness {
     }
 
     fn sender(&self) -> impl FnOnce() + Send + 'static {
-        let (config, socket, stop, boot, seq) =
-            (self.config.clone(), self.socket.clone(), self.stop.clone(), self.boot, self.seq.clone());
+        let (config, socket, stop, boot, seq, awake_since) = (
+            self.config.clone(),
+            self.socket.clone(),
+            self.stop.clone(),
+            self.boot,
+            self.seq.clone(),
+            self.awake_since.clone(),
+        );
         move || {
+            let mut last_beat = Instant::now();
             while !stop.load(Ordering::Relaxed) {
+                if last_beat.elapsed() > PAUSE_AFTER {
+                    // This process did not run for a while: what it did not
+                    // hear meanwhile says nothing about its peers.
+                    tracing::warn!(
+                        paused_ms = last_beat.elapsed().as_millis() as u64,
+                        "this node was paused; peers are not judged until it has listened for {} s again",
+                        FAILURE_AFTER.as_secs()
+                    );
+                    *awake_since.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+                }
+                last_beat = Instant::now();
                 let next = {
                     let mut seq = seq.lock().unwrap_or_else(PoisonError::into_inner);
                     *seq += 1;

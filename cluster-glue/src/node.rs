@@ -130,6 +130,7 @@ fn topology(config: &GroupConfig, me: &str) -> Topology {
         witnesses: config.witnesses.iter().map(|witness| witness.name.clone()).collect(),
         config_digest: config.digest_hex(),
         mirror_port: config.ports.mirror,
+        lease_ms: u64::try_from(config.lease.as_millis()).unwrap_or(u64::MAX),
     }
 }
 
@@ -208,7 +209,7 @@ pub fn run(
     let quorum: Arc<dyn QuorumStore> = Arc::new(raft);
     tracing::info!(group = %config.group, node = %name, voters = voters.len(), "node {name} starting in group {}", config.group);
     let stopping = Arc::new(AtomicBool::new(false));
-    let lease = Arc::new(LeaseKeeper { producing: Mutex::new(None), stopping: stopping.clone() });
+    let lease = Arc::new(LeaseKeeper { me: name.clone(), producing: Mutex::new(None), stopping: stopping.clone() });
     let lease_thread = {
         let (lease, quorum, term) = (lease.clone(), quorum.clone(), config.lease);
         std::thread::Builder::new()
@@ -240,37 +241,88 @@ pub fn run(
 }
 
 /// Renews the production host's lease from the quorum and keeps its gate.
+///
+/// A renewal is a linearizable read of the record that still names this
+/// member production host, joined, at the epoch it serves: so once the
+/// record says otherwise (forced out, another host, a higher epoch), no
+/// renewal succeeds, and a lease taken before that runs out `term` after it
+/// was asked for. A takeover waits that long (see `core.rs`).
 struct LeaseKeeper {
-    /// The gate of the production role while it runs.
-    producing: Mutex<Option<Arc<Gate>>>,
+    me: String,
+    /// The gate of the production role while it runs, and its epoch.
+    producing: Mutex<Option<(Arc<Gate>, u64)>>,
     stopping: Arc<AtomicBool>,
+}
+
+/// Why a lease was not renewed.
+enum NoLease {
+    /// The quorum did not answer: maybe later.
+    NoQuorum(String),
+    /// The record no longer names this member: never again.
+    Deposed(String),
 }
 
 impl LeaseKeeper {
     fn gate(&self) -> Option<Arc<Gate>> {
-        self.producing.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.producing.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|(gate, _)| gate.clone())
+    }
+
+    /// Ask the quorum for a lease of `term` for serving at `epoch`.
+    fn confirm(&self, quorum: &dyn QuorumStore, epoch: u64, term: Duration) -> Result<std::time::Instant, NoLease> {
+        let asked = std::time::Instant::now();
+        let stored = quorum
+            .read(RECORD_KEY, term / 2)
+            .map_err(|error| NoLease::NoQuorum(error.to_string()))?
+            .ok_or_else(|| NoLease::Deposed("the group has no record".to_string()))?;
+        let record = GroupRecord::decode(&stored.value).map_err(NoLease::Deposed)?;
+        let joined = record.member_state(&self.me) == MemberState::Joined;
+        if record.production.host.as_deref() != Some(self.me.as_str()) || !joined || record.epoch != epoch {
+            return Err(NoLease::Deposed(format!(
+                "the record (seq {}) names {} production host at epoch {} and this member {}",
+                record.seq,
+                record.production.host.as_deref().unwrap_or("nobody"),
+                record.epoch,
+                record.member_state(&self.me).name()
+            )));
+        }
+        Ok(asked + term)
+    }
+
+    /// Renew the gate's lease once; close it for good when deposed.
+    fn renew(&self, quorum: &dyn QuorumStore, term: Duration) -> Result<(), NoLease> {
+        let Some((gate, epoch)) = self.producing.lock().unwrap_or_else(PoisonError::into_inner).clone() else {
+            return Ok(());
+        };
+        match self.confirm(quorum, epoch, term) {
+            Ok(until) => {
+                gate.renew(until);
+                Ok(())
+            }
+            Err(NoLease::NoQuorum(why)) => {
+                gate.set_reason(&format!("no lease from the quorum ({why})"));
+                Err(NoLease::NoQuorum(why))
+            }
+            Err(NoLease::Deposed(why)) => {
+                tracing::error!("self-fence: {why}; this host stops serving at once");
+                gate.close(&format!("no longer the production host: {why}"));
+                Err(NoLease::Deposed(why))
+            }
+        }
     }
 
     fn run(&self, quorum: &dyn QuorumStore, term: Duration) {
         let mut lost_logged = false;
         while !self.stopping.load(Ordering::Relaxed) {
-            if let Some(gate) = self.gate() {
-                match quorum.renew_lease(term, term / 2) {
-                    Ok(lease) => {
-                        gate.renew(lease.valid_until);
-                        if lost_logged {
-                            tracing::info!("quorum regained: the production host serves again");
-                            lost_logged = false;
-                        }
-                    }
-                    Err(error) => {
-                        gate.set_reason(&format!("no lease from the quorum ({error})"));
-                        if !lost_logged {
-                            tracing::warn!(%error, "quorum lost: NBD requests wait (or fail, under on_quorum_loss = \"io-error\") once the lease runs out");
-                            lost_logged = true;
-                        }
-                    }
+            match self.renew(quorum, term) {
+                Ok(()) if lost_logged => {
+                    tracing::info!("quorum regained: the production host serves again");
+                    lost_logged = false;
                 }
+                Err(NoLease::NoQuorum(why)) if !lost_logged => {
+                    tracing::warn!("quorum lost ({why}): NBD requests wait (or fail, under on_quorum_loss = \"io-error\") once the lease runs out");
+                    lost_logged = true;
+                }
+                _ => {}
             }
             std::thread::sleep(term / 4);
         }
@@ -477,13 +529,10 @@ impl Shell<'_> {
             nbd_listen: SocketAddr::new(member.address, self.config.ports.nbd),
             export: self.config.nbd_export.clone(),
         };
+        *self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner) = Some((gate, epoch));
         // The first lease before the first request, so that none is turned
         // away for want of one (the lease thread renews it from here on).
-        match self.quorum.renew_lease(self.config.lease, self.config.lease / 2) {
-            Ok(lease) => gate.renew(lease.valid_until),
-            Err(error) => gate.set_reason(&format!("no lease from the quorum yet ({error})")),
-        }
-        *self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner) = Some(gate);
+        let _ = self.lease.renew(self.quorum.as_ref(), self.config.lease);
         tracing::info!(epoch, nbd = %SocketAddr::new(member.address, self.config.ports.nbd),
             "production host of group {} (epoch {epoch}): serving NBD and mirroring", self.config.group);
         if let Err(why) = self.runner.start_production(spec) {
@@ -494,7 +543,7 @@ impl Shell<'_> {
     }
 
     fn stop_production(&mut self, why: &str) {
-        if let Some(gate) = self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        if let Some((gate, _)) = self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner).take() {
             gate.close(why);
         }
         self.runner.stop_production();
