@@ -254,3 +254,62 @@ fn a_stale_copy_state_written_by_the_replicator_is_kept_by_the_core() {
     assert_eq!(core.step(Event::Record(Some(stale.clone()))), vec![]);
     assert_eq!(core.record(), Some(&stale));
 }
+
+#[test]
+fn a_failed_production_host_is_replaced_only_after_its_lease_has_run_out_with_a_new_epoch_and_generation() {
+    // a2 leads; a (production host) goes silent.
+    let mut topology = topology("a2");
+    topology.members.push(MemberInfo {
+        name: "a2".into(),
+        site: "east".into(),
+        backup_order: 2,
+        address: IpAddr::from([127, 0, 0, 5]),
+    });
+    let mut a2 = Core::new(topology);
+    let mut record = empty_record();
+    record.members.insert("a".into(), entry(MemberState::Joined, 1, true));
+    record.members.insert("b1".into(), entry(MemberState::Joined, 1, true));
+    record.production.host = Some("a".into());
+    record.copies[0].host = Some("b1".into());
+    record.epoch = 1;
+    record.push_history("a");
+    record.seq = 5;
+    a2.step(Event::Leader(true));
+    a2.step(Event::Tick { now_ms: 1_000 });
+    a2.step(live(&["a", "a2", "b1", "w"], false));
+    let Some(Command::Write { record: joining, .. }) = a2.step(Event::Record(Some(record))).pop() else { panic!() };
+    a2.step(Event::Written(joining));
+    let Some(Command::Write { record: joined, .. }) = a2.step(Event::Access(Ok(()))).pop() else { panic!() };
+    assert_eq!(joined.production.host.as_deref(), Some("a"), "a live production host is not replaced");
+    assert_eq!(a2.step(Event::Written(joined.clone())), vec![]);
+    // a is silent: forced out, but not replaced yet.
+    let Some(Command::Write { record: forced, why, .. }) = a2.step(live(&["a2", "b1", "w"], true)).pop() else {
+        panic!()
+    };
+    assert_eq!(why, "a forced out: not heard from");
+    assert_eq!(forced.production.host.as_deref(), Some("a"));
+    assert_eq!(a2.step(Event::Written(forced.clone())), vec![]);
+    // Its lease (2000 ms) plus the margin have not passed yet.
+    assert_eq!(a2.step(Event::Tick { now_ms: 1_000 + 2_000 + LEASE_MARGIN_MS - 1 }), vec![]);
+    let taken = next(&forced, |record| {
+        record.production.host = Some("a2".into());
+        record.epoch = 2;
+        record.generation = 2;
+        record.push_history("a2");
+    });
+    assert_eq!(
+        a2.step(Event::Tick { now_ms: 1_000 + 2_000 + LEASE_MARGIN_MS }),
+        vec![write(
+            &forced,
+            &taken,
+            "a failed and its lease ran out: a2 takes over the production site (epoch 2, generation 2)"
+        )]
+    );
+    assert_eq!(
+        a2.step(Event::Written(taken)),
+        vec![
+            Command::StartProduction { epoch: 2 },
+            Command::SetCopyHost { site: "west".into(), address: Some("127.0.0.2:7401".parse().unwrap()) }
+        ]
+    );
+}

@@ -349,6 +349,7 @@ impl Shell<'_> {
         let mut leader = None;
         let mut live: Option<(BTreeSet<String>, bool)> = None;
         let mut leave_sent: Option<std::time::Instant> = None;
+        let started = std::time::Instant::now();
         let mut seq = 0;
         loop {
             if let Some(since) = leave_sent {
@@ -363,6 +364,8 @@ impl Shell<'_> {
                 tracing::info!(node = %self.name, "leaving the group: stopping NBD, draining, flushing, handing over");
                 self.events.push(Event::Leave);
             }
+            let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.events.push(Event::Tick { now_ms });
             let is_leader = self.quorum.status().is_leader;
             if leader != Some(is_leader) {
                 leader = Some(is_leader);
