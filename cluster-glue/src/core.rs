@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use crate::record::{GroupRecord, MemberEntry, MemberState};
+use crate::record::{CopyRecordState, GroupRecord, MemberEntry, MemberState};
 
 /// Added to the lease before a failed production host is replaced: clock
 /// rate differences between hosts and the time a renewal takes.
@@ -153,10 +153,18 @@ pub enum Command {
     },
     /// Check this member's access to its site's store; send `Access`.
     CheckAccess,
-    /// Serve the production store and mirror it (epoch for the frames).
+    /// Serve the production store and mirror it (epoch for the frames) to
+    /// every copy site the record has now.
     StartProduction {
         /// The fencing epoch.
         epoch: u64,
+        /// The copy sites and their modes, in the record's order.
+        copies: Vec<CopySite>,
+    },
+    /// Something the operator should know (why a copy is not promoted).
+    Notice {
+        /// What, in words.
+        message: String,
     },
     /// Stop serving and mirroring: drain, flush, stop.
     StopProduction,
@@ -227,6 +235,9 @@ pub struct Core {
     copy_hosts: BTreeMap<String, Option<SocketAddr>>,
     copy_running: bool,
     role_failure: Option<String>,
+    /// A notice decided but not yet given, and the last one given.
+    notice: Option<String>,
+    noticed: Option<String>,
 }
 
 impl Core {
@@ -250,6 +261,8 @@ impl Core {
             copy_hosts: BTreeMap::new(),
             copy_running: false,
             role_failure: None,
+            notice: None,
+            noticed: None,
         }
     }
 
@@ -379,6 +392,12 @@ impl Core {
         }
         if self.phase == Phase::Joined && !self.writing {
             self.role_rules(commands);
+        }
+        if let Some(message) = self.notice.take() {
+            if self.noticed.as_ref() != Some(&message) {
+                self.noticed = Some(message.clone());
+                commands.push(Command::Notice { message });
+            }
         }
     }
 
@@ -535,7 +554,7 @@ impl Core {
     }
 
     /// The leader's decisions: failed members out, hosts chosen.
-    fn leader_rules(&self, record: &mut GroupRecord, why: &mut Vec<String>) {
+    fn leader_rules(&mut self, record: &mut GroupRecord, why: &mut Vec<String>) {
         if self.settled {
             for (name, entry) in record.members.iter_mut() {
                 let active = matches!(entry.state, MemberState::Joining | MemberState::Joined | MemberState::Leaving);
@@ -545,19 +564,20 @@ impl Core {
                 }
             }
         }
-        for site in &self.topology.copy_sites {
-            let current = record.copy(&site.name).and_then(|copy| copy.host.clone());
+        let copy_sites: Vec<String> = record.copies.iter().map(|copy| copy.site.clone()).collect();
+        for site in &copy_sites {
+            let current = record.copy(site).and_then(|copy| copy.host.clone());
             if current.as_deref().is_some_and(|host| self.can_host(record, host)) {
                 continue;
             }
-            let next = self.candidate(record, &site.name);
+            let next = self.candidate(record, site);
             if next != current {
                 why.push(format!(
                     "copy site {} hosted by {}",
-                    site.name,
+                    site,
                     next.as_deref().unwrap_or("nobody (no live member with access)")
                 ));
-                if let Some(copy) = record.copy_mut(&site.name) {
+                if let Some(copy) = record.copy_mut(site) {
                     copy.host = next;
                 }
             }
@@ -577,8 +597,14 @@ impl Core {
                 _ => false,
             },
         };
+        let production_site = record.production.site.clone();
+        let failed = host.as_deref().is_some_and(|host| record.member_state(host) == MemberState::ForcedLeaving);
+        if replace && failed && self.candidate(record, &production_site).is_none() {
+            self.fail_over(record, why);
+            return;
+        }
         if replace {
-            if let Some(next) = self.candidate(record, &self.topology.production_site) {
+            if let Some(next) = self.candidate(record, &production_site) {
                 if !record.history.is_empty() {
                     // Another host produced before: a new generation.
                     record.generation += 1;
@@ -597,6 +623,63 @@ impl Core {
         }
     }
 
+    /// The production site has no member left to serve (its host failed and
+    /// its lease ran out): promote the first copy site whose copy is
+    /// `current` and whose host is live (seed 003). A stale or syncing copy
+    /// is never promoted (invariant 2); the old production site becomes a
+    /// copy site, resynced in full from the new production (its store may
+    /// hold writes the promoted copy never got: never merged).
+    fn fail_over(&mut self, record: &mut GroupRecord, why: &mut Vec<String>) {
+        let old_site = record.production.site.clone();
+        let promotable = record.copies.iter().position(|copy| {
+            copy.state == CopyRecordState::Current
+                && copy.host.as_deref().is_some_and(|host| self.can_host(record, host))
+        });
+        let Some(index) = promotable else {
+            let states: Vec<String> = record
+                .copies
+                .iter()
+                .map(|copy| match &copy.state {
+                    CopyRecordState::Current => format!("{} has no live host", copy.site),
+                    CopyRecordState::Stale { since, reason } => {
+                        format!("{} is stale since {since} ({reason})", copy.site)
+                    }
+                    CopyRecordState::Syncing => format!("{} is syncing (no consistent image)", copy.site),
+                })
+                .collect();
+            self.notice = Some(format!(
+                "the production site {old_site} has no live member, and no copy may be promoted: {}; waiting for {old_site} to return",
+                if states.is_empty() { "there is no copy site".to_string() } else { states.join("; ") }
+            ));
+            return;
+        };
+        let promoted = record.copies.remove(index);
+        let host = promoted.host.clone().expect("a promotable copy has a host");
+        record.production = crate::record::Production { site: promoted.site.clone(), host: Some(host.clone()) };
+        record.epoch += 1;
+        record.generation += 1;
+        record.push_history(&host);
+        record.copies.insert(
+            index,
+            crate::record::CopyEntry {
+                site: old_site.clone(),
+                host: None,
+                mode: promoted.mode.clone(),
+                state: CopyRecordState::Stale {
+                    since: 0,
+                    reason: format!("site {} was promoted while this site was down: resynced in full", promoted.site),
+                },
+                generation: record.generation,
+                slot: promoted.slot,
+                store: "0".repeat(32),
+            },
+        );
+        why.push(format!(
+            "site failover: production site {old_site} failed; copy site {} (current) promoted, {host} serves (epoch {}, generation {})",
+            promoted.site, record.epoch, record.generation
+        ));
+    }
+
     /// Start, stop and point the roles the record names this node to.
     fn role_rules(&mut self, commands: &mut Vec<Command>) {
         let Some(record) = self.record.clone() else { return };
@@ -612,6 +695,11 @@ impl Core {
                 .as_deref()
                 .and_then(|site| record.copy(site))
                 .is_some_and(|copy| copy.host.as_deref() == Some(me));
+        // The store is the copy role's until it stops: stop it first.
+        if !host_copy && self.copy_running {
+            commands.push(Command::StopCopy);
+            self.copy_running = false;
+        }
         match (self.production, produce) {
             (Some(epoch), true) if epoch == record.epoch => {}
             (Some(_), _) => {
@@ -622,7 +710,12 @@ impl Core {
             _ => {}
         }
         if produce && self.production.is_none() {
-            commands.push(Command::StartProduction { epoch: record.epoch });
+            let copies = record
+                .copies
+                .iter()
+                .map(|copy| CopySite { name: copy.site.clone(), mode: copy.mode.clone() })
+                .collect();
+            commands.push(Command::StartProduction { epoch: record.epoch, copies });
             self.production = Some(record.epoch);
         }
         if produce {
@@ -639,9 +732,9 @@ impl Core {
                 }
             }
         }
-        if host_copy != self.copy_running {
-            commands.push(if host_copy { Command::StartCopy } else { Command::StopCopy });
-            self.copy_running = host_copy;
+        if host_copy && !self.copy_running {
+            commands.push(Command::StartCopy);
+            self.copy_running = true;
         }
     }
 }

@@ -25,6 +25,10 @@ fn topology(me: &str) -> Topology {
     }
 }
 
+fn west() -> Vec<CopySite> {
+    vec![CopySite { name: "west".to_string(), mode: "sync".to_string() }]
+}
+
 fn entry(state: MemberState, incarnation: u64, access: bool) -> MemberEntry {
     MemberEntry { state, incarnation, access, access_problem: None }
 }
@@ -99,7 +103,10 @@ fn the_leader_joins_and_makes_itself_production_host_in_one_write_then_serves_wi
     assert_eq!(joined.history.len(), 1);
     assert_eq!(
         core.step(Event::Written(joined)),
-        vec![Command::StartProduction { epoch: 1 }, Command::SetCopyHost { site: "west".into(), address: None }]
+        vec![
+            Command::StartProduction { epoch: 1, copies: west() },
+            Command::SetCopyHost { site: "west".into(), address: None }
+        ]
     );
 }
 
@@ -133,7 +140,7 @@ fn a_silent_copy_host_is_forced_out_and_the_next_in_backup_order_takes_its_store
     let (mut core, hosted) = joined_node("a", true, &["b1", "b2"]);
     assert_eq!(hosted.copies[0].host.as_deref(), Some("b1"));
     let commands = core.step(Event::Written(hosted.clone()));
-    assert_eq!(commands[0], Command::StartProduction { epoch: 1 });
+    assert_eq!(commands[0], Command::StartProduction { epoch: 1, copies: west() });
     // Not settled yet: silence is not failure.
     assert_eq!(core.step(live(&["a", "b2", "w"], false)), vec![]);
     let moved = next(&hosted, |record| {
@@ -308,8 +315,81 @@ fn a_failed_production_host_is_replaced_only_after_its_lease_has_run_out_with_a_
     assert_eq!(
         a2.step(Event::Written(taken)),
         vec![
-            Command::StartProduction { epoch: 2 },
+            Command::StartProduction { epoch: 2, copies: west() },
             Command::SetCopyHost { site: "west".into(), address: Some("127.0.0.2:7401".parse().unwrap()) }
         ]
     );
+}
+
+/// A record where a hosts east, b1 hosts west (in `west_state`), a is
+/// forced out; b1's core, leading, has seen it so at time 1000.
+fn production_site_lost(west_state: CopyRecordState) -> (Core, GroupRecord) {
+    let (mut b1, joined) = joined_node("b1", true, &["a"]);
+    assert_eq!(joined.production.host.as_deref(), Some("a"));
+    assert_eq!(b1.step(Event::Written(joined.clone())), vec![Command::StartCopy]);
+    let mut record = next(&joined, |record| {
+        record.copies[0].state = west_state;
+        record.members.get_mut("a").unwrap().state = MemberState::ForcedLeaving;
+    });
+    record.seq = 20;
+    b1.step(Event::Tick { now_ms: 1_000 });
+    let commands = b1.step(Event::Record(Some(record.clone())));
+    assert!(!commands.iter().any(|command| matches!(command, Command::Write { .. })), "{commands:?}");
+    assert_eq!(b1.step(live(&["b1", "w"], true)), vec![]);
+    (b1, record)
+}
+
+#[test]
+fn a_current_copy_is_promoted_when_the_production_site_is_lost_after_the_lease_and_its_host_serves() {
+    let (mut b1, lost) = production_site_lost(CopyRecordState::Current);
+    assert_eq!(b1.step(Event::Tick { now_ms: 1_000 + 2_000 + LEASE_MARGIN_MS - 1 }), vec![]);
+    let promoted = next(&lost, |record| {
+        record.production = crate::record::Production { site: "west".into(), host: Some("b1".into()) };
+        record.epoch = 2;
+        record.generation = 2;
+        record.push_history("b1");
+        record.copies[0] = crate::record::CopyEntry {
+            site: "east".into(),
+            host: None,
+            mode: "sync".into(),
+            state: CopyRecordState::Stale {
+                since: 0,
+                reason: "site west was promoted while this site was down: resynced in full".into(),
+            },
+            generation: 2,
+            slot: 0,
+            store: "0".repeat(32),
+        };
+    });
+    assert_eq!(
+        b1.step(Event::Tick { now_ms: 1_000 + 2_000 + LEASE_MARGIN_MS }),
+        vec![write(
+            &lost,
+            &promoted,
+            "site failover: production site east failed; copy site west (current) promoted, b1 serves (epoch 2, generation 2)"
+        )]
+    );
+    assert_eq!(
+        b1.step(Event::Written(promoted)),
+        vec![
+            Command::StopCopy,
+            Command::StartProduction { epoch: 2, copies: vec![CopySite { name: "east".into(), mode: "sync".into() }] },
+            Command::SetCopyHost { site: "east".into(), address: None },
+        ]
+    );
+}
+
+#[test]
+fn a_stale_or_syncing_copy_is_never_promoted_and_the_leader_says_why_once() {
+    for state in [CopyRecordState::Stale { since: 7, reason: "connection lost".into() }, CopyRecordState::Syncing] {
+        let (mut b1, _) = production_site_lost(state.clone());
+        let commands = b1.step(Event::Tick { now_ms: 10_000 });
+        let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
+        assert!(message.contains("no copy may be promoted"), "{message}");
+        assert!(
+            message.contains(if state == CopyRecordState::Syncing { "syncing" } else { "stale since 7" }),
+            "{message}"
+        );
+        assert_eq!(b1.step(Event::Tick { now_ms: 20_000 }), vec![], "said once");
+    }
 }

@@ -449,7 +449,8 @@ impl Shell<'_> {
                 }
                 self.events.push(Event::Access(result));
             }
-            Command::StartProduction { epoch } => self.start_production(epoch),
+            Command::StartProduction { epoch, copies } => self.start_production(epoch, &copies),
+            Command::Notice { message } => tracing::warn!("{message}"),
             Command::SetCopyHost { site, address } => self.runner.set_copy_host(&site, address),
             Command::StopProduction => {
                 tracing::info!("no longer the production host: stopping NBD and mirroring");
@@ -494,25 +495,23 @@ impl Shell<'_> {
         }
     }
 
-    fn start_production(&mut self, epoch: u64) {
+    fn start_production(&mut self, epoch: u64, copy_sites: &[crate::core::CopySite]) {
         let member = self.config.member(self.name).expect("only members produce");
         let gate = Arc::new(Gate::new(match self.config.on_quorum_loss {
             OnQuorumLoss::Suspend => OnExpiry::Suspend,
             OnQuorumLoss::IoError => OnExpiry::Fail,
         }));
-        let copies = self
-            .config
-            .sites
+        let copies = copy_sites
             .iter()
-            .filter(|site| site.role == SiteRole::Copy)
             .map(|site| CopyConfig {
                 name: site.name.clone(),
                 address: None,
-                mode: match site.mode {
-                    CopyMode::Sync => MirrorMode::Sync,
-                    CopyMode::Async => MirrorMode::Async,
-                },
-                lag_bytes_max: site.lag_bytes_max,
+                mode: if site.mode == CopyMode::Async.as_str() { MirrorMode::Async } else { MirrorMode::Sync },
+                lag_bytes_max: self
+                    .config
+                    .site(&site.name)
+                    .filter(|config| config.role == SiteRole::Copy)
+                    .map_or(crate::config::LAG_BYTES_MAX_DEFAULT, |config| config.lag_bytes_max),
             })
             .collect();
         let state_store = Arc::new(RecordStore::new(
