@@ -516,6 +516,8 @@ impl Shell<'_> {
             .collect();
         let state_store = Arc::new(RecordStore::new(
             self.quorum.clone(),
+            self.name,
+            epoch,
             self.config.on_quorum_loss == OnQuorumLoss::Suspend,
             self.stopping.clone(),
         ));

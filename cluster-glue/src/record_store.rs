@@ -26,6 +26,12 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// The mirror state of one group's production host, on the group record.
 pub struct RecordStore {
     quorum: Arc<dyn QuorumStore>,
+    /// The production host this store records for, and its epoch: once the
+    /// record names another (a takeover, a failover), nothing is recorded
+    /// and the writes waiting on it fail (a deposed host acknowledges
+    /// nothing a copy may lack).
+    me: String,
+    epoch: u64,
     /// Retry until the quorum answers (suspend) or fail at once (io-error).
     wait_for_quorum: bool,
     stopping: Arc<AtomicBool>,
@@ -40,8 +46,36 @@ impl std::fmt::Debug for RecordStore {
 impl RecordStore {
     /// The mirror state on `quorum`'s record; `wait_for_quorum` as above;
     /// `stopping` ends the waiting when the node stops.
-    pub fn new(quorum: Arc<dyn QuorumStore>, wait_for_quorum: bool, stopping: Arc<AtomicBool>) -> RecordStore {
-        RecordStore { quorum, wait_for_quorum, stopping }
+    pub fn new(
+        quorum: Arc<dyn QuorumStore>,
+        me: &str,
+        epoch: u64,
+        wait_for_quorum: bool,
+        stopping: Arc<AtomicBool>,
+    ) -> RecordStore {
+        RecordStore { quorum, me: me.to_string(), epoch, wait_for_quorum, stopping }
+    }
+
+    /// Refuse when the record no longer names this host production host at
+    /// its epoch.
+    fn check_still_production(&self, record: &GroupRecord) -> Result<(), StateError> {
+        if record.production.host.as_deref() == Some(self.me.as_str()) && record.epoch == self.epoch {
+            return Ok(());
+        }
+        Err(StateError::Unavailable {
+            path: RECORD_KEY.into(),
+            action: "record a copy's state",
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "this host was deposed: the record (seq {}) names {} production host at epoch {} (this host served epoch {})",
+                    record.seq,
+                    record.production.host.as_deref().unwrap_or("nobody"),
+                    record.epoch,
+                    self.epoch
+                ),
+            ),
+        })
     }
 
     fn unavailable(action: &'static str, error: QuorumError) -> StateError {
@@ -158,6 +192,7 @@ impl MirrorStateStore for RecordStore {
     fn store(&self, records: &[CopyRecord]) -> Result<(), StateError> {
         loop {
             let record = self.read()?;
+            self.check_still_production(&record)?;
             let mut next = apply(&record, records, now_ms());
             if next == record {
                 return Ok(());
@@ -188,6 +223,75 @@ impl MirrorStateStore for RecordStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quorum::{Lease, QuorumStatus, Versioned};
+    use std::sync::Mutex;
+
+    /// The record in memory: CAS on its seq (a unit-test stand-in).
+    struct OneRecord(Mutex<GroupRecord>);
+
+    impl QuorumStore for OneRecord {
+        fn read(&self, _key: &str, _timeout: Duration) -> Result<Option<Versioned>, QuorumError> {
+            let record = self.0.lock().unwrap();
+            Ok(Some(Versioned { revision: record.seq, value: record.encode() }))
+        }
+        fn compare_and_set(
+            &self,
+            _: &str,
+            expected: u64,
+            value: Vec<u8>,
+            _: Duration,
+        ) -> Result<CasOutcome, QuorumError> {
+            let mut record = self.0.lock().unwrap();
+            if record.seq != expected {
+                return Ok(CasOutcome::Conflict(None));
+            }
+            *record = GroupRecord::decode(&value).unwrap();
+            Ok(CasOutcome::Written(record.seq))
+        }
+        fn watch(&self, _: &str, _: u64, _: Duration) -> Result<Option<Versioned>, QuorumError> {
+            Ok(None)
+        }
+        fn renew_lease(&self, term: Duration, _: Duration) -> Result<Lease, QuorumError> {
+            Ok(Lease { valid_until: std::time::Instant::now() + term })
+        }
+        fn status(&self) -> QuorumStatus {
+            QuorumStatus { id: 1, leader: Some(1), term: 1, is_leader: true, voters: Vec::new(), last_applied: None }
+        }
+    }
+
+    /// A host deposed meanwhile (the record names another at a higher
+    /// epoch) records nothing: the writes waiting on the record fail rather
+    /// than be acknowledged by a host whose copies may lack them.
+    #[test]
+    fn a_deposed_production_host_records_nothing() {
+        let mut record = GroupRecord::new("d", "east", &[("west".into(), "sync".into())]);
+        record.production.host = Some("a".into());
+        record.epoch = 1;
+        record.seq = 4;
+        let quorum = Arc::new(OneRecord(Mutex::new(record.clone())));
+        let store = RecordStore::new(quorum.clone(), "a", 1, true, Arc::new(AtomicBool::new(false)));
+        let stale = CopyRecord {
+            name: "west".into(),
+            slot: 0,
+            state: RecordedState::Stale,
+            generation: 1,
+            store: [0; 16],
+            reason: Some("connection lost".into()),
+        };
+        store.store(std::slice::from_ref(&stale)).expect("the production host records");
+        assert_eq!(quorum.0.lock().unwrap().copies[0].state.name(), "stale");
+        {
+            let mut record = quorum.0.lock().unwrap();
+            record.production = crate::record::Production { site: "west".into(), host: Some("b".into()) };
+            record.epoch = 2;
+            record.seq += 1;
+        }
+        let before = quorum.0.lock().unwrap().clone();
+        let current = CopyRecord { state: RecordedState::Current, ..stale };
+        let error = store.store(&[current]).expect_err("a deposed host records nothing");
+        assert!(error.to_string().contains("deposed"), "{error}");
+        assert_eq!(*quorum.0.lock().unwrap(), before);
+    }
 
     #[test]
     fn the_replicators_records_land_in_the_copies_and_a_stale_copy_keeps_when_and_why() {

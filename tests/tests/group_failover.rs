@@ -271,3 +271,56 @@ fn a_stale_copy_is_not_promoted_when_the_production_site_is_lost_and_the_product
     group.stop_all(&["a", "b", "w"], Duration::from_secs(30));
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")));
 }
+
+#[test]
+fn a_frozen_production_host_deposed_while_frozen_fences_itself_on_thaw_and_no_write_it_answers_is_lost() {
+    if !require_tool("/usr/bin/python3") {
+        return;
+    }
+    let spec = GroupSpec::new("frozen")
+        .production("east")
+        .copy("west", "sync")
+        .member("a", "east", 1, "east.img")
+        .member("b", "west", 1, "west.img")
+        .witness("w")
+        .volume_size("256M")
+        .lease_ms(1000);
+    let mut group = Group::new("frozen", spec);
+    for name in ["w", "a", "b"] {
+        group.start(name);
+    }
+    group.wait_for(Duration::from_secs(20), |record| {
+        record["production"]["host"] == "a" && copy_entry(record, "west")["state"] == "current"
+    });
+    let uris: Vec<String> =
+        ["a", "b"].iter().map(|name| format!("nbd://{}:{}", group.ips[*name], group.ports[2])).collect();
+    let mut writer = Command::new("/usr/bin/python3")
+        .args(["-c", WRITER, &uris.join(","), "14"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the writer");
+    let lines = BufReader::new(writer.stdout.take().expect("stdout"));
+    let mut acknowledged = Vec::new();
+    for line in lines.lines() {
+        let line = line.expect("writer output");
+        if let ["ok", index, ..] = line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            acknowledged.push(index.parse::<u64>().expect("index"));
+            if acknowledged.len() == 300 {
+                group.freeze("a");
+                // Past a's lease, b is promoted while a sleeps.
+                group.wait_for(Duration::from_secs(15), |record| record["production"]["site"] == "west");
+                group.thaw("a");
+            }
+        }
+    }
+    assert!(writer.wait().expect("writer exits").success());
+    assert!(acknowledged.len() > 300, "no write after the promotion");
+    group.wait_for(Duration::from_secs(30), |record| {
+        copy_entry(record, "east")["host"] == "a" && copy_entry(record, "east")["state"] == "current"
+    });
+    assert!(group.log("a").contains("self-fence"), "a did not fence itself:\n{}", group.logs_tail(30));
+    group.stop_all(&["b", "a", "w"], Duration::from_secs(30));
+    assert_all_present(&group.store("b"), &acknowledged);
+    assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")));
+}
