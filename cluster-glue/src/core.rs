@@ -132,6 +132,11 @@ pub enum Event {
         /// Milliseconds since this node started.
         now_ms: u64,
     },
+    /// The operator asked for a planned switchover to copy site `to`.
+    Switchover {
+        /// The copy site to produce from.
+        to: String,
+    },
     /// The operator asked this node to leave (SIGTERM).
     Leave,
     /// The roles stopped after `Leave`.
@@ -235,6 +240,8 @@ pub struct Core {
     copy_hosts: BTreeMap<String, Option<SocketAddr>>,
     copy_running: bool,
     role_failure: Option<String>,
+    /// A switchover the operator asked this node for, not yet recorded.
+    switchover_asked: Option<String>,
     /// A notice decided but not yet given, and the last one given.
     notice: Option<String>,
     noticed: Option<String>,
@@ -263,6 +270,7 @@ impl Core {
             role_failure: None,
             notice: None,
             noticed: None,
+            switchover_asked: None,
         }
     }
 
@@ -319,6 +327,7 @@ impl Core {
             }
             Event::Leader(leader) => self.leader = leader,
             Event::Tick { now_ms } => self.now_ms = now_ms,
+            Event::Switchover { to } => self.switchover_asked = Some(to),
             Event::RoleFailed { why } => {
                 self.production = None;
                 self.copy_running = false;
@@ -490,6 +499,56 @@ impl Core {
                 }
             }
             Phase::Joined => {
+                if let Some(to) = self.switchover_asked.clone() {
+                    // Kept until a record carrying it is read (a write of it
+                    // may conflict and be redone).
+                    match record.copy(&to) {
+                        _ if record.switchover.as_deref() == Some(to.as_str()) => self.switchover_asked = None,
+                        Some(copy) if copy.state != CopyRecordState::Current => {
+                            self.switchover_asked = None;
+                            self.notice = Some(format!(
+                                "switchover to {to} refused: its copy is {} (only a current copy takes over)",
+                                copy.state.name()
+                            ));
+                        }
+                        Some(_) if record.switchover.is_none() => {
+                            record.switchover = Some(to.clone());
+                            why.push(format!("switchover to site {to} asked for"));
+                        }
+                        Some(_) => {
+                            self.switchover_asked = None;
+                            self.notice = Some(format!(
+                                "a switchover to {} is under way already",
+                                record.switchover.as_deref().unwrap_or("?")
+                            ))
+                        }
+                        None => {
+                            self.switchover_asked = None;
+                            self.notice = Some(format!(
+                                "switchover to {to} refused: it is not a copy site of this group (production site: {})",
+                                record.production.site
+                            ))
+                        }
+                    }
+                }
+                let target_current = record
+                    .switchover
+                    .as_deref()
+                    .and_then(|to| record.copy(to))
+                    .is_some_and(|copy| copy.state == CopyRecordState::Current);
+                if target_current && record.production.host.as_deref() == Some(me.as_str()) {
+                    // Planned: stop serving first (drain, flush: every sync
+                    // copy has every acknowledged write), then hand over.
+                    if self.production.take().is_some() {
+                        commands.push(Command::StopProduction);
+                        self.copy_hosts.clear();
+                    }
+                    record.production.host = None;
+                    why.push(format!(
+                        "{me} stopped serving and hands the production role over to site {}",
+                        record.switchover.as_deref().unwrap_or("?")
+                    ));
+                }
                 let incarnation = self.incarnation;
                 let access = if witness { Ok(()) } else { self.access.clone().unwrap_or(Ok(())) };
                 match record.members.get_mut(&me) {
@@ -597,6 +656,10 @@ impl Core {
                 _ => false,
             },
         };
+        if let Some(to) = record.switchover.clone() {
+            self.switch_over(record, &to, why);
+            return;
+        }
         let production_site = record.production.site.clone();
         let failed = host.as_deref().is_some_and(|host| record.member_state(host) == MemberState::ForcedLeaving);
         if replace && failed && self.candidate(record, &production_site).is_none() {
@@ -653,6 +716,43 @@ impl Core {
             ));
             return;
         };
+        self.promote(record, index, "the production site failed", why);
+    }
+
+    /// A planned switchover to copy site `to`: once the production host has
+    /// stopped serving (it recorded no host), promote `to` if its copy is
+    /// current; a switchover that cannot happen is dropped, said why.
+    fn switch_over(&mut self, record: &mut GroupRecord, to: &str, why: &mut Vec<String>) {
+        let Some(index) = record.copies.iter().position(|copy| copy.site == to) else {
+            record.switchover = None;
+            why.push(format!("switchover to {to} dropped: not a copy site"));
+            return;
+        };
+        let copy = &record.copies[index];
+        let ready = copy.state == CopyRecordState::Current
+            && copy.host.as_deref().is_some_and(|host| self.can_host(record, host));
+        if !ready {
+            record.switchover = None;
+            why.push(format!(
+                "switchover to {to} dropped: its copy is {} with host {}; the production site keeps serving",
+                copy.state.name(),
+                copy.host.as_deref().unwrap_or("none")
+            ));
+            return;
+        }
+        if record.production.host.is_some() {
+            // The production host has not handed over yet.
+            return;
+        }
+        record.switchover = None;
+        self.promote(record, index, "planned switchover", why);
+    }
+
+    /// Make copy site `index` the production site; the old production site
+    /// becomes a copy site recorded stale (resynced by checksum from the new
+    /// production: only what differs moves).
+    fn promote(&mut self, record: &mut GroupRecord, index: usize, cause: &str, why: &mut Vec<String>) {
+        let old_site = record.production.site.clone();
         let promoted = record.copies.remove(index);
         let host = promoted.host.clone().expect("a promotable copy has a host");
         record.production = crate::record::Production { site: promoted.site.clone(), host: Some(host.clone()) };
@@ -667,7 +767,7 @@ impl Core {
                 mode: promoted.mode.clone(),
                 state: CopyRecordState::Stale {
                     since: 0,
-                    reason: format!("site {} was promoted while this site was down: resynced in full", promoted.site),
+                    reason: format!("site {} took over the production role ({cause}): resynced from it", promoted.site),
                 },
                 generation: record.generation,
                 slot: promoted.slot,
@@ -675,7 +775,7 @@ impl Core {
             },
         );
         why.push(format!(
-            "site failover: production site {old_site} failed; copy site {} (current) promoted, {host} serves (epoch {}, generation {})",
+            "{cause}: copy site {} (current) promoted over {old_site}, {host} serves (epoch {}, generation {})",
             promoted.site, record.epoch, record.generation
         ));
     }

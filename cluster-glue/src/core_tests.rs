@@ -354,7 +354,7 @@ fn a_current_copy_is_promoted_when_the_production_site_is_lost_after_the_lease_a
             mode: "sync".into(),
             state: CopyRecordState::Stale {
                 since: 0,
-                reason: "site west was promoted while this site was down: resynced in full".into(),
+                reason: "site west took over the production role (the production site failed): resynced from it".into(),
             },
             generation: 2,
             slot: 0,
@@ -366,7 +366,7 @@ fn a_current_copy_is_promoted_when_the_production_site_is_lost_after_the_lease_a
         vec![write(
             &lost,
             &promoted,
-            "site failover: production site east failed; copy site west (current) promoted, b1 serves (epoch 2, generation 2)"
+            "the production site failed: copy site west (current) promoted over east, b1 serves (epoch 2, generation 2)"
         )]
     );
     assert_eq!(

@@ -107,6 +107,19 @@ pub struct NodeOptions {
 /// The node's status document, refreshed by the node thread.
 pub type StatusBoard = Arc<Mutex<serde_json::Value>>;
 
+/// What an operator asks a running node for (through its admin endpoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// A planned switchover of the production role to copy site `to`.
+    Switchover {
+        /// The copy site.
+        to: String,
+    },
+}
+
+/// Requests waiting for the node thread.
+pub type Requests = Arc<Mutex<Vec<Request>>>;
+
 /// The topology the core works with.
 fn topology(config: &GroupConfig, me: &str) -> Topology {
     Topology {
@@ -156,6 +169,7 @@ pub fn run(
     runner: &mut dyn RoleRunner,
     leave: &AtomicBool,
     board: &StatusBoard,
+    requests: &Requests,
 ) -> Result<(), String> {
     let NodeOptions { config, name, secret } = options;
     check_name(&config, &name)?;
@@ -230,7 +244,7 @@ pub fn run(
         exit: None,
         need_read: true,
     };
-    let result = shell.main_loop(Core::new(topology(&config, &name)), leave, board);
+    let result = shell.main_loop(Core::new(topology(&config, &name)), leave, board, requests);
     stopping.store(true, Ordering::Relaxed);
     let _ = lease_thread.join();
     drop(shell);
@@ -345,7 +359,13 @@ struct Shell<'a> {
 }
 
 impl Shell<'_> {
-    fn main_loop(&mut self, mut core: Core, leave: &AtomicBool, board: &StatusBoard) -> Result<(), String> {
+    fn main_loop(
+        &mut self,
+        mut core: Core,
+        leave: &AtomicBool,
+        board: &StatusBoard,
+        requests: &Requests,
+    ) -> Result<(), String> {
         let mut leader = None;
         let mut live: Option<(BTreeSet<String>, bool)> = None;
         let mut leave_sent: Option<std::time::Instant> = None;
@@ -363,6 +383,14 @@ impl Shell<'_> {
                 leave_sent = Some(std::time::Instant::now());
                 tracing::info!(node = %self.name, "leaving the group: stopping NBD, draining, flushing, handing over");
                 self.events.push(Event::Leave);
+            }
+            for request in std::mem::take(&mut *requests.lock().unwrap_or_else(PoisonError::into_inner)) {
+                match request {
+                    Request::Switchover { to } => {
+                        tracing::info!(to = %to, "switchover to site {to} asked for");
+                        self.events.push(Event::Switchover { to });
+                    }
+                }
             }
             let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             self.events.push(Event::Tick { now_ms });

@@ -157,6 +157,9 @@ pub struct GroupRecord {
     pub members: BTreeMap<String, MemberEntry>,
     /// The last [`HISTORY_MAX`] production changes, oldest first.
     pub history: Vec<HistoryEntry>,
+    /// A planned switchover to this copy site, asked for and not done yet.
+    #[serde(default)]
+    pub switchover: Option<String>,
 }
 
 impl GroupRecord {
@@ -184,6 +187,7 @@ impl GroupRecord {
                 .collect(),
             members: BTreeMap::new(),
             history: Vec::new(),
+            switchover: None,
         }
     }
 

@@ -324,3 +324,73 @@ fn a_frozen_production_host_deposed_while_frozen_fences_itself_on_thaw_and_no_wr
     assert_all_present(&group.store("b"), &acknowledged);
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")));
 }
+
+#[test]
+fn a_switchover_and_its_failback_under_load_lose_no_write_and_end_identical() {
+    if !require_tool("/usr/bin/python3") {
+        return;
+    }
+    let spec = GroupSpec::new("switch")
+        .production("east")
+        .copy("west", "sync")
+        .member("a", "east", 1, "east.img")
+        .member("b", "west", 1, "west.img")
+        .witness("w")
+        .volume_size("256M");
+    let mut group = Group::new("switch", spec);
+    for name in ["w", "a", "b"] {
+        group.start(name);
+    }
+    group.wait_for(Duration::from_secs(20), |record| {
+        record["production"]["host"] == "a" && copy_entry(record, "west")["state"] == "current"
+    });
+    let uris: Vec<String> =
+        ["a", "b"].iter().map(|name| format!("nbd://{}:{}", group.ips[*name], group.ports[2])).collect();
+    let mut writer = Command::new("/usr/bin/python3")
+        .args(["-c", WRITER, &uris.join(","), "16"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the writer");
+    let lines = BufReader::new(writer.stdout.take().expect("stdout"));
+    let switch = |group: &Group, to: &str| {
+        Command::new(system_tests::binary())
+            .args(["switchover", "--config", group.config.to_str().expect("utf-8 path"), "--to-site", to])
+            .output()
+            .expect("run crossmirror switchover")
+    };
+    let (mut acknowledged, mut errors) = (Vec::new(), 0);
+    let mut outputs = Vec::new();
+    for line in lines.lines() {
+        let line = line.expect("writer output");
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["ok", index, ..] => {
+                acknowledged.push(index.parse::<u64>().expect("index"));
+                if acknowledged.len() == 300 {
+                    outputs.push(switch(&group, "west"));
+                } else if acknowledged.len() == 1500 && outputs.len() == 1 {
+                    outputs.push(switch(&group, "east"));
+                }
+            }
+            _ => errors += 1,
+        }
+    }
+    assert!(writer.wait().expect("writer exits").success());
+    for output in &outputs {
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "switchover failed: {text}{}", String::from_utf8_lossy(&output.stderr));
+        eprintln!("{}", text.trim());
+    }
+    assert_eq!(outputs.len(), 2, "both switchovers ran ({} writes)", acknowledged.len());
+    let record = group.wait_for(Duration::from_secs(30), |record| {
+        record["production"]["site"] == "east" && copy_entry(record, "west")["state"] == "current"
+    });
+    assert_eq!(record["production"]["host"], "a");
+    eprintln!(
+        "{} writes acknowledged, {errors} refused while the role moved (the writer reconnected)",
+        acknowledged.len()
+    );
+    group.stop_all(&["a", "b", "w"], Duration::from_secs(30));
+    assert_all_present(&group.store("a"), &acknowledged);
+    assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")));
+}

@@ -9,6 +9,7 @@ mod node;
 mod serve;
 mod start_files;
 mod status;
+mod switchover;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,8 @@ enum Command {
     CopyHost(copy_host::CopyHostArgs),
     /// Run a member of a mirrored group (the group config names the roles).
     Node(node::NodeArgs),
+    /// Move a group's production role to a copy site, planned (failback: the same, back).
+    Switchover(switchover::SwitchoverArgs),
     /// Print a production host's mirror status (from its admin endpoint).
     Status(status::StatusArgs),
     /// Compare a copy with the production volume while it is in use (online verify).
@@ -52,6 +55,7 @@ fn main() {
         Command::CopyHost(args) => copy_host::run(args),
         Command::Node(args) => node::run(args),
         Command::Status(args) => status::run(args),
+        Command::Switchover(args) => switchover::run(args),
         Command::Verify(args) => match verify::run(args) {
             Ok(true) => Ok(()),
             // Mismatches found and not repaired: like cmp, exit 1.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use cluster_glue::config::GroupConfig;
-use cluster_glue::node::{CopySpec, NodeOptions, ProductionSpec, RoleRunner, StatusBoard};
+use cluster_glue::node::{CopySpec, NodeOptions, ProductionSpec, Request, Requests, RoleRunner, StatusBoard};
 use engine::copy_role::{CopyListen, CopyRole, CopyRoleConfig};
 use engine::metadata::MetadataFiles;
 use engine::mirror_service::{MirrorService, MirrorServiceConfig};
@@ -68,21 +68,37 @@ fn run_one(config: GroupConfig, name: String) -> anyhow::Result<()> {
         .or_else(|| config.witness(&name).map(|witness| witness.address))
         .expect("checked above");
     let board: StatusBoard = Arc::new(Mutex::new(json!({ "node": name, "phase": "starting" })));
+    let requests: Requests = Arc::default();
     let admin = {
-        let board = board.clone();
+        let (board, requests) = (board.clone(), requests.clone());
+        let sites: Vec<String> = config.sites.iter().map(|site| site.name.clone()).collect();
         let handler: crate::http::Handler =
             Arc::new(move |request: &crate::http::Request| match (request.method.as_str(), request.path.as_str()) {
                 ("GET", "/status") => (200, board.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()),
-                _ => (404, json!({ "error": "a node serves GET /status" })),
+                ("POST", "/switchover") => switchover_request(&request.query, &sites, &requests),
+                _ => (404, json!({ "error": "a node serves GET /status and POST /switchover?to=SITE" })),
             });
         crate::admin::AdminServer::start(SocketAddr::new(address, config.ports.admin), handler)?
     };
     let mut roles = Roles::default();
-    let result = cluster_glue::node::run(NodeOptions { config, name, secret }, &mut roles, &leave, &board);
+    let result = cluster_glue::node::run(NodeOptions { config, name, secret }, &mut roles, &leave, &board, &requests);
     roles.stop_production();
     roles.stop_copy();
     drop(admin);
     result.map_err(anyhow::Error::msg)
+}
+
+/// `POST /switchover?to=SITE`: queue the request for the node thread.
+fn switchover_request(query: &str, sites: &[String], requests: &Requests) -> (u16, serde_json::Value) {
+    let to = query.split('&').find_map(|pair| pair.strip_prefix("to=")).unwrap_or_default();
+    if !sites.iter().any(|site| site == to) {
+        return (
+            400,
+            json!({ "error": format!("name a site of the group: POST /switchover?to=SITE (sites: {})", sites.join(", ")) }),
+        );
+    }
+    requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Request::Switchover { to: to.to_string() });
+    (202, json!({ "asked": "switchover", "to": to }))
 }
 
 /// Whether this machine has `address` (binding it works).

@@ -342,6 +342,9 @@ enum AfterBitmapSync {
 pub(crate) struct LinkCore<H, V> {
     config: CoreConfig,
     state: CopyState,
+    /// The link stopped with the copy holding every write: nothing more is
+    /// recorded for it by this host.
+    stopped_clean: bool,
     /// Bumped per connection, so a reader of an old connection changes nothing.
     connection: u64,
     /// The next frame's sequence number on this connection.
@@ -407,6 +410,7 @@ impl<H, V> LinkCore<H, V> {
     pub(crate) fn new(config: CoreConfig) -> LinkCore<H, V> {
         let resync_pending = ResyncSet::new(config.volume_bytes, config.region_bytes);
         LinkCore {
+            stopped_clean: false,
             config,
             state: CopyState::Stale,
             connection: 0,
@@ -837,6 +841,9 @@ impl<H, V> LinkCore<H, V> {
     /// stale, then release everything waiting on it. `why` is the cause when
     /// the connection left none (the first cause seen is kept as its ending).
     pub(crate) fn lost(&mut self, why: &str, shutting_down: bool) -> Vec<Command<H, V>> {
+        if self.stopped_clean {
+            return Vec::new();
+        }
         let waiting = self.queue.len() + self.unacked.len();
         let was = self.state;
         let why = self.ending.take().unwrap_or_else(|| why.to_string());
@@ -857,6 +864,16 @@ impl<H, V> LinkCore<H, V> {
         self.touched.clear();
         self.clear_candidates.clear();
         self.local_sync_due = false;
+        if shutting_down && was == CopyState::UpToDate && waiting == 0 {
+            // A clean stop (the frontend stopped first): the copy has every
+            // write this host acknowledged and nothing is in flight, so its
+            // record stays current (a planned handover promotes it).
+            self.state = CopyState::Stale;
+            self.stopped_clean = true;
+            tracing::info!(copy = %self.config.name,
+                "copy {} has every write at shutdown: its record stays current", self.config.name);
+            return Vec::new();
+        }
         // Invariant 3: the holds are released by `persisted`, after the
         // record, with EIO if it failed.
         self.persist(RecordedState::Stale, AfterPersist::Lost { holds, was, why, waiting, shutting_down })
