@@ -181,7 +181,30 @@ pub struct MemberConfig {
     pub backup_order: u32,
     /// Where this member keeps its state (resolved).
     pub state_dir: PathBuf,
+    /// Commands run when its roles change (seed 004's actions).
+    pub actions: Actions,
 }
+
+/// A member's actions: shell commands run (`sh -c`) when its roles change,
+/// with `CROSSMIRROR_GROUP`, `_SITE`, `_ROLE`, `_EPOCH`, `_EVENT` and
+/// `_NBD` in the environment, each within `timeout`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Actions {
+    /// After this member became host of a role (the role runs).
+    pub start: Option<String>,
+    /// Before this member hands a role on (a planned switchover or leave);
+    /// a failing `stop` keeps the role here (the hand-over is refused).
+    pub stop: Option<String>,
+    /// On every change of the group record this member sees.
+    pub notify: Option<String>,
+    /// After a failure took a role to this member (a takeover or failover).
+    pub recovery: Option<String>,
+    /// How long one action may run before it is killed and counts as failed.
+    pub timeout: Duration,
+}
+
+/// An action's default time limit.
+pub const ACTION_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
 /// One witness: votes in the quorum, holds no data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -371,6 +394,18 @@ impl GroupConfig {
             lines.push(format!("member {name} volume = {:?}", member.volume.to_string_lossy()));
             lines.push(format!("member {name} backup_order = {}", member.backup_order));
             lines.push(format!("member {name} state_dir = {:?}", member.state_dir.to_string_lossy()));
+            let actions = &member.actions;
+            for (which, command) in [
+                ("start", &actions.start),
+                ("stop", &actions.stop),
+                ("notify", &actions.notify),
+                ("recovery", &actions.recovery),
+            ] {
+                if let Some(command) = command {
+                    lines.push(format!("member {name} actions {which} = {command:?}"));
+                }
+            }
+            lines.push(format!("member {name} actions timeout_ms = {}", actions.timeout.as_millis()));
         }
         let first_witness_id = self.members.len() as u64 + 1;
         for (witness, id) in self.witnesses.iter().zip(first_witness_id..) {
@@ -539,6 +574,17 @@ struct RawMember {
     volume: Option<Spanned<String>>,
     backup_order: Option<Spanned<i64>>,
     state_dir: Option<Spanned<String>>,
+    actions: Option<Spanned<RawActions>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawActions {
+    start: Option<Spanned<String>>,
+    stop: Option<Spanned<String>>,
+    notify: Option<Spanned<String>>,
+    recovery: Option<Spanned<String>>,
+    timeout_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -1117,7 +1163,42 @@ impl Checker<'_> {
             )
         })?;
         let state_dir = self.state_dir(raw.state_dir.as_ref(), group, &name, &what)?;
-        Ok(MemberConfig { name, site: site.name.clone(), address, volume, backup_order, state_dir })
+        let actions = match &raw.actions {
+            None => Actions { timeout: ACTION_TIMEOUT_DEFAULT, ..Actions::default() },
+            Some(actions) => self.actions(actions.get_ref(), &what)?,
+        };
+        Ok(MemberConfig { name, site: site.name.clone(), address, volume, backup_order, state_dir, actions })
+    }
+
+    fn actions(&self, raw: &RawActions, what: &str) -> Checked<Actions> {
+        let command = |value: &Option<Spanned<String>>, which: &str| -> Checked<Option<String>> {
+            match value {
+                None => Ok(None),
+                Some(value) if value.get_ref().trim().is_empty() => Err(self
+                    .invalid(value.span(), format!("{what}'s {which} action is empty; give a command or remove it"))),
+                Some(value) => Ok(Some(value.get_ref().clone())),
+            }
+        };
+        let timeout = match &raw.timeout_ms {
+            None => ACTION_TIMEOUT_DEFAULT,
+            Some(value) => {
+                let ms = *value.get_ref();
+                if !(1..=3_600_000).contains(&ms) {
+                    return Err(self.invalid(
+                        value.span(),
+                        format!("{what}'s actions.timeout_ms is {ms}; use 1 to 3600000 (milliseconds)"),
+                    ));
+                }
+                Duration::from_millis(ms as u64)
+            }
+        };
+        Ok(Actions {
+            start: command(&raw.start, "start")?,
+            stop: command(&raw.stop, "stop")?,
+            notify: command(&raw.notify, "notify")?,
+            recovery: command(&raw.recovery, "recovery")?,
+            timeout,
+        })
     }
 
     fn witnesses(&self, raw: &[Spanned<RawWitness>], group: &str, names: &mut Names) -> Checked<Vec<WitnessConfig>> {

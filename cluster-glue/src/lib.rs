@@ -3,6 +3,7 @@
 //! record on quorum storage.
 
 pub mod access;
+pub mod actions;
 pub mod config;
 pub mod core;
 pub mod liveness;

@@ -23,6 +23,7 @@ use engine::protocol::Secret;
 use engine::replicator::{CopyConfig, MirrorMode, MirrorStateStore};
 use serde_json::json;
 
+use crate::actions::{ActionContext, ActionRunner};
 use crate::config::{diff, CopyMode, GroupConfig, OnQuorumLoss, SiteRole};
 use crate::core::{Command, CopySite, Core, Event, MemberInfo, Topology};
 use crate::liveness::{Liveness, LivenessConfig};
@@ -243,6 +244,8 @@ pub fn run(
         events: Vec::new(),
         exit: None,
         need_read: true,
+        actions: config.member(&name).map(|member| ActionRunner::new(member.actions.clone())),
+        record: None,
     };
     let result = shell.main_loop(Core::new(topology(&config, &name)), leave, board, requests);
     stopping.store(true, Ordering::Relaxed);
@@ -356,9 +359,52 @@ struct Shell<'a> {
     events: Vec<Event>,
     exit: Option<Result<(), String>>,
     need_read: bool,
+    /// This member's actions (a witness has none).
+    actions: Option<ActionRunner>,
+    /// The record as last seen, for the actions' environment.
+    record: Option<GroupRecord>,
 }
 
 impl Shell<'_> {
+    /// What an action is told now.
+    fn action_context(&self, role: &str) -> ActionContext {
+        let record = self.record.as_ref();
+        let nbd = record
+            .and_then(|record| record.production.host.as_deref())
+            .and_then(|host| self.config.member(host))
+            .map(|member| SocketAddr::new(member.address, self.config.ports.nbd).to_string());
+        ActionContext {
+            group: self.config.group.clone(),
+            site: self.config.member(self.name).map(|member| member.site.clone()).unwrap_or_default(),
+            role: role.to_string(),
+            epoch: record.map_or(0, |record| record.epoch),
+            nbd,
+        }
+    }
+
+    /// Run the `stop` action before a role is handed on; a failure holds
+    /// the hand-over for one lease term.
+    fn stop_action(&self, role: &str) {
+        if let Some(actions) = &self.actions {
+            if let Err(why) = actions.stopping(&self.action_context(role)) {
+                tracing::error!(
+                    "{why}: holding the hand-over for one lease term ({} ms)",
+                    self.config.lease.as_millis()
+                );
+                std::thread::sleep(self.config.lease);
+            }
+        }
+    }
+
+    /// Whether a failure brought the production role here: the previous
+    /// production host in the history was forced out.
+    fn production_by_recovery(&self) -> bool {
+        let Some(record) = &self.record else { return false };
+        let entries = record.history.len();
+        entries >= 2
+            && record.history[entries - 2].production != self.name
+            && record.member_state(&record.history[entries - 2].production) == MemberState::ForcedLeaving
+    }
     fn main_loop(
         &mut self,
         mut core: Core,
@@ -428,6 +474,19 @@ impl Shell<'_> {
                 return exit;
             }
             if let Some(record) = core.record() {
+                if record.seq != seq {
+                    self.record = Some(record.clone());
+                    if let Some(actions) = &self.actions {
+                        let role = if record.production.host.as_deref() == Some(self.name) {
+                            "production"
+                        } else if record.copies.iter().any(|copy| copy.host.as_deref() == Some(self.name)) {
+                            "copy"
+                        } else {
+                            "none"
+                        };
+                        actions.notify(self.action_context(role));
+                    }
+                }
                 seq = record.seq;
             }
             *board.lock().unwrap_or_else(PoisonError::into_inner) = self.status(&core, live.as_ref());
@@ -437,7 +496,10 @@ impl Shell<'_> {
             }
             match self.quorum.watch(RECORD_KEY, seq, WATCH_WAIT) {
                 Ok(Some(stored)) => match GroupRecord::decode(&stored.value) {
-                    Ok(record) => self.events.push(Event::Record(Some(record))),
+                    Ok(record) => {
+                        self.record = Some(record.clone());
+                        self.events.push(Event::Record(Some(record)))
+                    }
                     Err(error) => return Err(format!("{error}: refusing to guess which copy is current")),
                 },
                 Ok(None) => {}
@@ -455,6 +517,7 @@ impl Shell<'_> {
                 match self.quorum.compare_and_set(RECORD_KEY, expected, record.encode(), CALL_TIMEOUT) {
                     Ok(CasOutcome::Written(_)) => {
                         tracing::info!(seq = record.seq, epoch = record.epoch, "record seq {}: {why}", record.seq);
+                        self.record = Some(record.clone());
                         self.events.push(Event::Written(record));
                     }
                     Ok(CasOutcome::Conflict(_)) => {
@@ -482,6 +545,7 @@ impl Shell<'_> {
             Command::SetCopyHost { site, address } => self.runner.set_copy_host(&site, address),
             Command::StopProduction => {
                 tracing::info!("no longer the production host: stopping NBD and mirroring");
+                self.stop_action("production");
                 self.stop_production("this member no longer hosts the production site");
             }
             Command::StartCopy => {
@@ -495,12 +559,22 @@ impl Shell<'_> {
                     secret: self.secret.clone(),
                 };
                 tracing::info!(site = %member.site, "hosting the copy store of site {}", member.site);
-                if let Err(why) = self.runner.start_copy(spec) {
-                    tracing::error!("cannot host the copy store: {why}");
-                    self.events.push(Event::RoleFailed { why });
+                match self.runner.start_copy(spec) {
+                    Err(why) => {
+                        tracing::error!("cannot host the copy store: {why}");
+                        self.events.push(Event::RoleFailed { why });
+                    }
+                    Ok(()) => {
+                        if let Some(actions) = &self.actions {
+                            actions.started(&self.action_context("copy"), false);
+                        }
+                    }
                 }
             }
-            Command::StopCopy => self.runner.stop_copy(),
+            Command::StopCopy => {
+                self.stop_action("copy");
+                self.runner.stop_copy();
+            }
             Command::Fence { why } => {
                 tracing::error!("self-fence: {why}; stopping every role at once");
                 if let Some(gate) = self.lease.gate() {
@@ -510,6 +584,9 @@ impl Shell<'_> {
                 self.runner.stop_copy();
             }
             Command::StopRoles => {
+                if self.lease.gate().is_some() {
+                    self.stop_action("production");
+                }
                 self.stop_production("this member is leaving the group");
                 self.runner.stop_copy();
                 self.events.push(Event::RolesStopped);
@@ -567,10 +644,17 @@ impl Shell<'_> {
         let _ = self.lease.renew(self.quorum.as_ref(), self.config.lease);
         tracing::info!(epoch, nbd = %SocketAddr::new(member.address, self.config.ports.nbd),
             "production host of group {} (epoch {epoch}): serving NBD and mirroring", self.config.group);
-        if let Err(why) = self.runner.start_production(spec) {
-            tracing::error!("cannot serve the production store: {why}");
-            self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner).take();
-            self.events.push(Event::RoleFailed { why });
+        match self.runner.start_production(spec) {
+            Err(why) => {
+                tracing::error!("cannot serve the production store: {why}");
+                self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner).take();
+                self.events.push(Event::RoleFailed { why });
+            }
+            Ok(()) => {
+                if let Some(actions) = &self.actions {
+                    actions.started(&self.action_context("production"), self.production_by_recovery());
+                }
+            }
         }
     }
 

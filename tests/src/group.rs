@@ -53,6 +53,8 @@ pub struct MemberSpec {
     /// Its store: a file name in the scratch directory (members of one site
     /// may share one), or an absolute path.
     pub volume: String,
+    /// TOML lines of its `[member.actions]` table, if any.
+    pub actions: Option<String>,
 }
 
 /// What a group is made of; [`Group::new`] turns it into a config file.
@@ -108,7 +110,13 @@ impl GroupSpec {
     /// A member `name` of `site` at `backup_order` on the store `volume`
     /// (see [`MemberSpec::volume`]).
     pub fn member(mut self, name: &str, site: &str, backup_order: u32, volume: &str) -> GroupSpec {
-        self.members.push(MemberSpec { name: name.into(), site: site.into(), backup_order, volume: volume.into() });
+        self.members.push(MemberSpec {
+            name: name.into(),
+            site: site.into(),
+            backup_order,
+            volume: volume.into(),
+            actions: None,
+        });
         self
     }
 
@@ -133,6 +141,14 @@ impl GroupSpec {
     /// Set `[quorum] lease_ms`.
     pub fn lease_ms(mut self, lease_ms: u64) -> GroupSpec {
         self.lease_ms = Some(lease_ms);
+        self
+    }
+
+    /// Give the last member added these `[member.actions]` lines.
+    pub fn actions(mut self, lines: &str) -> GroupSpec {
+        if let Some(member) = self.members.last_mut() {
+            member.actions = Some(lines.to_string());
+        }
         self
     }
 
@@ -170,6 +186,9 @@ impl GroupSpec {
                 "\n[[member]]\nname = {:?}\nsite = {:?}\naddress = {:?}\nvolume = {:?}\nbackup_order = {}\nstate_dir = {:?}\n",
                 member.name, member.site, ips[&member.name], member.volume, member.backup_order, member.name
             ));
+            if let Some(actions) = &member.actions {
+                out.push_str(&format!("[member.actions]\n{actions}\n"));
+            }
         }
         for witness in &self.witnesses {
             out.push_str(&format!(

@@ -394,3 +394,51 @@ fn a_switchover_and_its_failback_under_load_lose_no_write_and_end_identical() {
     assert_all_present(&group.store("a"), &acknowledged);
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")));
 }
+
+#[test]
+fn actions_run_on_role_changes_with_their_environment() {
+    let scratch = system_tests::Scratch::new("actions-log");
+    let log = scratch.join("events");
+    let line = |member: &str| {
+        format!(
+            "start = \"echo {member} $CROSSMIRROR_EVENT $CROSSMIRROR_ROLE $CROSSMIRROR_SITE $CROSSMIRROR_EPOCH $CROSSMIRROR_NBD >> {}\"\n\
+             stop = \"echo {member} $CROSSMIRROR_EVENT $CROSSMIRROR_ROLE >> {}\"\n\
+             recovery = \"echo {member} $CROSSMIRROR_EVENT $CROSSMIRROR_ROLE $CROSSMIRROR_EPOCH >> {}\"\n\
+             timeout_ms = 5000",
+            log.display(),
+            log.display(),
+            log.display()
+        )
+    };
+    let spec = GroupSpec::new("actions")
+        .production("east")
+        .copy("west", "sync")
+        .member("a", "east", 1, "east.img")
+        .actions(&line("a"))
+        .member("b", "west", 1, "west.img")
+        .actions(&line("b"))
+        .witness("w")
+        .lease_ms(1000);
+    let mut group = Group::new("actions", spec);
+    for name in ["w", "a", "b"] {
+        group.start(name);
+    }
+    group.wait_for(Duration::from_secs(20), |record| copy_entry(record, "west")["state"] == "current");
+    let nbd = format!("{}:{}", group.ips["a"], group.ports[2]);
+    let events = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(events().contains("a start production east 1") && events().contains("b start copy west")) {
+        assert!(Instant::now() < deadline, "start actions: {:?}", events());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(events().contains(&format!("a start production east 1 {nbd}")), "{}", events());
+    // A failure takes the production role to b: its recovery action runs.
+    group.kill("a");
+    group.wait_for(Duration::from_secs(15), |record| record["production"]["host"] == "b");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !events().contains("b recovery production 2") {
+        assert!(Instant::now() < deadline, "recovery action: {:?}", events());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(events().contains("b stop copy"), "the copy role's stop action ran before b produced: {}", events());
+}
