@@ -17,6 +17,7 @@
 //! line; past its timeout it is killed and counts as failed.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -121,6 +122,9 @@ fn run(command: &str, event: &str, context: &ActionContext, timeout: Duration) -
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group, so that a timeout kills what it started too
+        // (a child left holding the output pipe would hold this thread).
+        .process_group(0)
         .spawn()
         .map_err(|error| {
             tracing::error!(event, %error, "cannot run the {event} action");
@@ -131,7 +135,10 @@ fn run(command: &str, event: &str, context: &ActionContext, timeout: Duration) -
             Ok(Some(status)) => break Ok(status),
             Ok(None) if started.elapsed() < timeout => std::thread::sleep(Duration::from_millis(10)),
             Ok(None) => {
-                let _ = child.kill();
+                let group = -(child.id() as libc::pid_t);
+                // SAFETY: kill(2) on the action's own process group, which
+                // `process_group(0)` made with the child's pid as its id.
+                unsafe { libc::kill(group, libc::SIGKILL) };
                 let _ = child.wait();
                 break Err(format!("killed after {} ms", timeout.as_millis()));
             }
