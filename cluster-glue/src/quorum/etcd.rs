@@ -81,7 +81,7 @@ pub const ATTEMPT_MAX: Duration = Duration::from_secs(1);
 /// How often the background task asks every endpoint for its status.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// The most endpoints a config may name.
-pub const ENDPOINTS_MAX: usize = 16;
+pub const ENDPOINTS_MAX: usize = crate::config::ETCD_ENDPOINTS_MAX;
 /// First pause between retries of a call that did not reach etcd.
 const RETRY_PAUSE_MIN: Duration = Duration::from_millis(10);
 /// Longest pause between retries.
