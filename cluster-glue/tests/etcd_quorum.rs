@@ -40,6 +40,20 @@ impl Etcd {
         // the child is not yet reaped (we hold it until drop).
         let result = unsafe { libc::kill(pid, signal) };
         assert_eq!(result, 0, "kill({pid}, {signal}): {}", std::io::Error::last_os_error());
+        // kill(2) returns before the process stops; wait until it has.
+        let stopped = signal == libc::SIGSTOP;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.is_stopped() != stopped {
+            assert!(Instant::now() < deadline, "etcd did not change state after signal {signal}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether the process is stopped (state `T` in /proc/<pid>/stat).
+    fn is_stopped(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // The state follows the command name, which is in parentheses.
+        stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
     }
 }
 
@@ -65,8 +79,13 @@ fn free_port() -> u16 {
 /// Start a single-member etcd on free ports of 127.0.0.1; return once it
 /// answers a linearizable read.
 fn start_etcd() -> Etcd {
+    start_etcd_on(free_port())
+}
+
+/// Start a single-member etcd serving clients on 127.0.0.1:`client_port`.
+fn start_etcd_on(client_port: u16) -> Etcd {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let (client_port, peer_port) = (free_port(), free_port());
+    let peer_port = free_port();
     let endpoint = format!("http://127.0.0.1:{client_port}");
     let peer = format!("http://127.0.0.1:{peer_port}");
     let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd's log file");
@@ -286,9 +305,67 @@ fn etcd_frozen_calls_time_out_then_recover() {
     // The timed-out write may have committed once etcd resumed.
     let revision = current.map(|current| current.revision).expect("the record is there");
     assert!(revision == 1 || revision == 2, "{revision}");
-    assert_eq!(
-        store.compare_and_set("record", revision, b"after".to_vec(), T).unwrap(),
-        CasOutcome::Written(revision + 1)
-    );
+    match store.compare_and_set("record", revision, b"after".to_vec(), T).unwrap() {
+        CasOutcome::Written(written) => assert_eq!(written, revision + 1),
+        // The frozen write, abandoned on a connection etcd had not read yet,
+        // may even land after the read above.
+        CasOutcome::Conflict(current) => {
+            assert_eq!((revision, current), (1, Some(v(2, b"two"))));
+            assert_eq!(store.compare_and_set("record", 2, b"after".to_vec(), T).unwrap(), CasOutcome::Written(3));
+        }
+    }
     store.renew_lease(Duration::from_secs(2), T).unwrap();
+}
+
+/// With etcd gone (killed) calls time out, not fail; a client started
+/// before etcd runs works once it does.
+#[test]
+fn etcd_absent_then_started() {
+    if !have_etcd("etcd_absent_then_started") {
+        return;
+    }
+    let port = free_port();
+    let mut config =
+        EtcdQuorumConfig::new(vec![format!("http://127.0.0.1:{port}")], "/crossmirror/test/".to_string(), "a".into());
+    config.dial_timeout = Duration::from_millis(500);
+    let store = EtcdQuorum::start(config).expect("starts without etcd");
+    let timeout = Duration::from_millis(600);
+    let started = Instant::now();
+    let result = store.compare_and_set("record", 0, b"one".to_vec(), timeout);
+    assert!(matches!(result, Err(QuorumError::Timeout { .. })), "{result:?}");
+    assert!(started.elapsed() < timeout + SLACK, "{:?}", started.elapsed());
+
+    let etcd = start_etcd_on(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let outcome = loop {
+        match store.compare_and_set("record", 0, b"one".to_vec(), Duration::from_secs(1)) {
+            Ok(outcome) => break outcome,
+            Err(error) => assert!(Instant::now() < deadline, "no answer 10 s after etcd started: {error}"),
+        }
+    };
+    assert_eq!(outcome, CasOutcome::Written(1));
+
+    drop(etcd);
+    let started = Instant::now();
+    let result = store.read("record", timeout);
+    assert!(matches!(result, Err(QuorumError::Timeout { .. })), "{result:?}");
+    assert!(started.elapsed() < timeout + SLACK, "{:?}", started.elapsed());
+}
+
+/// Configs that cannot work are refused at start, naming the fix.
+#[test]
+fn etcd_bad_configs_are_refused() {
+    let start = |endpoints: Vec<&str>, node: &str| {
+        let endpoints = endpoints.into_iter().map(String::from).collect();
+        EtcdQuorum::start(EtcdQuorumConfig::new(endpoints, "/p/".to_string(), node.to_string())).map(drop)
+    };
+    let refused = |result: Result<(), QuorumError>, needle: &str| match result {
+        Err(QuorumError::Other(message)) => assert!(message.contains(needle), "{message}"),
+        other => panic!("{needle}: {other:?}"),
+    };
+    refused(start(vec![], "a"), "0 endpoints");
+    refused(start(vec!["127.0.0.1:2379"], "a"), "is not http://host:port");
+    refused(start(vec!["http://127.0.0.1:0"], "a"), "is not http://host:port");
+    refused(start(vec!["http://127.0.0.1:2379"], ""), "node name");
+    refused(start(vec!["http://127.0.0.1:2379"], "a/b"), "node name");
 }
