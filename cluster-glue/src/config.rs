@@ -34,6 +34,11 @@
 //!   the config file's directory; two members or witnesses may not share a
 //!   `state_dir`. A group may have no copy site; at most `SLOTS_MAX` (the
 //!   bitmap's slots) copy sites and [`VOTERS_MAX`] voters.
+//! - `[quorum] backend = "etcd"` keeps the quorum state in an etcd cluster
+//!   named by `endpoints` (each `http://host:port`, at most
+//!   [`ETCD_ENDPOINTS_MAX`]); it is refused with [`ConfigErrorKind::NotBuilt`]
+//!   by a build without the cargo feature `etcd`, and `endpoints` is refused
+//!   with the embedded backend, where it would mean nothing.
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -78,6 +83,8 @@ pub const VOLUME_BYTES_MULTIPLE: u64 = 4096;
 /// Where a node keeps its state unless the config says otherwise:
 /// `<this>/<group>/<name>`.
 pub const STATE_DIR_ROOT: &str = "/var/lib/crossmirror";
+/// The most etcd endpoints a `[quorum]` table may name.
+pub const ETCD_ENDPOINTS_MAX: usize = 16;
 /// The first line of the canonical text; changes when its format does.
 pub const CANONICAL_HEADER: &str = "crossmirror group config v1";
 
@@ -102,12 +109,26 @@ pub struct GroupConfig {
     pub ports: Ports,
     /// The quorum lease.
     pub lease: Duration,
+    /// Where the quorum state lives.
+    pub quorum_backend: QuorumBackend,
     /// The sites, in file order; exactly one is the production site.
     pub sites: Vec<SiteConfig>,
     /// The members, in file order.
     pub members: Vec<MemberConfig>,
     /// The witnesses, in file order.
     pub witnesses: Vec<WitnessConfig>,
+}
+
+/// Where a group's quorum state lives (`[quorum] backend`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum QuorumBackend {
+    /// The group's voters run the quorum themselves (the default).
+    Embedded,
+    /// An etcd cluster the group does not run holds it (cargo feature `etcd`).
+    Etcd {
+        /// Its client URLs, `http://host:port`, in file order.
+        endpoints: Vec<String>,
+    },
 }
 
 /// What the production host does with I/O while its group has no quorum.
@@ -374,9 +395,15 @@ impl GroupConfig {
             format!("ports mirror = {}", self.ports.mirror),
             format!("ports nbd = {}", self.ports.nbd),
             format!("ports admin = {}", self.ports.admin),
-            "quorum backend = embedded".to_string(),
-            format!("quorum lease_ms = {}", self.lease.as_millis()),
         ];
+        match &self.quorum_backend {
+            QuorumBackend::Embedded => lines.push("quorum backend = embedded".to_string()),
+            QuorumBackend::Etcd { endpoints } => {
+                lines.push("quorum backend = etcd".to_string());
+                lines.push(format!("quorum endpoints = {endpoints:?}"));
+            }
+        }
+        lines.push(format!("quorum lease_ms = {}", self.lease.as_millis()));
         for site in &self.sites {
             let name = &site.name;
             lines.push(format!("site {name} role = {}", site.role));
@@ -552,6 +579,7 @@ struct RawPorts {
 #[serde(deny_unknown_fields)]
 struct RawQuorum {
     backend: Option<Spanned<String>>,
+    endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     lease_ms: Option<Spanned<i64>>,
 }
 
@@ -790,7 +818,7 @@ impl Checker<'_> {
         let on_quorum_loss = self.on_quorum_loss(&raw.on_quorum_loss)?;
         let nbd_export = self.nbd_export(&raw.nbd_export)?;
         let ports = self.ports(raw.ports.as_ref())?;
-        let lease = self.quorum(raw.quorum.as_ref())?;
+        let (quorum_backend, lease) = self.quorum(raw.quorum.as_ref())?;
         let sites = self.sites(&raw.site)?;
         let mut names = Names::default();
         let members = self.members(&raw.member, &group, &sites, &mut names)?;
@@ -807,6 +835,7 @@ impl Checker<'_> {
             nbd_export,
             ports,
             lease,
+            quorum_backend,
             sites,
             members,
             witnesses,
@@ -912,26 +941,76 @@ impl Checker<'_> {
         })
     }
 
-    /// The quorum table; returns the lease.
-    fn quorum(&self, raw: Option<&RawQuorum>) -> Checked<Duration> {
-        let Some(raw) = raw else { return Ok(Duration::from_millis(LEASE_MS_DEFAULT)) };
-        if let Some(backend) = &raw.backend {
-            match backend.get_ref().as_str() {
-                "embedded" => {}
-                "etcd" => {
-                    return Err(self.error(
-                        Some(&backend.span()),
-                        ConfigErrorKind::NotBuilt,
-                        "quorum.backend \"etcd\" is not built yet; use backend = \"embedded\"".to_string(),
-                    ))
-                }
-                other => {
-                    return Err(
-                        self.invalid(backend.span(), format!("quorum.backend {other:?} is unknown; use \"embedded\""))
-                    )
-                }
+    /// The quorum table: the backend and the lease.
+    fn quorum(&self, raw: Option<&RawQuorum>) -> Checked<(QuorumBackend, Duration)> {
+        let Some(raw) = raw else { return Ok((QuorumBackend::Embedded, Duration::from_millis(LEASE_MS_DEFAULT))) };
+        let backend = self.quorum_backend(raw)?;
+        Ok((backend, self.lease(raw)?))
+    }
+
+    fn quorum_backend(&self, raw: &RawQuorum) -> Checked<QuorumBackend> {
+        let backend = raw.backend.as_ref().map_or("embedded", |backend| backend.get_ref().as_str());
+        match backend {
+            "embedded" => match &raw.endpoints {
+                None => Ok(QuorumBackend::Embedded),
+                Some(endpoints) => Err(self.conflict(
+                    endpoints.span(),
+                    "quorum.endpoints is set, but the quorum backend is \"embedded\"; set backend = \"etcd\" or remove endpoints".to_string(),
+                )),
+            },
+            "etcd" if !cfg!(feature = "etcd") => Err(self.error(
+                raw.backend.as_ref().map(|backend| backend.span()).as_ref(),
+                ConfigErrorKind::NotBuilt,
+                "quorum.backend \"etcd\": crossmirror was built without the etcd feature; rebuild with: cargo build --features crossmirror-cluster-glue/etcd".to_string(),
+            )),
+            "etcd" => {
+                let endpoints = self.required(
+                    &raw.endpoints,
+                    raw.backend.as_ref().map(|backend| backend.span()).as_ref(),
+                    "quorum.endpoints (the etcd cluster's client URLs)",
+                    "add endpoints = [\"http://<host>:2379\", ...] to [quorum]",
+                )?;
+                Ok(QuorumBackend::Etcd { endpoints: self.etcd_endpoints(endpoints)? })
             }
+            other => Err(self.invalid(
+                raw.backend.as_ref().map(|backend| backend.span()).unwrap_or_default(),
+                format!("quorum.backend {other:?} is unknown; use \"embedded\" or \"etcd\""),
+            )),
         }
+    }
+
+    fn etcd_endpoints(&self, endpoints: &Spanned<Vec<Spanned<String>>>) -> Checked<Vec<String>> {
+        let list = endpoints.get_ref();
+        if list.is_empty() || list.len() > ETCD_ENDPOINTS_MAX {
+            return Err(self.invalid(
+                endpoints.span(),
+                format!("quorum.endpoints has {} entries; give 1 to {ETCD_ENDPOINTS_MAX} etcd client URLs", list.len()),
+            ));
+        }
+        let mut seen: Vec<String> = Vec::with_capacity(list.len());
+        for endpoint in list {
+            let text = endpoint.get_ref().trim_end_matches('/');
+            if !etcd_endpoint_is_well_formed(text) {
+                return Err(self.invalid(
+                    endpoint.span(),
+                    format!(
+                        "quorum endpoint {:?} is not http://host:port; write it as http://127.0.0.1:2379",
+                        endpoint.get_ref()
+                    ),
+                ));
+            }
+            if seen.iter().any(|other| other.eq_ignore_ascii_case(text)) {
+                return Err(self.conflict(
+                    endpoint.span(),
+                    format!("quorum endpoint {text:?} is named twice; name each etcd endpoint once"),
+                ));
+            }
+            seen.push(text.to_string());
+        }
+        Ok(seen)
+    }
+
+    fn lease(&self, raw: &RawQuorum) -> Checked<Duration> {
         let Some(lease) = &raw.lease_ms else { return Ok(Duration::from_millis(LEASE_MS_DEFAULT)) };
         let lease_ms = *lease.get_ref();
         match u64::try_from(lease_ms) {
@@ -1307,6 +1386,25 @@ impl Names {
 }
 
 /// The span of an optional value, or `fallback` when it is absent.
+/// Whether `text` is `http://host:port`: a host of letters, digits, `.`,
+/// `-`, `_` (or a bracketed IPv6 address) and a port from 1 to 65535.
+fn etcd_endpoint_is_well_formed(text: &str) -> bool {
+    let Some((host, port)) = text.strip_prefix("http://").and_then(|authority| authority.rsplit_once(':')) else {
+        return false;
+    };
+    let port_ok = !port.is_empty()
+        && port.bytes().all(|byte| byte.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|port| port != 0);
+    let host_ok = match host.strip_prefix('[').and_then(|host| host.strip_suffix(']')) {
+        Some(ipv6) => ipv6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'-' | b'_'))
+        }
+    };
+    port_ok && host_ok
+}
+
 fn span_of<T>(value: &Option<Spanned<T>>, fallback: impl Borrow<Range<usize>>) -> Range<usize> {
     value.as_ref().map_or_else(|| fallback.borrow().clone(), |value| value.span())
 }
@@ -1653,14 +1751,104 @@ address = "127.0.0.3"
         assert_error(&text, "volume_sise", ConfigErrorKind::UnknownKey, &parse(&text).unwrap_err().message);
     }
 
+    /// ALPHA with a `[quorum]` table of `lines` before its first site.
+    fn alpha_with_quorum(lines: &str) -> String {
+        alpha_with("[[site]]\nname = \"east\"", &format!("[quorum]\n{lines}\n\n[[site]]\nname = \"east\""))
+    }
+
+    /// A build without the etcd feature refuses the etcd backend and says how to build it.
+    #[cfg(not(feature = "etcd"))]
     #[test]
-    fn the_etcd_backend_is_not_built_yet() {
-        let text = alpha_with("[[site]]\nname = \"east\"", "[quorum]\nbackend = \"etcd\"\n\n[[site]]\nname = \"east\"");
+    fn the_etcd_backend_needs_the_etcd_feature() {
+        let text = alpha_with_quorum("backend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]");
         assert_error(
             &text,
             "\"etcd\"",
             ConfigErrorKind::NotBuilt,
-            r#"quorum.backend "etcd" is not built yet; use backend = "embedded""#,
+            r#"quorum.backend "etcd": crossmirror was built without the etcd feature; rebuild with: cargo build --features crossmirror-cluster-glue/etcd"#,
+        );
+    }
+
+    /// With the feature, the etcd backend and its endpoints are read, and are part of the digest.
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn the_etcd_backend_is_read_with_its_endpoints() {
+        let text = alpha_with_quorum(
+            "backend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\", \"http://etcd-2.example:2379/\", \"http://[::1]:2379\"]",
+        );
+        let config = parse(&text).unwrap();
+        let endpoints: Vec<String> =
+            ["http://127.0.0.1:2379", "http://etcd-2.example:2379", "http://[::1]:2379"].map(String::from).to_vec();
+        assert_eq!(config.quorum_backend, QuorumBackend::Etcd { endpoints });
+        assert!(config.canonical().contains("quorum backend = etcd\nquorum endpoints = [\"http://127.0.0.1:2379\", "));
+        let embedded = parse(ALPHA).unwrap();
+        assert_eq!(embedded.quorum_backend, QuorumBackend::Embedded);
+        assert_ne!(embedded.digest(), config.digest());
+        let fewer = parse(&alpha_with_quorum("backend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]")).unwrap();
+        assert_ne!(fewer.digest(), config.digest());
+    }
+
+    /// The etcd backend needs well-formed, distinct endpoints.
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn etcd_endpoints_are_checked() {
+        let text = alpha_with_quorum("backend = \"etcd\"");
+        assert_error(
+            &text,
+            "\"etcd\"",
+            ConfigErrorKind::Missing,
+            r#"quorum.endpoints (the etcd cluster's client URLs) is missing; add endpoints = ["http://<host>:2379", ...] to [quorum]"#,
+        );
+        for bad in [
+            "127.0.0.1:2379",
+            "https://127.0.0.1:2379",
+            "http://127.0.0.1",
+            "http://:2379",
+            "http://h:0",
+            "http://h:x1",
+            "http://u@h:1",
+            "http://h:1/v3",
+        ] {
+            let text = alpha_with_quorum(&format!("backend = \"etcd\"\nendpoints = [\"http://ok:1\", \"{bad}\"]"));
+            assert_error(
+                &text,
+                &format!("\"{bad}\""),
+                ConfigErrorKind::Invalid,
+                &format!("quorum endpoint {bad:?} is not http://host:port; write it as http://127.0.0.1:2379"),
+            );
+        }
+        let text = alpha_with_quorum("backend = \"etcd\"\nendpoints = [\"http://a:1\", \"http://A:1/\"]");
+        assert_error(
+            &text,
+            "\"http://A:1/\"",
+            ConfigErrorKind::Conflict,
+            r#"quorum endpoint "http://A:1" is named twice; name each etcd endpoint once"#,
+        );
+        let text = alpha_with_quorum("backend = \"etcd\"\nendpoints = []");
+        assert_error(
+            &text,
+            "[]",
+            ConfigErrorKind::Invalid,
+            "quorum.endpoints has 0 entries; give 1 to 16 etcd client URLs",
+        );
+    }
+
+    /// Endpoints mean nothing to the embedded backend; unknown backends are named.
+    #[test]
+    fn endpoints_without_etcd_and_unknown_backends_are_refused() {
+        let text = alpha_with_quorum("endpoints = [\"http://127.0.0.1:2379\"]");
+        assert_error(
+            &text,
+            "[\"http",
+            ConfigErrorKind::Conflict,
+            r#"quorum.endpoints is set, but the quorum backend is "embedded"; set backend = "etcd" or remove endpoints"#,
+        );
+        let text = alpha_with_quorum("backend = \"zookeeper\"");
+        assert_error(
+            &text,
+            "\"zookeeper\"",
+            ConfigErrorKind::Invalid,
+            r#"quorum.backend "zookeeper" is unknown; use "embedded" or "etcd""#,
         );
     }
 

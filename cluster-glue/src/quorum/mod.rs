@@ -6,12 +6,15 @@
 //! holds bytes and a revision (0 when absent, +1 on every write of that key),
 //! and every write is a compare-and-set on the revision, so a retried write
 //! whose first try timed out (and may still commit later) cannot apply twice.
-//! The embedded backend ([`raft`]) keeps it in an openraft state machine; an
-//! etcd backend maps revision to `mod_revision` and the lease to an etcd lease.
+//! The embedded backend ([`raft`]) keeps it in an openraft state machine; the
+//! etcd backend (`etcd`, behind the cargo feature of that name) maps the
+//! revision to the etcd key's version and compares it in a transaction.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod raft;
 
 /// A key's value and revision.
