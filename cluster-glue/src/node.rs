@@ -24,7 +24,7 @@ use engine::replicator::{CopyConfig, MirrorMode, MirrorStateStore};
 use serde_json::json;
 
 use crate::actions::{ActionContext, ActionRunner};
-use crate::config::{diff, CopyMode, GroupConfig, OnQuorumLoss, SiteRole};
+use crate::config::{diff, CopyMode, GroupConfig, OnQuorumLoss, QuorumBackend, SiteRole};
 use crate::core::{Command, CopySite, Core, Event, MemberInfo, Topology};
 use crate::liveness::{Liveness, LivenessConfig};
 use crate::quorum::raft::{RaftQuorum, RaftQuorumConfig};
@@ -211,17 +211,7 @@ pub fn run(
         .or_else(|| config.witness(&name).map(|witness| witness.state_dir.clone()))
         .expect("a voter is a member or a witness");
     std::fs::create_dir_all(&state_dir).map_err(|error| format!("cannot create {}: {error}", state_dir.display()))?;
-    let voter_addresses: BTreeMap<u64, SocketAddr> =
-        voters.iter().map(|voter| (voter.id, quorum_address(voter.address))).collect();
-    let raft = RaftQuorum::start(RaftQuorumConfig::new(
-        me.id,
-        voter_addresses,
-        state_dir.join("quorum"),
-        secret.derive_key("crossmirror quorum"),
-        config.group.clone(),
-    ))
-    .map_err(|error| format!("cannot start the quorum voter: {error}"))?;
-    let quorum: Arc<dyn QuorumStore> = Arc::new(raft);
+    let quorum = start_quorum(&config, &name, me.id, &voters, &state_dir, &secret)?;
     tracing::info!(group = %config.group, node = %name, voters = voters.len(), "node {name} starting in group {}", config.group);
     let stopping = Arc::new(AtomicBool::new(false));
     let lease = Arc::new(LeaseKeeper { me: name.clone(), producing: Mutex::new(None), stopping: stopping.clone() });
@@ -255,6 +245,50 @@ pub fn run(
     // The quorum voter stops when its last holder lets go.
     drop(quorum);
     result
+}
+
+/// Start this node's quorum store: its raft voter (embedded), or a client
+/// of the group's etcd cluster.
+fn start_quorum(
+    config: &GroupConfig,
+    name: &str,
+    id: u64,
+    voters: &[crate::config::Voter],
+    state_dir: &std::path::Path,
+    secret: &Secret,
+) -> Result<Arc<dyn QuorumStore>, String> {
+    match &config.quorum_backend {
+        QuorumBackend::Embedded => {
+            let addresses: BTreeMap<u64, SocketAddr> =
+                voters.iter().map(|voter| (voter.id, SocketAddr::new(voter.address, config.ports.quorum))).collect();
+            let raft = RaftQuorum::start(RaftQuorumConfig::new(
+                id,
+                addresses,
+                state_dir.join("quorum"),
+                secret.derive_key("crossmirror quorum"),
+                config.group.clone(),
+            ))
+            .map_err(|error| format!("cannot start the quorum voter: {error}"))?;
+            Ok(Arc::new(raft))
+        }
+        #[cfg(feature = "etcd")]
+        QuorumBackend::Etcd { endpoints } => {
+            let mut etcd = crate::quorum::etcd::EtcdQuorumConfig::new(
+                endpoints.clone(),
+                format!("/crossmirror/{}/", config.group),
+                name.to_string(),
+            );
+            etcd.live_ttl = config.lease;
+            let store = crate::quorum::etcd::EtcdQuorum::start(etcd)
+                .map_err(|error| format!("cannot reach the group's etcd cluster: {error}"))?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "etcd"))]
+        QuorumBackend::Etcd { .. } => {
+            let _ = name;
+            Err("this build has no etcd backend: cargo build --features crossmirror-cluster-glue/etcd".to_string())
+        }
+    }
 }
 
 /// Renews the production host's lease from the quorum and keeps its gate.
@@ -440,7 +474,21 @@ impl Shell<'_> {
             }
             let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             self.events.push(Event::Tick { now_ms });
-            let is_leader = self.quorum.status().is_leader;
+            let is_leader = match self.config.quorum_backend {
+                // The raft leader decides: one decider at a time.
+                QuorumBackend::Embedded => self.quorum.status().is_leader,
+                // etcd has no member of the group as leader: the first voter
+                // (config order) this node hears decides; two deciding at
+                // once (different views) is safe: every decision is a CAS.
+                QuorumBackend::Etcd { .. } => {
+                    let (heard, _) = self.liveness.live();
+                    self.config
+                        .voters()
+                        .iter()
+                        .find(|voter| heard.contains(&voter.name))
+                        .is_some_and(|voter| voter.name == self.name)
+                }
+            };
             if leader != Some(is_leader) {
                 leader = Some(is_leader);
                 self.events.push(Event::Leader(is_leader));

@@ -74,6 +74,9 @@ pub struct GroupSpec {
     pub on_quorum_loss: Option<String>,
     /// `[quorum] lease_ms`, when not the default.
     pub lease_ms: Option<u64>,
+    /// An etcd endpoint (`http://IP:PORT`): the group's quorum is etcd
+    /// there instead of its own voters.
+    pub etcd: Option<String>,
 }
 
 impl GroupSpec {
@@ -87,6 +90,7 @@ impl GroupSpec {
             witnesses: Vec::new(),
             on_quorum_loss: None,
             lease_ms: None,
+            etcd: None,
         }
     }
 
@@ -166,9 +170,13 @@ impl GroupSpec {
             out.push_str(&format!("on_quorum_loss = {value:?}\n"));
         }
         out.push_str(&format!(
-            "\n[ports]\nquorum = {}\nmirror = {}\nnbd = {}\nadmin = {}\n\n[quorum]\nbackend = \"embedded\"\n",
+            "\n[ports]\nquorum = {}\nmirror = {}\nnbd = {}\nadmin = {}\n\n[quorum]\n",
             ports[0], ports[1], ports[2], ports[3]
         ));
+        match &self.etcd {
+            Some(endpoint) => out.push_str(&format!("backend = \"etcd\"\nendpoints = [{endpoint:?}]\n")),
+            None => out.push_str("backend = \"embedded\"\n"),
+        }
         if let Some(lease_ms) = self.lease_ms {
             out.push_str(&format!("lease_ms = {lease_ms}\n"));
         }
@@ -638,5 +646,52 @@ impl Group {
         let config = scratch.join("config.toml");
         std::fs::write(&config, spec.render(&ips, ports)).expect("write the group config");
         Group { scratch, spec, config, ips, ports, nodes: BTreeMap::new(), frozen: Default::default() }
+    }
+}
+
+/// A single-member etcd server on 127.0.0.1 for a group's quorum, killed
+/// (and its data removed) on drop.
+pub struct EtcdServer {
+    child: std::process::Child,
+    /// Its client URL, `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    _dir: crate::Scratch,
+}
+
+impl EtcdServer {
+    /// Start one and wait until it answers (`etcdctl` is not needed: its
+    /// health endpoint is plain HTTP).
+    pub fn start() -> EtcdServer {
+        let dir = crate::Scratch::new("etcd");
+        let (client, peer, metrics) = (crate::free_port(), crate::free_port(), crate::free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd's log");
+        let child = std::process::Command::new("/usr/bin/etcd")
+            .args(["--name", "solo", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("solo={peer_url}"), "--initial-cluster-state", "new"])
+            .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{metrics}")])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start /usr/bin/etcd");
+        let server = EtcdServer { child, endpoint, _dir: dir };
+        let address: SocketAddr = format!("127.0.0.1:{client}").parse().expect("address");
+        let healthy = crate::wait_until(Duration::from_secs(20), || {
+            http_get_json(address, "/health", Duration::from_secs(1)).is_ok_and(|health| health["health"] == "true")
+        });
+        assert!(healthy, "etcd on {} never became healthy", server.endpoint);
+        server
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

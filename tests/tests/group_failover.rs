@@ -15,7 +15,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use system_tests::group::{copy_entry, member_state, Group, GroupSpec};
+use system_tests::group::{copy_entry, member_state, EtcdServer, Group, GroupSpec};
 use system_tests::{require_tool, sha256};
 
 /// Writes block after block (4 KiB, block `i` filled with `i`'s 8 bytes)
@@ -177,12 +177,9 @@ fn assert_all_present(store: &std::path::Path, acknowledged: &[u64]) {
     }
 }
 
-#[test]
-fn a_lost_production_site_fails_over_to_its_current_copy_which_serves_every_acknowledged_write() {
-    if !require_tool("/usr/bin/python3") {
-        return;
-    }
-    let spec = GroupSpec::new("siteover")
+/// The site failover scenario on `spec` (a: east, b: west sync, w).
+fn site_failover(label: &str, etcd: Option<&EtcdServer>) {
+    let mut spec = GroupSpec::new(label)
         .production("east")
         .copy("west", "sync")
         .member("a", "east", 1, "east.img")
@@ -190,7 +187,8 @@ fn a_lost_production_site_fails_over_to_its_current_copy_which_serves_every_ackn
         .witness("w")
         .volume_size("256M")
         .lease_ms(1000);
-    let mut group = Group::new("siteover", spec);
+    spec.etcd = etcd.map(|server| server.endpoint.clone());
+    let mut group = Group::new(label, spec);
     for name in ["w", "a", "b"] {
         group.start(name);
     }
@@ -202,7 +200,7 @@ fn a_lost_production_site_fails_over_to_its_current_copy_which_serves_every_ackn
         ["a", "b"].iter().map(|name| format!("nbd://{}:{}", group.ips[*name], group.ports[2])).collect();
     let (acknowledged, failover) = write_through_a_kill(&mut group, &uris, 9, "a");
     eprintln!(
-        "site failover: first write answered by b {failover:.2} s after a's SIGKILL; {} writes",
+        "site failover ({label}): first write answered by b {failover:.2} s after a's SIGKILL; {} writes",
         acknowledged.len()
     );
     let promoted = group.wait_for(Duration::from_secs(10), |record| record["production"]["site"] == "west");
@@ -218,6 +216,21 @@ fn a_lost_production_site_fails_over_to_its_current_copy_which_serves_every_ackn
     group.stop_all(&["b", "a", "w"], Duration::from_secs(30));
     assert_all_present(&group.store("b"), &acknowledged);
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")), "east was not resynced from west");
+}
+
+#[test]
+fn a_lost_production_site_fails_over_to_its_current_copy_which_serves_every_acknowledged_write() {
+    if require_tool("/usr/bin/python3") {
+        site_failover("siteover", None);
+    }
+}
+
+#[test]
+fn the_same_site_failover_with_the_record_on_etcd() {
+    if require_tool("/usr/bin/python3") && require_tool("/usr/bin/etcd") {
+        let etcd = EtcdServer::start();
+        site_failover("etcdover", Some(&etcd));
+    }
 }
 
 #[test]
