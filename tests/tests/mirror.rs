@@ -611,8 +611,8 @@ fn status_says_why_a_copy_is_not_connected_and_verify_says_which_copies_exist() 
 /// the log and `last_error` say so (not "the copy host closed the
 /// connection"); once thawed it catches up. On an up to date copy the dirty
 /// bytes right after writes are all `clearing_bytes` (sent, waiting for the
-/// next bitmap clear), none to resync. A clean shutdown records the copy
-/// stale at INFO, not as a warning.
+/// next bitmap clear), none to resync. A clean shutdown of an up to date
+/// copy keeps its record current (said at INFO), and is no warning.
 #[test]
 fn an_ack_timeout_is_reported_as_one_and_a_clean_stop_is_no_warning() {
     if !tools() || !require_tool("qemu-io") {
@@ -653,7 +653,7 @@ fn an_ack_timeout_is_reported_as_one_and_a_clean_stop_is_no_warning() {
     // The one warning is the ack timeout's; stopping is not one.
     let warnings: Vec<_> = stale_lines.iter().filter(|(level, _)| matches!(*level, "WARN" | "ERROR")).collect();
     assert!(warnings.iter().all(|(_, line)| line.contains("ack timeout")), "{warnings:?}");
-    let at_stop = log_lines(&log, "recorded stale at shutdown");
+    let at_stop = log_lines(&log, "has every write at shutdown: its record stays current");
     assert!(at_stop.iter().any(|(level, _)| *level == "INFO"), "{log}");
     mirror.start_production();
     mirror.wait_up_to_date(Duration::from_secs(60));

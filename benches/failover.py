@@ -1,0 +1,162 @@
+#!/usr/bin/python3
+"""benches/failover.py: how long the production role takes to move.
+
+1. Site failover with default settings (lease_ms 2000): a group (production
+   member 127.0.0.1, sync copy member 127.0.0.2, witness 127.0.0.3) under a
+   QD1 4k writer; SIGKILL the production host; the time from the kill to the
+   first write answered by the promoted copy host. ROUNDS runs (a fresh
+   group each), median and max.
+2. Planned switchover: `crossmirror switchover --to-site west` under the same
+   writer; the time from the request to the first write answered by the new
+   host, and the command's own report.
+
+Usage: /usr/bin/python3 benches/failover.py   (ROUNDS [10], LEASE_MS [2000],
+CM_BIN [target/release/crossmirror])
+"""
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import importlib
+
+group_bench = importlib.import_module("group")
+mirror = importlib.import_module("mirror")
+
+ROUNDS = int(os.environ.get("ROUNDS", "10"))
+LEASE_MS = int(os.environ.get("LEASE_MS", "2000"))
+
+WRITER = r"""
+import nbd, sys, time
+uris = sys.argv[1].split(","); end = time.time() + float(sys.argv[2]); i = 0; h = None
+while time.time() < end:
+    if h is None:
+        for uri in uris:
+            try:
+                h = nbd.NBD(); h.connect_uri(uri); break
+            except Exception:
+                h = None
+        if h is None:
+            time.sleep(0.01); continue
+    try:
+        h.pwrite(i.to_bytes(8, "little") * 512, (i % 60000) * 4096)
+        print("ok", time.time(), flush=True); i += 1
+    except Exception:
+        h = None
+"""
+
+
+class Writer:
+    """The QD1 writer; remembers every completion time."""
+
+    def __init__(self, uris, seconds):
+        self.times = []
+        self.process = subprocess.Popen(["/usr/bin/python3", "-c", WRITER, ",".join(uris), str(seconds)],
+                                        stdout=subprocess.PIPE, text=True)
+        self.thread = threading.Thread(target=self.read, daemon=True)
+        self.thread.start()
+
+    def read(self):
+        for line in self.process.stdout:
+            words = line.split()
+            if len(words) == 2 and words[0] == "ok":
+                self.times.append(float(words[1]))
+
+    def first_after(self, moment, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            later = [t for t in list(self.times) if t > moment]
+            if later:
+                return later[0] - moment
+            time.sleep(0.005)
+        raise RuntimeError("no write answered after the event")
+
+    def wait(self):
+        self.process.wait()
+
+
+def formed(group):
+    group.wait_current()
+    while True:
+        record = group.record()
+        if record and record["production"]["host"] == "a":
+            return
+        time.sleep(0.05)
+
+
+def main():
+    binary = os.environ.get("CM_BIN") or os.path.join(mirror.REPO, "target/release/crossmirror")
+    if not os.environ.get("CM_BIN"):
+        subprocess.run(["cargo", "build", "--release", "-p", "crossmirror"], cwd=mirror.REPO, check=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=mirror.REPO, capture_output=True, text=True).stdout.strip()
+    scratch = tempfile.mkdtemp(prefix="cm-failover-bench-", dir=os.environ.get("SCRATCH", "/var/tmp"))
+    secret = os.path.join(scratch, "secret")
+    with open(secret, "wb") as file:
+        file.write(os.urandom(32))
+    os.chmod(secret, 0o600)
+    group_bench.CONFIG = group_bench.CONFIG.replace("[[site]]", f"[quorum]\nlease_ms = {LEASE_MS}\n\n[[site]]", 1)
+
+    failovers = []
+    for index in range(ROUNDS):
+        group = group_bench.Group(scratch, binary, secret, f"fail{index}")
+        for name in ("w", "a", "b"):
+            group.start(name)
+        formed(group)
+        uris = [f"nbd://{ip}:{group.ports['nbd']}" for ip in ("127.0.0.1", "127.0.0.2")]
+        writer = Writer(uris, 20)
+        time.sleep(1)
+        killed = time.time()
+        group.processes["a"].send_signal(signal.SIGKILL)
+        failovers.append(writer.first_after(killed))
+        writer.process.kill()
+        writer.wait()
+        group.stop()
+        mirror.log(f"failover {index}: {failovers[-1]:.2f} s")
+
+    switchovers = []
+    group = group_bench.Group(scratch, binary, secret, "switch")
+    for name in ("w", "a", "b"):
+        group.start(name)
+    formed(group)
+    uris = [f"nbd://{ip}:{group.ports['nbd']}" for ip in ("127.0.0.1", "127.0.0.2")]
+    for index, site in enumerate(["west", "east"] * (ROUNDS // 2 or 1)):
+        writer = Writer(uris[::-1] if site == "west" else uris, 8)
+        time.sleep(1)
+        asked = time.time()
+        subprocess.run([binary, "switchover", "--config", group.config, "--to-site", site], check=True,
+                       capture_output=True)
+        # The writer is still connected to the old host: it reconnects on
+        # its first refused write, trying the new host first.
+        switchovers.append(writer.first_after(asked))
+        writer.process.kill()
+        writer.wait()
+        group.wait_current()
+        mirror.log(f"switchover {index} to {site}: {switchovers[-1]:.2f} s")
+    group.stop()
+
+    lines = [
+        f"## Failover and switchover, {time.strftime('%Y-%m-%d')}, commit {commit}",
+        "",
+        f"`/usr/bin/python3 benches/failover.py` (ROUNDS={ROUNDS}, LEASE_MS={LEASE_MS}; QD1 4k writer, sync copy, one machine)",
+        "",
+        f"- site failover, SIGKILL of the production host → first write answered by the promoted copy host: "
+        f"median {statistics.median(failovers):.2f} s, max {max(failovers):.2f} s over {len(failovers)} "
+        f"(2 s failure detection + lease {LEASE_MS} ms + 500 ms margin + the new host's start)",
+        f"- planned switchover, request → first write answered by the new host: median "
+        f"{statistics.median(switchovers):.2f} s, max {max(switchovers):.2f} s over {len(switchovers)}",
+    ]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if os.environ.get("OUT"):
+        with open(os.environ["OUT"], "a") as file:
+            file.write(report)
+
+
+if __name__ == "__main__":
+    main()
