@@ -34,10 +34,10 @@ LEASE_MS = int(os.environ.get("LEASE_MS", "2000"))
 
 WRITER = r"""
 import nbd, sys, time
-uris = sys.argv[1].split(","); end = time.time() + float(sys.argv[2]); i = 0; h = None
+uris = sys.argv[1].split(","); end = time.time() + float(sys.argv[2]); i = 0; h = None; at = None
 while time.time() < end:
     if h is None:
-        for uri in uris:
+        for at, uri in enumerate(uris):
             try:
                 h = nbd.NBD(); h.connect_uri(uri); break
             except Exception:
@@ -46,7 +46,7 @@ while time.time() < end:
             time.sleep(0.01); continue
     try:
         h.pwrite(i.to_bytes(8, "little") * 512, (i % 60000) * 4096)
-        print("ok", time.time(), flush=True); i += 1
+        print("ok", uris[at], time.time(), flush=True); i += 1
     except Exception:
         h = None
 """
@@ -65,13 +65,14 @@ class Writer:
     def read(self):
         for line in self.process.stdout:
             words = line.split()
-            if len(words) == 2 and words[0] == "ok":
-                self.times.append(float(words[1]))
+            if len(words) == 3 and words[0] == "ok":
+                self.times.append((words[1], float(words[2])))
 
-    def first_after(self, moment, timeout=30):
+    def first_after(self, moment, uri, timeout=30):
+        """Seconds from `moment` to the first write `uri` answered after it."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            later = [t for t in list(self.times) if t > moment]
+            later = [t for (served, t) in list(self.times) if t > moment and served == uri]
             if later:
                 return later[0] - moment
             time.sleep(0.005)
@@ -113,7 +114,7 @@ def main():
         time.sleep(1)
         killed = time.time()
         group.processes["a"].send_signal(signal.SIGKILL)
-        failovers.append(writer.first_after(killed))
+        failovers.append(writer.first_after(killed, uris[1]))
         writer.process.kill()
         writer.wait()
         group.stop()
@@ -133,7 +134,8 @@ def main():
                        capture_output=True)
         # The writer is still connected to the old host: it reconnects on
         # its first refused write, trying the new host first.
-        switchovers.append(writer.first_after(asked))
+        new_host = uris[1] if site == "west" else uris[0]
+        switchovers.append(writer.first_after(asked, new_host))
         writer.process.kill()
         writer.wait()
         group.wait_current()
