@@ -196,9 +196,18 @@ fn mirror_to_the_copy_role(scratch: &Scratch, copy: &CopyRole, round: usize) {
 fn hold_a_session_open_across_stop(scratch: &Scratch, copy: CopyRole) {
     let files = MetadataFiles::beside(&scratch.production);
     let identity = load_metadata(&files.metadata).unwrap().and_then(|metadata| metadata.identity).unwrap();
-    let connection =
-        CopyConnection::connect(copy.status().listen, &secret(), identity, Duration::from_secs(5), WAIT_MAX)
-            .expect("the copy role authenticates the production host");
+    // At the epoch the copy promised last (an older one is refused).
+    let epoch = copy.status().epoch_promised;
+    let connection = CopyConnection::connect_from(
+        copy.status().listen,
+        None,
+        epoch,
+        &secret(),
+        identity,
+        Duration::from_secs(5),
+        WAIT_MAX,
+    )
+    .expect("the copy role authenticates the production host");
     wait_until("the session to be established", || copy.status().production.is_some());
     copy.stop().expect("the copy role stops with a session open");
     drop(connection);

@@ -316,8 +316,10 @@ fn handshake<'host>(connection: &mut Connection<'host>, ticket: &Ticket<'_>) -> 
             return None;
         }
     };
-    let store = host.metadata().store_token;
-    let mut copy_handshake = CopyHandshake::new(&host.secret, identity, nonce).with_store(store);
+    let metadata = host.metadata();
+    let mut copy_handshake = CopyHandshake::new(&host.secret, identity, nonce)
+        .with_store(metadata.store_token)
+        .with_epoch_promised(metadata.epoch_promised);
     let mut step = copy_handshake.on_message(&hello);
     loop {
         match step.outcome {

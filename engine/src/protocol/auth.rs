@@ -53,7 +53,7 @@ pub const STORE_TOKEN_UNKNOWN: StoreToken = [0; 16];
 
 const PROOF_LABEL: &[u8] = b"crossmirror replication handshake proof v1\0";
 const SESSION_LABEL: &[u8] = b"crossmirror replication session id v1\0";
-const HELLO_PAYLOAD_LEN: usize = NONCE_LEN + 16 + 8;
+const HELLO_PAYLOAD_LEN: usize = NONCE_LEN + 16 + 8 + 8;
 const CHALLENGE_PAYLOAD_LEN: usize = NONCE_LEN + PROOF_LEN;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -103,6 +103,9 @@ pub enum RefuseReason {
     IdentityMismatch = 2,
     /// A message came out of turn or was malformed.
     Protocol = 3,
+    /// The Hello's epoch is older than one this copy promised: the sender
+    /// was deposed (invariant 4).
+    Fenced = 4,
 }
 
 /// A handshake message; each one travels as the payload of one frame of the
@@ -115,6 +118,9 @@ pub enum HandshakeMessage {
         nonce: Nonce,
         /// The volume the production host serves.
         identity: VolumeIdentity,
+        /// The fencing epoch it serves at; a copy that promised a higher one
+        /// refuses it before the session slot is claimed.
+        epoch: u64,
     },
     /// Copy → production: the copy's nonce and proof.
     Challenge {
@@ -156,10 +162,11 @@ impl HandshakeMessage {
     pub fn to_frame(&self) -> (FrameHeader, Vec<u8>) {
         let mut payload = Vec::new();
         match self {
-            HandshakeMessage::Hello { nonce, identity } => {
+            HandshakeMessage::Hello { nonce, identity, epoch } => {
                 payload.extend_from_slice(nonce);
                 payload.extend_from_slice(&identity.uuid);
                 payload.extend_from_slice(&identity.size_bytes.to_be_bytes());
+                payload.extend_from_slice(&epoch.to_be_bytes());
             }
             HandshakeMessage::Challenge { nonce, proof } => {
                 payload.extend_from_slice(nonce);
@@ -209,8 +216,9 @@ impl HandshakeMessage {
                 nonce: array(&payload[..NONCE_LEN]),
                 identity: VolumeIdentity {
                     uuid: array(&payload[NONCE_LEN..NONCE_LEN + 16]),
-                    size_bytes: u64::from_be_bytes(array(&payload[NONCE_LEN + 16..])),
+                    size_bytes: u64::from_be_bytes(array(&payload[NONCE_LEN + 16..NONCE_LEN + 24])),
                 },
+                epoch: u64::from_be_bytes(array(&payload[NONCE_LEN + 24..])),
             },
             FrameKind::Challenge => {
                 HandshakeMessage::Challenge { nonce: array(&payload[..NONCE_LEN]), proof: array(&payload[NONCE_LEN..]) }
@@ -231,6 +239,7 @@ fn refuse_reason(code: u8) -> Result<RefuseReason, ReplicationError> {
         1 => Ok(RefuseReason::AuthFailed),
         2 => Ok(RefuseReason::IdentityMismatch),
         3 => Ok(RefuseReason::Protocol),
+        4 => Ok(RefuseReason::Fenced),
         _ => Err(ReplicationError::protocol(format!("Refuse frame gives unknown reason {code}"))),
     }
 }
@@ -289,7 +298,10 @@ impl Keys {
         Keys { mac: HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length") }
     }
 
-    fn proof_mac(&self, role: Role, own: &Nonce, peer: &Nonce, identity: &VolumeIdentity) -> HmacSha256 {
+    /// The proof covers the Hello's epoch too: a relay cannot raise a
+    /// deposed host's epoch past a copy's promise.
+    fn proof_mac(&self, role: Role, own: &Nonce, peer: &Nonce, offer: &(VolumeIdentity, u64)) -> HmacSha256 {
+        let (identity, epoch) = offer;
         let mut mac = self.mac.clone();
         mac.update(PROOF_LABEL);
         mac.update(&[role as u8]);
@@ -297,16 +309,17 @@ impl Keys {
         mac.update(peer);
         mac.update(&identity.uuid);
         mac.update(&identity.size_bytes.to_be_bytes());
+        mac.update(&epoch.to_be_bytes());
         mac
     }
 
-    fn prove(&self, role: Role, own: &Nonce, peer: &Nonce, identity: &VolumeIdentity) -> Proof {
-        self.proof_mac(role, own, peer, identity).finalize().into_bytes().into()
+    fn prove(&self, role: Role, own: &Nonce, peer: &Nonce, offer: &(VolumeIdentity, u64)) -> Proof {
+        self.proof_mac(role, own, peer, offer).finalize().into_bytes().into()
     }
 
     /// Whether `proof` is the peer's valid proof; compared in constant time.
-    fn verify(&self, role: Role, peer: &Nonce, own: &Nonce, identity: &VolumeIdentity, proof: &Proof) -> bool {
-        self.proof_mac(role, peer, own, identity).verify_slice(proof).is_ok()
+    fn verify(&self, role: Role, peer: &Nonce, own: &Nonce, offer: &(VolumeIdentity, u64), proof: &Proof) -> bool {
+        self.proof_mac(role, peer, own, offer).verify_slice(proof).is_ok()
     }
 
     fn session_id(&self, production_nonce: &Nonce, copy_nonce: &Nonce) -> u64 {
@@ -344,6 +357,7 @@ fn refused(reason: RefuseReason, ours: &VolumeIdentity) -> ReplicationError {
         RefuseReason::Protocol => {
             ReplicationError::protocol("the peer refused the handshake as out of order or malformed")
         }
+        RefuseReason::Fenced => ReplicationError::protocol("the peer refused the handshake's epoch"),
     }
 }
 
@@ -370,6 +384,7 @@ enum ProductionState {
 pub struct ProductionHandshake {
     keys: Keys,
     identity: VolumeIdentity,
+    epoch: u64,
     nonce: Nonce,
     state: ProductionState,
 }
@@ -377,10 +392,20 @@ pub struct ProductionHandshake {
 impl ProductionHandshake {
     /// Begin a handshake for the volume `identity` with a fresh `nonce`;
     /// returns the machine and the Hello to send.
-    pub fn start(secret: &Secret, identity: VolumeIdentity, nonce: Nonce) -> (ProductionHandshake, HandshakeMessage) {
-        let handshake =
-            ProductionHandshake { keys: Keys::new(secret), identity, nonce, state: ProductionState::AwaitingChallenge };
-        (handshake, HandshakeMessage::Hello { nonce, identity })
+    pub fn start(
+        secret: &Secret,
+        identity: VolumeIdentity,
+        nonce: Nonce,
+        epoch: u64,
+    ) -> (ProductionHandshake, HandshakeMessage) {
+        let handshake = ProductionHandshake {
+            keys: Keys::new(secret),
+            identity,
+            epoch,
+            nonce,
+            state: ProductionState::AwaitingChallenge,
+        };
+        (handshake, HandshakeMessage::Hello { nonce, identity, epoch })
     }
 
     /// Feed the copy's next message.
@@ -393,6 +418,9 @@ impl ProductionHandshake {
     }
 
     fn step(&mut self, message: &HandshakeMessage) -> HandshakeStep {
+        if let HandshakeMessage::Refuse { reason: RefuseReason::Fenced } = message {
+            return HandshakeStep::fail(None, ReplicationError::Deposed { epoch: self.epoch });
+        }
         if let HandshakeMessage::Refuse { reason } = message {
             return HandshakeStep::fail(None, refused(*reason, &self.identity));
         }
@@ -414,7 +442,7 @@ impl ProductionHandshake {
         if *copy_nonce == self.nonce {
             return HandshakeStep::fail(Some(RefuseReason::AuthFailed), reflected());
         }
-        if !self.keys.verify(Role::Copy, copy_nonce, &self.nonce, &self.identity, proof) {
+        if !self.keys.verify(Role::Copy, copy_nonce, &self.nonce, &(self.identity, self.epoch), proof) {
             return HandshakeStep::fail(
                 Some(RefuseReason::AuthFailed),
                 ReplicationError::auth_failed(format!(
@@ -426,7 +454,7 @@ impl ProductionHandshake {
         let session = self.keys.session_id(&self.nonce, copy_nonce);
         self.state = ProductionState::AwaitingAccept { session };
         HandshakeStep::reply(HandshakeMessage::Response {
-            proof: self.keys.prove(Role::Production, &self.nonce, copy_nonce, &self.identity),
+            proof: self.keys.prove(Role::Production, &self.nonce, copy_nonce, &(self.identity, self.epoch)),
         })
     }
 }
@@ -434,7 +462,7 @@ impl ProductionHandshake {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CopyState {
     AwaitingHello,
-    AwaitingResponse { production_nonce: Nonce },
+    AwaitingResponse { production_nonce: Nonce, epoch: u64 },
     Finished,
 }
 
@@ -445,6 +473,8 @@ pub struct CopyHandshake {
     identity: VolumeIdentity,
     nonce: Nonce,
     store: StoreToken,
+    /// The highest epoch this copy promised: an older Hello is refused.
+    epoch_promised: u64,
     state: CopyState,
 }
 
@@ -457,8 +487,15 @@ impl CopyHandshake {
             identity,
             nonce,
             store: STORE_TOKEN_UNKNOWN,
+            epoch_promised: 0,
             state: CopyState::AwaitingHello,
         }
+    }
+
+    /// Refuse a Hello of an epoch older than `epoch` (the store's promise).
+    pub fn with_epoch_promised(mut self, epoch: u64) -> CopyHandshake {
+        self.epoch_promised = epoch;
+        self
     }
 
     /// The store token the Accept carries (unknown unless set).
@@ -481,17 +518,25 @@ impl CopyHandshake {
             return HandshakeStep::fail(None, refused(*reason, &self.identity));
         }
         match (self.state, message) {
-            (CopyState::AwaitingHello, HandshakeMessage::Hello { nonce, identity }) => self.on_hello(nonce, identity),
+            (CopyState::AwaitingHello, HandshakeMessage::Hello { nonce, identity, epoch }) => {
+                self.on_hello(nonce, identity, *epoch)
+            }
             (CopyState::AwaitingHello, _) => out_of_turn("Hello", message),
-            (CopyState::AwaitingResponse { production_nonce }, HandshakeMessage::Response { proof }) => {
-                self.on_response(&production_nonce, proof)
+            (CopyState::AwaitingResponse { production_nonce, epoch }, HandshakeMessage::Response { proof }) => {
+                self.on_response(&production_nonce, epoch, proof)
             }
             (CopyState::AwaitingResponse { .. }, _) => out_of_turn("Response", message),
             (CopyState::Finished, _) => out_of_turn("nothing (the handshake is over)", message),
         }
     }
 
-    fn on_hello(&mut self, production_nonce: &Nonce, identity: &VolumeIdentity) -> HandshakeStep {
+    fn on_hello(&mut self, production_nonce: &Nonce, identity: &VolumeIdentity, epoch: u64) -> HandshakeStep {
+        if epoch < self.epoch_promised {
+            return HandshakeStep::fail(
+                Some(RefuseReason::Fenced),
+                ReplicationError::Fenced { kind: FrameKind::Hello, received: epoch, promised: self.epoch_promised },
+            );
+        }
         if *identity != self.identity {
             return HandshakeStep::fail(
                 Some(RefuseReason::IdentityMismatch),
@@ -506,15 +551,15 @@ impl CopyHandshake {
         if *production_nonce == self.nonce {
             return HandshakeStep::fail(Some(RefuseReason::AuthFailed), reflected());
         }
-        self.state = CopyState::AwaitingResponse { production_nonce: *production_nonce };
+        self.state = CopyState::AwaitingResponse { production_nonce: *production_nonce, epoch };
         HandshakeStep::reply(HandshakeMessage::Challenge {
             nonce: self.nonce,
-            proof: self.keys.prove(Role::Copy, &self.nonce, production_nonce, &self.identity),
+            proof: self.keys.prove(Role::Copy, &self.nonce, production_nonce, &(self.identity, epoch)),
         })
     }
 
-    fn on_response(&mut self, production_nonce: &Nonce, proof: &Proof) -> HandshakeStep {
-        if !self.keys.verify(Role::Production, production_nonce, &self.nonce, &self.identity, proof) {
+    fn on_response(&mut self, production_nonce: &Nonce, epoch: u64, proof: &Proof) -> HandshakeStep {
+        if !self.keys.verify(Role::Production, production_nonce, &self.nonce, &(self.identity, epoch), proof) {
             return HandshakeStep::fail(
                 Some(RefuseReason::AuthFailed),
                 ReplicationError::auth_failed(format!(
@@ -577,7 +622,7 @@ mod tests {
     }
 
     fn run(production_nonce: Nonce, copy_nonce: Nonce) -> Run {
-        let (mut production, hello) = ProductionHandshake::start(&secret(1), IDENTITY, production_nonce);
+        let (mut production, hello) = ProductionHandshake::start(&secret(1), IDENTITY, production_nonce, 1);
         let mut copy = CopyHandshake::new(&secret(1), IDENTITY, copy_nonce).with_store([9; 16]);
         let step = copy.on_message(&over_the_wire(&hello));
         let challenge = step.send.unwrap();
@@ -611,7 +656,7 @@ mod tests {
     /// A copy with another secret is caught by the production host, which refuses.
     #[test]
     fn wrong_secret_on_the_copy_is_refused() {
-        let (mut production, hello) = ProductionHandshake::start(&secret(1), IDENTITY, [1; 32]);
+        let (mut production, hello) = ProductionHandshake::start(&secret(1), IDENTITY, [1; 32], 1);
         let mut copy = CopyHandshake::new(&secret(2), IDENTITY, [2; 32]);
         let challenge = copy.on_message(&hello).send.unwrap();
         let step = production.on_message(&challenge);
@@ -625,8 +670,8 @@ mod tests {
     #[test]
     fn wrong_secret_on_the_production_host_is_refused() {
         let mut copy = CopyHandshake::new(&secret(1), IDENTITY, [2; 32]);
-        copy.on_message(&HandshakeMessage::Hello { nonce: [1; 32], identity: IDENTITY });
-        let forged = Keys::new(&secret(2)).prove(Role::Production, &[1; 32], &[2; 32], &IDENTITY);
+        copy.on_message(&HandshakeMessage::Hello { nonce: [1; 32], identity: IDENTITY, epoch: 1 });
+        let forged = Keys::new(&secret(2)).prove(Role::Production, &[1; 32], &[2; 32], &(IDENTITY, 1));
         let step = copy.on_message(&HandshakeMessage::Response { proof: forged });
         assert_eq!(step.send, Some(HandshakeMessage::Refuse { reason: RefuseReason::AuthFailed }));
         assert_eq!(failed_kind(&step.outcome), ReplicationErrorKind::AuthFailed);
@@ -636,7 +681,7 @@ mod tests {
     #[test]
     fn reflected_proof_is_refused() {
         let mut copy = CopyHandshake::new(&secret(1), IDENTITY, [2; 32]);
-        let step = copy.on_message(&HandshakeMessage::Hello { nonce: [1; 32], identity: IDENTITY });
+        let step = copy.on_message(&HandshakeMessage::Hello { nonce: [1; 32], identity: IDENTITY, epoch: 1 });
         let Some(HandshakeMessage::Challenge { proof, .. }) = step.send else { panic!("expected a challenge") };
         let step = copy.on_message(&HandshakeMessage::Response { proof });
         assert_eq!(failed_kind(&step.outcome), ReplicationErrorKind::AuthFailed);
@@ -646,10 +691,10 @@ mod tests {
     #[test]
     fn reflected_nonce_is_refused() {
         let mut copy = CopyHandshake::new(&secret(1), IDENTITY, [2; 32]);
-        let step = copy.on_message(&HandshakeMessage::Hello { nonce: [2; 32], identity: IDENTITY });
+        let step = copy.on_message(&HandshakeMessage::Hello { nonce: [2; 32], identity: IDENTITY, epoch: 1 });
         assert_eq!(failed_kind(&step.outcome), ReplicationErrorKind::AuthFailed);
-        let (mut production, _) = ProductionHandshake::start(&secret(1), IDENTITY, [1; 32]);
-        let proof = Keys::new(&secret(1)).prove(Role::Copy, &[1; 32], &[1; 32], &IDENTITY);
+        let (mut production, _) = ProductionHandshake::start(&secret(1), IDENTITY, [1; 32], 1);
+        let proof = Keys::new(&secret(1)).prove(Role::Copy, &[1; 32], &[1; 32], &(IDENTITY, 1));
         let step = production.on_message(&HandshakeMessage::Challenge { nonce: [1; 32], proof });
         assert_eq!(failed_kind(&step.outcome), ReplicationErrorKind::AuthFailed);
     }
@@ -668,7 +713,7 @@ mod tests {
     #[test]
     fn replayed_challenge_is_refused() {
         let recorded = run([1; 32], [2; 32]);
-        let (mut production, _) = ProductionHandshake::start(&secret(1), IDENTITY, [9; 32]);
+        let (mut production, _) = ProductionHandshake::start(&secret(1), IDENTITY, [9; 32], 1);
         let step = production.on_message(&recorded.challenge);
         assert_eq!(failed_kind(&step.outcome), ReplicationErrorKind::AuthFailed);
     }
@@ -677,7 +722,7 @@ mod tests {
     #[test]
     fn other_volume_is_refused() {
         let other = VolumeIdentity { uuid: IDENTITY.uuid, size_bytes: IDENTITY.size_bytes * 2 };
-        let (mut production, hello) = ProductionHandshake::start(&secret(1), other, [1; 32]);
+        let (mut production, hello) = ProductionHandshake::start(&secret(1), other, [1; 32], 1);
         let mut copy = CopyHandshake::new(&secret(1), IDENTITY, [2; 32]);
         let step = copy.on_message(&hello);
         assert_eq!(step.send, Some(HandshakeMessage::Refuse { reason: RefuseReason::IdentityMismatch }));
@@ -694,9 +739,9 @@ mod tests {
         let mut copy = CopyHandshake::new(&secret(1), IDENTITY, [2; 32]);
         let step = copy.on_message(&HandshakeMessage::Response { proof: [0; 32] });
         assert_eq!(failed_kind(&step.outcome), ReplicationErrorKind::Protocol);
-        let step = copy.on_message(&HandshakeMessage::Hello { nonce: [1; 32], identity: IDENTITY });
+        let step = copy.on_message(&HandshakeMessage::Hello { nonce: [1; 32], identity: IDENTITY, epoch: 1 });
         assert_eq!(failed_kind(&step.outcome), ReplicationErrorKind::Protocol);
-        let (mut production, _) = ProductionHandshake::start(&secret(1), IDENTITY, [1; 32]);
+        let (mut production, _) = ProductionHandshake::start(&secret(1), IDENTITY, [1; 32], 1);
         let step = production.on_message(&HandshakeMessage::Accept { store: [1; 16] });
         assert_eq!(failed_kind(&step.outcome), ReplicationErrorKind::Protocol);
     }
@@ -724,5 +769,40 @@ mod tests {
     #[test]
     fn random_nonces_differ() {
         assert_ne!(random_nonce().unwrap(), random_nonce().unwrap());
+    }
+
+    /// Invariant 4 at the handshake: a copy that promised epoch 5 refuses
+    /// the Hello of a production host at epoch 4 before any session (the
+    /// deposed host learns it was deposed), and takes one at epoch 5; the
+    /// epoch is under the proofs, so a relay cannot raise it.
+    #[test]
+    fn a_hello_of_an_older_epoch_than_the_copy_promised_is_refused() {
+        let (mut deposed, hello) = ProductionHandshake::start(&secret(1), IDENTITY, [1; 32], 4);
+        let mut copy = CopyHandshake::new(&secret(1), IDENTITY, [2; 32]).with_epoch_promised(5);
+        let step = copy.on_message(&hello);
+        assert_eq!(step.send, Some(HandshakeMessage::Refuse { reason: RefuseReason::Fenced }));
+        assert!(matches!(
+            &step.outcome,
+            HandshakeOutcome::Failed(ReplicationError::Fenced { received: 4, promised: 5, .. })
+        ));
+        let step = deposed.on_message(&HandshakeMessage::Refuse { reason: RefuseReason::Fenced });
+        assert!(matches!(&step.outcome, HandshakeOutcome::Failed(ReplicationError::Deposed { epoch: 4 })));
+
+        let (mut current, hello) = ProductionHandshake::start(&secret(1), IDENTITY, [1; 32], 5);
+        let mut copy = CopyHandshake::new(&secret(1), IDENTITY, [2; 32]).with_epoch_promised(5);
+        let challenge = copy.on_message(&hello).send.expect("a challenge");
+        let response = current.on_message(&challenge).send.expect("a response");
+        assert!(matches!(copy.on_message(&response).outcome, HandshakeOutcome::Established(_)));
+
+        // A relay raising the deposed host's epoch breaks the proofs.
+        let (mut deposed, hello) = ProductionHandshake::start(&secret(1), IDENTITY, [1; 32], 4);
+        let HandshakeMessage::Hello { nonce, identity, .. } = hello else { panic!() };
+        let mut copy = CopyHandshake::new(&secret(1), IDENTITY, [2; 32]).with_epoch_promised(5);
+        let challenge =
+            copy.on_message(&HandshakeMessage::Hello { nonce, identity, epoch: 5 }).send.expect("challenge");
+        assert!(
+            matches!(deposed.on_message(&challenge).outcome, HandshakeOutcome::Failed(_)),
+            "the copy's proof is for epoch 5"
+        );
     }
 }

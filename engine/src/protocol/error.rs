@@ -119,6 +119,13 @@ pub enum ReplicationError {
         /// The highest epoch this side has promised.
         promised: u64,
     },
+    /// The copy host refused this host's Hello: it promised a higher epoch
+    /// (another production host took over).
+    #[error("the copy host refused epoch {epoch}: it promised a higher one, so another production host took over; this host was deposed and must stop serving")]
+    Deposed {
+        /// The epoch this host offered.
+        epoch: u64,
+    },
     /// The frame's generation is older than the volume's.
     #[error("frame refused: {kind:?} frame carries generation {received}, the volume is at generation {current}; the sender holds an old copy and must resync before it writes")]
     StaleGeneration {
@@ -203,7 +210,9 @@ impl ReplicationError {
             ReplicationError::Version { .. } => ReplicationErrorKind::Version,
             ReplicationError::Replayed { .. } | ReplicationError::SequenceGap { .. } => ReplicationErrorKind::Replay,
             ReplicationError::WrongSession { .. } => ReplicationErrorKind::WrongSession,
-            ReplicationError::Fenced { .. } | ReplicationError::StaleGeneration { .. } => ReplicationErrorKind::Fenced,
+            ReplicationError::Fenced { .. }
+            | ReplicationError::Deposed { .. }
+            | ReplicationError::StaleGeneration { .. } => ReplicationErrorKind::Fenced,
             ReplicationError::TooLarge { .. } => ReplicationErrorKind::TooLarge,
             ReplicationError::AuthFailed { .. } => ReplicationErrorKind::AuthFailed,
             ReplicationError::Identity { .. } => ReplicationErrorKind::Identity,

@@ -31,6 +31,9 @@ pub const KEEPALIVE_RETRIES: u32 = 3;
 /// The most bytes read from the socket at once.
 const READ_CHUNK_BYTES: usize = 256 << 10;
 
+/// The epoch `crossmirror serve` runs at (a group node passes its record's).
+pub const STANDALONE_EPOCH: u64 = 1;
+
 /// A TCP connection to `address` from `source` (when given and of the same
 /// family), within `timeout`.
 fn connect_socket(address: SocketAddr, source: Option<IpAddr>, timeout: Duration) -> io::Result<TcpStream> {
@@ -81,7 +84,7 @@ impl CopyConnection {
         timeout: Duration,
         write_timeout: Duration,
     ) -> Result<CopyConnection, ReplicationError> {
-        CopyConnection::connect_from(address, None, secret, identity, timeout, write_timeout)
+        CopyConnection::connect_from(address, None, STANDALONE_EPOCH, secret, identity, timeout, write_timeout)
     }
 
     /// [`CopyConnection::connect`] from the local address `source` (any
@@ -89,6 +92,7 @@ impl CopyConnection {
     pub fn connect_from(
         address: SocketAddr,
         source: Option<IpAddr>,
+        epoch: u64,
         secret: &Secret,
         identity: VolumeIdentity,
         timeout: Duration,
@@ -107,7 +111,7 @@ impl CopyConnection {
             copy_holds_no_data: false,
             copy_store: STORE_TOKEN_UNKNOWN,
         };
-        let (mut handshake, hello) = ProductionHandshake::start(secret, identity, random_nonce()?);
+        let (mut handshake, hello) = ProductionHandshake::start(secret, identity, random_nonce()?, epoch);
         connection.send_message(&hello)?;
         loop {
             let frame = connection.receive_until(Some(deadline))?;

@@ -539,6 +539,7 @@ impl Link {
         let connected = CopyConnection::connect_from(
             address,
             self.shared.source_address,
+            self.shared.epoch,
             &self.shared.secret,
             self.shared.identity,
             CONNECT_TIMEOUT,
