@@ -224,19 +224,27 @@ fn a_reconnecting_production_host_takes_over() {
 fn an_older_epoch_is_fenced_across_sessions_and_restarts() {
     let mut host = copy_host("copy-host-fencing");
     let volume = identity();
-    let mut newer = connect(&host, volume);
+    let secret = load_secret(&host.secret).unwrap();
+    let timeout = Duration::from_secs(5);
+    let mut newer = CopyConnection::connect_from(host.address, None, 3, &secret, volume, timeout, timeout).unwrap();
     write_at_epoch(&mut newer, 3, 0, b"epoch3");
     drop(newer);
     restart(&mut host);
     assert_eq!(status(&host)["epoch_promised"], 3, "{}", status(&host));
-    let mut deposed = connect(&host, volume);
-    let mut header = deposed.header(FrameKind::Write, FrameFlags::NONE, 1, 1);
+    // A deposed production host (epoch 1) is refused at its Hello, before
+    // it can take the session, and is told so.
+    let refused = CopyConnection::connect_from(host.address, None, 1, &secret, volume, timeout, timeout);
+    assert!(matches!(&refused, Err(engine::protocol::ReplicationError::Deposed { epoch: 1 })), "{:?}", refused.err());
+    // A frame of an older epoch inside a current session is refused too.
+    let mut current = CopyConnection::connect_from(host.address, None, 3, &secret, volume, timeout, timeout).unwrap();
+    let mut header = current.header(FrameKind::Write, FrameFlags::NONE, 1, 1);
     header.length = 6;
     header.payload_len = 6;
-    deposed.send(&header, b"epoch1").unwrap();
-    assert!(deposed.receive().is_err(), "the copy must close the connection of a deposed production host");
+    current.send(&header, b"epoch1").unwrap();
+    assert!(current.receive().is_err(), "the copy must close the connection of a deposed production host");
     wait_for_log(&host, "fenced frame");
-    assert_rejected(&host, 1);
+    // Both are counted: the deposed Hello and the old-epoch frame.
+    assert_rejected(&host, 2);
     assert_eq!(&contents(&host)[..6], b"epoch3");
 }
 
