@@ -55,6 +55,8 @@ pub struct Stats {
     pub leaves: u64,
     /// Runs that ended with nobody serving after the quiet period.
     pub stuck_at_end: u64,
+    /// The first few of those seeds.
+    pub stuck_seeds: Vec<u64>,
     /// Simulated milliseconds.
     pub sim_ms: u64,
 }
@@ -79,6 +81,11 @@ impl Stats {
         self.partitions += other.partitions;
         self.leaves += other.leaves;
         self.stuck_at_end += other.stuck_at_end;
+        for seed in &other.stuck_seeds {
+            if self.stuck_seeds.len() < 10 {
+                self.stuck_seeds.push(*seed);
+            }
+        }
         self.sim_ms += other.sim_ms;
     }
 }
@@ -90,7 +97,7 @@ impl fmt::Display for Stats {
             "{} s simulated; {} records committed, {} writes acknowledged ({} held back for a stale mark); \
              {} promotions ({} planned switchovers of {} asked), {} takeovers, {} forced out, {} self-fences, \
              {} lease fences; {} copies marked stale, {} resynced; faults: {} crashes, {} pauses, {} partitions, \
-             {} leaves; {} runs with nobody serving at the end",
+             {} leaves; {} runs with nobody serving at the end {:?}",
             self.sim_ms / 1000,
             self.commits,
             self.acks,
@@ -108,7 +115,8 @@ impl fmt::Display for Stats {
             self.pauses,
             self.partitions,
             self.leaves,
-            self.stuck_at_end
+            self.stuck_at_end,
+            self.stuck_seeds
         )
     }
 }

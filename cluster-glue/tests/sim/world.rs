@@ -164,10 +164,13 @@ struct Node {
     sync_done_at: BTreeMap<String, u64>,
     copy_targets: BTreeMap<String, Option<usize>>,
     copy_running: bool,
+    /// The incarnation this process wrote itself `joining` with.
+    incarnation: Option<u64>,
 }
 
 /// The simulated world of one seed.
 pub struct World {
+    seed: u64,
     params: Params,
     rng: Rng,
     now: u64,
@@ -262,6 +265,7 @@ impl World {
         let count = specs.len();
         let store = ["east", "west", "north"].iter().map(|site| (site.to_string(), 0)).collect();
         World {
+            seed,
             params,
             rng,
             now: 0,
@@ -316,6 +320,7 @@ impl World {
         self.stats.sim_ms = self.params.duration_ms;
         if !(0..self.nodes.len()).any(|node| self.serving(node)) {
             self.stats.stuck_at_end += 1;
+            self.stats.stuck_seeds.push(self.seed);
         }
     }
 
@@ -646,14 +651,32 @@ impl World {
         let Some(mut core) = self.nodes[node].core.take() else { return };
         while !events.is_empty() && self.violation.is_none() {
             for event in std::mem::take(&mut events) {
-                let name = self.name(node);
-                self.note(|| format!("{name} <- {}", brief_event(&event)));
+                if !matches!(event, Event::Tick { .. }) {
+                    let name = self.name(node);
+                    self.note(|| format!("{name} <- {}", brief_event(&event)));
+                }
                 for command in core.step(event) {
                     self.execute(node, &core, command, &mut events);
                 }
             }
         }
+        self.check_fenced(node, &core);
         self.nodes[node].core = Some(core);
+    }
+
+    /// Seed 004: a member that learns it was forced out stops serving at
+    /// once (the lease would stop it later; this is the core's own fence).
+    fn check_fenced(&mut self, node: usize, core: &Core) {
+        let me = self.name(node);
+        let Some(entry) = core.record().and_then(|record| record.members.get(&me)) else { return };
+        let roles = self.nodes[node].production.is_some() || self.nodes[node].copy_running;
+        let mine = Some(entry.incarnation) == self.nodes[node].incarnation;
+        if entry.state == MemberState::ForcedLeaving && mine && roles {
+            self.fail(format!(
+                "seed 004 self-fence: {me} read that it was forced out (incarnation {}) and still runs its roles",
+                entry.incarnation
+            ));
+        }
     }
 
     fn after_step(&mut self, node: usize) {
@@ -673,6 +696,11 @@ impl World {
         self.note(|| format!("{name} -> {}", brief_command(&command)));
         match command {
             Command::Write { expected, record, .. } => {
+                if let Some(entry) = record.members.get(&name) {
+                    if entry.state == MemberState::Joining {
+                        self.nodes[node].incarnation = Some(entry.incarnation);
+                    }
+                }
                 self.call(node, OpKind::Write { expected, record: Box::new(record) })
             }
             Command::CheckAccess => {
