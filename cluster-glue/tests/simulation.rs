@@ -43,7 +43,7 @@ fn report(failure: &Failure) -> String {
 /// Every invariant holds on many seeds (`SIM_SEEDS`, `SIM_FIRST`).
 #[test]
 fn many_seeds() {
-    let default = if cfg!(debug_assertions) { 120 } else { 2000 };
+    let default = if cfg!(debug_assertions) { 250 } else { 2000 };
     let count = env_u64("SIM_SEEDS").unwrap_or(default);
     let first = env_u64("SIM_FIRST").unwrap_or(1);
     let mut total = Stats::default();

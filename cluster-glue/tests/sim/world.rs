@@ -925,28 +925,29 @@ impl World {
             self.nodes[node].known.iter().map(|(site, state)| (site.clone(), *state)).collect();
         for (site, state) in sites {
             let up = self.link_up(node, &site);
-            match (state, up) {
-                (Known::Current | Known::Syncing, false) => {
-                    if self.record_copy(node, &site, Known::Stale) {
-                        self.stats.marked_stale += 1;
-                    }
+            let synced = self.nodes[node].sync_done_at.get(&site).is_none_or(|done| self.now >= *done);
+            let target = match (state, up) {
+                (Known::Current | Known::Syncing, false) => Known::Stale,
+                (Known::Stale, true) => Known::Syncing,
+                (Known::Syncing, true) if synced => Known::Current,
+                _ => continue,
+            };
+            if !self.record_copy(node, &site, target) {
+                continue;
+            }
+            match target {
+                Known::Stale => self.stats.marked_stale += 1,
+                Known::Syncing => {
+                    let done = self.now + self.rng.range(200, 3000);
+                    self.nodes[node].sync_done_at.insert(site.clone(), done);
                 }
-                (Known::Stale, true) => {
-                    if self.record_copy(node, &site, Known::Syncing) {
-                        let done = self.now + self.rng.range(200, 3000);
-                        self.nodes[node].sync_done_at.insert(site.clone(), done);
-                    }
+                Known::Current => {
+                    // The resync made the copy's store the production store.
+                    self.stats.resynced += 1;
+                    let mine = self.specs[node].site.clone().expect("a member produces");
+                    let data = self.store[&mine];
+                    self.store.insert(site.clone(), data);
                 }
-                (Known::Syncing, true) => {
-                    let done = self.nodes[node].sync_done_at.get(&site).is_none_or(|done| self.now >= *done);
-                    if done && self.record_copy(node, &site, Known::Current) {
-                        self.stats.resynced += 1;
-                        let mine = self.specs[node].site.clone().expect("a member produces");
-                        let data = self.store[&mine];
-                        self.store.insert(site.clone(), data);
-                    }
-                }
-                _ => {}
             }
         }
     }
