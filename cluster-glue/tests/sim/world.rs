@@ -166,6 +166,8 @@ struct Node {
     copy_running: bool,
     /// The incarnation this process wrote itself `joining` with.
     incarnation: Option<u64>,
+    /// Its liveness thread hears heartbeats from then on.
+    hears_from: u64,
 }
 
 /// The simulated world of one seed.
@@ -382,10 +384,15 @@ impl World {
         self.nodes[node].up && !self.paused(node)
     }
 
-    /// Whether `from` hears `to`'s heartbeats now (a paused receiver's
-    /// socket keeps them for when it resumes).
+    /// Whether `from` hears `to`'s heartbeats now: both run, on one side,
+    /// and `from`'s liveness thread has caught up since it started or
+    /// resumed (its main loop may look before it did).
     fn contact(&self, from: usize, to: usize) -> bool {
-        from != to && self.nodes[from].up && self.running(to) && self.side[from] == self.side[to]
+        from != to
+            && self.running(from)
+            && self.now >= self.nodes[from].hears_from
+            && self.running(to)
+            && self.side[from] == self.side[to]
     }
 
     /// Remember who heard whom until now: call before anything that
@@ -558,6 +565,7 @@ impl World {
             base_ms: self.now,
             skew_ppm: skew,
             awake_since: self.now,
+            hears_from: self.now + self.rng.range(0, 200),
             need_read: true,
             ..Node::default()
         };
@@ -587,6 +595,7 @@ impl World {
         self.touch();
         self.nodes[node].paused_until = None;
         self.nodes[node].awake_since = self.now;
+        self.nodes[node].hears_from = self.now + self.rng.range(1, 200);
         if self.nodes[node].belief_until == u64::MAX {
             self.nodes[node].belief_until = self.now + self.rng.range(0, 1500);
         }
