@@ -155,18 +155,21 @@ fn a_standby_of_a_shared_store_takes_over_with_a_bitmap_resync() {
         .member("a", "east", 1, "east.img")
         .member("b1", "west", 1, "west.img")
         .member("b2", "west", 2, "west.img")
+        .member("b3", "west", 3, "west.img")
         .witness("w");
     let mut group = Group::new("shared", spec);
-    // b2 starts once b1 has joined: a host keeps its site while it can (the
-    // leader does not move a copy to a member of lower backup_order that
-    // joins later), so a b2 that joined first would host.
+    // b1 joins first, then b3, then b2: a host keeps its site while it can,
+    // and when b1 fails the next host must follow backup_order (b2), not
+    // the order of joining (b3).
     for name in ["a", "b1", "w"] {
         group.start(name);
     }
     group.wait_for(FORM, |record| member_state(record, "b1") == "joined");
+    group.start("b3");
+    group.wait_for(FORM, |record| member_state(record, "b3") == "joined");
     group.start("b2");
     group.wait_for(FORM, |record| {
-        all_joined(record, &["a", "b1", "b2", "w"])
+        all_joined(record, &["a", "b1", "b2", "b3", "w"])
             && copy_entry(record, "west")["host"] == "b1"
             && copy_entry(record, "west")["state"] == "current"
     });
@@ -190,7 +193,7 @@ fn a_standby_of_a_shared_store_takes_over_with_a_bitmap_resync() {
     let total = copy["resync_bytes_total"].as_u64().unwrap_or_else(|| panic!("no resync_bytes_total: {production}"));
     assert!(total > 0, "no resync after the takeover, though a write happened while no copy was connected: {copy}");
     assert!(total < SIZE / 4, "a full resync ({total} bytes) where a bitmap resync would do: {copy}");
-    let failed = stop_group(&mut group, &["b2", "w", "a"]);
+    let failed = stop_group(&mut group, &["b3", "b2", "w", "a"]);
     assert_eq!(sha(&group.store("b2")), sha(&group.store("a")), "the shared copy store differs from production");
     assert!(failed.is_empty(), "graceful stop: {failed:?}\n{}", group.logs_tail(15));
 }
