@@ -178,6 +178,14 @@ fn a_standby_of_a_shared_store_takes_over_with_a_bitmap_resync() {
     assert_eq!(b2.map(|member| &member["role"]), Some(&Value::from("standby")), "{status}");
     nbd_write(&group, 0, &system_tests::random_bytes(1 << 20, 1));
     group.wait_for(Duration::from_secs(10), |record| copy_entry(record, "west")["state"] == "current");
+    // The initial full sync's bits clear once the copy flushed and this
+    // host synced (at most every 5 s): only then does the bitmap say how
+    // little differs.
+    let cleared = system_tests::wait_until(Duration::from_secs(30), || {
+        let production = group.status("a");
+        production["roles"]["production"]["copies"][0]["dirty_bytes"].as_u64().is_some_and(|dirty| dirty < SIZE / 8)
+    });
+    assert!(cleared, "the initial sync's bits never cleared: {}", group.status("a"));
 
     group.kill("b1");
     let killed = Instant::now();
