@@ -96,6 +96,9 @@ pub struct Liveness {
     /// process (SIGSTOP, a stalled VM), during which the peers' silence was
     /// this node's own deafness.
     awake_since: Arc<Mutex<Instant>>,
+    /// When the sender last ran: a caller that finds it long ago knows this
+    /// process was paused, even before the sender itself notices.
+    last_beat: Arc<Mutex<Instant>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     boot: u64,
@@ -115,6 +118,7 @@ impl Liveness {
             socket,
             heard: Arc::new(Mutex::new(Heard::default())),
             awake_since: Arc::new(Mutex::new(Instant::now())),
+            last_beat: Arc::new(Mutex::new(Instant::now())),
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
             boot: u64::from_le_bytes(boot_bytes),
@@ -143,6 +147,11 @@ impl Liveness {
             .map(|(name, _)| name.clone())
             .collect();
         live.insert(self.config.me.clone());
+        if self.last_beat.lock().unwrap_or_else(PoisonError::into_inner).elapsed() > PAUSE_AFTER {
+            // The sender has not run for a while: this process was paused
+            // (and the heartbeats queued meanwhile are not read yet).
+            *self.awake_since.lock().unwrap_or_else(PoisonError::into_inner) = now;
+        }
         let awake_since = *self.awake_since.lock().unwrap_or_else(PoisonError::into_inner);
         (live, awake_since.elapsed() >= FAILURE_AFTER)
     }
@@ -210,13 +219,14 @@ impl Liveness {
     }
 
     fn sender(&self) -> impl FnOnce() + Send + 'static {
-        let (config, socket, stop, boot, seq, awake_since) = (
+        let (config, socket, stop, boot, seq, awake_since, beat) = (
             self.config.clone(),
             self.socket.clone(),
             self.stop.clone(),
             self.boot,
             self.seq.clone(),
             self.awake_since.clone(),
+            self.last_beat.clone(),
         );
         move || {
             let mut last_beat = Instant::now();
@@ -232,6 +242,7 @@ impl Liveness {
                     *awake_since.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
                 }
                 last_beat = Instant::now();
+                *beat.lock().unwrap_or_else(PoisonError::into_inner) = last_beat;
                 let next = {
                     let mut seq = seq.lock().unwrap_or_else(PoisonError::into_inner);
                     *seq += 1;
@@ -479,5 +490,23 @@ mod tests {
         assert_eq!(a.mismatched(), vec![]);
         b.stop();
         a.stop();
+    }
+
+    /// A process paused (SIGSTOP) is not settled when it resumes, even
+    /// before its sender thread runs again: otherwise its first look would
+    /// take every peer for failed (their heartbeats are still queued).
+    #[test]
+    fn a_paused_process_does_not_judge_its_peers_when_it_resumes() {
+        let port = free_port();
+        let liveness = Liveness::start(config("a", port, ("b", free_port()), 1)).unwrap();
+        *liveness.awake_since.lock().unwrap() = Instant::now() - FAILURE_AFTER * 2;
+        assert!(liveness.live().1, "awake long enough: settled");
+        // As if the whole process had been stopped for 3 s: the sender's
+        // last beat is that old when the caller looks.
+        liveness.stop.store(true, Ordering::Relaxed);
+        std::thread::sleep(HEARTBEAT_INTERVAL * 2);
+        *liveness.last_beat.lock().unwrap() = Instant::now() - Duration::from_secs(3);
+        assert!(!liveness.live().1, "just resumed: silence says nothing yet");
+        liveness.stop();
     }
 }
