@@ -37,6 +37,19 @@ import importlib
 
 mirror = importlib.import_module("mirror")
 
+import atexit
+
+# Every process a benchmark started, killed at exit even when it fails.
+STARTED = []
+
+
+@atexit.register
+def kill_started():
+    for process in STARTED:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
 REPO = mirror.REPO
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 STALE_ROUNDS = int(os.environ.get("STALE_ROUNDS", "20"))
@@ -102,6 +115,7 @@ class Group:
         self.processes[name] = subprocess.Popen(
             [self.binary, "node", "--config", self.config, "--name", name],
             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"})
+        STARTED.append(self.processes[name])
 
     def record(self):
         for ip in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
@@ -185,6 +199,14 @@ def main():
     results = {workload: {"group": [], "standalone": []} for workload in WORKLOADS}
     group = Group(scratch, binary, secret, "path")
     standalone = mirror.Setup(scratch, "sync1", binary, secret)
+    original_spawn = standalone.spawn
+
+    def spawn_and_remember(args, label):
+        process = original_spawn(args, label)
+        STARTED.append(process)
+        return process
+
+    standalone.spawn = spawn_and_remember
     with open(standalone.volume, "wb") as file:
         file.truncate(1 << 30)
     for round_index in range(ROUNDS):
