@@ -494,3 +494,24 @@ fn every_resync_pass_keeps_to_the_rate() {
     assert_eq!(core.poll_send(later + 10), send(false, vec![flush_frame(5, FrameFlags::NONE)]));
     assert_eq!(core.poll_send(later + 10), vec![Command::Wait { ms: 990 }], "the second region waits for the rate");
 }
+
+/// A stop with an up to date copy and nothing in flight keeps its record
+/// (a planned handover promotes it); a stop with a write waiting on the
+/// copy, or of a copy not up to date, records it stale first (invariant 3),
+/// and a second teardown of a clean stop records nothing.
+#[test]
+fn only_a_clean_stop_keeps_a_copy_current() {
+    let mut clean = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(clean.lost("this host is shutting down", true), vec![]);
+    assert_eq!(clean.lost("this host is shutting down", true), vec![], "once stopped clean, nothing more");
+    assert_eq!(clean.state(), CopyState::Stale, "nothing is shipped any more");
+
+    let mut waiting = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut waiting, 1, Some(1), 0), vec![]);
+    assert_eq!(waiting.lost("this host is shutting down", true), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(waiting.persisted(Ok(())), vec![Command::Release { holds: vec![1], result: 0 }]);
+
+    let mut syncing = core(MirrorMode::Sync, 0);
+    connect(&mut syncing, &[3], 0);
+    assert_eq!(syncing.lost("this host is shutting down", true), vec![Command::Persist(RecordedState::Stale)]);
+}
