@@ -131,3 +131,18 @@ pub trait QuorumStore: Send + Sync {
     /// What this node knows of the quorum now (no network call).
     fn status(&self) -> QuorumStatus;
 }
+
+/// Run `work` on a backend's own `runtime` within `timeout`, from a plain
+/// thread (the backends keep tokio inside; every trait call goes through
+/// here). `None`: the backend was stopped.
+pub(crate) fn block_on_within<T>(
+    runtime: Option<&tokio::runtime::Runtime>,
+    what: &'static str,
+    timeout: Duration,
+    work: impl std::future::Future<Output = Result<T, QuorumError>>,
+) -> Result<T, QuorumError> {
+    let runtime = runtime.ok_or(QuorumError::Stopped)?;
+    runtime
+        .block_on(async { tokio::time::timeout(timeout, work).await })
+        .unwrap_or(Err(QuorumError::Timeout { what, timeout }))
+}

@@ -262,10 +262,7 @@ impl RaftQuorum {
         timeout: Duration,
         work: impl Future<Output = Result<T, QuorumError>>,
     ) -> Result<T, QuorumError> {
-        let runtime = self.runtime.as_ref().ok_or(QuorumError::Stopped)?;
-        runtime
-            .block_on(async { tokio::time::timeout(timeout, work).await })
-            .unwrap_or(Err(QuorumError::Timeout { what, timeout }))
+        super::block_on_within(self.runtime.as_ref(), what, timeout, work)
     }
 
     /// Ask the leader — this node or another — until it answers. Refusals
