@@ -42,6 +42,96 @@ while time.time() < end:
         h = None
 "#;
 
+/// What the writer saw.
+struct Writes {
+    /// Every acknowledged block, with when (Unix seconds) it was answered.
+    acknowledged: Vec<(u64, f64)>,
+    /// Writes refused (the writer then reconnects).
+    refused: usize,
+}
+
+impl Writes {
+    fn blocks(&self) -> Vec<u64> {
+        self.acknowledged.iter().map(|(block, _)| *block).collect()
+    }
+
+    /// Seconds from `moment` to the first write answered after it.
+    fn first_after(&self, moment: f64) -> Option<f64> {
+        self.acknowledged.iter().map(|(_, time)| *time).find(|time| *time > moment).map(|time| time - moment)
+    }
+}
+
+/// Run the writer against `uris` for `seconds`; `on_ack` is called with the
+/// group and the count after each acknowledged write (to put a fault in).
+fn run_writer(group: &mut Group, uris: &[String], seconds: u32, mut on_ack: impl FnMut(&mut Group, usize)) -> Writes {
+    let mut writer = Command::new("/usr/bin/python3")
+        .args(["-c", WRITER, &uris.join(","), &seconds.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the writer");
+    let lines = BufReader::new(writer.stdout.take().expect("stdout"));
+    let mut writes = Writes { acknowledged: Vec::new(), refused: 0 };
+    for line in lines.lines() {
+        let line = line.expect("writer output");
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["ok", index, time, ..] => {
+                writes.acknowledged.push((index.parse().expect("index"), time.parse().expect("time")));
+                on_ack(group, writes.acknowledged.len());
+            }
+            ["error", ..] => writes.refused += 1,
+            _ => panic!("writer said {line:?}"),
+        }
+    }
+    assert!(writer.wait().expect("writer exits").success());
+    writes
+}
+
+/// Run the writer; SIGKILL `victim` after 300 acknowledged writes. Returns
+/// the writes and the seconds from the kill to the first write answered
+/// after it.
+fn write_through_a_kill(group: &mut Group, uris: &[String], seconds: u32, victim: &str) -> (Writes, f64) {
+    let mut killed = None;
+    let writes = run_writer(group, uris, seconds, |group, count| {
+        if count == 300 {
+            group.kill(victim);
+            killed = Some(now());
+        }
+    });
+    let killed = killed.expect("the writer got to 300 writes");
+    let failover = writes
+        .first_after(killed)
+        .unwrap_or_else(|| panic!("no write was answered after the kill\n{}", group.logs_tail(40)));
+    (writes, failover)
+}
+
+/// The NBD URIs of `members`, in that order (the writer tries them so).
+fn nbd_uris(group: &Group, members: &[&str]) -> Vec<String> {
+    members.iter().map(|name| format!("nbd://{}:{}", group.ips[*name], group.ports[2])).collect()
+}
+
+/// a (east), b (west, sync) and w, started; returns once a produces and
+/// west is current, with the record then.
+fn two_sites(label: &str, lease_ms: Option<u64>, etcd: Option<&EtcdServer>) -> (Group, serde_json::Value) {
+    let mut spec = GroupSpec::new(label)
+        .production("east")
+        .copy("west", "sync")
+        .member("a", "east", 1, "east.img")
+        .member("b", "west", 1, "west.img")
+        .witness("w")
+        .volume_size("256M");
+    spec.lease_ms = lease_ms;
+    spec.etcd = etcd.map(|server| server.endpoint.clone());
+    let mut group = Group::new(label, spec);
+    for name in ["w", "a", "b"] {
+        group.start(name);
+    }
+    let formed = group.wait_for(Duration::from_secs(20), |record| {
+        record["production"]["host"] == "a" && copy_entry(record, "west")["state"] == "current"
+    });
+    (group, formed)
+}
+
 #[test]
 fn a_failed_production_host_is_replaced_by_its_site_with_no_acknowledged_write_lost() {
     if !require_tool("/usr/bin/python3") {
@@ -71,46 +161,13 @@ fn a_failed_production_host_is_replaced_by_its_site_with_no_acknowledged_write_l
     let first = formed["production"]["host"].as_str().expect("host").to_string();
     let second = if first == "a1" { "a2" } else { "a1" };
     let epoch = formed["epoch"].as_u64().expect("epoch");
-    let uris: Vec<String> =
-        ["a1", "a2"].iter().map(|name| format!("nbd://{}:{}", group.ips[*name], group.ports[2])).collect();
-    let mut writer = Command::new("/usr/bin/python3")
-        .args(["-c", WRITER, &uris.join(","), "9"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the writer");
-    let lines = BufReader::new(writer.stdout.take().expect("stdout"));
-    let mut acknowledged = Vec::new();
-    let mut killed_at = None;
-    let mut first_after_kill = None;
-    let mut errors = Vec::new();
-    for line in lines.lines() {
-        let line = line.expect("writer output");
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["ok", index, time, ..] => {
-                let index: u64 = index.parse().expect("index");
-                let time: f64 = time.parse().expect("time");
-                acknowledged.push(index);
-                if killed_at.is_none() && acknowledged.len() == 300 {
-                    group.kill(&first);
-                    killed_at = Some((Instant::now(), now()));
-                } else if let (Some((_, killed)), None) = (killed_at, first_after_kill) {
-                    if time > killed {
-                        first_after_kill = Some(time - killed);
-                    }
-                }
-            }
-            ["error", ..] => errors.push(line.clone()),
-            _ => panic!("writer said {line:?}"),
-        }
-    }
-    assert!(writer.wait().expect("writer exits").success());
-    let (_, killed) = killed_at.expect("the production host was killed after 300 writes");
-    let failover = first_after_kill
-        .unwrap_or_else(|| panic!("no write after the kill; errors: {errors:?}\n{}", group.logs_tail(40)));
-    eprintln!("failover: first write answered by {second} {failover:.2} s after {first}'s SIGKILL at {killed:.3}; {} writes, {} errors",
-        acknowledged.len(), errors.len());
+    let uris = nbd_uris(&group, &["a1", "a2"]);
+    let (writes, failover) = write_through_a_kill(&mut group, &uris, 9, &first);
+    eprintln!(
+        "failover: first write answered by {second} {failover:.2} s after {first}'s SIGKILL; {} writes, {} refused",
+        writes.acknowledged.len(),
+        writes.refused
+    );
     let taken = group.wait_for(Duration::from_secs(10), |record| {
         record["production"]["host"] == second && copy_entry(record, "west")["state"] == "current"
     });
@@ -121,51 +178,13 @@ fn a_failed_production_host_is_replaced_by_its_site_with_no_acknowledged_write_l
     // (That the takeover waits out the old host's lease is the core's unit
     // test: after a SIGKILL, failure detection alone takes 2 s.)
     group.stop_all(&[second, "b", "w"], Duration::from_secs(30));
-    let east = std::fs::read(group.store(second)).expect("east store");
-    for index in &acknowledged {
-        let at = (*index * 4096) as usize;
-        assert_eq!(&east[at..at + 8], &index.to_le_bytes(), "acknowledged write {index} lost on the production store");
-    }
+    assert_all_present(&group.store(second), &writes.blocks());
     assert_eq!(sha256(&group.store(second)), sha256(&group.store("b")), "the copy differs from the production store");
 }
 
 /// Seconds since the Unix epoch.
 fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_secs_f64()
-}
-
-/// Run the writer against `uris` for `seconds`; SIGKILL `victim` after 300
-/// acknowledged writes. Returns every acknowledged block and the seconds
-/// from the kill to the first write answered after it.
-fn write_through_a_kill(group: &mut Group, uris: &[String], seconds: u32, victim: &str) -> (Vec<u64>, f64) {
-    let mut writer = Command::new("/usr/bin/python3")
-        .args(["-c", WRITER, &uris.join(","), &seconds.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the writer");
-    let lines = BufReader::new(writer.stdout.take().expect("stdout"));
-    let (mut acknowledged, mut killed_at, mut first_after_kill) = (Vec::new(), None, None);
-    for line in lines.lines() {
-        let line = line.expect("writer output");
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if let ["ok", index, time, ..] = words.as_slice() {
-            acknowledged.push(index.parse::<u64>().expect("index"));
-            let time: f64 = time.parse().expect("time");
-            if killed_at.is_none() && acknowledged.len() == 300 {
-                group.kill(victim);
-                killed_at = Some(now());
-            } else if let (Some(killed), None) = (killed_at, first_after_kill) {
-                if time > killed {
-                    first_after_kill = Some(time - killed);
-                }
-            }
-        }
-    }
-    assert!(writer.wait().expect("writer exits").success());
-    let failover =
-        first_after_kill.unwrap_or_else(|| panic!("no write was answered after the kill\n{}", group.logs_tail(40)));
-    (acknowledged, failover)
 }
 
 /// Every acknowledged block holds its number on `store`.
@@ -177,31 +196,16 @@ fn assert_all_present(store: &std::path::Path, acknowledged: &[u64]) {
     }
 }
 
-/// The site failover scenario on `spec` (a: east, b: west sync, w).
+/// The site failover scenario (a: east, b: west sync, w), on the embedded
+/// quorum or on `etcd`.
 fn site_failover(label: &str, etcd: Option<&EtcdServer>) {
-    let mut spec = GroupSpec::new(label)
-        .production("east")
-        .copy("west", "sync")
-        .member("a", "east", 1, "east.img")
-        .member("b", "west", 1, "west.img")
-        .witness("w")
-        .volume_size("256M")
-        .lease_ms(1000);
-    spec.etcd = etcd.map(|server| server.endpoint.clone());
-    let mut group = Group::new(label, spec);
-    for name in ["w", "a", "b"] {
-        group.start(name);
-    }
-    let formed = group.wait_for(Duration::from_secs(20), |record| {
-        record["production"]["host"] == "a" && copy_entry(record, "west")["state"] == "current"
-    });
+    let (mut group, formed) = two_sites(label, Some(1000), etcd);
     let epoch = formed["epoch"].as_u64().expect("epoch");
-    let uris: Vec<String> =
-        ["a", "b"].iter().map(|name| format!("nbd://{}:{}", group.ips[*name], group.ports[2])).collect();
-    let (acknowledged, failover) = write_through_a_kill(&mut group, &uris, 9, "a");
+    let uris = nbd_uris(&group, &["a", "b"]);
+    let (writes, failover) = write_through_a_kill(&mut group, &uris, 9, "a");
     eprintln!(
         "site failover ({label}): first write answered by b {failover:.2} s after a's SIGKILL; {} writes",
-        acknowledged.len()
+        writes.acknowledged.len()
     );
     let promoted = group.wait_for(Duration::from_secs(10), |record| record["production"]["site"] == "west");
     assert_eq!(promoted["production"]["host"], "b");
@@ -214,7 +218,7 @@ fn site_failover(label: &str, etcd: Option<&EtcdServer>) {
         copy_entry(record, "east")["host"] == "a" && copy_entry(record, "east")["state"] == "current"
     });
     group.stop_all(&["b", "a", "w"], Duration::from_secs(30));
-    assert_all_present(&group.store("b"), &acknowledged);
+    assert_all_present(&group.store("b"), &writes.blocks());
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")), "east was not resynced from west");
 }
 
@@ -239,18 +243,7 @@ fn a_stale_copy_is_not_promoted_when_the_production_site_is_lost_and_the_product
     if !require_tool("qemu-io") || !require_tool("nbdinfo") {
         return;
     }
-    let spec = GroupSpec::new("intime")
-        .production("east")
-        .copy("west", "sync")
-        .member("a", "east", 1, "east.img")
-        .member("b", "west", 1, "west.img")
-        .witness("w")
-        .lease_ms(1000);
-    let mut group = Group::new("intime", spec);
-    for name in ["w", "a", "b"] {
-        group.start(name);
-    }
-    group.wait_for(Duration::from_secs(20), |record| copy_entry(record, "west")["state"] == "current");
+    let (mut group, _) = two_sites("intime", Some(1000), None);
     group.kill("b");
     let stale = group.wait_for(Duration::from_secs(10), |record| copy_entry(record, "west")["state"] == "stale");
     let stale_seq = stale["seq"].as_u64().expect("seq");
@@ -290,51 +283,23 @@ fn a_frozen_production_host_deposed_while_frozen_fences_itself_on_thaw_and_no_wr
     if !require_tool("/usr/bin/python3") {
         return;
     }
-    let spec = GroupSpec::new("frozen")
-        .production("east")
-        .copy("west", "sync")
-        .member("a", "east", 1, "east.img")
-        .member("b", "west", 1, "west.img")
-        .witness("w")
-        .volume_size("256M")
-        .lease_ms(1000);
-    let mut group = Group::new("frozen", spec);
-    for name in ["w", "a", "b"] {
-        group.start(name);
-    }
-    group.wait_for(Duration::from_secs(20), |record| {
-        record["production"]["host"] == "a" && copy_entry(record, "west")["state"] == "current"
-    });
-    let uris: Vec<String> =
-        ["a", "b"].iter().map(|name| format!("nbd://{}:{}", group.ips[*name], group.ports[2])).collect();
-    let mut writer = Command::new("/usr/bin/python3")
-        .args(["-c", WRITER, &uris.join(","), "14"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the writer");
-    let lines = BufReader::new(writer.stdout.take().expect("stdout"));
-    let mut acknowledged = Vec::new();
-    for line in lines.lines() {
-        let line = line.expect("writer output");
-        if let ["ok", index, ..] = line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            acknowledged.push(index.parse::<u64>().expect("index"));
-            if acknowledged.len() == 300 {
-                group.freeze("a");
-                // Past a's lease, b is promoted while a sleeps.
-                group.wait_for(Duration::from_secs(15), |record| record["production"]["site"] == "west");
-                group.thaw("a");
-            }
+    let (mut group, _) = two_sites("frozen", Some(1000), None);
+    let uris = nbd_uris(&group, &["a", "b"]);
+    let writes = run_writer(&mut group, &uris, 14, |group, count| {
+        if count == 300 {
+            group.freeze("a");
+            // Past a's lease, b is promoted while a sleeps.
+            group.wait_for(Duration::from_secs(15), |record| record["production"]["site"] == "west");
+            group.thaw("a");
         }
-    }
-    assert!(writer.wait().expect("writer exits").success());
-    assert!(acknowledged.len() > 300, "no write after the promotion");
+    });
+    assert!(writes.acknowledged.len() > 300, "no write after the promotion");
     group.wait_for(Duration::from_secs(30), |record| {
         copy_entry(record, "east")["host"] == "a" && copy_entry(record, "east")["state"] == "current"
     });
     assert!(group.log("a").contains("self-fence"), "a did not fence itself:\n{}", group.logs_tail(30));
     group.stop_all(&["b", "a", "w"], Duration::from_secs(30));
-    assert_all_present(&group.store("b"), &acknowledged);
+    assert_all_present(&group.store("b"), &writes.blocks());
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")));
 }
 
@@ -343,68 +308,39 @@ fn a_switchover_and_its_failback_under_load_lose_no_write_and_end_identical() {
     if !require_tool("/usr/bin/python3") {
         return;
     }
-    let spec = GroupSpec::new("switch")
-        .production("east")
-        .copy("west", "sync")
-        .member("a", "east", 1, "east.img")
-        .member("b", "west", 1, "west.img")
-        .witness("w")
-        .volume_size("256M");
-    let mut group = Group::new("switch", spec);
-    for name in ["w", "a", "b"] {
-        group.start(name);
-    }
-    group.wait_for(Duration::from_secs(20), |record| {
-        record["production"]["host"] == "a" && copy_entry(record, "west")["state"] == "current"
-    });
-    let uris: Vec<String> =
-        ["a", "b"].iter().map(|name| format!("nbd://{}:{}", group.ips[*name], group.ports[2])).collect();
-    let mut writer = Command::new("/usr/bin/python3")
-        .args(["-c", WRITER, &uris.join(","), "16"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the writer");
-    let lines = BufReader::new(writer.stdout.take().expect("stdout"));
+    let (mut group, _) = two_sites("switch", None, None);
+    let uris = nbd_uris(&group, &["a", "b"]);
     let switch = |group: &Group, to: &str| {
         Command::new(system_tests::binary())
             .args(["switchover", "--config", group.config.to_str().expect("utf-8 path"), "--to-site", to])
             .output()
             .expect("run crossmirror switchover")
     };
-    let (mut acknowledged, mut errors) = (Vec::new(), 0);
     let mut outputs = Vec::new();
-    for line in lines.lines() {
-        let line = line.expect("writer output");
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["ok", index, ..] => {
-                acknowledged.push(index.parse::<u64>().expect("index"));
-                if acknowledged.len() == 300 {
-                    outputs.push(switch(&group, "west"));
-                } else if acknowledged.len() == 1500 && outputs.len() == 1 {
-                    outputs.push(switch(&group, "east"));
-                }
-            }
-            _ => errors += 1,
+    let writes = run_writer(&mut group, &uris, 16, |group, count| {
+        if count == 300 {
+            outputs.push(switch(group, "west"));
+        } else if count == 1500 && outputs.len() == 1 {
+            outputs.push(switch(group, "east"));
         }
-    }
-    assert!(writer.wait().expect("writer exits").success());
+    });
     for output in &outputs {
         let text = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "switchover failed: {text}{}", String::from_utf8_lossy(&output.stderr));
         eprintln!("{}", text.trim());
     }
-    assert_eq!(outputs.len(), 2, "both switchovers ran ({} writes)", acknowledged.len());
+    assert_eq!(outputs.len(), 2, "both switchovers ran ({} writes)", writes.acknowledged.len());
     let record = group.wait_for(Duration::from_secs(30), |record| {
         record["production"]["site"] == "east" && copy_entry(record, "west")["state"] == "current"
     });
     assert_eq!(record["production"]["host"], "a");
     eprintln!(
-        "{} writes acknowledged, {errors} refused while the role moved (the writer reconnected)",
-        acknowledged.len()
+        "{} writes acknowledged, {} refused while the role moved (the writer reconnected)",
+        writes.acknowledged.len(),
+        writes.refused
     );
     group.stop_all(&["a", "b", "w"], Duration::from_secs(30));
-    assert_all_present(&group.store("a"), &acknowledged);
+    assert_all_present(&group.store("a"), &writes.blocks());
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")));
 }
 
