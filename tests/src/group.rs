@@ -366,18 +366,8 @@ impl Group {
         self.frozen.remove(name);
         // SAFETY: kill(2) on a child we own, with a valid signal.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("node {name} did not exit within 30 s of SIGTERM:\n{}", self.logs_tail(30));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::wait_exit(&mut child, Instant::now() + Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("node {name} did not exit within 30 s of SIGTERM:\n{}", self.logs_tail(30)))
     }
 
     /// SIGTERM every node of `names`, in that order, at once (the way
@@ -396,17 +386,7 @@ impl Group {
         let deadline = Instant::now() + timeout;
         let mut exits: Vec<(String, Option<ExitStatus>)> = Vec::new();
         for (name, mut child) in children {
-            let status = loop {
-                if let Some(status) = child.try_wait().expect("wait") {
-                    break Some(status);
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break None;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            };
+            let status = crate::wait_exit(&mut child, deadline);
             exits.push((name, status));
         }
         exits

@@ -68,6 +68,22 @@ pub fn binary() -> PathBuf {
     path
 }
 
+/// Wait for `child` to exit until `deadline`: its status, or `None` when it
+/// was still running then (it is SIGKILLed and reaped).
+pub fn wait_exit(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     free_port_on("127.0.0.1")
@@ -192,17 +208,8 @@ impl Process {
         let mut child = self.child.take().expect("running");
         // SAFETY: kill with a pid we own and a valid signal number.
         unsafe { libc::kill(child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("crossmirror did not exit within 30 s of signal {signal}:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_exit(&mut child, Instant::now() + Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("crossmirror did not exit within 30 s of signal {signal}:\n{}", self.log()))
     }
 }
 
