@@ -19,7 +19,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -92,15 +91,7 @@ def formed(group):
 
 
 def main():
-    binary = os.environ.get("CM_BIN") or os.path.join(mirror.REPO, "target/release/crossmirror")
-    if not os.environ.get("CM_BIN"):
-        subprocess.run(["cargo", "build", "--release", "-p", "crossmirror"], cwd=mirror.REPO, check=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=mirror.REPO, capture_output=True, text=True).stdout.strip()
-    scratch = tempfile.mkdtemp(prefix="cm-failover-bench-", dir=os.environ.get("SCRATCH", "/var/tmp"))
-    secret = os.path.join(scratch, "secret")
-    with open(secret, "wb") as file:
-        file.write(os.urandom(32))
-    os.chmod(secret, 0o600)
+    binary, commit, scratch, secret = group_bench.prepare("failover")
     group_bench.CONFIG = group_bench.CONFIG.replace("[[site]]", f"[quorum]\nlease_ms = {LEASE_MS}\n\n[[site]]", 1)
 
     failovers = []
@@ -153,11 +144,7 @@ def main():
         f"- planned switchover, request → first write answered by the new host: median "
         f"{statistics.median(switchovers):.2f} s, max {max(switchovers):.2f} s over {len(switchovers)}",
     ]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if os.environ.get("OUT"):
-        with open(os.environ["OUT"], "a") as file:
-            file.write(report)
+    group_bench.publish(lines)
 
 
 if __name__ == "__main__":

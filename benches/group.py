@@ -151,16 +151,32 @@ def stale_times(log_path, after):
     return times
 
 
-def main():
+def prepare(label):
+    """The binary (built unless CM_BIN names one), the commit, a scratch
+    directory and a group secret in it."""
     binary = os.environ.get("CM_BIN") or os.path.join(REPO, "target/release/crossmirror")
     if not os.environ.get("CM_BIN"):
         subprocess.run(["cargo", "build", "--release", "-p", "crossmirror"], cwd=REPO, check=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    scratch = tempfile.mkdtemp(prefix="cm-group-bench-", dir=os.environ.get("SCRATCH", "/var/tmp"))
+    scratch = tempfile.mkdtemp(prefix=f"cm-{label}-bench-", dir=os.environ.get("SCRATCH", "/var/tmp"))
     secret = os.path.join(scratch, "secret")
     with open(secret, "wb") as file:
         file.write(os.urandom(32))
     os.chmod(secret, 0o600)
+    return binary, commit, scratch, secret
+
+
+def publish(lines):
+    """Print the report, and append it to OUT when set."""
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if os.environ.get("OUT"):
+        with open(os.environ["OUT"], "a") as file:
+            file.write(report)
+
+
+def main():
+    binary, commit, scratch, secret = prepare("group")
 
     formations = []
     for index in range(FORMATIONS):
@@ -241,11 +257,7 @@ def main():
         g = statistics.median(results[workload]["group"])
         s = statistics.median(results[workload]["standalone"])
         lines.append(f"| {workload} | {g:.0f} | {s:.0f} | {g / s:.2f} |")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if os.environ.get("OUT"):
-        with open(os.environ["OUT"], "a") as file:
-            file.write(report)
+    publish(lines)
 
 
 if __name__ == "__main__":

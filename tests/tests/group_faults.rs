@@ -530,18 +530,11 @@ fn cut_production(group: &mut Group, gid: u32) -> Cut {
     cut
 }
 
-/// Quorum loss under `on_quorum_loss = "suspend"`: a write on the cut
-/// production host waits (no answer, no error) and completes once the cut
-/// heals (or, if a learns it was forced out and self-fences, fails cleanly
-/// with EIO).
-#[test]
-fn a_production_host_without_quorum_suspends_writes_until_the_cut_heals() {
-    if !iptables_available() || !require_tool("nbdsh") {
-        return;
-    }
-    let _serial = serial();
-    let started = Instant::now();
-    let mut group = Group::new("gf-suspend", three_nodes("gfsuspend", "suspend"));
+/// The group of `spec` with a (production, under its own group id for the
+/// cut) serving with a valid lease, and a client whose first write (block
+/// 0) was answered.
+fn serving_before_a_cut(label: &str, spec: GroupSpec) -> (Group, u32, Python) {
+    let mut group = Group::new(label, spec);
     let gid = fresh_gid();
     group.start_with_gid("a", gid);
     group.start("b");
@@ -558,6 +551,21 @@ fn a_production_host_without_quorum_suspends_writes_until_the_cut_heals() {
         "a write before the cut: {first:?}\n{}",
         group.logs_tail(20)
     );
+    (group, gid, client)
+}
+
+/// Quorum loss under `on_quorum_loss = "suspend"`: a write on the cut
+/// production host waits (no answer, no error) and completes once the cut
+/// heals (or, if a learns it was forced out and self-fences, fails cleanly
+/// with EIO).
+#[test]
+fn a_production_host_without_quorum_suspends_writes_until_the_cut_heals() {
+    if !iptables_available() || !require_tool("nbdsh") {
+        return;
+    }
+    let _serial = serial();
+    let started = Instant::now();
+    let (mut group, gid, mut client) = serving_before_a_cut("gf-suspend", three_nodes("gfsuspend", "suspend"));
 
     let cut = cut_production(&mut group, gid);
     let log_from = group.log("a").len();
@@ -692,23 +700,7 @@ fn a_production_host_without_quorum_fails_writes_with_eio_under_io_error() {
     }
     let _serial = serial();
     let started = Instant::now();
-    let mut group = Group::new("gf-ioerror", three_nodes("gfioerror", "io-error"));
-    let gid = fresh_gid();
-    group.start_with_gid("a", gid);
-    group.start("b");
-    group.start("w");
-    wait_current(&group, Duration::from_secs(30));
-    // a serves with a valid lease before the cut (the first lease before
-    // NBD is `a_new_production_host_does_not_fail_writes_before_its_first_lease`'s).
-    group.wait_status("a", Duration::from_secs(10), |status| status["io"]["lease_valid"] == true);
-    let mut client = connect_one_by_one(&group.nbd_uri());
-    client.send("0");
-    let first = client.line_after(1, Duration::from_secs(5));
-    assert!(
-        first.as_deref().is_some_and(|line| line.starts_with("ok")),
-        "a write before the cut: {first:?}\n{}",
-        group.logs_tail(20)
-    );
+    let (mut group, gid, mut client) = serving_before_a_cut("gf-ioerror", three_nodes("gfioerror", "io-error"));
 
     let cut = cut_production(&mut group, gid);
     client.send("4096");
