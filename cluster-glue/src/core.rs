@@ -45,6 +45,10 @@ pub struct CopySite {
     pub name: String,
     /// `sync` or `async`.
     pub mode: String,
+    /// In `StartProduction`: the record shows its store identical to the
+    /// production store as this epoch starts (a clean hand-over), so only
+    /// what is written from now on is resynced to it.
+    pub identical: bool,
 }
 
 /// A member as the core needs it.
@@ -137,6 +141,17 @@ pub enum Event {
         /// The copy site to produce from.
         to: String,
     },
+    /// The operator asked for copy site `site` to be promoted although it
+    /// may lack acknowledged writes (`--accept-data-loss`).
+    Promote {
+        /// The copy site.
+        site: String,
+    },
+    /// The production role started; its store's token (32 hex digits).
+    Serving {
+        /// The token.
+        store: String,
+    },
     /// The operator asked this node to leave (SIGTERM).
     Leave,
     /// The roles stopped after `Leave`.
@@ -145,6 +160,8 @@ pub enum Event {
 
 /// What the shell does.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// A few commands per step, moved once: boxing the record would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Compare-and-set the record: write `record` if the stored one's seq
     /// is still `expected`; then send `Written` or `Conflict`.
@@ -163,6 +180,8 @@ pub enum Command {
     StartProduction {
         /// The fencing epoch.
         epoch: u64,
+        /// The record's generation.
+        generation: u64,
         /// The copy sites and their modes, in the record's order.
         copies: Vec<CopySite>,
     },
@@ -242,6 +261,16 @@ pub struct Core {
     role_failure: Option<String>,
     /// A switchover the operator asked this node for, not yet recorded.
     switchover_asked: Option<String>,
+    /// A forced promotion the operator asked this node for, not yet recorded.
+    promotion_asked: Option<String>,
+    /// The production store's token while this node serves it.
+    serving_store: Option<String>,
+    /// The epoch this node stopped serving at for a switchover, and its
+    /// store's token: the hand-over it records.
+    handing_over: Option<(u64, String)>,
+    /// The copies a clean hand-over showed identical to this store as the
+    /// epoch starts, taken out of the record for the next start only.
+    claimed: Option<(u64, Vec<String>)>,
     /// A notice decided but not yet given, and the last one given.
     notice: Option<String>,
     noticed: Option<String>,
@@ -271,6 +300,10 @@ impl Core {
             notice: None,
             noticed: None,
             switchover_asked: None,
+            promotion_asked: None,
+            serving_store: None,
+            handing_over: None,
+            claimed: None,
         }
     }
 
@@ -289,6 +322,12 @@ impl Core {
             Phase::Left => "left",
             Phase::Done => "done",
         }
+    }
+
+    /// The last notice given (why a copy is not promoted, why a request
+    /// was refused), for status.
+    pub fn last_notice(&self) -> Option<&str> {
+        self.noticed.as_deref()
     }
 
     /// Whether a write is outstanding.
@@ -328,6 +367,8 @@ impl Core {
             Event::Leader(leader) => self.leader = leader,
             Event::Tick { now_ms } => self.now_ms = now_ms,
             Event::Switchover { to } => self.switchover_asked = Some(to),
+            Event::Promote { site } => self.promotion_asked = Some(site),
+            Event::Serving { store } => self.serving_store = Some(store),
             Event::RoleFailed { why } => {
                 self.production = None;
                 self.copy_running = false;
@@ -499,6 +540,7 @@ impl Core {
                 }
             }
             Phase::Joined => {
+                self.claim_hand_over(record, why);
                 if let Some(to) = self.switchover_asked.clone() {
                     // Kept until a record carrying it is read (a write of it
                     // may conflict and be redone).
@@ -531,6 +573,26 @@ impl Core {
                         }
                     }
                 }
+                if let Some(site) = self.promotion_asked.take() {
+                    match record.copy(&site) {
+                        None => {
+                            self.notice = Some(format!(
+                            "promotion of {site} refused: it is not a copy site of this group (production site: {})",
+                            record.production.site
+                        ))
+                        }
+                        Some(copy) if copy.state == CopyRecordState::Syncing => {
+                            self.notice = Some(format!(
+                            "promotion of {site} refused: its copy is syncing, so its store holds no consistent image"
+                        ))
+                        }
+                        Some(_) if record.promotion.as_deref() == Some(site.as_str()) => {}
+                        Some(_) => {
+                            record.promotion = Some(site.clone());
+                            why.push(format!("forced promotion of site {site} asked for (--accept-data-loss)"));
+                        }
+                    }
+                }
                 let target_current = record
                     .switchover
                     .as_deref()
@@ -538,11 +600,27 @@ impl Core {
                     .is_some_and(|copy| copy.state == CopyRecordState::Current);
                 if target_current && record.production.host.as_deref() == Some(me.as_str()) {
                     // Planned: stop serving first (drain, flush: every sync
-                    // copy has every acknowledged write), then hand over.
-                    if self.production.take().is_some() {
+                    // copy has every acknowledged write), then hand over,
+                    // with this store's token: a stop that was not clean
+                    // (a write in flight, a copy recorded stale) changed
+                    // the record, so this write conflicts and the
+                    // hand-over is not recorded.
+                    let serving = self.production.take();
+                    if serving.is_some() {
                         commands.push(Command::StopProduction);
                         self.copy_hosts.clear();
                     }
+                    if serving == Some(record.epoch) {
+                        if let Some(store) = self.serving_store.take() {
+                            self.handing_over = Some((record.epoch, store));
+                        }
+                    }
+                    // Kept for a retry of this write (a conflict): the role
+                    // stopped at this epoch either way.
+                    record.handover =
+                        self.handing_over.clone().filter(|(epoch, _)| *epoch == record.epoch).map(|(epoch, store)| {
+                            crate::record::Handover { site: record.production.site.clone(), store, epoch }
+                        });
                     record.production.host = None;
                     why.push(format!(
                         "{me} stopped serving and hands the production role over to site {}",
@@ -594,6 +672,32 @@ impl Core {
                 self.phase = Phase::Done;
             }
             Phase::Done => {}
+        }
+    }
+
+    /// About to serve an epoch whose record shows copies identical to this
+    /// store (a clean hand-over): take the claim out of the record first
+    /// and keep it for this start only, so that a second start of the same
+    /// epoch (after a crash, a restart, a fence) resyncs those copies from
+    /// its bitmap, or in full, instead of trusting a claim that writes made
+    /// since may have broken.
+    fn claim_hand_over(&mut self, record: &mut GroupRecord, why: &mut Vec<String>) {
+        let me = self.topology.me.as_str();
+        if record.production.host.as_deref() != Some(me) || self.production.is_some() {
+            return;
+        }
+        let epoch = record.epoch;
+        let mut claimed = Vec::new();
+        for copy in record.copies.iter_mut().filter(|copy| copy.identical_epoch == Some(epoch)) {
+            copy.identical_epoch = None;
+            claimed.push(copy.site.clone());
+        }
+        if !claimed.is_empty() {
+            why.push(format!(
+                "{me} starts epoch {epoch} with {} identical to its store (a clean hand-over)",
+                claimed.join(", ")
+            ));
+            self.claimed = Some((epoch, claimed));
         }
     }
 
@@ -662,7 +766,20 @@ impl Core {
         }
         let production_site = record.production.site.clone();
         let failed = host.as_deref().is_some_and(|host| record.member_state(host) == MemberState::ForcedLeaving);
-        if replace && failed && self.candidate(record, &production_site).is_none() {
+        let down = replace && self.candidate(record, &production_site).is_none();
+        if let Some(site) = record.promotion.clone() {
+            if failed && !replace {
+                // Its host failed; the promotion waits out its lease.
+                return;
+            }
+            self.force_promotion(record, &site, down, why);
+            return;
+        }
+        // No member of the production site can serve: its host failed and
+        // its lease ran out, or (once the site has served) every member left
+        // and went silent, or is there without access to the store.
+        if down && (failed || (self.settled && !record.history.is_empty() && self.site_gone(record, &production_site)))
+        {
             self.fail_over(record, why);
             return;
         }
@@ -686,16 +803,31 @@ impl Core {
         }
     }
 
+    /// Whether no member of `site` will serve without a failover: each is
+    /// silent, or there without access to the store.
+    fn site_gone(&self, record: &GroupRecord, site: &str) -> bool {
+        self.topology.site_members(site).iter().all(|member| {
+            !self.live.contains(&member.name)
+                || record
+                    .members
+                    .get(&member.name)
+                    .is_some_and(|entry| entry.state == MemberState::Joined && !entry.access)
+        })
+    }
+
     /// The production site has no member left to serve (its host failed and
-    /// its lease ran out): promote the first copy site whose copy is
+    /// its lease ran out): promote the first sync copy site whose copy is
     /// `current` and whose host is live (seed 003). A stale or syncing copy
-    /// is never promoted (invariant 2); the old production site becomes a
-    /// copy site, resynced in full from the new production (its store may
-    /// hold writes the promoted copy never got: never merged).
+    /// is never promoted (invariant 2), nor an async one, which may lack
+    /// acknowledged writes (that takes `crossmirror promote
+    /// --accept-data-loss`); the old production site becomes a copy site,
+    /// resynced in full from the new production (its store may hold writes
+    /// the promoted copy never got: never merged).
     fn fail_over(&mut self, record: &mut GroupRecord, why: &mut Vec<String>) {
         let old_site = record.production.site.clone();
         let promotable = record.copies.iter().position(|copy| {
-            copy.state == CopyRecordState::Current
+            copy.mode == "sync"
+                && copy.state == CopyRecordState::Current
                 && copy.host.as_deref().is_some_and(|host| self.can_host(record, host))
         });
         let Some(index) = promotable else {
@@ -703,6 +835,11 @@ impl Core {
                 .copies
                 .iter()
                 .map(|copy| match &copy.state {
+                    CopyRecordState::Current if copy.mode != "sync" => format!(
+                        "{} is an async copy and may lack acknowledged writes (to promote it anyway: \
+                         crossmirror promote --site {} --accept-data-loss)",
+                        copy.site, copy.site
+                    ),
                     CopyRecordState::Current => format!("{} has no live host", copy.site),
                     CopyRecordState::Stale { since, reason } => {
                         format!("{} is stale since {since} ({reason})", copy.site)
@@ -719,12 +856,92 @@ impl Core {
         self.promote(record, index, "the production site failed", why);
     }
 
+    /// `crossmirror promote --site SITE --accept-data-loss`: promote a copy
+    /// that may lack acknowledged writes (an async copy, or one recorded
+    /// stale, whose store holds the consistent image of when it stopped),
+    /// once the production site is down (its host's lease ran out) and no
+    /// current sync copy could take over without loss. The new generation
+    /// is a fork, recorded in the history: the old production site and
+    /// every other copy may hold writes of the abandoned line, so each is
+    /// recorded stale with no known store and resynced in full from the new
+    /// production (their diverged writes are overwritten, never merged).
+    fn force_promotion(&mut self, record: &mut GroupRecord, site: &str, down: bool, why: &mut Vec<String>) {
+        record.promotion = None;
+        let refuse = |core: &mut Core, why: &mut Vec<String>, reason: String| {
+            let refusal = format!("forced promotion of {site} refused: {reason}");
+            why.push(refusal.clone());
+            core.notice = Some(refusal);
+        };
+        if !down {
+            let by = record.production.host.clone().unwrap_or_else(|| "a member that can serve".to_string());
+            return refuse(
+                self,
+                why,
+                format!(
+                    "the production site {} still has {by} (its lease has not run out, or it can serve): \
+                     a planned move is `crossmirror switchover`",
+                    record.production.site
+                ),
+            );
+        }
+        let Some(index) = record.copies.iter().position(|copy| copy.site == site) else {
+            return refuse(self, why, "not a copy site".to_string());
+        };
+        let copy = &record.copies[index];
+        if copy.state == CopyRecordState::Syncing {
+            return refuse(self, why, "its copy is syncing: its store holds no consistent image".to_string());
+        }
+        if !copy.host.as_deref().is_some_and(|host| self.can_host(record, host)) {
+            return refuse(self, why, "it has no live member with access to its store".to_string());
+        }
+        let lossless = record.copies.iter().find(|other| {
+            other.site != site
+                && other.mode == "sync"
+                && other.state == CopyRecordState::Current
+                && other.host.as_deref().is_some_and(|host| self.can_host(record, host))
+        });
+        if let Some(lossless) = lossless {
+            return refuse(
+                self,
+                why,
+                format!("copy site {} is current (sync) and loses nothing: it takes over instead", lossless.site),
+            );
+        }
+        let given_up = match &copy.state {
+            CopyRecordState::Stale { since, reason } => {
+                format!("every write acknowledged since its copy went stale at {since} ({reason})")
+            }
+            _ => "the acknowledged writes not yet shipped to this async copy".to_string(),
+        };
+        let (old_site, old_generation) = (record.production.site.clone(), record.generation);
+        self.promote(record, index, "forced promotion (--accept-data-loss)", why);
+        let fork = format!(
+            "forced promotion of {site} over {old_site} (generation {old_generation} forked): {given_up} given up; \
+             the other sites are resynced in full from {site}"
+        );
+        if let Some(entry) = record.history.last_mut() {
+            entry.fork = Some(fork.clone());
+        }
+        for other in record.copies.iter_mut() {
+            other.state = CopyRecordState::Stale {
+                since: 0,
+                reason: format!(
+                    "generation {old_generation} was forked by the forced promotion of {site}: resynced in full"
+                ),
+            };
+            other.store = "0".repeat(32);
+            other.identical_epoch = None;
+        }
+        self.notice = Some(fork);
+    }
+
     /// A planned switchover to copy site `to`: once the production host has
     /// stopped serving (it recorded no host), promote `to` if its copy is
     /// current; a switchover that cannot happen is dropped, said why.
     fn switch_over(&mut self, record: &mut GroupRecord, to: &str, why: &mut Vec<String>) {
         let Some(index) = record.copies.iter().position(|copy| copy.site == to) else {
             record.switchover = None;
+            record.handover = None;
             why.push(format!("switchover to {to} dropped: not a copy site"));
             return;
         };
@@ -733,6 +950,7 @@ impl Core {
             && copy.host.as_deref().is_some_and(|host| self.can_host(record, host));
         if !ready {
             record.switchover = None;
+            record.handover = None;
             why.push(format!(
                 "switchover to {to} dropped: its copy is {} with host {}; the production site keeps serving",
                 copy.state.name(),
@@ -749,29 +967,49 @@ impl Core {
     }
 
     /// Make copy site `index` the production site; the old production site
-    /// becomes a copy site recorded stale (resynced by checksum from the new
-    /// production: only what differs moves).
+    /// becomes a copy site. After a clean hand-over (its host stopped for a
+    /// switchover, drained and flushed, with this epoch's token recorded)
+    /// its store equals every current copy's: it stays current, and the new
+    /// production host resyncs to it only what it writes from now on.
+    /// Otherwise (a failure) it may hold writes the promoted copy never got:
+    /// recorded stale with no known store, it is resynced in full.
     fn promote(&mut self, record: &mut GroupRecord, index: usize, cause: &str, why: &mut Vec<String>) {
         let old_site = record.production.site.clone();
+        let handed_over = record
+            .handover
+            .take()
+            .filter(|handover| handover.site == old_site && handover.epoch == record.epoch)
+            .map(|handover| handover.store);
         let promoted = record.copies.remove(index);
         let host = promoted.host.clone().expect("a promotable copy has a host");
         record.production = crate::record::Production { site: promoted.site.clone(), host: Some(host.clone()) };
         record.epoch += 1;
         record.generation += 1;
         record.push_history(&host);
+        let identical_epoch = handed_over.as_ref().map(|_| record.epoch);
+        for copy in record.copies.iter_mut().filter(|copy| copy.state == CopyRecordState::Current) {
+            copy.identical_epoch = identical_epoch;
+        }
         record.copies.insert(
             index,
             crate::record::CopyEntry {
                 site: old_site.clone(),
                 host: None,
                 mode: promoted.mode.clone(),
-                state: CopyRecordState::Stale {
-                    since: 0,
-                    reason: format!("site {} took over the production role ({cause}): resynced from it", promoted.site),
+                state: match &handed_over {
+                    Some(_) => CopyRecordState::Current,
+                    None => CopyRecordState::Stale {
+                        since: 0,
+                        reason: format!(
+                            "site {} took over the production role ({cause}): resynced in full from it",
+                            promoted.site
+                        ),
+                    },
                 },
                 generation: record.generation,
                 slot: promoted.slot,
-                store: "0".repeat(32),
+                store: handed_over.unwrap_or_else(|| "0".repeat(32)),
+                identical_epoch,
             },
         );
         why.push(format!(
@@ -810,12 +1048,21 @@ impl Core {
             _ => {}
         }
         if produce && self.production.is_none() {
+            // Used for this start only.
+            let claimed = self.claimed.take();
             let copies = record
                 .copies
                 .iter()
-                .map(|copy| CopySite { name: copy.site.clone(), mode: copy.mode.clone() })
+                .map(|copy| CopySite {
+                    name: copy.site.clone(),
+                    mode: copy.mode.clone(),
+                    identical: claimed
+                        .as_ref()
+                        .is_some_and(|(epoch, sites)| *epoch == record.epoch && sites.contains(&copy.site)),
+                })
                 .collect();
-            commands.push(Command::StartProduction { epoch: record.epoch, copies });
+            self.serving_store = None;
+            commands.push(Command::StartProduction { epoch: record.epoch, generation: record.generation, copies });
             self.production = Some(record.epoch);
         }
         if produce {

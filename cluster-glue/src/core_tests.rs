@@ -16,7 +16,7 @@ fn topology(me: &str) -> Topology {
     Topology {
         me: me.to_string(),
         production_site: "east".to_string(),
-        copy_sites: vec![CopySite { name: "west".to_string(), mode: "sync".to_string() }],
+        copy_sites: vec![CopySite { name: "west".to_string(), mode: "sync".to_string(), identical: false }],
         members: vec![member("a", "east", 1, 1), member("b1", "west", 1, 2), member("b2", "west", 2, 4)],
         witnesses: vec!["w".to_string()],
         config_digest: DIGEST.to_string(),
@@ -26,7 +26,7 @@ fn topology(me: &str) -> Topology {
 }
 
 fn west() -> Vec<CopySite> {
-    vec![CopySite { name: "west".to_string(), mode: "sync".to_string() }]
+    vec![CopySite { name: "west".to_string(), mode: "sync".to_string(), identical: false }]
 }
 
 fn entry(state: MemberState, incarnation: u64, access: bool) -> MemberEntry {
@@ -104,7 +104,7 @@ fn the_leader_joins_and_makes_itself_production_host_in_one_write_then_serves_wi
     assert_eq!(
         core.step(Event::Written(joined)),
         vec![
-            Command::StartProduction { epoch: 1, copies: west() },
+            Command::StartProduction { epoch: 1, generation: 1, copies: west() },
             Command::SetCopyHost { site: "west".into(), address: None }
         ]
     );
@@ -140,7 +140,7 @@ fn a_silent_copy_host_is_forced_out_and_the_next_in_backup_order_takes_its_store
     let (mut core, hosted) = joined_node("a", true, &["b1", "b2"]);
     assert_eq!(hosted.copies[0].host.as_deref(), Some("b1"));
     let commands = core.step(Event::Written(hosted.clone()));
-    assert_eq!(commands[0], Command::StartProduction { epoch: 1, copies: west() });
+    assert_eq!(commands[0], Command::StartProduction { epoch: 1, generation: 1, copies: west() });
     // Not settled yet: silence is not failure.
     assert_eq!(core.step(live(&["a", "b2", "w"], false)), vec![]);
     let moved = next(&hosted, |record| {
@@ -315,7 +315,7 @@ fn a_failed_production_host_is_replaced_only_after_its_lease_has_run_out_with_a_
     assert_eq!(
         a2.step(Event::Written(taken)),
         vec![
-            Command::StartProduction { epoch: 2, copies: west() },
+            Command::StartProduction { epoch: 2, generation: 2, copies: west() },
             Command::SetCopyHost { site: "west".into(), address: Some("127.0.0.2:7401".parse().unwrap()) }
         ]
     );
@@ -324,11 +324,17 @@ fn a_failed_production_host_is_replaced_only_after_its_lease_has_run_out_with_a_
 /// A record where a hosts east, b1 hosts west (in `west_state`), a is
 /// forced out; b1's core, leading, has seen it so at time 1000.
 fn production_site_lost(west_state: CopyRecordState) -> (Core, GroupRecord) {
+    production_site_lost_with(west_state, "sync")
+}
+
+/// The same, with west's copy in `mode`.
+fn production_site_lost_with(west_state: CopyRecordState, mode: &str) -> (Core, GroupRecord) {
     let (mut b1, joined) = joined_node("b1", true, &["a"]);
     assert_eq!(joined.production.host.as_deref(), Some("a"));
     assert_eq!(b1.step(Event::Written(joined.clone())), vec![Command::StartCopy]);
     let mut record = next(&joined, |record| {
         record.copies[0].state = west_state;
+        record.copies[0].mode = mode.to_string();
         record.members.get_mut("a").unwrap().state = MemberState::ForcedLeaving;
     });
     record.seq = 20;
@@ -354,11 +360,14 @@ fn a_current_copy_is_promoted_when_the_production_site_is_lost_after_the_lease_a
             mode: "sync".into(),
             state: CopyRecordState::Stale {
                 since: 0,
-                reason: "site west took over the production role (the production site failed): resynced from it".into(),
+                reason:
+                    "site west took over the production role (the production site failed): resynced in full from it"
+                        .into(),
             },
             generation: 2,
             slot: 0,
             store: "0".repeat(32),
+            identical_epoch: None,
         };
     });
     assert_eq!(
@@ -373,7 +382,11 @@ fn a_current_copy_is_promoted_when_the_production_site_is_lost_after_the_lease_a
         b1.step(Event::Written(promoted)),
         vec![
             Command::StopCopy,
-            Command::StartProduction { epoch: 2, copies: vec![CopySite { name: "east".into(), mode: "sync".into() }] },
+            Command::StartProduction {
+                epoch: 2,
+                generation: 2,
+                copies: vec![CopySite { name: "east".into(), mode: "sync".into(), identical: false }]
+            },
             Command::SetCopyHost { site: "east".into(), address: None },
         ]
     );
@@ -392,4 +405,141 @@ fn a_stale_or_syncing_copy_is_never_promoted_and_the_leader_says_why_once() {
         );
         assert_eq!(b1.step(Event::Tick { now_ms: 20_000 }), vec![], "said once");
     }
+}
+
+#[test]
+fn an_async_copy_is_not_promoted_by_itself_and_the_leader_says_how_to_force_it() {
+    let (mut b1, _) = production_site_lost_with(CopyRecordState::Current, "async");
+    let commands = b1.step(Event::Tick { now_ms: 10_000 });
+    let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
+    assert!(message.contains("west is an async copy and may lack acknowledged writes"), "{message}");
+    assert!(message.contains("crossmirror promote --site west --accept-data-loss"), "{message}");
+}
+
+#[test]
+fn a_forced_promotion_waits_out_the_lease_then_records_a_fork_and_every_other_site_is_resynced_in_full() {
+    let (mut b1, lost) = production_site_lost_with(CopyRecordState::Current, "async");
+    let asked = next(&lost, |record| record.promotion = Some("west".into()));
+    assert_eq!(
+        b1.step(Event::Promote { site: "west".into() }),
+        vec![write(&lost, &asked, "forced promotion of site west asked for (--accept-data-loss)")]
+    );
+    assert_eq!(b1.step(Event::Written(asked.clone())), vec![]);
+    // a's lease (2000 ms) plus the margin have not run out: it waits.
+    assert_eq!(b1.step(Event::Tick { now_ms: 1_000 + 2_000 + LEASE_MARGIN_MS - 1 }), vec![]);
+    let fork = "forced promotion of west over east (generation 1 forked): the acknowledged writes not yet shipped \
+                to this async copy given up; the other sites are resynced in full from west";
+    let promoted = next(&asked, |record| {
+        record.promotion = None;
+        record.production = crate::record::Production { site: "west".into(), host: Some("b1".into()) };
+        record.epoch = 2;
+        record.generation = 2;
+        record.push_history("b1");
+        record.history.last_mut().unwrap().fork = Some(fork.into());
+        record.copies[0] = crate::record::CopyEntry {
+            site: "east".into(),
+            host: None,
+            mode: "async".into(),
+            state: CopyRecordState::Stale {
+                since: 0,
+                reason: "generation 1 was forked by the forced promotion of west: resynced in full".into(),
+            },
+            generation: 2,
+            slot: 0,
+            store: "0".repeat(32),
+            identical_epoch: None,
+        };
+    });
+    assert_eq!(
+        b1.step(Event::Tick { now_ms: 1_000 + 2_000 + LEASE_MARGIN_MS }),
+        vec![write(
+            &asked,
+            &promoted,
+            "forced promotion (--accept-data-loss): copy site west (current) promoted over east, b1 serves (epoch 2, generation 2)"
+        )]
+    );
+    let commands = b1.step(Event::Written(promoted));
+    assert_eq!(commands[0], Command::StopCopy);
+    assert!(matches!(commands[1], Command::StartProduction { epoch: 2, generation: 2, .. }), "{commands:?}");
+    assert_eq!(commands.last(), Some(&Command::Notice { message: fork.into() }));
+}
+
+#[test]
+fn a_forced_promotion_is_refused_while_the_production_host_serves_and_for_a_syncing_copy() {
+    let (mut b1, joined) = joined_node("b1", true, &["a"]);
+    assert_eq!(b1.step(Event::Written(joined.clone())), vec![Command::StartCopy]);
+    let commands = b1.step(Event::Promote { site: "west".into() });
+    let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
+    assert!(message.starts_with("forced promotion of west refused: the production site east still has a"), "{message}");
+    let (mut b1, lost) = production_site_lost_with(CopyRecordState::Syncing, "async");
+    let commands = b1.step(Event::Promote { site: "west".into() });
+    let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
+    assert!(message.contains("refused: its copy is syncing"), "{message}");
+    assert_eq!(b1.record(), Some(&lost), "nothing written");
+}
+
+#[test]
+fn a_clean_switchover_hands_the_store_over_and_the_new_production_host_resyncs_only_new_writes() {
+    let (mut a, joined) = joined_node("a", true, &["b1", "w"]);
+    assert_eq!(joined.copies[0].host.as_deref(), Some("b1"));
+    let commands = a.step(Event::Written(joined.clone()));
+    assert!(matches!(commands[0], Command::StartProduction { epoch: 1, .. }), "{commands:?}");
+    let token = "ab".repeat(16);
+    assert_eq!(a.step(Event::Serving { store: token.clone() }), vec![]);
+    let current = next(&joined, |record| record.copies[0].state = CopyRecordState::Current);
+    a.step(Event::Record(Some(current.clone())));
+    let commands = a.step(Event::Switchover { to: "west".into() });
+    let [Command::StopProduction, Command::Write { .. }] = &commands[..] else { panic!("{commands:?}") };
+    // The write conflicts (the copy's state was recorded meanwhile): the
+    // retry still hands the stopped store over.
+    assert_eq!(a.step(Event::Conflict), vec![]);
+    let commands = a.step(Event::Record(Some(next(&current, |_| {}))));
+    let [Command::Write { record: moved, .. }] = &commands[..] else { panic!("{commands:?}") };
+    assert_eq!(moved.production, crate::record::Production { site: "west".into(), host: Some("b1".into()) });
+    assert_eq!((moved.epoch, moved.generation), (2, 2));
+    assert_eq!(moved.handover, None, "consumed by the promotion");
+    assert_eq!(moved.switchover, None);
+    let east = moved.copy("east").unwrap();
+    assert_eq!(east.state, CopyRecordState::Current, "the stopped store equals the current copy");
+    assert_eq!(east.store, token);
+    assert_eq!(east.identical_epoch, Some(2));
+    // b1 reads it: it serves, and knows east's store needs only new writes.
+    let (mut b1, b1_joined) = joined_node("b1", false, &["a", "w"]);
+    b1.step(Event::Written(b1_joined));
+    // It takes the claim out of the record first: it holds for this start
+    // only.
+    let commands = b1.step(Event::Record(Some(moved.clone())));
+    let claimed = next(moved, |record| record.copies[0].identical_epoch = None);
+    assert_eq!(
+        commands,
+        vec![write(moved, &claimed, "b1 starts epoch 2 with east identical to its store (a clean hand-over)")]
+    );
+    let commands = b1.step(Event::Written(claimed.clone()));
+    assert!(
+        commands.contains(&Command::StartProduction {
+            epoch: 2,
+            generation: 2,
+            copies: vec![CopySite { name: "east".into(), mode: "sync".into(), identical: true }]
+        }),
+        "{commands:?}"
+    );
+
+    // A hand-over of another epoch is no proof: a full resync.
+    let (mut a2, joined2) = joined_node("a", true, &["b1", "w"]);
+    a2.step(Event::Written(joined2.clone()));
+    let unproven = next(&joined2, |record| {
+        record.copies[0].state = CopyRecordState::Current;
+        record.switchover = Some("west".into());
+        record.production.host = None;
+        record.handover = Some(crate::record::Handover { site: "east".into(), store: token.clone(), epoch: 0 });
+    });
+    let commands = a2.step(Event::Record(Some(unproven)));
+    let Some(Command::Write { record: moved, .. }) =
+        commands.iter().find(|command| matches!(command, Command::Write { .. }))
+    else {
+        panic!("{commands:?}")
+    };
+    let east = moved.copy("east").unwrap();
+    assert!(matches!(east.state, CopyRecordState::Stale { .. }), "{east:?}");
+    assert_eq!((east.store.as_str(), east.identical_epoch), ("0".repeat(32).as_str(), None));
 }

@@ -54,6 +54,11 @@ pub struct ProductionSpec {
     pub secret: Secret,
     /// The fencing epoch.
     pub epoch: u64,
+    /// The record's generation: the production era starting now.
+    pub generation: u64,
+    /// Copy sites whose stores the record shows identical to this store as
+    /// this epoch starts (a clean hand-over): their bitmap bits are cleared.
+    pub identical: Vec<String>,
     /// The mirror state, on the group record.
     pub state_store: Arc<dyn MirrorStateStore>,
     /// NBD requests pass only while it is open (the quorum lease).
@@ -81,8 +86,9 @@ pub struct CopySpec {
 /// Runs the roles the core names this member to (the binary implements it
 /// with the NBD server, the mirror service and the copy role).
 pub trait RoleRunner {
-    /// Serve the production store over NBD and mirror it.
-    fn start_production(&mut self, spec: ProductionSpec) -> Result<(), String>;
+    /// Serve the production store over NBD and mirror it; returns the
+    /// store's token (32 hex digits).
+    fn start_production(&mut self, spec: ProductionSpec) -> Result<String, String>;
     /// Point a copy site's link at its host.
     fn set_copy_host(&mut self, site: &str, address: Option<SocketAddr>);
     /// Stop serving: drain, flush, stop mirroring.
@@ -116,6 +122,11 @@ pub enum Request {
         /// The copy site.
         to: String,
     },
+    /// A forced promotion of copy site `site` (`--accept-data-loss`).
+    Promote {
+        /// The copy site.
+        site: String,
+    },
 }
 
 /// Requests waiting for the node thread.
@@ -129,7 +140,7 @@ fn topology(config: &GroupConfig, me: &str) -> Topology {
         copy_sites: config
             .copy_sites()
             .into_iter()
-            .map(|site| CopySite { name: site.name.clone(), mode: site.mode.as_str().to_string() })
+            .map(|site| CopySite { name: site.name.clone(), mode: site.mode.as_str().to_string(), identical: false })
             .collect(),
         members: config
             .members
@@ -470,6 +481,10 @@ impl Shell<'_> {
                         tracing::info!(to = %to, "switchover to site {to} asked for");
                         self.events.push(Event::Switchover { to });
                     }
+                    Request::Promote { site } => {
+                        tracing::warn!(site = %site, "forced promotion of site {site} asked for (--accept-data-loss)");
+                        self.events.push(Event::Promote { site });
+                    }
                 }
             }
             let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -588,7 +603,7 @@ impl Shell<'_> {
                 }
                 self.events.push(Event::Access(result));
             }
-            Command::StartProduction { epoch, copies } => self.start_production(epoch, &copies),
+            Command::StartProduction { epoch, generation, copies } => self.start_production(epoch, generation, &copies),
             Command::Notice { message } => tracing::warn!("{message}"),
             Command::SetCopyHost { site, address } => self.runner.set_copy_host(&site, address),
             Command::StopProduction => {
@@ -648,7 +663,7 @@ impl Shell<'_> {
         }
     }
 
-    fn start_production(&mut self, epoch: u64, copy_sites: &[crate::core::CopySite]) {
+    fn start_production(&mut self, epoch: u64, generation: u64, copy_sites: &[crate::core::CopySite]) {
         let member = self.config.member(self.name).expect("only members produce");
         let gate = Arc::new(Gate::new(match self.config.on_quorum_loss {
             OnQuorumLoss::Suspend => OnExpiry::Suspend,
@@ -681,6 +696,8 @@ impl Shell<'_> {
             copies,
             secret: self.secret.clone(),
             epoch,
+            generation,
+            identical: copy_sites.iter().filter(|site| site.identical).map(|site| site.name.clone()).collect(),
             state_store,
             gate: gate.clone(),
             nbd_listen: SocketAddr::new(member.address, self.config.ports.nbd),
@@ -698,7 +715,8 @@ impl Shell<'_> {
                 self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner).take();
                 self.events.push(Event::RoleFailed { why });
             }
-            Ok(()) => {
+            Ok(store) => {
+                self.events.push(Event::Serving { store });
                 if let Some(actions) = &self.actions {
                     actions.started(&self.action_context("production"), self.production_by_recovery());
                 }
@@ -769,6 +787,7 @@ impl Shell<'_> {
             "roles": self.runner.status(),
             "io": gate.map(|gate| json!({ "lease_valid": gate.is_open(), "requests_waiting": gate.waiting() })),
             "liveness_refused": self.liveness.refused(),
+            "notice": core.last_notice(),
         })
     }
 }

@@ -70,6 +70,23 @@ pub struct CopyEntry {
     pub slot: u32,
     /// The token of the copy store last synced (32 hex digits; zeroes: none).
     pub store: String,
+    /// The epoch at whose start this copy's store was identical to the
+    /// production store (a clean hand-over): the production host starting
+    /// that epoch resyncs only what it writes from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identical_epoch: Option<u64>,
+}
+
+/// What a production host that stopped cleanly for a switchover hands over:
+/// its store, which every current copy now equals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// The production site it served.
+    pub site: String,
+    /// Its store's token (32 hex digits), offered when it hosts a copy.
+    pub store: String,
+    /// The epoch it served.
+    pub epoch: u64,
 }
 
 /// A member's state (seed 004).
@@ -133,6 +150,10 @@ pub struct HistoryEntry {
     pub epoch: u64,
     /// The production host.
     pub production: String,
+    /// A forced promotion (`--accept-data-loss`) started this generation:
+    /// what it forked from and what was given up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<String>,
 }
 
 /// The group record.
@@ -160,6 +181,13 @@ pub struct GroupRecord {
     /// A planned switchover to this copy site, asked for and not done yet.
     #[serde(default)]
     pub switchover: Option<String>,
+    /// The production host that stopped for the switchover, and its store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<Handover>,
+    /// A forced promotion of this copy site (`crossmirror promote
+    /// --accept-data-loss`), asked for and not done yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<String>,
 }
 
 impl GroupRecord {
@@ -183,11 +211,14 @@ impl GroupRecord {
                     generation: 1,
                     slot: u32::try_from(slot).unwrap_or(u32::MAX),
                     store: "0".repeat(32),
+                    identical_epoch: None,
                 })
                 .collect(),
             members: BTreeMap::new(),
             history: Vec::new(),
             switchover: None,
+            handover: None,
+            promotion: None,
         }
     }
 
@@ -222,6 +253,7 @@ impl GroupRecord {
             generation: self.generation,
             epoch: self.epoch,
             production: production.to_string(),
+            fork: None,
         });
         if self.history.len() > HISTORY_MAX {
             let extra = self.history.len() - HISTORY_MAX;

@@ -476,11 +476,19 @@ pub fn new_identity(size_bytes: u64) -> Result<VolumeIdentity, io::Error> {
 
 /// Record `fingerprint` as the production store's, and the store as
 /// consistent, after `--new-store` accepted it and every copy's bits were
-/// made durable.
-pub fn adopt_store(files: &MetadataFiles, fingerprint: &Fingerprint) -> Result<(), MetadataError> {
+/// made durable; returns the store's new token.
+pub fn adopt_store(files: &MetadataFiles, fingerprint: &Fingerprint) -> Result<StoreToken, MetadataError> {
     let recorded = load_metadata(&files.metadata)?.unwrap_or_else(VolumeMetadata::fresh);
-    let adopted = VolumeMetadata { store_fingerprint: fingerprint.value, state: StoreState::Consistent, ..recorded };
-    store_metadata(&files.metadata, &adopted)
+    // A new lineage: whatever record named the old store's token no longer
+    // describes this one.
+    let adopted = VolumeMetadata {
+        store_fingerprint: fingerprint.value,
+        state: StoreState::Consistent,
+        store_token: draw_token(&files.metadata)?,
+        ..recorded
+    };
+    store_metadata(&files.metadata, &adopted)?;
+    Ok(adopted.store_token)
 }
 
 /// What a production volume's metadata says as it starts serving.
@@ -493,6 +501,12 @@ pub struct ProductionStart {
     /// The store was not the one last served and `--new-store` accepted
     /// it: every copy must be resynced from it in full.
     pub store_replaced: bool,
+    /// The store's token: drawn the first time the store is served (or
+    /// when it is adopted as a new store), so that when the production role
+    /// moves away and this store becomes a copy, the new production host
+    /// recognises it as the store it was handed over from (unknown for a
+    /// replaced store until [`adopt_store`] draws its new one).
+    pub store_token: StoreToken,
 }
 
 /// Open the production volume's metadata (`files`) for a store of
@@ -523,10 +537,22 @@ pub fn production_start(
             // A replaced store is recorded only by `adopt_store`, once every
             // copy's bits are durably set: a crash in between must find the
             // old fingerprint and refuse (or resync) again.
+            let mut updated = recorded;
             if recorded.store_fingerprint == 0 {
-                store_metadata(path, &VolumeMetadata { store_fingerprint: fingerprint.value, ..recorded })?;
+                updated.store_fingerprint = fingerprint.value;
             }
-            return Ok(ProductionStart { identity, generation: recorded.generation.max(1), store_replaced });
+            if recorded.store_token == STORE_TOKEN_UNKNOWN && !store_replaced {
+                updated.store_token = draw_token(path)?;
+            }
+            if updated != recorded {
+                store_metadata(path, &updated)?;
+            }
+            return Ok(ProductionStart {
+                identity,
+                generation: recorded.generation.max(1),
+                store_replaced,
+                store_token: updated.store_token,
+            });
         }
     }
     let identity = new_identity(size_bytes).map_err(|source| MetadataError::Io {
@@ -541,10 +567,25 @@ pub fn production_start(
         identity: Some(identity),
         state: StoreState::Consistent,
         store_fingerprint: fingerprint.value,
+        store_token: draw_token(path)?,
         ..base
     };
     store_metadata(path, &created)?;
-    Ok(ProductionStart { identity, generation: created.generation.max(1), store_replaced })
+    Ok(ProductionStart {
+        identity,
+        generation: created.generation.max(1),
+        store_replaced,
+        store_token: created.store_token,
+    })
+}
+
+/// A new store token for the store whose metadata is at `path`.
+fn draw_token(path: &Path) -> Result<StoreToken, MetadataError> {
+    new_store_token().map_err(|source| MetadataError::Io {
+        path: path.to_path_buf(),
+        action: "draw a store token",
+        source,
+    })
 }
 
 /// No metadata: refused when the volume's bitmap or mirror state survive

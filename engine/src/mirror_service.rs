@@ -25,9 +25,10 @@ use std::time::Duration;
 use crate::bitmap::{BitmapError, NewBits, Opened, WriteIntentBitmap, SLOTS_MAX};
 use crate::fingerprint::{fingerprint, Fingerprint};
 use crate::metadata::{adopt_store, production_start, MetadataError, MetadataFiles, ProductionStart};
+use crate::protocol::auth::StoreToken;
 use crate::protocol::Secret;
 use crate::replicator::{
-    CopyConfig, CopyStatus, LocalStateFile, MirrorStateStore, Replicator, ReplicatorConfig, StartError,
+    BitmapTrust, CopyConfig, CopyStatus, LocalStateFile, MirrorStateStore, Replicator, ReplicatorConfig, StartError,
 };
 use crate::volume::Volume;
 
@@ -69,6 +70,9 @@ pub struct MirrorServiceConfig {
     /// so that they and any packet filter see which host connects; `None`:
     /// the system picks.
     pub source_address: Option<std::net::IpAddr>,
+    /// How far the bitmap is trusted for each copy (a group node, whose
+    /// production role moves between hosts: by generation).
+    pub bitmap_trust: BitmapTrust,
 }
 
 /// What a running mirror service shows.
@@ -129,6 +133,7 @@ pub struct MirrorService {
     replicator: Arc<Replicator>,
     volume: Arc<Volume>,
     epoch: u64,
+    store_token: StoreToken,
     bitmap_path: PathBuf,
     stopped: bool,
 }
@@ -153,16 +158,23 @@ impl MirrorService {
         files.create_directory()?;
         let store_fingerprint =
             fingerprint(path).map_err(|source| MirrorServiceError::Fingerprint { path: path.to_path_buf(), source })?;
-        let start = production_start(files, config.volume.size(), &store_fingerprint, config.new_store)?;
+        let mut start = production_start(files, config.volume.size(), &store_fingerprint, config.new_store)?;
         let bitmap = open_bitmap(&config)?;
         if start.store_replaced {
-            take_new_store(&config, &bitmap, &store_fingerprint)?;
+            start.store_token = take_new_store(&config, &bitmap, &store_fingerprint)?;
         }
         let epoch = config.epoch;
         let volume = config.volume.clone();
         let bitmap_path = config.files.bitmap.clone();
+        let store_token = start.store_token;
         let replicator = start_replicator(config, bitmap, start)?;
-        Ok(MirrorService { replicator, volume, epoch, bitmap_path, stopped: false })
+        Ok(MirrorService { replicator, volume, epoch, store_token, bitmap_path, stopped: false })
+    }
+
+    /// The production store's token (its `.cmmeta`): the store a copy
+    /// host offers when this store is mirrored to from elsewhere later.
+    pub fn store_token(&self) -> StoreToken {
+        self.store_token
     }
 
     /// The replicator, for the NBD export and the admin endpoint. Let go of
@@ -251,12 +263,13 @@ fn open_bitmap(config: &MirrorServiceConfig) -> Result<WriteIntentBitmap, Bitmap
 }
 
 /// `--new-store`: the store is taken as the volume's data; every copy's
-/// bits are set durably before the store's fingerprint is recorded.
+/// bits are set durably before the store's fingerprint is recorded (with a
+/// new store token, returned).
 fn take_new_store(
     config: &MirrorServiceConfig,
     bitmap: &WriteIntentBitmap,
     store_fingerprint: &Fingerprint,
-) -> Result<(), MirrorServiceError> {
+) -> Result<StoreToken, MirrorServiceError> {
     let path = config.volume.path();
     tracing::warn!(
         volume = %path.display(),
@@ -268,8 +281,7 @@ fn take_new_store(
         bitmap.set_all(slot);
     }
     bitmap.flush()?;
-    adopt_store(&config.files, store_fingerprint)?;
-    Ok(())
+    Ok(adopt_store(&config.files, store_fingerprint)?)
 }
 
 /// Load the mirror state and start one link per copy.
@@ -294,6 +306,7 @@ fn start_replicator(
         metadata_path: Some(config.files.metadata.clone()),
         local_sync_interval: config.local_sync_interval,
         source_address: config.source_address,
+        bitmap_trust: config.bitmap_trust,
     };
     let replicator = Replicator::start(config.volume, Arc::new(bitmap), store, replicator_config)?;
     for copy in &config.copies {
@@ -331,6 +344,7 @@ mod tests {
             source_address: None,
             state_store: None,
             generation: None,
+            bitmap_trust: BitmapTrust::Always,
         }
     }
 

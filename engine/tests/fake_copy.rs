@@ -143,6 +143,7 @@ impl Mirror {
             metadata_path: None,
             local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
             source_address: None,
+            bitmap_trust: engine::replicator::BitmapTrust::Always,
         };
         let replicator = Replicator::start(volume, Arc::new(bitmap), Arc::new(store), config).unwrap();
         let completions = Completions::new().unwrap();

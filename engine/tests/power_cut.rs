@@ -60,6 +60,7 @@ fn a_power_cut_after_the_data_write_keeps_its_mark() {
         assume_clean: false,
         local_sync_interval: Duration::from_secs(5),
         source_address: None,
+        bitmap_trust: engine::replicator::BitmapTrust::Always,
         metadata_path: None,
     };
     let replicator = Replicator::start(volume, bitmap.clone(), TestStateStore::new(), config).unwrap();

@@ -146,6 +146,7 @@ impl Scratch {
             new_store: false,
             local_sync_interval: Duration::from_millis(10),
             source_address: None,
+            bitmap_trust: engine::replicator::BitmapTrust::Always,
             state_store: None,
             generation: None,
         };

@@ -18,13 +18,14 @@ use std::time::{Duration, Instant};
 use system_tests::group::{copy_entry, member_state, EtcdServer, Group, GroupSpec};
 use system_tests::{require_tool, sha256};
 
-/// Writes block after block (4 KiB, block `i` filled with `i`'s 8 bytes)
-/// to whichever of `uris` serves, printing `ok <i> <unix time>` after each
-/// acknowledged write, for `seconds`.
+/// Writes block after block (4 KiB, block `i` filled with `i`'s 8 bytes),
+/// from block `argv[3]` (default 0), to whichever of `uris` serves,
+/// printing `ok <i> <unix time>` after each acknowledged write, for
+/// `seconds`.
 const WRITER: &str = r#"
 import nbd, sys, time
 uris = sys.argv[1].split(","); seconds = float(sys.argv[2])
-end = time.time() + seconds; i = 0; h = None
+end = time.time() + seconds; i = int(sys.argv[3]) if len(sys.argv) > 3 else 0; h = None
 while time.time() < end:
     if h is None:
         for uri in uris:
@@ -63,9 +64,20 @@ impl Writes {
 
 /// Run the writer against `uris` for `seconds`; `on_ack` is called with the
 /// group and the count after each acknowledged write (to put a fault in).
-fn run_writer(group: &mut Group, uris: &[String], seconds: u32, mut on_ack: impl FnMut(&mut Group, usize)) -> Writes {
+fn run_writer(group: &mut Group, uris: &[String], seconds: u32, on_ack: impl FnMut(&mut Group, usize)) -> Writes {
+    run_writer_from(group, uris, seconds, 0, on_ack)
+}
+
+/// [`run_writer`], from block `first`.
+fn run_writer_from(
+    group: &mut Group,
+    uris: &[String],
+    seconds: u32,
+    first: u64,
+    mut on_ack: impl FnMut(&mut Group, usize),
+) -> Writes {
     let mut writer = Command::new("/usr/bin/python3")
-        .args(["-c", WRITER, &uris.join(","), &seconds.to_string()])
+        .args(["-c", WRITER, &uris.join(","), &seconds.to_string(), &first.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -317,11 +329,14 @@ fn a_switchover_and_its_failback_under_load_lose_no_write_and_end_identical() {
             .expect("run crossmirror switchover")
     };
     let mut outputs = Vec::new();
+    let mut failback = (0.0, 0.0);
     let writes = run_writer(&mut group, &uris, 16, |group, count| {
         if count == 300 {
             outputs.push(switch(group, "west"));
         } else if count == 1500 && outputs.len() == 1 {
+            failback.0 = now();
             outputs.push(switch(group, "east"));
+            failback.1 = now();
         }
     });
     for output in &outputs {
@@ -338,6 +353,47 @@ fn a_switchover_and_its_failback_under_load_lose_no_write_and_end_identical() {
         "{} writes acknowledged, {} refused while the role moved (the writer reconnected)",
         writes.acknowledged.len(),
         writes.refused
+    );
+    // No full resync either way: each new production host found the old
+    // store identical as its epoch began (a clean hand-over), and resynced
+    // only what it wrote before the old host came back as its copy: at
+    // most the regions written from the failback's start until a few
+    // seconds after it returned (the old host is its copy by then).
+    let production = &group.status("a")["roles"]["production"];
+    let region = production["region_bytes"].as_u64().expect("region size");
+    let west = &production["copies"][0];
+    let moved = west["resync_bytes_total"].as_u64().expect("resync bytes");
+    let mut written_since: Vec<u64> = writes
+        .acknowledged
+        .iter()
+        .filter(|(_, time)| *time >= failback.0 && *time <= failback.1 + 5.0)
+        .map(|(block, _)| block * 4096 / region)
+        .collect();
+    written_since.dedup();
+    let dirty_bound = written_since.len() as u64 * region;
+    eprintln!(
+        "failback resync moved {moved} bytes; the regions written in the failback's window: {dirty_bound} bytes \
+         (of a {} byte volume)",
+        production["size"]
+    );
+    assert!(
+        moved <= dirty_bound,
+        "failback moved {moved} bytes, more than the {dirty_bound} written since: {west}\n{}",
+        [group.log("a"), group.log("b"), group.log("w")]
+            .concat()
+            .lines()
+            .filter(|line| line.contains("record seq"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for (host, era) in [("b", "the switchover"), ("a", "the failback")] {
+        let log = group.log(host);
+        assert!(log.contains("a clean hand-over"), "{host} did not take {era} as a clean hand-over:\n{log}");
+    }
+    assert!(
+        !group.log("b").contains("full resync"),
+        "the switchover resynced west's old production store in full:\n{}",
+        group.log("b")
     );
     group.stop_all(&["a", "b", "w"], Duration::from_secs(30));
     assert_all_present(&group.store("a"), &writes.blocks());
@@ -390,4 +446,86 @@ fn actions_run_on_role_changes_with_their_environment() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(events().contains("b stop copy"), "the copy role's stop action ran before b produced: {}", events());
+}
+
+/// An async copy promoted by the operator with `--accept-data-loss` once the
+/// production site is lost: the fork is recorded in the history, the copy
+/// serves the image it had (writes it never got are lost, as promised), and
+/// the old production site, back, is resynced in full from it: its store
+/// ends identical, its unshipped writes discarded, never merged.
+#[test]
+fn an_async_copy_promoted_with_accept_data_loss_records_the_fork_and_the_old_production_is_resynced_to_it() {
+    if !require_tool("/usr/bin/python3") {
+        return;
+    }
+    let spec = GroupSpec::new("forced")
+        .production("east")
+        .copy("west", "async")
+        .member("a", "east", 1, "east.img")
+        .member("b", "west", 1, "west.img")
+        .witness("w")
+        .volume_size("256M")
+        .lease_ms(1000);
+    let mut group = Group::new("forced", spec);
+    for name in ["w", "a", "b"] {
+        group.start(name);
+    }
+    group.wait_for(Duration::from_secs(20), |record| {
+        record["production"]["host"] == "a" && copy_entry(record, "west")["state"] == "current"
+    });
+    let (on_east, on_west) = (nbd_uris(&group, &["a"]), nbd_uris(&group, &["b"]));
+    let shipped = run_writer(&mut group, &on_east, 1, |_, _| {});
+    group.wait_status("a", Duration::from_secs(10), |status| {
+        status["roles"]["production"]["copies"][0]["lag_bytes"] == 0
+    });
+    // West's host stops taking writes; east acknowledges more it never gets.
+    group.freeze("b");
+    let unshipped = run_writer_from(&mut group, &on_east, 2, 20_000, |_, _| {});
+    assert!(!unshipped.acknowledged.is_empty(), "east acknowledged nothing while west was frozen");
+    group.kill("a");
+    group.thaw("b");
+    // The leader promotes nobody by itself: west is async.
+    std::thread::sleep(Duration::from_secs(5));
+    let waiting = group.record();
+    assert_eq!(waiting["production"]["site"], "east", "an async copy was promoted without the operator: {waiting}");
+    let promote = |group: &Group, extra: &[&str]| {
+        Command::new(system_tests::binary())
+            .args(["promote", "--config", group.config.to_str().expect("utf-8 path"), "--site", "west"])
+            .args(extra)
+            .output()
+            .expect("run crossmirror promote")
+    };
+    let refused = promote(&group, &[]);
+    assert!(!refused.status.success(), "promoted without --accept-data-loss");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--accept-data-loss"));
+    let output = promote(&group, &["--accept-data-loss"]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "promote failed: {text}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(text.contains("recorded fork"), "{text}");
+    let promoted = group.wait_for(Duration::from_secs(20), |record| {
+        record["production"]["host"] == "b" && copy_entry(record, "east")["state"] == "stale"
+    });
+    let fork = promoted["history"].as_array().and_then(|history| history.last()).expect("history")["fork"].clone();
+    assert!(fork.as_str().is_some_and(|fork| fork.contains("forked")), "no fork in the history: {promoted}");
+    // West serves what it had; then east returns and becomes its copy.
+    let after = run_writer_from(&mut group, &on_west, 1, 45_000, |_, _| {});
+    group.start("a");
+    group.wait_for(Duration::from_secs(60), |record| {
+        record["production"]["host"] == "b" && copy_entry(record, "east")["state"] == "current"
+    });
+    group.stop_all(&["b", "a", "w"], Duration::from_secs(30));
+    assert_all_present(&group.store("b"), &shipped.blocks());
+    assert_all_present(&group.store("b"), &after.blocks());
+    assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")), "east kept writes of the abandoned line");
+    // The writes west never got are gone from east too (discarded, not
+    // merged): the forced promotion lost them, as it said it might.
+    let east = std::fs::read(group.store("a")).expect("read east");
+    let on_east = |block: &u64| east[(*block * 4096) as usize..(*block * 4096) as usize + 8] == block.to_le_bytes();
+    let lost = unshipped.blocks().iter().filter(|block| !on_east(block)).count();
+    eprintln!("{lost} of {} writes acknowledged while west was frozen were given up", unshipped.blocks().len());
+    assert!(
+        lost > 0,
+        "the scenario lost nothing: west got every write, so no fork was exercised\n{}",
+        group.logs_tail(80)
+    );
 }

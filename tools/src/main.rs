@@ -33,6 +33,8 @@ enum Command {
     Node(node::NodeArgs),
     /// Move a group's production role to a copy site, planned (failback: the same, back).
     Switchover(switchover::SwitchoverArgs),
+    /// Promote a copy site that may lack acknowledged writes, once the production site is down (forced; records a fork).
+    Promote(switchover::PromoteArgs),
     /// Print a production host's mirror status (from its admin endpoint).
     Status(status::StatusArgs),
     /// Compare a copy with the production volume while it is in use (online verify).
@@ -56,6 +58,7 @@ fn main() {
         Command::Node(args) => node::run(args),
         Command::Status(args) => status::run(args),
         Command::Switchover(args) => switchover::run(args),
+        Command::Promote(args) => switchover::promote(args),
         Command::Verify(args) => match verify::run(args) {
             Ok(true) => Ok(()),
             // Mismatches found and not repaired: like cmp, exit 1.

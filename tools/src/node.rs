@@ -23,7 +23,7 @@ use engine::copy_role::{CopyListen, CopyRole, CopyRoleConfig};
 use engine::metadata::MetadataFiles;
 use engine::mirror_service::{MirrorService, MirrorServiceConfig};
 use engine::protocol::load_secret;
-use engine::replicator::LOCAL_SYNC_INTERVAL_DEFAULT;
+use engine::replicator::{BitmapTrust, LOCAL_SYNC_INTERVAL_DEFAULT};
 use engine::seam::Changes;
 use engine::{Volume, VolumeOptions};
 use nbd_frontend::{Export, NbdError, Server, ServerConfig};
@@ -72,12 +72,17 @@ fn run_one(config: GroupConfig, name: String) -> anyhow::Result<()> {
     let admin = {
         let (board, requests) = (board.clone(), requests.clone());
         let sites: Vec<String> = config.sites.iter().map(|site| site.name.clone()).collect();
-        let handler: crate::http::Handler =
-            Arc::new(move |request: &crate::http::Request| match (request.method.as_str(), request.path.as_str()) {
+        let handler: crate::http::Handler = Arc::new(move |request: &crate::http::Request| {
+            match (request.method.as_str(), request.path.as_str()) {
                 ("GET", "/status") => (200, board.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()),
                 ("POST", "/switchover") => switchover_request(&request.query, &sites, &requests),
-                _ => (404, json!({ "error": "a node serves GET /status and POST /switchover?to=SITE" })),
-            });
+                ("POST", "/promote") => promote_request(&request.query, &sites, &requests),
+                _ => (
+                    404,
+                    json!({ "error": "a node serves GET /status, POST /switchover?to=SITE and POST /promote?site=SITE&accept-data-loss=yes" }),
+                ),
+            }
+        });
         crate::admin::AdminServer::start(SocketAddr::new(address, config.ports.admin), handler)?
     };
     let mut roles = Roles::default();
@@ -99,6 +104,35 @@ fn switchover_request(query: &str, sites: &[String], requests: &Requests) -> (u1
     }
     requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Request::Switchover { to: to.to_string() });
     (202, json!({ "asked": "switchover", "to": to }))
+}
+
+/// `POST /promote?site=SITE&accept-data-loss=yes`: queue a forced
+/// promotion; refused without the explicit acceptance of data loss.
+fn promote_request(query: &str, sites: &[String], requests: &Requests) -> (u16, serde_json::Value) {
+    let value = |key: &str| {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix(key).and_then(|rest| rest.strip_prefix('=')))
+            .unwrap_or_default()
+    };
+    let site = value("site");
+    if !sites.iter().any(|known| known == site) {
+        return (
+            400,
+            json!({ "error": format!("name a site of the group: POST /promote?site=SITE&accept-data-loss=yes (sites: {})", sites.join(", ")) }),
+        );
+    }
+    if value("accept-data-loss") != "yes" {
+        return (
+            400,
+            json!({ "error": "a forced promotion may lose acknowledged writes: say accept-data-loss=yes (crossmirror promote --accept-data-loss)" }),
+        );
+    }
+    requests
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(Request::Promote { site: site.to_string() });
+    (202, json!({ "asked": "promote", "site": site }))
 }
 
 /// Whether this machine has `address` (binding it works).
@@ -224,7 +258,7 @@ fn is_block_device(path: &std::path::Path) -> bool {
 }
 
 impl RoleRunner for Roles {
-    fn start_production(&mut self, spec: ProductionSpec) -> Result<(), String> {
+    fn start_production(&mut self, spec: ProductionSpec) -> Result<String, String> {
         let options =
             VolumeOptions { path: spec.volume.clone(), size: Some(spec.size), direct: false, read_only: false };
         let volume = Arc::new(Volume::open(&options).map_err(|error| error.to_string())?);
@@ -244,6 +278,7 @@ impl RoleRunner for Roles {
             source_address: Some(spec.nbd_listen.ip()),
             state_store: Some(spec.state_store),
             generation: None,
+            bitmap_trust: BitmapTrust::ByGeneration { generation: spec.generation, identical: spec.identical },
         })
         .map_err(|error| error.to_string())?;
         let export = Export {
@@ -267,8 +302,9 @@ impl RoleRunner for Roles {
             .spawn(move || server.run())
             .map_err(|error| format!("cannot start the NBD server thread: {error}"))?;
         tracing::info!(%nbd, epoch = spec.epoch, "serving NBD at {nbd}");
+        let store = engine::metadata::format_uuid(&service.store_token()).replace('-', "");
         self.production = Some(Production { service, shutdown, server: Some(thread), nbd, epoch: spec.epoch });
-        Ok(())
+        Ok(store)
     }
 
     fn set_copy_host(&mut self, site: &str, address: Option<SocketAddr>) {

@@ -273,6 +273,7 @@ fn start_mirror(
         new_store: args.new_store,
         local_sync_interval: LOCAL_SYNC_INTERVAL_DEFAULT,
         source_address: None,
+        bitmap_trust: engine::replicator::BitmapTrust::Always,
         state_store: None,
         generation: None,
     };

@@ -1,10 +1,18 @@
-//! `crossmirror switchover --config FILE --to-site SITE`: a planned move of
-//! the production role to a copy site (and back: failback is the same
-//! command). Asks any node of the group; the production host stops serving
-//! (drain, flush: every sync copy then has every acknowledged write), hands
-//! over, and the group's leader promotes SITE if its copy is current. The
-//! command waits until the record names SITE production, and says how long
-//! it took.
+//! Moving the production role on an operator's word:
+//!
+//! - `crossmirror switchover --config FILE --to-site SITE`: planned (and
+//!   failback: the same command back). The production host stops serving
+//!   (drain, flush: every current copy then equals its store), hands over
+//!   with its store's token, and the group's leader promotes SITE if its
+//!   copy is current; the old production site stays current, and only
+//!   what is written from then on is resynced to it.
+//! - `crossmirror promote --config FILE --site SITE --accept-data-loss`:
+//!   forced, once the production site is down and no current sync copy can
+//!   take over. The new generation is a fork recorded in the history; the
+//!   other sites' writes of the abandoned line are resynced away.
+//!
+//! Either asks any node of the group and waits until the record names SITE
+//! production, then says how long it took.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,43 +37,117 @@ pub struct SwitchoverArgs {
     timeout: u64,
 }
 
+/// Arguments of `crossmirror promote`.
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    /// The group config.
+    #[arg(long)]
+    config: PathBuf,
+    /// The copy site to produce from.
+    #[arg(long)]
+    site: String,
+    /// Required: the site's copy may lack acknowledged writes (an async
+    /// copy, or one recorded stale), and they are given up for good; the
+    /// other sites' stores are resynced from this one in full.
+    #[arg(long)]
+    accept_data_loss: bool,
+    /// How long to wait for the promotion, in seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
 /// Ask for the switchover and wait for it.
 pub fn run(args: SwitchoverArgs) -> anyhow::Result<()> {
     let config = GroupConfig::load(&args.config)?;
-    anyhow::ensure!(config.site(&args.to_site).is_some(), "{} is not a site of group {}", args.to_site, config.group);
+    let path = format!("/switchover?to={}", args.to_site);
+    move_role(&config, &args.to_site, &path, "switchover", Duration::from_secs(args.timeout), |record| {
+        record["switchover"].is_null()
+    })
+}
+
+/// Ask for the forced promotion and wait for it.
+pub fn promote(args: PromoteArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.accept_data_loss,
+        "a forced promotion may lose acknowledged writes; say so with --accept-data-loss \
+         (a planned move without loss is `crossmirror switchover`)"
+    );
+    let config = GroupConfig::load(&args.config)?;
+    let path = format!("/promote?site={}&accept-data-loss=yes", args.site);
+    move_role(&config, &args.site, &path, "promotion", Duration::from_secs(args.timeout), |record| {
+        record["promotion"].is_null()
+    })
+}
+
+/// POST `path` to the first node that answers, then wait until the record
+/// names `site` production; `dropped` says the request left the record
+/// without that happening (a node's notice says why).
+fn move_role(
+    config: &GroupConfig,
+    site: &str,
+    path: &str,
+    what: &str,
+    timeout: Duration,
+    dropped: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(config.site(site).is_some(), "{site} is not a site of group {}", config.group);
     let started = Instant::now();
     let admins: Vec<SocketAddr> =
         config.voters().iter().map(|voter| SocketAddr::new(voter.address, config.ports.admin)).collect();
-    let asked = admins.iter().find_map(|admin| {
-        request(*admin, "POST", &format!("/switchover?to={}", args.to_site), Duration::from_secs(2))
-            .ok()
-            .map(|_| *admin)
+    let mut failures = Vec::new();
+    let asked = admins.iter().find(|admin| match request(**admin, "POST", path, Duration::from_secs(2)) {
+        Ok(_) => true,
+        Err(error) => {
+            failures.push(format!("{error:#}"));
+            false
+        }
     });
-    let Some(asked) = asked else { anyhow::bail!("no node of group {} answered", config.group) };
-    println!("switchover to site {} asked of {asked}", args.to_site);
-    let deadline = started + Duration::from_secs(args.timeout);
+    let Some(asked) = asked else {
+        anyhow::bail!("no node of group {} took the request: {}", config.group, failures.join("; "))
+    };
+    println!("{what} of site {site} asked of {asked}");
+    let deadline = started + timeout;
     while Instant::now() < deadline {
         for admin in &admins {
             let Ok(status) = request(*admin, "GET", "/status", Duration::from_secs(1)) else { continue };
             let record = &status["record"];
-            if record["production"]["site"] == args.to_site.as_str() && record["production"]["host"].is_string() {
+            if record["production"]["site"] == site && record["production"]["host"].is_string() {
                 println!(
-                    "site {} produces: {} serves NBD (epoch {}), {:.2} s after the request",
-                    args.to_site,
+                    "site {site} produces: {} serves NBD (epoch {}), {:.2} s after the request",
                     record["production"]["host"].as_str().unwrap_or("?"),
                     record["epoch"],
                     started.elapsed().as_secs_f64()
                 );
+                if let Some(fork) =
+                    record["history"].as_array().and_then(|history| history.last()).map(|last| &last["fork"])
+                {
+                    if let Some(fork) = fork.as_str() {
+                        println!("recorded fork: {fork}");
+                    }
+                }
                 return Ok(());
             }
-            if record["switchover"].is_null() && started.elapsed() > Duration::from_secs(3) {
-                // Dropped (the copy was not current): the node logs why.
-                let copies = record["copies"].to_string();
-                anyhow::bail!("the switchover to {} did not happen; the copies: {copies}", args.to_site);
+            if dropped(record) && started.elapsed() > Duration::from_secs(3) {
+                let why = notices(&admins).unwrap_or_else(|| format!("the copies: {}", record["copies"]));
+                anyhow::bail!("the {what} of site {site} did not happen: {why}");
             }
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    anyhow::bail!("no switchover to {} within {} s", args.to_site, args.timeout)
+    anyhow::bail!("no {what} of site {site} within {} s", timeout.as_secs())
+}
+
+/// The nodes' last notices (why a request was refused), if any.
+fn notices(admins: &[SocketAddr]) -> Option<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for admin in admins {
+        let Ok(status) = request(*admin, "GET", "/status", Duration::from_secs(1)) else { continue };
+        if let Some(notice) = status["notice"].as_str() {
+            if !seen.iter().any(|known| known == notice) {
+                seen.push(notice.to_string());
+            }
+        }
+    }
+    (!seen.is_empty()).then(|| seen.join("; "))
 }

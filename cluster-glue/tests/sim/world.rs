@@ -237,9 +237,9 @@ impl World {
             add(&mut specs, "w".to_string(), None);
         }
         let lease_ms = [1000, 2000, 3000][rng.index(3)];
-        let mut copy_sites = vec![CopySite { name: "west".to_string(), mode: "sync".to_string() }];
+        let mut copy_sites = vec![CopySite { name: "west".to_string(), mode: "sync".to_string(), identical: false }];
         if north > 0 {
-            copy_sites.push(CopySite { name: "north".to_string(), mode: "sync".to_string() });
+            copy_sites.push(CopySite { name: "north".to_string(), mode: "sync".to_string(), identical: false });
         }
         let members: Vec<MemberInfo> = specs
             .iter()
@@ -717,7 +717,12 @@ impl World {
                     if self.rng.chance(2) { Err("simulated: the store is unreachable".to_string()) } else { Ok(()) };
                 events.push(Event::Access(result));
             }
-            Command::StartProduction { epoch, copies } => self.start_production(node, core, epoch, &copies),
+            Command::StartProduction { epoch, copies, .. } => {
+                self.start_production(node, core, epoch, &copies);
+                // The store's token: one per store (site).
+                let store = self.specs[node].site.clone().unwrap_or_default();
+                events.push(Event::Serving { store });
+            }
             Command::StopProduction => self.stop_production(node),
             Command::SetCopyHost { site, address } => {
                 let target = address.and_then(|address| self.node_at(address));
@@ -846,6 +851,16 @@ impl World {
         let record = core.record().cloned();
         if record.as_ref().is_none_or(|record| record.production.host.as_deref() != Some(me.as_str())) {
             self.fail(format!("{me} told to produce at epoch {epoch} by a record that does not name it"));
+        }
+        let mine = self.specs[node].site.clone().unwrap_or_default();
+        for copy in copies.iter().filter(|copy| copy.identical) {
+            if self.store.get(&copy.name) != self.store.get(&mine) {
+                let (has, mine_has) = (self.store.get(&copy.name).copied(), self.store.get(&mine).copied());
+                self.fail(format!(
+                    "hand-over: {me} starts epoch {epoch} trusting copy {} as identical, but it holds write {has:?} and {mine} holds {mine_has:?}",
+                    copy.name
+                ));
+            }
         }
         let known = copies
             .iter()

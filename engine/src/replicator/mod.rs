@@ -145,6 +145,74 @@ pub struct ReplicatorConfig {
     pub local_sync_interval: Duration,
     /// The address to connect to copy hosts from; `None`: the system picks.
     pub source_address: Option<std::net::IpAddr>,
+    /// Where the mirror state says which host last produced (a group's
+    /// record), the bitmap is trusted for a copy only when it tracked that
+    /// copy at the copy's recorded generation (see [`BitmapTrust`]).
+    pub bitmap_trust: BitmapTrust,
+}
+
+/// How far the bitmap is trusted when the production role starts.
+///
+/// `serve` keeps one production host per volume: its bitmap has tracked
+/// every write to the store since the copies' states were recorded
+/// (`Always`). In a group the production role moves between hosts, and a
+/// host's bitmap knows only the writes that host made: a copy's recorded
+/// generation names the production era its state was recorded in, and the
+/// bitmap records the generation it last started in, so a copy recorded in
+/// another host's era gets every bit set (a full resync) unless the record
+/// proves the two stores identical as this era begins (a clean hand-over).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum BitmapTrust {
+    /// Trust the bitmap for every copy (one production host per volume).
+    #[default]
+    Always,
+    /// Trust it for a copy recorded at the bitmap's own generation; clear
+    /// the bits of the copies named here, whose stores the record shows
+    /// identical to this one as this generation starts (once: only when the
+    /// bitmap has not started at this generation before).
+    ByGeneration {
+        /// The record's generation: the production era starting now.
+        generation: u64,
+        /// Copies identical to the production store as this era begins.
+        identical: Vec<String>,
+    },
+}
+
+/// As a group's production role starts at `generation`: trust the bitmap
+/// for `record`'s copy, clear its slot (a copy identical to the store as
+/// this era begins), or set every bit of it (a copy recorded in another
+/// host's era: this bitmap does not know what it lacks). The record then
+/// carries this generation: from here on this bitmap tracks the copy.
+fn judge_bitmap(
+    bitmap: &WriteIntentBitmap,
+    bitmap_generation: u64,
+    generation: u64,
+    record: &mut CopyRecord,
+    identical: &[String],
+) {
+    let slot = record.slot;
+    if identical.contains(&record.name) && bitmap_generation < generation {
+        bitmap.clear_range(slot, 0, bitmap.volume_size());
+        tracing::info!(
+            copy = %record.name,
+            generation,
+            "copy {}: the record shows its store identical to this one as generation {generation} starts \
+             (a clean hand-over); only what is written from now on is resynced",
+            record.name
+        );
+    } else if record.generation != bitmap_generation && bitmap_generation != generation {
+        bitmap.set_all(slot);
+        tracing::info!(
+            copy = %record.name,
+            recorded = record.generation,
+            bitmap = bitmap_generation,
+            "copy {}: its state was recorded at generation {}, which this host's bitmap did not track \
+             (it last produced at generation {bitmap_generation}): it gets a full resync",
+            record.name,
+            record.generation
+        );
+    }
+    record.generation = generation;
 }
 
 /// A change to ship, after its local write completed.
@@ -512,11 +580,15 @@ impl Replicator {
         }
         let mut records = store.load()?;
         records.retain(|record| config.copies.iter().any(|copy| copy.name == record.name));
+        let bitmap_generation = bitmap.generation();
         let mut assigned = Vec::new();
         for copy in &config.copies {
             if let Some(record) = records.iter_mut().find(|record| record.name == copy.name) {
                 if record.slot >= slots {
                     return Err(StartError::SlotOutOfRange { copy: copy.name.clone(), slot: record.slot, slots });
+                }
+                if let BitmapTrust::ByGeneration { generation, identical } = &config.bitmap_trust {
+                    judge_bitmap(&bitmap, bitmap_generation, *generation, record, identical);
                 }
                 if record.state != RecordedState::Stale {
                     record.state = RecordedState::Stale;
@@ -535,11 +607,17 @@ impl Replicator {
                 name: copy.name.clone(),
                 slot,
                 state: RecordedState::Stale,
-                generation: config.generation,
+                generation: match &config.bitmap_trust {
+                    BitmapTrust::ByGeneration { generation, .. } => *generation,
+                    BitmapTrust::Always => config.generation,
+                },
                 store: STORE_TOKEN_UNKNOWN,
                 reason: Some("a new copy: it gets a full initial sync".to_string()),
             });
             assigned.push(slot);
+        }
+        if let BitmapTrust::ByGeneration { generation, .. } = &config.bitmap_trust {
+            bitmap.set_generation(*generation);
         }
         bitmap.flush()?;
         store.store(&records)?;
@@ -632,9 +710,12 @@ impl Replicator {
         let Some(path) = &self.shared.metadata_path else { return };
         let recorded = crate::metadata::load_metadata(path).and_then(|metadata| {
             let metadata = metadata.unwrap_or_else(crate::metadata::VolumeMetadata::fresh);
+            // A new token too: a record naming this store's old token as
+            // identical to a copy (a hand-over) no longer describes it.
+            let store_token = crate::metadata::new_store_token().unwrap_or(STORE_TOKEN_UNKNOWN);
             crate::metadata::store_metadata(
                 path,
-                &crate::metadata::VolumeMetadata { state: StoreState::Failed, ..metadata },
+                &crate::metadata::VolumeMetadata { state: StoreState::Failed, store_token, ..metadata },
             )
         });
         if let Err(error) = recorded {
@@ -767,5 +848,59 @@ impl Replicator {
         if let Err(error) = self.shared.bitmap.close_clean() {
             tracing::warn!(%error, "could not write the bitmap out on shutdown; the next start resyncs a little more");
         }
+    }
+}
+
+#[cfg(test)]
+mod bitmap_trust_tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn record(name: &str, slot: u32, generation: u64) -> CopyRecord {
+        CopyRecord {
+            name: name.to_string(),
+            slot,
+            state: RecordedState::Current,
+            generation,
+            store: [7; 16],
+            reason: None,
+        }
+    }
+
+    /// A group's production role starting at generation 5 on a bitmap that
+    /// last started at generation 3: a copy recorded at 3 keeps its bits
+    /// (this bitmap tracked it), one recorded at 4 (another host's era) gets
+    /// every bit, one the record shows identical gets none; a second start
+    /// at 5 (the same era, the same bitmap) changes nothing.
+    #[test]
+    fn a_group_bitmap_is_trusted_only_for_copies_of_its_own_era() {
+        let directory = tempfile::tempdir().unwrap();
+        let bitmap = WriteIntentBitmap::open_or_create(&directory.path().join("v.cmbitmap"), 8 * MIB, MIB, 3).unwrap();
+        bitmap.set_generation(3);
+        for slot in 0..3 {
+            bitmap.set_range(slot, 2 * MIB, MIB);
+        }
+        let identical = vec!["handed-over".to_string()];
+        let mut own = record("own", 0, 3);
+        let mut other = record("other-era", 1, 4);
+        let mut handed = record("handed-over", 2, 4);
+        for copy in [&mut own, &mut other, &mut handed] {
+            judge_bitmap(&bitmap, 3, 5, copy, &identical);
+        }
+        assert_eq!(bitmap.dirty_bytes(0), MIB, "tracked by this bitmap: kept as is");
+        assert_eq!(bitmap.dirty_bytes(1), 8 * MIB, "another host's era: a full resync");
+        assert_eq!(bitmap.dirty_bytes(2), 0, "identical as this era starts: only new writes");
+        assert!([&own, &other, &handed].iter().all(|copy| copy.generation == 5));
+        // Written meanwhile, then the role restarts in the same era.
+        bitmap.set_range(2, 0, MIB);
+        let mut again = record("handed-over", 2, 5);
+        judge_bitmap(&bitmap, 5, 5, &mut again, &identical);
+        assert_eq!(bitmap.dirty_bytes(2), MIB, "a restart in the same era clears nothing");
+        let mut crashed_before_recording = record("other-era", 1, 4);
+        bitmap.clear_range(1, 0, 8 * MIB);
+        bitmap.set_range(1, 0, MIB);
+        judge_bitmap(&bitmap, 5, 5, &mut crashed_before_recording, &identical);
+        assert_eq!(bitmap.dirty_bytes(1), MIB, "judged already in this era (the record write was lost)");
     }
 }

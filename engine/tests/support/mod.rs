@@ -367,6 +367,7 @@ impl Mirror {
             assume_clean: false,
             local_sync_interval,
             source_address: None,
+            bitmap_trust: engine::replicator::BitmapTrust::Always,
             metadata_path: None,
         };
         let replicator = Replicator::start(volume, bitmap.clone(), store.clone(), config).unwrap();
