@@ -502,11 +502,15 @@ fn an_async_copy_promoted_with_accept_data_loss_records_the_fork_and_the_old_pro
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "promote failed: {text}{}", String::from_utf8_lossy(&output.stderr));
     assert!(text.contains("recorded fork"), "{text}");
+    eprintln!("{}", text.trim());
     let promoted = group.wait_for(Duration::from_secs(20), |record| {
         record["production"]["host"] == "b" && copy_entry(record, "east")["state"] == "stale"
     });
     let fork = promoted["history"].as_array().and_then(|history| history.last()).expect("history")["fork"].clone();
     assert!(fork.as_str().is_some_and(|fork| fork.contains("forked")), "no fork in the history: {promoted}");
+    let (_, table, _) = group.status_command(&[]);
+    assert!(table.contains("fork (generation 2)"), "status does not show the fork:\n{table}");
+    eprintln!("{table}");
     // West serves what it had; then east returns and becomes its copy.
     let after = run_writer_from(&mut group, &on_west, 1, 45_000, |_, _| {});
     group.start("a");

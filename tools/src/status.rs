@@ -247,6 +247,19 @@ fn group_lines(status: &serde_json::Value) -> String {
             reason
         ));
     }
+    let last = record["history"].as_array().and_then(|history| history.last()).cloned().unwrap_or_default();
+    if let Some(fork) = last["fork"].as_str() {
+        out.push_str(&format!("  fork (generation {}): {fork}\n", last["generation"]));
+    }
+    if let Some(to) = record["switchover"].as_str() {
+        out.push_str(&format!("  switchover to {to} under way\n"));
+    }
+    if let Some(site) = record["promotion"].as_str() {
+        out.push_str(&format!("  forced promotion of {site} asked for: waiting for the failed host's lease\n"));
+    }
+    if let Some(notice) = status["notice"].as_str() {
+        out.push_str(&format!("notice: {notice}\n"));
+    }
     out
 }
 
