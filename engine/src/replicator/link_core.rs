@@ -84,7 +84,10 @@ const SYNC_QUEUE_BYTES_MAX: u64 = 256 << 20;
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(2);
 /// A copy that leaves a frame unacknowledged this long, or a socket that
 /// takes no bytes this long, is declared lost (like DRBD's `timeout`): sync
-/// writes wait at most about this long for a dead copy.
+/// writes wait at most about this long for a dead copy. An async copy is
+/// judged by progress instead: lost when it acknowledges nothing for this
+/// long while frames are outstanding, however long its queue (a full pipe
+/// over a slow link is not a dead copy; issue 13).
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest `last_error` kept for status, in bytes.
 const LAST_ERROR_BYTES_MAX: usize = 1024;
@@ -387,6 +390,10 @@ pub(crate) struct LinkCore<H, V> {
     resync_sent_bytes: u64,
     last_flush_ms: u64,
     last_sent_ms: u64,
+    /// When the copy last acknowledged anything (as of the last poll).
+    last_ack_ms: u64,
+    /// An acknowledgement arrived since the last poll.
+    ack_seen: bool,
     /// Why the current connection failed, once it has (the sender then tears
     /// it down): the first cause seen (the copy's Error frame, an ack
     /// timeout, a closed socket), so a later symptom of the same teardown
@@ -432,6 +439,8 @@ impl<H, V> LinkCore<H, V> {
             resync_sent_bytes: 0,
             last_flush_ms: 0,
             last_sent_ms: 0,
+            last_ack_ms: 0,
+            ack_seen: false,
             ending: None,
             last_error: None,
             progress: false,
@@ -806,6 +815,8 @@ impl<H, V> LinkCore<H, V> {
         self.ending = None;
         self.progress = false;
         self.last_sent_ms = now_ms;
+        self.last_ack_ms = now_ms;
+        self.ack_seen = false;
         self.resync_pending.clear_all();
         for region in dirty_regions {
             self.resync_pending.insert(region);
@@ -1053,14 +1064,28 @@ impl<H, V> LinkCore<H, V> {
             // Resync data tears the copy's image: record it first.
             return self.persist(RecordedState::Syncing, AfterPersist::CaughtUp);
         }
+        if std::mem::take(&mut self.ack_seen) {
+            self.last_ack_ms = self.last_ack_ms.max(now_ms);
+        }
         if let Some(unacked) = self.unacked.front() {
-            if now_ms.saturating_sub(unacked.sent_at_ms) > ACK_TIMEOUT.as_millis() as u64 {
+            let timeout_ms = ACK_TIMEOUT.as_millis() as u64;
+            if self.config.mode == MirrorMode::Sync && now_ms.saturating_sub(unacked.sent_at_ms) > timeout_ms {
                 let why = format!(
                     "ack timeout: the copy host left a {:?} frame (sequence {}) unacknowledged for over {} s \
                      (copy host hung, overloaded, or the link is down)",
                     unacked.frame.kind,
                     unacked.sequence,
                     ACK_TIMEOUT.as_secs()
+                );
+                return self.close(why);
+            }
+            let since = unacked.sent_at_ms.max(self.last_ack_ms);
+            if self.config.mode == MirrorMode::Async && now_ms.saturating_sub(since) > timeout_ms {
+                let why = format!(
+                    "ack timeout: the copy host acknowledged nothing for over {} s with {} frame(s) outstanding \
+                     (copy host hung, or the link is down)",
+                    ACK_TIMEOUT.as_secs(),
+                    self.unacked.len()
                 );
                 return self.close(why);
             }
@@ -1262,6 +1287,7 @@ impl<H, V> LinkCore<H, V> {
             return Ok(Vec::new());
         }
         let acked = self.take_acked(kind, sequence)?;
+        self.ack_seen = true;
         if acked.resync {
             self.resync_bytes_outstanding = self
                 .resync_bytes_outstanding

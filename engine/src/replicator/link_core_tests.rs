@@ -515,3 +515,27 @@ fn only_a_clean_stop_keeps_a_copy_current() {
     connect(&mut syncing, &[3], 0);
     assert_eq!(syncing.lost("this host is shutting down", true), vec![Command::Persist(RecordedState::Stale)]);
 }
+
+/// An async copy behind a slow link is judged by progress: a frame older
+/// than ACK_TIMEOUT does not end the connection while acknowledgements keep
+/// coming; ACK_TIMEOUT without any does. (A sync copy keeps the per-frame
+/// bound: a sync write waits at most about ACK_TIMEOUT.)
+#[test]
+fn an_async_copy_that_keeps_acknowledging_is_not_timed_out_by_a_full_pipe() {
+    let timeout_ms = ACK_TIMEOUT.as_millis() as u64;
+    let mut core = up_to_date(MirrorMode::Async, 1 << 30);
+    for region in 1..=3 {
+        assert_eq!(ship(&mut core, region, None, 0), vec![]);
+    }
+    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1), write_frame(3, 2), write_frame(4, 3)]));
+    let connection = core.connection();
+    // The first ack arrives late (a full pipe), just before the timeout.
+    assert!(core.acked(connection, FrameKind::WriteAck, 2, Vec::new(), &mut nothing_in_flight()).is_ok());
+    let closes = |commands: &[TestCommand]| commands.iter().any(|command| matches!(command, Command::Close { .. }));
+    assert!(!closes(&core.poll_send(timeout_ms - 1)));
+    // Frame 3 is older than the timeout now, but the copy made progress.
+    assert!(!closes(&core.poll_send(timeout_ms + 100)));
+    let commands = core.poll_send(2 * timeout_ms);
+    let [Command::Close { why }] = &commands[..] else { panic!("{commands:?}") };
+    assert!(why.starts_with("ack timeout: the copy host acknowledged nothing for over 5 s with"), "{why}");
+}
