@@ -151,5 +151,14 @@ fn copy_json(copy: &CopyStatus) -> serde_json::Value {
         "bytes_shipped": copy.bytes_shipped,
         "frames_rejected": copy.frames_rejected,
         "connects": copy.connects,
+        // The recovery point if this host were lost now: bytes of answered
+        // writes the copy lacks and the age of the oldest (exact while the
+        // copy follows every write; else bounds: the dirty regions, and the
+        // time since it last did; seconds null when it never did).
+        "rpo": {
+            "bytes": copy.recovery_point.bytes,
+            "seconds": (copy.recovery_point.ms != u64::MAX).then(|| copy.recovery_point.ms as f64 / 1000.0),
+            "exact": copy.recovery_point.exact,
+        },
     })
 }

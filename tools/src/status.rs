@@ -122,6 +122,22 @@ pub fn table(status: &serde_json::Value) -> String {
             let (done, total) = (number("resync_bytes_done"), number("resync_bytes_total"));
             out.push_str(&format!("             resync {} {} of {}\n", bar(done, total), human(done), human(total)));
         }
+        let rpo = &copy["rpo"];
+        let rpo_bytes = rpo["bytes"].as_u64().unwrap_or(0);
+        if rpo_bytes > 0 || rpo["exact"] == false {
+            let age =
+                rpo["seconds"].as_f64().map_or_else(|| "since this host started".to_string(), |s| format!("{s:.1} s"));
+            out.push_str(&match rpo["exact"].as_bool() {
+                Some(true) => format!(
+                    "             rpo: {} of answered writes not on it yet, the oldest {age} old\n",
+                    human(rpo_bytes)
+                ),
+                _ => format!(
+                    "             rpo: up to {} (its dirty regions), not following every write for {age}\n",
+                    human(rpo_bytes)
+                ),
+            });
+        }
         if let Some(error) = copy["last_error"].as_str() {
             out.push_str(&format!("             last error: {error}\n"));
         }
@@ -304,5 +320,20 @@ mod tests {
         assert!(table.contains("TO RESYNC   CLEARING"), "{table}");
         assert!(table.contains("stale            2.0 MiB    1.0 MiB"), "{table}");
         assert!(table.contains("             last error: the copy host reported no space"), "{table}");
+        let behind = serde_json::json!({
+            "volume": "/srv/vol", "size": 1073741824u64,
+            "copies": [
+                {"name": "dr", "address": "127.0.0.2:7789", "mode": "async", "state": "behind",
+                 "dirty_bytes": 3 << 20, "rpo": {"bytes": 3 << 20, "seconds": 12.5, "exact": false}},
+                {"name": "near", "address": "127.0.0.3:7789", "mode": "async", "state": "up_to_date",
+                 "dirty_bytes": 0, "rpo": {"bytes": 8192, "seconds": 0.04, "exact": true}}
+            ]
+        });
+        let shown = super::table(&behind);
+        assert!(
+            shown.contains("rpo: up to 3.0 MiB (its dirty regions), not following every write for 12.5 s"),
+            "{shown}"
+        );
+        assert!(shown.contains("rpo: 8.0 KiB of answered writes not on it yet, the oldest 0.0 s old"), "{shown}");
     }
 }

@@ -42,7 +42,7 @@ use crate::protocol::frame::{FrameHeader, FrameKind};
 use crate::protocol::{FrameDecoder, ReplicationError};
 use crate::replicator::connect::CopyConnection;
 use crate::replicator::link_core::{Command, CoreConfig, LinkCore, Outgoing, ResyncRead, ResyncReadDone};
-pub use crate::replicator::link_core::{CopyState, ACK_TIMEOUT};
+pub use crate::replicator::link_core::{CopyState, RecoveryPoint, ACK_TIMEOUT};
 use crate::replicator::resync_pieces::read_pieces;
 use crate::replicator::{Change, CopyConfig, MirrorMode, Shared, Ticket, VerifyError};
 
@@ -110,6 +110,9 @@ pub struct CopyStatus {
     pub frames_rejected: u64,
     /// Connections established so far.
     pub connects: u64,
+    /// What the copy lacks of the writes clients were answered for: the
+    /// recovery point if this host were lost now.
+    pub recovery_point: RecoveryPoint,
 }
 
 /// The core as this shell instantiates it: a sync write's hold is its
@@ -305,6 +308,7 @@ impl Link {
             bytes_shipped: self.counters.bytes_shipped.load(Ordering::Relaxed),
             frames_rejected: self.counters.frames_rejected.load(Ordering::Relaxed),
             connects: self.counters.connects.load(Ordering::Relaxed),
+            recovery_point: core.recovery_point(self.now_ms(), dirty_bytes),
         }
     }
 

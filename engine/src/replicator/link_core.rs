@@ -258,6 +258,9 @@ struct Frame<H, V> {
     reply: Option<V>,
     /// A resync checksum pass's request: the local chunk checksums.
     resync_check: Option<Vec<u8>>,
+    /// When the change was shipped (its client may have its answer from
+    /// then on, for an async copy): the age of what the copy lacks.
+    shipped_at_ms: u64,
 }
 
 impl<H, V> Frame<H, V> {
@@ -277,6 +280,7 @@ impl<H, V> Frame<H, V> {
             ends_resync: None,
             reply: None,
             resync_check: None,
+            shipped_at_ms: 0,
         }
     }
 
@@ -297,6 +301,22 @@ impl<H, V> Frame<H, V> {
     fn resync_zeroes(offset: u64, length: u64) -> Frame<H, V> {
         Frame { lag: length, resync: true, ..Frame::new(FrameKind::ResyncZeroes, offset, length) }
     }
+}
+
+/// What a copy lacks of what clients were told is written (see
+/// [`LinkCore::recovery_point`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RecoveryPoint {
+    /// Bytes of acknowledged writes the copy lacks (not `exact`: the dirty
+    /// regions', an upper bound).
+    pub bytes: u64,
+    /// How old the oldest of them is, in milliseconds (not `exact`: the
+    /// time since the copy last followed every write; `u64::MAX` when it
+    /// never did since this host started).
+    pub ms: u64,
+    /// The copy follows every write (up to date): `bytes` and `ms` are the
+    /// writes in flight to it; else they bound the exposure.
+    pub exact: bool,
 }
 
 /// A frame sent and not yet acknowledged (its payload is gone with the send).
@@ -390,6 +410,9 @@ pub(crate) struct LinkCore<H, V> {
     resync_sent_bytes: u64,
     last_flush_ms: u64,
     last_sent_ms: u64,
+    /// The last time the sender found the copy up to date: the moment its
+    /// image stopped following every write, once it no longer is.
+    up_to_date_ms: Option<u64>,
     /// When the copy last acknowledged anything (as of the last poll).
     last_ack_ms: u64,
     /// An acknowledgement arrived since the last poll.
@@ -439,6 +462,7 @@ impl<H, V> LinkCore<H, V> {
             resync_sent_bytes: 0,
             last_flush_ms: 0,
             last_sent_ms: 0,
+            up_to_date_ms: None,
             last_ack_ms: 0,
             ack_seen: false,
             ending: None,
@@ -460,6 +484,41 @@ impl<H, V> LinkCore<H, V> {
 
     pub(crate) fn last_error(&self) -> Option<&String> {
         self.last_error.as_ref()
+    }
+
+    /// The recovery point this copy offers at `now_ms` (issue 13, item 3):
+    /// the bytes of writes that were (or may have been) acknowledged to
+    /// clients and are not on the copy, and how old the oldest of them is.
+    /// `dirty_bytes` is what the bitmap says the copy may lack while it is
+    /// not following every write (whole regions: an upper bound).
+    pub(crate) fn recovery_point(&self, now_ms: u64, dirty_bytes: u64) -> RecoveryPoint {
+        match self.state {
+            // (A state being recorded, a lost connection's say, is no
+            // longer followed: the bound below.)
+            CopyState::UpToDate if self.persisting.is_none() => {
+                if self.config.mode == MirrorMode::Sync {
+                    // A sync write is answered only once the copy has it.
+                    return RecoveryPoint { bytes: 0, ms: 0, exact: true };
+                }
+                let oldest = self
+                    .unacked
+                    .iter()
+                    .map(|unacked| &unacked.frame)
+                    .chain(self.queue.iter())
+                    .find(|frame| frame.lag > 0 && !frame.resync)
+                    .map(|frame| frame.shipped_at_ms);
+                RecoveryPoint {
+                    bytes: self.lag_bytes,
+                    ms: oldest.map_or(0, |shipped| now_ms.saturating_sub(shipped)),
+                    exact: true,
+                }
+            }
+            _ => RecoveryPoint {
+                bytes: dirty_bytes.max(self.lag_bytes),
+                ms: self.up_to_date_ms.map_or(u64::MAX, |since| now_ms.saturating_sub(since)),
+                exact: false,
+            },
+        }
     }
 
     pub(crate) fn lag_bytes(&self) -> u64 {
@@ -593,6 +652,7 @@ impl<H, V> LinkCore<H, V> {
         }
         frame.hold = hold;
         frame.lag = lag;
+        frame.shipped_at_ms = now_ms;
         self.lag_bytes += lag;
         self.queue.push_back(frame);
         Vec::new()
@@ -1054,6 +1114,12 @@ impl<H, V> LinkCore<H, V> {
     /// resync data, a heartbeat), read the next resync range, record a
     /// behind copy syncing, wait, or close the connection.
     pub(crate) fn poll_send(&mut self, now_ms: u64) -> Vec<Command<H, V>> {
+        if std::mem::take(&mut self.ack_seen) {
+            self.last_ack_ms = self.last_ack_ms.max(now_ms);
+        }
+        if self.state == CopyState::UpToDate && self.persisting.is_none() {
+            self.up_to_date_ms = Some(now_ms);
+        }
         if let Some(why) = &self.ending {
             return vec![Command::Close { why: why.clone() }];
         }
@@ -1063,9 +1129,6 @@ impl<H, V> LinkCore<H, V> {
         if self.state == CopyState::Behind && self.unacked.is_empty() {
             // Resync data tears the copy's image: record it first.
             return self.persist(RecordedState::Syncing, AfterPersist::CaughtUp);
-        }
-        if std::mem::take(&mut self.ack_seen) {
-            self.last_ack_ms = self.last_ack_ms.max(now_ms);
         }
         if let Some(unacked) = self.unacked.front() {
             let timeout_ms = ACK_TIMEOUT.as_millis() as u64;

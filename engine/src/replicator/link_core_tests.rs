@@ -539,3 +539,31 @@ fn an_async_copy_that_keeps_acknowledging_is_not_timed_out_by_a_full_pipe() {
     let [Command::Close { why }] = &commands[..] else { panic!("{commands:?}") };
     assert!(why.starts_with("ack timeout: the copy host acknowledged nothing for over 5 s with"), "{why}");
 }
+
+/// The recovery point: nothing for an up-to-date sync copy; for an async
+/// one the bytes shipped and not acknowledged and the age of the oldest;
+/// once it stops following every write, the dirty regions and the time
+/// since it last did.
+#[test]
+fn the_recovery_point_says_what_a_copy_lacks_and_since_when() {
+    let mut sync = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut sync, 1, Some(1), 10), vec![]);
+    assert_eq!(sync.recovery_point(500, 0), RecoveryPoint { bytes: 0, ms: 0, exact: true });
+    let mut copy = up_to_date(MirrorMode::Async, 1 << 30);
+    // The sender finds it up to date at 100.
+    copy.poll_send(100);
+    assert_eq!(ship(&mut copy, 1, None, 200), vec![]);
+    assert_eq!(ship(&mut copy, 2, None, 300), vec![]);
+    assert_eq!(copy.recovery_point(1_000, 0), RecoveryPoint { bytes: 8192, ms: 800, exact: true });
+    copy.poll_send(1_000);
+    let connection = copy.connection();
+    assert!(copy.acked(connection, FrameKind::WriteAck, 2, Vec::new(), &mut nothing_in_flight()).is_ok());
+    assert_eq!(copy.recovery_point(1_100, 0), RecoveryPoint { bytes: 4096, ms: 800, exact: true });
+    // The connection is lost: the copy follows no more writes from 1000 on.
+    copy.lost("the connection ended", false);
+    let bound = RecoveryPoint { bytes: 3 * REGION, ms: 3_000, exact: false };
+    assert_eq!(copy.recovery_point(4_000, 3 * REGION), bound, "while the loss is being recorded");
+    copy.persisted(Ok(()));
+    assert_eq!(copy.state(), CopyState::Stale);
+    assert_eq!(copy.recovery_point(4_000, 3 * REGION), bound);
+}

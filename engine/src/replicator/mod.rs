@@ -69,7 +69,7 @@ use crate::protocol::Secret;
 use crate::volume::Volume;
 
 use link::Link;
-pub use link::{CopyState, CopyStatus, ACK_TIMEOUT, LOCAL_SYNC_INTERVAL_DEFAULT};
+pub use link::{CopyState, CopyStatus, RecoveryPoint, ACK_TIMEOUT, LOCAL_SYNC_INTERVAL_DEFAULT};
 pub use state::{CopyRecord, LocalStateFile, MirrorStateStore, RecordedState, StateError, StateErrorKind};
 
 /// How a copy's acknowledgement gates the client's.
