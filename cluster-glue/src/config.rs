@@ -185,6 +185,11 @@ pub struct SiteConfig {
     pub lag_bytes_max: u64,
     /// Whether this site's host opens its store with O_DIRECT.
     pub direct: bool,
+    /// How the production host compresses data frames on the way to this
+    /// site's store whenever this site holds a copy (`compress = "lz4"`,
+    /// `"zstd"`, `"zstd:LEVEL"` or `"none"`, the default): any site, since
+    /// the production role moves.
+    pub compress: engine::protocol::Compression,
 }
 
 /// One member: a `crossmirror node` on a host that can reach its site's store.
@@ -412,6 +417,9 @@ impl GroupConfig {
                 lines.push(format!("site {name} lag_bytes_max = {}", site.lag_bytes_max));
             }
             lines.push(format!("site {name} direct = {}", site.direct));
+            if site.compress != engine::protocol::Compression::None {
+                lines.push(format!("site {name} compress = {}", site.compress.as_string()));
+            }
         }
         for (member, id) in self.members.iter().zip(1u64..) {
             let name = &member.name;
@@ -591,6 +599,7 @@ struct RawSite {
     mode: Option<Spanned<String>>,
     lag_bytes_max: Option<Spanned<RawSize>>,
     direct: Option<Spanned<bool>>,
+    compress: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1091,6 +1100,11 @@ impl Checker<'_> {
             }
         };
         let direct = raw.direct.as_ref().is_some_and(|direct| *direct.get_ref());
+        let compress = match raw.compress.as_ref() {
+            None => engine::protocol::Compression::None,
+            Some(value) => engine::protocol::Compression::parse(value.get_ref())
+                .map_err(|why| self.invalid(value.span(), format!("site {name:?}: {why}")))?,
+        };
         if role == SiteRole::Production {
             let copy_only = [
                 ("mode", raw.mode.as_ref().map(|value| value.span())),
@@ -1102,7 +1116,14 @@ impl Checker<'_> {
                     format!("site {name:?} is the production site and has a {key}; {key} applies to copy sites only, remove it"),
                 ));
             }
-            return Ok(SiteConfig { name, role, mode: CopyMode::Sync, lag_bytes_max: LAG_BYTES_MAX_DEFAULT, direct });
+            return Ok(SiteConfig {
+                name,
+                role,
+                mode: CopyMode::Sync,
+                lag_bytes_max: LAG_BYTES_MAX_DEFAULT,
+                direct,
+                compress,
+            });
         }
         let mode = match raw.mode.as_ref() {
             None => CopyMode::Sync,
@@ -1119,7 +1140,7 @@ impl Checker<'_> {
             None => LAG_BYTES_MAX_DEFAULT,
             Some(value) => self.size(value, &format!("site {name:?} lag_bytes_max"))?,
         };
-        Ok(SiteConfig { name, role, mode, lag_bytes_max, direct })
+        Ok(SiteConfig { name, role, mode, lag_bytes_max, direct, compress })
     }
 
     fn members(
@@ -1931,6 +1952,21 @@ name = "w"
         assert_eq!(original.digest_hex().len(), 64);
     }
 
+    /// `compress` on a site: parsed, and refused with where and what to use.
+    #[test]
+    fn a_site_names_its_compression() {
+        let config = parse(&alpha_with("mode = \"sync\"", "mode = \"sync\"\ncompress = \"zstd:5\"")).unwrap();
+        assert_eq!(config.site("west").unwrap().compress, engine::protocol::Compression::Zstd { level: 5 });
+        assert_eq!(config.site("east").unwrap().compress, engine::protocol::Compression::None);
+        let text = alpha_with("mode = \"sync\"", "mode = \"sync\"\ncompress = \"gzip\"");
+        assert_error(
+            &text,
+            "\"gzip\"",
+            ConfigErrorKind::Invalid,
+            "site \"west\": compress=gzip: use none, lz4, zstd or zstd:LEVEL (LEVEL 1 to 19)",
+        );
+    }
+
     /// Any setting changed changes the canonical text (and so the digest).
     #[test]
     fn canonical_text_changes_with_every_setting() {
@@ -1950,6 +1986,8 @@ name = "w"
             ("mode = \"sync\"", "mode = \"sync\"\nlag_bytes_max = \"1M\""),
             ("mode = \"sync\"", "mode = \"sync\"\ndirect = true"),
             ("role = \"production\"", "role = \"production\"\ndirect = true"),
+            ("mode = \"sync\"", "mode = \"sync\"\ncompress = \"lz4\""),
+            ("role = \"production\"", "role = \"production\"\ncompress = \"zstd:7\""),
             ("\"127.0.0.2\"", "\"127.0.0.9\""),
             ("\"/var/tmp/west.img\"", "\"/var/tmp/west2.img\""),
             ("address = \"127.0.0.3\"", "address = \"127.0.0.3\"\nstate_dir = \"/tmp/w\""),

@@ -680,6 +680,7 @@ impl Shell<'_> {
                     .site(&site.name)
                     .filter(|config| config.role == SiteRole::Copy)
                     .map_or(crate::config::LAG_BYTES_MAX_DEFAULT, |config| config.lag_bytes_max),
+                compress: self.config.site(&site.name).map_or(Default::default(), |config| config.compress),
             })
             .collect();
         let state_store = Arc::new(RecordStore::new(

@@ -132,7 +132,13 @@ impl Mirror {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address: SocketAddr = listener.local_addr().unwrap();
         let config = ReplicatorConfig {
-            copies: vec![CopyConfig { name: "copy".into(), address: Some(address), mode, lag_bytes_max: 64 << 20 }],
+            copies: vec![CopyConfig {
+                name: "copy".into(),
+                address: Some(address),
+                mode,
+                lag_bytes_max: 64 << 20,
+                compress: engine::protocol::Compression::None,
+            }],
             secret: secret(),
             identity: IDENTITY,
             generation: 1,

@@ -136,6 +136,7 @@ impl Scratch {
                 address: Some(copy),
                 mode: MirrorMode::Sync,
                 lag_bytes_max: 64 << 20,
+                compress: engine::protocol::Compression::None,
             }],
             secret: secret(),
             epoch,

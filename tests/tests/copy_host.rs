@@ -155,6 +155,34 @@ fn corrupt_frame_is_refused_and_not_applied() {
     assert!(stored[65536..65536 + 4096].iter().all(|byte| *byte == 0), "the corrupt write was applied");
 }
 
+/// Compressed frames from an authenticated production host: a good one
+/// lands decompressed; one whose payload expands past its frame's length
+/// (a decompression bomb: 1 MiB of zeroes announced as 4 KiB) is refused,
+/// nothing of it applied, the connection closed.
+#[test]
+fn a_compressed_write_lands_and_a_decompression_bomb_is_refused() {
+    let host = copy_host("copy-host-compressed");
+    let mut connection = connect(&host, identity());
+    let send = |connection: &mut CopyConnection, offset: u64, length: u32, payload: &[u8]| {
+        let mut header = connection.header(FrameKind::Write, FrameFlags::ZSTD, 1, 1);
+        header.offset = offset;
+        header.length = length;
+        header.payload_len = payload.len() as u32;
+        connection.send_raw(&encode_frame(&header, payload)).unwrap();
+        header
+    };
+    let data = vec![0x5a; 65536];
+    let header = send(&mut connection, 8192, data.len() as u32, &zstd::bulk::compress(&data, 3).unwrap());
+    let ack = connection.receive().unwrap();
+    assert_eq!((ack.header.kind, ack.header.sequence), (FrameKind::WriteAck, header.sequence));
+    assert!(contents(&host)[8192..8192 + 65536].iter().all(|byte| *byte == 0x5a), "the compressed write is missing");
+    let bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).unwrap();
+    send(&mut connection, 1 << 20, 4096, &bomb);
+    assert!(connection.receive().is_err(), "the copy must close the connection");
+    wait_for_log(&host, "does not decompress to the 4096 bytes its frame names");
+    assert_rejected(&host, 1);
+}
+
 /// A frame replayed with an old sequence number is refused as a replay; the
 /// replayed data never lands.
 #[test]

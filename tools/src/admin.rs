@@ -155,6 +155,18 @@ fn copy_json(copy: &CopyStatus) -> serde_json::Value {
         // writes the copy lacks and the age of the oldest (exact while the
         // copy follows every write; else bounds: the dirty regions, and the
         // time since it last did; seconds null when it never did).
+        // Compression on the link: the setting, whether the copy host
+        // decompresses (else nothing is compressed), payload bytes in, bytes
+        // sent for them, their ratio, and the CPU seconds it took.
+        "compression": {
+            "setting": copy.compression.setting.as_string(),
+            "active": copy.compression.active,
+            "bytes_in": copy.compression.bytes_in,
+            "bytes_out": copy.compression.bytes_out,
+            "ratio": (copy.compression.bytes_out > 0)
+                .then(|| copy.compression.bytes_in as f64 / copy.compression.bytes_out as f64),
+            "cpu_seconds": copy.compression.nanos as f64 / 1e9,
+        },
         "rpo": {
             "bytes": copy.recovery_point.bytes,
             "seconds": (copy.recovery_point.ms != u64::MAX).then(|| copy.recovery_point.ms as f64 / 1000.0),

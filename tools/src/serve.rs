@@ -115,6 +115,7 @@ fn parse_mirror(text: &str) -> Result<CopyConfig, String> {
         address: Some(address),
         mode: MirrorMode::Sync,
         lag_bytes_max: LAG_BYTES_MAX_DEFAULT,
+        compress: engine::protocol::Compression::None,
     };
     for option in parts {
         match option.split_once('=') {
@@ -124,8 +125,15 @@ fn parse_mirror(text: &str) -> Result<CopyConfig, String> {
                 config.lag_bytes_max =
                     parse_size(size).map_err(|error| format!("copy {name}: lag_bytes_max: {error}"))?
             }
+            Some(("compress", setting)) => {
+                config.compress =
+                    engine::protocol::Compression::parse(setting).map_err(|error| format!("copy {name}: {error}"))?
+            }
             _ => {
-                return Err(format!("copy {name}: unknown option {option:?} (use mode=sync|async, lag_bytes_max=SIZE)"))
+                return Err(format!(
+                    "copy {name}: unknown option {option:?} (use mode=sync|async, lag_bytes_max=SIZE, \
+                     compress=none|lz4|zstd[:LEVEL])"
+                ))
             }
         }
     }

@@ -122,6 +122,18 @@ pub fn table(status: &serde_json::Value) -> String {
             let (done, total) = (number("resync_bytes_done"), number("resync_bytes_total"));
             out.push_str(&format!("             resync {} {} of {}\n", bar(done, total), human(done), human(total)));
         }
+        let compression = &copy["compression"];
+        if compression["setting"].as_str().is_some_and(|setting| setting != "none") {
+            out.push_str(&format!(
+                "             compress {}{}: {} in, {} sent (ratio {:.2}), {:.2} s CPU\n",
+                compression["setting"].as_str().unwrap_or("?"),
+                if compression["active"] == true { "" } else { " (the copy host does not decompress: off)" },
+                human(compression["bytes_in"].as_u64().unwrap_or(0)),
+                human(compression["bytes_out"].as_u64().unwrap_or(0)),
+                compression["ratio"].as_f64().unwrap_or(1.0),
+                compression["cpu_seconds"].as_f64().unwrap_or(0.0),
+            ));
+        }
         let rpo = &copy["rpo"];
         let rpo_bytes = rpo["bytes"].as_u64().unwrap_or(0);
         if rpo_bytes > 0 || rpo["exact"] == false {

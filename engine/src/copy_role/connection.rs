@@ -77,6 +77,15 @@ impl Connection<'_> {
         let mut payload = vec![0u8; header.payload_len as usize];
         self.read_exact(&mut payload, deadline)?;
         verify_payload(&header, &header_bytes, &payload).map_err(Ending::Refused)?;
+        if header.flags.compressed() && !header.kind.is_handshake() {
+            // Decompressed here, on the reading thread, to exactly the
+            // extent's length (or refused): the rest sees a plain frame.
+            let payload =
+                crate::protocol::compress::decompress(header.flags, payload, header.length).map_err(Ending::Refused)?;
+            let header =
+                FrameHeader { flags: header.flags.without_compression(), payload_len: header.length, ..header };
+            return Ok(Frame { header, payload });
+        }
         Ok(Frame { header, payload })
     }
 
@@ -395,8 +404,9 @@ fn admit<'host>(connection: &mut Connection<'host>, session: Session) -> Option<
     // The Accept says whether this store holds no data, for --assume-clean.
     let store = host.metadata().store_token;
     let (mut accept, payload) = HandshakeMessage::Accept { store }.to_frame();
+    accept.flags = FrameFlags::DECOMPRESSES;
     if host.volume.holds_no_data().unwrap_or(false) {
-        accept.flags = FrameFlags::EMPTY;
+        accept.flags = accept.flags | FrameFlags::EMPTY;
     }
     connection.queue(&accept, &payload);
     tracing::info!(

@@ -198,9 +198,35 @@ impl FrameFlags {
     /// On Accept: the copy's store holds no data (a regular file with no
     /// data extents) and reads as zeroes throughout.
     pub const EMPTY: FrameFlags = FrameFlags(1 << 4);
+    /// On a data frame: the payload is LZ4-compressed (block format) and
+    /// expands to exactly `length` bytes. On Accept: the copy decompresses
+    /// LZ4 and zstd payloads.
+    pub const LZ4: FrameFlags = FrameFlags(1 << 5);
+    /// On a data frame: the payload is zstd-compressed and expands to
+    /// exactly `length` bytes.
+    pub const ZSTD: FrameFlags = FrameFlags(1 << 6);
     /// Every flag this version knows; a frame with any other bit is refused.
-    pub const KNOWN: FrameFlags =
-        FrameFlags(Self::FUA.0 | Self::ACK_REQUESTED.0 | Self::SYNCED.0 | Self::BARRIER.0 | Self::EMPTY.0);
+    pub const KNOWN: FrameFlags = FrameFlags(
+        Self::FUA.0
+            | Self::ACK_REQUESTED.0
+            | Self::SYNCED.0
+            | Self::BARRIER.0
+            | Self::EMPTY.0
+            | Self::LZ4.0
+            | Self::ZSTD.0,
+    );
+    /// On Accept: the copy decompresses payloads (see [`FrameFlags::LZ4`]).
+    pub const DECOMPRESSES: FrameFlags = Self::LZ4;
+
+    /// Whether a compression flag is set.
+    pub fn compressed(self) -> bool {
+        self.0 & (Self::LZ4.0 | Self::ZSTD.0) != 0
+    }
+
+    /// These flags without the compression flags.
+    pub fn without_compression(self) -> FrameFlags {
+        FrameFlags(self.0 & !(Self::LZ4.0 | Self::ZSTD.0))
+    }
 
     /// The flags with these bits, if every bit is known.
     pub fn from_bits(bits: u16) -> Option<FrameFlags> {
@@ -394,8 +420,18 @@ fn check_shape(header: &FrameHeader) -> Result<(), ReplicationError> {
         Shape::Data if header.length == 0 || header.length > WRITE_BYTES_MAX => {
             Some(format!("carries {} bytes; a data frame carries 1 to {WRITE_BYTES_MAX} bytes", header.length))
         }
-        Shape::Data if header.payload_len != header.length => {
+        Shape::Data if header.flags.contains(FrameFlags::LZ4) && header.flags.contains(FrameFlags::ZSTD) => {
+            Some("says it is compressed two ways".to_string())
+        }
+        Shape::Data if header.flags.compressed() && (header.payload_len == 0 || header.payload_len > header.length) => {
+            Some(format!("names {} bytes but carries {} compressed", header.length, header.payload_len))
+        }
+        Shape::Data if !header.flags.compressed() && header.payload_len != header.length => {
             Some(format!("names {} bytes but carries {}", header.length, header.payload_len))
+        }
+        Shape::Data => None,
+        _ if header.flags.compressed() && kind != FrameKind::Accept => {
+            Some("is marked compressed, which only data frames may be".to_string())
         }
         Shape::Extent if header.length == 0 || header.payload_len != 0 => {
             Some(format!("must name a non-empty extent and carry no payload (length {})", header.length))
@@ -578,6 +614,35 @@ mod tests {
         assert_eq!(verify_payload(&decoded, &bytes, &payload).unwrap_err().kind(), ReplicationErrorKind::Corrupt);
     }
 
+    /// A compressed data frame carries at most its length, and only data
+    /// frames may be compressed, one way.
+    #[test]
+    fn compression_flags_fit_only_data_frames() {
+        let header = |kind, flags, length, payload_len| FrameHeader {
+            kind,
+            flags,
+            session: 1,
+            sequence: 1,
+            generation: 1,
+            epoch: 1,
+            offset: 0,
+            length,
+            payload_len,
+        };
+        assert!(check_shape(&header(FrameKind::Write, FrameFlags::LZ4, 4096, 100)).is_ok());
+        assert!(check_shape(&header(FrameKind::ResyncData, FrameFlags::ZSTD, 4096, 4096)).is_ok());
+        for (kind, flags, length, payload_len) in [
+            (FrameKind::Write, FrameFlags::LZ4, 4096, 4097),
+            (FrameKind::Write, FrameFlags::ZSTD, 4096, 0),
+            (FrameKind::Write, FrameFlags::LZ4 | FrameFlags::ZSTD, 4096, 100),
+            (FrameKind::Write, FrameFlags::NONE, 4096, 100),
+            (FrameKind::Flush, FrameFlags::LZ4, 0, 0),
+        ] {
+            let refused = check_shape(&header(kind, flags, length, payload_len)).unwrap_err();
+            assert!(refused.to_string().contains("refused"), "{refused}");
+        }
+    }
+
     /// Flags outside the known set are refused and known ones are kept.
     #[test]
     fn flags_accept_only_known_bits() {
@@ -585,7 +650,9 @@ mod tests {
         assert_eq!(FrameFlags::from_bits(4), Some(FrameFlags::SYNCED));
         assert_eq!(FrameFlags::from_bits(8), Some(FrameFlags::BARRIER));
         assert_eq!(FrameFlags::from_bits(16), Some(FrameFlags::EMPTY));
-        assert_eq!(FrameFlags::from_bits(32), None);
+        assert_eq!(FrameFlags::from_bits(32), Some(FrameFlags::LZ4));
+        assert_eq!(FrameFlags::from_bits(64), Some(FrameFlags::ZSTD));
+        assert_eq!(FrameFlags::from_bits(128), None);
         assert!((FrameFlags::FUA | FrameFlags::ACK_REQUESTED).contains(FrameFlags::FUA));
         assert!(!FrameFlags::ACK_REQUESTED.contains(FrameFlags::FUA));
     }

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod auth;
+pub mod compress;
 pub mod copy_failure;
 pub mod decoder;
 pub mod error;
@@ -19,6 +20,7 @@ pub mod frame;
 pub mod secret;
 pub mod sequence;
 
+pub use compress::Compression;
 pub use decoder::FrameDecoder;
 pub use error::{ReplicationError, ReplicationErrorKind};
 pub use frame::{decode_header, encode_header, verify_payload, Frame, FrameFlags, FrameHeader, FrameKind};

@@ -70,6 +70,7 @@ pub struct CopyConnection {
     read_buffer: Vec<u8>,
     sequence: SendSequence,
     copy_holds_no_data: bool,
+    copy_decompresses: bool,
     copy_store: StoreToken,
 }
 
@@ -109,6 +110,7 @@ impl CopyConnection {
             read_buffer: vec![0; READ_CHUNK_BYTES],
             sequence: SendSequence::new(),
             copy_holds_no_data: false,
+            copy_decompresses: false,
             copy_store: STORE_TOKEN_UNKNOWN,
         };
         let (mut handshake, hello) = ProductionHandshake::start(secret, identity, random_nonce()?, epoch);
@@ -118,6 +120,7 @@ impl CopyConnection {
             let message = HandshakeMessage::from_frame(&frame)?;
             if let HandshakeMessage::Accept { store } = message {
                 connection.copy_holds_no_data = frame.header.flags.contains(FrameFlags::EMPTY);
+                connection.copy_decompresses = frame.header.flags.contains(FrameFlags::DECOMPRESSES);
                 connection.copy_store = store;
             }
             let step = handshake.on_message(&message);
@@ -148,6 +151,11 @@ impl CopyConnection {
     /// Whether the copy said, in its Accept, that its store holds no data.
     pub fn copy_holds_no_data(&self) -> bool {
         self.copy_holds_no_data
+    }
+
+    /// Whether the copy said, in its Accept, that it decompresses payloads.
+    pub fn copy_decompresses(&self) -> bool {
+        self.copy_decompresses
     }
 
     /// The session agreed in the handshake.

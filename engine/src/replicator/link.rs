@@ -37,8 +37,10 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::protocol::compress::CompressionCounters;
 use crate::protocol::copy_failure::CopyFailure;
-use crate::protocol::frame::{FrameHeader, FrameKind};
+use crate::protocol::frame::{FrameFlags, FrameHeader, FrameKind};
+use crate::protocol::Compression;
 use crate::protocol::{FrameDecoder, ReplicationError};
 use crate::replicator::connect::CopyConnection;
 use crate::replicator::link_core::{Command, CoreConfig, LinkCore, Outgoing, ResyncRead, ResyncReadDone};
@@ -70,6 +72,7 @@ pub struct CopyCounters {
     bytes_shipped: AtomicU64,
     frames_rejected: AtomicU64,
     connects: AtomicU64,
+    compression: CompressionCounters,
 }
 
 /// A copy's status, as `GET /status` reports it.
@@ -113,6 +116,25 @@ pub struct CopyStatus {
     /// What the copy lacks of the writes clients were answered for: the
     /// recovery point if this host were lost now.
     pub recovery_point: RecoveryPoint,
+    /// The link's compression setting and what it did (payload bytes in,
+    /// bytes sent for them, nanoseconds spent compressing).
+    pub compression: CompressionStatus,
+}
+
+/// What compression did on a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CompressionStatus {
+    /// The setting.
+    pub setting: Compression,
+    /// Whether the copy host connected last said it decompresses (else
+    /// nothing is compressed).
+    pub active: bool,
+    /// Payload bytes offered to compression.
+    pub bytes_in: u64,
+    /// Bytes sent for them.
+    pub bytes_out: u64,
+    /// Nanoseconds spent compressing.
+    pub nanos: u64,
 }
 
 /// The core as this shell instantiates it: a sync write's hold is its
@@ -163,6 +185,8 @@ pub(crate) struct Link {
     address: Mutex<Target>,
     /// The last status shown, for when the link is too busy to ask.
     last_status: Mutex<CopyStatus>,
+    /// The copy host connected last decompresses (its Accept said so).
+    compressing: std::sync::atomic::AtomicBool,
 }
 
 /// Where a link connects, and the stream it has there.
@@ -197,6 +221,7 @@ impl Link {
             started: Instant::now(),
             address: Mutex::new(target),
             last_status: Mutex::new(CopyStatus::default()),
+            compressing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -309,6 +334,13 @@ impl Link {
             frames_rejected: self.counters.frames_rejected.load(Ordering::Relaxed),
             connects: self.counters.connects.load(Ordering::Relaxed),
             recovery_point: core.recovery_point(self.now_ms(), dirty_bytes),
+            compression: CompressionStatus {
+                setting: self.config.compress,
+                active: self.compressing.load(Ordering::Relaxed),
+                bytes_in: self.counters.compression.bytes_in.load(Ordering::Relaxed),
+                bytes_out: self.counters.compression.bytes_out.load(Ordering::Relaxed),
+                nanos: self.counters.compression.nanos.load(Ordering::Relaxed),
+            },
         }
     }
 
@@ -640,6 +672,8 @@ impl Link {
     /// core. The
     /// connection's number in the core, or `None` when it cannot be served.
     fn begin(&self, connection: &CopyConnection) -> Option<u64> {
+        self.compressing
+            .store(connection.copy_decompresses() && self.config.compress != Compression::None, Ordering::Relaxed);
         let mut locked = self.lock();
         let recorded = self.shared.recorded_store(self.slot);
         let commands = locked.core.connecting(connection.copy_store(), recorded);
@@ -741,12 +775,28 @@ impl Link {
     /// numbered them.
     fn send_frames(&self, connection: &mut CopyConnection, frames: &[Outgoing]) -> Result<(), ReplicationError> {
         let (generation, epoch) = (self.shared.generation, self.shared.epoch);
+        let compression = if connection.copy_decompresses() { self.config.compress } else { Compression::None };
+        // Data frames compressed for this copy, when that makes them smaller.
+        let compressed: Vec<Option<(FrameFlags, Vec<u8>)>> = frames
+            .iter()
+            .map(|frame| match (&frame.payload, frame.kind) {
+                (Some(payload), FrameKind::Write | FrameKind::ResyncData) => {
+                    self.counters.compression.compress(compression, payload)
+                }
+                _ => None,
+            })
+            .collect();
         let batch: Vec<(FrameHeader, &[u8])> = frames
             .iter()
-            .map(|frame| {
-                let mut header = connection.header(frame.kind, frame.flags, generation, epoch);
+            .zip(&compressed)
+            .map(|(frame, compressed)| {
+                let flags = compressed.as_ref().map_or(frame.flags, |(flag, _)| frame.flags | *flag);
+                let mut header = connection.header(frame.kind, flags, generation, epoch);
                 assert_eq!(header.sequence, frame.sequence, "the core numbers frames as the connection does");
-                let payload = frame.payload.as_ref().map_or(&[][..], |payload| payload.as_slice());
+                let payload = match compressed {
+                    Some((_, bytes)) => bytes.as_slice(),
+                    None => frame.payload.as_ref().map_or(&[][..], |payload| payload.as_slice()),
+                };
                 header.offset = frame.offset;
                 header.length = frame.length;
                 header.payload_len = payload.len() as u32;

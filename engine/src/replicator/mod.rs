@@ -113,6 +113,9 @@ pub struct CopyConfig {
     /// Async only: bytes shipped but not yet acknowledged before the copy
     /// goes `behind`.
     pub lag_bytes_max: u64,
+    /// How its data frames are compressed (when the copy host says it
+    /// decompresses, and only frames that get smaller).
+    pub compress: crate::protocol::Compression,
 }
 
 /// Everything the replicator needs besides the volume and its bitmap.
