@@ -581,11 +581,6 @@ impl Core {
                             record.production.site
                         ))
                         }
-                        Some(copy) if copy.state == CopyRecordState::Syncing => {
-                            self.notice = Some(format!(
-                            "promotion of {site} refused: its copy is syncing, so its store holds no consistent image"
-                        ))
-                        }
                         Some(_) if record.promotion.as_deref() == Some(site.as_str()) => {}
                         Some(_) => {
                             record.promotion = Some(site.clone());
@@ -857,8 +852,10 @@ impl Core {
     }
 
     /// `crossmirror promote --site SITE --accept-data-loss`: promote a copy
-    /// that may lack acknowledged writes (an async copy, or one recorded
-    /// stale, whose store holds the consistent image of when it stopped),
+    /// that may lack acknowledged writes (an async copy; one recorded stale,
+    /// whose store holds the consistent image of when it stopped; one
+    /// syncing, whose host brings back the image it held when its resync
+    /// began from its undo journal, and cannot serve without one),
     /// once the production site is down (its host's lease ran out) and no
     /// current sync copy could take over without loss. The new generation
     /// is a fork, recorded in the history: the old production site and
@@ -888,9 +885,6 @@ impl Core {
             return refuse(self, why, "not a copy site".to_string());
         };
         let copy = &record.copies[index];
-        if copy.state == CopyRecordState::Syncing {
-            return refuse(self, why, "its copy is syncing: its store holds no consistent image".to_string());
-        }
         if !copy.host.as_deref().is_some_and(|host| self.can_host(record, host)) {
             return refuse(self, why, "it has no live member with access to its store".to_string());
         }
@@ -911,7 +905,12 @@ impl Core {
             CopyRecordState::Stale { since, reason } => {
                 format!("every write acknowledged since its copy went stale at {since} ({reason})")
             }
-            _ => "the acknowledged writes not yet shipped to this async copy".to_string(),
+            // Its host rolls its store back to the image it held when the
+            // resync began (its undo journal); without one it cannot serve.
+            CopyRecordState::Syncing => "every write since its last consistent image (the one it held when its \
+                resync began, brought back from its undo journal)"
+                .to_string(),
+            CopyRecordState::Current => "the acknowledged writes not yet shipped to this async copy".to_string(),
         };
         let (old_site, old_generation) = (record.production.site.clone(), record.generation);
         self.promote(record, index, "forced promotion (--accept-data-loss)", why);

@@ -465,17 +465,24 @@ fn a_forced_promotion_waits_out_the_lease_then_records_a_fork_and_every_other_si
 }
 
 #[test]
-fn a_forced_promotion_is_refused_while_the_production_host_serves_and_for_a_syncing_copy() {
+fn a_forced_promotion_is_refused_while_the_production_host_serves_and_a_syncing_copy_goes_back_to_its_image() {
     let (mut b1, joined) = joined_node("b1", true, &["a"]);
     assert_eq!(b1.step(Event::Written(joined.clone())), vec![Command::StartCopy]);
     let commands = b1.step(Event::Promote { site: "west".into() });
     let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
     assert!(message.starts_with("forced promotion of west refused: the production site east still has a"), "{message}");
-    let (mut b1, lost) = production_site_lost_with(CopyRecordState::Syncing, "async");
-    let commands = b1.step(Event::Promote { site: "west".into() });
-    let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
-    assert!(message.contains("refused: its copy is syncing"), "{message}");
-    assert_eq!(b1.record(), Some(&lost), "nothing written");
+    // A syncing copy is promoted to its last consistent image (its host
+    // rolls its store back before it serves), and the fork says so.
+    let (mut b1, _) = production_site_lost_with(CopyRecordState::Syncing, "async");
+    let Some(Command::Write { record: asked, .. }) = b1.step(Event::Promote { site: "west".into() }).pop() else {
+        panic!("the request is recorded")
+    };
+    b1.step(Event::Written(asked));
+    let commands = b1.step(Event::Tick { now_ms: 10_000 });
+    let Some(Command::Write { record: promoted, .. }) = commands.last().cloned() else { panic!("{commands:?}") };
+    assert_eq!(promoted.production.host.as_deref(), Some("b1"));
+    let fork = promoted.history.last().and_then(|entry| entry.fork.clone()).unwrap_or_default();
+    assert!(fork.contains("every write since its last consistent image"), "{fork}");
 }
 
 #[test]

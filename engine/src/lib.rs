@@ -29,6 +29,7 @@ pub mod applier;
 pub mod bitmap;
 pub mod buffer;
 pub mod copy_role;
+pub mod dr_image;
 pub mod error;
 pub mod eventfd;
 pub mod file_lock;

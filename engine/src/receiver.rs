@@ -207,8 +207,11 @@ impl<'counters> Receiver<'counters> {
         let mut persist = self.raise_promises();
         let mut persist_after = None;
         let resync = matches!(header.kind, FrameKind::ResyncData | FrameKind::ResyncZeroes);
-        if resync && self.metadata.state == StoreState::Consistent {
-            // Resync data makes the image inconsistent until the pass ends.
+        let pass_begins = header.flags.contains(FrameFlags::PASS);
+        if (resync || pass_begins) && self.metadata.state == StoreState::Consistent {
+            // A pass began (the production host says so on its first frame,
+            // a write after a gap perhaps), or resync data arrived: the
+            // image is inconsistent until the pass ends.
             self.metadata.state = StoreState::Syncing;
             persist = Some(self.metadata);
         }
@@ -574,6 +577,20 @@ mod tests {
         assert_eq!((step.persist, step.apply), (None, Some(Apply::Flush)));
         assert_eq!(step.persist_after.map(|stored| stored.state), Some(StoreState::Consistent));
         assert_eq!(receiver.metadata().state, StoreState::Consistent);
+    }
+
+    /// A write that says a pass began (PASS: the first frame after a gap)
+    /// makes a consistent store `syncing` before it is applied, though no
+    /// resync data came yet: from it on the store is no image the volume had.
+    #[test]
+    fn a_write_that_begins_a_pass_makes_the_store_syncing() {
+        let counters = ReceiverCounters::default();
+        let mut receiver = Receiver::new(&SESSION, metadata(1, 1), SIZE, &counters);
+        let plain = receiver.on_frame(frame(FrameKind::Write, 1, 0, b"data")).unwrap();
+        assert_eq!(plain.persist, None, "a write of a consistent session");
+        let first = with(frame(FrameKind::Write, 2, 8, b"more"), |header| header.flags = FrameFlags::PASS);
+        let step = receiver.on_frame(first).unwrap();
+        assert_eq!(step.persist.map(|stored| stored.state), Some(StoreState::Syncing));
     }
 
     /// Resync zeroes make a consistent store `syncing` like resync data, and

@@ -117,6 +117,7 @@ impl Scratch {
             metadata_dir: None,
             listen,
             secret: secret(),
+            dr_image_max: None,
         };
         CopyRole::start(config).expect("the copy role starts")
     }

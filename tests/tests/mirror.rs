@@ -760,3 +760,49 @@ fn compressed_links_carry_compressible_data_smaller_and_every_store_ends_identic
     assert!(table.contains("compress lz4: ") && table.contains("compress zstd:3: "), "{table}");
     mirror.stop_and_compare();
 }
+
+/// A consistent DR image while the copy catches up (issue 13, item 2): the
+/// copy misses 32 MiB of writes, comes back and is resynced slowly
+/// (`--resync-rate-max 4M`) while new writes arrive; the production host is
+/// SIGKILLed in the middle of that pass. The copy's store is then no image
+/// the volume ever had, but `crossmirror rollback` brings back, byte for
+/// byte, the consistent image it held when it stopped.
+#[test]
+fn a_copy_caught_mid_resync_rolls_back_to_the_image_it_held_before() {
+    if !tools() || !require_tool("qemu-io") {
+        return;
+    }
+    let mut mirror =
+        Mirror::start("mirror-dr-image", &[("dr", "127.0.0.2", "mode=async")], &["--resync-rate-max", "4M"]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    qemu_write(&mirror.uri(), 0, "8M", 0x11);
+    mirror.wait_up_to_date(Duration::from_secs(30));
+    let status = mirror.copies[0].process.as_mut().expect("copy running").stop_with(libc::SIGTERM);
+    assert!(status.success());
+    let image = std::fs::read(&mirror.copies[0].volume).expect("read the copy's store");
+    qemu_write(&mirror.uri(), 4 << 20, "32M", 0x22);
+    let mut dr = mirror.copies.remove(0);
+    mirror.start_copy(&mut dr);
+    mirror.copies.push(dr);
+    // The pass runs (slowly): the copy keeps its way back, new writes arrive.
+    assert!(wait_until(Duration::from_secs(20), || {
+        let copy = mirror.copy_host_status("dr");
+        copy["store_state"] == "syncing" && copy["dr_image"]["state"] == "kept"
+    }));
+    qemu_write(&mirror.uri(), 40 << 20, "1M", 0x33);
+    assert!(wait_until(Duration::from_secs(20), || {
+        mirror.copy_status("dr")["resync_bytes_done"].as_u64().unwrap_or(0) >= 8 << 20
+    }));
+    let copy = mirror.copy_host_status("dr");
+    assert_eq!(copy["dr_image"]["state"], "kept", "{copy}");
+    mirror.production.as_mut().expect("production running").stop_with(libc::SIGKILL);
+    let status = mirror.copies[0].process.as_mut().expect("copy running").stop_with(libc::SIGTERM);
+    assert!(status.success());
+    let store = mirror.copies[0].volume.clone();
+    assert_ne!(std::fs::read(&store).unwrap(), image, "the pass changed nothing: the test proves nothing");
+    let said = run(binary().to_str().unwrap(), &["rollback", "--volume", store.to_str().unwrap()]);
+    assert!(said.contains("rolled back to the consistent image"), "{said}");
+    assert!(std::fs::read(&store).unwrap() == image, "the rolled back store is not the image the copy held");
+    let again = run(binary().to_str().unwrap(), &["rollback", "--volume", store.to_str().unwrap()]);
+    assert!(again.contains("nothing to roll back"), "{again}");
+}

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use engine::copy_role::{CopyListen, CopyRole, CopyRoleConfig, CopyRoleError, CopyRoleStatus};
+use engine::copy_role::{CopyListen, CopyRole, CopyRoleConfig, CopyRoleError, CopyRoleStatus, DrImage};
 use engine::metadata::format_uuid;
 use engine::protocol::load_secret;
 use engine::size::parse_size;
@@ -54,6 +54,12 @@ pub struct CopyHostArgs {
     /// file (`<volume>.cmmeta`); /var/lib/crossmirror for a block device.
     #[arg(long)]
     metadata_dir: Option<PathBuf>,
+    /// While a resync pass runs, keep up to this many bytes of the chunks
+    /// it overwrites, so that `crossmirror rollback` (or a forced
+    /// promotion) can bring back the consistent image the store held when
+    /// the pass began; 0 keeps none. Default: a quarter of the volume.
+    #[arg(long, value_parser = parse_size)]
+    dr_image_max: Option<u64>,
 }
 /// Run the copy host until a signal stops it.
 pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
@@ -66,6 +72,7 @@ pub fn run(args: CopyHostArgs) -> anyhow::Result<()> {
         metadata_dir: args.metadata_dir.clone(),
         listen: CopyListen::Address(args.listen),
         secret,
+        dr_image_max: args.dr_image_max,
     };
     let role = CopyRole::start(config).map_err(|error| match error {
         CopyRoleError::Bind { address, source } => crate::address::bind_error(address, "--listen", &source),
@@ -111,5 +118,13 @@ pub fn status_json(status: &CopyRoleStatus) -> serde_json::Value {
         "frames_accepted": status.frames_accepted,
         "frames_rejected": status.frames_rejected,
         "write_bytes_accepted": status.write_bytes_accepted,
+        // The way back to the last consistent image while a pass runs.
+        "dr_image": match &status.dr_image {
+            DrImage::None => serde_json::json!({ "state": "none" }),
+            DrImage::Kept { generation, taken_at_ms, bytes } => serde_json::json!({
+                "state": "kept", "generation": generation, "taken_at_ms": taken_at_ms, "journal_bytes": bytes,
+            }),
+            DrImage::Lost(why) => serde_json::json!({ "state": "lost", "why": why }),
+        },
     })
 }

@@ -6,6 +6,7 @@ mod admin;
 mod copy_host;
 mod http;
 mod node;
+mod rollback;
 mod serve;
 mod start_files;
 mod status;
@@ -37,6 +38,8 @@ enum Command {
     Promote(switchover::PromoteArgs),
     /// Print a production host's mirror status (from its admin endpoint).
     Status(status::StatusArgs),
+    /// Bring a copy store caught mid-resync back to the consistent image it held when the resync began.
+    Rollback(rollback::RollbackArgs),
     /// Compare a copy with the production volume while it is in use (online verify).
     Verify(verify::VerifyArgs),
 }
@@ -59,6 +62,7 @@ fn main() {
         Command::Status(args) => status::run(args),
         Command::Switchover(args) => switchover::run(args),
         Command::Promote(args) => switchover::promote(args),
+        Command::Rollback(args) => rollback::run(args),
         Command::Verify(args) => match verify::run(args) {
             Ok(true) => Ok(()),
             // Mismatches found and not repaired: like cmp, exit 1.

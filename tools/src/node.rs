@@ -259,6 +259,22 @@ fn is_block_device(path: &std::path::Path) -> bool {
 
 impl RoleRunner for Roles {
     fn start_production(&mut self, spec: ProductionSpec) -> Result<String, String> {
+        // A copy promoted in the middle of its resync (forced, with
+        // --accept-data-loss) serves the image it held when the resync
+        // began: its undo journal brings it back first.
+        let files = MetadataFiles::locate(&spec.volume, is_block_device(&spec.volume), None);
+        match engine::dr_image::restore_image(&spec.volume, &files, spec.size) {
+            Ok(Some(rolled)) => tracing::warn!(
+                generation = rolled.image.generation,
+                chunks = rolled.chunks,
+                "the store was in the middle of a resync: rolled back to its last consistent image (generation {}, \
+                 taken at {} ms since the Unix epoch); every write after it is given up",
+                rolled.image.generation,
+                rolled.image.taken_at_ms
+            ),
+            Ok(None) => {}
+            Err(error) => return Err(error.to_string()),
+        }
         let options =
             VolumeOptions { path: spec.volume.clone(), size: Some(spec.size), direct: false, read_only: false };
         let volume = Arc::new(Volume::open(&options).map_err(|error| error.to_string())?);
@@ -333,6 +349,7 @@ impl RoleRunner for Roles {
             metadata_dir: None,
             listen: CopyListen::Address(spec.listen),
             secret: spec.secret,
+            dr_image_max: None,
         })
         .map_err(|error| error.to_string())?;
         self.copy = Some(role);

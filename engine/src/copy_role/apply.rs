@@ -13,10 +13,11 @@ use super::connection::{log_ending, refusal_name, Connection, Ending};
 use super::Host;
 use crate::applier::{Applier, Doorbell};
 use crate::metadata::store_metadata;
+use crate::metadata::StoreState;
 use crate::protocol::auth::Session;
 use crate::protocol::copy_failure::{CopyFailure, CopyFailureKind};
 use crate::protocol::frame::{encode_frame, Frame};
-use crate::receiver::{Receiver, Step};
+use crate::receiver::{Apply, Receiver, Step};
 
 /// Frames read and checked ahead of the one being applied (each at most a
 /// maximal frame, 32 MiB; in practice one NBD request, up to 1 MiB).
@@ -226,6 +227,11 @@ fn carry_out(host: &Host, peer: SocketAddr, applier: &mut Applier<'_>, step: Ste
         // The promise is durable before this frame takes effect; earlier
         // frames finish first, so none of them is applied after it.
         applier.drain().map_err(apply_failed)?;
+        let was = *host.metadata();
+        if was.state == StoreState::Consistent && promised.state == StoreState::Syncing {
+            // A pass begins on a consistent store: its way back first.
+            host.begin_undo(was.generation);
+        }
         store_metadata(&host.metadata_path, &promised)
             .map_err(|error| metadata_failed(peer, error, "store the raised epoch, generation or store state"))?;
         *host.metadata() = promised;
@@ -237,6 +243,9 @@ fn carry_out(host: &Host, peer: SocketAddr, applier: &mut Applier<'_>, step: Ste
             promised.state
         );
     }
+    if let Some((offset, length)) = step.apply.as_ref().and_then(changed_extent) {
+        host.save_before(offset, length);
+    }
     let Some(consistent) = step.persist_after else {
         return applier.start(step.apply, step.barrier, step.reply).map_err(apply_failed);
     };
@@ -244,8 +253,18 @@ fn carry_out(host: &Host, peer: SocketAddr, applier: &mut Applier<'_>, step: Ste
     store_metadata(&host.metadata_path, &consistent)
         .map_err(|error| metadata_failed(peer, error, "record the store consistent"))?;
     *host.metadata() = consistent;
+    host.end_undo();
     tracing::info!(%peer, "resync pass complete: the store holds a consistent image again");
     applier.start(None, false, step.reply).map_err(apply_failed)
+}
+
+/// The extent a change overwrites, if it changes the store.
+fn changed_extent(apply: &Apply) -> Option<(u64, u64)> {
+    match apply {
+        Apply::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+        Apply::Trim { offset, length, .. } | Apply::WriteZeroes { offset, length, .. } => Some((*offset, *length)),
+        Apply::Flush | Apply::Checksum { .. } => None,
+    }
 }
 
 /// The store failed `what`: say so to the production host (an Error frame)

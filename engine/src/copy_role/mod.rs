@@ -54,6 +54,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::admission::{Admission, Ticket, HANDSHAKES_MAX};
+use crate::dr_image::{journal_path, remove_journal, Image, Saved, UndoJournal};
 use crate::error::EngineError;
 use crate::fingerprint::fingerprint;
 use crate::log_limit::LogLimit;
@@ -105,6 +106,36 @@ pub struct CopyRoleConfig {
     pub listen: CopyListen,
     /// The secret shared with the production host.
     pub secret: Secret,
+    /// At most this many bytes of before-images are kept while a resync
+    /// pass runs, so that the store can be rolled back to the consistent
+    /// image it held when the pass began (`crate::dr_image`); past it the
+    /// way back is dropped until the pass ends. 0: keep none; `None`:
+    /// [`dr_image_max_default`].
+    pub dr_image_max: Option<u64>,
+}
+
+/// The default of [`CopyRoleConfig::dr_image_max`]: a quarter of the volume.
+pub fn dr_image_max_default(volume_size: u64) -> u64 {
+    volume_size / 4
+}
+
+/// The copy's way back to its last consistent image, while a pass runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrImage {
+    /// The store is consistent (or a fresh copy): nothing to go back to.
+    None,
+    /// A pass runs; the store can be rolled back to the image of
+    /// `generation`, taken at `taken_at_ms` (Unix ms).
+    Kept {
+        /// The image's generation.
+        generation: u64,
+        /// When the pass began.
+        taken_at_ms: u64,
+        /// The journal's size.
+        bytes: u64,
+    },
+    /// A pass runs and no way back is kept: why.
+    Lost(String),
 }
 
 /// What a running copy role shows (`crossmirror copy-host`'s `GET /status`).
@@ -132,6 +163,8 @@ pub struct CopyRoleStatus {
     pub frames_rejected: u64,
     /// Bytes of writes accepted.
     pub write_bytes_accepted: u64,
+    /// The way back to the last consistent image while a pass runs.
+    pub dr_image: DrImage,
 }
 
 /// Why the copy role could not start, or could not stop cleanly.
@@ -226,6 +259,7 @@ struct Shown {
     /// The production host of the established session, if any.
     session_holder: Mutex<Option<SocketAddr>>,
     counters: ReceiverCounters,
+    dr_image: Mutex<DrImage>,
 }
 
 impl Shown {
@@ -243,6 +277,7 @@ impl Shown {
             frames_accepted: self.counters.frames_accepted(),
             frames_rejected: self.counters.frames_rejected(),
             write_bytes_accepted: self.counters.write_bytes_accepted(),
+            dr_image: self.dr_image.lock().unwrap_or_else(PoisonError::into_inner).clone(),
         }
     }
 
@@ -269,11 +304,87 @@ struct Host {
     admission: Admission,
     /// Rate limit of log lines a peer can repeat (refusals, handshake endings).
     log_limit: LogLimit,
+    /// The undo journal of the pass running, if one is kept.
+    undo: Mutex<Option<UndoJournal>>,
+    dr_image_max: u64,
 }
 
 impl Host {
     fn metadata(&self) -> MutexGuard<'_, VolumeMetadata> {
         self.shown.metadata()
+    }
+
+    fn show_dr_image(&self, image: DrImage) {
+        *self.shown.dr_image.lock().unwrap_or_else(PoisonError::into_inner) = image;
+    }
+
+    /// A consistent store begins a pass: keep the way back to its image
+    /// (before the store is recorded syncing). A failure to start the
+    /// journal costs the way back, never the pass.
+    fn begin_undo(&self, image_generation: u64) {
+        let mut undo = self.undo.lock().unwrap_or_else(PoisonError::into_inner);
+        *undo = None;
+        if self.dr_image_max == 0 {
+            self.show_dr_image(DrImage::Lost("keeping none (dr_image_max is 0)".to_string()));
+            return;
+        }
+        let taken_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+        let image = Image { generation: image_generation, taken_at_ms };
+        let path = journal_path(&self.metadata_path);
+        match UndoJournal::begin(&path, image, self.volume.size(), self.dr_image_max) {
+            Ok(journal) => {
+                self.show_dr_image(DrImage::Kept { generation: image_generation, taken_at_ms, bytes: journal.bytes() });
+                *undo = Some(journal);
+            }
+            Err(error) => {
+                tracing::error!(%error, journal = %path.display(),
+                    "cannot start the undo journal: this copy keeps no consistent image until the pass ends");
+                self.show_dr_image(DrImage::Lost(format!("cannot start the undo journal: {error}")));
+            }
+        }
+    }
+
+    /// Before a change to `len` bytes at `offset` during a pass: save the
+    /// chunks it overwrites for the first time. Past the limit, or when
+    /// saving fails, the way back is dropped (the change goes on).
+    fn save_before(&self, offset: u64, len: u64) {
+        let mut undo = self.undo.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(journal) = undo.as_mut() else { return };
+        let why = match journal.save(&self.volume, offset, len) {
+            Ok(Saved::Kept) => {
+                let image = journal.image();
+                self.show_dr_image(DrImage::Kept {
+                    generation: image.generation,
+                    taken_at_ms: image.taken_at_ms,
+                    bytes: journal.bytes(),
+                });
+                return;
+            }
+            Ok(Saved::LimitReached) => format!("the pass changes more than dr_image_max ({} bytes)", self.dr_image_max),
+            Err(error) => format!("saving a before-image failed: {error}"),
+        };
+        tracing::warn!("{why}: the way back to the last consistent image is dropped until the pass ends");
+        if let Some(journal) = undo.take() {
+            if let Err(error) = journal.discard() {
+                tracing::warn!(%error, "removing the undo journal");
+            }
+        }
+        self.show_dr_image(DrImage::Lost(why));
+    }
+
+    /// The pass ended: the store is consistent again; the way back goes.
+    fn end_undo(&self) {
+        let mut undo = self.undo.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = match undo.take() {
+            Some(journal) => journal.discard(),
+            None => remove_journal(&journal_path(&self.metadata_path)),
+        };
+        if let Err(error) = result {
+            tracing::warn!(%error, "removing the undo journal of a store consistent again");
+        }
+        self.show_dr_image(DrImage::None);
     }
 
     fn counters(&self) -> &ReceiverCounters {
@@ -354,6 +465,8 @@ impl CopyRole {
         let volume = Volume::open(&config.volume)?;
         lock_volume(&volume)?;
         let (metadata_path, metadata) = open_metadata(&volume, config.metadata_dir.as_deref())?;
+        let dr_image_max = config.dr_image_max.unwrap_or_else(|| dr_image_max_default(volume.size()));
+        let (undo, dr_image) = open_undo(&volume, &metadata_path, &metadata, dr_image_max);
         let listener = match config.listen {
             CopyListen::Address(address) => {
                 TcpListener::bind(address).map_err(|source| CopyRoleError::Bind { address, source })?
@@ -370,6 +483,7 @@ impl CopyRole {
             metadata: Mutex::new(metadata),
             session_holder: Mutex::new(None),
             counters: ReceiverCounters::default(),
+            dr_image: Mutex::new(dr_image),
         });
         let host = Arc::new(Host {
             volume,
@@ -381,6 +495,8 @@ impl CopyRole {
             next_session: AtomicU64::new(1),
             admission: Admission::default(),
             log_limit: LogLimit::new(LOG_INTERVAL, LOG_LINES_PER_INTERVAL),
+            undo: Mutex::new(undo),
+            dr_image_max,
         });
         let accepting = host.clone();
         let accept_thread = std::thread::Builder::new()
@@ -503,6 +619,47 @@ fn open_metadata(volume: &Volume, metadata_dir: Option<&Path>) -> Result<(PathBu
     Ok((metadata_path, metadata))
 }
 
+/// The undo journal as the role starts: a pass interrupted by a restart
+/// carries on with its journal; a journal left by a store that is
+/// consistent again (a crash between the two) is removed.
+fn open_undo(
+    volume: &Volume,
+    metadata_path: &Path,
+    metadata: &VolumeMetadata,
+    limit: u64,
+) -> (Option<UndoJournal>, DrImage) {
+    let path = journal_path(metadata_path);
+    if !path.exists() {
+        return match metadata.state {
+            StoreState::Syncing if metadata.identity.is_some() => {
+                (None, DrImage::Lost("the pass began with no way back kept".to_string()))
+            }
+            _ => (None, DrImage::None),
+        };
+    }
+    if metadata.state != StoreState::Syncing {
+        if let Err(error) = remove_journal(&path) {
+            tracing::warn!(%error, journal = %path.display(), "cannot remove the undo journal of a consistent store");
+        }
+        return (None, DrImage::None);
+    }
+    match UndoJournal::resume(&path, volume.size(), limit) {
+        Ok(journal) => {
+            let image = journal.image();
+            tracing::info!(journal = %path.display(), generation = image.generation,
+                "the store is in the middle of a resync pass; its way back to the consistent image of \
+                 generation {} is kept ({})", image.generation, path.display());
+            let kept =
+                DrImage::Kept { generation: image.generation, taken_at_ms: image.taken_at_ms, bytes: journal.bytes() };
+            (Some(journal), kept)
+        }
+        Err(error) => {
+            tracing::error!(%error, "the undo journal cannot be read: this copy keeps no consistent image until its pass ends");
+            (None, DrImage::Lost(format!("the undo journal cannot be read: {error}")))
+        }
+    }
+}
+
 /// Take an exclusive lock on the volume, so two copy hosts never apply
 /// frames to one store, nor a production host serve it meanwhile. The lock
 /// goes with the open file.
@@ -613,6 +770,7 @@ mod tests {
             metadata_dir: None,
             listen: CopyListen::Address(SocketAddr::from(([127, 0, 0, 1], 0))),
             secret: Secret::from_bytes(b"copy role unit test secret 32 b!".to_vec()).unwrap(),
+            dr_image_max: None,
         }
     }
 

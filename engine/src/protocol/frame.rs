@@ -205,6 +205,10 @@ impl FrameFlags {
     /// On a data frame: the payload is zstd-compressed and expands to
     /// exactly `length` bytes.
     pub const ZSTD: FrameFlags = FrameFlags(1 << 6);
+    /// On the first frame sent after a resync pass began: from this frame
+    /// on, until the pass's SYNCED Flush, the copy's store is no consistent
+    /// image (the copy keeps its way back to the image before it).
+    pub const PASS: FrameFlags = FrameFlags(1 << 7);
     /// Every flag this version knows; a frame with any other bit is refused.
     pub const KNOWN: FrameFlags = FrameFlags(
         Self::FUA.0
@@ -213,7 +217,8 @@ impl FrameFlags {
             | Self::BARRIER.0
             | Self::EMPTY.0
             | Self::LZ4.0
-            | Self::ZSTD.0,
+            | Self::ZSTD.0
+            | Self::PASS.0,
     );
     /// On Accept: the copy decompresses payloads (see [`FrameFlags::LZ4`]).
     pub const DECOMPRESSES: FrameFlags = Self::LZ4;
@@ -652,7 +657,8 @@ mod tests {
         assert_eq!(FrameFlags::from_bits(16), Some(FrameFlags::EMPTY));
         assert_eq!(FrameFlags::from_bits(32), Some(FrameFlags::LZ4));
         assert_eq!(FrameFlags::from_bits(64), Some(FrameFlags::ZSTD));
-        assert_eq!(FrameFlags::from_bits(128), None);
+        assert_eq!(FrameFlags::from_bits(128), Some(FrameFlags::PASS));
+        assert_eq!(FrameFlags::from_bits(256), None);
         assert!((FrameFlags::FUA | FrameFlags::ACK_REQUESTED).contains(FrameFlags::FUA));
         assert!(!FrameFlags::ACK_REQUESTED.contains(FrameFlags::FUA));
     }

@@ -764,7 +764,17 @@ impl Link {
             match self.execute(&mut locked, commands, &mut None) {
                 Next::Poll => {}
                 Next::Wait(duration) => locked = self.wait(locked, duration),
-                Next::Send { sync_local_first, frames } => return Ok((sync_local_first, frames)),
+                Next::Send { sync_local_first, mut frames } => {
+                    // Taken under the lock the batch was taken under: every
+                    // frame queued after the pass began is in this batch or
+                    // a later one.
+                    if !frames.is_empty() && locked.core.take_pass_mark() {
+                        if let Some(first) = frames.first_mut() {
+                            first.flags = first.flags | FrameFlags::PASS;
+                        }
+                    }
+                    return Ok((sync_local_first, frames));
+                }
                 Next::Close(why) => return Err(Some(why)),
                 Next::Repair(_) => unreachable!("the sender's commands start no repair"),
             }

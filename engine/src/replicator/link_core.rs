@@ -417,6 +417,9 @@ pub(crate) struct LinkCore<H, V> {
     last_ack_ms: u64,
     /// An acknowledgement arrived since the last poll.
     ack_seen: bool,
+    /// A resync pass began since the last frame was sent: the next one
+    /// carries [`FrameFlags::PASS`].
+    pass_mark: bool,
     /// Why the current connection failed, once it has (the sender then tears
     /// it down): the first cause seen (the copy's Error frame, an ack
     /// timeout, a closed socket), so a later symptom of the same teardown
@@ -465,6 +468,7 @@ impl<H, V> LinkCore<H, V> {
             up_to_date_ms: None,
             last_ack_ms: 0,
             ack_seen: false,
+            pass_mark: false,
             ending: None,
             last_error: None,
             progress: false,
@@ -519,6 +523,12 @@ impl<H, V> LinkCore<H, V> {
                 exact: false,
             },
         }
+    }
+
+    /// Whether a pass began since the last batch was taken to be sent (the
+    /// shell marks that batch's first frame with [`FrameFlags::PASS`]).
+    pub(crate) fn take_pass_mark(&mut self) -> bool {
+        std::mem::take(&mut self.pass_mark)
     }
 
     pub(crate) fn lag_bytes(&self) -> u64 {
@@ -592,6 +602,10 @@ impl<H, V> LinkCore<H, V> {
     }
 
     fn start_resync_pass(&mut self) {
+        // The next frame sent says a pass began (any frame queued before is
+        // part of the image the copy held; one marked early only makes the
+        // copy keep its way back from a little earlier).
+        self.pass_mark = true;
         self.resync_pass += 1;
         self.resync_next = Some(0);
         self.resync_pending.start_pass();

@@ -516,6 +516,18 @@ fn only_a_clean_stop_keeps_a_copy_current() {
     assert_eq!(syncing.lost("this host is shutting down", true), vec![Command::Persist(RecordedState::Stale)]);
 }
 
+/// Every pass makes the next frame sent say so (FrameFlags::PASS, set by
+/// the shell on the first frame of the next batch it takes): the one a
+/// connection begins with, once, and the one after an async copy's gap.
+#[test]
+fn a_pass_marks_the_next_frame_sent() {
+    let mut core = core(MirrorMode::Async, 1 << 30);
+    assert!(!core.take_pass_mark());
+    connect(&mut core, &[], 0);
+    assert!(core.take_pass_mark(), "a connection begins with a pass");
+    assert!(!core.take_pass_mark(), "taken once");
+}
+
 /// An async copy behind a slow link is judged by progress: a frame older
 /// than ACK_TIMEOUT does not end the connection while acknowledgements keep
 /// coming; ACK_TIMEOUT without any does. (A sync copy keeps the per-frame

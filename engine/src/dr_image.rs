@@ -1,0 +1,458 @@
+//! A copy's way back to its last consistent image while it catches up
+//! (issue 13, item 2; DRBD's `before-resync-target` snapshot, built in).
+//!
+//! A resync pass overwrites a copy region by region in bitmap order while
+//! new writes keep arriving, so until the pass ends the copy's store is no
+//! image the production volume ever had. Before a change overwrites a chunk
+//! for the first time in a pass, the chunk's old contents are appended to an
+//! undo journal beside the store (`<volume>.cmundo`) and made durable; when
+//! the pass ends (the store is recorded consistent again) the journal is
+//! deleted. Until then, [`roll_back`] writes every saved chunk back: the
+//! store is again exactly the consistent image it held when the pass began.
+//!
+//! ```text
+//!  pass begins (metadata consistent → syncing) ─▶ journal created: header (image generation, time)
+//!  change to chunk C, first time this pass     ─▶ read C ─▶ append (C, crc, bytes) ─▶ fdatasync ─▶ apply
+//!  pass ends (SYNCED flush, metadata consistent) ─▶ journal deleted
+//!  crossmirror rollback / a forced promotion    ─▶ every entry written back ─▶ fsync ─▶ consistent, new store token
+//! ```
+//!
+//! Entries are whole 64 KiB chunks, each with a CRC; a torn last entry
+//! (a crash while appending) is cut off when the journal is opened again,
+//! which loses nothing: its chunk was not overwritten, since a change is
+//! applied only after its chunk's entry is durable. The journal may grow to
+//! the bytes a pass changes; past its limit it is dropped (the copy then
+//! keeps no consistent image until the pass ends), never the pass stopped.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::volume::Volume;
+
+/// The suffix appended to a volume's metadata path stem to name its journal.
+pub const UNDO_FILE_SUFFIX: &str = ".cmundo";
+/// The unit of a saved before-image.
+pub const CHUNK_BYTES: u64 = 64 << 10;
+
+const MAGIC: [u8; 8] = *b"CMUNDO\0\0";
+const VERSION: u32 = 1;
+const HEADER_BYTES: usize = 64;
+const ENTRY_MAGIC: u32 = 0x434d_5545;
+const ENTRY_HEADER_BYTES: usize = 20;
+
+/// The consistent image a journal leads back to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Image {
+    /// The volume generation the store held when the pass began.
+    pub generation: u64,
+    /// When the pass began (Unix milliseconds): the image is of that moment
+    /// or earlier (the copy's recovery point, once rolled back).
+    pub taken_at_ms: u64,
+}
+
+/// The undo journal of one copy store during a resync pass.
+#[derive(Debug)]
+pub struct UndoJournal {
+    file: File,
+    path: PathBuf,
+    image: Image,
+    volume_size: u64,
+    saved: HashSet<u64>,
+    bytes: u64,
+    limit: u64,
+}
+
+/// What [`UndoJournal::save`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// Every chunk of the extent is in the journal, durably.
+    Kept,
+    /// The journal would pass its limit: the caller drops it.
+    LimitReached,
+}
+
+/// What [`roll_back`] restored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolledBack {
+    /// The image the store holds again.
+    pub image: Image,
+    /// Chunks written back.
+    pub chunks: u64,
+    /// A torn last entry was ignored (its chunk was never overwritten).
+    pub torn_tail: bool,
+}
+
+/// The journal's path for a store whose metadata is at `metadata_path`.
+pub fn journal_path(metadata_path: &Path) -> PathBuf {
+    let mut name = metadata_path.as_os_str().to_owned();
+    name.push(UNDO_FILE_SUFFIX);
+    PathBuf::from(name)
+}
+
+fn invalid(path: &Path, message: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("undo journal {}: {message}", path.display()))
+}
+
+fn header_bytes(image: Image, volume_size: u64) -> [u8; HEADER_BYTES] {
+    let mut bytes = [0u8; HEADER_BYTES];
+    bytes[0..8].copy_from_slice(&MAGIC);
+    bytes[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    bytes[12..16].copy_from_slice(&(CHUNK_BYTES as u32).to_le_bytes());
+    bytes[16..24].copy_from_slice(&volume_size.to_le_bytes());
+    bytes[24..32].copy_from_slice(&image.generation.to_le_bytes());
+    bytes[32..40].copy_from_slice(&image.taken_at_ms.to_le_bytes());
+    let crc = crc32fast::hash(&bytes[..60]);
+    bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// One entry read back: its chunk and bytes.
+struct Entry {
+    chunk: u64,
+    data: Vec<u8>,
+}
+
+/// Read the header and every whole entry of the journal at `path`; the
+/// offset where the entries end (a torn tail starts there).
+fn read_journal(path: &Path, volume_size: u64) -> io::Result<(Image, Vec<Entry>, u64, bool)> {
+    let mut file = File::open(path)?;
+    let mut header = [0u8; HEADER_BYTES];
+    file.read_exact(&mut header).map_err(|_| invalid(path, "shorter than its header"))?;
+    if header[0..8] != MAGIC || u32_at(&header, 60) != crc32fast::hash(&header[..60]) {
+        return Err(invalid(path, "damaged header"));
+    }
+    if u32_at(&header, 8) != VERSION || u64::from(u32_at(&header, 12)) != CHUNK_BYTES {
+        return Err(invalid(path, "another version or chunk size"));
+    }
+    if u64_at(&header, 16) != volume_size {
+        return Err(invalid(path, format!("made for a volume of {} bytes, not {volume_size}", u64_at(&header, 16))));
+    }
+    let image = Image { generation: u64_at(&header, 24), taken_at_ms: u64_at(&header, 32) };
+    let mut rest = Vec::new();
+    file.read_to_end(&mut rest)?;
+    let mut entries = Vec::new();
+    let mut at = 0usize;
+    let torn = loop {
+        if at == rest.len() {
+            break false;
+        }
+        if rest.len() - at < ENTRY_HEADER_BYTES {
+            break true;
+        }
+        let head = &rest[at..at + ENTRY_HEADER_BYTES];
+        let (chunk, len) = (u64_at(head, 4), u32_at(head, 12) as usize);
+        let crc = u32_at(head, 16);
+        if u32_at(head, 0) != ENTRY_MAGIC || len as u64 > CHUNK_BYTES || rest.len() - at - ENTRY_HEADER_BYTES < len {
+            break true;
+        }
+        let data = &rest[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len];
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&head[..16]);
+        hasher.update(data);
+        if hasher.finalize() != crc || chunk * CHUNK_BYTES + len as u64 > volume_size {
+            break true;
+        }
+        entries.push(Entry { chunk, data: data.to_vec() });
+        at += ENTRY_HEADER_BYTES + len;
+    };
+    Ok((image, entries, (HEADER_BYTES + at) as u64, torn))
+}
+
+fn sync_directory(path: &Path) -> io::Result<()> {
+    let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(directory)?.sync_all()
+}
+
+impl UndoJournal {
+    /// Start a journal for a pass beginning now on a store that holds the
+    /// consistent `image`; any older journal at `path` is replaced.
+    pub fn begin(path: &Path, image: Image, volume_size: u64, limit: u64) -> io::Result<UndoJournal> {
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        file.write_all(&header_bytes(image, volume_size))?;
+        file.sync_all()?;
+        sync_directory(path)?;
+        Ok(UndoJournal {
+            file,
+            path: path.to_path_buf(),
+            image,
+            volume_size,
+            saved: HashSet::new(),
+            bytes: HEADER_BYTES as u64,
+            limit,
+        })
+    }
+
+    /// Carry on with the journal at `path` (the copy restarted in the
+    /// middle of a pass): its entries are kept, a torn tail cut off.
+    pub fn resume(path: &Path, volume_size: u64, limit: u64) -> io::Result<UndoJournal> {
+        let (image, entries, end, _) = read_journal(path, volume_size)?;
+        let mut file = OpenOptions::new().read(true).write(true).open(path)?;
+        file.set_len(end)?;
+        file.sync_all()?;
+        file.seek(SeekFrom::End(0))?;
+        let saved = entries.iter().map(|entry| entry.chunk).collect();
+        Ok(UndoJournal { file, path: path.to_path_buf(), image, volume_size, saved, bytes: end, limit })
+    }
+
+    /// The image this journal leads back to.
+    pub fn image(&self) -> Image {
+        self.image
+    }
+
+    /// The journal's size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Before `len` bytes at `offset` of `volume` are changed: save every
+    /// chunk of the extent not saved yet in this pass, durably.
+    pub fn save(&mut self, volume: &Volume, offset: u64, len: u64) -> io::Result<Saved> {
+        if len == 0 {
+            return Ok(Saved::Kept);
+        }
+        let first = offset / CHUNK_BYTES;
+        let last = (offset + len - 1).min(self.volume_size.saturating_sub(1)) / CHUNK_BYTES;
+        let new: Vec<u64> = (first..=last).filter(|chunk| !self.saved.contains(chunk)).collect();
+        if new.is_empty() {
+            return Ok(Saved::Kept);
+        }
+        let adding = new.len() as u64 * (CHUNK_BYTES + ENTRY_HEADER_BYTES as u64);
+        if self.bytes + adding > self.limit {
+            return Ok(Saved::LimitReached);
+        }
+        let mut appended = Vec::with_capacity(adding as usize);
+        for &chunk in &new {
+            let start = chunk * CHUNK_BYTES;
+            let length = CHUNK_BYTES.min(self.volume_size - start);
+            let data = volume.read_synchronously(start, length)?;
+            let mut head = [0u8; ENTRY_HEADER_BYTES];
+            head[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
+            head[4..12].copy_from_slice(&chunk.to_le_bytes());
+            head[12..16].copy_from_slice(&(length as u32).to_le_bytes());
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&head[..16]);
+            hasher.update(&data);
+            head[16..20].copy_from_slice(&hasher.finalize().to_le_bytes());
+            appended.extend_from_slice(&head);
+            appended.extend_from_slice(&data);
+        }
+        self.file.write_all_at(&appended, self.bytes)?;
+        self.file.sync_data()?;
+        self.bytes += appended.len() as u64;
+        self.saved.extend(new);
+        Ok(Saved::Kept)
+    }
+
+    /// The pass ended (the store is consistent again) or the journal is
+    /// given up: delete it.
+    pub fn discard(self) -> io::Result<()> {
+        drop(self.file);
+        remove_journal(&self.path)
+    }
+}
+
+/// Delete the journal at `path` (durably; none there is fine).
+pub fn remove_journal(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => sync_directory(path),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// Write every chunk the journal at `journal` saved back to the store at
+/// `store` (`volume_size` bytes; nothing else may hold it), fsync it: the
+/// store holds the journal's image again. The caller records the store
+/// consistent (with a new store token: the production host's view of this
+/// store no longer holds) and then removes the journal.
+pub fn roll_back(store: &Path, journal: &Path, volume_size: u64) -> io::Result<RolledBack> {
+    let (image, entries, _, torn_tail) = read_journal(journal, volume_size)?;
+    let file = OpenOptions::new().write(true).open(store)?;
+    for entry in &entries {
+        file.write_all_at(&entry.data, entry.chunk * CHUNK_BYTES)?;
+    }
+    file.sync_all()?;
+    Ok(RolledBack { image, chunks: entries.len() as u64, torn_tail })
+}
+
+/// Why a store could not be brought back to its last consistent image.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The metadata could not be read or written.
+    #[error(transparent)]
+    Metadata(#[from] crate::metadata::MetadataError),
+    /// The store is consistent already: nothing to bring back.
+    #[error("{store} holds a consistent image already (its metadata says so); nothing to roll back")]
+    Consistent {
+        /// The store.
+        store: PathBuf,
+    },
+    /// A pass runs and no way back was kept.
+    #[error(
+        "{store} is in the middle of a resync and no undo journal was kept ({journal} is missing): it holds no \
+         consistent image; resync it from a production host"
+    )]
+    NoJournal {
+        /// The store.
+        store: PathBuf,
+        /// Where the journal would be.
+        journal: PathBuf,
+    },
+    /// Another process holds the store.
+    #[error("{store} is in use by another process (a copy host or production host); stop it first")]
+    InUse {
+        /// The store.
+        store: PathBuf,
+    },
+    /// Reading the journal or writing the store failed.
+    #[error("rolling {store} back: {source}")]
+    Io {
+        /// The store.
+        store: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Bring the store at `store` (metadata `files`, `volume_size` bytes) back
+/// to the consistent image its undo journal leads to, when it is in the
+/// middle of a pass: the chunks written back, the store recorded
+/// consistent at the image's generation with a new store token (any record
+/// of this store's contents is void: a production host resyncs it in full),
+/// the journal removed. `Ok(None)`: the store is consistent already.
+pub fn restore_image(
+    store: &Path,
+    files: &crate::metadata::MetadataFiles,
+    volume_size: u64,
+) -> Result<Option<RolledBack>, RestoreError> {
+    use crate::metadata::{load_metadata, new_store_token, store_metadata, StoreState};
+    let io_error = |source| RestoreError::Io { store: store.to_path_buf(), source };
+    let Some(metadata) = load_metadata(&files.metadata)? else { return Ok(None) };
+    if metadata.state != StoreState::Syncing {
+        return Ok(None);
+    }
+    let journal = journal_path(&files.metadata);
+    if !journal.exists() {
+        return Err(RestoreError::NoJournal { store: store.to_path_buf(), journal });
+    }
+    let held = File::open(store).map_err(io_error)?;
+    if !crate::file_lock::try_lock_exclusive(std::os::fd::AsRawFd::as_raw_fd(&held)).map_err(io_error)? {
+        return Err(RestoreError::InUse { store: store.to_path_buf() });
+    }
+    let rolled = roll_back(store, &journal, volume_size).map_err(io_error)?;
+    let restored = crate::metadata::VolumeMetadata {
+        state: StoreState::Consistent,
+        generation: rolled.image.generation,
+        store_token: new_store_token().map_err(io_error)?,
+        ..metadata
+    };
+    store_metadata(&files.metadata, &restored)?;
+    remove_journal(&journal).map_err(io_error)?;
+    drop(held);
+    Ok(Some(rolled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::VolumeOptions;
+
+    const SIZE: u64 = 1 << 20;
+
+    fn store(directory: &Path) -> (Volume, PathBuf) {
+        let path = directory.join("copy.img");
+        let original: Vec<u8> = (0..SIZE).map(|index| (index % 251) as u8).collect();
+        std::fs::write(&path, &original).unwrap();
+        let volume =
+            Volume::open(&VolumeOptions { path: path.clone(), size: Some(SIZE), direct: false, read_only: false })
+                .unwrap();
+        (volume, path)
+    }
+
+    fn overwrite(path: &Path, offset: u64, len: usize, byte: u8) {
+        let file = OpenOptions::new().write(true).open(path).unwrap();
+        file.write_all_at(&vec![byte; len], offset).unwrap();
+    }
+
+    /// Changes saved first, then made; a roll back restores the image the
+    /// pass began with, byte for byte, whatever was written over it (also
+    /// twice, and across a resumed journal).
+    #[test]
+    fn a_roll_back_restores_the_image_the_pass_began_with() {
+        let directory = tempfile::tempdir().unwrap();
+        let (volume, path) = store(directory.path());
+        let before = std::fs::read(&path).unwrap();
+        let journal = directory.path().join("copy.img.cmmeta.cmundo");
+        let image = Image { generation: 4, taken_at_ms: 1_700_000_000_000 };
+        let mut undo = UndoJournal::begin(&journal, image, SIZE, u64::MAX).unwrap();
+        for (offset, len, byte) in [(4096, 100, 1u8), (70_000, 200_000, 2), (4096, 8192, 3), (SIZE - 10, 10, 4)] {
+            assert_eq!(undo.save(&volume, offset, len as u64).unwrap(), Saved::Kept);
+            overwrite(&path, offset, len, byte);
+        }
+        drop(undo);
+        // The copy restarts mid-pass: the journal carries on.
+        let mut undo = UndoJournal::resume(&journal, SIZE, u64::MAX).unwrap();
+        assert_eq!(undo.image(), image);
+        assert_eq!(undo.save(&volume, 500_000, 4096).unwrap(), Saved::Kept);
+        overwrite(&path, 500_000, 4096, 5);
+        assert_ne!(std::fs::read(&path).unwrap(), before);
+        let rolled = roll_back(&path, &journal, SIZE).unwrap();
+        assert_eq!(rolled, RolledBack { image, chunks: 1 + 4 + 1 + 1, torn_tail: false });
+        assert_eq!(std::fs::read(&path).unwrap(), before, "the store is not the image the pass began with");
+        undo.discard().unwrap();
+        assert!(!journal.exists());
+    }
+
+    /// A torn last entry (a crash while appending) is ignored: its chunk was
+    /// never overwritten. A damaged header or another volume size is refused.
+    #[test]
+    fn a_torn_tail_is_cut_off_and_a_damaged_journal_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let (volume, path) = store(directory.path());
+        let before = std::fs::read(&path).unwrap();
+        let journal = directory.path().join("j.cmundo");
+        let image = Image { generation: 1, taken_at_ms: 5 };
+        let mut undo = UndoJournal::begin(&journal, image, SIZE, u64::MAX).unwrap();
+        undo.save(&volume, 0, 10).unwrap();
+        overwrite(&path, 0, 10, 9);
+        let whole = undo.bytes();
+        undo.save(&volume, 200_000, 10).unwrap();
+        drop(undo);
+        // The second entry is torn: its chunk was not overwritten.
+        let file = OpenOptions::new().write(true).open(&journal).unwrap();
+        file.set_len(whole + 100).unwrap();
+        let rolled = roll_back(&path, &journal, SIZE).unwrap();
+        assert_eq!((rolled.chunks, rolled.torn_tail), (1, true));
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert!(roll_back(&path, &journal, SIZE * 2).unwrap_err().to_string().contains("made for a volume"));
+        let mut bytes = std::fs::read(&journal).unwrap();
+        bytes[20] ^= 1;
+        std::fs::write(&journal, &bytes).unwrap();
+        assert!(roll_back(&path, &journal, SIZE).unwrap_err().to_string().contains("damaged header"));
+    }
+
+    /// Past its limit the journal says so and saves nothing more.
+    #[test]
+    fn the_journal_stops_at_its_limit() {
+        let directory = tempfile::tempdir().unwrap();
+        let (volume, _) = store(directory.path());
+        let journal = directory.path().join("j.cmundo");
+        let limit = HEADER_BYTES as u64 + 2 * (CHUNK_BYTES + ENTRY_HEADER_BYTES as u64);
+        let mut undo = UndoJournal::begin(&journal, Image { generation: 1, taken_at_ms: 0 }, SIZE, limit).unwrap();
+        assert_eq!(undo.save(&volume, 0, 2 * CHUNK_BYTES).unwrap(), Saved::Kept);
+        assert_eq!(undo.save(&volume, 0, 100).unwrap(), Saved::Kept, "saved already");
+        assert_eq!(undo.save(&volume, 5 * CHUNK_BYTES, 1).unwrap(), Saved::LimitReached);
+    }
+}
