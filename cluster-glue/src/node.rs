@@ -472,8 +472,6 @@ impl Shell<'_> {
                     }
                 }
             }
-            let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.events.push(Event::Tick { now_ms });
             let is_leader = match self.config.quorum_backend {
                 // The raft leader decides: one decider at a time.
                 QuorumBackend::Embedded => self.quorum.status().is_leader,
@@ -510,7 +508,17 @@ impl Shell<'_> {
                     Err(error) => tracing::debug!(%error, "reading the group record"),
                 }
             }
-            while !self.events.is_empty() {
+            let mut ticked = false;
+            while !self.events.is_empty() || !ticked {
+                // The clock first, read after the quorum call whose answer
+                // is stepped next: the core dates a member's forced-out
+                // record by its last tick, and a takeover counts the old
+                // host's lease from there. A tick read before the call that
+                // brought the record (a compare-and-set or a read, up to
+                // CALL_TIMEOUT) would let the takeover come that much early.
+                let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                ticked = true;
+                self.events.insert(0, Event::Tick { now_ms });
                 for event in std::mem::take(&mut self.events) {
                     let commands = core.step(event);
                     for command in commands {

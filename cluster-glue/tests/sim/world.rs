@@ -5,13 +5,15 @@
 //! on one global axis; each node reads it through its own skewed clock.
 //!
 //! What the shell copies from `node.rs`: a main loop every ~100 ms of its
-//! own clock feeding `Tick`, `Leader` and `Liveness` when they changed, the
-//! record when the watch sees a newer one; a read or compare-and-set blocks
-//! the loop until it answers or times out after 2 s (`Conflict` and a fresh
-//! read for a write that timed out, though it may have committed); the lease
-//! thread renews every lease/4 by a linearizable read that must name this
-//! node joined production host at its epoch, a lease lasting `lease_ms`
-//! from before the read; a deposed host's gate closes for good.
+//! own clock feeding `Leader` and `Liveness` when they changed, the record
+//! when the watch sees a newer one, every batch of events behind a `Tick`
+//! read as it is stepped (after the call that brought it); a read or
+//! compare-and-set blocks the loop until it answers or times out after 2 s
+//! (`Conflict` and a fresh read for a write that timed out, though it may
+//! have committed); the lease thread renews every lease/4 by a linearizable
+//! read that must name this node joined production host at its epoch, a
+//! lease lasting `lease_ms` from before the read; a deposed host's gate
+//! closes for good.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -627,7 +629,6 @@ impl World {
         if let Some(to) = self.nodes[node].switchover.take() {
             events.push(Event::Switchover { to });
         }
-        events.push(Event::Tick { now_ms: self.local(node) });
         let leader = self.believes_leader(node);
         if self.nodes[node].sent_leader != Some(leader) {
             self.nodes[node].sent_leader = Some(leader);
@@ -658,7 +659,10 @@ impl World {
     /// shell's inner loop does.
     fn step(&mut self, node: usize, mut events: Vec<Event>) {
         let Some(mut core) = self.nodes[node].core.take() else { return };
-        while !events.is_empty() && self.violation.is_none() {
+        let mut ticked = false;
+        while (!events.is_empty() || !ticked) && self.violation.is_none() {
+            ticked = true;
+            events.insert(0, Event::Tick { now_ms: self.local(node) });
             for event in std::mem::take(&mut events) {
                 if !matches!(event, Event::Tick { .. }) {
                     let name = self.name(node);
