@@ -189,6 +189,8 @@ pub fn run(
         group: config.group.clone(),
         digest: config.digest(),
         canonical: config.canonical(),
+        heartbeat_interval: config.liveness.heartbeat,
+        failure_after: config.liveness.failure,
     })
     .map_err(|error| {
         format!("cannot listen on {} (UDP, the group's quorum port): {error}", quorum_address(me.address))
@@ -261,13 +263,16 @@ fn start_quorum(
         QuorumBackend::Embedded => {
             let addresses: BTreeMap<u64, SocketAddr> =
                 voters.iter().map(|voter| (voter.id, SocketAddr::new(voter.address, config.ports.quorum))).collect();
-            let raft = RaftQuorum::start(RaftQuorumConfig::new(
-                id,
-                addresses,
-                state_dir.join("quorum"),
-                secret.derive_key("crossmirror quorum"),
-                config.group.clone(),
-            ))
+            let raft = RaftQuorum::start(
+                RaftQuorumConfig::new(
+                    id,
+                    addresses,
+                    state_dir.join("quorum"),
+                    secret.derive_key("crossmirror quorum"),
+                    config.group.clone(),
+                )
+                .timed_for(config.liveness.failure),
+            )
             .map_err(|error| format!("cannot start the quorum voter: {error}"))?;
             Ok(Arc::new(raft))
         }
@@ -278,7 +283,7 @@ fn start_quorum(
                 format!("/crossmirror/{}/", config.group),
                 name.to_string(),
             );
-            etcd.live_ttl = config.lease;
+            etcd.live_ttl = config.liveness.failure;
             let store = crate::quorum::etcd::EtcdQuorum::start(etcd)
                 .map_err(|error| format!("cannot reach the group's etcd cluster: {error}"))?;
             Ok(Arc::new(store))

@@ -27,8 +27,11 @@ use super::rng::Rng;
 /// How long a quorum call waits before it gives up (`CALL_TIMEOUT`).
 const CALL_TIMEOUT_MS: u64 = 2000;
 /// Liveness: silence this long is failure, and a node judges nobody for
-/// this long after it started or resumed (`FAILURE_AFTER`).
-const FAILURE_AFTER_MS: u64 = 2000;
+/// this long after it started or resumed (`[liveness] failure_ms`): one of
+/// these per seed, the default first.
+const FAILURE_AFTER_MS: [u64; 2] = [1000, 2000];
+/// The lease (`[quorum] lease_ms`): one of these per seed, the default first.
+const LEASE_MS: [u64; 4] = [500, 1000, 2000, 3000];
 /// The shell's round (`WATCH_WAIT`), on the node's clock.
 const ROUND_MS: u64 = 100;
 /// How long a leaving node tries to record that it left.
@@ -183,6 +186,7 @@ pub struct World {
     specs: Vec<Spec>,
     topologies: Vec<Topology>,
     lease_ms: u64,
+    failure_after_ms: u64,
     nodes: Vec<Node>,
     /// Which side of a partition each node is on.
     side: Vec<u8>,
@@ -238,7 +242,8 @@ impl World {
         if specs.len() < 3 || specs.len() % 2 == 0 || rng.chance(30) {
             add(&mut specs, "w".to_string(), None);
         }
-        let lease_ms = [1000, 2000, 3000][rng.index(3)];
+        let lease_ms = LEASE_MS[rng.index(LEASE_MS.len())];
+        let failure_after_ms = FAILURE_AFTER_MS[rng.index(FAILURE_AFTER_MS.len())];
         let mut copy_sites = vec![CopySite { name: "west".to_string(), mode: "sync".to_string() }];
         if north > 0 {
             copy_sites.push(CopySite { name: "north".to_string(), mode: "sync".to_string() });
@@ -278,6 +283,7 @@ impl World {
             specs,
             topologies,
             lease_ms,
+            failure_after_ms,
             nodes: (0..count).map(|_| Node::default()).collect(),
             side: vec![0; count],
             partitioned: false,
@@ -298,8 +304,8 @@ impl World {
 
     fn run(&mut self) {
         let names: Vec<String> = self.specs.iter().map(|spec| spec.name.clone()).collect();
-        let lease_ms = self.lease_ms;
-        self.note(|| format!("seed topology: {} (lease {lease_ms} ms)", names.join(" ")));
+        let (lease_ms, failure_ms) = (self.lease_ms, self.failure_after_ms);
+        self.note(|| format!("seed topology: {} (lease {lease_ms} ms, failure {failure_ms} ms)", names.join(" ")));
         for node in 0..self.nodes.len() {
             let at = self.rng.range(0, 3000);
             self.at(at, Action::Start { node });
@@ -412,12 +418,12 @@ impl World {
     fn live_view(&self, node: usize) -> (BTreeSet<String>, bool) {
         let mut live = BTreeSet::from([self.name(node)]);
         for other in 0..self.nodes.len() {
-            let recent = self.heard[node][other].is_some_and(|when| self.now - when < FAILURE_AFTER_MS);
+            let recent = self.heard[node][other].is_some_and(|when| self.now - when < self.failure_after_ms);
             if self.contact(node, other) || recent {
                 live.insert(self.name(other));
             }
         }
-        (live, self.now - self.nodes[node].awake_since >= FAILURE_AFTER_MS)
+        (live, self.now - self.nodes[node].awake_since >= self.failure_after_ms)
     }
 
     fn majority(&self, side: u8) -> bool {
