@@ -1,17 +1,23 @@
 #!/usr/bin/python3
 """benches/failover.py: how long the production role takes to move.
 
-1. Site failover with default settings (lease_ms 2000): a group (production
-   member 127.0.0.1, sync copy member 127.0.0.2, witness 127.0.0.3) under a
-   QD1 4k writer; SIGKILL the production host; the time from the kill to the
-   first write answered by the promoted copy host. ROUNDS runs (a fresh
-   group each), median and max.
+1. Site failover with the config's default timings (or those LEASE_MS,
+   HEARTBEAT_MS, FAILURE_MS set): a group (production member 127.0.0.1, sync
+   copy member 127.0.0.2, witness 127.0.0.3) under a QD1 4k writer; SIGKILL
+   the production host; the time from the kill to the first write answered
+   by the promoted copy host. ROUNDS runs (a fresh group each), median and
+   max; each round also logs which voter led the raft quorum at the kill
+   (the production host leading it adds a raft election to the failover).
+   LEADER=a makes the production host the raft leader before each kill
+   (the worst case): while another voter leads, that one is frozen
+   (SIGSTOP) for 1.5 s and the group left to settle again.
 2. Planned switchover: `crossmirror switchover --to-site west` under the same
    writer; the time from the request to the first write answered by the new
    host, and the command's own report.
 
-Usage: /usr/bin/python3 benches/failover.py   (ROUNDS [10], LEASE_MS [2000],
-CM_BIN [target/release/crossmirror])
+Usage: /usr/bin/python3 benches/failover.py   (ROUNDS [10], CM_BIN
+[target/release/crossmirror]; LEASE_MS, HEARTBEAT_MS, FAILURE_MS [the
+config's defaults], LEADER [any])
 """
 
 import os
@@ -29,7 +35,11 @@ group_bench = importlib.import_module("group")
 mirror = importlib.import_module("mirror")
 
 ROUNDS = int(os.environ.get("ROUNDS", "10"))
-LEASE_MS = int(os.environ.get("LEASE_MS", "2000"))
+# Each unset: the config's default (cluster-glue/src/config.rs).
+LEASE_MS = os.environ.get("LEASE_MS")
+HEARTBEAT_MS = os.environ.get("HEARTBEAT_MS")
+FAILURE_MS = os.environ.get("FAILURE_MS")
+LEADER = os.environ.get("LEADER")
 
 WRITER = r"""
 import nbd, sys, time
@@ -90,26 +100,76 @@ def formed(group):
         time.sleep(0.05)
 
 
-def main():
-    binary, commit, scratch, secret = group_bench.prepare("failover")
-    group_bench.CONFIG = group_bench.CONFIG.replace("[[site]]", f"[quorum]\nlease_ms = {LEASE_MS}\n\n[[site]]", 1)
+def lead(group, name, tries=8):
+    """Freeze whoever else leads the raft quorum until `name` does; whether
+    it came to lead (in some groups the other two take turns)."""
+    seen = []
+    for _ in range(tries):
+        leader = raft_leader(group)
+        if leader == name:
+            return True
+        seen.append(str(leader))
+        if leader in group.processes:
+            group.processes[leader].send_signal(signal.SIGSTOP)
+            time.sleep(1.5)
+            group.processes[leader].send_signal(signal.SIGCONT)
+        formed(group)
+        time.sleep(1)
+    mirror.log(f"{name} never led the raft quorum (leaders seen: {', '.join(seen)}); a fresh group")
+    return False
 
-    failovers = []
-    for index in range(ROUNDS):
-        group = group_bench.Group(scratch, binary, secret, f"fail{index}")
+
+def fresh_group(scratch, binary, secret, label):
+    """A formed group, new; under LEADER, one that LEADER leads."""
+    for attempt in range(5):
+        group = group_bench.Group(scratch, binary, secret, label if attempt == 0 else f"{label}-{attempt}")
         for name in ("w", "a", "b"):
             group.start(name)
         formed(group)
+        if not LEADER or lead(group, LEADER):
+            return group
+        group.stop()
+    raise RuntimeError(f"{LEADER} led the raft quorum in none of 5 groups")
+
+
+def raft_leader(group):
+    """The voter that leads the group's raft quorum now, as a says."""
+    try:
+        return group_bench.status(f"127.0.0.1:{group.ports['admin']}")["quorum"]["leader"]
+    except Exception as error:
+        return f"unknown ({error})"
+
+
+def main():
+    binary, commit, scratch, secret = group_bench.prepare("failover")
+    tables = ""
+    if LEASE_MS:
+        tables += f"[quorum]\nlease_ms = {int(LEASE_MS)}\n"
+    if HEARTBEAT_MS or FAILURE_MS:
+        tables += "[liveness]\n"
+        tables += f"heartbeat_ms = {int(HEARTBEAT_MS)}\n" if HEARTBEAT_MS else ""
+        tables += f"failure_ms = {int(FAILURE_MS)}\n" if FAILURE_MS else ""
+    group_bench.CONFIG = group_bench.CONFIG.replace("[[site]]", f"{tables}[[site]]", 1)
+    settings = ", ".join(f"{name}={value or 'default'}" for name, value in
+                         [("LEASE_MS", LEASE_MS), ("HEARTBEAT_MS", HEARTBEAT_MS), ("FAILURE_MS", FAILURE_MS)])
+    settings += f", LEADER={LEADER or 'any'}"
+
+    failovers = []
+    leaders = []
+    for index in range(ROUNDS):
+        group = fresh_group(scratch, binary, secret, f"fail{index}")
         uris = [f"nbd://{ip}:{group.ports['nbd']}" for ip in ("127.0.0.1", "127.0.0.2")]
         writer = Writer(uris, 20)
         time.sleep(1)
+        leader = raft_leader(group)
+        leaders.append(str(leader))
         killed = time.time()
         group.processes["a"].send_signal(signal.SIGKILL)
         failovers.append(writer.first_after(killed, uris[1]))
         writer.process.kill()
         writer.wait()
         group.stop()
-        mirror.log(f"failover {index}: {failovers[-1]:.2f} s")
+        mirror.log(f"failover {index}: {failovers[-1]:.2f} s (raft leader at the kill: {leader})")
 
     switchovers = []
     group = group_bench.Group(scratch, binary, secret, "switch")
@@ -136,11 +196,12 @@ def main():
     lines = [
         f"## Failover and switchover, {time.strftime('%Y-%m-%d')}, commit {commit}",
         "",
-        f"`/usr/bin/python3 benches/failover.py` (ROUNDS={ROUNDS}, LEASE_MS={LEASE_MS}; QD1 4k writer, sync copy, one machine)",
+        f"`/usr/bin/python3 benches/failover.py` (ROUNDS={ROUNDS}, {settings}; QD1 4k writer, sync copy, one machine)",
         "",
         f"- site failover, SIGKILL of the production host → first write answered by the promoted copy host: "
         f"median {statistics.median(failovers):.2f} s, max {max(failovers):.2f} s over {len(failovers)} "
-        f"(2 s failure detection + lease {LEASE_MS} ms + 500 ms margin + the new host's start)",
+        f"(failure detection + lease + 200 ms margin + the new host's start); raft leader at each kill: "
+        f"{', '.join(leaders)}",
         f"- planned switchover, request → first write answered by the new host: median "
         f"{statistics.median(switchovers):.2f} s, max {max(switchovers):.2f} s over {len(switchovers)}",
     ]

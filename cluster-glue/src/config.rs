@@ -39,6 +39,14 @@
 //!   [`ETCD_ENDPOINTS_MAX`]); it is refused with [`ConfigErrorKind::NotBuilt`]
 //!   by a build without the cargo feature `etcd`, and `endpoints` is refused
 //!   with the embedded backend, where it would mean nothing.
+//! - `[liveness]` sets failure detection: `heartbeat_ms` (how often each node
+//!   says it is alive) and `failure_ms` (how long silence means failure),
+//!   which must span at least [`FAILURE_HEARTBEATS_MIN`] heartbeats, so that
+//!   one or two lost datagrams are not a failure. `failure_ms` also sets the
+//!   embedded quorum's election timeout (`quorum/raft`), so that a dead raft
+//!   leader is replaced within the same time. A failover takes about
+//!   `failure_ms + lease_ms + LEASE_MARGIN_MS` (`core.rs`); the defaults
+//!   are chosen for a failover under 2 s (see [`LIVENESS_DEFAULT`]).
 
 use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
@@ -58,12 +66,45 @@ use toml::Spanned;
 
 /// The default ports (see `[ports]` in examples/three-hosts.toml).
 pub const PORTS_DEFAULT: Ports = Ports { quorum: 7400, mirror: 7401, nbd: 10809, admin: 7402 };
-/// The default quorum lease.
-pub const LEASE_MS_DEFAULT: u64 = 2000;
+/// The default quorum lease: the production host serves for this long after
+/// the quorum last confirmed that the record names it. It is also the I/O
+/// pause a renewal may cause: requests wait once no renewal (a linearizable
+/// read, asked every quarter lease) has answered for a whole lease, so the
+/// lease must outlast three quarters of it plus the slowest read the group
+/// should ride out. 500 ms: a read on one site takes milliseconds; a
+/// failover waits for the lease once more after failure detection.
+pub const LEASE_MS_DEFAULT: u64 = 500;
 /// The shortest lease accepted: shorter ones expire under ordinary scheduling jitter.
 pub const LEASE_MS_MIN: u64 = 100;
 /// The longest lease accepted: a failover waits for the lease to run out.
 pub const LEASE_MS_MAX: u64 = 60_000;
+/// Failure detection by default: a heartbeat every 100 ms, failure after
+/// 1 s of silence (ten heartbeats). With the default lease (500 ms) and the
+/// takeover margin (`core::LEASE_MARGIN_MS`, 200 ms), a failover takes
+/// about 1.8 s (benches/RESULTS.md). What it risks: a production host that
+/// is silent for a second (paused, starved of CPU, cut off) is forced out
+/// and replaced, a false failover; raise `failure_ms` where hosts stall
+/// longer than that and should keep their role.
+pub const LIVENESS_DEFAULT: LivenessTiming = LivenessTiming {
+    heartbeat: Duration::from_millis(HEARTBEAT_MS_DEFAULT),
+    failure: Duration::from_millis(FAILURE_MS_DEFAULT),
+};
+/// The default heartbeat interval.
+pub const HEARTBEAT_MS_DEFAULT: u64 = 100;
+/// The shortest heartbeat interval accepted.
+pub const HEARTBEAT_MS_MIN: u64 = 10;
+/// The longest heartbeat interval accepted.
+pub const HEARTBEAT_MS_MAX: u64 = 10_000;
+/// The default failure detection time.
+pub const FAILURE_MS_DEFAULT: u64 = 1000;
+/// The shortest failure detection accepted: the embedded quorum's election
+/// timeout follows it, and a shorter one elects leaders on ordinary
+/// scheduling jitter.
+pub const FAILURE_MS_MIN: u64 = 500;
+/// The longest failure detection accepted.
+pub const FAILURE_MS_MAX: u64 = 60_000;
+/// A failure is at least this many heartbeats missed.
+pub const FAILURE_HEARTBEATS_MIN: u64 = 3;
 /// The smallest region size.
 pub const REGION_BYTES_MIN: u64 = 4 << 10;
 /// The largest region size.
@@ -109,6 +150,8 @@ pub struct GroupConfig {
     pub ports: Ports,
     /// The quorum lease.
     pub lease: Duration,
+    /// Failure detection.
+    pub liveness: LivenessTiming,
     /// Where the quorum state lives.
     pub quorum_backend: QuorumBackend,
     /// The sites, in file order; exactly one is the production site.
@@ -117,6 +160,17 @@ pub struct GroupConfig {
     pub members: Vec<MemberConfig>,
     /// The witnesses, in file order.
     pub witnesses: Vec<WitnessConfig>,
+}
+
+/// Failure detection (`[liveness]`): how often every node says it is alive,
+/// and how long a voter may be silent before it counts as failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LivenessTiming {
+    /// The heartbeat interval.
+    pub heartbeat: Duration,
+    /// Silence this long is failure (and sets the embedded quorum's
+    /// election timeout).
+    pub failure: Duration,
 }
 
 /// Where a group's quorum state lives (`[quorum] backend`).
@@ -409,6 +463,8 @@ impl GroupConfig {
             }
         }
         lines.push(format!("quorum lease_ms = {}", self.lease.as_millis()));
+        lines.push(format!("liveness heartbeat_ms = {}", self.liveness.heartbeat.as_millis()));
+        lines.push(format!("liveness failure_ms = {}", self.liveness.failure.as_millis()));
         for site in &self.sites {
             let name = &site.name;
             lines.push(format!("site {name} role = {}", site.role));
@@ -562,6 +618,7 @@ struct RawFile {
     nbd_export: Option<Spanned<String>>,
     ports: Option<RawPorts>,
     quorum: Option<RawQuorum>,
+    liveness: Option<RawLiveness>,
     #[serde(default)]
     site: Vec<Spanned<RawSite>>,
     #[serde(default)]
@@ -571,8 +628,17 @@ struct RawFile {
 }
 
 /// The keys of the file's top level, for the hint on a misplaced one.
-const TOP_LEVEL_KEYS: [&str; 8] =
-    ["group", "volume_size", "region_size", "secret_file", "on_quorum_loss", "nbd_export", "ports", "quorum"];
+const TOP_LEVEL_KEYS: [&str; 9] = [
+    "group",
+    "volume_size",
+    "region_size",
+    "secret_file",
+    "on_quorum_loss",
+    "nbd_export",
+    "ports",
+    "quorum",
+    "liveness",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -589,6 +655,13 @@ struct RawQuorum {
     backend: Option<Spanned<String>>,
     endpoints: Option<Spanned<Vec<Spanned<String>>>>,
     lease_ms: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLiveness {
+    heartbeat_ms: Option<Spanned<i64>>,
+    failure_ms: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -828,6 +901,7 @@ impl Checker<'_> {
         let nbd_export = self.nbd_export(&raw.nbd_export)?;
         let ports = self.ports(raw.ports.as_ref())?;
         let (quorum_backend, lease) = self.quorum(raw.quorum.as_ref())?;
+        let liveness = self.liveness(raw.liveness.as_ref())?;
         let sites = self.sites(&raw.site)?;
         let mut names = Names::default();
         let members = self.members(&raw.member, &group, &sites, &mut names)?;
@@ -844,6 +918,7 @@ impl Checker<'_> {
             nbd_export,
             ports,
             lease,
+            liveness,
             quorum_backend,
             sites,
             members,
@@ -1029,6 +1104,45 @@ impl Checker<'_> {
                 format!("quorum.lease_ms is {lease_ms}; use {LEASE_MS_MIN} to {LEASE_MS_MAX} milliseconds (default {LEASE_MS_DEFAULT})"),
             )),
         }
+    }
+
+    /// The liveness table: heartbeat and failure detection.
+    fn liveness(&self, raw: Option<&RawLiveness>) -> Checked<LivenessTiming> {
+        let Some(raw) = raw else { return Ok(LIVENESS_DEFAULT) };
+        let milliseconds = |value: &Option<Spanned<i64>>, name: &str, (min, max, default): (u64, u64, u64)| {
+            let Some(value) = value else { return Ok(default) };
+            let number = *value.get_ref();
+            u64::try_from(number).ok().filter(|number| (min..=max).contains(number)).ok_or_else(|| {
+                self.invalid(
+                    value.span(),
+                    format!("liveness.{name} is {number}; use {min} to {max} milliseconds (default {default})"),
+                )
+            })
+        };
+        let heartbeat_ms = milliseconds(
+            &raw.heartbeat_ms,
+            "heartbeat_ms",
+            (HEARTBEAT_MS_MIN, HEARTBEAT_MS_MAX, HEARTBEAT_MS_DEFAULT),
+        )?;
+        let failure_ms =
+            milliseconds(&raw.failure_ms, "failure_ms", (FAILURE_MS_MIN, FAILURE_MS_MAX, FAILURE_MS_DEFAULT))?;
+        if failure_ms < FAILURE_HEARTBEATS_MIN * heartbeat_ms {
+            // Point at failure_ms when it is set, else at heartbeat_ms (the
+            // defaults alone always fit).
+            let span = span_of(&raw.failure_ms, span_of(&raw.heartbeat_ms, 0..0));
+            return Err(self.conflict(
+                span,
+                format!(
+                    "liveness.failure_ms is {failure_ms} with liveness.heartbeat_ms {heartbeat_ms}: failure must be at least {FAILURE_HEARTBEATS_MIN} missed heartbeats (a lost datagram is no failure); raise failure_ms to {} or lower heartbeat_ms to {}",
+                    FAILURE_HEARTBEATS_MIN * heartbeat_ms,
+                    failure_ms / FAILURE_HEARTBEATS_MIN
+                ),
+            ));
+        }
+        Ok(LivenessTiming {
+            heartbeat: Duration::from_millis(heartbeat_ms),
+            failure: Duration::from_millis(failure_ms),
+        })
     }
 
     fn sites(&self, raw: &[Spanned<RawSite>]) -> Checked<Vec<SiteConfig>> {
@@ -1512,7 +1626,8 @@ address = "127.0.0.3"
         assert_eq!(config.secret_file, Path::new("/etc/crossmirror/demo.secret"));
         assert_eq!(config.on_quorum_loss, OnQuorumLoss::Suspend);
         assert_eq!(config.ports, PORTS_DEFAULT);
-        assert_eq!(config.lease, Duration::from_millis(2000));
+        assert_eq!(config.lease, Duration::from_millis(LEASE_MS_DEFAULT));
+        assert_eq!(config.liveness, LIVENESS_DEFAULT, "the example writes out the defaults");
         assert_eq!(config.production_site().name, "east");
         let copies = config.copy_sites();
         assert_eq!(copies.len(), 1);
@@ -1539,6 +1654,7 @@ address = "127.0.0.3"
         assert_eq!(config.member("a1").unwrap().volume, config.member("a2").unwrap().volume);
         assert_eq!(config.voters().len(), 5);
         assert_eq!(config.voter_id("w"), Some(5));
+        assert_eq!((config.lease, config.liveness), (Duration::from_millis(LEASE_MS_DEFAULT), LIVENESS_DEFAULT));
     }
 
     /// Defaults fill what the file leaves out.
@@ -1551,6 +1667,84 @@ address = "127.0.0.3"
         assert_eq!(config.site("west").unwrap().lag_bytes_max, 64 << 20);
         assert_eq!(config.member("a").unwrap().state_dir, Path::new("/var/lib/crossmirror/alpha/a"));
         assert_eq!(config.secret_file, Path::new("secret"));
+        assert_eq!(config.lease, Duration::from_millis(LEASE_MS_DEFAULT));
+        assert_eq!(config.liveness, LIVENESS_DEFAULT);
+        assert_eq!(
+            (config.liveness.heartbeat, config.liveness.failure),
+            (Duration::from_millis(HEARTBEAT_MS_DEFAULT), Duration::from_millis(FAILURE_MS_DEFAULT))
+        );
+    }
+
+    /// ALPHA with a `[liveness]` table of `lines` before its first site.
+    fn alpha_with_liveness(lines: &str) -> String {
+        alpha_with("[[site]]\nname = \"east\"", &format!("[liveness]\n{lines}\n\n[[site]]\nname = \"east\""))
+    }
+
+    /// `[liveness]` sets the heartbeat and the failure time; a key left out keeps its default.
+    #[test]
+    fn the_liveness_table_is_read() {
+        let config = parse(&alpha_with_liveness("heartbeat_ms = 250\nfailure_ms = 5000")).unwrap();
+        assert_eq!(
+            config.liveness,
+            LivenessTiming { heartbeat: Duration::from_millis(250), failure: Duration::from_millis(5000) }
+        );
+        let config = parse(&alpha_with_liveness("failure_ms = 3000")).unwrap();
+        assert_eq!(config.liveness.heartbeat, Duration::from_millis(HEARTBEAT_MS_DEFAULT));
+        assert_eq!(config.liveness.failure, Duration::from_millis(3000));
+        assert!(config.canonical().contains("liveness heartbeat_ms = 100\nliveness failure_ms = 3000\n"));
+        let config = parse(&alpha_with_liveness("")).unwrap();
+        assert_eq!(config.liveness, LIVENESS_DEFAULT, "an empty table is the defaults");
+    }
+
+    /// Out-of-range times and a failure shorter than three heartbeats are refused where they are written.
+    #[test]
+    fn bad_liveness_times_are_refused() {
+        assert_error(
+            &alpha_with_liveness("heartbeat_ms = 5"),
+            "5\n",
+            ConfigErrorKind::Invalid,
+            "liveness.heartbeat_ms is 5; use 10 to 10000 milliseconds (default 100)",
+        );
+        assert_error(
+            &alpha_with_liveness("failure_ms = 200"),
+            "200",
+            ConfigErrorKind::Invalid,
+            "liveness.failure_ms is 200; use 500 to 60000 milliseconds (default 1000)",
+        );
+        assert_error(
+            &alpha_with_liveness("failure_ms = -1"),
+            "-1",
+            ConfigErrorKind::Invalid,
+            "liveness.failure_ms is -1; use 500 to 60000 milliseconds (default 1000)",
+        );
+        let expected = "liveness.failure_ms is 1000 with liveness.heartbeat_ms 350: failure must be at least 3 missed heartbeats (a lost datagram is no failure); raise failure_ms to 1050 or lower heartbeat_ms to 333";
+        assert_error(
+            &alpha_with_liveness("failure_ms = 1000\nheartbeat_ms = 350"),
+            "1000",
+            ConfigErrorKind::Conflict,
+            expected,
+        );
+        // With failure_ms left at its default, the error points at heartbeat_ms.
+        assert_error(&alpha_with_liveness("heartbeat_ms = 350"), "350", ConfigErrorKind::Conflict, expected);
+        let text = alpha_with_liveness("failure = 1000");
+        assert_error(
+            &text,
+            "failure =",
+            ConfigErrorKind::UnknownKey,
+            r#"unknown key "failure" (this table's keys: heartbeat_ms, failure_ms); remove it or correct its spelling"#,
+        );
+    }
+
+    /// The lease is checked against its range.
+    #[test]
+    fn a_lease_out_of_range_is_refused() {
+        assert_error(
+            &alpha_with_quorum("lease_ms = 99"),
+            "99",
+            ConfigErrorKind::Invalid,
+            "quorum.lease_ms is 99; use 100 to 60000 milliseconds (default 500)",
+        );
+        assert_eq!(parse(&alpha_with_quorum("lease_ms = 100")).unwrap().lease, Duration::from_millis(100));
     }
 
     /// site_members orders by backup_order, not by file order.
@@ -1982,6 +2176,8 @@ name = "w"
             ("quorum = 7400", "quorum = 7400\nnbd = 10810"),
             ("quorum = 7400", "quorum = 7400\nadmin = 7502"),
             ("quorum = 7400", "quorum = 7400\n[quorum]\nlease_ms = 3000"),
+            ("quorum = 7400", "quorum = 7400\n[liveness]\nheartbeat_ms = 200"),
+            ("quorum = 7400", "quorum = 7400\n[liveness]\nfailure_ms = 3000"),
             ("mode = \"sync\"", "mode = \"async\""),
             ("mode = \"sync\"", "mode = \"sync\"\nlag_bytes_max = \"1M\""),
             ("mode = \"sync\"", "mode = \"sync\"\ndirect = true"),
@@ -2025,6 +2221,8 @@ name = "w"
             ["- witness w state_dir = \"/var/lib/crossmirror/alpha/w\"", "+ witness w state_dir = \"/tmp/w\""]
         );
         assert_eq!(diff("a = 1\n", "b = 2\n"), ["- a = 1", "+ b = 2"]);
+        let slower = parse(&alpha_with_liveness("failure_ms = 3000")).unwrap();
+        assert_eq!(diff(&mine, &slower.canonical()), ["- liveness failure_ms = 1000", "+ liveness failure_ms = 3000"]);
     }
 
     /// load resolves relative paths against the file's directory and names the file when it cannot read it.

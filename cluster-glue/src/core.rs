@@ -34,9 +34,44 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::record::{CopyRecordState, GroupRecord, MemberEntry, MemberState};
 
-/// Added to the lease before a failed production host is replaced: clock
-/// rate differences between hosts and the time a renewal takes.
-pub const LEASE_MARGIN_MS: u64 = 500;
+/// Added to the lease before a failed production host is replaced.
+///
+/// Why waiting `lease_ms + LEASE_MARGIN_MS` is enough for the old host to
+/// have stopped serving. Its gate (engine `gate.rs`) is open until
+/// `asked + lease` on its own clock, where `asked` is read before a renewal
+/// that succeeded; a renewal is a linearizable read of the record naming it
+/// joined production host at its epoch (`node.rs` `LeaseKeeper`; raft:
+/// `ensure_linearizable`, a heartbeat round acknowledged by a quorum in the
+/// leader's term, then the state machine caught up; etcd: a ReadIndex get).
+/// Let `W` be the moment the record saying it is `forced-leaving` commits.
+/// A read begun after `W` returns that record or a later one, so the
+/// renewal fails (and the host fences itself): every successful renewal
+/// was asked before `W`, and the old gate closes before `W + lease` by the
+/// old host's clock. No node sees the record before `W`, and the shell
+/// ticks after the call that brought it (`node.rs`), so the leader's
+/// `forced_seen` is after `W` on its clock; it replaces the host at
+/// `forced_seen + lease + margin`. None of this depends on raft's election
+/// timeout: a deposed raft leader cannot answer a linearizable read.
+///
+/// The margin covers:
+/// - clock rates: the two monotonic clocks are never compared, but may run
+///   at different rates; 200 ms covers a difference of 28 % at the default
+///   500 ms lease and 0.3 % at the longest, 60 s (clocks kept by NTP differ
+///   by well under 0.1 %).
+/// - a request that passed the gate just before it closed and reaches the
+///   store after: the bitmap mark before its write is issued. That matters
+///   only where the new host writes the same store (a takeover within the
+///   production site); a copy promoted by a site failover serves at a
+///   higher epoch, refuses the old epoch's frames, and resyncs the old site.
+///
+/// Beyond any margin: a host stopped between passing the gate and issuing
+/// its write for longer than the margin (SIGSTOP, a frozen VM) lands that
+/// write on a shared store after the takeover (only fencing at the store,
+/// such as SCSI persistent reservations, stops that), and a host whose
+/// monotonic clock stood still while it was suspended (Linux
+/// CLOCK_MONOTONIC stops in system suspend) serves on until its next
+/// renewal fails, up to a quarter lease after it resumes.
+pub const LEASE_MARGIN_MS: u64 = 200;
 
 /// A copy site as the core needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,8 +1,10 @@
 //! Liveness: who in the group was heard from lately, without a log entry per
 //! heartbeat (seed 004's failure detection). Every node sends a small UDP
-//! datagram to every other voter of its group every [`HEARTBEAT_INTERVAL`]
+//! datagram to every other voter of its group every heartbeat interval
 //! from its quorum address (the quorum's TCP port number, over UDP); a voter
-//! not heard from for [`FAILURE_AFTER`] is taken as failed by the leader.
+//! not heard from for the failure time is taken as failed by the leader.
+//! Both come from the group config's `[liveness]` table
+//! ([`LivenessConfig::heartbeat_interval`], [`LivenessConfig::failure_after`]).
 //!
 //! ```text
 //!  "CMLV" kind(1) name_len(1) name boot(8) seq(8) digest(32) payload_len(2) payload  hmac(32)
@@ -26,13 +28,6 @@ use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-
-/// How often each node says it is alive.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
-/// Silence for this long is failure.
-pub const FAILURE_AFTER: Duration = Duration::from_millis(2000);
-/// A heartbeat this late means this process itself was paused.
-const PAUSE_AFTER: Duration = Duration::from_millis(1000);
 
 const MAGIC: &[u8; 4] = b"CMLV";
 const MAC_LEN: usize = 32;
@@ -58,6 +53,21 @@ pub struct LivenessConfig {
     pub digest: [u8; 32],
     /// This node's canonical config, the answer to a config query.
     pub canonical: String,
+    /// How often this node says it is alive.
+    pub heartbeat_interval: Duration,
+    /// Silence this long is failure.
+    pub failure_after: Duration,
+}
+
+impl LivenessConfig {
+    /// A heartbeat this late means this process itself was paused: half the
+    /// failure time, so that a pause is noticed (and the peers' silence
+    /// during it forgiven) before it could pass for their failure, and at
+    /// least three heartbeats, so that a sender thread that is merely late
+    /// is not taken for a paused process.
+    fn pause_after(&self) -> Duration {
+        (self.failure_after / 2).max(self.heartbeat_interval * 3)
+    }
 }
 
 /// A decoded, authenticated datagram.
@@ -135,7 +145,7 @@ impl Liveness {
         self.heard.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Who was heard from within [`FAILURE_AFTER`] (this node included),
+    /// Who was heard from within the failure time (this node included),
     /// and whether liveness has run long enough for silence to mean failure.
     pub fn live(&self) -> (BTreeSet<String>, bool) {
         let now = Instant::now();
@@ -143,17 +153,17 @@ impl Liveness {
         let mut live: BTreeSet<String> = heard
             .last
             .iter()
-            .filter(|(_, (when, _, _))| when.is_some_and(|when| now.duration_since(when) < FAILURE_AFTER))
+            .filter(|(_, (when, _, _))| when.is_some_and(|when| now.duration_since(when) < self.config.failure_after))
             .map(|(name, _)| name.clone())
             .collect();
         live.insert(self.config.me.clone());
-        if self.last_beat.lock().unwrap_or_else(PoisonError::into_inner).elapsed() > PAUSE_AFTER {
+        if self.last_beat.lock().unwrap_or_else(PoisonError::into_inner).elapsed() > self.config.pause_after() {
             // The sender has not run for a while: this process was paused
             // (and the heartbeats queued meanwhile are not read yet).
             *self.awake_since.lock().unwrap_or_else(PoisonError::into_inner) = now;
         }
         let awake_since = *self.awake_since.lock().unwrap_or_else(PoisonError::into_inner);
-        (live, awake_since.elapsed() >= FAILURE_AFTER)
+        (live, awake_since.elapsed() >= self.config.failure_after)
     }
 
     /// Peers that announced another config digest (with their config, when
@@ -231,13 +241,13 @@ impl Liveness {
         move || {
             let mut last_beat = Instant::now();
             while !stop.load(Ordering::Relaxed) {
-                if last_beat.elapsed() > PAUSE_AFTER {
+                if last_beat.elapsed() > config.pause_after() {
                     // This process did not run for a while: what it did not
                     // hear meanwhile says nothing about its peers.
                     tracing::warn!(
                         paused_ms = last_beat.elapsed().as_millis() as u64,
-                        "this node was paused; peers are not judged until it has listened for {} s again",
-                        FAILURE_AFTER.as_secs()
+                        "this node was paused; peers are not judged until it has listened for {} ms again",
+                        config.failure_after.as_millis()
                     );
                     *awake_since.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
                 }
@@ -253,7 +263,7 @@ impl Liveness {
                     // A peer that is down or cut off is what liveness is for.
                     let _ = socket.send_to(&datagram, address);
                 }
-                std::thread::sleep(HEARTBEAT_INTERVAL);
+                std::thread::sleep(config.heartbeat_interval);
             }
         }
     }
@@ -430,8 +440,13 @@ mod tests {
             group: "g".to_string(),
             digest: [digest; 32],
             canonical: format!("config of {me}\n"),
+            heartbeat_interval: HEARTBEAT,
+            failure_after: FAILURE,
         }
     }
+
+    const HEARTBEAT: Duration = Duration::from_millis(crate::config::HEARTBEAT_MS_DEFAULT);
+    const FAILURE: Duration = Duration::from_millis(crate::config::FAILURE_MS_DEFAULT);
 
     fn free_port() -> u16 {
         UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -477,7 +492,7 @@ mod tests {
         let mismatches = a.config_mismatches(Duration::from_secs(2));
         assert_eq!(mismatches, vec![("b".to_string(), "config of b\n".to_string())]);
         // Another digest is never counted live.
-        std::thread::sleep(HEARTBEAT_INTERVAL * 3);
+        std::thread::sleep(HEARTBEAT * 3);
         assert_eq!(a.live().0, BTreeSet::from(["a".to_string()]));
         b.stop();
         let b = Liveness::start(config("b", port_b, ("a", port_a), 1)).unwrap();
@@ -492,6 +507,36 @@ mod tests {
         a.stop();
     }
 
+    /// A peer is live while its heartbeats come, and failed once it has been
+    /// silent for the configured failure time, not before.
+    #[test]
+    fn a_silent_peer_fails_after_the_configured_failure_time() {
+        let (port_a, port_b) = (free_port(), free_port());
+        let timed = |config: LivenessConfig| LivenessConfig {
+            heartbeat_interval: Duration::from_millis(50),
+            failure_after: Duration::from_millis(600),
+            ..config
+        };
+        let a = Liveness::start(timed(config("a", port_a, ("b", port_b), 1))).unwrap();
+        let b = Liveness::start(timed(config("b", port_b, ("a", port_a), 1))).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !a.live().0.contains("b") {
+            assert!(Instant::now() < deadline, "b is never heard");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let silent = Instant::now();
+        b.stop();
+        while a.live().0.contains("b") {
+            assert!(silent.elapsed() < Duration::from_secs(3), "b is still live 3 s after it stopped");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let failed_after = silent.elapsed();
+        // Its last heartbeat went out about one interval before the stop, or
+        // after it; 200 ms of slack for a late sender thread.
+        assert!(failed_after >= Duration::from_millis(400), "failed after only {failed_after:?}");
+        a.stop();
+    }
+
     /// A process paused (SIGSTOP) is not settled when it resumes, even
     /// before its sender thread runs again: otherwise its first look would
     /// take every peer for failed (their heartbeats are still queued).
@@ -499,12 +544,12 @@ mod tests {
     fn a_paused_process_does_not_judge_its_peers_when_it_resumes() {
         let port = free_port();
         let liveness = Liveness::start(config("a", port, ("b", free_port()), 1)).unwrap();
-        *liveness.awake_since.lock().unwrap() = Instant::now() - FAILURE_AFTER * 2;
+        *liveness.awake_since.lock().unwrap() = Instant::now() - FAILURE * 2;
         assert!(liveness.live().1, "awake long enough: settled");
         // As if the whole process had been stopped for 3 s: the sender's
         // last beat is that old when the caller looks.
         liveness.stop.store(true, Ordering::Relaxed);
-        std::thread::sleep(HEARTBEAT_INTERVAL * 2);
+        std::thread::sleep(HEARTBEAT * 2);
         *liveness.last_beat.lock().unwrap() = Instant::now() - Duration::from_secs(3);
         assert!(!liveness.live().1, "just resumed: silence says nothing yet");
         liveness.stop();

@@ -200,6 +200,8 @@ pub fn run(
         group: config.group.clone(),
         digest: config.digest(),
         canonical: config.canonical(),
+        heartbeat_interval: config.liveness.heartbeat,
+        failure_after: config.liveness.failure,
     })
     .map_err(|error| {
         format!("cannot listen on {} (UDP, the group's quorum port): {error}", quorum_address(me.address))
@@ -272,13 +274,16 @@ fn start_quorum(
         QuorumBackend::Embedded => {
             let addresses: BTreeMap<u64, SocketAddr> =
                 voters.iter().map(|voter| (voter.id, SocketAddr::new(voter.address, config.ports.quorum))).collect();
-            let raft = RaftQuorum::start(RaftQuorumConfig::new(
-                id,
-                addresses,
-                state_dir.join("quorum"),
-                secret.derive_key("crossmirror quorum"),
-                config.group.clone(),
-            ))
+            let raft = RaftQuorum::start(
+                RaftQuorumConfig::new(
+                    id,
+                    addresses,
+                    state_dir.join("quorum"),
+                    secret.derive_key("crossmirror quorum"),
+                    config.group.clone(),
+                )
+                .timed_for(config.liveness.failure),
+            )
             .map_err(|error| format!("cannot start the quorum voter: {error}"))?;
             Ok(Arc::new(raft))
         }
@@ -289,7 +294,7 @@ fn start_quorum(
                 format!("/crossmirror/{}/", config.group),
                 name.to_string(),
             );
-            etcd.live_ttl = config.lease;
+            etcd.live_ttl = config.liveness.failure;
             let store = crate::quorum::etcd::EtcdQuorum::start(etcd)
                 .map_err(|error| format!("cannot reach the group's etcd cluster: {error}"))?;
             Ok(Arc::new(store))
@@ -487,8 +492,6 @@ impl Shell<'_> {
                     }
                 }
             }
-            let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.events.push(Event::Tick { now_ms });
             let is_leader = match self.config.quorum_backend {
                 // The raft leader decides: one decider at a time.
                 QuorumBackend::Embedded => self.quorum.status().is_leader,
@@ -525,7 +528,17 @@ impl Shell<'_> {
                     Err(error) => tracing::debug!(%error, "reading the group record"),
                 }
             }
-            while !self.events.is_empty() {
+            let mut ticked = false;
+            while !self.events.is_empty() || !ticked {
+                // The clock first, read after the quorum call whose answer
+                // is stepped next: the core dates a member's forced-out
+                // record by its last tick, and a takeover counts the old
+                // host's lease from there. A tick read before the call that
+                // brought the record (a compare-and-set or a read, up to
+                // CALL_TIMEOUT) would let the takeover come that much early.
+                let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                ticked = true;
+                self.events.insert(0, Event::Tick { now_ms });
                 for event in std::mem::take(&mut self.events) {
                     let commands = core.step(event);
                     for command in commands {

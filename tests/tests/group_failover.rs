@@ -188,7 +188,8 @@ fn a_failed_production_host_is_replaced_by_its_site_with_no_acknowledged_write_l
     let history = taken["history"].as_array().expect("history");
     assert_eq!(history.last().and_then(|entry| entry["production"].as_str()), Some(second));
     // (That the takeover waits out the old host's lease is the core's unit
-    // test: after a SIGKILL, failure detection alone takes 2 s.)
+    // test: after a SIGKILL, failure detection alone takes `failure_ms`, 1 s
+    // by default.)
     group.stop_all(&[second, "b", "w"], Duration::from_secs(30));
     assert_all_present(&group.store(second), &writes.blocks());
     assert_eq!(sha256(&group.store(second)), sha256(&group.store("b")), "the copy differs from the production store");

@@ -617,8 +617,8 @@ fn an_address_pair_cut_isolates_the_production_host() {
         words(format!("INPUT -s {a} -d {w}")),
         words(format!("INPUT -s {w} -d {a}")),
     ]);
-    // Once the detector had its 2 s, the group settles: a stays without a
-    // lease and out. Sample 3 s of it.
+    // Once the detector had its 1 s (`failure_ms`), the group settles: a
+    // stays without a lease and out. Sample 3 s of it.
     std::thread::sleep(Duration::from_secs(4));
     let incarnation = |record: &Value| record["members"]["a"]["incarnation"].as_u64().unwrap_or(0);
     let before = group.status("b")["record"].clone();

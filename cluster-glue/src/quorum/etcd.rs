@@ -88,8 +88,8 @@ const RETRY_PAUSE_MIN: Duration = Duration::from_millis(10);
 const RETRY_PAUSE_MAX: Duration = Duration::from_millis(200);
 /// How long a clean stop waits for the liveness lease's revocation.
 const STOP_TIMEOUT: Duration = Duration::from_millis(500);
-/// The liveness lease's default TTL: the group's default lease.
-const LIVE_TTL_DEFAULT: Duration = Duration::from_millis(crate::config::LEASE_MS_DEFAULT);
+/// The liveness lease's default TTL: the group's default failure time.
+const LIVE_TTL_DEFAULT: Duration = Duration::from_millis(crate::config::FAILURE_MS_DEFAULT);
 /// The default dial timeout.
 const DIAL_TIMEOUT_DEFAULT: Duration = Duration::from_secs(2);
 
@@ -104,14 +104,14 @@ pub struct EtcdQuorumConfig {
     pub node: String,
     /// How long to wait for a TCP connection to an endpoint.
     pub dial_timeout: Duration,
-    /// The TTL of this node's liveness lease; normally the group's lease
-    /// ([`crate::config::GroupConfig::lease`]).
+    /// The TTL of this node's liveness lease; normally the group's failure
+    /// time ([`crate::config::LivenessTiming::failure`]).
     pub live_ttl: Duration,
 }
 
 impl EtcdQuorumConfig {
     /// A config with the default dial timeout (2 s) and liveness TTL (the
-    /// default group lease).
+    /// default failure time).
     pub fn new(endpoints: Vec<String>, prefix: String, node: String) -> EtcdQuorumConfig {
         EtcdQuorumConfig { endpoints, prefix, node, dial_timeout: DIAL_TIMEOUT_DEFAULT, live_ttl: LIVE_TTL_DEFAULT }
     }

@@ -5,13 +5,15 @@
 //! on one global axis; each node reads it through its own skewed clock.
 //!
 //! What the shell copies from `node.rs`: a main loop every ~100 ms of its
-//! own clock feeding `Tick`, `Leader` and `Liveness` when they changed, the
-//! record when the watch sees a newer one; a read or compare-and-set blocks
-//! the loop until it answers or times out after 2 s (`Conflict` and a fresh
-//! read for a write that timed out, though it may have committed); the lease
-//! thread renews every lease/4 by a linearizable read that must name this
-//! node joined production host at its epoch, a lease lasting `lease_ms`
-//! from before the read; a deposed host's gate closes for good.
+//! own clock feeding `Leader` and `Liveness` when they changed, the record
+//! when the watch sees a newer one, every batch of events behind a `Tick`
+//! read as it is stepped (after the call that brought it); a read or
+//! compare-and-set blocks the loop until it answers or times out after 2 s
+//! (`Conflict` and a fresh read for a write that timed out, though it may
+//! have committed); the lease thread renews every lease/4 by a linearizable
+//! read that must name this node joined production host at its epoch, a
+//! lease lasting `lease_ms` from before the read; a deposed host's gate
+//! closes for good.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -25,8 +27,11 @@ use super::rng::Rng;
 /// How long a quorum call waits before it gives up (`CALL_TIMEOUT`).
 const CALL_TIMEOUT_MS: u64 = 2000;
 /// Liveness: silence this long is failure, and a node judges nobody for
-/// this long after it started or resumed (`FAILURE_AFTER`).
-const FAILURE_AFTER_MS: u64 = 2000;
+/// this long after it started or resumed (`[liveness] failure_ms`): one of
+/// these per seed, the default first.
+const FAILURE_AFTER_MS: [u64; 2] = [1000, 2000];
+/// The lease (`[quorum] lease_ms`): one of these per seed, the default first.
+const LEASE_MS: [u64; 4] = [500, 1000, 2000, 3000];
 /// The shell's round (`WATCH_WAIT`), on the node's clock.
 const ROUND_MS: u64 = 100;
 /// How long a leaving node tries to record that it left.
@@ -181,6 +186,7 @@ pub struct World {
     specs: Vec<Spec>,
     topologies: Vec<Topology>,
     lease_ms: u64,
+    failure_after_ms: u64,
     nodes: Vec<Node>,
     /// Which side of a partition each node is on.
     side: Vec<u8>,
@@ -236,7 +242,8 @@ impl World {
         if specs.len() < 3 || specs.len() % 2 == 0 || rng.chance(30) {
             add(&mut specs, "w".to_string(), None);
         }
-        let lease_ms = [1000, 2000, 3000][rng.index(3)];
+        let lease_ms = LEASE_MS[rng.index(LEASE_MS.len())];
+        let failure_after_ms = FAILURE_AFTER_MS[rng.index(FAILURE_AFTER_MS.len())];
         let mut copy_sites = vec![CopySite { name: "west".to_string(), mode: "sync".to_string(), identical: false }];
         if north > 0 {
             copy_sites.push(CopySite { name: "north".to_string(), mode: "sync".to_string(), identical: false });
@@ -276,6 +283,7 @@ impl World {
             specs,
             topologies,
             lease_ms,
+            failure_after_ms,
             nodes: (0..count).map(|_| Node::default()).collect(),
             side: vec![0; count],
             partitioned: false,
@@ -296,8 +304,8 @@ impl World {
 
     fn run(&mut self) {
         let names: Vec<String> = self.specs.iter().map(|spec| spec.name.clone()).collect();
-        let lease_ms = self.lease_ms;
-        self.note(|| format!("seed topology: {} (lease {lease_ms} ms)", names.join(" ")));
+        let (lease_ms, failure_ms) = (self.lease_ms, self.failure_after_ms);
+        self.note(|| format!("seed topology: {} (lease {lease_ms} ms, failure {failure_ms} ms)", names.join(" ")));
         for node in 0..self.nodes.len() {
             let at = self.rng.range(0, 3000);
             self.at(at, Action::Start { node });
@@ -410,12 +418,12 @@ impl World {
     fn live_view(&self, node: usize) -> (BTreeSet<String>, bool) {
         let mut live = BTreeSet::from([self.name(node)]);
         for other in 0..self.nodes.len() {
-            let recent = self.heard[node][other].is_some_and(|when| self.now - when < FAILURE_AFTER_MS);
+            let recent = self.heard[node][other].is_some_and(|when| self.now - when < self.failure_after_ms);
             if self.contact(node, other) || recent {
                 live.insert(self.name(other));
             }
         }
-        (live, self.now - self.nodes[node].awake_since >= FAILURE_AFTER_MS)
+        (live, self.now - self.nodes[node].awake_since >= self.failure_after_ms)
     }
 
     fn majority(&self, side: u8) -> bool {
@@ -627,7 +635,6 @@ impl World {
         if let Some(to) = self.nodes[node].switchover.take() {
             events.push(Event::Switchover { to });
         }
-        events.push(Event::Tick { now_ms: self.local(node) });
         let leader = self.believes_leader(node);
         if self.nodes[node].sent_leader != Some(leader) {
             self.nodes[node].sent_leader = Some(leader);
@@ -658,7 +665,10 @@ impl World {
     /// shell's inner loop does.
     fn step(&mut self, node: usize, mut events: Vec<Event>) {
         let Some(mut core) = self.nodes[node].core.take() else { return };
-        while !events.is_empty() && self.violation.is_none() {
+        let mut ticked = false;
+        while (!events.is_empty() || !ticked) && self.violation.is_none() {
+            ticked = true;
+            events.insert(0, Event::Tick { now_ms: self.local(node) });
             for event in std::mem::take(&mut events) {
                 if !matches!(event, Event::Tick { .. }) {
                     let name = self.name(node);

@@ -29,10 +29,16 @@
 //! to vote for another for `election_timeout.1` (its leader lease), and
 //! starts an election `election_timeout.1` plus a random
 //! `election_timeout.0..election_timeout.1` after the last heartbeat. With
-//! the defaults a new leader is elected 1.5–2 s after the old one dies, and
-//! a lease from [`QuorumStore::renew_lease`] is sound for a term up to
-//! `election_timeout.1` (1 s) less clock-rate drift: no other leader can be
-//! confirmed before the followers that acknowledged this one let go.
+//! the defaults of [`RaftQuorumConfig::new`] a new leader is elected
+//! 1.5–2 s after the old one dies; a group node uses
+//! [`RaftQuorumConfig::timed_for`] its failure time instead, so that a dead
+//! leader is replaced within the time liveness takes to find a dead member
+//! (0.75–1 s with the default 1 s). A lease from
+//! [`QuorumStore::renew_lease`] is sound for a term up to
+//! `election_timeout.1` less clock-rate drift: no other leader can be
+//! confirmed before the followers that acknowledged this one let go. (The
+//! group's production lease does not rest on that: it is a linearizable
+//! read of the record, `node.rs`, which a deposed leader cannot answer.)
 
 mod durable;
 mod frame;
@@ -83,6 +89,8 @@ const RETRY_PAUSE_MAX: Duration = Duration::from_millis(100);
 const FORWARD_ATTEMPT_MAX: Duration = Duration::from_secs(1);
 /// How long stop waits for openraft and the runtime.
 const STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest heartbeat interval [`RaftQuorumConfig::timed_for`] picks.
+const HEARTBEAT_MAX: Duration = Duration::from_millis(100);
 
 /// How to run one voter of the embedded quorum.
 #[derive(Debug, Clone)]
@@ -126,6 +134,23 @@ impl RaftQuorumConfig {
             group,
             heartbeat: Duration::from_millis(100),
             election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+        }
+    }
+
+    /// The timings for a group that takes `failure_after` to find a dead
+    /// member (`[liveness] failure_ms`): an election starts 3/4 to 1 of it
+    /// after the leader's last heartbeat (openraft's leader lease
+    /// `failure_after / 2`, then a random `failure_after / 4 .. / 2`), so
+    /// that the quorum has a leader again by the time the group's leader
+    /// could force a member out. Heartbeats every tenth of it, at most
+    /// every 100 ms: a confirmation round (a linearizable read) waits one
+    /// heartbeat interval for each follower's answer, so shorter is not
+    /// better.
+    pub fn timed_for(self, failure_after: Duration) -> RaftQuorumConfig {
+        RaftQuorumConfig {
+            heartbeat: (failure_after / 10).min(HEARTBEAT_MAX),
+            election_timeout: (failure_after / 4, failure_after / 2),
+            ..self
         }
     }
 
@@ -432,6 +457,30 @@ impl QuorumStore for RaftQuorum {
             is_leader: metrics.state == ServerState::Leader,
             voters,
             last_applied: metrics.last_applied.map(|log_id| log_id.index),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every failure time a config accepts gives openraft timings it takes,
+    /// and a dead leader is replaced (an election starts) within it.
+    #[test]
+    fn timings_for_every_accepted_failure_time_are_valid_and_elect_within_it() {
+        let voters = BTreeMap::from([(1, SocketAddr::from(([127, 0, 0, 1], 1)))]);
+        let base = RaftQuorumConfig::new(1, voters, PathBuf::from("/nonexistent"), b"k".to_vec(), "g".to_string());
+        for failure_ms in
+            [crate::config::FAILURE_MS_MIN, 777, crate::config::FAILURE_MS_DEFAULT, crate::config::FAILURE_MS_MAX]
+        {
+            let failure = Duration::from_millis(failure_ms);
+            let config = base.clone().timed_for(failure);
+            assert!(config.check().is_ok(), "{failure_ms} ms: {:?}", config.check());
+            assert!(config.openraft_config().is_ok(), "{failure_ms} ms");
+            // openraft: leader lease (election max) + at most election max.
+            assert!(config.election_timeout.1 * 2 <= failure, "{failure_ms} ms: {:?}", config.election_timeout);
+            assert!(config.heartbeat <= HEARTBEAT_MAX && config.heartbeat * 2 < config.election_timeout.0);
         }
     }
 }
