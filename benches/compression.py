@@ -62,6 +62,8 @@ def main():
     with open(secret, "wb") as f:
         f.write(os.urandom(32))
     os.chmod(secret, 0o600)
+    with open(os.path.join(scratch, "production.img"), "wb") as f:
+        f.truncate(mirror.SIZE)
     for setting in SETTINGS:
         mirror.COPIES[setting] = [("dr", "127.0.0.2", f",mode=async,compress={setting}")]
     results = {(setting, data): [] for setting in SETTINGS for data in DATA}
