@@ -46,6 +46,7 @@ use crate::volume::Volume;
 pub struct ReceiverCounters {
     frames_accepted: AtomicU64,
     frames_rejected: AtomicU64,
+    old_epoch_refused: AtomicU64,
     write_bytes_accepted: AtomicU64,
 }
 
@@ -61,13 +62,24 @@ impl ReceiverCounters {
         self.frames_rejected.load(Ordering::Relaxed)
     }
 
+    /// Hellos and frames refused because their epoch is older than the one
+    /// this copy promised: traffic of a deposed production host (invariant
+    /// 4). Counted in [`ReceiverCounters::frames_rejected`] too.
+    pub fn old_epoch_refused(&self) -> u64 {
+        self.old_epoch_refused.load(Ordering::Relaxed)
+    }
+
     /// Payload bytes of accepted writes.
     pub fn write_bytes_accepted(&self) -> u64 {
         self.write_bytes_accepted.load(Ordering::Relaxed)
     }
 
-    /// Count one refused frame; returns the new total.
-    pub fn record_rejected(&self) -> u64 {
+    /// Count one frame refused for `error`; returns the new total of
+    /// refused frames.
+    pub fn record_rejected(&self, error: &ReplicationError) -> u64 {
+        if matches!(error, ReplicationError::Fenced { .. }) {
+            self.old_epoch_refused.fetch_add(1, Ordering::Relaxed);
+        }
         self.frames_rejected.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
@@ -195,7 +207,7 @@ impl<'counters> Receiver<'counters> {
     /// refuses everything after it.
     pub fn refuse(&mut self, error: ReplicationError) -> ReplicationError {
         self.refused = true;
-        self.counters.record_rejected();
+        self.counters.record_rejected(&error);
         error
     }
 
@@ -663,7 +675,33 @@ mod tests {
             header.generation = 2;
         });
         assert_eq!(receiver.on_frame(older).unwrap_err().kind(), ReplicationErrorKind::Fenced);
-        assert_eq!(counters.frames_rejected(), 2);
+        assert_eq!((counters.frames_rejected(), counters.old_epoch_refused()), (2, 2));
+    }
+
+    /// Only a frame older than the promised epoch counts as a deposed
+    /// host's traffic; a frame of an older generation, a replayed one or a
+    /// corrupt one is counted as refused only.
+    #[test]
+    fn only_old_epoch_refusals_count_as_old_epoch_traffic() {
+        let counters = ReceiverCounters::default();
+        // The store promised epoch 2 at generation 2.
+        let at = |epoch, generation, sequence| {
+            with(frame(FrameKind::Write, sequence, 0, b"a"), |header| {
+                header.epoch = epoch;
+                header.generation = generation;
+            })
+        };
+        let refusals = [(at(1, 2, 1), true), (at(2, 1, 1), false), (at(2, 2, 0), false)];
+        for (count, (refused, old_epoch)) in (1u64..).zip(refusals) {
+            let mut receiver = Receiver::new(&SESSION, metadata(2, 2), SIZE, &counters);
+            let before = counters.old_epoch_refused();
+            let error = receiver.on_frame(refused).unwrap_err();
+            assert_eq!(counters.frames_rejected(), count, "{error}");
+            assert_eq!(counters.old_epoch_refused(), before + u64::from(old_epoch), "{error}");
+        }
+        let mut receiver = Receiver::new(&SESSION, metadata(2, 2), SIZE, &counters);
+        receiver.refuse(ReplicationError::protocol("a corrupt frame"));
+        assert_eq!((counters.frames_rejected(), counters.old_epoch_refused()), (4, 1));
     }
 
     /// A fresh copy admits a volume of its own size and adopts it as

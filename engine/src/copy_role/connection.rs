@@ -218,7 +218,7 @@ fn refuse_handshake(connection: &mut Connection<'_>, refusal: Option<RefuseReaso
     if let Some(reason) = refusal {
         connection.queue_message(&HandshakeMessage::Refuse { reason });
     }
-    let total = connection.host.counters().record_rejected();
+    let total = connection.host.counters().record_rejected(error);
     let peer = connection.peer;
     if !connection.host.log_limit.allow("handshake refused", Instant::now()) {
         return;
