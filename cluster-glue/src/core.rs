@@ -240,8 +240,11 @@ pub struct Core {
     copy_hosts: BTreeMap<String, Option<SocketAddr>>,
     copy_running: bool,
     role_failure: Option<String>,
-    /// A switchover the operator asked this node for, not yet recorded.
-    switchover_asked: Option<String>,
+    /// A switchover the operator asked this node for, not yet recorded,
+    /// and the record's epoch when it was asked: a request that meets a
+    /// record whose production role moved meanwhile (another switchover
+    /// that raced it and won, a failover) is refused, not carried out after.
+    switchover_asked: Option<(String, Option<u64>)>,
     /// A notice decided but not yet given, and the last one given.
     notice: Option<String>,
     noticed: Option<String>,
@@ -327,7 +330,9 @@ impl Core {
             }
             Event::Leader(leader) => self.leader = leader,
             Event::Tick { now_ms } => self.now_ms = now_ms,
-            Event::Switchover { to } => self.switchover_asked = Some(to),
+            Event::Switchover { to } => {
+                self.switchover_asked = Some((to, self.record.as_ref().map(|record| record.epoch)));
+            }
             Event::RoleFailed { why } => {
                 self.production = None;
                 self.copy_running = false;
@@ -499,11 +504,19 @@ impl Core {
                 }
             }
             Phase::Joined => {
-                if let Some(to) = self.switchover_asked.clone() {
+                if let Some((to, asked_at)) = self.switchover_asked.clone() {
                     // Kept until a record carrying it is read (a write of it
                     // may conflict and be redone).
                     match record.copy(&to) {
                         _ if record.switchover.as_deref() == Some(to.as_str()) => self.switchover_asked = None,
+                        _ if asked_at.is_some_and(|epoch| epoch != record.epoch) => {
+                            self.switchover_asked = None;
+                            self.notice = Some(format!(
+                                "switchover to {to} refused: the production role moved while it was asked for (now \
+                                 site {}, epoch {}); ask again if it is still wanted",
+                                record.production.site, record.epoch
+                            ));
+                        }
                         Some(copy) if copy.state != CopyRecordState::Current => {
                             self.switchover_asked = None;
                             self.notice = Some(format!(
