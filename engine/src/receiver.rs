@@ -359,19 +359,25 @@ pub fn identity_for_offer(
 }
 
 /// After authentication: the metadata to store before accepting the session
-/// (`Some` when a fresh copy adopts the volume, now `syncing` since it needs a
-/// full initial sync), `None` when the copy already mirrors it, or a refusal
-/// when the copy meanwhile came to mirror another volume.
+/// (`None`: nothing changes), or a refusal when the copy meanwhile came to
+/// mirror another volume. A fresh copy adopts the volume, now `syncing` since
+/// it needs a full initial sync; and the session's epoch, when higher than
+/// the copy's promise, becomes the promise (invariant 4): from the Accept
+/// on, a deposed host's Hello is refused, not only once the new session's
+/// first frame raised the promise (a deposed host that dialled in that
+/// moment took the session over, and its frames were applied).
 pub fn adopt_identity(
     volume: &Path,
     metadata: &VolumeMetadata,
     session: &Session,
 ) -> Result<Option<VolumeMetadata>, ReplicationError> {
-    match metadata.identity {
-        Some(mirrored) if mirrored == session.identity => Ok(None),
-        Some(mirrored) => Err(identity_mismatch(volume, &mirrored, &session.identity)),
-        None => Ok(Some(VolumeMetadata { identity: Some(session.identity), state: StoreState::Syncing, ..*metadata })),
-    }
+    let mut adopted = match metadata.identity {
+        Some(mirrored) if mirrored == session.identity => *metadata,
+        Some(mirrored) => return Err(identity_mismatch(volume, &mirrored, &session.identity)),
+        None => VolumeMetadata { identity: Some(session.identity), state: StoreState::Syncing, ..*metadata },
+    };
+    adopted.epoch_promised = adopted.epoch_promised.max(session.epoch);
+    Ok((adopted != *metadata).then_some(adopted))
 }
 
 fn identity_mismatch(volume: &Path, mirrored: &VolumeIdentity, offered: &VolumeIdentity) -> ReplicationError {
@@ -472,7 +478,7 @@ mod tests {
 
     const SIZE: u64 = 1 << 20;
     const IDENTITY: VolumeIdentity = VolumeIdentity { uuid: [0x3c; 16], size_bytes: SIZE };
-    const SESSION: Session = Session { id: 0x5e55, identity: IDENTITY };
+    const SESSION: Session = Session { id: 0x5e55, identity: IDENTITY, epoch: 1 };
 
     fn metadata(generation: u64, epoch_promised: u64) -> VolumeMetadata {
         VolumeMetadata {
@@ -716,9 +722,15 @@ mod tests {
         assert_eq!(error.kind(), ReplicationErrorKind::Identity);
         assert!(error.to_string().contains("--size 2097152"), "{error}");
         let adopted = adopt_identity(volume, &fresh, &SESSION).unwrap().unwrap();
-        assert_eq!(adopted, VolumeMetadata { identity: Some(IDENTITY), ..fresh });
+        assert_eq!(adopted, VolumeMetadata { identity: Some(IDENTITY), epoch_promised: SESSION.epoch, ..fresh });
         assert_eq!(adopted.state, StoreState::Syncing);
         assert_eq!(adopt_identity(volume, &adopted, &SESSION).unwrap(), None);
+        // A session of a higher epoch is promised before it is accepted; an
+        // equal or lower one changes nothing (it was refused at its Hello).
+        let newer = Session { epoch: 7, ..SESSION };
+        let promised = adopt_identity(volume, &adopted, &newer).unwrap().unwrap();
+        assert_eq!(promised, VolumeMetadata { epoch_promised: 7, ..adopted });
+        assert_eq!(adopt_identity(volume, &promised, &SESSION).unwrap(), None);
         let other_uuid = VolumeIdentity { uuid: [0x77; 16], ..IDENTITY };
         let error = identity_for_offer(volume, SIZE, &adopted, &other_uuid).unwrap_err();
         assert_eq!(

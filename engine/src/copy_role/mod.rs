@@ -692,6 +692,36 @@ mod tests {
         role.stop().unwrap();
     }
 
+    /// Invariant 4 from the handshake on: once a copy accepted the Hello of
+    /// epoch 3, a Hello of epoch 2 is refused, even before any frame of the
+    /// epoch-3 session arrived (a deposed host that dials in that moment
+    /// must not take the session over and apply old-epoch frames), and the
+    /// promise is on disk.
+    #[test]
+    fn an_accepted_hello_is_a_promise_before_any_frame() {
+        use crate::metadata::load_metadata;
+        use crate::protocol::error::ReplicationError;
+        use crate::replicator::connect::CopyConnection;
+
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("copy.img");
+        let config = config(&path, false);
+        let secret = config.secret.clone();
+        let role = CopyRole::start(config).unwrap();
+        let address = role.status().listen;
+        let identity = VolumeIdentity { uuid: [9; 16], size_bytes: 1 << 20 };
+        let timeout = Duration::from_secs(5);
+        let connect = |epoch| CopyConnection::connect_from(address, None, epoch, &secret, identity, timeout, timeout);
+        let _newer = connect(3).unwrap();
+        assert_eq!(role.status().epoch_promised, 3, "the Accept of epoch 3 is a promise");
+        let stored = load_metadata(&MetadataFiles::locate(&path, false, None).metadata).unwrap().unwrap();
+        assert_eq!(stored.epoch_promised, 3, "the promise is stored before the Accept");
+        let deposed = connect(2);
+        assert!(matches!(deposed, Err(ReplicationError::Deposed { epoch: 2 })), "{deposed:?}");
+        assert_eq!(role.status().old_epoch_refused, 1);
+        role.stop().unwrap();
+    }
+
     /// A copy is written by its production host: a read-only store is refused before it is opened.
     #[test]
     fn a_read_only_store_is_refused() {
