@@ -294,8 +294,11 @@ pub struct Core {
     copy_hosts: BTreeMap<String, Option<SocketAddr>>,
     copy_running: bool,
     role_failure: Option<String>,
-    /// A switchover the operator asked this node for, not yet recorded.
-    switchover_asked: Option<String>,
+    /// A switchover the operator asked this node for, not yet recorded,
+    /// and the record's epoch when it was asked: a request that meets a
+    /// record whose production role moved meanwhile (another switchover
+    /// that raced it and won, a failover) is refused, not carried out after.
+    switchover_asked: Option<(String, Option<u64>)>,
     /// A forced promotion the operator asked this node for, not yet recorded.
     promotion_asked: Option<String>,
     /// The production store's token while this node serves it.
@@ -401,7 +404,9 @@ impl Core {
             }
             Event::Leader(leader) => self.leader = leader,
             Event::Tick { now_ms } => self.now_ms = now_ms,
-            Event::Switchover { to } => self.switchover_asked = Some(to),
+            Event::Switchover { to } => {
+                self.switchover_asked = Some((to, self.record.as_ref().map(|record| record.epoch)));
+            }
             Event::Promote { site } => self.promotion_asked = Some(site),
             Event::Serving { store } => self.serving_store = Some(store),
             Event::RoleFailed { why } => {
@@ -576,11 +581,19 @@ impl Core {
             }
             Phase::Joined => {
                 self.claim_hand_over(record, why);
-                if let Some(to) = self.switchover_asked.clone() {
+                if let Some((to, asked_at)) = self.switchover_asked.clone() {
                     // Kept until a record carrying it is read (a write of it
                     // may conflict and be redone).
                     match record.copy(&to) {
                         _ if record.switchover.as_deref() == Some(to.as_str()) => self.switchover_asked = None,
+                        _ if asked_at.is_some_and(|epoch| epoch != record.epoch) => {
+                            self.switchover_asked = None;
+                            self.notice = Some(format!(
+                                "switchover to {to} refused: the production role moved while it was asked for (now \
+                                 site {}, epoch {}); ask again if it is still wanted",
+                                record.production.site, record.epoch
+                            ));
+                        }
                         Some(copy) if copy.state != CopyRecordState::Current => {
                             self.switchover_asked = None;
                             self.notice = Some(format!(

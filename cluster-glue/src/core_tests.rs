@@ -550,3 +550,41 @@ fn a_clean_switchover_hands_the_store_over_and_the_new_production_host_resyncs_o
     assert!(matches!(east.state, CopyRecordState::Stale { .. }), "{east:?}");
     assert_eq!((east.store.as_str(), east.identical_epoch), ("0".repeat(32).as_str(), None));
 }
+
+/// Two switchover requests race (issue 11: exactly one wins). b1 is asked
+/// for a switchover to west while the record is at epoch 1; its write loses
+/// the compare-and-set, and by the time it reads the record again the
+/// production role has moved (another request won and was carried out):
+/// b1 refuses its request and says why, instead of moving the role a second
+/// time. Had nothing moved, it would write the request again.
+#[test]
+fn a_switchover_asked_for_before_the_production_role_moved_is_refused_not_carried_out_after() {
+    let (mut b1, joined) = joined_node("b1", false, &["a", "w"]);
+    assert_eq!(b1.step(Event::Written(joined.clone())), vec![]);
+    let current = next(&joined, |record| record.copies[0].state = CopyRecordState::Current);
+    assert_eq!(b1.step(Event::Record(Some(current.clone()))), vec![]);
+    let asked = next(&current, |record| record.switchover = Some("west".into()));
+    assert_eq!(
+        b1.step(Event::Switchover { to: "west".into() }),
+        vec![write(&current, &asked, "switchover to site west asked for")]
+    );
+    assert_eq!(b1.step(Event::Conflict), vec![]);
+    // Unmoved: the request is written again.
+    let unmoved = next(&current, |record| record.members.get_mut("w").unwrap().incarnation = 2);
+    let again = next(&unmoved, |record| record.switchover = Some("west".into()));
+    assert_eq!(
+        b1.step(Event::Record(Some(unmoved.clone()))),
+        vec![write(&unmoved, &again, "switchover to site west asked for")]
+    );
+    assert_eq!(b1.step(Event::Conflict), vec![]);
+    // Moved meanwhile: refused, said once, nothing written.
+    let moved = next(&unmoved, |record| {
+        record.epoch = 2;
+        record.generation = 2;
+        record.push_history("a");
+    });
+    let commands = b1.step(Event::Record(Some(moved)));
+    let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
+    assert!(message.contains("switchover to west refused: the production role moved"), "{message}");
+    assert_eq!(b1.step(Event::Tick { now_ms: 1 }), vec![], "said once, not asked again");
+}

@@ -46,6 +46,7 @@ use crate::volume::Volume;
 pub struct ReceiverCounters {
     frames_accepted: AtomicU64,
     frames_rejected: AtomicU64,
+    old_epoch_refused: AtomicU64,
     write_bytes_accepted: AtomicU64,
 }
 
@@ -61,13 +62,24 @@ impl ReceiverCounters {
         self.frames_rejected.load(Ordering::Relaxed)
     }
 
+    /// Hellos and frames refused because their epoch is older than the one
+    /// this copy promised: traffic of a deposed production host (invariant
+    /// 4). Counted in [`ReceiverCounters::frames_rejected`] too.
+    pub fn old_epoch_refused(&self) -> u64 {
+        self.old_epoch_refused.load(Ordering::Relaxed)
+    }
+
     /// Payload bytes of accepted writes.
     pub fn write_bytes_accepted(&self) -> u64 {
         self.write_bytes_accepted.load(Ordering::Relaxed)
     }
 
-    /// Count one refused frame; returns the new total.
-    pub fn record_rejected(&self) -> u64 {
+    /// Count one frame refused for `error`; returns the new total of
+    /// refused frames.
+    pub fn record_rejected(&self, error: &ReplicationError) -> u64 {
+        if matches!(error, ReplicationError::Fenced { .. }) {
+            self.old_epoch_refused.fetch_add(1, Ordering::Relaxed);
+        }
         self.frames_rejected.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
@@ -195,7 +207,7 @@ impl<'counters> Receiver<'counters> {
     /// refuses everything after it.
     pub fn refuse(&mut self, error: ReplicationError) -> ReplicationError {
         self.refused = true;
-        self.counters.record_rejected();
+        self.counters.record_rejected(&error);
         error
     }
 
@@ -350,19 +362,25 @@ pub fn identity_for_offer(
 }
 
 /// After authentication: the metadata to store before accepting the session
-/// (`Some` when a fresh copy adopts the volume, now `syncing` since it needs a
-/// full initial sync), `None` when the copy already mirrors it, or a refusal
-/// when the copy meanwhile came to mirror another volume.
+/// (`None`: nothing changes), or a refusal when the copy meanwhile came to
+/// mirror another volume. A fresh copy adopts the volume, now `syncing` since
+/// it needs a full initial sync; and the session's epoch, when higher than
+/// the copy's promise, becomes the promise (invariant 4): from the Accept
+/// on, a deposed host's Hello is refused, not only once the new session's
+/// first frame raised the promise (a deposed host that dialled in that
+/// moment took the session over, and its frames were applied).
 pub fn adopt_identity(
     volume: &Path,
     metadata: &VolumeMetadata,
     session: &Session,
 ) -> Result<Option<VolumeMetadata>, ReplicationError> {
-    match metadata.identity {
-        Some(mirrored) if mirrored == session.identity => Ok(None),
-        Some(mirrored) => Err(identity_mismatch(volume, &mirrored, &session.identity)),
-        None => Ok(Some(VolumeMetadata { identity: Some(session.identity), state: StoreState::Syncing, ..*metadata })),
-    }
+    let mut adopted = match metadata.identity {
+        Some(mirrored) if mirrored == session.identity => *metadata,
+        Some(mirrored) => return Err(identity_mismatch(volume, &mirrored, &session.identity)),
+        None => VolumeMetadata { identity: Some(session.identity), state: StoreState::Syncing, ..*metadata },
+    };
+    adopted.epoch_promised = adopted.epoch_promised.max(session.epoch);
+    Ok((adopted != *metadata).then_some(adopted))
 }
 
 fn identity_mismatch(volume: &Path, mirrored: &VolumeIdentity, offered: &VolumeIdentity) -> ReplicationError {
@@ -463,7 +481,7 @@ mod tests {
 
     const SIZE: u64 = 1 << 20;
     const IDENTITY: VolumeIdentity = VolumeIdentity { uuid: [0x3c; 16], size_bytes: SIZE };
-    const SESSION: Session = Session { id: 0x5e55, identity: IDENTITY };
+    const SESSION: Session = Session { id: 0x5e55, identity: IDENTITY, epoch: 1 };
 
     fn metadata(generation: u64, epoch_promised: u64) -> VolumeMetadata {
         VolumeMetadata {
@@ -680,7 +698,33 @@ mod tests {
             header.generation = 2;
         });
         assert_eq!(receiver.on_frame(older).unwrap_err().kind(), ReplicationErrorKind::Fenced);
-        assert_eq!(counters.frames_rejected(), 2);
+        assert_eq!((counters.frames_rejected(), counters.old_epoch_refused()), (2, 2));
+    }
+
+    /// Only a frame older than the promised epoch counts as a deposed
+    /// host's traffic; a frame of an older generation, a replayed one or a
+    /// corrupt one is counted as refused only.
+    #[test]
+    fn only_old_epoch_refusals_count_as_old_epoch_traffic() {
+        let counters = ReceiverCounters::default();
+        // The store promised epoch 2 at generation 2.
+        let at = |epoch, generation, sequence| {
+            with(frame(FrameKind::Write, sequence, 0, b"a"), |header| {
+                header.epoch = epoch;
+                header.generation = generation;
+            })
+        };
+        let refusals = [(at(1, 2, 1), true), (at(2, 1, 1), false), (at(2, 2, 0), false)];
+        for (count, (refused, old_epoch)) in (1u64..).zip(refusals) {
+            let mut receiver = Receiver::new(&SESSION, metadata(2, 2), SIZE, &counters);
+            let before = counters.old_epoch_refused();
+            let error = receiver.on_frame(refused).unwrap_err();
+            assert_eq!(counters.frames_rejected(), count, "{error}");
+            assert_eq!(counters.old_epoch_refused(), before + u64::from(old_epoch), "{error}");
+        }
+        let mut receiver = Receiver::new(&SESSION, metadata(2, 2), SIZE, &counters);
+        receiver.refuse(ReplicationError::protocol("a corrupt frame"));
+        assert_eq!((counters.frames_rejected(), counters.old_epoch_refused()), (4, 1));
     }
 
     /// A fresh copy admits a volume of its own size and adopts it as
@@ -695,9 +739,15 @@ mod tests {
         assert_eq!(error.kind(), ReplicationErrorKind::Identity);
         assert!(error.to_string().contains("--size 2097152"), "{error}");
         let adopted = adopt_identity(volume, &fresh, &SESSION).unwrap().unwrap();
-        assert_eq!(adopted, VolumeMetadata { identity: Some(IDENTITY), ..fresh });
+        assert_eq!(adopted, VolumeMetadata { identity: Some(IDENTITY), epoch_promised: SESSION.epoch, ..fresh });
         assert_eq!(adopted.state, StoreState::Syncing);
         assert_eq!(adopt_identity(volume, &adopted, &SESSION).unwrap(), None);
+        // A session of a higher epoch is promised before it is accepted; an
+        // equal or lower one changes nothing (it was refused at its Hello).
+        let newer = Session { epoch: 7, ..SESSION };
+        let promised = adopt_identity(volume, &adopted, &newer).unwrap().unwrap();
+        assert_eq!(promised, VolumeMetadata { epoch_promised: 7, ..adopted });
+        assert_eq!(adopt_identity(volume, &promised, &SESSION).unwrap(), None);
         let other_uuid = VolumeIdentity { uuid: [0x77; 16], ..IDENTITY };
         let error = identity_for_offer(volume, SIZE, &adopted, &other_uuid).unwrap_err();
         assert_eq!(

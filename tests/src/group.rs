@@ -561,17 +561,23 @@ pub fn copy_entry<'a>(record: &'a Value, site: &str) -> &'a Value {
 
 /// A GET with HTTP/1.0 and a `timeout` on each step; the JSON body.
 pub fn http_get_json(address: SocketAddr, path: &str, timeout: Duration) -> Result<Value, String> {
+    http_json(address, "GET", path, timeout)
+}
+
+/// A `method` request with no body, HTTP/1.0 and a `timeout` on each step;
+/// the JSON body of a 2xx answer.
+pub fn http_json(address: SocketAddr, method: &str, path: &str, timeout: Duration) -> Result<Value, String> {
     let mut stream = TcpStream::connect_timeout(&address, timeout).map_err(|error| format!("{address}: {error}"))?;
     stream.set_read_timeout(Some(timeout)).map_err(|error| error.to_string())?;
     stream.set_write_timeout(Some(timeout)).map_err(|error| error.to_string())?;
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .write_all(format!("{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Length: 0\r\n\r\n").as_bytes())
         .map_err(|error| format!("{address}: {error}"))?;
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).map_err(|error| format!("{address}: {error}"))?;
     let answer = String::from_utf8_lossy(&answer);
     let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(|| format!("{address}: no HTTP answer"))?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+    if !head.starts_with("HTTP/1.1 2") && !head.starts_with("HTTP/1.0 2") {
         return Err(format!("{address}: {}", head.lines().next().unwrap_or("")));
     }
     serde_json::from_str(body).map_err(|error| format!("{address}: not JSON ({error}): {body}"))
@@ -674,4 +680,354 @@ impl Drop for EtcdServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ---------------------------------------------------------------------------
+// Added for tests/tests/group_failover.rs and group_fencing.rs (branch
+// fencing-tests): the quorum backend as a test parameter, the writer that
+// logs every acknowledged write, iptables cuts, one group test at a time,
+// and log timestamps.
+
+/// The quorum store a group test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// The group's own voters (raft).
+    Embedded,
+    /// A single-member etcd server started for the test.
+    Etcd,
+}
+
+/// A quorum backend, ready for a group; for etcd it holds the server, so
+/// declare it before the group (the group's nodes are killed first).
+pub struct Quorum {
+    /// Which backend.
+    pub backend: Backend,
+    /// The etcd server, for [`Backend::Etcd`].
+    pub etcd: Option<EtcdServer>,
+}
+
+impl Quorum {
+    /// Start `backend`'s store; `None` (the test is skipped, and says why)
+    /// when etcd is not installed.
+    pub fn start(backend: Backend) -> Option<Quorum> {
+        match backend {
+            Backend::Embedded => Some(Quorum { backend, etcd: None }),
+            Backend::Etcd => {
+                crate::require_tool("/usr/bin/etcd").then(|| Quorum { backend, etcd: Some(EtcdServer::start()) })
+            }
+        }
+    }
+
+    /// `spec` with its record on this quorum.
+    pub fn on(&self, mut spec: GroupSpec) -> GroupSpec {
+        spec.etcd = self.etcd.as_ref().map(|server| server.endpoint.clone());
+        spec
+    }
+
+    /// The etcd server's client port, for [`Backend::Etcd`].
+    pub fn etcd_port(&self) -> Option<u16> {
+        let server = self.etcd.as_ref()?;
+        server.endpoint.rsplit(':').next()?.parse().ok()
+    }
+}
+
+/// One test function per backend for each scenario `fn name(backend:
+/// Backend)` named: `embedded::name` and `etcd::name`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($scenario:ident),+ $(,)?) => {
+        mod embedded {
+            $(#[test]
+            fn $scenario() {
+                super::$scenario($crate::group::Backend::Embedded)
+            })+
+        }
+        mod etcd {
+            $(#[test]
+            fn $scenario() {
+                super::$scenario($crate::group::Backend::Etcd)
+            })+
+        }
+    };
+}
+
+/// One group test at a time in this test binary (timing checks are about
+/// the product, not about two groups fighting for two CPUs).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Seconds since the Unix epoch, the clock the nodes' log timestamps use.
+pub fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_secs_f64()
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+/// days_from_civil).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = if year >= 0 { year } else { year - 399 } / 400;
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146097 + day_of_era - 719468
+}
+
+/// The Unix time of a log line's RFC 3339 UTC timestamp
+/// (`2026-11-29T20:48:13.891772Z  INFO …`).
+pub fn log_time(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut date = date.split('-').map(|part| part.parse::<i64>());
+    let (year, month, day) = (date.next()?.ok()?, date.next()?.ok()?, date.next()?.ok()?);
+    let mut time = time.split(':');
+    let (hour, minute) = (time.next()?.parse::<i64>().ok()?, time.next()?.parse::<i64>().ok()?);
+    let second: f64 = time.next()?.parse().ok()?;
+    Some((days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60) as f64 + second)
+}
+
+/// Writes block after block (4 KiB, block `i` filled with `i`'s 8 bytes,
+/// from block argv[3]) to whichever of the URIs (argv[1], comma-separated)
+/// serves, for argv[2] seconds or until its stdin closes, printing
+/// `ok <i> <unix time> <uri index>` after each acknowledged write (one
+/// write(2) per line: a line is whole or absent). A failed write prints
+/// `error …` and is tried again on the next URI that takes a connection.
+const WRITER: &str = r#"
+import nbd, sys, threading, time
+uris = sys.argv[1].split(","); seconds = float(sys.argv[2])
+i = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+def say(line):
+    sys.stdout.write(line + "\n"); sys.stdout.flush()
+end = time.time() + seconds; h = None; at = 0
+while time.time() < end and not done.is_set():
+    if h is None:
+        for _ in uris:
+            try:
+                h = nbd.NBD(); h.connect_uri(uris[at]); break
+            except Exception:
+                h = None; at = (at + 1) % len(uris)
+        if h is None:
+            time.sleep(0.05); continue
+    try:
+        h.pwrite(i.to_bytes(8, "little") * 512, i * 4096)
+        say("ok %d %.6f %d" % (i, time.time(), at)); i += 1
+    except Exception as error:
+        say("error %d %.6f %s" % (i, time.time(), str(error).replace("\n", " ")))
+        h = None; at = (at + 1) % len(uris); time.sleep(0.01)
+"#;
+
+/// What the writer saw.
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// Every acknowledged block, with when (Unix seconds) it was answered
+    /// and the index of the URI that answered it.
+    pub acknowledged: Vec<(u64, f64, usize)>,
+    /// Writes refused (the writer then reconnects).
+    pub refused: usize,
+}
+
+impl Writes {
+    /// The acknowledged blocks.
+    pub fn blocks(&self) -> Vec<u64> {
+        self.acknowledged.iter().map(|(block, _, _)| *block).collect()
+    }
+
+    /// Seconds from `moment` to the first write answered after it.
+    pub fn first_after(&self, moment: f64) -> Option<f64> {
+        self.acknowledged.iter().map(|(_, time, _)| *time).find(|time| *time > moment).map(|time| time - moment)
+    }
+
+    /// When the URI `uri` answered its first and its last write.
+    pub fn answered_by(&self, uri: usize) -> Option<(f64, f64)> {
+        let mut times = self.acknowledged.iter().filter(|(_, _, by)| *by == uri).map(|(_, time, _)| *time);
+        let first = times.next()?;
+        Some((first, times.next_back().unwrap_or(first)))
+    }
+}
+
+/// Run the writer against `uris` for `seconds`; `on_ack` is called with the
+/// group and the count after each acknowledged write (to put a fault in).
+pub fn run_writer(
+    group: &mut Group,
+    uris: &[String],
+    seconds: u32,
+    mut on_ack: impl FnMut(&mut Group, usize),
+) -> Writes {
+    run_writer_from(group, uris, 0, seconds, |group, writes| {
+        on_ack(group, writes.acknowledged.len());
+        true
+    })
+}
+
+/// Run the writer against `uris` from block `first_block` for at most
+/// `seconds`; `on_ack` is called with the group and the writes so far after
+/// each acknowledged write, and the writer is asked to stop (its stdin is
+/// closed: it finishes the write under way) once it returns false.
+pub fn run_writer_from(
+    group: &mut Group,
+    uris: &[String],
+    first_block: u64,
+    seconds: u32,
+    mut on_ack: impl FnMut(&mut Group, &Writes) -> bool,
+) -> Writes {
+    let mut writer = Command::new("/usr/bin/python3")
+        .args(["-c", WRITER, &uris.join(","), &seconds.to_string(), &first_block.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the writer");
+    let (sender, lines) = std::sync::mpsc::channel();
+    let stdout = writer.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // A write that never returns (a frozen host) must not hang the test.
+    let deadline = Instant::now() + Duration::from_secs(u64::from(seconds) + 60);
+    let mut writes = Writes::default();
+    loop {
+        let line = match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => line,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = writer.kill();
+                let _ = writer.wait();
+                panic!("the writer did not finish within {seconds} s + 60 s\n{}", group.logs_tail(30));
+            }
+        };
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["ok", index, time, uri] => {
+                let ack = (index.parse().expect("index"), time.parse().expect("time"), uri.parse().expect("uri"));
+                writes.acknowledged.push(ack);
+                if writer.stdin.is_some() && !on_ack(group, &writes) {
+                    // It ends after the write under way; read on to the end.
+                    drop(writer.stdin.take());
+                }
+            }
+            ["error", ..] => writes.refused += 1,
+            _ => panic!("writer said {line:?}"),
+        }
+    }
+    let status = writer.wait().expect("writer exits");
+    assert!(status.success(), "the writer failed: {status}");
+    writes
+}
+
+/// The NBD URIs of `members`, in that order (the writer tries them so).
+pub fn nbd_uris(group: &Group, members: &[&str]) -> Vec<String> {
+    members.iter().map(|name| format!("nbd://{}:{}", group.ips[*name], group.ports[2])).collect()
+}
+
+/// Every acknowledged block holds its number on `store`.
+pub fn assert_all_present(store: &Path, acknowledged: &[u64]) {
+    let bytes = std::fs::read(store).expect("read the store");
+    for index in acknowledged {
+        let at = (*index * 4096) as usize;
+        assert_eq!(&bytes[at..at + 8], &index.to_le_bytes(), "acknowledged write {index} lost on {}", store.display());
+    }
+}
+
+/// iptables DROP rules, inserted at once and every one deleted on drop
+/// (also when the test panics). Rules carry the comment
+/// `crossmirror-test-<pid>`; rules of a test process that is gone (killed
+/// before its cleanup) are deleted first, from INPUT and OUTPUT.
+pub struct Cut {
+    rules: Vec<Vec<String>>,
+}
+
+impl Cut {
+    /// `rules`: each `[chain, match…]`, with `-j DROP` and the comment added.
+    pub fn new(rules: &[Vec<String>]) -> Cut {
+        crate::remove_orphaned_rules();
+        let comment = format!("{}{}", crate::RULE_COMMENT_PREFIX, std::process::id());
+        let mut cut = Cut { rules: Vec::new() };
+        for rule in rules {
+            let mut rule = rule.clone();
+            rule.extend(["-m", "comment", "--comment", &comment, "-j", "DROP"].iter().map(|word| word.to_string()));
+            cut.insert(rule);
+        }
+        cut
+    }
+
+    /// Insert `rule` (complete, with its target) first in its chain, and
+    /// delete it on drop.
+    fn insert(&mut self, rule: Vec<String>) {
+        let mut args = vec!["-I".to_string()];
+        args.extend(rule.iter().cloned());
+        let status = Command::new("iptables").args(&args).status().expect("run iptables");
+        assert!(status.success(), "iptables {args:?} failed");
+        self.rules.push(rule);
+    }
+
+    /// Cut node `ip` (its processes running with group id `gid`) from
+    /// `peers` on every port and protocol, except the TCP ports in `keep`
+    /// on `ip` (the test's own NBD and status connections, which come from
+    /// 127.0.0.1 like the peers' do).
+    pub fn isolate(ip: &str, gid: u32, peers: &[&str], keep: &[u16]) -> Cut {
+        let mut rules = Vec::new();
+        for peer in peers {
+            rules.push(words(&format!("INPUT -s {ip} -d {peer}")));
+            rules.push(words(&format!("INPUT -s {peer} -d {ip}")));
+            rules.push(words(&format!("OUTPUT -m owner --gid-owner {gid} -d {peer}")));
+        }
+        // Everything else to `ip` but the kept ports: the peers' connections
+        // leave from 127.0.0.1. `-I` puts the last rule first, so the
+        // ACCEPTs go in after the DROP.
+        rules.push(words(&format!("INPUT -d {ip}")));
+        let mut cut = Cut::new(&rules);
+        let comment = format!("{}{}", crate::RULE_COMMENT_PREFIX, std::process::id());
+        for port in keep {
+            cut.insert(words(&format!("INPUT -d {ip} -p tcp --dport {port} -m comment --comment {comment} -j ACCEPT")));
+        }
+        cut
+    }
+
+    /// Cut node `ip` (group id `gid`) from every peer on `port` only, TCP
+    /// and UDP, both directions.
+    pub fn port(ip: &str, gid: u32, port: u16) -> Cut {
+        let mut rules = Vec::new();
+        for protocol in ["tcp", "udp"] {
+            rules.push(words(&format!("INPUT -d {ip} -p {protocol} --dport {port}")));
+            rules.push(words(&format!("INPUT -s {ip} -p {protocol} --sport {port}")));
+            rules.push(words(&format!("OUTPUT -m owner --gid-owner {gid} -p {protocol} --dport {port}")));
+        }
+        Cut::new(&rules)
+    }
+
+    /// Delete every rule now.
+    pub fn heal(self) {}
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        for rule in self.rules.drain(..) {
+            let mut args = vec!["-D".to_string()];
+            args.extend(rule);
+            let _ = Command::new("iptables").args(&args).status();
+        }
+    }
+}
+
+/// The words of an iptables rule.
+fn words(text: &str) -> Vec<String> {
+    text.split_whitespace().map(str::to_string).collect()
+}
+
+/// A group id for a node to run under, unused by any other test.
+pub fn fresh_gid() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    60000 + (std::process::id() % 500) * 20 + NEXT.fetch_add(1, Ordering::Relaxed) % 20
+}
+
+/// Whether the test can cut links (root and iptables); says why not.
+pub fn iptables_available() -> bool {
+    crate::require_root() && crate::require_tool("iptables")
 }

@@ -381,21 +381,26 @@ impl Drop for LinkCut {
     }
 }
 
-const RULE_COMMENT_PREFIX: &str = "crossmirror-test-";
+/// The comment every test's iptables rule carries, followed by the test
+/// process's id.
+pub(crate) const RULE_COMMENT_PREFIX: &str = "crossmirror-test-";
 
-/// Delete the INPUT rules whose comment names a test process that is gone.
-fn remove_orphaned_rules() {
-    let listing = run_output("iptables", &["-S", "INPUT"]);
-    for line in String::from_utf8_lossy(&listing.stdout).lines() {
-        let Some(at) = line.find(RULE_COMMENT_PREFIX) else { continue };
-        let pid: String = line[at + RULE_COMMENT_PREFIX.len()..].chars().take_while(char::is_ascii_digit).collect();
-        if pid.is_empty() || Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
+/// Delete the INPUT and OUTPUT rules whose comment names a test process
+/// that is gone.
+pub(crate) fn remove_orphaned_rules() {
+    for chain in ["INPUT", "OUTPUT"] {
+        let Ok(listing) = Command::new("iptables").args(["-S", chain]).output() else { continue };
+        for line in String::from_utf8_lossy(&listing.stdout).lines() {
+            let Some(at) = line.find(RULE_COMMENT_PREFIX) else { continue };
+            let pid: String = line[at + RULE_COMMENT_PREFIX.len()..].chars().take_while(char::is_ascii_digit).collect();
+            if pid.is_empty() || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let Some(rule) = line.strip_prefix("-A ") else { continue };
+            let mut args = vec!["-D"];
+            args.extend(rule.split_whitespace().map(|word| word.trim_matches('"')));
+            let _ = Command::new("iptables").args(&args).status();
         }
-        let Some(rule) = line.strip_prefix("-A ") else { continue };
-        let mut args = vec!["-D"];
-        args.extend(rule.split_whitespace().map(|word| word.trim_matches('"')));
-        let _ = Command::new("iptables").args(&args).status();
     }
 }
 

@@ -127,6 +127,7 @@ fn wrong_secret_is_refused() {
     wait_for_log(&host, "wrong secret");
     wait_for_log(&host, "frames_rejected=1");
     assert_rejected(&host, 1);
+    assert_eq!(status(&host)["old_epoch_refused"], 0, "a wrong secret is not old-epoch traffic");
     assert!(contents(&host).iter().all(|byte| *byte == 0));
 }
 
@@ -271,8 +272,10 @@ fn an_older_epoch_is_fenced_across_sessions_and_restarts() {
     current.send(&header, b"epoch1").unwrap();
     assert!(current.receive().is_err(), "the copy must close the connection of a deposed production host");
     wait_for_log(&host, "fenced frame");
-    // Both are counted: the deposed Hello and the old-epoch frame.
+    // Both are counted, as refused and as old-epoch traffic: the deposed
+    // Hello and the old-epoch frame.
     assert_rejected(&host, 2);
+    assert_eq!(status(&host)["old_epoch_refused"], 2, "{}", status(&host));
     assert_eq!(&contents(&host)[..6], b"epoch3");
 }
 

@@ -10,94 +10,20 @@
 //!  writer: python3-libnbd, 4K writes, each block's number in it; on a broken
 //!  connection it tries a1's and a2's NBD addresses until one serves
 //! ```
+//!
+//! The site failover, the partition in time, the frozen host, switchover and
+//! failback, and the actions follow. Every scenario runs twice, with the
+//! record on the group's own voters (`embedded::…`) and on an etcd server
+//! started for the test (`etcd::…`).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use system_tests::group::{copy_entry, member_state, EtcdServer, Group, GroupSpec};
+use system_tests::group::{
+    assert_all_present, copy_entry, member_state, nbd_uris, now, run_writer, run_writer_from, Backend, Group,
+    GroupSpec, Quorum, Writes,
+};
 use system_tests::{require_tool, sha256};
-
-/// Writes block after block (4 KiB, block `i` filled with `i`'s 8 bytes),
-/// from block `argv[3]` (default 0), to whichever of `uris` serves,
-/// printing `ok <i> <unix time>` after each acknowledged write, for
-/// `seconds`.
-const WRITER: &str = r#"
-import nbd, sys, time
-uris = sys.argv[1].split(","); seconds = float(sys.argv[2])
-end = time.time() + seconds; i = int(sys.argv[3]) if len(sys.argv) > 3 else 0; h = None
-while time.time() < end:
-    if h is None:
-        for uri in uris:
-            try:
-                h = nbd.NBD(); h.connect_uri(uri); break
-            except Exception:
-                h = None
-        if h is None:
-            time.sleep(0.05); continue
-    try:
-        h.pwrite(i.to_bytes(8, "little") * 512, i * 4096)
-        print("ok", i, time.time(), flush=True); i += 1
-    except Exception as error:
-        print("error", i, time.time(), str(error).replace("\n", " "), flush=True)
-        h = None
-"#;
-
-/// What the writer saw.
-struct Writes {
-    /// Every acknowledged block, with when (Unix seconds) it was answered.
-    acknowledged: Vec<(u64, f64)>,
-    /// Writes refused (the writer then reconnects).
-    refused: usize,
-}
-
-impl Writes {
-    fn blocks(&self) -> Vec<u64> {
-        self.acknowledged.iter().map(|(block, _)| *block).collect()
-    }
-
-    /// Seconds from `moment` to the first write answered after it.
-    fn first_after(&self, moment: f64) -> Option<f64> {
-        self.acknowledged.iter().map(|(_, time)| *time).find(|time| *time > moment).map(|time| time - moment)
-    }
-}
-
-/// Run the writer against `uris` for `seconds`; `on_ack` is called with the
-/// group and the count after each acknowledged write (to put a fault in).
-fn run_writer(group: &mut Group, uris: &[String], seconds: u32, on_ack: impl FnMut(&mut Group, usize)) -> Writes {
-    run_writer_from(group, uris, seconds, 0, on_ack)
-}
-
-/// [`run_writer`], from block `first`.
-fn run_writer_from(
-    group: &mut Group,
-    uris: &[String],
-    seconds: u32,
-    first: u64,
-    mut on_ack: impl FnMut(&mut Group, usize),
-) -> Writes {
-    let mut writer = Command::new("/usr/bin/python3")
-        .args(["-c", WRITER, &uris.join(","), &seconds.to_string(), &first.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the writer");
-    let lines = BufReader::new(writer.stdout.take().expect("stdout"));
-    let mut writes = Writes { acknowledged: Vec::new(), refused: 0 };
-    for line in lines.lines() {
-        let line = line.expect("writer output");
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["ok", index, time, ..] => {
-                writes.acknowledged.push((index.parse().expect("index"), time.parse().expect("time")));
-                on_ack(group, writes.acknowledged.len());
-            }
-            ["error", ..] => writes.refused += 1,
-            _ => panic!("writer said {line:?}"),
-        }
-    }
-    assert!(writer.wait().expect("writer exits").success());
-    writes
-}
 
 /// Run the writer; SIGKILL `victim` after 300 acknowledged writes. Returns
 /// the writes and the seconds from the kill to the first write answered
@@ -117,14 +43,9 @@ fn write_through_a_kill(group: &mut Group, uris: &[String], seconds: u32, victim
     (writes, failover)
 }
 
-/// The NBD URIs of `members`, in that order (the writer tries them so).
-fn nbd_uris(group: &Group, members: &[&str]) -> Vec<String> {
-    members.iter().map(|name| format!("nbd://{}:{}", group.ips[*name], group.ports[2])).collect()
-}
-
-/// a (east), b (west, sync) and w, started; returns once a produces and
-/// west is current, with the record then.
-fn two_sites(label: &str, lease_ms: Option<u64>, etcd: Option<&EtcdServer>) -> (Group, serde_json::Value) {
+/// a (east), b (west, sync) and w on `quorum`, started; returns once a
+/// produces and west is current, with the record then.
+fn two_sites(label: &str, lease_ms: Option<u64>, quorum: &Quorum) -> (Group, serde_json::Value) {
     let mut spec = GroupSpec::new(label)
         .production("east")
         .copy("west", "sync")
@@ -133,8 +54,7 @@ fn two_sites(label: &str, lease_ms: Option<u64>, etcd: Option<&EtcdServer>) -> (
         .witness("w")
         .volume_size("256M");
     spec.lease_ms = lease_ms;
-    spec.etcd = etcd.map(|server| server.endpoint.clone());
-    let mut group = Group::new(label, spec);
+    let mut group = Group::new(label, quorum.on(spec));
     for name in ["w", "a", "b"] {
         group.start(name);
     }
@@ -144,11 +64,11 @@ fn two_sites(label: &str, lease_ms: Option<u64>, etcd: Option<&EtcdServer>) -> (
     (group, formed)
 }
 
-#[test]
-fn a_failed_production_host_is_replaced_by_its_site_with_no_acknowledged_write_lost() {
+fn a_failed_production_host_is_replaced_by_its_site_with_no_acknowledged_write_lost(backend: Backend) {
     if !require_tool("/usr/bin/python3") {
         return;
     }
+    let Some(quorum) = Quorum::start(backend) else { return };
     let spec = GroupSpec::new("takeover")
         .production("east")
         .copy("west", "sync")
@@ -158,7 +78,7 @@ fn a_failed_production_host_is_replaced_by_its_site_with_no_acknowledged_write_l
         .witness("w")
         .volume_size("256M")
         .lease_ms(1000);
-    let mut group = Group::new("takeover", spec);
+    let mut group = Group::new("takeover", quorum.on(spec));
     for name in ["w", "a1", "b", "a2"] {
         group.start(name);
         std::thread::sleep(Duration::from_millis(200));
@@ -195,24 +115,13 @@ fn a_failed_production_host_is_replaced_by_its_site_with_no_acknowledged_write_l
     assert_eq!(sha256(&group.store(second)), sha256(&group.store("b")), "the copy differs from the production store");
 }
 
-/// Seconds since the Unix epoch.
-fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_secs_f64()
-}
-
-/// Every acknowledged block holds its number on `store`.
-fn assert_all_present(store: &std::path::Path, acknowledged: &[u64]) {
-    let bytes = std::fs::read(store).expect("read the store");
-    for index in acknowledged {
-        let at = (*index * 4096) as usize;
-        assert_eq!(&bytes[at..at + 8], &index.to_le_bytes(), "acknowledged write {index} lost on {}", store.display());
+fn a_lost_production_site_fails_over_to_its_current_copy_which_serves_every_acknowledged_write(backend: Backend) {
+    if !require_tool("/usr/bin/python3") {
+        return;
     }
-}
-
-/// The site failover scenario (a: east, b: west sync, w), on the embedded
-/// quorum or on `etcd`.
-fn site_failover(label: &str, etcd: Option<&EtcdServer>) {
-    let (mut group, formed) = two_sites(label, Some(1000), etcd);
+    let Some(quorum) = Quorum::start(backend) else { return };
+    let label = "siteover";
+    let (mut group, formed) = two_sites(label, Some(1000), &quorum);
     let epoch = formed["epoch"].as_u64().expect("epoch");
     let uris = nbd_uris(&group, &["a", "b"]);
     let (writes, failover) = write_through_a_kill(&mut group, &uris, 9, "a");
@@ -235,28 +144,13 @@ fn site_failover(label: &str, etcd: Option<&EtcdServer>) {
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")), "east was not resynced from west");
 }
 
-#[test]
-fn a_lost_production_site_fails_over_to_its_current_copy_which_serves_every_acknowledged_write() {
-    if require_tool("/usr/bin/python3") {
-        site_failover("siteover", None);
-    }
-}
-
-#[test]
-fn the_same_site_failover_with_the_record_on_etcd() {
-    if require_tool("/usr/bin/python3") && require_tool("/usr/bin/etcd") {
-        let etcd = EtcdServer::start();
-        site_failover("etcdover", Some(&etcd));
-    }
-}
-
-#[test]
-fn a_stale_copy_is_not_promoted_when_the_production_site_is_lost_and_the_production_returns_to_serve() {
+fn a_stale_copy_is_not_promoted_when_the_production_site_is_lost_and_the_production_returns_to_serve(backend: Backend) {
     // Seed 003 figs. 7-9, the partition in time.
     if !require_tool("qemu-io") || !require_tool("nbdinfo") {
         return;
     }
-    let (mut group, _) = two_sites("intime", Some(1000), None);
+    let Some(quorum) = Quorum::start(backend) else { return };
+    let (mut group, _) = two_sites("intime", Some(1000), &quorum);
     group.kill("b");
     let stale = group.wait_for(Duration::from_secs(10), |record| copy_entry(record, "west")["state"] == "stale");
     let stale_seq = stale["seq"].as_u64().expect("seq");
@@ -291,12 +185,14 @@ fn a_stale_copy_is_not_promoted_when_the_production_site_is_lost_and_the_product
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")));
 }
 
-#[test]
-fn a_frozen_production_host_deposed_while_frozen_fences_itself_on_thaw_and_no_write_it_answers_is_lost() {
+fn a_frozen_production_host_deposed_while_frozen_fences_itself_on_thaw_and_no_write_it_answers_is_lost(
+    backend: Backend,
+) {
     if !require_tool("/usr/bin/python3") {
         return;
     }
-    let (mut group, _) = two_sites("frozen", Some(1000), None);
+    let Some(quorum) = Quorum::start(backend) else { return };
+    let (mut group, _) = two_sites("frozen", Some(1000), &quorum);
     let uris = nbd_uris(&group, &["a", "b"]);
     let writes = run_writer(&mut group, &uris, 14, |group, count| {
         if count == 300 {
@@ -316,12 +212,12 @@ fn a_frozen_production_host_deposed_while_frozen_fences_itself_on_thaw_and_no_wr
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")));
 }
 
-#[test]
-fn a_switchover_and_its_failback_under_load_lose_no_write_and_end_identical() {
+fn a_switchover_and_its_failback_under_load_lose_no_write_and_end_identical(backend: Backend) {
     if !require_tool("/usr/bin/python3") {
         return;
     }
-    let (mut group, _) = two_sites("switch", None, None);
+    let Some(quorum) = Quorum::start(backend) else { return };
+    let (mut group, _) = two_sites("switch", None, &quorum);
     let uris = nbd_uris(&group, &["a", "b"]);
     let switch = |group: &Group, to: &str| {
         Command::new(system_tests::binary())
@@ -367,8 +263,8 @@ fn a_switchover_and_its_failback_under_load_lose_no_write_and_end_identical() {
     let mut written_since: Vec<u64> = writes
         .acknowledged
         .iter()
-        .filter(|(_, time)| *time >= failback.0 && *time <= failback.1 + 5.0)
-        .map(|(block, _)| block * 4096 / region)
+        .filter(|(_, time, _)| *time >= failback.0 && *time <= failback.1 + 5.0)
+        .map(|(block, _, _)| block * 4096 / region)
         .collect();
     written_since.dedup();
     let dirty_bound = written_since.len() as u64 * region;
@@ -401,8 +297,8 @@ fn a_switchover_and_its_failback_under_load_lose_no_write_and_end_identical() {
     assert_eq!(sha256(&group.store("a")), sha256(&group.store("b")));
 }
 
-#[test]
-fn actions_run_on_role_changes_with_their_environment() {
+fn actions_run_on_role_changes_with_their_environment(backend: Backend) {
+    let Some(quorum) = Quorum::start(backend) else { return };
     let scratch = system_tests::Scratch::new("actions-log");
     let log = scratch.join("events");
     let line = |member: &str| {
@@ -425,7 +321,7 @@ fn actions_run_on_role_changes_with_their_environment() {
         .actions(&line("b"))
         .witness("w")
         .lease_ms(1000);
-    let mut group = Group::new("actions", spec);
+    let mut group = Group::new("actions", quorum.on(spec));
     for name in ["w", "a", "b"] {
         group.start(name);
     }
@@ -454,11 +350,13 @@ fn actions_run_on_role_changes_with_their_environment() {
 /// serves the image it had (writes it never got are lost, as promised), and
 /// the old production site, back, is resynced in full from it: its store
 /// ends identical, its unshipped writes discarded, never merged.
-#[test]
-fn an_async_copy_promoted_with_accept_data_loss_records_the_fork_and_the_old_production_is_resynced_to_it() {
+fn an_async_copy_promoted_with_accept_data_loss_records_the_fork_and_the_old_production_is_resynced_to_it(
+    backend: Backend,
+) {
     if !require_tool("/usr/bin/python3") {
         return;
     }
+    let Some(quorum) = Quorum::start(backend) else { return };
     let spec = GroupSpec::new("forced")
         .production("east")
         .copy("west", "async")
@@ -467,7 +365,7 @@ fn an_async_copy_promoted_with_accept_data_loss_records_the_fork_and_the_old_pro
         .witness("w")
         .volume_size("256M")
         .lease_ms(1000);
-    let mut group = Group::new("forced", spec);
+    let mut group = Group::new("forced", quorum.on(spec));
     for name in ["w", "a", "b"] {
         group.start(name);
     }
@@ -481,7 +379,7 @@ fn an_async_copy_promoted_with_accept_data_loss_records_the_fork_and_the_old_pro
     });
     // West's host stops taking writes; east acknowledges more it never gets.
     group.freeze("b");
-    let unshipped = run_writer_from(&mut group, &on_east, 2, 20_000, |_, _| {});
+    let unshipped = run_writer_from(&mut group, &on_east, 20_000, 2, |_, _| true);
     assert!(!unshipped.acknowledged.is_empty(), "east acknowledged nothing while west was frozen");
     group.kill("a");
     group.thaw("b");
@@ -513,7 +411,7 @@ fn an_async_copy_promoted_with_accept_data_loss_records_the_fork_and_the_old_pro
     assert!(table.contains("fork (generation 2)"), "status does not show the fork:\n{table}");
     eprintln!("{table}");
     // West serves what it had; then east returns and becomes its copy.
-    let after = run_writer_from(&mut group, &on_west, 1, 45_000, |_, _| {});
+    let after = run_writer_from(&mut group, &on_west, 45_000, 1, |_, _| true);
     group.start("a");
     group.wait_for(Duration::from_secs(60), |record| {
         record["production"]["host"] == "b" && copy_entry(record, "east")["state"] == "current"
@@ -534,3 +432,12 @@ fn an_async_copy_promoted_with_accept_data_loss_records_the_fork_and_the_old_pro
         group.logs_tail(80)
     );
 }
+system_tests::on_both_backends!(
+    a_failed_production_host_is_replaced_by_its_site_with_no_acknowledged_write_lost,
+    a_lost_production_site_fails_over_to_its_current_copy_which_serves_every_acknowledged_write,
+    a_stale_copy_is_not_promoted_when_the_production_site_is_lost_and_the_production_returns_to_serve,
+    a_frozen_production_host_deposed_while_frozen_fences_itself_on_thaw_and_no_write_it_answers_is_lost,
+    a_switchover_and_its_failback_under_load_lose_no_write_and_end_identical,
+    actions_run_on_role_changes_with_their_environment,
+    an_async_copy_promoted_with_accept_data_loss_records_the_fork_and_the_old_production_is_resynced_to_it,
+);

@@ -23,48 +23,12 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use system_tests::group::{copy_entry, Group, GroupSpec};
-use system_tests::{require_root, require_tool, sha256, wait_until};
-
-/// One fault test at a time.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Seconds since the Unix epoch, the clock the nodes' log timestamps use.
-fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs_f64()
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
-/// days_from_civil).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = if year >= 0 { year } else { year - 399 } / 400;
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146097 + day_of_era - 719468
-}
-
-/// The Unix time of a log line's RFC 3339 UTC timestamp
-/// (`2026-11-29T20:48:13.891772Z  INFO …`).
-fn log_time(line: &str) -> Option<f64> {
-    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
-    let (date, time) = stamp.split_once('T')?;
-    let mut date = date.split('-').map(|part| part.parse::<i64>());
-    let (year, month, day) = (date.next()?.ok()?, date.next()?.ok()?, date.next()?.ok()?);
-    let mut time = time.split(':');
-    let (hour, minute) = (time.next()?.parse::<i64>().ok()?, time.next()?.parse::<i64>().ok()?);
-    let second: f64 = time.next()?.parse().ok()?;
-    Some((days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60) as f64 + second)
-}
+use system_tests::group::{copy_entry, fresh_gid, iptables_available, log_time, now, serial, Cut, Group, GroupSpec};
+use system_tests::{require_tool, sha256, wait_until};
 
 /// The (time, seq) of every `recorded copy <site> <state> (record seq N)`
 /// line in `log`.
@@ -256,119 +220,6 @@ fn connect_one_by_one(uri: &str) -> Python {
     let first = client.line_after(0, Duration::from_secs(10));
     assert!(first.as_deref().is_some_and(|line| line.starts_with("connected")), "no NBD connection: {first:?}");
     client
-}
-
-/// iptables DROP rules, inserted at once and every one deleted on drop
-/// (also when the test panics). Rules carry the comment
-/// `crossmirror-test-<pid>`; rules of a test process that is gone (killed
-/// before its cleanup) are deleted first, from INPUT and OUTPUT.
-struct Cut {
-    rules: Vec<Vec<String>>,
-}
-
-const COMMENT_PREFIX: &str = "crossmirror-test-";
-
-impl Cut {
-    /// `rules`: each `[chain, match…]`, with `-j DROP` and the comment added.
-    fn new(rules: &[Vec<String>]) -> Cut {
-        remove_orphaned_rules();
-        let comment = format!("{COMMENT_PREFIX}{}", std::process::id());
-        let mut cut = Cut { rules: Vec::new() };
-        for rule in rules {
-            let mut rule = rule.clone();
-            rule.extend(["-m", "comment", "--comment", &comment, "-j", "DROP"].iter().map(|word| word.to_string()));
-            let mut args = vec!["-I".to_string()];
-            args.extend(rule.iter().cloned());
-            let status = Command::new("iptables").args(&args).status().expect("run iptables");
-            assert!(status.success(), "iptables {args:?} failed");
-            cut.rules.push(rule);
-        }
-        cut
-    }
-
-    /// Cut node `ip` (its processes running with group id `gid`) from
-    /// `peers` on every port and protocol, except the TCP ports in `keep`
-    /// on `ip` (the test's own NBD and status connections, which come from
-    /// 127.0.0.1 like the peers' do).
-    fn isolate(ip: &str, gid: u32, peers: &[&str], keep: &[u16]) -> Cut {
-        let words = |text: String| text.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-        let mut rules = Vec::new();
-        for peer in peers {
-            rules.push(words(format!("INPUT -s {ip} -d {peer}")));
-            rules.push(words(format!("INPUT -s {peer} -d {ip}")));
-            rules.push(words(format!("OUTPUT -m owner --gid-owner {gid} -d {peer}")));
-        }
-        // Everything else to `ip` but the kept ports: the peers' connections
-        // leave from 127.0.0.1. `-I` puts the last rule first, so the
-        // ACCEPTs go in after the DROP.
-        rules.push(words(format!("INPUT -d {ip}")));
-        let mut cut = Cut::new(&rules);
-        let comment = format!("{COMMENT_PREFIX}{}", std::process::id());
-        for port in keep {
-            let rule = words(format!("INPUT -d {ip} -p tcp --dport {port} -m comment --comment {comment} -j ACCEPT"));
-            let mut args = vec!["-I".to_string()];
-            args.extend(rule.iter().cloned());
-            let status = Command::new("iptables").args(&args).status().expect("run iptables");
-            assert!(status.success(), "iptables {args:?} failed");
-            cut.rules.push(rule);
-        }
-        cut
-    }
-
-    /// Cut node `ip` (group id `gid`) from every peer on `port` only, TCP
-    /// and UDP, both directions.
-    fn port(ip: &str, gid: u32, port: u16) -> Cut {
-        let words = |text: String| text.split_whitespace().map(str::to_string).collect::<Vec<_>>();
-        let mut rules = Vec::new();
-        for protocol in ["tcp", "udp"] {
-            rules.push(words(format!("INPUT -d {ip} -p {protocol} --dport {port}")));
-            rules.push(words(format!("INPUT -s {ip} -p {protocol} --sport {port}")));
-            rules.push(words(format!("OUTPUT -m owner --gid-owner {gid} -p {protocol} --dport {port}")));
-        }
-        Cut::new(&rules)
-    }
-
-    /// Delete every rule now.
-    fn heal(self) {}
-}
-
-impl Drop for Cut {
-    fn drop(&mut self) {
-        for rule in self.rules.drain(..) {
-            let mut args = vec!["-D".to_string()];
-            args.extend(rule);
-            let _ = Command::new("iptables").args(&args).status();
-        }
-    }
-}
-
-/// Delete the INPUT and OUTPUT rules whose comment names a test process
-/// that is gone.
-fn remove_orphaned_rules() {
-    for chain in ["INPUT", "OUTPUT"] {
-        let Ok(listing) = Command::new("iptables").args(["-S", chain]).output() else { continue };
-        for line in String::from_utf8_lossy(&listing.stdout).lines() {
-            let Some(at) = line.find(COMMENT_PREFIX) else { continue };
-            let pid: String = line[at + COMMENT_PREFIX.len()..].chars().take_while(char::is_ascii_digit).collect();
-            if pid.is_empty() || std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                continue;
-            }
-            let Some(rule) = line.strip_prefix("-A ") else { continue };
-            let mut args = vec!["-D"];
-            args.extend(rule.split_whitespace().map(|word| word.trim_matches('"')));
-            let _ = Command::new("iptables").args(&args).status();
-        }
-    }
-}
-
-/// A group id for a node to run under, unused by any other test.
-fn fresh_gid() -> u32 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    60000 + (std::process::id() % 500) * 20 + NEXT.fetch_add(1, Ordering::Relaxed) % 20
-}
-
-fn iptables_available() -> bool {
-    require_root() && require_tool("iptables")
 }
 
 /// Invariant 3 under a SIGKILL: the copy host b is frozen under a QD1

@@ -117,6 +117,7 @@ pub fn status_json(status: &CopyRoleStatus) -> serde_json::Value {
         "production": status.production.map(|peer| peer.to_string()),
         "frames_accepted": status.frames_accepted,
         "frames_rejected": status.frames_rejected,
+        "old_epoch_refused": status.old_epoch_refused,
         "write_bytes_accepted": status.write_bytes_accepted,
         // The way back to the last consistent image while a pass runs.
         "dr_image": match &status.dr_image {

@@ -165,7 +165,7 @@ fn copy_host_lines(status: &serde_json::Value) -> String {
     };
     format!(
         "copy host, volume {} ({} bytes)\nmirrors {}  store {}  generation {}  epoch {}\n\
-         production {}  frames accepted {}  rejected {}  written {}\n",
+         production {}  frames accepted {}  rejected {} (old epoch {})  written {}\n",
         text("volume"),
         text("size"),
         text("mirrors"),
@@ -175,6 +175,7 @@ fn copy_host_lines(status: &serde_json::Value) -> String {
         text("production"),
         text("frames_accepted"),
         text("frames_rejected"),
+        text("old_epoch_refused"),
         human(status["write_bytes_accepted"].as_u64().unwrap_or(0)),
     )
 }

@@ -227,7 +227,7 @@ fn refuse_handshake(connection: &mut Connection<'_>, refusal: Option<RefuseReaso
     if let Some(reason) = refusal {
         connection.queue_message(&HandshakeMessage::Refuse { reason });
     }
-    let total = connection.host.counters().record_rejected();
+    let total = connection.host.counters().record_rejected(error);
     let peer = connection.peer;
     if !connection.host.log_limit.allow("handshake refused", Instant::now()) {
         return;
@@ -382,17 +382,22 @@ fn admit<'host>(connection: &mut Connection<'host>, session: Session) -> Option<
         Ok(None) => {}
         Ok(Some(adopted)) => {
             if let Err(error) = store_metadata(&host.metadata_path, &adopted) {
-                tracing::error!(%peer, "cannot record the volume this copy mirrors: {error}; closing the connection");
+                tracing::error!(%peer, "cannot record the volume this copy mirrors and the epoch it promises: {error}; closing the connection");
                 return None;
             }
+            if metadata.identity.is_none() {
+                tracing::info!(
+                    %peer,
+                    "volume {} now mirrors uuid {} ({} bytes); state syncing: it needs a full initial sync",
+                    host.volume.path().display(),
+                    format_uuid(&session.identity.uuid),
+                    session.identity.size_bytes
+                );
+            }
+            if adopted.epoch_promised != metadata.epoch_promised {
+                tracing::info!(%peer, "stored: epoch {} promised (production host {peer})", adopted.epoch_promised);
+            }
             *metadata = adopted;
-            tracing::info!(
-                %peer,
-                "volume {} now mirrors uuid {} ({} bytes); state syncing: it needs a full initial sync",
-                host.volume.path().display(),
-                format_uuid(&session.identity.uuid),
-                session.identity.size_bytes
-            );
         }
         Err(error) => {
             drop(metadata);

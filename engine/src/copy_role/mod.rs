@@ -161,6 +161,9 @@ pub struct CopyRoleStatus {
     pub frames_accepted: u64,
     /// Frames and handshakes refused.
     pub frames_rejected: u64,
+    /// Of those, the Hellos and frames of an epoch older than the one
+    /// promised: a deposed production host's traffic, refused (invariant 4).
+    pub old_epoch_refused: u64,
     /// Bytes of writes accepted.
     pub write_bytes_accepted: u64,
     /// The way back to the last consistent image while a pass runs.
@@ -276,6 +279,7 @@ impl Shown {
             production: *self.session_holder.lock().unwrap_or_else(PoisonError::into_inner),
             frames_accepted: self.counters.frames_accepted(),
             frames_rejected: self.counters.frames_rejected(),
+            old_epoch_refused: self.counters.old_epoch_refused(),
             write_bytes_accepted: self.counters.write_bytes_accepted(),
             dr_image: self.dr_image.lock().unwrap_or_else(PoisonError::into_inner).clone(),
         }
@@ -537,6 +541,7 @@ impl CopyRole {
         tracing::info!(
             frames_accepted = counters.frames_accepted(),
             frames_rejected = counters.frames_rejected(),
+            old_epoch_refused = counters.old_epoch_refused(),
             "volume synced; copy host stopped"
         );
         // Every thread that shared the host has been joined: dropping the
@@ -763,6 +768,7 @@ fn take_place<'host>(host: &'host Host, stream: &TcpStream, peer: SocketAddr) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::frame::FrameHeader;
 
     fn config(path: &Path, read_only: bool) -> CopyRoleConfig {
         CopyRoleConfig {
@@ -790,6 +796,88 @@ mod tests {
         assert_eq!(second.status().volume, path);
         assert_eq!(second.status().store_state, StoreState::Syncing, "a fresh copy needs a full sync");
         second.stop().unwrap();
+    }
+
+    /// A deposed production host's traffic is counted apart (invariant 4):
+    /// a Hello and a data frame of an epoch older than the copy's promise
+    /// each count once in `old_epoch_refused` (and in `frames_rejected`); a
+    /// refusal of another kind (a frame of another session) only in
+    /// `frames_rejected`.
+    #[test]
+    fn refused_old_epoch_hellos_and_frames_are_counted_apart() {
+        use crate::protocol::error::ReplicationError;
+        use crate::protocol::frame::{Frame, FrameFlags, FrameKind};
+        use crate::replicator::connect::CopyConnection;
+
+        let directory = tempfile::tempdir().unwrap();
+        let config = config(&directory.path().join("copy.img"), false);
+        let secret = config.secret.clone();
+        let role = CopyRole::start(config).unwrap();
+        let address = role.status().listen;
+        let identity = VolumeIdentity { uuid: [7; 16], size_bytes: 1 << 20 };
+        let timeout = Duration::from_secs(5);
+        let connect = |epoch| CopyConnection::connect_from(address, None, epoch, &secret, identity, timeout, timeout);
+        let write = |connection: &mut CopyConnection, epoch, change: fn(&mut FrameHeader)| {
+            let mut header = connection.header(FrameKind::Write, FrameFlags::NONE, 1, epoch);
+            header.length = 4096;
+            header.payload_len = 4096;
+            change(&mut header);
+            connection.send(&header, &[0x5a; 4096]).and_then(|()| connection.receive())
+        };
+        let acked = |answer: Result<Frame, ReplicationError>| answer.map(|frame| frame.header.kind);
+        let counted = |role: &CopyRole| (role.status().frames_rejected, role.status().old_epoch_refused);
+
+        // The production host of epoch 3 writes: the copy promises epoch 3.
+        let mut current = connect(3).unwrap();
+        assert_eq!(acked(write(&mut current, 3, |_| {})).unwrap(), FrameKind::WriteAck);
+        assert_eq!(role.status().epoch_promised, 3);
+        assert_eq!(counted(&role), (0, 0));
+        // The deposed host of epoch 2 is refused at its Hello.
+        let deposed = connect(2);
+        assert!(matches!(deposed, Err(ReplicationError::Deposed { epoch: 2 })), "{deposed:?}");
+        assert_eq!(counted(&role), (1, 1));
+        // A frame of epoch 2 inside a session of epoch 3.
+        let mut session = connect(3).unwrap();
+        assert!(acked(write(&mut session, 2, |_| {})).is_err(), "an old-epoch frame was acknowledged");
+        assert_eq!(counted(&role), (2, 2));
+        // A frame of another session: refused, but not old-epoch traffic.
+        let mut session = connect(3).unwrap();
+        assert!(
+            acked(write(&mut session, 3, |header| header.session ^= 1)).is_err(),
+            "a foreign frame was acknowledged"
+        );
+        assert_eq!(counted(&role), (3, 2));
+        role.stop().unwrap();
+    }
+
+    /// Invariant 4 from the handshake on: once a copy accepted the Hello of
+    /// epoch 3, a Hello of epoch 2 is refused, even before any frame of the
+    /// epoch-3 session arrived (a deposed host that dials in that moment
+    /// must not take the session over and apply old-epoch frames), and the
+    /// promise is on disk.
+    #[test]
+    fn an_accepted_hello_is_a_promise_before_any_frame() {
+        use crate::metadata::load_metadata;
+        use crate::protocol::error::ReplicationError;
+        use crate::replicator::connect::CopyConnection;
+
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("copy.img");
+        let config = config(&path, false);
+        let secret = config.secret.clone();
+        let role = CopyRole::start(config).unwrap();
+        let address = role.status().listen;
+        let identity = VolumeIdentity { uuid: [9; 16], size_bytes: 1 << 20 };
+        let timeout = Duration::from_secs(5);
+        let connect = |epoch| CopyConnection::connect_from(address, None, epoch, &secret, identity, timeout, timeout);
+        let _newer = connect(3).unwrap();
+        assert_eq!(role.status().epoch_promised, 3, "the Accept of epoch 3 is a promise");
+        let stored = load_metadata(&MetadataFiles::locate(&path, false, None).metadata).unwrap().unwrap();
+        assert_eq!(stored.epoch_promised, 3, "the promise is stored before the Accept");
+        let deposed = connect(2);
+        assert!(matches!(deposed, Err(ReplicationError::Deposed { epoch: 2 })), "{deposed:?}");
+        assert_eq!(role.status().old_epoch_refused, 1);
+        role.stop().unwrap();
     }
 
     /// A copy is written by its production host: a read-only store is refused before it is opened.

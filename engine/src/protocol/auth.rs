@@ -251,6 +251,9 @@ pub struct Session {
     pub id: u64,
     /// The volume both sides agreed on.
     pub identity: VolumeIdentity,
+    /// The fencing epoch of the Hello, under both proofs: a copy promises it
+    /// before it accepts the session.
+    pub epoch: u64,
 }
 
 /// Where a handshake stands after a message.
@@ -431,7 +434,11 @@ impl ProductionHandshake {
             (ProductionState::AwaitingChallenge, _) => out_of_turn("Challenge", message),
             (ProductionState::AwaitingAccept { session }, HandshakeMessage::Accept { .. }) => HandshakeStep {
                 send: None,
-                outcome: HandshakeOutcome::Established(Session { id: session, identity: self.identity }),
+                outcome: HandshakeOutcome::Established(Session {
+                    id: session,
+                    identity: self.identity,
+                    epoch: self.epoch,
+                }),
             },
             (ProductionState::AwaitingAccept { .. }, _) => out_of_turn("Accept", message),
             (ProductionState::Finished, _) => out_of_turn("nothing (the handshake is over)", message),
@@ -568,7 +575,8 @@ impl CopyHandshake {
                 )),
             );
         }
-        let session = Session { id: self.keys.session_id(production_nonce, &self.nonce), identity: self.identity };
+        let id = self.keys.session_id(production_nonce, &self.nonce);
+        let session = Session { id, identity: self.identity, epoch };
         HandshakeStep {
             send: Some(HandshakeMessage::Accept { store: self.store }),
             outcome: HandshakeOutcome::Established(session),

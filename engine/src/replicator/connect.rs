@@ -105,7 +105,7 @@ impl CopyConnection {
         configure_socket(&stream).map_err(io_error("set socket options"))?;
         let mut connection = CopyConnection {
             stream,
-            session: Session { id: 0, identity },
+            session: Session { id: 0, identity, epoch },
             decoder: FrameDecoder::new(),
             read_buffer: vec![0; READ_CHUNK_BYTES],
             sequence: SendSequence::new(),
