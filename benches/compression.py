@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from datetime import datetime
@@ -50,23 +51,8 @@ def fio(port, extra):
     return report["jobs"][0]["write"]["bw_bytes"] / 1e6
 
 
-def main():
-    binary = os.environ.get("CM_BIN")
-    if not binary:
-        subprocess.run(["cargo", "build", "--release", "-p", "crossmirror"], cwd=REPO, check=True)
-        binary = os.path.join(REPO, "target/release/crossmirror")
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    scratch = tempfile.mkdtemp(prefix="crossmirror-compress-", dir=mirror.SCRATCH_PARENT)
-    secret = os.path.join(scratch, "secret")
-    with open(secret, "wb") as f:
-        f.write(os.urandom(32))
-    os.chmod(secret, 0o600)
-    with open(os.path.join(scratch, "production.img"), "wb") as f:
-        f.truncate(mirror.SIZE)
-    for setting in SETTINGS:
-        mirror.COPIES[setting] = [("dr", "127.0.0.2", f",mode=async,compress={setting}")]
-    results = {(setting, data): [] for setting in SETTINGS for data in DATA}
+def run_rounds(binary, scratch, secret, results):
+    """Every configuration and data kind, ROUNDS times, interleaved."""
     for round_ in range(ROUNDS):
         for data, extra in DATA.items():
             for setting in SETTINGS:
@@ -87,6 +73,29 @@ def main():
                 results[(setting, data)].append((mbps, ratio, cpu_per_gib))
                 mirror.log(f"round {round_ + 1} {data} {setting}: {mbps:.0f} MB/s, ratio {ratio:.2f}, "
                            f"{cpu_per_gib:.2f} CPU s/GiB")
+
+
+def main():
+    binary = os.environ.get("CM_BIN")
+    if not binary:
+        subprocess.run(["cargo", "build", "--release", "-p", "crossmirror"], cwd=REPO, check=True)
+        binary = os.path.join(REPO, "target/release/crossmirror")
+    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    scratch = tempfile.mkdtemp(prefix="crossmirror-compress-", dir=mirror.SCRATCH_PARENT)
+    secret = os.path.join(scratch, "secret")
+    with open(secret, "wb") as f:
+        f.write(os.urandom(32))
+    os.chmod(secret, 0o600)
+    with open(os.path.join(scratch, "production.img"), "wb") as f:
+        f.truncate(mirror.SIZE)
+    for setting in SETTINGS:
+        mirror.COPIES[setting] = [("dr", "127.0.0.2", f",mode=async,compress={setting}")]
+    results = {(setting, data): [] for setting in SETTINGS for data in DATA}
+    try:
+        run_rounds(binary, scratch, secret, results)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     print(f"## Link compression ({datetime.now().strftime('%Y-%m-%d')}, commit {commit})\n")
     print(f"Command: `ROUNDS={ROUNDS} RUNTIME={RUNTIME} COMPRESSIBLE={COMPRESSIBLE} "
           "CM_BIN=target/release/crossmirror /usr/bin/python3 benches/compression.py`; fio 1M seqwrite QD8 "
