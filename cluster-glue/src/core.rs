@@ -642,12 +642,16 @@ impl Core {
                     .and_then(|to| record.copy(to))
                     .is_some_and(|copy| copy.state == CopyRecordState::Current);
                 if target_current && record.production.host.as_deref() == Some(me.as_str()) {
-                    // Planned: stop serving first (drain, flush: every sync
-                    // copy has every acknowledged write), then hand over,
-                    // with this store's token: a stop that was not clean
-                    // (a write in flight, a copy recorded stale) changed
-                    // the record, so this write conflicts and the
-                    // hand-over is not recorded.
+                    // Planned: stop serving first (drain, flush here and on
+                    // every copy that follows every write), then hand over
+                    // with this store's token. A copy whose stop was not
+                    // clean (a write in flight, its final flush not
+                    // acknowledged) is recorded stale by the stop, so it is
+                    // no longer current when the leader promotes: a stale
+                    // target drops the switchover, and only current copies
+                    // are claimed identical. A failed final flush of this
+                    // store gives it a new token (the shell), so a hand-over
+                    // naming the old one buys no trust.
                     let serving = self.production.take();
                     if serving.is_some() {
                         commands.push(Command::StopProduction);
@@ -900,10 +904,9 @@ impl Core {
     }
 
     /// `crossmirror promote --site SITE --accept-data-loss`: promote a copy
-    /// that may lack acknowledged writes (an async copy; one recorded stale,
-    /// whose store holds the consistent image of when it stopped; one
-    /// syncing, whose host brings back the image it held when its resync
-    /// began from its undo journal, and cannot serve without one),
+    /// that may lack acknowledged writes (an async copy, or one recorded
+    /// stale, whose store holds a consistent image of when it stopped
+    /// following every write; never a syncing one, nor one never synced),
     /// once the production site is down (its host's lease ran out) and no
     /// current sync copy could take over without loss. The new generation
     /// is a fork, recorded in the history: the old production site and
@@ -933,6 +936,24 @@ impl Core {
             return refuse(self, why, "not a copy site".to_string());
         };
         let copy = &record.copies[index];
+        if copy.state == CopyRecordState::Syncing {
+            // Its host may keep a way back to the image it held when its
+            // resync began (`crossmirror rollback`), but the group does not
+            // know whether it does: a fork committed for a host that then
+            // cannot serve would leave the group with nobody (not built).
+            return refuse(
+                self,
+                why,
+                "its copy is syncing: no consistent image of it is known to the group".to_string(),
+            );
+        }
+        if copy.store.bytes().all(|digit| digit == b'0') {
+            return refuse(
+                self,
+                why,
+                "its store was never synced from this volume's line (no store token is recorded for it)".to_string(),
+            );
+        }
         if !copy.host.as_deref().is_some_and(|host| self.can_host(record, host)) {
             return refuse(self, why, "it has no live member with access to its store".to_string());
         }
@@ -953,12 +974,7 @@ impl Core {
             CopyRecordState::Stale { since, reason } => {
                 format!("every write acknowledged since its copy went stale at {since} ({reason})")
             }
-            // Its host rolls its store back to the image it held when the
-            // resync began (its undo journal); without one it cannot serve.
-            CopyRecordState::Syncing => "every write since its last consistent image (the one it held when its \
-                resync began, brought back from its undo journal)"
-                .to_string(),
-            CopyRecordState::Current => "the acknowledged writes not yet shipped to this async copy".to_string(),
+            _ => "the acknowledged writes not yet shipped to this async copy".to_string(),
         };
         let (old_site, old_generation) = (record.production.site.clone(), record.generation);
         self.promote(record, index, "forced promotion (--accept-data-loss)", why);

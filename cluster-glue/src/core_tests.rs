@@ -335,6 +335,7 @@ fn production_site_lost_with(west_state: CopyRecordState, mode: &str) -> (Core, 
     let mut record = next(&joined, |record| {
         record.copies[0].state = west_state;
         record.copies[0].mode = mode.to_string();
+        record.copies[0].store = "ab".repeat(16);
         record.members.get_mut("a").unwrap().state = MemberState::ForcedLeaving;
     });
     record.seq = 20;
@@ -465,24 +466,32 @@ fn a_forced_promotion_waits_out_the_lease_then_records_a_fork_and_every_other_si
 }
 
 #[test]
-fn a_forced_promotion_is_refused_while_the_production_host_serves_and_a_syncing_copy_goes_back_to_its_image() {
+fn a_forced_promotion_is_refused_while_the_production_host_serves_for_a_syncing_copy_and_one_never_synced() {
     let (mut b1, joined) = joined_node("b1", true, &["a"]);
     assert_eq!(b1.step(Event::Written(joined.clone())), vec![Command::StartCopy]);
     let commands = b1.step(Event::Promote { site: "west".into() });
     let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
     assert!(message.starts_with("forced promotion of west refused: the production site east still has a"), "{message}");
-    // A syncing copy is promoted to its last consistent image (its host
-    // rolls its store back before it serves), and the fork says so.
-    let (mut b1, _) = production_site_lost_with(CopyRecordState::Syncing, "async");
-    let Some(Command::Write { record: asked, .. }) = b1.step(Event::Promote { site: "west".into() }).pop() else {
-        panic!("the request is recorded")
-    };
-    b1.step(Event::Written(asked));
-    let commands = b1.step(Event::Tick { now_ms: 10_000 });
-    let Some(Command::Write { record: promoted, .. }) = commands.last().cloned() else { panic!("{commands:?}") };
-    assert_eq!(promoted.production.host.as_deref(), Some("b1"));
-    let fork = promoted.history.last().and_then(|entry| entry.fork.clone()).unwrap_or_default();
-    assert!(fork.contains("every write since its last consistent image"), "{fork}");
+    // A syncing copy (no consistent image known to the group) and a copy
+    // never synced (no store token) are refused, after the lease.
+    for (state, token, why) in [
+        (CopyRecordState::Syncing, "ab".repeat(16), "its copy is syncing"),
+        (CopyRecordState::Current, "0".repeat(32), "its store was never synced"),
+    ] {
+        let (mut b1, lost) = production_site_lost_with(state, "async");
+        let mut record = lost.clone();
+        record.copies[0].store = token;
+        record.seq += 1;
+        b1.step(Event::Record(Some(record)));
+        let Some(Command::Write { record: asked, .. }) = b1.step(Event::Promote { site: "west".into() }).pop() else {
+            panic!("the request is recorded")
+        };
+        b1.step(Event::Written(asked));
+        let commands = b1.step(Event::Tick { now_ms: 10_000 });
+        let [Command::Write { record: dropped, why: said, .. }] = &commands[..] else { panic!("{commands:?}") };
+        assert!(said.contains(&format!("forced promotion of west refused: {why}")), "{said}");
+        assert_eq!((dropped.epoch, dropped.promotion.as_deref()), (1, None), "nothing promoted");
+    }
 }
 
 #[test]

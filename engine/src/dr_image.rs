@@ -42,6 +42,8 @@ const VERSION: u32 = 1;
 const HEADER_BYTES: usize = 64;
 const ENTRY_MAGIC: u32 = 0x434d_5545;
 const ENTRY_HEADER_BYTES: usize = 20;
+/// Chunks read and appended at once by a save (4 MiB).
+const SAVE_BATCH_CHUNKS: usize = 64;
 
 /// The consistent image a journal leads back to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +53,9 @@ pub struct Image {
     /// When the pass began (Unix milliseconds): the image is of that moment
     /// or earlier (the copy's recovery point, once rolled back).
     pub taken_at_ms: u64,
+    /// The token of the store the journal was kept for: a journal is never
+    /// applied to another store (a disk replaced at the same path).
+    pub store: [u8; 16],
 }
 
 /// The undo journal of one copy store during a resync pass.
@@ -104,6 +109,7 @@ fn header_bytes(image: Image, volume_size: u64) -> [u8; HEADER_BYTES] {
     bytes[16..24].copy_from_slice(&volume_size.to_le_bytes());
     bytes[24..32].copy_from_slice(&image.generation.to_le_bytes());
     bytes[32..40].copy_from_slice(&image.taken_at_ms.to_le_bytes());
+    bytes[40..56].copy_from_slice(&image.store);
     let crc = crc32fast::hash(&bytes[..60]);
     bytes[60..64].copy_from_slice(&crc.to_le_bytes());
     bytes
@@ -138,7 +144,11 @@ fn read_journal(path: &Path, volume_size: u64) -> io::Result<(Image, Vec<Entry>,
     if u64_at(&header, 16) != volume_size {
         return Err(invalid(path, format!("made for a volume of {} bytes, not {volume_size}", u64_at(&header, 16))));
     }
-    let image = Image { generation: u64_at(&header, 24), taken_at_ms: u64_at(&header, 32) };
+    let image = Image {
+        generation: u64_at(&header, 24),
+        taken_at_ms: u64_at(&header, 32),
+        store: header[40..56].try_into().expect("16 bytes"),
+    };
     let mut rest = Vec::new();
     file.read_to_end(&mut rest)?;
     let mut entries = Vec::new();
@@ -153,15 +163,28 @@ fn read_journal(path: &Path, volume_size: u64) -> io::Result<(Image, Vec<Entry>,
         let head = &rest[at..at + ENTRY_HEADER_BYTES];
         let (chunk, len) = (u64_at(head, 4), u32_at(head, 12) as usize);
         let crc = u32_at(head, 16);
+        // A torn append is the journal's last entry: an entry that does not
+        // check out with more than a whole entry after it is damage.
+        let last = rest.len() - at <= ENTRY_HEADER_BYTES + CHUNK_BYTES as usize;
         if u32_at(head, 0) != ENTRY_MAGIC || len as u64 > CHUNK_BYTES || rest.len() - at - ENTRY_HEADER_BYTES < len {
-            break true;
+            if last {
+                break true;
+            }
+            return Err(invalid(path, format!("damaged entry at byte {}", HEADER_BYTES + at)));
         }
         let data = &rest[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len];
         let mut hasher = crc32fast::Hasher::new();
         hasher.update(&head[..16]);
         hasher.update(data);
-        if hasher.finalize() != crc || chunk * CHUNK_BYTES + len as u64 > volume_size {
-            break true;
+        let inside = chunk
+            .checked_mul(CHUNK_BYTES)
+            .and_then(|start| start.checked_add(len as u64))
+            .is_some_and(|end| end <= volume_size);
+        if hasher.finalize() != crc || !inside {
+            if last {
+                break true;
+            }
+            return Err(invalid(path, format!("damaged entry at byte {}", HEADER_BYTES + at)));
         }
         entries.push(Entry { chunk, data: data.to_vec() });
         at += ENTRY_HEADER_BYTES + len;
@@ -231,8 +254,20 @@ impl UndoJournal {
         if self.bytes + adding > self.limit {
             return Ok(Saved::LimitReached);
         }
-        let mut appended = Vec::with_capacity(adding as usize);
-        for &chunk in &new {
+        // In batches of at most SAVE_BATCH_CHUNKS (a trim of gigabytes is
+        // one frame): bounded memory, one fdatasync at the end.
+        for batch in new.chunks(SAVE_BATCH_CHUNKS) {
+            self.append(volume, batch)?;
+        }
+        self.file.sync_data()?;
+        self.saved.extend(new);
+        Ok(Saved::Kept)
+    }
+
+    /// Append the before-images of `chunks` (not made durable here).
+    fn append(&mut self, volume: &Volume, chunks: &[u64]) -> io::Result<()> {
+        let mut appended = Vec::with_capacity(chunks.len() * (CHUNK_BYTES as usize + ENTRY_HEADER_BYTES));
+        for &chunk in chunks {
             let start = chunk * CHUNK_BYTES;
             let length = CHUNK_BYTES.min(self.volume_size - start);
             let data = volume.read_synchronously(start, length)?;
@@ -248,17 +283,24 @@ impl UndoJournal {
             appended.extend_from_slice(&data);
         }
         self.file.write_all_at(&appended, self.bytes)?;
-        self.file.sync_data()?;
         self.bytes += appended.len() as u64;
-        self.saved.extend(new);
-        Ok(Saved::Kept)
+        Ok(())
     }
 
     /// The pass ended (the store is consistent again) or the journal is
     /// given up: delete it.
     pub fn discard(self) -> io::Result<()> {
-        drop(self.file);
-        remove_journal(&self.path)
+        match remove_journal(&self.path) {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // Never leave a journal that misses what came after: one
+                // that cannot be removed loses its header, and with it any
+                // use (a restart or a rollback refuses it).
+                let _ = self.file.write_all_at(&[0u8; HEADER_BYTES], 0);
+                let _ = self.file.sync_data();
+                Err(error)
+            }
+        }
     }
 }
 
@@ -347,6 +389,13 @@ pub fn restore_image(
     if !journal.exists() {
         return Err(RestoreError::NoJournal { store: store.to_path_buf(), journal });
     }
+    let (image, _, _, _) = read_journal(&journal, volume_size).map_err(io_error)?;
+    if image.store != metadata.store_token {
+        return Err(RestoreError::Io {
+            store: store.to_path_buf(),
+            source: invalid(&journal, "was kept for another store (its token differs): the store was replaced"),
+        });
+    }
     let held = File::open(store).map_err(io_error)?;
     if !crate::file_lock::try_lock_exclusive(std::os::fd::AsRawFd::as_raw_fd(&held)).map_err(io_error)? {
         return Err(RestoreError::InUse { store: store.to_path_buf() });
@@ -369,7 +418,7 @@ mod tests {
     use super::*;
     use crate::volume::VolumeOptions;
 
-    const SIZE: u64 = 1 << 20;
+    const SIZE: u64 = 8 << 20;
 
     fn store(directory: &Path) -> (Volume, PathBuf) {
         let path = directory.join("copy.img");
@@ -395,7 +444,7 @@ mod tests {
         let (volume, path) = store(directory.path());
         let before = std::fs::read(&path).unwrap();
         let journal = directory.path().join("copy.img.cmmeta.cmundo");
-        let image = Image { generation: 4, taken_at_ms: 1_700_000_000_000 };
+        let image = Image { generation: 4, taken_at_ms: 1_700_000_000_000, store: [5; 16] };
         let mut undo = UndoJournal::begin(&journal, image, SIZE, u64::MAX).unwrap();
         for (offset, len, byte) in [(4096, 100, 1u8), (70_000, 200_000, 2), (4096, 8192, 3), (SIZE - 10, 10, 4)] {
             assert_eq!(undo.save(&volume, offset, len as u64).unwrap(), Saved::Kept);
@@ -423,7 +472,7 @@ mod tests {
         let (volume, path) = store(directory.path());
         let before = std::fs::read(&path).unwrap();
         let journal = directory.path().join("j.cmundo");
-        let image = Image { generation: 1, taken_at_ms: 5 };
+        let image = Image { generation: 1, taken_at_ms: 5, store: [5; 16] };
         let mut undo = UndoJournal::begin(&journal, image, SIZE, u64::MAX).unwrap();
         undo.save(&volume, 0, 10).unwrap();
         overwrite(&path, 0, 10, 9);
@@ -437,10 +486,36 @@ mod tests {
         assert_eq!((rolled.chunks, rolled.torn_tail), (1, true));
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert!(roll_back(&path, &journal, SIZE * 2).unwrap_err().to_string().contains("made for a volume"));
+        // A damaged entry with whole entries after it is damage, not a torn
+        // append: refused, never cut off silently.
+        let mut undo = UndoJournal::begin(&journal, image, SIZE, u64::MAX).unwrap();
+        undo.save(&volume, 0, 10).unwrap();
+        undo.save(&volume, 300_000, 10).unwrap();
+        drop(undo);
+        let mut bytes = std::fs::read(&journal).unwrap();
+        bytes[HEADER_BYTES + ENTRY_HEADER_BYTES + 5] ^= 1;
+        std::fs::write(&journal, &bytes).unwrap();
+        assert!(roll_back(&path, &journal, SIZE).unwrap_err().to_string().contains("damaged entry at byte 64"));
         let mut bytes = std::fs::read(&journal).unwrap();
         bytes[20] ^= 1;
         std::fs::write(&journal, &bytes).unwrap();
         assert!(roll_back(&path, &journal, SIZE).unwrap_err().to_string().contains("damaged header"));
+    }
+
+    /// One change over many chunks (a trim of a large extent is one frame)
+    /// is saved in bounded batches and rolled back whole.
+    #[test]
+    fn a_large_change_is_saved_in_batches() {
+        let directory = tempfile::tempdir().unwrap();
+        let (volume, path) = store(directory.path());
+        let before = std::fs::read(&path).unwrap();
+        let journal = directory.path().join("j.cmundo");
+        let image = Image { generation: 1, taken_at_ms: 0, store: [5; 16] };
+        let mut undo = UndoJournal::begin(&journal, image, SIZE, u64::MAX).unwrap();
+        assert_eq!(undo.save(&volume, 0, SIZE).unwrap(), Saved::Kept);
+        overwrite(&path, 0, SIZE as usize, 0);
+        assert_eq!(roll_back(&path, &journal, SIZE).unwrap().chunks, SIZE / CHUNK_BYTES);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 
     /// Past its limit the journal says so and saves nothing more.
@@ -450,7 +525,8 @@ mod tests {
         let (volume, _) = store(directory.path());
         let journal = directory.path().join("j.cmundo");
         let limit = HEADER_BYTES as u64 + 2 * (CHUNK_BYTES + ENTRY_HEADER_BYTES as u64);
-        let mut undo = UndoJournal::begin(&journal, Image { generation: 1, taken_at_ms: 0 }, SIZE, limit).unwrap();
+        let image = Image { generation: 1, taken_at_ms: 0, store: [5; 16] };
+        let mut undo = UndoJournal::begin(&journal, image, SIZE, limit).unwrap();
         assert_eq!(undo.save(&volume, 0, 2 * CHUNK_BYTES).unwrap(), Saved::Kept);
         assert_eq!(undo.save(&volume, 0, 100).unwrap(), Saved::Kept, "saved already");
         assert_eq!(undo.save(&volume, 5 * CHUNK_BYTES, 1).unwrap(), Saved::LimitReached);

@@ -491,6 +491,15 @@ pub fn adopt_store(files: &MetadataFiles, fingerprint: &Fingerprint) -> Result<S
     Ok(adopted.store_token)
 }
 
+/// The store's contents can no longer be vouched for (its final flush
+/// failed at a stop, say): draw it a new store token, so that no record of
+/// it as identical to a copy (a switchover's hand-over) is trusted, and it
+/// is resynced in full when it next becomes a copy.
+pub fn new_lineage(files: &MetadataFiles) -> Result<(), MetadataError> {
+    let Some(recorded) = load_metadata(&files.metadata)? else { return Ok(()) };
+    store_metadata(&files.metadata, &VolumeMetadata { store_token: draw_token(&files.metadata)?, ..recorded })
+}
+
 /// What a production volume's metadata says as it starts serving.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProductionStart {

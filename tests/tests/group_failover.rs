@@ -230,7 +230,13 @@ fn a_switchover_and_its_failback_under_load_lose_no_write_and_end_identical(back
     let writes = run_writer(&mut group, &uris, 16, |group, count| {
         if count == 300 {
             outputs.push(switch(group, "west"));
-        } else if count == 1500 && outputs.len() == 1 {
+        } else if count >= 1500
+            && count % 100 == 0
+            && outputs.len() == 1
+            // The old production store is back as west's copy and caught up
+            // (a switchover to a copy still catching up is refused, rightly).
+            && copy_entry(&group.record(), "east")["state"] == "current"
+        {
             failback.0 = now();
             outputs.push(switch(group, "east"));
             failback.1 = now();

@@ -259,22 +259,6 @@ fn is_block_device(path: &std::path::Path) -> bool {
 
 impl RoleRunner for Roles {
     fn start_production(&mut self, spec: ProductionSpec) -> Result<String, String> {
-        // A copy promoted in the middle of its resync (forced, with
-        // --accept-data-loss) serves the image it held when the resync
-        // began: its undo journal brings it back first.
-        let files = MetadataFiles::locate(&spec.volume, is_block_device(&spec.volume), None);
-        match engine::dr_image::restore_image(&spec.volume, &files, spec.size) {
-            Ok(Some(rolled)) => tracing::warn!(
-                generation = rolled.image.generation,
-                chunks = rolled.chunks,
-                "the store was in the middle of a resync: rolled back to its last consistent image (generation {}, \
-                 taken at {} ms since the Unix epoch); every write after it is given up",
-                rolled.image.generation,
-                rolled.image.taken_at_ms
-            ),
-            Ok(None) => {}
-            Err(error) => return Err(error.to_string()),
-        }
         let options =
             VolumeOptions { path: spec.volume.clone(), size: Some(spec.size), direct: false, read_only: false };
         let volume = Arc::new(Volume::open(&options).map_err(|error| error.to_string())?);
@@ -332,14 +316,31 @@ impl RoleRunner for Roles {
     fn stop_production(&mut self) {
         let Some(mut production) = self.production.take() else { return };
         production.shutdown.store(true, Ordering::Relaxed);
+        let mut clean = true;
         if let Some(server) = production.server.take() {
             match server.join() {
-                Ok(Err(error)) => tracing::warn!(%error, "the NBD server ended with an error"),
-                Err(_) => tracing::error!("the NBD server thread panicked"),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "the NBD server ended with an error");
+                    clean = false;
+                }
+                Err(_) => {
+                    tracing::error!("the NBD server thread panicked");
+                    clean = false;
+                }
                 Ok(Ok(())) => {}
             }
         }
+        let volume = production.service.volume().path().to_path_buf();
         production.service.stop();
+        if !clean {
+            // The final flush may have failed: this store is no longer the
+            // one a hand-over recorded (it is resynced in full if it is a
+            // copy again).
+            let files = MetadataFiles::locate(&volume, is_block_device(&volume), None);
+            if let Err(error) = engine::metadata::new_lineage(&files) {
+                tracing::error!(%error, "cannot give the store a new token after an unclean stop; do not promote its site");
+            }
+        }
         tracing::info!("stopped serving NBD and mirroring");
     }
 

@@ -335,7 +335,8 @@ impl Host {
         let taken_at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
-        let image = Image { generation: image_generation, taken_at_ms };
+        let store = self.metadata().store_token;
+        let image = Image { generation: image_generation, taken_at_ms, store };
         let path = journal_path(&self.metadata_path);
         match UndoJournal::begin(&path, image, self.volume.size(), self.dr_image_max) {
             Ok(journal) => {
@@ -649,6 +650,16 @@ fn open_undo(
         return (None, DrImage::None);
     }
     match UndoJournal::resume(&path, volume.size(), limit) {
+        Ok(journal) if journal.image().store != metadata.store_token => {
+            // The store was replaced (a new token was drawn for it): the
+            // journal holds another store's chunks.
+            tracing::warn!(journal = %path.display(),
+                "the undo journal was kept for another store (this one was replaced): removed");
+            if let Err(error) = journal.discard() {
+                tracing::warn!(%error, "removing the undo journal of another store");
+            }
+            (None, DrImage::Lost("the store was replaced mid-pass: its way back is gone".to_string()))
+        }
         Ok(journal) => {
             let image = journal.image();
             tracing::info!(journal = %path.display(), generation = image.generation,

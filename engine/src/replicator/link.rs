@@ -280,6 +280,27 @@ impl Link {
         }
     }
 
+    /// The production role stops (its frontend stopped first): flush the
+    /// copy, if it follows every write, and wait until `deadline` for the
+    /// acknowledgement, so that a stop leaves the copy's record current only
+    /// when every acknowledged write is durable there.
+    pub(crate) fn flush_for_stop(&self, deadline: Instant) {
+        let mut locked = self.lock();
+        if !locked.core.queue_final_flush() {
+            return;
+        }
+        self.wake.notify_all();
+        while !locked.core.flushed_for_stop() && locked.core.state() == CopyState::UpToDate {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(copy = %self.config.name,
+                    "copy {} did not acknowledge the stop's flush in time: it is recorded stale", self.config.name);
+                return;
+            }
+            locked = self.wait(locked, left.min(Duration::from_millis(10)));
+        }
+    }
+
     pub(crate) fn wake_all(&self) {
         let _locked = self.lock();
         self.wake.notify_all();

@@ -258,6 +258,8 @@ struct Frame<H, V> {
     reply: Option<V>,
     /// A resync checksum pass's request: the local chunk checksums.
     resync_check: Option<Vec<u8>>,
+    /// The stop's final Flush.
+    final_flush: bool,
     /// When the change was shipped (its client may have its answer from
     /// then on, for an async copy): the age of what the copy lacks.
     shipped_at_ms: u64,
@@ -280,6 +282,7 @@ impl<H, V> Frame<H, V> {
             ends_resync: None,
             reply: None,
             resync_check: None,
+            final_flush: false,
             shipped_at_ms: 0,
         }
     }
@@ -420,6 +423,12 @@ pub(crate) struct LinkCore<H, V> {
     /// A resync pass began since the last frame was sent: the next one
     /// carries [`FrameFlags::PASS`].
     pass_mark: bool,
+    /// The stop's final Flush: `Some(false)` queued or in flight,
+    /// `Some(true)` acknowledged with nothing shipped after it — every
+    /// write this host acknowledged is durable on the copy (a buffered copy
+    /// acknowledges writes from its page cache). Only then does a stop
+    /// leave the copy's record current.
+    final_flush: Option<bool>,
     /// Why the current connection failed, once it has (the sender then tears
     /// it down): the first cause seen (the copy's Error frame, an ack
     /// timeout, a closed socket), so a later symptom of the same teardown
@@ -469,6 +478,7 @@ impl<H, V> LinkCore<H, V> {
             last_ack_ms: 0,
             ack_seen: false,
             pass_mark: false,
+            final_flush: None,
             ending: None,
             last_error: None,
             progress: false,
@@ -523,6 +533,24 @@ impl<H, V> LinkCore<H, V> {
                 exact: false,
             },
         }
+    }
+
+    /// The production role stops: if the copy follows every write, queue a
+    /// Flush whose acknowledgement makes every acknowledged write durable
+    /// there (see [`LinkCore::flushed_for_stop`]); false when there is no
+    /// point (not up to date).
+    pub(crate) fn queue_final_flush(&mut self) -> bool {
+        if self.state != CopyState::UpToDate {
+            return false;
+        }
+        self.final_flush = Some(false);
+        self.queue.push_back(Frame { final_flush: true, ..Frame::new(FrameKind::Flush, 0, 0) });
+        true
+    }
+
+    /// Whether the stop's final Flush was acknowledged with nothing after it.
+    pub(crate) fn flushed_for_stop(&self) -> bool {
+        self.final_flush == Some(true) && self.queue.is_empty() && self.unacked.is_empty()
     }
 
     /// Whether a pass began since the last batch was taken to be sent (the
@@ -667,6 +695,10 @@ impl<H, V> LinkCore<H, V> {
         frame.hold = hold;
         frame.lag = lag;
         frame.shipped_at_ms = now_ms;
+        if self.final_flush.is_some() {
+            // Something after the final Flush: it no longer covers it.
+            self.final_flush = Some(false);
+        }
         self.lag_bytes += lag;
         self.queue.push_back(frame);
         Vec::new()
@@ -949,7 +981,7 @@ impl<H, V> LinkCore<H, V> {
         self.touched.clear();
         self.clear_candidates.clear();
         self.local_sync_due = false;
-        if shutting_down && was == CopyState::UpToDate && waiting == 0 {
+        if shutting_down && was == CopyState::UpToDate && waiting == 0 && self.final_flush == Some(true) {
             // A clean stop (the frontend stopped first): the copy has every
             // write this host acknowledged and nothing is in flight, so its
             // record stays current (a planned handover promotes it).
@@ -1365,6 +1397,9 @@ impl<H, V> LinkCore<H, V> {
         }
         let acked = self.take_acked(kind, sequence)?;
         self.ack_seen = true;
+        if acked.final_flush && self.final_flush == Some(false) && self.queue.is_empty() && self.unacked.is_empty() {
+            self.final_flush = Some(true);
+        }
         if acked.resync {
             self.resync_bytes_outstanding = self
                 .resync_bytes_outstanding

@@ -495,13 +495,24 @@ fn every_resync_pass_keeps_to_the_rate() {
     assert_eq!(core.poll_send(later + 10), vec![Command::Wait { ms: 990 }], "the second region waits for the rate");
 }
 
-/// A stop with an up to date copy and nothing in flight keeps its record
-/// (a planned handover promotes it); a stop with a write waiting on the
-/// copy, or of a copy not up to date, records it stale first (invariant 3),
-/// and a second teardown of a clean stop records nothing.
+/// A stop with an up to date copy, nothing in flight and its final Flush
+/// acknowledged (every acknowledged write durable there, not only in its
+/// page cache) keeps its record (a planned handover promotes it); a stop
+/// without that Flush acknowledged, with a write waiting on the copy, or of
+/// a copy not up to date, records it stale first (invariant 3), and a
+/// second teardown of a clean stop records nothing.
 #[test]
 fn only_a_clean_stop_keeps_a_copy_current() {
     let mut clean = up_to_date(MirrorMode::Sync, 0);
+    assert!(clean.queue_final_flush());
+    let commands = clean.poll_send(0);
+    let [Command::Send { frames, .. }] = &commands[..] else { panic!("{commands:?}") };
+    let flush = frames.last().expect("the final flush");
+    assert_eq!(flush.kind, FrameKind::Flush);
+    assert!(!clean.flushed_for_stop(), "not acknowledged yet");
+    let connection = clean.connection();
+    assert!(clean.acked(connection, FrameKind::FlushAck, flush.sequence, Vec::new(), &mut nothing_in_flight()).is_ok());
+    assert!(clean.flushed_for_stop());
     assert_eq!(clean.lost("this host is shutting down", true), vec![]);
     assert_eq!(clean.lost("this host is shutting down", true), vec![], "once stopped clean, nothing more");
     assert_eq!(clean.state(), CopyState::Stale, "nothing is shipped any more");
@@ -513,7 +524,12 @@ fn only_a_clean_stop_keeps_a_copy_current() {
 
     let mut syncing = core(MirrorMode::Sync, 0);
     connect(&mut syncing, &[3], 0);
+    assert!(!syncing.queue_final_flush(), "a copy not up to date is not flushed for the stop");
     assert_eq!(syncing.lost("this host is shutting down", true), vec![Command::Persist(RecordedState::Stale)]);
+
+    // Up to date, nothing waiting, but its writes only in its page cache.
+    let mut unflushed = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(unflushed.lost("this host is shutting down", true), vec![Command::Persist(RecordedState::Stale)]);
 }
 
 /// Every pass makes the next frame sent say so (FrameFlags::PASS, set by

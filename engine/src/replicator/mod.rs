@@ -841,6 +841,13 @@ impl Replicator {
     /// copies are already recorded stale), threads are joined, the bitmap
     /// is written out.
     pub fn stop(&self) {
+        // Every copy that follows every write is flushed first: a buffered
+        // copy acknowledges from its page cache, and only a copy that has
+        // every acknowledged write durably keeps a current record.
+        let deadline = std::time::Instant::now() + ACK_TIMEOUT;
+        for link in &self.links {
+            link.flush_for_stop(deadline);
+        }
         self.shared.shutdown.store(true, Ordering::Relaxed);
         for link in &self.links {
             link.wake_all();
