@@ -182,6 +182,12 @@ pub enum Event {
         /// The copy site.
         site: String,
     },
+    /// The copy store this member hosts holds a consistent image (or not:
+    /// a resync pass is under way); `None`: it hosts none.
+    CopyStore {
+        /// Whether the store is consistent.
+        consistent: Option<bool>,
+    },
     /// The production role started; its store's token (32 hex digits).
     Serving {
         /// The token.
@@ -309,6 +315,9 @@ pub struct Core {
     /// The copies a clean hand-over showed identical to this store as the
     /// epoch starts, taken out of the record for the next start only.
     claimed: Option<(u64, Vec<String>)>,
+    /// Whether the copy store this member hosts is consistent, as its copy
+    /// role last said (recorded in this member's entry).
+    copy_store_consistent: Option<bool>,
     /// A notice decided but not yet given, and the last one given.
     notice: Option<String>,
     noticed: Option<String>,
@@ -342,6 +351,7 @@ impl Core {
             serving_store: None,
             handing_over: None,
             claimed: None,
+            copy_store_consistent: None,
         }
     }
 
@@ -409,6 +419,7 @@ impl Core {
             }
             Event::Promote { site } => self.promotion_asked = Some(site),
             Event::Serving { store } => self.serving_store = Some(store),
+            Event::CopyStore { consistent } => self.copy_store_consistent = consistent,
             Event::RoleFailed { why } => {
                 self.production = None;
                 self.copy_running = false;
@@ -537,7 +548,13 @@ impl Core {
                 self.incarnation = incarnation;
                 record.members.insert(
                     me.clone(),
-                    MemberEntry { state: MemberState::Joining, incarnation, access: false, access_problem: None },
+                    MemberEntry {
+                        state: MemberState::Joining,
+                        incarnation,
+                        access: false,
+                        access_problem: None,
+                        store_consistent: None,
+                    },
                 );
                 why.push(format!("{me} joining (incarnation {incarnation})"));
                 self.phase = Phase::Joining;
@@ -561,7 +578,13 @@ impl Core {
                     // The `joining` write did not land (a conflict): again.
                     record.members.insert(
                         me.clone(),
-                        MemberEntry { state: MemberState::Joining, incarnation, access: false, access_problem: None },
+                        MemberEntry {
+                            state: MemberState::Joining,
+                            incarnation,
+                            access: false,
+                            access_problem: None,
+                            store_consistent: None,
+                        },
                     );
                     why.push(format!("{me} joining (incarnation {incarnation})"));
                     return;
@@ -581,6 +604,17 @@ impl Core {
             }
             Phase::Joined => {
                 self.claim_hand_over(record, why);
+                let consistent = self.copy_store_consistent;
+                if let Some(entry) = record.members.get_mut(&me).filter(|entry| entry.incarnation == self.incarnation) {
+                    if entry.store_consistent != consistent {
+                        entry.store_consistent = consistent;
+                        why.push(match consistent {
+                            Some(true) => format!("{me}'s copy store holds a consistent image"),
+                            Some(false) => format!("{me}'s copy store is in the middle of a resync"),
+                            None => format!("{me} hosts no copy store"),
+                        });
+                    }
+                }
                 if let Some((to, asked_at)) = self.switchover_asked.clone() {
                     // Kept until a record carrying it is read (a write of it
                     // may conflict and be redone).
@@ -945,6 +979,20 @@ impl Core {
                 self,
                 why,
                 "its copy is syncing: no consistent image of it is known to the group".to_string(),
+            );
+        }
+        let host_says =
+            copy.host.as_deref().and_then(|host| record.members.get(host)).and_then(|entry| entry.store_consistent);
+        if host_says == Some(false) {
+            // Recorded stale when its link dropped in the middle of a pass:
+            // its store is no image (`crossmirror rollback` on its host
+            // brings back the one it held when the pass began).
+            return refuse(
+                self,
+                why,
+                "its host says its store is in the middle of a resync (no consistent image; `crossmirror rollback` \
+                 on that host brings back the image the resync began from)"
+                    .to_string(),
             );
         }
         if copy.store.bytes().all(|digit| digit == b'0') {

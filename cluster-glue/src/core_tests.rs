@@ -30,7 +30,7 @@ fn west() -> Vec<CopySite> {
 }
 
 fn entry(state: MemberState, incarnation: u64, access: bool) -> MemberEntry {
-    MemberEntry { state, incarnation, access, access_problem: None }
+    MemberEntry { state, incarnation, access, access_problem: None, store_consistent: None }
 }
 
 fn empty_record() -> GroupRecord {
@@ -474,15 +474,25 @@ fn a_forced_promotion_is_refused_while_the_production_host_serves_for_a_syncing_
     assert!(message.starts_with("forced promotion of west refused: the production site east still has a"), "{message}");
     // A syncing copy (no consistent image known to the group) and a copy
     // never synced (no store token) are refused, after the lease.
-    for (state, token, why) in [
-        (CopyRecordState::Syncing, "ab".repeat(16), "its copy is syncing"),
-        (CopyRecordState::Current, "0".repeat(32), "its store was never synced"),
+    let stale = CopyRecordState::Stale { since: 3, reason: "connection lost".into() };
+    for (state, token, mid_pass, why) in [
+        (CopyRecordState::Syncing, "ab".repeat(16), None, "its copy is syncing"),
+        (CopyRecordState::Current, "0".repeat(32), None, "its store was never synced"),
+        (stale, "ab".repeat(16), Some(false), "its host says its store is in the middle of a resync"),
     ] {
         let (mut b1, lost) = production_site_lost_with(state, "async");
-        let mut record = lost.clone();
+        // b1 hosts west: what its copy role says goes in its entry.
+        let pending = match b1.step(Event::CopyStore { consistent: mid_pass }).pop() {
+            Some(Command::Write { record, .. }) => Some(record),
+            _ => None,
+        };
+        let mut record = pending.clone().unwrap_or_else(|| lost.clone());
         record.copies[0].store = token;
         record.seq += 1;
-        b1.step(Event::Record(Some(record)));
+        match pending {
+            Some(_) => b1.step(Event::Written(record)),
+            None => b1.step(Event::Record(Some(record))),
+        };
         let Some(Command::Write { record: asked, .. }) = b1.step(Event::Promote { site: "west".into() }).pop() else {
             panic!("the request is recorded")
         };

@@ -465,6 +465,7 @@ impl Shell<'_> {
         let mut leader = None;
         let mut live: Option<(BTreeSet<String>, bool)> = None;
         let mut leave_sent: Option<std::time::Instant> = None;
+        let mut copy_store: Option<bool> = None;
         let started = std::time::Instant::now();
         let mut seq = 0;
         loop {
@@ -565,7 +566,16 @@ impl Shell<'_> {
                 }
                 seq = record.seq;
             }
-            *board.lock().unwrap_or_else(PoisonError::into_inner) = self.status(&core, live.as_ref());
+            let status = self.status(&core, live.as_ref());
+            // Whether the copy store this member hosts is consistent goes in
+            // its entry: a forced promotion of a store in the middle of a
+            // resync is refused on it.
+            let consistent = status["roles"]["copy"]["store_state"].as_str().map(|state| state == "consistent");
+            if consistent != copy_store {
+                copy_store = consistent;
+                self.events.push(Event::CopyStore { consistent });
+            }
+            *board.lock().unwrap_or_else(PoisonError::into_inner) = status;
             if self.need_read {
                 std::thread::sleep(WATCH_WAIT);
                 continue;

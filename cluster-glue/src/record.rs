@@ -130,6 +130,11 @@ pub struct MemberEntry {
     pub access: bool,
     /// Why it cannot, when it cannot.
     pub access_problem: Option<String>,
+    /// Whether the copy store it hosts holds a consistent image (`false`:
+    /// in the middle of a resync pass), as its copy role last said;
+    /// `None` while it hosts none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_consistent: Option<bool>,
 }
 
 /// Who produces.
@@ -272,7 +277,13 @@ mod tests {
         record.copies[0].state = CopyRecordState::Stale { since: 5, reason: "connection lost".into() };
         record.members.insert(
             "a".into(),
-            MemberEntry { state: MemberState::Joined, incarnation: 2, access: true, access_problem: None },
+            MemberEntry {
+                state: MemberState::Joined,
+                incarnation: 2,
+                access: true,
+                access_problem: None,
+                store_consistent: None,
+            },
         );
         let bytes = record.encode();
         assert_eq!(GroupRecord::decode(&bytes).unwrap(), record);
