@@ -182,6 +182,12 @@ pub enum Event {
         /// The copy site.
         site: String,
     },
+    /// A copy host refused this node's production epoch: another production
+    /// host took over (this node may not have read that record yet).
+    Deposed {
+        /// What was refused, in words.
+        why: String,
+    },
     /// The copy store this member hosts holds a consistent image (or not:
     /// a resync pass is under way); `None`: it hosts none.
     CopyStore {
@@ -318,6 +324,9 @@ pub struct Core {
     /// Whether the copy store this member hosts is consistent, as its copy
     /// role last said (recorded in this member's entry).
     copy_store_consistent: Option<bool>,
+    /// The epoch a copy host refused (this node was deposed): production is
+    /// not started again at it or an older one.
+    deposed_epoch: Option<u64>,
     /// A notice decided but not yet given, and the last one given.
     notice: Option<String>,
     noticed: Option<String>,
@@ -352,6 +361,7 @@ impl Core {
             handing_over: None,
             claimed: None,
             copy_store_consistent: None,
+            deposed_epoch: None,
         }
     }
 
@@ -420,6 +430,14 @@ impl Core {
             Event::Promote { site } => self.promotion_asked = Some(site),
             Event::Serving { store } => self.serving_store = Some(store),
             Event::CopyStore { consistent } => self.copy_store_consistent = consistent,
+            Event::Deposed { why } => {
+                // Self-fence at once (seed 004); serve this epoch no more,
+                // whatever an older record says.
+                if let Some(epoch) = self.production {
+                    self.deposed_epoch = Some(epoch);
+                    commands.extend(self.fence_if_serving(&format!("deposed: {why}")));
+                }
+            }
             Event::RoleFailed { why } => {
                 self.production = None;
                 self.copy_running = false;
@@ -1137,7 +1155,9 @@ impl Core {
             .members
             .get(me)
             .is_some_and(|entry| entry.state == MemberState::Joined && entry.incarnation == self.incarnation);
-        let produce = joined && record.production.host.as_deref() == Some(me);
+        let produce = joined
+            && record.production.host.as_deref() == Some(me)
+            && self.deposed_epoch.is_none_or(|deposed| record.epoch > deposed);
         let my_site = self.topology.my_site().map(str::to_string);
         let host_copy = joined
             && my_site

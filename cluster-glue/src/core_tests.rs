@@ -607,3 +607,25 @@ fn a_switchover_asked_for_before_the_production_role_moved_is_refused_not_carrie
     assert!(message.contains("switchover to west refused: the production role moved"), "{message}");
     assert_eq!(b1.step(Event::Tick { now_ms: 1 }), vec![], "said once, not asked again");
 }
+
+/// A copy host refuses this node's epoch (another production host took
+/// over, in a record this node has not read): it fences itself at once and
+/// does not serve that epoch again, only a newer one the record gives it.
+#[test]
+fn a_production_host_told_by_a_copy_that_it_was_deposed_fences_itself_at_once() {
+    let (mut a, joined) = joined_node("a", true, &["b1", "w"]);
+    let commands = a.step(Event::Written(joined.clone()));
+    assert!(matches!(commands[0], Command::StartProduction { epoch: 1, .. }), "{commands:?}");
+    let commands = a.step(Event::Deposed { why: "west refused epoch 1".into() });
+    assert_eq!(commands, vec![Command::Fence { why: "deposed: west refused epoch 1".into() }]);
+    // The same record again (this node is cut off from the quorum): no restart.
+    let again = a.step(Event::Record(Some(joined.clone())));
+    assert!(!again.iter().any(|command| matches!(command, Command::StartProduction { .. })), "{again:?}");
+    // A newer epoch naming it serves again.
+    let newer = next(&joined, |record| record.epoch = 3);
+    let commands = a.step(Event::Record(Some(newer)));
+    assert!(
+        commands.iter().any(|command| matches!(command, Command::StartProduction { epoch: 3, .. })),
+        "{commands:?}"
+    );
+}

@@ -575,6 +575,9 @@ impl Shell<'_> {
                 copy_store = consistent;
                 self.events.push(Event::CopyStore { consistent });
             }
+            if let Some(why) = status["roles"]["production"]["deposed"].as_str() {
+                self.events.push(Event::Deposed { why: why.to_string() });
+            }
             *board.lock().unwrap_or_else(PoisonError::into_inner) = status;
             if self.need_read {
                 std::thread::sleep(WATCH_WAIT);

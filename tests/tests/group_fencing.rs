@@ -296,6 +296,10 @@ fn a_production_host_cut_from_its_quorum_but_not_its_copies_is_fenced_before_its
     let from_a = group.log("c").lines().any(|line| line.contains(&refusal) && line.contains(&group.ips["a"]));
     assert!(from_a, "c did not log refusing a's epoch {before} ({refusal:?}):\n{}", group.log("c"));
     assert!(group.log("a").contains(&format!("refused epoch {before}")), "a did not learn it was deposed");
+    // Told so by c, a fences itself at once, still cut off from the quorum
+    // (it has not read the record that deposed it).
+    let fenced = system_tests::wait_until(Duration::from_secs(10), || group.log("a").contains("self-fence: deposed:"));
+    assert!(fenced, "a did not fence itself on c's refusal:\n{}", group.logs_tail(30));
     eprintln!("{backend:?}: c refused {} old-epoch Hellos or frames from a", role["old_epoch_refused"]);
 
     // Healed: a learns it was forced out, fences, and rejoins as a copy.

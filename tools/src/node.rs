@@ -372,6 +372,7 @@ impl RoleRunner for Roles {
                 let mut status = crate::admin::status_json(Some(&replicator), replicator_volume(production));
                 status["nbd"] = json!(production.nbd.to_string());
                 status["epoch"] = json!(production.epoch);
+                status["deposed"] = json!(replicator.deposed());
                 status
             }),
             "copy": self.copy.as_ref().map(|role| crate::copy_host::status_json(&role.status())),

@@ -620,6 +620,10 @@ impl Link {
             }
             Err(error) => {
                 let message = format!("cannot connect to copy {}: {error}", self.config.name);
+                if matches!(error, ReplicationError::Deposed { .. }) && self.shared.deposed.set(message.clone()).is_ok()
+                {
+                    tracing::error!(copy = %self.config.name, "{message}: this host must stop serving now");
+                }
                 // The same failure again and again is logged once.
                 if message != *logged_error {
                     tracing::warn!(copy = %self.config.name, %address, %error,

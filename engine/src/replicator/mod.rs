@@ -438,6 +438,9 @@ pub(crate) struct Shared {
     /// Set once and never cleared, so every read and write can look at it
     /// without a lock.
     local_failure: OnceLock<String>,
+    /// A copy host refused this host's epoch: another production host took
+    /// over (set once; the group layer fences this host on it).
+    deposed: OnceLock<String>,
     metadata_path: Option<PathBuf>,
 }
 
@@ -642,6 +645,7 @@ impl Replicator {
             records: Mutex::new(records),
             shutdown: AtomicBool::new(false),
             local_failure: OnceLock::new(),
+            deposed: OnceLock::new(),
             metadata_path: config.metadata_path,
         });
         let links: Vec<Arc<Link>> = config
@@ -724,6 +728,12 @@ impl Replicator {
         if let Err(error) = recorded {
             tracing::error!(%error, "cannot record the local store's failure in its metadata; do not restart this host on it");
         }
+    }
+
+    /// Why this host was deposed, once a copy host refused its epoch
+    /// (it promised a higher one: another production host took over).
+    pub fn deposed(&self) -> Option<String> {
+        self.shared.deposed.get().cloned()
     }
 
     /// Why the local store failed, once a flush of it has.
