@@ -8,6 +8,7 @@
 
 pub mod group;
 pub mod mirror;
+pub mod wan;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -159,10 +160,29 @@ impl Process {
     /// Start the binary with `args` and wait for `address` to accept; when
     /// the process exits first (it refused to start), what it logged.
     pub fn try_start(scratch: &Scratch, args: &[&str], address: SocketAddr) -> Result<Process, String> {
+        Process::try_start_in(scratch, None, args, address)
+    }
+
+    /// [`Process::try_start`] inside the network namespace `namespace`
+    /// (through `ip netns exec`, which execs the binary: the child is it).
+    pub fn try_start_in(
+        scratch: &Scratch,
+        namespace: Option<&str>,
+        args: &[&str],
+        address: SocketAddr,
+    ) -> Result<Process, String> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let log = scratch.join(&format!("process-{}.log", COUNTER.fetch_add(1, Ordering::Relaxed)));
         let log_file = std::fs::File::create(&log).expect("create log");
-        let child = Command::new(binary())
+        let mut command = match namespace {
+            Some(namespace) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", namespace]).arg(binary());
+                command
+            }
+            None => Command::new(binary()),
+        };
+        let child = command
             .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
@@ -201,6 +221,24 @@ impl Process {
     /// The process id.
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Set the nice value of every thread the process has now (threads it
+    /// makes later inherit their maker's): a negative one puts it ahead of
+    /// the other processes of this machine (root only).
+    pub fn renice(&self, niceness: i32) {
+        let tasks = format!("/proc/{}/task", self.pid());
+        for task in std::fs::read_dir(&tasks).unwrap_or_else(|error| panic!("read {tasks}: {error}")) {
+            let Some(tid) = task.ok().and_then(|task| task.file_name().to_str()?.parse::<libc::id_t>().ok()) else {
+                continue;
+            };
+            // SAFETY: setpriority has no memory effects; on Linux
+            // PRIO_PROCESS with a thread id sets that thread's nice value.
+            let set = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, niceness) };
+            // A thread that ended since the listing is no failure.
+            let error = std::io::Error::last_os_error();
+            assert!(set == 0 || error.raw_os_error() == Some(libc::ESRCH), "setpriority {tid}: {error}");
+        }
     }
 
     /// Send `signal` and wait (up to 30 s) for the exit status.

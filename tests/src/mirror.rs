@@ -25,6 +25,8 @@ pub struct Copy {
     pub admin: SocketAddr,
     /// The copy host opens its store with O_DIRECT (writes through its ring).
     pub direct: bool,
+    /// The network namespace it runs in (a WAN rig's), if not this one.
+    pub namespace: Option<String>,
     /// The running copy host, if any.
     pub process: Option<Process>,
 }
@@ -76,20 +78,7 @@ impl Mirror {
         extra: &[&str],
         prepare: impl FnOnce(&std::path::Path, &[PathBuf]),
     ) -> Mirror {
-        let scratch = Scratch::new(label);
-        let secret = write_secret(&scratch, "secret", 7);
-        let volume = scratch.join("production.img");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut mirror = Mirror {
-            secret,
-            volume,
-            admin,
-            production: None,
-            production_args: Vec::new(),
-            copies: Vec::new(),
-            size: size.to_string(),
-            scratch,
-        };
+        let mut mirror = Mirror::unstarted(label, size);
         let stores: Vec<PathBuf> =
             copies.iter().map(|(name, _, _)| mirror.scratch.join(&format!("copy-{name}.img"))).collect();
         prepare(&mirror.volume, &stores);
@@ -99,7 +88,8 @@ impl Mirror {
             let volume = mirror.scratch.join(&format!("copy-{name}.img"));
             let admin: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
             let direct = options.split(',').any(|option| option == "direct");
-            let mut copy = Copy { name: name.to_string(), volume, address, admin, direct, process: None };
+            let mut copy =
+                Copy { name: name.to_string(), volume, address, admin, direct, namespace: None, process: None };
             mirror.start_copy(&mut copy);
             let mut spec = format!("{name}={address}");
             for option in options.split(',').filter(|option| !option.is_empty() && *option != "direct") {
@@ -109,24 +99,49 @@ impl Mirror {
             mirrors.push(spec);
             mirror.copies.push(copy);
         }
+        mirror.start_production_for(mirrors, extra);
+        mirror
+    }
+
+    /// A mirror with its scratch directory, secret and addresses, and no
+    /// copy or process yet.
+    pub fn unstarted(label: &str, size: &str) -> Mirror {
+        let scratch = Scratch::new(label);
+        let secret = write_secret(&scratch, "secret", 7);
+        let volume = scratch.join("production.img");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Mirror {
+            secret,
+            volume,
+            admin,
+            production: None,
+            production_args: Vec::new(),
+            copies: Vec::new(),
+            size: size.to_string(),
+            scratch,
+        }
+    }
+
+    /// Start the production host mirroring to `mirrors` (`--mirror`
+    /// values), with `extra` arguments.
+    pub fn start_production_for(&mut self, mirrors: Vec<String>, extra: &[&str]) {
         let mut args: Vec<String> = vec![
             "--volume".into(),
-            mirror.volume.display().to_string(),
+            self.volume.display().to_string(),
             "--size".into(),
-            size.into(),
+            self.size.clone(),
             "--secret-file".into(),
-            mirror.secret.display().to_string(),
+            self.secret.display().to_string(),
             "--admin".into(),
-            mirror.admin.to_string(),
+            self.admin.to_string(),
         ];
         for spec in mirrors {
             args.push("--mirror".into());
             args.push(spec);
         }
         args.extend(extra.iter().map(|arg| arg.to_string()));
-        mirror.production_args = args;
-        mirror.start_production();
-        mirror
+        self.production_args = args;
+        self.start_production();
     }
 
     /// Start (or restart) `copy`'s host.
@@ -156,7 +171,7 @@ impl Mirror {
         if copy.direct {
             args.push("--direct");
         }
-        copy.process = Some(Process::try_start(&self.scratch, &args, copy.address)?);
+        copy.process = Some(Process::try_start_in(&self.scratch, copy.namespace.as_deref(), &args, copy.address)?);
         Ok(())
     }
 
