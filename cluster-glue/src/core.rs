@@ -564,16 +564,7 @@ impl Core {
             Phase::Starting => {
                 let incarnation = record.members.get(&me).map_or(0, |entry| entry.incarnation) + 1;
                 self.incarnation = incarnation;
-                record.members.insert(
-                    me.clone(),
-                    MemberEntry {
-                        state: MemberState::Joining,
-                        incarnation,
-                        access: false,
-                        access_problem: None,
-                        store_consistent: None,
-                    },
-                );
+                record.members.insert(me.clone(), MemberEntry::joining(incarnation));
                 why.push(format!("{me} joining (incarnation {incarnation})"));
                 self.phase = Phase::Joining;
                 if !witness {
@@ -594,16 +585,7 @@ impl Core {
                 }
                 if recorded < incarnation {
                     // The `joining` write did not land (a conflict): again.
-                    record.members.insert(
-                        me.clone(),
-                        MemberEntry {
-                            state: MemberState::Joining,
-                            incarnation,
-                            access: false,
-                            access_problem: None,
-                            store_consistent: None,
-                        },
-                    );
+                    record.members.insert(me.clone(), MemberEntry::joining(incarnation));
                     why.push(format!("{me} joining (incarnation {incarnation})"));
                     return;
                 }

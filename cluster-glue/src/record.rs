@@ -137,6 +137,19 @@ pub struct MemberEntry {
     pub store_consistent: Option<bool>,
 }
 
+impl MemberEntry {
+    /// A member starting its `incarnation`: joining, its access not known yet.
+    pub fn joining(incarnation: u64) -> MemberEntry {
+        MemberEntry {
+            state: MemberState::Joining,
+            incarnation,
+            access: false,
+            access_problem: None,
+            store_consistent: None,
+        }
+    }
+}
+
 /// Who produces.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Production {
