@@ -63,22 +63,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_listening(ip, port, process, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before listening on {ip}:{port}")
-        try:
-            socket.create_connection((ip, port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {ip}:{port}")
-
-
-def status(admin):
-    with urllib.request.urlopen(f"http://{admin}/status", timeout=10) as response:
-        return json.load(response)
+# The same process and status helpers as the mirroring benchmark.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+mirror = __import__("mirror")
+wait_listening = mirror.wait_listening
+status = mirror.status
 
 
 def caught_up(admin):
