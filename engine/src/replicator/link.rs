@@ -923,7 +923,8 @@ impl Link {
         // and stays locked until the bits it allows are cleared.
         let mut guard: InFlightGuard<'_> = None;
         let mut in_flight = |region| guard.get_or_insert_with(|| self.shared.inflight()).contains_key(&region);
-        let commands = locked.core.acked(connection, header.kind, header.sequence, payload, &mut in_flight)?;
+        let now_ms = self.now_ms();
+        let commands = locked.core.acked(connection, header.kind, header.sequence, payload, now_ms, &mut in_flight)?;
         self.execute(&mut locked, commands, &mut guard);
         self.notify(&locked);
         Ok(())

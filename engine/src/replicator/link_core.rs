@@ -65,6 +65,7 @@ use std::time::Duration;
 use crate::protocol::auth::{StoreToken, STORE_TOKEN_UNKNOWN};
 use crate::protocol::frame::{FrameFlags, FrameKind};
 use crate::protocol::ReplicationError;
+use crate::replicator::resync_controller::ResyncController;
 use crate::replicator::resync_pieces::Piece;
 use crate::replicator::resync_set::ResyncSet;
 use crate::replicator::{Change, MirrorMode, RecordedState};
@@ -75,8 +76,16 @@ const CLEAN_INTERVAL: Duration = Duration::from_millis(500);
 const SEND_BATCH_FRAMES: usize = 64;
 /// The most resync data in one frame (adjacent dirty regions are joined).
 const RESYNC_FRAME_BYTES: u64 = 1 << 20;
-/// Resync queues more data only while less than this is queued or unacked.
+/// The least a resync read takes: a region larger than an eighth of the
+/// resync window is read in parts of at least this many bytes.
+const RESYNC_READ_MIN_BYTES: u64 = 64 << 10;
+/// Resync queues more data only while less than this is queued or unacked
+/// (the adaptive window of `resync_controller.rs` stays under it).
 const RESYNC_WINDOW_BYTES: u64 = 32 << 20;
+/// What a resync frame of zeroes (no data: a header) counts for in the
+/// resync window, whatever its length, so that a run of holes goes at the
+/// pace of the copy's acknowledgements, not of the link's rate.
+const ZERO_FRAME_COST_BYTES: u64 = 4 << 10;
 /// A sync link stops taking new writes (the writer waits) past this many
 /// unacknowledged bytes, so a slow copy cannot exhaust memory.
 const SYNC_QUEUE_BYTES_MAX: u64 = 256 << 20;
@@ -246,7 +255,7 @@ struct Frame<H, V> {
     payload: Option<Arc<Vec<u8>>>,
     hold: Option<H>,
     /// Bytes counted in `lag_bytes` (writes) or `resync_bytes_outstanding`
-    /// (resync data) until it is acknowledged.
+    /// (resync frames) until it is acknowledged.
     lag: u64,
     /// Resync data rather than an application write.
     resync: bool,
@@ -299,10 +308,11 @@ impl<H, V> Frame<H, V> {
     }
 
     /// Resync of `length` bytes at `offset` that read as zeroes: no data,
-    /// but counted in the resync window like data, so a long run of zeroes
-    /// is not queued all at once.
+    /// counted in the resync window as ZERO_FRAME_COST_BYTES (at most its
+    /// length), so a long run of zeroes is not queued all at once.
     fn resync_zeroes(offset: u64, length: u64) -> Frame<H, V> {
-        Frame { lag: length, resync: true, ..Frame::new(FrameKind::ResyncZeroes, offset, length) }
+        let cost = ZERO_FRAME_COST_BYTES.min(length);
+        Frame { lag: cost, resync: true, ..Frame::new(FrameKind::ResyncZeroes, offset, length) }
     }
 }
 
@@ -378,7 +388,11 @@ pub(crate) struct LinkCore<H, V> {
     queue: VecDeque<Frame<H, V>>,
     unacked: VecDeque<Unacked<H, V>>,
     lag_bytes: u64,
+    /// What the resync frames queued or unacknowledged count for in the
+    /// window: their lengths (a frame of zeroes: ZERO_FRAME_COST_BYTES).
     resync_bytes_outstanding: u64,
+    /// How much resync and write data may be in flight together.
+    controller: ResyncController,
     touched: HashSet<u64>,
     /// Regions of the last acknowledged Flush's snapshot: cleared at the
     /// next Flush's acknowledgement if no change touched them meanwhile, so
@@ -405,6 +419,11 @@ pub(crate) struct LinkCore<H, V> {
     resync_checks_outstanding: u32,
     /// The regions a [`Command::ReadForResync`] of the pass is reading.
     resync_reading: Option<(u64, u64)>,
+    /// A region the pass has read a part of: (region, bytes of it read).
+    /// It stays pending (its bit cannot clear) until its last part is
+    /// queued; a change it misses meanwhile makes the pass read it again
+    /// from its start.
+    resync_partial: Option<(u64, u64)>,
     /// When the pass (for `resync_rate_max`) first asked whether to wait,
     /// and what it queued since: set by the first `resync_pause_ms` of each
     /// pass, so every pass is held to the rate, not only the first of a
@@ -451,7 +470,9 @@ impl<H, V> LinkCore<H, V> {
     /// A link not connected yet: stale, nothing queued.
     pub(crate) fn new(config: CoreConfig) -> LinkCore<H, V> {
         let resync_pending = ResyncSet::new(config.volume_bytes, config.region_bytes);
+        let controller = ResyncController::new(resync_window_max(&config));
         LinkCore {
+            controller,
             stopped_clean: false,
             config,
             state: CopyState::Stale,
@@ -470,6 +491,7 @@ impl<H, V> LinkCore<H, V> {
             resync_pass: 0,
             resync_checks_outstanding: 0,
             resync_reading: None,
+            resync_partial: None,
             resync_started_ms: None,
             resync_sent_bytes: 0,
             last_flush_ms: 0,
@@ -626,6 +648,8 @@ impl<H, V> LinkCore<H, V> {
             for region in self.regions(offset, length) {
                 self.resync_pending.insert(region);
             }
+            // A part already sent of a region being read may lack it.
+            self.resync_partial = None;
         }
     }
 
@@ -636,9 +660,11 @@ impl<H, V> LinkCore<H, V> {
         self.pass_mark = true;
         self.resync_pass += 1;
         self.resync_next = Some(0);
+        self.resync_partial = None;
         self.resync_pending.start_pass();
         self.resync_started_ms = None;
         self.resync_sent_bytes = 0;
+        self.controller.pass_started();
     }
 }
 
@@ -700,6 +726,7 @@ impl<H, V> LinkCore<H, V> {
             self.final_flush = Some(false);
         }
         self.lag_bytes += lag;
+        self.controller.writes_in_flight(self.lag_bytes);
         self.queue.push_back(frame);
         Vec::new()
     }
@@ -923,6 +950,7 @@ impl<H, V> LinkCore<H, V> {
         self.last_sent_ms = now_ms;
         self.last_ack_ms = now_ms;
         self.ack_seen = false;
+        self.controller.connected(now_ms);
         self.resync_pending.clear_all();
         for region in dirty_regions {
             self.resync_pending.insert(region);
@@ -974,6 +1002,7 @@ impl<H, V> LinkCore<H, V> {
         self.resync_checks_outstanding = 0;
         self.resync_next = None;
         self.resync_reading = None;
+        self.resync_partial = None;
         self.resync_pending.end_pass();
         self.connection += 1;
         // The connection is gone with its unacknowledged flushes; the next
@@ -1207,12 +1236,15 @@ impl<H, V> LinkCore<H, V> {
             self.queue_flush(false, now_ms);
             return self.take_batch(now_ms);
         }
-        if self.resync_next.is_some() && self.lag_bytes + self.resync_bytes_outstanding < self.resync_window() {
-            let pause_ms = self.resync_pause_ms(now_ms);
-            if pause_ms > 0 {
-                return vec![Command::Wait { ms: pause_ms }];
+        if self.resync_next.is_some() {
+            if self.resync_may_send() {
+                let pause_ms = self.resync_pause_ms(now_ms);
+                if pause_ms > 0 {
+                    return vec![Command::Wait { ms: pause_ms }];
+                }
+                return self.next_resync(now_ms);
             }
-            return self.next_resync(now_ms);
+            self.controller.held_back();
         }
         if now_ms.saturating_sub(self.last_sent_ms) >= HEARTBEAT_INTERVAL.as_millis() as u64 {
             return self.take_batch(now_ms);
@@ -1255,13 +1287,14 @@ impl<H, V> LinkCore<H, V> {
         sequence
     }
 
-    /// Resync bytes in flight at most: an async copy's resync stays well
-    /// inside its lag bound, so application writes never push it behind.
-    fn resync_window(&self) -> u64 {
-        match self.config.mode {
-            MirrorMode::Sync => RESYNC_WINDOW_BYTES,
-            MirrorMode::Async => RESYNC_WINDOW_BYTES.min(self.config.lag_bytes_max / 2).max(1),
-        }
+    /// Whether the resync may read and queue more: while the writes (at
+    /// least the share kept for them) and resync in flight are under the
+    /// controller's window (writes first: resync fills what they leave),
+    /// and always when no resync is in flight, so a resync progresses
+    /// under any load.
+    fn resync_may_send(&self) -> bool {
+        let writes = self.lag_bytes.max(self.controller.writes_reserve_bytes());
+        self.resync_bytes_outstanding == 0 || writes + self.resync_bytes_outstanding < self.controller.window_bytes()
     }
 
     /// How long resync must wait to stay under `resync_rate_max`.
@@ -1292,15 +1325,30 @@ impl<H, V> LinkCore<H, V> {
             self.queue_flush(true, now_ms);
             return self.take_batch(now_ms);
         };
-        // Adjacent dirty regions travel together, up to RESYNC_FRAME_BYTES.
+        // A read is what the window overshoots by, and what a write queued
+        // right behind it waits for on the link: at most RESYNC_FRAME_BYTES
+        // and an eighth of the window (at least RESYNC_READ_MIN_BYTES).
+        // Adjacent dirty regions travel together; a larger region goes in
+        // parts.
         let region_bytes = self.config.region_bytes;
-        let regions_max = (RESYNC_FRAME_BYTES / region_bytes).max(1);
-        let mut end = region + 1;
-        while end < self.region_count() && end - region < regions_max && self.resync_pending.contains(end) {
-            end += 1;
-        }
-        let offset = region * region_bytes;
-        let length = (end * region_bytes).min(self.config.volume_bytes) - offset;
+        let read_bytes_max = RESYNC_FRAME_BYTES.min(self.controller.window_bytes() / 8).max(RESYNC_READ_MIN_BYTES);
+        let region_start = region * region_bytes;
+        let region_end = (region_start + region_bytes).min(self.config.volume_bytes);
+        let within = match self.resync_partial {
+            Some((partial, within)) if partial == region => within,
+            _ => 0,
+        };
+        let (offset, end, length) = if within > 0 || read_bytes_max < region_end - region_start {
+            let offset = region_start + within;
+            (offset, region + 1, read_bytes_max.min(region_end - offset))
+        } else {
+            let regions_max = (read_bytes_max / region_bytes).max(1);
+            let mut end = region + 1;
+            while end < self.region_count() && end - region < regions_max && self.resync_pending.contains(end) {
+                end += 1;
+            }
+            (region_start, end, (end * region_bytes).min(self.config.volume_bytes) - region_start)
+        };
         self.resync_reading = Some((region, end));
         let read = if self.config.resync_checksums { ResyncRead::Checksums } else { ResyncRead::Pieces };
         vec![Command::ReadForResync { offset, length, read }]
@@ -1327,7 +1375,7 @@ impl<H, V> LinkCore<H, V> {
             // An earlier read of the same answer failed; the connection ends.
             return Vec::new();
         }
-        match done {
+        let cost = match done {
             ResyncReadDone::Data(data) => {
                 // Touched again: no Flush queued before this data may clear it.
                 self.touched.extend(self.regions(offset, length));
@@ -1343,22 +1391,35 @@ impl<H, V> LinkCore<H, V> {
                     resync_check: Some(checksums),
                     ..Frame::new(FrameKind::ChecksumRequest, offset, length)
                 });
+                length
             }
             ResyncReadDone::Pieces(pieces) => {
+                let mut cost = 0;
                 for piece in pieces {
-                    self.queue.push_back(match piece {
+                    let frame = match piece {
                         Piece::Zeroes { offset, length } => Frame::resync_zeroes(offset, length),
                         Piece::Data { offset, data } => Frame::resync_data(offset, data),
-                    });
+                    };
+                    cost += frame.lag;
+                    self.queue.push_back(frame);
                 }
+                cost
             }
-        }
+        };
         let (region, end) = self.resync_reading.take().expect("a pass read was asked for");
-        self.resync_pending.take(region..end);
         self.touched.extend(region..end);
-        self.resync_bytes_outstanding += length;
+        self.resync_bytes_outstanding += cost;
         self.resync_sent_bytes += length;
-        self.resync_next = Some(end);
+        let regions_end = (end * self.config.region_bytes).min(self.config.volume_bytes);
+        if offset + length < regions_end {
+            // A part of a region: it stays pending until its last part.
+            self.resync_partial = Some((region, offset + length - region * self.config.region_bytes));
+            self.resync_next = Some(region);
+        } else {
+            self.resync_partial = None;
+            self.resync_pending.take(region..end);
+            self.resync_next = Some(end);
+        }
         Vec::new()
     }
 
@@ -1390,15 +1451,21 @@ impl<H, V> LinkCore<H, V> {
         kind: FrameKind,
         sequence: u64,
         payload: Vec<u8>,
+        now_ms: u64,
         in_flight: &mut dyn FnMut(u64) -> bool,
     ) -> Result<Vec<Command<H, V>>, ReplicationError> {
         if connection != self.connection {
             return Ok(Vec::new());
         }
-        let acked = self.take_acked(kind, sequence)?;
+        let Unacked { sent_at_ms, frame: acked, .. } = self.take_acked(kind, sequence)?;
         self.ack_seen = true;
         if acked.final_flush && self.final_flush == Some(false) && self.queue.is_empty() && self.unacked.is_empty() {
             self.final_flush = Some(true);
+        }
+        if matches!(acked.kind, FrameKind::Write | FrameKind::ResyncData) && acked.lag > 0 {
+            // Data frames time the link (frames of zeroes, flushes and
+            // checksums mostly time the copy's store).
+            self.controller.acked(now_ms, sent_at_ms, acked.lag);
         }
         if acked.resync {
             self.resync_bytes_outstanding = self
@@ -1452,7 +1519,7 @@ impl<H, V> LinkCore<H, V> {
     }
 
     /// The oldest unacknowledged frame, if `kind` and `sequence` acknowledge it.
-    fn take_acked(&mut self, kind: FrameKind, sequence: u64) -> Result<Frame<H, V>, ReplicationError> {
+    fn take_acked(&mut self, kind: FrameKind, sequence: u64) -> Result<Unacked<H, V>, ReplicationError> {
         let Some(front) = self.unacked.front() else {
             return Err(ReplicationError::Protocol {
                 message: format!("{kind:?} for sequence {sequence} acknowledges nothing that was sent"),
@@ -1471,7 +1538,7 @@ impl<H, V> LinkCore<H, V> {
                 ),
             });
         }
-        Ok(self.unacked.pop_front().expect("front exists").frame)
+        Ok(self.unacked.pop_front().expect("front exists"))
     }
 
     /// The clearing rule (invariant 6) at a Flush's acknowledgement: which
@@ -1506,6 +1573,15 @@ impl<H, V> LinkCore<H, V> {
         self.clear_candidates = regions;
         self.clear_candidates.extend(quiet);
         cleared
+    }
+}
+
+/// Resync and write bytes in flight at most: an async copy's resync stays
+/// well inside its lag bound, so application writes never push it behind.
+fn resync_window_max(config: &CoreConfig) -> u64 {
+    match config.mode {
+        MirrorMode::Sync => RESYNC_WINDOW_BYTES,
+        MirrorMode::Async => RESYNC_WINDOW_BYTES.min(config.lag_bytes_max / 2).max(1),
     }
 }
 

@@ -3,9 +3,11 @@
 //! verifiers ids too.
 
 use super::*;
+use crate::replicator::resync_controller::WINDOW_MIN_BYTES;
 
-/// Regions of 1 MiB: one region per resync frame, so reads are region by region.
-const REGION: u64 = 1 << 20;
+/// Regions of the least resync read (64 KiB), which is what the initial
+/// window lets a read take: reads are region by region.
+const REGION: u64 = RESYNC_READ_MIN_BYTES;
 const REGIONS: u64 = 16;
 const WRITE: [u8; 4096] = [7; 4096];
 /// The copy store's token, the one recorded for it.
@@ -88,7 +90,7 @@ fn ack(
     in_flight: &mut dyn FnMut(u64) -> bool,
 ) -> Vec<TestCommand> {
     let connection = core.connection();
-    core.acked(connection, kind, sequence, Vec::new(), in_flight).expect("an acknowledgement in order")
+    core.acked(connection, kind, sequence, Vec::new(), 0, in_flight).expect("an acknowledgement in order")
 }
 
 /// Connect with `dirty` regions: recorded syncing first, then the pass.
@@ -171,7 +173,7 @@ fn a_flush_ack_lost_with_its_connection_clears_nothing() {
     assert_eq!(core.persisted(Ok(())), vec![]);
     assert_eq!(core.state(), CopyState::Stale);
     assert_eq!(core.last_error().map(String::as_str), Some("the copy host closed the connection"));
-    let late = core.acked(old_connection, FrameKind::FlushAck, 4, Vec::new(), &mut nothing_in_flight());
+    let late = core.acked(old_connection, FrameKind::FlushAck, 4, Vec::new(), 2 * CLEAN_MS, &mut nothing_in_flight());
     assert_eq!(late.expect("an old connection's ack is ignored"), vec![], "a lost connection's flush cleared a bit");
     // The bit is still set: the next connection resyncs region 3 whole, and
     // its first Flushes clear nothing (the candidates were forgotten).
@@ -316,7 +318,7 @@ fn an_ack_timeout_closes_and_an_ack_out_of_order_is_refused() {
     assert_eq!(ship(&mut core, 2, Some(2), 0), vec![]);
     assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1), write_frame(3, 2)]));
     let connection = core.connection();
-    let refused = core.acked(connection, FrameKind::WriteAck, 3, Vec::new(), &mut nothing_in_flight());
+    let refused = core.acked(connection, FrameKind::WriteAck, 3, Vec::new(), 0, &mut nothing_in_flight());
     assert!(matches!(refused, Err(ReplicationError::Protocol { .. })), "{refused:?}");
     let timeout_ms = ACK_TIMEOUT.as_millis() as u64 + 1;
     let why = "ack timeout: the copy host left a Write frame (sequence 2) unacknowledged for over 5 s (copy host \
@@ -511,7 +513,9 @@ fn only_a_clean_stop_keeps_a_copy_current() {
     assert_eq!(flush.kind, FrameKind::Flush);
     assert!(!clean.flushed_for_stop(), "not acknowledged yet");
     let connection = clean.connection();
-    assert!(clean.acked(connection, FrameKind::FlushAck, flush.sequence, Vec::new(), &mut nothing_in_flight()).is_ok());
+    assert!(clean
+        .acked(connection, FrameKind::FlushAck, flush.sequence, Vec::new(), 0, &mut nothing_in_flight())
+        .is_ok());
     assert!(clean.flushed_for_stop());
     assert_eq!(clean.lost("this host is shutting down", true), vec![]);
     assert_eq!(clean.lost("this host is shutting down", true), vec![], "once stopped clean, nothing more");
@@ -558,7 +562,9 @@ fn an_async_copy_that_keeps_acknowledging_is_not_timed_out_by_a_full_pipe() {
     assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1), write_frame(3, 2), write_frame(4, 3)]));
     let connection = core.connection();
     // The first ack arrives late (a full pipe), just before the timeout.
-    assert!(core.acked(connection, FrameKind::WriteAck, 2, Vec::new(), &mut nothing_in_flight()).is_ok());
+    assert!(core
+        .acked(connection, FrameKind::WriteAck, 2, Vec::new(), timeout_ms - 2, &mut nothing_in_flight())
+        .is_ok());
     let closes = |commands: &[TestCommand]| commands.iter().any(|command| matches!(command, Command::Close { .. }));
     assert!(!closes(&core.poll_send(timeout_ms - 1)));
     // Frame 3 is older than the timeout now, but the copy made progress.
@@ -585,7 +591,7 @@ fn the_recovery_point_says_what_a_copy_lacks_and_since_when() {
     assert_eq!(copy.recovery_point(1_000, 0), RecoveryPoint { bytes: 8192, ms: 800, exact: true });
     copy.poll_send(1_000);
     let connection = copy.connection();
-    assert!(copy.acked(connection, FrameKind::WriteAck, 2, Vec::new(), &mut nothing_in_flight()).is_ok());
+    assert!(copy.acked(connection, FrameKind::WriteAck, 2, Vec::new(), 1_050, &mut nothing_in_flight()).is_ok());
     assert_eq!(copy.recovery_point(1_100, 0), RecoveryPoint { bytes: 4096, ms: 800, exact: true });
     // The connection is lost: the copy follows no more writes from 1000 on.
     copy.lost("the connection ended", false);
@@ -594,4 +600,237 @@ fn the_recovery_point_says_what_a_copy_lacks_and_since_when() {
     copy.persisted(Ok(()));
     assert_eq!(copy.state(), CopyState::Stale);
     assert_eq!(copy.recovery_point(4_000, 3 * REGION), bound);
+}
+
+/// A region larger than an eighth of the window is resynced in parts: it
+/// stays pending (its bit cannot clear) until its last part is queued, and
+/// a change the copy misses meanwhile makes the pass read it again from its
+/// start (a part already sent may lack the change).
+#[test]
+fn a_large_region_goes_in_parts_and_a_missed_change_restarts_it() {
+    let region = 4 * RESYNC_READ_MIN_BYTES;
+    let mut core: TestCore = LinkCore::new(CoreConfig {
+        name: "east".to_string(),
+        mode: MirrorMode::Sync,
+        lag_bytes_max: 0,
+        region_bytes: region,
+        volume_bytes: 4 * region,
+        local_sync_interval_ms: 0,
+        resync_rate_max: 0,
+        resync_checksums: false,
+    });
+    connect(&mut core, &[2], 0);
+    let part = RESYNC_READ_MIN_BYTES;
+    // Read a part at `offset` (the next the pass asks for) and send it as frame `sequence`.
+    let resync_part = |core: &mut TestCore, offset: u64, sequence: u64| {
+        let read = vec![Command::ReadForResync { offset, length: part, read: ResyncRead::Pieces }];
+        assert_eq!(core.poll_send(0), read, "the pass reads the part at {offset}");
+        let zeroes = Ok(ResyncReadDone::Pieces(vec![Piece::Zeroes { offset, length: part }]));
+        assert_eq!(core.resync_read(offset, part, zeroes), vec![]);
+        let frame = Outgoing { offset, length: part as u32, ..zeroes_frame(sequence, 0) };
+        assert_eq!(core.poll_send(0), send(false, vec![frame]));
+    };
+    resync_part(&mut core, 2 * region, 1);
+    resync_part(&mut core, 2 * region + part, 2);
+    assert!(core.resync_pending().contains(2), "a region left the pending set before its last part");
+    // A write to the region's first part fails on this host: the copy
+    // cannot get it from a frame, so the part sent before is stale.
+    assert_eq!(core.missed(2 * region, 4096), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    for (sequence, offset) in (3..).zip((2 * region..3 * region).step_by(part as usize)) {
+        resync_part(&mut core, offset, sequence);
+        let last = offset + part == 3 * region;
+        assert_eq!(core.resync_pending().contains(2), !last, "the region leaves the pending set with its last part");
+    }
+}
+
+/// A link of `rate` bytes per second and `round_trip_ms` for the core's
+/// frames, simulated millisecond by millisecond: frames cross in order at
+/// the rate, each acknowledged a round trip after its last byte crossed.
+struct SimulatedLink {
+    rate: u64,
+    round_trip_ms: u64,
+    /// When the link finishes what it was given so far (µs).
+    free_at_us: u64,
+    /// Acknowledgements due: (when, µs; kind; sequence).
+    acks: VecDeque<(u64, FrameKind, u64)>,
+    /// How long the link has been (or will be, for what it holds) busy, µs.
+    busy_us: u64,
+}
+
+impl SimulatedLink {
+    fn send(&mut self, now_ms: u64, frames: Vec<Outgoing>) {
+        for frame in frames {
+            let bytes = frame.payload.as_ref().map_or(64, |payload| payload.len() as u64 + 64);
+            let crossing_us = bytes * 1_000_000 / self.rate;
+            self.free_at_us = self.free_at_us.max(now_ms * 1000) + crossing_us;
+            self.busy_us += crossing_us;
+            let kind = match frame.kind {
+                FrameKind::Heartbeat => continue,
+                FrameKind::Flush => FrameKind::FlushAck,
+                _ => FrameKind::WriteAck,
+            };
+            self.acks.push_back((self.free_at_us + self.round_trip_ms * 1000, kind, frame.sequence));
+        }
+    }
+}
+
+/// What a sync application writing `WRITES_IN_FLIGHT` blocks of
+/// `APPLICATION_WRITE` bytes at a time (each a millisecond after the one
+/// before completed) gets while a copy of `regions`
+/// dirty 256 KiB regions is resynced over a simulated 100 Mbit/40 ms link
+/// for `seconds`: (its writes per second, the link's busy share).
+fn application_during_resync(regions: u64, seconds: u64) -> (f64, f64) {
+    const REGION_BYTES: u64 = 256 << 10;
+    const APPLICATION_WRITE: usize = 64 << 10;
+    const WRITES_IN_FLIGHT: u64 = 4;
+    let data = vec![5u8; APPLICATION_WRITE];
+    let mut core: TestCore = LinkCore::new(CoreConfig {
+        name: "east".to_string(),
+        mode: MirrorMode::Sync,
+        lag_bytes_max: 0,
+        region_bytes: REGION_BYTES,
+        volume_bytes: 1024 * REGION_BYTES,
+        local_sync_interval_ms: 0,
+        resync_rate_max: 0,
+        resync_checksums: false,
+    });
+    let dirty: Vec<u64> = (0..regions).collect();
+    connect(&mut core, &dirty, 0);
+    let rate = 100_000_000 / 8;
+    let mut link = SimulatedLink { rate, round_trip_ms: 40, free_at_us: 0, acks: VecDeque::new(), busy_us: 0 };
+    let (mut next_hold, mut completed) = (0u64, 0u64);
+    // When the application writes again after each completion: a
+    // millisecond later (its client's turnaround).
+    let mut rewrites: VecDeque<u64> = (0..WRITES_IN_FLIGHT).map(|_| 0).collect();
+    let end_ms = seconds * 1000;
+    for now_ms in 0..end_ms {
+        while link.acks.front().is_some_and(|&(due_us, _, _)| due_us <= now_ms * 1000) {
+            let (_, kind, sequence) = link.acks.pop_front().expect("an ack is due");
+            let connection = core.connection();
+            let commands = core
+                .acked(connection, kind, sequence, Vec::new(), now_ms, &mut nothing_in_flight())
+                .expect("acknowledgements in order");
+            for command in commands {
+                match command {
+                    Command::Release { holds, .. } => {
+                        completed += holds.len() as u64;
+                        rewrites.extend(holds.iter().map(|_| now_ms + 1));
+                    }
+                    Command::Persist(_) => assert_eq!(core.persisted(Ok(())), vec![]),
+                    _ => {}
+                }
+            }
+        }
+        while rewrites.front().is_some_and(|&due_ms| due_ms <= now_ms) {
+            rewrites.pop_front();
+            let offset = (next_hold % 1024) * REGION_BYTES;
+            let change = Change::Write { offset, data: &data, fua: false };
+            assert_eq!(core.ship(&change, &mut None, Some(next_hold), 0, now_ms), vec![]);
+            next_hold += 1;
+        }
+        loop {
+            let commands = core.poll_send(now_ms);
+            match &commands[..] {
+                [Command::Wait { .. }] => break,
+                [Command::ReadForResync { offset, length, .. }] => {
+                    let (offset, length) = (*offset, *length);
+                    let data = vec![9u8; length as usize];
+                    let read = Ok(ResyncReadDone::Pieces(vec![Piece::Data { offset, data }]));
+                    assert_eq!(core.resync_read(offset, length, read), vec![]);
+                }
+                [Command::Send { .. }] => {
+                    let Some(Command::Send { frames, .. }) = commands.into_iter().next() else { unreachable!() };
+                    link.send(now_ms, frames);
+                }
+                [Command::Persist(_)] => assert_eq!(core.persisted(Ok(())), vec![]),
+                other => panic!("unexpected commands {other:?}"),
+            }
+        }
+    }
+    // (What the link holds past the end is not counted.)
+    let busy_us = link.busy_us - link.free_at_us.saturating_sub(end_ms * 1000);
+    let busy = busy_us as f64 / (end_ms * 1000) as f64;
+    (completed as f64 / seconds as f64, busy)
+}
+
+/// The resync controller (issue 13, item 5) on a simulated 100 Mbit/40 ms
+/// link: a resync of 256 MiB and a sync application writing 64 KiB blocks,
+/// four at a time, share it. The application keeps at least 70 % of the
+/// writes it makes with no resync, and the link is at least 90 % busy.
+/// With the fixed 32 MiB window this replaced, every write waited behind
+/// 2.7 s of resync: the application got 2 % of its writes.
+#[test]
+fn a_resync_fills_the_spare_link_and_leaves_the_writes_their_share() {
+    let (alone, _) = application_during_resync(0, 10);
+    let (during, busy) = application_during_resync(1024, 10);
+    let share = during / alone;
+    assert!(share >= 0.7, "the application made {during:.1} writes/s during the resync, {alone:.1} alone");
+    assert!(busy >= 0.9, "the link was {:.0} % busy", busy * 100.0);
+}
+
+/// The room a write leaves when it is acknowledged is kept for the
+/// application's next write (the most writes had in flight this round or
+/// the last): resync does not take it, else it would queue itself ahead of
+/// that write, round after round.
+#[test]
+fn the_room_a_write_leaves_is_kept_for_the_next_write() {
+    let data = vec![3u8; 64 << 10];
+    let mut core = core(MirrorMode::Sync, 0);
+    connect(&mut core, &[8, 9], 0);
+    // Seven writes (448 KiB) in flight and the first resync read (64 KiB)
+    // fill the initial window (512 KiB).
+    for hold in 0..7 {
+        let change = Change::Write { offset: hold * REGION, data: &data, fua: false };
+        assert_eq!(core.ship(&change, &mut None, Some(hold), 0, 0), vec![]);
+    }
+    assert_eq!(core.poll_send(0).len(), 1, "the writes are sent");
+    assert_eq!(core.poll_send(0), read_region(8), "one resync read goes out under any load");
+    let resync = vec![1u8; REGION as usize];
+    let read = Ok(ResyncReadDone::Pieces(vec![Piece::Data { offset: 8 * REGION, data: resync.clone() }]));
+    assert_eq!(core.resync_read(8 * REGION, REGION, read), vec![]);
+    let frame = Outgoing {
+        kind: FrameKind::ResyncData,
+        payload: Some(Arc::new(resync)),
+        length: REGION as u32,
+        ..zeroes_frame(8, 8)
+    };
+    assert_eq!(core.poll_send(0), send(false, vec![frame]));
+    assert_eq!(core.poll_send(0), vec![Command::Wait { ms: CLEAN_MS / 2 }], "the window is full");
+    // Two writes are acknowledged: their room waits for the next writes.
+    for (sequence, hold) in [(1, 0), (2, 1)] {
+        let released = vec![Command::Release { holds: vec![hold], result: 0 }];
+        assert_eq!(ack(&mut core, FrameKind::WriteAck, sequence, &mut nothing_in_flight()), released);
+    }
+    assert_eq!(core.poll_send(1), vec![Command::Wait { ms: CLEAN_MS / 2 }], "resync took the writes' room");
+}
+
+/// The controller alone, on a fake clock: 64 KiB frames cross a link at
+/// one per 8 ms (8.2 MB/s) and are acknowledged 40 ms after their last
+/// byte. It measures the base delay (40 ms: each round trip less the
+/// frame's own 8 ms) and the rate; rounds held back by the window with no
+/// queue grow it, and rounds with a 50 ms queue shrink it by a quarter,
+/// down to what keeps the link busy and no lower: the bandwidth-delay
+/// product and a frame.
+#[test]
+fn the_resync_window_shrinks_on_a_queue_to_what_keeps_the_link_busy() {
+    const FRAME: u64 = 64 << 10;
+    let mut controller = ResyncController::new(RESYNC_WINDOW_BYTES);
+    let mut sent_ms = 0;
+    let mut frames = |controller: &mut ResyncController, count: u64, queue_ms: u64| {
+        for _ in 0..count {
+            controller.held_back();
+            controller.acked(sent_ms + 8 + 40 + queue_ms, sent_ms, FRAME);
+            sent_ms += 8;
+        }
+    };
+    let initial = controller.window_bytes();
+    frames(&mut controller, 250, 0);
+    assert_eq!(controller.base_delay_us(), Some(40_000));
+    let rate = controller.rate_bytes_per_second().expect("a rate measured");
+    assert_eq!(rate, FRAME * 1000 / 8, "the rate is one frame per 8 ms");
+    assert!(controller.window_bytes() > initial, "a window held back with no queue did not grow");
+    frames(&mut controller, 500, 50);
+    let busy = rate * 40 / 1000 + WINDOW_MIN_BYTES;
+    assert_eq!(controller.window_bytes(), busy, "the window after rounds with a queue");
 }

@@ -47,6 +47,7 @@
 pub mod connect;
 mod link;
 mod link_core;
+mod resync_controller;
 mod resync_pieces;
 mod resync_set;
 pub mod state;
