@@ -28,8 +28,8 @@
 //!   digest); the order of keys inside a table is not.
 //! - `volume_size` is a multiple of 4 KiB, so any copy may be opened O_DIRECT.
 //! - `direct` may be set on any site (how its host opens the store);
-//!   `mode` and `lag_bytes_max` only on copy sites. `lag_bytes_max` is
-//!   accepted, and kept in the digest, on a sync copy too.
+//!   `mode`, `lag_bytes_max` and `lag_seconds_max` only on copy sites. The
+//!   lag bounds are accepted, and kept in the digest, on a sync copy too.
 //! - Relative paths (`secret_file`, `volume`, `state_dir`) resolve against
 //!   the config file's directory; two members or witnesses may not share a
 //!   `state_dir`. A group may have no copy site; at most `SLOTS_MAX` (the
@@ -110,7 +110,7 @@ pub const REGION_BYTES_MIN: u64 = 4 << 10;
 /// The largest region size.
 pub const REGION_BYTES_MAX: u64 = 16 << 20;
 /// An async copy's default lag bound.
-pub const LAG_BYTES_MAX_DEFAULT: u64 = 64 << 20;
+pub const LAG_BYTES_MAX_DEFAULT: u64 = engine::replicator::LAG_BYTES_MAX_DEFAULT;
 /// The most voters (members and witnesses) in a group.
 pub const VOTERS_MAX: usize = 16;
 /// The most bytes a config file may have.
@@ -237,6 +237,9 @@ pub struct SiteConfig {
     /// An async copy's lag bound in bytes (the default, and meaningless, on
     /// the production site).
     pub lag_bytes_max: u64,
+    /// An async copy's lag bound in time, milliseconds (`lag_seconds_max`;
+    /// 0: none).
+    pub lag_ms_max: u64,
     /// Whether this site's host opens its store with O_DIRECT.
     pub direct: bool,
     /// How the production host compresses data frames on the way to this
@@ -471,6 +474,11 @@ impl GroupConfig {
             if site.role == SiteRole::Copy {
                 lines.push(format!("site {name} mode = {}", site.mode));
                 lines.push(format!("site {name} lag_bytes_max = {}", site.lag_bytes_max));
+                if site.lag_ms_max != engine::replicator::LAG_MS_MAX_DEFAULT {
+                    // (Only when set otherwise: digests of configs written
+                    // before the setting existed stay what they were.)
+                    lines.push(format!("site {name} lag_ms_max = {}", site.lag_ms_max));
+                }
             }
             lines.push(format!("site {name} direct = {}", site.direct));
             if site.compress != engine::protocol::Compression::None {
@@ -671,6 +679,7 @@ struct RawSite {
     role: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
     lag_bytes_max: Option<Spanned<RawSize>>,
+    lag_seconds_max: Option<Spanned<f64>>,
     direct: Option<Spanned<bool>>,
     compress: Option<Spanned<String>>,
 }
@@ -1223,6 +1232,7 @@ impl Checker<'_> {
             let copy_only = [
                 ("mode", raw.mode.as_ref().map(|value| value.span())),
                 ("lag_bytes_max", raw.lag_bytes_max.as_ref().map(|value| value.span())),
+                ("lag_seconds_max", raw.lag_seconds_max.as_ref().map(|value| value.span())),
             ];
             if let Some((key, Some(span))) = copy_only.iter().find(|(_, span)| span.is_some()) {
                 return Err(self.invalid(
@@ -1235,6 +1245,7 @@ impl Checker<'_> {
                 role,
                 mode: CopyMode::Sync,
                 lag_bytes_max: LAG_BYTES_MAX_DEFAULT,
+                lag_ms_max: engine::replicator::LAG_MS_MAX_DEFAULT,
                 direct,
                 compress,
             });
@@ -1254,7 +1265,12 @@ impl Checker<'_> {
             None => LAG_BYTES_MAX_DEFAULT,
             Some(value) => self.size(value, &format!("site {name:?} lag_bytes_max"))?,
         };
-        Ok(SiteConfig { name, role, mode, lag_bytes_max, direct, compress })
+        let lag_ms_max = match raw.lag_seconds_max.as_ref() {
+            None => engine::replicator::LAG_MS_MAX_DEFAULT,
+            Some(value) => engine::replicator::parse_lag_seconds(&value.get_ref().to_string())
+                .map_err(|why| self.invalid(value.span(), format!("site {name:?} lag_seconds_max {why}")))?,
+        };
+        Ok(SiteConfig { name, role, mode, lag_bytes_max, lag_ms_max, direct, compress })
     }
 
     fn members(
@@ -1881,6 +1897,35 @@ address = "127.0.0.3"
             "\"async\"",
             ConfigErrorKind::Invalid,
             r#"site "east" is the production site and has a mode; mode applies to copy sites only, remove it"#,
+        );
+    }
+
+    /// `lag_seconds_max` on a copy site: seconds, a fraction allowed, 0 for
+    /// none; the default (4 s) leaves the digest of a config without it
+    /// unchanged; refused on the production site and out of range.
+    #[test]
+    fn lag_seconds_max_sets_a_copy_lag_bound_in_time() {
+        let defaults = parse(ALPHA).unwrap();
+        assert_eq!(defaults.site("west").unwrap().lag_ms_max, engine::replicator::LAG_MS_MAX_DEFAULT);
+        let set = |value: &str| alpha_with("mode = \"sync\"", &format!("mode = \"async\"\nlag_seconds_max = {value}"));
+        assert_eq!(parse(&set("2.5")).unwrap().site("west").unwrap().lag_ms_max, 2_500);
+        assert_eq!(parse(&set("0")).unwrap().site("west").unwrap().lag_ms_max, 0);
+        let four = parse(&set("4")).unwrap();
+        let async_default = parse(&alpha_with("mode = \"sync\"", "mode = \"async\"")).unwrap();
+        assert_eq!(four.digest(), async_default.digest(), "the default adds nothing to the digest");
+        assert_ne!(parse(&set("5")).unwrap().digest(), async_default.digest());
+        assert_error(
+            &set("-1"),
+            "-1",
+            ConfigErrorKind::Invalid,
+            r#"site "west" lag_seconds_max "-1": use 0 (no bound) to 3600 seconds"#,
+        );
+        let text = alpha_with("role = \"production\"", "role = \"production\"\nlag_seconds_max = 2");
+        assert_error(
+            &text,
+            "2\n\n[[site]]",
+            ConfigErrorKind::Invalid,
+            r#"site "east" is the production site and has a lag_seconds_max; lag_seconds_max applies to copy sites only, remove it"#,
         );
     }
 

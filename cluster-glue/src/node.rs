@@ -697,16 +697,17 @@ impl Shell<'_> {
         }));
         let copies = copy_sites
             .iter()
-            .map(|site| CopyConfig {
-                name: site.name.clone(),
-                address: None,
-                mode: if site.mode == CopyMode::Async.as_str() { MirrorMode::Async } else { MirrorMode::Sync },
-                lag_bytes_max: self
-                    .config
-                    .site(&site.name)
-                    .filter(|config| config.role == SiteRole::Copy)
-                    .map_or(crate::config::LAG_BYTES_MAX_DEFAULT, |config| config.lag_bytes_max),
-                compress: self.config.site(&site.name).map_or(Default::default(), |config| config.compress),
+            .map(|site| {
+                let copy_config = self.config.site(&site.name).filter(|config| config.role == SiteRole::Copy);
+                CopyConfig {
+                    name: site.name.clone(),
+                    address: None,
+                    mode: if site.mode == CopyMode::Async.as_str() { MirrorMode::Async } else { MirrorMode::Sync },
+                    lag_bytes_max: copy_config
+                        .map_or(crate::config::LAG_BYTES_MAX_DEFAULT, |config| config.lag_bytes_max),
+                    lag_ms_max: copy_config.map_or(engine::replicator::LAG_MS_MAX_DEFAULT, |config| config.lag_ms_max),
+                    compress: self.config.site(&site.name).map_or(Default::default(), |config| config.compress),
+                }
             })
             .collect();
         let state_store = Arc::new(RecordStore::new(

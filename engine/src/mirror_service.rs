@@ -332,6 +332,7 @@ mod tests {
                 address: Some("127.0.0.1:1".parse().unwrap()),
                 mode: MirrorMode::Sync,
                 lag_bytes_max: 1 << 20,
+                lag_ms_max: 0,
                 compress: crate::protocol::Compression::None,
             }],
             secret: Secret::from_bytes(b"mirror service unit test secret!".to_vec()).unwrap(),

@@ -137,6 +137,7 @@ impl Scratch {
                 address: Some(copy),
                 mode: MirrorMode::Sync,
                 lag_bytes_max: 64 << 20,
+                lag_ms_max: 0,
                 compress: engine::protocol::Compression::None,
             }],
             secret: secret(),

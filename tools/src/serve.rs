@@ -25,9 +25,6 @@ use nbd_frontend::{Export, Server, ServerConfig};
 use crate::start_files::StartFiles;
 use crate::{address, admin};
 
-/// An async copy's default lag bound.
-const LAG_BYTES_MAX_DEFAULT: u64 = 64 << 20;
-
 /// Arguments of `crossmirror serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -54,7 +51,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     connections_max: usize,
     /// A copy host to ship every write to:
-    /// NAME=HOST:PORT[,mode=sync|async][,lag_bytes_max=SIZE]. Repeatable
+    /// NAME=HOST:PORT[,mode=sync|async][,lag_bytes_max=SIZE][,lag_seconds_max=SECONDS]. Repeatable
     /// (up to 8 copies). Sync is the default mode; an async copy's default
     /// lag bound is 64M.
     #[arg(long = "mirror", value_parser = parse_mirror)]
@@ -101,7 +98,7 @@ pub struct ServeArgs {
     new_store: bool,
 }
 
-/// Parse `NAME=HOST:PORT[,mode=sync|async][,lag_bytes_max=SIZE]`.
+/// Parse `NAME=HOST:PORT[,mode=sync|async][,lag_bytes_max=SIZE][,lag_seconds_max=SECONDS]`.
 fn parse_mirror(text: &str) -> Result<CopyConfig, String> {
     let (name, rest) = text.split_once('=').ok_or("expected NAME=HOST:PORT[,mode=sync|async]")?;
     if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
@@ -114,7 +111,8 @@ fn parse_mirror(text: &str) -> Result<CopyConfig, String> {
         name: name.to_string(),
         address: Some(address),
         mode: MirrorMode::Sync,
-        lag_bytes_max: LAG_BYTES_MAX_DEFAULT,
+        lag_bytes_max: engine::replicator::LAG_BYTES_MAX_DEFAULT,
+        lag_ms_max: engine::replicator::LAG_MS_MAX_DEFAULT,
         compress: engine::protocol::Compression::None,
     };
     for option in parts {
@@ -125,13 +123,17 @@ fn parse_mirror(text: &str) -> Result<CopyConfig, String> {
                 config.lag_bytes_max =
                     parse_size(size).map_err(|error| format!("copy {name}: lag_bytes_max: {error}"))?
             }
+            Some(("lag_seconds_max", seconds)) => {
+                config.lag_ms_max = engine::replicator::parse_lag_seconds(seconds)
+                    .map_err(|error| format!("copy {name}: lag_seconds_max: {error}"))?
+            }
             Some(("compress", setting)) => {
                 config.compress =
                     engine::protocol::Compression::parse(setting).map_err(|error| format!("copy {name}: {error}"))?
             }
             _ => {
                 return Err(format!(
-                    "copy {name}: unknown option {option:?} (use mode=sync|async, lag_bytes_max=SIZE, \
+                    "copy {name}: unknown option {option:?} (use mode=sync|async, lag_bytes_max=SIZE, lag_seconds_max=SECONDS, \
                      compress=none|lz4|zstd[:LEVEL])"
                 ))
             }
@@ -286,4 +288,27 @@ fn start_mirror(
         generation: None,
     };
     Ok(MirrorService::start(config)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--mirror` takes the lag bound in time as seconds (default 4 s, 0 for
+    /// none) and refuses what is not a number of seconds in range.
+    #[test]
+    fn mirror_option_takes_lag_seconds_max() {
+        let default = parse_mirror("dr=127.0.0.2:7789,mode=async").unwrap();
+        assert_eq!(default.lag_ms_max, engine::replicator::LAG_MS_MAX_DEFAULT);
+        assert_eq!(parse_mirror("dr=127.0.0.2:7789,mode=async,lag_seconds_max=0.25").unwrap().lag_ms_max, 250);
+        assert_eq!(parse_mirror("dr=127.0.0.2:7789,mode=async,lag_seconds_max=0").unwrap().lag_ms_max, 0);
+        assert_eq!(
+            parse_mirror("dr=127.0.0.2:7789,lag_seconds_max=soon").unwrap_err(),
+            "copy dr: lag_seconds_max: \"soon\" is not a number of seconds (like 4 or 0.5)"
+        );
+        assert_eq!(
+            parse_mirror("dr=127.0.0.2:7789,lag_seconds_max=7200").unwrap_err(),
+            "copy dr: lag_seconds_max: \"7200\": use 0 (no bound) to 3600 seconds"
+        );
+    }
 }

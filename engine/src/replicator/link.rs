@@ -204,6 +204,7 @@ impl Link {
             name: config.name.clone(),
             mode: config.mode,
             lag_bytes_max: config.lag_bytes_max,
+            lag_ms_max: config.lag_ms_max,
             region_bytes: shared.bitmap.region_bytes(),
             volume_bytes: shared.volume.size(),
             local_sync_interval_ms: u64::try_from(shared.local_sync_interval.as_millis()).unwrap_or(u64::MAX),

@@ -158,6 +158,9 @@ pub(crate) struct CoreConfig {
     pub(crate) mode: MirrorMode,
     /// Async only: unacknowledged write bytes before the copy goes behind.
     pub(crate) lag_bytes_max: u64,
+    /// Async only: the age of the oldest unacknowledged write before the
+    /// copy goes behind; 0: no bound in time.
+    pub(crate) lag_ms_max: u64,
     pub(crate) region_bytes: u64,
     pub(crate) volume_bytes: u64,
     /// At most how often the local volume is fsynced so that bits can clear.
@@ -346,7 +349,7 @@ enum AfterPersist<H> {
     /// A change shipped while the copy was not recorded stale (Stale).
     MissedWhileUnrecorded { hold: Option<H> },
     /// An async copy went over its lag bound (Stale).
-    WentBehind { lag_bytes: u64 },
+    WentBehind { lag_bytes: u64, age_ms: u64 },
     /// The connection is gone with these held changes (Stale).
     Lost { holds: Vec<H>, was: CopyState, why: String, waiting: usize, shutting_down: bool },
     /// A connection begins (Syncing): then the copy store's token is checked.
@@ -536,18 +539,7 @@ impl<H, V> LinkCore<H, V> {
                     // A sync write is answered only once the copy has it.
                     return RecoveryPoint { bytes: 0, ms: 0, exact: true };
                 }
-                let oldest = self
-                    .unacked
-                    .iter()
-                    .map(|unacked| &unacked.frame)
-                    .chain(self.queue.iter())
-                    .find(|frame| frame.lag > 0 && !frame.resync)
-                    .map(|frame| frame.shipped_at_ms);
-                RecoveryPoint {
-                    bytes: self.lag_bytes,
-                    ms: oldest.map_or(0, |shipped| now_ms.saturating_sub(shipped)),
-                    exact: true,
-                }
+                RecoveryPoint { bytes: self.lag_bytes, ms: self.oldest_write_age_ms(now_ms), exact: true }
             }
             _ => RecoveryPoint {
                 bytes: dirty_bytes.max(self.lag_bytes),
@@ -555,6 +547,24 @@ impl<H, V> LinkCore<H, V> {
                 exact: false,
             },
         }
+    }
+
+    /// How long the oldest write queued or sent and not yet acknowledged
+    /// has waited (0 when there is none).
+    fn oldest_write_age_ms(&self, now_ms: u64) -> u64 {
+        self.unacked
+            .iter()
+            .map(|unacked| &unacked.frame)
+            .chain(self.queue.iter())
+            .find(|frame| frame.lag > 0 && !frame.resync)
+            .map_or(0, |frame| now_ms.saturating_sub(frame.shipped_at_ms))
+    }
+
+    /// Whether an async copy shipped `lag` more bytes at `now_ms` would be
+    /// past its lag bound: in bytes, or in the age of its oldest write.
+    fn over_lag_bound(&self, lag: u64, now_ms: u64) -> bool {
+        self.lag_bytes + lag > self.config.lag_bytes_max
+            || (self.config.lag_ms_max > 0 && self.oldest_write_age_ms(now_ms) > self.config.lag_ms_max)
     }
 
     /// The production role stops: if the copy follows every write, queue a
@@ -693,14 +703,21 @@ impl<H, V> LinkCore<H, V> {
             Change::Write { data, .. } => data.len() as u64,
             _ => 0,
         };
-        if self.config.mode == MirrorMode::Async
-            && change.extent().is_some()
-            && self.lag_bytes + lag > self.config.lag_bytes_max
-        {
-            self.state = CopyState::Behind;
+        if self.config.mode == MirrorMode::Async && change.extent().is_some() && self.over_lag_bound(lag, now_ms) {
             self.dropped(change.extent());
+            if self.state == CopyState::Syncing {
+                // Already recorded syncing and its image already torn: the
+                // pass takes the change's regions (going behind and back
+                // would record the copy twice, in a writer's path, several
+                // times a second while writes outrun the link).
+                return release(hold, 0);
+            }
+            self.state = CopyState::Behind;
             let mut commands = release(hold, 0);
-            commands.extend(self.persist(RecordedState::Stale, AfterPersist::WentBehind { lag_bytes: self.lag_bytes }));
+            let age_ms = self.oldest_write_age_ms(now_ms);
+            commands.extend(
+                self.persist(RecordedState::Stale, AfterPersist::WentBehind { lag_bytes: self.lag_bytes, age_ms }),
+            );
             return commands;
         }
         let mut frame = frame_of(change, payload);
@@ -1045,8 +1062,8 @@ impl<H, V> LinkCore<H, V> {
     pub(crate) fn persisted(&mut self, result: Result<(), String>) -> Vec<Command<H, V>> {
         match self.persisting.take().expect("a persist was asked for") {
             AfterPersist::MissedWhileUnrecorded { hold } => self.missed_write_recorded(hold, result),
-            AfterPersist::WentBehind { lag_bytes } => {
-                self.behind_recorded(lag_bytes, result);
+            AfterPersist::WentBehind { lag_bytes, age_ms } => {
+                self.behind_recorded(lag_bytes, age_ms, result);
                 Vec::new()
             }
             AfterPersist::Lost { holds, was, why, waiting, shutting_down } => {
@@ -1088,12 +1105,13 @@ impl<H, V> LinkCore<H, V> {
         release(hold, 0)
     }
 
-    fn behind_recorded(&self, lag_bytes: u64, result: Result<(), String>) {
+    fn behind_recorded(&self, lag_bytes: u64, age_ms: u64, result: Result<(), String>) {
         let name = &self.config.name;
         match result {
             Ok(()) => tracing::warn!(copy = %name, lag_bytes, lag_bytes_max = self.config.lag_bytes_max,
-                "copy {name} is behind: more than lag_bytes_max unacknowledged; tracking its writes in the \
-                 bitmap and resyncing it once it catches up"),
+                oldest_write_ms = age_ms, lag_ms_max = self.config.lag_ms_max,
+                "copy {name} is behind: past its lag bound ({lag_bytes} bytes unacknowledged, the oldest \
+                 write {age_ms} ms ago); tracking its writes in the bitmap and resyncing it once it catches up"),
             // An async copy that misses writes still holds a consistent
             // (older) image; resyncing it is what must be recorded first.
             Err(error) => tracing::error!(copy = %name, %error, "cannot record the copy stale"),

@@ -23,6 +23,7 @@ fn core(mode: MirrorMode, lag_bytes_max: u64) -> TestCore {
         name: "east".to_string(),
         mode,
         lag_bytes_max,
+        lag_ms_max: 0,
         region_bytes: REGION,
         volume_bytes: REGIONS * REGION,
         local_sync_interval_ms: 0,
@@ -265,6 +266,54 @@ fn an_async_copy_going_behind_drops_writes_keeps_their_regions_and_resyncs_after
     );
 }
 
+/// An async copy already syncing that passes its lag bound stays syncing:
+/// nothing is recorded (its record says syncing already, and its image is
+/// torn anyway), the write is dropped into the running pass, and the pass
+/// sends its region. (It used to go behind and back, two durable records in
+/// a writer's path, several times a second while writes outran the link.)
+#[test]
+fn a_syncing_async_copy_past_its_lag_bound_stays_syncing_and_resyncs_the_write() {
+    let mut core = core(MirrorMode::Async, 2 * WRITE.len() as u64);
+    connect(&mut core, &[3], 0);
+    assert_eq!(ship(&mut core, 1, None, 0), vec![]);
+    assert_eq!(ship(&mut core, 2, None, 0), vec![]);
+    assert_eq!(ship(&mut core, 7, None, 0), vec![], "no record: the copy is recorded syncing already");
+    assert_eq!(core.state(), CopyState::Syncing);
+    assert_eq!(core.poll_send(0), send(false, vec![write_frame(1, 1), write_frame(2, 2)]));
+    assert_eq!(ack(&mut core, FrameKind::WriteAck, 1, &mut nothing_in_flight()), vec![]);
+    assert_eq!(ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.poll_send(1), read_region(3));
+    assert_eq!(core.resync_read(3 * REGION, REGION, zeroes_read(3)), vec![]);
+    assert_eq!(core.poll_send(1), send(false, vec![zeroes_frame(3, 3)]));
+    assert_eq!(ack(&mut core, FrameKind::WriteAck, 3, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.poll_send(1), read_region(7), "the dropped write's region is in the pass");
+    assert_eq!(core.resync_read(7 * REGION, REGION, zeroes_read(7)), vec![]);
+    assert_eq!(core.poll_send(1), send(false, vec![zeroes_frame(4, 7)]));
+    assert_eq!(ack(&mut core, FrameKind::WriteAck, 4, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.poll_send(1), send(false, vec![flush_frame(5, FrameFlags::SYNCED)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::FlushAck, 5, &mut nothing_in_flight()),
+        vec![Command::Persist(RecordedState::Current)]
+    );
+}
+
+/// The lag bound in time: an async copy whose oldest unacknowledged write
+/// is older than `lag_ms_max` goes behind, however few bytes it lags by
+/// (on a slow link a small queue is already seconds of link time).
+#[test]
+fn an_async_copy_whose_oldest_write_waits_past_lag_ms_max_goes_behind() {
+    let mut core = up_to_date(MirrorMode::Async, 64 << 20);
+    core.config.lag_ms_max = 1_000;
+    assert_eq!(ship(&mut core, 1, None, 100), vec![]);
+    assert_eq!(core.poll_send(100), send(false, vec![write_frame(2, 1)]));
+    assert_eq!(ship(&mut core, 2, None, 1_100), vec![], "1000 ms old: at the bound, not past it");
+    assert_eq!(core.state(), CopyState::UpToDate);
+    assert_eq!(ship(&mut core, 3, None, 1_101), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.state(), CopyState::Behind);
+    assert_eq!(core.lag_bytes(), 2 * WRITE.len() as u64, "far under lag_bytes_max");
+}
+
 /// A sync copy lost with writes waiting (sent and queued): it is recorded
 /// stale first, and only then are the writes released, with success.
 #[test]
@@ -466,6 +515,7 @@ fn every_resync_pass_keeps_to_the_rate() {
         name: "east".to_string(),
         mode: MirrorMode::Sync,
         lag_bytes_max: 0,
+        lag_ms_max: 0,
         region_bytes: REGION,
         volume_bytes: REGIONS * REGION,
         local_sync_interval_ms: 0,
@@ -613,6 +663,7 @@ fn a_large_region_goes_in_parts_and_a_missed_change_restarts_it() {
         name: "east".to_string(),
         mode: MirrorMode::Sync,
         lag_bytes_max: 0,
+        lag_ms_max: 0,
         region_bytes: region,
         volume_bytes: 4 * region,
         local_sync_interval_ms: 0,
@@ -689,6 +740,7 @@ fn application_during_resync(regions: u64, seconds: u64) -> (f64, f64) {
         name: "east".to_string(),
         mode: MirrorMode::Sync,
         lag_bytes_max: 0,
+        lag_ms_max: 0,
         region_bytes: REGION_BYTES,
         volume_bytes: 1024 * REGION_BYTES,
         local_sync_interval_ms: 0,

@@ -73,6 +73,30 @@ use link::Link;
 pub use link::{CopyState, CopyStatus, RecoveryPoint, ACK_TIMEOUT, LOCAL_SYNC_INTERVAL_DEFAULT};
 pub use state::{CopyRecord, LocalStateFile, MirrorStateStore, RecordedState, StateError, StateErrorKind};
 
+/// The default lag bound of an async copy in bytes (`lag_bytes_max`).
+pub const LAG_BYTES_MAX_DEFAULT: u64 = 64 << 20;
+/// The default lag bound of an async copy in time (`lag_seconds_max`):
+/// 4 s, under the 5 s [`ACK_TIMEOUT`]: at any link rate, a copy's queue
+/// holds at most about 4 s of link time when it goes `behind` (64 MiB alone
+/// is 5.4 s at 100 Mbit/s and 54 s at 10 Mbit/s).
+pub const LAG_MS_MAX_DEFAULT: u64 = 4_000;
+
+/// Parse an async copy's `lag_seconds_max`: seconds, a decimal fraction
+/// allowed (`2.5`), at most an hour; `0` means no bound in time. Returns
+/// milliseconds.
+pub fn parse_lag_seconds(text: &str) -> Result<u64, String> {
+    let seconds: f64 =
+        text.trim().parse().map_err(|_| format!("{text:?} is not a number of seconds (like 4 or 0.5)"))?;
+    if !seconds.is_finite() || !(0.0..=3600.0).contains(&seconds) {
+        return Err(format!("{text:?}: use 0 (no bound) to 3600 seconds"));
+    }
+    let ms = (seconds * 1000.0).round() as u64;
+    if seconds > 0.0 && ms == 0 {
+        return Err(format!("{text:?}: at least 0.001 seconds, or 0 for no bound"));
+    }
+    Ok(ms)
+}
+
 /// How a copy's acknowledgement gates the client's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum MirrorMode {
@@ -114,6 +138,10 @@ pub struct CopyConfig {
     /// Async only: bytes shipped but not yet acknowledged before the copy
     /// goes `behind`.
     pub lag_bytes_max: u64,
+    /// Async only: how old (milliseconds) the oldest unacknowledged write
+    /// may be before the copy goes `behind` (the lag in link time, whatever
+    /// the link's rate); 0: no bound in time.
+    pub lag_ms_max: u64,
     /// How its data frames are compressed (when the copy host says it
     /// decompresses, and only frames that get smaller).
     pub compress: crate::protocol::Compression,

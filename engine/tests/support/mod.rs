@@ -362,6 +362,7 @@ impl Mirror {
                 address: Some(address),
                 mode,
                 lag_bytes_max: 64 << 20,
+                lag_ms_max: 0,
                 compress: engine::protocol::Compression::None,
             }],
             secret: secret(),
