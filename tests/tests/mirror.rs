@@ -806,3 +806,52 @@ fn a_copy_caught_mid_resync_rolls_back_to_the_image_it_held_before() {
     let again = run(binary().to_str().unwrap(), &["rollback", "--volume", store.to_str().unwrap()]);
     assert!(again.contains("nothing to roll back"), "{again}");
 }
+
+/// A link dropped in the middle of a resync resumes from the bitmap it
+/// left, never from the start (issue 13, item 1): regions the copy applied
+/// and flushed before the drop have had their bits cleared, so the next
+/// connection's pass sends only what is still dirty, and the stores end
+/// identical.
+#[test]
+fn a_resync_cut_short_resumes_from_the_bitmap_it_left() {
+    if !tools() || !require_tool("qemu-io") {
+        return;
+    }
+    // 16 MiB/s: the 192 MiB to resync take 12 s, long enough to cut it.
+    let mut mirror = Mirror::start_sized(
+        "mirror-resume",
+        "256M",
+        &[("east", "127.0.0.2", "")],
+        &["--resync-rate-max", "16M"],
+        |_, _| {},
+    );
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    mirror.copies[0].process.as_mut().unwrap().stop_with(libc::SIGKILL);
+    assert!(wait_until(Duration::from_secs(10), || mirror.copy_status("east")["state"] == "stale"));
+    qemu_write(&mirror.uri(), 0, "192M", 0x5a);
+    let missed = mirror.copy_status("east")["dirty_bytes"].as_u64().unwrap();
+    assert!(missed >= 192 << 20, "the copy missed 192 MiB: {}", mirror.copy_status("east"));
+    let mut east = mirror.copies.remove(0);
+    mirror.start_copy(&mut east);
+    mirror.copies.push(east);
+    // Cut it when three quarters are sent (bits clear at the copy's
+    // flushes and this host's periodic fsync, at most 5 s behind).
+    let progressed = wait_until(Duration::from_secs(60), || {
+        let east = mirror.copy_status("east");
+        east["state"] == "syncing" && east["resync_bytes_done"].as_u64().unwrap() >= missed * 3 / 4
+    });
+    assert!(progressed, "the resync never got three quarters through: {}", mirror.copy_status("east"));
+    mirror.copies[0].process.as_mut().unwrap().stop_with(libc::SIGKILL);
+    assert!(wait_until(Duration::from_secs(10), || mirror.copy_status("east")["state"] == "stale"));
+    let left = mirror.copy_status("east")["dirty_bytes"].as_u64().unwrap();
+    assert!(left <= missed / 2, "{left} of {missed} bytes still dirty after three quarters were sent: started over?");
+    let mut east = mirror.copies.remove(0);
+    mirror.start_copy(&mut east);
+    mirror.copies.push(east);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let east = mirror.copy_status("east");
+    let resent = east["resync_bytes_total"].as_u64().unwrap();
+    assert!(resent <= left, "the second pass sent {resent} bytes where {left} were left: {east}");
+    eprintln!("resume: {missed} bytes missed, {left} left dirty after the cut, {resent} sent by the next pass");
+    mirror.stop_and_compare();
+}
