@@ -81,7 +81,10 @@ pub fn promote(args: PromoteArgs) -> anyhow::Result<()> {
 
 /// POST `path` to the first node that answers, then wait until the record
 /// names `site` production; `dropped` says the request left the record
-/// without that happening (a node's notice says why).
+/// without that happening (a node's notice says why). The node takes the
+/// request in its own time (a loaded host, a slow quorum), so "dropped" is
+/// believed only once the request was seen pending in the record, or a
+/// node has a new notice, or after [`UNSEEN_GRACE`].
 fn move_role(
     config: &GroupConfig,
     site: &str,
@@ -94,6 +97,8 @@ fn move_role(
     let started = Instant::now();
     let admins: Vec<SocketAddr> =
         config.voters().iter().map(|voter| SocketAddr::new(voter.address, config.ports.admin)).collect();
+    let notices_before = notices(&admins);
+    let mut seen_pending = false;
     let mut failures = Vec::new();
     let asked = admins.iter().find(|admin| match request(**admin, "POST", path, Duration::from_secs(2)) {
         Ok(_) => true,
@@ -127,9 +132,14 @@ fn move_role(
                 }
                 return Ok(());
             }
-            if dropped(record) && started.elapsed() > Duration::from_secs(3) {
-                let why = notices(&admins).unwrap_or_else(|| format!("the copies: {}", record["copies"]));
-                anyhow::bail!("the {what} of site {site} did not happen: {why}");
+            if !dropped(record) {
+                seen_pending = true;
+            } else if started.elapsed() > Duration::from_secs(3) {
+                let notices_now = notices(&admins);
+                if seen_pending || notices_now != notices_before || started.elapsed() > UNSEEN_GRACE {
+                    let why = notices_now.unwrap_or_else(|| format!("the copies: {}", record["copies"]));
+                    anyhow::bail!("the {what} of site {site} did not happen: {why}");
+                }
             }
             break;
         }
@@ -139,6 +149,10 @@ fn move_role(
 }
 
 /// The nodes' last notices (why a request was refused), if any.
+/// How long a request never seen pending, with no new notice, is waited
+/// for before it is taken as dropped.
+const UNSEEN_GRACE: Duration = Duration::from_secs(15);
+
 fn notices(admins: &[SocketAddr]) -> Option<String> {
     let mut seen: Vec<String> = Vec::new();
     for admin in admins {
