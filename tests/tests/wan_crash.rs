@@ -28,9 +28,11 @@
 //! (Taking `t_s` before the request makes both bounds looser by the
 //! request's own time, never tighter.)
 //!
-//! The rig runs at 20 Mbit/40 ms: the Python client writes 4 KiB blocks at
-//! about 5-10 MB/s here, over 20 Mbit/s but under 100, so the lower rate is
-//! what makes `behind` reachable with one client at queue depth 1.
+//! The rig runs at 20 Mbit/40 ms, and the client is held to 6 or 10 MB/s
+//! (2.4 or 4 times the link): at 100 Mbit it would have to write over
+//! 12.5 MB/s from Python, 4 KiB at a time, on a shared two-core machine; at
+//! 20 Mbit modest rates go `behind` within seconds and the states last
+//! seconds (a 12 MiB lag bound drains in about 5 s).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
