@@ -335,6 +335,15 @@ impl DelayProxy {
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::Relaxed)
     }
+
+    /// Break every connection through the proxy now, both ways, as a link
+    /// that drops would (what is in its delay lines is lost); it goes on
+    /// accepting new ones.
+    pub fn cut(&self) {
+        for socket in self.shared.sockets.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
 }
 
 impl Drop for DelayProxy {

@@ -145,7 +145,7 @@ pub fn table(status: &serde_json::Value) -> String {
                     human(rpo_bytes)
                 ),
                 _ => format!(
-                    "             rpo: up to {} (its dirty regions), not following every write for {age}\n",
+                    "             rpo: up to {} (what it may lack), not following every write for {age}\n",
                     human(rpo_bytes)
                 ),
             });
@@ -344,7 +344,7 @@ mod tests {
         });
         let shown = super::table(&behind);
         assert!(
-            shown.contains("rpo: up to 3.0 MiB (its dirty regions), not following every write for 12.5 s"),
+            shown.contains("rpo: up to 3.0 MiB (what it may lack), not following every write for 12.5 s"),
             "{shown}"
         );
         assert!(shown.contains("rpo: 8.0 KiB of answered writes not on it yet, the oldest 0.0 s old"), "{shown}");

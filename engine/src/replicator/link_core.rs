@@ -323,11 +323,13 @@ impl<H, V> Frame<H, V> {
 /// [`LinkCore::recovery_point`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RecoveryPoint {
-    /// Bytes of acknowledged writes the copy lacks (not `exact`: the dirty
-    /// regions', an upper bound).
+    /// Bytes of acknowledged writes the copy lacks (not `exact`: an upper
+    /// bound, the dirty regions' or, once a pass began, those changed since
+    /// the image a rollback brings back).
     pub bytes: u64,
     /// How old the oldest of them is, in milliseconds (not `exact`: the
-    /// time since the copy last followed every write; `u64::MAX` when it
+    /// time since the copy last followed every write, or since the oldest
+    /// write still queued for it was shipped if older; `u64::MAX` when it
     /// never did since this host started).
     pub ms: u64,
     /// The copy follows every write (up to date): `bytes` and `ms` are the
@@ -415,6 +417,14 @@ pub(crate) struct LinkCore<H, V> {
     /// if later writes to part of it reach the copy. Keeps the pass's
     /// progress too.
     resync_pending: ResyncSet,
+    /// Regions changed since the copy last held an image that followed
+    /// every write: dirty when a connection began, and every change made
+    /// while the copy is not up to date (missed, or shipped during a pass).
+    /// A copy caught mid-pass rolls back to the image of the pass's start
+    /// (its undo journal), which lacks all of them, even those the pass has
+    /// since sent and whose bits cleared; so the RPO counts them until the
+    /// copy is up to date again.
+    exposed: ResyncSet,
     /// Numbers the resync passes, so only the current pass's closing Flush
     /// can make the copy up to date.
     resync_pass: u64,
@@ -436,7 +446,8 @@ pub(crate) struct LinkCore<H, V> {
     last_flush_ms: u64,
     last_sent_ms: u64,
     /// The last time the sender found the copy up to date: the moment its
-    /// image stopped following every write, once it no longer is.
+    /// image stopped following every write, once it no longer is. A lost
+    /// connection lowers it to when the oldest write it lost was shipped.
     up_to_date_ms: Option<u64>,
     /// When the copy last acknowledged anything (as of the last poll).
     last_ack_ms: u64,
@@ -473,6 +484,7 @@ impl<H, V> LinkCore<H, V> {
     /// A link not connected yet: stale, nothing queued.
     pub(crate) fn new(config: CoreConfig) -> LinkCore<H, V> {
         let resync_pending = ResyncSet::new(config.volume_bytes, config.region_bytes);
+        let exposed = ResyncSet::new(config.volume_bytes, config.region_bytes);
         let controller = ResyncController::new(resync_window_max(&config));
         LinkCore {
             controller,
@@ -491,6 +503,7 @@ impl<H, V> LinkCore<H, V> {
             local_sync_due: false,
             resync_next: None,
             resync_pending,
+            exposed,
             resync_pass: 0,
             resync_checks_outstanding: 0,
             resync_reading: None,
@@ -541,27 +554,50 @@ impl<H, V> LinkCore<H, V> {
                 }
                 RecoveryPoint { bytes: self.lag_bytes, ms: self.oldest_write_age_ms(now_ms), exact: true }
             }
-            _ => RecoveryPoint {
-                bytes: dirty_bytes.max(self.lag_bytes),
-                ms: self.up_to_date_ms.map_or(u64::MAX, |since| now_ms.saturating_sub(since)),
-                exact: false,
-            },
+            // Bounds. The bytes: a copy that has begun no pass since it
+            // last followed every write lacks at most its dirty regions (a
+            // change's bit is set before it is shipped and stays until the
+            // copy has flushed it); one caught mid-pass rolls back to the
+            // pass's start, and lacks at most `exposed` (which then holds
+            // every region changed since that image). The age: since the
+            // copy last followed every write, or since the oldest write
+            // still queued for it was shipped, if older (it went behind
+            // with its lag bound of writes on the way: issue 13's crash
+            // test found the oldest lost write 2 s older than the RPO said).
+            _ => {
+                let since = self
+                    .up_to_date_ms
+                    .map(|since| self.oldest_change_shipped_ms().map_or(since, |shipped| shipped.min(since)));
+                RecoveryPoint {
+                    bytes: dirty_bytes.max(self.lag_bytes).max(self.exposed.bytes()),
+                    ms: since.map_or(u64::MAX, |since| now_ms.saturating_sub(since)),
+                    exact: false,
+                }
+            }
         }
     }
 
-    /// How long the oldest write queued or sent and not yet acknowledged
-    /// has waited (0 when there is none).
-    fn oldest_write_age_ms(&self, now_ms: u64) -> u64 {
+    /// When the oldest change queued or unacknowledged for the copy was
+    /// shipped (its client may have had its answer since).
+    fn oldest_change_shipped_ms(&self) -> Option<u64> {
         self.unacked
             .iter()
             .map(|unacked| &unacked.frame)
             .chain(self.queue.iter())
-            .find(|frame| frame.lag > 0 && !frame.resync)
-            .map_or(0, |frame| now_ms.saturating_sub(frame.shipped_at_ms))
+            .find(|frame| {
+                !frame.resync && matches!(frame.kind, FrameKind::Write | FrameKind::Trim | FrameKind::WriteZeroes)
+            })
+            .map(|frame| frame.shipped_at_ms)
+    }
+
+    /// How long the oldest change queued or sent and not yet acknowledged
+    /// has waited (0 when there is none).
+    fn oldest_write_age_ms(&self, now_ms: u64) -> u64 {
+        self.oldest_change_shipped_ms().map_or(0, |shipped| now_ms.saturating_sub(shipped))
     }
 
     /// Whether an async copy shipped `lag` more bytes at `now_ms` would be
-    /// past its lag bound: in bytes, or in the age of its oldest write.
+    /// past its lag bound: in bytes, or in the age of its oldest change.
     fn over_lag_bound(&self, lag: u64, now_ms: u64) -> bool {
         self.lag_bytes + lag > self.config.lag_bytes_max
             || (self.config.lag_ms_max > 0 && self.oldest_write_age_ms(now_ms) > self.config.lag_ms_max)
@@ -657,6 +693,7 @@ impl<H, V> LinkCore<H, V> {
         if let Some((offset, length)) = extent {
             for region in self.regions(offset, length) {
                 self.resync_pending.insert(region);
+                self.exposed.insert(region);
             }
             // A part already sent of a region being read may lack it.
             self.resync_partial = None;
@@ -731,6 +768,12 @@ impl<H, V> LinkCore<H, V> {
         }
         if let Some((offset, length)) = change.extent() {
             self.touched.extend(self.regions(offset, length));
+            if self.state != CopyState::UpToDate {
+                // Applied on top of a pass: a rollback gives it up.
+                for region in self.regions(offset, length) {
+                    self.exposed.insert(region);
+                }
+            }
         }
         if frame.kind == FrameKind::Flush {
             frame.snapshot = Some(self.take_snapshot(now_ms));
@@ -971,6 +1014,7 @@ impl<H, V> LinkCore<H, V> {
         self.resync_pending.clear_all();
         for region in dirty_regions {
             self.resync_pending.insert(region);
+            self.exposed.insert(region);
         }
         let mut commands = Vec::new();
         if assume_clean {
@@ -984,6 +1028,7 @@ impl<H, V> LinkCore<H, V> {
             }
             for &region in &skipped {
                 self.resync_pending.remove(region);
+                self.exposed.remove(region);
             }
             tracing::info!(
                 copy = %self.config.name,
@@ -1008,6 +1053,11 @@ impl<H, V> LinkCore<H, V> {
         }
         let waiting = self.queue.len() + self.unacked.len();
         let was = self.state;
+        // The writes lost with the queue never reach the copy: its image
+        // follows every write only up to the oldest of them.
+        if let (Some(since), Some(shipped)) = (self.up_to_date_ms, self.oldest_change_shipped_ms()) {
+            self.up_to_date_ms = Some(since.min(shipped));
+        }
         let why = self.ending.take().unwrap_or_else(|| why.to_string());
         let holds: Vec<H> = std::mem::take(&mut self.queue)
             .into_iter()
@@ -1153,6 +1203,7 @@ impl<H, V> LinkCore<H, V> {
             return;
         }
         self.state = CopyState::UpToDate;
+        self.exposed.clear_all();
         self.progress = true;
         self.last_error = None;
         tracing::info!(copy = %name, resync_bytes = self.resync_pending.bytes_done(), "copy {name} is up to date");

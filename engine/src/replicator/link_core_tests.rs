@@ -643,13 +643,77 @@ fn the_recovery_point_says_what_a_copy_lacks_and_since_when() {
     let connection = copy.connection();
     assert!(copy.acked(connection, FrameKind::WriteAck, 2, Vec::new(), 1_050, &mut nothing_in_flight()).is_ok());
     assert_eq!(copy.recovery_point(1_100, 0), RecoveryPoint { bytes: 4096, ms: 800, exact: true });
-    // The connection is lost: the copy follows no more writes from 1000 on.
+    // The connection is lost: the copy follows no more writes from 1000 on,
+    // and never gets the write shipped at 300 that was still unacknowledged.
     copy.lost("the connection ended", false);
-    let bound = RecoveryPoint { bytes: 3 * REGION, ms: 3_000, exact: false };
+    let bound = RecoveryPoint { bytes: 3 * REGION, ms: 3_700, exact: false };
     assert_eq!(copy.recovery_point(4_000, 3 * REGION), bound, "while the loss is being recorded");
     copy.persisted(Ok(()));
     assert_eq!(copy.state(), CopyState::Stale);
     assert_eq!(copy.recovery_point(4_000, 3 * REGION), bound);
+}
+
+/// The recovery point of an async copy that goes behind with writes still
+/// on the way, then resyncs (issue 13's crash tests): while behind, its age
+/// is that of the oldest write queued for it, older than the moment it
+/// went behind; during the pass that follows, its bytes cover every region
+/// changed since it went behind — a rollback to the pass's start gives them
+/// all up — even once their bits cleared (the shell's dirty count, an
+/// input here, then says less); up to date again, only what is in flight.
+#[test]
+fn the_recovery_point_of_a_copy_behind_and_resyncing_covers_what_a_rollback_loses() {
+    let mut copy = up_to_date(MirrorMode::Async, 2 * WRITE.len() as u64);
+    assert_eq!(ship(&mut copy, 1, None, 200), vec![]);
+    assert_eq!(ship(&mut copy, 2, None, 300), vec![]);
+    assert_eq!(copy.poll_send(350), send(false, vec![write_frame(2, 1), write_frame(3, 2)]));
+    assert_eq!(ship(&mut copy, 5, None, 400), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(copy.persisted(Ok(())), vec![]);
+    assert_eq!(copy.state(), CopyState::Behind);
+    assert_eq!(
+        copy.recovery_point(1_000, 3 * REGION),
+        RecoveryPoint { bytes: 3 * REGION, ms: 800, exact: false },
+        "behind: the write shipped at 200 is still on its way"
+    );
+    assert_eq!(ack(&mut copy, FrameKind::WriteAck, 2, &mut nothing_in_flight()), vec![]);
+    assert_eq!(ack(&mut copy, FrameKind::WriteAck, 3, &mut nothing_in_flight()), vec![]);
+    assert_eq!(copy.poll_send(1_100), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(copy.persisted(Ok(())), vec![]);
+    assert_eq!(copy.state(), CopyState::Syncing);
+    // A write during the pass reaches the copy (and its bit may clear), but
+    // the rollback image lacks it as much as the region the pass resends.
+    assert_eq!(ship(&mut copy, 7, None, 1_200), vec![]);
+    assert_eq!(
+        copy.recovery_point(2_000, REGION),
+        RecoveryPoint { bytes: 2 * REGION, ms: 1_650, exact: false },
+        "syncing: regions 5 and 7 since the image of the pass's start, the copy not following since 350"
+    );
+    assert_eq!(copy.poll_send(2_000), send(false, vec![write_frame(4, 7)]));
+    assert_eq!(ack(&mut copy, FrameKind::WriteAck, 4, &mut nothing_in_flight()), vec![]);
+    assert_eq!(copy.poll_send(2_000), send(false, vec![flush_frame(5, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut copy, FrameKind::FlushAck, 5, &mut nothing_in_flight()), vec![]);
+    assert_eq!(copy.poll_send(2_000), read_region(5));
+    assert_eq!(copy.resync_read(5 * REGION, REGION, zeroes_read(5)), vec![]);
+    assert_eq!(copy.poll_send(2_000), send(false, vec![zeroes_frame(6, 5)]));
+    assert_eq!(ack(&mut copy, FrameKind::WriteAck, 6, &mut nothing_in_flight()), vec![]);
+    assert_eq!(copy.poll_send(2_000), send(true, vec![flush_frame(7, FrameFlags::SYNCED)]));
+    // (Region 7's bit clears here, with those of 1 and 2.)
+    let commands = ack(&mut copy, FrameKind::FlushAck, 7, &mut nothing_in_flight());
+    assert!(matches!(&commands[0], Command::ClearBits(regions) if regions.contains(&7)), "{commands:?}");
+    assert_eq!(commands[1..], [Command::Persist(RecordedState::Current)]);
+    assert_eq!(copy.persisted(Ok(())), vec![]);
+    assert_eq!(copy.state(), CopyState::UpToDate);
+    assert_eq!(copy.recovery_point(2_100, 2 * REGION), RecoveryPoint { bytes: 0, ms: 0, exact: true });
+    // Behind again later: only what changed since counts.
+    copy.poll_send(2_200);
+    assert_eq!(ship(&mut copy, 9, None, 2_300), vec![]);
+    assert_eq!(ship(&mut copy, 10, None, 2_300), vec![]);
+    assert_eq!(ship(&mut copy, 11, None, 2_400), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(copy.persisted(Ok(())), vec![]);
+    assert_eq!(
+        copy.recovery_point(3_000, 0),
+        RecoveryPoint { bytes: REGION, ms: 800, exact: false },
+        "region 11 missed; 5 and 7 are the copy's since the pass ended"
+    );
 }
 
 /// A region larger than an eighth of the window is resynced in parts: it
