@@ -236,7 +236,7 @@ impl ResyncController {
             // Never below what keeps the link busy without a queue: its
             // bandwidth-delay product, and a frame on the wire.
             self.slow_start = false;
-            let busy = self.bandwidth_delay_product().map_or(0, |product| product + WINDOW_MIN_BYTES);
+            let busy = self.bandwidth_delay_product().map_or(0, |product| product.saturating_add(WINDOW_MIN_BYTES));
             self.window_bytes =
                 (self.window_bytes - self.window_bytes / 4).max(busy).max(WINDOW_MIN_BYTES).min(self.window_max_bytes);
         } else if round.limited {
