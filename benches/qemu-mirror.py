@@ -432,13 +432,17 @@ def p50_us(side):
     return side["lat_ns"]["percentile"]["50.000000"] / 1000
 
 
+def p99_us(side):
+    return side["lat_ns"]["percentile"]["99.000000"] / 1000
+
+
 def fio_qd1(uri, area):
-    """fio 4k randwrite QD1 through NBD, one job over the first `area` of the volume: (IOPS, p50 total
-    latency in µs)."""
+    """fio 4k randwrite QD1 through NBD, one job over the first `area` of the volume: (IOPS, p50 and p99
+    of the total latency in µs)."""
     side = fio_json(["--name=qd1", "--ioengine=nbd", f"--uri={uri}", "--numjobs=1", f"--size={area}",
                      "--rw=randwrite", "--bs=4k", "--iodepth=1", "--time_based", f"--runtime={RUNTIME}",
                      "--ramp_time=1", "--lat_percentiles=1"])
-    return side["iops"], p50_us(side)
+    return side["iops"], p50_us(side), p99_us(side)
 
 
 def raw_direct_write_us(path):
@@ -490,6 +494,7 @@ def measure(scratch, binary, commit):
         return QemuSetup(scratch, config, volume)
 
     results = {}
+    tails = {}
     floor = {"raw": [], "rtt": []}
     flushes = {}
     proofs = {}
@@ -509,9 +514,11 @@ def measure(scratch, binary, commit):
                         setup.settle()
                 for workload in WORKLOADS:
                     if workload in QD1_AREAS:
-                        iops, p50 = fio_qd1(setup.uri, QD1_AREAS[workload])
+                        iops, p50, p99 = fio_qd1(setup.uri, QD1_AREAS[workload])
                         results.setdefault((config, workload), []).append(p50)
-                        log(f"round {round_number + 1} {config} {workload}: {iops:.0f} IOPS, p50 {p50:.1f} µs")
+                        tails.setdefault((config, workload), []).append((iops, p99))
+                        log(f"round {round_number + 1} {config} {workload}: {iops:.0f} IOPS, p50 {p50:.1f} µs, "
+                            f"p99 {p99:.1f} µs")
                     else:
                         iops, _ = mirror.fio_uri(setup.uri, workload)
                         results.setdefault((config, workload), []).append(iops)
@@ -523,14 +530,14 @@ def measure(scratch, binary, commit):
         log(f"round {round_number + 1} floor terms: raw O_DIRECT 4k write p50 {floor['raw'][-1]:.1f} µs, "
             f"loopback 4 KiB RTT p50 {floor['rtt'][-1]:.1f} µs")
     load["end"] = loadavg()
-    report = render(results, floor, flushes, proofs, load, commit, binary, time.time() - started)
+    report = render(results, tails, floor, flushes, proofs, load, commit, binary, time.time() - started)
     print(report)
     if OUT:
         with open(OUT, "w") as f:
             f.write(report)
 
 
-def render(results, floor, flushes, proofs, load, commit, binary, elapsed):
+def render(results, tails, floor, flushes, proofs, load, commit, binary, elapsed):
     median = {key: statistics.median(values) for key, values in results.items()}
     throughput = [w for w in WORKLOADS if w not in QD1_AREAS]
     lines = [
@@ -583,7 +590,18 @@ def render(results, floor, flushes, proofs, load, commit, binary, elapsed):
         geomean = math.exp(sum(math.log(r) for r in head_to_head) / len(head_to_head))
         lines += ["", f"crossmirror sync / QEMU write-blocking mirror, geometric mean of the "
                       f"{' and '.join(GEOMEAN_WORKLOADS)} IOPS ratios: **{geomean:.2f}** (issue 12 target: ≥ 2.0)"]
-    lines += ["", "Per round (in round order):", ""]
+    if tails:
+        lines += ["", "QD1 beyond the p50 (medians over the rounds; IOPS at QD1 = 1 / mean latency):", "",
+                  "| workload | " + " | ".join(f"{c} p99 µs | {c} IOPS" for c in CONFIGS) + " |",
+                  "|---|" + "---:|" * (2 * len(CONFIGS))]
+        for workload in [w for w in WORKLOADS if w in QD1_AREAS]:
+            row = [workload]
+            for c in CONFIGS:
+                values = tails.get((c, workload), [])
+                row += [cell(statistics.median(v[1] for v in values), 1) if values else "-",
+                        cell(statistics.median(v[0] for v in values), 0) if values else "-"]
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Per round (in round order; IOPS, p50 µs for the QD1 rows):", ""]
     for (config, workload), values in sorted(results.items()):
         digits = 1 if workload in QD1_AREAS else 0
         lines.append(f"- {config} {workload}: {' / '.join(f'{v:.{digits}f}' for v in values)}")
