@@ -1691,6 +1691,24 @@ address = "127.0.0.3"
         );
     }
 
+    /// `resync_rate_max` is a size per second, 0 (none) by default; set, it
+    /// is in the canonical text (and the digest), unset the digest is what
+    /// it was before the setting existed; a bad size names its line.
+    #[test]
+    fn resync_rate_max_is_read_and_in_the_digest_only_when_set() {
+        let plain = parse(ALPHA).unwrap();
+        assert_eq!(plain.resync_rate_max, 0);
+        assert!(!plain.canonical().contains("resync_rate_max"));
+        let text = alpha_with("volume_size = \"1G\"", "volume_size = \"1G\"\nresync_rate_max = \"20M\"");
+        let limited = parse(&text).unwrap();
+        assert_eq!(limited.resync_rate_max, 20 << 20);
+        assert!(limited.canonical().contains(&format!("resync_rate_max = {}", 20 << 20)));
+        assert_ne!(limited.digest(), plain.digest());
+        let text = alpha_with("volume_size = \"1G\"", "volume_size = \"1G\"\nresync_rate_max = \"fast\"");
+        let error = parse(&text).unwrap_err().to_string();
+        assert!(error.contains("resync_rate_max \"fast\" does not start with a number"), "{error}");
+    }
+
     /// ALPHA with a `[liveness]` table of `lines` before its first site.
     fn alpha_with_liveness(lines: &str) -> String {
         alpha_with("[[site]]\nname = \"east\"", &format!("[liveness]\n{lines}\n\n[[site]]\nname = \"east\""))

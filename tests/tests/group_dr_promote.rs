@@ -146,6 +146,14 @@ fn a_syncing_dr_copy_and_its_production_host_lost(backend: Backend, label: &str)
     });
     assert_eq!(published["members"]["b"]["dr_image"]["taken_at_ms"], dr_image["taken_at_ms"], "{published}");
     assert_eq!(published["members"]["b"]["dr_image"]["generation"], dr_image["generation"], "{published}");
+    let (_, table, _) = group.status_command(&[]);
+    assert!(
+        table.contains(&format!(
+            "hosted by b: syncing; DR image kept (generation {}, taken at {} Unix ms)",
+            dr_image["generation"], dr_image["taken_at_ms"]
+        )),
+        "crossmirror status does not show the DR image:\n{table}"
+    );
     // 4. Writes while b syncs; a is SIGKILLed in the middle of the pass.
     let during = run_writer_from(&mut group, &on_east, 20_000, 10, |group, writes| {
         if writes.acknowledged.len() == 100 {
