@@ -961,7 +961,23 @@ impl Core {
                     CopyRecordState::Stale { since, reason } => {
                         format!("{} is stale since {since} ({reason})", copy.site)
                     }
-                    CopyRecordState::Syncing => format!("{} is syncing (no consistent image)", copy.site),
+                    CopyRecordState::Syncing => {
+                        let kept = copy
+                            .host
+                            .as_deref()
+                            .and_then(|host| record.members.get(host))
+                            .and_then(|entry| entry.dr_image)
+                            .filter(|image| image.state == DrImageState::Kept);
+                        match kept {
+                            Some(image) => format!(
+                                "{} is syncing (no consistent image; its host keeps the DR image of generation {} \
+                                 taken at {}: to promote it to that image, losing every write since, crossmirror \
+                                 promote --site {} --accept-data-loss)",
+                                copy.site, image.generation, image.taken_at_ms, copy.site
+                            ),
+                            None => format!("{} is syncing (no consistent image)", copy.site),
+                        }
+                    }
                 })
                 .collect();
             self.notice = Some(format!(
@@ -976,7 +992,9 @@ impl Core {
     /// `crossmirror promote --site SITE --accept-data-loss`: promote a copy
     /// that may lack acknowledged writes (an async copy, or one recorded
     /// stale, whose store holds a consistent image of when it stopped
-    /// following every write; never a syncing one, nor one never synced),
+    /// following every write; a syncing one only to the DR image its host
+    /// says it keeps, which it rolls back to before serving; never one
+    /// never synced),
     /// once the production site is down (its host's lease ran out) and no
     /// current sync copy could take over without loss. The new generation
     /// is a fork, recorded in the history: the old production site and

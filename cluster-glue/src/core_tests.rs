@@ -753,3 +753,27 @@ fn a_syncing_copy_is_promoted_only_to_the_dr_image_its_host_keeps_and_the_fork_s
         "{commands:?}"
     );
 }
+
+/// The leader's notice for a lost production site says how to promote a
+/// syncing copy whose host keeps a DR image, and to which image.
+#[test]
+fn the_notice_for_a_syncing_copy_with_a_dr_image_says_how_to_promote_it() {
+    let (mut b1, _) = production_site_lost_with(CopyRecordState::Syncing, "async");
+    let kept = DrImage { state: DrImageState::Kept, generation: 1, taken_at_ms: 1_764_000_000_000 };
+    let Some(Command::Write { record: published, .. }) =
+        b1.step(Event::CopyStore { consistent: Some(false), dr_image: Some(kept) }).pop()
+    else {
+        panic!("b1 publishes its DR image")
+    };
+    b1.step(Event::Written(published));
+    let commands = b1.step(Event::Tick { now_ms: 10_000 });
+    let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
+    assert!(
+        message.contains(
+            "west is syncing (no consistent image; its host keeps the DR image of generation 1 taken at \
+             1764000000000: to promote it to that image, losing every write since, crossmirror promote --site west \
+             --accept-data-loss)"
+        ),
+        "{message}"
+    );
+}
