@@ -140,6 +140,10 @@ pub struct GroupConfig {
     pub volume_size: u64,
     /// Bytes per bit of the write-intent bitmap.
     pub region_size: u64,
+    /// The ceiling of the production host's resync rate to each copy, in
+    /// bytes per second (`resync_rate_max = "20M"`; 0, the default: none,
+    /// the adaptive controller alone paces it).
+    pub resync_rate_max: u64,
     /// The shared secret's file, resolved against the config's directory.
     pub secret_file: PathBuf,
     /// What the production host does with I/O while the group has no quorum.
@@ -458,6 +462,11 @@ impl GroupConfig {
             format!("ports nbd = {}", self.ports.nbd),
             format!("ports admin = {}", self.ports.admin),
         ];
+        // Written only when set: the digest of a config without it stays
+        // what it was before the setting existed.
+        if self.resync_rate_max != 0 {
+            lines.push(format!("resync_rate_max = {}", self.resync_rate_max));
+        }
         match &self.quorum_backend {
             QuorumBackend::Embedded => lines.push("quorum backend = embedded".to_string()),
             QuorumBackend::Etcd { endpoints } => {
@@ -621,6 +630,7 @@ struct RawFile {
     group: Option<Spanned<String>>,
     volume_size: Option<Spanned<RawSize>>,
     region_size: Option<Spanned<RawSize>>,
+    resync_rate_max: Option<Spanned<RawSize>>,
     secret_file: Option<Spanned<String>>,
     on_quorum_loss: Option<Spanned<String>>,
     nbd_export: Option<Spanned<String>>,
@@ -636,10 +646,11 @@ struct RawFile {
 }
 
 /// The keys of the file's top level, for the hint on a misplaced one.
-const TOP_LEVEL_KEYS: [&str; 9] = [
+const TOP_LEVEL_KEYS: [&str; 10] = [
     "group",
     "volume_size",
     "region_size",
+    "resync_rate_max",
     "secret_file",
     "on_quorum_loss",
     "nbd_export",
@@ -899,6 +910,10 @@ impl Checker<'_> {
             self.required(&raw.group, None, "the group setting", "add group = \"<name>\" at the top of the file")?;
         let group = self.name(group_value, "group")?;
         let (volume_size, region_size) = self.sizes(&raw)?;
+        let resync_rate_max = match &raw.resync_rate_max {
+            None => 0,
+            Some(value) => self.size(value, "resync_rate_max")?,
+        };
         let secret_value = self.required(
             &raw.secret_file,
             None,
@@ -922,6 +937,7 @@ impl Checker<'_> {
             group,
             volume_size,
             region_size,
+            resync_rate_max,
             secret_file,
             on_quorum_loss,
             nbd_export,
@@ -1689,6 +1705,24 @@ address = "127.0.0.3"
             (config.liveness.heartbeat, config.liveness.failure),
             (Duration::from_millis(HEARTBEAT_MS_DEFAULT), Duration::from_millis(FAILURE_MS_DEFAULT))
         );
+    }
+
+    /// `resync_rate_max` is a size per second, 0 (none) by default; set, it
+    /// is in the canonical text (and the digest), unset the digest is what
+    /// it was before the setting existed; a bad size names its line.
+    #[test]
+    fn resync_rate_max_is_read_and_in_the_digest_only_when_set() {
+        let plain = parse(ALPHA).unwrap();
+        assert_eq!(plain.resync_rate_max, 0);
+        assert!(!plain.canonical().contains("resync_rate_max"));
+        let text = alpha_with("volume_size = \"1G\"", "volume_size = \"1G\"\nresync_rate_max = \"20M\"");
+        let limited = parse(&text).unwrap();
+        assert_eq!(limited.resync_rate_max, 20 << 20);
+        assert!(limited.canonical().contains(&format!("resync_rate_max = {}", 20 << 20)));
+        assert_ne!(limited.digest(), plain.digest());
+        let text = alpha_with("volume_size = \"1G\"", "volume_size = \"1G\"\nresync_rate_max = \"fast\"");
+        let error = parse(&text).unwrap_err().to_string();
+        assert!(error.contains("resync_rate_max \"fast\" does not start with a number"), "{error}");
     }
 
     /// ALPHA with a `[liveness]` table of `lines` before its first site.

@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use crate::record::{CopyRecordState, GroupRecord, MemberEntry, MemberState};
+use crate::record::{CopyRecordState, DrImage, DrImageState, GroupRecord, MemberEntry, MemberState, PromotedImage};
 
 /// Added to the lease before a failed production host is replaced.
 ///
@@ -189,10 +189,19 @@ pub enum Event {
         why: String,
     },
     /// The copy store this member hosts holds a consistent image (or not:
-    /// a resync pass is under way); `None`: it hosts none.
+    /// a resync pass is under way), and the way back to its last consistent
+    /// image it keeps meanwhile; `None`: it hosts none.
     CopyStore {
         /// Whether the store is consistent.
         consistent: Option<bool>,
+        /// Its DR image (kept, lost or none).
+        dr_image: Option<DrImage>,
+    },
+    /// The wall clock (Unix milliseconds): only to state the age of a DR
+    /// image a forced promotion rolls back to, never to time anything.
+    WallClock {
+        /// Unix milliseconds on this node's clock.
+        unix_ms: u64,
     },
     /// The production role started; its store's token (32 hex digits).
     Serving {
@@ -231,6 +240,10 @@ pub enum Command {
         generation: u64,
         /// The copy sites and their modes, in the record's order.
         copies: Vec<CopySite>,
+        /// A forced promotion of this member's syncing copy: its store is
+        /// rolled back to this DR image before anything is served (and
+        /// nothing is served when that fails).
+        roll_back_to: Option<PromotedImage>,
     },
     /// Something the operator should know (why a copy is not promoted).
     Notice {
@@ -324,6 +337,10 @@ pub struct Core {
     /// Whether the copy store this member hosts is consistent, as its copy
     /// role last said (recorded in this member's entry).
     copy_store_consistent: Option<bool>,
+    /// The DR image of that store, as its copy role last said.
+    copy_store_dr_image: Option<DrImage>,
+    /// The wall clock as last told (Unix milliseconds; 0: not told).
+    unix_ms: u64,
     /// The epoch a copy host refused (this node was deposed): production is
     /// not started again at it or an older one.
     deposed_epoch: Option<u64>,
@@ -361,6 +378,8 @@ impl Core {
             handing_over: None,
             claimed: None,
             copy_store_consistent: None,
+            copy_store_dr_image: None,
+            unix_ms: 0,
             deposed_epoch: None,
         }
     }
@@ -429,7 +448,11 @@ impl Core {
             }
             Event::Promote { site } => self.promotion_asked = Some(site),
             Event::Serving { store } => self.serving_store = Some(store),
-            Event::CopyStore { consistent } => self.copy_store_consistent = consistent,
+            Event::CopyStore { consistent, dr_image } => {
+                self.copy_store_consistent = consistent;
+                self.copy_store_dr_image = dr_image;
+            }
+            Event::WallClock { unix_ms } => self.unix_ms = unix_ms,
             Event::Deposed { why } => {
                 // Self-fence at once (seed 004); serve this epoch no more,
                 // whatever an older record says.
@@ -605,6 +628,7 @@ impl Core {
             Phase::Joined => {
                 self.claim_hand_over(record, why);
                 let consistent = self.copy_store_consistent;
+                let dr_image = self.copy_store_dr_image;
                 if let Some(entry) = record.members.get_mut(&me).filter(|entry| entry.incarnation == self.incarnation) {
                     if entry.store_consistent != consistent {
                         entry.store_consistent = consistent;
@@ -612,6 +636,18 @@ impl Core {
                             Some(true) => format!("{me}'s copy store holds a consistent image"),
                             Some(false) => format!("{me}'s copy store is in the middle of a resync"),
                             None => format!("{me} hosts no copy store"),
+                        });
+                    }
+                    if entry.dr_image != dr_image {
+                        entry.dr_image = dr_image;
+                        why.push(match dr_image {
+                            Some(DrImage { state: DrImageState::Kept, generation, taken_at_ms }) => format!(
+                                "{me}'s copy store keeps a DR image (generation {generation}, taken at {taken_at_ms})"
+                            ),
+                            Some(DrImage { state: DrImageState::Lost, .. }) => {
+                                format!("{me}'s copy store keeps no DR image during its resync")
+                            }
+                            _ => format!("{me}'s copy store needs no DR image"),
                         });
                     }
                 }
@@ -925,7 +961,23 @@ impl Core {
                     CopyRecordState::Stale { since, reason } => {
                         format!("{} is stale since {since} ({reason})", copy.site)
                     }
-                    CopyRecordState::Syncing => format!("{} is syncing (no consistent image)", copy.site),
+                    CopyRecordState::Syncing => {
+                        let kept = copy
+                            .host
+                            .as_deref()
+                            .and_then(|host| record.members.get(host))
+                            .and_then(|entry| entry.dr_image)
+                            .filter(|image| image.state == DrImageState::Kept);
+                        match kept {
+                            Some(image) => format!(
+                                "{} is syncing (no consistent image; its host keeps the DR image of generation {} \
+                                 taken at {}: to promote it to that image, losing every write since, crossmirror \
+                                 promote --site {} --accept-data-loss)",
+                                copy.site, image.generation, image.taken_at_ms, copy.site
+                            ),
+                            None => format!("{} is syncing (no consistent image)", copy.site),
+                        }
+                    }
                 })
                 .collect();
             self.notice = Some(format!(
@@ -940,7 +992,9 @@ impl Core {
     /// `crossmirror promote --site SITE --accept-data-loss`: promote a copy
     /// that may lack acknowledged writes (an async copy, or one recorded
     /// stale, whose store holds a consistent image of when it stopped
-    /// following every write; never a syncing one, nor one never synced),
+    /// following every write; a syncing one only to the DR image its host
+    /// says it keeps, which it rolls back to before serving; never one
+    /// never synced),
     /// once the production site is down (its host's lease ran out) and no
     /// current sync copy could take over without loss. The new generation
     /// is a fork, recorded in the history: the old production site and
@@ -970,32 +1024,53 @@ impl Core {
             return refuse(self, why, "not a copy site".to_string());
         };
         let copy = &record.copies[index];
-        if copy.state == CopyRecordState::Syncing {
-            // Its host may keep a way back to the image it held when its
-            // resync began (`crossmirror rollback`), but the group does not
-            // know whether it does: a fork committed for a host that then
-            // cannot serve would leave the group with nobody (not built).
-            return refuse(
-                self,
-                why,
-                "its copy is syncing: no consistent image of it is known to the group".to_string(),
-            );
+        let host_entry = copy.host.as_deref().and_then(|host| record.members.get(host));
+        let host_says = host_entry.and_then(|entry| entry.store_consistent);
+        // In the middle of a resync pass (recorded syncing, or recorded stale
+        // when its link dropped mid-pass): its store is no image, but its
+        // host may keep a way back to the one it held when the pass began
+        // (the undo journal). Promoted only to that image, which its host
+        // rolls back to before it serves; refused when it keeps none.
+        let mid_pass = copy.state == CopyRecordState::Syncing || host_says == Some(false);
+        let mut dr_image = None;
+        if mid_pass {
+            let what = if copy.state == CopyRecordState::Syncing {
+                "its copy is syncing"
+            } else {
+                "its host says its store is in the middle of a resync"
+            };
+            let published = host_entry.and_then(|entry| entry.dr_image);
+            let Some(image) = published.filter(|image| image.state == DrImageState::Kept) else {
+                let kept = match published {
+                    Some(DrImage { state: DrImageState::Lost, .. }) => "its host says its DR image is lost",
+                    Some(_) => "its host says it keeps no DR image",
+                    None => "its host has not said it keeps a DR image",
+                };
+                return refuse(
+                    self,
+                    why,
+                    format!(
+                        "{what}: no consistent image of it is known to the group ({kept}; a syncing copy is \
+                         promoted only to the DR image its host keeps during a resync)"
+                    ),
+                );
+            };
+            // An image older than a fork may be of the abandoned line.
+            let forked = record.history.iter().rev().find(|entry| entry.fork.is_some()).map(|entry| entry.generation);
+            if let Some(forked) = forked.filter(|forked| image.generation < *forked) {
+                return refuse(
+                    self,
+                    why,
+                    format!(
+                        "{what} and its DR image is of generation {}, older than the fork that started generation \
+                         {forked}: it may hold writes of the abandoned line",
+                        image.generation
+                    ),
+                );
+            }
+            dr_image = Some(image);
         }
-        let host_says =
-            copy.host.as_deref().and_then(|host| record.members.get(host)).and_then(|entry| entry.store_consistent);
-        if host_says == Some(false) {
-            // Recorded stale when its link dropped in the middle of a pass:
-            // its store is no image (`crossmirror rollback` on its host
-            // brings back the one it held when the pass began).
-            return refuse(
-                self,
-                why,
-                "its host says its store is in the middle of a resync (no consistent image; `crossmirror rollback` \
-                 on that host brings back the image the resync began from)"
-                    .to_string(),
-            );
-        }
-        if copy.store.bytes().all(|digit| digit == b'0') {
+        if dr_image.is_none() && copy.store.bytes().all(|digit| digit == b'0') {
             return refuse(
                 self,
                 why,
@@ -1018,14 +1093,34 @@ impl Core {
                 format!("copy site {} is current (sync) and loses nothing: it takes over instead", lossless.site),
             );
         }
-        let given_up = match &copy.state {
-            CopyRecordState::Stale { since, reason } => {
+        let given_up = match (&copy.state, dr_image) {
+            (_, Some(image)) => {
+                let age = match self.unix_ms.checked_sub(image.taken_at_ms) {
+                    Some(age) if self.unix_ms > 0 => format!("{:.1} s", age as f64 / 1000.0),
+                    _ => "unknown".to_string(),
+                };
+                format!(
+                    "its store is rolled back to its DR image of generation {} taken at {} (Unix ms, the copy \
+                     host's clock; the image is of that moment or earlier), age {age} at this promotion: that age \
+                     is the RPO of the image (at least); every write acknowledged after it",
+                    image.generation, image.taken_at_ms
+                )
+            }
+            (CopyRecordState::Stale { since, reason }, None) => {
                 format!("every write acknowledged since its copy went stale at {since} ({reason})")
             }
             _ => "the acknowledged writes not yet shipped to this async copy".to_string(),
         };
         let (old_site, old_generation) = (record.production.site.clone(), record.generation);
         self.promote(record, index, "forced promotion (--accept-data-loss)", why);
+        if let Some(image) = dr_image {
+            record.promoted_image = Some(PromotedImage {
+                host: record.production.host.clone().unwrap_or_default(),
+                epoch: record.epoch,
+                generation: image.generation,
+                taken_at_ms: image.taken_at_ms,
+            });
+        }
         let fork = format!(
             "forced promotion of {site} over {old_site} (generation {old_generation} forked): {given_up} given up; \
              the other sites are resynced in full from {site}"
@@ -1093,6 +1188,7 @@ impl Core {
             .map(|handover| handover.store);
         let promoted = record.copies.remove(index);
         let host = promoted.host.clone().expect("a promotable copy has a host");
+        record.promoted_image = None;
         record.production = crate::record::Production { site: promoted.site.clone(), host: Some(host.clone()) };
         record.epoch += 1;
         record.generation += 1;
@@ -1124,8 +1220,11 @@ impl Core {
             },
         );
         why.push(format!(
-            "{cause}: copy site {} (current) promoted over {old_site}, {host} serves (epoch {}, generation {})",
-            promoted.site, record.epoch, record.generation
+            "{cause}: copy site {} ({}) promoted over {old_site}, {host} serves (epoch {}, generation {})",
+            promoted.site,
+            promoted.state.name(),
+            record.epoch,
+            record.generation
         ));
     }
 
@@ -1137,7 +1236,12 @@ impl Core {
             .members
             .get(me)
             .is_some_and(|entry| entry.state == MemberState::Joined && entry.incarnation == self.incarnation);
+        // A member whose entry says it cannot use its store (its production
+        // role failed to start: a forced promotion's rollback that failed)
+        // does not try again and again: it serves nothing until it restarts.
+        let usable = record.members.get(me).is_some_and(|entry| entry.access);
         let produce = joined
+            && usable
             && record.production.host.as_deref() == Some(me)
             && self.deposed_epoch.is_none_or(|deposed| record.epoch > deposed);
         let my_site = self.topology.my_site().map(str::to_string);
@@ -1175,7 +1279,14 @@ impl Core {
                 })
                 .collect();
             self.serving_store = None;
-            commands.push(Command::StartProduction { epoch: record.epoch, generation: record.generation, copies });
+            let roll_back_to =
+                record.promoted_image.clone().filter(|image| image.host == me && image.epoch == record.epoch);
+            commands.push(Command::StartProduction {
+                epoch: record.epoch,
+                generation: record.generation,
+                copies,
+                roll_back_to,
+            });
             self.production = Some(record.epoch);
         }
         if produce {

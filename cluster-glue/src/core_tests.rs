@@ -2,7 +2,7 @@
 //! come out, in order.
 
 use super::*;
-use crate::record::{CopyRecordState, GroupRecord, MemberEntry, MemberState};
+use crate::record::{CopyRecordState, DrImage, DrImageState, GroupRecord, MemberEntry, MemberState, PromotedImage};
 
 const DIGEST: &str = "d1";
 
@@ -30,7 +30,7 @@ fn west() -> Vec<CopySite> {
 }
 
 fn entry(state: MemberState, incarnation: u64, access: bool) -> MemberEntry {
-    MemberEntry { state, incarnation, access, access_problem: None, store_consistent: None }
+    MemberEntry { state, incarnation, access, access_problem: None, store_consistent: None, dr_image: None }
 }
 
 fn empty_record() -> GroupRecord {
@@ -104,7 +104,7 @@ fn the_leader_joins_and_makes_itself_production_host_in_one_write_then_serves_wi
     assert_eq!(
         core.step(Event::Written(joined)),
         vec![
-            Command::StartProduction { epoch: 1, generation: 1, copies: west() },
+            Command::StartProduction { epoch: 1, generation: 1, copies: west(), roll_back_to: None },
             Command::SetCopyHost { site: "west".into(), address: None }
         ]
     );
@@ -140,7 +140,7 @@ fn a_silent_copy_host_is_forced_out_and_the_next_in_backup_order_takes_its_store
     let (mut core, hosted) = joined_node("a", true, &["b1", "b2"]);
     assert_eq!(hosted.copies[0].host.as_deref(), Some("b1"));
     let commands = core.step(Event::Written(hosted.clone()));
-    assert_eq!(commands[0], Command::StartProduction { epoch: 1, generation: 1, copies: west() });
+    assert_eq!(commands[0], Command::StartProduction { epoch: 1, generation: 1, copies: west(), roll_back_to: None });
     // Not settled yet: silence is not failure.
     assert_eq!(core.step(live(&["a", "b2", "w"], false)), vec![]);
     let moved = next(&hosted, |record| {
@@ -315,7 +315,7 @@ fn a_failed_production_host_is_replaced_only_after_its_lease_has_run_out_with_a_
     assert_eq!(
         a2.step(Event::Written(taken)),
         vec![
-            Command::StartProduction { epoch: 2, generation: 2, copies: west() },
+            Command::StartProduction { epoch: 2, generation: 2, copies: west(), roll_back_to: None },
             Command::SetCopyHost { site: "west".into(), address: Some("127.0.0.2:7401".parse().unwrap()) }
         ]
     );
@@ -386,7 +386,8 @@ fn a_current_copy_is_promoted_when_the_production_site_is_lost_after_the_lease_a
             Command::StartProduction {
                 epoch: 2,
                 generation: 2,
-                copies: vec![CopySite { name: "east".into(), mode: "sync".into(), identical: false }]
+                copies: vec![CopySite { name: "east".into(), mode: "sync".into(), identical: false }],
+                roll_back_to: None,
             },
             Command::SetCopyHost { site: "east".into(), address: None },
         ]
@@ -482,7 +483,7 @@ fn a_forced_promotion_is_refused_while_the_production_host_serves_for_a_syncing_
     ] {
         let (mut b1, lost) = production_site_lost_with(state, "async");
         // b1 hosts west: what its copy role says goes in its entry.
-        let pending = match b1.step(Event::CopyStore { consistent: mid_pass }).pop() {
+        let pending = match b1.step(Event::CopyStore { consistent: mid_pass, dr_image: None }).pop() {
             Some(Command::Write { record, .. }) => Some(record),
             _ => None,
         };
@@ -545,7 +546,8 @@ fn a_clean_switchover_hands_the_store_over_and_the_new_production_host_resyncs_o
         commands.contains(&Command::StartProduction {
             epoch: 2,
             generation: 2,
-            copies: vec![CopySite { name: "east".into(), mode: "sync".into(), identical: true }]
+            copies: vec![CopySite { name: "east".into(), mode: "sync".into(), identical: true }],
+            roll_back_to: None,
         }),
         "{commands:?}"
     );
@@ -627,5 +629,151 @@ fn a_production_host_told_by_a_copy_that_it_was_deposed_fences_itself_at_once() 
     assert!(
         commands.iter().any(|command| matches!(command, Command::StartProduction { epoch: 3, .. })),
         "{commands:?}"
+    );
+}
+
+/// b1 hosts west's syncing copy and publishes `dr_image` (and that its
+/// store is mid-pass); the production site is lost and the operator forces
+/// a promotion of west. Returns what the leader b1 wrote or said.
+fn force_promotion_of_a_syncing_copy(dr_image: Option<DrImage>, forked_at: Option<u64>) -> (Core, Vec<Command>) {
+    let (mut b1, lost) = production_site_lost_with(CopyRecordState::Syncing, "async");
+    let lost = next(&lost, |record| {
+        if let Some(generation) = forked_at {
+            record.generation = generation;
+            record.push_history("a");
+            record.history.last_mut().unwrap().fork = Some("an earlier forced promotion".into());
+        }
+    });
+    b1.step(Event::Record(Some(lost)));
+    let Some(Command::Write { record: published, why, .. }) =
+        b1.step(Event::CopyStore { consistent: Some(false), dr_image }).pop()
+    else {
+        panic!("b1 publishes its store's state")
+    };
+    assert!(why.contains("b1's copy store is in the middle of a resync"), "{why}");
+    assert_eq!(published.members["b1"].dr_image, dr_image);
+    b1.step(Event::Written(published));
+    b1.step(Event::WallClock { unix_ms: 1_764_000_042_500 });
+    let Some(Command::Write { record: asked, .. }) = b1.step(Event::Promote { site: "west".into() }).pop() else {
+        panic!("the request is recorded")
+    };
+    b1.step(Event::Written(asked));
+    let commands = b1.step(Event::Tick { now_ms: 10_000 });
+    (b1, commands)
+}
+
+/// A syncing copy (issue 13, item 2) is promoted by force only to the DR
+/// image its host says it keeps: refused when it keeps none, lost or not
+/// said, or when the image is older than a fork; with one, the fork record
+/// states the image (generation, time, age = its RPO), the record names the
+/// image the promoted host rolls back to, and the host is told to roll back
+/// before it serves.
+#[test]
+fn a_syncing_copy_is_promoted_only_to_the_dr_image_its_host_keeps_and_the_fork_states_its_age() {
+    let kept = DrImage { state: DrImageState::Kept, generation: 1, taken_at_ms: 1_764_000_000_000 };
+    for (image, forked_at, refusal) in [
+        (None, None, "its copy is syncing: no consistent image of it is known to the group (its host has not said"),
+        (
+            Some(DrImage { state: DrImageState::Lost, generation: 0, taken_at_ms: 0 }),
+            None,
+            "its host says its DR image is lost",
+        ),
+        (
+            Some(DrImage { state: DrImageState::None, generation: 0, taken_at_ms: 0 }),
+            None,
+            "its host says it keeps no DR image",
+        ),
+        (Some(kept), Some(2), "its DR image is of generation 1, older than the fork that started generation 2"),
+    ] {
+        let (_, commands) = force_promotion_of_a_syncing_copy(image, forked_at);
+        let [Command::Write { record: dropped, why, .. }] = &commands[..] else { panic!("{commands:?}") };
+        assert!(why.contains("forced promotion of west refused: "), "{why}");
+        assert!(why.contains(refusal), "{why}");
+        assert_eq!(
+            (dropped.production.site.as_str(), dropped.promotion.as_deref()),
+            ("east", None),
+            "nothing promoted"
+        );
+        assert_eq!(dropped.promoted_image, None);
+    }
+
+    let (mut b1, commands) = force_promotion_of_a_syncing_copy(Some(kept), None);
+    let [Command::Write { record: promoted, why, .. }] = &commands[..] else { panic!("{commands:?}") };
+    assert!(why.contains("copy site west (syncing) promoted over east, b1 serves (epoch 2, generation 2)"), "{why}");
+    assert_eq!(promoted.production, crate::record::Production { site: "west".into(), host: Some("b1".into()) });
+    let image = PromotedImage { host: "b1".into(), epoch: 2, generation: 1, taken_at_ms: 1_764_000_000_000 };
+    assert_eq!(promoted.promoted_image, Some(image.clone()));
+    let fork = promoted.history.last().unwrap().fork.clone().expect("a fork is recorded");
+    assert!(
+        fork.contains(
+            "its store is rolled back to its DR image of generation 1 taken at 1764000000000 (Unix ms, the copy \
+             host's clock; the image is of that moment or earlier), age 42.5 s at this promotion: that age is the \
+             RPO of the image (at least)"
+        ),
+        "{fork}"
+    );
+    assert!(fork.starts_with("forced promotion of west over east (generation 1 forked)"), "{fork}");
+    assert!(matches!(promoted.copies[0].state, CopyRecordState::Stale { .. }), "{:?}", promoted.copies[0]);
+    assert_eq!(promoted.copies[0].store, "0".repeat(32), "east is resynced in full");
+    let commands = b1.step(Event::Written(promoted.clone()));
+    assert_eq!(commands[0], Command::StopCopy, "the copy role lets go of the store first");
+    assert_eq!(
+        commands[1],
+        Command::StartProduction {
+            epoch: 2,
+            generation: 2,
+            copies: vec![CopySite { name: "east".into(), mode: "async".into(), identical: false }],
+            roll_back_to: Some(image),
+        }
+    );
+    // The rollback fails: b1 serves nothing, records why, and does not try
+    // again (a production start that fails is not retried in a loop).
+    let commands = b1.step(Event::RoleFailed { why: "cannot roll the store back: damaged header".into() });
+    let [Command::Write { record: failed, why, .. }] = &commands[..] else { panic!("{commands:?}") };
+    assert!(why.contains("b1 cannot host its store: cannot roll the store back"), "{why}");
+    assert_eq!(failed.members["b1"].access_problem.as_deref(), Some("cannot roll the store back: damaged header"));
+    let commands = b1.step(Event::Written(failed.clone()));
+    assert!(
+        !commands.iter().any(|command| matches!(command, Command::StartProduction { .. })),
+        "a failed start is tried again: {commands:?}"
+    );
+    assert_eq!(b1.step(Event::Tick { now_ms: 20_000 }), vec![]);
+    // Another member serving the next epoch (the image was b1's) rolls
+    // nothing back.
+    let (mut a, joined) = joined_node("a", false, &["b1", "w"]);
+    a.step(Event::Written(joined));
+    let moved = next(promoted, |record| {
+        record.production = crate::record::Production { site: "east".into(), host: Some("a".into()) };
+        record.epoch = 3;
+        record.members.insert("a".into(), entry(MemberState::Joined, 1, true));
+    });
+    let commands = a.step(Event::Record(Some(moved)));
+    assert!(
+        commands.iter().any(|command| matches!(command, Command::StartProduction { epoch: 3, roll_back_to: None, .. })),
+        "{commands:?}"
+    );
+}
+
+/// The leader's notice for a lost production site says how to promote a
+/// syncing copy whose host keeps a DR image, and to which image.
+#[test]
+fn the_notice_for_a_syncing_copy_with_a_dr_image_says_how_to_promote_it() {
+    let (mut b1, _) = production_site_lost_with(CopyRecordState::Syncing, "async");
+    let kept = DrImage { state: DrImageState::Kept, generation: 1, taken_at_ms: 1_764_000_000_000 };
+    let Some(Command::Write { record: published, .. }) =
+        b1.step(Event::CopyStore { consistent: Some(false), dr_image: Some(kept) }).pop()
+    else {
+        panic!("b1 publishes its DR image")
+    };
+    b1.step(Event::Written(published));
+    let commands = b1.step(Event::Tick { now_ms: 10_000 });
+    let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
+    assert!(
+        message.contains(
+            "west is syncing (no consistent image; its host keeps the DR image of generation 1 taken at \
+             1764000000000: to promote it to that image, losing every write since, crossmirror promote --site west \
+             --accept-data-loss)"
+        ),
+        "{message}"
     );
 }

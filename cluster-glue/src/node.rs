@@ -29,7 +29,7 @@ use crate::core::{Command, CopySite, Core, Event, MemberInfo, Topology};
 use crate::liveness::{Liveness, LivenessConfig};
 use crate::quorum::raft::{RaftQuorum, RaftQuorumConfig};
 use crate::quorum::{CasOutcome, QuorumStore};
-use crate::record::{GroupRecord, MemberState, RECORD_KEY};
+use crate::record::{DrImage, DrImageState, GroupRecord, MemberState, PromotedImage, RECORD_KEY};
 use crate::record_store::{RecordStore, CALL_TIMEOUT};
 
 /// How long a joining member waits for its peers' configs.
@@ -67,6 +67,12 @@ pub struct ProductionSpec {
     pub nbd_listen: SocketAddr,
     /// The export name.
     pub export: String,
+    /// The ceiling of the resync rate to each copy (bytes/s; 0: none).
+    pub resync_rate_max: u64,
+    /// A forced promotion of this member's syncing copy: before anything is
+    /// served, its store is rolled back to the DR image of this generation
+    /// taken at this time (Unix ms); when that fails, nothing is served.
+    pub roll_back_to: Option<(u64, u64)>,
 }
 
 /// What the copy role needs to start.
@@ -157,6 +163,19 @@ fn topology(config: &GroupConfig, me: &str) -> Topology {
         mirror_port: config.ports.mirror,
         lease_ms: u64::try_from(config.lease.as_millis()).unwrap_or(u64::MAX),
     }
+}
+
+/// The DR image a copy role's status shows (`dr_image: {state, generation,
+/// taken_at_ms}`), as a member publishes it in its entry.
+fn published_dr_image(status: &serde_json::Value) -> Option<DrImage> {
+    let state = match status["state"].as_str()? {
+        "kept" => DrImageState::Kept,
+        "lost" => DrImageState::Lost,
+        _ => DrImageState::None,
+    };
+    let kept = state == DrImageState::Kept;
+    let field = |name: &str| if kept { status[name].as_u64().unwrap_or(0) } else { 0 };
+    Some(DrImage { state, generation: field("generation"), taken_at_ms: field("taken_at_ms") })
 }
 
 /// Refuse an unknown name with the names there are.
@@ -465,7 +484,7 @@ impl Shell<'_> {
         let mut leader = None;
         let mut live: Option<(BTreeSet<String>, bool)> = None;
         let mut leave_sent: Option<std::time::Instant> = None;
-        let mut copy_store: Option<bool> = None;
+        let mut copy_store: (Option<bool>, Option<DrImage>) = (None, None);
         let started = std::time::Instant::now();
         let mut seq = 0;
         loop {
@@ -540,6 +559,10 @@ impl Shell<'_> {
                 let now_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 ticked = true;
                 self.events.insert(0, Event::Tick { now_ms });
+                let unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX));
+                self.events.insert(0, Event::WallClock { unix_ms });
                 for event in std::mem::take(&mut self.events) {
                     let commands = core.step(event);
                     for command in commands {
@@ -571,9 +594,12 @@ impl Shell<'_> {
             // its entry: a forced promotion of a store in the middle of a
             // resync is refused on it.
             let consistent = status["roles"]["copy"]["store_state"].as_str().map(|state| state == "consistent");
-            if consistent != copy_store {
-                copy_store = consistent;
-                self.events.push(Event::CopyStore { consistent });
+            // And the way back it keeps while a pass runs: a forced
+            // promotion of a syncing copy rolls back to it.
+            let dr_image = consistent.and(published_dr_image(&status["roles"]["copy"]["dr_image"]));
+            if (consistent, dr_image) != copy_store {
+                copy_store = (consistent, dr_image);
+                self.events.push(Event::CopyStore { consistent, dr_image });
             }
             if let Some(why) = status["roles"]["production"]["deposed"].as_str() {
                 self.events.push(Event::Deposed { why: why.to_string() });
@@ -629,7 +655,9 @@ impl Shell<'_> {
                 }
                 self.events.push(Event::Access(result));
             }
-            Command::StartProduction { epoch, generation, copies } => self.start_production(epoch, generation, &copies),
+            Command::StartProduction { epoch, generation, copies, roll_back_to } => {
+                self.start_production(epoch, generation, &copies, roll_back_to)
+            }
             Command::Notice { message } => tracing::warn!("{message}"),
             Command::SetCopyHost { site, address } => self.runner.set_copy_host(&site, address),
             Command::StopProduction => {
@@ -689,7 +717,13 @@ impl Shell<'_> {
         }
     }
 
-    fn start_production(&mut self, epoch: u64, generation: u64, copy_sites: &[crate::core::CopySite]) {
+    fn start_production(
+        &mut self,
+        epoch: u64,
+        generation: u64,
+        copy_sites: &[crate::core::CopySite],
+        roll_back_to: Option<PromotedImage>,
+    ) {
         let member = self.config.member(self.name).expect("only members produce");
         let gate = Arc::new(Gate::new(match self.config.on_quorum_loss {
             OnQuorumLoss::Suspend => OnExpiry::Suspend,
@@ -730,6 +764,8 @@ impl Shell<'_> {
             gate: gate.clone(),
             nbd_listen: SocketAddr::new(member.address, self.config.ports.nbd),
             export: self.config.nbd_export.clone(),
+            resync_rate_max: self.config.resync_rate_max,
+            roll_back_to: roll_back_to.map(|image| (image.generation, image.taken_at_ms)),
         };
         *self.lease.producing.lock().unwrap_or_else(PoisonError::into_inner) = Some((gate, epoch));
         // The first lease before the first request, so that none is turned

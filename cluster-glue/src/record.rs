@@ -135,6 +135,53 @@ pub struct MemberEntry {
     /// `None` while it hosts none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_consistent: Option<bool>,
+    /// The way back to the last consistent image its copy store keeps while
+    /// a resync pass runs (the undo journal, `engine::dr_image`), as its
+    /// copy role last said; `None` while it hosts none. A forced promotion
+    /// of a syncing copy rolls its store back to this image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dr_image: Option<DrImage>,
+}
+
+/// Whether a copy store keeps a way back to its last consistent image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrImageState {
+    /// Kept: the store can be rolled back to the image.
+    Kept,
+    /// A pass runs and no way back is kept (never begun, past its limit,
+    /// the journal lost).
+    Lost,
+    /// No pass runs: the store is the image itself (or holds none).
+    None,
+}
+
+/// A copy store's DR image as its host publishes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrImage {
+    /// Kept, lost or none.
+    pub state: DrImageState,
+    /// The volume generation of the kept image (0 unless kept).
+    #[serde(default)]
+    pub generation: u64,
+    /// When its pass began (Unix milliseconds, the copy host's clock): the
+    /// image is of that moment or earlier (0 unless kept).
+    #[serde(default)]
+    pub taken_at_ms: u64,
+}
+
+/// A forced promotion of a syncing copy: the image its host rolls its
+/// store back to before it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromotedImage {
+    /// The member that rolls back and serves.
+    pub host: String,
+    /// The epoch it serves.
+    pub epoch: u64,
+    /// The image's volume generation.
+    pub generation: u64,
+    /// When its pass began (Unix milliseconds, the copy host's clock).
+    pub taken_at_ms: u64,
 }
 
 impl MemberEntry {
@@ -146,6 +193,7 @@ impl MemberEntry {
             access: false,
             access_problem: None,
             store_consistent: None,
+            dr_image: None,
         }
     }
 }
@@ -206,6 +254,10 @@ pub struct GroupRecord {
     /// --accept-data-loss`), asked for and not done yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promotion: Option<String>,
+    /// The last forced promotion of a syncing copy (to its DR image): the
+    /// promoted host rolls its store back to this image before it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_image: Option<PromotedImage>,
 }
 
 impl GroupRecord {
@@ -237,6 +289,7 @@ impl GroupRecord {
             switchover: None,
             handover: None,
             promotion: None,
+            promoted_image: None,
         }
     }
 
@@ -296,6 +349,7 @@ mod tests {
                 access: true,
                 access_problem: None,
                 store_consistent: None,
+                dr_image: Some(DrImage { state: DrImageState::Kept, generation: 3, taken_at_ms: 1_764_000_000_000 }),
             },
         );
         let bytes = record.encode();

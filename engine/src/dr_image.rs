@@ -351,6 +351,24 @@ pub enum RestoreError {
         /// Where the journal would be.
         journal: PathBuf,
     },
+    /// The journal leads to another image than the one asked for (a forced
+    /// promotion names the image the group recorded).
+    #[error(
+        "{store}'s undo journal leads to the image of generation {found_generation} taken at {found_taken_at_ms}, \
+         not the one asked for (generation {generation} taken at {taken_at_ms})"
+    )]
+    OtherImage {
+        /// The store.
+        store: PathBuf,
+        /// The image asked for.
+        generation: u64,
+        /// Its time (Unix ms).
+        taken_at_ms: u64,
+        /// The journal's image.
+        found_generation: u64,
+        /// Its time.
+        found_taken_at_ms: u64,
+    },
     /// Another process holds the store.
     #[error("{store} is in use by another process (a copy host or production host); stop it first")]
     InUse {
@@ -374,10 +392,14 @@ pub enum RestoreError {
 /// consistent at the image's generation with a new store token (any record
 /// of this store's contents is void: a production host resyncs it in full),
 /// the journal removed. `Ok(None)`: the store is consistent already.
+/// `expect` (generation, Unix ms): refuse unless the journal leads to that
+/// image (a forced promotion rolls back to the image the group recorded,
+/// never another).
 pub fn restore_image(
     store: &Path,
     files: &crate::metadata::MetadataFiles,
     volume_size: u64,
+    expect: Option<(u64, u64)>,
 ) -> Result<Option<RolledBack>, RestoreError> {
     use crate::metadata::{load_metadata, new_store_token, store_metadata, StoreState};
     let io_error = |source| RestoreError::Io { store: store.to_path_buf(), source };
@@ -394,6 +416,17 @@ pub fn restore_image(
         return Err(RestoreError::Io {
             store: store.to_path_buf(),
             source: invalid(&journal, "was kept for another store (its token differs): the store was replaced"),
+        });
+    }
+    if let Some((generation, taken_at_ms)) =
+        expect.filter(|&expected| expected != (image.generation, image.taken_at_ms))
+    {
+        return Err(RestoreError::OtherImage {
+            store: store.to_path_buf(),
+            generation,
+            taken_at_ms,
+            found_generation: image.generation,
+            found_taken_at_ms: image.taken_at_ms,
         });
     }
     let held = File::open(store).map_err(io_error)?;
@@ -516,6 +549,50 @@ mod tests {
         overwrite(&path, 0, SIZE as usize, 0);
         assert_eq!(roll_back(&path, &journal, SIZE).unwrap().chunks, SIZE / CHUNK_BYTES);
         assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    /// A forced promotion names the image to roll back to: a journal that
+    /// leads to another is refused with the store and journal untouched;
+    /// the named one is restored, the store recorded consistent at its
+    /// generation with a new token, the journal removed.
+    #[test]
+    fn restore_image_rolls_back_only_to_the_image_asked_for() {
+        use crate::metadata::{load_metadata, store_metadata, MetadataFiles, StoreState, VolumeMetadata};
+        let directory = tempfile::tempdir().unwrap();
+        let (volume, path) = store(directory.path());
+        let before = std::fs::read(&path).unwrap();
+        let files = MetadataFiles::locate(&path, false, None);
+        let syncing = VolumeMetadata {
+            identity: None,
+            generation: 5,
+            epoch_promised: 3,
+            state: StoreState::Syncing,
+            store_token: [7; 16],
+            store_fingerprint: 0,
+        };
+        store_metadata(&files.metadata, &syncing).unwrap();
+        let journal = journal_path(&files.metadata);
+        let image = Image { generation: 4, taken_at_ms: 1_700_000_000_000, store: [7; 16] };
+        let mut undo = UndoJournal::begin(&journal, image, SIZE, u64::MAX).unwrap();
+        undo.save(&volume, 100_000, 300_000).unwrap();
+        overwrite(&path, 100_000, 300_000, 9);
+        drop((undo, volume));
+        let during = std::fs::read(&path).unwrap();
+        for other in [(4, 1_700_000_000_001), (3, 1_700_000_000_000)] {
+            let error = restore_image(&path, &files, SIZE, Some(other)).unwrap_err();
+            assert!(matches!(error, RestoreError::OtherImage { .. }), "{error}");
+            assert_eq!(std::fs::read(&path).unwrap(), during, "the store was changed");
+            assert!(journal.exists());
+            assert_eq!(load_metadata(&files.metadata).unwrap().unwrap(), syncing);
+        }
+        let rolled = restore_image(&path, &files, SIZE, Some((4, 1_700_000_000_000))).unwrap().unwrap();
+        assert_eq!(rolled.image, image);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        let restored = load_metadata(&files.metadata).unwrap().unwrap();
+        assert_eq!((restored.state, restored.generation), (StoreState::Consistent, 4));
+        assert_ne!(restored.store_token, syncing.store_token, "a rolled-back store gets a new token");
+        assert!(!journal.exists());
+        assert!(restore_image(&path, &files, SIZE, Some((4, 1_700_000_000_000))).unwrap().is_none());
     }
 
     /// Past its limit the journal says so and saves nothing more.

@@ -74,6 +74,8 @@ pub struct GroupSpec {
     pub on_quorum_loss: Option<String>,
     /// `[quorum] lease_ms`, when not the default.
     pub lease_ms: Option<u64>,
+    /// `resync_rate_max` (e.g. "4M", bytes per second), when set.
+    pub resync_rate_max: Option<String>,
     /// An etcd endpoint (`http://IP:PORT`): the group's quorum is etcd
     /// there instead of its own voters.
     pub etcd: Option<String>,
@@ -90,6 +92,7 @@ impl GroupSpec {
             witnesses: Vec::new(),
             on_quorum_loss: None,
             lease_ms: None,
+            resync_rate_max: None,
             etcd: None,
         }
     }
@@ -148,6 +151,12 @@ impl GroupSpec {
         self
     }
 
+    /// Set `resync_rate_max` (bytes per second, e.g. "4M").
+    pub fn resync_rate_max(mut self, rate: &str) -> GroupSpec {
+        self.resync_rate_max = Some(rate.into());
+        self
+    }
+
     /// Give the last member added these `[member.actions]` lines.
     pub fn actions(mut self, lines: &str) -> GroupSpec {
         if let Some(member) = self.members.last_mut() {
@@ -168,6 +177,9 @@ impl GroupSpec {
             format!("group = {:?}\nvolume_size = {:?}\nsecret_file = \"secret\"\n", self.group, self.volume_size);
         if let Some(value) = &self.on_quorum_loss {
             out.push_str(&format!("on_quorum_loss = {value:?}\n"));
+        }
+        if let Some(rate) = &self.resync_rate_max {
+            out.push_str(&format!("resync_rate_max = {rate:?}\n"));
         }
         out.push_str(&format!(
             "\n[ports]\nquorum = {}\nmirror = {}\nnbd = {}\nadmin = {}\n\n[quorum]\n",

@@ -259,6 +259,13 @@ fn is_block_device(path: &std::path::Path) -> bool {
 
 impl RoleRunner for Roles {
     fn start_production(&mut self, spec: ProductionSpec) -> Result<String, String> {
+        if let Some(image) = spec.roll_back_to {
+            // A forced promotion of this member's syncing copy: its store
+            // goes back to the DR image the group recorded before anything
+            // is served; when it cannot, nothing is (the error is recorded
+            // in this member's entry and the group has no production host).
+            roll_back_to_dr_image(&spec.volume, spec.size, image)?;
+        }
         let options =
             VolumeOptions { path: spec.volume.clone(), size: Some(spec.size), direct: false, read_only: false };
         let volume = Arc::new(Volume::open(&options).map_err(|error| error.to_string())?);
@@ -270,7 +277,7 @@ impl RoleRunner for Roles {
             secret: spec.secret,
             epoch: spec.epoch,
             region_bytes: spec.region_bytes,
-            resync_rate_max: 0,
+            resync_rate_max: spec.resync_rate_max,
             resync_checksums: false,
             assume_clean: false,
             new_store: false,
@@ -377,6 +384,37 @@ impl RoleRunner for Roles {
             }),
             "copy": self.copy.as_ref().map(|role| crate::copy_host::status_json(&role.status())),
         })
+    }
+}
+
+/// Roll the store at `volume` back to the DR image `(generation, taken at
+/// Unix ms)` its undo journal keeps (`engine::dr_image::restore_image`, as
+/// `crossmirror rollback` does): recorded consistent with a new store token.
+/// A store consistent already (rolled back by an earlier start of this
+/// epoch, or its pass ended before the copy role stopped) is served as it is.
+fn roll_back_to_dr_image(volume: &std::path::Path, size: u64, image: (u64, u64)) -> Result<(), String> {
+    let (generation, taken_at_ms) = image;
+    let files = MetadataFiles::locate(volume, is_block_device(volume), None);
+    match engine::dr_image::restore_image(volume, &files, size, Some(image)) {
+        Ok(Some(rolled)) => {
+            tracing::warn!(
+                generation,
+                taken_at_ms,
+                chunks = rolled.chunks,
+                "forced promotion: rolled the store back to its DR image of generation {generation} taken at \
+                 {taken_at_ms} (Unix ms): {} chunk(s) of 64 KiB written back; every write after it is given up",
+                rolled.chunks
+            );
+            Ok(())
+        }
+        Ok(None) => {
+            tracing::warn!("forced promotion to a DR image: the store is consistent already; served as it is");
+            Ok(())
+        }
+        Err(error) => Err(format!(
+            "cannot roll the store back to its DR image of generation {generation} taken at {taken_at_ms} \
+             (forced promotion): {error}; not serving it"
+        )),
     }
 }
 

@@ -32,7 +32,7 @@ pub fn run(args: RollbackArgs) -> anyhow::Result<()> {
     let size = if block_device { engine::volume::block_device_size(&file)? } else { metadata.len() };
     drop(file);
     let files = MetadataFiles::locate(&args.volume, block_device, args.metadata_dir.as_deref());
-    match engine::dr_image::restore_image(&args.volume, &files, size)? {
+    match engine::dr_image::restore_image(&args.volume, &files, size, None)? {
         Some(rolled) => {
             let taken = rolled.image.taken_at_ms as f64 / 1000.0;
             println!(

@@ -263,10 +263,24 @@ fn group_lines(status: &serde_json::Value) -> String {
         record["production"]["host"].as_str().unwrap_or("nobody"),
     ));
     for copy in record["copies"].as_array().cloned().unwrap_or_default() {
-        let reason = match copy["state"].as_str() {
+        let mut reason = match copy["state"].as_str() {
             Some("stale") => format!(" ({})", text(&copy["reason"])),
             _ => String::new(),
         };
+        // What a forced promotion of a copy caught mid-resync would roll
+        // back to (the member entry its host publishes).
+        let image = copy["host"].as_str().map(|host| &record["members"][host]["dr_image"]);
+        match image.and_then(|image| image["state"].as_str()) {
+            Some("kept") if copy["state"] != "current" => {
+                let image = image.expect("a state was read from it");
+                reason.push_str(&format!(
+                    "; DR image kept (generation {}, taken at {} Unix ms)",
+                    image["generation"], image["taken_at_ms"]
+                ));
+            }
+            Some("lost") => reason.push_str("; DR image lost"),
+            _ => {}
+        }
         out.push_str(&format!(
             "  copy {} ({}) hosted by {}: {}{}\n",
             text(&copy["site"]),
@@ -348,5 +362,33 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("rpo: 8.0 KiB of answered writes not on it yet, the oldest 0.0 s old"), "{shown}");
+    }
+
+    /// A copy caught mid-resync shows the DR image its host keeps (what a
+    /// forced promotion would roll back to); a current copy does not.
+    #[test]
+    fn a_syncing_group_copy_shows_its_dr_image() {
+        let status = serde_json::json!({
+            "group": "g", "node": "a", "phase": "joined", "quorum": {"voters": []}, "members": [],
+            "record": {
+                "seq": 3, "epoch": 1, "generation": 1, "production": {"site": "east", "host": "a"},
+                "copies": [
+                    {"site": "west", "mode": "async", "host": "b", "state": "syncing"},
+                    {"site": "north", "mode": "sync", "host": "c", "state": "current"}
+                ],
+                "members": {
+                    "b": {"dr_image": {"state": "kept", "generation": 4, "taken_at_ms": 1764000000000u64}},
+                    "c": {"dr_image": {"state": "kept", "generation": 4, "taken_at_ms": 1764000000000u64}}
+                }
+            }
+        });
+        let lines = group_lines(&status);
+        assert!(
+            lines.contains(
+                "copy west (async) hosted by b: syncing; DR image kept (generation 4, taken at 1764000000000 Unix ms)"
+            ),
+            "{lines}"
+        );
+        assert!(lines.contains("copy north (sync) hosted by c: current\n"), "{lines}");
     }
 }

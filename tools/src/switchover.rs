@@ -116,6 +116,28 @@ fn move_role(
         for admin in &admins {
             let Ok(status) = request(*admin, "GET", "/status", Duration::from_secs(1)) else { continue };
             let record = &status["record"];
+            // Promoted to a DR image: its host rolls back before it serves;
+            // done once it serves, failed if it says it cannot.
+            let rolling_back = record["promoted_image"]["epoch"] == record["epoch"]
+                && record["promoted_image"]["host"] == record["production"]["host"];
+            if rolling_back && record["production"]["site"] == site {
+                let host = record["production"]["host"].as_str().unwrap_or_default();
+                if let Some(problem) = record["members"][host]["access_problem"].as_str() {
+                    anyhow::bail!("site {site} was promoted to its DR image, but {host} does not serve: {problem}");
+                }
+                let serving = config.member(host).is_some_and(|member| {
+                    request(
+                        SocketAddr::new(member.address, config.ports.admin),
+                        "GET",
+                        "/status",
+                        Duration::from_secs(1),
+                    )
+                    .is_ok_and(|status| status["roles"]["production"]["epoch"] == record["epoch"])
+                });
+                if !serving {
+                    break;
+                }
+            }
             if record["production"]["site"] == site && record["production"]["host"].is_string() {
                 println!(
                     "site {site} produces: {} serves NBD (epoch {}), {:.2} s after the request",

@@ -6,7 +6,13 @@
 //! 2. A copy recorded stale or syncing is never promoted: the production
 //!    site changes only to a site whose copy was `current` in the record
 //!    before; and no acknowledged write is missing from a copy recorded
-//!    `current` (mark before ack), nor from the store that serves.
+//!    `current` (mark before ack), nor from the store that serves. The one
+//!    exception is a forced promotion the operator asks for
+//!    (`--accept-data-loss`, a fork in the history): then a copy caught in
+//!    the middle of a resync is promoted only with a DR image to roll back
+//!    to, a store in the middle of a resync is never served (the world
+//!    checks it rolled back to the image its host kept), and the line goes
+//!    on from the promoted store's data.
 //! 3. At most one node serves writes at any instant; no node serves at an
 //!    epoch lower than one already served; a node serving at epoch `e`
 //!    never serves later than a lease after a record with a higher epoch
@@ -33,6 +39,12 @@ pub struct Stats {
     pub switchovers: u64,
     /// Switchovers asked for.
     pub switchovers_asked: u64,
+    /// Forced promotions (`--accept-data-loss`) asked for.
+    pub promotions_asked: u64,
+    /// Of the promotions, forced ones (a fork).
+    pub forks: u64,
+    /// Of them, of a copy caught mid-resync, to the DR image its host kept.
+    pub to_dr_image: u64,
     /// A failed production host replaced by a member of its own site.
     pub takeovers: u64,
     /// Members recorded forced-leaving.
@@ -70,6 +82,9 @@ impl Stats {
         self.promotions += other.promotions;
         self.switchovers += other.switchovers;
         self.switchovers_asked += other.switchovers_asked;
+        self.promotions_asked += other.promotions_asked;
+        self.forks += other.forks;
+        self.to_dr_image += other.to_dr_image;
         self.takeovers += other.takeovers;
         self.forced += other.forced;
         self.fences += other.fences;
@@ -95,7 +110,8 @@ impl fmt::Display for Stats {
         write!(
             formatter,
             "{} s simulated; {} records committed, {} writes acknowledged ({} held back for a stale mark); \
-             {} promotions ({} planned switchovers of {} asked), {} takeovers, {} forced out, {} self-fences, \
+             {} promotions ({} planned switchovers of {} asked; {} forced of {} asked, {} to a DR image), \
+             {} takeovers, {} forced out, {} self-fences, \
              {} lease fences; {} copies marked stale, {} resynced; faults: {} crashes, {} pauses, {} partitions, \
              {} leaves; {} runs with nobody serving at the end {:?}",
             self.sim_ms / 1000,
@@ -105,6 +121,9 @@ impl fmt::Display for Stats {
             self.promotions,
             self.switchovers,
             self.switchovers_asked,
+            self.forks,
+            self.promotions_asked,
+            self.to_dr_image,
             self.takeovers,
             self.forced,
             self.fences,
@@ -166,7 +185,30 @@ pub fn check_commit(
             stats.forced += 1;
         }
     }
-    if next.production.site != before.production.site {
+    let forked = next.epoch > before.epoch && next.history.last().is_some_and(|entry| entry.fork.is_some());
+    if next.production.site != before.production.site && forked {
+        // A forced promotion (`--accept-data-loss`): a copy that may lack
+        // writes, by the operator's word; one caught mid-resync only to the
+        // DR image its host kept, which it rolls back to (the world checks
+        // that it never serves the store otherwise).
+        let copy = before.copy(&next.production.site);
+        let host_mid_pass = copy
+            .and_then(|copy| copy.host.as_deref())
+            .and_then(|host| before.members.get(host))
+            .is_some_and(|entry| entry.store_consistent == Some(false));
+        let mid_pass = copy.is_some_and(|copy| copy.state == CopyRecordState::Syncing) || host_mid_pass;
+        if mid_pass && next.promoted_image.is_none() {
+            return Err(format!(
+                "invariant 2: site {} promoted by force (seq {}) in the middle of a resync with no DR image to roll back to",
+                next.production.site, next.seq
+            ));
+        }
+        stats.promotions += 1;
+        stats.forks += 1;
+        if next.promoted_image.is_some() {
+            stats.to_dr_image += 1;
+        }
+    } else if next.production.site != before.production.site {
         let was = before.copy(&next.production.site).map(|copy| copy.state.clone());
         if was != Some(CopyRecordState::Current) {
             return Err(format!(

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
 use cluster_glue::core::{Command, CopySite, Core, Event, MemberInfo, Topology};
-use cluster_glue::record::{CopyRecordState, GroupRecord, MemberState};
+use cluster_glue::record::{CopyRecordState, DrImage, DrImageState, GroupRecord, MemberState};
 
 use super::checks::{check_commit, Failure, Stats};
 use super::rng::Rng;
@@ -154,6 +154,10 @@ struct Node {
     leave_asked: bool,
     leave_sent: Option<u64>,
     switchover: Option<String>,
+    /// A forced promotion (`--accept-data-loss`) the operator asked of it.
+    promote: Option<String>,
+    /// What its copy role last told the core about its store.
+    sent_copy_store: Option<(Option<bool>, Option<DrImage>)>,
     /// Answers reach this node late until then.
     slow_until: u64,
     /// An old raft leader believes it leads until then (`u64::MAX`: until
@@ -201,6 +205,12 @@ pub struct World {
     epoch_committed: BTreeMap<u64, u64>,
     /// The data: the last client write each site's store holds.
     store: BTreeMap<String, u64>,
+    /// The generation each site's store holds data of.
+    store_generation: BTreeMap<String, u64>,
+    /// Copy stores in the middle of a resync pass (no consistent image),
+    /// and the DR image each keeps: (its data, its generation, when the
+    /// pass began); `None`: lost (past its limit).
+    pass: BTreeMap<String, Option<(u64, u64, u64)>>,
     acked: u64,
     max_served_epoch: u64,
     calm: bool,
@@ -293,6 +303,8 @@ impl World {
             committed: None,
             epoch_committed: BTreeMap::new(),
             store,
+            store_generation: ["east", "west", "north"].iter().map(|site| (site.to_string(), 1)).collect(),
+            pass: BTreeMap::new(),
             acked: 0,
             max_served_epoch: 0,
             calm: false,
@@ -635,6 +647,29 @@ impl World {
         if let Some(to) = self.nodes[node].switchover.take() {
             events.push(Event::Switchover { to });
         }
+        if let Some(site) = self.nodes[node].promote.take() {
+            events.push(Event::Promote { site });
+        }
+        // The copy role says whether its store is mid-pass and what DR
+        // image it keeps (node.rs reads it from the role's status).
+        let copy_store = match (&self.specs[node].site, self.nodes[node].copy_running) {
+            (Some(site), true) => {
+                let image = match self.pass.get(site) {
+                    None => DrImage { state: DrImageState::None, generation: 0, taken_at_ms: 0 },
+                    Some(None) => DrImage { state: DrImageState::Lost, generation: 0, taken_at_ms: 0 },
+                    Some(Some((_, generation, taken_at_ms))) => {
+                        DrImage { state: DrImageState::Kept, generation: *generation, taken_at_ms: *taken_at_ms }
+                    }
+                };
+                (Some(!self.pass.contains_key(site)), Some(image))
+            }
+            _ => (None, None),
+        };
+        if self.nodes[node].sent_copy_store != Some(copy_store) {
+            self.nodes[node].sent_copy_store = Some(copy_store);
+            events.push(Event::CopyStore { consistent: copy_store.0, dr_image: copy_store.1 });
+            events.push(Event::WallClock { unix_ms: self.now });
+        }
         let leader = self.believes_leader(node);
         if self.nodes[node].sent_leader != Some(leader) {
             self.nodes[node].sent_leader = Some(leader);
@@ -727,7 +762,48 @@ impl World {
                     if self.rng.chance(2) { Err("simulated: the store is unreachable".to_string()) } else { Ok(()) };
                 events.push(Event::Access(result));
             }
-            Command::StartProduction { epoch, copies, .. } => {
+            Command::StartProduction { epoch, copies, roll_back_to, .. } => {
+                // A store in the middle of a resync is no image: it is served
+                // only rolled back to the DR image its host keeps (node.rs:
+                // restore_image, refused for another image or none).
+                let mine = self.specs[node].site.clone().unwrap_or_default();
+                if let Some(pass) = self.pass.get(&mine).copied() {
+                    let Some(asked) = roll_back_to else {
+                        self.fail(format!(
+                            "{name} told to serve site {mine}'s store, in the middle of a resync (no consistent image), \
+                             without rolling it back"
+                        ));
+                        return;
+                    };
+                    match pass {
+                        Some((data, generation, taken_at))
+                            if (generation, taken_at) == (asked.generation, asked.taken_at_ms) =>
+                        {
+                            self.note(|| {
+                                format!(
+                                    "{name} rolls site {mine}'s store back to write {data} (generation {generation})"
+                                )
+                            });
+                            self.store.insert(mine.clone(), data);
+                            self.store_generation.insert(mine.clone(), generation);
+                            self.pass.remove(&mine);
+                        }
+                        _ => {
+                            events.push(Event::RoleFailed {
+                                why: "simulated: the DR image asked for is not kept".into(),
+                            });
+                            return;
+                        }
+                    }
+                }
+                let forked = core.record().is_some_and(|record| {
+                    record.epoch == epoch && record.history.last().is_some_and(|entry| entry.fork.is_some())
+                });
+                if forked {
+                    // A forced promotion gave up what the promoted store
+                    // lacks: the line goes on from its data.
+                    self.acked = self.store[&mine];
+                }
                 self.start_production(node, core, epoch, &copies);
                 // The store's token: one per store (site).
                 let store = self.specs[node].site.clone().unwrap_or_default();
@@ -882,6 +958,9 @@ impl World {
                 (copy.name.clone(), state)
             })
             .collect();
+        if let Some(record) = &record {
+            self.store_generation.insert(mine.clone(), record.generation);
+        }
         let state = &mut self.nodes[node];
         state.production = Some(epoch);
         state.gate_open = true;
@@ -972,6 +1051,13 @@ impl World {
             match target {
                 Known::Stale => self.stats.marked_stale += 1,
                 Known::Syncing => {
+                    // The pass begins: the copy's store is no image until it
+                    // ends; its host keeps the way back (mostly).
+                    if !self.pass.contains_key(&site) {
+                        let image =
+                            (!self.rng.chance(20)).then(|| (self.store[&site], self.store_generation[&site], self.now));
+                        self.pass.insert(site.clone(), image);
+                    }
                     let done = self.now + self.rng.range(200, 3000);
                     self.nodes[node].sync_done_at.insert(site.clone(), done);
                 }
@@ -981,6 +1067,9 @@ impl World {
                     let mine = self.specs[node].site.clone().expect("a member produces");
                     let data = self.store[&mine];
                     self.store.insert(site.clone(), data);
+                    let generation = self.store_generation[&mine];
+                    self.store_generation.insert(site.clone(), generation);
+                    self.pass.remove(&site);
                 }
             }
         }
@@ -1038,6 +1127,10 @@ impl World {
         }
         let me = self.name(node);
         let mine = self.specs[node].site.clone().expect("a member produces");
+        if self.pass.contains_key(&mine) {
+            self.fail(format!("{me} serves site {mine}'s store in the middle of a resync (no consistent image)"));
+            return;
+        }
         if self.store[&mine] != self.acked {
             let has = self.store[&mine];
             let acked = self.acked;
@@ -1147,7 +1240,17 @@ impl World {
                 self.nodes[node].leave_asked = true;
                 self.note(|| format!("{name} asked to leave (SIGTERM)"));
             }
-            70..=84 if self.nodes[node].up => {
+            // The operator forces a promotion when nobody has served for a
+            // while (the production site lost with no current copy).
+            80..=89 if self.nodes[node].up && !(0..self.nodes.len()).any(|other| self.serving(other)) => {
+                let sites: Vec<String> =
+                    self.topologies[node].copy_sites.iter().map(|site| site.name.clone()).collect();
+                let site = sites[self.rng.index(sites.len())].clone();
+                self.stats.promotions_asked += 1;
+                self.note(|| format!("operator asks {name} for a forced promotion of {site} (--accept-data-loss)"));
+                self.nodes[node].promote = Some(site);
+            }
+            70..=79 if self.nodes[node].up => {
                 let sites: Vec<String> =
                     self.topologies[node].copy_sites.iter().map(|site| site.name.clone()).collect();
                 let mut choices = sites;
@@ -1157,7 +1260,7 @@ impl World {
                 self.note(|| format!("operator asks {name} for a switchover to {to}"));
                 self.nodes[node].switchover = Some(to);
             }
-            85..=99 => {
+            90..=99 => {
                 let slow = self.rng.range(1000, 5000);
                 self.nodes[node].slow_until = self.now + slow;
                 self.note(|| format!("{name}'s quorum answers are slow for {slow} ms"));
