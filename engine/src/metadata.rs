@@ -83,6 +83,8 @@ pub struct MetadataFiles {
     pub bitmap: PathBuf,
     /// The mirror state (`.cmcopies`), production only.
     pub state: PathBuf,
+    /// The activity log (`.cmal`), production only.
+    pub activity_log: PathBuf,
 }
 
 impl MetadataFiles {
@@ -97,6 +99,7 @@ impl MetadataFiles {
             metadata: with(METADATA_FILE_SUFFIX),
             bitmap: with(BITMAP_FILE_SUFFIX),
             state: with(STATE_FILE_SUFFIX),
+            activity_log: with(crate::activity_log::ACTIVITY_LOG_FILE_SUFFIX),
         }
     }
 
