@@ -19,9 +19,9 @@ Usage:
     ROUNDS=1 RUNTIME=5 /usr/bin/python3 benches/big-volume.py   # quick check
 
 Environment: ROUNDS [3], RUNTIME [20] seconds per fio run, CONFIGS ["none
-sync1d async1"; "tracked": a copy whose host is down, so every
-write is tracked and none shipped: the cost of write-intent tracking
-alone], SIZE [1T], SERVE_ARGS [extra serve options, e.g.
+sync1d async1"; "tracked": a copy brought up to date whose host is then
+killed, so every write is tracked and none shipped: the cost of
+write-intent tracking alone], SIZE [1T], SERVE_ARGS [extra serve options, e.g.
 "--activity-log 0"], CRASH [1: run the crash case], CM_BIN
 [target/release/crossmirror], SCRATCH [/var/tmp], OUT [also write the
 report here]. Every volume is a sparse file; the script removes them.
@@ -55,9 +55,11 @@ COPIES = {
     "sync1d": [("east", "127.0.0.2", ",direct")],
     "async1": [("dr", "127.0.0.2", ",mode=async")],
     "async1d": [("dr", "127.0.0.2", ",mode=async,direct")],
-    # A copy whose host is down: every write is tracked (bitmap and activity
-    # log) and nothing is shipped, so this is write-intent tracking alone.
-    "tracked": [("east", "127.0.0.2", ",down")],
+    # A copy that was up to date and whose host is then killed: every write
+    # is tracked (bitmap and activity log), nothing is shipped, so this is
+    # write-intent tracking alone (the copy host is restarted afterwards to
+    # resync what it missed before the next round).
+    "tracked": [("east", "127.0.0.2", ",direct")],
 }
 log = mirror.log
 
@@ -77,14 +79,11 @@ class Setup:
         self.processes = []
         self.volume = os.path.join(scratch, f"{config}-production.img")
 
-    def start(self, wait=True):
+    def start(self, wait=True, kill_tracked=True):
         mirrors = []
         self.mirror_args = []
         for name, ip, options in COPIES[self.config]:
             port = mirror.free_port(ip)
-            if ",down" in options:
-                mirrors += ["--mirror", f"{name}={ip}:{port}"]
-                continue
             store = os.path.join(self.scratch, f"{self.config}-{name}.img")
             args = [self.binary, "copy-host", "--volume", store, "--size", SIZE, "--listen", f"{ip}:{port}",
                     "--secret-file", self.secret]
@@ -102,8 +101,15 @@ class Setup:
             args += mirrors + ["--secret-file", self.secret, "--admin", self.admin, "--assume-clean"] + SERVE_ARGS
         self.production = self.spawn(args, f"{self.config}-production")
         mirror.wait_listening("127.0.0.1", self.port, self.production, timeout=120)
-        if mirrors and wait and self.config != "tracked":
+        if mirrors and wait:
             mirror.wait_up_to_date(self.admin)
+        if self.config == "tracked" and kill_tracked:
+            copy_host = self.processes[0]
+            copy_host.send_signal(signal.SIGKILL)
+            copy_host.wait()
+            deadline = time.time() + 30
+            while mirror.status(self.admin)["copies"][0]["state"] == "up_to_date" and time.time() < deadline:
+                time.sleep(0.1)
 
     def spawn(self, args, label):
         log_file = open(os.path.join(self.scratch, f"{label}.log"), "ab")
@@ -204,10 +210,13 @@ def main():
                     iops = fio(setup.port)
                     results.setdefault(config, []).append(iops)
                     log(f"round {round_number + 1}: {config}: {iops:.0f} IOPS")
-                    if config not in ("none", "tracked"):
+                    if config != "none":
                         copy = mirror.status(setup.admin)["copies"][0]
                         log(f"round {round_number + 1}: {config}: copy after the run: {copy['state']}, "
                             f"dirty {copy['dirty_bytes']}, lag {copy['lag_bytes']}")
+                        if config == "tracked":
+                            setup.stop()
+                            setup.start(kill_tracked=False)
                         mirror.wait_up_to_date(setup.admin, timeout=1200)
                 finally:
                     setup.stop()

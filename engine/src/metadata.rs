@@ -126,9 +126,9 @@ impl MetadataFiles {
         }
     }
 
-    /// Whichever of the three files exists.
+    /// Whichever of the four files exists.
     pub fn existing(&self) -> Vec<&Path> {
-        [&self.metadata, &self.bitmap, &self.state]
+        [&self.metadata, &self.bitmap, &self.state, &self.activity_log]
             .into_iter()
             .map(PathBuf::as_path)
             .filter(|path| path.exists())

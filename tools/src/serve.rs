@@ -156,8 +156,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Everything that can be checked is checked before anything is created.
     let files = MetadataFiles::locate(&args.volume, is_block_device(&args.volume), args.metadata_dir.as_deref());
     let secret = check_configuration(&args, &files)?;
-    let start_files =
-        StartFiles::note(&[args.volume.clone(), files.bitmap.clone(), files.state.clone(), files.metadata.clone()]);
+    let start_files = StartFiles::note(&[
+        args.volume.clone(),
+        files.bitmap.clone(),
+        files.state.clone(),
+        files.metadata.clone(),
+        files.activity_log.clone(),
+    ]);
     let options =
         VolumeOptions { path: args.volume.clone(), size: args.size, direct: args.direct, read_only: args.read_only };
     let volume = Arc::new(Volume::open(&options)?);
