@@ -221,3 +221,66 @@ fn a_power_cut_with_the_activity_log_recovers_every_written_region() {
     assert!(stats.bitmap_syncs > 0, "extents were dropped from the log: {stats:?}");
     replicator.stop();
 }
+
+/// A frontend's batch (engine::seam, as one NBD connection uses it): the
+/// changes begun together are not durable until the batch is committed,
+/// and the commit makes all of them durable with one activity-log
+/// transaction. Fails when begin_batched commits each change itself (8
+/// transactions), and when commit_batch writes nothing.
+#[test]
+fn a_batch_of_changes_is_made_durable_by_one_transaction() {
+    use engine::activity_log::{read, Found};
+    use engine::seam::{ChangeExtent, ChangeKind, Changes};
+    const EXTENT: u64 = 1 << 20;
+    let directory = tempfile::tempdir_in("/var/tmp").unwrap();
+    let volume_path = directory.path().join("volume");
+    let log_path = directory.path().join("volume.cmal");
+    let options = VolumeOptions { path: volume_path, size: Some(VOLUME_SIZE), direct: false, read_only: false };
+    let volume = Arc::new(Volume::open(&options).unwrap());
+    let mut bitmap =
+        WriteIntentBitmap::open_or_create(&directory.path().join("volume.cmbitmap"), VOLUME_SIZE, REGION, 2).unwrap();
+    bitmap.attach_activity_log(&log_path, EXTENT, 64).unwrap();
+    let bitmap = Arc::new(bitmap);
+    let config = ReplicatorConfig {
+        copies: Vec::new(),
+        secret: engine::protocol::Secret::from_bytes(vec![7; 32]).unwrap(),
+        identity: engine::protocol::auth::VolumeIdentity { uuid: [1; 16], size_bytes: VOLUME_SIZE },
+        generation: 1,
+        epoch: 1,
+        resync_rate_max: 0,
+        resync_checksums: false,
+        assume_clean: false,
+        local_sync_interval: Duration::from_secs(5),
+        source_address: None,
+        bitmap_trust: engine::replicator::BitmapTrust::Always,
+        metadata_path: None,
+    };
+    let replicator = Replicator::start(volume, bitmap.clone(), TestStateStore::new(), config).unwrap();
+    let mut seam = Changes::mirrored(replicator.clone()).seam::<u64>().unwrap();
+    let logged = || match read(&log_path).unwrap() {
+        Found::Valid(transaction) => transaction.extents.len(),
+        other => panic!("{other:?}"),
+    };
+    let before = bitmap.activity_log().unwrap().stats().transactions;
+    let changes: Vec<ChangeExtent> = (0..8u64)
+        .map(|index| ChangeExtent {
+            kind: ChangeKind::Write,
+            offset: index * 2 * EXTENT + 4096,
+            length: 4096,
+            fua: false,
+        })
+        .collect();
+    for change in &changes {
+        seam.begin_batched(change).unwrap();
+    }
+    assert_eq!(logged(), 0, "begun, not yet committed: nothing logged");
+    assert_eq!(bitmap.activity_log().unwrap().stats().transactions, before);
+    seam.commit_batch().unwrap();
+    assert_eq!(logged(), 8, "every extent of the batch is in the durable log");
+    assert_eq!(bitmap.activity_log().unwrap().stats().transactions, before + 1, "one transaction for the batch");
+    for change in &changes {
+        seam.abandon(change);
+    }
+    drop(seam);
+    replicator.stop();
+}
