@@ -1387,6 +1387,74 @@ mod tests {
         assert_eq!(bitmap.dirty_regions(0).collect::<Vec<_>>(), [1]);
     }
 
+    /// The default region size keeps the bitmap at most 4 Mi regions per
+    /// slot: 256K up to 1 TiB, then doubling, at most 16M.
+    #[test]
+    fn the_default_region_size_scales_with_the_volume() {
+        assert_eq!(region_bytes_for(1 << 30), REGION_BYTES_DEFAULT);
+        assert_eq!(region_bytes_for(1 << 40), 256 << 10);
+        assert_eq!(region_bytes_for((1 << 40) + 1), 512 << 10);
+        assert_eq!(region_bytes_for(4 << 40), 1 << 20);
+        assert_eq!(region_bytes_for(1 << 50), 16 << 20);
+        let directory = tempfile::tempdir().unwrap();
+        drop(open_in(directory.path(), MIB, 8192, 1));
+        assert_eq!(recorded_region_bytes(&directory.path().join("volume.cmbitmap")), Some(8192));
+        assert_eq!(recorded_region_bytes(&directory.path().join("missing")), None);
+    }
+
+    /// Recovery from the activity log: a clean close leaves nothing to
+    /// resync; after a crash the logged extents are dirty in every slot; a
+    /// log missing after a crash, or damaged, sets every bit; with no log
+    /// configured an old one is still recovered from, then removed.
+    #[test]
+    fn attaching_the_activity_log_recovers_what_it_covers() {
+        let directory = tempfile::tempdir().unwrap();
+        let log = directory.path().join("volume.cmal");
+        let reopen = |capacity: usize| {
+            let mut bitmap = open_in(directory.path(), 64 * MIB, 64 << 10, 2);
+            let recovery = bitmap.attach_activity_log(&log, 4 * MIB, capacity).unwrap();
+            (bitmap, recovery)
+        };
+        let (bitmap, recovery) = reopen(16);
+        assert_eq!(recovery, LogRecovery::Missing, "a new bitmap with no log");
+        let mut pending = PendingMarks::default();
+        bitmap.mark_write(9 * MIB, 4096, &mut pending);
+        bitmap.commit(&mut pending).unwrap();
+        bitmap.close_clean().unwrap();
+        drop(bitmap);
+        let (bitmap, recovery) = reopen(16);
+        assert_eq!(recovery, LogRecovery::Extents(0), "a clean close empties the log");
+        assert_eq!(bitmap.dirty_regions(0).collect::<Vec<_>>(), [144], "only the bit itself");
+        bitmap.clear(0, 144);
+        bitmap.clear(1, 144);
+        bitmap.mark_write(9 * MIB, 4096, &mut pending);
+        bitmap.commit(&mut pending).unwrap();
+        drop(bitmap); // a crash: the bit may be lost, the extent is logged
+        let (bitmap, recovery) = reopen(16);
+        assert_eq!(recovery, LogRecovery::Extents(1));
+        for slot in 0..2 {
+            assert_eq!(bitmap.dirty_bytes(slot), 4 * MIB, "the whole extent 8M..12M in slot {slot}");
+            assert!(bitmap.is_set(slot, 8 * MIB / (64 << 10)) && bitmap.is_set(slot, 12 * MIB / (64 << 10) - 1));
+        }
+        drop(bitmap);
+        fs::remove_file(&log).unwrap();
+        let (bitmap, recovery) = reopen(16);
+        assert_eq!(recovery, LogRecovery::MissingAfterCrash);
+        assert_eq!(bitmap.dirty_bytes(0), 64 * MIB, "a log missing after a crash: full resync");
+        bitmap.close_clean().unwrap();
+        drop(bitmap);
+        OpenOptions::new().write(true).open(&log).unwrap().write_all_at(&[0xff; 64], 0).unwrap();
+        let file_length = fs::metadata(&log).unwrap().len();
+        OpenOptions::new().write(true).open(&log).unwrap().write_all_at(&[0xff; 64], file_length / 2).unwrap();
+        let (bitmap, recovery) = reopen(16);
+        assert_eq!(recovery, LogRecovery::Damaged);
+        assert_eq!(bitmap.dirty_bytes(1), 64 * MIB, "a damaged log: full resync");
+        drop(bitmap);
+        let (_bitmap, recovery) = reopen(0);
+        assert_eq!(recovery, LogRecovery::Extents(0));
+        assert!(!log.exists(), "no log configured: the old one is removed once recovered from");
+    }
+
     /// An extent past the end of the volume is a caller bug and panics.
     #[test]
     #[should_panic(expected = "runs past the volume")]
