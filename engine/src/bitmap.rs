@@ -74,12 +74,36 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use memmap2::MmapRaw;
 
+use crate::activity_log::{self, ActivityLog, CommitError, Found};
+
 /// The suffix appended to a volume's path to name its bitmap file.
 pub const BITMAP_FILE_SUFFIX: &str = ".cmbitmap";
 /// The default region size: 256 KiB, one bit per 256 KiB of volume (chosen by
 /// measurement, see benches/RESULTS.md: 64 KiB regions churn bits under
 /// random writes, and every re-marked region costs an msync).
 pub const REGION_BYTES_DEFAULT: u64 = 256 << 10;
+/// The most regions the default region size gives a volume: 4 Mi regions,
+/// a 512 KiB bitmap per copy slot.
+pub const DEFAULT_REGIONS_MAX: u64 = 1 << 22;
+
+/// The default region size for a volume of `volume_size` bytes:
+/// [`REGION_BYTES_DEFAULT`], or the smallest power of two that keeps the
+/// volume within [`DEFAULT_REGIONS_MAX`] regions (so the bitmap stays at most
+/// 512 KiB per slot: 1 TiB keeps 256 KiB regions, 4 TiB gets 1 MiB), at most
+/// 16 MiB (a resync frame carries one region).
+pub fn region_bytes_for(volume_size: u64) -> u64 {
+    volume_size.div_ceil(DEFAULT_REGIONS_MAX).next_power_of_two().clamp(REGION_BYTES_DEFAULT, 16 << 20)
+}
+
+/// The region size recorded in the bitmap file at `path`, when there is a
+/// readable one (its header is checked when it is opened).
+pub fn recorded_region_bytes(path: &Path) -> Option<u64> {
+    let file = File::open(path).ok()?;
+    let mut header = [0u8; HEADER_BYTES];
+    file.read_exact_at(&mut header, 0).ok()?;
+    parse_header(path, &header).ok().map(|header| header.geometry.region_bytes)
+}
+
 /// The smallest region size: one page.
 pub const REGION_BYTES_MIN: u64 = 4 << 10;
 /// The largest region size.
@@ -167,6 +191,14 @@ pub enum BitmapError {
         /// The bitmap file.
         path: PathBuf,
     },
+    /// The activity log could not be read, written or trusted.
+    #[error("activity log {path}: {message}")]
+    ActivityLog {
+        /// The log file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// An operating-system call failed.
     #[error("bitmap {path}: {action}: {source}")]
     Io {
@@ -188,7 +220,7 @@ impl BitmapError {
             BitmapError::Mismatch { .. } => BitmapErrorKind::Mismatch,
             BitmapError::Corrupt { .. } => BitmapErrorKind::Corrupt,
             BitmapError::Busy { .. } => BitmapErrorKind::Busy,
-            BitmapError::Io { .. } => BitmapErrorKind::Io,
+            BitmapError::Io { .. } | BitmapError::ActivityLog { .. } => BitmapErrorKind::Io,
         }
     }
 }
@@ -335,6 +367,43 @@ pub struct WriteIntentBitmap {
     /// Whether the header says `closed` (after [`WriteIntentBitmap::close_clean`]);
     /// the next change marks it `open` again first.
     closed: AtomicBool,
+    /// The activity log, when one is attached: writes' marks are then made
+    /// durable through it, and the bits themselves lazily.
+    activity_log: Option<ActivityLog>,
+}
+
+/// The marks of a batch of writes not yet made durable: collected by
+/// [`WriteIntentBitmap::mark_write`], made durable at once by
+/// [`WriteIntentBitmap::commit`].
+#[derive(Debug, Default)]
+pub struct PendingMarks {
+    /// The bitmap must be synced (no activity log).
+    flush: bool,
+    /// Activity-log extents that must be logged.
+    extents: Vec<u64>,
+}
+
+impl PendingMarks {
+    /// Whether nothing needs to be made durable.
+    pub fn is_empty(&self) -> bool {
+        !self.flush && self.extents.is_empty()
+    }
+}
+
+/// What attaching an activity log found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogRecovery {
+    /// The log listed this many extents; their regions were set dirty in
+    /// every slot.
+    Extents(usize),
+    /// There was no log and the bitmap was open (its process died): every
+    /// region of every slot was set dirty.
+    MissingAfterCrash,
+    /// There was no log; the bitmap was closed cleanly or new: nothing to do.
+    Missing,
+    /// Neither block of the log was whole: every region of every slot was
+    /// set dirty.
+    Damaged,
 }
 
 /// What a bitmap made by [`WriteIntentBitmap::open_or_create_with`] holds.
@@ -408,7 +477,148 @@ impl WriteIntentBitmap {
         drop(changes);
         self.map.flush().map_err(|source| self.io_error("msync", source))?;
         self.changes_durable.fetch_max(covered, Ordering::AcqRel);
+        if let Some(log) = &self.activity_log {
+            // Every bit is durable now: the log's extents add nothing.
+            log.clear().map_err(|error| self.log_error(log, error.to_string()))?;
+        }
         Ok(())
+    }
+
+    /// Attach the activity log at `path` (`<volume>.cmal`), holding up to
+    /// `capacity` extents of `extent_bytes` (a power of two, at least the
+    /// region size), and recover from it first: every extent the log lists
+    /// is set dirty in every slot, a log that is missing after a crash or
+    /// damaged sets every bit of every slot, and that is made durable
+    /// before a new, empty log replaces the old. From then on
+    /// [`WriteIntentBitmap::commit`] makes marks durable through the log.
+    ///
+    /// With `capacity` 0 no log is used; one left by an earlier run is
+    /// still recovered from, then removed.
+    pub fn attach_activity_log(
+        &mut self,
+        path: &Path,
+        extent_bytes: u64,
+        capacity: usize,
+    ) -> Result<LogRecovery, BitmapError> {
+        let log_error = |message: String| BitmapError::ActivityLog { path: path.to_path_buf(), message };
+        let found = activity_log::read(path).map_err(|error| log_error(format!("read: {error}")))?;
+        let volume_size = self.geometry.volume_size;
+        let (recovery, sequence) = match found {
+            Found::Missing if self.opened == Opened::AfterCrash => (LogRecovery::MissingAfterCrash, 0),
+            Found::Missing => (LogRecovery::Missing, 0),
+            Found::Damaged => (LogRecovery::Damaged, 0),
+            Found::Valid(transaction) => {
+                let inside = transaction.extents.iter().all(|extent| {
+                    extent.checked_mul(transaction.extent_bytes).is_some_and(|start| start < volume_size)
+                });
+                if inside {
+                    for extent in &transaction.extents {
+                        let start = extent * transaction.extent_bytes;
+                        let len = transaction.extent_bytes.min(volume_size - start);
+                        for slot in 0..self.geometry.slots {
+                            self.set_range(slot, start, len);
+                        }
+                    }
+                    (LogRecovery::Extents(transaction.extents.len()), transaction.sequence)
+                } else {
+                    (LogRecovery::Damaged, transaction.sequence)
+                }
+            }
+        };
+        match recovery {
+            LogRecovery::MissingAfterCrash | LogRecovery::Damaged => {
+                tracing::error!(
+                    log = %path.display(),
+                    "the activity log {} is {}: the writes it covered are unknown, every copy gets a full resync",
+                    path.display(),
+                    if recovery == LogRecovery::Damaged {
+                        "damaged"
+                    } else {
+                        "missing while the bitmap was left open by a process that died"
+                    }
+                );
+                for slot in 0..self.geometry.slots {
+                    self.set_all(slot);
+                }
+            }
+            LogRecovery::Extents(count) if count > 0 => tracing::info!(
+                log = %path.display(),
+                extents = count,
+                "activity log: {count} extents were active when the log was last written (the process died); \
+                 every copy resyncs them"
+            ),
+            _ => {}
+        }
+        self.flush()?;
+        if capacity == 0 {
+            if let Err(error) = fs::remove_file(path) {
+                if error.kind() != io::ErrorKind::NotFound {
+                    return Err(log_error(format!("remove (no activity log is configured): {error}")));
+                }
+            }
+            return Ok(recovery);
+        }
+        if !extent_bytes.is_power_of_two() || extent_bytes < self.geometry.region_bytes {
+            return Err(BitmapError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "activity-log extents of {extent_bytes} bytes: a power of two of at least the region size ({})",
+                    self.geometry.region_bytes
+                ),
+            });
+        }
+        let capacity = capacity.min(activity_log::EXTENTS_MAX as usize);
+        let log = ActivityLog::create(path, extent_bytes, capacity, sequence)
+            .map_err(|error| log_error(error.to_string()))?;
+        self.activity_log = Some(log);
+        Ok(recovery)
+    }
+
+    /// The attached activity log, if any.
+    pub fn activity_log(&self) -> Option<&ActivityLog> {
+        self.activity_log.as_ref()
+    }
+
+    /// Mark the regions a write of `len` bytes at `offset` touches (in
+    /// memory) and note in `pending` what must be made durable before the
+    /// write is issued: nothing when every bit was set and durable already.
+    /// [`WriteIntentBitmap::commit`] then makes a whole batch durable.
+    ///
+    /// # Panics
+    /// When the extent runs past the end of the volume.
+    pub fn mark_write(&self, offset: u64, len: u64, pending: &mut PendingMarks) {
+        if !self.mark(offset, len) {
+            return;
+        }
+        match &self.activity_log {
+            Some(log) => pending.extents.extend(log.extents(offset, len)),
+            None => pending.flush = true,
+        }
+    }
+
+    /// Make every mark in `pending` durable: its extents logged (one
+    /// transaction shared with every writer committing at once), or the
+    /// bitmap synced (without a log). `pending` is empty afterwards.
+    pub fn commit(&self, pending: &mut PendingMarks) -> Result<(), BitmapError> {
+        let flush = std::mem::take(&mut pending.flush);
+        let extents = std::mem::take(&mut pending.extents);
+        if let Some(log) = &self.activity_log {
+            if !extents.is_empty() {
+                log.commit(extents, || self.flush()).map_err(|error| match error {
+                    CommitError::Bitmap(error) => error,
+                    CommitError::Io(error) => self.log_error(log, error.to_string()),
+                    CommitError::Failed(why) => self.log_error(log, why),
+                })?;
+            }
+        }
+        if flush {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn log_error(&self, log: &ActivityLog, message: String) -> BitmapError {
+        BitmapError::ActivityLog { path: log.path().to_path_buf(), message }
     }
 
     /// Before a change to the body: a header still marked `closed` is
@@ -884,6 +1094,7 @@ fn open(path: &Path, geometry: Geometry) -> Result<WriteIntentBitmap, BitmapErro
         changes_durable: AtomicU64::new(changes),
         opened: Opened::AfterCrash,
         closed: AtomicBool::new(false),
+        activity_log: None,
     };
     if header.state == STATE_CLOSED {
         bitmap.opened = if bitmap.body_crc() == header.body_crc { Opened::Clean } else { Opened::Damaged };
@@ -1174,6 +1385,74 @@ mod tests {
         let bitmap = open_in(directory.path(), MIB, 4096, 1);
         assert_eq!(bitmap.opened(), Opened::AfterCrash, "a change after the close reopened the header");
         assert_eq!(bitmap.dirty_regions(0).collect::<Vec<_>>(), [1]);
+    }
+
+    /// The default region size keeps the bitmap at most 4 Mi regions per
+    /// slot: 256K up to 1 TiB, then doubling, at most 16M.
+    #[test]
+    fn the_default_region_size_scales_with_the_volume() {
+        assert_eq!(region_bytes_for(1 << 30), REGION_BYTES_DEFAULT);
+        assert_eq!(region_bytes_for(1 << 40), 256 << 10);
+        assert_eq!(region_bytes_for((1 << 40) + 1), 512 << 10);
+        assert_eq!(region_bytes_for(4 << 40), 1 << 20);
+        assert_eq!(region_bytes_for(1 << 50), 16 << 20);
+        let directory = tempfile::tempdir().unwrap();
+        drop(open_in(directory.path(), MIB, 8192, 1));
+        assert_eq!(recorded_region_bytes(&directory.path().join("volume.cmbitmap")), Some(8192));
+        assert_eq!(recorded_region_bytes(&directory.path().join("missing")), None);
+    }
+
+    /// Recovery from the activity log: a clean close leaves nothing to
+    /// resync; after a crash the logged extents are dirty in every slot; a
+    /// log missing after a crash, or damaged, sets every bit; with no log
+    /// configured an old one is still recovered from, then removed.
+    #[test]
+    fn attaching_the_activity_log_recovers_what_it_covers() {
+        let directory = tempfile::tempdir().unwrap();
+        let log = directory.path().join("volume.cmal");
+        let reopen = |capacity: usize| {
+            let mut bitmap = open_in(directory.path(), 64 * MIB, 64 << 10, 2);
+            let recovery = bitmap.attach_activity_log(&log, 4 * MIB, capacity).unwrap();
+            (bitmap, recovery)
+        };
+        let (bitmap, recovery) = reopen(16);
+        assert_eq!(recovery, LogRecovery::Missing, "a new bitmap with no log");
+        let mut pending = PendingMarks::default();
+        bitmap.mark_write(9 * MIB, 4096, &mut pending);
+        bitmap.commit(&mut pending).unwrap();
+        bitmap.close_clean().unwrap();
+        drop(bitmap);
+        let (bitmap, recovery) = reopen(16);
+        assert_eq!(recovery, LogRecovery::Extents(0), "a clean close empties the log");
+        assert_eq!(bitmap.dirty_regions(0).collect::<Vec<_>>(), [144], "only the bit itself");
+        bitmap.clear(0, 144);
+        bitmap.clear(1, 144);
+        bitmap.mark_write(9 * MIB, 4096, &mut pending);
+        bitmap.commit(&mut pending).unwrap();
+        drop(bitmap); // a crash: the bit may be lost, the extent is logged
+        let (bitmap, recovery) = reopen(16);
+        assert_eq!(recovery, LogRecovery::Extents(1));
+        for slot in 0..2 {
+            assert_eq!(bitmap.dirty_bytes(slot), 4 * MIB, "the whole extent 8M..12M in slot {slot}");
+            assert!(bitmap.is_set(slot, 8 * MIB / (64 << 10)) && bitmap.is_set(slot, 12 * MIB / (64 << 10) - 1));
+        }
+        drop(bitmap);
+        fs::remove_file(&log).unwrap();
+        let (bitmap, recovery) = reopen(16);
+        assert_eq!(recovery, LogRecovery::MissingAfterCrash);
+        assert_eq!(bitmap.dirty_bytes(0), 64 * MIB, "a log missing after a crash: full resync");
+        bitmap.close_clean().unwrap();
+        drop(bitmap);
+        OpenOptions::new().write(true).open(&log).unwrap().write_all_at(&[0xff; 64], 0).unwrap();
+        let file_length = fs::metadata(&log).unwrap().len();
+        OpenOptions::new().write(true).open(&log).unwrap().write_all_at(&[0xff; 64], file_length / 2).unwrap();
+        let (bitmap, recovery) = reopen(16);
+        assert_eq!(recovery, LogRecovery::Damaged);
+        assert_eq!(bitmap.dirty_bytes(1), 64 * MIB, "a damaged log: full resync");
+        drop(bitmap);
+        let (_bitmap, recovery) = reopen(0);
+        assert_eq!(recovery, LogRecovery::Extents(0));
+        assert!(!log.exists(), "no log configured: the old one is removed once recovered from");
     }
 
     /// An extent past the end of the volume is a caller bug and panics.

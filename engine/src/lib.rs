@@ -23,6 +23,7 @@
 //! role ([`copy_role`]) and the production side's mirroring
 //! ([`mirror_service`], composed with the NBD server by the caller).
 
+pub mod activity_log;
 pub mod admission;
 pub mod alignment;
 pub mod applier;

@@ -83,6 +83,8 @@ pub struct MetadataFiles {
     pub bitmap: PathBuf,
     /// The mirror state (`.cmcopies`), production only.
     pub state: PathBuf,
+    /// The activity log (`.cmal`), production only.
+    pub activity_log: PathBuf,
 }
 
 impl MetadataFiles {
@@ -97,6 +99,7 @@ impl MetadataFiles {
             metadata: with(METADATA_FILE_SUFFIX),
             bitmap: with(BITMAP_FILE_SUFFIX),
             state: with(STATE_FILE_SUFFIX),
+            activity_log: with(crate::activity_log::ACTIVITY_LOG_FILE_SUFFIX),
         }
     }
 
@@ -123,9 +126,9 @@ impl MetadataFiles {
         }
     }
 
-    /// Whichever of the three files exists.
+    /// Whichever of the four files exists.
     pub fn existing(&self) -> Vec<&Path> {
-        [&self.metadata, &self.bitmap, &self.state]
+        [&self.metadata, &self.bitmap, &self.state, &self.activity_log]
             .into_iter()
             .map(PathBuf::as_path)
             .filter(|path| path.exists())

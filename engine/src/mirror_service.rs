@@ -22,7 +22,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::bitmap::{BitmapError, NewBits, Opened, WriteIntentBitmap, SLOTS_MAX};
+use crate::activity_log::EXTENT_BYTES_DEFAULT;
+use crate::bitmap::{
+    recorded_region_bytes, region_bytes_for, BitmapError, NewBits, Opened, WriteIntentBitmap, SLOTS_MAX,
+};
 use crate::fingerprint::{fingerprint, Fingerprint};
 use crate::metadata::{adopt_store, production_start, MetadataError, MetadataFiles, ProductionStart};
 use crate::protocol::auth::StoreToken;
@@ -47,8 +50,14 @@ pub struct MirrorServiceConfig {
     /// epoch older than one it promised (`serve` passes 1).
     pub epoch: u64,
     /// Bytes per bitmap bit, for a bitmap created now (an existing one must
-    /// have this region size).
-    pub region_bytes: u64,
+    /// have this region size); `None`: an existing bitmap's, else
+    /// [`region_bytes_for`] the volume's size.
+    pub region_bytes: Option<u64>,
+    /// The bound on what a crash may leave to resync beyond the bitmap's
+    /// durable bits: the activity log holds this many bytes' worth of
+    /// extents ([`crate::activity_log::ACTIVITY_LOG_BYTES_DEFAULT`]); 0: no activity log, every
+    /// new mark syncs the bitmap before its write is issued.
+    pub activity_log_bytes: u64,
     /// Resync bytes per second per copy; 0 means unlimited.
     pub resync_rate_max: u64,
     /// Resync by checksum (send only the chunks that differ).
@@ -238,13 +247,19 @@ impl Drop for MirrorService {
 /// "nothing to resync" (invariant 9). Say how it was found.
 fn open_bitmap(config: &MirrorServiceConfig) -> Result<WriteIntentBitmap, BitmapError> {
     let files = &config.files;
-    let bitmap = WriteIntentBitmap::open_or_create_with(
-        &files.bitmap,
-        config.volume.size(),
-        config.region_bytes,
-        SLOTS_MAX,
-        NewBits::Set,
-    )?;
+    let volume_size = config.volume.size();
+    let region_bytes = config
+        .region_bytes
+        .or_else(|| recorded_region_bytes(&files.bitmap))
+        .unwrap_or_else(|| region_bytes_for(volume_size));
+    let mut bitmap =
+        WriteIntentBitmap::open_or_create_with(&files.bitmap, volume_size, region_bytes, SLOTS_MAX, NewBits::Set)?;
+    // The activity log: extents of 4 MiB (or a region, when larger), as
+    // many as cover the bound asked for (the whole volume at most).
+    let extent_bytes = EXTENT_BYTES_DEFAULT.max(region_bytes);
+    let covered = config.activity_log_bytes.min(volume_size.next_multiple_of(extent_bytes));
+    let capacity = covered.div_ceil(extent_bytes) as usize;
+    bitmap.attach_activity_log(&files.activity_log, extent_bytes, capacity)?;
     match bitmap.opened() {
         Opened::Created if !files.state.exists() => {}
         Opened::Created => tracing::warn!(
@@ -337,7 +352,8 @@ mod tests {
             }],
             secret: Secret::from_bytes(b"mirror service unit test secret!".to_vec()).unwrap(),
             epoch,
-            region_bytes: 64 << 10,
+            region_bytes: Some(64 << 10),
+            activity_log_bytes: crate::activity_log::ACTIVITY_LOG_BYTES_DEFAULT,
             resync_rate_max: 0,
             resync_checksums: false,
             assume_clean: false,

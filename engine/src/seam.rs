@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use crate::bitmap::PendingMarks;
 use crate::gate::{Gate, GateRefused};
 use crate::replicator::{Change, Completions, Replicator, Shipped, WriteRefused};
 
@@ -109,6 +110,9 @@ pub struct ChangeSeam<T> {
     completions: Option<Arc<Completions>>,
     waiting: HashMap<u64, T>,
     next_ticket: u64,
+    /// The marks of changes begun with [`ChangeSeam::begin_batched`] and
+    /// not yet made durable by [`ChangeSeam::commit_batch`].
+    pending: PendingMarks,
 }
 
 impl<T> ChangeSeam<T> {
@@ -118,7 +122,14 @@ impl<T> ChangeSeam<T> {
             Some(_) => Some(Completions::new()?),
             None => None,
         };
-        Ok(ChangeSeam { mirror, gate: None, completions, waiting: HashMap::new(), next_ticket: 1 })
+        Ok(ChangeSeam {
+            mirror,
+            gate: None,
+            completions,
+            waiting: HashMap::new(),
+            next_ticket: 1,
+            pending: PendingMarks::default(),
+        })
     }
 
     /// Before any request is served (a read, a write, a flush, anything):
@@ -158,6 +169,31 @@ impl<T> ChangeSeam<T> {
             Some(mirror) if !change.is_flush() => mirror.begin_write(change.offset, change.length),
             Some(_) => self.check_store(),
             None => Ok(()),
+        }
+    }
+
+    /// [`ChangeSeam::begin`] for one change of a batch: its regions are
+    /// marked (in memory) and counted in flight, but not yet durable. Call
+    /// [`ChangeSeam::commit_batch`] before the local part of any change
+    /// begun this way is issued: the batch then shares one activity-log
+    /// transaction (or bitmap sync). A refused change needs no `abandon`.
+    pub fn begin_batched(&mut self, change: &ChangeExtent) -> Result<(), Refused> {
+        match &self.mirror {
+            Some(mirror) if !change.is_flush() => {
+                mirror.begin_write_batched(change.offset, change.length, &mut self.pending)
+            }
+            Some(_) => self.check_store(),
+            None => Ok(()),
+        }
+    }
+
+    /// Make the marks of every change begun with [`ChangeSeam::begin_batched`]
+    /// since the last commit durable. On an error none of them may be
+    /// issued: [`ChangeSeam::abandon`] each and answer it EIO.
+    pub fn commit_batch(&mut self) -> Result<(), Refused> {
+        match &self.mirror {
+            Some(mirror) if !self.pending.is_empty() => mirror.commit_writes(&mut self.pending),
+            _ => Ok(()),
         }
     }
 

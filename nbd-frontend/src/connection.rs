@@ -115,6 +115,7 @@ pub fn serve(
         queued_reply_bytes: 0,
         sending: false,
         parked: VecDeque::new(),
+        begun: Vec::new(),
         outstanding: 0,
         pool: BufferPool::new(POOL_HELD_BYTES_MAX),
         state: State::Open,
@@ -363,6 +364,9 @@ struct Connection {
     queued_reply_bytes: usize,
     sending: bool,
     parked: VecDeque<LockedWork>,
+    /// Changes begun on a mirrored volume whose marks are not yet durable:
+    /// issued together after one commit (see [`Connection::issue_begun`]).
+    begun: Vec<(LockedWork, Option<RangeLockId>)>,
     outstanding: usize,
     pool: BufferPool,
     state: State,
@@ -385,6 +389,7 @@ impl Connection {
                 self.state = State::Draining(Ending::Shutdown);
             }
             self.retry_parked();
+            self.issue_begun();
             self.start_receive();
             self.start_send();
             if self.seam.has_waiting() {
@@ -830,20 +835,59 @@ impl Connection {
         }
     }
 
+    /// Begin a change whose range is locked. On a mirrored volume its marks
+    /// are made durable with every other change begun since the loop last
+    /// came round (every request parsed from what was received, every
+    /// parked one that got its lock): one activity-log transaction or
+    /// bitmap sync for the batch, in [`Connection::issue_begun`], before
+    /// any of them is issued.
     fn start_locked(&mut self, work: LockedWork, lock: Option<RangeLockId>) {
-        let (cookie, change) = (work.cookie(), work.change());
-        if let Err(error) = self.seam.begin(&change) {
-            // A failed local store was logged once when it failed.
-            if let Refused::Bitmap(_) = error {
-                tracing::error!(%error, "answering EIO");
-            }
-            self.unlock(lock);
-            if let LockedWork::Write { buf, .. } = work {
-                self.pool.give(buf);
-            }
-            self.reply_error(cookie, command_of(&change), EIO);
+        if let Err(error) = self.seam.begin_batched(&work.change()) {
+            self.refuse_begun(work, lock, &error);
             return;
         }
+        if self.seam.is_mirrored() {
+            self.begun.push((work, lock));
+        } else {
+            self.issue_locked(work, lock);
+        }
+    }
+
+    /// Make the marks of every change begun since the last call durable at
+    /// once, then issue their local parts; when that fails, answer each EIO.
+    fn issue_begun(&mut self) {
+        if self.begun.is_empty() {
+            return;
+        }
+        let begun = std::mem::take(&mut self.begun);
+        if let Err(error) = self.seam.commit_batch() {
+            for (work, lock) in begun {
+                self.seam.abandon(&work.change());
+                self.refuse_begun(work, lock, &error);
+            }
+            return;
+        }
+        for (work, lock) in begun {
+            self.issue_locked(work, lock);
+        }
+    }
+
+    fn refuse_begun(&mut self, work: LockedWork, lock: Option<RangeLockId>, error: &Refused) {
+        let (cookie, change) = (work.cookie(), work.change());
+        // A failed local store was logged once when it failed.
+        if let Refused::Bitmap(_) = error {
+            tracing::error!(%error, "answering EIO");
+        }
+        self.unlock(lock);
+        if let LockedWork::Write { buf, .. } = work {
+            self.pool.give(buf);
+        }
+        self.reply_error(cookie, command_of(&change), EIO);
+    }
+
+    /// Issue the local part of a change begun durably.
+    fn issue_locked(&mut self, work: LockedWork, lock: Option<RangeLockId>) {
+        let change = work.change();
         match work {
             LockedWork::Write { cookie, mut buf, span, fua } => {
                 if self.volume.is_direct() && (span.partial_head() || span.partial_tail()) {

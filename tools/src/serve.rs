@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use engine::bitmap::{REGION_BYTES_DEFAULT, REGION_BYTES_MIN, SLOTS_MAX};
+use engine::bitmap::{REGION_BYTES_MIN, SLOTS_MAX};
 use engine::metadata::{refuse_metadata_in_dev, MetadataFiles};
 use engine::mirror_service::{MirrorService, MirrorServiceConfig};
 use engine::protocol::{load_secret, Secret};
@@ -63,11 +63,22 @@ pub struct ServeArgs {
     /// address (a bare port means 127.0.0.1:PORT).
     #[arg(long, value_parser = admin::parse_admin_address)]
     admin: Option<SocketAddr>,
-    /// Bytes per write-intent bitmap bit (a power of two, 4K to 16M; default
-    /// 256K). Larger regions mean fewer bitmap syncs under random writes and
-    /// more data resynced per dirty region.
-    #[arg(long, value_parser = parse_size, default_value_t = REGION_BYTES_DEFAULT)]
-    region_size: u64,
+    /// Bytes per write-intent bitmap bit (a power of two, 4K to 16M).
+    /// Default: an existing bitmap's; for a new one 256K, or on volumes over
+    /// 1T the smallest power of two that keeps the bitmap at 4Mi regions
+    /// (512 KiB per copy slot): 1M for 4T. Larger regions mean more data
+    /// resynced per dirty region.
+    #[arg(long, value_parser = parse_size)]
+    region_size: Option<u64>,
+    /// The activity log's size: at most how much of the volume a crash of
+    /// this host may leave to resync beyond the bitmap (the log holds this
+    /// many bytes' worth of recently written 4 MiB extents, in
+    /// `<volume>.cmal`; a write into a logged extent costs no metadata I/O,
+    /// one into a new extent waits for one small log write shared with every
+    /// writer waiting). 0: no log, every newly marked region syncs the
+    /// bitmap before its write is issued.
+    #[arg(long, value_parser = parse_size, default_value = "4G")]
+    activity_log: u64,
     /// Resync bytes per second per copy; 0 means unlimited.
     #[arg(long, value_parser = parse_size, default_value = "0")]
     resync_rate_max: u64,
@@ -147,8 +158,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Everything that can be checked is checked before anything is created.
     let files = MetadataFiles::locate(&args.volume, is_block_device(&args.volume), args.metadata_dir.as_deref());
     let secret = check_configuration(&args, &files)?;
-    let start_files =
-        StartFiles::note(&[args.volume.clone(), files.bitmap.clone(), files.state.clone(), files.metadata.clone()]);
+    let start_files = StartFiles::note(&[
+        args.volume.clone(),
+        files.bitmap.clone(),
+        files.state.clone(),
+        files.metadata.clone(),
+        files.activity_log.clone(),
+    ]);
     let options =
         VolumeOptions { path: args.volume.clone(), size: args.size, direct: args.direct, read_only: args.read_only };
     let volume = Arc::new(Volume::open(&options)?);
@@ -251,11 +267,12 @@ fn check_configuration(args: &ServeArgs, files: &MetadataFiles) -> anyhow::Resul
             copy.name
         );
     }
-    anyhow::ensure!(
-        args.region_size.is_power_of_two() && (REGION_BYTES_MIN..=16 << 20).contains(&args.region_size),
-        "--region-size {} must be a power of two from 4K to 16M (a resync frame carries at most one region)",
-        args.region_size
-    );
+    if let Some(region_size) = args.region_size {
+        anyhow::ensure!(
+            region_size.is_power_of_two() && (REGION_BYTES_MIN..=16 << 20).contains(&region_size),
+            "--region-size {region_size} must be a power of two from 4K to 16M (a resync frame carries at most one region)"
+        );
+    }
     let secret_file = args
         .secret_file
         .as_ref()
@@ -277,6 +294,7 @@ fn start_mirror(
         secret,
         epoch: 1,
         region_bytes: args.region_size,
+        activity_log_bytes: args.activity_log,
         resync_rate_max: args.resync_rate_max,
         resync_checksums: args.resync_checksums,
         assume_clean: args.assume_clean,

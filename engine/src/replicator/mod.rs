@@ -62,7 +62,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::bitmap::{BitmapError, WriteIntentBitmap};
+use crate::bitmap::{BitmapError, PendingMarks, WriteIntentBitmap};
 use crate::eventfd::EventFd;
 use crate::metadata::StoreState;
 use crate::protocol::auth::{StoreToken, VolumeIdentity, STORE_TOKEN_UNKNOWN};
@@ -701,6 +701,22 @@ impl Replicator {
     /// exactly one [`Replicator::ship`] or [`Replicator::abandon`] of the same
     /// extent.
     pub fn begin_write(&self, offset: u64, len: u64) -> Result<(), WriteRefused> {
+        let mut pending = PendingMarks::default();
+        self.begin_write_batched(offset, len, &mut pending)?;
+        if let Err(error) = self.commit_writes(&mut pending) {
+            self.abandon(offset, len);
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// [`Replicator::begin_write`] for a batch: mark the regions and count
+    /// the write in flight, noting in `pending` what must be made durable;
+    /// [`Replicator::commit_writes`] then does that once for the whole
+    /// batch, before any of its writes is issued. A refusal here needs no
+    /// `abandon`; a write begun here is followed by exactly one
+    /// `completed`, `failed` or `abandon` like any other.
+    pub fn begin_write_batched(&self, offset: u64, len: u64, pending: &mut PendingMarks) -> Result<(), WriteRefused> {
         if let Some(why) = self.shared.local_failure.get() {
             return Err(WriteRefused::LocalStoreFailed(why.clone()));
         }
@@ -710,13 +726,16 @@ impl Replicator {
                 *inflight.entry(region).or_insert(0) += 1;
             }
         }
-        if self.shared.bitmap.mark(offset, len) {
-            if let Err(error) = self.shared.bitmap.flush() {
-                self.abandon(offset, len);
-                return Err(WriteRefused::Bitmap(error));
-            }
-        }
+        self.shared.bitmap.mark_write(offset, len, pending);
         Ok(())
+    }
+
+    /// Make the marks of a batch begun with
+    /// [`Replicator::begin_write_batched`] durable (one activity-log
+    /// transaction or bitmap sync for all of them). On an error none of
+    /// the batch may be issued: the caller abandons each write.
+    pub fn commit_writes(&self, pending: &mut PendingMarks) -> Result<(), WriteRefused> {
+        self.shared.bitmap.commit(pending).map_err(WriteRefused::Bitmap)
     }
 
     /// The local store failed a flush (an fsync returned `errno`): writes

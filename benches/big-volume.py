@@ -1,0 +1,273 @@
+#!/usr/bin/python3
+"""benches/big-volume.py: what write-intent tracking costs on a 1 TiB volume.
+
+fio (ioengine=nbd, 4k randwrite, iodepth=32, numjobs=2, each job over its
+own half of the volume) through `crossmirror serve` on a sparse 1 TiB volume:
+no copy, one sync copy host with --direct, one async copy; interleaved
+rounds, medians and ratios printed as Markdown. Nearly every write lands in
+a bitmap region (and an activity-log extent) not touched before, the worst
+case for write-intent tracking.
+
+Then the crash case: a sync copy, the same fio load, production SIGKILLed
+mid-load, restarted; the resync it runs is compared with what was written
+since the last quiet point (copy up to date, no dirty bits) and with the
+activity log's bound (a crash leaves at most the log's extents plus the
+bitmap bits written so far to resync).
+
+Usage:
+    /usr/bin/python3 benches/big-volume.py
+    ROUNDS=1 RUNTIME=5 /usr/bin/python3 benches/big-volume.py   # quick check
+
+Environment: ROUNDS [3], RUNTIME [20] seconds per fio run, CONFIGS ["none
+sync1d async1"; "tracked": a copy brought up to date whose host is then
+killed, so every write is tracked and none shipped: the cost of
+write-intent tracking alone], SIZE [1T], SERVE_ARGS [extra serve options, e.g.
+"--activity-log 0"], CRASH [1: run the crash case], CM_BIN
+[target/release/crossmirror], SCRATCH [/var/tmp], OUT [also write the
+report here]. Every volume is a sparse file; the script removes them.
+"""
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+mirror = __import__("mirror")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+RUNTIME = int(os.environ.get("RUNTIME", "20"))
+CONFIGS = os.environ.get("CONFIGS", "none sync1d async1").split()
+SIZE = os.environ.get("SIZE", "1T")
+SERVE_ARGS = os.environ.get("SERVE_ARGS", "").split()
+CRASH = os.environ.get("CRASH", "1") == "1"
+SCRATCH_PARENT = os.environ.get("SCRATCH", "/var/tmp")
+OUT = os.environ.get("OUT", "")
+COPIES = {
+    "none": [],
+    "sync1": [("east", "127.0.0.2", "")],
+    "sync1d": [("east", "127.0.0.2", ",direct")],
+    "async1": [("dr", "127.0.0.2", ",mode=async")],
+    "async1d": [("dr", "127.0.0.2", ",mode=async,direct")],
+    # A copy that was up to date and whose host is then killed: every write
+    # is tracked (bitmap and activity log), nothing is shipped, so this is
+    # write-intent tracking alone (each round starts on new stores).
+    "tracked": [("east", "127.0.0.2", ",direct")],
+}
+log = mirror.log
+
+
+def size_bytes(text):
+    units = {"K": 10, "M": 20, "G": 30, "T": 40}
+    return int(text[:-1]) << units[text[-1]] if text[-1] in units else int(text)
+
+
+class Setup:
+    """A production host on its own sparse volume and its copies; stores
+    persist across rounds (the first start of a copy is skipped with
+    --assume-clean: both stores are empty sparse files)."""
+
+    def __init__(self, scratch, config, binary, secret):
+        self.scratch, self.config, self.binary, self.secret = scratch, config, binary, secret
+        self.processes = []
+        self.volume = os.path.join(scratch, f"{config}-production.img")
+
+    def start(self, wait=True):
+        mirrors = []
+        self.mirror_args = []
+        for name, ip, options in COPIES[self.config]:
+            port = mirror.free_port(ip)
+            store = os.path.join(self.scratch, f"{self.config}-{name}.img")
+            args = [self.binary, "copy-host", "--volume", store, "--size", SIZE, "--listen", f"{ip}:{port}",
+                    "--secret-file", self.secret]
+            if ",direct" in options:
+                args.append("--direct")
+                options = options.replace(",direct", "")
+            process = self.spawn(args, f"{self.config}-{name}")
+            mirror.wait_listening(ip, port, process)
+            mirrors += ["--mirror", f"{name}={ip}:{port}{options}"]
+        self.mirror_args = mirrors
+        self.port = mirror.free_port("127.0.0.1")
+        self.admin = f"127.0.0.1:{mirror.free_port('127.0.0.1')}"
+        args = [self.binary, "serve", "--volume", self.volume, "--size", SIZE, "--listen", f"127.0.0.1:{self.port}"]
+        if mirrors:
+            args += mirrors + ["--secret-file", self.secret, "--admin", self.admin, "--assume-clean"] + SERVE_ARGS
+        self.production = self.spawn(args, f"{self.config}-production")
+        mirror.wait_listening("127.0.0.1", self.port, self.production, timeout=120)
+        if mirrors and wait:
+            mirror.wait_up_to_date(self.admin)
+        if self.config == "tracked":
+            copy_host = self.processes[0]
+            copy_host.send_signal(signal.SIGKILL)
+            copy_host.wait()
+            deadline = time.time() + 30
+            while mirror.status(self.admin)["copies"][0]["state"] == "up_to_date" and time.time() < deadline:
+                time.sleep(0.1)
+
+    def spawn(self, args, label):
+        log_file = open(os.path.join(self.scratch, f"{label}.log"), "ab")
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log_file,
+                                   env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"})
+        self.processes.append(process)
+        return process
+
+    def stop(self):
+        mirror.stop_processes(self.processes)
+        self.processes = []
+
+
+def fio_args(port, runtime):
+    half = size_bytes(SIZE) // 2
+    return ["fio", "--name=bench", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}", "--numjobs=2",
+            f"--size={half}", f"--offset_increment={half}", "--rw=randwrite", "--bs=4k", "--iodepth=32",
+            "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--group_reporting", "--output-format=json"]
+
+
+def fio(port):
+    output = subprocess.run(fio_args(port, RUNTIME), capture_output=True, text=True, check=True).stdout
+    report = json.loads(output[output.find("{"):])
+    return report["jobs"][0]["write"]["iops"]
+
+
+def crash_case(scratch, binary, secret):
+    """SIGKILL production under the load, restart it, and measure the resync."""
+    setup = Setup(scratch, "crash", binary, secret)
+    COPIES["crash"] = [("east", "127.0.0.2", ",direct")]
+    try:
+        setup.start()
+        quiet = mirror.status(setup.admin)["copies"][0]
+        assert quiet["dirty_bytes"] == 0, quiet
+        load = subprocess.Popen(fio_args(setup.port, 60)[:-1] + ["--output-format=json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        time.sleep(12)
+        before = mirror.status(setup.admin)["copies"][0]
+        setup.production.send_signal(signal.SIGKILL)
+        setup.production.wait()
+        output, _ = load.communicate(timeout=120)
+        # fio's byte count of the writes it issued (answered or not) is an
+        # upper bound for what reached the volume; its log has the count.
+        written = None
+        try:
+            report = json.loads(output[output.find("{"):])
+            written = report["jobs"][0]["write"]["io_bytes"]
+        except (ValueError, KeyError, IndexError):
+            pass
+        log(f"crash: production killed; copy status just before: {before}")
+        # Restart production alone (the copy host keeps running).
+        copies = setup.processes[:-1]
+        setup.processes = copies
+        port = mirror.free_port("127.0.0.1")
+        setup.port = port
+        args = [binary, "serve", "--volume", setup.volume, "--size", SIZE, "--listen", f"127.0.0.1:{port}",
+                *setup.mirror_args, "--secret-file", secret,
+                "--admin", setup.admin] + SERVE_ARGS
+        started = time.time()
+        setup.production = setup.spawn(args, "crash-production")
+        mirror.wait_listening("127.0.0.1", port, setup.production, timeout=300)
+        after_open = mirror.status(setup.admin)["copies"][0]
+        mirror.wait_up_to_date(setup.admin, timeout=1200)
+        done = mirror.status(setup.admin)["copies"][0]
+        return {"written": written, "dirty_at_restart": after_open["dirty_bytes"],
+                "resync_total": done["resync_bytes_total"], "resync_done": done["resync_bytes_done"],
+                "seconds": time.time() - started, "log": al_line(scratch)}
+    finally:
+        setup.stop()
+
+
+def al_line(scratch):
+    lines = []
+    with open(os.path.join(scratch, "crash-production.log")) as f:
+        for line in f:
+            if "activity log" in line or "after a crash" in line:
+                lines.append(line.strip())
+    return lines[-3:]
+
+
+def main():
+    binary = os.environ.get("CM_BIN") or os.path.join(REPO, "target/release/crossmirror")
+    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    scratch = tempfile.mkdtemp(prefix="crossmirror-big-", dir=SCRATCH_PARENT)
+    try:
+        secret = os.path.join(scratch, "secret")
+        with open(secret, "w") as f:
+            f.write(os.urandom(32).hex())
+        os.chmod(secret, 0o600)
+        results = {}
+        for round_number in range(ROUNDS):
+            order = CONFIGS[round_number % len(CONFIGS):] + CONFIGS[:round_number % len(CONFIGS)]
+            for config in order:
+                setup = Setup(scratch, config, binary, secret)
+                try:
+                    setup.start()
+                    iops = fio(setup.port)
+                    results.setdefault(config, []).append(iops)
+                    log(f"round {round_number + 1}: {config}: {iops:.0f} IOPS")
+                    if config != "none":
+                        copy = mirror.status(setup.admin)["copies"][0]
+                        log(f"round {round_number + 1}: {config}: copy after the run: {copy['state']}, "
+                            f"dirty {copy['dirty_bytes']}, lag {copy['lag_bytes']}")
+                        if config != "tracked":
+                            mirror.wait_up_to_date(setup.admin, timeout=1200)
+                finally:
+                    setup.stop()
+                if config == "tracked":
+                    # Its copy missed every write: start the next round on new stores.
+                    for name in os.listdir(scratch):
+                        if name.startswith("tracked-"):
+                            os.remove(os.path.join(scratch, name))
+        crash = crash_case(scratch, binary, secret) if CRASH else None
+        report = render(results, commit, crash)
+        print(report)
+        if OUT:
+            with open(OUT, "w") as f:
+                f.write(report)
+    finally:
+        if os.environ.get("KEEP") != "1":
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def render(results, commit, crash):
+    lines = [
+        "# Write-intent tracking on a big volume",
+        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit}",
+        f"- command: `ROUNDS={ROUNDS} RUNTIME={RUNTIME} SIZE={SIZE} CONFIGS='{' '.join(CONFIGS)}' "
+        f"SERVE_ARGS='{' '.join(SERVE_ARGS)}' /usr/bin/python3 benches/big-volume.py`",
+        f"- fio: ioengine=nbd 4k randwrite iodepth=32 numjobs=2 (each job over half of the {SIZE} sparse volume), "
+        f"{RUNTIME} s; medians of {ROUNDS} interleaved rounds; all on this 2-core machine",
+        "",
+        "| 4k randwrite QD32 x2 | " + " | ".join(CONFIGS) + " | "
+        + " | ".join(f"{c}/none" for c in CONFIGS if c != "none") + " |",
+        "|---|" + "---:|" * (2 * len(CONFIGS) - 1),
+    ]
+    medians = {c: statistics.median(results[c]) for c in CONFIGS}
+    row = ["IOPS (median)"] + [f"{medians[c]:.0f}" for c in CONFIGS]
+    base = medians.get("none")
+    row += [f"{medians[c] / base:.2f}" if base else "-" for c in CONFIGS if c != "none"]
+    lines.append("| " + " | ".join(row) + " |")
+    lines.append("| all rounds | " + " | ".join(", ".join(f"{v:.0f}" for v in results[c]) for c in CONFIGS)
+                 + " |" + " |" * (len(CONFIGS) - 1))
+    lines.append("")
+    if crash:
+        written = crash["written"]
+        lines.append(
+            f"Crash under load (sync --direct copy, SIGKILL after 12 s of the load): fio wrote "
+            f"{written / 2**20:.0f} MiB since the quiet point; " if written else "Crash under load: fio's count lost; ")
+        lines[-1] += (f"dirty at restart {crash['dirty_at_restart'] / 2**20:.0f} MiB, resync moved "
+                      f"{crash['resync_done'] / 2**20:.0f} MiB (of {crash['resync_total'] / 2**20:.0f} MiB) "
+                      f"in {crash['seconds']:.1f} s.")
+        for line in crash["log"]:
+            lines.append(f"    {line}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

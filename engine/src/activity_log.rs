@@ -1,0 +1,611 @@
+//! The activity log: a small on-disk set of the volume's recently written
+//! extents, so that marking a write costs no metadata I/O at all when its
+//! extent is already logged, and one shared small write when it is not
+//! (DESIGN.md §3; DRBD's "activity log" with its `al-extents`).
+//!
+//! ```text
+//!  write(offset, len) ─▶ bitmap bits set in memory ─▶ extent logged durably? ── yes ──▶ issue the data write
+//!                                                        │ no
+//!                                                        ▼
+//!                     one transaction for every writer waiting (group commit):
+//!                     [evicting? msync the bitmap first] ─▶ write the log block ─▶ fdatasync ─▶ issue
+//!  open after a crash ─▶ every logged extent set dirty in every slot ─▶ msync ─▶ empty log
+//! ```
+//!
+//! Invariant 6 then holds in this form: a region a copy may differ in has
+//! its bit durably set in the bitmap, or lies in an extent of the durable
+//! log (which the next open turns into set bits before anything else). The
+//! bitmap's own bits are written lazily: by the kernel's writeback, and
+//! always (one msync) before the log forgets an extent, since from then on
+//! only the bitmap remembers it.
+//!
+//! The file (`<volume>.cmal`) holds two blocks of equal size, A at offset 0
+//! and B right after it; transaction number `n` is written to block `n % 2`,
+//! so a torn write can only damage the block being written, and the other
+//! one still holds the transaction before it (whose extents are a superset
+//! of what was durable then: an extent is only dropped after the bitmap
+//! holds it durably). A block:
+//!
+//! ```text
+//!  offset size field         meaning
+//!       0    8 magic         "CMACTLOG"
+//!       8    4 version       1
+//!      12    4 count         extents listed
+//!      16    8 sequence      the transaction's number (the newer valid block wins)
+//!      24    8 extent_bytes  bytes per extent
+//!      32    4 crc           CRC32 of bytes 0..32 and of the extent list
+//!      36    4 zero
+//!      40      count little-endian u64 extent numbers, then zeroes to the block's end
+//! ```
+//!
+//! The block size is the file's length divided by two; a log of another
+//! size (the setting changed) is read as found and replaced whole (through
+//! a new file renamed into place) when it is opened.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+/// The suffix appended to a volume's path to name its activity log.
+pub const ACTIVITY_LOG_FILE_SUFFIX: &str = ".cmal";
+/// The default bound on what the log may leave to resync after a crash.
+pub const ACTIVITY_LOG_BYTES_DEFAULT: u64 = 4 << 30;
+/// The default extent size (the log's unit).
+pub const EXTENT_BYTES_DEFAULT: u64 = 4 << 20;
+/// The most extents a log holds (a 512 KiB block).
+pub const EXTENTS_MAX: u64 = 1 << 16;
+
+const MAGIC: [u8; 8] = *b"CMACTLOG";
+const VERSION: u32 = 1;
+const ENTRIES_OFFSET: usize = 40;
+const CRC_OFFSET: usize = 32;
+
+/// The size of a block holding `capacity` extents: whole 4 KiB pages.
+fn block_bytes(capacity: usize) -> usize {
+    (ENTRIES_OFFSET + capacity * 8).div_ceil(4096) * 4096
+}
+
+/// Encode one transaction.
+fn encode(sequence: u64, extent_bytes: u64, extents: &[u64], block: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; block];
+    bytes[0..8].copy_from_slice(&MAGIC);
+    bytes[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    bytes[12..16].copy_from_slice(&(extents.len() as u32).to_le_bytes());
+    bytes[16..24].copy_from_slice(&sequence.to_le_bytes());
+    bytes[24..32].copy_from_slice(&extent_bytes.to_le_bytes());
+    for (index, extent) in extents.iter().enumerate() {
+        let at = ENTRIES_OFFSET + index * 8;
+        bytes[at..at + 8].copy_from_slice(&extent.to_le_bytes());
+    }
+    let crc = block_crc(&bytes, extents.len());
+    bytes[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+    bytes
+}
+
+fn block_crc(bytes: &[u8], count: usize) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&bytes[..CRC_OFFSET]);
+    hasher.update(&bytes[ENTRIES_OFFSET..ENTRIES_OFFSET + count * 8]);
+    hasher.finalize()
+}
+
+/// One transaction as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    /// Its number.
+    pub sequence: u64,
+    /// Bytes per extent when it was written.
+    pub extent_bytes: u64,
+    /// The extents it lists.
+    pub extents: Vec<u64>,
+}
+
+/// Decode a block, or `None` when it is not a whole, valid transaction.
+fn decode(bytes: &[u8]) -> Option<Transaction> {
+    if bytes.len() < ENTRIES_OFFSET || bytes[0..8] != MAGIC {
+        return None;
+    }
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let count = u32_at(12) as usize;
+    if u32_at(8) != VERSION || ENTRIES_OFFSET + count * 8 > bytes.len() {
+        return None;
+    }
+    if u32_at(CRC_OFFSET) != block_crc(bytes, count) {
+        return None;
+    }
+    let extent_bytes = u64_at(24);
+    if extent_bytes == 0 {
+        return None;
+    }
+    let extents = (0..count).map(|index| u64_at(ENTRIES_OFFSET + index * 8)).collect();
+    Some(Transaction { sequence: u64_at(16), extent_bytes, extents })
+}
+
+/// What the log file said when it was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// There was no file.
+    Missing,
+    /// The newest valid transaction.
+    Valid(Transaction),
+    /// Neither block holds a valid transaction: the log was damaged.
+    Damaged,
+}
+
+/// Read the log at `path`: the newest of its two blocks that is whole.
+pub fn read(path: &Path) -> io::Result<Found> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Found::Missing),
+        Err(error) => return Err(error),
+    };
+    let half = bytes.len() / 2;
+    let newest = [&bytes[..half], &bytes[half..half * 2]]
+        .into_iter()
+        .filter_map(decode)
+        .max_by_key(|transaction| transaction.sequence);
+    Ok(newest.map_or(Found::Damaged, Found::Valid))
+}
+
+/// What went wrong with the log.
+#[derive(Debug, thiserror::Error)]
+#[error("activity log {path}: {action}: {source}")]
+pub struct ActivityLogError {
+    /// The log file.
+    pub path: PathBuf,
+    /// What was being done.
+    pub action: &'static str,
+    /// The operating system's error.
+    #[source]
+    pub source: io::Error,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// The transaction that makes it durable.
+    transaction: u64,
+    /// When it was last asked for (larger is more recent).
+    used: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Every extent logged or being logged.
+    extents: HashMap<u64, Entry>,
+    /// The transaction now collecting new extents.
+    next: u64,
+    /// Every transaction up to this one is durable.
+    durable: u64,
+    /// A writer is writing a transaction.
+    committing: bool,
+    /// The use clock.
+    clock: u64,
+    /// The on-disk sequence number of the last block written.
+    sequence: u64,
+    /// A failed write: the log's content on disk is unknown, every commit fails.
+    failed: Option<String>,
+    /// Transactions written, and of them those that had to msync the bitmap first.
+    transactions: u64,
+    bitmap_syncs: u64,
+}
+
+/// Counters, for tests and the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActivityLogStats {
+    /// Transactions written since open.
+    pub transactions: u64,
+    /// Of those, how many synced the bitmap first (they dropped extents).
+    pub bitmap_syncs: u64,
+    /// Extents in the log now.
+    pub extents: usize,
+}
+
+/// An open activity log.
+#[derive(Debug)]
+pub struct ActivityLog {
+    path: PathBuf,
+    file: File,
+    extent_shift: u32,
+    capacity: usize,
+    block: usize,
+    state: Mutex<State>,
+    committed: Condvar,
+}
+
+impl ActivityLog {
+    /// Make a new, empty log at `path` for `capacity` extents of
+    /// `extent_bytes` (a power of two), numbered after `sequence`, replacing
+    /// any file there (whole: written beside it, then renamed into place).
+    pub fn create(
+        path: &Path,
+        extent_bytes: u64,
+        capacity: usize,
+        sequence: u64,
+    ) -> Result<ActivityLog, ActivityLogError> {
+        assert!(extent_bytes.is_power_of_two(), "extents are a power of two bytes");
+        assert!((1..=EXTENTS_MAX as usize).contains(&capacity), "1 to {EXTENTS_MAX} extents");
+        let io_error = |action, source| ActivityLogError { path: path.to_path_buf(), action, source };
+        let block = block_bytes(capacity);
+        let mut temporary_name = path.as_os_str().to_owned();
+        temporary_name.push(format!(".creating-{}", std::process::id()));
+        let temporary = PathBuf::from(temporary_name);
+        let result = (|| {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&temporary)
+                .map_err(|source| io_error("create", source))?;
+            // Block B stays zeroes (invalid); block A says "empty" at `sequence + 1`.
+            file.set_len(2 * block as u64).map_err(|source| io_error("size", source))?;
+            file.write_all_at(&encode(sequence + 1, extent_bytes, &[], block), 0)
+                .map_err(|source| io_error("write", source))?;
+            // Allocate block B too: its first write must not need the file system's metadata.
+            file.write_all_at(&vec![0u8; block], block as u64).map_err(|source| io_error("write", source))?;
+            file.sync_all().map_err(|source| io_error("fsync", source))?;
+            fs::rename(&temporary, path).map_err(|source| io_error("rename into place", source))?;
+            let parent = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            File::open(parent)
+                .and_then(|directory| directory.sync_all())
+                .map_err(|source| io_error("fsync directory", source))?;
+            Ok(file)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temporary);
+        }
+        let file = result?;
+        Ok(ActivityLog {
+            path: path.to_path_buf(),
+            file,
+            extent_shift: extent_bytes.trailing_zeros(),
+            capacity,
+            block,
+            state: Mutex::new(State {
+                extents: HashMap::new(),
+                next: 1,
+                durable: 0,
+                committing: false,
+                clock: 0,
+                sequence: sequence + 1,
+                failed: None,
+                transactions: 0,
+                bitmap_syncs: 0,
+            }),
+            committed: Condvar::new(),
+        })
+    }
+
+    /// Bytes per extent.
+    pub fn extent_bytes(&self) -> u64 {
+        1 << self.extent_shift
+    }
+
+    /// The most extents the log holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The log file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The extents `len` bytes at `offset` touch (none when `len` is 0).
+    pub fn extents(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        if len == 0 {
+            return 0..0;
+        }
+        (offset >> self.extent_shift)..((offset + len - 1) >> self.extent_shift) + 1
+    }
+
+    /// Whether every one of `extents` is in the durable log (no commit needed).
+    pub fn covers(&self, extents: impl IntoIterator<Item = u64>) -> bool {
+        let state = self.lock();
+        extents
+            .into_iter()
+            .all(|extent| state.extents.get(&extent).is_some_and(|entry| entry.transaction <= state.durable))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ActivityLogStats {
+        let state = self.lock();
+        ActivityLogStats {
+            transactions: state.transactions,
+            bitmap_syncs: state.bitmap_syncs,
+            extents: state.extents.len(),
+        }
+    }
+
+    /// Return once every one of `extents` is in the durable log, or the
+    /// bitmap was synced after it was asked for: the caller set the bits of
+    /// its writes in the bitmap (in memory) before it called this.
+    ///
+    /// Writers asking at once share one transaction: the first to find no
+    /// transaction under way writes every extent asked for so far; the
+    /// others wait for it, and those that asked during it write the next.
+    /// When the log is full, the least recently used extents are dropped
+    /// (a quarter of the log at once, so that a stream of new extents syncs
+    /// the bitmap once every few transactions, not in each), after
+    /// `sync_bitmap` made every bit set so far durable. The extents of one
+    /// transaction that do not fit are dropped the same way: the bitmap sync
+    /// covers their writes.
+    pub fn commit<E>(
+        &self,
+        extents: impl IntoIterator<Item = u64>,
+        sync_bitmap: impl Fn() -> Result<(), E>,
+    ) -> Result<(), CommitError<E>> {
+        let mut state = self.lock();
+        let mut wanted = 0;
+        for extent in extents {
+            state.clock += 1;
+            let (clock, next) = (state.clock, state.next);
+            let entry = state.extents.entry(extent).or_insert(Entry { transaction: next, used: clock });
+            entry.used = clock;
+            wanted = wanted.max(entry.transaction);
+        }
+        loop {
+            if let Some(why) = &state.failed {
+                return Err(CommitError::Failed(why.clone()));
+            }
+            if state.durable >= wanted {
+                return Ok(());
+            }
+            if state.committing {
+                state = self.committed.wait(state).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            state.committing = true;
+            let transaction = state.next;
+            state.next += 1;
+            let dropped = self.make_room(&mut state, transaction);
+            let listed: Vec<u64> = state.extents.keys().copied().collect();
+            let sequence = state.sequence + 1;
+            drop(state);
+            let written = (|| {
+                if dropped {
+                    sync_bitmap().map_err(CommitError::Bitmap)?;
+                }
+                let bytes = encode(sequence, self.extent_bytes(), &listed, self.block);
+                let at = (sequence % 2) * self.block as u64;
+                self.file.write_all_at(&bytes, at).and_then(|()| self.file.sync_data()).map_err(|source| {
+                    CommitError::Io(ActivityLogError { path: self.path.clone(), action: "write a transaction", source })
+                })
+            })();
+            state = self.lock();
+            state.committing = false;
+            match &written {
+                Ok(()) => {
+                    state.sequence = sequence;
+                    state.durable = transaction;
+                    state.transactions += 1;
+                    state.bitmap_syncs += u64::from(dropped);
+                }
+                // A failed write may have torn either... only this block; the
+                // other still holds the last transaction, but a later write
+                // could not be trusted either: stop committing.
+                Err(CommitError::Io(error)) => state.failed = Some(error.to_string()),
+                // The bitmap could not be synced: nothing was written, the
+                // dropped extents' writes are not covered. Fail for good too.
+                Err(_) => state.failed = Some("the bitmap could not be synced before extents left the log".into()),
+            }
+            self.committed.notify_all();
+            written?;
+        }
+    }
+
+    /// Drop extents until the log fits, least recently used first, never
+    /// one of `transaction` unless they alone overflow it. Whether any was
+    /// dropped (the bitmap must then be synced before the log is written).
+    fn make_room(&self, state: &mut State, transaction: u64) -> bool {
+        if state.extents.len() <= self.capacity {
+            return false;
+        }
+        let target = self.capacity - self.capacity / 4;
+        let mut candidates: Vec<(bool, u64, u64)> = state
+            .extents
+            .iter()
+            .map(|(extent, entry)| (entry.transaction == transaction, entry.used, *extent))
+            .collect();
+        // Older transactions' extents first, then by last use.
+        candidates.sort_unstable();
+        let excess = state.extents.len() - target;
+        for (index, (new, _, extent)) in candidates.into_iter().enumerate() {
+            if index >= excess || (new && state.extents.len() <= self.capacity) {
+                break;
+            }
+            state.extents.remove(&extent);
+        }
+        true
+    }
+
+    /// Forget every extent and write an empty transaction: call it after the
+    /// bitmap was made durable with no write in flight (a clean close).
+    pub fn clear(&self) -> Result<(), ActivityLogError> {
+        let mut state = self.lock();
+        while state.committing {
+            state = self.committed.wait(state).unwrap_or_else(PoisonError::into_inner);
+        }
+        let sequence = state.sequence + 1;
+        let bytes = encode(sequence, self.extent_bytes(), &[], self.block);
+        let at = (sequence % 2) * self.block as u64;
+        self.file.write_all_at(&bytes, at).and_then(|()| self.file.sync_data()).map_err(|source| ActivityLogError {
+            path: self.path.clone(),
+            action: "write an empty transaction",
+            source,
+        })?;
+        state.sequence = sequence;
+        state.extents.clear();
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Why a commit failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError<E> {
+    /// Writing the transaction failed.
+    #[error(transparent)]
+    Io(ActivityLogError),
+    /// Syncing the bitmap before dropping extents failed.
+    #[error("syncing the bitmap before extents leave the activity log failed")]
+    Bitmap(E),
+    /// An earlier commit failed: the log is not trusted any more.
+    #[error("the activity log failed earlier: {0}")]
+    Failed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    fn ok() -> Result<(), ()> {
+        Ok(())
+    }
+
+    fn logged(path: &Path) -> Vec<u64> {
+        match read(path).unwrap() {
+            Found::Valid(transaction) => {
+                let mut extents = transaction.extents;
+                extents.sort_unstable();
+                extents
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A committed extent is in the newest block; an extent already logged
+    /// costs no transaction.
+    #[test]
+    fn a_committed_extent_is_durable_and_costs_nothing_again() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = ActivityLog::create(&path, 1 << 20, 8, 0).unwrap();
+        assert_eq!(logged(&path), Vec::<u64>::new());
+        log.commit([3, 4], ok).unwrap();
+        assert_eq!(logged(&path), [3, 4]);
+        assert!(log.covers([3, 4]));
+        log.commit([4], ok).unwrap();
+        assert_eq!(log.stats().transactions, 1, "an extent already logged needs no transaction");
+    }
+
+    /// A torn write of the newer block leaves the older one, which lists
+    /// every extent the torn one would have kept (a superset of what was
+    /// durable before it).
+    #[test]
+    fn a_torn_transaction_falls_back_to_the_previous_one() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = ActivityLog::create(&path, 1 << 20, 8, 0).unwrap();
+        log.commit([1], ok).unwrap();
+        log.commit([2], ok).unwrap();
+        let Found::Valid(newest) = read(&path).unwrap() else { panic!() };
+        // Tear the newest block: half of its first page is old data.
+        let block = block_bytes(8) as u64;
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0xa5; 20], (newest.sequence % 2) * block + 20).unwrap();
+        let Found::Valid(previous) = read(&path).unwrap() else { panic!("the older block is whole") };
+        assert_eq!(previous.sequence, newest.sequence - 1);
+        assert_eq!(previous.extents, [1]);
+        // Both torn: damaged.
+        file.write_all_at(&[0xa5; 20], (previous.sequence % 2) * block + 36).unwrap();
+        assert_eq!(read(&path).unwrap(), Found::Damaged);
+    }
+
+    /// Dropping an extent from a full log syncs the bitmap before the
+    /// transaction that no longer lists it is written; a failed sync fails
+    /// the commit and every later one.
+    #[test]
+    fn eviction_syncs_the_bitmap_before_the_log_forgets() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = ActivityLog::create(&path, 1 << 20, 4, 0).unwrap();
+        let syncs = AtomicU64::new(0);
+        let sync = || -> Result<(), ()> {
+            // While the bitmap is synced, the log on disk still lists every
+            // extent about to be dropped.
+            assert_eq!(logged(&path), [0, 1, 2, 3], "the log forgot extents before the bitmap held them");
+            syncs.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        log.commit([0, 1, 2, 3], sync).unwrap();
+        assert_eq!(syncs.load(Ordering::SeqCst), 0, "the log had room");
+        log.commit([3], sync).unwrap();
+        log.commit([9], sync).unwrap();
+        assert_eq!(syncs.load(Ordering::SeqCst), 1, "dropping extents synced the bitmap");
+        let now = logged(&path);
+        assert!(now.contains(&9) && now.contains(&3), "the new and the most recently used stay: {now:?}");
+        assert!(now.len() <= 4 && !now.contains(&0), "{now:?}");
+        log.commit([10, 11], ok).unwrap();
+        let failing = || -> Result<(), ()> { Err(()) };
+        assert!(matches!(log.commit([20, 21, 22, 23], failing), Err(CommitError::Bitmap(()))));
+        assert!(!logged(&path).contains(&20), "nothing was written without the bitmap sync");
+        assert!(matches!(log.commit([3], ok), Err(CommitError::Failed(_))));
+    }
+
+    /// More new extents than the log holds: those that do not fit are
+    /// covered by a bitmap sync, and the log stays within its size.
+    #[test]
+    fn a_batch_larger_than_the_log_syncs_the_bitmap() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = ActivityLog::create(&path, 1 << 20, 4, 0).unwrap();
+        let syncs = AtomicU64::new(0);
+        log.commit(0..10, || -> Result<(), ()> {
+            syncs.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(syncs.load(Ordering::SeqCst), 1);
+        assert!(logged(&path).len() <= 4);
+    }
+
+    /// Writers asking at once share transactions: many threads each
+    /// committing new extents write far fewer transactions than commits,
+    /// and every extent asked for ends up logged (the log is large enough).
+    #[test]
+    fn concurrent_writers_share_transactions() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = Arc::new(ActivityLog::create(&path, 1 << 20, 1024, 0).unwrap());
+        let threads: Vec<_> = (0..8u64)
+            .map(|thread| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    for index in 0..50u64 {
+                        log.commit([thread * 100 + index], ok).unwrap();
+                        assert!(log.covers([thread * 100 + index]));
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(logged(&path).len(), 400);
+        let transactions = log.stats().transactions;
+        assert!(transactions < 400, "{transactions} transactions for 400 commits: no group commit");
+    }
+
+    /// clear leaves an empty log that a reopen reads as empty, at a newer sequence.
+    #[test]
+    fn clear_writes_an_empty_transaction() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = ActivityLog::create(&path, 1 << 20, 8, 5).unwrap();
+        log.commit([1, 2], ok).unwrap();
+        log.clear().unwrap();
+        let Found::Valid(transaction) = read(&path).unwrap() else { panic!() };
+        assert!(transaction.extents.is_empty() && transaction.sequence == 8, "{transaction:?}");
+        assert!(!log.covers([1]));
+    }
+}
