@@ -456,6 +456,9 @@ pub(crate) struct LinkCore<H, V> {
     /// A resync pass began since the last frame was sent: the next one
     /// carries [`FrameFlags::PASS`].
     pass_mark: bool,
+    /// Behind since a write passed the lag bound while the copy was
+    /// syncing: still recorded syncing, its pass paused.
+    behind_while_syncing: bool,
     /// The stop's final Flush: `Some(false)` queued or in flight,
     /// `Some(true)` acknowledged with nothing shipped after it — every
     /// write this host acknowledged is durable on the copy (a buffered copy
@@ -516,6 +519,7 @@ impl<H, V> LinkCore<H, V> {
             last_ack_ms: 0,
             ack_seen: false,
             pass_mark: false,
+            behind_while_syncing: false,
             final_flush: None,
             ending: None,
             last_error: None,
@@ -743,10 +747,14 @@ impl<H, V> LinkCore<H, V> {
         if self.config.mode == MirrorMode::Async && change.extent().is_some() && self.over_lag_bound(lag, now_ms) {
             self.dropped(change.extent());
             if self.state == CopyState::Syncing {
-                // Already recorded syncing and its image already torn: the
-                // pass takes the change's regions (going behind and back
-                // would record the copy twice, in a writer's path, several
-                // times a second while writes outrun the link).
+                // Already recorded syncing and its image already torn:
+                // behind with nothing recorded, the pass paused until the
+                // queue drains, then it takes the change's regions. (Going
+                // behind and back used to record the copy twice, in a
+                // writer's path, several times a second while writes outran
+                // the link.)
+                self.state = CopyState::Behind;
+                self.behind_while_syncing = true;
                 return release(hold, 0);
             }
             self.state = CopyState::Behind;
@@ -1005,6 +1013,7 @@ impl<H, V> LinkCore<H, V> {
         self.connection += 1;
         self.next_sequence = 1;
         self.state = CopyState::Syncing;
+        self.behind_while_syncing = false;
         self.ending = None;
         self.progress = false;
         self.last_sent_ms = now_ms;
@@ -1071,6 +1080,7 @@ impl<H, V> LinkCore<H, V> {
         self.resync_reading = None;
         self.resync_partial = None;
         self.resync_pending.end_pass();
+        self.behind_while_syncing = false;
         self.connection += 1;
         // The connection is gone with its unacknowledged flushes; the next
         // one resyncs every dirty region whole, so nothing prepared here clears.
@@ -1271,6 +1281,17 @@ impl<H, V> LinkCore<H, V> {
             return self.take_batch(now_ms);
         }
         if self.state == CopyState::Behind && self.unacked.is_empty() {
+            if std::mem::take(&mut self.behind_while_syncing) {
+                // Recorded syncing all along: the pass goes on, round
+                // again for the regions dropped meanwhile.
+                self.state = CopyState::Syncing;
+                if self.resync_next.is_some() {
+                    self.resync_next = Some(0);
+                } else {
+                    self.start_resync_pass();
+                }
+                return self.poll_send(now_ms);
+            }
             // Resync data tears the copy's image: record it first.
             return self.persist(RecordedState::Syncing, AfterPersist::CaughtUp);
         }
@@ -1305,7 +1326,7 @@ impl<H, V> LinkCore<H, V> {
             self.queue_flush(false, now_ms);
             return self.take_batch(now_ms);
         }
-        if self.resync_next.is_some() {
+        if self.resync_next.is_some() && self.state != CopyState::Behind {
             if self.resync_may_send() {
                 let pause_ms = self.resync_pause_ms(now_ms);
                 if pause_ms > 0 {
