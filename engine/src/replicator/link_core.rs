@@ -1318,6 +1318,13 @@ impl<H, V> LinkCore<H, V> {
                 return self.close(why);
             }
         }
+        if self.final_flush.is_some() {
+            // The production role is stopping: its final Flush is the last
+            // thing sent. A periodic flush or a heartbeat sent after it
+            // would be in flight when the stop looks, and would cost the
+            // copy its current record.
+            return vec![Command::Wait { ms: CLEAN_INTERVAL.as_millis() as u64 / 2 }];
+        }
         // Flush every CLEAN_INTERVAL, during a resync too, so bits clear as
         // their regions become durable on the copy.
         let flush_due = !(self.touched.is_empty() && self.clear_candidates.is_empty())

@@ -595,6 +595,32 @@ fn only_a_clean_stop_keeps_a_copy_current() {
     assert_eq!(unflushed.lost("this host is shutting down", true), vec![Command::Persist(RecordedState::Stale)]);
 }
 
+/// Once the stop's final Flush is queued, nothing else is sent: a periodic
+/// flush (due: a write's region waits to clear) or a heartbeat sent after
+/// it would be in flight when the stop looks, and the copy would lose its
+/// current record on a clean stop (seen in CI: a failback refused because
+/// the copy it was to promote had just been recorded stale).
+#[test]
+fn nothing_is_sent_after_the_stops_final_flush() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut core, 1, Some(1), 0), vec![]);
+    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![1], result: 0 }]
+    );
+    assert!(core.queue_final_flush());
+    let commands = core.poll_send(1);
+    let [Command::Send { frames, .. }] = &commands[..] else { panic!("{commands:?}") };
+    let sequence = frames.last().expect("the final flush").sequence;
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, sequence, &mut nothing_in_flight()), vec![]);
+    assert!(core.flushed_for_stop());
+    // A periodic flush and a heartbeat are both due by now.
+    assert_eq!(core.poll_send(10_000), vec![Command::Wait { ms: CLEAN_MS / 2 }]);
+    assert!(core.flushed_for_stop());
+    assert_eq!(core.lost("this host is shutting down", true), vec![], "a clean stop");
+}
+
 /// Every pass makes the next frame sent say so (FrameFlags::PASS, set by
 /// the shell on the first frame of the next batch it takes): the one a
 /// connection begins with, once, and the one after an async copy's gap.
