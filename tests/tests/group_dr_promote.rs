@@ -26,7 +26,7 @@ use std::time::Duration;
 use system_tests::group::{
     assert_all_present, copy_entry, nbd_uris, run_writer_from, serial, Backend, Group, GroupSpec, Quorum, Writes,
 };
-use system_tests::{nbdsh_script, require_tool, sha256};
+use system_tests::{nbdsh_script, require_tool, sha256, wait_until};
 
 /// Where the bulk write missed by b goes, and how much (under a quarter of
 /// the volume: the DR image's journal keeps at most that).
@@ -146,14 +146,18 @@ fn a_syncing_dr_copy_and_its_production_host_lost(backend: Backend, label: &str)
     });
     assert_eq!(published["members"]["b"]["dr_image"]["taken_at_ms"], dr_image["taken_at_ms"], "{published}");
     assert_eq!(published["members"]["b"]["dr_image"]["generation"], dr_image["generation"], "{published}");
-    let (_, table, _) = group.status_command(&[]);
-    assert!(
-        table.contains(&format!(
-            "hosted by b: syncing; DR image kept (generation {}, taken at {} Unix ms)",
-            dr_image["generation"], dr_image["taken_at_ms"]
-        )),
-        "crossmirror status does not show the DR image:\n{table}"
+    // The node that answers `status` shows the record as it last read it
+    // (on etcd, a watch behind the read above): a few seconds to see it.
+    let line = format!(
+        "hosted by b: syncing; DR image kept (generation {}, taken at {} Unix ms)",
+        dr_image["generation"], dr_image["taken_at_ms"]
     );
+    let mut table = String::new();
+    let shown = wait_until(Duration::from_secs(10), || {
+        table = group.status_command(&[]).1;
+        table.contains(&line)
+    });
+    assert!(shown, "crossmirror status does not show the DR image:\n{table}");
     // 4. Writes while b syncs; a is SIGKILLed in the middle of the pass.
     let during = run_writer_from(&mut group, &on_east, 20_000, 10, |group, writes| {
         if writes.acknowledged.len() == 100 {
