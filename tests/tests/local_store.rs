@@ -201,8 +201,11 @@ fn block_device_metadata_defaults_to_var_lib() {
             }
         }
     }
-    let _remove = Remove(files.clone());
-    for path in &files {
+    // The activity log is made there too: removed before and after like
+    // the others (one left by an earlier run makes the metadata look lost).
+    let activity_log = PathBuf::from(format!("/var/lib/crossmirror/{escaped}.cmal"));
+    let _remove = Remove(files.iter().cloned().chain([activity_log.clone()]).collect());
+    for path in files.iter().chain([&activity_log]) {
         let _ = std::fs::remove_file(path);
     }
     let secret = write_secret(&scratch, "secret", 5);
