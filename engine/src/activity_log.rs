@@ -43,7 +43,7 @@
 //! a new file renamed into place) when it is opened.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -228,37 +228,16 @@ impl ActivityLog {
     ) -> Result<ActivityLog, ActivityLogError> {
         assert!(extent_bytes.is_power_of_two(), "extents are a power of two bytes");
         assert!((1..=EXTENTS_MAX as usize).contains(&capacity), "1 to {EXTENTS_MAX} extents");
-        let io_error = |action, source| ActivityLogError { path: path.to_path_buf(), action, source };
         let block = block_bytes(capacity);
-        let mut temporary_name = path.as_os_str().to_owned();
-        temporary_name.push(format!(".creating-{}", std::process::id()));
-        let temporary = PathBuf::from(temporary_name);
-        let result = (|| {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&temporary)
-                .map_err(|source| io_error("create", source))?;
+        let file = crate::durable_file::create_whole(path, |file| {
             // Block B stays zeroes (invalid); block A says "empty" at `sequence + 1`.
-            file.set_len(2 * block as u64).map_err(|source| io_error("size", source))?;
+            file.set_len(2 * block as u64).map_err(|source| ("size", source))?;
             file.write_all_at(&encode(sequence + 1, extent_bytes, &[], block), 0)
-                .map_err(|source| io_error("write", source))?;
+                .map_err(|source| ("write", source))?;
             // Allocate block B too: its first write must not need the file system's metadata.
-            file.write_all_at(&vec![0u8; block], block as u64).map_err(|source| io_error("write", source))?;
-            file.sync_all().map_err(|source| io_error("fsync", source))?;
-            fs::rename(&temporary, path).map_err(|source| io_error("rename into place", source))?;
-            let parent = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            File::open(parent)
-                .and_then(|directory| directory.sync_all())
-                .map_err(|source| io_error("fsync directory", source))?;
-            Ok(file)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&temporary);
-        }
-        let file = result?;
+            file.write_all_at(&vec![0u8; block], block as u64).map_err(|source| ("write", source))
+        })
+        .map_err(|(action, source)| ActivityLogError { path: path.to_path_buf(), action, source })?;
         Ok(ActivityLog {
             path: path.to_path_buf(),
             file,
@@ -511,7 +490,7 @@ mod tests {
         let Found::Valid(newest) = read(&path).unwrap() else { panic!() };
         // Tear the newest block: half of its first page is old data.
         let block = block_bytes(8) as u64;
-        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[0xa5; 20], (newest.sequence % 2) * block + 20).unwrap();
         let Found::Valid(previous) = read(&path).unwrap() else { panic!("the older block is whole") };
         assert_eq!(previous.sequence, newest.sequence - 1);

@@ -971,35 +971,16 @@ impl WriteIntentBitmap {
 /// bits as `new_bits` says), make it durable, then rename it into place, so
 /// a crash never leaves a half-written bitmap at `path`.
 fn create(path: &Path, geometry: &Geometry, new_bits: NewBits) -> Result<(), BitmapError> {
-    let io_error = |action, source| BitmapError::Io { path: path.to_path_buf(), action, source };
-    let mut temporary_name = path.as_os_str().to_owned();
-    temporary_name.push(format!(".creating-{}", std::process::id()));
-    let temporary = PathBuf::from(temporary_name);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&temporary)
-        .map_err(|source| io_error("create", source))?;
-    let result = (|| {
-        allocate(&file, geometry.file_bytes()).map_err(|source| io_error("allocate", source))?;
+    crate::durable_file::create_whole(path, |file| {
+        allocate(file, geometry.file_bytes()).map_err(|source| ("allocate", source))?;
         if new_bits == NewBits::Set {
-            write_set_bits(&file, geometry).map_err(|source| io_error("write", source))?;
+            write_set_bits(file, geometry).map_err(|source| ("write", source))?;
         }
         let header = geometry.header(0, STATE_OPEN, 0);
-        file.write_all_at(&header, 0).map_err(|source| io_error("write header", source))?;
-        file.sync_all().map_err(|source| io_error("fsync", source))?;
-        fs::rename(&temporary, path).map_err(|source| io_error("rename into place", source))?;
-        let parent = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        File::open(parent)
-            .and_then(|directory| directory.sync_all())
-            .map_err(|source| io_error("fsync directory", source))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&temporary);
-    }
-    result
+        file.write_all_at(&header, 0).map_err(|source| ("write header", source))
+    })
+    .map(drop)
+    .map_err(|(action, source)| BitmapError::Io { path: path.to_path_buf(), action, source })
 }
 
 /// Allocate every block of the file's first `length` bytes (extending it),

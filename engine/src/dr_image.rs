@@ -24,6 +24,7 @@
 //! the bytes a pass changes; past its limit it is dropped (the copy then
 //! keeps no consistent image until the pass ends), never the pass stopped.
 
+use crate::durable_file::sync_directory;
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -190,11 +191,6 @@ fn read_journal(path: &Path, volume_size: u64) -> io::Result<(Image, Vec<Entry>,
         at += ENTRY_HEADER_BYTES + len;
     };
     Ok((image, entries, (HEADER_BYTES + at) as u64, torn))
-}
-
-fn sync_directory(path: &Path) -> io::Result<()> {
-    let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(directory)?.sync_all()
 }
 
 impl UndoJournal {

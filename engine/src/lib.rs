@@ -31,6 +31,7 @@ pub mod bitmap;
 pub mod buffer;
 pub mod copy_role;
 pub mod dr_image;
+pub mod durable_file;
 pub mod error;
 pub mod eventfd;
 pub mod file_lock;
