@@ -48,7 +48,6 @@ SIZE = os.environ.get("SIZE", "1T")
 SERVE_ARGS = os.environ.get("SERVE_ARGS", "").split()
 CRASH = os.environ.get("CRASH", "1") == "1"
 SCRATCH_PARENT = os.environ.get("SCRATCH", "/var/tmp")
-OUT = os.environ.get("OUT", "")
 COPIES = {
     "none": [],
     "sync1": [("east", "127.0.0.2", "")],
@@ -111,11 +110,7 @@ class Setup:
                 time.sleep(0.1)
 
     def spawn(self, args, label):
-        log_file = open(os.path.join(self.scratch, f"{label}.log"), "ab")
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log_file,
-                                   env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"})
-        self.processes.append(process)
-        return process
+        return mirror.spawn_logged(self.scratch, self.processes, args, label)
 
     def stop(self):
         mirror.stop_processes(self.processes)
@@ -190,9 +185,7 @@ def al_line(scratch):
 
 
 def main():
-    binary = os.environ.get("CM_BIN") or os.path.join(REPO, "target/release/crossmirror")
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    binary, commit = mirror.binary_and_commit()
     scratch = tempfile.mkdtemp(prefix="crossmirror-big-", dir=SCRATCH_PARENT)
     try:
         secret = os.path.join(scratch, "secret")
@@ -223,11 +216,7 @@ def main():
                         if name.startswith("tracked-"):
                             os.remove(os.path.join(scratch, name))
         crash = crash_case(scratch, binary, secret) if CRASH else None
-        report = render(results, commit, crash)
-        print(report)
-        if OUT:
-            with open(OUT, "w") as f:
-                f.write(report)
+        mirror.emit(render(results, commit, crash))
     finally:
         if os.environ.get("KEEP") != "1":
             shutil.rmtree(scratch, ignore_errors=True)

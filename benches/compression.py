@@ -76,12 +76,7 @@ def run_rounds(binary, scratch, secret, results):
 
 
 def main():
-    binary = os.environ.get("CM_BIN")
-    if not binary:
-        subprocess.run(["cargo", "build", "--release", "-p", "crossmirror"], cwd=REPO, check=True)
-        binary = os.path.join(REPO, "target/release/crossmirror")
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    binary, commit = mirror.binary_and_commit()
     scratch = tempfile.mkdtemp(prefix="crossmirror-compress-", dir=mirror.SCRATCH_PARENT)
     secret = os.path.join(scratch, "secret")
     with open(secret, "wb") as f:

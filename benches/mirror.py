@@ -142,11 +142,7 @@ class Setup:
             wait_up_to_date(self.admin)
 
     def spawn(self, args, label):
-        log_file = open(os.path.join(self.scratch, f"{label}.log"), "ab")
-        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log_file,
-                                   env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"})
-        self.processes.append(process)
-        return process
+        return spawn_logged(self.scratch, self.processes, args, label)
 
     def stop(self):
         stop_processes(self.processes)
@@ -229,13 +225,40 @@ def resync(scratch, binary, secret, direct):
     return copy["resync_bytes_done"], seconds(stamps["end"]) - seconds(stamps["start"])
 
 
-def main():
+def commit_id():
+    """The short commit of the checkout the benchmark runs from."""
+    return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def binary_and_commit():
+    """CM_BIN, or the release binary built now; and the commit."""
     binary = os.environ.get("CM_BIN")
     if not binary:
         subprocess.run(["cargo", "build", "--release", "-p", "crossmirror"], cwd=REPO, check=True)
         binary = os.path.join(REPO, "target/release/crossmirror")
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    return binary, commit_id()
+
+
+def spawn_logged(scratch, processes, args, label):
+    """Start `args` with its stderr in `scratch/label.log`, kept in `processes`."""
+    log_file = open(os.path.join(scratch, f"{label}.log"), "ab")
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log_file,
+                               env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"})
+    processes.append(process)
+    return process
+
+
+def emit(report):
+    """Print the report, and write it to OUT when set."""
+    print(report)
+    if OUT:
+        with open(OUT, "w") as f:
+            f.write(report)
+
+
+def main():
+    binary, commit = binary_and_commit()
     scratch = tempfile.mkdtemp(prefix="crossmirror-bench-", dir=SCRATCH_PARENT)
     try:
         secret = os.path.join(scratch, "secret")
@@ -269,11 +292,7 @@ def main():
         for direct in (False, True):
             log(f"resync of 1 GiB (a new copy's full sync), copy host {'--direct' if direct else 'buffered'}")
             resyncs[direct] = resync(scratch, binary, secret, direct)
-        report = render(results, commit, tcp, resyncs)
-        print(report)
-        if OUT:
-            with open(OUT, "w") as f:
-                f.write(report)
+        emit(render(results, commit, tcp, resyncs))
     finally:
         if os.environ.get("KEEP") != "1":
             shutil.rmtree(scratch, ignore_errors=True)

@@ -48,7 +48,6 @@ SETTINGS = os.environ.get("SETTINGS", "none lz4").split()
 WORKLOADS = os.environ.get("WORKLOADS", "steady burst").split()
 VOLUME = os.environ.get("VOLUME", "1G")
 SCRATCH_PARENT = os.environ.get("SCRATCH", "/var/tmp")
-OUT = os.environ.get("OUT", "")
 COMPRESSIBLE = ["--buffer_compress_percentage=50", "--refill_buffers"]
 COPY_PORT, COPY_ADMIN_PORT = 7000, 7001
 
@@ -214,8 +213,7 @@ def build(package, binary_name):
 def main():
     binary = os.environ.get("CM_BIN") or build("crossmirror", "crossmirror")
     rig_binary = os.environ.get("RIG_BIN") or build("crossmirror-system-tests", "wan-rig")
-    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = mirror.commit_id()
     scratch = tempfile.mkdtemp(prefix="crossmirror-wan-", dir=SCRATCH_PARENT)
     results = {}
     try:
@@ -240,11 +238,7 @@ def main():
                                 os.remove(os.path.join(scratch, leftover))
             finally:
                 rig.close()
-        report = render(results, commit)
-        print(report)
-        if OUT:
-            with open(OUT, "w") as f:
-                f.write(report)
+        mirror.emit(render(results, commit))
     finally:
         if os.environ.get("KEEP") != "1":
             shutil.rmtree(scratch, ignore_errors=True)
