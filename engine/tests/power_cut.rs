@@ -49,21 +49,7 @@ fn a_power_cut_after_the_data_write_keeps_its_mark() {
     let volume = Arc::new(Volume::open(&options).unwrap());
     let bitmap = Arc::new(WriteIntentBitmap::open_or_create(&bitmap_path, VOLUME_SIZE, REGION, SLOTS_MAX).unwrap());
     // No copy: no link thread touches the bitmap behind the test's back.
-    let config = ReplicatorConfig {
-        copies: Vec::new(),
-        secret: engine::protocol::Secret::from_bytes(vec![7; 32]).unwrap(),
-        identity: engine::protocol::auth::VolumeIdentity { uuid: [1; 16], size_bytes: VOLUME_SIZE },
-        generation: 1,
-        epoch: 1,
-        resync_rate_max: 0,
-        resync_checksums: false,
-        assume_clean: false,
-        local_sync_interval: Duration::from_secs(5),
-        source_address: None,
-        bitmap_trust: engine::replicator::BitmapTrust::Always,
-        metadata_path: None,
-    };
-    let replicator = Replicator::start(volume, bitmap.clone(), TestStateStore::new(), config).unwrap();
+    let replicator = start_without_copies(volume, bitmap.clone());
     let completions = Completions::new().unwrap();
     assert_eq!(mapping_dirty_bytes(&bitmap_path), 0, "the bitmap is durable once the replicator started");
 
@@ -161,21 +147,7 @@ fn a_power_cut_with_the_activity_log_recovers_every_written_region() {
     probe_file.sync_data().unwrap();
     assert_eq!(file_dirty_bytes(&probe), 0, "a synced pwrite leaves no dirty page");
 
-    let config = ReplicatorConfig {
-        copies: Vec::new(),
-        secret: engine::protocol::Secret::from_bytes(vec![7; 32]).unwrap(),
-        identity: engine::protocol::auth::VolumeIdentity { uuid: [1; 16], size_bytes: VOLUME_SIZE },
-        generation: 1,
-        epoch: 1,
-        resync_rate_max: 0,
-        resync_checksums: false,
-        assume_clean: false,
-        local_sync_interval: Duration::from_secs(5),
-        source_address: None,
-        bitmap_trust: engine::replicator::BitmapTrust::Always,
-        metadata_path: None,
-    };
-    let replicator = Replicator::start(volume, bitmap.clone(), TestStateStore::new(), config).unwrap();
+    let replicator = start_without_copies(volume, bitmap.clone());
     let completions = Completions::new().unwrap();
     assert_eq!(mapping_dirty_bytes(&bitmap_path), 0);
     let mut durable_bitmap = std::fs::read(&bitmap_path).unwrap();
@@ -241,21 +213,7 @@ fn a_batch_of_changes_is_made_durable_by_one_transaction() {
         WriteIntentBitmap::open_or_create(&directory.path().join("volume.cmbitmap"), VOLUME_SIZE, REGION, 2).unwrap();
     bitmap.attach_activity_log(&log_path, EXTENT, 64).unwrap();
     let bitmap = Arc::new(bitmap);
-    let config = ReplicatorConfig {
-        copies: Vec::new(),
-        secret: engine::protocol::Secret::from_bytes(vec![7; 32]).unwrap(),
-        identity: engine::protocol::auth::VolumeIdentity { uuid: [1; 16], size_bytes: VOLUME_SIZE },
-        generation: 1,
-        epoch: 1,
-        resync_rate_max: 0,
-        resync_checksums: false,
-        assume_clean: false,
-        local_sync_interval: Duration::from_secs(5),
-        source_address: None,
-        bitmap_trust: engine::replicator::BitmapTrust::Always,
-        metadata_path: None,
-    };
-    let replicator = Replicator::start(volume, bitmap.clone(), TestStateStore::new(), config).unwrap();
+    let replicator = start_without_copies(volume, bitmap.clone());
     let mut seam = Changes::mirrored(replicator.clone()).seam::<u64>().unwrap();
     let logged = || match read(&log_path).unwrap() {
         Found::Valid(transaction) => transaction.extents.len(),
@@ -283,4 +241,24 @@ fn a_batch_of_changes_is_made_durable_by_one_transaction() {
     }
     drop(seam);
     replicator.stop();
+}
+
+/// A replicator with no copy (no link thread touches the bitmap behind the
+/// test's back).
+fn start_without_copies(volume: Arc<Volume>, bitmap: Arc<WriteIntentBitmap>) -> Arc<Replicator> {
+    let config = ReplicatorConfig {
+        copies: Vec::new(),
+        secret: engine::protocol::Secret::from_bytes(vec![7; 32]).unwrap(),
+        identity: engine::protocol::auth::VolumeIdentity { uuid: [1; 16], size_bytes: VOLUME_SIZE },
+        generation: 1,
+        epoch: 1,
+        resync_rate_max: 0,
+        resync_checksums: false,
+        assume_clean: false,
+        local_sync_interval: Duration::from_secs(5),
+        source_address: None,
+        bitmap_trust: engine::replicator::BitmapTrust::Always,
+        metadata_path: None,
+    };
+    Replicator::start(volume, bitmap, TestStateStore::new(), config).unwrap()
 }
