@@ -97,9 +97,17 @@ fn a_power_cut_after_the_data_write_keeps_its_mark() {
 /// mapping whose every page was touched (so the page-cache state of a file
 /// written with pwrite shows in /proc/self/smaps).
 fn file_dirty_bytes(path: &std::path::Path) -> u64 {
+    let _map = mapped_and_touched(path);
+    mapping_dirty_bytes(path)
+}
+
+/// A read-only shared mapping of `path` with every page touched: while it
+/// lives, /proc/self/smaps shows which of the file's pages are dirty.
+fn mapped_and_touched(path: &std::path::Path) -> memmap2::Mmap {
     let file = std::fs::File::open(path).unwrap();
-    // SAFETY: a read-only mapping of a file only this test and its bitmap
-    // write, read through volatile loads while the file keeps its length.
+    // SAFETY: a read-only mapping of a file only this test and the code
+    // under test write, read through volatile loads while the file keeps
+    // its length.
     let map = unsafe { memmap2::Mmap::map(&file).unwrap() };
     let mut sum = 0u8;
     for page in (0..map.len()).step_by(4096) {
@@ -107,7 +115,7 @@ fn file_dirty_bytes(path: &std::path::Path) -> u64 {
         sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(map.as_ptr().add(page)) });
     }
     std::hint::black_box(sum);
-    mapping_dirty_bytes(path)
+    map
 }
 
 /// With the activity log, a write's mark may stay in memory: its extent
@@ -241,6 +249,50 @@ fn a_batch_of_changes_is_made_durable_by_one_transaction() {
     }
     drop(seam);
     replicator.stop();
+}
+
+/// Invariant 6 at the other end of a bit's life: it clears only once its
+/// region's data is durable on this host as well as on the copy. A power
+/// cut that kept a clear bit and lost the local write would leave this host
+/// and the copy differing in a region no resync sends. The local volume is
+/// synced on a background thread while frames keep going out; the test
+/// writes a region through the page cache, ships it, sends Flushes until
+/// the bit clears, and finds the volume file without a dirty page at that
+/// moment (its only fsync is the background one: the harness's Flush
+/// reaches the copy only). Fails when the clearing rule does not wait for a
+/// local sync that started after the region's snapshot.
+#[test]
+fn a_bit_clears_only_once_its_region_is_durable_on_this_host() {
+    // 512 MiB, all of it dirty in the page cache before the region's write,
+    // so the background sync takes long (a second or so here) and a clear
+    // that does not wait for it lands while pages are still dirty.
+    const VOLUME_BYTES: u64 = 512 << 20;
+    let mut mirror = support::Mirror::start_sized(engine::replicator::MirrorMode::Sync, Duration::ZERO, VOLUME_BYTES);
+    mirror.wait_quiet();
+    let offset = 5 * REGION;
+    let file = std::fs::OpenOptions::new().write(true).open(&mirror.volume_path).unwrap();
+    // Every page of the volume mapped and present, so /proc/self/smaps
+    // shows the page cache's dirty pages at once when the bit clears (a
+    // fresh mapping would take longer to fault in than the sync takes).
+    let mapped = mapped_and_touched(&mirror.volume_path);
+    let chunk = vec![0xa5; 16 << 20];
+    for start in (0..VOLUME_BYTES).step_by(chunk.len()) {
+        file.write_all_at(&chunk, start).unwrap();
+    }
+    let data = vec![0x5a; support::WRITE_BYTES];
+    mirror.replicator.begin_write(offset, data.len() as u64).unwrap();
+    file.write_all_at(&data, offset).unwrap();
+    assert!(mapping_dirty_bytes(&mirror.volume_path) > 0, "the model sees the written pages as not yet durable");
+    let shipped = mirror.replicator.ship(Change::Write { offset, data: &data, fua: false }, &mirror.completions, 1);
+    assert_eq!(mirror.wait_answer(shipped, 1), 0);
+    mirror.flush_until_clear(offset, 2);
+    assert_eq!(
+        mapping_dirty_bytes(&mirror.volume_path),
+        0,
+        "the bit cleared while the region's data was only in this host's page cache"
+    );
+    drop(mapped);
+    mirror.finish().unwrap();
 }
 
 /// A replicator with no copy (no link thread touches the bitmap behind the

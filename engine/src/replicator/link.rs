@@ -159,10 +159,7 @@ enum Next {
     /// Ask the core again.
     Poll,
     Wait(Duration),
-    Send {
-        sync_local_first: bool,
-        frames: Vec<Outgoing>,
-    },
+    Send(Vec<Outgoing>),
     Close(String),
     /// Whether a repair started.
     Repair(Result<(), String>),
@@ -210,6 +207,7 @@ impl Link {
             local_sync_interval_ms: u64::try_from(shared.local_sync_interval.as_millis()).unwrap_or(u64::MAX),
             resync_rate_max: shared.resync_rate_max,
             resync_checksums: shared.resync_checksums,
+            local_sync: shared.local_sync.clone(),
         });
         let target = Target { address: config.address, moves: 0, stream: None };
         Link {
@@ -434,8 +432,8 @@ impl Link {
                     next = Next::Wait(Duration::from_millis(ms));
                     continue;
                 }
-                Command::Send { sync_local_first, frames } => {
-                    next = Next::Send { sync_local_first, frames };
+                Command::Send { frames } => {
+                    next = Next::Send(frames);
                     continue;
                 }
                 Command::Close { why } => {
@@ -756,31 +754,19 @@ impl Link {
     /// replicator stops. Returns why it stopped, unless this host stops.
     fn send_loop(&self, connection: &mut CopyConnection) -> Option<String> {
         loop {
-            let (sync_local_first, frames) = match self.next_batch() {
-                Ok(batch) => batch,
+            let frames = match self.next_batch() {
+                Ok(frames) => frames,
                 Err(ending) => return ending,
             };
-            // A Flush whose acknowledgement can clear bits must not outrun
-            // the production's own durability: the writes to the regions it
-            // may clear completed before it was queued, so an fsync now makes
-            // them durable here before the copy can even see the Flush.
-            if sync_local_first {
-                if let Err(error) = self.shared.volume.sync_all() {
-                    tracing::error!(copy = %self.config.name, %error,
-                        "cannot fsync the local volume before a flush; dropping the connection so no bit clears");
-                    return Some(format!("cannot fsync the local volume before a flush: {error}"));
-                }
-            }
             if let Err(error) = self.send_frames(connection, &frames) {
                 return Some(format!("sending to the copy host failed: {error}"));
             }
         }
     }
 
-    /// Ask the core what to send, waiting while it says wait: the frames
-    /// (and whether to fsync first), or why the connection ends (`None`:
-    /// this host stops).
-    fn next_batch(&self) -> Result<(bool, Vec<Outgoing>), Option<String>> {
+    /// Ask the core what to send, waiting while it says wait: the frames,
+    /// or why the connection ends (`None`: this host stops).
+    fn next_batch(&self) -> Result<Vec<Outgoing>, Option<String>> {
         let mut locked = self.lock();
         loop {
             if self.shared.shutdown.load(Ordering::Relaxed) {
@@ -790,7 +776,7 @@ impl Link {
             match self.execute(&mut locked, commands, &mut None) {
                 Next::Poll => {}
                 Next::Wait(duration) => locked = self.wait(locked, duration),
-                Next::Send { sync_local_first, mut frames } => {
+                Next::Send(mut frames) => {
                     // Taken under the lock the batch was taken under: every
                     // frame queued after the pass began is in this batch or
                     // a later one.
@@ -799,7 +785,7 @@ impl Link {
                             first.flags = first.flags | FrameFlags::PASS;
                         }
                     }
-                    return Ok((sync_local_first, frames));
+                    return Ok(frames);
                 }
                 Next::Close(why) => return Err(Some(why)),
                 Next::Repair(_) => unreachable!("the sender's commands start no repair"),

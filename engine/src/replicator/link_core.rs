@@ -14,7 +14,7 @@
 //!  connecting(offered, recorded token) ├──▶ ──▶  SetAllBits, SyncBitmap ─▶ flush ─▶ bitmap_synced(result)
 //!  connected(now, dirty, assume_clean, │         ClearBits(regions)     (in-flight table still locked)
 //!            in_flight)                │         ReadForResync{…}     ─▶ read ─▶ resync_read(result)
-//!  lost(why) / reader_ended(why)       │         Send{sync_local_first, frames}
+//!  lost(why) / reader_ended(why)       │         Send{frames}
 //!  missed(extent) / repair_marked(…)   │         AnswerVerify{reply, checksums}
 //!  persisted / bitmap_synced /         │         Wait{ms}               (nothing to send before then)
 //!  resync_read   (outcomes fed back) ──┘         Close{why}             (end the connection)
@@ -65,6 +65,7 @@ use std::time::Duration;
 use crate::protocol::auth::{StoreToken, STORE_TOKEN_UNKNOWN};
 use crate::protocol::frame::{FrameFlags, FrameKind};
 use crate::protocol::ReplicationError;
+use crate::replicator::local_sync::LocalSync;
 use crate::replicator::resync_controller::ResyncController;
 use crate::replicator::resync_pieces::Piece;
 use crate::replicator::resync_set::ResyncSet;
@@ -163,8 +164,10 @@ pub(crate) struct CoreConfig {
     pub(crate) lag_ms_max: u64,
     pub(crate) region_bytes: u64,
     pub(crate) volume_bytes: u64,
-    /// At most how often the local volume is fsynced so that bits can clear.
+    /// At most how often a local sync is asked for so that bits can clear.
     pub(crate) local_sync_interval_ms: u64,
+    /// The volume's background syncs, shared by every link.
+    pub(crate) local_sync: Arc<LocalSync>,
     /// Resync bytes per second; 0 means unlimited.
     pub(crate) resync_rate_max: u64,
     /// Resync by checksum first (a ChecksumRequest per dirty range).
@@ -229,8 +232,8 @@ pub(crate) enum Command<H, V> {
     ReadForResync { offset: u64, length: u64, read: ResyncRead },
     /// A verifier's answer: the copy's chunk checksums.
     AnswerVerify { reply: V, checksums: Vec<u8> },
-    /// Fsync the local volume first if asked, then send the frames.
-    Send { sync_local_first: bool, frames: Vec<Outgoing> },
+    /// Send the frames.
+    Send { frames: Vec<Outgoing> },
     /// Nothing to send before `ms` pass (or something is shipped).
     Wait { ms: u64 },
     /// End the connection; `why` is already kept as its ending.
@@ -243,9 +246,10 @@ pub(crate) enum Command<H, V> {
 #[derive(Debug)]
 struct Snapshot {
     regions: Vec<u64>,
-    /// The local volume is fsynced before this Flush is sent, so its
-    /// acknowledgement may clear bits.
-    clears: bool,
+    /// The local syncs started when this snapshot was taken: its regions
+    /// are durable here once a sync numbered above this has completed (see
+    /// `local_sync.rs`).
+    mark: u64,
 }
 
 /// A frame waiting to be sent, and after it what its acknowledgement does.
@@ -403,12 +407,13 @@ pub(crate) struct LinkCore<H, V> {
     /// next Flush's acknowledgement if no change touched them meanwhile, so
     /// a bit clears only after its region stayed quiet for a whole
     /// CLEAN_INTERVAL (a hot region keeps its bit and costs no msync).
-    clear_candidates: Vec<u64>,
-    /// When the local volume was last fsynced for clearing; `None`: never.
+    /// Each with the local syncs started when its snapshot was taken: it
+    /// clears only once a sync numbered above that has completed.
+    clear_candidates: Vec<(u64, u64)>,
+    /// When a local sync was last asked for, for clearing; `None`: never.
     last_local_sync_ms: Option<u64>,
-    /// A queued Flush's acknowledgement may clear bits: the local volume is
-    /// fsynced before the next batch goes out.
-    local_sync_due: bool,
+    /// The local syncs started when the last snapshot was taken.
+    snapshot_mark: u64,
     /// The next region the resync pass looks at; `None` when no pass runs.
     resync_next: Option<u64>,
     /// Regions the copy may lack whole: dirty when the connection began, or
@@ -503,7 +508,7 @@ impl<H, V> LinkCore<H, V> {
             touched: HashSet::new(),
             clear_candidates: Vec::new(),
             last_local_sync_ms: None,
-            local_sync_due: false,
+            snapshot_mark: 0,
             resync_next: None,
             resync_pending,
             exposed,
@@ -869,14 +874,22 @@ impl<H, V> LinkCore<H, V> {
 
     /// Take the regions touched since the last Flush as the next Flush's
     /// snapshot. A copy's flush must not clear a bit whose region is not
-    /// durable on the production host either, so a Flush that may clear bits
-    /// (a candidate is not in the snapshot, or an earlier snapshot Flush is
-    /// still out and the candidates are not known yet) has the local volume
-    /// fsynced before it is sent — at most once per `local_sync_interval`;
-    /// in between, quiet candidates wait for the next Flush.
+    /// durable on the production host either: this Flush's candidates (the
+    /// previous snapshot's regions) clear at its acknowledgement only if a
+    /// local sync that started after that snapshot has completed by then.
+    /// When the Flush may clear bits (a candidate is not in the snapshot,
+    /// or an earlier snapshot Flush is still out and the candidates are not
+    /// known yet) and no such sync has started, one is asked for, at most
+    /// once per `local_sync_interval`; it runs on the syncer's thread while
+    /// frames keep going out. Candidates no sync covers in time wait for a
+    /// later Flush.
     fn take_snapshot(&mut self, now_ms: u64) -> Snapshot {
         self.last_flush_ms = now_ms;
         let regions: Vec<u64> = self.touched.drain().collect();
+        // Read after the drain, under the link lock that every ship takes to
+        // touch a region: each write to these regions completed before it,
+        // so a sync numbered above it started after them.
+        let previous = std::mem::replace(&mut self.snapshot_mark, self.config.local_sync.started());
         // A snapshot Flush still queued or unacknowledged (it is derived, not
         // counted) leaves the candidates at this one's acknowledgement unknown.
         let earlier_out = self
@@ -886,17 +899,17 @@ impl<H, V> LinkCore<H, V> {
             .any(|frame| frame.snapshot.is_some());
         let might_clear = earlier_out || {
             let recent: HashSet<u64> = regions.iter().copied().collect();
-            self.clear_candidates.iter().any(|region| !recent.contains(region))
+            self.clear_candidates.iter().any(|(region, _)| !recent.contains(region))
         };
         let sync_allowed = self
             .last_local_sync_ms
             .is_none_or(|last| now_ms.saturating_sub(last) >= self.config.local_sync_interval_ms);
-        let clears = might_clear && sync_allowed;
-        if clears {
-            self.local_sync_due = true;
+        // The candidates at this Flush's acknowledgement come from the
+        // previous snapshot or earlier ones: a sync above its mark covers them.
+        if might_clear && sync_allowed && self.config.local_sync.request_after(previous) {
             self.last_local_sync_ms = Some(now_ms);
         }
-        Snapshot { regions, clears }
+        Snapshot { regions, mark: self.snapshot_mark }
     }
 }
 
@@ -1086,7 +1099,6 @@ impl<H, V> LinkCore<H, V> {
         // one resyncs every dirty region whole, so nothing prepared here clears.
         self.touched.clear();
         self.clear_candidates.clear();
-        self.local_sync_due = false;
         if shutting_down && was == CopyState::UpToDate && waiting == 0 && self.final_flush == Some(true) {
             // A clean stop (the frontend stopped first): the copy has every
             // write this host acknowledged and nothing is in flight, so its
@@ -1370,7 +1382,7 @@ impl<H, V> LinkCore<H, V> {
             self.unacked.push_back(Unacked { sequence, sent_at_ms: now_ms, frame });
         }
         self.last_sent_ms = now_ms;
-        vec![Command::Send { sync_local_first: std::mem::take(&mut self.local_sync_due), frames }]
+        vec![Command::Send { frames }]
     }
 
     fn outgoing_heartbeat(&mut self) -> Outgoing {
@@ -1643,16 +1655,18 @@ impl<H, V> LinkCore<H, V> {
     /// the previous Flush, which the copy has acknowledged. A candidate
     /// touched since (this snapshot, `touched`), with a write in flight or
     /// waiting for a resync pass stops being one; the others are cleared if
-    /// the local volume was fsynced for this Flush, or stay candidates for
-    /// the next one. This snapshot's regions are the next candidates.
+    /// a local sync that started after their snapshot has completed, or stay
+    /// candidates for the next one. This snapshot's regions are the next
+    /// candidates.
     fn clear_after_flush(&mut self, snapshot: Snapshot, in_flight: &mut dyn FnMut(u64) -> bool) -> Vec<u64> {
-        let Snapshot { regions, clears } = snapshot;
+        let Snapshot { regions, mark } = snapshot;
         let candidates = std::mem::take(&mut self.clear_candidates);
         let mut cleared = Vec::new();
         let mut quiet = Vec::new();
         if !candidates.is_empty() {
+            let synced = self.config.local_sync.completed();
             let recent: HashSet<u64> = regions.iter().copied().collect();
-            for region in candidates {
+            for (region, candidate_mark) in candidates {
                 if recent.contains(&region)
                     || self.touched.contains(&region)
                     || self.resync_pending.contains(region)
@@ -1660,14 +1674,14 @@ impl<H, V> LinkCore<H, V> {
                 {
                     continue;
                 }
-                if clears {
+                if synced > candidate_mark {
                     cleared.push(region);
                 } else {
-                    quiet.push(region);
+                    quiet.push((region, candidate_mark));
                 }
             }
         }
-        self.clear_candidates = regions;
+        self.clear_candidates = regions.into_iter().map(|region| (region, mark)).collect();
         self.clear_candidates.extend(quiet);
         cleared
     }

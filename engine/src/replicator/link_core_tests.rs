@@ -27,6 +27,7 @@ fn core(mode: MirrorMode, lag_bytes_max: u64) -> TestCore {
         region_bytes: REGION,
         volume_bytes: REGIONS * REGION,
         local_sync_interval_ms: 0,
+        local_sync: Arc::new(LocalSync::immediate()),
         resync_rate_max: 0,
         resync_checksums: false,
     })
@@ -71,8 +72,16 @@ fn zeroes_frame(sequence: u64, region: u64) -> Outgoing {
     }
 }
 
-fn send(sync_local_first: bool, frames: Vec<Outgoing>) -> Vec<TestCommand> {
-    vec![Command::Send { sync_local_first, frames }]
+/// `poll_send`, which must ask for a local sync (carried out at once here).
+fn poll_syncing(core: &mut TestCore, now_ms: u64) -> Vec<TestCommand> {
+    let before = core.config.local_sync.started();
+    let commands = core.poll_send(now_ms);
+    assert_eq!(core.config.local_sync.started(), before + 1, "a local sync was asked for");
+    commands
+}
+
+fn send(frames: Vec<Outgoing>) -> Vec<TestCommand> {
+    vec![Command::Send { frames }]
 }
 
 fn read_region(region: u64) -> Vec<TestCommand> {
@@ -107,7 +116,7 @@ fn connect(core: &mut TestCore, dirty: &[u64], now_ms: u64) {
 fn up_to_date(mode: MirrorMode, lag_bytes_max: u64) -> TestCore {
     let mut core = core(mode, lag_bytes_max);
     connect(&mut core, &[], 0);
-    assert_eq!(core.poll_send(0), send(false, vec![flush_frame(1, FrameFlags::SYNCED)]));
+    assert_eq!(core.poll_send(0), send(vec![flush_frame(1, FrameFlags::SYNCED)]));
     assert_eq!(
         ack(&mut core, FrameKind::FlushAck, 1, &mut nothing_in_flight()),
         vec![Command::Persist(RecordedState::Current)]
@@ -126,29 +135,29 @@ fn up_to_date(mode: MirrorMode, lag_bytes_max: u64) -> TestCore {
 fn a_bit_never_clears_while_a_write_to_its_region_is_in_flight() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
     assert_eq!(ship(&mut core, 2, Some(7), 0), vec![]);
-    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 2)]));
+    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 2)]));
     assert_eq!(
         ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
         vec![Command::Release { holds: vec![7], result: 0 }]
     );
     // The first Flush takes region 2 as its snapshot: nothing can clear yet.
-    assert_eq!(core.poll_send(CLEAN_MS), send(false, vec![flush_frame(3, FrameFlags::NONE)]));
+    assert_eq!(core.poll_send(CLEAN_MS), send(vec![flush_frame(3, FrameFlags::NONE)]));
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
     // The second may clear region 2: the local volume is fsynced first.
-    assert_eq!(core.poll_send(2 * CLEAN_MS), send(true, vec![flush_frame(4, FrameFlags::NONE)]));
+    assert_eq!(poll_syncing(&mut core, 2 * CLEAN_MS), send(vec![flush_frame(4, FrameFlags::NONE)]));
     // A second write to region 2 is marked and in flight (not shipped yet).
     let mut region_2_in_flight = |region| region == 2;
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 4, &mut region_2_in_flight), vec![], "a region in flight cleared");
     // The write is shipped and acknowledged; two quiet Flushes later the bit clears.
     assert_eq!(ship(&mut core, 2, Some(8), 2 * CLEAN_MS), vec![]);
-    assert_eq!(core.poll_send(2 * CLEAN_MS), send(false, vec![write_frame(5, 2)]));
+    assert_eq!(core.poll_send(2 * CLEAN_MS), send(vec![write_frame(5, 2)]));
     assert_eq!(
         ack(&mut core, FrameKind::WriteAck, 5, &mut nothing_in_flight()),
         vec![Command::Release { holds: vec![8], result: 0 }]
     );
-    assert_eq!(core.poll_send(3 * CLEAN_MS), send(false, vec![flush_frame(6, FrameFlags::NONE)]));
+    assert_eq!(core.poll_send(3 * CLEAN_MS), send(vec![flush_frame(6, FrameFlags::NONE)]));
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 6, &mut nothing_in_flight()), vec![]);
-    assert_eq!(core.poll_send(4 * CLEAN_MS), send(true, vec![flush_frame(7, FrameFlags::NONE)]));
+    assert_eq!(poll_syncing(&mut core, 4 * CLEAN_MS), send(vec![flush_frame(7, FrameFlags::NONE)]));
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 7, &mut nothing_in_flight()), vec![Command::ClearBits(vec![2])]);
     assert!(core.progress(), "a cleared bit is progress");
 }
@@ -161,14 +170,14 @@ fn a_bit_never_clears_while_a_write_to_its_region_is_in_flight() {
 fn a_flush_ack_lost_with_its_connection_clears_nothing() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
     assert_eq!(ship(&mut core, 3, Some(1), 0), vec![]);
-    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 3)]));
+    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 3)]));
     assert_eq!(
         ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
         vec![Command::Release { holds: vec![1], result: 0 }]
     );
-    assert_eq!(core.poll_send(CLEAN_MS), send(false, vec![flush_frame(3, FrameFlags::NONE)]));
+    assert_eq!(core.poll_send(CLEAN_MS), send(vec![flush_frame(3, FrameFlags::NONE)]));
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
-    assert_eq!(core.poll_send(2 * CLEAN_MS), send(true, vec![flush_frame(4, FrameFlags::NONE)]));
+    assert_eq!(poll_syncing(&mut core, 2 * CLEAN_MS), send(vec![flush_frame(4, FrameFlags::NONE)]));
     let old_connection = core.connection();
     assert_eq!(core.lost("the copy host closed the connection", false), vec![Command::Persist(RecordedState::Stale)]);
     assert_eq!(core.persisted(Ok(())), vec![]);
@@ -182,8 +191,8 @@ fn a_flush_ack_lost_with_its_connection_clears_nothing() {
     connect(&mut core, &[3], now_ms);
     assert_eq!(core.poll_send(now_ms), read_region(3));
     assert_eq!(core.resync_read(3 * REGION, REGION, zeroes_read(3)), vec![]);
-    assert_eq!(core.poll_send(now_ms), send(false, vec![zeroes_frame(1, 3)]));
-    assert_eq!(core.poll_send(now_ms), send(false, vec![flush_frame(2, FrameFlags::SYNCED)]));
+    assert_eq!(core.poll_send(now_ms), send(vec![zeroes_frame(1, 3)]));
+    assert_eq!(core.poll_send(now_ms), send(vec![flush_frame(2, FrameFlags::SYNCED)]));
     assert_eq!(ack(&mut core, FrameKind::WriteAck, 1, &mut nothing_in_flight()), vec![]);
     assert_eq!(
         ack(&mut core, FrameKind::FlushAck, 2, &mut nothing_in_flight()),
@@ -201,7 +210,7 @@ fn a_reconnect_mid_resync_makes_every_dirty_region_pending_again() {
     assert_eq!(core.resync_pending().bytes(), 3 * REGION);
     assert_eq!(core.poll_send(0), read_region(1));
     assert_eq!(core.resync_read(REGION, REGION, zeroes_read(1)), vec![]);
-    assert_eq!(core.poll_send(0), send(false, vec![zeroes_frame(1, 1)]));
+    assert_eq!(core.poll_send(0), send(vec![zeroes_frame(1, 1)]));
     assert_eq!(core.poll_send(0), read_region(4));
     assert_eq!(core.resync_pending().bytes(), 2 * REGION);
     assert_eq!(core.lost("ack timeout", false), vec![Command::Persist(RecordedState::Stale)]);
@@ -215,15 +224,8 @@ fn a_reconnect_mid_resync_makes_every_dirty_region_pending_again() {
         assert_eq!(core.resync_read(region * REGION, REGION, zeroes_read(region)), vec![]);
         sent.push(core.poll_send(10));
     }
-    assert_eq!(
-        sent,
-        [
-            send(false, vec![zeroes_frame(1, 1)]),
-            send(false, vec![zeroes_frame(2, 4)]),
-            send(false, vec![zeroes_frame(3, 9)])
-        ]
-    );
-    assert_eq!(core.poll_send(10), send(false, vec![flush_frame(4, FrameFlags::SYNCED)]));
+    assert_eq!(sent, [send(vec![zeroes_frame(1, 1)]), send(vec![zeroes_frame(2, 4)]), send(vec![zeroes_frame(3, 9)])]);
+    assert_eq!(core.poll_send(10), send(vec![flush_frame(4, FrameFlags::SYNCED)]));
 }
 
 /// An async copy over its lag bound goes behind: it is recorded stale, the
@@ -240,7 +242,7 @@ fn an_async_copy_going_behind_drops_writes_keeps_their_regions_and_resyncs_after
     assert_eq!(core.persisted(Ok(())), vec![]);
     assert_eq!(core.state(), CopyState::Behind);
     assert_eq!(ship(&mut core, 6, None, 0), vec![], "a behind copy drops the write without a new record");
-    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1), write_frame(3, 2)]));
+    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 1), write_frame(3, 2)]));
     // Still behind with writes unacknowledged: nothing to do but wait.
     assert_eq!(core.poll_send(0), vec![Command::Wait { ms: CLEAN_MS / 2 }]);
     assert_eq!(ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()), vec![]);
@@ -250,16 +252,16 @@ fn an_async_copy_going_behind_drops_writes_keeps_their_regions_and_resyncs_after
     assert_eq!(core.state(), CopyState::Syncing);
     assert_eq!(core.poll_send(1), read_region(5));
     assert_eq!(core.resync_read(5 * REGION, REGION, zeroes_read(5)), vec![]);
-    assert_eq!(core.poll_send(1), send(false, vec![zeroes_frame(4, 5)]));
+    assert_eq!(core.poll_send(1), send(vec![zeroes_frame(4, 5)]));
     // The resync window of an async copy is half its lag bound: one region
     // at a time here.
     assert_eq!(core.poll_send(1), vec![Command::Wait { ms: CLEAN_MS / 2 }]);
     assert_eq!(ack(&mut core, FrameKind::WriteAck, 4, &mut nothing_in_flight()), vec![]);
     assert_eq!(core.poll_send(1), read_region(6));
     assert_eq!(core.resync_read(6 * REGION, REGION, zeroes_read(6)), vec![]);
-    assert_eq!(core.poll_send(1), send(false, vec![zeroes_frame(5, 6)]));
+    assert_eq!(core.poll_send(1), send(vec![zeroes_frame(5, 6)]));
     assert_eq!(ack(&mut core, FrameKind::WriteAck, 5, &mut nothing_in_flight()), vec![]);
-    assert_eq!(core.poll_send(1), send(false, vec![flush_frame(6, FrameFlags::SYNCED)]));
+    assert_eq!(core.poll_send(1), send(vec![flush_frame(6, FrameFlags::SYNCED)]));
     assert_eq!(
         ack(&mut core, FrameKind::FlushAck, 6, &mut nothing_in_flight()),
         vec![Command::Persist(RecordedState::Current)]
@@ -284,7 +286,7 @@ fn a_syncing_async_copy_past_its_lag_bound_is_behind_unrecorded_then_resyncs_the
     assert_eq!(ship(&mut core, 0, None, 0), vec![], "no record: the copy is recorded syncing already");
     assert_eq!(core.state(), CopyState::Behind);
     assert_eq!(ship(&mut core, 8, None, 0), vec![], "dropped while behind");
-    assert_eq!(core.poll_send(0), send(false, vec![zeroes_frame(1, 3), write_frame(2, 1), write_frame(3, 2)]));
+    assert_eq!(core.poll_send(0), send(vec![zeroes_frame(1, 3), write_frame(2, 1), write_frame(3, 2)]));
     assert_eq!(ack(&mut core, FrameKind::WriteAck, 1, &mut nothing_in_flight()), vec![]);
     assert_eq!(core.poll_send(0), vec![Command::Wait { ms: CLEAN_MS / 2 }], "the pass waits for the queue");
     for sequence in 2..=3 {
@@ -296,10 +298,10 @@ fn a_syncing_async_copy_past_its_lag_bound_is_behind_unrecorded_then_resyncs_the
         assert_eq!(core.poll_send(1), read_region(region), "the dropped write's region is in the pass");
         assert_eq!(core.state(), CopyState::Syncing);
         assert_eq!(core.resync_read(region * REGION, REGION, zeroes_read(region)), vec![]);
-        assert_eq!(core.poll_send(1), send(false, vec![zeroes_frame(sequence, region)]));
+        assert_eq!(core.poll_send(1), send(vec![zeroes_frame(sequence, region)]));
         assert_eq!(ack(&mut core, FrameKind::WriteAck, sequence, &mut nothing_in_flight()), vec![]);
     }
-    assert_eq!(core.poll_send(1), send(false, vec![flush_frame(6, FrameFlags::SYNCED)]));
+    assert_eq!(core.poll_send(1), send(vec![flush_frame(6, FrameFlags::SYNCED)]));
     assert_eq!(
         ack(&mut core, FrameKind::FlushAck, 6, &mut nothing_in_flight()),
         vec![Command::Persist(RecordedState::Current)]
@@ -314,7 +316,7 @@ fn an_async_copy_whose_oldest_write_waits_past_lag_ms_max_goes_behind() {
     let mut core = up_to_date(MirrorMode::Async, 64 << 20);
     core.config.lag_ms_max = 1_000;
     assert_eq!(ship(&mut core, 1, None, 100), vec![]);
-    assert_eq!(core.poll_send(100), send(false, vec![write_frame(2, 1)]));
+    assert_eq!(core.poll_send(100), send(vec![write_frame(2, 1)]));
     assert_eq!(ship(&mut core, 2, None, 1_100), vec![], "1000 ms old: at the bound, not past it");
     assert_eq!(core.state(), CopyState::UpToDate);
     assert_eq!(ship(&mut core, 3, None, 1_101), vec![Command::Persist(RecordedState::Stale)]);
@@ -330,7 +332,7 @@ fn a_lost_sync_copy_is_recorded_stale_before_its_waiting_writes_are_released() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
     assert_eq!(ship(&mut core, 1, Some(1), 0), vec![]);
     assert_eq!(ship(&mut core, 2, Some(2), 0), vec![]);
-    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1), write_frame(3, 2)]));
+    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 1), write_frame(3, 2)]));
     assert_eq!(ship(&mut core, 3, Some(3), 0), vec![]);
     assert_eq!(
         core.lost("the copy host closed the connection", false),
@@ -349,7 +351,7 @@ fn a_lost_sync_copy_is_recorded_stale_before_its_waiting_writes_are_released() {
 fn a_lost_sync_copy_that_cannot_be_recorded_stale_fails_its_writes_with_eio() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
     assert_eq!(ship(&mut core, 1, Some(1), 0), vec![]);
-    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1)]));
+    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 1)]));
     assert_eq!(core.lost("ack timeout", false), vec![Command::Persist(RecordedState::Stale)]);
     assert_eq!(
         core.persisted(Err("disk full".to_string())),
@@ -374,7 +376,7 @@ fn an_ack_timeout_closes_and_an_ack_out_of_order_is_refused() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
     assert_eq!(ship(&mut core, 1, Some(1), 0), vec![]);
     assert_eq!(ship(&mut core, 2, Some(2), 0), vec![]);
-    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1), write_frame(3, 2)]));
+    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 1), write_frame(3, 2)]));
     let connection = core.connection();
     let refused = core.acked(connection, FrameKind::WriteAck, 3, Vec::new(), 0, &mut nothing_in_flight());
     assert!(matches!(refused, Err(ReplicationError::Protocol { .. })), "{refused:?}");
@@ -410,15 +412,15 @@ fn a_partial_write_does_not_clear_a_region_waiting_for_resync() {
     // The local store changed in region 5 in a way no frame carries.
     assert_eq!(core.missed(5 * REGION, 512), vec![Command::Persist(RecordedState::Syncing)]);
     assert_eq!(core.persisted(Ok(())), vec![]);
-    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 5)]));
+    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 5)]));
     assert_eq!(
         ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
         vec![Command::Release { holds: vec![1], result: 0 }]
     );
     // A due Flush goes before the pass's next read.
-    assert_eq!(core.poll_send(CLEAN_MS), send(false, vec![flush_frame(3, FrameFlags::NONE)]));
+    assert_eq!(core.poll_send(CLEAN_MS), send(vec![flush_frame(3, FrameFlags::NONE)]));
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
-    assert_eq!(core.poll_send(2 * CLEAN_MS), send(true, vec![flush_frame(4, FrameFlags::NONE)]));
+    assert_eq!(poll_syncing(&mut core, 2 * CLEAN_MS), send(vec![flush_frame(4, FrameFlags::NONE)]));
     assert_eq!(
         ack(&mut core, FrameKind::FlushAck, 4, &mut nothing_in_flight()),
         vec![],
@@ -481,19 +483,59 @@ fn a_repair_is_recorded_and_marked_durably_before_its_pass() {
 fn a_clearing_flush_clears_before_it_releases_its_hold() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
     assert_eq!(ship(&mut core, 2, Some(7), 0), vec![]);
-    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 2)]));
+    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 2)]));
     assert_eq!(
         ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
         vec![Command::Release { holds: vec![7], result: 0 }]
     );
-    assert_eq!(core.poll_send(CLEAN_MS), send(false, vec![flush_frame(3, FrameFlags::NONE)]));
+    assert_eq!(core.poll_send(CLEAN_MS), send(vec![flush_frame(3, FrameFlags::NONE)]));
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
     assert_eq!(core.ship(&Change::Flush, &mut None, Some(9), 0, 2 * CLEAN_MS), vec![]);
-    assert_eq!(core.poll_send(2 * CLEAN_MS), send(true, vec![flush_frame(4, FrameFlags::NONE)]));
+    assert_eq!(core.config.local_sync.started(), 1, "the client's Flush asks for a local sync");
+    assert_eq!(core.poll_send(2 * CLEAN_MS), send(vec![flush_frame(4, FrameFlags::NONE)]));
     assert_eq!(
         ack(&mut core, FrameKind::FlushAck, 4, &mut nothing_in_flight()),
         vec![Command::ClearBits(vec![2]), Command::Release { holds: vec![9], result: 0 }]
     );
+}
+
+/// Invariant 6 with the local syncs in the background: a Flush that may
+/// clear bits asks for a local sync and goes out at once, and a candidate
+/// clears only at an acknowledgement after a sync that started after its
+/// snapshot has completed: not on a sync that started before it (the
+/// region's writes may have completed after that sync began), and not while
+/// the covering sync still runs.
+#[test]
+fn a_bit_clears_only_once_a_local_sync_started_after_its_snapshot_completed() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    let local = Arc::new(LocalSync::new());
+    core.config.local_sync = local.clone();
+    assert_eq!(ship(&mut core, 2, Some(7), 0), vec![]);
+    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 2)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![7], result: 0 }]
+    );
+    // A sync (another link's, say) starts before region 2's snapshot.
+    assert!(local.request_after(local.started()));
+    let early = local.start_requested().expect("asked for");
+    assert_eq!(core.poll_send(CLEAN_MS), send(vec![flush_frame(3, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
+    local.complete(early);
+    // Flush 4 may clear region 2: it asks for a sync and does not wait.
+    assert_eq!(core.poll_send(2 * CLEAN_MS), send(vec![flush_frame(4, FrameFlags::NONE)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::FlushAck, 4, &mut nothing_in_flight()),
+        vec![],
+        "the early sync covers nothing"
+    );
+    let covering = local.start_requested().expect("flush 4 asked for a sync");
+    assert_eq!(core.poll_send(3 * CLEAN_MS), send(vec![flush_frame(5, FrameFlags::NONE)]));
+    assert_eq!(local.start_requested(), None, "the running sync covers the candidates: no other is asked for");
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 5, &mut nothing_in_flight()), vec![], "the sync still runs");
+    local.complete(covering);
+    assert_eq!(core.poll_send(4 * CLEAN_MS), send(vec![flush_frame(6, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 6, &mut nothing_in_flight()), vec![Command::ClearBits(vec![2])]);
 }
 
 /// Invariant 2: a pass's closing Flush acknowledged while regions wait for
@@ -503,7 +545,7 @@ fn a_clearing_flush_clears_before_it_releases_its_hold() {
 fn a_closing_flush_does_not_make_a_copy_current_while_regions_wait() {
     let mut core = core(MirrorMode::Sync, 0);
     connect(&mut core, &[], 0);
-    assert_eq!(core.poll_send(0), send(false, vec![flush_frame(1, FrameFlags::SYNCED)]));
+    assert_eq!(core.poll_send(0), send(vec![flush_frame(1, FrameFlags::SYNCED)]));
     assert_eq!(core.repair(vec![(0, REGION)]), vec![Command::Persist(RecordedState::Syncing)]);
     assert_eq!(core.persisted(Ok(())), vec![Command::SetBits(vec![(0, REGION)]), Command::SyncBitmap]);
     assert_eq!(
@@ -528,6 +570,7 @@ fn every_resync_pass_keeps_to_the_rate() {
         region_bytes: REGION,
         volume_bytes: REGIONS * REGION,
         local_sync_interval_ms: 0,
+        local_sync: Arc::new(LocalSync::immediate()),
         resync_rate_max: REGION, // one region per second
         resync_checksums: false,
     });
@@ -535,9 +578,9 @@ fn every_resync_pass_keeps_to_the_rate() {
     connect(&mut core, &[5], 0);
     assert_eq!(core.poll_send(0), read_region(5));
     assert_eq!(core.resync_read(5 * REGION, REGION, zeroes_read(5)), vec![]);
-    assert_eq!(core.poll_send(0), send(false, vec![zeroes_frame(1, 5)]));
-    assert_eq!(core.poll_send(1000), send(false, vec![flush_frame(2, FrameFlags::NONE)]));
-    assert_eq!(core.poll_send(1000), send(true, vec![flush_frame(3, FrameFlags::SYNCED)]));
+    assert_eq!(core.poll_send(0), send(vec![zeroes_frame(1, 5)]));
+    assert_eq!(core.poll_send(1000), send(vec![flush_frame(2, FrameFlags::NONE)]));
+    assert_eq!(poll_syncing(&mut core, 1000), send(vec![flush_frame(3, FrameFlags::SYNCED)]));
     assert_eq!(ack(&mut core, FrameKind::WriteAck, 1, &mut nothing_in_flight()), vec![]);
     ack(&mut core, FrameKind::FlushAck, 2, &mut nothing_in_flight());
     let acked = ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight());
@@ -550,9 +593,9 @@ fn every_resync_pass_keeps_to_the_rate() {
     assert_eq!(core.bitmap_synced(Ok(())), vec![Command::RepairStarted(Ok(()))]);
     assert_eq!(core.poll_send(later), read_region(0));
     assert_eq!(core.resync_read(0, REGION, zeroes_read(0)), vec![]);
-    assert_eq!(core.poll_send(later), send(false, vec![zeroes_frame(4, 0)]));
+    assert_eq!(core.poll_send(later), send(vec![zeroes_frame(4, 0)]));
     // (The Flush that lets the region's bit clear is due first.)
-    assert_eq!(core.poll_send(later + 10), send(false, vec![flush_frame(5, FrameFlags::NONE)]));
+    assert_eq!(core.poll_send(later + 10), send(vec![flush_frame(5, FrameFlags::NONE)]));
     assert_eq!(core.poll_send(later + 10), vec![Command::Wait { ms: 990 }], "the second region waits for the rate");
 }
 
@@ -604,7 +647,7 @@ fn only_a_clean_stop_keeps_a_copy_current() {
 fn nothing_is_sent_after_the_stops_final_flush() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
     assert_eq!(ship(&mut core, 1, Some(1), 0), vec![]);
-    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1)]));
+    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 1)]));
     assert_eq!(
         ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
         vec![Command::Release { holds: vec![1], result: 0 }]
@@ -644,7 +687,7 @@ fn an_async_copy_that_keeps_acknowledging_is_not_timed_out_by_a_full_pipe() {
     for region in 1..=3 {
         assert_eq!(ship(&mut core, region, None, 0), vec![]);
     }
-    assert_eq!(core.poll_send(0), send(false, vec![write_frame(2, 1), write_frame(3, 2), write_frame(4, 3)]));
+    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 1), write_frame(3, 2), write_frame(4, 3)]));
     let connection = core.connection();
     // The first ack arrives late (a full pipe), just before the timeout.
     assert!(core
@@ -700,7 +743,7 @@ fn the_recovery_point_of_a_copy_behind_and_resyncing_covers_what_a_rollback_lose
     let mut copy = up_to_date(MirrorMode::Async, 2 * WRITE.len() as u64);
     assert_eq!(ship(&mut copy, 1, None, 200), vec![]);
     assert_eq!(ship(&mut copy, 2, None, 300), vec![]);
-    assert_eq!(copy.poll_send(350), send(false, vec![write_frame(2, 1), write_frame(3, 2)]));
+    assert_eq!(copy.poll_send(350), send(vec![write_frame(2, 1), write_frame(3, 2)]));
     assert_eq!(ship(&mut copy, 5, None, 400), vec![Command::Persist(RecordedState::Stale)]);
     assert_eq!(copy.persisted(Ok(())), vec![]);
     assert_eq!(copy.state(), CopyState::Behind);
@@ -722,15 +765,15 @@ fn the_recovery_point_of_a_copy_behind_and_resyncing_covers_what_a_rollback_lose
         RecoveryPoint { bytes: 2 * REGION, ms: 1_650, exact: false },
         "syncing: regions 5 and 7 since the image of the pass's start, the copy not following since 350"
     );
-    assert_eq!(copy.poll_send(2_000), send(false, vec![write_frame(4, 7)]));
+    assert_eq!(copy.poll_send(2_000), send(vec![write_frame(4, 7)]));
     assert_eq!(ack(&mut copy, FrameKind::WriteAck, 4, &mut nothing_in_flight()), vec![]);
-    assert_eq!(copy.poll_send(2_000), send(false, vec![flush_frame(5, FrameFlags::NONE)]));
+    assert_eq!(copy.poll_send(2_000), send(vec![flush_frame(5, FrameFlags::NONE)]));
     assert_eq!(ack(&mut copy, FrameKind::FlushAck, 5, &mut nothing_in_flight()), vec![]);
     assert_eq!(copy.poll_send(2_000), read_region(5));
     assert_eq!(copy.resync_read(5 * REGION, REGION, zeroes_read(5)), vec![]);
-    assert_eq!(copy.poll_send(2_000), send(false, vec![zeroes_frame(6, 5)]));
+    assert_eq!(copy.poll_send(2_000), send(vec![zeroes_frame(6, 5)]));
     assert_eq!(ack(&mut copy, FrameKind::WriteAck, 6, &mut nothing_in_flight()), vec![]);
-    assert_eq!(copy.poll_send(2_000), send(true, vec![flush_frame(7, FrameFlags::SYNCED)]));
+    assert_eq!(poll_syncing(&mut copy, 2_000), send(vec![flush_frame(7, FrameFlags::SYNCED)]));
     // (Region 7's bit clears here, with those of 1 and 2.)
     let commands = ack(&mut copy, FrameKind::FlushAck, 7, &mut nothing_in_flight());
     assert!(matches!(&commands[0], Command::ClearBits(regions) if regions.contains(&7)), "{commands:?}");
@@ -766,6 +809,7 @@ fn a_large_region_goes_in_parts_and_a_missed_change_restarts_it() {
         region_bytes: region,
         volume_bytes: 4 * region,
         local_sync_interval_ms: 0,
+        local_sync: Arc::new(LocalSync::immediate()),
         resync_rate_max: 0,
         resync_checksums: false,
     });
@@ -778,7 +822,7 @@ fn a_large_region_goes_in_parts_and_a_missed_change_restarts_it() {
         let zeroes = Ok(ResyncReadDone::Pieces(vec![Piece::Zeroes { offset, length: part }]));
         assert_eq!(core.resync_read(offset, part, zeroes), vec![]);
         let frame = Outgoing { offset, length: part as u32, ..zeroes_frame(sequence, 0) };
-        assert_eq!(core.poll_send(0), send(false, vec![frame]));
+        assert_eq!(core.poll_send(0), send(vec![frame]));
     };
     resync_part(&mut core, 2 * region, 1);
     resync_part(&mut core, 2 * region + part, 2);
@@ -843,6 +887,7 @@ fn application_during_resync(regions: u64, seconds: u64) -> (f64, f64) {
         region_bytes: REGION_BYTES,
         volume_bytes: 1024 * REGION_BYTES,
         local_sync_interval_ms: 0,
+        local_sync: Arc::new(LocalSync::immediate()),
         resync_rate_max: 0,
         resync_checksums: false,
     });
@@ -946,7 +991,7 @@ fn the_room_a_write_leaves_is_kept_for_the_next_write() {
         length: REGION as u32,
         ..zeroes_frame(8, 8)
     };
-    assert_eq!(core.poll_send(0), send(false, vec![frame]));
+    assert_eq!(core.poll_send(0), send(vec![frame]));
     assert_eq!(core.poll_send(0), vec![Command::Wait { ms: CLEAN_MS / 2 }], "the window is full");
     // Two writes are acknowledged: their room waits for the next writes.
     for (sequence, hold) in [(1, 0), (2, 1)] {

@@ -47,6 +47,7 @@
 pub mod connect;
 mod link;
 mod link_core;
+mod local_sync;
 mod resync_controller;
 mod resync_pieces;
 mod resync_set;
@@ -71,6 +72,7 @@ use crate::volume::Volume;
 
 use link::Link;
 pub use link::{CopyState, CopyStatus, RecoveryPoint, ACK_TIMEOUT, LOCAL_SYNC_INTERVAL_DEFAULT};
+use local_sync::LocalSync;
 pub use state::{CopyRecord, LocalStateFile, MirrorStateStore, RecordedState, StateError, StateErrorKind};
 
 /// The default lag bound of an async copy in bytes (`lag_bytes_max`).
@@ -452,6 +454,8 @@ pub(crate) struct Shared {
     pub(crate) resync_checksums: bool,
     pub(crate) assume_clean: bool,
     pub(crate) local_sync_interval: Duration,
+    /// The volume's background fsyncs that let bits clear.
+    pub(crate) local_sync: Arc<LocalSync>,
     pub(crate) source_address: Option<std::net::IpAddr>,
     /// Per region: writes marked whose change is not shipped yet. A region
     /// with writes in flight is never cleared.
@@ -505,6 +509,36 @@ impl Shared {
             records[index] = before;
         }
         result
+    }
+
+    /// The local store failed a flush (a client's, or the background sync
+    /// that lets bits clear): see [`Replicator::local_flush_failed`]. The
+    /// first failure is kept and recorded; later ones change nothing.
+    pub(crate) fn fail_local_store(&self, why: &str) {
+        if self.local_failure.set(why.to_string()).is_err() {
+            return;
+        }
+        tracing::error!(
+            volume = %self.volume.path().display(),
+            "{why}: writes acknowledged before it may be missing on {} while its copies hold them. \
+             This host now answers every request with EIO. Stop it and fail over to a current copy \
+             (or check the store and restart with --new-store: every copy is then resynced from it)",
+            self.volume.path().display()
+        );
+        let Some(path) = &self.metadata_path else { return };
+        let recorded = crate::metadata::load_metadata(path).and_then(|metadata| {
+            let metadata = metadata.unwrap_or_else(crate::metadata::VolumeMetadata::fresh);
+            // A new token too: a record naming this store's old token as
+            // identical to a copy (a hand-over) no longer describes it.
+            let store_token = crate::metadata::new_store_token().unwrap_or(STORE_TOKEN_UNKNOWN);
+            crate::metadata::store_metadata(
+                path,
+                &crate::metadata::VolumeMetadata { state: StoreState::Failed, store_token, ..metadata },
+            )
+        });
+        if let Err(error) = recorded {
+            tracing::error!(%error, "cannot record the local store's failure in its metadata; do not restart this host on it");
+        }
     }
 
     /// Why the local store failed, if it has.
@@ -667,6 +701,7 @@ impl Replicator {
             resync_checksums: config.resync_checksums,
             assume_clean: config.assume_clean,
             local_sync_interval: config.local_sync_interval,
+            local_sync: Arc::new(LocalSync::new()),
             source_address: config.source_address,
             inflight: Mutex::new(HashMap::new()),
             released: Arc::new(AtomicU64::new(0)),
@@ -684,6 +719,19 @@ impl Replicator {
             .map(|(copy, slot)| Arc::new(Link::new(copy, slot, shared.clone())))
             .collect();
         let mut threads = Vec::new();
+        let syncing = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("local-sync".to_string())
+            .spawn(move || {
+                syncing.local_sync.run(
+                    || syncing.volume.sync_all(),
+                    |error| {
+                        syncing.fail_local_store(&format!("a background fsync of the local store failed ({error})"))
+                    },
+                )
+            })
+            .map_err(|source| StartError::Thread { copy: "local-sync".to_string(), source })?;
+        threads.push(thread);
         for link in &links {
             let copy = link.name().to_string();
             let running = link.clone();
@@ -750,32 +798,7 @@ impl Replicator {
     /// copy, or checks the store and starts it with `--new-store`.
     pub fn local_flush_failed(&self, errno: i32) {
         let error = std::io::Error::from_raw_os_error(errno);
-        let why = format!("a flush of the local store failed ({error})");
-        if self.shared.local_failure.set(why.clone()).is_err() {
-            return;
-        }
-        tracing::error!(
-            volume = %self.shared.volume.path().display(),
-            %error,
-            "{why}: writes acknowledged before it may be missing on {} while its copies hold them. \
-             This host now answers every request with EIO. Stop it and fail over to a current copy \
-             (or check the store and restart with --new-store: every copy is then resynced from it)",
-            self.shared.volume.path().display()
-        );
-        let Some(path) = &self.shared.metadata_path else { return };
-        let recorded = crate::metadata::load_metadata(path).and_then(|metadata| {
-            let metadata = metadata.unwrap_or_else(crate::metadata::VolumeMetadata::fresh);
-            // A new token too: a record naming this store's old token as
-            // identical to a copy (a hand-over) no longer describes it.
-            let store_token = crate::metadata::new_store_token().unwrap_or(STORE_TOKEN_UNKNOWN);
-            crate::metadata::store_metadata(
-                path,
-                &crate::metadata::VolumeMetadata { state: StoreState::Failed, store_token, ..metadata },
-            )
-        });
-        if let Err(error) = recorded {
-            tracing::error!(%error, "cannot record the local store's failure in its metadata; do not restart this host on it");
-        }
+        self.shared.fail_local_store(&format!("a flush of the local store failed ({error})"));
     }
 
     /// Why this host was deposed, once a copy host refused its epoch
@@ -907,6 +930,7 @@ impl Replicator {
             link.flush_for_stop(deadline);
         }
         self.shared.shutdown.store(true, Ordering::Relaxed);
+        self.shared.local_sync.stop();
         for link in &self.links {
             link.wake_all();
         }

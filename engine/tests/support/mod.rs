@@ -15,7 +15,7 @@ pub mod page_cache;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -35,7 +35,10 @@ use engine::{Volume, VolumeOptions};
 
 pub const VOLUME_SIZE: u64 = 16 << 20;
 pub const REGION: u64 = REGION_BYTES_DEFAULT;
-const IDENTITY: VolumeIdentity = VolumeIdentity { uuid: [0x43; 16], size_bytes: VOLUME_SIZE };
+/// The identity of the test volume of `size_bytes`.
+fn identity(size_bytes: u64) -> VolumeIdentity {
+    VolumeIdentity { uuid: [0x43; 16], size_bytes }
+}
 pub const WRITE_BYTES: usize = 4096;
 /// How long any one wait may take before the test fails.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -74,7 +77,12 @@ struct Control {
 
 /// Accept one connection, authenticate as the copy, then answer every
 /// frame, as steered through `control`, until the connection ends or `stop`.
-fn serve_copy(listener: TcpListener, control: Arc<Mutex<Control>>, stop: Arc<AtomicBool>) -> Result<(), String> {
+fn serve_copy(
+    listener: TcpListener,
+    control: Arc<Mutex<Control>>,
+    stop: Arc<AtomicBool>,
+    volume_bytes: u64,
+) -> Result<(), String> {
     let Some(stream) = accept_production(&listener, &stop, READ_TICK)? else { return Ok(()) };
     let mut wire = Wire::new(stream);
     // Between frames: stop when told to, and send what the test released.
@@ -86,7 +94,7 @@ fn serve_copy(listener: TcpListener, control: Arc<Mutex<Control>>, stop: Arc<Ato
         Ok(false)
     };
     let counters = ReceiverCounters::default();
-    let mut receiver = handshake_as_copy(&secret(), IDENTITY, false, &counters, &mut wire, &mut idle)?;
+    let mut receiver = handshake_as_copy(&secret(), identity(volume_bytes), false, &counters, &mut wire, &mut idle)?;
     while let Some(frame) = wire.next_frame(&mut idle)? {
         let header = frame.header;
         let seen = Seen { kind: header.kind, offset: header.offset };
@@ -327,6 +335,8 @@ pub struct Mirror {
     pub completions: Arc<Completions>,
     pub bitmap: Arc<WriteIntentBitmap>,
     pub store: Arc<TestStateStore>,
+    /// The local volume's file (a sparse file on /var/tmp, buffered).
+    pub volume_path: PathBuf,
     control: Arc<Mutex<Control>>,
     stop: Arc<AtomicBool>,
     copy: Option<JoinHandle<Result<(), String>>>,
@@ -339,15 +349,20 @@ impl Mirror {
     /// Start a replicator whose local volume may be fsynced for clearing
     /// at most every `local_sync_interval`, and its fake copy.
     pub fn start(mode: MirrorMode, local_sync_interval: Duration) -> Mirror {
+        Mirror::start_sized(mode, local_sync_interval, VOLUME_SIZE)
+    }
+
+    /// [`Mirror::start`] on a volume of `volume_bytes`.
+    pub fn start_sized(mode: MirrorMode, local_sync_interval: Duration, volume_bytes: u64) -> Mirror {
         let directory = tempfile::tempdir_in("/var/tmp").unwrap();
         let volume_path = directory.path().join("volume");
         let options =
-            VolumeOptions { path: volume_path.clone(), size: Some(VOLUME_SIZE), direct: false, read_only: false };
+            VolumeOptions { path: volume_path.clone(), size: Some(volume_bytes), direct: false, read_only: false };
         let volume = Arc::new(Volume::open(&options).unwrap());
         let bitmap = Arc::new(
             WriteIntentBitmap::open_or_create(
                 &directory.path().join("volume.cmbitmap"),
-                VOLUME_SIZE,
+                volume_bytes,
                 REGION_BYTES_DEFAULT,
                 SLOTS_MAX,
             )
@@ -366,7 +381,7 @@ impl Mirror {
                 compress: engine::protocol::Compression::None,
             }],
             secret: secret(),
-            identity: IDENTITY,
+            identity: identity(volume_bytes),
             generation: 1,
             epoch: 1,
             resync_rate_max: 0,
@@ -385,7 +400,7 @@ impl Mirror {
             let (control, stop) = (control.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("fake-copy".into())
-                .spawn(move || serve_copy(listener, control, stop))
+                .spawn(move || serve_copy(listener, control, stop, volume_bytes))
                 .unwrap()
         };
         Mirror {
@@ -393,6 +408,7 @@ impl Mirror {
             completions,
             bitmap,
             store,
+            volume_path,
             control,
             stop,
             copy: Some(copy),
@@ -512,6 +528,25 @@ impl Mirror {
     pub fn flush_and_wait(&mut self, id: u64) {
         let shipped = self.flush(id);
         assert_eq!(self.wait_answer(shipped, id), 0, "the flush {id} failed");
+    }
+
+    /// Flush (ids from `first_id` on, 10 ms apart) until the bit of the
+    /// region holding `offset` clears, for at most [`TIMEOUT`]: a quiet
+    /// region clears at the second acknowledged Flush after its write, once
+    /// the local volume's background sync that started after the first has
+    /// completed, which may take more Flushes. Returns the next unused id.
+    pub fn flush_until_clear(&mut self, offset: u64, first_id: u64) -> u64 {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut id = first_id;
+        while self.dirty(offset) {
+            assert!(Instant::now() < deadline, "the bit at {offset} never cleared through {} Flushes", id - first_id);
+            self.flush_and_wait(id);
+            id += 1;
+            if self.dirty(offset) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        id
     }
 
     /// Whether the copy's bit of the region holding `offset` is set.
