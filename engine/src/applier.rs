@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  Step ─▶ start ─┬─ O_DIRECT write (no barrier, no overlap, room) ─▶ io_uring Write ─┐
-//!                 ├─ barrier / flush / checksum / trim / zeroes ─▶ drain, then do it ──┤
+//!                 ├─ flush ─▶ drain, then fsync through the ring (later writes go on) ┤
+//!                 ├─ barrier / checksum / trim / zeroes ─▶ drain, then do it ─────────┤
 //!                 ├─ buffered or unaligned O_DIRECT write ─▶ pwritev2 when no write ───┤
 //!                 │  in flight overlaps it                                             │
 //!                 └─ overlaps a write in flight ─▶ wait for it, then submit ───────────┘
@@ -24,7 +25,9 @@
 //!   a sync copy's acknowledgement gates the client's, so a write issued after
 //!   another was acknowledged arrives after that write was applied here.
 //! - A Flush waits for everything before it and is an fsync through the
-//!   ring; checksums read after everything before them is applied.
+//!   ring; writes after it are started while it runs, and their replies
+//!   wait for its own. Checksums read after everything before them is
+//!   applied.
 //! - A reply leaves only once its change and every earlier frame's change is
 //!   done (the production host takes acknowledgements in order), so an
 //!   acknowledged write is applied, and durable when it asked for FUA.
@@ -178,7 +181,8 @@ impl<'v> Applier<'v> {
     /// Start one frame's change (`None`: nothing to change) and queue its
     /// reply (`None`: no reply) behind every earlier one. Waits as the rules
     /// in the module docs say; a change that must be done before returning
-    /// (flush, checksum, trim, zeroes) is done when this returns. An error
+    /// (checksum, trim, zeroes) is done when this returns, a flush's fsync
+    /// may still run (call [`Applier::drain`] to wait for it). An error
     /// means a change (this one or an earlier one) failed: its reply and
     /// every later one are never released.
     pub fn start(
@@ -210,11 +214,14 @@ impl<'v> Applier<'v> {
                 }
             }
             Apply::Flush => {
+                // The fsync covers every change before it, all done now.
+                // Later writes start while it runs (a flush can take long on
+                // a busy store); their replies still leave after its own.
                 self.drain()?;
                 let entry = self.volume.fsync_entry();
                 self.push(entry, Op::Fsync { index })?;
                 self.in_flight.push(InFlight { index, start: 0, end: 0, bytes: 0 });
-                self.drain()
+                Ok(())
             }
             Apply::Checksum { .. } => {
                 self.drain()?;
@@ -471,6 +478,7 @@ mod tests {
             }
             sequence += 1;
             applier.start(Some(Apply::Flush), false, ack(sequence)).unwrap();
+            applier.drain().unwrap();
             assert!(applier.idle());
             let mut out = Vec::new();
             applier.take_replies(&mut out);
@@ -478,6 +486,38 @@ mod tests {
             let mut read = vec![0u8; 8 * 4096];
             std::fs::File::open(volume.path()).unwrap().read_exact_at(&mut read, 0).unwrap();
             assert!(read.iter().all(|&byte| byte == 49), "the last round wins everywhere (direct={direct})");
+        }
+    }
+
+    /// A Flush's fsync runs while later writes start, and no later reply
+    /// leaves before the Flush's own: at every moment the replies out so far
+    /// are a prefix of the arrival order.
+    #[test]
+    fn writes_after_a_flush_go_on_and_their_replies_wait_for_it() {
+        for direct in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let volume = volume(&dir, direct);
+            let mut applier = Applier::new(&volume, None).unwrap();
+            let mut out = Vec::new();
+            let mut sequence = 0;
+            for round in 0..20u8 {
+                sequence += 1;
+                applier.start(write(u64::from(round % 4) * 4096, &[round; 4096]), false, ack(sequence)).unwrap();
+                sequence += 1;
+                applier.start(Some(Apply::Flush), false, ack(sequence)).unwrap();
+                sequence += 1;
+                applier.start(write(65536, &[round; 4096]), false, ack(sequence)).unwrap();
+                applier.take_replies(&mut out);
+                let seen = sequences(&out);
+                assert_eq!(
+                    seen,
+                    (1..=seen.len() as u64).collect::<Vec<_>>(),
+                    "replies leave in order (direct={direct})"
+                );
+            }
+            applier.drain().unwrap();
+            applier.take_replies(&mut out);
+            assert_eq!(sequences(&out), (1..=sequence).collect::<Vec<_>>());
         }
     }
 

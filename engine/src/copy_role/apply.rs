@@ -249,7 +249,10 @@ fn carry_out(host: &Host, peer: SocketAddr, applier: &mut Applier<'_>, step: Ste
     let Some(consistent) = step.persist_after else {
         return applier.start(step.apply, step.barrier, step.reply).map_err(apply_failed);
     };
+    // The pass's closing flush is done (its fsync completed) before the
+    // store is recorded consistent.
     applier.start(step.apply, true, None).map_err(|error| store_failed(host, peer, error, "apply a flush"))?;
+    applier.drain().map_err(|error| store_failed(host, peer, error, "apply a flush"))?;
     store_metadata(&host.metadata_path, &consistent)
         .map_err(|error| metadata_failed(peer, error, "record the store consistent"))?;
     *host.metadata() = consistent;
