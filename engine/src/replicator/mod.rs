@@ -688,6 +688,11 @@ impl Replicator {
         if let BitmapTrust::ByGeneration { generation, .. } = &config.bitmap_trust {
             bitmap.set_generation(*generation);
         }
+        if !assigned.is_empty() {
+            // Writes mark the configured copies' slots only; a copy that
+            // takes another slot later is new, and gets it set whole.
+            bitmap.set_marked_slots(&assigned);
+        }
         bitmap.flush()?;
         store.store(&records)?;
         let shared = Arc::new(Shared {
