@@ -1407,10 +1407,6 @@ mod tests {
         assert_eq!(recorded_region_bytes(&directory.path().join("missing")), None);
     }
 
-    /// Recovery from the activity log: a clean close leaves nothing to
-    /// resync; after a crash the logged extents are dirty in every slot; a
-    /// log missing after a crash, or damaged, sets every bit; with no log
-    /// configured an old one is still recovered from, then removed.
     /// Writes mark only the slots of the copies configured, and a region
     /// counts as marked once those slots have it (a slot no copy holds is
     /// left alone: a copy that takes it later has it set whole).
@@ -1429,6 +1425,10 @@ mod tests {
         assert!((0..4).all(|slot| bitmap.is_set(slot, 5)));
     }
 
+    /// Recovery from the activity log: a clean close leaves nothing to
+    /// resync; after a crash the logged extents are dirty in every slot; a
+    /// log missing after a crash, or damaged, sets every bit; with no log
+    /// configured an old one is still recovered from, then removed.
     #[test]
     fn attaching_the_activity_log_recovers_what_it_covers() {
         let directory = tempfile::tempdir().unwrap();

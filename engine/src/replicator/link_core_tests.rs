@@ -80,6 +80,17 @@ fn poll_syncing(core: &mut TestCore, now_ms: u64) -> Vec<TestCommand> {
     commands
 }
 
+/// A write to `region` held as `hold`, shipped at time 0, sent as frame
+/// `sequence` and acknowledged: its hold is released.
+fn write_acked(core: &mut TestCore, region: u64, hold: u64, sequence: u64) {
+    assert_eq!(ship(core, region, Some(hold), 0), vec![]);
+    assert_eq!(core.poll_send(0), send(vec![write_frame(sequence, region)]));
+    assert_eq!(
+        ack(core, FrameKind::WriteAck, sequence, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![hold], result: 0 }]
+    );
+}
+
 fn send(frames: Vec<Outgoing>) -> Vec<TestCommand> {
     vec![Command::Send { frames }]
 }
@@ -134,12 +145,7 @@ fn up_to_date(mode: MirrorMode, lag_bytes_max: u64) -> TestCore {
 #[test]
 fn a_bit_never_clears_while_a_write_to_its_region_is_in_flight() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
-    assert_eq!(ship(&mut core, 2, Some(7), 0), vec![]);
-    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 2)]));
-    assert_eq!(
-        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
-        vec![Command::Release { holds: vec![7], result: 0 }]
-    );
+    write_acked(&mut core, 2, 7, 2);
     // The first Flush takes region 2 as its snapshot: nothing can clear yet.
     assert_eq!(core.poll_send(CLEAN_MS), send(vec![flush_frame(3, FrameFlags::NONE)]));
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
@@ -169,12 +175,7 @@ fn a_bit_never_clears_while_a_write_to_its_region_is_in_flight() {
 #[test]
 fn a_flush_ack_lost_with_its_connection_clears_nothing() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
-    assert_eq!(ship(&mut core, 3, Some(1), 0), vec![]);
-    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 3)]));
-    assert_eq!(
-        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
-        vec![Command::Release { holds: vec![1], result: 0 }]
-    );
+    write_acked(&mut core, 3, 1, 2);
     assert_eq!(core.poll_send(CLEAN_MS), send(vec![flush_frame(3, FrameFlags::NONE)]));
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
     assert_eq!(poll_syncing(&mut core, 2 * CLEAN_MS), send(vec![flush_frame(4, FrameFlags::NONE)]));
@@ -482,12 +483,7 @@ fn a_repair_is_recorded_and_marked_durably_before_its_pass() {
 #[test]
 fn a_clearing_flush_clears_before_it_releases_its_hold() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
-    assert_eq!(ship(&mut core, 2, Some(7), 0), vec![]);
-    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 2)]));
-    assert_eq!(
-        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
-        vec![Command::Release { holds: vec![7], result: 0 }]
-    );
+    write_acked(&mut core, 2, 7, 2);
     assert_eq!(core.poll_send(CLEAN_MS), send(vec![flush_frame(3, FrameFlags::NONE)]));
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
     assert_eq!(core.ship(&Change::Flush, &mut None, Some(9), 0, 2 * CLEAN_MS), vec![]);
@@ -510,12 +506,7 @@ fn a_bit_clears_only_once_a_local_sync_started_after_its_snapshot_completed() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
     let local = Arc::new(LocalSync::new());
     core.config.local_sync = local.clone();
-    assert_eq!(ship(&mut core, 2, Some(7), 0), vec![]);
-    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 2)]));
-    assert_eq!(
-        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
-        vec![Command::Release { holds: vec![7], result: 0 }]
-    );
+    write_acked(&mut core, 2, 7, 2);
     // A sync (another link's, say) starts before region 2's snapshot.
     assert!(local.request_after(local.started()));
     let early = local.start_requested().expect("asked for");
@@ -646,12 +637,7 @@ fn only_a_clean_stop_keeps_a_copy_current() {
 #[test]
 fn nothing_is_sent_after_the_stops_final_flush() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
-    assert_eq!(ship(&mut core, 1, Some(1), 0), vec![]);
-    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 1)]));
-    assert_eq!(
-        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
-        vec![Command::Release { holds: vec![1], result: 0 }]
-    );
+    write_acked(&mut core, 1, 1, 2);
     assert!(core.queue_final_flush());
     let commands = core.poll_send(1);
     let [Command::Send { frames, .. }] = &commands[..] else { panic!("{commands:?}") };
