@@ -445,15 +445,22 @@ fn two_switchover_requests_to_different_sites_at_once_move_the_role_once(backend
     // as moved (it met the record after the winner's switchover).
     let under_way = format!("a switchover to {site} is under way already");
     let moved = format!("switchover to {loser_site} refused: the production role moved");
+    // The loser says so when it next decides on a record: after its own
+    // compare-and-set failed, or when it reads the winner's record. The
+    // wait above can end before that (the record names the copies current
+    // as soon as the winner serves).
+    let refused_at = Instant::now();
+    let said = system_tests::wait_until(Duration::from_secs(10), || {
+        let log = group.log(loser);
+        log.contains(&under_way) || log.contains(&moved)
+    });
+    assert!(said, "{loser}, whose request lost, did not say {under_way:?} or {moved:?}:\n{}", group.logs_tail(20));
     let log = group.log(loser);
-    assert!(
-        log.contains(&under_way) || log.contains(&moved),
-        "{loser}, whose request lost, did not say {under_way:?} or {moved:?}:\n{}",
-        group.logs_tail(20)
-    );
     let how = if log.contains(&under_way) { "under way" } else { "role moved" };
     eprintln!(
-        "{backend:?}: site {site} won, {loser}'s request was refused ({how}); took {:.1} s",
+        "{backend:?}: site {site} won, {loser}'s request was refused ({how}, said {:.2} s after the record \
+         settled); took {:.1} s",
+        refused_at.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
 }
