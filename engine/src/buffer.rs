@@ -7,6 +7,7 @@
 
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
+use std::sync::{Mutex, PoisonError};
 
 /// A heap buffer aligned for O_DIRECT. Its heap memory never moves while the
 /// value is alive, so a pointer into it stays valid across moves of the
@@ -166,6 +167,98 @@ impl BufferPool {
         if let Some(class) = Self::class_of(capacity) {
             self.held_bytes += capacity;
             self.classes[class].push(buf);
+        }
+    }
+}
+
+/// A [`BufferPool`] two threads share: one takes buffers (the copy host's
+/// reader, which receives payloads straight into them), the other gives
+/// them back when the store has them (its applier).
+pub struct SharedPool(Mutex<BufferPool>);
+
+impl SharedPool {
+    /// A shared pool holding at most `held_bytes_max` bytes of idle buffers.
+    pub fn new(held_bytes_max: usize) -> SharedPool {
+        SharedPool(Mutex::new(BufferPool::new(held_bytes_max)))
+    }
+
+    /// [`BufferPool::take`].
+    pub fn take(&self, len: usize) -> AlignedBuf {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take(len)
+    }
+
+    /// [`BufferPool::give`].
+    pub fn give(&self, buf: AlignedBuf) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).give(buf)
+    }
+}
+
+/// A frame's payload: bytes in a `Vec`, or received straight into an
+/// aligned pooled buffer that an O_DIRECT write can take as it is (no copy
+/// between the socket and the store).
+pub enum Payload {
+    /// On the heap, unaligned.
+    Vec(Vec<u8>),
+    /// Aligned for O_DIRECT, from a [`SharedPool`].
+    Aligned(AlignedBuf),
+}
+
+impl Payload {
+    /// An empty payload.
+    pub fn empty() -> Payload {
+        Payload::Vec(Vec::new())
+    }
+
+    /// The bytes as a `Vec` (copied when aligned).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Payload::Vec(bytes) => bytes,
+            Payload::Aligned(buf) => buf.as_slice().to_vec(),
+        }
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Vec(bytes) => bytes,
+            Payload::Aligned(buf) => buf.as_slice(),
+        }
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(bytes: Vec<u8>) -> Payload {
+        Payload::Vec(bytes)
+    }
+}
+
+impl Clone for Payload {
+    /// Clones are plain `Vec`s (tests and error paths only).
+    fn clone(&self) -> Payload {
+        Payload::Vec(self.to_vec())
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Payload {}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            Payload::Vec(_) => "Vec",
+            Payload::Aligned(_) => "Aligned",
+        };
+        if self.len() <= 64 {
+            write!(f, "Payload::{kind}({:?})", &**self)
+        } else {
+            write!(f, "Payload::{kind}({} bytes)", self.len())
         }
     }
 }

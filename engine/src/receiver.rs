@@ -31,7 +31,7 @@ use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::buffer::AlignedBuf;
+use crate::buffer::{AlignedBuf, Payload};
 use crate::error::EngineError;
 use crate::metadata::{format_uuid, StoreState, VolumeMetadata};
 use crate::protocol::auth::{Session, VolumeIdentity};
@@ -92,7 +92,7 @@ pub enum Apply {
         /// Volume offset in bytes.
         offset: u64,
         /// The bytes to write.
-        data: Vec<u8>,
+        data: Payload,
         /// Force unit access.
         fua: bool,
     },
@@ -502,7 +502,7 @@ mod tests {
         header.offset = offset;
         header.length = payload.len() as u32;
         header.payload_len = payload.len() as u32;
-        Frame { header, payload: payload.to_vec() }
+        Frame { header, payload: payload.to_vec().into() }
     }
 
     fn with(mut frame: Frame, change: impl FnOnce(&mut FrameHeader)) -> Frame {
@@ -552,11 +552,11 @@ mod tests {
             steps,
             [
                 step(
-                    Some(Apply::Write { offset: 4096, data: b"abc".to_vec(), fua: false }),
+                    Some(Apply::Write { offset: 4096, data: b"abc".to_vec().into(), fua: false }),
                     ack(FrameKind::WriteAck, 1, 4096, 3, FrameFlags::NONE)
                 ),
                 step(
-                    Some(Apply::Write { offset: 0, data: b"xy".to_vec(), fua: true }),
+                    Some(Apply::Write { offset: 0, data: b"xy".to_vec().into(), fua: true }),
                     ack(FrameKind::WriteAck, 2, 0, 2, FrameFlags::FUA)
                 ),
                 step(
@@ -769,12 +769,12 @@ mod tests {
     fn synchronous_apply_writes_the_same_bytes_buffered_and_direct() {
         let directory = tempfile::tempdir_in("/var/tmp").unwrap();
         let commands = [
-            Apply::Write { offset: 0, data: vec![0x11; 3 * 4096], fua: false },
-            Apply::Write { offset: 4000, data: vec![0x22; 300], fua: true },
-            Apply::Write { offset: 8191, data: vec![0x33; 5000], fua: false },
+            Apply::Write { offset: 0, data: vec![0x11; 3 * 4096].into(), fua: false },
+            Apply::Write { offset: 4000, data: vec![0x22; 300].into(), fua: true },
+            Apply::Write { offset: 8191, data: vec![0x33; 5000].into(), fua: false },
             Apply::WriteZeroes { offset: 100, length: 50, fua: false },
             Apply::Trim { offset: 4096, length: 4096, fua: true },
-            Apply::Write { offset: SIZE - 7, data: vec![0x44; 7], fua: false },
+            Apply::Write { offset: SIZE - 7, data: vec![0x44; 7].into(), fua: false },
             Apply::Flush,
         ];
         let mut expected = vec![0u8; SIZE as usize];

@@ -73,7 +73,7 @@ fn decode_whole(bytes: &[u8]) -> Result<Frame, ReplicationErrorKind> {
     let header = decode_header(&header_bytes).map_err(|error| error.kind())?;
     let payload = &bytes[HEADER_LEN..];
     verify_payload(&header, &header_bytes, payload).map_err(|error| error.kind())?;
-    Ok(Frame { header, payload: payload.to_vec() })
+    Ok(Frame { header, payload: payload.to_vec().into() })
 }
 
 proptest! {
@@ -84,7 +84,7 @@ proptest! {
         prop_assert_eq!(&bytes[..HEADER_LEN], &encode_header(&header, &payload)[..]);
         let frame = decode_whole(&bytes).unwrap();
         prop_assert_eq!(frame.header, header);
-        prop_assert_eq!(frame.payload, payload);
+        prop_assert_eq!(&*frame.payload, &payload[..]);
     }
 
     /// Any single flipped bit, in the header or the payload, is refused by
@@ -120,7 +120,7 @@ proptest! {
             decoder.push(&rest[..take]).unwrap();
             rest = &rest[take..];
             while let Some(frame) = decoder.pop().unwrap() {
-                decoded.push((frame.header, frame.payload));
+                decoded.push((frame.header, frame.payload.into_vec()));
             }
         }
         prop_assert_eq!(decoded, frames);

@@ -308,3 +308,86 @@ fn a_data_frame_before_the_handshake_is_refused_at_its_header() {
     );
     wait_for_log(&host, "data frames wait for Accept");
 }
+
+/// Send `data` at `offset` as one Write frame cut into pieces at `cuts`
+/// (byte positions in the encoded frame), each piece after a pause so the
+/// copy host's reads come back short there, and wait for its ack.
+fn write_in_pieces(connection: &mut CopyConnection, offset: u64, data: &[u8], cuts: &[usize]) {
+    let mut header = connection.header(FrameKind::Write, FrameFlags::NONE, 1, 1);
+    header.offset = offset;
+    header.length = data.len() as u32;
+    header.payload_len = data.len() as u32;
+    let bytes = encode_frame(&header, data);
+    let mut at = 0;
+    for &cut in cuts.iter().filter(|&&cut| cut > 0 && cut < bytes.len()) {
+        connection.send_raw(&bytes[at..cut]).unwrap();
+        std::thread::sleep(Duration::from_micros(300));
+        at = cut;
+    }
+    connection.send_raw(&bytes[at..]).unwrap();
+    let ack = connection.receive().unwrap();
+    assert_eq!((ack.header.kind, ack.header.sequence), (FrameKind::WriteAck, header.sequence));
+}
+
+/// The copy host receives a data payload straight into an aligned buffer
+/// from its pool, which a `--direct` store writes as it is and which then
+/// serves the next payload. Frames arrive cut at every byte of the header
+/// and of the payload's first bytes, at each side of 4 KiB boundaries of a
+/// 1 MiB payload, and in many pieces: every write lands whole and in place
+/// (aligned and unaligned extents), and no reused buffer carries an earlier
+/// frame's bytes into the store. On a buffered store too.
+#[test]
+fn frames_cut_at_any_byte_land_whole_on_a_direct_and_a_buffered_copy() {
+    use engine::protocol::frame::HEADER_LEN;
+    for (label, extra) in [("copy-host-cut-direct", &["--direct"][..]), ("copy-host-cut-buffered", &[][..])] {
+        let scratch = Scratch::new(label);
+        let secret = write_secret(&scratch, "secret", 11);
+        let volume = scratch.join("copy.img");
+        let copy = CopyHost::start(&scratch, "127.0.0.2", &volume, "8M", &secret, extra);
+        let host = Host {
+            volume,
+            secret,
+            address: copy.address,
+            admin: copy.admin,
+            args: copy.args,
+            process: copy.process,
+            scratch,
+        };
+        let mut connection = connect(&host, identity());
+        let mut expected = vec![0u8; SIZE as usize];
+        let mut seed = 1000;
+        let mut write = |connection: &mut CopyConnection, offset: u64, len: usize, cuts: &[usize]| {
+            seed += 1;
+            let data = random_bytes(len, seed);
+            write_in_pieces(connection, offset, &data, cuts);
+            expected[offset as usize..offset as usize + len].copy_from_slice(&data);
+        };
+        // A 4 KiB write cut once at every byte of its header and of its
+        // payload's first 256 bytes, then every 61 bytes; four offsets in
+        // turn, so each lands over an earlier one.
+        let cuts: Vec<usize> = (1..HEADER_LEN + 256).chain((HEADER_LEN + 256..HEADER_LEN + 4096).step_by(61)).collect();
+        for (index, &cut) in cuts.iter().enumerate() {
+            write(&mut connection, (index % 4) as u64 * 4096, 4096, &[cut]);
+        }
+        // 1 MiB writes cut at each side of a 4 KiB boundary of the payload,
+        // and one in 64 uneven pieces.
+        for (index, page) in [0usize, 1, 17, 255].into_iter().enumerate() {
+            let boundary = HEADER_LEN + page * 4096;
+            write(&mut connection, (1 << 20) * (1 + index as u64 % 2), 1 << 20, &[boundary - 1, boundary + 1]);
+        }
+        let pieces: Vec<usize> = (1..64).map(|piece| piece * 16_411).collect();
+        write(&mut connection, 3 << 20, 1 << 20, &pieces);
+        // Unaligned extents (a read-modify-write on the O_DIRECT store), cut
+        // inside the header and inside the payload.
+        for (index, (offset, len)) in
+            [(4096 * 8 + 512, 10_000), (5 << 20, 777), ((6 << 20) - 3, 70_000)].into_iter().enumerate()
+        {
+            write(&mut connection, offset, len, &[7 + index, HEADER_LEN + 3 + index]);
+        }
+        let header = connection.header(FrameKind::Flush, FrameFlags::NONE, 1, 1);
+        connection.send(&header, &[]).unwrap();
+        assert_eq!(connection.receive().unwrap().header.kind, FrameKind::FlushAck);
+        assert!(contents(&host) == expected, "{label}: the copy's store differs from the writes sent");
+        assert_rejected(&host, 0);
+    }
+}

@@ -53,7 +53,10 @@ pub(super) fn receive(connection: &mut Connection<'_>, session: &Session) {
         }
     };
     // Two stages: this thread's helper reads and checks frames (socket copy,
-    // CRC) while this thread applies them and acknowledges.
+    // CRC) while this thread applies them and acknowledges. Payloads are
+    // received into the applier's aligned buffers, which an O_DIRECT store
+    // writes as they are.
+    connection.receive_into(applier.pool());
     let (sender, frames) = std::sync::mpsc::sync_channel::<Result<Frame, Ending>>(PIPELINE_FRAMES);
     std::thread::scope(|scope| {
         let ringer = doorbell.clone();

@@ -8,10 +8,12 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{apply, take_place, Host, SessionSlot, HANDSHAKE_TIMEOUT, HELLO_TIMEOUT, POLL_INTERVAL, TAKEOVER_WAIT};
 use crate::admission::Ticket;
+use crate::buffer::{Payload, SharedPool};
 use crate::metadata::{format_uuid, store_metadata};
 use crate::protocol::auth::{random_nonce, CopyHandshake, HandshakeMessage, HandshakeOutcome, RefuseReason, Session};
 use crate::protocol::frame::{encode_frame, Frame, FrameFlags, FrameHeader, HEADER_LEN};
@@ -55,6 +57,8 @@ pub(super) struct Connection<'host> {
     session: u64,
     /// The socket's read timeout as last set (a setsockopt only when it changes).
     read_timeout: Option<Duration>,
+    /// Where data payloads are received (the applier's pool), once set.
+    pool: Option<Arc<SharedPool>>,
 }
 
 impl Connection<'_> {
@@ -74,19 +78,39 @@ impl Connection<'_> {
                 header.kind
             ))));
         }
-        let mut payload = vec![0u8; header.payload_len as usize];
-        self.read_exact(&mut payload, deadline)?;
+        let compressed = header.flags.compressed() && !header.kind.is_handshake();
+        let len = header.payload_len as usize;
+        let payload = match &self.pool {
+            // A data payload goes straight into an aligned buffer that an
+            // O_DIRECT store writes as it is, and that comes back to the
+            // pool when written (no zeroing, no second copy).
+            Some(pool) if len > 0 && !compressed => {
+                let mut buf = pool.take(len);
+                self.read_exact(buf.as_mut_slice(), deadline)?;
+                Payload::Aligned(buf)
+            }
+            _ => {
+                let mut bytes = vec![0u8; len];
+                self.read_exact(&mut bytes, deadline)?;
+                Payload::Vec(bytes)
+            }
+        };
         verify_payload(&header, &header_bytes, &payload).map_err(Ending::Refused)?;
-        if header.flags.compressed() && !header.kind.is_handshake() {
+        if compressed {
             // Decompressed here, on the reading thread, to exactly the
             // extent's length (or refused): the rest sees a plain frame.
-            let payload =
-                crate::protocol::compress::decompress(header.flags, payload, header.length).map_err(Ending::Refused)?;
+            let payload = crate::protocol::compress::decompress(header.flags, payload.into_vec(), header.length)
+                .map_err(Ending::Refused)?;
             let header =
                 FrameHeader { flags: header.flags.without_compression(), payload_len: header.length, ..header };
-            return Ok(Frame { header, payload });
+            return Ok(Frame { header, payload: payload.into() });
         }
         Ok(Frame { header, payload })
+    }
+
+    /// Receive data payloads into buffers of `pool` from now on.
+    pub(super) fn receive_into(&mut self, pool: Arc<SharedPool>) {
+        self.pool = Some(pool);
     }
 
     fn read_exact(&mut self, out: &mut [u8], deadline: Option<Instant>) -> Result<(), Ending> {
@@ -181,6 +205,7 @@ pub(super) fn serve_connection(host: &Host, stream: TcpStream, peer: SocketAddr)
         session: 0,
         read_timeout: None,
         outgoing: Vec::new(),
+        pool: None,
     };
     let Some(ticket) = take_place(host, &connection.stream, peer) else {
         return;

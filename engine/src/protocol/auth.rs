@@ -196,7 +196,7 @@ impl HandshakeMessage {
                 frame.header.session, frame.header.sequence
             )));
         }
-        let payload = frame.payload.as_slice();
+        let payload = &*frame.payload;
         let expected_len = match kind {
             FrameKind::Hello => HELLO_PAYLOAD_LEN,
             FrameKind::Challenge => CHALLENGE_PAYLOAD_LEN,
@@ -603,7 +603,7 @@ mod tests {
         let header_bytes: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().unwrap();
         let header = crate::protocol::frame::decode_header(&header_bytes).unwrap();
         crate::protocol::frame::verify_payload(&header, &header_bytes, &bytes[HEADER_LEN..]).unwrap();
-        HandshakeMessage::from_frame(&Frame { header, payload: bytes[HEADER_LEN..].to_vec() }).unwrap()
+        HandshakeMessage::from_frame(&Frame { header, payload: bytes[HEADER_LEN..].to_vec().into() }).unwrap()
     }
 
     fn established(outcome: &HandshakeOutcome) -> Session {
@@ -760,14 +760,18 @@ mod tests {
     fn malformed_handshake_frames_are_refused() {
         let (header, mut payload) = HandshakeMessage::Response { proof: [7; 32] }.to_frame();
         payload.pop();
-        let short = Frame { header: FrameHeader { payload_len: 31, ..header }, payload };
+        let short = Frame { header: FrameHeader { payload_len: 31, ..header }, payload: payload.into() };
         let with_session =
-            Frame { header: FrameHeader { session: 5, ..FrameHeader::new(FrameKind::Accept) }, payload: vec![] };
-        let short_accept =
-            Frame { header: FrameHeader { payload_len: 0, ..FrameHeader::new(FrameKind::Accept) }, payload: vec![] };
-        let odd_refusal =
-            Frame { header: FrameHeader { payload_len: 1, ..FrameHeader::new(FrameKind::Refuse) }, payload: vec![9] };
-        let heartbeat = Frame { header: FrameHeader::new(FrameKind::Heartbeat), payload: vec![] };
+            Frame { header: FrameHeader { session: 5, ..FrameHeader::new(FrameKind::Accept) }, payload: vec![].into() };
+        let short_accept = Frame {
+            header: FrameHeader { payload_len: 0, ..FrameHeader::new(FrameKind::Accept) },
+            payload: vec![].into(),
+        };
+        let odd_refusal = Frame {
+            header: FrameHeader { payload_len: 1, ..FrameHeader::new(FrameKind::Refuse) },
+            payload: vec![9].into(),
+        };
+        let heartbeat = Frame { header: FrameHeader::new(FrameKind::Heartbeat), payload: vec![].into() };
         for frame in [short, with_session, short_accept, odd_refusal, heartbeat] {
             assert_eq!(HandshakeMessage::from_frame(&frame).unwrap_err().kind(), ReplicationErrorKind::Protocol);
         }

@@ -158,7 +158,7 @@ mod tests {
         let header_bytes: [u8; HEADER_LEN] = bytes[..HEADER_LEN].try_into().unwrap();
         let header = decode_header(&header_bytes)?;
         verify_payload(&header, &header_bytes, &bytes[HEADER_LEN..])?;
-        CopyFailure::from_frame(&Frame { header, payload: bytes[HEADER_LEN..].to_vec() })
+        CopyFailure::from_frame(&Frame { header, payload: bytes[HEADER_LEN..].to_vec().into() })
     }
 
     /// A report survives the wire unchanged.

@@ -100,7 +100,7 @@ impl FrameDecoder {
         }
         let payload = &self.buffer[self.start + HEADER_LEN..frame_end];
         verify_payload(&header, &header_bytes, payload)?;
-        let frame = Frame { header, payload: payload.to_vec() };
+        let frame = Frame { header, payload: payload.to_vec().into() };
         self.pending = None;
         self.start = frame_end;
         if self.start == self.buffer.len() {
@@ -144,7 +144,7 @@ mod tests {
         for byte in stream {
             decoder.push(&[byte]).unwrap();
             while let Some(frame) = decoder.pop().unwrap() {
-                assert_eq!(frame.payload, vec![frame.header.sequence as u8; 100]);
+                assert_eq!(&*frame.payload, &vec![frame.header.sequence as u8; 100][..]);
                 sequences.push(frame.header.sequence);
             }
         }

@@ -33,6 +33,7 @@
 //! epoch are judged by [`crate::protocol::sequence::SequenceCheck`], which
 //! knows the connection's state.
 
+use crate::buffer::Payload;
 use crate::protocol::error::ReplicationError;
 
 /// The first four bytes of every frame: "CMRF".
@@ -304,7 +305,7 @@ pub struct Frame {
     /// The header.
     pub header: FrameHeader,
     /// The payload, `header.payload_len` bytes.
-    pub payload: Vec<u8>,
+    pub payload: Payload,
 }
 
 /// The header bytes of a frame carrying `payload`, with both CRCs computed.

@@ -863,7 +863,7 @@ impl Link {
                     Err(error) => self.rejected(&error),
                 };
             }
-            if let Err(error) = self.on_ack(&frame.header, frame.payload, session, connection) {
+            if let Err(error) = self.on_ack(&frame.header, frame.payload.into_vec(), session, connection) {
                 break self.rejected(&error);
             }
         };
