@@ -249,6 +249,21 @@ impl Volume {
         opcode::Write::new(types::Fd(self.fd()), buf, len).offset(offset).rw_flags(flags).build()
     }
 
+    /// Write `buf` at `offset` now, on this thread (pwritev2; with `fua`,
+    /// RWF_DSYNC): the bytes written, or a negative errno, as a ring's
+    /// completion would say.
+    pub fn write_now(&self, buf: &[u8], offset: u64, fua: bool) -> i32 {
+        let iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        // SAFETY: the iovec points at `buf`, borrowed for the call.
+        let written = unsafe { libc::pwritev2(self.fd(), &iov, 1, offset as libc::off_t, flags) };
+        if written < 0 {
+            -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+        } else {
+            i32::try_from(written).unwrap_or(i32::MAX)
+        }
+    }
+
     /// An fsync of the whole volume.
     pub fn fsync_entry(&self) -> squeue::Entry {
         opcode::Fsync::new(types::Fd(self.fd())).build()

@@ -946,6 +946,16 @@ impl Connection {
         lock: Option<RangeLockId>,
         done: u64,
     ) {
+        if !self.volume.is_direct() {
+            // A buffered write is a copy into the page cache: done here,
+            // now. Through the ring, ext4 hands every buffered write to an
+            // io-wq worker thread (it cannot write without blocking), which
+            // costs two thread switches per write and, on few cores, more
+            // than the copy itself.
+            let result = self.volume.write_now(&buf.as_slice()[done as usize..], span.file_offset + done, fua);
+            self.write_done(cookie, buf, span, fua, lock, done, result);
+            return;
+        }
         let pointer = buf.as_slice()[done as usize..].as_ptr();
         let entry = self.volume.write_entry(pointer, (span.file_len - done) as u32, span.file_offset + done, fua);
         // SAFETY: the entry points into `buf`, heap memory owned by the op
