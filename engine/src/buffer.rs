@@ -6,8 +6,9 @@
 //! to keep allocation (and page faults) off the hot path.
 
 use std::alloc::{self, Layout};
+use std::ops::Range;
 use std::ptr::NonNull;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// A heap buffer aligned for O_DIRECT. Its heap memory never moves while the
 /// value is alive, so a pointer into it stays valid across moves of the
@@ -159,8 +160,19 @@ impl BufferPool {
 
     /// Return a buffer for reuse (dropped if the pool is full).
     pub fn give(&mut self, buf: AlignedBuf) {
+        self.lent_bytes = self.lent_bytes.saturating_sub(buf.capacity());
+        self.put(buf);
+    }
+
+    /// Stop counting `bytes` of buffers as lent: they went to another
+    /// holder (see [`Lent`]), which returns them with [`BufferPool::put`].
+    pub fn release(&mut self, bytes: usize) {
+        self.lent_bytes = self.lent_bytes.saturating_sub(bytes);
+    }
+
+    /// Keep a buffer for reuse without counting it as given back.
+    fn put(&mut self, buf: AlignedBuf) {
         let capacity = buf.capacity();
-        self.lent_bytes = self.lent_bytes.saturating_sub(capacity);
         if !capacity.is_power_of_two() || self.held_bytes + capacity > self.held_bytes_max {
             return;
         }
@@ -189,7 +201,62 @@ impl SharedPool {
 
     /// [`BufferPool::give`].
     pub fn give(&self, buf: AlignedBuf) {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).give(buf)
+        self.lock().give(buf)
+    }
+
+    /// [`BufferPool::lent_bytes`].
+    pub fn lent_bytes(&self) -> usize {
+        self.lock().lent_bytes()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BufferPool> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Bytes that several threads read: a write's data on its way to every
+/// copy (a `Vec`, or a [`Lent`] buffer).
+pub trait ShareBytes: AsRef<[u8]> + Send + Sync + std::fmt::Debug {}
+impl<T: AsRef<[u8]> + Send + Sync + std::fmt::Debug> ShareBytes for T {}
+/// [`ShareBytes`] behind one reference count.
+pub type SharedBytes = Arc<dyn ShareBytes>;
+
+/// Part of a pooled buffer lent out for good by its taker (the NBD
+/// connection hands a written buffer to the copies' senders instead of
+/// copying it): no longer counted as the taker's, and back in its pool
+/// when the last holder drops it, on whichever thread that is.
+pub struct Lent {
+    buf: Option<AlignedBuf>,
+    range: Range<usize>,
+    pool: Arc<SharedPool>,
+}
+
+impl Lent {
+    /// Lend `range` of `buf`, taken from `pool`.
+    pub fn new(buf: AlignedBuf, range: Range<usize>, pool: Arc<SharedPool>) -> Lent {
+        assert!(range.end <= buf.len(), "the lent range lies in the buffer");
+        pool.lock().release(buf.capacity());
+        Lent { buf: Some(buf), range, pool }
+    }
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[][..], |buf| &buf.as_slice()[self.range.clone()])
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.pool.lock().put(buf);
+        }
+    }
+}
+
+impl std::fmt::Debug for Lent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lent({} bytes)", self.range.len())
     }
 }
 
@@ -273,6 +340,32 @@ mod tests {
         assert_eq!(buf.as_ptr() as usize % AlignedBuf::ALIGNMENT, 0);
         assert_eq!(buf.capacity(), 12_288);
         assert!(buf.as_slice().iter().all(|&b| b == 0));
+    }
+
+    /// A lent buffer no longer counts as its taker's, reads as the lent
+    /// range, and is back in the pool (without counting as given back
+    /// twice) when its last holder drops it on another thread.
+    #[test]
+    fn a_lent_buffer_returns_to_its_pool_when_the_last_holder_drops_it() {
+        let pool = Arc::new(SharedPool::new(1 << 20));
+        let mut buf = pool.take(8192);
+        let address = buf.as_ptr();
+        buf.as_mut_slice()[100..200].fill(7);
+        assert_eq!(pool.lent_bytes(), 8192);
+        let shared: SharedBytes = Arc::new(Lent::new(buf, 100..200, pool.clone()));
+        assert_eq!(pool.lent_bytes(), 0, "lent for good: the taker's limit no longer counts it");
+        assert_eq!((*shared).as_ref(), &[7u8; 100][..]);
+        let holder = shared.clone();
+        drop(shared);
+        let other = pool.take(8192);
+        assert_ne!(other.as_ptr(), address, "still held: not in the pool");
+        std::thread::spawn(move || drop(holder)).join().unwrap();
+        let again = pool.take(8192);
+        assert_eq!(again.as_ptr(), address, "the last holder's drop put it back");
+        assert_eq!(pool.lent_bytes(), 2 * 8192);
+        pool.give(other);
+        pool.give(again);
+        assert_eq!(pool.lent_bytes(), 0);
     }
 
     #[test]

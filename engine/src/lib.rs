@@ -50,7 +50,7 @@ pub mod uring;
 pub mod verify;
 pub mod volume;
 
-pub use buffer::{AlignedBuf, BufferPool, Payload, SharedPool};
+pub use buffer::{AlignedBuf, BufferPool, Lent, Payload, SharedBytes, SharedPool};
 pub use error::{EngineError, EngineErrorKind};
 pub use uring::Ring;
 pub use volume::{BackingKind, Volume, VolumeOptions};

@@ -24,6 +24,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use crate::bitmap::PendingMarks;
+use crate::buffer::{Lent, SharedBytes};
 use crate::gate::{Gate, GateRefused};
 use crate::replicator::{Change, Completions, Replicator, Shipped, WriteRefused};
 
@@ -225,6 +226,25 @@ impl<T> ChangeSeam<T> {
     /// answer, `(owner, 0 or -errno)`, is returned now, or later from
     /// [`ChangeSeam::take_answers`] once every sync copy acknowledged.
     pub fn completed(&mut self, change: &ChangeExtent, data: Option<&[u8]>, owner: T) -> Option<(T, i32)> {
+        self.ship(change, data, None, owner)
+    }
+
+    /// [`ChangeSeam::completed`] for a write whose bytes the caller lends
+    /// to the copies (no copy is made; the buffer goes back to its pool
+    /// when the last copy has sent it).
+    pub fn completed_lent(&mut self, change: &ChangeExtent, data: Lent, owner: T) -> Option<(T, i32)> {
+        let shared: SharedBytes = Arc::new(data);
+        let bytes = (*shared).as_ref();
+        self.ship(change, Some(bytes), Some(shared.clone()), owner)
+    }
+
+    fn ship(
+        &mut self,
+        change: &ChangeExtent,
+        data: Option<&[u8]>,
+        shared: Option<SharedBytes>,
+        owner: T,
+    ) -> Option<(T, i32)> {
         let (Some(mirror), Some(completions)) = (&self.mirror, &self.completions) else {
             return Some((owner, 0));
         };
@@ -237,7 +257,7 @@ impl<T> ChangeSeam<T> {
         };
         let ticket = self.next_ticket;
         self.next_ticket += 1;
-        match mirror.ship(change, completions, ticket) {
+        match mirror.ship_shared(change, shared, completions, ticket) {
             Shipped::Done(result) => Some((owner, result)),
             Shipped::Pending => {
                 self.waiting.insert(ticket, owner);

@@ -30,7 +30,7 @@ use engine::gate::GateRefused;
 use engine::range_lock::RangeLockId;
 use engine::seam::{ChangeExtent, ChangeKind, ChangeSeam, Changes, Refused};
 use engine::volume::ZeroMethod;
-use engine::{AlignedBuf, BufferPool, Ring, Volume};
+use engine::{AlignedBuf, Lent, Ring, SharedPool, Volume};
 use io_uring::{opcode, types};
 
 use crate::handshake::Negotiated;
@@ -117,7 +117,7 @@ pub fn serve(
         parked: VecDeque::new(),
         begun: Vec::new(),
         outstanding: 0,
-        pool: BufferPool::new(POOL_HELD_BYTES_MAX),
+        pool: Arc::new(SharedPool::new(POOL_HELD_BYTES_MAX)),
         state: State::Open,
         stats: ConnectionStats::default(),
         recycled: Vec::new(),
@@ -368,7 +368,7 @@ struct Connection {
     /// issued together after one commit (see [`Connection::issue_begun`]).
     begun: Vec<(LockedWork, Option<RangeLockId>)>,
     outstanding: usize,
-    pool: BufferPool,
+    pool: Arc<SharedPool>,
     state: State,
     stats: ConnectionStats,
     recycled: Vec<(Op, i32)>,
@@ -990,8 +990,16 @@ impl Connection {
             self.push_write(cookie, buf, span, fua, lock, done);
             return;
         }
-        let data = &buf.as_slice()[span.head as usize..(span.head + span.len) as usize];
-        self.ship(cookie, change, lock, Some(data));
+        let range = span.head as usize..(span.head + span.len) as usize;
+        if self.seam.is_mirrored() {
+            // The buffer itself goes to the copies' senders (no copy of the
+            // data); it comes back to the pool once the last one sent it.
+            let command = command_of(&change);
+            let answer = self.seam.completed_lent(&change, Lent::new(buf, range, self.pool.clone()), (cookie, command));
+            self.answer_shipped(lock, answer);
+            return;
+        }
+        self.ship(cookie, change, lock, Some(&buf.as_slice()[range]));
         self.pool.give(buf);
     }
 
@@ -1083,6 +1091,10 @@ impl Connection {
     fn ship(&mut self, cookie: u64, change: ChangeExtent, lock: Option<RangeLockId>, data: Option<&[u8]>) {
         let command = command_of(&change);
         let answer = self.seam.completed(&change, data, (cookie, command));
+        self.answer_shipped(lock, answer);
+    }
+
+    fn answer_shipped(&mut self, lock: Option<RangeLockId>, answer: Option<((u64, u16), i32)>) {
         self.unlock(lock);
         if let Some(((cookie, command), result)) = answer {
             self.reply_status(cookie, command, result);

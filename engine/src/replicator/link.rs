@@ -37,6 +37,7 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::buffer::SharedBytes;
 use crate::protocol::compress::CompressionCounters;
 use crate::protocol::copy_failure::CopyFailure;
 use crate::protocol::frame::{FrameFlags, FrameHeader, FrameKind};
@@ -465,7 +466,7 @@ impl Link {
     /// until the copy acknowledges or is recorded stale.
     /// `payload` is the write's data shared by every link; the first link
     /// that queues it makes the one copy (none is made when no copy takes it).
-    pub(crate) fn ship(&self, change: &Change<'_>, payload: &mut Option<Arc<Vec<u8>>>, ticket: &Arc<Ticket>) {
+    pub(crate) fn ship(&self, change: &Change<'_>, payload: &mut Option<SharedBytes>, ticket: &Arc<Ticket>) {
         let mut locked = self.lock();
         // A sync copy that is far behind makes the writer wait (bounded memory).
         while locked.core.holds_back_writers() && !self.shared.shutdown.load(Ordering::Relaxed) {
@@ -803,7 +804,7 @@ impl Link {
             .iter()
             .map(|frame| match (&frame.payload, frame.kind) {
                 (Some(payload), FrameKind::Write | FrameKind::ResyncData) => {
-                    self.counters.compression.compress(compression, payload)
+                    self.counters.compression.compress(compression, (**payload).as_ref())
                 }
                 _ => None,
             })
@@ -817,7 +818,7 @@ impl Link {
                 assert_eq!(header.sequence, frame.sequence, "the core numbers frames as the connection does");
                 let payload = match compressed {
                     Some((_, bytes)) => bytes.as_slice(),
-                    None => frame.payload.as_ref().map_or(&[][..], |payload| payload.as_slice()),
+                    None => frame.payload.as_ref().map_or(&[][..], |payload| (**payload).as_ref()),
                 };
                 header.offset = frame.offset;
                 header.length = frame.length;

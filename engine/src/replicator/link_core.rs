@@ -62,6 +62,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::buffer::SharedBytes;
 use crate::protocol::auth::{StoreToken, STORE_TOKEN_UNKNOWN};
 use crate::protocol::frame::{FrameFlags, FrameKind};
 use crate::protocol::ReplicationError;
@@ -176,15 +177,27 @@ pub(crate) struct CoreConfig {
 
 /// A frame for the shell to send, numbered by the core (the shell asserts
 /// that its connection numbers it the same).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Outgoing {
     pub(crate) kind: FrameKind,
     pub(crate) flags: FrameFlags,
     pub(crate) sequence: u64,
     pub(crate) offset: u64,
     pub(crate) length: u32,
-    pub(crate) payload: Option<Arc<Vec<u8>>>,
+    pub(crate) payload: Option<SharedBytes>,
 }
+
+/// Equal when the headers and the payloads' bytes are.
+impl PartialEq for Outgoing {
+    fn eq(&self, other: &Outgoing) -> bool {
+        let bytes = |outgoing: &Outgoing| outgoing.payload.as_ref().map(|payload| (**payload).as_ref().to_vec());
+        (self.kind, self.flags, self.sequence, self.offset, self.length)
+            == (other.kind, other.flags, other.sequence, other.offset, other.length)
+            && bytes(self) == bytes(other)
+    }
+}
+
+impl Eq for Outgoing {}
 
 /// How the shell reads a resync range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -259,7 +272,7 @@ struct Frame<H, V> {
     flags: FrameFlags,
     offset: u64,
     length: u32,
-    payload: Option<Arc<Vec<u8>>>,
+    payload: Option<SharedBytes>,
     hold: Option<H>,
     /// Bytes counted in `lag_bytes` (writes) or `resync_bytes_outstanding`
     /// (resync frames) until it is acknowledged.
@@ -736,7 +749,7 @@ impl<H, V> LinkCore<H, V> {
     pub(crate) fn ship(
         &mut self,
         change: &Change<'_>,
-        payload: &mut Option<Arc<Vec<u8>>>,
+        payload: &mut Option<SharedBytes>,
         hold: Option<H>,
         released: u64,
         now_ms: u64,
@@ -914,7 +927,7 @@ impl<H, V> LinkCore<H, V> {
 }
 
 /// The frame that carries `change`, its payload shared through `payload`.
-fn frame_of<H, V>(change: &Change<'_>, payload: &mut Option<Arc<Vec<u8>>>) -> Frame<H, V> {
+fn frame_of<H, V>(change: &Change<'_>, payload: &mut Option<SharedBytes>) -> Frame<H, V> {
     let (kind, flags, offset, length) = match *change {
         Change::Write { offset, data, fua } => (FrameKind::Write, fua_flag(fua), offset, data.len() as u64),
         Change::Trim { offset, length, fua } => (FrameKind::Trim, fua_flag(fua), offset, length),
@@ -922,7 +935,9 @@ fn frame_of<H, V>(change: &Change<'_>, payload: &mut Option<Arc<Vec<u8>>>) -> Fr
         Change::Flush => (FrameKind::Flush, FrameFlags::NONE, 0, 0),
     };
     let payload = match change {
-        Change::Write { data, .. } => Some(payload.get_or_insert_with(|| Arc::new(data.to_vec())).clone()),
+        Change::Write { data, .. } => {
+            Some(payload.get_or_insert_with(|| Arc::new(data.to_vec()) as SharedBytes).clone())
+        }
         _ => None,
     };
     Frame { flags, payload, ..Frame::new(kind, offset, length) }

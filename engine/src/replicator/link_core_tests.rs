@@ -841,7 +841,7 @@ struct SimulatedLink {
 impl SimulatedLink {
     fn send(&mut self, now_ms: u64, frames: Vec<Outgoing>) {
         for frame in frames {
-            let bytes = frame.payload.as_ref().map_or(64, |payload| payload.len() as u64 + 64);
+            let bytes = frame.payload.as_ref().map_or(64, |payload| (**payload).as_ref().len() as u64 + 64);
             let crossing_us = bytes * 1_000_000 / self.rate;
             self.free_at_us = self.free_at_us.max(now_ms * 1000) + crossing_us;
             self.busy_us += crossing_us;

@@ -64,6 +64,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::bitmap::{BitmapError, PendingMarks, WriteIntentBitmap};
+use crate::buffer::SharedBytes;
 use crate::eventfd::EventFd;
 use crate::metadata::StoreState;
 use crate::protocol::auth::{StoreToken, VolumeIdentity, STORE_TOKEN_UNKNOWN};
@@ -838,6 +839,19 @@ impl Replicator {
     /// lock). Returns whether it may be acknowledged now or must wait for
     /// `id` on `completions`.
     pub fn ship(&self, change: Change<'_>, completions: &Arc<Completions>, id: u64) -> Shipped {
+        self.ship_shared(change, None, completions, id)
+    }
+
+    /// [`Replicator::ship`] of a write whose bytes `data` already holds (the
+    /// caller's own buffer, lent to the copies: no copy is made). `data`
+    /// holds exactly the bytes of `change`.
+    pub fn ship_shared(
+        &self,
+        change: Change<'_>,
+        data: Option<SharedBytes>,
+        completions: &Arc<Completions>,
+        id: u64,
+    ) -> Shipped {
         let ticket = Arc::new(Ticket {
             remaining: AtomicUsize::new(1),
             result: AtomicI32::new(0),
@@ -846,8 +860,13 @@ impl Replicator {
             released: self.shared.released.clone(),
         });
         // A write's data is copied once, by the first link that queues it,
-        // and not at all while no copy takes it (all disconnected or behind).
-        let mut payload = None;
+        // and not at all while no copy takes it (all disconnected or behind),
+        // or when the caller lent its buffer.
+        debug_assert!(match (&change, &data) {
+            (Change::Write { data: bytes, .. }, Some(shared)) => std::ptr::eq((**shared).as_ref(), *bytes),
+            _ => data.is_none(),
+        });
+        let mut payload = data;
         for link in &self.links {
             link.ship(&change, &mut payload, &ticket);
         }
