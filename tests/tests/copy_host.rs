@@ -156,6 +156,48 @@ fn corrupt_frame_is_refused_and_not_applied() {
     assert!(stored[65536..65536 + 4096].iter().all(|byte| *byte == 0), "the corrupt write was applied");
 }
 
+/// Frames that arrive together, received into pooled buffers and applied
+/// while the reader goes on: a corrupt frame in the middle of them ends the
+/// connection there. The writes before it are applied and acknowledged, in
+/// order; nothing of it or of the writes after it lands.
+#[test]
+fn a_corrupt_frame_among_frames_sent_together_stops_the_stream_there() {
+    let host = copy_host("copy-host-corrupt-batch");
+    let mut connection = connect(&host, identity());
+    let mut bytes = Vec::new();
+    let mut sequences = Vec::new();
+    for index in 0..8u64 {
+        let data = vec![index as u8 + 1; 4096];
+        let mut header = connection.header(FrameKind::Write, FrameFlags::NONE, 1, 1);
+        header.offset = index * 4096;
+        header.length = data.len() as u32;
+        header.payload_len = data.len() as u32;
+        let mut frame = encode_frame(&header, &data);
+        if index == 5 {
+            let last = frame.len() - 1;
+            frame[last] ^= 0x01;
+        }
+        bytes.extend_from_slice(&frame);
+        sequences.push(header.sequence);
+    }
+    connection.send_raw(&bytes).unwrap();
+    for sequence in &sequences[..5] {
+        let ack = connection.receive().unwrap();
+        assert_eq!((ack.header.kind, ack.header.sequence), (FrameKind::WriteAck, *sequence));
+    }
+    assert!(connection.receive().is_err(), "the copy must close the connection after the corrupt frame");
+    wait_for_log(&host, "corrupt frame");
+    assert_rejected(&host, 1);
+    let stored = contents(&host);
+    for index in 0..8usize {
+        let expected = if index < 5 { index as u8 + 1 } else { 0 };
+        assert!(
+            stored[index * 4096..(index + 1) * 4096].iter().all(|byte| *byte == expected),
+            "block {index}: the writes before the corrupt frame land, it and those after it do not"
+        );
+    }
+}
+
 /// Compressed frames from an authenticated production host: a good one
 /// lands decompressed; one whose payload expands past its frame's length
 /// (a decompression bomb: 1 MiB of zeroes announced as 4 KiB) is refused,
