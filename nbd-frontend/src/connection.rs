@@ -946,13 +946,14 @@ impl Connection {
         lock: Option<RangeLockId>,
         done: u64,
     ) {
-        if !self.volume.is_direct() {
+        if !self.volume.is_direct() && !fua {
             // A buffered write is a copy into the page cache: done here,
             // now. Through the ring, ext4 hands every buffered write to an
             // io-wq worker thread (it cannot write without blocking), which
             // costs two thread switches per write and, on few cores, more
-            // than the copy itself.
-            let result = self.volume.write_now(&buf.as_slice()[done as usize..], span.file_offset + done, fua);
+            // than the copy itself. A FUA write waits for the disk: it stays
+            // in the ring, where several run at once.
+            let result = self.volume.write_now(&buf.as_slice()[done as usize..], span.file_offset + done, false);
             self.write_done(cookie, buf, span, fua, lock, done, result);
             return;
         }

@@ -217,3 +217,81 @@ fn block_device_metadata_defaults_to_var_lib() {
     }
     assert!(!Path::new(&format!("{}.cmmeta", device.path)).exists());
 }
+
+/// The production store's own filesystem fills up (a sparse volume on a
+/// small tmpfs) while the host serves with a copy. A buffered write
+/// without FUA is written on the connection's thread (one with FUA goes
+/// through the ring): either way, the one that finds no space is answered
+/// ENOSPC (not acknowledged, no crash), the writes before it read back
+/// intact, the host keeps serving, and the failed write's extent, of which
+/// the store may hold part, is resynced: the copy, once up to date again,
+/// holds exactly what the store holds.
+#[test]
+fn a_full_store_filesystem_fails_the_write_with_enospc_and_keeps_serving() {
+    if !ready() {
+        return;
+    }
+    // qemu-io writes with FUA unless its cache mode is writeback.
+    for cache in ["writeback", "writethrough"] {
+        let scratch = Scratch::new(&format!("local-store-full-volume-{cache}"));
+        let small = Tmpfs::mount(&format!("local-store-volume-{cache}"), "8m");
+        let secret = write_secret(&scratch, "secret", 5);
+        let volume = small.path.join("volume.img");
+        let copy_store = scratch.join("copy.img");
+        let metadata = scratch.join("metadata");
+        std::fs::create_dir_all(&metadata).unwrap();
+        let copy = CopyHost::start(&scratch, "127.0.0.2", &copy_store, "64M", &secret, &[]);
+        let mirror = format!("east={}", copy.address);
+        let args = [
+            "--volume",
+            volume.to_str().unwrap(),
+            "--size",
+            "64M",
+            "--secret-file",
+            secret.to_str().unwrap(),
+            "--mirror",
+            &mirror,
+            "--metadata-dir",
+            metadata.to_str().unwrap(),
+        ];
+        let (production, admin) = serve(&scratch, &args).unwrap_or_else(|log| panic!("{log}"));
+        let caught_up = wait_until(Duration::from_secs(30), || status(admin)["copies"][0]["state"] == "up_to_date");
+        assert!(caught_up, "{cache}: the copy never caught up: {:#}", status(admin));
+        let uri = production.uri();
+        let io = |command: &str| {
+            let output = run_output("qemu-io", &["-f", "raw", "-t", cache, "-c", command, &uri]);
+            let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+            (output.status.success(), text)
+        };
+        let mut failed_at = None;
+        for index in 0..16u64 {
+            let offset = index * (1 << 20);
+            let (ok, text) = io(&format!("write -P 0x{:02x} {offset} 1M", index + 1));
+            if text.contains("No space left on device") {
+                failed_at = Some(index);
+                break;
+            }
+            assert!(ok && !text.contains("error"), "{cache}: write at {offset}: {text}\n{}", production.log());
+        }
+        let failed_at =
+            failed_at.unwrap_or_else(|| panic!("{cache}: no write found the filesystem full\n{}", production.log()));
+        assert!(failed_at > 0, "{cache}: the first write already failed\n{}", production.log());
+        for index in 0..failed_at {
+            let (ok, text) = io(&format!("read -P 0x{:02x} {} 1M", index + 1, index * (1 << 20)));
+            assert!(
+                ok && !text.contains("error") && !text.contains("fail"),
+                "{cache}: read back block {index}: {text}"
+            );
+        }
+        let (ok, text) = io("flush");
+        assert!(ok, "{cache}: flush: {text}");
+        let resynced = wait_until(Duration::from_secs(30), || {
+            let document = status(admin);
+            document["copies"][0]["state"] == "up_to_date"
+                && document["copies"][0]["resync_bytes_done"].as_u64().unwrap_or(0) >= 1 << 20
+        });
+        assert!(resynced, "{cache}: the failed write's extent was not resynced: {:#}", status(admin));
+        let read = |path: &Path| std::fs::read(path).unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
+        assert!(read(&volume) == read(&copy_store), "{cache}: the copy reads as up to date but differs from the store");
+    }
+}
