@@ -170,12 +170,18 @@ struct Entry {
     transaction: u64,
     /// When it was last asked for (larger is more recent).
     used: u64,
+    /// Its place in `State::listed`.
+    slot: usize,
 }
 
 #[derive(Debug)]
 struct State {
     /// Every extent logged or being logged.
     extents: HashMap<u64, Entry>,
+    /// The same extents as a list, the order the next transaction writes
+    /// them in (kept beside the map so a transaction copies it, rather
+    /// than walking the map).
+    listed: Vec<u64>,
     /// The transaction now collecting new extents.
     next: u64,
     /// Every transaction up to this one is durable.
@@ -246,6 +252,7 @@ impl ActivityLog {
             block,
             state: Mutex::new(State {
                 extents: HashMap::new(),
+                listed: Vec::new(),
                 next: 1,
                 durable: 0,
                 committing: false,
@@ -323,7 +330,11 @@ impl ActivityLog {
         for extent in extents {
             state.clock += 1;
             let (clock, next) = (state.clock, state.next);
-            let entry = state.extents.entry(extent).or_insert(Entry { transaction: next, used: clock });
+            let State { extents, listed, .. } = &mut *state;
+            let entry = extents.entry(extent).or_insert_with(|| {
+                listed.push(extent);
+                Entry { transaction: next, used: clock, slot: listed.len() - 1 }
+            });
             entry.used = clock;
             wanted = wanted.max(entry.transaction);
         }
@@ -342,7 +353,7 @@ impl ActivityLog {
             let transaction = state.next;
             state.next += 1;
             let dropped = self.make_room(&mut state, transaction);
-            let listed: Vec<u64> = state.extents.keys().copied().collect();
+            let listed = state.listed.clone();
             let sequence = state.sequence + 1;
             drop(state);
             let written = (|| {
@@ -397,7 +408,12 @@ impl ActivityLog {
             if index >= excess || (new && state.extents.len() <= self.capacity) {
                 break;
             }
-            state.extents.remove(&extent);
+            if let Some(entry) = state.extents.remove(&extent) {
+                state.listed.swap_remove(entry.slot);
+                if let Some(&moved) = state.listed.get(entry.slot) {
+                    state.extents.get_mut(&moved).expect("a listed extent is in the map").slot = entry.slot;
+                }
+            }
         }
         true
     }
@@ -419,6 +435,7 @@ impl ActivityLog {
         })?;
         state.sequence = sequence;
         state.extents.clear();
+        state.listed.clear();
         Ok(())
     }
 
@@ -459,6 +476,33 @@ mod tests {
                 extents
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// The list a transaction writes stays the map's extents through
+    /// thousands of commits and evictions: each slot names its extent, and
+    /// the newest block on disk lists exactly the extents held.
+    #[test]
+    fn the_written_list_is_exactly_the_extents_held() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = ActivityLog::create(&path, 4 << 20, 16, 0).unwrap();
+        let mut seed = 7u64;
+        for _ in 0..2_000 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            let extents: Vec<u64> = (0..1 + seed % 5).map(|index| (seed >> 20).wrapping_add(index * 7) % 64).collect();
+            log.commit(extents, ok).unwrap();
+            let state = log.lock();
+            for (extent, entry) in &state.extents {
+                assert_eq!(state.listed[entry.slot], *extent, "a slot names its extent");
+            }
+            let mut listed = state.listed.clone();
+            listed.sort_unstable();
+            let mut held: Vec<u64> = state.extents.keys().copied().collect();
+            held.sort_unstable();
+            assert_eq!(listed, held);
+            drop(state);
+            assert_eq!(logged(&path), held, "the newest block lists the extents held");
         }
     }
 
