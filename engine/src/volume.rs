@@ -251,16 +251,21 @@ impl Volume {
 
     /// Write `buf` at `offset` now, on this thread (pwritev2; with `fua`,
     /// RWF_DSYNC): the bytes written, or a negative errno, as a ring's
-    /// completion would say.
+    /// completion would say (a signal's EINTR is retried, as the ring
+    /// never reports it).
     pub fn write_now(&self, buf: &[u8], offset: u64, fua: bool) -> i32 {
         let iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
-        // SAFETY: the iovec points at `buf`, borrowed for the call.
-        let written = unsafe { libc::pwritev2(self.fd(), &iov, 1, offset as libc::off_t, flags) };
-        if written < 0 {
-            -io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
-        } else {
-            i32::try_from(written).unwrap_or(i32::MAX)
+        loop {
+            // SAFETY: the iovec points at `buf`, borrowed for the call.
+            let written = unsafe { libc::pwritev2(self.fd(), &iov, 1, offset as libc::off_t, flags) };
+            if written >= 0 {
+                return i32::try_from(written).unwrap_or(i32::MAX);
+            }
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                errno => return -errno.unwrap_or(libc::EIO),
+            }
         }
     }
 
