@@ -295,7 +295,12 @@ fn a_production_host_cut_from_its_quorum_but_not_its_copies_is_fenced_before_its
     let refusal = format!("carries epoch {before}, but epoch {} was already promised", before + 1);
     let from_a = group.log("c").lines().any(|line| line.contains(&refusal) && line.contains(&group.ips["a"]));
     assert!(from_a, "c did not log refusing a's epoch {before} ({refusal:?}):\n{}", group.log("c"));
-    assert!(group.log("a").contains(&format!("refused epoch {before}")), "a did not learn it was deposed");
+    // c counts the refusal before its Error frame reaches a: a's log line
+    // may come a moment later.
+    let told = system_tests::wait_until(Duration::from_secs(10), || {
+        group.log("a").contains(&format!("refused epoch {before}"))
+    });
+    assert!(told, "a did not learn it was deposed:\n{}", group.logs_tail(30));
     // Told so by c, a fences itself at once, still cut off from the quorum
     // (it has not read the record that deposed it).
     let fenced = system_tests::wait_until(Duration::from_secs(10), || group.log("a").contains("self-fence: deposed:"));
