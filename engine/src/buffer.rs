@@ -196,7 +196,7 @@ impl SharedPool {
 
     /// [`BufferPool::take`].
     pub fn take(&self, len: usize) -> AlignedBuf {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).take(len)
+        self.lock().take(len)
     }
 
     /// [`BufferPool::give`].
@@ -271,11 +271,6 @@ pub enum Payload {
 }
 
 impl Payload {
-    /// An empty payload.
-    pub fn empty() -> Payload {
-        Payload::Vec(Vec::new())
-    }
-
     /// The bytes as a `Vec` (copied when aligned).
     pub fn into_vec(self) -> Vec<u8> {
         match self {

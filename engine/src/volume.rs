@@ -249,16 +249,13 @@ impl Volume {
         opcode::Write::new(types::Fd(self.fd()), buf, len).offset(offset).rw_flags(flags).build()
     }
 
-    /// Write `buf` at `offset` now, on this thread (pwritev2; with `fua`,
-    /// RWF_DSYNC): the bytes written, or a negative errno, as a ring's
-    /// completion would say (a signal's EINTR is retried, as the ring
-    /// never reports it).
-    pub fn write_now(&self, buf: &[u8], offset: u64, fua: bool) -> i32 {
-        let iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
-        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+    /// Write `buf` at `offset` now, on this thread (pwrite): the bytes
+    /// written, or a negative errno, as a ring's completion would say (a
+    /// signal's EINTR is retried, as the ring never reports it).
+    pub fn write_now(&self, buf: &[u8], offset: u64) -> i32 {
         loop {
-            // SAFETY: the iovec points at `buf`, borrowed for the call.
-            let written = unsafe { libc::pwritev2(self.fd(), &iov, 1, offset as libc::off_t, flags) };
+            // SAFETY: `buf` is borrowed for the call and valid for its length.
+            let written = unsafe { libc::pwrite(self.fd(), buf.as_ptr().cast(), buf.len(), offset as libc::off_t) };
             if written >= 0 {
                 return i32::try_from(written).unwrap_or(i32::MAX);
             }

@@ -953,7 +953,7 @@ impl Connection {
             // costs two thread switches per write and, on few cores, more
             // than the copy itself. A FUA write waits for the disk: it stays
             // in the ring, where several run at once.
-            let result = self.volume.write_now(&buf.as_slice()[done as usize..], span.file_offset + done, false);
+            let result = self.volume.write_now(&buf.as_slice()[done as usize..], span.file_offset + done);
             self.write_done(cookie, buf, span, fua, lock, done, result);
             return;
         }

@@ -190,7 +190,9 @@ pub(crate) struct Outgoing {
 /// Equal when the headers and the payloads' bytes are.
 impl PartialEq for Outgoing {
     fn eq(&self, other: &Outgoing) -> bool {
-        let bytes = |outgoing: &Outgoing| outgoing.payload.as_ref().map(|payload| (**payload).as_ref().to_vec());
+        fn bytes(outgoing: &Outgoing) -> Option<&[u8]> {
+            outgoing.payload.as_ref().map(|payload| (**payload).as_ref())
+        }
         (self.kind, self.flags, self.sequence, self.offset, self.length)
             == (other.kind, other.flags, other.sequence, other.offset, other.length)
             && bytes(self) == bytes(other)
