@@ -176,8 +176,11 @@ impl Feeder {
             match self.connection.stream().read(&mut buffer) {
                 Ok(0) => panic!("the copy host closed the connection"),
                 Ok(received) => self.decoder.push(&buffer[..received]).unwrap(),
-                Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                }
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                    ) => {}
                 Err(error) => panic!("reading the acknowledgement: {error}"),
             }
         }
