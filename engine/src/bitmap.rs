@@ -373,6 +373,8 @@ pub struct WriteIntentBitmap {
     /// The activity log, when one is attached: writes' marks are then made
     /// durable through it, and the bits themselves lazily.
     activity_log: Option<ActivityLog>,
+    /// [`WriteIntentBitmap::run_log_writer`] runs: submitted commits do not wait.
+    log_writer: AtomicBool,
 }
 
 /// The marks of a batch of writes not yet made durable: collected by
@@ -620,6 +622,71 @@ impl WriteIntentBitmap {
         Ok(())
     }
 
+    /// [`WriteIntentBitmap::commit`] without waiting for the activity log:
+    /// `Some(transaction)` to wait for with [`WriteIntentBitmap::commit_poll`],
+    /// or `None` when the marks are durable already. Without a log writer
+    /// thread ([`WriteIntentBitmap::run_log_writer`]) or without a log, it
+    /// commits (and waits) as `commit` does.
+    pub fn commit_submit(&self, pending: &mut PendingMarks) -> Result<Option<u64>, BitmapError> {
+        match &self.activity_log {
+            Some(log) if !pending.flush && self.log_writer.load(Ordering::Acquire) => {
+                match log.enqueue(pending.extents.iter().copied()) {
+                    Some(transaction) => {
+                        pending.extents.clear();
+                        Ok((transaction > 0).then_some(transaction))
+                    }
+                    // The writer is stopping: commit here.
+                    None => self.commit(pending).map(|()| None),
+                }
+            }
+            _ => self.commit(pending).map(|()| None),
+        }
+    }
+
+    /// Whether the activity-log transaction `transaction` (from
+    /// [`WriteIntentBitmap::commit_submit`]) is durable: `None` while not.
+    pub fn commit_poll(&self, transaction: u64) -> Option<Result<(), BitmapError>> {
+        let log = self.activity_log.as_ref()?;
+        log.poll(transaction).map(|result| result.map_err(|why| self.log_error(log, why)))
+    }
+
+    /// Call `waker` once `transaction` is durable or the log failed.
+    pub fn wake_when_committed(&self, transaction: u64, waker: activity_log::Waker) {
+        match &self.activity_log {
+            Some(log) => log.wake_when_durable(transaction, waker),
+            None => waker(),
+        }
+    }
+
+    /// Whether the bitmap has an activity log, and then get its writer
+    /// ready: call [`WriteIntentBitmap::run_log_writer`] on a thread of its
+    /// own next. [`WriteIntentBitmap::commit_submit`] stops waiting for
+    /// transactions from now on.
+    pub fn start_log_writer(&self) -> bool {
+        let Some(log) = &self.activity_log else { return false };
+        log.start_writer();
+        self.log_writer.store(true, Ordering::Release);
+        true
+    }
+
+    /// The activity log's writer thread: writes the transactions
+    /// [`WriteIntentBitmap::commit_submit`] asks for, until
+    /// [`WriteIntentBitmap::stop_log_writer`].
+    pub fn run_log_writer(&self) {
+        if let Some(log) = &self.activity_log {
+            log.run_writer(|| self.flush());
+        }
+    }
+
+    /// End the writer thread: submitted transactions are written first,
+    /// and commits from then on wait as [`WriteIntentBitmap::commit`] does.
+    pub fn stop_log_writer(&self) {
+        self.log_writer.store(false, Ordering::Release);
+        if let Some(log) = &self.activity_log {
+            log.stop_writer();
+        }
+    }
+
     fn log_error(&self, log: &ActivityLog, message: String) -> BitmapError {
         BitmapError::ActivityLog { path: log.path().to_path_buf(), message }
     }
@@ -671,6 +738,28 @@ impl WriteIntentBitmap {
             });
         }
         true
+    }
+
+    /// Whether a write of `len` bytes at `offset` may be issued: its marks
+    /// are durable, as bits the last flush carried or as extents of the
+    /// durable activity log. Changes nothing; for checks.
+    ///
+    /// # Panics
+    /// When the extent runs past the end of the volume.
+    pub fn marks_durable(&self, offset: u64, len: u64) -> bool {
+        let Some((first, last)) = self.regions_touched(offset, len) else {
+            return true;
+        };
+        if self.all_set(first, last) {
+            let newest = (first / BITS_PER_WORD..=last / BITS_PER_WORD)
+                .map(|word_index| self.word_changes[word_index as usize].load(Ordering::Acquire))
+                .max()
+                .unwrap_or(0);
+            if newest <= self.changes_durable.load(Ordering::Acquire) {
+                return true;
+            }
+        }
+        self.activity_log.as_ref().is_some_and(|log| log.covers(log.extents(offset, len)))
     }
 
     /// Writes mark only `slots` from now on: the slots of the copies
@@ -1100,6 +1189,7 @@ fn open(path: &Path, geometry: Geometry) -> Result<WriteIntentBitmap, BitmapErro
         closed: AtomicBool::new(false),
         marked_slots: AtomicU32::new(u32::MAX),
         activity_log: None,
+        log_writer: AtomicBool::new(false),
     };
     if header.state == STATE_CLOSED {
         bitmap.opened = if bitmap.body_crc() == header.body_crc { Opened::Clean } else { Opened::Damaged };

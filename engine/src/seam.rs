@@ -188,6 +188,16 @@ impl<T> ChangeSeam<T> {
         }
     }
 
+    /// Whether `change`, begun here, may be issued locally: its marks are
+    /// durable (always, on an unmirrored volume). The frontend asserts it
+    /// before every issue in debug builds (invariant 6).
+    pub fn marks_durable(&self, change: &ChangeExtent) -> bool {
+        match &self.mirror {
+            Some(mirror) if !change.is_flush() => mirror.marks_durable(change.offset, change.length),
+            _ => true,
+        }
+    }
+
     /// Make the marks of every change begun with [`ChangeSeam::begin_batched`]
     /// since the last commit durable. On an error none of them may be
     /// issued: [`ChangeSeam::abandon`] each and answer it EIO.
@@ -195,6 +205,32 @@ impl<T> ChangeSeam<T> {
         match &self.mirror {
             Some(mirror) if !self.pending.is_empty() => mirror.commit_writes(&mut self.pending),
             _ => Ok(()),
+        }
+    }
+
+    /// [`ChangeSeam::commit_batch`] without waiting for an activity-log
+    /// transaction: `Some(ticket)` when the batch waits for one (poll it
+    /// with [`ChangeSeam::commit_poll`]; the seam's [`ChangeSeam::wake_fd`]
+    /// becomes readable when it is done), `None` when the batch is durable
+    /// now. Until then none of its changes may be issued; on an error none
+    /// ever may: [`ChangeSeam::abandon`] each and answer it EIO.
+    pub fn commit_batch_submit(&mut self) -> Result<Option<u64>, Refused> {
+        let (Some(mirror), Some(completions)) = (&self.mirror, &self.completions) else { return Ok(None) };
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let Some(ticket) = mirror.commit_writes_submit(&mut self.pending)? else { return Ok(None) };
+        let completions = completions.clone();
+        mirror.wake_when_committed(ticket, Arc::new(move || completions.wake()));
+        Ok(Some(ticket))
+    }
+
+    /// Whether the batch of `ticket` (from [`ChangeSeam::commit_batch_submit`])
+    /// is durable: `None` while it is not.
+    pub fn commit_poll(&self, ticket: u64) -> Option<Result<(), Refused>> {
+        match &self.mirror {
+            Some(mirror) => mirror.commit_poll(ticket),
+            None => Some(Ok(())),
         }
     }
 

@@ -415,6 +415,12 @@ impl Completions {
         self.done.lock().unwrap_or_else(PoisonError::into_inner).push((id, result));
         self.eventfd.signal();
     }
+
+    /// Make the eventfd readable with nothing queued: something else the
+    /// event loop waits for is ready (an activity-log transaction).
+    pub fn wake(&self) {
+        self.eventfd.signal();
+    }
 }
 
 /// One shipped change that sync copies must acknowledge: counts the links
@@ -738,6 +744,19 @@ impl Replicator {
             })
             .map_err(|source| StartError::Thread { copy: "local-sync".to_string(), source })?;
         threads.push(thread);
+        if shared.bitmap.start_log_writer() {
+            // Writes activity-log transactions for the frontends' batches
+            // (`commit_writes_submit`), so their connections keep serving
+            // while one is written.
+            let bitmap = shared.bitmap.clone();
+            match std::thread::Builder::new().name("al-writer".to_string()).spawn(move || bitmap.run_log_writer()) {
+                Ok(thread) => threads.push(thread),
+                Err(source) => {
+                    shared.bitmap.stop_log_writer();
+                    return Err(StartError::Thread { copy: "al-writer".to_string(), source });
+                }
+            }
+        }
         for link in &links {
             let copy = link.name().to_string();
             let running = link.clone();
@@ -784,12 +803,38 @@ impl Replicator {
         Ok(())
     }
 
+    /// Whether a change begun here may be issued: its marks are durable
+    /// ([`WriteIntentBitmap::marks_durable`]). For checks.
+    pub fn marks_durable(&self, offset: u64, len: u64) -> bool {
+        self.shared.bitmap.marks_durable(offset, len)
+    }
+
     /// Make the marks of a batch begun with
     /// [`Replicator::begin_write_batched`] durable (one activity-log
     /// transaction or bitmap sync for all of them). On an error none of
     /// the batch may be issued: the caller abandons each write.
     pub fn commit_writes(&self, pending: &mut PendingMarks) -> Result<(), WriteRefused> {
         self.shared.bitmap.commit(pending).map_err(WriteRefused::Bitmap)
+    }
+
+    /// [`Replicator::commit_writes`] without waiting for the activity log:
+    /// `Some(transaction)` to poll with [`Replicator::commit_poll`] (and be
+    /// woken by [`Replicator::wake_when_committed`]) before any write of the
+    /// batch is issued, or `None` when the marks are durable already. On an
+    /// error none of them may be issued.
+    pub fn commit_writes_submit(&self, pending: &mut PendingMarks) -> Result<Option<u64>, WriteRefused> {
+        self.shared.bitmap.commit_submit(pending).map_err(WriteRefused::Bitmap)
+    }
+
+    /// Whether the batch of `transaction` is durable: `None` while it is
+    /// not; an error means none of its writes may be issued.
+    pub fn commit_poll(&self, transaction: u64) -> Option<Result<(), WriteRefused>> {
+        self.shared.bitmap.commit_poll(transaction).map(|result| result.map_err(WriteRefused::Bitmap))
+    }
+
+    /// Call `waker` once the batch of `transaction` is durable (or failed).
+    pub fn wake_when_committed(&self, transaction: u64, waker: crate::activity_log::Waker) {
+        self.shared.bitmap.wake_when_committed(transaction, waker);
     }
 
     /// The local store failed a flush (an fsync returned `errno`): writes
@@ -955,6 +1000,7 @@ impl Replicator {
         }
         self.shared.shutdown.store(true, Ordering::Relaxed);
         self.shared.local_sync.stop();
+        self.shared.bitmap.stop_log_writer();
         for link in &self.links {
             link.wake_all();
         }
