@@ -724,6 +724,7 @@ impl Replicator {
             deposed: OnceLock::new(),
             metadata_path: config.metadata_path,
         });
+        let every_copy_async = config.copies.iter().all(|copy| copy.mode == MirrorMode::Async);
         let links: Vec<Arc<Link>> = config
             .copies
             .into_iter()
@@ -744,10 +745,14 @@ impl Replicator {
             })
             .map_err(|source| StartError::Thread { copy: "local-sync".to_string(), source })?;
         threads.push(thread);
-        if shared.bitmap.start_log_writer() {
-            // Writes activity-log transactions for the frontends' batches
-            // (`commit_writes_submit`), so their connections keep serving
-            // while one is written.
+        // With only async copies, a thread writes the activity log's
+        // transactions for the frontends' batches (`commit_writes_submit`),
+        // so their connections keep serving while one is written. With a
+        // sync copy, a write waits for the copy's round trip anyway, and the
+        // connection writing its own transaction (its batch grows meanwhile)
+        // was faster: 4k random writes over 1 TiB, one sync copy, 49.7k IOPS
+        // against 40.7k with the thread; one async copy, 55.8k against 64.6k.
+        if every_copy_async && shared.bitmap.start_log_writer() {
             let bitmap = shared.bitmap.clone();
             match std::thread::Builder::new().name("al-writer".to_string()).spawn(move || bitmap.run_log_writer()) {
                 Ok(thread) => threads.push(thread),
