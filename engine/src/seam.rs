@@ -215,12 +215,12 @@ impl<T> ChangeSeam<T> {
     /// now. Until then none of its changes may be issued; on an error none
     /// ever may: [`ChangeSeam::abandon`] each and answer it EIO.
     pub fn commit_batch_submit(&mut self) -> Result<Option<u64>, Refused> {
-        let (Some(mirror), Some(completions)) = (&self.mirror, &self.completions) else { return Ok(None) };
+        let Some(mirror) = &self.mirror else { return Ok(None) };
         if self.pending.is_empty() {
             return Ok(None);
         }
         let Some(ticket) = mirror.commit_writes_submit(&mut self.pending)? else { return Ok(None) };
-        let completions = completions.clone();
+        let completions = self.completions.clone().expect("a mirrored seam has its completions (ChangeSeam::new)");
         mirror.wake_when_committed(ticket, Arc::new(move || completions.wake()));
         Ok(Some(ticket))
     }
