@@ -251,6 +251,92 @@ fn a_batch_of_changes_is_made_durable_by_one_transaction() {
     replicator.stop();
 }
 
+/// The same batch through the activity log's writer thread (as an NBD
+/// connection submits it when every copy is async; a replicator without
+/// copies runs the thread too): submitting returns a ticket at once, and
+/// from the moment any change of the batch reads as issuable
+/// (`marks_durable`) or the ticket polls done, the log on disk lists every
+/// extent of the batch, the transaction's fdatasync has returned and none
+/// of the file's pages is dirty; the seam's eventfd is readable by then,
+/// and one transaction wrote them all. Fails when the ticket polls done
+/// before the writer's transaction is on disk, and when the submission
+/// reports the batch durable without writing it.
+#[test]
+fn a_batch_submitted_to_the_writer_thread_is_issuable_only_once_logged() {
+    use engine::activity_log::{read, Found};
+    use engine::seam::{ChangeExtent, ChangeKind, Changes};
+    const EXTENT: u64 = 1 << 20;
+    let directory = tempfile::tempdir_in("/var/tmp").unwrap();
+    let volume_path = directory.path().join("volume");
+    let log_path = directory.path().join("volume.cmal");
+    let options = VolumeOptions { path: volume_path, size: Some(VOLUME_SIZE), direct: false, read_only: false };
+    let volume = Arc::new(Volume::open(&options).unwrap());
+    let mut bitmap =
+        WriteIntentBitmap::open_or_create(&directory.path().join("volume.cmbitmap"), VOLUME_SIZE, REGION, 2).unwrap();
+    bitmap.attach_activity_log(&log_path, EXTENT, 64).unwrap();
+    let bitmap = Arc::new(bitmap);
+    let replicator = start_without_copies(volume, bitmap.clone());
+    let mut seam = Changes::mirrored(replicator.clone()).seam::<u64>().unwrap();
+    let logged = || match read(&log_path).unwrap() {
+        Found::Valid(transaction) => transaction.extents,
+        other => panic!("{other:?}"),
+    };
+    let before = bitmap.activity_log().unwrap().stats().transactions;
+    let changes: Vec<ChangeExtent> = (0..8u64)
+        .map(|index| ChangeExtent {
+            kind: ChangeKind::Write,
+            offset: index * 2 * EXTENT + 4096,
+            length: 4096,
+            fua: false,
+        })
+        .collect();
+    for change in &changes {
+        seam.begin_batched(change).unwrap();
+    }
+    let ticket = seam.commit_batch_submit().unwrap().expect("new extents wait for the writer's transaction");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // The ticket, then the changes, then the file: what was durable
+        // when the ticket was read stays so, and is on disk by the time the
+        // file is read.
+        let done = seam.commit_poll(ticket);
+        let issuable = changes.iter().filter(|change| seam.marks_durable(change)).count();
+        if issuable > 0 || done.is_some() {
+            // Power cut now: the log counts a transaction once its
+            // fdatasync returned, and a reboot finds the file only if none
+            // of its pages is dirty.
+            let written = bitmap.activity_log().unwrap().stats().transactions;
+            assert!(
+                written > before,
+                "{issuable} changes issuable (ticket {done:?}) before the transaction's fdatasync"
+            );
+            assert_eq!(file_dirty_bytes(&log_path), 0, "issuable while the log's pages are not yet on disk");
+            let mut extents = logged();
+            extents.sort_unstable();
+            let wanted: Vec<u64> = (0..8u64).map(|index| index * 2).collect();
+            assert_eq!(extents, wanted, "{issuable} changes issuable (ticket {done:?}) before the log held the batch");
+        }
+        if let Some(result) = done {
+            result.unwrap();
+            assert_eq!(issuable, changes.len(), "the ticket is done, so every change of the batch is issuable");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the writer never wrote the transaction");
+        std::thread::yield_now();
+    }
+    let wake = seam.wake_fd().expect("a mirrored seam has an eventfd");
+    let mut poll = [libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 }];
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(poll.as_mut_ptr(), 1, 5000) };
+    assert_eq!(ready, 1, "the seam's eventfd wakes the connection once the transaction is durable");
+    assert_eq!(bitmap.activity_log().unwrap().stats().transactions, before + 1, "one transaction for the batch");
+    for change in &changes {
+        seam.abandon(change);
+    }
+    drop(seam);
+    replicator.stop();
+}
+
 /// Invariant 6 at the other end of a bit's life: it clears only once its
 /// region's data is durable on this host as well as on the copy. A power
 /// cut that kept a clear bit and lost the local write would leave this host
