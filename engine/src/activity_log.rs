@@ -508,18 +508,13 @@ impl ActivityLog {
             Err(_) => state.failed = Some("the bitmap could not be synced before extents left the log".into()),
         }
         let (durable, failed) = (state.durable, state.failed.is_some());
-        let mut woken = Vec::new();
-        state.wakers.0.retain(|(waited, waker)| {
-            let done = failed || *waited <= durable;
-            if done {
-                woken.push(waker.clone());
-            }
-            !done
-        });
+        let (woken, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut state.wakers.0).into_iter().partition(|(waited, _)| failed || *waited <= durable);
+        state.wakers.0 = waiting;
         self.committed.notify_all();
         self.work.notify_all();
         drop(state);
-        for waker in woken {
+        for (_, waker) in woken {
             waker();
         }
         (self.lock(), written)
@@ -734,9 +729,16 @@ mod tests {
         assert!(logged(&path).len() <= 4);
     }
 
-    /// Writers asking at once share transactions: many threads each
-    /// committing new extents write far fewer transactions than commits,
-    /// and every extent asked for ends up logged (the log is large enough).
+    /// A waker that counts its calls.
+    fn counting_waker() -> (Arc<AtomicU64>, Waker) {
+        let woken = Arc::new(AtomicU64::new(0));
+        let counted = woken.clone();
+        let waker: Waker = Arc::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        (woken, waker)
+    }
+
     /// The writer thread's path: an enqueued extent is not durable (not in
     /// the file, not covered, polls `None`) until the writer wrote its
     /// transaction; then it polls done, its waker ran once, and the file
@@ -748,18 +750,12 @@ mod tests {
         let path = directory.path().join("v.cmal");
         let log = Arc::new(ActivityLog::create(&path, 1 << 20, 64, 0).unwrap());
         log.start_writer();
-        let woken = Arc::new(AtomicU64::new(0));
-        let waker: Waker = {
-            let woken = woken.clone();
-            Arc::new(move || {
-                woken.fetch_add(1, Ordering::SeqCst);
-            })
-        };
+        let (woken, waker) = counting_waker();
         // No writer runs yet: the transaction waits.
         let first = log.enqueue([3]).expect("the writer is not stopping");
         let second = log.enqueue([4, 5]).unwrap();
         assert_eq!(first, second, "extents asked for before a transaction starts share it");
-        log.wake_when_durable(second, waker.clone());
+        log.wake_when_durable(second, waker);
         assert_eq!(log.poll(first), None);
         assert!(!log.covers([3]) && logged(&path).is_empty());
         assert_eq!(woken.load(Ordering::SeqCst), 0);
@@ -796,20 +792,17 @@ mod tests {
         // The log is full: logging extent 2 drops extent 1 after a bitmap
         // sync, which fails here.
         let transaction = log.enqueue([2]).unwrap();
-        let woken = Arc::new(AtomicU64::new(0));
-        let counted = woken.clone();
-        log.wake_when_durable(
-            transaction,
-            Arc::new(move || {
-                counted.fetch_add(1, Ordering::SeqCst);
-            }),
-        );
+        let (woken, waker) = counting_waker();
+        log.wake_when_durable(transaction, waker);
         log.run_writer(|| Err::<(), ()>(()));
         assert!(matches!(log.poll(transaction), Some(Err(_))));
         assert_eq!(woken.load(Ordering::SeqCst), 1);
         assert_eq!(logged(&path), vec![1], "nothing was written");
     }
 
+    /// Writers asking at once share transactions: many threads each
+    /// committing new extents write far fewer transactions than commits,
+    /// and every extent asked for ends up logged (the log is large enough).
     #[test]
     fn concurrent_writers_share_transactions() {
         let directory = tempfile::tempdir().unwrap();

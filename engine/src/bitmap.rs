@@ -719,14 +719,7 @@ impl WriteIntentBitmap {
             return false;
         };
         if self.all_set(first, last) {
-            // The Acquire loads of the words saw bits stored with Release
-            // after their change numbers were stamped, so the stamps read
-            // here are at least the numbers of the changes that set them.
-            let newest = (first / BITS_PER_WORD..=last / BITS_PER_WORD)
-                .map(|word_index| self.word_changes[word_index as usize].load(Ordering::Acquire))
-                .max()
-                .unwrap_or(0);
-            return newest > self.changes_durable.load(Ordering::Acquire);
+            return !self.set_bits_durable(first, last);
         }
         self.reopen_if_closed();
         let mut changes = self.lock_changes();
@@ -750,14 +743,8 @@ impl WriteIntentBitmap {
         let Some((first, last)) = self.regions_touched(offset, len) else {
             return true;
         };
-        if self.all_set(first, last) {
-            let newest = (first / BITS_PER_WORD..=last / BITS_PER_WORD)
-                .map(|word_index| self.word_changes[word_index as usize].load(Ordering::Acquire))
-                .max()
-                .unwrap_or(0);
-            if newest <= self.changes_durable.load(Ordering::Acquire) {
-                return true;
-            }
+        if self.all_set(first, last) && self.set_bits_durable(first, last) {
+            return true;
         }
         self.activity_log.as_ref().is_some_and(|log| log.covers(log.extents(offset, len)))
     }
@@ -1027,6 +1014,19 @@ impl WriteIntentBitmap {
     fn regions_touched(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
         let end = self.extent_end(offset, len);
         (len > 0).then(|| (offset >> self.region_shift, (end - 1) >> self.region_shift))
+    }
+
+    /// Whether the bits of regions `first..=last`, found all set, were
+    /// carried by a flush: the newest change that set bits in their words
+    /// is durable. The Acquire loads of the words saw bits stored with
+    /// Release after their change numbers were stamped, so the stamps read
+    /// here are at least the numbers of the changes that set them.
+    fn set_bits_durable(&self, first: u64, last: u64) -> bool {
+        let newest = (first / BITS_PER_WORD..=last / BITS_PER_WORD)
+            .map(|word_index| self.word_changes[word_index as usize].load(Ordering::Acquire))
+            .max()
+            .unwrap_or(0);
+        newest <= self.changes_durable.load(Ordering::Acquire)
     }
 
     fn all_set(&self, first: u64, last: u64) -> bool {

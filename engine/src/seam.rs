@@ -112,7 +112,7 @@ pub struct ChangeSeam<T> {
     waiting: HashMap<u64, T>,
     next_ticket: u64,
     /// The marks of changes begun with [`ChangeSeam::begin_batched`] and
-    /// not yet made durable by [`ChangeSeam::commit_batch`].
+    /// not yet made durable by [`ChangeSeam::commit_batch_submit`].
     pending: PendingMarks,
 }
 
@@ -175,7 +175,7 @@ impl<T> ChangeSeam<T> {
 
     /// [`ChangeSeam::begin`] for one change of a batch: its regions are
     /// marked (in memory) and counted in flight, but not yet durable. Call
-    /// [`ChangeSeam::commit_batch`] before the local part of any change
+    /// [`ChangeSeam::commit_batch_submit`] before the local part of any change
     /// begun this way is issued: the batch then shares one activity-log
     /// transaction (or bitmap sync). A refused change needs no `abandon`.
     pub fn begin_batched(&mut self, change: &ChangeExtent) -> Result<(), Refused> {
@@ -199,16 +199,7 @@ impl<T> ChangeSeam<T> {
     }
 
     /// Make the marks of every change begun with [`ChangeSeam::begin_batched`]
-    /// since the last commit durable. On an error none of them may be
-    /// issued: [`ChangeSeam::abandon`] each and answer it EIO.
-    pub fn commit_batch(&mut self) -> Result<(), Refused> {
-        match &self.mirror {
-            Some(mirror) if !self.pending.is_empty() => mirror.commit_writes(&mut self.pending),
-            _ => Ok(()),
-        }
-    }
-
-    /// [`ChangeSeam::commit_batch`] without waiting for an activity-log
+    /// since the last commit durable, without waiting for an activity-log
     /// transaction: `Some(ticket)` when the batch waits for one (poll it
     /// with [`ChangeSeam::commit_poll`]; the seam's [`ChangeSeam::wake_fd`]
     /// becomes readable when it is done), `None` when the batch is durable
