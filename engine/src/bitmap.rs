@@ -375,6 +375,25 @@ pub struct WriteIntentBitmap {
     activity_log: Option<ActivityLog>,
     /// [`WriteIntentBitmap::run_log_writer`] runs: submitted commits do not wait.
     log_writer: AtomicBool,
+    /// Debug builds: the bits a power cut would leave set, for
+    /// [`WriteIntentBitmap::marks_durable`].
+    #[cfg(debug_assertions)]
+    carried: Mutex<Carried>,
+}
+
+/// The bits the file holds for sure (debug builds): those an msync carried
+/// and no clear touched since. The word stamps cannot say this per bit: a
+/// newer mark of another region of the same word makes an old, durable bit
+/// read as not durable.
+#[cfg(debug_assertions)]
+#[derive(Debug)]
+struct Carried {
+    /// Every word of every slot, as [`WriteIntentBitmap::words`] lays them out.
+    bits: Vec<u64>,
+    /// The words as the msync under way found them (read under the change
+    /// lock, so exactly the changes it covers); clears take their bits out
+    /// of it too. Added to `bits` once the msync succeeds.
+    flushing: Option<Vec<u64>>,
 }
 
 /// The marks of a batch of writes not yet made durable: collected by
@@ -734,8 +753,11 @@ impl WriteIntentBitmap {
     }
 
     /// Whether a write of `len` bytes at `offset` may be issued: its marks
-    /// are durable, as bits the last flush carried or as extents of the
-    /// durable activity log. Changes nothing; for checks.
+    /// are durable, as bits an msync carried (and no clear touched since)
+    /// or as extents the activity log on disk lists. Changes nothing; for
+    /// checks. Exact in debug builds, which keep a record of what each msync
+    /// carried; release builds answer from the word stamps, which may say
+    /// false for a durable bit whose word a newer mark changed.
     ///
     /// # Panics
     /// When the extent runs past the end of the volume.
@@ -743,10 +765,17 @@ impl WriteIntentBitmap {
         let Some((first, last)) = self.regions_touched(offset, len) else {
             return true;
         };
-        if self.all_set(first, last) && self.set_bits_durable(first, last) {
-            return true;
-        }
-        self.activity_log.as_ref().is_some_and(|log| log.covers(log.extents(offset, len)))
+        #[cfg(debug_assertions)]
+        let carried = {
+            let carried = self.lock_carried();
+            self.marked().all(|slot| {
+                let base = slot as usize * self.words_per_slot;
+                self.word_masks(first, last).all(|(index, mask)| carried.bits[base + index] & mask == mask)
+            })
+        };
+        #[cfg(not(debug_assertions))]
+        let carried = self.all_set(first, last) && self.set_bits_durable(first, last);
+        carried || self.activity_log.as_ref().is_some_and(|log| log.covers(log.extents(offset, len)))
     }
 
     /// Writes mark only `slots` from now on: the slots of the copies
@@ -784,8 +813,24 @@ impl WriteIntentBitmap {
         }
         // Read the count under the change lock: every change it includes has
         // finished its stores, so the msync below carries all of them.
-        let covered = *self.lock_changes();
-        self.map.flush().map_err(|source| self.io_error("msync", source))?;
+        let covered = {
+            let changes = self.lock_changes();
+            #[cfg(debug_assertions)]
+            {
+                self.lock_carried().flushing = Some(self.word_values());
+            }
+            *changes
+        };
+        let synced = self.map.flush().map_err(|source| self.io_error("msync", source));
+        #[cfg(debug_assertions)]
+        {
+            let mut carried = self.lock_carried();
+            let flushing = carried.flushing.take().filter(|_| synced.is_ok());
+            for (bits, flushed) in carried.bits.iter_mut().zip(flushing.into_iter().flatten()) {
+                *bits |= flushed;
+            }
+        }
+        synced?;
         self.changes_durable.fetch_max(covered, Ordering::AcqRel);
         Ok(())
     }
@@ -804,6 +849,8 @@ impl WriteIntentBitmap {
         self.for_each_word(slot, region_index, region_index, |word, mask| {
             word.fetch_and(!mask, Ordering::Release);
         });
+        #[cfg(debug_assertions)]
+        self.forget_carried(slot, region_index, region_index);
     }
 
     /// Clear `slot`'s bits for the regions that lie wholly inside `len` bytes
@@ -821,6 +868,8 @@ impl WriteIntentBitmap {
             self.for_each_word(slot, first, end_region - 1, |word, mask| {
                 word.fetch_and(!mask, Ordering::Release);
             });
+            #[cfg(debug_assertions)]
+            self.forget_carried(slot, first, end_region - 1);
         }
     }
 
@@ -1043,15 +1092,50 @@ impl WriteIntentBitmap {
     /// `first..=last`, and the mask (in the word's stored byte order) of
     /// those bits.
     fn for_each_word(&self, slot: u32, first: u64, last: u64, mut action: impl FnMut(&AtomicU64, u64)) {
-        debug_assert!(first <= last && last < self.region_count());
         let words = self.slot_words(slot);
-        for word_index in first / BITS_PER_WORD..=last / BITS_PER_WORD {
+        for (index, mask) in self.word_masks(first, last) {
+            action(&words[index], mask);
+        }
+    }
+
+    /// The index within a slot of each word that holds bits of regions
+    /// `first..=last`, with the mask (in the word's stored byte order) of
+    /// those bits.
+    fn word_masks(&self, first: u64, last: u64) -> impl Iterator<Item = (usize, u64)> {
+        debug_assert!(first <= last && last < self.region_count());
+        (first / BITS_PER_WORD..=last / BITS_PER_WORD).map(move |word_index| {
             let word_first = word_index * BITS_PER_WORD;
             let low = first.max(word_first) - word_first;
             let high = last.min(word_first + BITS_PER_WORD - 1) - word_first;
             let width = high - low + 1;
             let mask = if width == BITS_PER_WORD { u64::MAX } else { ((1u64 << width) - 1) << low };
-            action(&words[word_index as usize], mask.to_le());
+            (word_index as usize, mask.to_le())
+        })
+    }
+
+    /// Every word's value, in [`WriteIntentBitmap::words`]'s order.
+    #[cfg(debug_assertions)]
+    fn word_values(&self) -> Vec<u64> {
+        self.words().iter().map(|word| word.load(Ordering::Acquire)).collect()
+    }
+
+    #[cfg(debug_assertions)]
+    fn lock_carried(&self) -> MutexGuard<'_, Carried> {
+        self.carried.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Debug builds: `slot`'s bits of regions `first..=last` were cleared
+    /// (in memory; the file may hold them either way from now on).
+    #[cfg(debug_assertions)]
+    fn forget_carried(&self, slot: u32, first: u64, last: u64) {
+        let base = slot as usize * self.words_per_slot;
+        let mut carried = self.lock_carried();
+        let Carried { bits, flushing } = &mut *carried;
+        for (index, mask) in self.word_masks(first, last) {
+            bits[base + index] &= !mask;
+            if let Some(flushing) = flushing {
+                flushing[base + index] &= !mask;
+            }
         }
     }
 
@@ -1190,7 +1274,14 @@ fn open(path: &Path, geometry: Geometry) -> Result<WriteIntentBitmap, BitmapErro
         marked_slots: AtomicU32::new(u32::MAX),
         activity_log: None,
         log_writer: AtomicBool::new(false),
+        #[cfg(debug_assertions)]
+        carried: Mutex::new(Carried { bits: Vec::new(), flushing: None }),
     };
+    // What the file held at open is what a power cut would leave.
+    #[cfg(debug_assertions)]
+    {
+        bitmap.carried.get_mut().unwrap_or_else(PoisonError::into_inner).bits = bitmap.word_values();
+    }
     if header.state == STATE_CLOSED {
         bitmap.opened = if bitmap.body_crc() == header.body_crc { Opened::Clean } else { Opened::Damaged };
     }
@@ -1257,6 +1348,36 @@ mod tests {
         assert!(!bitmap.mark(100, 10));
         assert!(!bitmap.mark(0, 10), "same region");
         assert!(bitmap.mark(REGION_BYTES_DEFAULT, 1), "a new region");
+    }
+
+    /// `marks_durable` answers per region: a newer mark of another region
+    /// of the same word leaves a durable bit durable, and a bit cleared and
+    /// set again is not durable until the next flush carries it (the check
+    /// behind every NBD connection's issue in debug builds; release builds
+    /// answer from the word stamps, which fail the neighbour's case).
+    #[cfg(debug_assertions)]
+    #[test]
+    fn marks_durable_is_exact_per_region() {
+        let directory = tempfile::tempdir().unwrap();
+        let bitmap = open_in(directory.path(), 64 * MIB, MIB, 2);
+        assert!(!bitmap.marks_durable(0, 4096), "never marked");
+        bitmap.mark(0, 4096);
+        assert!(!bitmap.marks_durable(0, 4096), "marked, not flushed");
+        bitmap.flush().unwrap();
+        assert!(bitmap.marks_durable(0, 4096));
+        bitmap.mark(MIB, 4096);
+        assert!(bitmap.marks_durable(0, 4096), "a neighbour's newer mark in the same word");
+        assert!(!bitmap.marks_durable(MIB, 4096), "the neighbour is not flushed");
+        assert!(!bitmap.marks_durable(0, 2 * MIB), "an extent over both regions");
+        bitmap.clear(1, 0);
+        assert!(!bitmap.marks_durable(0, 4096), "cleared in one slot: the file may lose it");
+        bitmap.mark(0, 4096);
+        assert!(!bitmap.marks_durable(0, 4096), "set again, not flushed");
+        bitmap.flush().unwrap();
+        assert!(bitmap.marks_durable(0, 2 * MIB));
+        bitmap.clear_range(0, 0, 2 * MIB);
+        bitmap.mark(0, 2 * MIB);
+        assert!(!bitmap.marks_durable(MIB, 4096), "cleared by range, set again, not flushed");
     }
 
     /// A mark spanning regions sets every touched region in every slot, and nothing else.

@@ -189,7 +189,8 @@ impl<T> ChangeSeam<T> {
     }
 
     /// Whether `change`, begun here, may be issued locally: its marks are
-    /// durable (always, on an unmirrored volume). For checks (invariant 6).
+    /// durable (always, on an unmirrored volume). The frontend asserts it
+    /// before every issue in debug builds (invariant 6).
     pub fn marks_durable(&self, change: &ChangeExtent) -> bool {
         match &self.mirror {
             Some(mirror) if !change.is_flush() => mirror.marks_durable(change.offset, change.length),

@@ -938,6 +938,9 @@ impl Connection {
     /// Issue the local part of a change begun durably.
     fn issue_locked(&mut self, work: LockedWork, lock: Option<RangeLockId>) {
         let change = work.change();
+        // Invariant 6: every test that writes through a mirrored volume
+        // checks that nothing is issued before its marks are durable.
+        debug_assert!(self.seam.marks_durable(&change), "{change:?} issued before its marks were durable");
         match work {
             LockedWork::Write { cookie, mut buf, span, fua } => {
                 if self.volume.is_direct() && (span.partial_head() || span.partial_tail()) {
