@@ -50,7 +50,15 @@ Usage:
     /usr/bin/python3 benches/qemu-mirror.py                         # ~15 min
     ROUNDS=1 RUNTIME=3 /usr/bin/python3 benches/qemu-mirror.py      # quick check
 
-Environment: ROUNDS [3], RUNTIME [8] s per fio run, CONFIGS [all four],
+The page cache of the volume: with CACHE=warm (the default, as before) it is whatever the 1 GiB
+fill by dd and the earlier workloads left, on this kernel (6.18) large folios, and each 4 KiB
+buffered write into a large folio walks all its buffer heads in ext4_block_write_begin (a third
+of all CPU under 4k QD32, on both systems' unmirrored and mirrored rows alike). With CACHE=cold
+each workload starts with the volume written back and dropped from the page cache
+(fdatasync + POSIX_FADV_DONTNEED), so 4k writes find small folios: each workload starts from the
+same state, whatever ran before it.
+
+Environment: ROUNDS [3], RUNTIME [8] s per fio run, CONFIGS [all four], CACHE [warm],
 WORKLOADS ["4k-randwrite-qd32 1M-seqwrite-qd8 4k-randwrite-qd1
 4k-randwrite-qd1-16M"], CM_BIN
 [$CARGO_TARGET_DIR or target, /release/crossmirror; built unless given],
@@ -80,6 +88,7 @@ CONFIGS = os.environ.get("CONFIGS", "cm-none cm-sync qemu-none qemu-sync").split
 WORKLOADS = os.environ.get(
     "WORKLOADS", "4k-randwrite-qd32 1M-seqwrite-qd8 4k-randwrite-qd1 4k-randwrite-qd1-16M").split()
 OUT = os.environ.get("OUT", "")
+COLD = os.environ.get("CACHE", "warm") == "cold"
 SIZE = 1 << 30
 QD1 = "4k-randwrite-qd1"
 # QD1 workloads and the area they write: the whole volume (issue 12's row), and a 16 MiB area
@@ -422,6 +431,17 @@ def loopback_rtt_us(samples=20000, warmup=2000):
         server.wait()
 
 
+def drop_cached(path):
+    """Write back the volume's dirty pages and drop its page cache, so that each workload starts from the
+    same state: the data on disk, none of it cached."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def fio_json(args):
     output = subprocess.run(["fio"] + args + ["--output-format=json"], capture_output=True, text=True,
                             check=True).stdout
@@ -513,6 +533,8 @@ def measure(scratch, binary, commit):
                         flushes[config] = count_flushes(setup, config)
                         setup.settle()
                 for workload in WORKLOADS:
+                    if COLD:
+                        drop_cached(volume)
                     if workload in QD1_AREAS:
                         iops, p50, p99 = fio_qd1(setup.uri, QD1_AREAS[workload])
                         results.setdefault((config, workload), []).append(p50)
@@ -544,13 +566,16 @@ def render(results, tails, floor, flushes, proofs, load, commit, binary, elapsed
         f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — crossmirror sync mirror vs QEMU write-blocking "
         f"mirror, and the QD1 floor (commit {commit})",
         "",
-        f"- command: `CM_BIN={binary} ROUNDS={ROUNDS} RUNTIME={RUNTIME} CONFIGS='{' '.join(CONFIGS)}' "
+        f"- command: `CM_BIN={binary} CACHE={'cold' if COLD else 'warm'} ROUNDS={ROUNDS} RUNTIME={RUNTIME} "
+        f"CONFIGS='{' '.join(CONFIGS)}' "
         f"WORKLOADS='{' '.join(WORKLOADS)}' /usr/bin/python3 benches/qemu-mirror.py` ({elapsed / 60:.0f} min)",
         f"- machine: {os.cpu_count()} CPUs, shared; /proc/loadavg (1/5/15 min) at start {' '.join(load['start'])}, "
         f"at each round's start {'; '.join(' '.join(r) for r in load['rounds'])}, at end {' '.join(load['end'])}",
         f"- medians of {ROUNDS} interleaved rounds (order rotated each round); fio ioengine=nbd; 1 GiB volume "
         "(buffered on both sides); copies on 127.0.0.2 written with O_DIRECT (crossmirror `--direct`, QEMU "
-        "target `cache.direct=on`), both aio io_uring",
+        "target `cache.direct=on`), both aio io_uring; the volume's page cache "
+        + ("written back and dropped before each workload (CACHE=cold)" if COLD else
+           "as the dd fill and the earlier workloads left it (CACHE=warm)"),
         "- proof, in every round before measuring: " + ", ".join(f"{c} proven synchronous {n}×" for c, n in
                                                                   sorted(proofs.items())) +
         " ((a) an acknowledged write is in the copy's file; (b) a write issued while the copy's process is "
