@@ -18,7 +18,8 @@ Usage:
     CM_BINS="/path/old /path/new" /usr/bin/python3 benches/after-resync.py
 
 Environment: CM_BINS [the release build of this checkout], ROUNDS [3],
-RUNTIME [8] s, SCRATCH [/var/tmp]. Needs fio and fincore (util-linux).
+RUNTIME [8] s, COPY [direct; buffered: a copy host without --direct],
+SCRATCH [/var/tmp]. Needs fio and fincore (util-linux).
 """
 
 import os
@@ -34,6 +35,7 @@ import mirror  # noqa: E402  (the rig: copy hosts, serve, fio, waiting for up to
 
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 RUNTIME = int(os.environ.get("RUNTIME", "8"))
+DIRECT = os.environ.get("COPY", "direct") == "direct"
 mirror.RUNTIME = RUNTIME
 
 
@@ -55,7 +57,7 @@ def one(binary, label):
         volume = os.path.join(scratch, "production.img")
         subprocess.run(["dd", "if=/dev/urandom", f"of={volume}", "bs=1M", "count=1024", "oflag=direct",
                         "status=none"], check=True)
-        mirror.COPIES[label] = [("east", "127.0.0.2", ",direct")]
+        mirror.COPIES[label] = [("east", "127.0.0.2", ",direct" if DIRECT else "")]
         setup = mirror.Setup(scratch, label, binary, secret)
         started = time.time()
         setup.start()  # returns once the copy is up to date: its full sync is done
@@ -83,7 +85,8 @@ def main():
             results[binary].append((iops, cached, synced))
             print(f"[after-resync] round {round_number + 1} {binary}: {iops:.0f} IOPS, {cached:.0f} MiB cached "
                   f"after a {synced:.1f} s full sync", file=sys.stderr, flush=True)
-    print(f"fio 4k randwrite QD32 x2 through NBD right after a sync `--direct` copy's full sync of a 1 GiB "
+    kind = "`--direct`" if DIRECT else "buffered"
+    print(f"fio 4k randwrite QD32 x2 through NBD right after a sync {kind} copy's full sync of a 1 GiB "
           f"volume (medians of {ROUNDS} rounds, builds alternated; RUNTIME={RUNTIME})\n")
     print("| build | IOPS | volume cached after the sync (MiB) | full sync (s) | every round's IOPS |")
     print("|---|---:|---:|---:|---|")

@@ -209,7 +209,7 @@ impl<'v> Applier<'v> {
         let index = self.first_index + self.replies.len() as u64;
         self.replies.push_back(Reply { header: reply, payload: Vec::new(), done: false });
         match apply {
-            Apply::Write { offset, data, fua } => {
+            Apply::Write { offset, data, fua, resync } => {
                 if barrier {
                     self.drain()?;
                 }
@@ -217,7 +217,7 @@ impl<'v> Applier<'v> {
                     Ok(data) => self.submit_write(index, offset, data, fua),
                     Err(data) => {
                         self.wait_for_overlaps(offset, data.len())?;
-                        let apply = Apply::Write { offset, data, fua };
+                        let apply = Apply::Write { offset, data, fua, resync };
                         let done = self.synchronously(index, &apply);
                         if let Apply::Write { data: Payload::Aligned(buf), .. } = apply {
                             self.pool.give(buf);
@@ -470,7 +470,7 @@ mod tests {
     }
 
     fn write(offset: u64, data: &[u8]) -> Option<Apply> {
-        Some(Apply::Write { offset, data: data.to_vec().into(), fua: false })
+        Some(Apply::Write { offset, data: data.to_vec().into(), fua: false, resync: false })
     }
 
     fn sequences(bytes: &[u8]) -> Vec<u64> {
@@ -564,7 +564,11 @@ mod tests {
                 expected[offset as usize..offset as usize + len].fill(round as u8 + 1);
                 sequence += 1;
                 applier
-                    .start(Some(Apply::Write { offset, data: Payload::Aligned(buf), fua: false }), false, ack(sequence))
+                    .start(
+                        Some(Apply::Write { offset, data: Payload::Aligned(buf), fua: false, resync: false }),
+                        false,
+                        ack(sequence),
+                    )
                     .unwrap();
                 applier.drain().unwrap();
                 let again = pool.take(len);

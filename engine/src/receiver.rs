@@ -95,6 +95,11 @@ pub enum Apply {
         data: Payload,
         /// Force unit access.
         fua: bool,
+        /// Resync data, not an application write: a buffered store writes
+        /// it uncached ([`Volume::uncached_write_flag`]), so a full resync
+        /// does not leave the store's page cache in large folios that every
+        /// later 4 KiB write has to walk.
+        resync: bool,
     },
     /// Trim `length` bytes at `offset`: they read back as zeroes, as they do
     /// on the production host.
@@ -240,7 +245,7 @@ impl<'counters> Receiver<'counters> {
         let (apply, reply_kind) = match header.kind {
             FrameKind::Write | FrameKind::ResyncData => {
                 self.counters.write_bytes_accepted.fetch_add(length, Ordering::Relaxed);
-                (Some(Apply::Write { offset, data: frame.payload, fua }), Some(FrameKind::WriteAck))
+                (Some(Apply::Write { offset, data: frame.payload, fua, resync }), Some(FrameKind::WriteAck))
             }
             FrameKind::Trim => (Some(Apply::Trim { offset, length, fua }), Some(FrameKind::WriteAck)),
             FrameKind::WriteZeroes | FrameKind::ResyncZeroes => {
@@ -416,7 +421,9 @@ pub fn reply_payload(volume: &Volume, apply: &Apply) -> Result<Vec<u8>, EngineEr
 pub fn apply_synchronously(volume: &Volume, apply: &Apply) -> Result<(), EngineError> {
     let io_error = |action| move |source| EngineError::Io { action, source };
     match apply {
-        Apply::Write { offset, data, fua } => write(volume, *offset, data, *fua).map_err(io_error("apply a write")),
+        Apply::Write { offset, data, fua, resync } => {
+            write(volume, *offset, data, *fua, *resync).map_err(io_error("apply a write"))
+        }
         // A trim the production host carried out reads back as zeroes there
         // (a punched hole, or zeroes on a block device), so here it is made
         // to read as zeroes too, rather than by a discard whose contents are
@@ -437,10 +444,18 @@ fn sync_if(volume: &Volume, durable: bool) -> Result<(), EngineError> {
     Ok(())
 }
 
-fn write(volume: &Volume, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+fn write(volume: &Volume, offset: u64, data: &[u8], fua: bool, resync: bool) -> io::Result<()> {
     let flags = if fua { libc::RWF_DSYNC } else { 0 };
     if !volume.is_direct() {
-        return write_all_at(volume.fd(), data, offset, flags);
+        let uncached = if resync { volume.uncached_write_flag() } else { 0 };
+        return match write_all_at(volume.fd(), data, offset, flags | uncached) {
+            // Refused by this kernel or filesystem: cached from now on.
+            Err(error) if uncached != 0 && matches!(error.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                volume.note_uncached_unsupported(&error);
+                write_all_at(volume.fd(), data, offset, flags)
+            }
+            result => result,
+        };
     }
     let span = volume.span(offset, data.len() as u64);
     let mut buf = AlignedBuf::new(span.file_len as usize);
@@ -552,11 +567,11 @@ mod tests {
             steps,
             [
                 step(
-                    Some(Apply::Write { offset: 4096, data: b"abc".to_vec().into(), fua: false }),
+                    Some(Apply::Write { offset: 4096, data: b"abc".to_vec().into(), fua: false, resync: false }),
                     ack(FrameKind::WriteAck, 1, 4096, 3, FrameFlags::NONE)
                 ),
                 step(
-                    Some(Apply::Write { offset: 0, data: b"xy".to_vec().into(), fua: true }),
+                    Some(Apply::Write { offset: 0, data: b"xy".to_vec().into(), fua: true, resync: false }),
                     ack(FrameKind::WriteAck, 2, 0, 2, FrameFlags::FUA)
                 ),
                 step(
@@ -769,12 +784,12 @@ mod tests {
     fn synchronous_apply_writes_the_same_bytes_buffered_and_direct() {
         let directory = tempfile::tempdir_in("/var/tmp").unwrap();
         let commands = [
-            Apply::Write { offset: 0, data: vec![0x11; 3 * 4096].into(), fua: false },
-            Apply::Write { offset: 4000, data: vec![0x22; 300].into(), fua: true },
-            Apply::Write { offset: 8191, data: vec![0x33; 5000].into(), fua: false },
+            Apply::Write { offset: 0, data: vec![0x11; 3 * 4096].into(), fua: false, resync: true },
+            Apply::Write { offset: 4000, data: vec![0x22; 300].into(), fua: true, resync: false },
+            Apply::Write { offset: 8191, data: vec![0x33; 5000].into(), fua: false, resync: true },
             Apply::WriteZeroes { offset: 100, length: 50, fua: false },
             Apply::Trim { offset: 4096, length: 4096, fua: true },
-            Apply::Write { offset: SIZE - 7, data: vec![0x44; 7].into(), fua: false },
+            Apply::Write { offset: SIZE - 7, data: vec![0x44; 7].into(), fua: false, resync: true },
             Apply::Flush,
         ];
         let mut expected = vec![0u8; SIZE as usize];

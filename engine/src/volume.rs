@@ -66,8 +66,8 @@ pub struct Volume {
     alignment: u64,
     locks: RangeLocks,
     fallocate_unsupported: AtomicBool,
-    /// preadv2 refused RWF_DONTCACHE (a kernel before 6.14, or a
-    /// filesystem without uncached buffered I/O): resync reads are cached.
+    /// preadv2 or pwritev2 refused RWF_DONTCACHE (a kernel before 6.14, or
+    /// a filesystem without uncached buffered I/O): resync I/O is cached.
     dontcache_unsupported: AtomicBool,
 }
 
@@ -355,6 +355,24 @@ impl Volume {
         Ok(buf.as_slice()[span.head as usize..(span.head + span.len) as usize].to_vec())
     }
 
+    /// The pwritev2 flag for a write that should not stay in the page cache
+    /// (`RWF_DONTCACHE`), or 0 once the kernel refused uncached I/O here.
+    pub fn uncached_write_flag(&self) -> libc::c_int {
+        if self.dontcache_unsupported.load(Ordering::Relaxed) {
+            0
+        } else {
+            libc::RWF_DONTCACHE
+        }
+    }
+
+    /// The kernel refused uncached I/O on this volume: plain cached I/O from now on.
+    pub fn note_uncached_unsupported(&self, error: &io::Error) {
+        if !self.dontcache_unsupported.swap(true, Ordering::Relaxed) {
+            tracing::debug!(volume = %self.path.display(), %error,
+                "uncached I/O refused; resync reads and writes go through the page cache");
+        }
+    }
+
     /// Fill `data` from `offset` with preadv2(RWF_DONTCACHE), or with a
     /// plain pread once the kernel refused the flag.
     fn read_uncached(&self, mut data: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -372,9 +390,7 @@ impl Volume {
                 match error.raw_os_error() {
                     Some(libc::EINTR) => continue,
                     Some(libc::EOPNOTSUPP | libc::EINVAL) => {
-                        tracing::debug!(volume = %self.path.display(), %error,
-                            "uncached reads refused; resync reads go through the page cache");
-                        self.dontcache_unsupported.store(true, Ordering::Relaxed);
+                        self.note_uncached_unsupported(&error);
                         continue;
                     }
                     _ => return Err(error),
@@ -623,6 +639,51 @@ mod tests {
         let result = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, resident.as_mut_ptr()) };
         assert_eq!(result, 0, "mincore: {}", io::Error::last_os_error());
         resident.iter().filter(|byte| **byte & 1 == 1).count()
+    }
+
+    /// On a buffered copy's store, resync data is written uncached (where
+    /// the kernel has it): once written back it leaves the page cache, while
+    /// an application write stays cached. Both land.
+    #[test]
+    fn a_resync_write_leaves_no_pages_cached_and_an_application_write_does() {
+        use crate::receiver::{apply_synchronously, Apply};
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("store.img");
+        let size = 16 * MIB;
+        let volume = Volume::open(&VolumeOptions {
+            path: path.clone(),
+            size: Some(size as u64),
+            direct: false,
+            read_only: false,
+        })
+        .unwrap();
+        let half = size / 2;
+        let resync: Vec<u8> = (0..half).map(|index| (index % 251) as u8).collect();
+        let application: Vec<u8> = (0..half).map(|index| (index % 241) as u8).collect();
+        apply_synchronously(
+            &volume,
+            &Apply::Write { offset: 0, data: resync.clone().into(), fua: false, resync: true },
+        )
+        .unwrap();
+        apply_synchronously(
+            &volume,
+            &Apply::Write { offset: half as u64, data: application.clone().into(), fua: false, resync: false },
+        )
+        .unwrap();
+        volume.sync_all().unwrap();
+        let file = File::open(&path).unwrap();
+        let mut read = vec![0u8; size];
+        let cached_resync = cached_pages(&file, half);
+        let cached_application = cached_pages(&file, size) - cached_resync;
+        file.read_exact_at(&mut read, 0).unwrap();
+        assert!(read[..half] == resync[..] && read[half..] == application[..], "the writes did not land");
+        if volume.dontcache_unsupported.load(Ordering::Relaxed) {
+            eprintln!("this kernel refused RWF_DONTCACHE: the resync write was cached");
+            return;
+        }
+        // Pages leave once their writeback completes, which the fsync waited for.
+        assert!(cached_resync <= half / 4096 / 8, "the resync write left {cached_resync} pages cached");
+        assert!(cached_application >= half / 4096 * 3 / 4, "the application write left {cached_application} pages");
     }
 
     /// A resync read of a buffered volume returns the bytes on disk and
