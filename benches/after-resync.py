@@ -88,7 +88,7 @@ def main():
     kind = "`--direct`" if DIRECT else "buffered"
     print(f"fio 4k randwrite QD32 x2 through NBD right after a sync {kind} copy's full sync of a 1 GiB "
           f"volume (medians of {ROUNDS} rounds, builds alternated; RUNTIME={RUNTIME})\n")
-    print("| build | IOPS | volume cached after the sync (MiB) | full sync (s) | every round's IOPS |")
+    print("| build | IOPS | volume cached after the sync (MiB) | start to up to date (s) | every round's IOPS |")
     print("|---|---:|---:|---:|---|")
     for binary, rows in results.items():
         print(f"| `{binary}` | {statistics.median(r[0] for r in rows):.0f} | "

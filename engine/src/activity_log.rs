@@ -203,9 +203,9 @@ struct State {
     wakers: Wakers,
     /// [`ActivityLog::run_writer`] is asked to end.
     stopping: bool,
-    /// Durable extents dropped for the transaction being written: the block
-    /// on disk still lists them until that transaction is written (and the
-    /// bitmap sync before it carries their bits). For [`ActivityLog::covers`].
+    /// Durable extents dropped for the transaction being written, until the
+    /// bitmap sync before it has carried their bits: the block on disk still
+    /// lists them meanwhile. For [`ActivityLog::covers`].
     leaving: Vec<u64>,
 }
 
@@ -322,7 +322,8 @@ impl ActivityLog {
 
     /// Whether every one of `extents` is in the durable log (no commit
     /// needed): in a transaction written, or dropped for one being written
-    /// (the block on disk lists it until then). For checks.
+    /// while the bitmap sync before it runs (the block on disk lists it
+    /// until then). For checks.
     pub fn covers(&self, extents: impl IntoIterator<Item = u64>) -> bool {
         let state = self.lock();
         extents.into_iter().all(|extent| {
@@ -491,6 +492,9 @@ impl ActivityLog {
         let written = (|| {
             if dropped {
                 sync_bitmap().map_err(CommitError::Bitmap)?;
+                // The bitmap carries their bits now; a write marking one of
+                // them again waits for a later transaction.
+                self.lock().leaving.clear();
             }
             let bytes = encode(sequence, self.extent_bytes(), &listed, self.block);
             let at = (sequence % 2) * self.block as u64;

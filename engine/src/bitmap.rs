@@ -497,10 +497,7 @@ impl WriteIntentBitmap {
         let body_crc = self.body_crc();
         self.write_header(self.read_generation(), STATE_CLOSED, body_crc);
         self.closed.store(true, Ordering::Release);
-        let covered = *changes;
-        drop(changes);
-        self.map.flush().map_err(|source| self.io_error("msync", source))?;
-        self.changes_durable.fetch_max(covered, Ordering::AcqRel);
+        self.msync_covering(changes)?;
         if let Some(log) = &self.activity_log {
             // Every bit is durable now: the log's extents add nothing.
             log.clear().map_err(|error| self.log_error(log, error.to_string()))?;
@@ -769,7 +766,7 @@ impl WriteIntentBitmap {
         let carried = {
             let carried = self.lock_carried();
             self.marked().all(|slot| {
-                let base = slot as usize * self.words_per_slot;
+                let base = self.slot_base(slot);
                 self.word_masks(first, last).all(|(index, mask)| carried.bits[base + index] & mask == mask)
             })
         };
@@ -811,16 +808,20 @@ impl WriteIntentBitmap {
         if self.changes_durable.load(Ordering::Acquire) >= target {
             return Ok(());
         }
-        // Read the count under the change lock: every change it includes has
-        // finished its stores, so the msync below carries all of them.
-        let covered = {
-            let changes = self.lock_changes();
-            #[cfg(debug_assertions)]
-            {
-                self.lock_carried().flushing = Some(self.word_values());
-            }
-            *changes
-        };
+        self.msync_covering(self.lock_changes())
+    }
+
+    /// msync the whole mapping; every change counted in `changes` (the held
+    /// change lock) is durable once it returns. The caller holds the flush
+    /// lock. The count is read under the change lock: every change it
+    /// includes has finished its stores, so the msync carries all of them.
+    fn msync_covering(&self, changes: MutexGuard<'_, u64>) -> Result<(), BitmapError> {
+        let covered = *changes;
+        #[cfg(debug_assertions)]
+        {
+            self.lock_carried().flushing = Some(self.word_values());
+        }
+        drop(changes);
         let synced = self.map.flush().map_err(|source| self.io_error("msync", source));
         #[cfg(debug_assertions)]
         {
@@ -1128,7 +1129,7 @@ impl WriteIntentBitmap {
     /// (in memory; the file may hold them either way from now on).
     #[cfg(debug_assertions)]
     fn forget_carried(&self, slot: u32, first: u64, last: u64) {
-        let base = slot as usize * self.words_per_slot;
+        let base = self.slot_base(slot);
         let mut carried = self.lock_carried();
         let Carried { bits, flushing } = &mut *carried;
         for (index, mask) in self.word_masks(first, last) {
@@ -1140,9 +1141,14 @@ impl WriteIntentBitmap {
     }
 
     fn slot_words(&self, slot: u32) -> &[AtomicU64] {
-        assert!(slot < self.geometry.slots, "slot {slot} does not exist; the bitmap has {}", self.geometry.slots);
-        let start = slot as usize * self.words_per_slot;
+        let start = self.slot_base(slot);
         &self.words()[start..start + self.words_per_slot]
+    }
+
+    /// The index in [`WriteIntentBitmap::words`] of `slot`'s first word.
+    fn slot_base(&self, slot: u32) -> usize {
+        assert!(slot < self.geometry.slots, "slot {slot} does not exist; the bitmap has {}", self.geometry.slots);
+        slot as usize * self.words_per_slot
     }
 
     fn words(&self) -> &[AtomicU64] {

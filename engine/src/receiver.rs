@@ -27,7 +27,6 @@
 //! O_DIRECT writes) after draining its ring.
 
 use std::io;
-use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,7 +37,7 @@ use crate::protocol::auth::{Session, VolumeIdentity};
 use crate::protocol::error::ReplicationError;
 use crate::protocol::frame::{Frame, FrameFlags, FrameHeader, FrameKind, WRITE_BYTES_MAX};
 use crate::protocol::sequence::SequenceCheck;
-use crate::volume::Volume;
+use crate::volume::{write_all_at, Volume};
 
 /// Counters of one copy host, shared across its connections (and later read
 /// by the admin endpoint).
@@ -96,7 +95,7 @@ pub enum Apply {
         /// Force unit access.
         fua: bool,
         /// Resync data, not an application write: a buffered store writes
-        /// it uncached ([`Volume::uncached_write_flag`]), so a full resync
+        /// it uncached ([`Volume::write_uncached`]), so a full resync
         /// does not leave the store's page cache in large folios that every
         /// later 4 KiB write has to walk.
         resync: bool,
@@ -447,14 +446,10 @@ fn sync_if(volume: &Volume, durable: bool) -> Result<(), EngineError> {
 fn write(volume: &Volume, offset: u64, data: &[u8], fua: bool, resync: bool) -> io::Result<()> {
     let flags = if fua { libc::RWF_DSYNC } else { 0 };
     if !volume.is_direct() {
-        let uncached = if resync { volume.uncached_write_flag() } else { 0 };
-        return match write_all_at(volume.fd(), data, offset, flags | uncached) {
-            // Refused by this kernel or filesystem: cached from now on.
-            Err(error) if uncached != 0 && matches!(error.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
-                volume.note_uncached_unsupported(&error);
-                write_all_at(volume.fd(), data, offset, flags)
-            }
-            result => result,
+        return if resync {
+            volume.write_uncached(data, offset, flags)
+        } else {
+            write_all_at(volume.fd(), data, offset, flags)
         };
     }
     let span = volume.span(offset, data.len() as u64);
@@ -462,29 +457,6 @@ fn write(volume: &Volume, offset: u64, data: &[u8], fua: bool, resync: bool) -> 
     buf.as_mut_slice()[span.head as usize..span.head as usize + data.len()].copy_from_slice(data);
     volume.fill_edges(&span, &mut buf)?;
     write_all_at(volume.fd(), buf.as_slice(), span.file_offset, flags)
-}
-
-/// pwritev2 until every byte is written, with `flags` (RWF_DSYNC for FUA).
-fn write_all_at(fd: RawFd, mut bytes: &[u8], mut offset: u64, flags: libc::c_int) -> io::Result<()> {
-    while !bytes.is_empty() {
-        let iovec = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
-        // SAFETY: the one iovec points into `bytes`, which is borrowed for the
-        // whole call and valid for `iov_len` bytes; pwritev2 only reads it.
-        let written = unsafe { libc::pwritev2(fd, &iovec, 1, offset as libc::off_t, flags) };
-        if written < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error);
-        }
-        if written == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "pwritev2 wrote nothing"));
-        }
-        bytes = &bytes[written as usize..];
-        offset += written as u64;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -939,8 +939,13 @@ impl Connection {
     fn issue_locked(&mut self, work: LockedWork, lock: Option<RangeLockId>) {
         let change = work.change();
         // Invariant 6: every test that writes through a mirrored volume
-        // checks that nothing is issued before its marks are durable.
-        debug_assert!(self.seam.marks_durable(&change), "{change:?} issued before its marks were durable");
+        // checks that nothing is issued before its marks are durable. The
+        // whole process stops: a panic would end only this connection's
+        // thread, which a client that reconnects might not notice.
+        if cfg!(debug_assertions) && !self.seam.marks_durable(&change) {
+            eprintln!("invariant 6 broken: {change:?} issued before its marks were durable; aborting");
+            std::process::abort();
+        }
         match work {
             LockedWork::Write { cookie, mut buf, span, fua } => {
                 if self.volume.is_direct() && (span.partial_head() || span.partial_tail()) {
