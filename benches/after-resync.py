@@ -50,10 +50,7 @@ def one(binary, label):
     scratch = tempfile.mkdtemp(prefix="crossmirror-after-resync-", dir=mirror.SCRATCH_PARENT)
     setup = None
     try:
-        secret = os.path.join(scratch, "secret")
-        with open(secret, "w") as f:
-            f.write(os.urandom(32).hex())
-        os.chmod(secret, 0o600)
+        secret = mirror.write_secret(scratch)
         volume = os.path.join(scratch, "production.img")
         subprocess.run(["dd", "if=/dev/urandom", f"of={volume}", "bs=1M", "count=1024", "oflag=direct",
                         "status=none"], check=True)
@@ -72,11 +69,7 @@ def one(binary, label):
 
 
 def main():
-    binaries = os.environ.get("CM_BINS", "").split()
-    if not binaries:
-        subprocess.run(["cargo", "build", "--release", "-p", "crossmirror"], cwd=mirror.REPO, check=True)
-        binaries = [os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(mirror.REPO, "target")),
-                                 "release", "crossmirror")]
+    binaries = os.environ.get("CM_BINS", "").split() or [mirror.binary_and_commit()[0]]
     results = {binary: [] for binary in binaries}
     for round_number in range(ROUNDS):
         order = binaries[round_number % len(binaries):] + binaries[:round_number % len(binaries)]

@@ -211,10 +211,7 @@ def main():
         os.mkdir(data)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20g", "tmpfs", data], check=True)
     try:
-        secret = os.path.join(scratch, "secret")
-        with open(secret, "w") as f:
-            f.write(os.urandom(32).hex())
-        os.chmod(secret, 0o600)
+        secret = mirror.write_secret(scratch)
         results = {}
         for round_number in range(ROUNDS):
             order = CONFIGS[round_number % len(CONFIGS):] + CONFIGS[:round_number % len(CONFIGS)]

@@ -231,6 +231,16 @@ def commit_id():
                           text=True).stdout.strip()
 
 
+def write_secret(scratch):
+    """A fresh shared secret for the rig's replication links, readable by its owner only (the
+    binaries refuse one others can read): its path."""
+    secret = os.path.join(scratch, "secret")
+    with open(secret, "w") as f:
+        f.write(os.urandom(32).hex())
+    os.chmod(secret, 0o600)
+    return secret
+
+
 def binary_and_commit():
     """CM_BIN, or the release binary built now; and the commit."""
     binary = os.environ.get("CM_BIN")
@@ -261,10 +271,7 @@ def main():
     binary, commit = binary_and_commit()
     scratch = tempfile.mkdtemp(prefix="crossmirror-bench-", dir=SCRATCH_PARENT)
     try:
-        secret = os.path.join(scratch, "secret")
-        with open(secret, "w") as f:
-            f.write(os.urandom(32).hex())
-        os.chmod(secret, 0o600)
+        secret = write_secret(scratch)
         volume = os.path.join(scratch, "production.img")
         log("filling the 1 GiB volume from /dev/urandom")
         subprocess.run(["dd", "if=/dev/urandom", f"of={volume}", "bs=1M", "count=1024", "status=none"], check=True)

@@ -497,10 +497,7 @@ def main():
 def measure(scratch, binary, commit):
     started = time.time()
     load = {"start": loadavg(), "rounds": []}
-    secret = os.path.join(scratch, "secret")
-    with open(secret, "w") as f:
-        f.write(os.urandom(32).hex())
-    os.chmod(secret, 0o600)
+    secret = mirror.write_secret(scratch)
     volume = os.path.join(scratch, "production.img")
     log("filling the 1 GiB volume from /dev/urandom")
     subprocess.run(["dd", "if=/dev/urandom", f"of={volume}", "bs=1M", "count=1024", "status=none"], check=True)

@@ -217,10 +217,7 @@ def main():
     scratch = tempfile.mkdtemp(prefix="crossmirror-wan-", dir=SCRATCH_PARENT)
     results = {}
     try:
-        secret = os.path.join(scratch, "secret")
-        with open(secret, "w") as f:
-            f.write(os.urandom(32).hex())
-        os.chmod(secret, 0o600)
+        secret = mirror.write_secret(scratch)
         for rate_mbit, round_trip_ms in LINKS:
             rig = Rig(rig_binary, rate_mbit, round_trip_ms)
             try:

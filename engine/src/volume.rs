@@ -336,7 +336,8 @@ impl Volume {
     /// resync and verify, which read whole regions off the hot path.
     ///
     /// On a buffered volume the read is uncached where the kernel can
-    /// (`RWF_DONTCACHE`, Linux 6.14 and later): pages it reads in leave the
+    /// (`RWF_DONTCACHE`, used from Linux 6.16 on: [`uncached_io_trusted`]):
+    /// pages it reads in leave the
     /// page cache once copied out, pages cached already stay. A resync reads
     /// the whole volume; read the cached way, its readahead leaves the page
     /// cache full of large folios, and on ext4 with large folios every later
@@ -726,6 +727,21 @@ mod tests {
         let result = unsafe { libc::mincore(map.as_ptr() as *mut libc::c_void, len, resident.as_mut_ptr()) };
         assert_eq!(result, 0, "mincore: {}", io::Error::last_os_error());
         resident.iter().filter(|byte| **byte & 1 == 1).count()
+    }
+
+    /// A resync read the file cannot fill (it was cut short under the
+    /// volume) fails with UnexpectedEof after the short read, not with the
+    /// bytes before the end read twice.
+    #[test]
+    fn a_resync_read_past_the_end_of_the_file_fails() {
+        let directory = disk_directory();
+        let (volume, path) = buffered(&directory, "volume.img", 4 * MIB);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[7u8; 4096], 0).unwrap();
+        file.set_len(4096).unwrap();
+        let error = volume.read_synchronously(0, 8192).expect_err("a read past the end of the file");
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof, "{error}");
+        assert_eq!(volume.read_synchronously(0, 4096).unwrap(), vec![7u8; 4096]);
     }
 
     /// On a buffered copy's store, resync data is written uncached (where
