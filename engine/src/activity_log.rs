@@ -19,17 +19,21 @@
 //! always (one msync) before the log forgets an extent, since from then on
 //! only the bitmap remembers it.
 //!
-//! The file (`<volume>.cmal`) holds two blocks of equal size, A at offset 0
-//! and B right after it; transaction number `n` is written to block `n % 2`,
-//! so a torn write can only damage the block being written, and the other
-//! one still holds the transaction before it (whose extents are a superset
-//! of what was durable then: an extent is only dropped after the bitmap
-//! holds it durably). A block:
+//! The file (`<volume>.cmal`) holds three blocks of equal size, at offsets
+//! 0, one block and two blocks; transaction number `n` is written to block
+//! `n % 3`. Up to two transactions are written at once (the device takes
+//! both writes and both cache flushes together), and whichever finishes
+//! makes every earlier one's extents durable too: each lists every extent
+//! logged when it started, less those a bitmap sync already carried. A
+//! third transaction only starts once one of the two is durable, so the
+//! block it overwrites never holds the newest durable transaction, and a
+//! torn write can only damage a block whose transaction was not yet
+//! counted. Reading takes the newest valid block. A block:
 //!
 //! ```text
 //!  offset size field         meaning
 //!       0    8 magic         "CMACTLOG"
-//!       8    4 version       1
+//!       8    4 version       2 (version 1: a file of two blocks)
 //!      12    4 count         extents listed
 //!      16    8 sequence      the transaction's number (the newer valid block wins)
 //!      24    8 extent_bytes  bytes per extent
@@ -38,16 +42,21 @@
 //!      40      count little-endian u64 extent numbers, then zeroes to the block's end
 //! ```
 //!
-//! The block size is the file's length divided by two; a log of another
-//! size (the setting changed) is read as found and replaced whole (through
-//! a new file renamed into place) when it is opened.
+//! The block size is the file's length divided by three. A version-1 log
+//! (two blocks, from an earlier release) is still read, and, like a log of
+//! another size (the setting changed), replaced whole (through a new file
+//! renamed into place) when it is opened. The file is written with O_DIRECT
+//! where the file system allows it: buffered, two transactions' fdatasyncs
+//! on one file run one after the other.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+
+use crate::buffer::AlignedBuf;
 
 /// The suffix appended to a volume's path to name its activity log.
 pub const ACTIVITY_LOG_FILE_SUFFIX: &str = ".cmal";
@@ -59,7 +68,14 @@ pub const EXTENT_BYTES_DEFAULT: u64 = 4 << 20;
 pub const EXTENTS_MAX: u64 = 1 << 16;
 
 const MAGIC: [u8; 8] = *b"CMACTLOG";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// Blocks in the file.
+const BLOCKS: u64 = 3;
+/// Transactions written at once: one fewer than the blocks, so the block a
+/// transaction overwrites is older than the newest durable one.
+pub const WRITERS: usize = 2;
+/// The layout before this one: two blocks, one transaction at a time.
+const VERSION_TWO_BLOCKS: u32 = 1;
 const ENTRIES_OFFSET: usize = 40;
 const CRC_OFFSET: usize = 32;
 
@@ -68,9 +84,9 @@ fn block_bytes(capacity: usize) -> usize {
     (ENTRIES_OFFSET + capacity * 8).div_ceil(4096) * 4096
 }
 
-/// Encode one transaction.
-fn encode(sequence: u64, extent_bytes: u64, extents: &[u64], block: usize) -> Vec<u8> {
-    let mut bytes = vec![0u8; block];
+/// Encode one transaction into `bytes` (a whole block).
+fn encode(sequence: u64, extent_bytes: u64, extents: &[u64], bytes: &mut [u8]) {
+    bytes.fill(0);
     bytes[0..8].copy_from_slice(&MAGIC);
     bytes[8..12].copy_from_slice(&VERSION.to_le_bytes());
     bytes[12..16].copy_from_slice(&(extents.len() as u32).to_le_bytes());
@@ -80,9 +96,8 @@ fn encode(sequence: u64, extent_bytes: u64, extents: &[u64], block: usize) -> Ve
         let at = ENTRIES_OFFSET + index * 8;
         bytes[at..at + 8].copy_from_slice(&extent.to_le_bytes());
     }
-    let crc = block_crc(&bytes, extents.len());
+    let crc = block_crc(bytes, extents.len());
     bytes[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
-    bytes
 }
 
 fn block_crc(bytes: &[u8], count: usize) -> u32 {
@@ -103,15 +118,16 @@ pub struct Transaction {
     pub extents: Vec<u64>,
 }
 
-/// Decode a block, or `None` when it is not a whole, valid transaction.
-fn decode(bytes: &[u8]) -> Option<Transaction> {
+/// Decode a block of a file laid out as `version` says, or `None` when it
+/// is not a whole, valid transaction of that version.
+fn decode(bytes: &[u8], version: u32) -> Option<Transaction> {
     if bytes.len() < ENTRIES_OFFSET || bytes[0..8] != MAGIC {
         return None;
     }
     let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
     let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     let count = u32_at(12) as usize;
-    if u32_at(8) != VERSION || ENTRIES_OFFSET + count * 8 > bytes.len() {
+    if u32_at(8) != version || ENTRIES_OFFSET + count * 8 > bytes.len() {
         return None;
     }
     if u32_at(CRC_OFFSET) != block_crc(bytes, count) {
@@ -136,17 +152,21 @@ pub enum Found {
     Damaged,
 }
 
-/// Read the log at `path`: the newest of its two blocks that is whole.
+/// Read the log at `path`: the newest of its blocks that is whole (three
+/// blocks, or two in a version-1 log).
 pub fn read(path: &Path) -> io::Result<Found> {
     let bytes = match fs::read(path) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Found::Missing),
         Err(error) => return Err(error),
     };
-    let half = bytes.len() / 2;
-    let newest = [&bytes[..half], &bytes[half..half * 2]]
+    let bytes = &bytes;
+    let newest = [(BLOCKS as usize, VERSION), (2, VERSION_TWO_BLOCKS)]
         .into_iter()
-        .filter_map(decode)
+        .flat_map(|(blocks, version)| {
+            let block = bytes.len() / blocks;
+            (0..blocks).filter_map(move |index| decode(&bytes[index * block..(index + 1) * block], version))
+        })
         .max_by_key(|transaction| transaction.sequence);
     Ok(newest.map_or(Found::Damaged, Found::Valid))
 }
@@ -184,29 +204,37 @@ struct State {
     listed: Vec<u64>,
     /// The transaction now collecting new extents.
     next: u64,
-    /// Every transaction up to this one is durable.
+    /// Every transaction up to this one is durable (or, a later one being,
+    /// covered by it).
     durable: u64,
-    /// A writer is writing a transaction.
-    committing: bool,
+    /// Transactions being written (at most [`WRITERS`]).
+    in_flight: usize,
+    /// A transaction that dropped extents is syncing the bitmap: no other
+    /// starts until it is done, since one written meanwhile would no longer
+    /// list them while the bitmap may not yet hold their bits.
+    evicting: bool,
     /// The use clock.
     clock: u64,
-    /// The on-disk sequence number of the last block written.
+    /// The on-disk sequence number of the last transaction started.
     sequence: u64,
     /// A failed write: the log's content on disk is unknown, every commit fails.
     failed: Option<String>,
-    /// Transactions written, and of them those that had to msync the bitmap first.
+    /// Transactions written, of them those that had to msync the bitmap
+    /// first, and those started while another was being written.
     transactions: u64,
     bitmap_syncs: u64,
+    overlapped: u64,
     /// Extents wait for transaction `next`, which no writer has started.
     pending: bool,
     /// Called once the transaction each waits for is durable (or the log failed).
     wakers: Wakers,
     /// [`ActivityLog::run_writer`] is asked to end.
     stopping: bool,
-    /// Durable extents dropped for the transaction being written, until the
-    /// bitmap sync before it has carried their bits: the block on disk still
-    /// lists them meanwhile. For [`ActivityLog::covers`].
-    leaving: Vec<u64>,
+    /// Extents dropped for the transaction being written, each with the
+    /// earlier transaction that lists it, until the bitmap sync before it
+    /// has carried their bits: the block of that transaction still lists
+    /// them meanwhile, once it is durable. For [`ActivityLog::covers`].
+    leaving: Vec<(u64, u64)>,
 }
 
 /// Wakes a writer waiting for a transaction without blocking (an event
@@ -230,6 +258,8 @@ pub struct ActivityLogStats {
     pub transactions: u64,
     /// Of those, how many synced the bitmap first (they dropped extents).
     pub bitmap_syncs: u64,
+    /// Of those, how many started while another was being written.
+    pub overlapped: u64,
     /// Extents in the log now.
     pub extents: usize,
 }
@@ -239,6 +269,8 @@ pub struct ActivityLogStats {
 pub struct ActivityLog {
     path: PathBuf,
     file: File,
+    /// `file` is open with O_DIRECT: blocks are written from aligned memory.
+    direct: bool,
     extent_shift: u32,
     capacity: usize,
     block: usize,
@@ -262,17 +294,28 @@ impl ActivityLog {
         assert!((1..=EXTENTS_MAX as usize).contains(&capacity), "1 to {EXTENTS_MAX} extents");
         let block = block_bytes(capacity);
         let file = crate::durable_file::create_whole(path, |file| {
-            // Block B stays zeroes (invalid); block A says "empty" at `sequence + 1`.
-            file.set_len(2 * block as u64).map_err(|source| ("size", source))?;
-            file.write_all_at(&encode(sequence + 1, extent_bytes, &[], block), 0)
-                .map_err(|source| ("write", source))?;
-            // Allocate block B too: its first write must not need the file system's metadata.
-            file.write_all_at(&vec![0u8; block], block as u64).map_err(|source| ("write", source))
+            // Block 0 says "empty" at `sequence + 1`; the others stay zeroes
+            // (invalid), written now so that no transaction's write needs
+            // the file system's metadata.
+            let mut bytes = vec![0u8; BLOCKS as usize * block];
+            encode(sequence + 1, extent_bytes, &[], &mut bytes[..block]);
+            file.write_all_at(&bytes, 0).map_err(|source| ("write", source))
         })
         .map_err(|(action, source)| ActivityLogError { path: path.to_path_buf(), action, source })?;
+        // Written with O_DIRECT where the file system takes it: two
+        // transactions' writes and syncs then run at once.
+        let (file, direct) = match fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+            Ok(direct) => (direct, true),
+            Err(error) => {
+                tracing::info!(log = %path.display(), %error, "the activity log is written through the page cache \
+                    (O_DIRECT refused): its transactions are written one after the other");
+                (file, false)
+            }
+        };
         Ok(ActivityLog {
             path: path.to_path_buf(),
             file,
+            direct,
             extent_shift: extent_bytes.trailing_zeros(),
             capacity,
             block,
@@ -281,12 +324,14 @@ impl ActivityLog {
                 listed: Vec::new(),
                 next: 1,
                 durable: 0,
-                committing: false,
+                in_flight: 0,
+                evicting: false,
                 clock: 0,
                 sequence: sequence + 1,
                 failed: None,
                 transactions: 0,
                 bitmap_syncs: 0,
+                overlapped: 0,
                 pending: false,
                 wakers: Wakers::default(),
                 stopping: false,
@@ -305,6 +350,12 @@ impl ActivityLog {
     /// The most extents the log holds.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Whether the log is written with O_DIRECT, so that two transactions'
+    /// writes and syncs overlap (buffered, they run one after the other).
+    pub fn writes_direct(&self) -> bool {
+        self.direct
     }
 
     /// The log file's path.
@@ -328,7 +379,7 @@ impl ActivityLog {
         let state = self.lock();
         extents.into_iter().all(|extent| {
             state.extents.get(&extent).is_some_and(|entry| entry.transaction <= state.durable)
-                || state.leaving.contains(&extent)
+                || state.leaving.iter().any(|&(left, listed)| left == extent && listed <= state.durable)
         })
     }
 
@@ -338,6 +389,7 @@ impl ActivityLog {
         ActivityLogStats {
             transactions: state.transactions,
             bitmap_syncs: state.bitmap_syncs,
+            overlapped: state.overlapped,
             extents: state.extents.len(),
         }
     }
@@ -369,7 +421,9 @@ impl ActivityLog {
             if state.durable >= wanted {
                 return Ok(());
             }
-            if state.committing {
+            // Wait while the transaction for `wanted` is under way, or none
+            // may start now.
+            if wanted < state.next || !Self::may_start(&state) {
                 state = self.committed.wait(state).unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
@@ -423,17 +477,18 @@ impl ActivityLog {
         state.wakers.0.push((transaction, waker));
     }
 
-    /// The writer thread: write a transaction whenever extents are pending,
+    /// A writer thread: write a transaction whenever extents are pending,
     /// until [`ActivityLog::stop_writer`] (pending extents are written
-    /// first) or a failure. Transactions go out back to back: the extents
-    /// asked for while one is written all go in the next.
+    /// first) or a failure. Run it on [`WRITERS`] threads: the extents asked
+    /// for while one transaction is written go in the next, which another
+    /// thread writes at the same time.
     pub fn run_writer<E>(&self, sync_bitmap: impl Fn() -> Result<(), E>) {
         let mut state = self.lock();
         loop {
             if state.failed.is_some() || (state.stopping && !state.pending) {
                 return;
             }
-            if !state.pending || state.committing {
+            if !state.pending || !Self::may_start(&state) {
                 state = self.work.wait(state).unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
@@ -472,49 +527,62 @@ impl ActivityLog {
         wanted
     }
 
+    /// Whether a transaction may start now: fewer than [`WRITERS`] are
+    /// being written, and no bitmap sync for dropped extents is under way.
+    fn may_start(state: &State) -> bool {
+        state.in_flight < WRITERS && !state.evicting
+    }
+
     /// Write transaction `next` with every extent logged so far (dropping
     /// the least recently used first if the log is full, after
-    /// `sync_bitmap`), and wake whoever waits for it. Called with no
-    /// transaction under way; returns with the lock held again.
+    /// `sync_bitmap`), and wake whoever waits for it. Called when
+    /// [`ActivityLog::may_start`]; returns with the lock held again.
     fn write_transaction<'a, E>(
         &'a self,
         mut state: MutexGuard<'a, State>,
         sync_bitmap: &impl Fn() -> Result<(), E>,
     ) -> (MutexGuard<'a, State>, Result<(), CommitError<E>>) {
-        state.committing = true;
+        state.overlapped += u64::from(state.in_flight > 0);
+        state.in_flight += 1;
         state.pending = false;
         let transaction = state.next;
         state.next += 1;
         let dropped = self.make_room(&mut state, transaction);
+        state.evicting = dropped;
         let listed = state.listed.clone();
-        let sequence = state.sequence + 1;
+        state.sequence += 1;
+        let sequence = state.sequence;
         drop(state);
         let written = (|| {
             if dropped {
-                sync_bitmap().map_err(CommitError::Bitmap)?;
-                // The bitmap carries their bits now; a write marking one of
-                // them again waits for a later transaction.
-                self.lock().leaving.clear();
+                let synced = sync_bitmap();
+                // The bitmap carries their bits now (a write marking one of
+                // them again waits for a later transaction), and later
+                // transactions may start; after a failed sync the log fails
+                // below before any can.
+                let mut state = self.lock();
+                state.leaving.clear();
+                state.evicting = synced.is_err();
+                drop(state);
+                synced.map_err(CommitError::Bitmap)?;
+                self.work.notify_all();
+                self.committed.notify_all();
             }
-            let bytes = encode(sequence, self.extent_bytes(), &listed, self.block);
-            let at = (sequence % 2) * self.block as u64;
-            self.file.write_all_at(&bytes, at).and_then(|()| self.file.sync_data()).map_err(|source| {
-                CommitError::Io(ActivityLogError { path: self.path.clone(), action: "write a transaction", source })
-            })
+            self.write_block(sequence, &listed, "write a transaction").map_err(CommitError::Io)
         })();
         let mut state = self.lock();
-        state.committing = false;
-        state.leaving.clear();
+        state.in_flight -= 1;
         match &written {
             Ok(()) => {
-                state.sequence = sequence;
-                state.durable = transaction;
+                // A later transaction may have finished first: it covers
+                // this one already.
+                state.durable = state.durable.max(transaction);
                 state.transactions += 1;
                 state.bitmap_syncs += u64::from(dropped);
             }
-            // A failed write may have torn either... only this block; the
-            // other still holds the last transaction, but a later write
-            // could not be trusted either: stop committing.
+            // A failed write may have torn this block only; the others
+            // still hold what was durable, but a later write could not be
+            // trusted either: stop committing.
             Err(CommitError::Io(error)) => state.failed = Some(error.to_string()),
             // The bitmap could not be synced: nothing was written, the
             // dropped extents' writes are not covered. Fail for good too.
@@ -531,6 +599,18 @@ impl ActivityLog {
             waker();
         }
         (self.lock(), written)
+    }
+
+    /// Write the transaction numbered `sequence` listing `extents` to its
+    /// block, durably (write, then fdatasync).
+    fn write_block(&self, sequence: u64, extents: &[u64], action: &'static str) -> Result<(), ActivityLogError> {
+        let mut buffer = AlignedBuf::new(self.block);
+        encode(sequence, self.extent_bytes(), extents, buffer.as_mut_slice());
+        let at = (sequence % BLOCKS) * self.block as u64;
+        self.file
+            .write_all_at(buffer.as_slice(), at)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|source| ActivityLogError { path: self.path.clone(), action, source })
     }
 
     /// Drop extents until the log fits, least recently used first, never
@@ -559,8 +639,10 @@ impl ActivityLog {
                 break;
             }
             if let Some(entry) = state.extents.remove(&extent) {
-                if entry.transaction <= state.durable {
-                    state.leaving.push(extent);
+                // Listed by a transaction before this one (durable, or
+                // being written): on disk there until the bitmap holds it.
+                if entry.transaction < transaction {
+                    state.leaving.push((extent, entry.transaction));
                 }
                 state.listed.swap_remove(entry.slot);
                 if let Some(&moved) = state.listed.get(entry.slot) {
@@ -575,17 +657,12 @@ impl ActivityLog {
     /// bitmap was made durable with no write in flight (a clean close).
     pub fn clear(&self) -> Result<(), ActivityLogError> {
         let mut state = self.lock();
-        while state.committing {
+        while state.in_flight > 0 {
             state = self.committed.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
+        // Written with the lock held: no transaction starts meanwhile.
         let sequence = state.sequence + 1;
-        let bytes = encode(sequence, self.extent_bytes(), &[], self.block);
-        let at = (sequence % 2) * self.block as u64;
-        self.file.write_all_at(&bytes, at).and_then(|()| self.file.sync_data()).map_err(|source| ActivityLogError {
-            path: self.path.clone(),
-            action: "write an empty transaction",
-            source,
-        })?;
+        self.write_block(sequence, &[], "write an empty transaction")?;
         state.sequence = sequence;
         state.extents.clear();
         state.listed.clear();
@@ -674,7 +751,7 @@ mod tests {
         assert_eq!(log.stats().transactions, 1, "an extent already logged needs no transaction");
     }
 
-    /// A torn write of the newer block leaves the older one, which lists
+    /// A torn write of the newest block leaves the one before, which lists
     /// every extent the torn one would have kept (a superset of what was
     /// durable before it).
     #[test]
@@ -684,16 +761,60 @@ mod tests {
         let log = ActivityLog::create(&path, 1 << 20, 8, 0).unwrap();
         log.commit([1], ok).unwrap();
         log.commit([2], ok).unwrap();
+        log.commit([3], ok).unwrap();
         let Found::Valid(newest) = read(&path).unwrap() else { panic!() };
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * block_bytes(8) as u64, "three blocks");
         // Tear the newest block: half of its first page is old data.
         let block = block_bytes(8) as u64;
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        file.write_all_at(&[0xa5; 20], (newest.sequence % 2) * block + 20).unwrap();
+        file.write_all_at(&[0xa5; 20], (newest.sequence % BLOCKS) * block + 20).unwrap();
         let Found::Valid(previous) = read(&path).unwrap() else { panic!("the older block is whole") };
         assert_eq!(previous.sequence, newest.sequence - 1);
-        assert_eq!(previous.extents, [1]);
-        // Both torn: damaged.
-        file.write_all_at(&[0xa5; 20], (previous.sequence % 2) * block + 36).unwrap();
+        assert_eq!(previous.extents, [1, 2]);
+        // All torn: damaged.
+        for sequence in [previous.sequence, previous.sequence - 1] {
+            file.write_all_at(&[0xa5; 20], (sequence % BLOCKS) * block + 36).unwrap();
+        }
+        assert_eq!(read(&path).unwrap(), Found::Damaged);
+    }
+
+    /// A log of the layout before this one (version 1: two blocks, written
+    /// by an earlier release and left by a crash) is still read: its newest
+    /// whole block. A version-1 block is not taken for a block of the new
+    /// layout, nor the other way round.
+    #[test]
+    fn a_version_one_log_of_two_blocks_is_still_read() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let block = block_bytes(8);
+        let version_one = |sequence: u64, extents: &[u64]| {
+            let mut bytes = vec![0u8; block];
+            encode(sequence, 1 << 20, extents, &mut bytes);
+            bytes[8..12].copy_from_slice(&VERSION_TWO_BLOCKS.to_le_bytes());
+            let crc = block_crc(&bytes, extents.len());
+            bytes[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+            bytes
+        };
+        // Sequence 8 in block 0, 9 in block 1 (n % 2).
+        let mut file = version_one(8, &[4]);
+        file.extend(version_one(9, &[4, 5]));
+        std::fs::write(&path, &file).unwrap();
+        assert_eq!(
+            read(&path).unwrap(),
+            Found::Valid(Transaction { sequence: 9, extent_bytes: 1 << 20, extents: vec![4, 5] })
+        );
+        // Torn newer block: the older one.
+        file[block + 20] ^= 0xff;
+        std::fs::write(&path, &file).unwrap();
+        assert_eq!(
+            read(&path).unwrap(),
+            Found::Valid(Transaction { sequence: 8, extent_bytes: 1 << 20, extents: vec![4] })
+        );
+        // A version-2 block where the two-block layout puts one is not read
+        // as one (nor a version-1 block as a version-2 one).
+        let mut bytes = vec![0u8; 2 * block];
+        encode(5, 1 << 20, &[1], &mut bytes[block..]);
+        std::fs::write(&path, &bytes).unwrap();
         assert_eq!(read(&path).unwrap(), Found::Damaged);
     }
 
@@ -844,6 +965,83 @@ mod tests {
         assert_eq!(logged(&path).len(), 400);
         let transactions = log.stats().transactions;
         assert!(transactions < 400, "{transactions} transactions for 400 commits: no group commit");
+    }
+
+    /// Two transactions are written at once (on a file system that takes
+    /// O_DIRECT, as the disk under /var/tmp does): writers committing new
+    /// extents from four threads start transactions while another is being
+    /// written, each commit's extents are covered when it returns, and the
+    /// newest block lists every extent. Fails with one writer at a time.
+    #[test]
+    fn two_transactions_are_written_at_once() {
+        let directory = tempfile::tempdir_in("/var/tmp").unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = Arc::new(ActivityLog::create(&path, 1 << 20, 1024, 0).unwrap());
+        assert!(log.writes_direct(), "the log on /var/tmp is written with O_DIRECT");
+        let threads: Vec<_> = (0..4u64)
+            .map(|thread| {
+                let log = Arc::clone(&log);
+                std::thread::spawn(move || {
+                    for index in 0..100u64 {
+                        log.commit([thread * 1000 + index], ok).unwrap();
+                        assert!(log.covers([thread * 1000 + index]), "a commit returned before its extent was durable");
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(logged(&path).len(), 400);
+        let stats = log.stats();
+        assert!(stats.overlapped > 0, "no transaction started while another was written: {stats:?}");
+        assert_eq!(log.lock().in_flight, 0);
+    }
+
+    /// While a transaction that dropped extents syncs the bitmap, no other
+    /// transaction starts: one written then would no longer list the
+    /// dropped extents, while their bits may not be durable yet. A commit
+    /// of a new extent during the sync waits for it, and the block on disk
+    /// lists every dropped extent until the sync is done. Fails when a
+    /// transaction may start during an eviction's sync.
+    #[test]
+    fn no_transaction_starts_while_an_eviction_syncs_the_bitmap() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = Arc::new(ActivityLog::create(&path, 1 << 20, 4, 0).unwrap());
+        log.commit(0..4, ok).unwrap();
+        let (syncing_tx, syncing) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let evicting = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                log.commit([4], || -> Result<(), ()> {
+                    syncing_tx.send(()).unwrap();
+                    released.recv().unwrap();
+                    Ok(())
+                })
+            })
+        };
+        syncing.recv().unwrap();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let other = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                log.commit([9], ok).unwrap();
+                done_tx.send(()).unwrap();
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(done.try_recv().is_err(), "a commit finished while an eviction's bitmap sync ran");
+        assert_eq!(
+            logged(&path),
+            [0, 1, 2, 3],
+            "a transaction without the dropped extents was written before the sync"
+        );
+        release.send(()).unwrap();
+        evicting.join().unwrap().unwrap();
+        other.join().unwrap();
+        assert!(logged(&path).contains(&9) && log.covers([4, 9]));
     }
 
     /// clear leaves an empty log that a reopen reads as empty, at a newer sequence.

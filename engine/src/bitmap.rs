@@ -675,8 +675,8 @@ impl WriteIntentBitmap {
     }
 
     /// Whether the bitmap has an activity log, and then get its writer
-    /// ready: call [`WriteIntentBitmap::run_log_writer`] on a thread of its
-    /// own next. [`WriteIntentBitmap::commit_submit`] stops waiting for
+    /// ready: call [`WriteIntentBitmap::run_log_writer`] on
+    /// [`activity_log::WRITERS`] threads of their own next. [`WriteIntentBitmap::commit_submit`] stops waiting for
     /// transactions from now on.
     pub fn start_log_writer(&self) -> bool {
         let Some(log) = &self.activity_log else { return false };
@@ -685,7 +685,7 @@ impl WriteIntentBitmap {
         true
     }
 
-    /// The activity log's writer thread: writes the transactions
+    /// An activity-log writer thread: writes the transactions
     /// [`WriteIntentBitmap::commit_submit`] asks for, until
     /// [`WriteIntentBitmap::stop_log_writer`].
     pub fn run_log_writer(&self) {
@@ -694,7 +694,7 @@ impl WriteIntentBitmap {
         }
     }
 
-    /// End the writer thread: submitted transactions are written first,
+    /// End the writer threads: submitted transactions are written first,
     /// and commits from then on wait as [`WriteIntentBitmap::commit`] does.
     pub fn stop_log_writer(&self) {
         self.log_writer.store(false, Ordering::Release);
@@ -1683,9 +1683,15 @@ mod tests {
         assert_eq!(bitmap.dirty_bytes(0), 64 * MIB, "a log missing after a crash: full resync");
         bitmap.close_clean().unwrap();
         drop(bitmap);
-        OpenOptions::new().write(true).open(&log).unwrap().write_all_at(&[0xff; 64], 0).unwrap();
         let file_length = fs::metadata(&log).unwrap().len();
-        OpenOptions::new().write(true).open(&log).unwrap().write_all_at(&[0xff; 64], file_length / 2).unwrap();
+        for block in 0..3 {
+            OpenOptions::new()
+                .write(true)
+                .open(&log)
+                .unwrap()
+                .write_all_at(&[0xff; 64], block * file_length / 3)
+                .unwrap();
+        }
         let (bitmap, recovery) = reopen(16);
         assert_eq!(recovery, LogRecovery::Damaged);
         assert_eq!(bitmap.dirty_bytes(1), 64 * MIB, "a damaged log: full resync");
