@@ -190,6 +190,20 @@ def iperf(scratch):
         server.wait(timeout=10)
 
 
+def disk_write_rate(scratch):
+    """MB/s of fio O_DIRECT 1 MiB sequential writes (QD16, 5 s) to a 1 GiB file in `scratch`: the
+    most a --direct copy host whose store is on this file system can write."""
+    path = os.path.join(scratch, "disk-rate.img")
+    try:
+        output = subprocess.run(["fio", "--name=disk", f"--filename={path}", "--size=1G", "--rw=write", "--bs=1M",
+                                 "--iodepth=16", "--ioengine=io_uring", "--direct=1", "--time_based", "--runtime=5",
+                                 "--output-format=json"], capture_output=True, text=True, check=True).stdout
+        return json.loads(output[output.find("{"):])["jobs"][0]["write"]["bw_bytes"] / 1e6
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
 def resync(scratch, binary, secret, direct):
     """A new copy of a fully written 1 GiB volume: time its initial sync
     (with `direct`, the copy host runs with --direct)."""
@@ -295,17 +309,19 @@ def main():
         subprocess.run(["sync"], check=True)
         log("loopback TCP throughput (iperf3, 5 s)")
         tcp = iperf(scratch)
+        log("the disk's O_DIRECT sequential write rate (fio, 5 s): what a --direct copy host's store takes")
+        disk = disk_write_rate(scratch)
         resyncs = {}
         for direct in (False, True):
             log(f"resync of 1 GiB (a new copy's full sync), copy host {'--direct' if direct else 'buffered'}")
             resyncs[direct] = resync(scratch, binary, secret, direct)
-        emit(render(results, commit, tcp, resyncs))
+        emit(render(results, commit, tcp, disk, resyncs))
     finally:
         if os.environ.get("KEEP") != "1":
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def render(results, commit, tcp, resyncs):
+def render(results, commit, tcp, disk, resyncs):
     lines = [
         "# Mirroring benchmark",
         "",
@@ -331,7 +347,9 @@ def render(results, commit, tcp, resyncs):
         lines.append(
             f"Resync to a {'--direct' if direct else 'buffered'} copy host: {resynced / 2**30:.2f} GiB in {seconds:.1f} s "
             f"(resync pass: 'connected' to 'up to date' in the production log) = {rate:.0f} MB/s; "
-            f"loopback TCP (iperf3, one stream) {tcp:.0f} MB/s; ratio {rate / tcp:.2f}")
+            f"loopback TCP (iperf3, one stream) {tcp:.0f} MB/s; ratio {rate / tcp:.2f}"
+            + (f"; the disk under the copy's store (fio O_DIRECT 1M sequential writes, QD16) {disk:.0f} MB/s, "
+               f"resync / disk {rate / disk:.2f}" if direct else ""))
     lines.append("")
     return "\n".join(lines)
 
