@@ -175,6 +175,11 @@ pub enum Event {
     Switchover {
         /// The copy site to produce from.
         to: String,
+        /// The record's epoch this node showed when the operator asked
+        /// (`None`: it had read none; the record the core holds then
+        /// counts): a request that waited in a queue while the role moved
+        /// is refused, not carried out after the move.
+        asked_at: Option<u64>,
     },
     /// The operator asked for copy site `site` to be promoted although it
     /// may lack acknowledged writes (`--accept-data-loss`).
@@ -443,8 +448,9 @@ impl Core {
             }
             Event::Leader(leader) => self.leader = leader,
             Event::Tick { now_ms } => self.now_ms = now_ms,
-            Event::Switchover { to } => {
-                self.switchover_asked = Some((to, self.record.as_ref().map(|record| record.epoch)));
+            Event::Switchover { to, asked_at } => {
+                let epoch = asked_at.or_else(|| self.record.as_ref().map(|record| record.epoch));
+                self.switchover_asked = Some((to, epoch));
             }
             Event::Promote { site } => self.promotion_asked = Some(site),
             Event::Serving { store } => self.serving_store = Some(store),

@@ -515,7 +515,7 @@ fn a_clean_switchover_hands_the_store_over_and_the_new_production_host_resyncs_o
     assert_eq!(a.step(Event::Serving { store: token.clone() }), vec![]);
     let current = next(&joined, |record| record.copies[0].state = CopyRecordState::Current);
     a.step(Event::Record(Some(current.clone())));
-    let commands = a.step(Event::Switchover { to: "west".into() });
+    let commands = a.step(Event::Switchover { to: "west".into(), asked_at: None });
     let [Command::StopProduction, Command::Write { .. }] = &commands[..] else { panic!("{commands:?}") };
     // The write conflicts (the copy's state was recorded meanwhile): the
     // retry still hands the stopped store over.
@@ -586,7 +586,7 @@ fn a_switchover_asked_for_before_the_production_role_moved_is_refused_not_carrie
     assert_eq!(b1.step(Event::Record(Some(current.clone()))), vec![]);
     let asked = next(&current, |record| record.switchover = Some("west".into()));
     assert_eq!(
-        b1.step(Event::Switchover { to: "west".into() }),
+        b1.step(Event::Switchover { to: "west".into(), asked_at: None }),
         vec![write(&current, &asked, "switchover to site west asked for")]
     );
     assert_eq!(b1.step(Event::Conflict), vec![]);
@@ -608,6 +608,28 @@ fn a_switchover_asked_for_before_the_production_role_moved_is_refused_not_carrie
     let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
     assert!(message.contains("switchover to west refused: the production role moved"), "{message}");
     assert_eq!(b1.step(Event::Tick { now_ms: 1 }), vec![], "said once, not asked again");
+}
+
+/// A request that waited in the node's queue while the role moved (the
+/// node thread takes requests between its reads of the record): the epoch
+/// the node showed when the operator asked is older than the record the
+/// core holds when it takes the request, so it is refused and nothing is
+/// written, as for a request whose write lost to the move.
+#[test]
+fn a_switchover_that_waited_in_the_queue_while_the_role_moved_is_refused() {
+    let (mut b1, joined) = joined_node("b1", false, &["a", "w"]);
+    assert_eq!(b1.step(Event::Written(joined.clone())), vec![]);
+    let current = next(&joined, |record| record.copies[0].state = CopyRecordState::Current);
+    assert_eq!(b1.step(Event::Record(Some(current.clone()))), vec![]);
+    let moved = next(&current, |record| {
+        record.epoch += 1;
+        record.generation += 1;
+        record.push_history("a");
+    });
+    b1.step(Event::Record(Some(moved)));
+    let commands = b1.step(Event::Switchover { to: "west".into(), asked_at: Some(current.epoch) });
+    let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
+    assert!(message.contains("switchover to west refused: the production role moved"), "{message}");
 }
 
 /// A copy host refuses this node's epoch (another production host took

@@ -127,6 +127,8 @@ pub enum Request {
     Switchover {
         /// The copy site.
         to: String,
+        /// The record's epoch the node's status showed when it was asked.
+        asked_at: Option<u64>,
     },
     /// A forced promotion of copy site `site` (`--accept-data-loss`).
     Promote {
@@ -502,9 +504,9 @@ impl Shell<'_> {
             }
             for request in std::mem::take(&mut *requests.lock().unwrap_or_else(PoisonError::into_inner)) {
                 match request {
-                    Request::Switchover { to } => {
-                        tracing::info!(to = %to, "switchover to site {to} asked for");
-                        self.events.push(Event::Switchover { to });
+                    Request::Switchover { to, asked_at } => {
+                        tracing::info!(to = %to, ?asked_at, "switchover to site {to} asked for");
+                        self.events.push(Event::Switchover { to, asked_at });
                     }
                     Request::Promote { site } => {
                         tracing::warn!(site = %site, "forced promotion of site {site} asked for (--accept-data-loss)");

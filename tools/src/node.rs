@@ -75,7 +75,11 @@ fn run_one(config: GroupConfig, name: String) -> anyhow::Result<()> {
         let handler: crate::http::Handler = Arc::new(move |request: &crate::http::Request| {
             match (request.method.as_str(), request.path.as_str()) {
                 ("GET", "/status") => (200, board.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()),
-                ("POST", "/switchover") => switchover_request(&request.query, &sites, &requests),
+                ("POST", "/switchover") => {
+                    let epoch =
+                        board.lock().unwrap_or_else(std::sync::PoisonError::into_inner)["record"]["epoch"].as_u64();
+                    switchover_request(&request.query, &sites, &requests, epoch)
+                }
                 ("POST", "/promote") => promote_request(&request.query, &sites, &requests),
                 _ => (
                     404,
@@ -93,8 +97,15 @@ fn run_one(config: GroupConfig, name: String) -> anyhow::Result<()> {
     result.map_err(anyhow::Error::msg)
 }
 
-/// `POST /switchover?to=SITE`: queue the request for the node thread.
-fn switchover_request(query: &str, sites: &[String], requests: &Requests) -> (u16, serde_json::Value) {
+/// `POST /switchover?to=SITE`: queue the request for the node thread, with
+/// the record's epoch the node shows now (`epoch`): if the production role
+/// has moved by the time the node thread takes it, it is refused.
+fn switchover_request(
+    query: &str,
+    sites: &[String],
+    requests: &Requests,
+    epoch: Option<u64>,
+) -> (u16, serde_json::Value) {
     let to = query.split('&').find_map(|pair| pair.strip_prefix("to=")).unwrap_or_default();
     if !sites.iter().any(|site| site == to) {
         return (
@@ -102,8 +113,11 @@ fn switchover_request(query: &str, sites: &[String], requests: &Requests) -> (u1
             json!({ "error": format!("name a site of the group: POST /switchover?to=SITE (sites: {})", sites.join(", ")) }),
         );
     }
-    requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Request::Switchover { to: to.to_string() });
-    (202, json!({ "asked": "switchover", "to": to }))
+    requests
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(Request::Switchover { to: to.to_string(), asked_at: epoch });
+    (202, json!({ "asked": "switchover", "to": to, "epoch": epoch }))
 }
 
 /// `POST /promote?site=SITE&accept-data-loss=yes`: queue a forced

@@ -645,7 +645,7 @@ impl World {
             events.push(Event::Leave);
         }
         if let Some(to) = self.nodes[node].switchover.take() {
-            events.push(Event::Switchover { to });
+            events.push(Event::Switchover { to, asked_at: None });
         }
         if let Some(site) = self.nodes[node].promote.take() {
             events.push(Event::Promote { site });
