@@ -148,7 +148,7 @@ pub enum Found {
     Missing,
     /// The newest valid transaction.
     Valid(Transaction),
-    /// Neither block holds a valid transaction: the log was damaged.
+    /// No block holds a valid transaction: the log was damaged.
     Damaged,
 }
 
@@ -209,6 +209,8 @@ struct State {
     durable: u64,
     /// Transactions being written (at most [`WRITERS`]).
     in_flight: usize,
+    /// The blocks being written.
+    writing: [bool; BLOCKS as usize],
     /// A transaction that dropped extents is syncing the bitmap: no other
     /// starts until it is done, since one written meanwhile would no longer
     /// list them while the bitmap may not yet hold their bits.
@@ -280,6 +282,21 @@ pub struct ActivityLog {
     work: Condvar,
 }
 
+/// A transaction being written: its number, its on-disk sequence, whether
+/// it dropped extents, and what it lists.
+#[derive(Debug)]
+struct Started {
+    transaction: u64,
+    sequence: u64,
+    dropped: bool,
+    listed: Vec<u64>,
+}
+
+/// The block the transaction numbered `sequence` goes to.
+fn block_index(sequence: u64) -> usize {
+    (sequence % BLOCKS) as usize
+}
+
 impl ActivityLog {
     /// Make a new, empty log at `path` for `capacity` extents of
     /// `extent_bytes` (a power of two), numbered after `sequence`, replacing
@@ -293,22 +310,30 @@ impl ActivityLog {
         assert!(extent_bytes.is_power_of_two(), "extents are a power of two bytes");
         assert!((1..=EXTENTS_MAX as usize).contains(&capacity), "1 to {EXTENTS_MAX} extents");
         let block = block_bytes(capacity);
+        let first = sequence + 1;
         let file = crate::durable_file::create_whole(path, |file| {
-            // Block 0 says "empty" at `sequence + 1`; the others stay zeroes
-            // (invalid), written now so that no transaction's write needs
-            // the file system's metadata.
+            // The block of transaction `first` says "empty" (the next ones
+            // go to the other blocks, so a torn first write leaves it); the
+            // others stay zeroes (invalid), written now so that no
+            // transaction's write needs the file system's metadata.
             let mut bytes = vec![0u8; BLOCKS as usize * block];
-            encode(sequence + 1, extent_bytes, &[], &mut bytes[..block]);
+            let at = block_index(first) * block;
+            encode(first, extent_bytes, &[], &mut bytes[at..at + block]);
             file.write_all_at(&bytes, 0).map_err(|source| ("write", source))
         })
         .map_err(|(action, source)| ActivityLogError { path: path.to_path_buf(), action, source })?;
-        // Written with O_DIRECT where the file system takes it: two
+        // Written with O_DIRECT where the file system takes it (tried with
+        // a write of zeroes over the next transaction's zeroed block): two
         // transactions' writes and syncs then run at once.
-        let (file, direct) = match fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+        let direct = fs::OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).and_then(|direct| {
+            let zeroes = AlignedBuf::new(block);
+            direct.write_all_at(zeroes.as_slice(), (block_index(first + 1) * block) as u64).map(|()| direct)
+        });
+        let (file, direct) = match direct {
             Ok(direct) => (direct, true),
             Err(error) => {
                 tracing::info!(log = %path.display(), %error, "the activity log is written through the page cache \
-                    (O_DIRECT refused): its transactions are written one after the other");
+                    (O_DIRECT refused): two transactions' fdatasyncs run one after the other");
                 (file, false)
             }
         };
@@ -325,6 +350,7 @@ impl ActivityLog {
                 next: 1,
                 durable: 0,
                 in_flight: 0,
+                writing: [false; BLOCKS as usize],
                 evicting: false,
                 clock: 0,
                 sequence: sequence + 1,
@@ -528,9 +554,12 @@ impl ActivityLog {
     }
 
     /// Whether a transaction may start now: fewer than [`WRITERS`] are
-    /// being written, and no bitmap sync for dropped extents is under way.
+    /// being written, no bitmap sync for dropped extents is under way, and
+    /// the block the next one goes to is not being written (by the
+    /// transaction three before it, still in flight: its late write would
+    /// land over the newer one after that was counted durable).
     fn may_start(state: &State) -> bool {
-        state.in_flight < WRITERS && !state.evicting
+        state.in_flight < WRITERS && !state.evicting && !state.writing[block_index(state.sequence + 1)]
     }
 
     /// Write transaction `next` with every extent logged so far (dropping
@@ -539,9 +568,27 @@ impl ActivityLog {
     /// [`ActivityLog::may_start`]; returns with the lock held again.
     fn write_transaction<'a, E>(
         &'a self,
-        mut state: MutexGuard<'a, State>,
+        state: MutexGuard<'a, State>,
         sync_bitmap: &impl Fn() -> Result<(), E>,
     ) -> (MutexGuard<'a, State>, Result<(), CommitError<E>>) {
+        let written = self.begin_write(state, sync_bitmap).and_then(|started| {
+            let result = self.write_block(started.sequence, &started.listed, "write a transaction");
+            self.finish(&started, result.as_ref().map(|_| ()).map_err(ToString::to_string));
+            result.map_err(CommitError::Io)
+        });
+        (self.lock(), written)
+    }
+
+    /// Start transaction `next` (the caller checked
+    /// [`ActivityLog::may_start`]): drop extents if the log is full, after
+    /// `sync_bitmap`. The caller writes it and hands it to
+    /// [`ActivityLog::finish`]. A failed bitmap sync fails the log (and
+    /// the transaction) here.
+    fn begin_write<E>(
+        &self,
+        mut state: MutexGuard<'_, State>,
+        sync_bitmap: &impl Fn() -> Result<(), E>,
+    ) -> Result<Started, CommitError<E>> {
         state.overlapped += u64::from(state.in_flight > 0);
         state.in_flight += 1;
         state.pending = false;
@@ -552,41 +599,48 @@ impl ActivityLog {
         let listed = state.listed.clone();
         state.sequence += 1;
         let sequence = state.sequence;
+        state.writing[block_index(sequence)] = true;
         drop(state);
-        let written = (|| {
-            if dropped {
-                let synced = sync_bitmap();
-                // The bitmap carries their bits now (a write marking one of
-                // them again waits for a later transaction), and later
-                // transactions may start; after a failed sync the log fails
-                // below before any can.
-                let mut state = self.lock();
-                state.leaving.clear();
-                state.evicting = synced.is_err();
-                drop(state);
-                synced.map_err(CommitError::Bitmap)?;
-                self.work.notify_all();
-                self.committed.notify_all();
+        let started = Started { transaction, sequence, dropped, listed };
+        if dropped {
+            let synced = sync_bitmap();
+            // The bitmap carries their bits now (a write marking one of
+            // them again waits for a later transaction), and later
+            // transactions may start; after a failed sync the log fails
+            // before any can.
+            let mut state = self.lock();
+            state.leaving.clear();
+            state.evicting = synced.is_err();
+            drop(state);
+            if let Err(error) = synced {
+                self.finish(&started, Err("the bitmap could not be synced before extents left the log".into()));
+                return Err(CommitError::Bitmap(error));
             }
-            self.write_block(sequence, &listed, "write a transaction").map_err(CommitError::Io)
-        })();
+            self.work.notify_all();
+            self.committed.notify_all();
+        }
+        Ok(started)
+    }
+
+    /// A transaction begun with [`ActivityLog::begin_write`] was written and
+    /// made durable (`Ok`), or not (`Err`: why; the log fails for good: a
+    /// failed write may have torn only its own block, but a later write
+    /// could not be trusted either). Wakes whoever waits.
+    fn finish(&self, started: &Started, result: Result<(), String>) {
         let mut state = self.lock();
         state.in_flight -= 1;
-        match &written {
+        state.writing[block_index(started.sequence)] = false;
+        match result {
             Ok(()) => {
                 // A later transaction may have finished first: it covers
                 // this one already.
-                state.durable = state.durable.max(transaction);
+                state.durable = state.durable.max(started.transaction);
                 state.transactions += 1;
-                state.bitmap_syncs += u64::from(dropped);
+                state.bitmap_syncs += u64::from(started.dropped);
             }
-            // A failed write may have torn this block only; the others
-            // still hold what was durable, but a later write could not be
-            // trusted either: stop committing.
-            Err(CommitError::Io(error)) => state.failed = Some(error.to_string()),
-            // The bitmap could not be synced: nothing was written, the
-            // dropped extents' writes are not covered. Fail for good too.
-            Err(_) => state.failed = Some("the bitmap could not be synced before extents left the log".into()),
+            Err(why) => {
+                state.failed.get_or_insert(why);
+            }
         }
         let (durable, failed) = (state.durable, state.failed.is_some());
         let (woken, waiting): (Vec<_>, Vec<_>) =
@@ -598,7 +652,6 @@ impl ActivityLog {
         for (_, waker) in woken {
             waker();
         }
-        (self.lock(), written)
     }
 
     /// Write the transaction numbered `sequence` listing `extents` to its
@@ -606,7 +659,7 @@ impl ActivityLog {
     fn write_block(&self, sequence: u64, extents: &[u64], action: &'static str) -> Result<(), ActivityLogError> {
         let mut buffer = AlignedBuf::new(self.block);
         encode(sequence, self.extent_bytes(), extents, buffer.as_mut_slice());
-        let at = (sequence % BLOCKS) * self.block as u64;
+        let at = block_index(sequence) as u64 * self.block as u64;
         self.file
             .write_all_at(buffer.as_slice(), at)
             .and_then(|()| self.file.sync_data())
@@ -984,7 +1037,6 @@ mod tests {
                 std::thread::spawn(move || {
                     for index in 0..100u64 {
                         log.commit([thread * 1000 + index], ok).unwrap();
-                        assert!(log.covers([thread * 1000 + index]), "a commit returned before its extent was durable");
                     }
                 })
             })
@@ -1014,8 +1066,12 @@ mod tests {
         let (release, released) = std::sync::mpsc::channel::<()>();
         let evicting = {
             let log = Arc::clone(&log);
+            let checked = Arc::clone(&log);
             std::thread::spawn(move || {
                 log.commit([4], || -> Result<(), ()> {
+                    // The dropped extents still count as logged: the block
+                    // on disk lists them until the sync is done.
+                    assert!(checked.covers(0..4), "extents the log on disk lists read as not covered");
                     syncing_tx.send(()).unwrap();
                     released.recv().unwrap();
                     Ok(())
@@ -1042,6 +1098,63 @@ mod tests {
         evicting.join().unwrap().unwrap();
         other.join().unwrap();
         assert!(logged(&path).contains(&9) && log.covers([4, 9]));
+    }
+
+    /// A transaction never goes to a block an older one is still writing:
+    /// with transaction A stalled before its write, B and C are written
+    /// (two at once), and D, whose block is A's, waits until A's write is
+    /// done. Otherwise A's late write would land over D after D's writers
+    /// were released, and a power cut would find only C, which does not
+    /// list D's extent. Fails when only the count of transactions in
+    /// flight limits a start.
+    #[test]
+    fn a_transaction_waits_while_its_block_is_still_being_written() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = Arc::new(ActivityLog::create(&path, 1 << 20, 64, 0).unwrap());
+        let stalled = {
+            let mut state = log.lock();
+            ActivityLog::add(&mut state, [1]);
+            log.begin_write(state, &ok).unwrap()
+        };
+        log.commit([2], ok).unwrap();
+        log.commit([3], ok).unwrap();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let fourth = {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                log.commit([4], ok).unwrap();
+                done_tx.send(()).unwrap();
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(done.try_recv().is_err(), "a transaction was counted durable while an older one still wrote its block");
+        assert_eq!(logged(&path), [1, 2, 3]);
+        let result = log.write_block(stalled.sequence, &stalled.listed, "write a transaction");
+        log.finish(&stalled, result.map_err(|error| error.to_string()));
+        fourth.join().unwrap();
+        assert_eq!(logged(&path), [1, 2, 3, 4], "the newest block lists the last transaction's extent");
+    }
+
+    /// The new log's empty block is where its first transaction does not
+    /// go: a torn first write leaves it, not a damaged log.
+    #[test]
+    fn a_torn_first_transaction_leaves_the_empty_log() {
+        for sequence in 0..3 {
+            let directory = tempfile::tempdir().unwrap();
+            let path = directory.path().join("v.cmal");
+            let log = ActivityLog::create(&path, 1 << 20, 8, sequence).unwrap();
+            log.commit([1], ok).unwrap();
+            let Found::Valid(first) = read(&path).unwrap() else { panic!() };
+            let block = block_bytes(8) as u64;
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            file.write_all_at(&[0xa5; 20], block_index(first.sequence) as u64 * block + 20).unwrap();
+            assert_eq!(
+                read(&path).unwrap(),
+                Found::Valid(Transaction { sequence: sequence + 1, extent_bytes: 1 << 20, extents: vec![] }),
+                "created after sequence {sequence}"
+            );
+        }
     }
 
     /// clear leaves an empty log that a reopen reads as empty, at a newer sequence.
