@@ -25,10 +25,12 @@
 //! both writes and both cache flushes together), and whichever finishes
 //! makes every earlier one's extents durable too: each lists every extent
 //! logged when it started, less those a bitmap sync already carried. A
-//! third transaction only starts once one of the two is durable, so the
-//! block it overwrites never holds the newest durable transaction, and a
-//! torn write can only damage a block whose transaction was not yet
-//! counted. Reading takes the newest valid block. A block:
+//! transaction starts only while fewer than two are being written and
+//! its own block is not (transaction n−3 is done): of n−1 and n−2 one is
+//! then done too, so the block it overwrites never holds the newest
+//! durable transaction, no late write lands over a newer one, and a torn
+//! write can only damage a block whose transaction was not yet counted.
+//! Reading takes the newest valid block. A block:
 //!
 //! ```text
 //!  offset size field         meaning
@@ -71,8 +73,9 @@ const MAGIC: [u8; 8] = *b"CMACTLOG";
 const VERSION: u32 = 2;
 /// Blocks in the file.
 const BLOCKS: u64 = 3;
-/// Transactions written at once: one fewer than the blocks, so the block a
-/// transaction overwrites is older than the newest durable one.
+/// Transactions written at once: one fewer than the blocks, so that (with
+/// no start while its block is being written) the block a transaction
+/// overwrites is older than the newest durable one.
 pub const WRITERS: usize = 2;
 /// The layout before this one: two blocks, one transaction at a time.
 const VERSION_TWO_BLOCKS: u32 = 1;
