@@ -572,6 +572,26 @@ fn a_clean_switchover_hands_the_store_over_and_the_new_production_host_resyncs_o
     assert_eq!((east.store.as_str(), east.identical_epoch), ("0".repeat(32).as_str(), None));
 }
 
+/// b1 (of copy site west) joined, reading a record where west's copy is
+/// current: a node that may ask for a switchover to west.
+fn b1_with_west_current() -> (Core, GroupRecord) {
+    let (mut b1, joined) = joined_node("b1", false, &["a", "w"]);
+    assert_eq!(b1.step(Event::Written(joined.clone())), vec![]);
+    let current = next(&joined, |record| record.copies[0].state = CopyRecordState::Current);
+    assert_eq!(b1.step(Event::Record(Some(current.clone()))), vec![]);
+    (b1, current)
+}
+
+/// `record` after the production role moved once (another switchover was
+/// carried out): the next epoch and generation.
+fn role_moved(record: &GroupRecord) -> GroupRecord {
+    next(record, |record| {
+        record.epoch += 1;
+        record.generation += 1;
+        record.push_history("a");
+    })
+}
+
 /// Two switchover requests race (issue 11: exactly one wins). b1 is asked
 /// for a switchover to west while the record is at epoch 1; its write loses
 /// the compare-and-set, and by the time it reads the record again the
@@ -580,10 +600,7 @@ fn a_clean_switchover_hands_the_store_over_and_the_new_production_host_resyncs_o
 /// time. Had nothing moved, it would write the request again.
 #[test]
 fn a_switchover_asked_for_before_the_production_role_moved_is_refused_not_carried_out_after() {
-    let (mut b1, joined) = joined_node("b1", false, &["a", "w"]);
-    assert_eq!(b1.step(Event::Written(joined.clone())), vec![]);
-    let current = next(&joined, |record| record.copies[0].state = CopyRecordState::Current);
-    assert_eq!(b1.step(Event::Record(Some(current.clone()))), vec![]);
+    let (mut b1, current) = b1_with_west_current();
     let asked = next(&current, |record| record.switchover = Some("west".into()));
     assert_eq!(
         b1.step(Event::Switchover { to: "west".into(), asked_at: None }),
@@ -599,11 +616,7 @@ fn a_switchover_asked_for_before_the_production_role_moved_is_refused_not_carrie
     );
     assert_eq!(b1.step(Event::Conflict), vec![]);
     // Moved meanwhile: refused, said once, nothing written.
-    let moved = next(&unmoved, |record| {
-        record.epoch = 2;
-        record.generation = 2;
-        record.push_history("a");
-    });
+    let moved = role_moved(&unmoved);
     let commands = b1.step(Event::Record(Some(moved)));
     let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };
     assert!(message.contains("switchover to west refused: the production role moved"), "{message}");
@@ -617,15 +630,8 @@ fn a_switchover_asked_for_before_the_production_role_moved_is_refused_not_carrie
 /// written, as for a request whose write lost to the move.
 #[test]
 fn a_switchover_that_waited_in_the_queue_while_the_role_moved_is_refused() {
-    let (mut b1, joined) = joined_node("b1", false, &["a", "w"]);
-    assert_eq!(b1.step(Event::Written(joined.clone())), vec![]);
-    let current = next(&joined, |record| record.copies[0].state = CopyRecordState::Current);
-    assert_eq!(b1.step(Event::Record(Some(current.clone()))), vec![]);
-    let moved = next(&current, |record| {
-        record.epoch += 1;
-        record.generation += 1;
-        record.push_history("a");
-    });
+    let (mut b1, current) = b1_with_west_current();
+    let moved = role_moved(&current);
     b1.step(Event::Record(Some(moved)));
     let commands = b1.step(Event::Switchover { to: "west".into(), asked_at: Some(current.epoch) });
     let [Command::Notice { message }] = &commands[..] else { panic!("{commands:?}") };

@@ -87,9 +87,9 @@ fn block_bytes(capacity: usize) -> usize {
     (ENTRIES_OFFSET + capacity * 8).div_ceil(4096) * 4096
 }
 
-/// Encode one transaction into `bytes` (a whole block).
+/// Encode one transaction into `bytes`, a whole block of zeroes (every
+/// caller's buffer is new and zeroed: the block's tail stays so).
 fn encode(sequence: u64, extent_bytes: u64, extents: &[u64], bytes: &mut [u8]) {
-    bytes.fill(0);
     bytes[0..8].copy_from_slice(&MAGIC);
     bytes[8..12].copy_from_slice(&VERSION.to_le_bytes());
     bytes[12..16].copy_from_slice(&(extents.len() as u32).to_le_bytes());
@@ -210,9 +210,8 @@ struct State {
     /// Every transaction up to this one is durable (or, a later one being,
     /// covered by it).
     durable: u64,
-    /// Transactions being written (at most [`WRITERS`]).
-    in_flight: usize,
-    /// The blocks being written.
+    /// The blocks being written: one per transaction in flight (at most
+    /// [`WRITERS`]).
     writing: [bool; BLOCKS as usize],
     /// A transaction that dropped extents is syncing the bitmap: no other
     /// starts until it is done, since one written meanwhile would no longer
@@ -240,6 +239,13 @@ struct State {
     /// has carried their bits: the block of that transaction still lists
     /// them meanwhile, once it is durable. For [`ActivityLog::covers`].
     leaving: Vec<(u64, u64)>,
+}
+
+impl State {
+    /// Transactions being written.
+    fn in_flight(&self) -> usize {
+        self.writing.iter().filter(|writing| **writing).count()
+    }
 }
 
 /// Wakes a writer waiting for a transaction without blocking (an event
@@ -352,7 +358,6 @@ impl ActivityLog {
                 listed: Vec::new(),
                 next: 1,
                 durable: 0,
-                in_flight: 0,
                 writing: [false; BLOCKS as usize],
                 evicting: false,
                 clock: 0,
@@ -562,7 +567,7 @@ impl ActivityLog {
     /// transaction three before it, still in flight: its late write would
     /// land over the newer one after that was counted durable).
     fn may_start(state: &State) -> bool {
-        state.in_flight < WRITERS && !state.evicting && !state.writing[block_index(state.sequence + 1)]
+        state.in_flight() < WRITERS && !state.evicting && !state.writing[block_index(state.sequence + 1)]
     }
 
     /// Write transaction `next` with every extent logged so far (dropping
@@ -592,8 +597,7 @@ impl ActivityLog {
         mut state: MutexGuard<'_, State>,
         sync_bitmap: &impl Fn() -> Result<(), E>,
     ) -> Result<Started, CommitError<E>> {
-        state.overlapped += u64::from(state.in_flight > 0);
-        state.in_flight += 1;
+        state.overlapped += u64::from(state.in_flight() > 0);
         state.pending = false;
         let transaction = state.next;
         state.next += 1;
@@ -631,7 +635,6 @@ impl ActivityLog {
     /// could not be trusted either). Wakes whoever waits.
     fn finish(&self, started: &Started, result: Result<(), String>) {
         let mut state = self.lock();
-        state.in_flight -= 1;
         state.writing[block_index(started.sequence)] = false;
         match result {
             Ok(()) => {
@@ -713,7 +716,7 @@ impl ActivityLog {
     /// bitmap was made durable with no write in flight (a clean close).
     pub fn clear(&self) -> Result<(), ActivityLogError> {
         let mut state = self.lock();
-        while state.in_flight > 0 {
+        while state.in_flight() > 0 {
             state = self.committed.wait(state).unwrap_or_else(PoisonError::into_inner);
         }
         // Written with the lock held: no transaction starts meanwhile.
@@ -1023,11 +1026,82 @@ mod tests {
         assert!(transactions < 400, "{transactions} transactions for 400 commits: no group commit");
     }
 
+    /// A transaction logging `extent`, begun and held before its write (a
+    /// writer stalled): the test writes it with [`finish_held`].
+    fn hold(log: &ActivityLog, extent: u64) -> Started {
+        let mut state = log.lock();
+        ActivityLog::add(&mut state, [extent]);
+        log.begin_write(state, &ok).unwrap()
+    }
+
+    /// Write a transaction from [`hold`] and finish it, as a writer would.
+    fn finish_held(log: &ActivityLog, started: &Started) {
+        let result = log.write_block(started.sequence, &started.listed, "write a transaction");
+        log.finish(started, result.map_err(|error| error.to_string()));
+    }
+
+    /// Commit `extent` on a thread of its own: the thread, and a receiver
+    /// that gets a message once the commit returned.
+    fn commit_in_background(
+        log: &Arc<ActivityLog>,
+        extent: u64,
+    ) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<()>) {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let log = Arc::clone(log);
+        let thread = std::thread::spawn(move || {
+            log.commit([extent], ok).unwrap();
+            done_tx.send(()).unwrap();
+        });
+        (thread, done)
+    }
+
+    /// No third transaction starts while two are being written: with A and
+    /// B begun and held, a commit of a new extent waits (its block is free,
+    /// but it would overwrite the newest durable transaction, the only one
+    /// a power cut could still find whole). Fails without the limit.
+    #[test]
+    fn at_most_two_transactions_are_written_at_once() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = Arc::new(ActivityLog::create(&path, 1 << 20, 64, 0).unwrap());
+        let held = [hold(&log, 1), hold(&log, 2)];
+        let (third, done) = commit_in_background(&log, 3);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(done.try_recv().is_err(), "a third transaction was written while two were");
+        assert_eq!(
+            read(&path).unwrap(),
+            Found::Valid(Transaction { sequence: 1, extent_bytes: 1 << 20, extents: vec![] })
+        );
+        for started in &held {
+            finish_held(&log, started);
+        }
+        third.join().unwrap();
+        assert_eq!(logged(&path), [1, 2, 3]);
+    }
+
+    /// A transaction that finishes after a later one leaves the later one's
+    /// writers durable: with A begun and held, B (which lists A's extent
+    /// too) is written and both extents are covered; A finishing afterwards
+    /// does not take that back. Fails when `durable` is set to the
+    /// transaction that finished rather than raised to it.
+    #[test]
+    fn a_later_transaction_covers_an_earlier_one_still_in_flight() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = ActivityLog::create(&path, 1 << 20, 64, 0).unwrap();
+        let stalled = hold(&log, 1);
+        log.commit([2], ok).unwrap();
+        assert_eq!(logged(&path), [1, 2], "the later transaction lists the earlier one's extent");
+        assert!(log.covers([1, 2]), "the later transaction, durable, covers both");
+        finish_held(&log, &stalled);
+        assert!(log.covers([1, 2]), "the earlier transaction finishing last took back what the later one made durable");
+    }
+
     /// Two transactions are written at once (on a file system that takes
     /// O_DIRECT, as the disk under /var/tmp does): writers committing new
     /// extents from four threads start transactions while another is being
-    /// written, each commit's extents are covered when it returns, and the
-    /// newest block lists every extent. Fails with one writer at a time.
+    /// written, and the newest block lists every extent. Fails with one
+    /// writer at a time.
     #[test]
     fn two_transactions_are_written_at_once() {
         let directory = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -1050,7 +1124,7 @@ mod tests {
         assert_eq!(logged(&path).len(), 400);
         let stats = log.stats();
         assert!(stats.overlapped > 0, "no transaction started while another was written: {stats:?}");
-        assert_eq!(log.lock().in_flight, 0);
+        assert_eq!(log.lock().in_flight(), 0);
     }
 
     /// While a transaction that dropped extents syncs the bitmap, no other
@@ -1082,14 +1156,7 @@ mod tests {
             })
         };
         syncing.recv().unwrap();
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let other = {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                log.commit([9], ok).unwrap();
-                done_tx.send(()).unwrap();
-            })
-        };
+        let (other, done) = commit_in_background(&log, 9);
         std::thread::sleep(std::time::Duration::from_millis(200));
         assert!(done.try_recv().is_err(), "a commit finished while an eviction's bitmap sync ran");
         assert_eq!(
@@ -1115,26 +1182,14 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("v.cmal");
         let log = Arc::new(ActivityLog::create(&path, 1 << 20, 64, 0).unwrap());
-        let stalled = {
-            let mut state = log.lock();
-            ActivityLog::add(&mut state, [1]);
-            log.begin_write(state, &ok).unwrap()
-        };
+        let stalled = hold(&log, 1);
         log.commit([2], ok).unwrap();
         log.commit([3], ok).unwrap();
-        let (done_tx, done) = std::sync::mpsc::channel();
-        let fourth = {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                log.commit([4], ok).unwrap();
-                done_tx.send(()).unwrap();
-            })
-        };
+        let (fourth, done) = commit_in_background(&log, 4);
         std::thread::sleep(std::time::Duration::from_millis(200));
         assert!(done.try_recv().is_err(), "a transaction was counted durable while an older one still wrote its block");
         assert_eq!(logged(&path), [1, 2, 3]);
-        let result = log.write_block(stalled.sequence, &stalled.listed, "write a transaction");
-        log.finish(&stalled, result.map_err(|error| error.to_string()));
+        finish_held(&log, &stalled);
         fourth.join().unwrap();
         assert_eq!(logged(&path), [1, 2, 3, 4], "the newest block lists the last transaction's extent");
     }
