@@ -118,6 +118,8 @@ fn two_copy_sites_end_byte_identical_after_fio() {
             "--verify=crc32c",
             "--do_verify=1",
             "--end_fsync=1",
+            // No verify state file left in the working directory.
+            "--verify_state_save=0",
         ])
         .output()
         .expect("run fio");

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use crate::buffer::SharedBytes;
 use crate::protocol::compress::CompressionCounters;
 use crate::protocol::copy_failure::CopyFailure;
-use crate::protocol::frame::{FrameFlags, FrameHeader, FrameKind};
+use crate::protocol::frame::{Frame, FrameFlags, FrameHeader, FrameKind};
 use crate::protocol::Compression;
 use crate::protocol::{FrameDecoder, ReplicationError};
 use crate::replicator::connect::CopyConnection;
@@ -839,33 +839,40 @@ impl Link {
         let mut buffer = vec![0u8; 64 << 10];
         let mut copy_failed = false;
         let why = loop {
-            let frame = match decoder.pop() {
-                Ok(Some(frame)) => frame,
-                Ok(None) => match std::io::Read::read(&mut stream, &mut buffer) {
-                    Ok(0) => break "the copy host closed the connection".to_string(),
-                    Ok(received) => {
-                        if let Err(error) = decoder.push(&buffer[..received]) {
-                            break self.rejected(&error);
-                        }
-                        continue;
+            // Every acknowledgement already received, under one lock.
+            let mut frames = Vec::new();
+            let ended = loop {
+                match decoder.pop() {
+                    Ok(Some(frame)) if frame.header.kind == FrameKind::Error && frame.header.session == session => {
+                        // The copy host says why it gives up, then closes.
+                        break Some(match CopyFailure::from_frame(&frame) {
+                            Ok(failure) => {
+                                copy_failed = true;
+                                format!("the copy host reported {failure}")
+                            }
+                            Err(error) => self.rejected(&error),
+                        });
                     }
-                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(error) => break format!("reading acknowledgements failed: {error}"),
-                },
-                Err(error) => break self.rejected(&error),
+                    Ok(Some(frame)) => frames.push(frame),
+                    Ok(None) => break None,
+                    Err(error) => break Some(self.rejected(&error)),
+                }
             };
-            if frame.header.kind == FrameKind::Error && frame.header.session == session {
-                // The copy host says why it gives up, then closes.
-                break match CopyFailure::from_frame(&frame) {
-                    Ok(failure) => {
-                        copy_failed = true;
-                        format!("the copy host reported {failure}")
-                    }
-                    Err(error) => self.rejected(&error),
-                };
-            }
-            if let Err(error) = self.on_ack(&frame.header, frame.payload.into_vec(), session, connection) {
+            if let Err(error) = self.on_acks(frames, session, connection) {
                 break self.rejected(&error);
+            }
+            if let Some(why) = ended {
+                break why;
+            }
+            match std::io::Read::read(&mut stream, &mut buffer) {
+                Ok(0) => break "the copy host closed the connection".to_string(),
+                Ok(received) => {
+                    if let Err(error) = decoder.push(&buffer[..received]) {
+                        break self.rejected(&error);
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => break format!("reading acknowledgements failed: {error}"),
             }
         };
         // The core keeps the first cause (the sender's, when it shut the
@@ -884,43 +891,46 @@ impl Link {
 
     /// One frame from the copy: an acknowledgement for the core, a
     /// heartbeat, or a protocol error that ends the connection.
-    fn on_ack(
-        &self,
-        header: &FrameHeader,
-        payload: Vec<u8>,
-        session: u64,
-        connection: u64,
-    ) -> Result<(), ReplicationError> {
-        if header.session != session {
-            return Err(ReplicationError::WrongSession {
-                kind: header.kind,
-                received: header.session,
-                expected: session,
-            });
-        }
-        if header.kind == FrameKind::Heartbeat {
+    /// Hand the core the copy's acknowledgements received together, in
+    /// order, under one lock; the first that is wrong ends it.
+    fn on_acks(&self, frames: Vec<Frame>, session: u64, connection: u64) -> Result<(), ReplicationError> {
+        if frames.is_empty() {
             return Ok(());
         }
-        if !matches!(header.kind, FrameKind::WriteAck | FrameKind::FlushAck | FrameKind::ChecksumReply) {
-            return Err(ReplicationError::Protocol {
-                message: format!("a copy host sends only acknowledgements, not {:?} frames", header.kind),
-            });
-        }
         let mut locked = self.lock();
-        // The in-flight table is locked only if the clearing rule asks it,
-        // and stays locked until the bits it allows are cleared.
-        let mut guard: InFlightGuard<'_> = None;
-        let mut in_flight = |region| guard.get_or_insert_with(|| self.shared.inflight()).contains_key(&region);
-        let now_ms = self.now_ms();
-        let commands = locked.core.acked(connection, header.kind, header.sequence, payload, now_ms, &mut in_flight)?;
-        self.execute(&mut locked, commands, &mut guard);
+        let result = frames.into_iter().try_for_each(|frame| {
+            let header = &frame.header;
+            if header.session != session {
+                return Err(ReplicationError::WrongSession {
+                    kind: header.kind,
+                    received: header.session,
+                    expected: session,
+                });
+            }
+            if header.kind == FrameKind::Heartbeat {
+                return Ok(());
+            }
+            if !matches!(header.kind, FrameKind::WriteAck | FrameKind::FlushAck | FrameKind::ChecksumReply) {
+                return Err(ReplicationError::Protocol {
+                    message: format!("a copy host sends only acknowledgements, not {:?} frames", header.kind),
+                });
+            }
+            // The in-flight table is locked only if the clearing rule asks
+            // it, and stays locked until the bits it allows are cleared.
+            let mut guard: InFlightGuard<'_> = None;
+            let mut in_flight = |region| guard.get_or_insert_with(|| self.shared.inflight()).contains_key(&region);
+            let now_ms = self.now_ms();
+            let (kind, sequence) = (header.kind, header.sequence);
+            let commands =
+                locked.core.acked(connection, kind, sequence, frame.payload.into_vec(), now_ms, &mut in_flight)?;
+            self.execute(&mut locked, commands, &mut guard);
+            Ok(())
+        });
         self.notify(&locked);
-        Ok(())
+        result
     }
 }
 
-/// The wait before the next connection attempt: back to the shortest after
-/// a connection that made progress, else twice the last, up to the longest.
 fn next_backoff(last: Duration, progress: bool) -> Duration {
     if progress {
         BACKOFF_MIN
