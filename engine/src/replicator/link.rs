@@ -477,9 +477,12 @@ impl Link {
             ticket.clone()
         });
         let released = self.shared.released.load(Ordering::SeqCst);
-        let commands = locked.core.ship(change, payload, hold, released, self.now_ms());
+        let now_ms = self.now_ms();
+        let commands = locked.core.ship(change, payload, hold, released, now_ms);
         self.execute(&mut locked, commands, &mut None);
-        self.notify(&locked);
+        if locked.core.sender_needed(now_ms) {
+            self.notify(&locked);
+        }
     }
 
     /// The local store changed in a way no frame carries (a failed write

@@ -317,7 +317,7 @@ fn an_async_copy_whose_oldest_write_waits_past_lag_ms_max_goes_behind() {
     let mut core = up_to_date(MirrorMode::Async, 64 << 20);
     core.config.lag_ms_max = 1_000;
     assert_eq!(ship(&mut core, 1, None, 100), vec![]);
-    assert_eq!(core.poll_send(100), send(vec![write_frame(2, 1)]));
+    assert_eq!(core.poll_send(100 + ASYNC_COALESCE_MS), send(vec![write_frame(2, 1)]));
     assert_eq!(ship(&mut core, 2, None, 1_100), vec![], "1000 ms old: at the bound, not past it");
     assert_eq!(core.state(), CopyState::UpToDate);
     assert_eq!(ship(&mut core, 3, None, 1_101), vec![Command::Persist(RecordedState::Stale)]);
@@ -673,7 +673,7 @@ fn an_async_copy_that_keeps_acknowledging_is_not_timed_out_by_a_full_pipe() {
     for region in 1..=3 {
         assert_eq!(ship(&mut core, region, None, 0), vec![]);
     }
-    assert_eq!(core.poll_send(0), send(vec![write_frame(2, 1), write_frame(3, 2), write_frame(4, 3)]));
+    assert_eq!(core.poll_send(ASYNC_COALESCE_MS), send(vec![write_frame(2, 1), write_frame(3, 2), write_frame(4, 3)]));
     let connection = core.connection();
     // The first ack arrives late (a full pipe), just before the timeout.
     assert!(core
@@ -686,6 +686,49 @@ fn an_async_copy_that_keeps_acknowledging_is_not_timed_out_by_a_full_pipe() {
     let commands = core.poll_send(2 * timeout_ms);
     let [Command::Close { why }] = &commands[..] else { panic!("{commands:?}") };
     assert!(why.starts_with("ack timeout: the copy host acknowledged nothing for over 5 s with"), "{why}");
+}
+
+/// An up-to-date async copy's writes wait up to ASYNC_COALESCE_MS for
+/// company, and a writer wakes the sender only when it would otherwise look
+/// later than that; a full batch goes at once. A sync copy's writes go at
+/// once, and every one wakes the sender.
+#[test]
+fn an_async_copy_s_writes_wait_a_moment_to_go_together() {
+    let mut core = up_to_date(MirrorMode::Async, 1 << 30);
+    let wait = vec![Command::Wait { ms: ASYNC_COALESCE_MS }];
+    // Idle since its last send: the sender waits long.
+    assert_eq!(core.poll_send(10), vec![Command::Wait { ms: CLEAN_MS / 2 }]);
+    assert_eq!(ship(&mut core, 1, None, 10), vec![]);
+    assert!(core.sender_needed(10), "the sender is in a long wait");
+    assert_eq!(core.poll_send(10), wait);
+    assert_eq!(ship(&mut core, 2, None, 10), vec![]);
+    assert!(!core.sender_needed(10), "the sender looks by the time the first is due");
+    assert_eq!(core.poll_send(11), send(vec![write_frame(2, 1), write_frame(3, 2)]));
+    // Busy: the idle sender looks again soon, so writers need not wake it.
+    assert_eq!(core.poll_send(11), wait);
+    assert_eq!(ship(&mut core, 3, None, 11), vec![]);
+    assert!(!core.sender_needed(11));
+    assert_eq!(core.poll_send(12), send(vec![write_frame(4, 3)]));
+    // Idle for long: it waits long, and the next write wakes it.
+    let long = core.poll_send(12 + ASYNC_BUSY_MS);
+    assert!(matches!(long[..], [Command::Wait { ms }] if ms > ASYNC_COALESCE_MS), "{long:?}");
+    assert_eq!(ship(&mut core, 4, None, 12 + ASYNC_BUSY_MS), vec![]);
+    assert!(core.sender_needed(12 + ASYNC_BUSY_MS));
+    assert_eq!(core.poll_send(12 + ASYNC_BUSY_MS + ASYNC_COALESCE_MS), send(vec![write_frame(5, 4)]));
+    // A full batch goes at once.
+    for _ in 0..SEND_BATCH_FRAMES {
+        assert_eq!(ship(&mut core, 5, None, 30), vec![]);
+    }
+    assert!(core.sender_needed(30));
+    let commands = core.poll_send(30);
+    assert!(matches!(&commands[..], [Command::Send { frames }] if frames.len() == SEND_BATCH_FRAMES));
+
+    let mut sync = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut sync, 1, Some(1), 10), vec![]);
+    assert!(sync.sender_needed(10));
+    assert_eq!(ship(&mut sync, 2, Some(2), 10), vec![]);
+    assert!(sync.sender_needed(10));
+    assert!(matches!(&sync.poll_send(10)[..], [Command::Send { frames }] if frames.len() == 2));
 }
 
 /// The recovery point: nothing for an up-to-date sync copy; for an async
