@@ -62,6 +62,15 @@ SCRATCH_PARENT = os.environ.get("SCRATCH", "/var/tmp")
 STORE = os.environ.get("STORE", "file")
 if STORE not in ("file", "tmpfs"):
     sys.exit(f"STORE={STORE}: use file or tmpfs")
+HOSTS = os.environ.get("HOSTS", "shared")
+if HOSTS not in ("shared", "split"):
+    sys.exit(f"HOSTS={HOSTS}: use shared or split")
+# HOSTS=split stands in for separate hosts on this 2-core machine: production
+# and fio (the production host and its application) run on CPU 0, every copy
+# host on CPU 1, in every configuration (the unmirrored run too, so each ratio
+# compares one production core with one production core).
+PRODUCTION_CPU = ["taskset", "-c", "0"] if HOSTS == "split" else []
+COPY_CPU = ["taskset", "-c", "1"] if HOSTS == "split" else []
 COPIES = {
     "none": [],
     "sync1": [("east", "127.0.0.2", "")],
@@ -100,7 +109,7 @@ class Setup:
         for name, ip, options in COPIES[self.config]:
             port = mirror.free_port(ip)
             store = os.path.join(self.data, f"{self.config}-{name}.img")
-            args = [self.binary, "copy-host", "--volume", store, "--size", SIZE, "--listen", f"{ip}:{port}",
+            args = COPY_CPU + [self.binary, "copy-host", "--volume", store, "--size", SIZE, "--listen", f"{ip}:{port}",
                     "--secret-file", self.secret] + self.metadata
             if ",direct" in options:
                 args.append("--direct")
@@ -111,7 +120,7 @@ class Setup:
         self.mirror_args = mirrors
         self.port = mirror.free_port("127.0.0.1")
         self.admin = f"127.0.0.1:{mirror.free_port('127.0.0.1')}"
-        args = [self.binary, "serve", "--volume", self.volume, "--size", SIZE, "--listen", f"127.0.0.1:{self.port}"]
+        args = PRODUCTION_CPU + [self.binary, "serve", "--volume", self.volume, "--size", SIZE, "--listen", f"127.0.0.1:{self.port}"]
         args += self.metadata
         if mirrors:
             args += mirrors + ["--secret-file", self.secret, "--admin", self.admin, "--assume-clean"] + SERVE_ARGS
@@ -137,7 +146,7 @@ class Setup:
 
 def fio_args(port, runtime):
     half = size_bytes(SIZE) // 2
-    return ["fio", "--name=bench", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}", "--numjobs=2",
+    return PRODUCTION_CPU + ["fio", "--name=bench", "--ioengine=nbd", f"--uri=nbd://127.0.0.1:{port}", "--numjobs=2",
             f"--size={half}", f"--offset_increment={half}", "--rw=randwrite", "--bs=4k", "--iodepth=32",
             "--time_based", f"--runtime={runtime}", "--ramp_time=1", "--group_reporting", "--output-format=json"]
 
@@ -177,7 +186,7 @@ def crash_case(scratch, binary, secret, data):
         setup.processes = copies
         port = mirror.free_port("127.0.0.1")
         setup.port = port
-        args = [binary, "serve", "--volume", setup.volume, "--size", SIZE, "--listen", f"127.0.0.1:{port}",
+        args = PRODUCTION_CPU + [binary, "serve", "--volume", setup.volume, "--size", SIZE, "--listen", f"127.0.0.1:{port}",
                 *setup.metadata, *setup.mirror_args, "--secret-file", secret,
                 "--admin", setup.admin] + SERVE_ARGS
         started = time.time()
@@ -252,10 +261,12 @@ def render(results, commit, crash):
         "# Write-intent tracking on a big volume",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit}",
-        f"- command: `STORE={STORE} ROUNDS={ROUNDS} RUNTIME={RUNTIME} SIZE={SIZE} CONFIGS='{' '.join(CONFIGS)}' "
+        f"- command: `STORE={STORE} HOSTS={HOSTS} ROUNDS={ROUNDS} RUNTIME={RUNTIME} SIZE={SIZE} CONFIGS='{' '.join(CONFIGS)}' "
         f"SERVE_ARGS='{' '.join(SERVE_ARGS)}' /usr/bin/python3 benches/big-volume.py`",
         f"- fio: ioengine=nbd 4k randwrite iodepth=32 numjobs=2 (each job over half of the {SIZE} sparse volume), "
-        f"{RUNTIME} s; medians of {ROUNDS} interleaved rounds; all on this 2-core machine",
+        f"{RUNTIME} s; medians of {ROUNDS} interleaved rounds; "
+        + ("all on this 2-core machine, sharing both cores" if HOSTS == "shared"
+           else "production and fio on CPU 0, every copy host on CPU 1 (HOSTS=split: one core per host)"),
         f"- stores: {'sparse files on a tmpfs, metadata on the disk (--metadata-dir)' if STORE == 'tmpfs' else 'sparse files on the disk, metadata beside them'}",
         "",
         "| 4k randwrite QD32 x2 | " + " | ".join(CONFIGS) + " | "
