@@ -5,6 +5,7 @@
 //! thread (at most PIPELINE_FRAMES); a change that cannot be applied is
 //! reported to the production host in an Error frame.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -19,9 +20,18 @@ use crate::protocol::copy_failure::{CopyFailure, CopyFailureKind};
 use crate::protocol::frame::{encode_frame, Frame};
 use crate::receiver::{Apply, Receiver, Step};
 
-/// Frames read and checked ahead of the one being applied (each at most a
-/// maximal frame, 32 MiB; in practice one NBD request, up to 1 MiB).
+/// Batches of frames read and checked ahead of the one being applied: each
+/// one frame (at most a maximal frame, 32 MiB; in practice one NBD request,
+/// up to 1 MiB) and the frames after it that were already whole in the read
+/// buffer (256 KiB), at most BATCH_FRAMES.
 const PIPELINE_FRAMES: usize = 8;
+/// At most this many frames are handed to the applying thread at once: one
+/// wake-up of it for the frames that arrived together, not one per frame.
+const BATCH_FRAMES: usize = 64;
+
+/// What the reading stage hands the applying stage: frames in order, the
+/// last of them possibly how the connection ended.
+type Batch = Vec<Result<Frame, Ending>>;
 /// After an Error frame, how long the connection is read and discarded
 /// while the production host closes its end: closing with its frames
 /// unread would reset the connection, and the reset may discard the report.
@@ -57,13 +67,20 @@ pub(super) fn receive(connection: &mut Connection<'_>, session: &Session) {
     // received into the applier's aligned buffers, which an O_DIRECT store
     // writes as they are.
     connection.receive_into(applier.pool());
-    let (sender, frames) = std::sync::mpsc::sync_channel::<Result<Frame, Ending>>(PIPELINE_FRAMES);
+    let (sender, frames) = std::sync::mpsc::sync_channel::<Batch>(PIPELINE_FRAMES);
     std::thread::scope(|scope| {
         let ringer = doorbell.clone();
         scope.spawn(move || loop {
-            let next = connection.next_frame(None);
-            let ended = next.is_err();
-            let sent = sender.send(next);
+            let mut batch = Batch::new();
+            let ended = loop {
+                let next = connection.next_frame(None);
+                let ended = next.is_err();
+                batch.push(next);
+                if ended || batch.len() == BATCH_FRAMES || !connection.next_frame_buffered() {
+                    break ended;
+                }
+            };
+            let sent = sender.send(batch);
             ringer.ring();
             if sent.is_err() || ended {
                 break;
@@ -100,12 +117,12 @@ pub(super) fn receive(connection: &mut Connection<'_>, session: &Session) {
 
 /// Read and discard frames until the production host closes its end (it
 /// does on the Error frame) or ERROR_LINGER passes.
-fn linger(frames: &std::sync::mpsc::Receiver<Result<Frame, Ending>>) {
+fn linger(frames: &std::sync::mpsc::Receiver<Batch>) {
     let deadline = Instant::now() + ERROR_LINGER;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match frames.recv_timeout(left) {
-            Ok(Ok(_)) if !left.is_zero() => {}
+            Ok(batch) if !left.is_zero() && batch.iter().all(Result::is_ok) => {}
             _ => return,
         }
     }
@@ -128,7 +145,7 @@ fn apply_frames(
     host: &Host,
     peer: SocketAddr,
     session: &Session,
-    frames: &std::sync::mpsc::Receiver<Result<Frame, Ending>>,
+    frames: &std::sync::mpsc::Receiver<Batch>,
     doorbell: &Doorbell,
     applier: &mut Applier<'_>,
     writer: &mut TcpStream,
@@ -136,12 +153,39 @@ fn apply_frames(
     let metadata = *host.metadata();
     let mut receiver = Receiver::new(session, metadata, host.volume.size(), host.counters());
     let mut outgoing: Vec<u8> = Vec::new();
+    let mut received = Received { frames, batch: VecDeque::new() };
     loop {
-        let outcome = wait_for_frame(host, peer, frames, doorbell, applier, writer, &mut outgoing)
+        let outcome = wait_for_frame(host, peer, &mut received, doorbell, applier, writer, &mut outgoing)
             .and_then(|next| judge(host, peer, &mut receiver, next))
             .and_then(|step| carry_out(host, peer, applier, step));
         if let Err(applied) = outcome {
             return applied;
+        }
+    }
+}
+
+/// The frames from the reader, and those of its last batch not yet taken.
+struct Received<'a> {
+    frames: &'a std::sync::mpsc::Receiver<Batch>,
+    batch: VecDeque<Result<Frame, Ending>>,
+}
+
+impl Received<'_> {
+    /// The next frame of `batch`, which is then the rest of it.
+    fn first_of(&mut self, batch: Batch) -> Result<Result<Frame, Ending>, Applied> {
+        self.batch.extend(batch);
+        self.batch.pop_front().ok_or(Applied::Ended)
+    }
+
+    fn try_next(&mut self) -> Result<Option<Result<Frame, Ending>>, Applied> {
+        use std::sync::mpsc::TryRecvError;
+        if let Some(next) = self.batch.pop_front() {
+            return Ok(Some(next));
+        }
+        match self.frames.try_recv() {
+            Ok(batch) => self.first_of(batch).map(Some),
+            Err(TryRecvError::Disconnected) => Err(Applied::Ended),
+            Err(TryRecvError::Empty) => Ok(None),
         }
     }
 }
@@ -152,18 +196,15 @@ fn apply_frames(
 fn wait_for_frame(
     host: &Host,
     peer: SocketAddr,
-    frames: &std::sync::mpsc::Receiver<Result<Frame, Ending>>,
+    received: &mut Received<'_>,
     doorbell: &Doorbell,
     applier: &mut Applier<'_>,
     writer: &mut TcpStream,
     outgoing: &mut Vec<u8>,
 ) -> Result<Result<Frame, Ending>, Applied> {
-    use std::sync::mpsc::TryRecvError;
     loop {
-        match frames.try_recv() {
-            Ok(next) => return Ok(next),
-            Err(TryRecvError::Disconnected) => return Err(Applied::Ended),
-            Err(TryRecvError::Empty) => {}
+        if let Some(next) = received.try_next()? {
+            return Ok(next);
         }
         applier.take_replies(outgoing);
         if !outgoing.is_empty() {
@@ -174,19 +215,18 @@ fn wait_for_frame(
             outgoing.clear();
         }
         if applier.idle() {
-            return frames.recv().map_err(|_| Applied::Ended);
+            let batch = received.frames.recv().map_err(|_| Applied::Ended)?;
+            return received.first_of(batch);
         }
         // Wait for a change to complete or a frame to arrive.
         doorbell.arm();
-        match frames.try_recv() {
-            Ok(next) => {
+        match received.try_next() {
+            Ok(Some(next)) => {
                 doorbell.disarm();
                 return Ok(next);
             }
-            Err(TryRecvError::Empty) => {
-                applier.wait().map_err(|error| store_failed(host, peer, error, "apply a change"))?
-            }
-            Err(TryRecvError::Disconnected) => return Err(Applied::Ended),
+            Ok(None) => applier.wait().map_err(|error| store_failed(host, peer, error, "apply a change"))?,
+            Err(ended) => return Err(ended),
         }
     }
 }

@@ -108,6 +108,15 @@ impl Connection<'_> {
         Ok(Frame { header, payload })
     }
 
+    /// Whether the next frame is already whole in the read buffer (taking
+    /// it reads no socket, so it never waits). A frame whose header does not
+    /// decode answers no: [`Connection::next_frame`] then says why.
+    pub(super) fn next_frame_buffered(&self) -> bool {
+        let buffered = &self.read_buffer[self.read_start..self.read_end];
+        let Some(header) = buffered.first_chunk::<HEADER_LEN>() else { return false };
+        decode_header(header).is_ok_and(|header| buffered.len() - HEADER_LEN >= header.payload_len as usize)
+    }
+
     /// Receive data payloads into buffers of `pool` from now on.
     pub(super) fn receive_into(&mut self, pool: Arc<SharedPool>) {
         self.pool = Some(pool);
