@@ -843,29 +843,35 @@ impl Link {
         let mut copy_failed = false;
         let why = loop {
             // Every acknowledgement already received, under one lock.
+            // What follows them (the copy's Error frame, a frame that does
+            // not decode) is judged only once they were taken, as if each
+            // frame were handled on its own: a wrong acknowledgement before
+            // it is the cause, and the only frame counted as refused.
             let mut frames = Vec::new();
-            let ended = loop {
+            let after = loop {
                 match decoder.pop() {
                     Ok(Some(frame)) if frame.header.kind == FrameKind::Error && frame.header.session == session => {
-                        // The copy host says why it gives up, then closes.
-                        break Some(match CopyFailure::from_frame(&frame) {
-                            Ok(failure) => {
-                                copy_failed = true;
-                                format!("the copy host reported {failure}")
-                            }
-                            Err(error) => self.rejected(&error),
-                        });
+                        break Some(Ok(frame));
                     }
                     Ok(Some(frame)) => frames.push(frame),
                     Ok(None) => break None,
-                    Err(error) => break Some(self.rejected(&error)),
+                    Err(error) => break Some(Err(error)),
                 }
             };
             if let Err(error) = self.on_acks(frames, session, connection) {
                 break self.rejected(&error);
             }
-            if let Some(why) = ended {
-                break why;
+            match after {
+                // The copy host says why it gives up, then closes.
+                Some(Ok(error_frame)) => match CopyFailure::from_frame(&error_frame) {
+                    Ok(failure) => {
+                        copy_failed = true;
+                        break format!("the copy host reported {failure}");
+                    }
+                    Err(error) => break self.rejected(&error),
+                },
+                Some(Err(error)) => break self.rejected(&error),
+                None => {}
             }
             match std::io::Read::read(&mut stream, &mut buffer) {
                 Ok(0) => break "the copy host closed the connection".to_string(),
@@ -892,8 +898,6 @@ impl Link {
         format!("refused a frame: {error}")
     }
 
-    /// One frame from the copy: an acknowledgement for the core, a
-    /// heartbeat, or a protocol error that ends the connection.
     /// Hand the core the copy's acknowledgements received together, in
     /// order, under one lock; the first that is wrong ends it.
     fn on_acks(&self, frames: Vec<Frame>, session: u64, connection: u64) -> Result<(), ReplicationError> {
@@ -934,6 +938,8 @@ impl Link {
     }
 }
 
+/// The wait before the next connection attempt: back to the shortest after
+/// a connection that made progress, else twice the last, up to the longest.
 fn next_backoff(last: Duration, progress: bool) -> Duration {
     if progress {
         BACKOFF_MIN

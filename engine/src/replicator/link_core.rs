@@ -1422,8 +1422,10 @@ impl<H, V> LinkCore<H, V> {
         if self.config.mode != MirrorMode::Async || self.state != CopyState::UpToDate || self.final_flush.is_some() {
             return None;
         }
-        let queued_bytes: u64 = self.queue.iter().map(|frame| frame.lag).sum();
-        if self.queue.len() >= SEND_BATCH_FRAMES || queued_bytes >= ASYNC_BATCH_BYTES {
+        // (The length first: a queue behind a slow link may be long.)
+        if self.queue.len() >= SEND_BATCH_FRAMES
+            || self.queue.iter().map(|frame| frame.lag).sum::<u64>() >= ASYNC_BATCH_BYTES
+        {
             return None;
         }
         let due_ms = self.queue.front()?.shipped_at_ms.saturating_add(ASYNC_COALESCE_MS);
