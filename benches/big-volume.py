@@ -202,6 +202,17 @@ def crash_case(scratch, binary, secret, data):
         setup.stop()
 
 
+def al_counts(before, after, iops):
+    """What the activity log did between two status documents, per second
+    of fio (its ramp second included) and per write."""
+    seconds = RUNTIME + 1
+    deltas = {key: after[key] - before[key] for key in ("transactions", "bitmap_syncs", "overlapped")}
+    per_second = {key: value / seconds for key, value in deltas.items()}
+    writes = iops * RUNTIME / max(deltas["transactions"], 1)
+    return (f"{per_second['transactions']:.0f} transactions/s ({per_second['overlapped']:.0f}/s overlapped), "
+            f"{per_second['bitmap_syncs']:.1f} bitmap syncs/s, about {writes:.1f} writes per transaction")
+
+
 def al_line(scratch):
     lines = []
     with open(os.path.join(scratch, "crash-production.log")) as f:
@@ -228,11 +239,16 @@ def main():
                 setup = Setup(scratch, config, binary, secret, data)
                 try:
                     setup.start()
+                    before = mirror.status(setup.admin).get("activity_log") if config != "none" else None
                     iops = fio(setup.port)
                     results.setdefault(config, []).append(iops)
                     log(f"round {round_number + 1}: {config}: {iops:.0f} IOPS")
                     if config != "none":
-                        copy = mirror.status(setup.admin)["copies"][0]
+                        status = mirror.status(setup.admin)
+                        if before and status.get("activity_log"):
+                            log(f"round {round_number + 1}: {config}: activity log over the run: "
+                                + al_counts(before, status["activity_log"], iops))
+                        copy = status["copies"][0]
                         log(f"round {round_number + 1}: {config}: copy after the run: {copy['state']}, "
                             f"dirty {copy['dirty_bytes']}, lag {copy['lag_bytes']}")
                         if config != "tracked":

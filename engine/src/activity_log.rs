@@ -275,6 +275,20 @@ pub struct ActivityLogStats {
     pub extents: usize,
 }
 
+/// What an operator sees of the log (the admin endpoint's `activity_log`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActivityLogStatus {
+    /// Bytes per extent.
+    pub extent_bytes: u64,
+    /// The most extents the log holds: with `extent_bytes`, the bound on
+    /// what it may leave to resync after a crash.
+    pub capacity: usize,
+    /// Whether it is written with O_DIRECT (two transactions at once).
+    pub direct: bool,
+    /// The counters.
+    pub stats: ActivityLogStats,
+}
+
 /// An open activity log.
 #[derive(Debug)]
 pub struct ActivityLog {
@@ -415,6 +429,16 @@ impl ActivityLog {
             state.extents.get(&extent).is_some_and(|entry| entry.transaction <= state.durable)
                 || state.leaving.iter().any(|&(left, listed)| left == extent && listed <= state.durable)
         })
+    }
+
+    /// Geometry and counters, for the admin endpoint.
+    pub fn status(&self) -> ActivityLogStatus {
+        ActivityLogStatus {
+            extent_bytes: self.extent_bytes(),
+            capacity: self.capacity,
+            direct: self.direct,
+            stats: self.stats(),
+        }
     }
 
     /// Counters.

@@ -32,6 +32,13 @@ fn three_way_identity_with_two_sync_copies() {
     // went as zeroes, without data).
     assert!(east["bytes_shipped"].as_u64().unwrap() >= 48 << 20, "{east}");
     assert_eq!(east["frames_rejected"], 0, "{east}");
+    // Write-intent tracking's own I/O is in status: fio's writes landed in
+    // extents the log did not hold, so it wrote transactions; it never holds
+    // more extents than its bound.
+    let log = &mirror.status()["activity_log"];
+    assert!(log["transactions"].as_u64().unwrap() > 0, "{log}");
+    assert!(log["extents"].as_u64().unwrap() <= log["capacity"].as_u64().unwrap(), "{log}");
+    assert!(log["extent_bytes"].as_u64().unwrap().is_power_of_two(), "{log}");
     for name in ["east", "west"] {
         let copy = mirror.copy_host_status(name);
         assert_eq!(copy["store_state"], "consistent", "{copy}");

@@ -131,6 +131,18 @@ pub fn status_json(mirror: Option<&Replicator>, volume: &Volume) -> serde_json::
             "error": failure,
         },
         "region_bytes": mirror.map(|mirror| mirror.region_bytes()),
+        // Write-intent tracking's metadata I/O since start: transactions
+        // written, those that first synced the bitmap (extents left the
+        // log), those started while another was being written.
+        "activity_log": mirror.and_then(Replicator::activity_log_status).map(|log| json!({
+            "extent_bytes": log.extent_bytes,
+            "capacity": log.capacity,
+            "extents": log.stats.extents,
+            "direct": log.direct,
+            "transactions": log.stats.transactions,
+            "bitmap_syncs": log.stats.bitmap_syncs,
+            "overlapped": log.stats.overlapped,
+        })),
         "copies": copies,
     })
 }

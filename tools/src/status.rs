@@ -154,6 +154,19 @@ pub fn table(status: &serde_json::Value) -> String {
             out.push_str(&format!("             last error: {error}\n"));
         }
     }
+    let log = &status["activity_log"];
+    if let (Some(extent), Some(capacity)) = (log["extent_bytes"].as_u64(), log["capacity"].as_u64()) {
+        let number = |field: &str| log[field].as_u64().unwrap_or(0);
+        out.push_str(&format!(
+            "activity log: {} of {capacity} extents of {} (a crash resyncs at most {} more than the bitmap holds); \
+             {} transactions, {} of them after a bitmap sync\n",
+            number("extents"),
+            human(extent),
+            human(extent * capacity),
+            number("transactions"),
+            number("bitmap_syncs"),
+        ));
+    }
     out
 }
 
@@ -309,6 +322,29 @@ fn group_lines(status: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The activity log's line: what it holds, its bound, its transactions.
+    #[test]
+    fn the_activity_log_gets_a_line_with_its_bound() {
+        let status = serde_json::json!({
+            "volume": "/srv/vol", "size": 1u64 << 40,
+            "activity_log": {"extent_bytes": 4u64 << 20, "capacity": 1024, "extents": 300, "direct": true,
+                             "transactions": 5452, "bitmap_syncs": 90, "overlapped": 3542},
+            "copies": [
+                {"name": "east", "address": "127.0.0.2:7789", "mode": "sync", "state": "up_to_date",
+                 "dirty_bytes": 0, "lag_bytes": 0, "bytes_shipped": 10, "frames_rejected": 0}
+            ]
+        });
+        let lines = table(&status);
+        assert!(
+            lines.contains("activity log: 300 of 1024 extents of 4.0 MiB (a crash resyncs at most 4.0 GiB more"),
+            "{lines}"
+        );
+        assert!(lines.contains("5452 transactions, 90 of them after a bitmap sync"), "{lines}");
+        let without = serde_json::json!({"volume": "/srv/vol", "size": 1, "activity_log": null,
+            "copies": [{"name": "east", "state": "up_to_date"}]});
+        assert!(!table(&without).contains("activity log"));
+    }
 
     #[test]
     fn a_syncing_copy_gets_a_progress_bar() {

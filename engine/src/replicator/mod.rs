@@ -1009,6 +1009,11 @@ impl Replicator {
         self.shared.bitmap.region_bytes()
     }
 
+    /// The activity log's geometry and counters (none with `--activity-log 0`).
+    pub fn activity_log_status(&self) -> Option<crate::activity_log::ActivityLogStatus> {
+        self.shared.bitmap.activity_log_status()
+    }
+
     /// Stop every link: connections close, queued changes are dropped (their
     /// copies are already recorded stale), threads are joined, the bitmap
     /// is written out.
