@@ -229,7 +229,10 @@ fn many_frames_sent_together_are_applied_and_acknowledged_in_order() {
         let last = (0..WRITES).filter(|index| index % BLOCKS == block).max().unwrap();
         let expected = (last % 251) as u8 + 1;
         let at = (block * 4096) as usize;
-        assert!(stored[at..at + 4096].iter().all(|byte| *byte == expected), "block {block}: the last write sent to it lands");
+        assert!(
+            stored[at..at + 4096].iter().all(|byte| *byte == expected),
+            "block {block}: the last write sent to it lands"
+        );
     }
     assert_rejected(&host, 0);
     assert_eq!(status(&host)["frames_accepted"], WRITES, "{}", status(&host));

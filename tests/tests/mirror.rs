@@ -862,3 +862,138 @@ fn a_resync_cut_short_resumes_from_the_bitmap_it_left() {
     eprintln!("resume: {missed} bytes missed, {left} left dirty after the cut, {resent} sent by the next pass");
     mirror.stop_and_compare();
 }
+
+/// A proxy between the production host and a copy host that passes every
+/// byte, except on its first connection: at the copy's first acknowledgement
+/// it sends that acknowledgement, the same one again (out of sequence) and a
+/// copy of it with a damaged header, all in one write, then closes. Later
+/// connections pass everything.
+struct AckForger {
+    address: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AckForger {
+    fn start(ip: &str, copy: SocketAddr) -> AckForger {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+        let listener = std::net::TcpListener::bind(address).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut first = true;
+            while !stopping.load(Ordering::Relaxed) {
+                let Ok((production, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                production.set_nonblocking(false).unwrap();
+                let Ok(upstream) = std::net::TcpStream::connect(copy) else { continue };
+                let forge = std::mem::replace(&mut first, false);
+                std::thread::spawn(move || AckForger::pass(production, upstream, forge));
+            }
+        });
+        AckForger { address, stop, thread: Some(thread) }
+    }
+
+    fn pass(production: std::net::TcpStream, upstream: std::net::TcpStream, forge: bool) {
+        use engine::protocol::frame::{decode_header, FrameKind, HEADER_LEN};
+        use std::io::{Read, Write};
+        let (mut from_production, mut to_copy) = (production.try_clone().unwrap(), upstream.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from_production, &mut to_copy);
+            let _ = to_copy.shutdown(std::net::Shutdown::Both);
+        });
+        let (mut from_copy, mut to_production) = (upstream, production);
+        if !forge {
+            let _ = std::io::copy(&mut from_copy, &mut to_production);
+            let _ = to_production.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+        loop {
+            let mut frame = vec![0u8; HEADER_LEN];
+            if from_copy.read_exact(&mut frame).is_err() {
+                break;
+            }
+            let header: [u8; HEADER_LEN] = frame[..].try_into().unwrap();
+            let payload_len = u32::from_be_bytes(header[52..56].try_into().unwrap()) as usize;
+            frame.resize(HEADER_LEN + payload_len, 0);
+            if from_copy.read_exact(&mut frame[HEADER_LEN..]).is_err() {
+                break;
+            }
+            let ack =
+                decode_header(&header).is_ok_and(|header| header.session != 0 && header.kind == FrameKind::WriteAck);
+            if !ack {
+                if to_production.write_all(&frame).is_err() {
+                    break;
+                }
+                continue;
+            }
+            let mut damaged = frame.clone();
+            damaged[20] ^= 0x40;
+            let together: Vec<u8> = [frame.clone(), frame, damaged].concat();
+            let _ = to_production.write_all(&together);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = to_production.shutdown(std::net::Shutdown::Both);
+        let _ = from_copy.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Drop for AckForger {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The acknowledgements the production host reads together are judged in
+/// order, and what follows a wrong one is not judged at all: an
+/// acknowledgement sent twice (out of sequence) with a frame with a damaged
+/// header behind it, in one packet, is the one refused frame and the cause
+/// of the connection's end; the copy reconnects and ends identical.
+#[test]
+fn a_wrong_acknowledgement_read_with_a_damaged_frame_behind_it_is_the_one_refused() {
+    if !tools() {
+        return;
+    }
+    let mut mirror = Mirror::unstarted("mirror-ack-forger", SIZE);
+    let ip = "127.0.0.2";
+    let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+    let admin: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+    let volume = mirror.scratch.join("copy-east.img");
+    let mut east = system_tests::mirror::Copy {
+        name: "east".into(),
+        volume,
+        address,
+        admin,
+        direct: false,
+        namespace: None,
+        process: None,
+    };
+    mirror.start_copy(&mut east);
+    mirror.copies.push(east);
+    let forger = AckForger::start("127.0.0.3", address);
+    mirror.start_production_for(vec![format!("east={}", forger.address)], &[]);
+    qemu_write(&mirror.uri(), 0, "4M", 0x3c);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let east = mirror.copy_status("east");
+    assert_eq!(east["frames_rejected"], 1, "only the acknowledgement sent twice is refused: {east}");
+    assert!(east["connects"].as_u64().unwrap() >= 2, "{east}");
+    let logs = mirror.logs();
+    let refusals: Vec<&str> = logs.lines().filter(|line| line.contains("refused a frame from copy east")).collect();
+    assert_eq!(refusals.len(), 1, "{refusals:#?}");
+    assert!(
+        !refusals[0].contains("CRC") && !refusals[0].contains("crc"),
+        "the damaged frame was judged: {refusals:#?}"
+    );
+    qemu_write(&mirror.uri(), 1 << 20, "1M", 0x5d);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    drop(forger);
+    mirror.stop_and_compare();
+}
