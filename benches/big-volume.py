@@ -206,11 +206,12 @@ def al_counts(before, after, iops):
     """What the activity log did between two status documents, per second
     of fio (its ramp second included) and per write."""
     seconds = RUNTIME + 1
-    deltas = {key: after[key] - before[key] for key in ("transactions", "bitmap_syncs", "overlapped")}
+    deltas = {key: after[key] - before[key] for key in ("transactions", "bitmap_syncs", "overlapped", "bitmap_sync_seconds")}
     per_second = {key: value / seconds for key, value in deltas.items()}
     writes = iops * RUNTIME / max(deltas["transactions"], 1)
     return (f"{per_second['transactions']:.0f} transactions/s ({per_second['overlapped']:.0f}/s overlapped), "
-            f"{per_second['bitmap_syncs']:.1f} bitmap syncs/s, about {writes:.1f} writes per transaction")
+            f"{per_second['bitmap_syncs']:.1f} bitmap syncs/s taking {per_second['bitmap_sync_seconds'] * 100:.1f} % "
+            f"of the time, about {writes:.1f} writes per transaction")
 
 
 def al_line(scratch):

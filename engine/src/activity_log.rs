@@ -228,6 +228,8 @@ struct State {
     transactions: u64,
     bitmap_syncs: u64,
     overlapped: u64,
+    /// Time spent in those bitmap syncs, while no transaction could start.
+    bitmap_sync_nanos: u64,
     /// Extents wait for transaction `next`, which no writer has started.
     pending: bool,
     /// Called once the transaction each waits for is durable (or the log failed).
@@ -269,6 +271,8 @@ pub struct ActivityLogStats {
     pub transactions: u64,
     /// Of those, how many synced the bitmap first (they dropped extents).
     pub bitmap_syncs: u64,
+    /// Time spent in those bitmap syncs (no transaction starts meanwhile).
+    pub bitmap_sync_nanos: u64,
     /// Of those, how many started while another was being written.
     pub overlapped: u64,
     /// Extents in the log now.
@@ -379,6 +383,7 @@ impl ActivityLog {
                 failed: None,
                 transactions: 0,
                 bitmap_syncs: 0,
+                bitmap_sync_nanos: 0,
                 overlapped: 0,
                 pending: false,
                 wakers: Wakers::default(),
@@ -447,6 +452,7 @@ impl ActivityLog {
         ActivityLogStats {
             transactions: state.transactions,
             bitmap_syncs: state.bitmap_syncs,
+            bitmap_sync_nanos: state.bitmap_sync_nanos,
             overlapped: state.overlapped,
             extents: state.extents.len(),
         }
@@ -634,12 +640,15 @@ impl ActivityLog {
         drop(state);
         let started = Started { transaction, sequence, dropped, listed };
         if dropped {
+            let syncing = std::time::Instant::now();
             let synced = sync_bitmap();
+            let took = syncing.elapsed().as_nanos() as u64;
             // The bitmap carries their bits now (a write marking one of
             // them again waits for a later transaction), and later
             // transactions may start; after a failed sync the log fails
             // before any can.
             let mut state = self.lock();
+            state.bitmap_sync_nanos += took;
             state.leaving.clear();
             state.evicting = synced.is_err();
             drop(state);

@@ -39,6 +39,7 @@ fn three_way_identity_with_two_sync_copies() {
     assert!(log["transactions"].as_u64().unwrap() > 0, "{log}");
     assert!(log["extents"].as_u64().unwrap() <= log["capacity"].as_u64().unwrap(), "{log}");
     assert!(log["extent_bytes"].as_u64().unwrap().is_power_of_two(), "{log}");
+    assert!(log["bitmap_sync_seconds"].as_f64().is_some_and(|seconds| seconds >= 0.0), "{log}");
     for name in ["east", "west"] {
         let copy = mirror.copy_host_status(name);
         assert_eq!(copy["store_state"], "consistent", "{copy}");

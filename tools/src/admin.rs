@@ -141,6 +141,7 @@ pub fn status_json(mirror: Option<&Replicator>, volume: &Volume) -> serde_json::
             "direct": log.direct,
             "transactions": log.stats.transactions,
             "bitmap_syncs": log.stats.bitmap_syncs,
+            "bitmap_sync_seconds": log.stats.bitmap_sync_nanos as f64 / 1e9,
             "overlapped": log.stats.overlapped,
         })),
         "copies": copies,
