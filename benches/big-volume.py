@@ -204,11 +204,12 @@ def crash_case(scratch, binary, secret, data):
 
 def al_counts(before, after, iops):
     """What the activity log did between two status documents, per second
-    of fio (its ramp second included) and per write."""
+    of fio (its ramp second included: fio's rate is taken to hold through
+    it). A field an older build lacks counts as zero."""
     seconds = RUNTIME + 1
-    deltas = {key: after[key] - before[key] for key in ("transactions", "bitmap_syncs", "overlapped", "bitmap_sync_seconds")}
-    per_second = {key: value / seconds for key, value in deltas.items()}
-    writes = iops * RUNTIME / max(deltas["transactions"], 1)
+    keys = ("transactions", "bitmap_syncs", "overlapped", "bitmap_sync_seconds")
+    per_second = {key: (after.get(key, 0) - before.get(key, 0)) / seconds for key in keys}
+    writes = iops / max(per_second["transactions"], 1e-9)
     return (f"{per_second['transactions']:.0f} transactions/s ({per_second['overlapped']:.0f}/s overlapped), "
             f"{per_second['bitmap_syncs']:.1f} bitmap syncs/s taking {per_second['bitmap_sync_seconds'] * 100:.1f} % "
             f"of the time, about {writes:.1f} writes per transaction")

@@ -271,7 +271,8 @@ pub struct ActivityLogStats {
     pub transactions: u64,
     /// Of those, how many synced the bitmap first (they dropped extents).
     pub bitmap_syncs: u64,
-    /// Time spent in those bitmap syncs (no transaction starts meanwhile).
+    /// Time spent in those bitmap syncs (no transaction starts meanwhile),
+    /// a failed one included.
     pub bitmap_sync_nanos: u64,
     /// Of those, how many started while another was being written.
     pub overlapped: u64,
@@ -959,6 +960,29 @@ mod tests {
         .unwrap();
         assert_eq!(syncs.load(Ordering::SeqCst), 1);
         assert!(logged(&path).len() <= 4);
+    }
+
+    /// The counters in status: each transaction that dropped extents counts
+    /// one bitmap sync and the time it took (what an operator reads as the
+    /// eviction stall); a transaction that dropped none counts neither.
+    #[test]
+    fn bitmap_syncs_are_counted_with_the_time_they_took() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let log = ActivityLog::create(&path, 1 << 20, 4, 0).unwrap();
+        let slow = || -> Result<(), ()> {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            Ok(())
+        };
+        log.commit(0..3, slow).unwrap();
+        let before = log.stats();
+        assert_eq!((before.transactions, before.bitmap_syncs, before.bitmap_sync_nanos), (1, 0, 0));
+        log.commit(3..8, slow).unwrap();
+        let after = log.stats();
+        assert_eq!((after.transactions, after.bitmap_syncs), (2, 1));
+        assert!(after.bitmap_sync_nanos >= 20_000_000, "{after:?}");
+        let status = log.status();
+        assert_eq!((status.extent_bytes, status.capacity, status.stats), (1 << 20, 4, after));
     }
 
     /// A waker that counts its calls.

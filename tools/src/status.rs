@@ -157,12 +157,14 @@ pub fn table(status: &serde_json::Value) -> String {
     let log = &status["activity_log"];
     if let (Some(extent), Some(capacity)) = (log["extent_bytes"].as_u64(), log["capacity"].as_u64()) {
         let number = |field: &str| log[field].as_u64().unwrap_or(0);
+        // The log never lists more of the volume than there is.
+        let bound = (extent * capacity).min(status["size"].as_u64().unwrap_or(u64::MAX));
         out.push_str(&format!(
-            "activity log: {} of {capacity} extents of {} (a crash resyncs at most {} more than the bitmap holds); \
-             {} transactions, {} of them after a bitmap sync\n",
+            "activity log: {} of {capacity} extents of {} logged or waiting (a crash resyncs at most {} more than \
+             the bitmap holds); {} transactions, {} of them after a bitmap sync\n",
             number("extents"),
             human(extent),
-            human(extent * capacity),
+            human(bound),
             number("transactions"),
             number("bitmap_syncs"),
         ));
@@ -337,9 +339,15 @@ mod tests {
         });
         let lines = table(&status);
         assert!(
-            lines.contains("activity log: 300 of 1024 extents of 4.0 MiB (a crash resyncs at most 4.0 GiB more"),
+            lines.contains(
+                "activity log: 300 of 1024 extents of 4.0 MiB logged or waiting (a crash resyncs at most 4.0 GiB more"
+            ),
             "{lines}"
         );
+        // A volume smaller than the log's reach: the bound is the volume.
+        let mut small = status.clone();
+        small["size"] = serde_json::json!(1u64 << 30);
+        assert!(table(&small).contains("at most 1.0 GiB more"), "{}", table(&small));
         assert!(lines.contains("5452 transactions, 90 of them after a bitmap sync"), "{lines}");
         let without = serde_json::json!({"volume": "/srv/vol", "size": 1, "activity_log": null,
             "copies": [{"name": "east", "state": "up_to_date"}]});
