@@ -276,13 +276,8 @@ pub struct ActivityLogStats {
     pub bitmap_sync_nanos: u64,
     /// Of those, how many started while another was being written.
     pub overlapped: u64,
-    /// Extents in the log now.
+    /// Extents in the log now (logged, or waiting for the next transaction).
     pub extents: usize,
-}
-
-/// What an operator sees of the log (the admin endpoint's `activity_log`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ActivityLogStatus {
     /// Bytes per extent.
     pub extent_bytes: u64,
     /// The most extents the log holds: with `extent_bytes`, the bound on
@@ -290,8 +285,6 @@ pub struct ActivityLogStatus {
     pub capacity: usize,
     /// Whether it is written with O_DIRECT (two transactions at once).
     pub direct: bool,
-    /// The counters.
-    pub stats: ActivityLogStats,
 }
 
 /// An open activity log.
@@ -437,17 +430,7 @@ impl ActivityLog {
         })
     }
 
-    /// Geometry and counters, for the admin endpoint.
-    pub fn status(&self) -> ActivityLogStatus {
-        ActivityLogStatus {
-            extent_bytes: self.extent_bytes(),
-            capacity: self.capacity,
-            direct: self.direct,
-            stats: self.stats(),
-        }
-    }
-
-    /// Counters.
+    /// Counters and geometry (the admin endpoint's `activity_log`).
     pub fn stats(&self) -> ActivityLogStats {
         let state = self.lock();
         ActivityLogStats {
@@ -456,6 +439,9 @@ impl ActivityLog {
             bitmap_sync_nanos: state.bitmap_sync_nanos,
             overlapped: state.overlapped,
             extents: state.extents.len(),
+            extent_bytes: self.extent_bytes(),
+            capacity: self.capacity,
+            direct: self.direct,
         }
     }
 
@@ -981,8 +967,7 @@ mod tests {
         let after = log.stats();
         assert_eq!((after.transactions, after.bitmap_syncs), (2, 1));
         assert!(after.bitmap_sync_nanos >= 20_000_000, "{after:?}");
-        let status = log.status();
-        assert_eq!((status.extent_bytes, status.capacity, status.stats), (1 << 20, 4, after));
+        assert_eq!((after.extent_bytes, after.capacity), (1 << 20, 4));
     }
 
     /// A waker that counts its calls.

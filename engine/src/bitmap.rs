@@ -1011,11 +1011,6 @@ impl WriteIntentBitmap {
         self.geometry.region_bytes
     }
 
-    /// The attached activity log's geometry and counters, when there is one.
-    pub fn activity_log_status(&self) -> Option<activity_log::ActivityLogStatus> {
-        self.activity_log.as_ref().map(ActivityLog::status)
-    }
-
     /// The number of regions: the volume size divided by the region size,
     /// rounded up.
     pub fn region_count(&self) -> u64 {

@@ -84,20 +84,13 @@ impl Mirror {
         prepare(&mirror.volume, &stores);
         let mut mirrors = Vec::new();
         for (name, ip, options) in copies {
-            let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
-            let volume = mirror.scratch.join(&format!("copy-{name}.img"));
-            let admin: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
-            let direct = options.split(',').any(|option| option == "direct");
-            let mut copy =
-                Copy { name: name.to_string(), volume, address, admin, direct, namespace: None, process: None };
-            mirror.start_copy(&mut copy);
+            let address = mirror.add_copy(name, ip, options.split(',').any(|option| option == "direct"));
             let mut spec = format!("{name}={address}");
             for option in options.split(',').filter(|option| !option.is_empty() && *option != "direct") {
                 spec.push(',');
                 spec.push_str(option);
             }
             mirrors.push(spec);
-            mirror.copies.push(copy);
         }
         mirror.start_production_for(mirrors, extra);
         mirror
@@ -142,6 +135,19 @@ impl Mirror {
         args.extend(extra.iter().map(|arg| arg.to_string()));
         self.production_args = args;
         self.start_production();
+    }
+
+    /// Start a copy host named `name` on `ip` (its store `copy-<name>.img`
+    /// in the scratch directory, free ports) and add it to the copies; the
+    /// address it listens on.
+    pub fn add_copy(&mut self, name: &str, ip: &str, direct: bool) -> SocketAddr {
+        let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+        let volume = self.scratch.join(&format!("copy-{name}.img"));
+        let admin: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+        let mut copy = Copy { name: name.to_string(), volume, address, admin, direct, namespace: None, process: None };
+        self.start_copy(&mut copy);
+        self.copies.push(copy);
+        address
     }
 
     /// Start (or restart) `copy`'s host.

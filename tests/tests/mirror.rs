@@ -962,21 +962,7 @@ fn a_wrong_acknowledgement_read_with_a_damaged_frame_behind_it_is_the_one_refuse
         return;
     }
     let mut mirror = Mirror::unstarted("mirror-ack-forger", SIZE);
-    let ip = "127.0.0.2";
-    let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
-    let admin: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
-    let volume = mirror.scratch.join("copy-east.img");
-    let mut east = system_tests::mirror::Copy {
-        name: "east".into(),
-        volume,
-        address,
-        admin,
-        direct: false,
-        namespace: None,
-        process: None,
-    };
-    mirror.start_copy(&mut east);
-    mirror.copies.push(east);
+    let address = mirror.add_copy("east", "127.0.0.2", false);
     let forger = AckForger::start("127.0.0.3", address);
     mirror.start_production_for(vec![format!("east={}", forger.address)], &[]);
     qemu_write(&mirror.uri(), 0, "4M", 0x3c);

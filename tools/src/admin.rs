@@ -133,16 +133,17 @@ pub fn status_json(mirror: Option<&Replicator>, volume: &Volume) -> serde_json::
         "region_bytes": mirror.map(|mirror| mirror.region_bytes()),
         // Write-intent tracking's metadata I/O since start: transactions
         // written, those that first synced the bitmap (extents left the
-        // log), those started while another was being written.
-        "activity_log": mirror.and_then(Replicator::activity_log_status).map(|log| json!({
+        // log) and the time those syncs took, those started while another
+        // was being written.
+        "activity_log": mirror.and_then(Replicator::activity_log_stats).map(|log| json!({
             "extent_bytes": log.extent_bytes,
             "capacity": log.capacity,
-            "extents": log.stats.extents,
+            "extents": log.extents,
             "direct": log.direct,
-            "transactions": log.stats.transactions,
-            "bitmap_syncs": log.stats.bitmap_syncs,
-            "bitmap_sync_seconds": log.stats.bitmap_sync_nanos as f64 / 1e9,
-            "overlapped": log.stats.overlapped,
+            "transactions": log.transactions,
+            "bitmap_syncs": log.bitmap_syncs,
+            "bitmap_sync_seconds": log.bitmap_sync_nanos as f64 / 1e9,
+            "overlapped": log.overlapped,
         })),
         "copies": copies,
     })

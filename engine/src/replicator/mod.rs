@@ -1010,8 +1010,8 @@ impl Replicator {
     }
 
     /// The activity log's geometry and counters (none with `--activity-log 0`).
-    pub fn activity_log_status(&self) -> Option<crate::activity_log::ActivityLogStatus> {
-        self.shared.bitmap.activity_log_status()
+    pub fn activity_log_stats(&self) -> Option<crate::activity_log::ActivityLogStats> {
+        self.shared.bitmap.activity_log().map(crate::activity_log::ActivityLog::stats)
     }
 
     /// Stop every link: connections close, queued changes are dropped (their
