@@ -266,6 +266,17 @@ impl<'v> Applier<'v> {
         self.check()
     }
 
+    /// Submit what is queued and handle the changes already completed,
+    /// without waiting.
+    pub fn poll(&mut self) -> Result<(), EngineError> {
+        if !self.in_flight.is_empty() {
+            let io_error = |source| EngineError::Io { action: "submit to the io_uring", source };
+            self.ring.submit_and_wait(0, None).map_err(io_error)?;
+            self.handle_completions();
+        }
+        self.check()
+    }
+
     /// Encode the replies that may leave now (in order) into `out`.
     pub fn take_replies(&mut self, out: &mut Vec<u8>) {
         while self.replies.front().is_some_and(|reply| reply.done) {
@@ -385,13 +396,18 @@ impl<'v> Applier<'v> {
         }
         let io_error = |source| EngineError::Io { action: "wait for io_uring completions", source };
         self.ring.submit_and_wait(1, None).map_err(io_error)?;
+        self.handle_completions();
+        Ok(())
+    }
+
+    /// Handle every completion posted.
+    fn handle_completions(&mut self) {
         let mut reaped = std::mem::take(&mut self.reaped);
         self.ring.reap(&mut reaped);
         for (op, result) in reaped.drain(..) {
             self.completed(op, result);
         }
         self.reaped = reaped;
-        Ok(())
     }
 
     fn completed(&mut self, op: Op, result: i32) {

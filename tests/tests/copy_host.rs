@@ -238,6 +238,79 @@ fn many_frames_sent_together_are_applied_and_acknowledged_in_order() {
     assert_eq!(status(&host)["frames_accepted"], WRITES, "{}", status(&host));
 }
 
+/// During a pass on a consistent store, a write first saves a before-image
+/// of the 64 KiB it lands in (a read, an append and an fdatasync of the undo
+/// journal), so a burst of writes to new chunks takes the copy host a while.
+/// Its acknowledgements must go out while the burst is still being applied:
+/// sent only when no frame waits, they would all wait for the whole burst,
+/// and a production host that hears nothing for its ack timeout (5 s) takes
+/// a working copy for a hung one and drops it (seen with an async copy of a
+/// 1 TiB volume catching up under 4k random writes).
+#[test]
+fn acknowledgements_go_out_while_a_backlog_of_writes_is_applied() {
+    const WRITES: u64 = 900;
+    const CHUNK: u64 = 64 << 10;
+    let size = 256u64 << 20;
+    let scratch = Scratch::new("copy-host-backlog");
+    let secret = write_secret(&scratch, "secret", 11);
+    let volume = scratch.join("copy.img");
+    let copy = CopyHost::start(&scratch, "127.0.0.2", &volume, "256M", &secret, &[]);
+    let host = Host {
+        scratch,
+        volume,
+        secret,
+        address: copy.address,
+        admin: copy.admin,
+        args: copy.args,
+        process: copy.process,
+    };
+    let mut connection = connect(&host, new_identity(size).unwrap());
+    // The pass that brought the new store up to date ends: it is consistent.
+    let header = connection.header(FrameKind::Flush, FrameFlags::SYNCED, 1, 1);
+    connection.send(&header, &[]).unwrap();
+    assert_eq!(connection.receive().unwrap().header.kind, FrameKind::FlushAck);
+    // A new pass begins: from here on the copy keeps the way back.
+    let mut header = connection.header(FrameKind::Write, FrameFlags::PASS, 1, 1);
+    header.offset = 0;
+    header.length = 4096;
+    header.payload_len = 4096;
+    connection.send(&header, &[1; 4096]).unwrap();
+    assert_eq!(connection.receive().unwrap().header.kind, FrameKind::WriteAck);
+    assert_eq!(status(&host)["dr_image"]["state"], "kept", "{}", status(&host));
+    // A burst of writes, each to a chunk not saved yet.
+    let mut bytes = Vec::new();
+    let mut sequences = Vec::new();
+    for index in 1..=WRITES {
+        let mut header = connection.header(FrameKind::Write, FrameFlags::NONE, 1, 1);
+        header.offset = index * CHUNK;
+        header.length = 4096;
+        header.payload_len = 4096;
+        bytes.extend_from_slice(&encode_frame(&header, &[(index % 251) as u8 + 1; 4096]));
+        sequences.push(header.sequence);
+    }
+    let sent = std::time::Instant::now();
+    connection.send_raw(&bytes).unwrap();
+    let mut first = None;
+    for sequence in &sequences {
+        let ack = connection.receive().unwrap();
+        assert_eq!((ack.header.kind, ack.header.sequence), (FrameKind::WriteAck, *sequence));
+        first.get_or_insert_with(|| sent.elapsed());
+    }
+    let (first, last) = (first.unwrap(), sent.elapsed());
+    assert!(
+        first < last / 2,
+        "the first acknowledgement came {first:?} after the burst was sent, the last {last:?}: \
+         acknowledgements waited for the backlog to drain"
+    );
+    assert_eq!(status(&host)["dr_image"]["state"], "kept", "the pass kept its way back: {}", status(&host));
+    let stored = contents(&host);
+    for index in 1..=WRITES {
+        let at = (index * CHUNK) as usize;
+        assert!(stored[at..at + 4096].iter().all(|byte| *byte == (index % 251) as u8 + 1), "write {index} is missing");
+    }
+    assert_rejected(&host, 0);
+}
+
 /// Compressed frames from an authenticated production host: a good one
 /// lands decompressed; one whose payload expands past its frame's length
 /// (a decompression bomb: 1 MiB of zeroes announced as 4 KiB) is refused,

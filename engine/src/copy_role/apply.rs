@@ -36,6 +36,14 @@ type Batch = Vec<Result<Frame, Ending>>;
 /// while the production host closes its end: closing with its frames
 /// unread would reset the connection, and the reset may discard the report.
 const ERROR_LINGER: Duration = Duration::from_secs(2);
+/// While frames keep arriving, the replies ready go out at least after
+/// this many frames or this long: otherwise they would wait for a moment
+/// with no frame waiting, which a backlog of slow changes (each saving a
+/// before-image during a pass, say) may not give for longer than the
+/// production host's ack timeout, and a working copy would be taken for a
+/// hung one.
+const REPLY_EVERY_FRAMES: usize = 64;
+const REPLY_EVERY: Duration = Duration::from_millis(10);
 
 /// The data phase: judge each frame, store raised promises, apply, ack.
 pub(super) fn receive(connection: &mut Connection<'_>, session: &Session) {
@@ -153,7 +161,7 @@ fn apply_frames(
     let metadata = *host.metadata();
     let mut receiver = Receiver::new(session, metadata, host.volume.size(), host.counters());
     let mut outgoing: Vec<u8> = Vec::new();
-    let mut received = Received { frames, batch: VecDeque::new() };
+    let mut received = Received { frames, batch: VecDeque::new(), taken: 0, replied_at: Instant::now() };
     loop {
         let outcome = wait_for_frame(host, peer, &mut received, doorbell, applier, writer, &mut outgoing)
             .and_then(|next| judge(host, peer, &mut receiver, next))
@@ -164,10 +172,13 @@ fn apply_frames(
     }
 }
 
-/// The frames from the reader, and those of its last batch not yet taken.
+/// The frames from the reader, and those of its last batch not yet taken;
+/// how many were taken since replies last went out, and when that was.
 struct Received<'a> {
     frames: &'a std::sync::mpsc::Receiver<Batch>,
     batch: VecDeque<Result<Frame, Ending>>,
+    taken: usize,
+    replied_at: Instant,
 }
 
 impl Received<'_> {
@@ -179,15 +190,45 @@ impl Received<'_> {
 
     fn try_next(&mut self) -> Result<Option<Result<Frame, Ending>>, Applied> {
         use std::sync::mpsc::TryRecvError;
-        if let Some(next) = self.batch.pop_front() {
-            return Ok(Some(next));
-        }
-        match self.frames.try_recv() {
-            Ok(batch) => self.first_of(batch).map(Some),
-            Err(TryRecvError::Disconnected) => Err(Applied::Ended),
-            Err(TryRecvError::Empty) => Ok(None),
-        }
+        let next = match self.batch.pop_front() {
+            Some(next) => Some(next),
+            None => match self.frames.try_recv() {
+                Ok(batch) => Some(self.first_of(batch)?),
+                Err(TryRecvError::Disconnected) => return Err(Applied::Ended),
+                Err(TryRecvError::Empty) => None,
+            },
+        };
+        self.taken += usize::from(next.is_some());
+        Ok(next)
     }
+
+    /// Whether the replies ready should go out before the next frame,
+    /// though frames are waiting.
+    fn reply_due(&self) -> bool {
+        self.taken >= REPLY_EVERY_FRAMES || self.replied_at.elapsed() >= REPLY_EVERY
+    }
+}
+
+/// Send the replies the applier has released; `Err` once the socket failed.
+fn send_replies(
+    peer: SocketAddr,
+    received: &mut Received<'_>,
+    applier: &mut Applier<'_>,
+    writer: &mut TcpStream,
+    outgoing: &mut Vec<u8>,
+) -> Result<(), Applied> {
+    received.taken = 0;
+    received.replied_at = Instant::now();
+    applier.take_replies(outgoing);
+    if outgoing.is_empty() {
+        return Ok(());
+    }
+    let sent = writer.write_all(outgoing);
+    outgoing.clear();
+    sent.map_err(|error| {
+        log_ending(peer, "", &Ending::Io(error));
+        Applied::Failed(None)
+    })
 }
 
 /// The next frame from the reader. While none is there, the replies that
@@ -203,17 +244,15 @@ fn wait_for_frame(
     outgoing: &mut Vec<u8>,
 ) -> Result<Result<Frame, Ending>, Applied> {
     loop {
+        if received.reply_due() {
+            // Changes that completed meanwhile release their replies too.
+            applier.poll().map_err(|error| store_failed(host, peer, error, "apply a change"))?;
+            send_replies(peer, received, applier, writer, outgoing)?;
+        }
         if let Some(next) = received.try_next()? {
             return Ok(next);
         }
-        applier.take_replies(outgoing);
-        if !outgoing.is_empty() {
-            if let Err(error) = writer.write_all(outgoing) {
-                log_ending(peer, "", &Ending::Io(error));
-                return Err(Applied::Failed(None));
-            }
-            outgoing.clear();
-        }
+        send_replies(peer, received, applier, writer, outgoing)?;
         if applier.idle() {
             let batch = received.frames.recv().map_err(|_| Applied::Ended)?;
             return received.first_of(batch);
