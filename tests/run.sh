@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 # etcd-server: the etcd quorum backend's tests run a real etcd; protobuf-compiler
 # and libprotobuf-dev: building that backend (etcd-client) needs protoc.
 # iproute2 (ip, tc, ss) and iperf3: the WAN rig of tests/src/wan.rs and its check.
-packages=(fio libnbd-bin python3-libnbd nbdkit qemu-utils e2fsprogs util-linux fuse3 iptables iproute2 iperf3 etcd-server protobuf-compiler libprotobuf-dev)
+# strace: the order of a copy host's system calls (tests/tests/copy_host.rs).
+packages=(fio libnbd-bin python3-libnbd nbdkit qemu-utils e2fsprogs util-linux fuse3 iptables iproute2 iperf3 etcd-server protobuf-compiler libprotobuf-dev strace)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

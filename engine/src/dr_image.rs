@@ -69,6 +69,8 @@ pub struct UndoJournal {
     saved: HashSet<u64>,
     bytes: u64,
     limit: u64,
+    /// Before-images appended since the last fdatasync.
+    unsynced: bool,
 }
 
 /// What [`UndoJournal::save`] did.
@@ -209,6 +211,7 @@ impl UndoJournal {
             saved: HashSet::new(),
             bytes: HEADER_BYTES as u64,
             limit,
+            unsynced: false,
         })
     }
 
@@ -221,7 +224,16 @@ impl UndoJournal {
         file.sync_all()?;
         file.seek(SeekFrom::End(0))?;
         let saved = entries.iter().map(|entry| entry.chunk).collect();
-        Ok(UndoJournal { file, path: path.to_path_buf(), image, volume_size, saved, bytes: end, limit })
+        Ok(UndoJournal {
+            file,
+            path: path.to_path_buf(),
+            image,
+            volume_size,
+            saved,
+            bytes: end,
+            limit,
+            unsynced: false,
+        })
     }
 
     /// The image this journal leads back to.
@@ -237,6 +249,16 @@ impl UndoJournal {
     /// Before `len` bytes at `offset` of `volume` are changed: save every
     /// chunk of the extent not saved yet in this pass, durably.
     pub fn save(&mut self, volume: &Volume, offset: u64, len: u64) -> io::Result<Saved> {
+        let saved = self.save_deferred(volume, offset, len)?;
+        self.sync()?;
+        Ok(saved)
+    }
+
+    /// [`UndoJournal::save`] without the fdatasync: the before-images are
+    /// durable only once [`UndoJournal::sync`] returns, and no change they
+    /// cover may be issued before it. Saving the chunks of many changes and
+    /// syncing once lets a pass apply a burst of writes for one fdatasync.
+    pub fn save_deferred(&mut self, volume: &Volume, offset: u64, len: u64) -> io::Result<Saved> {
         if len == 0 {
             return Ok(Saved::Kept);
         }
@@ -253,11 +275,20 @@ impl UndoJournal {
         // In batches of at most SAVE_BATCH_CHUNKS (a trim of gigabytes is
         // one frame): bounded memory, one fdatasync at the end.
         for batch in new.chunks(SAVE_BATCH_CHUNKS) {
+            self.unsynced = true;
             self.append(volume, batch)?;
         }
-        self.file.sync_data()?;
         self.saved.extend(new);
         Ok(Saved::Kept)
+    }
+
+    /// Make every before-image saved so far durable.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced {
+            self.file.sync_data()?;
+            self.unsynced = false;
+        }
+        Ok(())
     }
 
     /// Append the before-images of `chunks` (not made durable here).

@@ -249,66 +249,155 @@ fn many_frames_sent_together_are_applied_and_acknowledged_in_order() {
 #[test]
 fn acknowledgements_go_out_while_a_backlog_of_writes_is_applied() {
     const WRITES: u64 = 900;
-    const CHUNK: u64 = 64 << 10;
-    let size = 256u64 << 20;
-    let scratch = Scratch::new("copy-host-backlog");
-    let secret = write_secret(&scratch, "secret", 11);
-    let volume = scratch.join("copy.img");
-    let copy = CopyHost::start(&scratch, "127.0.0.2", &volume, "256M", &secret, &[]);
-    let host = Host {
-        scratch,
-        volume,
-        secret,
-        address: copy.address,
-        admin: copy.admin,
-        args: copy.args,
-        process: copy.process,
-    };
-    let mut connection = connect(&host, new_identity(size).unwrap());
-    // The pass that brought the new store up to date ends: it is consistent.
-    let header = connection.header(FrameKind::Flush, FrameFlags::SYNCED, 1, 1);
-    connection.send(&header, &[]).unwrap();
-    assert_eq!(connection.receive().unwrap().header.kind, FrameKind::FlushAck);
-    // A new pass begins: from here on the copy keeps the way back.
-    let mut header = connection.header(FrameKind::Write, FrameFlags::PASS, 1, 1);
-    header.offset = 0;
-    header.length = 4096;
-    header.payload_len = 4096;
-    connection.send(&header, &[1; 4096]).unwrap();
-    assert_eq!(connection.receive().unwrap().header.kind, FrameKind::WriteAck);
-    assert_eq!(status(&host)["dr_image"]["state"], "kept", "{}", status(&host));
-    // A burst of writes, each to a chunk not saved yet.
-    let mut bytes = Vec::new();
-    let mut sequences = Vec::new();
-    for index in 1..=WRITES {
-        let mut header = connection.header(FrameKind::Write, FrameFlags::NONE, 1, 1);
-        header.offset = index * CHUNK;
-        header.length = 4096;
-        header.payload_len = 4096;
-        bytes.extend_from_slice(&encode_frame(&header, &[(index % 251) as u8 + 1; 4096]));
-        sequences.push(header.sequence);
-    }
-    let sent = std::time::Instant::now();
-    connection.send_raw(&bytes).unwrap();
-    let mut first = None;
-    for sequence in &sequences {
-        let ack = connection.receive().unwrap();
-        assert_eq!((ack.header.kind, ack.header.sequence), (FrameKind::WriteAck, *sequence));
-        first.get_or_insert_with(|| sent.elapsed());
-    }
-    let (first, last) = (first.unwrap(), sent.elapsed());
+    let host = copy_host_sized("copy-host-backlog", "256M");
+    let mut connection = connect(&host, new_identity(256 << 20).unwrap());
+    begin_pass_on_a_consistent_store(&host, &mut connection);
+    let arrivals = burst_to_new_chunks(&mut connection, WRITES);
+    let (first, last) = (arrivals[0], arrivals[arrivals.len() - 1]);
     assert!(
         first < last / 2,
         "the first acknowledgement came {first:?} after the burst was sent, the last {last:?}: \
          acknowledgements waited for the backlog to drain"
     );
     assert_eq!(status(&host)["dr_image"]["state"], "kept", "the pass kept its way back: {}", status(&host));
-    let stored = contents(&host);
-    for index in 1..=WRITES {
-        let at = (index * CHUNK) as usize;
-        assert!(stored[at..at + 4096].iter().all(|byte| *byte == (index % 251) as u8 + 1), "write {index} is missing");
-    }
+    assert_burst_stored(&host, WRITES);
     assert_rejected(&host, 0);
+}
+
+/// A copy host of `size` bytes on a buffered store (so each write is one
+/// `pwrite` system call of the applying thread).
+fn copy_host_sized(label: &str, size: &str) -> Host {
+    let scratch = Scratch::new(label);
+    let secret = write_secret(&scratch, "secret", 11);
+    let volume = scratch.join("copy.img");
+    let CopyHost { process, address, admin, args } =
+        CopyHost::start(&scratch, "127.0.0.2", &volume, size, &secret, &[]);
+    Host { scratch, volume, secret, address, admin, args, process }
+}
+
+/// End the pass that brought a new store up to date (it is consistent),
+/// then begin another with a write at 0: from then on the copy keeps an
+/// undo journal, the way back to the image the pass began on.
+fn begin_pass_on_a_consistent_store(host: &Host, connection: &mut CopyConnection) {
+    let header = connection.header(FrameKind::Flush, FrameFlags::SYNCED, 1, 1);
+    connection.send(&header, &[]).unwrap();
+    assert_eq!(connection.receive().unwrap().header.kind, FrameKind::FlushAck);
+    let mut header = connection.header(FrameKind::Write, FrameFlags::PASS, 1, 1);
+    header.offset = 0;
+    header.length = 4096;
+    header.payload_len = 4096;
+    connection.send(&header, &[1; 4096]).unwrap();
+    assert_eq!(connection.receive().unwrap().header.kind, FrameKind::WriteAck);
+    assert_eq!(status(host)["dr_image"]["state"], "kept", "{}", status(host));
+}
+
+/// Writes of `fill(index)` at `index * 64 KiB` for index in 1..=count, all
+/// sent at once (each lands in an undo-journal chunk not saved yet); their
+/// acknowledgements in order, each with when it came after the send.
+fn burst_to_new_chunks(connection: &mut CopyConnection, count: u64) -> Vec<Duration> {
+    let mut bytes = Vec::new();
+    let mut sequences = Vec::new();
+    for index in 1..=count {
+        let mut header = connection.header(FrameKind::Write, FrameFlags::NONE, 1, 1);
+        header.offset = index * CHUNK;
+        header.length = 4096;
+        header.payload_len = 4096;
+        bytes.extend_from_slice(&encode_frame(&header, &[fill(index); 4096]));
+        sequences.push(header.sequence);
+    }
+    let sent = std::time::Instant::now();
+    connection.send_raw(&bytes).unwrap();
+    let mut arrivals = Vec::new();
+    for sequence in &sequences {
+        let ack = connection.receive().unwrap();
+        assert_eq!((ack.header.kind, ack.header.sequence), (FrameKind::WriteAck, *sequence));
+        arrivals.push(sent.elapsed());
+    }
+    arrivals
+}
+
+const CHUNK: u64 = 64 << 10;
+
+fn fill(index: u64) -> u8 {
+    (index % 251) as u8 + 1
+}
+
+fn assert_burst_stored(host: &Host, count: u64) {
+    let stored = contents(host);
+    for index in 1..=count {
+        let at = (index * CHUNK) as usize;
+        assert!(stored[at..at + 4096].iter().all(|byte| *byte == fill(index)), "write {index} is missing");
+    }
+}
+
+/// The power-cut rule of the undo journal: a write during a pass may reach
+/// the store only once the before-image of what it overwrites is durable
+/// in the journal, or a power cut could keep the write and lose the way
+/// back. A kill keeps the page cache, so this test reads the order of the
+/// copy host's system calls instead (strace): whenever the store is
+/// written, every append to the journal before it was fdatasynced. And a
+/// burst of writes costs few fdatasyncs (they are shared), not one each.
+#[test]
+fn before_images_are_durable_before_the_writes_they_cover_and_share_fdatasyncs() {
+    const WRITES: u64 = 300;
+    let host = copy_host_sized("copy-host-undo-order", "256M");
+    let mut connection = connect(&host, new_identity(256 << 20).unwrap());
+    begin_pass_on_a_consistent_store(&host, &mut connection);
+    // The file descriptors of the store and of the journal (open while the pass runs).
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", host.process.pid())).unwrap();
+    let (mut store_fds, mut journal_fds) = (Vec::new(), Vec::new());
+    for entry in fds.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        let fd = entry.file_name().to_string_lossy().to_string();
+        if target == std::fs::canonicalize(&host.volume).unwrap() {
+            store_fds.push(fd);
+        } else if target.to_string_lossy().ends_with(engine::dr_image::UNDO_FILE_SUFFIX) {
+            journal_fds.push(fd);
+        }
+    }
+    assert!(!store_fds.is_empty() && !journal_fds.is_empty(), "store {store_fds:?}, journal {journal_fds:?}");
+    // Traced from here: the burst alone, with those descriptors open throughout.
+    let trace = host.scratch.join("strace.out");
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=pwrite64,pwritev,pwritev2,write,fdatasync,fsync", "-o"])
+        .arg(&trace)
+        .args(["-p", &host.process.pid().to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("strace runs (tests/run.sh installs it)");
+    assert!(wait_until(Duration::from_secs(10), || trace.exists()), "strace did not attach");
+    std::thread::sleep(Duration::from_millis(300));
+    burst_to_new_chunks(&mut connection, WRITES);
+    assert_eq!(status(&host)["dr_image"]["state"], "kept", "the pass kept its way back: {}", status(&host));
+    // SAFETY: kill(2) with the pid of a child this test spawned and has not yet waited for.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    strace.wait().unwrap();
+    assert_burst_stored(&host, WRITES);
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let call = |line: &str, names: &[&str], fds: &[String]| {
+        let opens =
+            |name: &&str, fd: &String| [",", ")"].iter().any(|end| line.contains(&format!(" {name}({fd}{end}")));
+        names.iter().any(|name| fds.iter().any(|fd| opens(name, fd)))
+    };
+    let (mut unsynced, mut store_writes, mut syncs, mut appends) = (false, 0, 0, 0);
+    let lines: Vec<&str> = text.lines().collect();
+    for (at, line) in lines.iter().enumerate() {
+        let writes = ["pwrite64", "pwritev", "pwritev2", "write"];
+        if call(line, &writes, &journal_fds) {
+            appends += 1;
+            unsynced = true;
+        } else if call(line, &["fdatasync", "fsync"], &journal_fds) && line.ends_with("= 0") {
+            syncs += 1;
+            unsynced = false;
+        } else if call(line, &writes, &store_fds) {
+            store_writes += 1;
+            let before = lines[at.saturating_sub(8)..=at].join("\n");
+            assert!(!unsynced, "the store was written with journal appends not yet durable:\n{before}");
+        }
+    }
+    assert!(store_writes >= WRITES, "{store_writes} store writes traced, {WRITES} sent:\n{text}");
+    assert!(appends >= 1 && syncs >= 1, "{appends} journal appends, {syncs} fdatasyncs");
+    assert!(syncs * 4 <= WRITES, "{syncs} journal fdatasyncs for {WRITES} writes sent together: they are not shared");
 }
 
 /// Compressed frames from an authenticated production host: a good one

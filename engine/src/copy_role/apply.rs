@@ -44,6 +44,11 @@ const ERROR_LINGER: Duration = Duration::from_secs(2);
 /// hung one.
 const REPLY_EVERY_FRAMES: usize = 64;
 const REPLY_EVERY: Duration = Duration::from_millis(10);
+/// During a pass that keeps an undo journal, the writes already here are
+/// held (at most this many), their before-images saved, then made durable
+/// with one fdatasync before all of them are issued: one fdatasync per
+/// burst rather than one per write.
+const HOLD_FRAMES: usize = 64;
 
 /// The data phase: judge each frame, store raised promises, apply, ack.
 pub(super) fn receive(connection: &mut Connection<'_>, session: &Session) {
@@ -162,14 +167,56 @@ fn apply_frames(
     let mut receiver = Receiver::new(session, metadata, host.volume.size(), host.counters());
     let mut outgoing: Vec<u8> = Vec::new();
     let mut received = Received { frames, batch: VecDeque::new(), taken: 0, replied_at: Instant::now() };
+    let mut held = Vec::new();
     loop {
-        let outcome = wait_for_frame(host, peer, &mut received, doorbell, applier, writer, &mut outgoing)
-            .and_then(|next| judge(host, peer, &mut receiver, next))
-            .and_then(|step| carry_out(host, peer, applier, step));
+        let next = if held.is_empty() {
+            wait_for_frame(host, peer, &mut received, doorbell, applier, writer, &mut outgoing)
+        } else {
+            // Only a frame already here joins the held ones.
+            match received.try_next() {
+                Ok(Some(next)) => Ok(next),
+                Ok(None) => match issue_held(host, peer, applier, &mut held) {
+                    Ok(()) => continue,
+                    Err(applied) => return applied,
+                },
+                Err(ended) => Err(ended),
+            }
+        };
+        let outcome = next.and_then(|next| judge(host, peer, &mut receiver, next)).and_then(|step| {
+            match step.apply.as_ref().and_then(changed_extent) {
+                Some((offset, length))
+                    if step.persist.is_none() && step.persist_after.is_none() && host.keeps_undo() =>
+                {
+                    host.save_before(offset, length);
+                    held.push(step);
+                    if held.len() < HOLD_FRAMES {
+                        return Ok(());
+                    }
+                    issue_held(host, peer, applier, &mut held)
+                }
+                _ => issue_held(host, peer, applier, &mut held).and_then(|()| carry_out(host, peer, applier, step)),
+            }
+        });
         if let Err(applied) = outcome {
-            return applied;
+            // The frames judged before the one that ended the loop are
+            // applied (and acknowledged), as they would be unheld.
+            return issue_held(host, peer, applier, &mut held).err().unwrap_or(applied);
         }
     }
+}
+
+/// Issue the held changes, in order, once their before-images are durable.
+fn issue_held(host: &Host, peer: SocketAddr, applier: &mut Applier<'_>, held: &mut Vec<Step>) -> Result<(), Applied> {
+    if held.is_empty() {
+        return Ok(());
+    }
+    host.sync_saved();
+    for step in held.drain(..) {
+        applier
+            .start(step.apply, step.barrier, step.reply)
+            .map_err(|error| store_failed(host, peer, error, "apply a change"))?;
+    }
+    Ok(())
 }
 
 /// The frames from the reader, and those of its last batch not yet taken;
@@ -327,6 +374,7 @@ fn carry_out(host: &Host, peer: SocketAddr, applier: &mut Applier<'_>, step: Ste
     }
     if let Some((offset, length)) = step.apply.as_ref().and_then(changed_extent) {
         host.save_before(offset, length);
+        host.sync_saved();
     }
     let Some(consistent) = step.persist_after else {
         return applier.start(step.apply, step.barrier, step.reply).map_err(apply_failed);

@@ -351,13 +351,21 @@ impl Host {
         }
     }
 
+    /// Whether an undo journal is kept (a pass runs on a store that was
+    /// consistent when it began).
+    fn keeps_undo(&self) -> bool {
+        self.undo.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+    }
+
     /// Before a change to `len` bytes at `offset` during a pass: save the
-    /// chunks it overwrites for the first time. Past the limit, or when
-    /// saving fails, the way back is dropped (the change goes on).
+    /// chunks it overwrites for the first time, durable once
+    /// [`Host::sync_saved`] returns (call it before the change is issued).
+    /// Past the limit, or when saving fails, the way back is dropped (the
+    /// change goes on).
     fn save_before(&self, offset: u64, len: u64) {
         let mut undo = self.undo.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(journal) = undo.as_mut() else { return };
-        let why = match journal.save(&self.volume, offset, len) {
+        let why = match journal.save_deferred(&self.volume, offset, len) {
             Ok(Saved::Kept) => {
                 let image = journal.image();
                 self.show_dr_image(DrImage::Kept {
@@ -370,6 +378,20 @@ impl Host {
             Ok(Saved::LimitReached) => format!("the pass changes more than dr_image_max ({} bytes)", self.dr_image_max),
             Err(error) => format!("saving a before-image failed: {error}"),
         };
+        self.drop_undo(&mut undo, why);
+    }
+
+    /// Make the before-images saved so far durable; when that fails, the
+    /// way back is dropped (the changes go on).
+    fn sync_saved(&self) {
+        let mut undo = self.undo.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(journal) = undo.as_mut() else { return };
+        if let Err(error) = journal.sync() {
+            self.drop_undo(&mut undo, format!("saving a before-image failed: {error}"));
+        }
+    }
+
+    fn drop_undo(&self, undo: &mut Option<UndoJournal>, why: String) {
         tracing::warn!("{why}: the way back to the last consistent image is dropped until the pass ends");
         if let Some(journal) = undo.take() {
             if let Err(error) = journal.discard() {
