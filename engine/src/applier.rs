@@ -527,6 +527,30 @@ mod tests {
     /// A Flush's fsync runs while later writes start, and no later reply
     /// leaves before the Flush's own: at every moment the replies out so far
     /// are a prefix of the arrival order.
+    /// `poll` submits what is queued and releases the replies of the
+    /// changes done, never waiting: on an O_DIRECT volume a write started
+    /// is only queued, and nothing but `poll` (or a wait) sends it.
+    #[test]
+    fn poll_releases_the_replies_of_changes_done_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = volume(&dir, true);
+        let mut applier = Applier::new(&volume, None).unwrap();
+        applier.start(write(0, &[7; 4096]), false, ack(1)).unwrap();
+        let mut out = Vec::new();
+        applier.take_replies(&mut out);
+        assert!(out.is_empty(), "the write was only queued");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !applier.idle() && std::time::Instant::now() < deadline {
+            applier.poll().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        applier.take_replies(&mut out);
+        assert_eq!(sequences(&out), vec![1], "poll released the reply of the write done");
+        let mut read = vec![0u8; 4096];
+        std::fs::File::open(volume.path()).unwrap().read_exact_at(&mut read, 0).unwrap();
+        assert!(read.iter().all(|&byte| byte == 7));
+    }
+
     #[test]
     fn writes_after_a_flush_go_on_and_their_replies_wait_for_it() {
         for direct in [false, true] {

@@ -12,15 +12,20 @@
 //!
 //! ```text
 //!  pass begins (metadata consistent → syncing) ─▶ journal created: header (image generation, time)
-//!  change to chunk C, first time this pass     ─▶ read C ─▶ append (C, crc, bytes) ─▶ fdatasync ─▶ apply
+//!  changes to chunks C…, first time this pass  ─▶ read each ─▶ append (C, crc, bytes) … ─▶ one fdatasync ─▶ apply them
 //!  pass ends (SYNCED flush, metadata consistent) ─▶ journal deleted
 //!  crossmirror rollback / a forced promotion    ─▶ every entry written back ─▶ fsync ─▶ consistent, new store token
 //! ```
 //!
-//! Entries are whole 64 KiB chunks, each with a CRC; a torn last entry
-//! (a crash while appending) is cut off when the journal is opened again,
-//! which loses nothing: its chunk was not overwritten, since a change is
-//! applied only after its chunk's entry is durable. The journal may grow to
+//! Entries are whole 64 KiB chunks, each with a CRC. At most
+//! [`UNSYNCED_ENTRIES_MAX`] entries are appended between two fdatasyncs (the
+//! changes that arrived together share one), and a crash may leave any of
+//! them torn or missing, in any order writeback took them: so an entry that
+//! does not check out within that many entries of the end starts a torn
+//! tail, cut off when the journal is opened again. That loses nothing:
+//! none of their chunks was overwritten, since a change is applied only
+//! after its chunk's entry is durable. A bad entry further from the end is
+//! damage, and the journal is refused. The journal may grow to
 //! the bytes a pass changes; past its limit it is dropped (the copy then
 //! keeps no consistent image until the pass ends), never the pass stopped.
 
@@ -45,6 +50,10 @@ const ENTRY_MAGIC: u32 = 0x434d_5545;
 const ENTRY_HEADER_BYTES: usize = 20;
 /// Chunks read and appended at once by a save (4 MiB).
 const SAVE_BATCH_CHUNKS: usize = 64;
+/// The most entries appended between two fdatasyncs of the journal: the
+/// writes that arrive together share one (the copy host holds at most 64),
+/// and the reader takes a bad entry this near the end for a torn tail.
+pub const UNSYNCED_ENTRIES_MAX: usize = SAVE_BATCH_CHUNKS;
 
 /// The consistent image a journal leads back to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,14 +78,15 @@ pub struct UndoJournal {
     saved: HashSet<u64>,
     bytes: u64,
     limit: u64,
-    /// Before-images appended since the last fdatasync.
-    unsynced: bool,
+    /// Entries appended since the last fdatasync.
+    unsynced: usize,
 }
 
-/// What [`UndoJournal::save`] did.
+/// What [`UndoJournal::save_deferred`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Saved {
-    /// Every chunk of the extent is in the journal, durably.
+    /// Every chunk of the extent is in the journal (durably once
+    /// [`UndoJournal::sync`] returns).
     Kept,
     /// The journal would pass its limit: the caller drops it.
     LimitReached,
@@ -166,9 +176,9 @@ fn read_journal(path: &Path, volume_size: u64) -> io::Result<(Image, Vec<Entry>,
         let head = &rest[at..at + ENTRY_HEADER_BYTES];
         let (chunk, len) = (u64_at(head, 4), u32_at(head, 12) as usize);
         let crc = u32_at(head, 16);
-        // A torn append is the journal's last entry: an entry that does not
-        // check out with more than a whole entry after it is damage.
-        let last = rest.len() - at <= ENTRY_HEADER_BYTES + CHUNK_BYTES as usize;
+        // A torn append lies among the last UNSYNCED_ENTRIES_MAX entries: an
+        // entry that does not check out with more than that after it is damage.
+        let last = rest.len() - at <= UNSYNCED_ENTRIES_MAX * (ENTRY_HEADER_BYTES + CHUNK_BYTES as usize);
         if u32_at(head, 0) != ENTRY_MAGIC || len as u64 > CHUNK_BYTES || rest.len() - at - ENTRY_HEADER_BYTES < len {
             if last {
                 break true;
@@ -211,7 +221,7 @@ impl UndoJournal {
             saved: HashSet::new(),
             bytes: HEADER_BYTES as u64,
             limit,
-            unsynced: false,
+            unsynced: 0,
         })
     }
 
@@ -224,16 +234,7 @@ impl UndoJournal {
         file.sync_all()?;
         file.seek(SeekFrom::End(0))?;
         let saved = entries.iter().map(|entry| entry.chunk).collect();
-        Ok(UndoJournal {
-            file,
-            path: path.to_path_buf(),
-            image,
-            volume_size,
-            saved,
-            bytes: end,
-            limit,
-            unsynced: false,
-        })
+        Ok(UndoJournal { file, path: path.to_path_buf(), image, volume_size, saved, bytes: end, limit, unsynced: 0 })
     }
 
     /// The image this journal leads back to.
@@ -248,6 +249,7 @@ impl UndoJournal {
 
     /// Before `len` bytes at `offset` of `volume` are changed: save every
     /// chunk of the extent not saved yet in this pass, durably.
+    #[cfg(test)]
     pub fn save(&mut self, volume: &Volume, offset: u64, len: u64) -> io::Result<Saved> {
         let saved = self.save_deferred(volume, offset, len)?;
         self.sync()?;
@@ -275,8 +277,13 @@ impl UndoJournal {
         // In batches of at most SAVE_BATCH_CHUNKS (a trim of gigabytes is
         // one frame): bounded memory, one fdatasync at the end.
         for batch in new.chunks(SAVE_BATCH_CHUNKS) {
-            self.unsynced = true;
+            // A crash tears only the entries after the last fdatasync: keep
+            // them few enough for the reader to tell a torn tail from damage.
+            if self.unsynced + batch.len() > UNSYNCED_ENTRIES_MAX {
+                self.sync()?;
+            }
             self.append(volume, batch)?;
+            self.unsynced += batch.len();
         }
         self.saved.extend(new);
         Ok(Saved::Kept)
@@ -284,9 +291,9 @@ impl UndoJournal {
 
     /// Make every before-image saved so far durable.
     pub fn sync(&mut self) -> io::Result<()> {
-        if self.unsynced {
+        if self.unsynced > 0 {
             self.file.sync_data()?;
-            self.unsynced = false;
+            self.unsynced = 0;
         }
         Ok(())
     }
@@ -546,11 +553,12 @@ mod tests {
         assert_eq!((rolled.chunks, rolled.torn_tail), (1, true));
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert!(roll_back(&path, &journal, SIZE * 2).unwrap_err().to_string().contains("made for a volume"));
-        // A damaged entry with whole entries after it is damage, not a torn
-        // append: refused, never cut off silently.
+        // A damaged entry with more than UNSYNCED_ENTRIES_MAX entries after
+        // it is damage, not a torn append: refused, never cut off silently.
         let mut undo = UndoJournal::begin(&journal, image, SIZE, u64::MAX).unwrap();
-        undo.save(&volume, 0, 10).unwrap();
-        undo.save(&volume, 300_000, 10).unwrap();
+        for chunk in 0..UNSYNCED_ENTRIES_MAX as u64 + 2 {
+            undo.save(&volume, chunk * CHUNK_BYTES, 10).unwrap();
+        }
         drop(undo);
         let mut bytes = std::fs::read(&journal).unwrap();
         bytes[HEADER_BYTES + ENTRY_HEADER_BYTES + 5] ^= 1;
@@ -560,6 +568,48 @@ mod tests {
         bytes[20] ^= 1;
         std::fs::write(&journal, &bytes).unwrap();
         assert!(roll_back(&path, &journal, SIZE).unwrap_err().to_string().contains("damaged header"));
+    }
+
+    /// The entries appended together before one fdatasync may reach the
+    /// disk in any order: a crash can leave one missing (zeroes) with whole
+    /// ones after it. Within the last UNSYNCED_ENTRIES_MAX entries that is a
+    /// torn tail, cut off there; their writes were not yet issued. And the
+    /// journal never holds more than that many entries unsynced.
+    #[test]
+    fn entries_saved_together_tear_as_a_tail() {
+        let directory = tempfile::tempdir().unwrap();
+        let (volume, path) = store(directory.path());
+        let before = std::fs::read(&path).unwrap();
+        let journal = directory.path().join("j.cmundo");
+        let image = Image { generation: 1, taken_at_ms: 5, store: [5; 16] };
+        let mut undo = UndoJournal::begin(&journal, image, SIZE, u64::MAX).unwrap();
+        // Ten entries made durable and their chunks overwritten, then a
+        // group saved together whose writes were not yet issued.
+        for chunk in 0..10 {
+            assert_eq!(undo.save_deferred(&volume, chunk * CHUNK_BYTES, 10).unwrap(), Saved::Kept);
+        }
+        undo.sync().unwrap();
+        assert_eq!(undo.unsynced, 0);
+        for chunk in 0..10 {
+            overwrite(&path, chunk * CHUNK_BYTES, 10, 9);
+        }
+        for chunk in 10..10 + UNSYNCED_ENTRIES_MAX as u64 {
+            undo.save_deferred(&volume, chunk * CHUNK_BYTES, 10).unwrap();
+        }
+        assert_eq!(undo.unsynced, UNSYNCED_ENTRIES_MAX);
+        // One more syncs the group first: never more unsynced than the reader allows for.
+        undo.save_deferred(&volume, 100 * CHUNK_BYTES, 10).unwrap();
+        assert_eq!(undo.unsynced, 1);
+        drop(undo);
+        // The crash: the group's third entry never reached the disk.
+        let entry = ENTRY_HEADER_BYTES + CHUNK_BYTES as usize;
+        let mut bytes = std::fs::read(&journal).unwrap();
+        let hole = HEADER_BYTES + 12 * entry;
+        bytes[hole..hole + entry].fill(0);
+        std::fs::write(&journal, &bytes).unwrap();
+        let rolled = roll_back(&path, &journal, SIZE).unwrap();
+        assert_eq!((rolled.chunks, rolled.torn_tail), (12, true));
+        assert_eq!(std::fs::read(&path).unwrap(), before, "the ten overwritten chunks are back");
     }
 
     /// One change over many chunks (a trim of a large extent is one frame)

@@ -13,7 +13,7 @@ use engine::protocol::auth::VolumeIdentity;
 use engine::protocol::frame::{encode_frame, FrameFlags, FrameKind};
 use engine::protocol::{load_secret, ReplicationErrorKind};
 use engine::replicator::connect::CopyConnection;
-use system_tests::{binary, random_bytes, wait_until, write_secret, CopyHost, Process, Scratch};
+use system_tests::{binary, random_bytes, require_tool, wait_until, write_secret, CopyHost, Process, Scratch};
 
 const SIZE: u64 = 8 << 20;
 
@@ -28,11 +28,16 @@ struct Host {
 }
 
 fn copy_host(label: &str) -> Host {
+    copy_host_with(label, "8M", &[])
+}
+
+/// A copy host of `size` bytes with `extra` arguments (`--direct`, …).
+fn copy_host_with(label: &str, size: &str, extra: &[&str]) -> Host {
     let scratch = Scratch::new(label);
     let secret = write_secret(&scratch, "secret", 11);
     let volume = scratch.join("copy.img");
-    let copy = CopyHost::start(&scratch, "127.0.0.2", &volume, "8M", &secret, &[]);
-    let CopyHost { process, address, admin, args } = copy;
+    let CopyHost { process, address, admin, args } =
+        CopyHost::start(&scratch, "127.0.0.2", &volume, size, &secret, extra);
     Host { scratch, volume, secret, address, admin, args, process }
 }
 
@@ -239,8 +244,10 @@ fn many_frames_sent_together_are_applied_and_acknowledged_in_order() {
 }
 
 /// During a pass on a consistent store, a write first saves a before-image
-/// of the 64 KiB it lands in (a read, an append and an fdatasync of the undo
-/// journal), so a burst of writes to new chunks takes the copy host a while.
+/// of the 64 KiB it lands in (a read and an append to the undo journal; the
+/// writes that arrive together share an fdatasync), so a burst of writes to
+/// new chunks takes the copy host a while, on a buffered store (each write
+/// done in place) as on an O_DIRECT one (writes in flight in the io_uring).
 /// Its acknowledgements must go out while the burst is still being applied:
 /// sent only when no frame waits, they would all wait for the whole burst,
 /// and a production host that hears nothing for its ack timeout (5 s) takes
@@ -249,30 +256,21 @@ fn many_frames_sent_together_are_applied_and_acknowledged_in_order() {
 #[test]
 fn acknowledgements_go_out_while_a_backlog_of_writes_is_applied() {
     const WRITES: u64 = 900;
-    let host = copy_host_sized("copy-host-backlog", "256M");
-    let mut connection = connect(&host, new_identity(256 << 20).unwrap());
-    begin_pass_on_a_consistent_store(&host, &mut connection);
-    let arrivals = burst_to_new_chunks(&mut connection, WRITES);
-    let (first, last) = (arrivals[0], arrivals[arrivals.len() - 1]);
-    assert!(
-        first < last / 2,
-        "the first acknowledgement came {first:?} after the burst was sent, the last {last:?}: \
-         acknowledgements waited for the backlog to drain"
-    );
-    assert_eq!(status(&host)["dr_image"]["state"], "kept", "the pass kept its way back: {}", status(&host));
-    assert_burst_stored(&host, WRITES);
-    assert_rejected(&host, 0);
-}
-
-/// A copy host of `size` bytes on a buffered store (so each write is one
-/// `pwrite` system call of the applying thread).
-fn copy_host_sized(label: &str, size: &str) -> Host {
-    let scratch = Scratch::new(label);
-    let secret = write_secret(&scratch, "secret", 11);
-    let volume = scratch.join("copy.img");
-    let CopyHost { process, address, admin, args } =
-        CopyHost::start(&scratch, "127.0.0.2", &volume, size, &secret, &[]);
-    Host { scratch, volume, secret, address, admin, args, process }
+    for extra in [&[][..], &["--direct"][..]] {
+        let host = copy_host_with("copy-host-backlog", "256M", extra);
+        let mut connection = connect(&host, new_identity(256 << 20).unwrap());
+        begin_pass_on_a_consistent_store(&host, &mut connection);
+        let arrivals = burst_to_new_chunks(&mut connection, WRITES);
+        let (first, last) = (arrivals[0], arrivals[arrivals.len() - 1]);
+        assert!(
+            first < last / 2,
+            "{extra:?}: the first acknowledgement came {first:?} after the burst was sent, the last {last:?}: \
+             acknowledgements waited for the backlog to drain"
+        );
+        assert_eq!(status(&host)["dr_image"]["state"], "kept", "the pass kept its way back: {}", status(&host));
+        assert_burst_stored(&host, WRITES);
+        assert_rejected(&host, 0);
+    }
 }
 
 /// End the pass that brought a new store up to date (it is consistent),
@@ -340,7 +338,10 @@ fn assert_burst_stored(host: &Host, count: u64) {
 #[test]
 fn before_images_are_durable_before_the_writes_they_cover_and_share_fdatasyncs() {
     const WRITES: u64 = 300;
-    let host = copy_host_sized("copy-host-undo-order", "256M");
+    if !require_tool("strace") {
+        return;
+    }
+    let host = copy_host_with("copy-host-undo-order", "256M", &[]);
     let mut connection = connect(&host, new_identity(256 << 20).unwrap());
     begin_pass_on_a_consistent_store(&host, &mut connection);
     // The file descriptors of the store and of the journal (open while the pass runs).
@@ -357,21 +358,29 @@ fn before_images_are_durable_before_the_writes_they_cover_and_share_fdatasyncs()
     }
     assert!(!store_fds.is_empty() && !journal_fds.is_empty(), "store {store_fds:?}, journal {journal_fds:?}");
     // Traced from here: the burst alone, with those descriptors open throughout.
-    let trace = host.scratch.join("strace.out");
-    let mut strace = std::process::Command::new("strace")
+    let (trace, strace_log) = (host.scratch.join("strace.out"), host.scratch.join("strace.log"));
+    let strace = std::process::Command::new("strace")
         .args(["-f", "-qq", "-e", "trace=pwrite64,pwritev,pwritev2,write,fdatasync,fsync", "-o"])
         .arg(&trace)
         .args(["-p", &host.process.pid().to_string()])
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&strace_log).unwrap())
         .spawn()
         .expect("strace runs (tests/run.sh installs it)");
-    assert!(wait_until(Duration::from_secs(10), || trace.exists()), "strace did not attach");
-    std::thread::sleep(Duration::from_millis(300));
+    let mut strace = Tracer(strace);
+    // Attached once every thread of the copy host names its tracer.
+    let tasks = format!("/proc/{}/task", host.process.pid());
+    let traced = || {
+        std::fs::read_dir(&tasks).unwrap().flatten().all(|task| {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            status.lines().any(|line| line.starts_with("TracerPid:") && line.split_whitespace().nth(1) != Some("0"))
+        })
+    };
+    let attached = wait_until(Duration::from_secs(10), traced);
+    let log = || std::fs::read_to_string(&strace_log).unwrap_or_default();
+    assert!(attached && strace.0.try_wait().unwrap().is_none(), "strace did not attach: {}", log());
     burst_to_new_chunks(&mut connection, WRITES);
     assert_eq!(status(&host)["dr_image"]["state"], "kept", "the pass kept its way back: {}", status(&host));
-    // SAFETY: kill(2) with the pid of a child this test spawned and has not yet waited for.
-    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
-    strace.wait().unwrap();
+    strace.stop();
     assert_burst_stored(&host, WRITES);
     let text = std::fs::read_to_string(&trace).unwrap();
     let call = |line: &str, names: &[&str], fds: &[String]| {
@@ -380,15 +389,28 @@ fn before_images_are_durable_before_the_writes_they_cover_and_share_fdatasyncs()
         names.iter().any(|name| fds.iter().any(|fd| opens(name, fd)))
     };
     let (mut unsynced, mut store_writes, mut syncs, mut appends) = (false, 0, 0, 0);
+    // A sync another thread's call interrupted in the trace: its thread.
+    let mut syncing = std::collections::HashSet::new();
     let lines: Vec<&str> = text.lines().collect();
     for (at, line) in lines.iter().enumerate() {
         let writes = ["pwrite64", "pwritev", "pwritev2", "write"];
+        let thread = line.split_whitespace().next().unwrap_or("");
+        let sync_done = |line: &str| line.trim_end().ends_with("= 0");
         if call(line, &writes, &journal_fds) {
             appends += 1;
             unsynced = true;
-        } else if call(line, &["fdatasync", "fsync"], &journal_fds) && line.ends_with("= 0") {
-            syncs += 1;
-            unsynced = false;
+        } else if call(line, &["fdatasync", "fsync"], &journal_fds) {
+            if line.contains("<unfinished ...>") {
+                syncing.insert(thread.to_string());
+            } else if sync_done(line) {
+                syncs += 1;
+                unsynced = false;
+            }
+        } else if line.contains("sync resumed>") && syncing.remove(thread) {
+            if sync_done(line) {
+                syncs += 1;
+                unsynced = false;
+            }
         } else if call(line, &writes, &store_fds) {
             store_writes += 1;
             let before = lines[at.saturating_sub(8)..=at].join("\n");
@@ -398,6 +420,26 @@ fn before_images_are_durable_before_the_writes_they_cover_and_share_fdatasyncs()
     assert!(store_writes >= WRITES, "{store_writes} store writes traced, {WRITES} sent:\n{text}");
     assert!(appends >= 1 && syncs >= 1, "{appends} journal appends, {syncs} fdatasyncs");
     assert!(syncs * 4 <= WRITES, "{syncs} journal fdatasyncs for {WRITES} writes sent together: they are not shared");
+}
+
+/// strace attached to a copy host: stopped (SIGINT, so it detaches) when
+/// done, or when a failed assertion unwinds.
+struct Tracer(std::process::Child);
+
+impl Tracer {
+    fn stop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            // SAFETY: kill(2) with the pid of a child this test spawned and has not yet reaped.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// Compressed frames from an authenticated production host: a good one

@@ -45,10 +45,12 @@ const ERROR_LINGER: Duration = Duration::from_secs(2);
 const REPLY_EVERY_FRAMES: usize = 64;
 const REPLY_EVERY: Duration = Duration::from_millis(10);
 /// During a pass that keeps an undo journal, the writes already here are
-/// held (at most this many), their before-images saved, then made durable
-/// with one fdatasync before all of them are issued: one fdatasync per
-/// burst rather than one per write.
+/// held (at most this many frames and bytes), their before-images saved,
+/// then made durable with one fdatasync before all of them are issued: one
+/// fdatasync per burst rather than one per write. The journal syncs on its
+/// own past UNSYNCED_ENTRIES_MAX entries (large writes).
 const HOLD_FRAMES: usize = 64;
+const HOLD_BYTES: u64 = 8 << 20;
 
 /// The data phase: judge each frame, store raised promises, apply, ack.
 pub(super) fn receive(connection: &mut Connection<'_>, session: &Session) {
@@ -152,8 +154,10 @@ enum Applied {
 }
 
 /// The applying stage: judge each frame, store raised promises, hand the
-/// change to the applier, and send the replies it releases, in batches,
-/// whenever no frame is waiting.
+/// change to the applier (during a pass, the writes that arrived together
+/// after their before-images are durable), and send the replies it
+/// releases, in batches: whenever no frame is waiting, and every
+/// REPLY_EVERY_FRAMES frames or REPLY_EVERY while frames keep coming.
 fn apply_frames(
     host: &Host,
     peer: SocketAddr,
@@ -167,7 +171,7 @@ fn apply_frames(
     let mut receiver = Receiver::new(session, metadata, host.volume.size(), host.counters());
     let mut outgoing: Vec<u8> = Vec::new();
     let mut received = Received { frames, batch: VecDeque::new(), taken: 0, replied_at: Instant::now() };
-    let mut held = Vec::new();
+    let (mut held, mut held_bytes) = (Vec::new(), 0);
     loop {
         let next = if held.is_empty() {
             wait_for_frame(host, peer, &mut received, doorbell, applier, writer, &mut outgoing)
@@ -175,27 +179,35 @@ fn apply_frames(
             // Only a frame already here joins the held ones.
             match received.try_next() {
                 Ok(Some(next)) => Ok(next),
-                Ok(None) => match issue_held(host, peer, applier, &mut held) {
-                    Ok(()) => continue,
-                    Err(applied) => return applied,
-                },
+                Ok(None) => {
+                    held_bytes = 0;
+                    match issue_held(host, peer, applier, &mut held) {
+                        Ok(()) => continue,
+                        Err(applied) => return applied,
+                    }
+                }
                 Err(ended) => Err(ended),
             }
         };
         let outcome = next.and_then(|next| judge(host, peer, &mut receiver, next)).and_then(|step| {
-            match step.apply.as_ref().and_then(changed_extent) {
-                Some((offset, length))
-                    if step.persist.is_none() && step.persist_after.is_none() && host.keeps_undo() =>
-                {
-                    host.save_before(offset, length);
-                    held.push(step);
-                    if held.len() < HOLD_FRAMES {
-                        return Ok(());
-                    }
-                    issue_held(host, peer, applier, &mut held)
+            // Held: a write during a pass whose before-images were just saved.
+            let saved = match step.apply.as_ref().and_then(changed_extent) {
+                Some((offset, length)) if step.persist.is_none() && step.persist_after.is_none() => {
+                    host.save_before(offset, length).then_some(length)
                 }
-                _ => issue_held(host, peer, applier, &mut held).and_then(|()| carry_out(host, peer, applier, step)),
+                _ => None,
+            };
+            let Some(length) = saved else {
+                held_bytes = 0;
+                return issue_held(host, peer, applier, &mut held).and_then(|()| carry_out(host, peer, applier, step));
+            };
+            held.push(step);
+            held_bytes += length;
+            if held.len() < HOLD_FRAMES && held_bytes < HOLD_BYTES {
+                return Ok(());
             }
+            held_bytes = 0;
+            issue_held(host, peer, applier, &mut held)
         });
         if let Err(applied) = outcome {
             // The frames judged before the one that ended the loop are

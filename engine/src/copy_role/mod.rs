@@ -351,20 +351,14 @@ impl Host {
         }
     }
 
-    /// Whether an undo journal is kept (a pass runs on a store that was
-    /// consistent when it began).
-    fn keeps_undo(&self) -> bool {
-        self.undo.lock().unwrap_or_else(PoisonError::into_inner).is_some()
-    }
-
     /// Before a change to `len` bytes at `offset` during a pass: save the
     /// chunks it overwrites for the first time, durable once
     /// [`Host::sync_saved`] returns (call it before the change is issued).
     /// Past the limit, or when saving fails, the way back is dropped (the
-    /// change goes on).
-    fn save_before(&self, offset: u64, len: u64) {
+    /// change goes on). Whether a journal is kept (and holds them).
+    fn save_before(&self, offset: u64, len: u64) -> bool {
         let mut undo = self.undo.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(journal) = undo.as_mut() else { return };
+        let Some(journal) = undo.as_mut() else { return false };
         let why = match journal.save_deferred(&self.volume, offset, len) {
             Ok(Saved::Kept) => {
                 let image = journal.image();
@@ -373,12 +367,13 @@ impl Host {
                     taken_at_ms: image.taken_at_ms,
                     bytes: journal.bytes(),
                 });
-                return;
+                return true;
             }
             Ok(Saved::LimitReached) => format!("the pass changes more than dr_image_max ({} bytes)", self.dr_image_max),
             Err(error) => format!("saving a before-image failed: {error}"),
         };
         self.drop_undo(&mut undo, why);
+        false
     }
 
     /// Make the before-images saved so far durable; when that fails, the
