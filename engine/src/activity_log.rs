@@ -56,7 +56,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use crate::buffer::AlignedBuf;
 
@@ -230,12 +230,6 @@ struct State {
     overlapped: u64,
     /// Time spent in those bitmap syncs, while no transaction could start.
     bitmap_sync_nanos: u64,
-    /// Extents wait for transaction `next`, which no writer has started.
-    pending: bool,
-    /// Called once the transaction each waits for is durable (or the log failed).
-    wakers: Wakers,
-    /// [`ActivityLog::run_writer`] is asked to end.
-    stopping: bool,
     /// Extents dropped for the transaction being written, each with the
     /// earlier transaction that lists it, until the bitmap sync before it
     /// has carried their bits: the block of that transaction still lists
@@ -247,20 +241,6 @@ impl State {
     /// Transactions being written.
     fn in_flight(&self) -> usize {
         self.writing.iter().filter(|writing| **writing).count()
-    }
-}
-
-/// Wakes a writer waiting for a transaction without blocking (an event
-/// loop's eventfd, say); see [`ActivityLog::wake_when_durable`].
-pub type Waker = Arc<dyn Fn() + Send + Sync>;
-
-/// The wakers waiting, each with its transaction.
-#[derive(Default)]
-struct Wakers(Vec<(u64, Waker)>);
-
-impl std::fmt::Debug for Wakers {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(formatter, "{} wakers", self.0.len())
     }
 }
 
@@ -299,8 +279,6 @@ pub struct ActivityLog {
     block: usize,
     state: Mutex<State>,
     committed: Condvar,
-    /// Wakes [`ActivityLog::run_writer`]: extents are pending, or it stops.
-    work: Condvar,
 }
 
 /// A transaction being written: its number, its on-disk sequence, whether
@@ -379,13 +357,9 @@ impl ActivityLog {
                 bitmap_syncs: 0,
                 bitmap_sync_nanos: 0,
                 overlapped: 0,
-                pending: false,
-                wakers: Wakers::default(),
-                stopping: false,
                 leaving: Vec::new(),
             }),
             committed: Condvar::new(),
-            work: Condvar::new(),
         })
     }
 
@@ -484,81 +458,6 @@ impl ActivityLog {
         }
     }
 
-    /// [`ActivityLog::commit`] without waiting: ask for `extents` to be
-    /// logged and return the transaction that makes them durable (0: they
-    /// are already), for [`ActivityLog::poll`]. The transaction is written
-    /// by [`ActivityLog::run_writer`] (or by a blocking commit that comes
-    /// first). `None`, with nothing logged, once the writer was told to stop:
-    /// commit with [`ActivityLog::commit`] instead.
-    pub fn enqueue(&self, extents: impl IntoIterator<Item = u64>) -> Option<u64> {
-        let mut state = self.lock();
-        if state.stopping {
-            return None;
-        }
-        let wanted = Self::add(&mut state, extents);
-        if wanted <= state.durable {
-            return Some(0);
-        }
-        if wanted == state.next && !state.pending {
-            state.pending = true;
-            self.work.notify_one();
-        }
-        Some(wanted)
-    }
-
-    /// Whether `transaction` (from [`ActivityLog::enqueue`]) is durable:
-    /// `None` while it is not, an error once the log failed.
-    pub fn poll(&self, transaction: u64) -> Option<Result<(), String>> {
-        let state = self.lock();
-        if let Some(why) = &state.failed {
-            return Some(Err(why.clone()));
-        }
-        (state.durable >= transaction).then_some(Ok(()))
-    }
-
-    /// Call `waker` once `transaction` is durable or the log failed (at
-    /// once if it is or did already).
-    pub fn wake_when_durable(&self, transaction: u64, waker: Waker) {
-        let mut state = self.lock();
-        if state.failed.is_some() || state.durable >= transaction {
-            drop(state);
-            waker();
-            return;
-        }
-        state.wakers.0.push((transaction, waker));
-    }
-
-    /// A writer thread: write a transaction whenever extents are pending,
-    /// until [`ActivityLog::stop_writer`] (pending extents are written
-    /// first) or a failure. Run it on [`WRITERS`] threads: the extents asked
-    /// for while one transaction is written go in the next, which another
-    /// thread writes at the same time.
-    pub fn run_writer<E>(&self, sync_bitmap: impl Fn() -> Result<(), E>) {
-        let mut state = self.lock();
-        loop {
-            if state.failed.is_some() || (state.stopping && !state.pending) {
-                return;
-            }
-            if !state.pending || !Self::may_start(&state) {
-                state = self.work.wait(state).unwrap_or_else(PoisonError::into_inner);
-                continue;
-            }
-            (state, _) = self.write_transaction(state, &sync_bitmap);
-        }
-    }
-
-    /// A writer is about to run (call before starting its thread): commits
-    /// may be enqueued from now on.
-    pub fn start_writer(&self) {
-        self.lock().stopping = false;
-    }
-
-    /// End [`ActivityLog::run_writer`] once nothing is pending.
-    pub fn stop_writer(&self) {
-        self.lock().stopping = true;
-        self.work.notify_all();
-    }
-
     /// Log `extents` in memory, each in the transaction now collecting (or
     /// the one it is already in), and mark them used; the transaction that
     /// makes all of them durable.
@@ -615,7 +514,6 @@ impl ActivityLog {
         sync_bitmap: &impl Fn() -> Result<(), E>,
     ) -> Result<Started, CommitError<E>> {
         state.overlapped += u64::from(state.in_flight() > 0);
-        state.pending = false;
         let transaction = state.next;
         state.next += 1;
         let dropped = self.make_room(&mut state, transaction);
@@ -643,7 +541,6 @@ impl ActivityLog {
                 self.finish(&started, Err("the bitmap could not be synced before extents left the log".into()));
                 return Err(CommitError::Bitmap(error));
             }
-            self.work.notify_all();
             self.committed.notify_all();
         }
         Ok(started)
@@ -668,16 +565,8 @@ impl ActivityLog {
                 state.failed.get_or_insert(why);
             }
         }
-        let (durable, failed) = (state.durable, state.failed.is_some());
-        let (woken, waiting): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut state.wakers.0).into_iter().partition(|(waited, _)| failed || *waited <= durable);
-        state.wakers.0 = waiting;
-        self.committed.notify_all();
-        self.work.notify_all();
         drop(state);
-        for (_, waker) in woken {
-            waker();
-        }
+        self.committed.notify_all();
     }
 
     /// Write the transaction numbered `sequence` listing `extents` to its
@@ -970,74 +859,19 @@ mod tests {
         assert_eq!((after.extent_bytes, after.capacity), (1 << 20, 4));
     }
 
-    /// A waker that counts its calls.
-    fn counting_waker() -> (Arc<AtomicU64>, Waker) {
-        let woken = Arc::new(AtomicU64::new(0));
-        let counted = woken.clone();
-        let waker: Waker = Arc::new(move || {
-            counted.fetch_add(1, Ordering::SeqCst);
-        });
-        (woken, waker)
-    }
-
-    /// The writer thread's path: an enqueued extent is not durable (not in
-    /// the file, not covered, polls `None`) until the writer wrote its
-    /// transaction; then it polls done, its waker ran once, and the file
-    /// lists it. Extents enqueued while the writer is held go out together
-    /// in the next transaction. After stop, enqueue says to commit oneself.
+    /// A failed bitmap sync before extents leave the log fails the
+    /// transaction and the log: nothing is written, and every later commit
+    /// fails too.
     #[test]
-    fn enqueued_extents_are_durable_only_once_the_writer_wrote_them() {
+    fn a_failed_bitmap_sync_fails_the_transaction_and_the_log() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("v.cmal");
-        let log = Arc::new(ActivityLog::create(&path, 1 << 20, 64, 0).unwrap());
-        log.start_writer();
-        let (woken, waker) = counting_waker();
-        // No writer runs yet: the transaction waits.
-        let first = log.enqueue([3]).expect("the writer is not stopping");
-        let second = log.enqueue([4, 5]).unwrap();
-        assert_eq!(first, second, "extents asked for before a transaction starts share it");
-        log.wake_when_durable(second, waker);
-        assert_eq!(log.poll(first), None);
-        assert!(!log.covers([3]) && logged(&path).is_empty());
-        assert_eq!(woken.load(Ordering::SeqCst), 0);
-        let writer = {
-            let log = log.clone();
-            std::thread::spawn(move || log.run_writer(ok))
-        };
-        while log.poll(second).is_none() {
-            std::thread::yield_now();
-        }
-        assert_eq!(log.poll(first), Some(Ok(())));
-        assert!(log.covers([3, 4, 5]));
-        assert_eq!(logged(&path), vec![3, 4, 5]);
-        assert_eq!(log.stats().transactions, 1, "one transaction for both");
-        // The waker runs once the wakers are taken, just after durable.
-        while woken.load(Ordering::SeqCst) == 0 {
-            std::thread::yield_now();
-        }
-        assert_eq!(log.enqueue([3]), Some(0), "a logged extent needs nothing");
-        log.stop_writer();
-        writer.join().unwrap();
-        assert_eq!(log.enqueue([9]), None, "no writer: commit yourself");
-        assert_eq!(woken.load(Ordering::SeqCst), 1);
-    }
-
-    /// A failed transaction fails every poll and wakes its waiters.
-    #[test]
-    fn a_failed_bitmap_sync_fails_the_enqueued_transaction_and_wakes_it() {
-        let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("v.cmal");
-        let log = Arc::new(ActivityLog::create(&path, 1 << 20, 1, 0).unwrap());
-        log.start_writer();
+        let log = ActivityLog::create(&path, 1 << 20, 1, 0).unwrap();
         log.commit([1], ok).unwrap();
         // The log is full: logging extent 2 drops extent 1 after a bitmap
         // sync, which fails here.
-        let transaction = log.enqueue([2]).unwrap();
-        let (woken, waker) = counting_waker();
-        log.wake_when_durable(transaction, waker);
-        log.run_writer(|| Err::<(), ()>(()));
-        assert!(matches!(log.poll(transaction), Some(Err(_))));
-        assert_eq!(woken.load(Ordering::SeqCst), 1);
+        assert!(matches!(log.commit([2], || Err::<(), ()>(())), Err(CommitError::Bitmap(()))));
+        assert!(matches!(log.commit([1], ok), Err(CommitError::Failed(_))), "the log failed for good");
         assert_eq!(logged(&path), vec![1], "nothing was written");
     }
 

@@ -373,8 +373,6 @@ pub struct WriteIntentBitmap {
     /// The activity log, when one is attached: writes' marks are then made
     /// durable through it, and the bits themselves lazily.
     activity_log: Option<ActivityLog>,
-    /// [`WriteIntentBitmap::run_log_writer`] runs: submitted commits do not wait.
-    log_writer: AtomicBool,
     /// Debug builds: the bits a power cut would leave set, for
     /// [`WriteIntentBitmap::marks_durable`].
     #[cfg(debug_assertions)]
@@ -636,71 +634,6 @@ impl WriteIntentBitmap {
             self.flush()?;
         }
         Ok(())
-    }
-
-    /// [`WriteIntentBitmap::commit`] without waiting for the activity log:
-    /// `Some(transaction)` to wait for with [`WriteIntentBitmap::commit_poll`],
-    /// or `None` when the marks are durable already. Without a log writer
-    /// thread ([`WriteIntentBitmap::run_log_writer`]) or without a log, it
-    /// commits (and waits) as `commit` does.
-    pub fn commit_submit(&self, pending: &mut PendingMarks) -> Result<Option<u64>, BitmapError> {
-        match &self.activity_log {
-            Some(log) if !pending.flush && self.log_writer.load(Ordering::Acquire) => {
-                match log.enqueue(pending.extents.iter().copied()) {
-                    Some(transaction) => {
-                        pending.extents.clear();
-                        Ok((transaction > 0).then_some(transaction))
-                    }
-                    // The writer is stopping: commit here.
-                    None => self.commit(pending).map(|()| None),
-                }
-            }
-            _ => self.commit(pending).map(|()| None),
-        }
-    }
-
-    /// Whether the activity-log transaction `transaction` (from
-    /// [`WriteIntentBitmap::commit_submit`]) is durable: `None` while not.
-    pub fn commit_poll(&self, transaction: u64) -> Option<Result<(), BitmapError>> {
-        let log = self.activity_log.as_ref()?;
-        log.poll(transaction).map(|result| result.map_err(|why| self.log_error(log, why)))
-    }
-
-    /// Call `waker` once `transaction` is durable or the log failed.
-    pub fn wake_when_committed(&self, transaction: u64, waker: activity_log::Waker) {
-        match &self.activity_log {
-            Some(log) => log.wake_when_durable(transaction, waker),
-            None => waker(),
-        }
-    }
-
-    /// Whether the bitmap has an activity log, and then get its writer
-    /// ready: call [`WriteIntentBitmap::run_log_writer`] on
-    /// [`activity_log::WRITERS`] threads of their own next. [`WriteIntentBitmap::commit_submit`] stops waiting for
-    /// transactions from now on.
-    pub fn start_log_writer(&self) -> bool {
-        let Some(log) = &self.activity_log else { return false };
-        log.start_writer();
-        self.log_writer.store(true, Ordering::Release);
-        true
-    }
-
-    /// An activity-log writer thread: writes the transactions
-    /// [`WriteIntentBitmap::commit_submit`] asks for, until
-    /// [`WriteIntentBitmap::stop_log_writer`].
-    pub fn run_log_writer(&self) {
-        if let Some(log) = &self.activity_log {
-            log.run_writer(|| self.flush());
-        }
-    }
-
-    /// End the writer threads: submitted transactions are written first,
-    /// and commits from then on wait as [`WriteIntentBitmap::commit`] does.
-    pub fn stop_log_writer(&self) {
-        self.log_writer.store(false, Ordering::Release);
-        if let Some(log) = &self.activity_log {
-            log.stop_writer();
-        }
     }
 
     fn log_error(&self, log: &ActivityLog, message: String) -> BitmapError {
@@ -1279,7 +1212,6 @@ fn open(path: &Path, geometry: Geometry) -> Result<WriteIntentBitmap, BitmapErro
         closed: AtomicBool::new(false),
         marked_slots: AtomicU32::new(u32::MAX),
         activity_log: None,
-        log_writer: AtomicBool::new(false),
         #[cfg(debug_assertions)]
         carried: Mutex::new(Carried { bits: Vec::new(), flushing: None }),
     };

@@ -112,7 +112,7 @@ pub struct ChangeSeam<T> {
     waiting: HashMap<u64, T>,
     next_ticket: u64,
     /// The marks of changes begun with [`ChangeSeam::begin_batched`] and
-    /// not yet made durable by [`ChangeSeam::commit_batch_submit`].
+    /// not yet made durable by [`ChangeSeam::commit_batch`].
     pending: PendingMarks,
 }
 
@@ -175,7 +175,7 @@ impl<T> ChangeSeam<T> {
 
     /// [`ChangeSeam::begin`] for one change of a batch: its regions are
     /// marked (in memory) and counted in flight, but not yet durable. Call
-    /// [`ChangeSeam::commit_batch_submit`] before the local part of any change
+    /// [`ChangeSeam::commit_batch`] before the local part of any change
     /// begun this way is issued: the batch then shares one activity-log
     /// transaction (or bitmap sync). A refused change needs no `abandon`.
     pub fn begin_batched(&mut self, change: &ChangeExtent) -> Result<(), Refused> {
@@ -199,30 +199,17 @@ impl<T> ChangeSeam<T> {
     }
 
     /// Make the marks of every change begun with [`ChangeSeam::begin_batched`]
-    /// since the last commit durable, without waiting for an activity-log
-    /// transaction: `Some(ticket)` when the batch waits for one (poll it
-    /// with [`ChangeSeam::commit_poll`]; the seam's [`ChangeSeam::wake_fd`]
-    /// becomes readable when it is done), `None` when the batch is durable
-    /// now. Until then none of its changes may be issued; on an error none
-    /// ever may: [`ChangeSeam::abandon`] each and answer it EIO.
-    pub fn commit_batch_submit(&mut self) -> Result<Option<u64>, Refused> {
-        let Some(mirror) = &self.mirror else { return Ok(None) };
+    /// since the last commit durable: one activity-log transaction (written
+    /// by this thread, or shared with one another writer is writing) or one
+    /// bitmap sync for all of them. Until it returns none of them may be
+    /// issued; on an error none ever may: [`ChangeSeam::abandon`] each and
+    /// answer it EIO.
+    pub fn commit_batch(&mut self) -> Result<(), Refused> {
+        let Some(mirror) = &self.mirror else { return Ok(()) };
         if self.pending.is_empty() {
-            return Ok(None);
+            return Ok(());
         }
-        let Some(ticket) = mirror.commit_writes_submit(&mut self.pending)? else { return Ok(None) };
-        let completions = self.completions.clone().expect("a mirrored seam has its completions (ChangeSeam::new)");
-        mirror.wake_when_committed(ticket, Arc::new(move || completions.wake()));
-        Ok(Some(ticket))
-    }
-
-    /// Whether the batch of `ticket` (from [`ChangeSeam::commit_batch_submit`])
-    /// is durable: `None` while it is not.
-    pub fn commit_poll(&self, ticket: u64) -> Option<Result<(), Refused>> {
-        match &self.mirror {
-            Some(mirror) => mirror.commit_poll(ticket),
-            None => Some(Ok(())),
-        }
+        mirror.commit_writes(&mut self.pending)
     }
 
     /// The local part was never issued: nothing changed, nothing is shipped.

@@ -116,7 +116,6 @@ pub fn serve(
         sending: false,
         parked: VecDeque::new(),
         begun: Vec::new(),
-        committing: VecDeque::new(),
         outstanding: 0,
         pool: Arc::new(SharedPool::new(POOL_HELD_BYTES_MAX)),
         state: State::Open,
@@ -372,10 +371,6 @@ struct Connection {
     /// Changes begun on a mirrored volume whose marks are not yet durable:
     /// issued together after one commit (see [`Connection::issue_begun`]).
     begun: Batch,
-    /// Batches whose activity-log transaction is being written (by the
-    /// log's writer thread, while this connection keeps serving), oldest
-    /// first, each issued once its transaction is durable.
-    committing: VecDeque<(u64, Batch)>,
     outstanding: usize,
     pool: Arc<SharedPool>,
     state: State,
@@ -398,11 +393,10 @@ impl Connection {
                 self.state = State::Draining(Ending::Shutdown);
             }
             self.retry_parked();
-            self.issue_committed();
             self.issue_begun();
             self.start_receive();
             self.start_send();
-            if self.seam.has_waiting() || !self.committing.is_empty() {
+            if self.seam.has_waiting() {
                 self.arm_wake();
             }
             if let Some(ending) = self.finished() {
@@ -485,18 +479,6 @@ impl Connection {
                     self.pool.give(buf);
                 }
                 self.outstanding -= 1;
-            }
-            // Batches waiting for their transaction are never issued: their
-            // ranges are unlocked and their marks stay (abandoned).
-            for (_, batch) in std::mem::take(&mut self.committing) {
-                for (work, lock) in batch {
-                    self.seam.abandon(&work.change());
-                    self.unlock(lock);
-                    if let LockedWork::Write { buf, .. } = work {
-                        self.pool.give(buf);
-                    }
-                    self.outstanding -= 1;
-                }
             }
             self.abandon_partial_request();
             if let Some(token) = self.receive_token.take() {
@@ -877,40 +859,18 @@ impl Connection {
 
     /// Make the marks of every change begun since the last call durable at
     /// once, then issue their local parts; when that fails, answer each EIO.
-    /// A batch that waits for an activity-log transaction joins
-    /// `committing` and is issued by [`Connection::issue_committed`] once
-    /// the transaction is durable: until then the connection goes on
-    /// receiving, answering and beginning the next batch.
     fn issue_begun(&mut self) {
         if self.begun.is_empty() {
             return;
         }
         let begun = std::mem::take(&mut self.begun);
-        match self.seam.commit_batch_submit() {
-            Ok(None) => {
+        match self.seam.commit_batch() {
+            Ok(()) => {
                 for (work, lock) in begun {
                     self.issue_locked(work, lock);
                 }
             }
-            Ok(Some(ticket)) => self.committing.push_back((ticket, begun)),
             Err(error) => self.refuse_batch(begun, &error),
-        }
-    }
-
-    /// Issue every batch at the front of `committing` whose transaction is
-    /// durable (or answer it EIO if the log failed), in order.
-    fn issue_committed(&mut self) {
-        while let Some((ticket, _)) = self.committing.front() {
-            let Some(result) = self.seam.commit_poll(*ticket) else { break };
-            let (_, batch) = self.committing.pop_front().expect("front exists");
-            match result {
-                Ok(()) => {
-                    for (work, lock) in batch {
-                        self.issue_locked(work, lock);
-                    }
-                }
-                Err(error) => self.refuse_batch(batch, &error),
-            }
         }
     }
 
@@ -1191,7 +1151,7 @@ impl Connection {
         for ((cookie, command), result) in answers {
             self.reply_status(cookie, command, result);
         }
-        if self.seam.has_waiting() || !self.committing.is_empty() {
+        if self.seam.has_waiting() {
             self.arm_wake();
         }
     }

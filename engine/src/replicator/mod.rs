@@ -429,12 +429,6 @@ impl Completions {
             self.eventfd.signal();
         }
     }
-
-    /// Make the eventfd readable with nothing queued: something else the
-    /// event loop waits for is ready (an activity-log transaction).
-    pub fn wake(&self) {
-        self.eventfd.signal();
-    }
 }
 
 /// One shipped change that sync copies must acknowledge: counts the links
@@ -738,7 +732,6 @@ impl Replicator {
             deposed: OnceLock::new(),
             metadata_path: config.metadata_path,
         });
-        let every_copy_async = config.copies.iter().all(|copy| copy.mode == MirrorMode::Async);
         let links: Vec<Arc<Link>> = config
             .copies
             .into_iter()
@@ -759,26 +752,12 @@ impl Replicator {
             })
             .map_err(|source| StartError::Thread { copy: "local-sync".to_string(), source })?;
         threads.push(thread);
-        // With only async copies, a thread writes the activity log's
-        // transactions for the frontends' batches (`commit_writes_submit`),
-        // so their connections keep serving while one is written. With a
-        // sync copy, a write waits for the copy's round trip anyway, and the
-        // connection writing its own transaction (its batch grows meanwhile)
-        // was faster: 4k random writes over 1 TiB, one sync copy, 49.7k IOPS
-        // against 40.7k with the thread; one async copy, 55.8k against 64.6k.
-        // Two such threads, so that two transactions are written at once.
-        if every_copy_async && shared.bitmap.start_log_writer() {
-            for _ in 0..crate::activity_log::WRITERS {
-                let bitmap = shared.bitmap.clone();
-                match std::thread::Builder::new().name("al-writer".to_string()).spawn(move || bitmap.run_log_writer()) {
-                    Ok(thread) => threads.push(thread),
-                    Err(source) => {
-                        shared.bitmap.stop_log_writer();
-                        return Err(StartError::Thread { copy: "al-writer".to_string(), source });
-                    }
-                }
-            }
-        }
+        // The activity log's transactions are written by the connection
+        // whose batch needs one (`commit_writes`), whatever the copies' modes:
+        // its next batch grows while it waits. Writer threads with the
+        // connections serving meanwhile were slower: 4k random writes over
+        // 1 TiB, one sync copy, 36.7-40.7k IOPS against 51.4-56.8k; one async
+        // copy, 61.7-63.7k against 65.6-69.0k (benches/RESULTS.md, ninth session).
         for link in &links {
             let copy = link.name().to_string();
             let running = link.clone();
@@ -837,26 +816,6 @@ impl Replicator {
     /// the batch may be issued: the caller abandons each write.
     pub fn commit_writes(&self, pending: &mut PendingMarks) -> Result<(), WriteRefused> {
         self.shared.bitmap.commit(pending).map_err(WriteRefused::Bitmap)
-    }
-
-    /// [`Replicator::commit_writes`] without waiting for the activity log:
-    /// `Some(transaction)` to poll with [`Replicator::commit_poll`] (and be
-    /// woken by [`Replicator::wake_when_committed`]) before any write of the
-    /// batch is issued, or `None` when the marks are durable already. On an
-    /// error none of them may be issued.
-    pub fn commit_writes_submit(&self, pending: &mut PendingMarks) -> Result<Option<u64>, WriteRefused> {
-        self.shared.bitmap.commit_submit(pending).map_err(WriteRefused::Bitmap)
-    }
-
-    /// Whether the batch of `transaction` is durable: `None` while it is
-    /// not; an error means none of its writes may be issued.
-    pub fn commit_poll(&self, transaction: u64) -> Option<Result<(), WriteRefused>> {
-        self.shared.bitmap.commit_poll(transaction).map(|result| result.map_err(WriteRefused::Bitmap))
-    }
-
-    /// Call `waker` once the batch of `transaction` is durable (or failed).
-    pub fn wake_when_committed(&self, transaction: u64, waker: crate::activity_log::Waker) {
-        self.shared.bitmap.wake_when_committed(transaction, waker);
     }
 
     /// The local store failed a flush (an fsync returned `errno`): writes
@@ -1027,7 +986,6 @@ impl Replicator {
         }
         self.shared.shutdown.store(true, Ordering::Relaxed);
         self.shared.local_sync.stop();
-        self.shared.bitmap.stop_log_writer();
         for link in &self.links {
             link.wake_all();
         }
