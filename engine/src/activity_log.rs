@@ -931,6 +931,29 @@ mod tests {
         (thread, done)
     }
 
+    /// A commit of an extent that a transaction being written (by another
+    /// thread) lists returns only once that transaction is durable, and the
+    /// extent is not covered before. Fails if `commit` took an extent
+    /// already logged in memory for a durable one, or if `durable` rose
+    /// before the write.
+    #[test]
+    fn a_commit_waits_for_the_transaction_its_extent_is_in() {
+        let directory = tempfile::tempdir().unwrap();
+        let log = Arc::new(ActivityLog::create(&directory.path().join("v.cmal"), 1 << 20, 64, 0).unwrap());
+        let held = hold(&log, 1);
+        let (thread, done) = commit_in_background(&log, 1);
+        assert!(
+            done.recv_timeout(std::time::Duration::from_millis(200)).is_err(),
+            "the commit returned while its transaction was still being written"
+        );
+        assert!(!log.covers([1]));
+        finish_held(&log, &held);
+        done.recv_timeout(std::time::Duration::from_secs(10)).expect("the commit returns once it is durable");
+        thread.join().unwrap();
+        assert!(log.covers([1]));
+        assert_eq!(log.stats().transactions, 1, "the commit shared the transaction being written");
+    }
+
     /// No third transaction starts while two are being written: with A and
     /// B begun and held, a commit of a new extent waits (its block is free,
     /// but it would overwrite the newest durable transaction, the only one

@@ -200,7 +200,7 @@ impl<T> ChangeSeam<T> {
 
     /// Make the marks of every change begun with [`ChangeSeam::begin_batched`]
     /// since the last commit durable: one activity-log transaction (written
-    /// by this thread, or shared with one another writer is writing) or one
+    /// by this thread, or shared with one that another writer is writing) or one
     /// bitmap sync for all of them. Until it returns none of them may be
     /// issued; on an error none ever may: [`ChangeSeam::abandon`] each and
     /// answer it EIO.

@@ -208,8 +208,10 @@ fn a_power_cut_with_the_activity_log_recovers_every_written_region() {
 /// extent of the batch, the transaction's fdatasync has returned and none
 /// of the file's pages is dirty, every change reads as issuable
 /// (`marks_durable`), and one transaction wrote them all. Fails when the
-/// commit returns before the transaction is on disk, and when
-/// begin_batched commits each change itself (8 transactions).
+/// commit does not log the batch (a no-op, or extents missed), and when
+/// begin_batched commits each change itself (8 transactions). That a
+/// commit waits for a transaction another thread is writing is
+/// `activity_log::a_commit_waits_for_the_transaction_its_extent_is_in`.
 #[test]
 fn a_batch_is_issuable_only_once_its_transaction_is_on_disk() {
     use engine::activity_log::{read, Found};

@@ -1,8 +1,10 @@
 //! Transmission: one connection, one thread, one io_uring.
 //!
 //! Socket receives, file I/O and socket sends all go through the
-//! connection's ring, so a connection never blocks on one thing while another
-//! is ready, and the hot path takes no locks. The loop:
+//! connection's ring, so a connection does not block on one of them while
+//! another is ready; on a mirrored volume it does wait while a batch's marks
+//! are made durable (one activity-log transaction, which its next batch
+//! grows meanwhile). The loop:
 //!
 //! ```text
 //!   recv completes ─▶ parse headers (request.rs) ─▶ validate ─▶ submit file op
