@@ -442,6 +442,52 @@ pub(crate) fn remove_orphaned_rules() {
     }
 }
 
+/// strace attached to a running process (every thread): stopped (SIGINT,
+/// so it detaches) when done, or when a failed assertion unwinds.
+pub struct Tracer(Child);
+
+impl Tracer {
+    /// Trace the system calls `filter` names (strace's `-e`) of process
+    /// `pid` and all its threads into `trace`, strace's own messages into
+    /// `log`; returns once every thread names its tracer.
+    pub fn attach(pid: i32, filter: &str, trace: &Path, log: &Path) -> Tracer {
+        let strace = Command::new("strace")
+            .args(["-f", "-qq", "-e", filter, "-o"])
+            .arg(trace)
+            .args(["-p", &pid.to_string()])
+            .stderr(std::fs::File::create(log).expect("create the strace log"))
+            .spawn()
+            .expect("strace runs (tests/run.sh installs it)");
+        let mut tracer = Tracer(strace);
+        let tasks = format!("/proc/{pid}/task");
+        let traced = || {
+            std::fs::read_dir(&tasks).into_iter().flatten().flatten().all(|task| {
+                let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+                status.lines().any(|line| line.starts_with("TracerPid:") && line.split_whitespace().nth(1) != Some("0"))
+            })
+        };
+        let attached = wait_until(Duration::from_secs(10), traced);
+        let running = tracer.0.try_wait().ok().flatten().is_none();
+        assert!(attached && running, "strace did not attach: {}", std::fs::read_to_string(log).unwrap_or_default());
+        tracer
+    }
+
+    /// Detach and wait for strace (its trace file is then complete).
+    pub fn stop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            // SAFETY: kill(2) with the pid of a child this test spawned and has not yet reaped.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A tmpfs of a given size, mounted for one test (root only); unmounted and
 /// removed on drop, so declare it before the processes that use it.
 pub struct Tmpfs {

@@ -13,7 +13,7 @@ use engine::protocol::auth::VolumeIdentity;
 use engine::protocol::frame::{encode_frame, FrameFlags, FrameKind};
 use engine::protocol::{load_secret, ReplicationErrorKind};
 use engine::replicator::connect::CopyConnection;
-use system_tests::{binary, random_bytes, require_tool, wait_until, write_secret, CopyHost, Process, Scratch};
+use system_tests::{binary, random_bytes, require_tool, wait_until, write_secret, CopyHost, Process, Scratch, Tracer};
 
 const SIZE: u64 = 8 << 20;
 
@@ -358,26 +358,13 @@ fn before_images_are_durable_before_the_writes_they_cover_and_share_fdatasyncs()
     }
     assert!(!store_fds.is_empty() && !journal_fds.is_empty(), "store {store_fds:?}, journal {journal_fds:?}");
     // Traced from here: the burst alone, with those descriptors open throughout.
-    let (trace, strace_log) = (host.scratch.join("strace.out"), host.scratch.join("strace.log"));
-    let strace = std::process::Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=pwrite64,pwritev,pwritev2,write,fdatasync,fsync", "-o"])
-        .arg(&trace)
-        .args(["-p", &host.process.pid().to_string()])
-        .stderr(std::fs::File::create(&strace_log).unwrap())
-        .spawn()
-        .expect("strace runs (tests/run.sh installs it)");
-    let mut strace = Tracer(strace);
-    // Attached once every thread of the copy host names its tracer.
-    let tasks = format!("/proc/{}/task", host.process.pid());
-    let traced = || {
-        std::fs::read_dir(&tasks).unwrap().flatten().all(|task| {
-            let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            status.lines().any(|line| line.starts_with("TracerPid:") && line.split_whitespace().nth(1) != Some("0"))
-        })
-    };
-    let attached = wait_until(Duration::from_secs(10), traced);
-    let log = || std::fs::read_to_string(&strace_log).unwrap_or_default();
-    assert!(attached && strace.0.try_wait().unwrap().is_none(), "strace did not attach: {}", log());
+    let trace = host.scratch.join("strace.out");
+    let mut strace = Tracer::attach(
+        host.process.pid(),
+        "trace=pwrite64,pwritev,pwritev2,write,fdatasync,fsync",
+        &trace,
+        &host.scratch.join("strace.log"),
+    );
     burst_to_new_chunks(&mut connection, WRITES);
     assert_eq!(status(&host)["dr_image"]["state"], "kept", "the pass kept its way back: {}", status(&host));
     strace.stop();
@@ -420,26 +407,6 @@ fn before_images_are_durable_before_the_writes_they_cover_and_share_fdatasyncs()
     assert!(store_writes >= WRITES, "{store_writes} store writes traced, {WRITES} sent:\n{text}");
     assert!(appends >= 1 && syncs >= 1, "{appends} journal appends, {syncs} fdatasyncs");
     assert!(syncs * 4 <= WRITES, "{syncs} journal fdatasyncs for {WRITES} writes sent together: they are not shared");
-}
-
-/// strace attached to a copy host: stopped (SIGINT, so it detaches) when
-/// done, or when a failed assertion unwinds.
-struct Tracer(std::process::Child);
-
-impl Tracer {
-    fn stop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            // SAFETY: kill(2) with the pid of a child this test spawned and has not yet reaped.
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-            let _ = self.0.wait();
-        }
-    }
-}
-
-impl Drop for Tracer {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// Compressed frames from an authenticated production host: a good one

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use std::net::SocketAddr;
 
+use system_tests::mirror::Copy;
 use system_tests::mirror::{fio, fio_finish, tools, Mirror, SIZE};
 use system_tests::{
-    binary, free_port, free_port_on, require_root, require_tool, run, wait_until, write_secret, LinkCut, Process,
-    Scratch, Tmpfs,
+    binary, free_port, free_port_on, random_bytes, require_root, require_tool, run, wait_until, write_secret, LinkCut,
+    Process, Scratch, Tmpfs, Tracer,
 };
 
 /// Three-way identity: fio writes and verifies through NBD on a production
@@ -984,4 +985,48 @@ fn a_wrong_acknowledgement_read_with_a_damaged_frame_behind_it_is_the_one_refuse
     mirror.wait_up_to_date(Duration::from_secs(60));
     drop(forger);
     mirror.stop_and_compare();
+}
+
+/// A resync reads the volume without SEEK_HOLE: on tmpfs each SEEK_HOLE
+/// visits every cached page from its offset to the next hole, however far,
+/// so a resync asking it per range took 131 s for a written 1 GiB tmpfs
+/// volume (0.9 s without; benches/RESULTS.md, tenth session). The
+/// production volume lives on a tmpfs, fully written; the production host
+/// is traced (strace, `lseek` only) while a new copy's full sync runs: it
+/// seeks SEEK_DATA (so the trace saw the resync) and never SEEK_HOLE, and
+/// the copy ends identical. Fails with the hole-by-hole resync reader.
+#[test]
+fn a_resync_never_seeks_holes_which_tmpfs_walks_page_by_page() {
+    if !require_root() || !require_tool("strace") {
+        return;
+    }
+    let tmpfs = Tmpfs::mount("resync-seek", "96m");
+    let mut mirror = Mirror::unstarted("resync-seek", SIZE);
+    mirror.volume = tmpfs.path.join("production.img");
+    std::fs::write(&mirror.volume, random_bytes(64 << 20, 11)).unwrap();
+    // Production first, its copy's host not yet up: nothing to trace yet.
+    let address: SocketAddr = format!("127.0.0.2:{}", free_port_on("127.0.0.2")).parse().unwrap();
+    mirror.start_production_for(vec![format!("east={address}")], &[]);
+    let trace = mirror.scratch.join("strace.out");
+    let pid = mirror.production.as_ref().unwrap().pid();
+    let mut strace = Tracer::attach(pid, "trace=lseek", &trace, &mirror.scratch.join("strace.log"));
+    let admin: SocketAddr = format!("127.0.0.2:{}", free_port_on("127.0.0.2")).parse().unwrap();
+    let volume = mirror.scratch.join("copy-east.img");
+    let mut copy = Copy { name: "east".into(), volume, address, admin, direct: false, namespace: None, process: None };
+    mirror.start_copy(&mut copy);
+    mirror.copies.push(copy);
+    mirror.wait_up_to_date(Duration::from_secs(120));
+    strace.stop();
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let seek_data = text.lines().filter(|line| line.contains("SEEK_DATA")).count();
+    let seek_hole: Vec<&str> = text.lines().filter(|line| line.contains("SEEK_HOLE")).collect();
+    assert!(seek_data > 0, "the trace saw no resync read (no SEEK_DATA):\n{text}");
+    assert!(
+        seek_hole.is_empty(),
+        "{} SEEK_HOLE calls during the resync, e.g. {:?}",
+        seek_hole.len(),
+        &seek_hole[..3.min(seek_hole.len())]
+    );
+    mirror.stop_and_compare();
+    drop(tmpfs);
 }

@@ -1,7 +1,8 @@
 //! How resync reads a range of the local volume: as pieces, zeroes (sent as
-//! ResyncZeroes, without data, so a thin copy stays thin) and data. Holes
-//! (SEEK_HOLE on a regular file) are not read at all; data that reads as
-//! zeroes in whole ZERO_CHUNK_BYTES chunks becomes zeroes too.
+//! ResyncZeroes, without data, so a thin copy stays thin) and data. A hole
+//! at the start of the range (SEEK_DATA on a regular file) is not read at
+//! all; from the first data on the range is read, and data (or a hole)
+//! that reads as zeroes in whole ZERO_CHUNK_BYTES chunks becomes zeroes too.
 
 use crate::volume::Volume;
 
@@ -10,34 +11,30 @@ use crate::volume::Volume;
 /// thin copy.
 const ZERO_CHUNK_BYTES: u64 = 64 << 10;
 
-/// `length` bytes at `offset` of the local volume as resync pieces:
-/// holes (SEEK_HOLE on a regular file, not read at all) and 64 KiB
-/// chunks that read as zeroes become zero pieces, the rest data;
-/// neighbours of one kind are joined.
+/// `length` bytes at `offset` of the local volume as resync pieces: a
+/// hole where the range starts (up to the next data, which one SEEK_DATA
+/// finds) is a zero piece, not read; the rest is read, and each 64 KiB
+/// chunk of it that reads as zeroes (a hole further on among them) becomes
+/// a zero piece, the rest data; neighbours of one kind are joined.
+///
+/// SEEK_HOLE is not used to skip holes past the first data: on tmpfs it
+/// visits every cached page from the offset to the next hole, wherever
+/// that is, so a catch-up pass over a written tmpfs volume spent most of
+/// the machine's CPU in it (perf, 1 GiB volume, async copy: 65 % of all
+/// samples). A hole further on costs a read of zeroes instead (no device
+/// I/O on a file), bounded by the range.
 pub(crate) fn read_pieces(volume: &Volume, offset: u64, length: u64) -> std::io::Result<Vec<Piece>> {
     let end = offset + length;
     let mut pieces: Vec<Piece> = Vec::new();
-    let mut position = offset;
-    while position < end {
-        let extents = volume.block_status(position, (end - position) as u32, 64)?;
-        assert!(!extents.is_empty(), "block status covers at least one byte of a non-empty range");
-        for (extent_length, flags) in extents {
-            let extent_length = u64::from(extent_length);
-            if flags & BLOCK_STATUS_HOLE != 0 {
-                push_piece(&mut pieces, Piece::Zeroes { offset: position, length: extent_length });
-            } else {
-                let data = volume.read_synchronously(position, extent_length)?;
-                split_zero_chunks(&mut pieces, position, data);
-            }
-            position += extent_length;
-        }
+    let data = volume.next_data(offset)?.map_or(end, |data| data.clamp(offset, end));
+    if data > offset {
+        pieces.push(Piece::Zeroes { offset, length: data - offset });
     }
-    assert_eq!(position, end, "resync pieces cover exactly the range");
+    if data < end {
+        split_zero_chunks(&mut pieces, data, volume.read_synchronously(data, end - data)?);
+    }
     Ok(pieces)
 }
-
-/// The NBD block-status flag of an extent that is a hole (reads as zeroes).
-const BLOCK_STATUS_HOLE: u32 = 0b01;
 
 /// A piece of a resync range: zeroes (sent without data) or data.
 #[derive(Debug)]
@@ -136,6 +133,76 @@ mod tests {
         );
         let Piece::Data { data, .. } = &pieces[1] else { unreachable!() };
         assert_eq!(data[10], 1, "the data piece holds the bytes at its offset");
+    }
+
+    /// A sparse file, `len` bytes, with `bytes` written at each of `at`
+    /// (each written range is data, the rest holes), opened as a volume.
+    fn sparse_volume(directory: &std::path::Path, len: u64, writes: &[(u64, u8, usize)]) -> Volume {
+        use std::os::unix::fs::FileExt;
+        let path = directory.join("volume.img");
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(len).unwrap();
+        for &(at, byte, count) in writes {
+            file.write_all_at(&vec![byte; count], at).unwrap();
+        }
+        file.sync_all().unwrap();
+        let options = crate::volume::VolumeOptions { path, size: None, direct: false, read_only: false };
+        Volume::open(&options).unwrap()
+    }
+
+    /// The pieces of a range cover it exactly, in order, and read back as
+    /// the volume does: data pieces hold its bytes, zero pieces its zeroes.
+    fn assert_faithful(volume: &Volume, offset: u64, length: u64, pieces: &[Piece]) {
+        let expected = volume.read_synchronously(offset, length).unwrap();
+        let mut position = offset;
+        for piece in pieces {
+            match piece {
+                Piece::Zeroes { offset: at, length } => {
+                    assert_eq!(*at, position, "pieces are contiguous");
+                    let range = (at - offset) as usize..(at - offset + length) as usize;
+                    assert!(expected[range].iter().all(|byte| *byte == 0), "a zero piece over data at {at}");
+                    position += length;
+                }
+                Piece::Data { offset: at, data } => {
+                    assert_eq!(*at, position, "pieces are contiguous");
+                    let range = (at - offset) as usize..(at - offset) as usize + data.len();
+                    assert_eq!(&expected[range], &data[..], "a data piece's bytes at {at}");
+                    position += data.len() as u64;
+                }
+            }
+        }
+        assert_eq!(position, offset + length, "the pieces cover the range");
+    }
+
+    /// On a sparse file: a range that is all hole is one zero piece; a
+    /// hole before the first data is a zero piece; a hole after data (not
+    /// looked for) still goes as zeroes, since it reads as zero chunks; the
+    /// data goes as data. Fails if the leading hole were read as data, or
+    /// a piece misplaced.
+    #[test]
+    fn holes_and_data_of_a_sparse_file_become_their_pieces() {
+        const CHUNK: u64 = ZERO_CHUNK_BYTES;
+        let directory = tempfile::tempdir().unwrap();
+        // Data in chunk 2 (part of it) and chunk 5, holes elsewhere (16 chunks).
+        let volume =
+            sparse_volume(directory.path(), 16 * CHUNK, &[(2 * CHUNK, 7, 8192), (5 * CHUNK, 9, CHUNK as usize)]);
+        let all_hole = read_pieces(&volume, 8 * CHUNK, 4 * CHUNK).unwrap();
+        assert_eq!(shape(&all_hole), [("zeroes", 8 * CHUNK, 4 * CHUNK)]);
+        let whole = read_pieces(&volume, 0, 16 * CHUNK).unwrap();
+        assert_faithful(&volume, 0, 16 * CHUNK, &whole);
+        assert_eq!(
+            shape(&whole),
+            [
+                ("zeroes", 0, 2 * CHUNK),
+                ("data", 2 * CHUNK, CHUNK),
+                ("zeroes", 3 * CHUNK, 2 * CHUNK),
+                ("data", 5 * CHUNK, CHUNK),
+                ("zeroes", 6 * CHUNK, 10 * CHUNK)
+            ]
+        );
+        // A range starting mid-data and ending mid-hole.
+        let partial = read_pieces(&volume, 2 * CHUNK + 8192, 2 * CHUNK).unwrap();
+        assert_faithful(&volume, 2 * CHUNK + 8192, 2 * CHUNK, &partial);
     }
 
     /// A read with no zero chunk is one data piece; one of zeroes one zero piece.
