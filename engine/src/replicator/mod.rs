@@ -28,7 +28,7 @@
 //! the resync data (and overwrites it on the copy): resync never puts back
 //! older data over a newer write. The same holds for the parts of a region
 //! sent as zeroes (ResyncZeroes, which keep a thin copy thin): the hole
-//! lookup (SEEK_DATA/SEEK_HOLE) and the zero check are that read, made under
+//! lookup (SEEK_DATA) and the zero check are that read, made under
 //! that lock, so a write that lands in a hole after the lookup is shipped
 //! after the zeroes and overwrites them on the copy.
 //!
