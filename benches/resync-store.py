@@ -49,9 +49,11 @@ def one(binary):
         done, seconds = mirror.resync(scratch, binary, secret, False)
         return done, seconds
     finally:
-        if mounted:
-            subprocess.run(["umount", scratch], check=False)
-        shutil.rmtree(scratch, ignore_errors=True)
+        if mounted and subprocess.run(["umount", scratch]).returncode != 0:
+            # Never rmtree into a tmpfs still mounted: say so and leave it.
+            print(f"[resync-store] could not unmount {scratch}; left in place", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def main():
@@ -70,7 +72,7 @@ def main():
     print("|---|---:|---:|---|")
     for binary, rows in results.items():
         seconds = statistics.median(r[1] for r in rows)
-        rate = statistics.median(r[0] / 1e6 / r[1] for r in rows)
+        rate = statistics.median(r[0] for r in rows) / 1e6 / seconds
         print(f"| `{binary}` | {seconds:.2f} | {rate:.0f} | " + " / ".join(f"{r[1]:.2f}" for r in rows) + " |")
 
 

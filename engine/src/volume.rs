@@ -515,9 +515,10 @@ impl Volume {
 
     /// The first offset at or after `offset` that may hold data, `None`
     /// when none does (a regular file's SEEK_DATA; a block device holds
-    /// data everywhere). One SEEK_DATA costs little on every file system
-    /// (it skips holes in the file's index); SEEK_HOLE may not (on tmpfs
-    /// it visits every cached page up to the next hole, however far).
+    /// data everywhere). SEEK_DATA skips the holes a file's index knows of
+    /// (on tmpfs, pages fallocated but never written are stepped over one
+    /// by one); SEEK_HOLE on tmpfs visits every cached page up to the next
+    /// hole, however far, so resync does not ask it.
     pub fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
         if self.kind == BackingKind::BlockDevice {
             return Ok(Some(offset));

@@ -461,10 +461,14 @@ impl Tracer {
         let mut tracer = Tracer(strace);
         let tasks = format!("/proc/{pid}/task");
         let traced = || {
-            std::fs::read_dir(&tasks).into_iter().flatten().flatten().all(|task| {
-                let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-                status.lines().any(|line| line.starts_with("TracerPid:") && line.split_whitespace().nth(1) != Some("0"))
-            })
+            let tasks: Vec<_> = std::fs::read_dir(&tasks).expect("the traced process is alive").flatten().collect();
+            !tasks.is_empty()
+                && tasks.iter().all(|task| {
+                    let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+                    status
+                        .lines()
+                        .any(|line| line.starts_with("TracerPid:") && line.split_whitespace().nth(1) != Some("0"))
+                })
         };
         let attached = wait_until(Duration::from_secs(10), traced);
         let running = tracer.0.try_wait().ok().flatten().is_none();

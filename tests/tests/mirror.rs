@@ -989,8 +989,8 @@ fn a_wrong_acknowledgement_read_with_a_damaged_frame_behind_it_is_the_one_refuse
 
 /// A resync reads the volume without SEEK_HOLE: on tmpfs each SEEK_HOLE
 /// visits every cached page from its offset to the next hole, however far,
-/// so a resync asking it per range took 131 s for a written 1 GiB tmpfs
-/// volume (0.9 s without; benches/RESULTS.md, tenth session). The
+/// so a resync asking it per range took 93-135 s for a written 1 GiB tmpfs
+/// volume (under 1 s without; benches/RESULTS.md, tenth session). The
 /// production volume lives on a tmpfs, fully written; the production host
 /// is traced (strace, `lseek` only) while a new copy's full sync runs: it
 /// seeks SEEK_DATA (so the trace saw the resync) and never SEEK_HOLE, and
@@ -1029,4 +1029,33 @@ fn a_resync_never_seeks_holes_which_tmpfs_walks_page_by_page() {
     );
     mirror.stop_and_compare();
     drop(tmpfs);
+}
+
+/// A full sync keeps a sparse copy as thin as its source: a 64 MiB volume
+/// holding 64 scattered 4 KiB blocks (each in a 64 KiB chunk of its own,
+/// holes around it) syncs to a new copy whose file allocates no more than
+/// the volume's. Resync finds the hole after each block by reading it
+/// (ResyncZeroes for the zero 4 KiB blocks at the edges of data); fails if
+/// the rest of each block's 64 KiB chunk were sent as data (16 times the
+/// allocation).
+#[test]
+fn a_full_sync_keeps_a_sparse_copy_as_thin_as_its_source() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let prepare = |volume: &std::path::Path, _: &[PathBuf]| {
+        let file = std::fs::File::create(volume).unwrap();
+        file.set_len(64 << 20).unwrap();
+        for block in 0..64u64 {
+            // Block `block` sits at a different place in each chunk of 1 MiB.
+            let at = (block << 20) + (block % 16) * (64 << 10) + 4096 * (block % 3);
+            file.write_all_at(&random_bytes(4096, block), at).unwrap();
+        }
+        file.sync_all().unwrap();
+    };
+    let mirror = Mirror::start_with("mirror-thin-sync", &[("east", "127.0.0.2", "")], &[], prepare);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let allocated = |path: &std::path::Path| std::fs::metadata(path).unwrap().blocks() * 512;
+    let (source, copy) = (allocated(&mirror.volume), allocated(&mirror.copies[0].volume));
+    assert!(source >= 64 * 4096, "the volume holds its 64 blocks: {source} bytes allocated");
+    assert!(copy <= source + (64 << 10), "the copy allocates {copy} bytes against the volume's {source}");
+    mirror.stop_and_compare();
 }

@@ -11,6 +11,12 @@ use crate::volume::Volume;
 /// thin copy.
 const ZERO_CHUNK_BYTES: u64 = 64 << 10;
 
+/// Zero blocks at the edges of a run of data chunks are found at this size
+/// (aligned to the volume): zeroes before or after data within a chunk (the
+/// rest of a hole that ends or begins there) go as zeroes too, so a thin
+/// copy stays as thin as the file system's blocks.
+const EDGE_BLOCK_BYTES: u64 = 4096;
+
 /// `length` bytes at `offset` of the local volume as resync pieces: a
 /// hole where the range starts (up to the next data, which one SEEK_DATA
 /// finds) is a zero piece, not read; the rest is read, and each 64 KiB
@@ -83,6 +89,14 @@ fn split_zero_chunks(pieces: &mut Vec<Piece>, offset: u64, data: Vec<u8>) {
         }
         start = chunk_end;
     }
+    let runs: Vec<(usize, usize, bool)> = runs
+        .into_iter()
+        .flat_map(|(from, to, zero)| {
+            let (head, tail) = if zero { (from, to) } else { data_between_zero_edges(&data, offset, from, to) };
+            [(from, head, true), (head, tail, zero), (tail, to, true)]
+        })
+        .filter(|(from, to, _)| from < to)
+        .collect();
     if let [(_, _, false)] = runs.as_slice() {
         pieces.push(Piece::Data { offset, data });
         return;
@@ -95,6 +109,29 @@ fn split_zero_chunks(pieces: &mut Vec<Piece>, offset: u64, data: Vec<u8>) {
             pieces.push(Piece::Data { offset: at, data: data[from..to].to_vec() });
         }
     }
+}
+
+/// The part of the data run `from..to` of `data` (read at `offset`) left
+/// when whole EDGE_BLOCK_BYTES blocks of zeroes are taken off both its
+/// ends. The run holds a byte that is not zero, so some of it is left.
+fn data_between_zero_edges(data: &[u8], offset: u64, from: usize, to: usize) -> (usize, usize) {
+    let block_after = |at: usize| {
+        let absolute = offset + at as u64;
+        (((absolute / EDGE_BLOCK_BYTES + 1) * EDGE_BLOCK_BYTES - offset) as usize).min(to)
+    };
+    let block_before = |at: usize| {
+        let absolute = offset + at as u64 - 1;
+        ((absolute / EDGE_BLOCK_BYTES * EDGE_BLOCK_BYTES).saturating_sub(offset) as usize).max(from)
+    };
+    let mut head = from;
+    while head < to && is_zero(&data[head..block_after(head)]) {
+        head = block_after(head);
+    }
+    let mut tail = to;
+    while tail > head && is_zero(&data[block_before(tail)..tail]) {
+        tail = block_before(tail);
+    }
+    (head, tail)
 }
 
 #[cfg(test)]
@@ -112,7 +149,8 @@ mod tests {
     }
 
     /// Chunks of zeroes (aligned to the volume, not to the read) become zero
-    /// pieces joined with a hole before them; data runs stay whole.
+    /// pieces joined with a hole before them and with the zero blocks at the
+    /// edges of the data chunks between them.
     #[test]
     fn zero_chunks_become_zero_pieces() {
         const CHUNK: u64 = ZERO_CHUNK_BYTES;
@@ -126,9 +164,10 @@ mod tests {
             shape(&pieces),
             [
                 ("zeroes", 0, CHUNK),
-                ("data", CHUNK, CHUNK),
-                ("zeroes", 2 * CHUNK, 2 * CHUNK),
-                ("data", 4 * CHUNK, CHUNK / 2)
+                ("data", CHUNK, EDGE_BLOCK_BYTES),
+                ("zeroes", CHUNK + EDGE_BLOCK_BYTES, 3 * CHUNK - EDGE_BLOCK_BYTES),
+                ("data", 4 * CHUNK, EDGE_BLOCK_BYTES),
+                ("zeroes", 4 * CHUNK + EDGE_BLOCK_BYTES, CHUNK / 2 - EDGE_BLOCK_BYTES)
             ]
         );
         let Piece::Data { data, .. } = &pieces[1] else { unreachable!() };
@@ -175,10 +214,11 @@ mod tests {
     }
 
     /// On a sparse file: a range that is all hole is one zero piece; a
-    /// hole before the first data is a zero piece; a hole after data (not
-    /// looked for) still goes as zeroes, since it reads as zero chunks; the
-    /// data goes as data. Fails if the leading hole were read as data, or
-    /// a piece misplaced.
+    /// hole before the first data, and one after it (not looked for: it
+    /// reads as zeroes), go as zeroes to within a 4 KiB block, as the file
+    /// system holds them; the data goes as data. Fails if the zeroes after
+    /// data within its chunk were sent as data (a thin copy would allocate
+    /// them), or a piece were misplaced.
     #[test]
     fn holes_and_data_of_a_sparse_file_become_their_pieces() {
         const CHUNK: u64 = ZERO_CHUNK_BYTES;
@@ -194,15 +234,33 @@ mod tests {
             shape(&whole),
             [
                 ("zeroes", 0, 2 * CHUNK),
-                ("data", 2 * CHUNK, CHUNK),
-                ("zeroes", 3 * CHUNK, 2 * CHUNK),
+                ("data", 2 * CHUNK, 8192),
+                ("zeroes", 2 * CHUNK + 8192, 3 * CHUNK - 8192),
                 ("data", 5 * CHUNK, CHUNK),
                 ("zeroes", 6 * CHUNK, 10 * CHUNK)
             ]
         );
         // A range starting mid-data and ending mid-hole.
-        let partial = read_pieces(&volume, 2 * CHUNK + 8192, 2 * CHUNK).unwrap();
-        assert_faithful(&volume, 2 * CHUNK + 8192, 2 * CHUNK, &partial);
+        let partial = read_pieces(&volume, 2 * CHUNK + 4096, 2 * CHUNK).unwrap();
+        assert_faithful(&volume, 2 * CHUNK + 4096, 2 * CHUNK, &partial);
+        assert_eq!(shape(&partial), [("data", 2 * CHUNK + 4096, 4096), ("zeroes", 2 * CHUNK + 8192, 2 * CHUNK - 4096)]);
+    }
+
+    /// Zero 4 KiB blocks at both edges of a data run come off as zeroes,
+    /// blocks aligned to the volume (not to the read), and zeroes inside a
+    /// data chunk stay in its data. Fails without the edge trimming.
+    #[test]
+    fn zero_blocks_at_the_edges_of_data_go_as_zeroes() {
+        const BLOCK: usize = EDGE_BLOCK_BYTES as usize;
+        let offset = 1024u64; // a read that starts mid-block
+        let mut data = vec![0u8; 4 * BLOCK];
+        data[BLOCK + 10] = 1; // in the volume's block 1 (bytes 4096..8192)
+        data[3 * BLOCK - 1000] = 2; // in block 3; block 2 between them is zero
+        let mut pieces = Vec::new();
+        split_zero_chunks(&mut pieces, offset, data);
+        // Volume bytes 1024..17408: zero to 4096, data in blocks 1 and 3
+        // (block 2 between them stays in the data), zero from 16384.
+        assert_eq!(shape(&pieces), [("zeroes", 1024, 3072), ("data", 4096, 12288), ("zeroes", 16384, 1024)]);
     }
 
     /// A read with no zero chunk is one data piece; one of zeroes one zero piece.
