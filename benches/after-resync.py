@@ -69,15 +69,13 @@ def one(binary, label):
 
 
 def main():
-    binaries = os.environ.get("CM_BINS", "").split() or [mirror.binary_and_commit()[0]]
-    results = {binary: [] for binary in binaries}
-    for round_number in range(ROUNDS):
-        order = binaries[round_number % len(binaries):] + binaries[:round_number % len(binaries)]
-        for index, binary in enumerate(order):
-            iops, cached, synced = one(binary, f"after{index}")
-            results[binary].append((iops, cached, synced))
-            print(f"[after-resync] round {round_number + 1} {binary}: {iops:.0f} IOPS, {cached:.0f} MiB cached "
-                  f"after a {synced:.1f} s full sync", file=sys.stderr, flush=True)
+    def run(binary, index, round_number):
+        iops, cached, synced = one(binary, f"after{index}")
+        print(f"[after-resync] round {round_number + 1} {binary}: {iops:.0f} IOPS, {cached:.0f} MiB cached "
+              f"after a {synced:.1f} s full sync", file=sys.stderr, flush=True)
+        return iops, cached, synced
+
+    results = mirror.builds_in_turn(ROUNDS, run)
     kind = "`--direct`" if DIRECT else "buffered"
     print(f"fio 4k randwrite QD32 x2 through NBD right after a sync {kind} copy's full sync of a 1 GiB "
           f"volume (medians of {ROUNDS} rounds, builds alternated; RUNTIME={RUNTIME})\n")

@@ -264,6 +264,19 @@ def binary_and_commit():
     return binary, commit_id()
 
 
+def builds_in_turn(rounds, run):
+    """An A/B of the builds in CM_BINS (default: this checkout's release
+    build): `run(binary, index, round_number)` for each build in each round,
+    the order rotated one build per round; {binary: [run's results]}."""
+    binaries = os.environ.get("CM_BINS", "").split() or [binary_and_commit()[0]]
+    results = {binary: [] for binary in binaries}
+    for round_number in range(rounds):
+        order = binaries[round_number % len(binaries):] + binaries[:round_number % len(binaries)]
+        for index, binary in enumerate(order):
+            results[binary].append(run(binary, index, round_number))
+    return results
+
+
 def spawn_logged(scratch, processes, args, label):
     """Start `args` with its stderr in `scratch/label.log`, kept in `processes`."""
     log_file = open(os.path.join(scratch, f"{label}.log"), "ab")

@@ -57,15 +57,13 @@ def one(binary):
 
 
 def main():
-    binaries = os.environ.get("CM_BINS", "").split() or [mirror.binary_and_commit()[0]]
-    results = {binary: [] for binary in binaries}
-    for round_number in range(ROUNDS):
-        order = binaries[round_number % len(binaries):] + binaries[:round_number % len(binaries)]
-        for binary in order:
-            done, seconds = one(binary)
-            results[binary].append((done, seconds))
-            print(f"[resync-store] round {round_number + 1} {binary}: {done / 1e6:.0f} MB in {seconds:.2f} s",
-                  file=sys.stderr, flush=True)
+    def run(binary, _index, round_number):
+        done, seconds = one(binary)
+        print(f"[resync-store] round {round_number + 1} {binary}: {done / 1e6:.0f} MB in {seconds:.2f} s",
+              file=sys.stderr, flush=True)
+        return done, seconds
+
+    results = mirror.builds_in_turn(ROUNDS, run)
     print(f"A new buffered copy's full sync of a written 1 GiB volume, stores on {STORE} "
           f"(medians of {ROUNDS} rounds, builds alternated)\n")
     print("| build | seconds | MB/s | every round (s) |")
