@@ -142,12 +142,19 @@ impl Mirror {
     /// address it listens on.
     pub fn add_copy(&mut self, name: &str, ip: &str, direct: bool) -> SocketAddr {
         let address: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+        self.add_copy_at(name, address, direct);
+        address
+    }
+
+    /// [`Mirror::add_copy`] listening on `address` (one the production
+    /// host may already be configured for).
+    pub fn add_copy_at(&mut self, name: &str, address: SocketAddr, direct: bool) {
+        let ip = address.ip().to_string();
         let volume = self.scratch.join(&format!("copy-{name}.img"));
-        let admin: SocketAddr = format!("{ip}:{}", free_port_on(ip)).parse().unwrap();
+        let admin: SocketAddr = format!("{ip}:{}", free_port_on(&ip)).parse().unwrap();
         let mut copy = Copy { name: name.to_string(), volume, address, admin, direct, namespace: None, process: None };
         self.start_copy(&mut copy);
         self.copies.push(copy);
-        address
     }
 
     /// Start (or restart) `copy`'s host.

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use std::net::SocketAddr;
 
-use system_tests::mirror::Copy;
 use system_tests::mirror::{fio, fio_finish, tools, Mirror, SIZE};
 use system_tests::{
     binary, free_port, free_port_on, random_bytes, require_root, require_tool, run, wait_until, write_secret, LinkCut,
@@ -1010,11 +1009,7 @@ fn a_resync_never_seeks_holes_which_tmpfs_walks_page_by_page() {
     let trace = mirror.scratch.join("strace.out");
     let pid = mirror.production.as_ref().unwrap().pid();
     let mut strace = Tracer::attach(pid, "trace=lseek", &trace, &mirror.scratch.join("strace.log"));
-    let admin: SocketAddr = format!("127.0.0.2:{}", free_port_on("127.0.0.2")).parse().unwrap();
-    let volume = mirror.scratch.join("copy-east.img");
-    let mut copy = Copy { name: "east".into(), volume, address, admin, direct: false, namespace: None, process: None };
-    mirror.start_copy(&mut copy);
-    mirror.copies.push(copy);
+    mirror.add_copy_at("east", address, false);
     mirror.wait_up_to_date(Duration::from_secs(120));
     strace.stop();
     let text = std::fs::read_to_string(&trace).unwrap();
