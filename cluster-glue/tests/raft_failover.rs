@@ -121,6 +121,14 @@ fn frozen_leader_is_replaced() {
         nodes[0].as_ref().expect("node 2").compare_and_set("k", 0, b"a".to_vec(), timeout).expect("cas"),
         CasOutcome::Written(1)
     );
+    // Freeze a leader of a healthy group: both others hold that write. A
+    // voter restarted above may not have caught up yet (the leader backs off
+    // for 500 ms from a peer it could not reach), and a voter whose log lags
+    // cannot be elected, which would make this a different test.
+    for node in nodes.iter().flatten() {
+        let applied = node.watch("k", 0, timeout).expect("watch");
+        assert!(applied.is_some(), "voter {} never applied the first write", node.status().id);
+    }
 
     let frozen_at = Instant::now();
     signal(&child.0, libc::SIGSTOP);
