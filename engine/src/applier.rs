@@ -25,12 +25,19 @@
 //!   a sync copy's acknowledgement gates the client's, so a write issued after
 //!   another was acknowledged arrives after that write was applied here.
 //! - A Flush waits for everything before it and is an fsync through the
-//!   ring; writes after it are started while it runs, and their replies
-//!   wait for its own. Checksums read after everything before them is
-//!   applied.
+//!   ring; writes after it are started while it runs. Checksums read after
+//!   everything before them is applied.
 //! - A reply leaves only once its change and every earlier frame's change is
-//!   done (the production host takes acknowledgements in order), so an
-//!   acknowledged write is applied, and durable when it asked for FUA.
+//!   done, so an acknowledged write is applied, and durable when it asked for
+//!   FUA. The one exception is a Flush whose fsync is still running: the
+//!   replies of later changes may leave before its own (protocol version 2).
+//!   A write's acknowledgement promises it is applied, not that it is durable
+//!   (DESIGN.md §3), so nothing it promises waits on that fsync; holding it
+//!   back made a sync copy's client wait for the copy's periodic bit-clearing
+//!   fsync, hundreds of milliseconds on a busy disk. The Flush's own reply
+//!   still follows every reply before it (it started once they were done),
+//!   Flush replies stay in order among themselves, and after a failure
+//!   replies leave strictly in order again (a failed change's never).
 //!
 //! Rare changes (trim, write-zeroes, an O_DIRECT write that is not block
 //! aligned and needs its edge blocks read) drain the ring and are done with
@@ -120,6 +127,25 @@ struct Reply {
     header: Option<FrameHeader>,
     payload: Vec<u8>,
     done: bool,
+    /// A Flush's: later replies may overtake it while its fsync runs.
+    flush: bool,
+    /// Encoded already (it overtook a Flush): dropped when it reaches the front.
+    sent: bool,
+}
+
+impl Reply {
+    fn new(header: Option<FrameHeader>, done: bool, flush: bool) -> Reply {
+        Reply { header, payload: Vec::new(), done, flush, sent: false }
+    }
+
+    /// Encode the reply into `out` (a frame with no reply: nothing).
+    fn encode(&mut self, out: &mut Vec<u8>) {
+        self.sent = true;
+        if let Some(mut header) = self.header.take() {
+            header.payload_len = self.payload.len() as u32;
+            out.extend_from_slice(&encode_frame(&header, &self.payload));
+        }
+    }
 }
 
 /// A write in flight: the frame number, its byte range and size.
@@ -202,12 +228,12 @@ impl<'v> Applier<'v> {
         self.check()?;
         let Some(apply) = apply else {
             if reply.is_some() {
-                self.replies.push_back(Reply { header: reply, payload: Vec::new(), done: true });
+                self.replies.push_back(Reply::new(reply, true, false));
             }
             return Ok(());
         };
         let index = self.first_index + self.replies.len() as u64;
-        self.replies.push_back(Reply { header: reply, payload: Vec::new(), done: false });
+        self.replies.push_back(Reply::new(reply, false, matches!(apply, Apply::Flush)));
         match apply {
             Apply::Write { offset, data, fua, resync } => {
                 if barrier {
@@ -277,15 +303,27 @@ impl<'v> Applier<'v> {
         self.check()
     }
 
-    /// Encode the replies that may leave now (in order) into `out`.
+    /// Encode the replies that may leave now into `out`: in order, except
+    /// that those after a Flush whose fsync runs may overtake its reply (see
+    /// the module docs).
     pub fn take_replies(&mut self, out: &mut Vec<u8>) {
-        while self.replies.front().is_some_and(|reply| reply.done) {
-            let reply = self.replies.pop_front().expect("front exists");
-            self.first_index += 1;
-            if let Some(mut header) = reply.header {
-                header.payload_len = reply.payload.len() as u32;
-                out.extend_from_slice(&encode_frame(&header, &reply.payload));
+        let overtaking = self.failed.is_none() && !self.broken;
+        let mut flush_running = false;
+        for reply in self.replies.iter_mut() {
+            if reply.sent {
+                continue;
             }
+            if reply.done && !(reply.flush && flush_running) {
+                reply.encode(out);
+            } else if overtaking && reply.flush && !reply.done {
+                flush_running = true;
+            } else {
+                break;
+            }
+        }
+        while self.replies.front().is_some_and(|reply| reply.sent) {
+            self.replies.pop_front();
+            self.first_index += 1;
         }
     }
 
@@ -524,9 +562,6 @@ mod tests {
         }
     }
 
-    /// A Flush's fsync runs while later writes start, and no later reply
-    /// leaves before the Flush's own: at every moment the replies out so far
-    /// are a prefix of the arrival order.
     /// `poll` submits what is queued and releases the replies of the
     /// changes done, never waiting: on an O_DIRECT volume a write started
     /// is only queued, and nothing but `poll` (or a wait) sends it.
@@ -551,32 +586,57 @@ mod tests {
         assert!(read.iter().all(|&byte| byte == 7));
     }
 
+    /// A Flush's fsync runs while later writes start, and their replies may
+    /// leave before its own, but nothing else is overtaken: at every moment
+    /// the replies out so far are, apart from Flushes still running, a
+    /// prefix of the arrival order, and a Flush's reply follows every reply
+    /// before it. On a buffered volume the write after the Flush is done at
+    /// once while the fsync is only queued, so its reply overtakes.
     #[test]
-    fn writes_after_a_flush_go_on_and_their_replies_wait_for_it() {
+    fn writes_after_a_flush_go_on_and_their_replies_may_overtake_it() {
         for direct in [false, true] {
             let dir = tempfile::tempdir().unwrap();
             let volume = volume(&dir, direct);
             let mut applier = Applier::new(&volume, None).unwrap();
             let mut out = Vec::new();
+            let mut flushes = Vec::new();
+            let mut overtaken = 0;
             let mut sequence = 0;
             for round in 0..20u8 {
                 sequence += 1;
                 applier.start(write(u64::from(round % 4) * 4096, &[round; 4096]), false, ack(sequence)).unwrap();
                 sequence += 1;
                 applier.start(Some(Apply::Flush), false, ack(sequence)).unwrap();
+                flushes.push(sequence);
                 sequence += 1;
                 applier.start(write(65536, &[round; 4096]), false, ack(sequence)).unwrap();
                 applier.take_replies(&mut out);
                 let seen = sequences(&out);
-                assert_eq!(
-                    seen,
-                    (1..=seen.len() as u64).collect::<Vec<_>>(),
-                    "replies leave in order (direct={direct})"
-                );
+                let missing: Vec<u64> = (1..=sequence).filter(|number| !seen.contains(number)).collect();
+                let first_missing = missing.first().copied().unwrap_or(sequence + 1);
+                for (position, &number) in seen.iter().enumerate() {
+                    assert!(
+                        number < first_missing || flushes.contains(&first_missing),
+                        "reply {number} overtook {first_missing}, which is not a Flush (direct={direct}): {seen:?}"
+                    );
+                    assert!(
+                        !flushes.contains(&number) || (1..number).all(|earlier| seen[..position].contains(&earlier)),
+                        "Flush {number} answered before a frame ahead of it (direct={direct}): {seen:?}"
+                    );
+                }
+                assert!(seen.iter().all(|number| seen.iter().filter(|other| *other == number).count() == 1));
+                if missing.len() == 1 && flushes.contains(&missing[0]) && seen.contains(&sequence) {
+                    overtaken += 1;
+                }
             }
             applier.drain().unwrap();
             applier.take_replies(&mut out);
-            assert_eq!(sequences(&out), (1..=sequence).collect::<Vec<_>>());
+            let mut seen = sequences(&out);
+            seen.sort_unstable();
+            assert_eq!(seen, (1..=sequence).collect::<Vec<_>>(), "every reply once (direct={direct})");
+            if !direct {
+                assert_eq!(overtaken, 20, "the write after each Flush was answered before it");
+            }
         }
     }
 

@@ -182,7 +182,7 @@ proptest! {
     fn forged_headers_are_refused(rest in proptest::collection::vec(any::<u8>(), HEADER_LEN - 5)) {
         let mut bytes = [0u8; HEADER_LEN];
         bytes[..4].copy_from_slice(&0x434d_5246u32.to_be_bytes());
-        bytes[4] = 1;
+        bytes[4] = engine::protocol::frame::VERSION;
         bytes[5..].copy_from_slice(&rest);
         prop_assert!(decode_header(&bytes).is_err());
     }

@@ -574,3 +574,141 @@ impl CopyHost {
         CopyHost { process, address, admin, args }
     }
 }
+
+/// An `nbdfuse` process exposing the export as `<scratch>/fuse/nbd`;
+/// unmounted (and the process reaped, killed if need be) on drop.
+pub struct FuseMount {
+    directory: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl FuseMount {
+    /// Mount `uri` under `<scratch>/fuse` (waits until the file is there).
+    pub fn start(scratch: &Scratch, uri: &str) -> FuseMount {
+        let directory = scratch.join("fuse");
+        std::fs::create_dir_all(&directory).expect("create FUSE mount point");
+        let pid_file = scratch.join("nbdfuse.pid");
+        let log = scratch.join("nbdfuse.log");
+        let child = Command::new("nbdfuse")
+            .arg("-P")
+            .arg(&pid_file)
+            .arg(&directory)
+            .arg(uri)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("create nbdfuse log"))
+            .spawn()
+            .expect("start nbdfuse");
+        let mut fuse = FuseMount { directory, child: Some(child), log };
+        // nbdfuse writes its pid file once the mount is ready.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(pid_file.exists() && fuse.file().exists()) {
+            if let Some(status) = fuse.try_wait() {
+                panic!("nbdfuse exited with {status} before mounting:\n{}", fuse.log());
+            }
+            assert!(Instant::now() < deadline, "nbdfuse did not mount within 10 s:\n{}", fuse.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        fuse
+    }
+
+    /// The file that stands for the export.
+    pub fn file(&self) -> PathBuf {
+        self.directory.join("nbd")
+    }
+
+    /// What nbdfuse printed.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
+    }
+
+    /// Unmounts and checks that nbdfuse exits cleanly within 10 s.
+    pub fn stop(&mut self) {
+        run("fusermount3", &["-u", self.directory.to_str().expect("utf-8 path")]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.try_wait() {
+                self.child = None;
+                assert!(status.success(), "nbdfuse exited with {status}:\n{}", self.log());
+                return;
+            }
+            assert!(Instant::now() < deadline, "nbdfuse did not exit within 10 s of unmount:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let unmounted = Command::new("fusermount3").arg("-u").arg(&self.directory).status();
+        if !unmounted.map(|s| s.success()).unwrap_or(false) {
+            let _ = Command::new("fusermount3").arg("-uz").arg(&self.directory).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// An nbdkit server whose flush takes [`FLUSH_SECONDS`] (the `eval` plugin over
+/// a file, each flush logged with its start time), for a store behind
+/// [`FuseMount`] whose fsync is slow; killed on drop.
+pub struct SlowFlushServer {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    flushes: PathBuf,
+}
+
+/// How long each flush of a [`SlowFlushServer`] takes.
+pub const FLUSH_SECONDS: u64 = 3;
+
+impl SlowFlushServer {
+    /// Serve a new file of `size` bytes in `scratch`.
+    pub fn start(scratch: &Scratch, size: u64) -> SlowFlushServer {
+        let store = scratch.join("slow-store");
+        std::fs::File::create(&store).unwrap().set_len(size).unwrap();
+        let flushes = scratch.join("flushes");
+        let port = free_port();
+        let (store_path, flushes_path) = (store.display(), flushes.display());
+        let child = Command::new("nbdkit")
+            .args(["-f", "-p", &port.to_string(), "-i", "127.0.0.1", "eval"])
+            .arg(format!("get_size=echo {size}"))
+            .arg(format!("pread=dd if={store_path} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none"))
+            .arg(format!(
+                "pwrite=dd of={store_path} seek=$4 iflag=count_bytes count=$3 oflag=seek_bytes conv=notrunc status=none"
+            ))
+            .arg(format!("flush=date +%s.%N >> {flushes_path}; sleep {FLUSH_SECONDS}"))
+            .args(["can_flush=exit 0", "can_write=exit 0"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(scratch.join("nbdkit.log")).unwrap())
+            .spawn()
+            .expect("start nbdkit");
+        let listening = wait_until(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+        assert!(listening, "nbdkit never listened");
+        SlowFlushServer { child, port, flushes }
+    }
+
+    /// Flushes begun so far.
+    pub fn flushes(&self) -> usize {
+        std::fs::read_to_string(&self.flushes).unwrap_or_default().lines().count()
+    }
+}
+
+impl Drop for SlowFlushServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

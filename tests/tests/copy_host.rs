@@ -5,7 +5,7 @@
 //! the store.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use engine::metadata::new_identity;
@@ -13,7 +13,10 @@ use engine::protocol::auth::VolumeIdentity;
 use engine::protocol::frame::{encode_frame, FrameFlags, FrameKind};
 use engine::protocol::{load_secret, ReplicationErrorKind};
 use engine::replicator::connect::CopyConnection;
-use system_tests::{binary, random_bytes, require_tool, wait_until, write_secret, CopyHost, Process, Scratch, Tracer};
+use system_tests::{
+    binary, random_bytes, require_root, require_tool, wait_until, write_secret, CopyHost, FuseMount, LoopDevice,
+    Process, Scratch, SlowFlushServer, Tracer, FLUSH_SECONDS,
+};
 
 const SIZE: u64 = 8 << 20;
 
@@ -643,4 +646,68 @@ fn frames_cut_at_any_byte_land_whole_on_a_direct_and_a_buffered_copy() {
         assert!(contents(&host) == expected, "{label}: the copy's store differs from the writes sent");
         assert_rejected(&host, 0);
     }
+}
+
+/// Protocol version 2: the replies of frames behind a Flush do not wait for
+/// its fsync. The store is a FUSE file (nbdfuse) over nbdkit whose flush
+/// takes 3 s: a write sent right after a Flush is acknowledged at once,
+/// the FlushAck follows once the fsync is done, and the write before the
+/// Flush was acknowledged before either. A sync copy's client used to wait
+/// for the copy's periodic bit-clearing fsync this way.
+#[test]
+fn a_write_behind_a_slow_flush_is_acknowledged_before_it() {
+    if !(require_root() && require_tool("nbdkit") && require_tool("nbdfuse") && require_tool("fusermount3")) {
+        return;
+    }
+    let scratch = Scratch::new("copy-host-slow-flush");
+    let server = SlowFlushServer::start(&scratch, SIZE);
+    let mut fuse = FuseMount::start(&scratch, &format!("nbd://127.0.0.1:{}", server.port));
+    // A loop device in between: FUSE holds the file's lock through an
+    // fsync, which would stop the write behind it for a reason of its own.
+    let device = LoopDevice::attach(&fuse.file(), false);
+    let secret = write_secret(&scratch, "secret", 11);
+    let metadata = scratch.join("metadata");
+    std::fs::create_dir_all(&metadata).unwrap();
+    let metadata_arg = metadata.to_str().unwrap();
+    let CopyHost { process, address, .. } = CopyHost::start(
+        &scratch,
+        "127.0.0.2",
+        Path::new(&device.path),
+        "8M",
+        &secret,
+        &["--metadata-dir", metadata_arg],
+    );
+    let secret = load_secret(&secret).unwrap();
+    let mut connection =
+        CopyConnection::connect(address, &secret, identity(), Duration::from_secs(5), Duration::from_secs(5)).unwrap();
+    write(&mut connection, 0, &random_bytes(4096, 3));
+    let flushes_before = server.flushes();
+
+    let flush = connection.header(FrameKind::Flush, FrameFlags::NONE, 1, 1);
+    let mut behind = connection.header(FrameKind::Write, FrameFlags::NONE, 1, 1);
+    let data = random_bytes(4096, 4);
+    (behind.offset, behind.length, behind.payload_len) = (8192, 4096, 4096);
+    let sent = std::time::Instant::now();
+    connection.send_batch(&[(flush, &[]), (behind, &data)]).unwrap();
+    let first = connection.receive().unwrap();
+    let first_after = sent.elapsed();
+    let second = connection.receive().unwrap();
+    let second_after = sent.elapsed();
+    let replies = [(first.header.kind, first.header.sequence), (second.header.kind, second.header.sequence)];
+    assert_eq!(
+        replies,
+        [(FrameKind::WriteAck, behind.sequence), (FrameKind::FlushAck, flush.sequence)],
+        "the write behind the Flush is answered first ({first_after:?}, {second_after:?})\n{}",
+        process.log()
+    );
+    assert!(first_after < Duration::from_secs(FLUSH_SECONDS) / 2, "the write waited {first_after:?}");
+    assert!(
+        second_after >= Duration::from_secs(FLUSH_SECONDS),
+        "the Flush did not wait for its fsync: {second_after:?}"
+    );
+    assert_eq!(server.flushes(), flushes_before + 1, "the Flush reached the store as one flush");
+    drop(connection);
+    drop(process);
+    drop(device);
+    fuse.stop();
 }

@@ -3,7 +3,7 @@
 //! copies killed, the production host killed, links cut with iptables.
 //! Every test ends by comparing the sha256 of every store.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -1053,4 +1053,79 @@ fn a_full_sync_keeps_a_sparse_copy_as_thin_as_its_source() {
     assert!(source >= 64 * 4096, "the volume holds its 64 blocks: {source} bytes allocated");
     assert!(copy <= source + (64 << 10), "the copy allocates {copy} bytes against the volume's {source}");
     mirror.stop_and_compare();
+}
+
+/// A sync copy's periodic Flush (every 500 ms, so that bits can clear) does
+/// not hold up the client: the copy host's store is a FUSE file over an
+/// nbdkit whose flush takes 3 s, and writes issued one after another for
+/// 4 s each complete well within that, while at least one such flush ran.
+/// Two things make it so: the copy host answers writes behind a Flush whose
+/// fsync runs (protocol version 2), and the production host sends the next
+/// periodic Flush only once the last is acknowledged (a copy host starts a
+/// Flush only after the fsync before it, and everything behind waits).
+#[test]
+fn a_slow_periodic_flush_on_a_sync_copy_does_not_hold_up_writes() {
+    if !(tools() && require_root() && require_tool("nbdkit") && require_tool("nbdfuse") && require_tool("fusermount3"))
+    {
+        return;
+    }
+    let mut mirror = Mirror::unstarted("mirror-slow-flush", "8M");
+    let server = system_tests::SlowFlushServer::start(&mirror.scratch, 8 << 20);
+    let mut fuse = system_tests::FuseMount::start(&mirror.scratch, &format!("nbd://127.0.0.1:{}", server.port));
+    // A loop device in between: FUSE holds the file's lock through an
+    // fsync, which would stop the copy host's writes for a reason of its own.
+    let device = system_tests::LoopDevice::attach(&fuse.file(), false);
+    let metadata = mirror.scratch.join("copy-metadata");
+    std::fs::create_dir_all(&metadata).unwrap();
+    let copy = system_tests::CopyHost::start(
+        &mirror.scratch,
+        "127.0.0.2",
+        Path::new(&device.path),
+        "8M",
+        &mirror.secret,
+        &["--metadata-dir", metadata.to_str().unwrap()],
+    );
+    mirror.start_production_for(vec![format!("east={}", copy.address)], &[]);
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let flushes_before = server.flushes();
+
+    let script = format!(
+        r#"
+import nbd, time
+h = nbd.NBD()
+h.connect_uri("{uri}")
+slowest, count, start = 0.0, 0, time.monotonic()
+while time.monotonic() - start < 4.0:
+    began = time.monotonic()
+    h.pwrite(bytes([count % 251]) * 4096, (count % 2048) * 4096)
+    slowest = max(slowest, time.monotonic() - began)
+    count += 1
+    time.sleep(0.02)
+h.shutdown()
+print(count, slowest)
+"#,
+        uri = mirror.uri()
+    );
+    let output = system_tests::nbdsh_script(&script);
+    let (count, slowest) = output.trim().split_once(' ').expect("count and slowest");
+    let (count, slowest): (u32, f64) = (count.parse().unwrap(), slowest.parse().unwrap());
+    let flushes = server.flushes() - flushes_before;
+    assert!(flushes >= 1, "no flush reached the copy's store during the writes");
+    assert!(
+        slowest < 1.5,
+        "a write waited {slowest:.2} s ({count} writes, {flushes} flushes of {} s each)\n{}",
+        system_tests::FLUSH_SECONDS,
+        mirror.logs()
+    );
+    let status = mirror.status();
+    let east = &status["copies"][0];
+    assert_eq!(east["state"], "up_to_date", "{status:#}\n{}", mirror.logs());
+    assert_eq!(east["connects"], 1, "the link was never lost: {status:#}");
+    eprintln!("{count} writes, the slowest {slowest:.3} s, {flushes} slow flushes on the copy meanwhile");
+    if let Some(mut production) = mirror.production.take() {
+        assert!(production.stop_with(libc::SIGTERM).success());
+    }
+    drop(copy);
+    drop(device);
+    fuse.stop();
 }

@@ -7,10 +7,12 @@
 //! order) so a failed assertion leaves no mount, loop device or process.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use system_tests::{random_bytes, require_root, require_tool, run, run_output, sha256, LoopDevice, Process, Scratch};
+use system_tests::{
+    random_bytes, require_root, require_tool, run, run_output, sha256, FuseMount, LoopDevice, Process, Scratch,
+};
 
 /// A buffered server carries an ext4 filesystem that checks clean and keeps every file.
 #[test]
@@ -201,89 +203,5 @@ impl Drop for Mount {
         if self.mounted {
             let _ = Command::new("umount").arg("-l").arg(&self.point).status();
         }
-    }
-}
-
-/// An `nbdfuse` process exposing the export as `<scratch>/fuse/nbd`;
-/// unmounted (and the process reaped, killed if need be) on drop.
-struct FuseMount {
-    directory: PathBuf,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl FuseMount {
-    fn start(scratch: &Scratch, uri: &str) -> FuseMount {
-        let directory = scratch.join("fuse");
-        std::fs::create_dir_all(&directory).expect("create FUSE mount point");
-        let pid_file = scratch.join("nbdfuse.pid");
-        let log = scratch.join("nbdfuse.log");
-        let child = Command::new("nbdfuse")
-            .arg("-P")
-            .arg(&pid_file)
-            .arg(&directory)
-            .arg(uri)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("create nbdfuse log"))
-            .spawn()
-            .expect("start nbdfuse");
-        let mut fuse = FuseMount { directory, child: Some(child), log };
-        // nbdfuse writes its pid file once the mount is ready.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(pid_file.exists() && fuse.file().exists()) {
-            if let Some(status) = fuse.try_wait() {
-                panic!("nbdfuse exited with {status} before mounting:\n{}", fuse.log());
-            }
-            assert!(Instant::now() < deadline, "nbdfuse did not mount within 10 s:\n{}", fuse.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        fuse
-    }
-
-    /// The file that stands for the export.
-    fn file(&self) -> PathBuf {
-        self.directory.join("nbd")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
-    }
-
-    /// Unmounts and checks that nbdfuse exits cleanly within 10 s.
-    fn stop(&mut self) {
-        run("fusermount3", &["-u", self.directory.to_str().expect("utf-8 path")]);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.try_wait() {
-                self.child = None;
-                assert!(status.success(), "nbdfuse exited with {status}:\n{}", self.log());
-                return;
-            }
-            assert!(Instant::now() < deadline, "nbdfuse did not exit within 10 s of unmount:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for FuseMount {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        let unmounted = Command::new("fusermount3").arg("-u").arg(&self.directory).status();
-        if !unmounted.map(|s| s.success()).unwrap_or(false) {
-            let _ = Command::new("fusermount3").arg("-uz").arg(&self.directory).status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }

@@ -3,7 +3,7 @@
 //! ```text
 //!  offset size field        meaning
 //!       0    4 magic        0x434d5246, "CMRF"
-//!       4    1 version      1
+//!       4    1 version      2
 //!       5    1 kind         FrameKind
 //!       6    2 flags        FrameFlags (FUA, ACK_REQUESTED, SYNCED, BARRIER, EMPTY)
 //!       8    8 session      agreed in the handshake; 0 on handshake frames
@@ -38,8 +38,11 @@ use crate::protocol::error::ReplicationError;
 
 /// The first four bytes of every frame: "CMRF".
 pub const MAGIC: u32 = 0x434d_5246;
-/// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this build speaks. Version 2 (was 1): a copy's
+/// replies may overtake the FlushAck of a Flush whose fsync is still
+/// running (`applier.rs`); a version-1 production host would take that
+/// for a protocol error, so the two refuse each other by version instead.
+pub const VERSION: u8 = 2;
 /// The length of a frame header in bytes.
 pub const HEADER_LEN: usize = 64;
 /// The largest extent one data frame (a write or resync data) may carry.
@@ -548,10 +551,10 @@ mod tests {
     /// A peer of another protocol version is told so, not called corrupt.
     #[test]
     fn other_version_is_refused_as_version() {
-        let bytes = patched(encode_header(&FrameHeader::new(FrameKind::Hello), &[]), 4, &[2]);
+        let bytes = patched(encode_header(&FrameHeader::new(FrameKind::Hello), &[]), 4, &[1]);
         let error = decode_header(&bytes).unwrap_err();
         assert_eq!(error.kind(), ReplicationErrorKind::Version);
-        assert!(error.to_string().contains("version 2"), "{error}");
+        assert!(error.to_string().contains("version 1, this build speaks version 2"), "{error}");
     }
 
     /// A payload length over the limit is refused from the header alone.

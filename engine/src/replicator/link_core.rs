@@ -1384,9 +1384,13 @@ impl<H, V> LinkCore<H, V> {
             return vec![Command::Wait { ms: CLEAN_INTERVAL.as_millis() as u64 / 2 }];
         }
         // Flush every CLEAN_INTERVAL, during a resync too, so bits clear as
-        // their regions become durable on the copy.
+        // their regions become durable on the copy; never while a Flush is
+        // unacknowledged: the copy would wait for that one's fsync before it
+        // started the next, and every frame behind it with it (on a busy
+        // disk an fsync can take longer than the interval).
         let flush_due = !(self.touched.is_empty() && self.clear_candidates.is_empty())
-            && now_ms.saturating_sub(self.last_flush_ms) >= CLEAN_INTERVAL.as_millis() as u64;
+            && now_ms.saturating_sub(self.last_flush_ms) >= CLEAN_INTERVAL.as_millis() as u64
+            && !self.unacked.iter().any(|unacked| unacked.frame.kind == FrameKind::Flush);
         if flush_due {
             self.queue_flush(false, now_ms);
             return self.take_batch(now_ms);
@@ -1709,27 +1713,37 @@ impl<H, V> LinkCore<H, V> {
         Ok(commands)
     }
 
-    /// The oldest unacknowledged frame, if `kind` and `sequence` acknowledge it.
+    /// The unacknowledged frame that `kind` and `sequence` acknowledge: a
+    /// FlushAck the oldest frame, which must be a Flush; any other reply the
+    /// oldest frame that is not a Flush, since a copy's replies may overtake
+    /// a Flush whose fsync runs (protocol version 2, `applier.rs`) but
+    /// nothing else, and a Flush is answered only after every frame before it.
     fn take_acked(&mut self, kind: FrameKind, sequence: u64) -> Result<Unacked<H, V>, ReplicationError> {
-        let Some(front) = self.unacked.front() else {
+        let position = match kind {
+            FrameKind::FlushAck => Some(0).filter(|_| !self.unacked.is_empty()),
+            _ => self.unacked.iter().position(|unacked| unacked.frame.kind != FrameKind::Flush),
+        };
+        let Some(expected) = position.and_then(|position| self.unacked.get(position)) else {
             return Err(ReplicationError::Protocol {
                 message: format!("{kind:?} for sequence {sequence} acknowledges nothing that was sent"),
             });
         };
-        let expected_kind = match front.frame.kind {
+        let expected_kind = match expected.frame.kind {
             FrameKind::Flush => FrameKind::FlushAck,
             FrameKind::ChecksumRequest => FrameKind::ChecksumReply,
             _ => FrameKind::WriteAck,
         };
-        if front.sequence != sequence || kind != expected_kind {
+        if expected.sequence != sequence || kind != expected_kind {
             return Err(ReplicationError::Protocol {
                 message: format!(
-                    "{kind:?} for sequence {sequence} arrived, but the oldest unacknowledged frame is {:?} sequence {}",
-                    front.frame.kind, front.sequence
+                    "{kind:?} for sequence {sequence} arrived, but the oldest unacknowledged frame it may answer is \
+                     {:?} sequence {}",
+                    expected.frame.kind, expected.sequence
                 ),
             });
         }
-        Ok(self.unacked.pop_front().expect("front exists"))
+        let position = position.expect("found above");
+        Ok(self.unacked.remove(position).expect("position exists"))
     }
 
     /// The clearing rule (invariant 6) at a Flush's acknowledgement: which

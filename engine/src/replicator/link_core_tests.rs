@@ -91,6 +91,27 @@ fn write_acked(core: &mut TestCore, region: u64, hold: u64, sequence: u64) {
     );
 }
 
+/// The kind and sequence of each frame the commands send.
+fn frames_sent(commands: Vec<TestCommand>) -> Vec<(FrameKind, u64)> {
+    let mut sent = Vec::new();
+    for command in commands {
+        if let Command::Send { frames } = command {
+            sent.extend(frames.iter().map(|frame| (frame.kind, frame.sequence)));
+        }
+    }
+    sent
+}
+
+/// [`write_acked`] at `now_ms`.
+fn write_acked_at(core: &mut TestCore, region: u64, hold: u64, sequence: u64, now_ms: u64) {
+    assert_eq!(ship(core, region, Some(hold), now_ms), vec![]);
+    assert_eq!(frames_sent(core.poll_send(now_ms)), vec![(FrameKind::Write, sequence)]);
+    assert_eq!(
+        ack(core, FrameKind::WriteAck, sequence, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![hold], result: 0 }]
+    );
+}
+
 fn send(frames: Vec<Outgoing>) -> Vec<TestCommand> {
     vec![Command::Send { frames }]
 }
@@ -388,6 +409,61 @@ fn an_ack_timeout_closes_and_an_ack_out_of_order_is_refused() {
     assert_eq!(core.lost("the connection ended", false), vec![Command::Persist(RecordedState::Stale)]);
     assert_eq!(core.persisted(Ok(())), vec![Command::Release { holds: vec![1, 2], result: 0 }]);
     assert_eq!(core.last_error().map(String::as_str), Some(why));
+}
+
+/// A copy's replies may overtake a Flush whose fsync runs (protocol version
+/// 2): a write sent after the Flush is released at its WriteAck, and the
+/// FlushAck that comes later still clears what it covers. Nothing else may
+/// be overtaken: a WriteAck past an unacknowledged write, and a FlushAck
+/// before a write sent ahead of the Flush is acknowledged, are refused.
+#[test]
+fn replies_may_overtake_a_flush_and_nothing_else() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    write_acked(&mut core, 2, 7, 2);
+    assert_eq!(core.poll_send(CLEAN_MS), send(vec![flush_frame(3, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
+    // The clearing Flush (4), then two writes (5 and 6) behind it.
+    assert_eq!(poll_syncing(&mut core, 2 * CLEAN_MS), send(vec![flush_frame(4, FrameFlags::NONE)]));
+    assert_eq!(ship(&mut core, 5, Some(8), 2 * CLEAN_MS), vec![]);
+    assert_eq!(ship(&mut core, 6, Some(9), 2 * CLEAN_MS), vec![]);
+    assert_eq!(core.poll_send(2 * CLEAN_MS), send(vec![write_frame(5, 5), write_frame(6, 6)]));
+    let connection = core.connection();
+    let refused = core.acked(connection, FrameKind::WriteAck, 6, Vec::new(), 0, &mut nothing_in_flight());
+    assert!(matches!(refused, Err(ReplicationError::Protocol { .. })), "write 6 overtook write 5: {refused:?}");
+    // Write 5 overtakes Flush 4: its client is answered before the fsync ends.
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 5, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![8], result: 0 }]
+    );
+    // The Flush's answer still clears region 2, which nothing touched since.
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 4, &mut nothing_in_flight()), vec![Command::ClearBits(vec![2])]);
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 6, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![9], result: 0 }]
+    );
+    // A Flush sent after an unacknowledged write is not answered before it.
+    assert_eq!(ship(&mut core, 3, Some(10), 3 * CLEAN_MS), vec![]);
+    let mut sent = frames_sent(core.poll_send(3 * CLEAN_MS));
+    sent.extend(frames_sent(core.poll_send(4 * CLEAN_MS)));
+    assert_eq!(sent, vec![(FrameKind::Write, 7), (FrameKind::Flush, 8)]);
+    let connection = core.connection();
+    let refused = core.acked(connection, FrameKind::FlushAck, 8, Vec::new(), 0, &mut nothing_in_flight());
+    assert!(matches!(refused, Err(ReplicationError::Protocol { .. })), "the flush overtook write 7: {refused:?}");
+}
+
+/// The periodic Flush waits for the one before it: a copy host starts a
+/// Flush's fsync only after the previous fsync ended, and every frame
+/// behind the second Flush would wait with it.
+#[test]
+fn a_periodic_flush_waits_until_the_one_before_is_acknowledged() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    write_acked(&mut core, 2, 7, 2);
+    assert_eq!(frames_sent(core.poll_send(CLEAN_MS)), vec![(FrameKind::Flush, 3)]);
+    write_acked_at(&mut core, 4, 8, 4, 2 * CLEAN_MS);
+    // Due by the clock, but Flush 3 is still running on the copy host.
+    assert_eq!(frames_sent(core.poll_send(3 * CLEAN_MS)), vec![]);
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
+    assert_eq!(frames_sent(core.poll_send(3 * CLEAN_MS)), vec![(FrameKind::Flush, 5)]);
 }
 
 /// `--assume-clean`: dirty regions need no resync when both stores hold no
