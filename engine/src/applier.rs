@@ -1,6 +1,7 @@
 //! The copy side's applier: carry out accepted frames' changes on the store
 //! through io_uring, many at once, in an order that keeps the copy
-//! crash-consistent, and release their replies in arrival order.
+//! crash-consistent, and release their replies in arrival order (those
+//! behind a Flush whose fsync runs may leave before its own).
 //!
 //! ```text
 //!  Step ─▶ start ─┬─ O_DIRECT write (no barrier, no overlap, room) ─▶ io_uring Write ─┐
@@ -11,6 +12,7 @@
 //!                 └─ overlaps a write in flight ─▶ wait for it, then submit ───────────┘
 //!                                                                            ▼
 //!  take_replies ◀── replies in arrival order, each once its change is done ◀─┘
+//!                   (a running Flush's may be overtaken, see below)
 //! ```
 //!
 //! The rules, and why they keep the copy crash-consistent (DESIGN.md §3,
@@ -168,6 +170,8 @@ pub struct Applier<'v> {
     replies: VecDeque<Reply>,
     /// The number of `replies[0]`.
     first_index: u64,
+    /// Behind a running Flush, every reply numbered below this has left.
+    overtaken_through: u64,
     /// Changes in the ring (writes and fsyncs), by frame number.
     in_flight: Vec<InFlight>,
     in_flight_bytes: usize,
@@ -191,6 +195,7 @@ impl<'v> Applier<'v> {
             doorbell_queued: false,
             replies: VecDeque::new(),
             first_index: 0,
+            overtaken_through: 0,
             in_flight: Vec::new(),
             in_flight_bytes: 0,
             failed: None,
@@ -255,7 +260,7 @@ impl<'v> Applier<'v> {
             Apply::Flush => {
                 // The fsync covers every change before it, all done now.
                 // Later writes start while it runs (a flush can take long on
-                // a busy store); their replies still leave after its own.
+                // a busy store), and their replies may leave before its own.
                 self.drain()?;
                 let entry = self.volume.fsync_entry();
                 self.push(entry, Op::Fsync { index })?;
@@ -305,25 +310,36 @@ impl<'v> Applier<'v> {
 
     /// Encode the replies that may leave now into `out`: in order, except
     /// that those after a Flush whose fsync runs may overtake its reply (see
-    /// the module docs).
+    /// the module docs). Each reply is looked at once while it waits behind
+    /// such a Flush, however often this is called.
     pub fn take_replies(&mut self, out: &mut Vec<u8>) {
-        let overtaking = self.failed.is_none() && !self.broken;
-        let mut flush_running = false;
-        for reply in self.replies.iter_mut() {
-            if reply.sent {
-                continue;
+        // The front: replies done (a Flush done now: every reply before it
+        // left earlier), and those that overtook a Flush since done.
+        loop {
+            match self.replies.front_mut() {
+                Some(reply) if reply.sent => {}
+                Some(reply) if reply.done => reply.encode(out),
+                _ => break,
             }
-            if reply.done && !(reply.flush && flush_running) {
-                reply.encode(out);
-            } else if overtaking && reply.flush && !reply.done {
-                flush_running = true;
-            } else {
-                break;
-            }
-        }
-        while self.replies.front().is_some_and(|reply| reply.sent) {
             self.replies.pop_front();
             self.first_index += 1;
+        }
+        // A Flush whose fsync runs heads the queue: the replies behind it
+        // that are done leave, in order, up to the first that is not (a
+        // Flush always drains what is before it, so only one runs at once).
+        // Not after a failure: then replies leave strictly in order.
+        let running_flush = self.replies.front().is_some_and(|reply| reply.flush);
+        if !running_flush || self.failed.is_some() || self.broken {
+            return;
+        }
+        self.overtaken_through = self.overtaken_through.max(self.first_index + 1);
+        let start = (self.overtaken_through - self.first_index) as usize;
+        for reply in self.replies.iter_mut().skip(start) {
+            if !reply.done || reply.flush {
+                break;
+            }
+            reply.encode(out);
+            self.overtaken_through += 1;
         }
     }
 

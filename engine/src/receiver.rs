@@ -10,6 +10,7 @@
 //!                                  │           the connection is closed
 //!                                  └─ Step { persist (raised epoch/generation), apply, reply (ack) }
 //!  shell: store metadata ─▶ Applier (io_uring, ordered) ─▶ send the acks in order
+//!         (a Flush whose fsync runs may be overtaken: `applier.rs`)
 //! ```
 //!
 //! The shell carries out each [`Step`] in order — persist, then apply, then

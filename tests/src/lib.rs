@@ -319,6 +319,24 @@ impl LoopDevice {
     }
 }
 
+impl LoopDevice {
+    /// Detach, and wait (bounded) until nothing is attached to `backing`,
+    /// so that the file is no longer busy (a FUSE file can then be unmounted).
+    pub fn detach_from(self, backing: &Path) {
+        drop(self);
+        let backing = backing.to_str().expect("utf-8 path");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let attached = run("losetup", &["-j", backing]);
+            if attached.trim().is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "loop device still attached to {backing} after 10 s: {attached}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for LoopDevice {
     fn drop(&mut self) {
         let _ = Command::new("losetup").args(["-d", &self.path]).status();

@@ -1126,6 +1126,8 @@ print(count, slowest)
         assert!(production.stop_with(libc::SIGTERM).success());
     }
     drop(copy);
-    drop(device);
+    let copied = std::fs::read(&device.path).expect("read the copy's store");
+    assert!(std::fs::read(&mirror.volume).expect("read the volume") == copied, "the copy differs from the volume");
+    device.detach_from(&fuse.file());
     fuse.stop();
 }

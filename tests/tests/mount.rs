@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use system_tests::{
     random_bytes, require_root, require_tool, run, run_output, sha256, FuseMount, LoopDevice, Process, Scratch,
@@ -57,7 +56,7 @@ fn ext4_round_trip(direct: bool) {
     let mut mount = Mount::attach(&loop_device.path, &mount_point, &[]);
     verify_tree(&mount_point, &files, "through NBD after remount");
     mount.unmount();
-    detach(loop_device, &fuse.file());
+    loop_device.detach_from(&fuse.file());
     fuse.stop();
 
     let status = server.stop_with(libc::SIGTERM);
@@ -158,22 +157,6 @@ fn fsck_clean(device: &str, server: &Process) {
         String::from_utf8_lossy(&output.stderr),
         server.log()
     );
-}
-
-/// Detaches the loop device and waits (bounded) until nothing is attached
-/// to `backing`, so the FUSE file is no longer busy.
-fn detach(loop_device: LoopDevice, backing: &Path) {
-    drop(loop_device);
-    let backing = backing.to_str().expect("utf-8 path");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let attached = run("losetup", &["-j", backing]);
-        if attached.trim().is_empty() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "loop device still attached to {backing} after 10 s: {attached}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// A mounted filesystem, lazily unmounted on drop if the test did not

@@ -103,8 +103,8 @@ pub(super) fn receive(connection: &mut Connection<'_>, session: &Session) {
         });
         let ending = apply_frames(host, peer, session, &frames, &doorbell, &mut applier, &mut writer);
         // What was applied before the connection ended (or before the change
-        // that failed: replies leave in order, and a failed change's never)
-        // is acknowledged.
+        // that failed: after a failure replies leave in order, and a failed
+        // change's never) is acknowledged.
         let _ = applier.drain();
         let mut outgoing = Vec::new();
         applier.take_replies(&mut outgoing);

@@ -12,7 +12,7 @@
 //!  accept ─▶ admission (evict the oldest idle handshake when full) ─▶ thread per connection
 //!        ─▶ handshake (Hello within 2 s, all of it within 10 s)          [connection.rs]
 //!        ─▶ claim the one session slot ─▶ adopt the volume identity (fresh copy) ─▶ Accept
-//!        ─▶ loop { frame ─▶ Receiver ─▶ store metadata? ─▶ Applier (io_uring) ─▶ acks in order }   [apply.rs]
+//!        ─▶ loop { frame ─▶ Receiver ─▶ store metadata? ─▶ Applier (io_uring) ─▶ acks in order* }   [apply.rs]
 //! ```
 //!
 //! The decisions are in [`crate::receiver`] (pure); this module only moves
@@ -37,7 +37,8 @@
 //! Changes are applied by [`crate::applier`]: many writes in flight at once,
 //! never one before an earlier write it overlaps or, when it carries the
 //! BARRIER flag, before anything earlier; acks leave in arrival order once
-//! their change is done. Reading and checking frames (socket copy, CRC) runs
+//! their change is done, except that those behind a Flush whose fsync runs
+//! may leave before its FlushAck (*protocol version 2, `applier.rs`). Reading and checking frames (socket copy, CRC) runs
 //! on a helper thread ahead of the applying thread, at most PIPELINE_FRAMES
 //! frames ahead; it rings the applier's doorbell (an eventfd its ring reads)
 //! when the applier waits for completions.

@@ -487,6 +487,9 @@ pub(crate) struct LinkCore<H, V> {
     up_to_date_ms: Option<u64>,
     /// When the copy last acknowledged anything (as of the last poll).
     last_ack_ms: u64,
+    /// When the oldest unacknowledged frame last changed (an acknowledgement
+    /// of the oldest one): a Flush there since waits for nothing but its fsync.
+    front_since_ms: u64,
     /// An acknowledgement arrived since the last poll.
     ack_seen: bool,
     /// A resync pass began since the last frame was sent: the next one
@@ -554,6 +557,7 @@ impl<H, V> LinkCore<H, V> {
             sender_due_ms: 0,
             up_to_date_ms: None,
             last_ack_ms: 0,
+            front_since_ms: 0,
             ack_seen: false,
             pass_mark: false,
             behind_while_syncing: false,
@@ -1365,7 +1369,21 @@ impl<H, V> LinkCore<H, V> {
                 );
                 return self.close(why);
             }
+            // Later frames' acknowledgements may overtake a Flush (protocol
+            // version 2): one at the front is judged by its own wait, so a
+            // copy whose fsync hangs is still found out.
+            let flush_waiting = unacked.frame.kind == FrameKind::Flush
+                && now_ms.saturating_sub(unacked.sent_at_ms.max(self.front_since_ms)) > timeout_ms;
             let since = unacked.sent_at_ms.max(self.last_ack_ms);
+            if self.config.mode == MirrorMode::Async && flush_waiting {
+                let why = format!(
+                    "ack timeout: the copy host left a Flush (sequence {}) unanswered for over {} s while it \
+                     acknowledged later frames (its store's fsync hangs, or takes that long)",
+                    unacked.sequence,
+                    ACK_TIMEOUT.as_secs()
+                );
+                return self.close(why);
+            }
             if self.config.mode == MirrorMode::Async && now_ms.saturating_sub(since) > timeout_ms {
                 let why = format!(
                     "ack timeout: the copy host acknowledged nothing for over {} s with {} frame(s) outstanding \
@@ -1632,7 +1650,8 @@ impl<H, V> LinkCore<H, V> {
     }
 }
 
-/// The reader's events: acknowledgements, in order.
+/// The reader's events: acknowledgements, in order but for a Flush, which
+/// later ones may overtake (`take_acked`).
 impl<H, V> LinkCore<H, V> {
     /// The copy acknowledged `sequence` with `kind` on `connection` (an
     /// acknowledgement of an older connection changes nothing). `payload`
@@ -1652,7 +1671,7 @@ impl<H, V> LinkCore<H, V> {
         if connection != self.connection {
             return Ok(Vec::new());
         }
-        let Unacked { sent_at_ms, frame: acked, .. } = self.take_acked(kind, sequence)?;
+        let Unacked { sent_at_ms, frame: acked, .. } = self.take_acked(kind, sequence, now_ms)?;
         self.ack_seen = true;
         if acked.final_flush && self.final_flush == Some(false) && self.queue.is_empty() && self.unacked.is_empty() {
             self.final_flush = Some(true);
@@ -1718,7 +1737,7 @@ impl<H, V> LinkCore<H, V> {
     /// oldest frame that is not a Flush, since a copy's replies may overtake
     /// a Flush whose fsync runs (protocol version 2, `applier.rs`) but
     /// nothing else, and a Flush is answered only after every frame before it.
-    fn take_acked(&mut self, kind: FrameKind, sequence: u64) -> Result<Unacked<H, V>, ReplicationError> {
+    fn take_acked(&mut self, kind: FrameKind, sequence: u64, now_ms: u64) -> Result<Unacked<H, V>, ReplicationError> {
         let position = match kind {
             FrameKind::FlushAck => Some(0).filter(|_| !self.unacked.is_empty()),
             _ => self.unacked.iter().position(|unacked| unacked.frame.kind != FrameKind::Flush),
@@ -1743,6 +1762,9 @@ impl<H, V> LinkCore<H, V> {
             });
         }
         let position = position.expect("found above");
+        if position == 0 {
+            self.front_since_ms = now_ms;
+        }
         Ok(self.unacked.remove(position).expect("position exists"))
     }
 

@@ -1135,3 +1135,30 @@ fn the_resync_window_shrinks_on_a_queue_to_what_keeps_the_link_busy() {
     let busy = rate * 40 / 1000 + WINDOW_MIN_BYTES;
     assert_eq!(controller.window_bytes(), busy, "the window after rounds with a queue");
 }
+
+/// An async copy is judged by its progress, and later frames' replies may
+/// overtake a Flush: a Flush left unanswered for ACK_TIMEOUT while every
+/// later write is acknowledged still ends the connection (a copy host whose
+/// fsync hangs), as it did when nothing could overtake it.
+#[test]
+fn an_async_copy_whose_flush_hangs_is_lost_though_later_writes_are_answered() {
+    let mut core = up_to_date(MirrorMode::Async, 1 << 30);
+    assert_eq!(ship(&mut core, 2, None, 0), vec![]);
+    assert_eq!(frames_sent(core.poll_send(10)), vec![(FrameKind::Write, 2)]);
+    assert_eq!(ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()), vec![]);
+    assert_eq!(frames_sent(core.poll_send(CLEAN_MS)), vec![(FrameKind::Flush, 3)]);
+    let timeout_ms = ACK_TIMEOUT.as_millis() as u64;
+    let mut sequence = 3;
+    let mut now_ms = CLEAN_MS;
+    while now_ms + 1000 < CLEAN_MS + timeout_ms {
+        now_ms += 1000;
+        sequence += 1;
+        assert_eq!(ship(&mut core, 4, None, now_ms), vec![]);
+        assert_eq!(frames_sent(core.poll_send(now_ms + 10)), vec![(FrameKind::Write, sequence)]);
+        assert_eq!(ack(&mut core, FrameKind::WriteAck, sequence, &mut nothing_in_flight()), vec![]);
+        assert!(!matches!(core.poll_send(now_ms + 20).as_slice(), [Command::Close { .. }]), "closed at {now_ms} ms");
+    }
+    let why = "ack timeout: the copy host left a Flush (sequence 3) unanswered for over 5 s while it acknowledged \
+               later frames (its store's fsync hangs, or takes that long)";
+    assert_eq!(core.poll_send(CLEAN_MS + timeout_ms + 1), vec![Command::Close { why: why.to_string() }]);
+}
