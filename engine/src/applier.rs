@@ -131,18 +131,15 @@ struct Reply {
     done: bool,
     /// A Flush's: later replies may overtake it while its fsync runs.
     flush: bool,
-    /// Encoded already (it overtook a Flush): dropped when it reaches the front.
-    sent: bool,
 }
 
 impl Reply {
     fn new(header: Option<FrameHeader>, done: bool, flush: bool) -> Reply {
-        Reply { header, payload: Vec::new(), done, flush, sent: false }
+        Reply { header, payload: Vec::new(), done, flush }
     }
 
     /// Encode the reply into `out` (a frame with no reply: nothing).
     fn encode(&mut self, out: &mut Vec<u8>) {
-        self.sent = true;
         if let Some(mut header) = self.header.take() {
             header.payload_len = self.payload.len() as u32;
             out.extend_from_slice(&encode_frame(&header, &self.payload));
@@ -170,7 +167,8 @@ pub struct Applier<'v> {
     replies: VecDeque<Reply>,
     /// The number of `replies[0]`.
     first_index: u64,
-    /// Behind a running Flush, every reply numbered below this has left.
+    /// Behind a running Flush, every reply numbered below this (the Flush's
+    /// own excepted) has left; they are dropped once the Flush's leaves.
     overtaken_through: u64,
     /// Changes in the ring (writes and fsyncs), by frame number.
     in_flight: Vec<InFlight>,
@@ -316,8 +314,9 @@ impl<'v> Applier<'v> {
         // The front: replies done (a Flush done now: every reply before it
         // left earlier), and those that overtook a Flush since done.
         loop {
+            let overtook = self.first_index < self.overtaken_through;
             match self.replies.front_mut() {
-                Some(reply) if reply.sent => {}
+                Some(reply) if overtook && !reply.flush => {}
                 Some(reply) if reply.done => reply.encode(out),
                 _ => break,
             }

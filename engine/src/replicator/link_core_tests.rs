@@ -158,13 +158,10 @@ fn up_to_date(mode: MirrorMode, lag_bytes_max: u64) -> TestCore {
     core
 }
 
-/// Invariant 6 with a write in flight: a region whose write is acknowledged
-/// becomes a clear candidate at the next Flush and would clear at the one
-/// after (the local volume fsynced first), but not while another write to
-/// it is in flight; once that write is shipped, the region must stay quiet
-/// through two more Flushes before its bit clears.
-#[test]
-fn a_bit_never_clears_while_a_write_to_its_region_is_in_flight() {
+/// A sync copy up to date, region 2 written (write 2, hold 7): the first
+/// Flush (3) took it as its snapshot and is acknowledged, and the second
+/// (4), which may clear it, is sent after a local sync was asked for.
+fn clearing_flush_sent() -> TestCore {
     let mut core = up_to_date(MirrorMode::Sync, 0);
     write_acked(&mut core, 2, 7, 2);
     // The first Flush takes region 2 as its snapshot: nothing can clear yet.
@@ -172,6 +169,17 @@ fn a_bit_never_clears_while_a_write_to_its_region_is_in_flight() {
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
     // The second may clear region 2: the local volume is fsynced first.
     assert_eq!(poll_syncing(&mut core, 2 * CLEAN_MS), send(vec![flush_frame(4, FrameFlags::NONE)]));
+    core
+}
+
+/// Invariant 6 with a write in flight: a region whose write is acknowledged
+/// becomes a clear candidate at the next Flush and would clear at the one
+/// after (the local volume fsynced first), but not while another write to
+/// it is in flight; once that write is shipped, the region must stay quiet
+/// through two more Flushes before its bit clears.
+#[test]
+fn a_bit_never_clears_while_a_write_to_its_region_is_in_flight() {
+    let mut core = clearing_flush_sent();
     // A second write to region 2 is marked and in flight (not shipped yet).
     let mut region_2_in_flight = |region| region == 2;
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 4, &mut region_2_in_flight), vec![], "a region in flight cleared");
@@ -418,12 +426,8 @@ fn an_ack_timeout_closes_and_an_ack_out_of_order_is_refused() {
 /// before a write sent ahead of the Flush is acknowledged, are refused.
 #[test]
 fn replies_may_overtake_a_flush_and_nothing_else() {
-    let mut core = up_to_date(MirrorMode::Sync, 0);
-    write_acked(&mut core, 2, 7, 2);
-    assert_eq!(core.poll_send(CLEAN_MS), send(vec![flush_frame(3, FrameFlags::NONE)]));
-    assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
     // The clearing Flush (4), then two writes (5 and 6) behind it.
-    assert_eq!(poll_syncing(&mut core, 2 * CLEAN_MS), send(vec![flush_frame(4, FrameFlags::NONE)]));
+    let mut core = clearing_flush_sent();
     assert_eq!(ship(&mut core, 5, Some(8), 2 * CLEAN_MS), vec![]);
     assert_eq!(ship(&mut core, 6, Some(9), 2 * CLEAN_MS), vec![]);
     assert_eq!(core.poll_send(2 * CLEAN_MS), send(vec![write_frame(5, 5), write_frame(6, 6)]));
