@@ -138,7 +138,8 @@ impl Reply {
         Reply { header, payload: Vec::new(), done, flush }
     }
 
-    /// Encode the reply into `out` (a frame with no reply: nothing).
+    /// Encode the reply into `out`, once (a frame with no reply, or one
+    /// encoded already: nothing).
     fn encode(&mut self, out: &mut Vec<u8>) {
         if let Some(mut header) = self.header.take() {
             header.payload_len = self.payload.len() as u32;
@@ -168,7 +169,7 @@ pub struct Applier<'v> {
     /// The number of `replies[0]`.
     first_index: u64,
     /// Behind a running Flush, every reply numbered below this (the Flush's
-    /// own excepted) has left; they are dropped once the Flush's leaves.
+    /// own excepted) has left; they are popped once the Flush's leaves.
     overtaken_through: u64,
     /// Changes in the ring (writes and fsyncs), by frame number.
     in_flight: Vec<InFlight>,
@@ -312,14 +313,10 @@ impl<'v> Applier<'v> {
     /// such a Flush, however often this is called.
     pub fn take_replies(&mut self, out: &mut Vec<u8>) {
         // The front: replies done (a Flush done now: every reply before it
-        // left earlier), and those that overtook a Flush since done.
-        loop {
-            let overtook = self.first_index < self.overtaken_through;
-            match self.replies.front_mut() {
-                Some(reply) if overtook && !reply.flush => {}
-                Some(reply) if reply.done => reply.encode(out),
-                _ => break,
-            }
+        // left earlier). Those that overtook a Flush are done and were
+        // encoded then (their header taken): encoding them again adds nothing.
+        while let Some(reply) = self.replies.front_mut().filter(|reply| reply.done) {
+            reply.encode(out);
             self.replies.pop_front();
             self.first_index += 1;
         }
