@@ -16,7 +16,14 @@ Usage:
 Environment: ROUNDS [3], RUNTIME [8] seconds per fio run, CONFIGS
 ["none sync1 async1 sync2"; also sync1d and async1d, copies with --direct], WORKLOADS [the four NBD workloads], CM_BIN
 [target/release/crossmirror; built unless given], SCRATCH [/var/tmp], OUT
-[also write the report here], REGION [serve's default] bitmap region size.
+[also write the report here], REGION [serve's default] bitmap region size,
+CACHE [warm]: `cold` writes back and drops the page cache (needs root) once each
+configuration is up, before its fio runs. Why it matters: on kernels that cache
+files in large folios (6.18 here), the 1 MiB writes that fill the volume leave
+folios of up to 2 MiB, and a 4 KiB buffered write into one costs ext4 tens of
+microseconds under the inode lock (benches/RESULTS.md, twelfth session); after
+a drop, random 4 KiB writes bring pages back as 4 KiB folios. Compare ratios
+measured with the same CACHE only.
 Needs iperf3 (apt-get install iperf3) besides fio. The production volume is
 shared by the configurations and the copies are not compared: correctness is
 the tests' job, this only measures.
@@ -44,6 +51,9 @@ WORKLOADS = os.environ.get(
 SCRATCH_PARENT = os.environ.get("SCRATCH", "/var/tmp")
 OUT = os.environ.get("OUT", "")
 REGION = os.environ.get("REGION", "")
+CACHE = os.environ.get("CACHE", "warm")
+if CACHE not in ("warm", "cold"):
+    sys.exit(f"CACHE must be warm or cold, not {CACHE!r}")
 SIZE = 1 << 30
 
 COPIES = {
@@ -286,6 +296,17 @@ def spawn_logged(scratch, processes, args, label):
     return process
 
 
+def drop_page_cache():
+    """Write back every dirty page, then drop the clean ones (and the
+    dentries and inodes): the volume and the copies' stores start uncached."""
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+    except PermissionError:
+        sys.exit("CACHE=cold needs root (it writes /proc/sys/vm/drop_caches)")
+
+
 def emit(report):
     """Print the report, and write it to OUT when set."""
     print(report)
@@ -310,6 +331,8 @@ def main():
                 log(f"round {round_number + 1}: {config}: starting (copies sync first)")
                 try:
                     setup.start()
+                    if CACHE == "cold":
+                        drop_page_cache()
                     for workload in WORKLOADS:
                         iops, mbs = fio(setup.port, workload)
                         results.setdefault((config, workload), []).append((iops, mbs))
@@ -339,7 +362,7 @@ def render(results, commit, tcp, disk, resyncs):
         "# Mirroring benchmark",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit}",
-        f"- command: `ROUNDS={ROUNDS} RUNTIME={RUNTIME} CONFIGS='{' '.join(CONFIGS)}' REGION={REGION or 'default'} "
+        f"- command: `ROUNDS={ROUNDS} RUNTIME={RUNTIME} CONFIGS='{' '.join(CONFIGS)}' REGION={REGION or 'default'} CACHE={CACHE} "
         "/usr/bin/python3 benches/mirror.py`",
         "- fio: ioengine=nbd numjobs=2 size=512M offset_increment=512M, buffered server, 1 GiB volume; "
         "production on 127.0.0.1, copies on 127.0.0.2/127.0.0.3, all on this 2-core machine",

@@ -404,6 +404,22 @@ impl ActivityLog {
         })
     }
 
+    /// Of `extents`, those that stay in the durable log until it is
+    /// cleared (a clean close): each is durably listed, no write of the log
+    /// failed, and the log never drops an extent, since it holds
+    /// `volume_extents`, every extent of the volume. A crash before the
+    /// clear sets every region of such an extent dirty again at the next
+    /// open. Order kept.
+    pub fn retained(&self, extents: impl IntoIterator<Item = u64>, volume_extents: u64) -> Vec<bool> {
+        let keeps_all = volume_extents <= self.capacity as u64;
+        let state = self.lock();
+        let trusted = keeps_all && state.failed.is_none();
+        extents
+            .into_iter()
+            .map(|extent| trusted && state.extents.get(&extent).is_some_and(|entry| entry.transaction <= state.durable))
+            .collect()
+    }
+
     /// Counters and geometry (the admin endpoint's `activity_log`).
     pub fn stats(&self) -> ActivityLogStats {
         let state = self.lock();

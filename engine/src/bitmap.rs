@@ -708,6 +708,33 @@ impl WriteIntentBitmap {
         carried || self.activity_log.as_ref().is_some_and(|log| log.covers(log.extents(offset, len)))
     }
 
+    /// Of `regions`, those whose bits may clear once a copy has them
+    /// durably, before they are durable on this host: their extents stay in
+    /// the durable activity log until [`WriteIntentBitmap::close_clean`]
+    /// clears it (the caller syncs the volume before that), so a crash
+    /// before then sets them dirty again (invariant 6 in the log's form).
+    /// None without a log, or with one too small for the whole volume (it
+    /// drops extents, and from then on only the bitmap remembers them).
+    /// Order kept.
+    pub fn retained_by_log(&self, regions: &[u64]) -> Vec<bool> {
+        let Some(log) = &self.activity_log else {
+            return vec![false; regions.len()];
+        };
+        let extent_regions = (log.extent_bytes() >> self.region_shift).max(1);
+        let volume_extents = self.geometry.volume_size.div_ceil(log.extent_bytes());
+        log.retained(regions.iter().map(|region| region / extent_regions), volume_extents)
+    }
+
+    /// Whether an activity log that never drops an extent is attached: bits
+    /// may then clear before their regions are durable on this host
+    /// ([`WriteIntentBitmap::retained_by_log`]), and the volume must be
+    /// synced before [`WriteIntentBitmap::close_clean`].
+    pub fn log_keeps_every_extent(&self) -> bool {
+        self.activity_log
+            .as_ref()
+            .is_some_and(|log| self.geometry.volume_size.div_ceil(log.extent_bytes()) <= log.capacity() as u64)
+    }
+
     /// Writes mark only `slots` from now on: the slots of the copies
     /// configured. A slot no copy holds is never read: a copy that takes it
     /// later is a new copy, and its slot is set whole first
@@ -1572,6 +1599,57 @@ mod tests {
         bitmap.set_marked_slots(&[0, 1, 2, 3]);
         assert!(bitmap.mark(5 * MIB, 4096), "slots 0 and 2 lack the bit");
         assert!((0..4).all(|slot| bitmap.is_set(slot, 5)));
+    }
+
+    /// The log's retention rule: a region's bit may clear before the region
+    /// is durable on this host only while its extent is durably logged in a
+    /// log that never drops one (it holds the whole volume). Such a clear
+    /// is undone by a crash: the next open sets the whole extent again.
+    #[test]
+    fn only_a_log_that_holds_the_whole_volume_retains_its_extents() {
+        let directory = tempfile::tempdir().unwrap();
+        let log = directory.path().join("volume.cmal");
+        // 64 MiB of 64 KiB regions, 4 MiB extents: 16 extents, 64 regions each.
+        let reopen = |capacity: usize| {
+            let mut bitmap = open_in(directory.path(), 64 * MIB, 64 << 10, 1);
+            bitmap.attach_activity_log(&log, 4 * MIB, capacity).unwrap();
+            bitmap
+        };
+        let bitmap = reopen(16);
+        assert!(bitmap.log_keeps_every_extent());
+        let (inside, beside, elsewhere) = (144, 191, 192);
+        assert_eq!(bitmap.retained_by_log(&[inside, elsewhere]), [false, false], "nothing logged yet");
+        let mut pending = PendingMarks::default();
+        bitmap.mark_write(9 * MIB, 4096, &mut pending);
+        assert_eq!(bitmap.retained_by_log(&[inside]), [false], "marked, not committed: not logged");
+        bitmap.commit(&mut pending).unwrap();
+        assert_eq!(
+            bitmap.retained_by_log(&[inside, beside, elsewhere]),
+            [true, true, false],
+            "the extent 8M..12M is durably logged, 12M.. is not"
+        );
+        // Cleared before the region is durable here, then a crash: the
+        // log sets the region (and its whole extent) dirty again.
+        bitmap.clear(0, inside);
+        drop(bitmap);
+        let bitmap = reopen(16);
+        assert!(bitmap.is_set(0, inside), "a crash after a clear the log retained leaves the region dirty");
+        assert_eq!(bitmap.retained_by_log(&[inside]), [false], "the recovered log starts empty");
+        drop(bitmap);
+        // A log of 15 extents drops some of the volume's 16: it retains none.
+        let bitmap = reopen(15);
+        assert!(!bitmap.log_keeps_every_extent());
+        let clean = 40 * MIB / (64 << 10);
+        assert!(!bitmap.is_set(0, clean));
+        bitmap.mark_write(40 * MIB, 4096, &mut pending);
+        assert!(!pending.is_empty(), "the write's extent must be logged");
+        bitmap.commit(&mut pending).unwrap();
+        assert_eq!(bitmap.retained_by_log(&[clean]), [false], "a log that drops extents retains none");
+        drop(bitmap);
+        // No log: nothing is retained.
+        let bitmap = reopen(0);
+        assert!(!bitmap.log_keeps_every_extent());
+        assert_eq!(bitmap.retained_by_log(&[inside]), [false]);
     }
 
     /// Recovery from the activity log: a clean close leaves nothing to

@@ -99,8 +99,9 @@ pub struct CopyStatus {
     /// all of it while the copy is not connected.
     pub resync_pending_bytes: u64,
     /// Of `dirty_bytes`, regions the copy has been sent that wait for the
-    /// next bitmap clear (a flush on the copy and, at most every 5 s, on
-    /// this host, after the region stayed quiet): not a divergence.
+    /// next bitmap clear (a flush on the copy, after the region stayed
+    /// quiet, and at most every 5 s a sync on this host, unless the
+    /// activity log holds the whole volume): not a divergence.
     pub clearing_bytes: u64,
     /// Bytes the current or last resync pass set out to send.
     pub resync_bytes_total: u64,
@@ -209,6 +210,7 @@ impl Link {
             resync_rate_max: shared.resync_rate_max,
             resync_checksums: shared.resync_checksums,
             local_sync: shared.local_sync.clone(),
+            bitmap: Some(shared.bitmap.clone()),
         });
         let target = Target { address: config.address, moves: 0, stream: None };
         Link {

@@ -62,6 +62,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bitmap::WriteIntentBitmap;
 use crate::buffer::SharedBytes;
 use crate::protocol::auth::{StoreToken, STORE_TOKEN_UNKNOWN};
 use crate::protocol::frame::{FrameFlags, FrameKind};
@@ -182,6 +183,11 @@ pub(crate) struct CoreConfig {
     pub(crate) local_sync_interval_ms: u64,
     /// The volume's background syncs, shared by every link.
     pub(crate) local_sync: Arc<LocalSync>,
+    /// The write-intent bitmap, asked which regions its activity log keeps
+    /// until a clean close: their bits clear without a local sync
+    /// ([`WriteIntentBitmap::retained_by_log`]). `None`: every bit waits
+    /// for one (the core's unit tests of that rule).
+    pub(crate) bitmap: Option<Arc<WriteIntentBitmap>>,
     /// Resync bytes per second; 0 means unlimited.
     pub(crate) resync_rate_max: u64,
     /// Resync by checksum first (a ChecksumRequest per dirty range).
@@ -913,9 +919,10 @@ impl<H, V> LinkCore<H, V> {
     /// durable on the production host either: this Flush's candidates (the
     /// previous snapshot's regions) clear at its acknowledgement only if a
     /// local sync that started after that snapshot has completed by then.
-    /// When the Flush may clear bits (a candidate is not in the snapshot,
-    /// or an earlier snapshot Flush is still out and the candidates are not
-    /// known yet) and no such sync has started, one is asked for, at most
+    /// When the Flush may clear bits that need one (a candidate is not in
+    /// the snapshot and the activity log does not keep it, or an earlier
+    /// snapshot Flush is still out and the candidates are not known yet)
+    /// and no such sync has started, one is asked for, at most
     /// once per `local_sync_interval`; it runs on the syncer's thread while
     /// frames keep going out. Candidates no sync covers in time wait for a
     /// later Flush.
@@ -933,9 +940,16 @@ impl<H, V> LinkCore<H, V> {
             .iter()
             .chain(self.unacked.iter().map(|unacked| &unacked.frame))
             .any(|frame| frame.snapshot.is_some());
+        // A candidate the activity log keeps clears without a sync.
         let might_clear = earlier_out || {
             let recent: HashSet<u64> = regions.iter().copied().collect();
-            self.clear_candidates.iter().any(|(region, _)| !recent.contains(region))
+            let quiet: Vec<u64> = self
+                .clear_candidates
+                .iter()
+                .map(|&(region, _)| region)
+                .filter(|region| !recent.contains(region))
+                .collect();
+            self.retained_by_log(&quiet).contains(&false)
         };
         let sync_allowed = self
             .last_local_sync_ms
@@ -1768,12 +1782,22 @@ impl<H, V> LinkCore<H, V> {
         Ok(self.unacked.remove(position).expect("position exists"))
     }
 
+    /// Of `regions`, those the activity log keeps until a clean close.
+    fn retained_by_log(&self, regions: &[u64]) -> Vec<bool> {
+        match &self.config.bitmap {
+            Some(bitmap) if !regions.is_empty() => bitmap.retained_by_log(regions),
+            _ => vec![false; regions.len()],
+        }
+    }
+
     /// The clearing rule (invariant 6) at a Flush's acknowledgement: which
     /// candidates clear now. Every change to a candidate was shipped before
     /// the previous Flush, which the copy has acknowledged. A candidate
     /// touched since (this snapshot, `touched`), with a write in flight or
     /// waiting for a resync pass stops being one; the others are cleared if
-    /// a local sync that started after their snapshot has completed, or stay
+    /// a local sync that started after their snapshot has completed, or if
+    /// the activity log keeps their extents until a clean close (a volume
+    /// that fits in the log: `WriteIntentBitmap::retained_by_log`), or stay
     /// candidates for the next one. This snapshot's regions are the next
     /// candidates.
     fn clear_after_flush(&mut self, snapshot: Snapshot, in_flight: &mut dyn FnMut(u64) -> bool) -> Vec<u64> {
@@ -1798,6 +1822,22 @@ impl<H, V> LinkCore<H, V> {
                     quiet.push((region, candidate_mark));
                 }
             }
+        }
+        // Not yet durable here, but kept by the activity log until a clean
+        // close (which syncs the volume first): a crash before then sets
+        // them dirty again, so they clear now too.
+        if !quiet.is_empty() {
+            let waiting: Vec<u64> = quiet.iter().map(|&(region, _)| region).collect();
+            let retained = self.retained_by_log(&waiting);
+            let mut index = 0;
+            quiet.retain(|&(region, _)| {
+                let kept = retained[index];
+                index += 1;
+                if kept {
+                    cleared.push(region);
+                }
+                !kept
+            });
         }
         self.clear_candidates = regions.into_iter().map(|region| (region, mark)).collect();
         self.clear_candidates.extend(quiet);

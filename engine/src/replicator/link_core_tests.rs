@@ -28,6 +28,7 @@ fn core(mode: MirrorMode, lag_bytes_max: u64) -> TestCore {
         volume_bytes: REGIONS * REGION,
         local_sync_interval_ms: 0,
         local_sync: Arc::new(LocalSync::immediate()),
+        bitmap: None,
         resync_rate_max: 0,
         resync_checksums: false,
     })
@@ -609,6 +610,45 @@ fn a_bit_clears_only_once_a_local_sync_started_after_its_snapshot_completed() {
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 6, &mut nothing_in_flight()), vec![Command::ClearBits(vec![2])]);
 }
 
+/// Invariant 6 in the activity log's form: a candidate whose extent the
+/// log keeps until a clean close (the log holds the whole volume, and the
+/// extent is durably logged) clears at the acknowledgement without a local
+/// sync, and asks for none; one whose extent is not logged still waits for
+/// a sync that started after its snapshot.
+#[test]
+fn a_bit_the_activity_log_retains_clears_without_a_local_sync() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut bitmap =
+        WriteIntentBitmap::open_or_create(&directory.path().join("volume.cmbitmap"), REGIONS * REGION, REGION, 1)
+            .unwrap();
+    // Extents of two regions, eight of them: the log holds the whole volume.
+    bitmap.attach_activity_log(&directory.path().join("volume.cmal"), 2 * REGION, 8).unwrap();
+    let mut pending = crate::bitmap::PendingMarks::default();
+    bitmap.mark_write(2 * REGION + 4096, 4096, &mut pending);
+    bitmap.commit(&mut pending).unwrap();
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    let local = Arc::new(LocalSync::new());
+    core.config.local_sync = local.clone();
+    core.config.bitmap = Some(Arc::new(bitmap));
+    write_acked(&mut core, 2, 7, 2);
+    assert_eq!(core.poll_send(CLEAN_MS), send(vec![flush_frame(3, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
+    // Region 2 (extent 1, logged) is the only candidate: no sync is needed.
+    assert_eq!(core.poll_send(2 * CLEAN_MS), send(vec![flush_frame(4, FrameFlags::NONE)]));
+    assert_eq!(local.start_requested(), None, "a retained candidate asks for no local sync");
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 4, &mut nothing_in_flight()), vec![Command::ClearBits(vec![2])]);
+    // Region 6 (extent 3) was never logged: its bit waits for a sync.
+    write_acked_at(&mut core, 6, 8, 5, 2 * CLEAN_MS);
+    assert_eq!(core.poll_send(3 * CLEAN_MS), send(vec![flush_frame(6, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 6, &mut nothing_in_flight()), vec![]);
+    assert_eq!(core.poll_send(4 * CLEAN_MS), send(vec![flush_frame(7, FrameFlags::NONE)]));
+    let covering = local.start_requested().expect("a candidate the log does not keep asks for a sync");
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 7, &mut nothing_in_flight()), vec![], "the sync still runs");
+    local.complete(covering);
+    assert_eq!(core.poll_send(5 * CLEAN_MS), send(vec![flush_frame(8, FrameFlags::NONE)]));
+    assert_eq!(ack(&mut core, FrameKind::FlushAck, 8, &mut nothing_in_flight()), vec![Command::ClearBits(vec![6])]);
+}
+
 /// Invariant 2: a pass's closing Flush acknowledged while regions wait for
 /// resync (a repair whose marks could not be made durable came in after it
 /// went out) does not record the copy current; another pass sends them.
@@ -642,6 +682,7 @@ fn every_resync_pass_keeps_to_the_rate() {
         volume_bytes: REGIONS * REGION,
         local_sync_interval_ms: 0,
         local_sync: Arc::new(LocalSync::immediate()),
+        bitmap: None,
         resync_rate_max: REGION, // one region per second
         resync_checksums: false,
     });
@@ -919,6 +960,7 @@ fn a_large_region_goes_in_parts_and_a_missed_change_restarts_it() {
         volume_bytes: 4 * region,
         local_sync_interval_ms: 0,
         local_sync: Arc::new(LocalSync::immediate()),
+        bitmap: None,
         resync_rate_max: 0,
         resync_checksums: false,
     });
@@ -997,6 +1039,7 @@ fn application_during_resync(regions: u64, seconds: u64) -> (f64, f64) {
         volume_bytes: 1024 * REGION_BYTES,
         local_sync_interval_ms: 0,
         local_sync: Arc::new(LocalSync::immediate()),
+        bitmap: None,
         resync_rate_max: 0,
         resync_checksums: false,
     });

@@ -992,6 +992,17 @@ impl Replicator {
         for thread in std::mem::take(&mut *self.threads.lock().unwrap_or_else(PoisonError::into_inner)) {
             let _ = thread.join();
         }
+        // A clean close empties the activity log, and bits of regions the
+        // log kept may have cleared before those regions were durable here
+        // (`WriteIntentBitmap::retained_by_log`): the volume is made durable
+        // first, or the log is left for the next start to recover from.
+        if self.shared.bitmap.log_keeps_every_extent() {
+            if let Err(error) = self.shared.volume.sync_all() {
+                self.shared.fail_local_store(&format!("the fsync of the local store at stop failed ({error})"));
+                tracing::warn!(%error, "the bitmap is left open: the next start recovers from the activity log");
+                return;
+            }
+        }
         if let Err(error) = self.shared.bitmap.close_clean() {
             tracing::warn!(%error, "could not write the bitmap out on shutdown; the next start resyncs a little more");
         }
