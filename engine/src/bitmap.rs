@@ -722,7 +722,12 @@ impl WriteIntentBitmap {
         };
         let extent_regions = (log.extent_bytes() >> self.region_shift).max(1);
         let volume_extents = self.geometry.volume_size.div_ceil(log.extent_bytes());
-        log.retained(regions.iter().map(|region| region / extent_regions), volume_extents)
+        // A few thousand at a time: writers take the log's lock to mark.
+        let mut retained = Vec::with_capacity(regions.len());
+        for part in regions.chunks(4096) {
+            retained.extend(log.retained(part.iter().map(|region| region / extent_regions), volume_extents));
+        }
+        retained
     }
 
     /// Whether an activity log that never drops an extent is attached: bits

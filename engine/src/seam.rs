@@ -94,6 +94,18 @@ impl Changes {
         Changes { gate: Some(gate), ..self }
     }
 
+    /// A sync of the whole store failed with `errno` (the server's final
+    /// one at shutdown): acknowledged writes may be lost, so a mirrored
+    /// store is failed for good, as at a client's failed flush, and the
+    /// replicator's stop keeps its activity log (see
+    /// [`Replicator::local_flush_failed`]). The kernel reports a writeback
+    /// error to one fsync only: a later one would succeed.
+    pub fn store_sync_failed(&self, errno: i32) {
+        if let Some(mirror) = &self.mirror {
+            mirror.local_flush_failed(errno);
+        }
+    }
+
     /// A seam for one connection (each has its own answer queue).
     pub fn seam<T>(&self) -> std::io::Result<ChangeSeam<T>> {
         let mut seam = ChangeSeam::new(self.mirror.clone())?;

@@ -165,11 +165,10 @@ impl Server {
         for thread in threads {
             let _ = thread.join();
         }
-        self.export.volume.sync_all().map_err(|source| NbdError::Io {
-            peer: "volume".into(),
-            action: "final sync",
-            source,
-        })?;
+        if let Err(source) = self.export.volume.sync_all() {
+            self.export.changes.store_sync_failed(source.raw_os_error().unwrap_or(libc::EIO));
+            return Err(NbdError::Io { peer: "volume".into(), action: "final sync", source });
+        }
         tracing::info!("volume synced; server stopped");
         Ok(())
     }

@@ -1139,12 +1139,13 @@ print(count, slowest)
 /// it must make the volume durable first, or a power cut right after the
 /// stop would keep the clear bit and lose the write here while the copy
 /// holds it. A kill keeps the page cache, so this test reads the order of
-/// the production host's system calls at a SIGTERM (strace): an fsync of
-/// the volume comes after its last write and before the log's last write
-/// (the empty transaction). Two syncs give that order: the NBD server's
-/// final one, and the replicator's own before it empties the log, which
-/// is what holds when the server's failed (the log is then kept). Seen
-/// failing with both taken out; either alone passes.
+/// the production host's system calls at a SIGTERM (strace, attached
+/// once the writes are done): a completed fsync of the volume comes before
+/// the log's last write (the empty transaction). Two syncs give that
+/// order: the NBD server's final one, and the replicator's own before it
+/// empties the log. Seen failing with both taken out; either alone passes.
+/// (When a sync fails the store is failed and the log kept; no test here
+/// can make the kernel's writeback fail: no device-mapper.)
 #[test]
 fn a_clean_stop_makes_the_volume_durable_before_it_empties_the_activity_log() {
     if !tools() || !require_tool("strace") || !require_tool("qemu-io") {

@@ -20,14 +20,25 @@
 //! close sets it dirty again from the log, and the close syncs the volume
 //! before it empties the log (`Replicator::stop`). On a 1 GiB volume under
 //! 4k random writes the 5 s syncs, each writing back seconds of scattered
-//! pages, held writers for up to 0.2–0.3 s (benches/RESULTS.md, twelfth
+//! pages, held writers for 0.2–0.3 s (benches/RESULTS.md, twelfth
 //! session).
+//!
+//! Where no sync runs for long, the thread still asks the kernel every
+//! [`CHECK_INTERVAL`] whether its own writeback of the volume failed
+//! (`Volume::check_writeback`, which writes nothing back), so a lost write
+//! fails the store as soon as a sync would have said so.
 //!
 //! A failed fsync fails the local store for good ([`Shared::fail_local_store`]):
 //! the kernel may have dropped the pages it could not write, and a later
 //! fsync would not say so.
 
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How often an idle syncing thread checks the volume's writeback error:
+/// as often as the clearing rule's syncs at most run
+/// (`link::LOCAL_SYNC_INTERVAL_DEFAULT`).
+pub(crate) const CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The syncs asked for, started and completed; see the module docs.
 #[derive(Debug)]
@@ -120,12 +131,36 @@ impl LocalSync {
     }
 
     /// The syncing thread: carry out each request with `sync` until
-    /// [`LocalSync::stop`]. A failed sync is handed to `failed` and ends it.
-    pub(crate) fn run(&self, sync: impl Fn() -> std::io::Result<()>, failed: impl FnOnce(std::io::Error)) {
+    /// [`LocalSync::stop`], and after every `check_interval` with no sync
+    /// call `check` (the volume's writeback error, which no sync may ask
+    /// about for long where bits clear without one). A failed sync or check
+    /// is handed to `failed` and ends it.
+    pub(crate) fn run(
+        &self,
+        sync: impl Fn() -> std::io::Result<()>,
+        check: impl Fn() -> std::io::Result<()>,
+        check_interval: Duration,
+        failed: impl FnOnce(std::io::Error),
+    ) {
         let mut state = self.lock();
         loop {
+            let mut idle_since = Instant::now();
             while !state.requested && !state.stopping {
-                state = self.wake.wait(state).unwrap_or_else(PoisonError::into_inner);
+                let left = check_interval.saturating_sub(idle_since.elapsed());
+                if left.is_zero() {
+                    drop(state);
+                    let result = check();
+                    state = self.lock();
+                    if let Err(error) = result {
+                        state.failed = true;
+                        drop(state);
+                        failed(error);
+                        return;
+                    }
+                    idle_since = Instant::now();
+                    continue;
+                }
+                state = self.wake.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
             }
             if state.stopping {
                 return;
@@ -180,6 +215,8 @@ mod tests {
                         *go = false;
                         Ok(())
                     },
+                    || Ok(()),
+                    CHECK_INTERVAL,
                     |_| panic!("no sync fails here"),
                 )
             })
@@ -225,9 +262,50 @@ mod tests {
         let mark = local.started();
         assert!(local.request_after(mark));
         let mut reported = None;
-        local.run(|| Err(std::io::Error::from_raw_os_error(libc::EIO)), |error| reported = Some(error));
+        local.run(
+            || Err(std::io::Error::from_raw_os_error(libc::EIO)),
+            || Ok(()),
+            CHECK_INTERVAL,
+            |error| reported = Some(error),
+        );
         assert_eq!(reported.and_then(|error| error.raw_os_error()), Some(libc::EIO));
         assert!(!local.completed_after(mark));
+        assert!(!local.request_after(local.started()), "no sync is asked for after a failure");
+    }
+
+    /// With no sync asked for, the thread still checks the volume's
+    /// writeback error every interval; a failed check fails like a sync.
+    #[test]
+    fn an_idle_syncer_checks_for_writeback_errors_and_a_failed_check_ends_it() {
+        let local = Arc::new(LocalSync::new());
+        let checks = Arc::new(AtomicU32::new(0));
+        let started = std::time::Instant::now();
+        let thread = {
+            let (local, checks) = (local.clone(), checks.clone());
+            std::thread::spawn(move || {
+                let mut reported = None;
+                local.run(
+                    || panic!("no sync is asked for"),
+                    || match checks.fetch_add(1, Ordering::SeqCst) {
+                        0..=2 => Ok(()),
+                        _ => Err(std::io::Error::from_raw_os_error(libc::ENOSPC)),
+                    },
+                    Duration::from_millis(20),
+                    |error| reported = Some(error),
+                );
+                reported
+            })
+        };
+        // Stopped after a second at the latest: a syncer that never checks
+        // (or ignores a failed check) returns then with nothing reported.
+        while !thread.is_finished() && started.elapsed() < Duration::from_secs(1) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        local.stop();
+        let reported = thread.join().unwrap();
+        assert_eq!(reported.and_then(|error| error.raw_os_error()), Some(libc::ENOSPC));
+        assert_eq!(checks.load(Ordering::SeqCst), 4, "three checks passed, the fourth failed");
+        assert!(started.elapsed() >= Duration::from_millis(80), "checked before each interval passed");
         assert!(!local.request_after(local.started()), "no sync is asked for after a failure");
     }
 }

@@ -745,8 +745,12 @@ impl Replicator {
             .spawn(move || {
                 syncing.local_sync.run(
                     || syncing.volume.sync_all(),
+                    || syncing.volume.check_writeback(),
+                    crate::replicator::local_sync::CHECK_INTERVAL,
                     |error| {
-                        syncing.fail_local_store(&format!("a background fsync of the local store failed ({error})"))
+                        syncing.fail_local_store(&format!(
+                            "a background fsync or writeback of the local store failed ({error})"
+                        ))
                     },
                 )
             })
@@ -995,13 +999,19 @@ impl Replicator {
         // A clean close empties the activity log, and bits of regions the
         // log kept may have cleared before those regions were durable here
         // (`WriteIntentBitmap::retained_by_log`): the volume is made durable
-        // first, or the log is left for the next start to recover from.
+        // first. A store that failed a sync (this one, the NBD server's
+        // final one, a client's flush: the kernel reports a writeback error
+        // to one fsync only) may have lost writes whose bits cleared: its
+        // bitmap stays open and its log kept, and the store is recorded
+        // failed (a restart refuses it; `--new-store` resyncs every copy).
         if self.shared.bitmap.log_keeps_every_extent() {
             if let Err(error) = self.shared.volume.sync_all() {
                 self.shared.fail_local_store(&format!("the fsync of the local store at stop failed ({error})"));
-                tracing::warn!(%error, "the bitmap is left open: the next start recovers from the activity log");
-                return;
             }
+        }
+        if let Some(why) = self.shared.local_failure() {
+            tracing::warn!("the bitmap is left open and the activity log kept: {why}");
+            return;
         }
         if let Err(error) = self.shared.bitmap.close_clean() {
             tracing::warn!(%error, "could not write the bitmap out on shutdown; the next start resyncs a little more");
