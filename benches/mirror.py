@@ -17,13 +17,14 @@ Environment: ROUNDS [3], RUNTIME [8] seconds per fio run, CONFIGS
 ["none sync1 async1 sync2"; also sync1d and async1d, copies with --direct], WORKLOADS [the four NBD workloads], CM_BIN
 [target/release/crossmirror; built unless given], SCRATCH [/var/tmp], OUT
 [also write the report here], REGION [serve's default] bitmap region size,
-CACHE [warm]: `cold` writes back and drops the page cache (needs root) once each
-configuration is up, before its fio runs. Why it matters: on kernels that cache
-files in large folios (6.18 here), the 1 MiB writes that fill the volume leave
-folios of up to 2 MiB, and a 4 KiB buffered write into one costs ext4 tens of
-microseconds under the inode lock (benches/RESULTS.md, twelfth session); after
-a drop, random 4 KiB writes bring pages back as 4 KiB folios. Compare ratios
-measured with the same CACHE only.
+CACHE [warm]: `cold` writes back and drops from the page cache the volume and
+the copies' stores (fdatasync + POSIX_FADV_DONTNEED, as benches/qemu-mirror.py
+does) once each configuration is up, before its fio runs. Why it matters: on
+kernels that cache files in large folios (6.18 here), the 1 MiB writes that
+fill the volume leave folios of up to 2 MiB, and a 4 KiB buffered write into
+one costs ext4 tens of microseconds under the inode lock (benches/RESULTS.md,
+fifth and twelfth sessions); after a drop, random 4 KiB writes bring pages
+back as 4 KiB folios. Compare ratios measured with the same CACHE only.
 Needs iperf3 (apt-get install iperf3) besides fio. The production volume is
 shared by the configurations and the copies are not compared: correctness is
 the tests' job, this only measures.
@@ -120,12 +121,14 @@ class Setup:
         self.scratch, self.config, self.binary, self.secret = scratch, config, binary, secret
         self.processes = []
         self.volume = os.path.join(scratch, "production.img")
+        self.stores = []
 
     def start(self, wait=True):
         mirrors = []
         for name, ip, options in COPIES[self.config]:
             port = free_port(ip)
             store = os.path.join(self.scratch, f"{self.config}-{name}.img")
+            self.stores.append(store)
             args = [self.binary, "copy-host", "--volume", store, "--size", "1G", "--listen", f"{ip}:{port}",
                     "--secret-file", self.secret]
             if ",direct" in options:
@@ -296,15 +299,15 @@ def spawn_logged(scratch, processes, args, label):
     return process
 
 
-def drop_page_cache():
-    """Write back every dirty page, then drop the clean ones (and the
-    dentries and inodes): the volume and the copies' stores start uncached."""
-    subprocess.run(["sync"], check=True)
+def drop_cached(path):
+    """Write back the file's dirty pages and drop its page cache, so that each workload starts from the
+    same state: the data on disk, none of it cached."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-    except PermissionError:
-        sys.exit("CACHE=cold needs root (it writes /proc/sys/vm/drop_caches)")
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def emit(report):
@@ -332,7 +335,8 @@ def main():
                 try:
                     setup.start()
                     if CACHE == "cold":
-                        drop_page_cache()
+                        for path in [setup.volume] + setup.stores:
+                            drop_cached(path)
                     for workload in WORKLOADS:
                         iops, mbs = fio(setup.port, workload)
                         results.setdefault((config, workload), []).append((iops, mbs))

@@ -431,17 +431,6 @@ def loopback_rtt_us(samples=20000, warmup=2000):
         server.wait()
 
 
-def drop_cached(path):
-    """Write back the volume's dirty pages and drop its page cache, so that each workload starts from the
-    same state: the data on disk, none of it cached."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def fio_json(args):
     output = subprocess.run(["fio"] + args + ["--output-format=json"], capture_output=True, text=True,
                             check=True).stdout
@@ -531,7 +520,7 @@ def measure(scratch, binary, commit):
                         setup.settle()
                 for workload in WORKLOADS:
                     if COLD:
-                        drop_cached(volume)
+                        mirror.drop_cached(volume)
                     if workload in QD1_AREAS:
                         iops, p50, p99 = fio_qd1(setup.uri, QD1_AREAS[workload])
                         results.setdefault((config, workload), []).append(p50)
