@@ -891,6 +891,24 @@ mod tests {
         assert_eq!(logged(&path), vec![1], "nothing was written");
     }
 
+    /// What the log retains until it is cleared: durably logged extents of
+    /// a log that holds the whole volume, and nothing once a write of it
+    /// failed (its content on disk is unknown).
+    #[test]
+    fn a_log_retains_its_durable_extents_until_a_write_of_it_fails() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("v.cmal");
+        let mut log = ActivityLog::create(&path, 1 << 20, 4, 0).unwrap();
+        log.commit([1], ok).unwrap();
+        assert_eq!(log.retained([1, 2], 4), [true, false], "extent 1 is logged, 2 is not");
+        assert_eq!(log.retained([1], 5), [false], "a volume of 5 extents: the log may drop them");
+        // The file can no longer be written: the next transaction fails,
+        // and the log with it.
+        log.file = File::open(&path).unwrap();
+        assert!(matches!(log.commit([2], ok), Err(CommitError::Io(_))));
+        assert_eq!(log.retained([1], 4), [false], "a failed log retains nothing");
+    }
+
     /// Writers asking at once share transactions: many threads each
     /// committing new extents write far fewer transactions than commits,
     /// and every extent asked for ends up logged (the log is large enough).
