@@ -559,17 +559,36 @@ impl Volume {
     pub fn sync_all(&self) -> io::Result<()> {
         self.file.sync_all()
     }
+}
 
-    /// Whether the kernel's own writeback of this volume failed since the
-    /// last sync or check that said so, without writing anything back:
+/// A watch on a volume's writeback errors through a file of its own.
+///
+/// The kernel reports a writeback error once to each open file (errseq), to
+/// whichever sync or check asks first: a check through the volume's own file
+/// could take the error from a client's FLUSH, which would then succeed.
+/// This file was opened when the watch began, so it sees every error after
+/// that, and takes none from the volume's.
+#[derive(Debug)]
+pub struct WritebackWatch {
+    file: File,
+}
+
+impl WritebackWatch {
+    /// Watch `volume` (its path, opened again read-only).
+    pub fn open(volume: &Volume) -> io::Result<WritebackWatch> {
+        Ok(WritebackWatch { file: File::open(volume.path())? })
+    }
+
+    /// Whether the kernel's writeback of the volume failed since the watch
+    /// began or last said so, without writing anything back:
     /// `sync_file_range(SYNC_FILE_RANGE_WAIT_BEFORE)` over the whole file
     /// only waits for writeback already under way and reports the file's
-    /// writeback error (errseq, as fsync does, once per open file). A file
-    /// system that cannot say (EINVAL, ENOSYS, EOPNOTSUPP) counts as no error:
-    /// its syncs still report one.
-    pub fn check_writeback(&self) -> io::Result<()> {
+    /// writeback error, as fsync does. A file system that cannot say
+    /// (EINVAL, ENOSYS, EOPNOTSUPP) counts as no error: its syncs still
+    /// report one.
+    pub fn check(&self) -> io::Result<()> {
         // SAFETY: sync_file_range on our own open descriptor; no memory is passed.
-        let result = unsafe { libc::sync_file_range(self.fd(), 0, 0, libc::SYNC_FILE_RANGE_WAIT_BEFORE) };
+        let result = unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WAIT_BEFORE) };
         if result == 0 {
             return Ok(());
         }
@@ -747,11 +766,12 @@ mod tests {
     fn a_healthy_volume_reports_no_writeback_error() {
         for directory in [disk_directory(), tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm")] {
             let (volume, _) = buffered(&directory, "volume.img", MIB);
-            volume.check_writeback().expect("no error on a new volume");
+            let watch = WritebackWatch::open(&volume).unwrap();
+            watch.check().expect("no error on a new volume");
             assert_eq!(volume.write_now(&[7u8; 4096], 4096), 4096);
-            volume.check_writeback().expect("dirty pages are no error");
+            watch.check().expect("dirty pages are no error");
             volume.sync_all().unwrap();
-            volume.check_writeback().expect("nor written ones");
+            watch.check().expect("nor written ones");
         }
     }
 

@@ -25,7 +25,7 @@
 //!
 //! Where no sync runs for long, the thread still asks the kernel every
 //! [`CHECK_INTERVAL`] whether its own writeback of the volume failed
-//! (`Volume::check_writeback`, which writes nothing back), so a lost write
+//! (`WritebackWatch::check`, which writes nothing back), so a lost write
 //! fails the store as soon as a sync would have said so.
 //!
 //! A failed fsync fails the local store for good ([`Shared::fail_local_store`]):

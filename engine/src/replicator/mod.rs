@@ -626,6 +626,15 @@ pub enum StartError {
         /// The bitmap's slots.
         slots: u32,
     },
+    /// The volume could not be opened again to watch its writeback errors.
+    #[error("cannot open the volume {} again to watch its writeback errors: {source}", path.display())]
+    WatchVolume {
+        /// The volume.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A link thread could not be started.
     #[error("cannot start the link thread of copy {copy}: {source}")]
     Thread {
@@ -740,12 +749,16 @@ impl Replicator {
             .collect();
         let mut threads = Vec::new();
         let syncing = shared.clone();
+        // Its own file: a check through the volume's could take a
+        // writeback error from a client's FLUSH (see `WritebackWatch`).
+        let watch = crate::volume::WritebackWatch::open(&shared.volume)
+            .map_err(|source| StartError::WatchVolume { path: shared.volume.path().to_path_buf(), source })?;
         let thread = std::thread::Builder::new()
             .name("local-sync".to_string())
             .spawn(move || {
                 syncing.local_sync.run(
                     || syncing.volume.sync_all(),
-                    || syncing.volume.check_writeback(),
+                    || watch.check(),
                     crate::replicator::local_sync::CHECK_INTERVAL,
                     |error| {
                         syncing.fail_local_store(&format!(
