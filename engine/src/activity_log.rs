@@ -404,16 +404,11 @@ impl ActivityLog {
         })
     }
 
-    /// Of `extents`, those that stay in the durable log until it is
-    /// cleared (a clean close): each is durably listed, no write of the log
-    /// failed, and the log never drops an extent, since it holds
-    /// `volume_extents`, every extent of the volume. A crash before the
-    /// clear sets every region of such an extent dirty again at the next
-    /// open. Order kept.
-    pub fn retained(&self, extents: impl IntoIterator<Item = u64>, volume_extents: u64) -> Vec<bool> {
-        let keeps_all = volume_extents <= self.capacity as u64;
+    /// Of `extents`, those durably listed in a log no write of which
+    /// failed: kept until the log drops them or is cleared. Order kept.
+    pub fn retained(&self, extents: impl IntoIterator<Item = u64>) -> Vec<bool> {
         let state = self.lock();
-        let trusted = keeps_all && state.failed.is_none();
+        let trusted = state.failed.is_none();
         extents
             .into_iter()
             .map(|extent| trusted && state.extents.get(&extent).is_some_and(|entry| entry.transaction <= state.durable))
@@ -891,22 +886,20 @@ mod tests {
         assert_eq!(logged(&path), vec![1], "nothing was written");
     }
 
-    /// What the log retains until it is cleared: durably logged extents of
-    /// a log that holds the whole volume, and nothing once a write of it
-    /// failed (its content on disk is unknown).
+    /// What the log retains: durably logged extents, and nothing once a
+    /// write of it failed (its content on disk is unknown).
     #[test]
     fn a_log_retains_its_durable_extents_until_a_write_of_it_fails() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("v.cmal");
         let mut log = ActivityLog::create(&path, 1 << 20, 4, 0).unwrap();
         log.commit([1], ok).unwrap();
-        assert_eq!(log.retained([1, 2], 4), [true, false], "extent 1 is logged, 2 is not");
-        assert_eq!(log.retained([1], 5), [false], "a volume of 5 extents: the log may drop them");
+        assert_eq!(log.retained([1, 2]), [true, false], "extent 1 is logged, 2 is not");
         // The file can no longer be written: the next transaction fails,
         // and the log with it.
         log.file = File::open(&path).unwrap();
         assert!(matches!(log.commit([2], ok), Err(CommitError::Io(_))));
-        assert_eq!(log.retained([1], 4), [false], "a failed log retains nothing");
+        assert_eq!(log.retained([1]), [false], "a failed log retains nothing");
     }
 
     /// Writers asking at once share transactions: many threads each

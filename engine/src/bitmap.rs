@@ -717,15 +717,14 @@ impl WriteIntentBitmap {
     /// drops extents, and from then on only the bitmap remembers them).
     /// Order kept.
     pub fn retained_by_log(&self, regions: &[u64]) -> Vec<bool> {
-        let Some(log) = &self.activity_log else {
+        let Some(log) = self.activity_log.as_ref().filter(|_| self.log_keeps_every_extent()) else {
             return vec![false; regions.len()];
         };
         let extent_regions = (log.extent_bytes() >> self.region_shift).max(1);
-        let volume_extents = self.geometry.volume_size.div_ceil(log.extent_bytes());
         // A few thousand at a time: writers take the log's lock to mark.
         let mut retained = Vec::with_capacity(regions.len());
         for part in regions.chunks(4096) {
-            retained.extend(log.retained(part.iter().map(|region| region / extent_regions), volume_extents));
+            retained.extend(log.retained(part.iter().map(|region| region / extent_regions)));
         }
         retained
     }
@@ -1296,6 +1295,15 @@ mod tests {
         WriteIntentBitmap::open_or_create(&directory.join("volume.cmbitmap"), volume_size, region_bytes, slots).unwrap()
     }
 
+    /// A 64 MiB bitmap of 64 KiB regions with `slots` in `directory`, and
+    /// an activity log of `capacity` 4 MiB extents (the volume has 16):
+    /// what attaching it recovered.
+    fn open_with_log(directory: &Path, slots: u32, capacity: usize) -> (WriteIntentBitmap, LogRecovery) {
+        let mut bitmap = open_in(directory, 64 * MIB, 64 << 10, slots);
+        let recovery = bitmap.attach_activity_log(&directory.join("volume.cmal"), 4 * MIB, capacity).unwrap();
+        (bitmap, recovery)
+    }
+
     /// A new bitmap is clear and has the geometry asked for and the expected file size.
     #[test]
     fn new_bitmap_is_clear() {
@@ -1613,13 +1621,8 @@ mod tests {
     #[test]
     fn only_a_log_that_holds_the_whole_volume_retains_its_extents() {
         let directory = tempfile::tempdir().unwrap();
-        let log = directory.path().join("volume.cmal");
         // 64 MiB of 64 KiB regions, 4 MiB extents: 16 extents, 64 regions each.
-        let reopen = |capacity: usize| {
-            let mut bitmap = open_in(directory.path(), 64 * MIB, 64 << 10, 1);
-            bitmap.attach_activity_log(&log, 4 * MIB, capacity).unwrap();
-            bitmap
-        };
+        let reopen = |capacity: usize| open_with_log(directory.path(), 1, capacity).0;
         let bitmap = reopen(16);
         assert!(bitmap.log_keeps_every_extent());
         let (inside, beside, elsewhere) = (144, 191, 192);
@@ -1665,11 +1668,7 @@ mod tests {
     fn attaching_the_activity_log_recovers_what_it_covers() {
         let directory = tempfile::tempdir().unwrap();
         let log = directory.path().join("volume.cmal");
-        let reopen = |capacity: usize| {
-            let mut bitmap = open_in(directory.path(), 64 * MIB, 64 << 10, 2);
-            let recovery = bitmap.attach_activity_log(&log, 4 * MIB, capacity).unwrap();
-            (bitmap, recovery)
-        };
+        let reopen = |capacity: usize| open_with_log(directory.path(), 2, capacity);
         let (bitmap, recovery) = reopen(16);
         assert_eq!(recovery, LogRecovery::Missing, "a new bitmap with no log");
         let mut pending = PendingMarks::default();

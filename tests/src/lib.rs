@@ -317,9 +317,7 @@ impl LoopDevice {
             run("losetup", &["--find", "--show", direct_flag, file.to_str().expect("utf-8 path")]).trim().to_string();
         LoopDevice { path }
     }
-}
 
-impl LoopDevice {
     /// Detach, and wait (bounded) until nothing is attached to `backing`,
     /// so that the file is no longer busy (a FUSE file can then be unmounted).
     pub fn detach_from(self, backing: &Path) {
@@ -458,6 +456,27 @@ pub(crate) fn remove_orphaned_rules() {
             let _ = Command::new("iptables").args(&args).status();
         }
     }
+}
+
+/// The file descriptors (as strace prints them) that process `pid` holds
+/// open on files whose path `matches` accepts.
+pub fn fds_on(pid: i32, matches: impl Fn(&Path) -> bool) -> Vec<String> {
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("the process is alive").flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        if matches(&target) {
+            fds.push(entry.file_name().to_string_lossy().to_string());
+        }
+    }
+    fds
+}
+
+/// Whether a line of an strace trace is a call of one of `names` on one of
+/// the descriptors `fds` (its first argument).
+pub fn traced_call(line: &str, names: &[&str], fds: &[String]) -> bool {
+    names
+        .iter()
+        .any(|name| fds.iter().any(|fd| [",", ")"].iter().any(|end| line.contains(&format!(" {name}({fd}{end}")))))
 }
 
 /// strace attached to a running process (every thread): stopped (SIGINT,

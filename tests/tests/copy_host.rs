@@ -14,8 +14,8 @@ use engine::protocol::frame::{encode_frame, FrameFlags, FrameKind};
 use engine::protocol::{load_secret, ReplicationErrorKind};
 use engine::replicator::connect::CopyConnection;
 use system_tests::{
-    binary, random_bytes, require_root, require_tool, wait_until, write_secret, CopyHost, FuseMount, LoopDevice,
-    Process, Scratch, SlowFlushServer, Tracer, FLUSH_SECONDS,
+    binary, fds_on, random_bytes, require_root, require_tool, traced_call, wait_until, write_secret, CopyHost,
+    FuseMount, LoopDevice, Process, Scratch, SlowFlushServer, Tracer, FLUSH_SECONDS,
 };
 
 const SIZE: u64 = 8 << 20;
@@ -348,17 +348,10 @@ fn before_images_are_durable_before_the_writes_they_cover_and_share_fdatasyncs()
     let mut connection = connect(&host, new_identity(256 << 20).unwrap());
     begin_pass_on_a_consistent_store(&host, &mut connection);
     // The file descriptors of the store and of the journal (open while the pass runs).
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", host.process.pid())).unwrap();
-    let (mut store_fds, mut journal_fds) = (Vec::new(), Vec::new());
-    for entry in fds.flatten() {
-        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
-        let fd = entry.file_name().to_string_lossy().to_string();
-        if target == std::fs::canonicalize(&host.volume).unwrap() {
-            store_fds.push(fd);
-        } else if target.to_string_lossy().ends_with(engine::dr_image::UNDO_FILE_SUFFIX) {
-            journal_fds.push(fd);
-        }
-    }
+    let store = std::fs::canonicalize(&host.volume).unwrap();
+    let store_fds = fds_on(host.process.pid(), |target| target == store);
+    let journal_fds =
+        fds_on(host.process.pid(), |target| target.to_string_lossy().ends_with(engine::dr_image::UNDO_FILE_SUFFIX));
     assert!(!store_fds.is_empty() && !journal_fds.is_empty(), "store {store_fds:?}, journal {journal_fds:?}");
     // Traced from here: the burst alone, with those descriptors open throughout.
     let trace = host.scratch.join("strace.out");
@@ -373,11 +366,7 @@ fn before_images_are_durable_before_the_writes_they_cover_and_share_fdatasyncs()
     strace.stop();
     assert_burst_stored(&host, WRITES);
     let text = std::fs::read_to_string(&trace).unwrap();
-    let call = |line: &str, names: &[&str], fds: &[String]| {
-        let opens =
-            |name: &&str, fd: &String| [",", ")"].iter().any(|end| line.contains(&format!(" {name}({fd}{end}")));
-        names.iter().any(|name| fds.iter().any(|fd| opens(name, fd)))
-    };
+    let call = traced_call;
     let (mut unsynced, mut store_writes, mut syncs, mut appends) = (false, 0, 0, 0);
     // A sync another thread's call interrupted in the trace: its thread.
     let mut syncing = std::collections::HashSet::new();

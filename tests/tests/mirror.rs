@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 
 use system_tests::mirror::{fio, fio_finish, tools, Mirror, SIZE};
 use system_tests::{
-    binary, free_port, free_port_on, random_bytes, require_root, require_tool, run, wait_until, write_secret, LinkCut,
-    Process, Scratch, Tmpfs, Tracer,
+    binary, fds_on, free_port, free_port_on, random_bytes, require_root, require_tool, run, traced_call, wait_until,
+    write_secret, LinkCut, Process, Scratch, Tmpfs, Tracer,
 };
 
 /// Three-way identity: fio writes and verifies through NBD on a production
@@ -1157,17 +1157,10 @@ fn a_clean_stop_makes_the_volume_durable_before_it_empties_the_activity_log() {
     // The write's bit clears: the copy has it, this host may not yet.
     mirror.wait_up_to_date(Duration::from_secs(30));
     let pid = mirror.production.as_ref().expect("production").pid();
-    let (mut volume_fds, mut log_fds) = (Vec::new(), Vec::new());
     let volume = std::fs::canonicalize(&mirror.volume).unwrap();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
-        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
-        let fd = entry.file_name().to_string_lossy().to_string();
-        if target == volume {
-            volume_fds.push(fd);
-        } else if target.to_string_lossy().ends_with(engine::activity_log::ACTIVITY_LOG_FILE_SUFFIX) {
-            log_fds.push(fd);
-        }
-    }
+    let volume_fds = fds_on(pid, |target| target == volume);
+    let log_fds =
+        fds_on(pid, |target| target.to_string_lossy().ends_with(engine::activity_log::ACTIVITY_LOG_FILE_SUFFIX));
     assert!(!volume_fds.is_empty() && !log_fds.is_empty(), "volume {volume_fds:?}, log {log_fds:?}");
     let trace = mirror.scratch.join("strace.out");
     let mut strace = Tracer::attach(
@@ -1180,11 +1173,7 @@ fn a_clean_stop_makes_the_volume_durable_before_it_empties_the_activity_log() {
     strace.stop();
     assert!(status.success(), "production exited with {status}:\n{}", mirror.logs());
     let text = std::fs::read_to_string(&trace).unwrap();
-    let call = |line: &str, names: &[&str], fds: &[String]| {
-        names
-            .iter()
-            .any(|name| fds.iter().any(|fd| [",", ")"].iter().any(|end| line.contains(&format!(" {name}({fd}{end}")))))
-    };
+    let call = traced_call;
     let writes = ["pwrite64", "pwritev", "pwritev2", "write"];
     let lines: Vec<&str> = text.lines().collect();
     let last_log_write = lines.iter().rposition(|line| call(line, &writes, &log_fds));
