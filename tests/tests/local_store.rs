@@ -1,5 +1,7 @@
 //! The production host's own store and its metadata under failure, against
-//! the real binary: a store whose writeback fails (issue 8, item 5), a full
+//! the real binary: a store whose writeback fails, found by a client's FLUSH
+//! (issue 8, item 5) or by the host's own writeback check when no client
+//! flushes (issue 12, twelfth session's clearing rule), a full
 //! filesystem under the bitmap (item 2), and where a block device's
 //! metadata lives (item 6). Each needs root (tmpfs mounts, loop devices).
 
@@ -131,6 +133,104 @@ for name, call in (("write", lambda: h.pwrite(b"x" * 4096, 0)), ("flush", h.flus
     assert!(status.code().is_some(), "{status}");
     let refused = serve(&scratch, &args).map(|_| ()).expect_err("a failed store is not served again");
     assert!(refused.contains("failed a flush"), "{refused}");
+    drop(copy);
+}
+
+/// A volume the activity log holds whole (here 64 MiB) lets a copy's bits
+/// clear at its FlushAck without an fsync of this host's store (c374aab):
+/// the extents stay in the durable log until a clean stop. What keeps that
+/// honest when the kernel's writeback of the store fails and no client ever
+/// sends a FLUSH is the `local-sync` thread's writeback check on a file of its
+/// own. Here the store is a buffered block device whose writeback fails (a
+/// loop device over a file on a filesystem that fills up), the bits of 8 MiB
+/// of writes clear while the writes are only in the page cache, and then the
+/// kernel writes them back and fails (another process asks it to, as `sync`
+/// or memory pressure would). The check alone must find it: the store is
+/// failed (status, EIO to clients, every copy `diverged`) and the next start
+/// refuses it. Seen failing with the check's result ignored.
+#[test]
+fn a_writeback_failure_that_no_client_flush_sees_still_fails_the_store() {
+    if !(ready() && require_tool("blockdev")) {
+        return;
+    }
+    let scratch = Scratch::new("local-store-writeback");
+    let small = Tmpfs::mount("local-store-writeback", "40m");
+    let backing = small.path.join("backing.img");
+    std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
+    let device = LoopDevice::attach(&backing, false);
+    let secret = write_secret(&scratch, "secret", 3);
+    let copy = CopyHost::start(&scratch, "127.0.0.2", &scratch.join("copy.img"), "64M", &secret, &[]);
+    let metadata_dir = scratch.join("metadata");
+    let mirror = format!("east={}", copy.address);
+    let args = [
+        "--volume",
+        device.path.as_str(),
+        "--secret-file",
+        secret.to_str().unwrap(),
+        "--mirror",
+        &mirror,
+        "--metadata-dir",
+        metadata_dir.to_str().unwrap(),
+    ];
+    let (mut production, admin) = serve(&scratch, &args).unwrap_or_else(|log| panic!("{log}"));
+    let copy_state = |field: &str| status(admin)["copies"][0][field].clone();
+    assert!(wait_until(Duration::from_secs(60), || copy_state("state") == "up_to_date"), "{}", production.log());
+
+    // 8 MiB into the page cache, no FLUSH (libnbd does not flush at close).
+    let script = format!(
+        r#"
+import nbd
+h = nbd.NBD()
+h.connect_uri("{uri}")
+h.pwrite(b"\x5a" * (8 << 20), 0)
+h.shutdown()
+print("written")
+"#,
+        uri = production.uri()
+    );
+    let written = nbdsh_script(&script);
+    assert!(written.contains("written"), "{written}");
+    // The copy flushed them and their bits cleared: no local fsync was
+    // waited for, so right now only the activity log and the check stand
+    // between this and a mirror that claims what the store may lose.
+    let clean = wait_until(Duration::from_secs(30), || copy_state("dirty_bytes").as_u64() == Some(0));
+    assert!(clean, "the bits of the writes clear at the copy's FlushAck: {:#}", status(admin));
+    assert_eq!(status(admin)["local_store"]["state"], "ok", "{:#}", status(admin));
+
+    // The filesystem under the device fills up; the kernel's writeback of
+    // the 8 MiB then fails. blockdev's own flush gets the error (ignored
+    // here): the host must learn of it on its own.
+    let filler = small.path.join("filler");
+    let _ = run_output("dd", &["if=/dev/zero", &format!("of={}", filler.display()), "bs=1M"]);
+    let _ = run_output("blockdev", &["--flushbufs", device.path.as_str()]);
+    let failed = wait_until(Duration::from_secs(20), || status(admin)["local_store"]["state"] == "failed");
+    assert!(failed, "the writeback check finds the lost writes: {:#}\n{}", status(admin), production.log());
+    assert_eq!(copy_state("state"), "diverged", "{:#}", status(admin));
+    assert!(
+        production.log().contains("a background fsync or writeback of the local store failed"),
+        "{}",
+        production.log()
+    );
+    let script = format!(
+        r#"
+import nbd
+h = nbd.NBD()
+h.connect_uri("{uri}")
+try:
+    h.pwrite(b"x" * 4096, 0)
+    print("write succeeded")
+except nbd.Error as error:
+    print("write failed", error)
+"#,
+        uri = production.uri()
+    );
+    let later = nbdsh_script(&script);
+    assert!(later.contains("write failed"), "writes to a failed store get EIO: {later}");
+
+    let status = production.stop_with(libc::SIGTERM);
+    assert!(status.code().is_some(), "{status}");
+    let refused = serve(&scratch, &args).map(|_| ()).expect_err("a failed store is not served again");
+    assert!(refused.contains("failed"), "{refused}");
     drop(copy);
 }
 
