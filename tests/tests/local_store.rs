@@ -38,6 +38,50 @@ fn serve(scratch: &Scratch, args: &[&str]) -> Result<(Process, SocketAddr), Stri
     Process::try_start(scratch, &all, address).map(|process| (process, admin))
 }
 
+/// A production store that can be made to fail its writeback: a buffered
+/// loop device over a 64 MiB file on a 40 MiB tmpfs (fill the tmpfs and the
+/// kernel's writeback of the device fails), mirrored to one copy host, its
+/// metadata in `metadata_dir`. Dropped copy host first, then the device, then
+/// the tmpfs.
+struct FillingStore {
+    copy: CopyHost,
+    device: LoopDevice,
+    small: Tmpfs,
+    metadata_dir: PathBuf,
+    secret: PathBuf,
+    scratch: Scratch,
+}
+
+impl FillingStore {
+    fn new(name: &str) -> FillingStore {
+        let scratch = Scratch::new(name);
+        let small = Tmpfs::mount(name, "40m");
+        let backing = small.path.join("backing.img");
+        std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
+        let device = LoopDevice::attach(&backing, false);
+        let secret = write_secret(&scratch, "secret", 3);
+        let copy = CopyHost::start(&scratch, "127.0.0.2", &scratch.join("copy.img"), "64M", &secret, &[]);
+        let metadata_dir = scratch.join("metadata");
+        FillingStore { copy, device, small, metadata_dir, secret, scratch }
+    }
+
+    /// Serve it (a start refused: the log).
+    fn serve(&self) -> Result<(Process, SocketAddr), String> {
+        let (secret, mirror) = (self.secret.display().to_string(), format!("east={}", self.copy.address));
+        let metadata_dir = self.metadata_dir.display().to_string();
+        let args = ["--volume", &self.device.path, "--secret-file", &secret, "--mirror", &mirror];
+        serve(&self.scratch, &[&args[..], &["--metadata-dir", &metadata_dir]].concat())
+    }
+
+    /// Serve it and wait until the copy is up to date.
+    fn serve_up_to_date(&self) -> (Process, SocketAddr) {
+        let (production, admin) = self.serve().unwrap_or_else(|log| panic!("{log}"));
+        let up_to_date = || status(admin)["copies"][0]["state"] == "up_to_date";
+        assert!(wait_until(Duration::from_secs(60), up_to_date), "{:#}\n{}", status(admin), production.log());
+        (production, admin)
+    }
+}
+
 /// Item 5: the production store is a buffered block device whose writeback
 /// fails (a loop device over a file on a filesystem that fills up). The
 /// flush that finds it answers EIO; from then on the host says so: status
@@ -49,28 +93,9 @@ fn a_failed_local_flush_stops_the_claim_that_the_mirror_is_consistent() {
     if !ready() {
         return;
     }
-    let scratch = Scratch::new("local-store-failed");
-    let small = Tmpfs::mount("local-store-failed", "40m");
-    let backing = small.path.join("backing.img");
-    std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
-    let device = LoopDevice::attach(&backing, false);
-    let secret = write_secret(&scratch, "secret", 3);
-    let copy = CopyHost::start(&scratch, "127.0.0.2", &scratch.join("copy.img"), "64M", &secret, &[]);
-    let metadata_dir = scratch.join("metadata");
-    let mirror = format!("east={}", copy.address);
-    let args = [
-        "--volume",
-        device.path.as_str(),
-        "--secret-file",
-        secret.to_str().unwrap(),
-        "--mirror",
-        &mirror,
-        "--metadata-dir",
-        metadata_dir.to_str().unwrap(),
-    ];
-    let (mut production, admin) = serve(&scratch, &args).unwrap_or_else(|log| panic!("{log}"));
-    let up_to_date = || status(admin)["copies"][0]["state"] == "up_to_date";
-    assert!(wait_until(Duration::from_secs(60), up_to_date), "{:#}\n{}", status(admin), production.log());
+    let store = FillingStore::new("local-store-failed");
+    let (small, device, metadata_dir) = (&store.small, &store.device, &store.metadata_dir);
+    let (mut production, admin) = store.serve_up_to_date();
     let escaped = device.path.trim_start_matches('/').replace('/', "%2F");
     assert!(metadata_dir.join(format!("{escaped}.cmmeta")).exists(), "metadata is in --metadata-dir");
     assert!(metadata_dir.join(format!("{escaped}.cmbitmap")).exists());
@@ -131,9 +156,8 @@ for name, call in (("write", lambda: h.pwrite(b"x" * 4096, 0)), ("flush", h.flus
 
     let status = production.stop_with(libc::SIGTERM);
     assert!(status.code().is_some(), "{status}");
-    let refused = serve(&scratch, &args).map(|_| ()).expect_err("a failed store is not served again");
+    let refused = store.serve().map(|_| ()).expect_err("a failed store is not served again");
     assert!(refused.contains("failed a flush"), "{refused}");
-    drop(copy);
 }
 
 /// A volume the activity log holds whole (here 64 MiB) lets a copy's bits
@@ -153,28 +177,10 @@ fn a_writeback_failure_that_no_client_flush_sees_still_fails_the_store() {
     if !(ready() && require_tool("blockdev")) {
         return;
     }
-    let scratch = Scratch::new("local-store-writeback");
-    let small = Tmpfs::mount("local-store-writeback", "40m");
-    let backing = small.path.join("backing.img");
-    std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
-    let device = LoopDevice::attach(&backing, false);
-    let secret = write_secret(&scratch, "secret", 3);
-    let copy = CopyHost::start(&scratch, "127.0.0.2", &scratch.join("copy.img"), "64M", &secret, &[]);
-    let metadata_dir = scratch.join("metadata");
-    let mirror = format!("east={}", copy.address);
-    let args = [
-        "--volume",
-        device.path.as_str(),
-        "--secret-file",
-        secret.to_str().unwrap(),
-        "--mirror",
-        &mirror,
-        "--metadata-dir",
-        metadata_dir.to_str().unwrap(),
-    ];
-    let (mut production, admin) = serve(&scratch, &args).unwrap_or_else(|log| panic!("{log}"));
+    let store = FillingStore::new("local-store-writeback");
+    let (small, device) = (&store.small, &store.device);
+    let (mut production, admin) = store.serve_up_to_date();
     let copy_state = |field: &str| status(admin)["copies"][0][field].clone();
-    assert!(wait_until(Duration::from_secs(60), || copy_state("state") == "up_to_date"), "{}", production.log());
 
     // 8 MiB into the page cache, no FLUSH (libnbd does not flush at close).
     let script = format!(
@@ -229,9 +235,8 @@ except nbd.Error as error:
 
     let status = production.stop_with(libc::SIGTERM);
     assert!(status.code().is_some(), "{status}");
-    let refused = serve(&scratch, &args).map(|_| ()).expect_err("a failed store is not served again");
+    let refused = store.serve().map(|_| ()).expect_err("a failed store is not served again");
     assert!(refused.contains("failed"), "{refused}");
-    drop(copy);
 }
 
 /// Item 2: the bitmap lives on a filesystem that fills up after the host
