@@ -366,7 +366,6 @@ fn before_images_are_durable_before_the_writes_they_cover_and_share_fdatasyncs()
     strace.stop();
     assert_burst_stored(&host, WRITES);
     let text = std::fs::read_to_string(&trace).unwrap();
-    let call = traced_call;
     let (mut unsynced, mut store_writes, mut syncs, mut appends) = (false, 0, 0, 0);
     // A sync another thread's call interrupted in the trace: its thread.
     let mut syncing = std::collections::HashSet::new();
@@ -375,10 +374,10 @@ fn before_images_are_durable_before_the_writes_they_cover_and_share_fdatasyncs()
         let writes = ["pwrite64", "pwritev", "pwritev2", "write"];
         let thread = line.split_whitespace().next().unwrap_or("");
         let sync_done = |line: &str| line.trim_end().ends_with("= 0");
-        if call(line, &writes, &journal_fds) {
+        if traced_call(line, &writes, &journal_fds) {
             appends += 1;
             unsynced = true;
-        } else if call(line, &["fdatasync", "fsync"], &journal_fds) {
+        } else if traced_call(line, &["fdatasync", "fsync"], &journal_fds) {
             if line.contains("<unfinished ...>") {
                 syncing.insert(thread.to_string());
             } else if sync_done(line) {
@@ -390,7 +389,7 @@ fn before_images_are_durable_before_the_writes_they_cover_and_share_fdatasyncs()
                 syncs += 1;
                 unsynced = false;
             }
-        } else if call(line, &writes, &store_fds) {
+        } else if traced_call(line, &writes, &store_fds) {
             store_writes += 1;
             let before = lines[at.saturating_sub(8)..=at].join("\n");
             assert!(!unsynced, "the store was written with journal appends not yet durable:\n{before}");

@@ -1173,18 +1173,17 @@ fn a_clean_stop_makes_the_volume_durable_before_it_empties_the_activity_log() {
     strace.stop();
     assert!(status.success(), "production exited with {status}:\n{}", mirror.logs());
     let text = std::fs::read_to_string(&trace).unwrap();
-    let call = traced_call;
     let writes = ["pwrite64", "pwritev", "pwritev2", "write"];
     let lines: Vec<&str> = text.lines().collect();
-    let last_log_write = lines.iter().rposition(|line| call(line, &writes, &log_fds));
+    let last_log_write = lines.iter().rposition(|line| traced_call(line, &writes, &log_fds));
     let last_log_write = last_log_write.unwrap_or_else(|| panic!("the stop wrote no log transaction:\n{text}"));
-    let last_volume_write = lines[..last_log_write].iter().rposition(|line| call(line, &writes, &volume_fds));
+    let last_volume_write = lines[..last_log_write].iter().rposition(|line| traced_call(line, &writes, &volume_fds));
     // A completed fsync of the volume in between (one another thread's call
     // split in the trace counts once its thread's "resumed" line says 0).
     let between = &lines[last_volume_write.map_or(0, |at| at + 1)..last_log_write];
     let synced = between.iter().enumerate().any(|(at, line)| {
         let thread = line.split_whitespace().next().unwrap_or("");
-        call(line, &["fsync", "fdatasync"], &volume_fds)
+        traced_call(line, &["fsync", "fdatasync"], &volume_fds)
             && (line.trim_end().ends_with("= 0")
                 || between[at + 1..].iter().any(|later| {
                     later.starts_with(&format!("{thread} <... "))
