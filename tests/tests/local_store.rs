@@ -5,7 +5,6 @@
 //! filesystem under the bitmap (item 2), and where a block device's
 //! metadata lives (item 6). Each needs root (tmpfs mounts, loop devices).
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -167,12 +166,14 @@ for name, call in (("write", lambda: h.pwrite(b"x" * 4096, 0)), ("flush", h.flus
 /// honest when the kernel's writeback of the store fails and no client ever
 /// sends a FLUSH is the `local-sync` thread's writeback check on a file of its
 /// own. Here the store is a buffered block device whose writeback fails (a
-/// loop device over a file on a filesystem that fills up), the bits of 8 MiB
-/// of writes clear while the writes are only in the page cache, and then the
-/// kernel writes them back and fails (another process asks it to, as `sync`
-/// or memory pressure would). The check alone must find it: the store is
-/// failed (status, EIO to clients, every copy `diverged`) and the next start
-/// refuses it. Seen failing with the check's result ignored.
+/// loop device over a file on a filesystem that is full), 8 MiB is written
+/// with no FLUSH, and the kernel writes it back and fails, on its own or
+/// because another process asks it to (as `sync` or memory pressure would).
+/// The check alone must find it: the store is failed (status, EIO to
+/// clients, every copy `diverged`) and the next start refuses it. The
+/// filesystem is filled before the writes, since on a busy machine the
+/// kernel may write them back at once. Seen failing with the check's result
+/// ignored.
 #[test]
 fn a_writeback_failure_that_no_client_flush_sees_still_fails_the_store() {
     if !(ready() && require_tool("blockdev")) {
@@ -182,6 +183,7 @@ fn a_writeback_failure_that_no_client_flush_sees_still_fails_the_store() {
     let (small, device) = (&store.small, &store.device);
     let (mut production, admin) = store.serve_up_to_date();
     let copy_state = |field: &str| status(admin)["copies"][0][field].clone();
+    small.fill();
 
     // 8 MiB into the page cache, no FLUSH (libnbd does not flush at close).
     let script = format!(
@@ -197,30 +199,11 @@ print("written")
     );
     let written = nbdsh_script(&script);
     assert!(written.contains("written"), "{written}");
-    // The copy flushed them and their bits cleared: no local fsync was
-    // waited for, so right now only the activity log and the check stand
-    // between this and a mirror that claims what the store may lose.
-    let clean = wait_until(Duration::from_secs(30), || copy_state("dirty_bytes").as_u64() == Some(0));
-    assert!(clean, "the bits of the writes clear at the copy's FlushAck: {:#}", status(admin));
-    assert_eq!(status(admin)["local_store"]["state"], "ok", "{:#}", status(admin));
-
-    // The filesystem under the device fills up; the kernel's writeback of
-    // the 8 MiB then fails. (The BLKFLSBUF ioctl does not report it to
-    // blockdev: the host must learn of it on its own.) Had the kernel
-    // written the pages back before the fill, there would be nothing to
-    // find: the backing file says which.
-    small.fill();
+    // The BLKFLSBUF ioctl does not report the error to blockdev: the host
+    // must learn of it on its own.
     let _ = run_output("blockdev", &["--flushbufs", device.path.as_str()]);
     let failed = wait_until(Duration::from_secs(20), || status(admin)["local_store"]["state"] == "failed");
-    let mut head = [0u8; 4096];
-    std::fs::File::open(small.path.join("backing.img")).unwrap().read_exact(&mut head).unwrap();
-    let early = if head.iter().all(|&byte| byte == 0x5a) { "written back before the fill" } else { "not on the file" };
-    assert!(
-        failed,
-        "the writeback check finds the lost writes (the first 4 KiB: {early}): {:#}\n{}",
-        status(admin),
-        production.log()
-    );
+    assert!(failed, "the writeback check finds the lost writes: {:#}\n{}", status(admin), production.log());
     assert_eq!(copy_state("state"), "diverged", "{:#}", status(admin));
     assert!(
         production.log().contains("a background fsync or writeback of the local store failed"),
