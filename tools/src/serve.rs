@@ -72,11 +72,15 @@ pub struct ServeArgs {
     region_size: Option<u64>,
     /// The activity log's size: at most how much of the volume a crash of
     /// this host may leave to resync beyond the bitmap (the log holds this
-    /// many bytes' worth of recently written 4 MiB extents, in
-    /// `<volume>.cmal`; a write into a logged extent costs no metadata I/O,
-    /// one into a new extent waits for one small log write shared with every
-    /// writer waiting). 0: no log, every newly marked region syncs the
-    /// bitmap before its write is issued.
+    /// many bytes' worth of recently written extents, in `<volume>.cmal`; a
+    /// write into a logged extent costs no metadata I/O, one into a new
+    /// extent waits for one small log write shared with every writer
+    /// waiting). Extents are 4 MiB, or larger above 4G: at most 1,024 of
+    /// them (every log write lists them all), so 1T makes 1 GiB extents. A
+    /// size of the whole volume makes tracking nearly free once every
+    /// extent is logged, and a crash resyncs the whole volume. 0: no log,
+    /// every newly marked region syncs the bitmap before its write is
+    /// issued.
     #[arg(long, value_parser = parse_size, default_value = "4G")]
     activity_log: u64,
     /// Resync bytes per second per copy; 0 means unlimited.
