@@ -50,6 +50,38 @@ fn three_way_identity_with_two_sync_copies() {
     mirror.stop_and_compare();
 }
 
+/// `--activity-log` above 4 GiB makes the log's extents larger, not more
+/// numerous (every transaction writes the whole list, and a longer list is
+/// slower to make durable): on a 16 GiB volume, `--activity-log 16G` gives
+/// 1,024 extents of 16 MiB covering the volume, in `/status`, and two
+/// writes 8 GiB apart are logged as two extents. Fails when the bound is
+/// met with more extents (4,096 of 4 MiB, as before 0761d63).
+#[test]
+fn a_log_as_large_as_the_volume_has_larger_extents_not_more_of_them() {
+    if !tools() {
+        return;
+    }
+    let mirror = Mirror::start_sized(
+        "mirror-big-log",
+        "16G",
+        &[("east", "127.0.0.2", "")],
+        &["--activity-log", "16G", "--assume-clean"],
+        |_, _| {},
+    );
+    mirror.wait_up_to_date(Duration::from_secs(60));
+    let log = &mirror.status()["activity_log"];
+    assert_eq!(log["extent_bytes"], 16u64 << 20, "{log}");
+    assert_eq!(log["capacity"], 1024, "{log}");
+    let script = format!(
+        "import nbd\nh = nbd.NBD()\nh.connect_uri('{}')\nh.pwrite(b'x' * 4096, 0)\nh.pwrite(b'y' * 4096, 8 << 30)\nh.shutdown()",
+        mirror.uri()
+    );
+    system_tests::nbdsh_script(&script);
+    let log = &mirror.status()["activity_log"];
+    assert_eq!(log["extents"], 2, "{log}");
+    mirror.wait_up_to_date(Duration::from_secs(60));
+}
+
 /// Copy loss: a copy is SIGKILLed under load; the application keeps going;
 /// the restarted copy resyncs only what it missed and ends identical.
 #[test]
