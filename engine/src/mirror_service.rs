@@ -374,6 +374,13 @@ mod tests {
         // The bound is at most the volume: a 1 GiB volume keeps 4 MiB extents.
         assert_eq!(log_geometry(4 * GIB, GIB, 256 << 10), (4 << 20, 256));
         assert_eq!(log_geometry(TIB, 10 * GIB, 16 << 20), (16 << 20, 640));
+        // A bound above a volume that is not a multiple of the extent: the
+        // log still holds the whole volume (its bits may clear without a
+        // local fsync, `WriteIntentBitmap::log_keeps_every_extent`).
+        let volume = 10 * GIB + 4096;
+        let (extent, capacity) = log_geometry(TIB, volume, 256 << 10);
+        assert_eq!(extent, 16 << 20);
+        assert!(capacity as u64 * extent >= volume && capacity as u64 <= LOG_EXTENTS_PREFERRED);
         // No log.
         assert_eq!(log_geometry(0, TIB, 256 << 10).1, 0);
     }

@@ -52,34 +52,60 @@ fn three_way_identity_with_two_sync_copies() {
 
 /// `--activity-log` above 4 GiB makes the log's extents larger, not more
 /// numerous (every transaction writes the whole list, and a longer list is
-/// slower to make durable): on a 16 GiB volume, `--activity-log 16G` gives
-/// 1,024 extents of 16 MiB covering the volume, in `/status`, and two
-/// writes 8 GiB apart are logged as two extents. Fails when the bound is
-/// met with more extents (4,096 of 4 MiB, as before 0761d63).
+/// slower to make durable): on an 8 GiB volume, `--activity-log 8G` gives
+/// 1,024 extents of 8 MiB covering the volume, in `/status`; two writes
+/// 4 GiB apart are logged as two extents; and after a SIGKILL the restarted
+/// host resyncs both whole extents (16 MiB), and the stores end identical
+/// there. Fails when the bound is met with more extents (2,048 of 4 MiB, as
+/// before 0761d63: the status, and a resync of 8 MiB), and when a crash
+/// resyncs less than the extents the log held.
 #[test]
 fn a_log_as_large_as_the_volume_has_larger_extents_not_more_of_them() {
+    const EXTENT: u64 = 8 << 20;
+    const SECOND: u64 = 4 << 30;
     if !tools() {
         return;
     }
-    let mirror = Mirror::start_sized(
-        "mirror-big-log",
-        "16G",
-        &[("east", "127.0.0.2", "")],
-        &["--activity-log", "16G", "--assume-clean"],
-        |_, _| {},
-    );
-    mirror.wait_up_to_date(Duration::from_secs(60));
+    let mut mirror =
+        Mirror::start_sized("mirror-big-log", "8G", &[("east", "127.0.0.2", "")], &["--activity-log", "8G"], |_, _| {});
+    mirror.wait_up_to_date(Duration::from_secs(120));
     let log = &mirror.status()["activity_log"];
-    assert_eq!(log["extent_bytes"], 16u64 << 20, "{log}");
+    assert_eq!(log["extent_bytes"], EXTENT, "{log}");
     assert_eq!(log["capacity"], 1024, "{log}");
     let script = format!(
-        "import nbd\nh = nbd.NBD()\nh.connect_uri('{}')\nh.pwrite(b'x' * 4096, 0)\nh.pwrite(b'y' * 4096, 8 << 30)\nh.shutdown()",
+        "import nbd\nh = nbd.NBD()\nh.connect_uri('{}')\nh.pwrite(b'x' * 4096, 0)\nh.pwrite(b'y' * 4096, {SECOND})\nh.flush()\nh.shutdown()",
         mirror.uri()
     );
     system_tests::nbdsh_script(&script);
     let log = &mirror.status()["activity_log"];
     assert_eq!(log["extents"], 2, "{log}");
     mirror.wait_up_to_date(Duration::from_secs(60));
+    // The log on disk lists both extents until a clean stop: a crash now
+    // resyncs both, whole.
+    mirror.production.as_mut().unwrap().stop_with(libc::SIGKILL);
+    mirror.start_production();
+    mirror.wait_up_to_date(Duration::from_secs(120));
+    let east = mirror.copy_status("east");
+    assert_eq!(east["resync_bytes_total"], 2 * EXTENT, "the crash's resync: {east}\n{}", mirror.logs());
+    let logs = mirror.logs();
+    assert!(logs.contains("2 extents were active when the log was last written"), "{logs}");
+    for copy in &mut mirror.copies {
+        let status = copy.process.as_mut().unwrap().stop_with(libc::SIGTERM);
+        assert!(status.success(), "copy {} exited with {status}", copy.name);
+    }
+    let status = mirror.production.as_mut().unwrap().stop_with(libc::SIGTERM);
+    assert!(status.success(), "production exited with {status}");
+    // The stores are 8 GiB, nearly all holes: compare the two extents.
+    let read = |path: &Path, offset: u64| {
+        let mut bytes = vec![0u8; EXTENT as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(path).unwrap(), &mut bytes, offset).unwrap();
+        bytes
+    };
+    for offset in [0, SECOND] {
+        let production = read(&mirror.volume, offset);
+        assert!(production.iter().any(|byte| *byte != 0), "the write at {offset} is in the volume");
+        assert!(read(&mirror.copies[0].volume, offset) == production, "the copy differs in the extent at {offset}");
+    }
 }
 
 /// Copy loss: a copy is SIGKILLed under load; the application keeps going;

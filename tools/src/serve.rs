@@ -75,12 +75,14 @@ pub struct ServeArgs {
     /// many bytes' worth of recently written extents, in `<volume>.cmal`; a
     /// write into a logged extent costs no metadata I/O, one into a new
     /// extent waits for one small log write shared with every writer
-    /// waiting). Extents are 4 MiB, or larger above 4G: at most 1,024 of
-    /// them (every log write lists them all), so 1T makes 1 GiB extents. A
-    /// size of the whole volume makes tracking nearly free once every
-    /// extent is logged, and a crash resyncs the whole volume. 0: no log,
-    /// every newly marked region syncs the bitmap before its write is
-    /// issued.
+    /// waiting). Extents are 4 MiB (a region, when larger), and larger when
+    /// the size and the volume are both over 4G: a log has at most 1,024
+    /// (every log write lists them all), so 1T on a 1 TiB volume makes
+    /// 1 GiB extents. A larger size buys coverage, not more separate hot
+    /// areas. A size of the whole volume makes tracking nearly free once
+    /// every extent is logged, and a crash then resyncs every extent
+    /// written since the start, up to the whole volume. 0: no log, every
+    /// newly marked region syncs the bitmap before its write is issued.
     #[arg(long, value_parser = parse_size, default_value = "4G")]
     activity_log: u64,
     /// Resync bytes per second per copy; 0 means unlimited.
