@@ -25,7 +25,10 @@ write-intent tracking alone], SIZE [1T], SERVE_ARGS [extra serve options, e.g.
 "--activity-log 0"], CRASH [1: run the crash case], CM_BIN
 [target/release/crossmirror], SCRATCH [/var/tmp], OUT [also write the
 report here], STORE [file]. Every volume is a sparse file; the script
-removes them.
+removes them. SERVE_ARGS='--activity-log 1T' measures a log that covers the
+whole volume (1,024 extents of 1 GiB): tracking then costs one transaction
+per extent first touched, and a crash resyncs every extent written since the
+start (CRASH=1 would then resync up to the whole 1 TiB: run it with CRASH=0).
 
 STORE=file puts the volumes (production's and the copies') on SCRATCH, the
 disk: O_DIRECT writes into a sparse 1 TiB file allocate blocks all over it,
