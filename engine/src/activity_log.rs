@@ -68,6 +68,27 @@ pub const ACTIVITY_LOG_BYTES_DEFAULT: u64 = 4 << 30;
 pub const EXTENT_BYTES_DEFAULT: u64 = 4 << 20;
 /// The most extents a log holds (a 512 KiB block).
 pub const EXTENTS_MAX: u64 = 1 << 16;
+/// The most extents [`geometry_for`] gives a log: the default bound in
+/// default extents (1,024: a 12 KiB transaction).
+pub const EXTENTS_PREFERRED: u64 = ACTIVITY_LOG_BYTES_DEFAULT / EXTENT_BYTES_DEFAULT;
+
+/// The log's geometry for a bound of `bound` bytes (what a crash may leave
+/// to resync beyond the bitmap) on a volume of `volume_size` bytes with
+/// bitmap regions of `region_bytes`: (bytes per extent, extents). Extents
+/// of [`EXTENT_BYTES_DEFAULT`] (or a region, when larger), as many as cover
+/// the bound (the whole volume at most), up to [`EXTENTS_PREFERRED`]; a
+/// larger bound gets larger extents instead of more of them. Every
+/// transaction writes the whole list, so its durable write grows with it
+/// (on this project's test disk, one O_DIRECT write with O_DSYNC: 181 µs
+/// for 12 KiB, 364 µs for 68 KiB, 1.9 ms for the 516 KiB of 65,536
+/// extents), while larger extents cost a crash no more than the bound
+/// asked for.
+pub fn geometry_for(bound: u64, volume_size: u64, region_bytes: u64) -> (u64, usize) {
+    let spread = bound.min(volume_size).div_ceil(EXTENTS_PREFERRED).next_power_of_two();
+    let extent_bytes = EXTENT_BYTES_DEFAULT.max(region_bytes).max(spread);
+    let covered = bound.min(volume_size.next_multiple_of(extent_bytes));
+    (extent_bytes, covered.div_ceil(extent_bytes) as usize)
+}
 
 const MAGIC: [u8; 8] = *b"CMACTLOG";
 const VERSION: u32 = 2;
@@ -672,6 +693,37 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
+
+    /// The log's geometry: the default bound keeps 4 MiB extents; a larger
+    /// one gets larger extents, never more than 1,024 of them (a larger
+    /// list makes every transaction's durable write slower); the bound
+    /// covered is never less than asked for (up to the whole volume), and
+    /// a region larger than 4 MiB is the smallest extent. Fails when a
+    /// large bound makes the list (and every transaction) grow instead.
+    #[test]
+    fn a_larger_log_bound_gets_larger_extents_not_more_of_them() {
+        const GIB: u64 = 1 << 30;
+        const TIB: u64 = 1 << 40;
+        assert_eq!(geometry_for(4 * GIB, TIB, 256 << 10), (4 << 20, 1024));
+        assert_eq!(geometry_for(TIB, TIB, 256 << 10), (GIB, 1024));
+        assert_eq!(geometry_for(64 * GIB, TIB, 256 << 10), (64 << 20, 1024));
+        // A bound that is not a multiple: rounded up to whole extents.
+        let (extent, capacity) = geometry_for(5 * GIB, TIB, 256 << 10);
+        assert_eq!(extent, 8 << 20);
+        assert!(capacity as u64 * extent >= 5 * GIB && capacity as u64 <= EXTENTS_PREFERRED);
+        // The bound is at most the volume: a 1 GiB volume keeps 4 MiB extents.
+        assert_eq!(geometry_for(4 * GIB, GIB, 256 << 10), (4 << 20, 256));
+        assert_eq!(geometry_for(TIB, 10 * GIB, 16 << 20), (16 << 20, 640));
+        // A bound above a volume that is not a multiple of the extent: the
+        // log still holds the whole volume (its bits may clear without a
+        // local fsync, `WriteIntentBitmap::log_keeps_every_extent`).
+        let volume = 10 * GIB + 4096;
+        let (extent, capacity) = geometry_for(TIB, volume, 256 << 10);
+        assert_eq!(extent, 16 << 20);
+        assert!(capacity as u64 * extent >= volume && capacity as u64 <= EXTENTS_PREFERRED);
+        // No log.
+        assert_eq!(geometry_for(0, TIB, 256 << 10).1, 0);
+    }
 
     fn ok() -> Result<(), ()> {
         Ok(())

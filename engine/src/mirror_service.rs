@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::activity_log::EXTENT_BYTES_DEFAULT;
+use crate::activity_log;
 use crate::bitmap::{
     recorded_region_bytes, region_bytes_for, BitmapError, NewBits, Opened, WriteIntentBitmap, SLOTS_MAX,
 };
@@ -254,7 +254,7 @@ fn open_bitmap(config: &MirrorServiceConfig) -> Result<WriteIntentBitmap, Bitmap
         .unwrap_or_else(|| region_bytes_for(volume_size));
     let mut bitmap =
         WriteIntentBitmap::open_or_create_with(&files.bitmap, volume_size, region_bytes, SLOTS_MAX, NewBits::Set)?;
-    let (extent_bytes, capacity) = log_geometry(config.activity_log_bytes, volume_size, region_bytes);
+    let (extent_bytes, capacity) = activity_log::geometry_for(config.activity_log_bytes, volume_size, region_bytes);
     bitmap.attach_activity_log(&files.activity_log, extent_bytes, capacity)?;
     match bitmap.opened() {
         Opened::Created if !files.state.exists() => {}
@@ -272,27 +272,6 @@ fn open_bitmap(config: &MirrorServiceConfig) -> Result<WriteIntentBitmap, Bitmap
     }
     Ok(bitmap)
 }
-
-/// The activity log's extents for a bound of `bound` bytes (what a crash
-/// may leave to resync beyond the bitmap) on a volume of `volume_size`
-/// bytes with bitmap regions of `region_bytes`: (bytes per extent, extents).
-/// Extents of 4 MiB (or a region, when larger), as many as cover the bound
-/// (the whole volume at most), up to [`LOG_EXTENTS_PREFERRED`]; a larger
-/// bound gets larger extents instead of more of them. Every transaction
-/// writes the whole list, so its durable write grows with it (on this
-/// project's test disk, one O_DIRECT write with O_DSYNC: 181 µs for 12 KiB,
-/// 364 µs for 68 KiB, 1.9 ms for the 516 KiB of 65,536 extents), while
-/// larger extents cost a crash no more than the bound asked for.
-pub fn log_geometry(bound: u64, volume_size: u64, region_bytes: u64) -> (u64, usize) {
-    let spread = bound.min(volume_size).div_ceil(LOG_EXTENTS_PREFERRED).next_power_of_two();
-    let extent_bytes = EXTENT_BYTES_DEFAULT.max(region_bytes).max(spread);
-    let covered = bound.min(volume_size.next_multiple_of(extent_bytes));
-    (extent_bytes, covered.div_ceil(extent_bytes) as usize)
-}
-
-/// The most extents [`log_geometry`] gives a log (12 KiB transactions): the
-/// default bound, 4 GiB, in extents of 4 MiB.
-pub const LOG_EXTENTS_PREFERRED: u64 = 1024;
 
 /// `--new-store`: the store is taken as the volume's data; every copy's
 /// bits are set durably before the store's fingerprint is recorded (with a
@@ -353,37 +332,6 @@ mod tests {
     use crate::bitmap::BitmapErrorKind;
     use crate::replicator::{MirrorMode, LOCAL_SYNC_INTERVAL_DEFAULT};
     use crate::volume::VolumeOptions;
-
-    /// The log's geometry: the default bound keeps 4 MiB extents; a larger
-    /// one gets larger extents, never more than 1,024 of them (a larger
-    /// list makes every transaction's durable write slower); the bound
-    /// covered is never less than asked for (up to the whole volume), and
-    /// a region larger than 4 MiB is the smallest extent. Fails when a
-    /// large bound makes the list (and every transaction) grow instead.
-    #[test]
-    fn a_larger_log_bound_gets_larger_extents_not_more_of_them() {
-        const GIB: u64 = 1 << 30;
-        const TIB: u64 = 1 << 40;
-        assert_eq!(log_geometry(4 * GIB, TIB, 256 << 10), (4 << 20, 1024));
-        assert_eq!(log_geometry(TIB, TIB, 256 << 10), (GIB, 1024));
-        assert_eq!(log_geometry(64 * GIB, TIB, 256 << 10), (64 << 20, 1024));
-        // A bound that is not a multiple: rounded up to whole extents.
-        let (extent, capacity) = log_geometry(5 * GIB, TIB, 256 << 10);
-        assert_eq!(extent, 8 << 20);
-        assert!(capacity as u64 * extent >= 5 * GIB && capacity as u64 <= LOG_EXTENTS_PREFERRED);
-        // The bound is at most the volume: a 1 GiB volume keeps 4 MiB extents.
-        assert_eq!(log_geometry(4 * GIB, GIB, 256 << 10), (4 << 20, 256));
-        assert_eq!(log_geometry(TIB, 10 * GIB, 16 << 20), (16 << 20, 640));
-        // A bound above a volume that is not a multiple of the extent: the
-        // log still holds the whole volume (its bits may clear without a
-        // local fsync, `WriteIntentBitmap::log_keeps_every_extent`).
-        let volume = 10 * GIB + 4096;
-        let (extent, capacity) = log_geometry(TIB, volume, 256 << 10);
-        assert_eq!(extent, 16 << 20);
-        assert!(capacity as u64 * extent >= volume && capacity as u64 <= LOG_EXTENTS_PREFERRED);
-        // No log.
-        assert_eq!(log_geometry(0, TIB, 256 << 10).1, 0);
-    }
 
     fn config(volume: &Arc<Volume>, epoch: u64) -> MirrorServiceConfig {
         MirrorServiceConfig {
