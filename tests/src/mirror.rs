@@ -259,13 +259,9 @@ impl Mirror {
         out
     }
 
-    /// Stop everything cleanly, then assert every store equals the production volume.
-    pub fn stop_and_compare(mut self) {
-        self.stop_and_compare_in_place();
-    }
-
-    /// [`Mirror::stop_and_compare`], keeping the stores for more checks.
-    pub fn stop_and_compare_in_place(&mut self) {
+    /// Stop the production host, then every copy, with SIGTERM, and assert
+    /// each exits cleanly; the logs from before the stop.
+    pub fn stop_cleanly(&mut self) -> String {
         let logs = self.logs();
         let status = self.production.as_mut().expect("production running").stop_with(libc::SIGTERM);
         assert!(status.success(), "production exited with {status}:\n{logs}");
@@ -273,6 +269,17 @@ impl Mirror {
             let status = copy.process.as_mut().expect("copy running").stop_with(libc::SIGTERM);
             assert!(status.success(), "copy {} exited with {status}:\n{logs}", copy.name);
         }
+        logs
+    }
+
+    /// Stop everything cleanly, then assert every store equals the production volume.
+    pub fn stop_and_compare(mut self) {
+        self.stop_and_compare_in_place();
+    }
+
+    /// [`Mirror::stop_and_compare`], keeping the stores for more checks.
+    pub fn stop_and_compare_in_place(&mut self) {
+        let logs = self.stop_cleanly();
         let expected = sha256(&self.volume);
         for copy in &self.copies {
             if sha256(&copy.volume) != expected {
