@@ -182,6 +182,8 @@ pub struct Applier<'v> {
     /// faults and zeroing per write); shared with the reader that receives
     /// payloads into them ([`Applier::pool`]).
     pool: Arc<SharedPool>,
+    /// The caller said the next change is alone ([`Applier::alone_next`]).
+    alone: bool,
 }
 
 impl<'v> Applier<'v> {
@@ -201,7 +203,21 @@ impl<'v> Applier<'v> {
             broken: false,
             reaped: Vec::new(),
             pool: Arc::new(SharedPool::new(IN_FLIGHT_BYTES_MAX)),
+            alone: false,
         })
+    }
+
+    /// The next change [`Applier::start`]s is the only one the caller has
+    /// (no frame waits behind it). An aligned O_DIRECT write then, with
+    /// nothing in flight, is written with a synchronous `pwritev2` on this
+    /// thread and its reply released at once: the disk's completion wakes
+    /// this thread directly, where a write through the ring completes on a
+    /// kernel worker (ext4's `dio` work queue) that then wakes this thread,
+    /// two wake-ups where one does, on the path of every write a sync copy's
+    /// client waits for at queue depth 1. Writes that come together still go
+    /// through the ring, side by side in the device.
+    pub fn alone_next(&mut self) {
+        self.alone = true;
     }
 
     /// The pool that write buffers come from and go back to: a reader that
@@ -238,12 +254,14 @@ impl<'v> Applier<'v> {
         };
         let index = self.first_index + self.replies.len() as u64;
         self.replies.push_back(Reply::new(reply, false, matches!(apply, Apply::Flush)));
+        let alone = std::mem::take(&mut self.alone);
         match apply {
             Apply::Write { offset, data, fua, resync } => {
                 if barrier {
                     self.drain()?;
                 }
                 match self.payload_for(offset, data) {
+                    Ok(data) if alone && self.in_flight.is_empty() => self.write_alone(index, offset, data, fua),
                     Ok(data) => self.submit_write(index, offset, data, fua),
                     Err(data) => {
                         self.wait_for_overlaps(offset, data.len())?;
@@ -410,6 +428,18 @@ impl<'v> Applier<'v> {
         self.push(entry, Op::Write { index, offset, data, written: 0, fua })?;
         self.in_flight.push(InFlight { index, start, end, bytes });
         self.in_flight_bytes += bytes;
+        Ok(())
+    }
+
+    /// An aligned O_DIRECT write with nothing in flight, on this thread
+    /// (see [`Applier::alone_next`]); a failure is returned, as the
+    /// synchronous path's are.
+    fn write_alone(&mut self, index: u64, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), EngineError> {
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        let written = crate::volume::write_all_at(self.volume.fd(), data.as_slice(), offset, flags);
+        self.pool.give(data);
+        written.map_err(|source| EngineError::Io { action: "apply a write", source })?;
+        self.reply_mut(index).done = true;
         Ok(())
     }
 
@@ -596,6 +626,41 @@ mod tests {
         let mut read = vec![0u8; 4096];
         std::fs::File::open(volume.path()).unwrap().read_exact_at(&mut read, 0).unwrap();
         assert!(read.iter().all(|&byte| byte == 7));
+    }
+
+    /// A write the caller says is alone, with nothing in flight, is
+    /// written at once on an O_DIRECT volume and its reply leaves without a
+    /// wait; one started while a write is in flight still goes through the
+    /// ring behind it, so overlapping writes land in arrival order; the hint
+    /// holds for one change only.
+    #[test]
+    fn a_lone_write_is_written_at_once_and_others_wait_their_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = volume(&dir, true);
+        let mut applier = Applier::new(&volume, None).unwrap();
+        let read = |offset: u64| {
+            let mut block = vec![0u8; 4096];
+            std::fs::File::open(volume.path()).unwrap().read_exact_at(&mut block, offset).unwrap();
+            block
+        };
+        applier.alone_next();
+        applier.start(write(0, &[1; 4096]), false, ack(1)).unwrap();
+        assert!(applier.idle(), "written on this thread");
+        let mut out = Vec::new();
+        applier.take_replies(&mut out);
+        assert_eq!(sequences(&out), vec![1], "its reply leaves at once");
+        assert_eq!(read(0), vec![1; 4096]);
+        // The hint is spent: this write is only queued.
+        applier.start(write(0, &[2; 4096]), false, ack(2)).unwrap();
+        assert!(!applier.idle());
+        // Alone, but a write to the same block is in flight: behind it.
+        applier.alone_next();
+        applier.start(write(0, &[3; 4096]), false, ack(3)).unwrap();
+        applier.drain().unwrap();
+        out.clear();
+        applier.take_replies(&mut out);
+        assert_eq!(sequences(&out), vec![2, 3]);
+        assert_eq!(read(0), vec![3; 4096], "the later write landed last");
     }
 
     /// A Flush's fsync runs while later writes start, and their replies may

@@ -189,6 +189,7 @@ fn apply_frames(
                 Err(ended) => Err(ended),
             }
         };
+        let alone = received.nothing_waiting();
         let outcome = next.and_then(|next| judge(host, peer, &mut receiver, next)).and_then(|step| {
             // Held: a write during a pass whose before-images were just saved.
             let saved = match step.apply.as_ref().and_then(changed_extent) {
@@ -199,7 +200,12 @@ fn apply_frames(
             };
             let Some(length) = saved else {
                 held_bytes = 0;
-                return issue_held(host, peer, applier, &mut held).and_then(|()| carry_out(host, peer, applier, step));
+                return issue_held(host, peer, applier, &mut held).and_then(|()| {
+                    if alone {
+                        applier.alone_next();
+                    }
+                    carry_out(host, peer, applier, step)
+                });
             };
             held.push(step);
             held_bytes += length;
@@ -259,6 +265,18 @@ impl Received<'_> {
         };
         self.taken += usize::from(next.is_some());
         Ok(next)
+    }
+
+    /// Whether no frame waits behind the one just taken: none left of its
+    /// batch, and none from the reader now (a batch that came is kept for
+    /// [`Received::try_next`]).
+    fn nothing_waiting(&mut self) -> bool {
+        if self.batch.is_empty() {
+            if let Ok(batch) = self.frames.try_recv() {
+                self.batch.extend(batch);
+            }
+        }
+        self.batch.is_empty()
     }
 
     /// Whether the replies ready should go out before the next frame,

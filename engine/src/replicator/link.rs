@@ -153,6 +153,9 @@ struct Locked {
     /// Threads blocked on `wake` (the sender, writers held back): only
     /// then is it signalled, which spares a futex call per change.
     waiters: u32,
+    /// The sender took a batch it may not have written yet: no writer
+    /// takes one of its own until the sender asks the core again.
+    sender_busy: bool,
 }
 
 /// What the sender does after carrying out a list of commands.
@@ -186,6 +189,13 @@ pub(crate) struct Link {
     last_status: Mutex<CopyStatus>,
     /// The copy host connected last decompresses (its Accept said so).
     compressing: std::sync::atomic::AtomicBool,
+    /// The connection frames are sent on, while one is served, locked by
+    /// whoever writes a batch. Batches leave in the order the core numbered
+    /// them: a writer takes one (under the link mutex) only while it holds
+    /// this lock and the sender holds no batch (`sender_busy`), and keeps
+    /// this lock until its batch is written; the sender waits for it before
+    /// writing its own.
+    outbound: Mutex<Option<CopyConnection>>,
 }
 
 /// Where a link connects, and the stream it has there.
@@ -217,13 +227,14 @@ impl Link {
             config,
             slot,
             shared,
-            inner: Mutex::new(Locked { core, waiters: 0 }),
+            inner: Mutex::new(Locked { core, waiters: 0, sender_busy: false }),
             wake: Condvar::new(),
             counters: CopyCounters::default(),
             started: Instant::now(),
             address: Mutex::new(target),
             last_status: Mutex::new(CopyStatus::default()),
             compressing: std::sync::atomic::AtomicBool::new(false),
+            outbound: Mutex::new(None),
         }
     }
 
@@ -482,9 +493,40 @@ impl Link {
         let now_ms = self.now_ms();
         let commands = locked.core.ship(change, payload, hold, released, now_ms);
         self.execute(&mut locked, commands, &mut None);
-        if locked.core.sender_needed(now_ms) {
+        if let Some(locked) = self.send_inline(locked, now_ms) {
+            if locked.core.sender_needed(now_ms) {
+                self.notify(&locked);
+            }
+        }
+    }
+
+    /// Send what is queued from this writer's thread when nobody else is
+    /// sending and the core allows it (an up-to-date sync copy with nothing
+    /// unacknowledged: see [`LinkCore::take_inline`]), sparing the sender's
+    /// wake-up. `None` when this thread sent what was queued; else the
+    /// lock, for the sender to be woken.
+    fn send_inline<'a>(&'a self, mut locked: MutexGuard<'a, Locked>, now_ms: u64) -> Option<MutexGuard<'a, Locked>> {
+        if locked.sender_busy {
+            return Some(locked);
+        }
+        let Ok(mut outbound) = self.outbound.try_lock() else { return Some(locked) };
+        let Some(connection) = outbound.as_mut() else { return Some(locked) };
+        let Some(frames) = locked.core.take_inline(now_ms) else { return Some(locked) };
+        if locked.core.has_queued() {
+            // More than one batch was queued: the sender takes the rest,
+            // and waits for this batch to be written before it sends.
             self.notify(&locked);
         }
+        drop(locked);
+        if let Err(error) = self.send_frames(connection, &frames) {
+            let why = format!("sending to the copy host failed: {error}");
+            let _ = connection.stream().shutdown(Shutdown::Both);
+            drop(outbound);
+            let mut locked = self.lock();
+            locked.core.connection_failed(why);
+            self.notify(&locked);
+        }
+        None
     }
 
     /// The local store changed in a way no frame carries (a failed write
@@ -681,7 +723,15 @@ impl Link {
         };
         let ending = match reader {
             None => Some("cannot start the acknowledgement reader thread".to_string()),
-            Some(_) => self.send_loop(&mut connection),
+            Some(_) => {
+                *self.outbound.lock().unwrap_or_else(PoisonError::into_inner) = Some(connection);
+                let ending = self.send_loop();
+                match self.outbound.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                    Some(sent_on) => connection = sent_on,
+                    None => unreachable!("only the sender takes the connection out"),
+                }
+                ending
+            }
         };
         // The sender's cause is recorded before the socket is shut down, so
         // the reader's "closed" that follows does not replace it.
@@ -758,22 +808,28 @@ impl Link {
 
     /// Send what the core says until the connection breaks or the
     /// replicator stops. Returns why it stopped, unless this host stops.
-    fn send_loop(&self, connection: &mut CopyConnection) -> Option<String> {
+    fn send_loop(&self) -> Option<String> {
         loop {
             let frames = match self.next_batch() {
                 Ok(frames) => frames,
                 Err(ending) => return ending,
             };
+            // After a writer's batch that is still being written, if any.
+            let mut outbound = self.outbound.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(connection) = outbound.as_mut() else { return Some("the connection is gone".to_string()) };
             if let Err(error) = self.send_frames(connection, &frames) {
                 return Some(format!("sending to the copy host failed: {error}"));
             }
         }
     }
 
-    /// Ask the core what to send, waiting while it says wait: the frames,
-    /// or why the connection ends (`None`: this host stops).
+    /// Ask the core what to send, waiting while it says wait: the frames
+    /// (writers take none of their own until the sender asks again, so none
+    /// overtakes them), or why the connection ends (`None`: this host
+    /// stops).
     fn next_batch(&self) -> Result<Vec<Outgoing>, Option<String>> {
         let mut locked = self.lock();
+        locked.sender_busy = false;
         loop {
             if self.shared.shutdown.load(Ordering::Relaxed) {
                 return Err(None);
@@ -791,6 +847,7 @@ impl Link {
                             first.flags = first.flags | FrameFlags::PASS;
                         }
                     }
+                    locked.sender_busy = true;
                     return Ok(frames);
                 }
                 Next::Close(why) => return Err(Some(why)),
@@ -907,6 +964,7 @@ impl Link {
             return Ok(());
         }
         let mut locked = self.lock();
+        let held_back = locked.core.holds_back_writers();
         let result = frames.into_iter().try_for_each(|frame| {
             let header = &frame.header;
             if header.session != session {
@@ -935,7 +993,9 @@ impl Link {
             self.execute(&mut locked, commands, &mut guard);
             Ok(())
         });
-        self.notify(&locked);
+        if result.is_err() || locked.core.acks_concern_waiters(held_back) {
+            self.notify(&locked);
+        }
         result
     }
 }

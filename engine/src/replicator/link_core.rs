@@ -1340,6 +1340,32 @@ impl<H, V> LinkCore<H, V> {
         commands
     }
 
+    /// The queued frames, for a writer to send itself while the link is
+    /// idle: only those of an up-to-date sync copy with nothing
+    /// unacknowledged, with nothing else for the sender to decide (no pass,
+    /// persist, ending or final Flush), and never more than
+    /// [`LinkCore::poll_send`] would send then. `None` leaves everything to
+    /// the sender. A lone sync write waits on the copy, and waking the
+    /// sender for it costs a tenth of a QD1 write on two busy virtual
+    /// cores; under load the sender's batches are cheaper (one send for
+    /// many writes), so a link with writes in flight keeps them.
+    pub(crate) fn take_inline(&mut self, now_ms: u64) -> Option<Vec<Outgoing>> {
+        let quiet = self.config.mode == MirrorMode::Sync
+            && self.state == CopyState::UpToDate
+            && self.unacked.is_empty()
+            && self.ending.is_none()
+            && self.persisting.is_none()
+            && self.syncing_bitmap.is_none()
+            && self.final_flush.is_none()
+            && self.resync_next.is_none()
+            && !self.pass_mark
+            && !self.queue.is_empty();
+        if !quiet {
+            return None;
+        }
+        Some(self.take_frames(now_ms))
+    }
+
     fn next_for_sender(&mut self, now_ms: u64) -> Vec<Command<H, V>> {
         if std::mem::take(&mut self.ack_seen) {
             self.last_ack_ms = self.last_ack_ms.max(now_ms);
@@ -1479,9 +1505,36 @@ impl<H, V> LinkCore<H, V> {
         }
     }
 
+    /// Whether acknowledgements just taken may concern a thread waiting on
+    /// the link: a writer held back by the lag before them
+    /// (`held_back`), the stop's final Flush, or a sender with more to do
+    /// than its next timed look (a pass, a persist, frames queued, a copy
+    /// not up to date). Else waking the sender after every acknowledgement
+    /// of an up-to-date copy only has it look and wait again: a wake-up of
+    /// a thread per write, on cores the write's own path needs.
+    pub(crate) fn acks_concern_waiters(&self, held_back: bool) -> bool {
+        held_back
+            || self.state != CopyState::UpToDate
+            || self.final_flush.is_some()
+            || self.persisting.is_some()
+            || self.syncing_bitmap.is_some()
+            || self.resync_next.is_some()
+            || self.ending.is_some()
+            || !self.queue.is_empty()
+    }
+
+    /// Whether frames wait in the queue.
+    pub(crate) fn has_queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
     /// Up to SEND_BATCH_FRAMES queued frames (a heartbeat when none is
     /// queued: it keeps the path checked), numbered and moved to `unacked`.
     fn take_batch(&mut self, now_ms: u64) -> Vec<Command<H, V>> {
+        vec![Command::Send { frames: self.take_frames(now_ms) }]
+    }
+
+    fn take_frames(&mut self, now_ms: u64) -> Vec<Outgoing> {
         let mut frames = Vec::new();
         if self.queue.is_empty() {
             frames.push(self.outgoing_heartbeat());
@@ -1500,7 +1553,7 @@ impl<H, V> LinkCore<H, V> {
             self.unacked.push_back(Unacked { sequence, sent_at_ms: now_ms, frame });
         }
         self.last_sent_ms = now_ms;
-        vec![Command::Send { frames }]
+        frames
     }
 
     fn outgoing_heartbeat(&mut self) -> Outgoing {

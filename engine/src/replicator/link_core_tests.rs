@@ -1209,3 +1209,71 @@ fn an_async_copy_whose_flush_hangs_is_lost_though_later_writes_are_answered() {
                later frames (its store's fsync hangs, or takes that long)";
     assert_eq!(core.poll_send(CLEAN_MS + timeout_ms + 1), vec![Command::Close { why: why.to_string() }]);
 }
+
+/// A writer sends its own change only on an idle link: an up-to-date sync
+/// copy with nothing unacknowledged. With a write in flight, an async copy,
+/// or a pass running, the sender keeps its batches; numbering is shared, so
+/// frames taken either way follow one sequence.
+#[test]
+fn a_writer_sends_its_change_itself_only_on_an_idle_sync_link() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(ship(&mut core, 2, Some(6), 0), vec![]);
+    assert_eq!(core.take_inline(0), None, "the pass's mark is not taken yet");
+    // The shell takes it with the pass's first batch (the closing Flush).
+    assert!(core.take_pass_mark());
+    assert_eq!(core.take_inline(0), Some(vec![write_frame(2, 2)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 2, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![6], result: 0 }]
+    );
+    assert_eq!(core.take_inline(0), None, "nothing queued");
+    assert_eq!(ship(&mut core, 2, Some(7), 0), vec![]);
+    assert_eq!(core.take_inline(0), Some(vec![write_frame(3, 2)]));
+    assert!(!core.has_queued());
+    // Write 3 is unacknowledged: the next one waits for the sender.
+    assert_eq!(ship(&mut core, 3, Some(8), 0), vec![]);
+    assert_eq!(core.take_inline(0), None, "a write is in flight");
+    assert_eq!(core.poll_send(0), send(vec![write_frame(4, 3)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 3, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![7], result: 0 }]
+    );
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 4, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![8], result: 0 }]
+    );
+    assert_eq!(ship(&mut core, 4, Some(9), 0), vec![]);
+    assert_eq!(core.take_inline(0), Some(vec![write_frame(5, 4)]), "idle again");
+
+    let mut copy = up_to_date(MirrorMode::Async, 1 << 30);
+    assert_eq!(ship(&mut copy, 2, None, 0), vec![]);
+    assert_eq!(copy.take_inline(0), None, "an async copy's writes wait for company");
+
+    let mut copy = core_syncing_with_a_write_queued();
+    assert_eq!(copy.take_inline(0), None, "a pass is running");
+}
+
+fn core_syncing_with_a_write_queued() -> TestCore {
+    let mut core = core(MirrorMode::Sync, 0);
+    connect(&mut core, &[3], 0);
+    assert_eq!(ship(&mut core, 2, Some(7), 0), vec![]);
+    core
+}
+
+/// The acknowledgement reader wakes the sender only when the
+/// acknowledgements may concern it or a waiting writer: not for an
+/// up-to-date copy with nothing queued, but for writers held back before
+/// them, a queue, a pass, or the stop's final Flush.
+#[test]
+fn acknowledgements_wake_waiters_only_when_they_concern_them() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    write_acked(&mut core, 2, 7, 2);
+    assert!(!core.acks_concern_waiters(false), "an idle up-to-date copy");
+    assert!(core.acks_concern_waiters(true), "writers were held back by the lag");
+    assert_eq!(ship(&mut core, 3, Some(8), 0), vec![]);
+    assert!(core.acks_concern_waiters(false), "frames are queued");
+    assert_eq!(frames_sent(core.poll_send(0)), vec![(FrameKind::Write, 3)]);
+    assert!(core.queue_final_flush());
+    assert!(core.acks_concern_waiters(false), "the stop waits for its final Flush");
+    assert!(core_syncing_with_a_write_queued().acks_concern_waiters(false), "a pass is running");
+}
