@@ -5,6 +5,7 @@
 //!
 //! ```text
 //!  Step ─▶ start ─┬─ O_DIRECT write (no barrier, no overlap, room) ─▶ io_uring Write ─┐
+//!                 ├─ aligned O_DIRECT write, alone, nothing in flight ─▶ pwritev2 ─────┤
 //!                 ├─ flush ─▶ drain, then fsync through the ring (later writes go on) ┤
 //!                 ├─ barrier / checksum / trim / zeroes ─▶ drain, then do it ─────────┤
 //!                 ├─ buffered or unaligned O_DIRECT write ─▶ pwritev2 when no write ───┤
@@ -245,6 +246,7 @@ impl<'v> Applier<'v> {
         barrier: bool,
         reply: Option<FrameHeader>,
     ) -> Result<(), EngineError> {
+        let alone = std::mem::take(&mut self.alone);
         self.check()?;
         let Some(apply) = apply else {
             if reply.is_some() {
@@ -254,7 +256,6 @@ impl<'v> Applier<'v> {
         };
         let index = self.first_index + self.replies.len() as u64;
         self.replies.push_back(Reply::new(reply, false, matches!(apply, Apply::Flush)));
-        let alone = std::mem::take(&mut self.alone);
         match apply {
             Apply::Write { offset, data, fua, resync } => {
                 if barrier {
@@ -650,17 +651,29 @@ mod tests {
         applier.take_replies(&mut out);
         assert_eq!(sequences(&out), vec![1], "its reply leaves at once");
         assert_eq!(read(0), vec![1; 4096]);
-        // The hint is spent: this write is only queued.
-        applier.start(write(0, &[2; 4096]), false, ack(2)).unwrap();
+        // The hint is spent by any change, even one that changes nothing
+        // (a heartbeat's reply): this write is only queued.
+        applier.alone_next();
+        applier.start(None, false, ack(2)).unwrap();
+        applier.start(write(0, &[2; 4096]), false, ack(3)).unwrap();
         assert!(!applier.idle());
         // Alone, but a write to the same block is in flight: behind it.
         applier.alone_next();
-        applier.start(write(0, &[3; 4096]), false, ack(3)).unwrap();
+        applier.start(write(0, &[4; 4096]), false, ack(4)).unwrap();
         applier.drain().unwrap();
         out.clear();
         applier.take_replies(&mut out);
-        assert_eq!(sequences(&out), vec![2, 3]);
-        assert_eq!(read(0), vec![3; 4096], "the later write landed last");
+        assert_eq!(sequences(&out), vec![2, 3, 4]);
+        assert_eq!(read(0), vec![4; 4096], "the later write landed last");
+        // A lone FUA write (pwritev2 with RWF_DSYNC, as the ring's) is
+        // answered at once too.
+        applier.alone_next();
+        let fua = Apply::Write { offset: 8192, data: vec![5u8; 4096].into(), fua: true, resync: false };
+        applier.start(Some(fua), false, ack(5)).unwrap();
+        out.clear();
+        applier.take_replies(&mut out);
+        assert_eq!(sequences(&out), vec![5]);
+        assert_eq!(read(8192), vec![5; 4096]);
     }
 
     /// A Flush's fsync runs while later writes start, and their replies may

@@ -1,8 +1,10 @@
 //! One copy's link, the imperative shell around [`LinkCore`]: a thread that
-//! connects (with backoff), authenticates and sends what the core says; a
-//! reader thread per connection that feeds the copy's acknowledgements to
-//! the core. The shell owns the threads, the socket, the mutex around the
-//! core and the clock; it carries out the core's commands (record the
+//! connects (with backoff), authenticates and sends what the core says (a
+//! writer whose change finds an up-to-date sync link idle sends it itself
+//! on the same socket, see [`LinkCore::take_inline`]); a reader thread per
+//! connection that feeds the copy's acknowledgements to the core. The shell
+//! owns the threads, the socket, the mutex around the core and the clock;
+//! it carries out the core's commands (record the
 //! mirror state, release held writes, clear bits, read the local volume,
 //! fsync it, send frames) in order, and passes back what came of them. Every
 //! decision — the send queue, the rule for clearing bitmap bits, the resync
@@ -177,7 +179,9 @@ pub(crate) struct Link {
     slot: u32,
     shared: Arc<Shared>,
     inner: Mutex<Locked>,
-    /// Signalled when the sender has work or the lag shrank.
+    /// Signalled when the sender has work, or acknowledgements concern a
+    /// waiter ([`LinkCore::acks_concern_waiters`]: the lag shrank for a
+    /// writer held back, the stop's final Flush, …).
     wake: Condvar,
     counters: CopyCounters,
     /// The core's time zero: it gets milliseconds since.
@@ -506,7 +510,8 @@ impl Link {
     /// wake-up. `None` when this thread sent what was queued; else the
     /// lock, for the sender to be woken.
     fn send_inline<'a>(&'a self, mut locked: MutexGuard<'a, Locked>, now_ms: u64) -> Option<MutexGuard<'a, Locked>> {
-        if locked.sender_busy {
+        // Compressing stays on the sender's thread, off the writer's.
+        if locked.sender_busy || self.compressing.load(Ordering::Relaxed) {
             return Some(locked);
         }
         let Ok(mut outbound) = self.outbound.try_lock() else { return Some(locked) };
@@ -965,6 +970,7 @@ impl Link {
         }
         let mut locked = self.lock();
         let held_back = locked.core.holds_back_writers();
+        let mut flush_acked = false;
         let result = frames.into_iter().try_for_each(|frame| {
             let header = &frame.header;
             if header.session != session {
@@ -988,12 +994,13 @@ impl Link {
             let mut in_flight = |region| guard.get_or_insert_with(|| self.shared.inflight()).contains_key(&region);
             let now_ms = self.now_ms();
             let (kind, sequence) = (header.kind, header.sequence);
+            flush_acked |= kind == FrameKind::FlushAck;
             let commands =
                 locked.core.acked(connection, kind, sequence, frame.payload.into_vec(), now_ms, &mut in_flight)?;
             self.execute(&mut locked, commands, &mut guard);
             Ok(())
         });
-        if result.is_err() || locked.core.acks_concern_waiters(held_back) {
+        if result.is_err() || locked.core.acks_concern_waiters(held_back, flush_acked) {
             self.notify(&locked);
         }
         result

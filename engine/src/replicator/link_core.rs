@@ -77,6 +77,9 @@ use crate::replicator::{Change, MirrorMode, RecordedState};
 const CLEAN_INTERVAL: Duration = Duration::from_millis(500);
 /// Frames taken off the queue per send round.
 const SEND_BATCH_FRAMES: usize = 64;
+/// The most payload a writer sends itself on an idle link
+/// ([`LinkCore::take_inline`]); a larger change goes through the sender.
+const INLINE_BYTES_MAX: u64 = 256 << 10;
 /// An up-to-date async copy's writes wait in the queue up to this long for
 /// company (or until SEND_BATCH_FRAMES or ASYNC_BATCH_BYTES are queued), so
 /// that one send, one wake-up of the copy host and one read of its
@@ -1343,7 +1346,9 @@ impl<H, V> LinkCore<H, V> {
     /// The queued frames, for a writer to send itself while the link is
     /// idle: only those of an up-to-date sync copy with nothing
     /// unacknowledged, with nothing else for the sender to decide (no pass,
-    /// persist, ending or final Flush), and never more than
+    /// persist, ending or final Flush), at most INLINE_BYTES_MAX of
+    /// payload (a writer sends on its NBD connection's thread: a large
+    /// write would hold its other requests), and never more than
     /// [`LinkCore::poll_send`] would send then. `None` leaves everything to
     /// the sender. A lone sync write waits on the copy, and waking the
     /// sender for it costs a tenth of a QD1 write on two busy virtual
@@ -1353,6 +1358,7 @@ impl<H, V> LinkCore<H, V> {
         let quiet = self.config.mode == MirrorMode::Sync
             && self.state == CopyState::UpToDate
             && self.unacked.is_empty()
+            && self.queue.iter().map(|frame| frame.lag).sum::<u64>() <= INLINE_BYTES_MAX
             && self.ending.is_none()
             && self.persisting.is_none()
             && self.syncing_bitmap.is_none()
@@ -1508,12 +1514,17 @@ impl<H, V> LinkCore<H, V> {
     /// Whether acknowledgements just taken may concern a thread waiting on
     /// the link: a writer held back by the lag before them
     /// (`held_back`), the stop's final Flush, or a sender with more to do
-    /// than its next timed look (a pass, a persist, frames queued, a copy
-    /// not up to date). Else waking the sender after every acknowledgement
-    /// of an up-to-date copy only has it look and wait again: a wake-up of
-    /// a thread per write, on cores the write's own path needs.
-    pub(crate) fn acks_concern_waiters(&self, held_back: bool) -> bool {
+    /// than its next timed look (a Flush acknowledged, `flush_acked`, after
+    /// which the next periodic one may be due; a pass, a persist, frames
+    /// queued, a copy not up to date, an async copy, whose timeouts count
+    /// from the acknowledgements the sender has seen). Else waking the
+    /// sender after every acknowledgement of an up-to-date sync copy only
+    /// has it look and wait again: a wake-up of a thread per write, on
+    /// cores the write's own path needs.
+    pub(crate) fn acks_concern_waiters(&self, held_back: bool, flush_acked: bool) -> bool {
         held_back
+            || flush_acked
+            || self.config.mode != MirrorMode::Sync
             || self.state != CopyState::UpToDate
             || self.final_flush.is_some()
             || self.persisting.is_some()

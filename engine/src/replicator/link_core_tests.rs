@@ -740,7 +740,7 @@ fn only_a_clean_stop_keeps_a_copy_current() {
     assert_eq!(waiting.lost("this host is shutting down", true), vec![Command::Persist(RecordedState::Stale)]);
     assert_eq!(waiting.persisted(Ok(())), vec![Command::Release { holds: vec![1], result: 0 }]);
 
-    let mut syncing = core(MirrorMode::Sync, 0);
+    let mut syncing = self::core(MirrorMode::Sync, 0);
     connect(&mut syncing, &[3], 0);
     assert!(!syncing.queue_final_flush(), "a copy not up to date is not flushed for the stop");
     assert_eq!(syncing.lost("this host is shutting down", true), vec![Command::Persist(RecordedState::Stale)]);
@@ -1249,31 +1249,52 @@ fn a_writer_sends_its_change_itself_only_on_an_idle_sync_link() {
     assert_eq!(ship(&mut copy, 2, None, 0), vec![]);
     assert_eq!(copy.take_inline(0), None, "an async copy's writes wait for company");
 
-    let mut copy = core_syncing_with_a_write_queued();
+    let mut copy = self::core(MirrorMode::Sync, 0);
+    connect(&mut copy, &[3], 0);
+    assert_eq!(ship(&mut copy, 2, Some(7), 0), vec![]);
     assert_eq!(copy.take_inline(0), None, "a pass is running");
-}
 
-fn core_syncing_with_a_write_queued() -> TestCore {
-    let mut core = core(MirrorMode::Sync, 0);
-    connect(&mut core, &[3], 0);
-    assert_eq!(ship(&mut core, 2, Some(7), 0), vec![]);
-    core
+    // A change larger than INLINE_BYTES_MAX goes through the sender.
+    assert_eq!(
+        ack(&mut core, FrameKind::WriteAck, 5, &mut nothing_in_flight()),
+        vec![Command::Release { holds: vec![9], result: 0 }]
+    );
+    let large = vec![9u8; INLINE_BYTES_MAX as usize + 4096];
+    let change = Change::Write { offset: 0, data: &large, fua: false };
+    assert_eq!(core.ship(&change, &mut None, Some(10), 0, 0), vec![]);
+    assert_eq!(core.take_inline(0), None, "too large to send on the writer's thread");
+    assert_eq!(frames_sent(core.poll_send(0)), vec![(FrameKind::Write, 6)]);
 }
 
 /// The acknowledgement reader wakes the sender only when the
 /// acknowledgements may concern it or a waiting writer: not for an
-/// up-to-date copy with nothing queued, but for writers held back before
-/// them, a queue, a pass, or the stop's final Flush.
+/// up-to-date sync copy with nothing queued, but for writers held back
+/// before them, a Flush acknowledged, a queue, a pass, an async copy, or
+/// the stop's final Flush.
 #[test]
 fn acknowledgements_wake_waiters_only_when_they_concern_them() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
     write_acked(&mut core, 2, 7, 2);
-    assert!(!core.acks_concern_waiters(false), "an idle up-to-date copy");
-    assert!(core.acks_concern_waiters(true), "writers were held back by the lag");
+    assert!(!core.acks_concern_waiters(false, false), "an idle up-to-date sync copy");
+    assert!(core.acks_concern_waiters(true, false), "writers were held back by the lag");
+    assert!(core.acks_concern_waiters(false, true), "a Flush was acknowledged");
     assert_eq!(ship(&mut core, 3, Some(8), 0), vec![]);
-    assert!(core.acks_concern_waiters(false), "frames are queued");
+    assert!(core.acks_concern_waiters(false, false), "frames are queued");
     assert_eq!(frames_sent(core.poll_send(0)), vec![(FrameKind::Write, 3)]);
+    assert!(!core.acks_concern_waiters(false, false), "a write in flight, nothing queued");
+    // The stop's final Flush, sent: the queue is empty again.
     assert!(core.queue_final_flush());
-    assert!(core.acks_concern_waiters(false), "the stop waits for its final Flush");
-    assert!(core_syncing_with_a_write_queued().acks_concern_waiters(false), "a pass is running");
+    assert_eq!(frames_sent(core.poll_send(0)), vec![(FrameKind::Flush, 4)]);
+    assert!(!core.has_queued());
+    assert!(core.acks_concern_waiters(false, false), "the stop waits for its final Flush");
+
+    let mut syncing = self::core(MirrorMode::Sync, 0);
+    connect(&mut syncing, &[3], 0);
+    assert!(!syncing.has_queued());
+    assert!(syncing.acks_concern_waiters(false, false), "a pass is running");
+
+    let mut copy = up_to_date(MirrorMode::Async, 1 << 30);
+    assert_eq!(ship(&mut copy, 2, None, 0), vec![]);
+    assert_eq!(frames_sent(copy.poll_send(10)), vec![(FrameKind::Write, 2)]);
+    assert!(copy.acks_concern_waiters(false, false), "an async copy's sender counts its timeouts from acks");
 }

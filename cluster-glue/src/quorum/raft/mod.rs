@@ -341,6 +341,10 @@ impl RaftQuorum {
                 // A leader that failed for good is stopping: another will
                 // be elected. If it was this node, the next turn says why.
                 ClientReply::NotLeader(_) | ClientReply::Retry(_) | ClientReply::Failed(_) => {
+                    // A leader that lost its place, or failed, after it
+                    // proposed a write may still see it committed: the
+                    // retry may meet it.
+                    *unsure = true;
                     tracing::debug!(?reply, "quorum: retrying a client request");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(RETRY_PAUSE_MAX);
