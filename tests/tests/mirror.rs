@@ -1257,9 +1257,11 @@ fn a_clean_stop_makes_the_volume_durable_before_it_empties_the_activity_log() {
 /// (4039cd0). Four connections at queue depth 1, each writing its own
 /// 12 MiB in sizes from 4 KiB to 1 MiB (above the 256 KiB a writer sends
 /// itself), mix both paths on one link, through a buffered and an O_DIRECT
-/// copy: every frame must reach the copy hosts in the order it was
-/// numbered (a copy host refuses one out of order, and the link
-/// reconnects), fio verifies what it wrote, and the stores end identical.
+/// copy: every frame must leave in the order it was numbered (a batch out
+/// of order trips the production host's check that the connection numbers
+/// frames as the core did, and a copy host refuses a frame out of order),
+/// no link reconnects, fio verifies what it wrote, and the stores end
+/// identical.
 #[test]
 fn writers_sending_their_own_changes_keep_every_link_in_order() {
     if !tools() {

@@ -295,7 +295,8 @@ impl RaftQuorum {
     /// the caller's timeout bounds it all. If this node's openraft has
     /// stopped, the answer is the reason (storage failure or stop).
     /// `unsure` is set when a request may have been acted on without the
-    /// answer reaching us.
+    /// answer reaching us, or was refused by a leader after it may have
+    /// acted on it (one that lost its place, or failed, after proposing).
     async fn ask_leader(
         &self,
         request: &ClientRequest,
@@ -312,6 +313,8 @@ impl RaftQuorum {
                 }
                 metrics.current_leader
             };
+            // Whether a leader saw the request (it may have proposed it).
+            let mut served = true;
             let reply = match leader {
                 Some(leader) if leader == self.me => leader::serve(&self.raft, &self.shared, request.clone()).await,
                 Some(leader) => {
@@ -328,14 +331,20 @@ impl RaftQuorum {
                     match answer {
                         Ok(wire::Reply::Client(reply)) => reply,
                         Ok(_) => ClientReply::Retry(format!("node {leader} answered with another kind of reply")),
-                        Err(CallError::NotSent { why, .. }) => ClientReply::Retry(why),
+                        Err(CallError::NotSent { why, .. }) => {
+                            served = false;
+                            ClientReply::Retry(why)
+                        }
                         Err(CallError::NoReply { why, .. }) => {
                             *unsure = true;
                             ClientReply::Retry(why)
                         }
                     }
                 }
-                None => ClientReply::Retry("no leader known".to_string()),
+                None => {
+                    served = false;
+                    ClientReply::Retry("no leader known".to_string())
+                }
             };
             match reply {
                 // A leader that failed for good is stopping: another will
@@ -344,7 +353,7 @@ impl RaftQuorum {
                     // A leader that lost its place, or failed, after it
                     // proposed a write may still see it committed: the
                     // retry may meet it.
-                    *unsure = true;
+                    *unsure |= served;
                     tracing::debug!(?reply, "quorum: retrying a client request");
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(RETRY_PAUSE_MAX);
