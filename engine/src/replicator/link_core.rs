@@ -1355,21 +1355,25 @@ impl<H, V> LinkCore<H, V> {
     /// cores; under load the sender's batches are cheaper (one send for
     /// many writes), so a link with writes in flight keeps them.
     pub(crate) fn take_inline(&mut self, now_ms: u64) -> Option<Vec<Outgoing>> {
-        let quiet = self.config.mode == MirrorMode::Sync
-            && self.state == CopyState::UpToDate
+        // With nothing unacknowledged, the lag is the queue's payload.
+        let idle = self.sync_link_settled()
             && self.unacked.is_empty()
-            && self.queue.iter().map(|frame| frame.lag).sum::<u64>() <= INLINE_BYTES_MAX
+            && self.lag_bytes <= INLINE_BYTES_MAX
+            && !self.pass_mark
+            && !self.queue.is_empty();
+        idle.then(|| self.take_frames(now_ms))
+    }
+
+    /// An up-to-date sync copy with nothing for the sender to decide: no
+    /// ending, persist, bitmap sync, final Flush or pass.
+    fn sync_link_settled(&self) -> bool {
+        self.config.mode == MirrorMode::Sync
+            && self.state == CopyState::UpToDate
             && self.ending.is_none()
             && self.persisting.is_none()
             && self.syncing_bitmap.is_none()
             && self.final_flush.is_none()
             && self.resync_next.is_none()
-            && !self.pass_mark
-            && !self.queue.is_empty();
-        if !quiet {
-            return None;
-        }
-        Some(self.take_frames(now_ms))
     }
 
     fn next_for_sender(&mut self, now_ms: u64) -> Vec<Command<H, V>> {
@@ -1522,16 +1526,7 @@ impl<H, V> LinkCore<H, V> {
     /// has it look and wait again: a wake-up of a thread per write, on
     /// cores the write's own path needs.
     pub(crate) fn acks_concern_waiters(&self, held_back: bool, flush_acked: bool) -> bool {
-        held_back
-            || flush_acked
-            || self.config.mode != MirrorMode::Sync
-            || self.state != CopyState::UpToDate
-            || self.final_flush.is_some()
-            || self.persisting.is_some()
-            || self.syncing_bitmap.is_some()
-            || self.resync_next.is_some()
-            || self.ending.is_some()
-            || !self.queue.is_empty()
+        held_back || flush_acked || !self.sync_link_settled() || !self.queue.is_empty()
     }
 
     /// Whether frames wait in the queue.
