@@ -351,10 +351,14 @@ impl Link {
         let core = &locked.core;
         let dirty_bytes = self.shared.bitmap.dirty_bytes(self.slot);
         // A copy that is not connected gets every dirty region resynced
-        // whole when it connects; a connected one only what is pending.
-        let resync_pending_bytes = match core.state() {
-            CopyState::Stale | CopyState::Unrecorded => dirty_bytes,
-            _ => core.resync_pending().bytes().min(dirty_bytes),
+        // whole when it connects; a connected one only what is pending (the
+        // parts of a region missed in parts). Clearing: the dirty regions
+        // not pending at all.
+        let (resync_pending_bytes, pending_region_bytes) = match core.state() {
+            CopyState::Stale | CopyState::Unrecorded => (dirty_bytes, dirty_bytes),
+            _ => {
+                (core.resync_pending().bytes().min(dirty_bytes), core.resync_pending().region_bytes().min(dirty_bytes))
+            }
         };
         CopyStatus {
             name: self.config.name.clone(),
@@ -364,7 +368,7 @@ impl Link {
             last_error: core.last_error().cloned(),
             dirty_bytes,
             resync_pending_bytes,
-            clearing_bytes: dirty_bytes - resync_pending_bytes,
+            clearing_bytes: dirty_bytes - pending_region_bytes,
             resync_bytes_total: core.resync_pending().bytes_total(),
             resync_bytes_done: core.resync_pending().bytes_done(),
             lag_bytes: core.lag_bytes(),

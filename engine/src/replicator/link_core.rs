@@ -46,12 +46,13 @@
 //! Flush each candidate that no change touched since, no write has in
 //! flight, and that is not `resync_pending` is cleared in the copy's slot.
 //!
-//! `resync_pending` holds the regions the copy may lack whole: every dirty
-//! region when the connection begins, and the regions of every change the
-//! copy did not get (disconnected, behind). A bit covers a whole region, so a
-//! later write to part of such a region reaching the copy proves nothing
-//! about the rest: only a resync pass, which sends the region whole, takes it
-//! out. Resync passes walk `resync_pending`, from the first region, whenever
+//! `resync_pending` holds what the copy may lack: every dirty region whole
+//! when the connection begins, and the parts (a 64th of a region, at least
+//! 4 KiB) of every change the copy did not get while connected (behind, a
+//! failed local write, a verify's repair); the copy has, or has queued, the
+//! rest of those regions. A bit covers a whole region, so a later write to
+//! part of a pending region reaching the copy proves nothing about the
+//! rest: only a resync pass, which sends what is pending, takes it out. Resync passes walk `resync_pending`, from the first region, whenever
 //! the copy (re)connects or catches up after being behind. (A region cleared
 //! merely because a partial write to it was acknowledged lost a missed write
 //! once; `partial_write_during_resync_does_not_hide_a_missed_write` in
@@ -453,11 +454,11 @@ pub(crate) struct LinkCore<H, V> {
     snapshot_mark: u64,
     /// The next region the resync pass looks at; `None` when no pass runs.
     resync_next: Option<u64>,
-    /// Regions the copy may lack whole: dirty when the connection began, or
-    /// touched by a change this copy did not get. Only sending the region
-    /// whole (resync) takes one out; until then its bit never clears, even
-    /// if later writes to part of it reach the copy. Keeps the pass's
-    /// progress too.
+    /// What the copy may lack: regions dirty when the connection began
+    /// (whole), and the parts touched by a change this copy did not get.
+    /// Only sending what is pending (resync) takes a region out; until then
+    /// its bit never clears, even if later writes to part of it reach the
+    /// copy. Keeps the pass's progress too.
     resync_pending: ResyncSet,
     /// Regions changed since the copy last held an image that followed
     /// every write: dirty when a connection began, and every change made
@@ -472,8 +473,8 @@ pub(crate) struct LinkCore<H, V> {
     resync_pass: u64,
     /// Checksum-pass requests not answered yet; the pass ends after them.
     resync_checks_outstanding: u32,
-    /// The regions a [`Command::ReadForResync`] of the pass is reading.
-    resync_reading: Option<(u64, u64)>,
+    /// What a [`Command::ReadForResync`] of the pass is reading.
+    resync_reading: Option<ResyncReading>,
     /// A region the pass has read a part of: (region, bytes of it read).
     /// It stays pending (its bit cannot clear) until its last part is
     /// queued; a change it misses meanwhile makes the pass read it again
@@ -741,12 +742,21 @@ impl<H, V> LinkCore<H, V> {
         self.ending.get_or_insert(why);
     }
 
-    /// A change this copy will not get: its regions need a resync whole,
-    /// and until then their bits never clear.
+    /// A change this copy will not get: the parts of its regions it
+    /// touches need a resync (the copy has every other byte of them, or
+    /// has it queued, unless they are pending already), and until then
+    /// their bits never clear. A checksum pass compares whole regions, so
+    /// with `resync_checksums` they are pending whole.
     fn dropped(&mut self, extent: Option<(u64, u64)>) {
         if let Some((offset, length)) = extent {
+            if self.config.resync_checksums {
+                for region in self.regions(offset, length) {
+                    self.resync_pending.insert(region);
+                }
+            } else {
+                self.resync_pending.insert_extent(offset, length);
+            }
             for region in self.regions(offset, length) {
-                self.resync_pending.insert(region);
                 self.exposed.insert(region);
             }
             // A part already sent of a region being read may lack it.
@@ -767,6 +777,16 @@ impl<H, V> LinkCore<H, V> {
         self.resync_sent_bytes = 0;
         self.controller.pass_started();
     }
+}
+
+/// What a resync read of the pass covers.
+#[derive(Debug, Clone, Copy)]
+enum ResyncReading {
+    /// Regions `region..end` pending whole (or a part of `region`, when it
+    /// is larger than a read).
+    Regions { region: u64, end: u64 },
+    /// The parts `mask` of `region`, pending in parts.
+    Parts { region: u64, mask: u64 },
 }
 
 /// Events from writers: changes shipped, missed, repaired.
@@ -888,7 +908,7 @@ impl<H, V> LinkCore<H, V> {
             let why = format!("cannot record copy {} syncing: {error}", self.config.name);
             return vec![Command::RepairStarted(Err(why))];
         }
-        // The copy may lack these ranges whole: their bits never clear
+        // The copy may lack these ranges (verify compared the rest): their bits never clear
         // before a pass sends them, even before the marks are durable.
         for &(offset, length) in &ranges {
             self.dropped(Some((offset, length)));
@@ -1620,6 +1640,17 @@ impl<H, V> LinkCore<H, V> {
         let read_bytes_max = RESYNC_FRAME_BYTES.min(self.controller.window_bytes() / 8).max(RESYNC_READ_MIN_BYTES);
         let region_start = region * region_bytes;
         let region_end = (region_start + region_bytes).min(self.config.volume_bytes);
+        if let Some(mask) = self.resync_pending.parts_of(region) {
+            // Pending in parts: the first run of them, as one read.
+            let part_bytes = self.resync_pending.part_bytes();
+            let first = u64::from(mask.trailing_zeros());
+            let run = u64::from((!(mask >> first)).trailing_zeros()).min((read_bytes_max / part_bytes).max(1));
+            let taken = (u64::MAX >> (64 - run)) << first;
+            let offset = region_start + first * part_bytes;
+            let length = (run * part_bytes).min(region_end - offset);
+            self.resync_reading = Some(ResyncReading::Parts { region, mask: taken });
+            return vec![Command::ReadForResync { offset, length, read: ResyncRead::Pieces }];
+        }
         let within = match self.resync_partial {
             Some((partial, within)) if partial == region => within,
             _ => 0,
@@ -1630,12 +1661,12 @@ impl<H, V> LinkCore<H, V> {
         } else {
             let regions_max = (read_bytes_max / region_bytes).max(1);
             let mut end = region + 1;
-            while end < self.region_count() && end - region < regions_max && self.resync_pending.contains(end) {
+            while end < self.region_count() && end - region < regions_max && self.resync_pending.contains_whole(end) {
                 end += 1;
             }
             (region_start, end, (end * region_bytes).min(self.config.volume_bytes) - region_start)
         };
-        self.resync_reading = Some((region, end));
+        self.resync_reading = Some(ResyncReading::Regions { region, end });
         let read = if self.config.resync_checksums { ResyncRead::Checksums } else { ResyncRead::Pieces };
         vec![Command::ReadForResync { offset, length, read }]
     }
@@ -1692,10 +1723,18 @@ impl<H, V> LinkCore<H, V> {
                 cost
             }
         };
-        let (region, end) = self.resync_reading.take().expect("a pass read was asked for");
-        self.touched.extend(region..end);
         self.resync_bytes_outstanding += cost;
         self.resync_sent_bytes += length;
+        let (region, end) = match self.resync_reading.take().expect("a pass read was asked for") {
+            ResyncReading::Regions { region, end } => (region, end),
+            ResyncReading::Parts { region, mask } => {
+                self.touched.insert(region);
+                self.resync_pending.take_parts(region, mask);
+                self.resync_next = Some(region);
+                return Vec::new();
+            }
+        };
+        self.touched.extend(region..end);
         let regions_end = (end * self.config.region_bytes).min(self.config.volume_bytes);
         if offset + length < regions_end {
             // A part of a region: it stays pending until its last part.

@@ -19,7 +19,11 @@ type TestCore = LinkCore<u64, u64>;
 type TestCommand = Command<u64, u64>;
 
 fn core(mode: MirrorMode, lag_bytes_max: u64) -> TestCore {
-    LinkCore::new(CoreConfig {
+    LinkCore::new(core_config(mode, lag_bytes_max))
+}
+
+fn core_config(mode: MirrorMode, lag_bytes_max: u64) -> CoreConfig {
+    CoreConfig {
         name: "east".to_string(),
         mode,
         lag_bytes_max,
@@ -31,7 +35,7 @@ fn core(mode: MirrorMode, lag_bytes_max: u64) -> TestCore {
         bitmap: None,
         resync_rate_max: 0,
         resync_checksums: false,
-    })
+    }
 }
 
 fn nothing_in_flight() -> impl FnMut(u64) -> bool {
@@ -71,6 +75,26 @@ fn zeroes_frame(sequence: u64, region: u64) -> Outgoing {
         length: REGION as u32,
         payload: None,
     }
+}
+
+/// A change a connected copy did not get is resynced in the parts it
+/// touched: the 4 KiB part of `region` that [`ship`]'s write covers (a
+/// region here is 64 KiB, so a part is 4 KiB).
+const PART: (u64, u64) = (4096, 4096);
+
+/// The pass's read of the part of `region` at `within` (bytes into it).
+fn read_part(region: u64, (within, length): (u64, u64)) -> Vec<TestCommand> {
+    vec![Command::ReadForResync { offset: region * REGION + within, length, read: ResyncRead::Pieces }]
+}
+
+/// The shell's read of that part, all zeroes.
+fn zeroes_part_read(region: u64, (within, length): (u64, u64)) -> Result<ResyncReadDone, String> {
+    Ok(ResyncReadDone::Pieces(vec![Piece::Zeroes { offset: region * REGION + within, length }]))
+}
+
+/// The frame that carries it.
+fn zeroes_part_frame(sequence: u64, region: u64, (within, length): (u64, u64)) -> Outgoing {
+    Outgoing { offset: region * REGION + within, length: length as u32, ..zeroes_frame(sequence, region) }
 }
 
 /// `poll_send`, which must ask for a local sync (carried out at once here).
@@ -281,16 +305,17 @@ fn an_async_copy_going_behind_drops_writes_keeps_their_regions_and_resyncs_after
     assert_eq!(core.poll_send(1), vec![Command::Persist(RecordedState::Syncing)]);
     assert_eq!(core.persisted(Ok(())), vec![]);
     assert_eq!(core.state(), CopyState::Syncing);
-    assert_eq!(core.poll_send(1), read_region(5));
-    assert_eq!(core.resync_read(5 * REGION, REGION, zeroes_read(5)), vec![]);
-    assert_eq!(core.poll_send(1), send(vec![zeroes_frame(4, 5)]));
+    assert_eq!(core.resync_pending().bytes(), 2 * PART.1, "only the dropped writes' parts are pending");
+    assert_eq!(core.poll_send(1), read_part(5, PART));
+    assert_eq!(core.resync_read(5 * REGION + PART.0, PART.1, zeroes_part_read(5, PART)), vec![]);
+    assert_eq!(core.poll_send(1), send(vec![zeroes_part_frame(4, 5, PART)]));
     // The resync window of an async copy is half its lag bound: one region
     // at a time here.
     assert_eq!(core.poll_send(1), vec![Command::Wait { ms: CLEAN_MS / 2 }]);
     assert_eq!(ack(&mut core, FrameKind::WriteAck, 4, &mut nothing_in_flight()), vec![]);
-    assert_eq!(core.poll_send(1), read_region(6));
-    assert_eq!(core.resync_read(6 * REGION, REGION, zeroes_read(6)), vec![]);
-    assert_eq!(core.poll_send(1), send(vec![zeroes_frame(5, 6)]));
+    assert_eq!(core.poll_send(1), read_part(6, PART));
+    assert_eq!(core.resync_read(6 * REGION + PART.0, PART.1, zeroes_part_read(6, PART)), vec![]);
+    assert_eq!(core.poll_send(1), send(vec![zeroes_part_frame(5, 6, PART)]));
     assert_eq!(ack(&mut core, FrameKind::WriteAck, 5, &mut nothing_in_flight()), vec![]);
     assert_eq!(core.poll_send(1), send(vec![flush_frame(6, FrameFlags::SYNCED)]));
     assert_eq!(
@@ -326,10 +351,10 @@ fn a_syncing_async_copy_past_its_lag_bound_is_behind_unrecorded_then_resyncs_the
     // Syncing again, with no record; the pass goes round again for region
     // 0, which it had passed, and on to region 8.
     for (sequence, region) in [(4, 0), (5, 8)] {
-        assert_eq!(core.poll_send(1), read_region(region), "the dropped write's region is in the pass");
+        assert_eq!(core.poll_send(1), read_part(region, PART), "the dropped write's part is in the pass");
         assert_eq!(core.state(), CopyState::Syncing);
-        assert_eq!(core.resync_read(region * REGION, REGION, zeroes_read(region)), vec![]);
-        assert_eq!(core.poll_send(1), send(vec![zeroes_frame(sequence, region)]));
+        assert_eq!(core.resync_read(region * REGION + PART.0, PART.1, zeroes_part_read(region, PART)), vec![]);
+        assert_eq!(core.poll_send(1), send(vec![zeroes_part_frame(sequence, region, PART)]));
         assert_eq!(ack(&mut core, FrameKind::WriteAck, sequence, &mut nothing_in_flight()), vec![]);
     }
     assert_eq!(core.poll_send(1), send(vec![flush_frame(6, FrameFlags::SYNCED)]));
@@ -508,7 +533,75 @@ fn a_partial_write_does_not_clear_a_region_waiting_for_resync() {
         vec![],
         "a region pending resync cleared"
     );
-    assert_eq!(core.poll_send(2 * CLEAN_MS), read_region(5));
+    assert_eq!(core.poll_send(2 * CLEAN_MS), read_part(5, (0, 4096)), "the part the failed write touched");
+}
+
+/// A change the copy missed while connected is resynced in the parts of
+/// its region it touched (a 64th of a region, at least 4 KiB: 4 KiB here):
+/// adjacent parts in one read, the next run in another; a part missed again
+/// after the pass took it goes again; the region leaves the pending set
+/// with its last part, and the pass's counts follow the parts.
+#[test]
+fn a_missed_change_is_resynced_in_the_parts_it_touched() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    // Region 3: bytes 4..12 KiB (two adjacent parts) and one byte at 40 KiB.
+    assert_eq!(core.missed(3 * REGION + 4096, 8192), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.missed(3 * REGION + 40 * 1024 + 100, 1), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!((core.resync_pending().bytes(), core.resync_pending().region_bytes()), (3 * 4096, REGION));
+    assert_eq!(core.poll_send(0), read_part(3, (4096, 8192)), "adjacent parts in one read");
+    assert_eq!(core.resync_read(3 * REGION + 4096, 8192, zeroes_part_read(3, (4096, 8192))), vec![]);
+    assert!(core.resync_pending().contains(3), "the region left the pending set before its last part");
+    // Missed again after the pass took it: that part goes again.
+    assert_eq!(core.missed(3 * REGION + 8192, 1), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.poll_send(0), send(vec![zeroes_part_frame(2, 3, (4096, 8192))]));
+    assert_eq!(core.poll_send(0), read_part(3, (8192, 4096)), "the part missed again, first in the region");
+    assert_eq!(core.resync_read(3 * REGION + 8192, 4096, zeroes_part_read(3, (8192, 4096))), vec![]);
+    assert_eq!(core.poll_send(0), send(vec![zeroes_part_frame(3, 3, (8192, 4096))]));
+    assert_eq!(core.poll_send(0), read_part(3, (40 << 10, 4096)));
+    assert_eq!(core.resync_read(3 * REGION + (40 << 10), 4096, zeroes_part_read(3, (40 << 10, 4096))), vec![]);
+    assert!(!core.resync_pending().contains(3), "the region stayed pending after its last part");
+    assert_eq!(core.resync_pending().bytes_done(), core.resync_pending().bytes_total());
+    assert_eq!(core.poll_send(0), send(vec![zeroes_part_frame(4, 3, (40 << 10, 4096))]));
+    for sequence in 2..=4 {
+        assert_eq!(ack(&mut core, FrameKind::WriteAck, sequence, &mut nothing_in_flight()), vec![]);
+    }
+    assert_eq!(core.poll_send(0), send(vec![flush_frame(5, FrameFlags::SYNCED)]));
+}
+
+/// What is pending whole stays whole: a region dirty when the connection
+/// began is resynced whole even if a change missed later touches only a
+/// part of it; parts learned on a connection are forgotten when it is lost
+/// (the next one resyncs every dirty region whole: the copy may have lost
+/// what it acknowledged but had not flushed); and a checksum pass, which
+/// compares whole regions, gets whole regions.
+#[test]
+fn parts_never_shrink_what_is_pending_whole() {
+    let mut core = core(MirrorMode::Sync, 0);
+    connect(&mut core, &[3], 0);
+    assert_eq!(core.missed(3 * REGION + 4096, 1), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.poll_send(0), read_region(3), "dirty at the connection: whole");
+
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    assert_eq!(core.missed(5 * REGION + 4096, 1), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.resync_pending().bytes(), 4096);
+    assert_eq!(core.lost("the copy host went away", false), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    connect(&mut core, &[5], 0);
+    assert_eq!(core.poll_send(0), read_region(5), "parts do not outlive their connection");
+
+    let mut core = LinkCore::new(CoreConfig { resync_checksums: true, ..core_config(MirrorMode::Sync, 0) });
+    connect(&mut core, &[], 0);
+    assert_eq!(core.missed(6 * REGION + 4096, 1), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(
+        core.poll_send(0),
+        vec![Command::ReadForResync { offset: 6 * REGION, length: REGION, read: ResyncRead::Checksums }]
+    );
 }
 
 /// Invariant 9: a copy store with another token than the one recorded (a
@@ -549,7 +642,7 @@ fn a_repair_is_recorded_and_marked_durably_before_its_pass() {
     assert_eq!(core.persisted(Ok(())), vec![Command::SetBits(ranges.clone()), Command::SyncBitmap]);
     assert_eq!(core.bitmap_synced(Ok(())), vec![Command::RepairStarted(Ok(()))]);
     assert_eq!(core.state(), CopyState::Syncing);
-    assert_eq!(core.poll_send(0), read_region(7));
+    assert_eq!(core.poll_send(0), read_part(7, PART), "the range verify found differing");
     let mut core = up_to_date(MirrorMode::Sync, 0);
     assert_eq!(core.repair(ranges), vec![Command::Persist(RecordedState::Syncing)]);
     let why = "cannot record copy east syncing: read-only file system".to_string();
@@ -919,9 +1012,9 @@ fn the_recovery_point_of_a_copy_behind_and_resyncing_covers_what_a_rollback_lose
     assert_eq!(ack(&mut copy, FrameKind::WriteAck, 4, &mut nothing_in_flight()), vec![]);
     assert_eq!(copy.poll_send(2_000), send(vec![flush_frame(5, FrameFlags::NONE)]));
     assert_eq!(ack(&mut copy, FrameKind::FlushAck, 5, &mut nothing_in_flight()), vec![]);
-    assert_eq!(copy.poll_send(2_000), read_region(5));
-    assert_eq!(copy.resync_read(5 * REGION, REGION, zeroes_read(5)), vec![]);
-    assert_eq!(copy.poll_send(2_000), send(vec![zeroes_frame(6, 5)]));
+    assert_eq!(copy.poll_send(2_000), read_part(5, PART));
+    assert_eq!(copy.resync_read(5 * REGION + PART.0, PART.1, zeroes_part_read(5, PART)), vec![]);
+    assert_eq!(copy.poll_send(2_000), send(vec![zeroes_part_frame(6, 5, PART)]));
     assert_eq!(ack(&mut copy, FrameKind::WriteAck, 6, &mut nothing_in_flight()), vec![]);
     assert_eq!(poll_syncing(&mut copy, 2_000), send(vec![flush_frame(7, FrameFlags::SYNCED)]));
     // (Region 7's bit clears here, with those of 1 and 2.)
