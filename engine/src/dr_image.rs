@@ -12,12 +12,17 @@
 //!
 //! ```text
 //!  pass begins (metadata consistent → syncing) ─▶ journal created: header (image generation, time)
-//!  changes to chunks C…, first time this pass  ─▶ read each ─▶ append (C, crc, bytes) … ─▶ one fdatasync ─▶ apply them
+//!  changes to blocks B…, first time this pass  ─▶ read each run ─▶ append (B, crc, bytes) … ─▶ one fdatasync ─▶ apply them
 //!  pass ends (SYNCED flush, metadata consistent) ─▶ journal deleted
 //!  crossmirror rollback / a forced promotion    ─▶ every entry written back ─▶ fsync ─▶ consistent, new store token
 //! ```
 //!
-//! Entries are whole 64 KiB chunks, each with a CRC. At most
+//! The unit saved is a 4 KiB block: a change saves the blocks it touches,
+//! an entry being a run of them inside one 64 KiB chunk, with a CRC. (Until
+//! version 2 the unit was the whole 64 KiB chunk, so a pass of 4 KiB writes
+//! at random journalled sixteen times what it wrote; a version-1 journal
+//! left by an older copy host is still resumed and rolled back in its own
+//! unit.) At most
 //! [`UNSYNCED_ENTRIES_MAX`] entries are appended between two fdatasyncs (the
 //! changes that arrived together share one), and a crash may leave any of
 //! them torn or missing, in any order writeback took them: so an entry that
@@ -30,7 +35,7 @@
 //! keeps no consistent image until the pass ends), never the pass stopped.
 
 use crate::durable_file::sync_directory;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -40,11 +45,15 @@ use crate::volume::Volume;
 
 /// The suffix appended to a volume's metadata path stem to name its journal.
 pub const UNDO_FILE_SUFFIX: &str = ".cmundo";
-/// The unit of a saved before-image.
+/// The most one entry holds; an entry never crosses a chunk's end.
 pub const CHUNK_BYTES: u64 = 64 << 10;
+/// The unit of a saved before-image in a journal of this version.
+pub const BLOCK_BYTES: u64 = 4 << 10;
 
 const MAGIC: [u8; 8] = *b"CMUNDO\0\0";
-const VERSION: u32 = 1;
+/// This version's journals save 4 KiB blocks; version 1 saved whole chunks.
+const VERSION: u32 = 2;
+const VERSION_WHOLE_CHUNKS: u32 = 1;
 const HEADER_BYTES: usize = 64;
 const ENTRY_MAGIC: u32 = 0x434d_5545;
 const ENTRY_HEADER_BYTES: usize = 20;
@@ -75,7 +84,11 @@ pub struct UndoJournal {
     path: PathBuf,
     image: Image,
     volume_size: u64,
-    saved: HashSet<u64>,
+    /// The unit saved: [`BLOCK_BYTES`], or [`CHUNK_BYTES`] in a version-1
+    /// journal resumed.
+    unit: u64,
+    /// The units saved this pass: for each chunk, a bit per unit of it.
+    saved: HashMap<u64, u16>,
     bytes: u64,
     limit: u64,
     /// Entries appended since the last fdatasync.
@@ -97,8 +110,10 @@ pub enum Saved {
 pub struct RolledBack {
     /// The image the store holds again.
     pub image: Image,
-    /// Chunks written back.
-    pub chunks: u64,
+    /// Entries written back (runs of blocks, at most a chunk each).
+    pub entries: u64,
+    /// The bytes they hold.
+    pub bytes: u64,
     /// A torn last entry was ignored (its chunk was never overwritten).
     pub torn_tail: bool,
 }
@@ -114,11 +129,12 @@ fn invalid(path: &Path, message: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("undo journal {}: {message}", path.display()))
 }
 
-fn header_bytes(image: Image, volume_size: u64) -> [u8; HEADER_BYTES] {
+fn header_bytes(image: Image, volume_size: u64, unit: u64) -> [u8; HEADER_BYTES] {
+    let version = if unit == CHUNK_BYTES { VERSION_WHOLE_CHUNKS } else { VERSION };
     let mut bytes = [0u8; HEADER_BYTES];
     bytes[0..8].copy_from_slice(&MAGIC);
-    bytes[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    bytes[12..16].copy_from_slice(&(CHUNK_BYTES as u32).to_le_bytes());
+    bytes[8..12].copy_from_slice(&version.to_le_bytes());
+    bytes[12..16].copy_from_slice(&(unit as u32).to_le_bytes());
     bytes[16..24].copy_from_slice(&volume_size.to_le_bytes());
     bytes[24..32].copy_from_slice(&image.generation.to_le_bytes());
     bytes[32..40].copy_from_slice(&image.taken_at_ms.to_le_bytes());
@@ -136,24 +152,36 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// One entry read back: its chunk and bytes.
+/// One entry read back: where its bytes go back to, and the bytes.
 struct Entry {
-    chunk: u64,
+    offset: u64,
     data: Vec<u8>,
 }
 
-/// Read the header and every whole entry of the journal at `path`; the
-/// offset where the entries end (a torn tail starts there).
-fn read_journal(path: &Path, volume_size: u64) -> io::Result<(Image, Vec<Entry>, u64, bool)> {
+/// A journal read back.
+struct Journal {
+    image: Image,
+    /// The unit its entries are numbered in.
+    unit: u64,
+    entries: Vec<Entry>,
+    /// The offset where the whole entries end (a torn tail starts there).
+    end: u64,
+    torn: bool,
+}
+
+/// Read the header and every whole entry of the journal at `path`.
+fn read_journal(path: &Path, volume_size: u64) -> io::Result<Journal> {
     let mut file = File::open(path)?;
     let mut header = [0u8; HEADER_BYTES];
     file.read_exact(&mut header).map_err(|_| invalid(path, "shorter than its header"))?;
     if header[0..8] != MAGIC || u32_at(&header, 60) != crc32fast::hash(&header[..60]) {
         return Err(invalid(path, "damaged header"));
     }
-    if u32_at(&header, 8) != VERSION || u64::from(u32_at(&header, 12)) != CHUNK_BYTES {
-        return Err(invalid(path, "another version or chunk size"));
-    }
+    let unit = match (u32_at(&header, 8), u64::from(u32_at(&header, 12))) {
+        (VERSION, BLOCK_BYTES) => BLOCK_BYTES,
+        (VERSION_WHOLE_CHUNKS, CHUNK_BYTES) => CHUNK_BYTES,
+        _ => return Err(invalid(path, "another version or unit size")),
+    };
     if u64_at(&header, 16) != volume_size {
         return Err(invalid(path, format!("made for a volume of {} bytes, not {volume_size}", u64_at(&header, 16))));
     }
@@ -170,47 +198,76 @@ fn read_journal(path: &Path, volume_size: u64) -> io::Result<(Image, Vec<Entry>,
         if at == rest.len() {
             break false;
         }
-        if rest.len() - at < ENTRY_HEADER_BYTES {
+        if let Some((index, len)) = entry_at(&rest, at, unit, volume_size) {
+            let data = &rest[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len];
+            entries.push(Entry { offset: index * unit, data: data.to_vec() });
+            at += ENTRY_HEADER_BYTES + len;
+            continue;
+        }
+        // A torn append lies among the last UNSYNCED_ENTRIES_MAX entries: an
+        // entry that does not check out with that many whole entries after
+        // it is damage. (Entries differ in size, so they are counted, not
+        // measured: the scan looks for every later entry that checks out.)
+        // (And more bytes than that many entries can hold is damage too,
+        // whatever they hold.)
+        let tail_bytes_max = UNSYNCED_ENTRIES_MAX * (ENTRY_HEADER_BYTES + CHUNK_BYTES as usize);
+        if rest.len() - at <= tail_bytes_max && entries_from(&rest, at + 1, unit, volume_size) < UNSYNCED_ENTRIES_MAX {
             break true;
         }
-        let head = &rest[at..at + ENTRY_HEADER_BYTES];
-        let (chunk, len) = (u64_at(head, 4), u32_at(head, 12) as usize);
-        let crc = u32_at(head, 16);
-        // A torn append lies among the last UNSYNCED_ENTRIES_MAX entries: an
-        // entry that does not check out with more than that after it is damage.
-        let last = rest.len() - at <= UNSYNCED_ENTRIES_MAX * (ENTRY_HEADER_BYTES + CHUNK_BYTES as usize);
-        if u32_at(head, 0) != ENTRY_MAGIC || len as u64 > CHUNK_BYTES || rest.len() - at - ENTRY_HEADER_BYTES < len {
-            if last {
-                break true;
-            }
-            return Err(invalid(path, format!("damaged entry at byte {}", HEADER_BYTES + at)));
-        }
-        let data = &rest[at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len];
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&head[..16]);
-        hasher.update(data);
-        let inside = chunk
-            .checked_mul(CHUNK_BYTES)
-            .and_then(|start| start.checked_add(len as u64))
-            .is_some_and(|end| end <= volume_size);
-        if hasher.finalize() != crc || !inside {
-            if last {
-                break true;
-            }
-            return Err(invalid(path, format!("damaged entry at byte {}", HEADER_BYTES + at)));
-        }
-        entries.push(Entry { chunk, data: data.to_vec() });
-        at += ENTRY_HEADER_BYTES + len;
+        return Err(invalid(path, format!("damaged entry at byte {}", HEADER_BYTES + at)));
     };
-    Ok((image, entries, (HEADER_BYTES + at) as u64, torn))
+    Ok(Journal { image, unit, entries, end: (HEADER_BYTES + at) as u64, torn })
+}
+
+/// The entry at byte `at` of `rest` (the journal after its header), if one
+/// checks out there: its first unit and its length.
+fn entry_at(rest: &[u8], at: usize, unit: u64, volume_size: u64) -> Option<(u64, usize)> {
+    let head = rest.get(at..at + ENTRY_HEADER_BYTES)?;
+    let (index, len) = (u64_at(head, 4), u32_at(head, 12) as usize);
+    if u32_at(head, 0) != ENTRY_MAGIC || len as u64 > CHUNK_BYTES {
+        return None;
+    }
+    let data = rest.get(at + ENTRY_HEADER_BYTES..at + ENTRY_HEADER_BYTES + len)?;
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&head[..16]);
+    hasher.update(data);
+    // Within the volume, and a run of units inside one chunk, as written.
+    let inside = len > 0
+        && index.checked_mul(unit).is_some_and(|start| {
+            let end = start + len as u64;
+            end <= volume_size && start / CHUNK_BYTES == (end - 1) / CHUNK_BYTES
+        });
+    (hasher.finalize() == u32_at(head, 16) && inside).then_some((index, len))
+}
+
+/// How many entries check out from byte `from` of `rest` on, found by
+/// scanning (an entry that does not check out is stepped over a byte at a
+/// time); stops counting at UNSYNCED_ENTRIES_MAX.
+fn entries_from(rest: &[u8], from: usize, unit: u64, volume_size: u64) -> usize {
+    let (mut count, mut at) = (0, from);
+    while at + ENTRY_HEADER_BYTES <= rest.len() && count < UNSYNCED_ENTRIES_MAX {
+        match entry_at(rest, at, unit, volume_size) {
+            Some((_, len)) => {
+                count += 1;
+                at += ENTRY_HEADER_BYTES + len;
+            }
+            None => at += 1,
+        }
+    }
+    count
 }
 
 impl UndoJournal {
     /// Start a journal for a pass beginning now on a store that holds the
     /// consistent `image`; any older journal at `path` is replaced.
     pub fn begin(path: &Path, image: Image, volume_size: u64, limit: u64) -> io::Result<UndoJournal> {
+        UndoJournal::begin_in(path, image, volume_size, limit, BLOCK_BYTES)
+    }
+
+    /// [`UndoJournal::begin`] in `unit`s (a version-1 journal, for tests).
+    fn begin_in(path: &Path, image: Image, volume_size: u64, limit: u64, unit: u64) -> io::Result<UndoJournal> {
         let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
-        file.write_all(&header_bytes(image, volume_size))?;
+        file.write_all(&header_bytes(image, volume_size, unit))?;
         file.sync_all()?;
         sync_directory(path)?;
         Ok(UndoJournal {
@@ -218,7 +275,8 @@ impl UndoJournal {
             path: path.to_path_buf(),
             image,
             volume_size,
-            saved: HashSet::new(),
+            unit,
+            saved: HashMap::new(),
             bytes: HEADER_BYTES as u64,
             limit,
             unsynced: 0,
@@ -228,13 +286,62 @@ impl UndoJournal {
     /// Carry on with the journal at `path` (the copy restarted in the
     /// middle of a pass): its entries are kept, a torn tail cut off.
     pub fn resume(path: &Path, volume_size: u64, limit: u64) -> io::Result<UndoJournal> {
-        let (image, entries, end, _) = read_journal(path, volume_size)?;
+        let Journal { image, unit, entries, end, .. } = read_journal(path, volume_size)?;
         let mut file = OpenOptions::new().read(true).write(true).open(path)?;
         file.set_len(end)?;
         file.sync_all()?;
         file.seek(SeekFrom::End(0))?;
-        let saved = entries.iter().map(|entry| entry.chunk).collect();
-        Ok(UndoJournal { file, path: path.to_path_buf(), image, volume_size, saved, bytes: end, limit, unsynced: 0 })
+        let mut journal = UndoJournal {
+            file,
+            path: path.to_path_buf(),
+            image,
+            volume_size,
+            unit,
+            saved: HashMap::new(),
+            bytes: end,
+            limit,
+            unsynced: 0,
+        };
+        for entry in &entries {
+            let first = entry.offset / unit;
+            journal.mark_saved(first, (entry.data.len() as u64).div_ceil(unit));
+        }
+        Ok(journal)
+    }
+
+    /// Units `first..first + count`, inside one chunk, are saved.
+    fn mark_saved(&mut self, first: u64, count: u64) {
+        let per_chunk = CHUNK_BYTES / self.unit;
+        let bits = (u32::MAX >> (32 - count)) << (first % per_chunk);
+        *self.saved.entry(first / per_chunk).or_default() |= bits as u16;
+    }
+
+    /// The runs of units of `len` bytes at `offset` not saved yet, each
+    /// inside one chunk: (first unit, units), in order.
+    fn unsaved_runs(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let per_chunk = CHUNK_BYTES / self.unit;
+        let first = offset / self.unit;
+        let last = (offset + len - 1).min(self.volume_size.saturating_sub(1)) / self.unit;
+        let mut runs = Vec::new();
+        for chunk in first / per_chunk..=last / per_chunk {
+            let from = first.max(chunk * per_chunk) - chunk * per_chunk;
+            let to = last.min(chunk * per_chunk + per_chunk - 1) - chunk * per_chunk;
+            let touched = (u32::MAX >> (31 - to)) & (u32::MAX << from);
+            let mut unsaved = touched & !u32::from(self.saved.get(&chunk).copied().unwrap_or(0));
+            while unsaved != 0 {
+                let start = unsaved.trailing_zeros();
+                let count = (!(unsaved >> start)).trailing_zeros();
+                runs.push((chunk * per_chunk + u64::from(start), u64::from(count)));
+                unsaved &= !((u32::MAX >> (32 - count)) << start);
+            }
+        }
+        runs
+    }
+
+    /// The bytes a run of units holds (the volume's last may be short).
+    fn run_bytes(&self, (first, count): (u64, u64)) -> u64 {
+        let start = first * self.unit;
+        (count * self.unit).min(self.volume_size - start)
     }
 
     /// The image this journal leads back to.
@@ -248,7 +355,7 @@ impl UndoJournal {
     }
 
     /// Before `len` bytes at `offset` of `volume` are changed: save every
-    /// chunk of the extent not saved yet in this pass, durably.
+    /// block of the extent not saved yet in this pass, durably.
     #[cfg(test)]
     pub fn save(&mut self, volume: &Volume, offset: u64, len: u64) -> io::Result<Saved> {
         let saved = self.save_deferred(volume, offset, len)?;
@@ -264,13 +371,11 @@ impl UndoJournal {
         if len == 0 {
             return Ok(Saved::Kept);
         }
-        let first = offset / CHUNK_BYTES;
-        let last = (offset + len - 1).min(self.volume_size.saturating_sub(1)) / CHUNK_BYTES;
-        let new: Vec<u64> = (first..=last).filter(|chunk| !self.saved.contains(chunk)).collect();
+        let new = self.unsaved_runs(offset, len);
         if new.is_empty() {
             return Ok(Saved::Kept);
         }
-        let adding = new.len() as u64 * (CHUNK_BYTES + ENTRY_HEADER_BYTES as u64);
+        let adding: u64 = new.iter().map(|&run| self.run_bytes(run) + ENTRY_HEADER_BYTES as u64).sum();
         if self.bytes + adding > self.limit {
             return Ok(Saved::LimitReached);
         }
@@ -285,7 +390,9 @@ impl UndoJournal {
             self.append(volume, batch)?;
             self.unsynced += batch.len();
         }
-        self.saved.extend(new);
+        for (first, count) in new {
+            self.mark_saved(first, count);
+        }
         Ok(Saved::Kept)
     }
 
@@ -298,16 +405,16 @@ impl UndoJournal {
         Ok(())
     }
 
-    /// Append the before-images of `chunks` (not made durable here).
-    fn append(&mut self, volume: &Volume, chunks: &[u64]) -> io::Result<()> {
-        let mut appended = Vec::with_capacity(chunks.len() * (CHUNK_BYTES as usize + ENTRY_HEADER_BYTES));
-        for &chunk in chunks {
-            let start = chunk * CHUNK_BYTES;
-            let length = CHUNK_BYTES.min(self.volume_size - start);
-            let data = volume.read_synchronously(start, length)?;
+    /// Append the before-images of `runs` (not made durable here).
+    fn append(&mut self, volume: &Volume, runs: &[(u64, u64)]) -> io::Result<()> {
+        let bytes: u64 = runs.iter().map(|&run| self.run_bytes(run) + ENTRY_HEADER_BYTES as u64).sum();
+        let mut appended = Vec::with_capacity(bytes as usize);
+        for &(first, count) in runs {
+            let length = self.run_bytes((first, count));
+            let data = volume.read_synchronously(first * self.unit, length)?;
             let mut head = [0u8; ENTRY_HEADER_BYTES];
             head[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
-            head[4..12].copy_from_slice(&chunk.to_le_bytes());
+            head[4..12].copy_from_slice(&first.to_le_bytes());
             head[12..16].copy_from_slice(&(length as u32).to_le_bytes());
             let mut hasher = crc32fast::Hasher::new();
             hasher.update(&head[..16]);
@@ -353,13 +460,14 @@ pub fn remove_journal(path: &Path) -> io::Result<()> {
 /// consistent (with a new store token: the production host's view of this
 /// store no longer holds) and then removes the journal.
 pub fn roll_back(store: &Path, journal: &Path, volume_size: u64) -> io::Result<RolledBack> {
-    let (image, entries, _, torn_tail) = read_journal(journal, volume_size)?;
+    let Journal { image, entries, torn: torn_tail, .. } = read_journal(journal, volume_size)?;
     let file = OpenOptions::new().write(true).open(store)?;
     for entry in &entries {
-        file.write_all_at(&entry.data, entry.chunk * CHUNK_BYTES)?;
+        file.write_all_at(&entry.data, entry.offset)?;
     }
     file.sync_all()?;
-    Ok(RolledBack { image, chunks: entries.len() as u64, torn_tail })
+    let bytes = entries.iter().map(|entry| entry.data.len() as u64).sum();
+    Ok(RolledBack { image, entries: entries.len() as u64, bytes, torn_tail })
 }
 
 /// Why a store could not be brought back to its last consistent image.
@@ -445,7 +553,7 @@ pub fn restore_image(
     if !journal.exists() {
         return Err(RestoreError::NoJournal { store: store.to_path_buf(), journal });
     }
-    let (image, _, _, _) = read_journal(&journal, volume_size).map_err(io_error)?;
+    let image = read_journal(&journal, volume_size).map_err(io_error)?.image;
     if image.store != metadata.store_token {
         return Err(RestoreError::Io {
             store: store.to_path_buf(),
@@ -525,7 +633,11 @@ mod tests {
         overwrite(&path, 500_000, 4096, 5);
         assert_ne!(std::fs::read(&path).unwrap(), before);
         let rolled = roll_back(&path, &journal, SIZE).unwrap();
-        assert_eq!(rolled, RolledBack { image, chunks: 1 + 4 + 1 + 1, torn_tail: false });
+        // Entries: one block at 4 KiB; 49 blocks from 68 KiB in four runs,
+        // each inside its chunk; one block at 8 KiB (the one at 4 KiB is
+        // saved); the volume's last block; after the resume, two blocks in one run.
+        let bytes = (1 + 49 + 1 + 1 + 2) * BLOCK_BYTES;
+        assert_eq!(rolled, RolledBack { image, entries: 1 + 4 + 1 + 1 + 1, bytes, torn_tail: false });
         assert_eq!(std::fs::read(&path).unwrap(), before, "the store is not the image the pass began with");
         undo.discard().unwrap();
         assert!(!journal.exists());
@@ -550,7 +662,7 @@ mod tests {
         let file = OpenOptions::new().write(true).open(&journal).unwrap();
         file.set_len(whole + 100).unwrap();
         let rolled = roll_back(&path, &journal, SIZE).unwrap();
-        assert_eq!((rolled.chunks, rolled.torn_tail), (1, true));
+        assert_eq!((rolled.entries, rolled.torn_tail), (1, true));
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert!(roll_back(&path, &journal, SIZE * 2).unwrap_err().to_string().contains("made for a volume"));
         // A damaged entry with more than UNSYNCED_ENTRIES_MAX entries after
@@ -602,13 +714,13 @@ mod tests {
         assert_eq!(undo.unsynced, 1);
         drop(undo);
         // The crash: the group's third entry never reached the disk.
-        let entry = ENTRY_HEADER_BYTES + CHUNK_BYTES as usize;
+        let entry = ENTRY_HEADER_BYTES + BLOCK_BYTES as usize;
         let mut bytes = std::fs::read(&journal).unwrap();
         let hole = HEADER_BYTES + 12 * entry;
         bytes[hole..hole + entry].fill(0);
         std::fs::write(&journal, &bytes).unwrap();
         let rolled = roll_back(&path, &journal, SIZE).unwrap();
-        assert_eq!((rolled.chunks, rolled.torn_tail), (12, true));
+        assert_eq!((rolled.entries, rolled.torn_tail), (12, true));
         assert_eq!(std::fs::read(&path).unwrap(), before, "the ten overwritten chunks are back");
     }
 
@@ -624,7 +736,7 @@ mod tests {
         let mut undo = UndoJournal::begin(&journal, image, SIZE, u64::MAX).unwrap();
         assert_eq!(undo.save(&volume, 0, SIZE).unwrap(), Saved::Kept);
         overwrite(&path, 0, SIZE as usize, 0);
-        assert_eq!(roll_back(&path, &journal, SIZE).unwrap().chunks, SIZE / CHUNK_BYTES);
+        assert_eq!(roll_back(&path, &journal, SIZE).unwrap().entries, SIZE / CHUNK_BYTES);
         assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 
@@ -670,6 +782,55 @@ mod tests {
         assert_ne!(restored.store_token, syncing.store_token, "a rolled-back store gets a new token");
         assert!(!journal.exists());
         assert!(restore_image(&path, &files, SIZE, Some((4, 1_700_000_000_000))).unwrap().is_none());
+    }
+
+    /// A change saves the 4 KiB blocks it touches, not their chunk: a
+    /// 10-byte change costs one block; a later change over the chunk saves
+    /// only the blocks not saved yet, in runs; a roll back restores all.
+    #[test]
+    fn a_change_saves_only_the_blocks_it_touches() {
+        let directory = tempfile::tempdir().unwrap();
+        let (volume, path) = store(directory.path());
+        let before = std::fs::read(&path).unwrap();
+        let journal = directory.path().join("j.cmundo");
+        let image = Image { generation: 1, taken_at_ms: 0, store: [5; 16] };
+        let mut undo = UndoJournal::begin(&journal, image, SIZE, u64::MAX).unwrap();
+        undo.save(&volume, BLOCK_BYTES + 100, 10).unwrap();
+        overwrite(&path, BLOCK_BYTES + 100, 10, 9);
+        let entry = ENTRY_HEADER_BYTES as u64 + BLOCK_BYTES;
+        assert_eq!(undo.bytes(), HEADER_BYTES as u64 + entry);
+        undo.save(&volume, 0, CHUNK_BYTES).unwrap();
+        overwrite(&path, 0, CHUNK_BYTES as usize, 8);
+        let rest = 2 * ENTRY_HEADER_BYTES as u64 + CHUNK_BYTES - BLOCK_BYTES;
+        assert_eq!(undo.bytes(), HEADER_BYTES as u64 + entry + rest, "block 0, then blocks 2..16");
+        assert_eq!(roll_back(&path, &journal, SIZE).unwrap().entries, 3);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    /// A journal an older copy host left (version 1, whole chunks) is still
+    /// resumed, goes on in whole chunks, and rolls back.
+    #[test]
+    fn a_version_1_journal_goes_on_in_whole_chunks() {
+        let directory = tempfile::tempdir().unwrap();
+        let (volume, path) = store(directory.path());
+        let before = std::fs::read(&path).unwrap();
+        let journal = directory.path().join("j.cmundo");
+        let image = Image { generation: 1, taken_at_ms: 0, store: [5; 16] };
+        let mut undo = UndoJournal::begin_in(&journal, image, SIZE, u64::MAX, CHUNK_BYTES).unwrap();
+        undo.save(&volume, CHUNK_BYTES + 100, 10).unwrap();
+        overwrite(&path, CHUNK_BYTES + 100, 10, 9);
+        drop(undo);
+        assert_eq!(u32::from_le_bytes(std::fs::read(&journal).unwrap()[8..12].try_into().unwrap()), 1);
+        let mut undo = UndoJournal::resume(&journal, SIZE, u64::MAX).unwrap();
+        let entry = ENTRY_HEADER_BYTES as u64 + CHUNK_BYTES;
+        assert_eq!(undo.bytes(), HEADER_BYTES as u64 + entry);
+        undo.save(&volume, CHUNK_BYTES + 8192, 10).unwrap();
+        assert_eq!(undo.bytes(), HEADER_BYTES as u64 + entry, "the chunk is saved already");
+        undo.save(&volume, 5 * CHUNK_BYTES + 1, 1).unwrap();
+        overwrite(&path, 5 * CHUNK_BYTES + 1, 1, 9);
+        assert_eq!(undo.bytes(), HEADER_BYTES as u64 + 2 * entry, "a whole chunk");
+        assert_eq!(roll_back(&path, &journal, SIZE).unwrap().entries, 2);
+        assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 
     /// Past its limit the journal says so and saves nothing more.

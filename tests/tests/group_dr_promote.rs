@@ -231,12 +231,12 @@ fn a_syncing_dr_copy_is_promoted_to_its_last_consistent_image_and_the_old_produc
         .find(|line| line.contains("rolled the store back to its DR image"))
         .unwrap_or_else(|| panic!("b served without saying it rolled back\n{}", group.logs_tail(40)));
     eprintln!("{rolled}");
-    let chunks: u64 = rolled
-        .rsplit("chunks=")
+    let entries: u64 = rolled
+        .rsplit("entries=")
         .next()
         .and_then(|count| count.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no chunk count in {rolled:?}"));
-    assert!(chunks > 0, "the pass had overwritten nothing: the rollback was not exercised");
+        .unwrap_or_else(|| panic!("no entry count in {rolled:?}"));
+    assert!(entries > 0, "the pass had overwritten nothing: the rollback was not exercised");
     let (own, foreign) = nonzero_blocks(&on_west[0], 128 << 20);
     assert!(foreign.is_empty(), "blocks that are no write of the image: {:?}", &foreign[..foreign.len().min(20)]);
     let mut expected = image.blocks();

@@ -415,10 +415,11 @@ fn roll_back_to_dr_image(volume: &std::path::Path, size: u64, image: (u64, u64))
             tracing::warn!(
                 generation,
                 taken_at_ms,
-                chunks = rolled.chunks,
+                entries = rolled.entries,
                 "forced promotion: rolled the store back to its DR image of generation {generation} taken at \
-                 {taken_at_ms} (Unix ms): {} chunk(s) of 64 KiB written back; every write after it is given up",
-                rolled.chunks
+                 {taken_at_ms} (Unix ms): {} bytes in {} journal entries written back; every write after it is given up",
+                rolled.bytes,
+                rolled.entries
             );
             Ok(())
         }

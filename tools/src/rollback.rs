@@ -37,10 +37,11 @@ pub fn run(args: RollbackArgs) -> anyhow::Result<()> {
             let taken = rolled.image.taken_at_ms as f64 / 1000.0;
             println!(
                 "{}: rolled back to the consistent image of generation {} held when its resync began \
-                 (Unix time {taken:.3}); {} chunk(s) of 64 KiB written back{}. Every write since is given up.",
+                 (Unix time {taken:.3}); {} bytes in {} journal entries written back{}. Every write since is given up.",
                 args.volume.display(),
                 rolled.image.generation,
-                rolled.chunks,
+                rolled.bytes,
+                rolled.entries,
                 if rolled.torn_tail {
                     "; a torn last journal entry was ignored (its chunk was never overwritten)"
                 } else {
