@@ -8,6 +8,11 @@ rounds, medians and ratios printed as Markdown. Nearly every write lands in
 a bitmap region (and an activity-log extent) not touched before, the worst
 case for write-intent tracking.
 
+After each run with a copy, the time until the copy is up to date with
+every bit cleared is printed, with the bytes of the last resync pass when
+the copy had fallen behind its lag bound (it is resynced then, in the parts
+of its regions that the writes it missed touched).
+
 Then the crash case: a sync copy, the same fio load, production SIGKILLed
 mid-load, restarted; the resync it runs is compared with what was written
 since the last quiet point (copy up to date, no dirty bits) and with the
@@ -22,7 +27,10 @@ Environment: ROUNDS [3], RUNTIME [20] seconds per fio run, CONFIGS ["none
 sync1d async1"; "tracked": a copy brought up to date whose host is then
 killed, so every write is tracked and none shipped: the cost of
 write-intent tracking alone], SIZE [1T], SERVE_ARGS [extra serve options, e.g.
-"--activity-log 0"], CRASH [1: run the crash case], CM_BIN
+"--activity-log 0"], COPY_OPTIONS [appended to every copy's --mirror, e.g.
+",lag_bytes_max=8M" for an async copy that falls behind sooner],
+CATCH_UP_MAX [1200: seconds to wait for a copy to be up to date after a
+run; past it the run is reported not caught up and the next one starts], CRASH [1: run the crash case], CM_BIN
 [target/release/crossmirror], SCRATCH [/var/tmp], OUT [also write the
 report here], STORE [file]. Every volume is a sparse file; the script
 removes them. SERVE_ARGS='--activity-log 1T' measures a log that covers the
@@ -64,6 +72,8 @@ RUNTIME = int(os.environ.get("RUNTIME", "20"))
 CONFIGS = os.environ.get("CONFIGS", "none sync1d async1").split()
 SIZE = os.environ.get("SIZE", "1T")
 SERVE_ARGS = os.environ.get("SERVE_ARGS", "").split()
+COPY_OPTIONS = os.environ.get("COPY_OPTIONS", "")
+CATCH_UP_MAX = float(os.environ.get("CATCH_UP_MAX", "1200"))
 CRASH = os.environ.get("CRASH", "1") == "1"
 SCRATCH_PARENT = os.environ.get("SCRATCH", "/var/tmp")
 STORE = os.environ.get("STORE", "file")
@@ -134,7 +144,7 @@ class Setup:
                 options = options.replace(",direct", "")
             process = self.spawn(args, f"{self.config}-{name}")
             mirror.wait_listening(ip, port, process)
-            mirrors += ["--mirror", f"{name}={ip}:{port}{options}"]
+            mirrors += ["--mirror", f"{name}={ip}:{port}{options}{COPY_OPTIONS}"]
         self.mirror_args = mirrors
         self.port = mirror.free_port("127.0.0.1")
         self.admin = f"127.0.0.1:{mirror.free_port('127.0.0.1')}"
@@ -220,6 +230,31 @@ def crash_case(scratch, binary, secret, data):
         setup.stop()
 
 
+def wait_caught_up(admin, fell_behind):
+    """Wait (at most CATCH_UP_MAX s) until the copy is up to date with every
+    bit cleared: (seconds or None, the last pass's bytes or 0, its bytes
+    done, whether it fell behind)."""
+    started = time.time()
+    while True:
+        copy = mirror.status(admin)["copies"][0]
+        seconds = time.time() - started
+        if copy["state"] == "up_to_date" and copy["dirty_bytes"] == 0 and copy["lag_bytes"] == 0:
+            return (seconds, copy["resync_bytes_total"] if fell_behind else 0, copy["resync_bytes_done"], fell_behind)
+        if seconds > CATCH_UP_MAX:
+            return (None, copy["resync_bytes_total"], copy["resync_bytes_done"], fell_behind)
+        time.sleep(0.1)
+
+
+def catch_up_text(catch_up):
+    seconds, total, done, fell_behind = catch_up
+    if seconds is None:
+        return (f"not up to date {CATCH_UP_MAX:.0f} s after the run (a resync pass of {total / 2**20:.0f} MiB, "
+                f"{done / 2**20:.0f} MiB of it sent)")
+    if fell_behind:
+        return f"{seconds:.1f} s (it fell behind: a resync pass of {total / 2**20:.0f} MiB)"
+    return f"{seconds:.1f} s"
+
+
 def al_counts(before, after, iops):
     """What the activity log did between two status documents, per second
     of fio (its ramp second included: fio's rate is taken to hold through
@@ -253,6 +288,7 @@ def main():
     try:
         secret = mirror.write_secret(scratch)
         results = {}
+        catch_ups = {}
         for round_number in range(ROUNDS):
             order = CONFIGS[round_number % len(CONFIGS):] + CONFIGS[:round_number % len(CONFIGS)]
             for config in order:
@@ -272,7 +308,9 @@ def main():
                         log(f"round {round_number + 1}: {config}: copy after the run: {copy['state']}, "
                             f"dirty {copy['dirty_bytes']}, lag {copy['lag_bytes']}")
                         if config != "tracked":
-                            mirror.wait_up_to_date(setup.admin, timeout=1200)
+                            catch_up = wait_caught_up(setup.admin, copy["state"] != "up_to_date")
+                            catch_ups.setdefault(config, []).append(catch_up)
+                            log(f"round {round_number + 1}: {config}: {catch_up_text(catch_up)}")
                 finally:
                     setup.stop()
                 if config == "tracked" or data:
@@ -284,7 +322,7 @@ def main():
                             if name.startswith(f"{config}-") or f"%2F{config}-" in name:
                                 os.remove(os.path.join(directory, name))
         crash = crash_case(scratch, binary, secret, data) if CRASH else None
-        mirror.emit(render(results, commit, crash))
+        mirror.emit(render(results, commit, crash, catch_ups))
     finally:
         if data:
             subprocess.run(["umount", data], check=False)
@@ -298,13 +336,14 @@ STORES_TEXT = ("sparse files on the disk, metadata beside them" if STORE == "fil
                     "as on an NVRAM or power-loss-protected device; a crash loses it here, so this measures only)")
 
 
-def render(results, commit, crash):
+def render(results, commit, crash, catch_ups):
     lines = [
         "# Write-intent tracking on a big volume",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit}",
         f"- command: `STORE={STORE} METADATA={METADATA} HOSTS={HOSTS} ROUNDS={ROUNDS} RUNTIME={RUNTIME} SIZE={SIZE} CONFIGS='{' '.join(CONFIGS)}' "
-        f"SERVE_ARGS='{' '.join(SERVE_ARGS)}' /usr/bin/python3 benches/big-volume.py`",
+        f"SERVE_ARGS='{' '.join(SERVE_ARGS)}' COPY_OPTIONS='{COPY_OPTIONS}' CATCH_UP_MAX={CATCH_UP_MAX:.0f} "
+        "/usr/bin/python3 benches/big-volume.py`",
         f"- fio: ioengine=nbd 4k randwrite iodepth=32 numjobs=2 (each job over half of the {SIZE} sparse volume), "
         f"{RUNTIME} s; medians of {ROUNDS} interleaved rounds; "
         + ("all on this 2-core machine, sharing both cores" if HOSTS == "shared"
@@ -323,6 +362,11 @@ def render(results, commit, crash):
     lines.append("| all rounds | " + " | ".join(", ".join(f"{v:.0f}" for v in results[c]) for c in CONFIGS)
                  + " |" + " |" * (len(CONFIGS) - 1))
     lines.append("")
+    for config, runs in catch_ups.items():
+        lines.append(f"- {config}: up to date with every bit cleared, after each run: "
+                     + "; ".join(catch_up_text(run) for run in runs))
+    if catch_ups:
+        lines.append("")
     if crash:
         written = crash["written"]
         lines.append(
