@@ -26,11 +26,14 @@
 //! [`UNSYNCED_ENTRIES_MAX`] entries are appended between two fdatasyncs (the
 //! changes that arrived together share one), and a crash may leave any of
 //! them torn or missing, in any order writeback took them: so an entry that
-//! does not check out within that many entries of the end starts a torn
-//! tail, cut off when the journal is opened again. That loses nothing:
-//! none of their chunks was overwritten, since a change is applied only
-//! after its chunk's entry is durable. A bad entry further from the end is
-//! damage, and the journal is refused. The journal may grow to
+//! does not check out within the bytes that many entries can hold (4 MiB
+//! and their headers) of the end starts a torn tail, cut off when the
+//! journal is opened again. That loses nothing: none of their blocks was
+//! overwritten, since a change is applied only after its entry is durable.
+//! A bad entry further from the end is damage, and the journal is refused.
+//! (Damage within that distance of the end is cut off like a torn append:
+//! with 4 KiB entries that window holds up to about a thousand of them,
+//! where version 1's held 64 chunks.) The journal may grow to
 //! the bytes a pass changes; past its limit it is dropped (the copy then
 //! keeps no consistent image until the pass ends), never the pass stopped.
 
@@ -63,6 +66,10 @@ const SAVE_BATCH_CHUNKS: usize = 64;
 /// writes that arrive together share one (the copy host holds at most 64),
 /// and the reader takes a bad entry this near the end for a torn tail.
 pub const UNSYNCED_ENTRIES_MAX: usize = SAVE_BATCH_CHUNKS;
+/// The most bytes of entries appended between two fdatasyncs (each entry
+/// holds at most a chunk): a torn append lies within this many bytes of the
+/// journal's end.
+const TAIL_BYTES_MAX: usize = UNSYNCED_ENTRIES_MAX * (ENTRY_HEADER_BYTES + CHUNK_BYTES as usize);
 
 /// The consistent image a journal leads back to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,14 +211,15 @@ fn read_journal(path: &Path, volume_size: u64) -> io::Result<Journal> {
             at += ENTRY_HEADER_BYTES + len;
             continue;
         }
-        // A torn append lies among the last UNSYNCED_ENTRIES_MAX entries: an
-        // entry that does not check out with that many whole entries after
-        // it is damage. (Entries differ in size, so they are counted, not
-        // measured: the scan looks for every later entry that checks out.)
-        // (And more bytes than that many entries can hold is damage too,
-        // whatever they hold.)
-        let tail_bytes_max = UNSYNCED_ENTRIES_MAX * (ENTRY_HEADER_BYTES + CHUNK_BYTES as usize);
-        if rest.len() - at <= tail_bytes_max && entries_from(&rest, at + 1, unit, volume_size) < UNSYNCED_ENTRIES_MAX {
+        // A torn append lies among the entries appended since the last
+        // fdatasync: at most UNSYNCED_ENTRIES_MAX, so within the last
+        // TAIL_BYTES_MAX bytes. An entry that does not check out further
+        // from the end is damage. (Nearer the end, damage cannot be told
+        // from a torn append by the bytes alone, and is cut off like one.
+        // The rule reads no entry after the bad one: what follows it is
+        // before-images, data a client wrote, which could be made to look
+        // like entries.)
+        if rest.len() - at <= TAIL_BYTES_MAX {
             break true;
         }
         return Err(invalid(path, format!("damaged entry at byte {}", HEADER_BYTES + at)));
@@ -234,27 +242,11 @@ fn entry_at(rest: &[u8], at: usize, unit: u64, volume_size: u64) -> Option<(u64,
     // Within the volume, and a run of units inside one chunk, as written.
     let inside = len > 0
         && index.checked_mul(unit).is_some_and(|start| {
-            let end = start + len as u64;
-            end <= volume_size && start / CHUNK_BYTES == (end - 1) / CHUNK_BYTES
+            start
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= volume_size && start / CHUNK_BYTES == (end - 1) / CHUNK_BYTES)
         });
     (hasher.finalize() == u32_at(head, 16) && inside).then_some((index, len))
-}
-
-/// How many entries check out from byte `from` of `rest` on, found by
-/// scanning (an entry that does not check out is stepped over a byte at a
-/// time); stops counting at UNSYNCED_ENTRIES_MAX.
-fn entries_from(rest: &[u8], from: usize, unit: u64, volume_size: u64) -> usize {
-    let (mut count, mut at) = (0, from);
-    while at + ENTRY_HEADER_BYTES <= rest.len() && count < UNSYNCED_ENTRIES_MAX {
-        match entry_at(rest, at, unit, volume_size) {
-            Some((_, len)) => {
-                count += 1;
-                at += ENTRY_HEADER_BYTES + len;
-            }
-            None => at += 1,
-        }
-    }
-    count
 }
 
 impl UndoJournal {
@@ -665,11 +657,25 @@ mod tests {
         assert_eq!((rolled.entries, rolled.torn_tail), (1, true));
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert!(roll_back(&path, &journal, SIZE * 2).unwrap_err().to_string().contains("made for a volume"));
-        // A damaged entry with more than UNSYNCED_ENTRIES_MAX entries after
-        // it is damage, not a torn append: refused, never cut off silently.
+        // A last entry whose place is past any volume (an index near 2^52
+        // of 4 KiB blocks: its end overflows 64 bits) is a bad entry, not a
+        // panic.
+        let mut head = [0u8; ENTRY_HEADER_BYTES];
+        head[0..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
+        head[4..12].copy_from_slice(&(u64::MAX / BLOCK_BYTES).to_le_bytes());
+        head[12..16].copy_from_slice(&(BLOCK_BYTES as u32).to_le_bytes());
+        let mut bytes = std::fs::read(&journal).unwrap();
+        bytes.truncate(whole as usize);
+        bytes.extend_from_slice(&head);
+        bytes.extend_from_slice(&[0u8; BLOCK_BYTES as usize]);
+        std::fs::write(&journal, &bytes).unwrap();
+        let rolled = roll_back(&path, &journal, SIZE).unwrap();
+        assert_eq!((rolled.entries, rolled.torn_tail), (1, true));
+        // A damaged entry with more after it than a torn append can leave
+        // is damage: refused, never cut off silently.
         let mut undo = UndoJournal::begin(&journal, image, SIZE, u64::MAX).unwrap();
         for chunk in 0..UNSYNCED_ENTRIES_MAX as u64 + 2 {
-            undo.save(&volume, chunk * CHUNK_BYTES, 10).unwrap();
+            undo.save(&volume, chunk * CHUNK_BYTES, CHUNK_BYTES).unwrap();
         }
         drop(undo);
         let mut bytes = std::fs::read(&journal).unwrap();
@@ -684,9 +690,9 @@ mod tests {
 
     /// The entries appended together before one fdatasync may reach the
     /// disk in any order: a crash can leave one missing (zeroes) with whole
-    /// ones after it. Within the last UNSYNCED_ENTRIES_MAX entries that is a
-    /// torn tail, cut off there; their writes were not yet issued. And the
-    /// journal never holds more than that many entries unsynced.
+    /// ones after it. Within the bytes of the last UNSYNCED_ENTRIES_MAX
+    /// entries that is a torn tail, cut off there; their writes were not yet
+    /// issued. And the journal never holds more than that many entries unsynced.
     #[test]
     fn entries_saved_together_tear_as_a_tail() {
         let directory = tempfile::tempdir().unwrap();

@@ -608,6 +608,9 @@ impl CopyHost {
         args.extend(extra.iter().map(|arg| arg.to_string()));
         let borrowed: Vec<&str> = args.iter().map(String::as_str).collect();
         let process = Process::start(scratch, &borrowed, address);
+        // The admin endpoint may be bound a moment after the data port.
+        let admin_up = wait_until(Duration::from_secs(10), || TcpStream::connect(admin).is_ok());
+        assert!(admin_up, "copy host admin endpoint {admin} never accepted");
         CopyHost { process, address, admin, args }
     }
 }

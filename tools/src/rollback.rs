@@ -43,7 +43,7 @@ pub fn run(args: RollbackArgs) -> anyhow::Result<()> {
                 rolled.bytes,
                 rolled.entries,
                 if rolled.torn_tail {
-                    "; a torn last journal entry was ignored (its chunk was never overwritten)"
+                    "; a torn tail of the journal was ignored (its blocks were never overwritten)"
                 } else {
                     ""
                 }

@@ -1640,8 +1640,12 @@ impl<H, V> LinkCore<H, V> {
         let read_bytes_max = RESYNC_FRAME_BYTES.min(self.controller.window_bytes() / 8).max(RESYNC_READ_MIN_BYTES);
         let region_start = region * region_bytes;
         let region_end = (region_start + region_bytes).min(self.config.volume_bytes);
-        if let Some(mask) = self.resync_pending.parts_of(region) {
-            // Pending in parts: the first run of them, as one read.
+        if let Some(mask) =
+            self.resync_pending.parts_of(region).filter(|_| self.resync_pending.part_bytes() <= read_bytes_max)
+        {
+            // Pending in parts: the first run of them, as one read. (A part
+            // larger than a read, of a region of 128 MiB or more, is read
+            // with its region whole, in parts, below.)
             let part_bytes = self.resync_pending.part_bytes();
             let first = u64::from(mask.trailing_zeros());
             let run = u64::from((!(mask >> first)).trailing_zeros()).min((read_bytes_max / part_bytes).max(1));

@@ -591,6 +591,10 @@ fn parts_never_shrink_what_is_pending_whole() {
     assert_eq!(core.resync_pending().bytes(), 4096);
     assert_eq!(core.lost("the copy host went away", false), vec![Command::Persist(RecordedState::Stale)]);
     assert_eq!(core.persisted(Ok(())), vec![]);
+    connect(&mut core, &[], 0);
+    assert_eq!((core.resync_pending().bytes(), core.resync_pending().parts_of(5)), (0, None));
+    assert_eq!(core.lost("the copy host went away again", false), vec![Command::Persist(RecordedState::Stale)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
     connect(&mut core, &[5], 0);
     assert_eq!(core.poll_send(0), read_region(5), "parts do not outlive their connection");
 
@@ -601,6 +605,32 @@ fn parts_never_shrink_what_is_pending_whole() {
     assert_eq!(
         core.poll_send(0),
         vec![Command::ReadForResync { offset: 6 * REGION, length: REGION, read: ResyncRead::Checksums }]
+    );
+}
+
+/// A part larger than a resync read (a region of 128 MiB has parts of 2
+/// MiB; a read is at most 1 MiB, less on a young connection's window) is
+/// not read in one go: its region is read whole, a read at a time.
+#[test]
+fn a_part_larger_than_a_read_is_read_with_its_region_a_read_at_a_time() {
+    const BIG: u64 = 128 << 20;
+    let config = CoreConfig { region_bytes: BIG, volume_bytes: 4 * BIG, ..core_config(MirrorMode::Sync, 0) };
+    let mut core = LinkCore::new(config);
+    connect(&mut core, &[], 0);
+    assert_eq!(core.poll_send(0), send(vec![flush_frame(1, FrameFlags::SYNCED)]));
+    assert_eq!(
+        ack(&mut core, FrameKind::FlushAck, 1, &mut nothing_in_flight()),
+        vec![Command::Persist(RecordedState::Current)]
+    );
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.missed(BIG + 4096, 1), vec![Command::Persist(RecordedState::Syncing)]);
+    assert_eq!(core.persisted(Ok(())), vec![]);
+    assert_eq!(core.resync_pending().bytes(), 2 << 20, "one part of 2 MiB pending");
+    let commands = core.poll_send(0);
+    assert!(
+        matches!(commands[..], [Command::ReadForResync { offset: BIG, length, read: ResyncRead::Pieces }]
+            if length <= RESYNC_FRAME_BYTES),
+        "the region's first read, at most {RESYNC_FRAME_BYTES} bytes: {commands:?}"
     );
 }
 
