@@ -3,12 +3,13 @@
 //!
 //! A resync pass overwrites a copy region by region in bitmap order while
 //! new writes keep arriving, so until the pass ends the copy's store is no
-//! image the production volume ever had. Before a change overwrites a chunk
-//! for the first time in a pass, the chunk's old contents are appended to an
-//! undo journal beside the store (`<volume>.cmundo`) and made durable; when
-//! the pass ends (the store is recorded consistent again) the journal is
-//! deleted. Until then, [`roll_back`] writes every saved chunk back: the
-//! store is again exactly the consistent image it held when the pass began.
+//! image the production volume ever had. Before a change overwrites a 4 KiB
+//! block for the first time in a pass, the block's old contents are
+//! appended to an undo journal beside the store (`<volume>.cmundo`) and made
+//! durable; when the pass ends (the store is recorded consistent again) the
+//! journal is deleted. Until then, [`roll_back`] writes every saved block
+//! back: the store is again exactly the consistent image it held when the
+//! pass began.
 //!
 //! ```text
 //!  pass begins (metadata consistent → syncing) ─▶ journal created: header (image generation, time)
@@ -63,8 +64,9 @@ const ENTRY_HEADER_BYTES: usize = 20;
 /// Chunks read and appended at once by a save (4 MiB).
 const SAVE_BATCH_CHUNKS: usize = 64;
 /// The most entries appended between two fdatasyncs of the journal: the
-/// writes that arrive together share one (the copy host holds at most 64),
-/// and the reader takes a bad entry this near the end for a torn tail.
+/// writes that arrive together share one (the copy host holds at most 64);
+/// the bytes they can hold are how near the end the reader takes a bad
+/// entry for a torn tail.
 pub const UNSYNCED_ENTRIES_MAX: usize = SAVE_BATCH_CHUNKS;
 /// The most bytes of entries appended between two fdatasyncs (each entry
 /// holds at most a chunk): a torn append lies within this many bytes of the
@@ -121,7 +123,9 @@ pub struct RolledBack {
     pub entries: u64,
     /// The bytes they hold.
     pub bytes: u64,
-    /// A torn last entry was ignored (its chunk was never overwritten).
+    /// The last entries did not check out and were cut off as a torn
+    /// append (whose blocks were not overwritten yet; damage that near the
+    /// end looks the same).
     pub torn_tail: bool,
 }
 

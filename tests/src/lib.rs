@@ -610,7 +610,7 @@ impl CopyHost {
         let process = Process::start(scratch, &borrowed, address);
         // The admin endpoint may be bound a moment after the data port.
         let admin_up = wait_until(Duration::from_secs(10), || TcpStream::connect(admin).is_ok());
-        assert!(admin_up, "copy host admin endpoint {admin} never accepted");
+        assert!(admin_up, "copy host admin endpoint {admin} never accepted:\n{}", process.log());
         CopyHost { process, address, admin, args }
     }
 }

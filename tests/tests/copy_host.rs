@@ -49,6 +49,13 @@ fn restart(host: &mut Host) {
     assert!(host.process.stop_with(libc::SIGTERM).success(), "{}", host.process.log());
     let args: Vec<&str> = host.args.iter().map(String::as_str).collect();
     host.process = Process::start(&host.scratch, &args, host.address);
+    // The admin endpoint may be bound a moment after the data port.
+    let admin = host.admin;
+    assert!(
+        wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(admin).is_ok()),
+        "copy host admin endpoint {admin} never accepted:\n{}",
+        host.process.log()
+    );
 }
 
 fn identity() -> VolumeIdentity {

@@ -43,7 +43,8 @@ pub fn run(args: RollbackArgs) -> anyhow::Result<()> {
                 rolled.bytes,
                 rolled.entries,
                 if rolled.torn_tail {
-                    "; a torn tail of the journal was ignored (its blocks were never overwritten)"
+                    "; the journal's last entries did not check out and were cut off as a torn append (a crash leaves their \
+                     blocks not yet overwritten; damage within 4 MiB of the journal's end would look the same)"
                 } else {
                     ""
                 }

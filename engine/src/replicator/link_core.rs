@@ -1641,11 +1641,12 @@ impl<H, V> LinkCore<H, V> {
         let region_start = region * region_bytes;
         let region_end = (region_start + region_bytes).min(self.config.volume_bytes);
         if let Some(mask) =
-            self.resync_pending.parts_of(region).filter(|_| self.resync_pending.part_bytes() <= read_bytes_max)
+            self.resync_pending.parts_of(region).filter(|_| self.resync_pending.part_bytes() <= RESYNC_FRAME_BYTES)
         {
-            // Pending in parts: the first run of them, as one read. (A part
-            // larger than a read, of a region of 128 MiB or more, is read
-            // with its region whole, in parts, below.)
+            // Pending in parts: the first run of them, as one read (at least
+            // one part, at most RESYNC_FRAME_BYTES). A part larger than
+            // that, of a region over 64 MiB, is read with its region whole,
+            // a read at a time, below.
             let part_bytes = self.resync_pending.part_bytes();
             let first = u64::from(mask.trailing_zeros());
             let run = u64::from((!(mask >> first)).trailing_zeros()).min((read_bytes_max / part_bytes).max(1));

@@ -608,7 +608,7 @@ fn parts_never_shrink_what_is_pending_whole() {
     );
 }
 
-/// A part larger than a resync read (a region of 128 MiB has parts of 2
+/// A part larger than a resync frame (a region of 128 MiB has parts of 2
 /// MiB; a read is at most 1 MiB, less on a young connection's window) is
 /// not read in one go: its region is read whole, a read at a time.
 #[test]
