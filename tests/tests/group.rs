@@ -128,7 +128,12 @@ fn two_copy_sites_end_byte_identical_after_fio() {
     group.wait_for(Duration::from_secs(30), |record| {
         copy_entry(record, "west")["state"] == "current" && copy_entry(record, "north")["state"] == "current"
     });
-    let failed = stop_group(&mut group, &["c", "b", "w", "a"]);
+    // The production host first, as a planned stop goes: SIGTERMed together
+    // with every peer, it has been seen to outlive the 20 s (its links'
+    // stale records wait for a quorum that is going away; issue 12's
+    // sixteenth-session note), which this test is not about.
+    let mut failed = stop_group(&mut group, &["a"]);
+    failed.extend(stop_group(&mut group, &["c", "b", "w"]));
     let east = sha(&group.store("a"));
     assert_eq!(sha(&group.store("b")), east, "the sync copy differs from production");
     assert_eq!(sha(&group.store("c")), east, "the async copy differs from production");
