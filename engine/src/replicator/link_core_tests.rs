@@ -171,7 +171,11 @@ fn connect(core: &mut TestCore, dirty: &[u64], now_ms: u64) {
 /// Connect with nothing dirty, and take the copy up to date: the pass is
 /// only its closing Flush (sequence 1), acknowledged and recorded current.
 fn up_to_date(mode: MirrorMode, lag_bytes_max: u64) -> TestCore {
-    let mut core = core(mode, lag_bytes_max);
+    brought_up_to_date(core(mode, lag_bytes_max))
+}
+
+/// [`up_to_date`] for a core made otherwise.
+fn brought_up_to_date(mut core: TestCore) -> TestCore {
     connect(&mut core, &[], 0);
     assert_eq!(core.poll_send(0), send(vec![flush_frame(1, FrameFlags::SYNCED)]));
     assert_eq!(
@@ -615,14 +619,7 @@ fn parts_never_shrink_what_is_pending_whole() {
 fn a_part_larger_than_a_read_is_read_with_its_region_a_read_at_a_time() {
     const BIG: u64 = 128 << 20;
     let config = CoreConfig { region_bytes: BIG, volume_bytes: 4 * BIG, ..core_config(MirrorMode::Sync, 0) };
-    let mut core = LinkCore::new(config);
-    connect(&mut core, &[], 0);
-    assert_eq!(core.poll_send(0), send(vec![flush_frame(1, FrameFlags::SYNCED)]));
-    assert_eq!(
-        ack(&mut core, FrameKind::FlushAck, 1, &mut nothing_in_flight()),
-        vec![Command::Persist(RecordedState::Current)]
-    );
-    assert_eq!(core.persisted(Ok(())), vec![]);
+    let mut core = brought_up_to_date(LinkCore::new(config));
     assert_eq!(core.missed(BIG + 4096, 1), vec![Command::Persist(RecordedState::Syncing)]);
     assert_eq!(core.persisted(Ok(())), vec![]);
     assert_eq!(core.resync_pending().bytes(), 2 << 20, "one part of 2 MiB pending");
