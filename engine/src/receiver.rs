@@ -48,6 +48,7 @@ pub struct ReceiverCounters {
     frames_rejected: AtomicU64,
     old_epoch_refused: AtomicU64,
     write_bytes_accepted: AtomicU64,
+    frames_read_alone: AtomicU64,
 }
 
 impl ReceiverCounters {
@@ -72,6 +73,17 @@ impl ReceiverCounters {
     /// Payload bytes of accepted writes.
     pub fn write_bytes_accepted(&self) -> u64 {
         self.write_bytes_accepted.load(Ordering::Relaxed)
+    }
+
+    /// Frames the applying thread read from the socket itself, while they
+    /// arrived one at a time (each spared a hand-off between threads).
+    pub fn frames_read_alone(&self) -> u64 {
+        self.frames_read_alone.load(Ordering::Relaxed)
+    }
+
+    /// Count one frame read by the applying thread.
+    pub(crate) fn record_read_alone(&self) {
+        self.frames_read_alone.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Count one frame refused for `error`; returns the new total of

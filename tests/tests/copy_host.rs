@@ -253,6 +253,99 @@ fn many_frames_sent_together_are_applied_and_acknowledged_in_order() {
     assert_eq!(status(&host)["frames_accepted"], WRITES, "{}", status(&host));
 }
 
+/// Frames that arrive one at a time are read by the applying thread itself
+/// (a hand-off between threads spared per write at QD1), frames that arrive
+/// in bunches by the helper thread ahead of it; the socket changes hands
+/// between them. Across every change of hands the frames are applied and
+/// acknowledged in the order sent: lone writes, lone flushes (a flush is
+/// still in flight when the next frame is due, so the helper must read it),
+/// bursts that begin while the applying thread reads, and lone writes
+/// again, to and from a direct and a buffered store.
+#[test]
+fn the_socket_changes_hands_between_lone_and_bunched_frames_and_order_holds() {
+    const BLOCKS: u64 = 8;
+    for extra in [&[][..], &["--direct"][..]] {
+        let host = copy_host_with("copy-host-hands", "8M", extra);
+        let mut connection = connect(&host, identity());
+        let mut expected = Expected { store: vec![0u8; SIZE as usize], fill: 0 };
+        let lone = |connection: &mut CopyConnection, expected: &mut Expected, count: u64, flushes: bool| {
+            for index in 0..count {
+                let (sequence, bytes) = expected.write(connection, index % BLOCKS);
+                connection.send_raw(&bytes).unwrap();
+                let ack = connection.receive().unwrap();
+                assert_eq!((ack.header.kind, ack.header.sequence), (FrameKind::WriteAck, sequence), "{extra:?}");
+                if flushes && index % 4 == 3 {
+                    let header = connection.header(FrameKind::Flush, FrameFlags::NONE, 1, 1);
+                    connection.send(&header, &[]).unwrap();
+                    let ack = connection.receive().unwrap();
+                    assert_eq!((ack.header.kind, ack.header.sequence), (FrameKind::FlushAck, header.sequence));
+                }
+            }
+        };
+        let read_alone = |host: &Host| status(host)["frames_read_alone"].as_u64().unwrap();
+        let mut alone_before = 0;
+        for round in 0..3 {
+            lone(&mut connection, &mut expected, 40, round == 1);
+            let alone = read_alone(&host);
+            assert!(
+                alone >= alone_before + 30,
+                "{extra:?} round {round}: of 40 lone writes the applying thread read {} itself",
+                alone - alone_before
+            );
+            // A burst, sent in one piece while the applying thread reads.
+            let mut bytes = Vec::new();
+            let mut sequences = Vec::new();
+            for index in 0..200 {
+                let (sequence, frame_bytes) = expected.write(&mut connection, index % BLOCKS);
+                bytes.extend_from_slice(&frame_bytes);
+                sequences.push(sequence);
+            }
+            connection.send_raw(&bytes).unwrap();
+            for sequence in &sequences {
+                let ack = connection.receive().unwrap();
+                assert_eq!((ack.header.kind, ack.header.sequence), (FrameKind::WriteAck, *sequence), "{extra:?}");
+            }
+            let after_burst = read_alone(&host);
+            assert!(
+                after_burst - alone < 100,
+                "{extra:?} round {round}: the applying thread read {} of a burst of 200 itself",
+                after_burst - alone
+            );
+            alone_before = after_burst;
+        }
+        let header = connection.header(FrameKind::Flush, FrameFlags::NONE, 1, 1);
+        connection.send(&header, &[]).unwrap();
+        assert_eq!(connection.receive().unwrap().header.kind, FrameKind::FlushAck);
+        assert!(
+            contents(&host) == expected.store,
+            "{extra:?}: the last write sent to each block is not what the store holds"
+        );
+        assert_rejected(&host, 0);
+    }
+}
+
+/// What a store holds after the writes made so far, each 4 KiB of a new fill.
+struct Expected {
+    store: Vec<u8>,
+    fill: u8,
+}
+
+impl Expected {
+    /// A write of the next fill to 4 KiB block `block`: its sequence and
+    /// its encoded frame.
+    fn write(&mut self, connection: &mut CopyConnection, block: u64) -> (u64, Vec<u8>) {
+        self.fill = self.fill.wrapping_add(1).max(1);
+        let data = vec![self.fill; 4096];
+        let at = (block * 4096) as usize;
+        self.store[at..at + 4096].copy_from_slice(&data);
+        let mut header = connection.header(FrameKind::Write, FrameFlags::NONE, 1, 1);
+        header.offset = at as u64;
+        header.length = data.len() as u32;
+        header.payload_len = data.len() as u32;
+        (header.sequence, encode_frame(&header, &data))
+    }
+}
+
 /// During a pass on a consistent store, a write first saves a before-image
 /// of the 64 KiB it lands in (a read and an append to the undo journal; the
 /// writes that arrive together share an fdatasync), so a burst of writes to

@@ -119,6 +119,7 @@ pub fn status_json(status: &CopyRoleStatus) -> serde_json::Value {
         "frames_rejected": status.frames_rejected,
         "old_epoch_refused": status.old_epoch_refused,
         "write_bytes_accepted": status.write_bytes_accepted,
+        "frames_read_alone": status.frames_read_alone,
         // The way back to the last consistent image while a pass runs.
         "dr_image": match &status.dr_image {
             DrImage::None => serde_json::json!({ "state": "none" }),

@@ -2,12 +2,14 @@
 //! [`crate::receiver::Receiver`]), store raised promises durably, apply the
 //! change through [`crate::applier`] and send the acks it releases, in
 //! order. A helper thread reads and checks frames ahead of the applying
-//! thread (at most PIPELINE_FRAMES); a change that cannot be applied is
-//! reported to the production host in an Error frame.
+//! thread (at most PIPELINE_FRAMES), except while they arrive one at a time
+//! (see [`Socket`]); a change that cannot be applied is reported to the
+//! production host in an Error frame.
 
 use std::collections::VecDeque;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::connection::{log_ending, refusal_name, Connection, Ending};
@@ -18,7 +20,7 @@ use crate::metadata::StoreState;
 use crate::protocol::auth::Session;
 use crate::protocol::copy_failure::{CopyFailure, CopyFailureKind};
 use crate::protocol::frame::{encode_frame, Frame};
-use crate::receiver::{Apply, Receiver, Step};
+use crate::receiver::{Apply, Receiver, ReceiverCounters, Step};
 
 /// Batches of frames read and checked ahead of the one being applied: each
 /// one frame (at most a maximal frame, 32 MiB; in practice one NBD request,
@@ -30,8 +32,12 @@ const PIPELINE_FRAMES: usize = 8;
 const BATCH_FRAMES: usize = 64;
 
 /// What the reading stage hands the applying stage: frames in order, the
-/// last of them possibly how the connection ended.
-type Batch = Vec<Result<Frame, Ending>>;
+/// last of them possibly how the connection ended; and whether the socket
+/// is the applying thread's to read after them (see [`Socket`]).
+struct Batch {
+    frames: Vec<Result<Frame, Ending>>,
+    hand_over: bool,
+}
 /// After an Error frame, how long the connection is read and discarded
 /// while the production host closes its end: closing with its frames
 /// unread would reset the connection, and the reset may discard the report.
@@ -83,25 +89,38 @@ pub(super) fn receive(connection: &mut Connection<'_>, session: &Session) {
     // writes as they are.
     connection.receive_into(applier.pool());
     let (sender, frames) = std::sync::mpsc::sync_channel::<Batch>(PIPELINE_FRAMES);
+    let socket = Socket::new(connection);
     std::thread::scope(|scope| {
         let ringer = doorbell.clone();
-        scope.spawn(move || loop {
-            let mut batch = Batch::new();
-            let ended = loop {
-                let next = connection.next_frame(None);
-                let ended = next.is_err();
-                batch.push(next);
-                if ended || batch.len() == BATCH_FRAMES || !connection.next_frame_buffered() {
-                    break ended;
+        let socket = &socket;
+        scope.spawn(move || {
+            let mut lone_before = false;
+            while let Some(connection) = socket.take(Turn::Helper) {
+                let mut frames = Vec::new();
+                let ended = loop {
+                    let next = connection.next_frame(None);
+                    let ended = next.is_err();
+                    frames.push(next);
+                    if ended || frames.len() == BATCH_FRAMES || !connection.next_frame_buffered() {
+                        break ended;
+                    }
+                };
+                // A second lone frame in a row: the socket goes with it.
+                let lone = !ended && frames.len() == 1 && !connection.next_frame_buffered();
+                let hand_over = lone && lone_before;
+                lone_before = lone && !hand_over;
+                socket.put_back(connection, if hand_over { Turn::Applier } else { Turn::Helper });
+                let sent = sender.send(Batch { frames, hand_over });
+                ringer.ring();
+                if sent.is_err() || ended {
+                    break;
                 }
-            };
-            let sent = sender.send(batch);
-            ringer.ring();
-            if sent.is_err() || ended {
-                break;
             }
         });
-        let ending = apply_frames(host, peer, session, &frames, &doorbell, &mut applier, &mut writer);
+        let ending = apply_frames(host, peer, session, (&frames, socket), &doorbell, &mut applier, &mut writer);
+        // The helper reads whatever comes from now on (the lingering after
+        // an Error frame included), until the end.
+        socket.applying_ended();
         // What was applied before the connection ended (or before the change
         // that failed: after a failure replies leave in order, and a failed
         // change's never) is acknowledged.
@@ -124,10 +143,104 @@ pub(super) fn receive(connection: &mut Connection<'_>, session: &Session) {
             let _ = writer.shutdown(std::net::Shutdown::Write);
             linger(&frames);
         }
-        // Stop the reader: it sees the closed channel or the closed socket.
+        // Stop the reader: it sees the closed channel, the closed socket or
+        // that its turn never comes again.
         drop(frames);
+        socket.put_turn(Turn::Done);
         let _ = writer.shutdown(std::net::Shutdown::Both);
     });
+}
+
+/// Whose turn it is to read the socket.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Turn {
+    /// The helper thread's: it reads frames and hands them over in batches.
+    Helper,
+    /// The applying thread's, while frames arrive one at a time.
+    Applier,
+    /// Nobody's: the connection is ending.
+    Done,
+}
+
+/// The connection's socket, read by one thread at a time. The helper reads
+/// it while frames come in bunches, so that reading (a socket copy, a CRC)
+/// overlaps applying. When frames arrive one at a time with nothing in
+/// between (a lone sync write at a time, QD1), the hand-off of each frame
+/// between the two threads is a wake-up that the production host's write
+/// waits for (25–50 µs on the shared virtual cores of the benchmarks): after
+/// two lone frames in a row the helper hands the socket over with the
+/// second, and the applying thread reads the next frames itself while it
+/// has nothing in flight. It hands the socket back as soon as a read
+/// leaves another frame whole behind the one it took, or a change is still
+/// in flight when the next frame is due.
+struct Socket<'c, 'h> {
+    holder: Mutex<Holder<'c, 'h>>,
+    turn_changed: Condvar,
+}
+
+struct Holder<'c, 'h> {
+    /// The connection, taken out by whichever thread reads it.
+    connection: Option<&'c mut Connection<'h>>,
+    turn: Turn,
+    /// Whether the applying stage still runs (the socket is handed over
+    /// only while it does).
+    applying: bool,
+}
+
+impl<'c, 'h> Socket<'c, 'h> {
+    fn new(connection: &'c mut Connection<'h>) -> Self {
+        Socket {
+            holder: Mutex::new(Holder { connection: Some(connection), turn: Turn::Helper, applying: true }),
+            turn_changed: Condvar::new(),
+        }
+    }
+
+    /// The connection, once it is `turn`'s to read; `None` once the
+    /// connection is ending. Taken whole: the reader holds no lock while it
+    /// blocks on the socket.
+    fn take(&self, turn: Turn) -> Option<&'c mut Connection<'h>> {
+        let mut holder = self.holder.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if holder.turn == Turn::Done {
+                return None;
+            }
+            if holder.turn == turn {
+                if let Some(connection) = holder.connection.take() {
+                    return Some(connection);
+                }
+            }
+            holder = self.turn_changed.wait(holder).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Give the connection back, with the turn to read it next.
+    fn put_back(&self, connection: &'c mut Connection<'h>, turn: Turn) {
+        let mut holder = self.holder.lock().unwrap_or_else(PoisonError::into_inner);
+        holder.connection = Some(connection);
+        let turn = if turn == Turn::Applier && !holder.applying { Turn::Helper } else { turn };
+        self.set_turn(&mut holder, turn);
+    }
+
+    /// The applying stage stopped: the helper reads from now on.
+    fn applying_ended(&self) {
+        let mut holder = self.holder.lock().unwrap_or_else(PoisonError::into_inner);
+        holder.applying = false;
+        self.set_turn(&mut holder, Turn::Helper);
+    }
+
+    /// Pass the turn (the connection is not being read, or its reader will
+    /// give it back): the connection's end is never undone.
+    fn put_turn(&self, turn: Turn) {
+        let mut holder = self.holder.lock().unwrap_or_else(PoisonError::into_inner);
+        self.set_turn(&mut holder, turn);
+    }
+
+    fn set_turn(&self, holder: &mut Holder<'c, 'h>, turn: Turn) {
+        if holder.turn != Turn::Done && holder.turn != turn {
+            holder.turn = turn;
+            self.turn_changed.notify_all();
+        }
+    }
 }
 
 /// Read and discard frames until the production host closes its end (it
@@ -137,7 +250,7 @@ fn linger(frames: &std::sync::mpsc::Receiver<Batch>) {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match frames.recv_timeout(left) {
-            Ok(batch) if !left.is_zero() && batch.iter().all(Result::is_ok) => {}
+            Ok(batch) if !left.is_zero() && batch.frames.iter().all(Result::is_ok) => {}
             _ => return,
         }
     }
@@ -162,7 +275,7 @@ fn apply_frames(
     host: &Host,
     peer: SocketAddr,
     session: &Session,
-    frames: &std::sync::mpsc::Receiver<Batch>,
+    (frames, socket): (&std::sync::mpsc::Receiver<Batch>, &Socket<'_, '_>),
     doorbell: &Doorbell,
     applier: &mut Applier<'_>,
     writer: &mut TcpStream,
@@ -170,7 +283,15 @@ fn apply_frames(
     let metadata = *host.metadata();
     let mut receiver = Receiver::new(session, metadata, host.volume.size(), host.counters());
     let mut outgoing: Vec<u8> = Vec::new();
-    let mut received = Received { frames, batch: VecDeque::new(), taken: 0, replied_at: Instant::now() };
+    let mut received = Received {
+        frames,
+        socket,
+        counters: host.counters(),
+        reading: false,
+        batch: VecDeque::new(),
+        taken: 0,
+        replied_at: Instant::now(),
+    };
     let (mut held, mut held_bytes) = (Vec::new(), 0);
     loop {
         let next = if held.is_empty() {
@@ -238,19 +359,64 @@ fn issue_held(host: &Host, peer: SocketAddr, applier: &mut Applier<'_>, held: &m
 }
 
 /// The frames from the reader, and those of its last batch not yet taken;
-/// how many were taken since replies last went out, and when that was.
-struct Received<'a> {
+/// whether the socket is this thread's to read (see [`Socket`]); how many
+/// frames were taken since replies last went out, and when that was.
+struct Received<'a, 'c, 'h> {
     frames: &'a std::sync::mpsc::Receiver<Batch>,
+    socket: &'a Socket<'c, 'h>,
+    counters: &'a ReceiverCounters,
+    reading: bool,
     batch: VecDeque<Result<Frame, Ending>>,
     taken: usize,
     replied_at: Instant,
 }
 
-impl Received<'_> {
+impl Received<'_, '_, '_> {
     /// The next frame of `batch`, which is then the rest of it.
     fn first_of(&mut self, batch: Batch) -> Result<Result<Frame, Ending>, Applied> {
-        self.batch.extend(batch);
+        self.keep(batch);
         self.batch.pop_front().ok_or(Applied::Ended)
+    }
+
+    /// Queue a batch's frames; the helper reads nothing after a batch that
+    /// hands the socket over.
+    fn keep(&mut self, batch: Batch) {
+        self.reading |= batch.hand_over;
+        self.batch.extend(batch.frames);
+    }
+
+    /// The next frame, read from the socket by this thread: only when every
+    /// frame the helper read was taken and nothing is in flight. The socket
+    /// goes back to the helper when the read left another frame whole
+    /// behind this one (frames come in bunches again).
+    fn read_alone(&mut self) -> Result<Frame, Ending> {
+        debug_assert!(self.reading && self.batch.is_empty());
+        let Some(connection) = self.socket.take(Turn::Applier) else {
+            self.reading = false;
+            return Err(Ending::Shutdown);
+        };
+        let next = connection.next_frame(None);
+        let bunched = next.is_ok() && connection.next_frame_buffered();
+        self.reading = next.is_ok() && !bunched;
+        let turn = match &next {
+            Err(_) => Turn::Done,
+            Ok(_) if bunched => Turn::Helper,
+            Ok(_) => Turn::Applier,
+        };
+        self.socket.put_back(connection, turn);
+        self.taken += 1;
+        if next.is_ok() {
+            self.counters.record_read_alone();
+        }
+        next
+    }
+
+    /// The helper reads the socket again (a change is in flight, or the
+    /// applying stage stops).
+    fn hand_back(&mut self) {
+        if std::mem::take(&mut self.reading) {
+            self.socket.put_turn(Turn::Helper);
+        }
     }
 
     fn try_next(&mut self) -> Result<Option<Result<Frame, Ending>>, Applied> {
@@ -273,7 +439,7 @@ impl Received<'_> {
     fn nothing_waiting(&mut self) -> bool {
         if self.batch.is_empty() {
             if let Ok(batch) = self.frames.try_recv() {
-                self.batch.extend(batch);
+                self.keep(batch);
             }
         }
         self.batch.is_empty()
@@ -289,7 +455,7 @@ impl Received<'_> {
 /// Send the replies the applier has released; `Err` once the socket failed.
 fn send_replies(
     peer: SocketAddr,
-    received: &mut Received<'_>,
+    received: &mut Received<'_, '_, '_>,
     applier: &mut Applier<'_>,
     writer: &mut TcpStream,
     outgoing: &mut Vec<u8>,
@@ -314,7 +480,7 @@ fn send_replies(
 fn wait_for_frame(
     host: &Host,
     peer: SocketAddr,
-    received: &mut Received<'_>,
+    received: &mut Received<'_, '_, '_>,
     doorbell: &Doorbell,
     applier: &mut Applier<'_>,
     writer: &mut TcpStream,
@@ -331,10 +497,15 @@ fn wait_for_frame(
         }
         send_replies(peer, received, applier, writer, outgoing)?;
         if applier.idle() {
+            if received.reading {
+                return Ok(received.read_alone());
+            }
             let batch = received.frames.recv().map_err(|_| Applied::Ended)?;
             return received.first_of(batch);
         }
-        // Wait for a change to complete or a frame to arrive.
+        // Wait for a change to complete or a frame to arrive; frames are
+        // the helper's to read meanwhile.
+        received.hand_back();
         doorbell.arm();
         match received.try_next() {
             Ok(Some(next)) => {

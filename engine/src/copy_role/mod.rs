@@ -167,6 +167,9 @@ pub struct CopyRoleStatus {
     pub old_epoch_refused: u64,
     /// Bytes of writes accepted.
     pub write_bytes_accepted: u64,
+    /// Frames the applying thread read itself while they arrived one at a
+    /// time (a lone sync write at a time), each sparing a thread hand-off.
+    pub frames_read_alone: u64,
     /// The way back to the last consistent image while a pass runs.
     pub dr_image: DrImage,
 }
@@ -282,6 +285,7 @@ impl Shown {
             frames_rejected: self.counters.frames_rejected(),
             old_epoch_refused: self.counters.old_epoch_refused(),
             write_bytes_accepted: self.counters.write_bytes_accepted(),
+            frames_read_alone: self.counters.frames_read_alone(),
             dr_image: self.dr_image.lock().unwrap_or_else(PoisonError::into_inner).clone(),
         }
     }
