@@ -156,8 +156,19 @@ fn ack(
     sequence: u64,
     in_flight: &mut dyn FnMut(u64) -> bool,
 ) -> Vec<TestCommand> {
+    ack_at(core, kind, sequence, 0, in_flight)
+}
+
+/// [`ack`] at the core's time `now_ms`.
+fn ack_at(
+    core: &mut TestCore,
+    kind: FrameKind,
+    sequence: u64,
+    now_ms: u64,
+    in_flight: &mut dyn FnMut(u64) -> bool,
+) -> Vec<TestCommand> {
     let connection = core.connection();
-    core.acked(connection, kind, sequence, Vec::new(), 0, in_flight).expect("an acknowledgement in order")
+    core.acked(connection, kind, sequence, Vec::new(), now_ms, in_flight).expect("an acknowledgement in order")
 }
 
 /// Connect with `dirty` regions: recorded syncing first, then the pass.
@@ -498,6 +509,45 @@ fn a_periodic_flush_waits_until_the_one_before_is_acknowledged() {
     assert_eq!(frames_sent(core.poll_send(3 * CLEAN_MS)), vec![]);
     assert_eq!(ack(&mut core, FrameKind::FlushAck, 3, &mut nothing_in_flight()), vec![]);
     assert_eq!(frames_sent(core.poll_send(3 * CLEAN_MS)), vec![(FrameKind::Flush, 5)]);
+}
+
+/// A Flush for clearing holds every write behind it on the copy while its
+/// disk writes back. While writes keep the link busy, the next one waits
+/// CLEAN_FLUSH_SPACING times as long as the last one took the copy (200 ms
+/// here: 2 s), and never longer than CLEAN_INTERVAL_MAX (a Flush of 1 s: 5
+/// s, not 10). Once the link was quiet for CLEAN_INTERVAL, the next goes
+/// CLEAN_INTERVAL after the last, as before.
+#[test]
+fn a_slow_clearing_flush_spaces_the_next_while_writes_keep_coming() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    write_acked_at(&mut core, 2, 7, 2, 0);
+    let mut sequence = 3;
+    // The Flush due at `sent_ms`, acknowledged `took_ms` later.
+    let flush_taking = |core: &mut TestCore, sent_ms: u64, took_ms: u64, sequence: &mut u64| {
+        assert_eq!(frames_sent(core.poll_send(sent_ms)), vec![(FrameKind::Flush, *sequence)], "at {sent_ms} ms");
+        ack_at(core, FrameKind::FlushAck, *sequence, sent_ms + took_ms, &mut nothing_in_flight());
+        *sequence += 1;
+    };
+    // A write every 100 ms until `due_ms`, and between them no Flush.
+    let writes_until = |core: &mut TestCore, from_ms: u64, due_ms: u64, sequence: &mut u64| {
+        for now_ms in (from_ms..due_ms).step_by(100) {
+            write_acked_at(core, 4, 100 + *sequence, *sequence, now_ms);
+            *sequence += 1;
+            assert_eq!(frames_sent(core.poll_send(now_ms + 99)), vec![], "a Flush before {due_ms} ms");
+        }
+    };
+    flush_taking(&mut core, CLEAN_MS, 200, &mut sequence);
+    writes_until(&mut core, CLEAN_MS + 200, CLEAN_MS + 2000, &mut sequence);
+    // That one took 1 s: the next is due 5 s after it was sent, not 10.
+    flush_taking(&mut core, CLEAN_MS + 2000, 1000, &mut sequence);
+    writes_until(&mut core, CLEAN_MS + 3000, CLEAN_MS + 7000, &mut sequence);
+    flush_taking(&mut core, CLEAN_MS + 7000, 1000, &mut sequence);
+    // A last write, then quiet: the next Flush is due CLEAN_INTERVAL after
+    // the last one was sent, once the link was quiet for CLEAN_INTERVAL.
+    write_acked_at(&mut core, 4, 3, sequence, CLEAN_MS + 8000);
+    sequence += 1;
+    assert_eq!(frames_sent(core.poll_send(CLEAN_MS + 8000 + CLEAN_MS - 1)), vec![], "the link was busy");
+    flush_taking(&mut core, CLEAN_MS + 8000 + CLEAN_MS, 10, &mut sequence);
 }
 
 /// `--assume-clean`: dirty regions need no resync when both stores hold no
