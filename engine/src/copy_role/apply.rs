@@ -105,8 +105,9 @@ pub(super) fn receive(connection: &mut Connection<'_>, session: &Session) {
                         break ended;
                     }
                 };
-                // A second lone frame in a row: the socket goes with it.
-                let lone = !ended && frames.len() == 1 && !connection.next_frame_buffered();
+                // A second lone frame in a row (nothing behind it, in the
+                // read buffer or the socket): the socket goes with it.
+                let lone = !ended && frames.len() == 1 && connection.nothing_unread();
                 let hand_over = lone && lone_before;
                 lone_before = lone && !hand_over;
                 socket.put_back(connection, if hand_over { Turn::Applier } else { Turn::Helper });
@@ -168,11 +169,13 @@ enum Turn {
 /// between (a lone sync write at a time, QD1), the hand-off of each frame
 /// between the two threads is a wake-up that the production host's write
 /// waits for (25–50 µs on the shared virtual cores of the benchmarks): after
-/// two lone frames in a row the helper hands the socket over with the
-/// second, and the applying thread reads the next frames itself while it
-/// has nothing in flight. It hands the socket back as soon as a read
-/// leaves another frame whole behind the one it took, or a change is still
-/// in flight when the next frame is due.
+/// two lone frames in a row (no byte behind either, in the read buffer or
+/// the socket: a large payload read straight into its buffer does not count
+/// as lone while the next one is arriving) the helper hands the socket over
+/// with the second, and the applying thread reads the next frames itself
+/// while it has nothing in flight. It hands the socket back as soon as a
+/// read leaves bytes of another frame behind the one it took, or a change
+/// is still in flight when the next frame is due.
 struct Socket<'c, 'h> {
     holder: Mutex<Holder<'c, 'h>>,
     turn_changed: Condvar,
@@ -288,6 +291,7 @@ fn apply_frames(
         socket,
         counters: host.counters(),
         reading: false,
+        bunched: false,
         batch: VecDeque::new(),
         taken: 0,
         replied_at: Instant::now(),
@@ -366,6 +370,8 @@ struct Received<'a, 'c, 'h> {
     socket: &'a Socket<'c, 'h>,
     counters: &'a ReceiverCounters,
     reading: bool,
+    /// The last frame this thread read had another behind it.
+    bunched: bool,
     batch: VecDeque<Result<Frame, Ending>>,
     taken: usize,
     replied_at: Instant,
@@ -387,7 +393,7 @@ impl Received<'_, '_, '_> {
 
     /// The next frame, read from the socket by this thread: only when every
     /// frame the helper read was taken and nothing is in flight. The socket
-    /// goes back to the helper when the read left another frame whole
+    /// goes back to the helper when the read left bytes of another frame
     /// behind this one (frames come in bunches again).
     fn read_alone(&mut self) -> Result<Frame, Ending> {
         debug_assert!(self.reading && self.batch.is_empty());
@@ -396,8 +402,9 @@ impl Received<'_, '_, '_> {
             return Err(Ending::Shutdown);
         };
         let next = connection.next_frame(None);
-        let bunched = next.is_ok() && connection.next_frame_buffered();
+        let bunched = next.is_ok() && !connection.nothing_unread();
         self.reading = next.is_ok() && !bunched;
+        self.bunched = bunched;
         let turn = match &next {
             Err(_) => Turn::Done,
             Ok(_) if bunched => Turn::Helper,
@@ -437,6 +444,10 @@ impl Received<'_, '_, '_> {
     /// batch, and none from the reader now (a batch that came is kept for
     /// [`Received::try_next`]).
     fn nothing_waiting(&mut self) -> bool {
+        if std::mem::take(&mut self.bunched) {
+            // The helper is reading the frame behind it.
+            return false;
+        }
         if self.batch.is_empty() {
             if let Ok(batch) = self.frames.try_recv() {
                 self.keep(batch);

@@ -7,6 +7,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -115,6 +116,18 @@ impl Connection<'_> {
         let buffered = &self.read_buffer[self.read_start..self.read_end];
         let Some(header) = buffered.first_chunk::<HEADER_LEN>() else { return false };
         decode_header(header).is_ok_and(|header| buffered.len() - HEADER_LEN >= header.payload_len as usize)
+    }
+
+    /// Whether no byte waits to be read: none in the read buffer, none in
+    /// the socket's receive queue. After a frame, this says it came alone.
+    pub(super) fn nothing_unread(&self) -> bool {
+        if self.read_start != self.read_end {
+            return false;
+        }
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int, the bytes the socket holds.
+        let done = unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::FIONREAD, &mut queued) };
+        done == 0 && queued == 0
     }
 
     /// Receive data payloads into buffers of `pool` from now on.

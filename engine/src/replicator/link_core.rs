@@ -82,12 +82,16 @@ const CLEAN_INTERVAL: Duration = Duration::from_millis(500);
 /// held the copy's writes about 40 % of the time (1M sequential writes QD8
 /// through a sync `--direct` copy). While writes keep the link busy, the
 /// next Flush for clearing waits at least this many times as long as the
-/// last one took the copy, up to CLEAN_INTERVAL_MAX: clearing then costs at
-/// most about a tenth of the copy's time. Bits clear later under such a
-/// load; a client's FLUSH or FUA is sent at once as ever, and nothing
-/// about what is acknowledged changes.
+/// last one took the copy (at the front of what it owes: not the writes
+/// before it), up to CLEAN_INTERVAL_MAX. A later Flush has more to write
+/// back, so this spaces out the stops more than it shortens them. The cap
+/// stays well under ACK_TIMEOUT: a sync copy's Flush left unacknowledged
+/// that long drops the link, and a buffered copy's fsync grows with what
+/// was written since the last one. Bits clear later under such a load; a
+/// client's FLUSH or FUA is sent at once as ever, and nothing about what is
+/// acknowledged, or when a bit may clear, changes.
 const CLEAN_FLUSH_SPACING: u64 = 10;
-const CLEAN_INTERVAL_MAX: Duration = Duration::from_secs(5);
+const CLEAN_INTERVAL_MAX: Duration = Duration::from_secs(2);
 /// Frames taken off the queue per send round.
 const SEND_BATCH_FRAMES: usize = 64;
 /// The most payload a writer sends itself on an idle link
@@ -500,7 +504,9 @@ pub(crate) struct LinkCore<H, V> {
     resync_sent_bytes: u64,
     last_flush_ms: u64,
     /// How long the last acknowledged Flush with a snapshot took the copy,
-    /// from its send to its acknowledgement (see CLEAN_FLUSH_SPACING).
+    /// from its send, or from when it reached the front of what the copy
+    /// owes if that was later, to its acknowledgement (see
+    /// CLEAN_FLUSH_SPACING); 0 on a new connection.
     clean_flush_ms: u64,
     last_sent_ms: u64,
     /// When the sender looks at the queue next, by the last wait it was
@@ -1122,6 +1128,7 @@ impl<H, V> LinkCore<H, V> {
         self.progress = false;
         self.last_sent_ms = now_ms;
         self.last_ack_ms = now_ms;
+        self.clean_flush_ms = 0;
         self.ack_seen = false;
         self.controller.connected(now_ms);
         self.resync_pending.clear_all();
@@ -1815,6 +1822,8 @@ impl<H, V> LinkCore<H, V> {
         if connection != self.connection {
             return Ok(Vec::new());
         }
+        // A Flush at the front is timed from when it got there (below).
+        let front_since_ms = self.front_since_ms;
         let Unacked { sent_at_ms, frame: acked, .. } = self.take_acked(kind, sequence, now_ms)?;
         self.ack_seen = true;
         if acked.final_flush && self.final_flush == Some(false) && self.queue.is_empty() && self.unacked.is_empty() {
@@ -1840,7 +1849,7 @@ impl<H, V> LinkCore<H, V> {
         // (Acknowledgements of an older connection never get here, and a
         // lost connection forgets the candidates, so every snapshot is current.)
         if let Some(snapshot) = acked.snapshot {
-            self.clean_flush_ms = now_ms.saturating_sub(sent_at_ms);
+            self.clean_flush_ms = now_ms.saturating_sub(sent_at_ms.max(front_since_ms));
             let cleared = self.clear_after_flush(snapshot, in_flight);
             if !cleared.is_empty() {
                 self.progress = true;

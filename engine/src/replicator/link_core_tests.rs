@@ -513,15 +513,16 @@ fn a_periodic_flush_waits_until_the_one_before_is_acknowledged() {
 
 /// A Flush for clearing holds every write behind it on the copy while its
 /// disk writes back. While writes keep the link busy, the next one waits
-/// CLEAN_FLUSH_SPACING times as long as the last one took the copy (200 ms
-/// here: 2 s), and never longer than CLEAN_INTERVAL_MAX (a Flush of 1 s: 5
-/// s, not 10). Once the link was quiet for CLEAN_INTERVAL, the next goes
-/// CLEAN_INTERVAL after the last, as before.
+/// CLEAN_FLUSH_SPACING times as long as the last one took the copy (150 ms
+/// here: 1.5 s), and never longer than CLEAN_INTERVAL_MAX (a Flush of 1 s:
+/// 2 s, not 10). A Flush is timed from when it reached the front of what
+/// the copy owes: the writes before it do not count. Once the link was
+/// quiet for CLEAN_INTERVAL, the next goes CLEAN_INTERVAL after the last,
+/// as before.
 #[test]
 fn a_slow_clearing_flush_spaces_the_next_while_writes_keep_coming() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
     write_acked_at(&mut core, 2, 7, 2, 0);
-    let mut sequence = 3;
     // The Flush due at `sent_ms`, acknowledged `took_ms` later.
     let flush_taking = |core: &mut TestCore, sent_ms: u64, took_ms: u64, sequence: &mut u64| {
         assert_eq!(frames_sent(core.poll_send(sent_ms)), vec![(FrameKind::Flush, *sequence)], "at {sent_ms} ms");
@@ -536,18 +537,25 @@ fn a_slow_clearing_flush_spaces_the_next_while_writes_keep_coming() {
             assert_eq!(frames_sent(core.poll_send(now_ms + 99)), vec![], "a Flush before {due_ms} ms");
         }
     };
-    flush_taking(&mut core, CLEAN_MS, 200, &mut sequence);
-    writes_until(&mut core, CLEAN_MS + 200, CLEAN_MS + 2000, &mut sequence);
-    // That one took 1 s: the next is due 5 s after it was sent, not 10.
-    flush_taking(&mut core, CLEAN_MS + 2000, 1000, &mut sequence);
-    writes_until(&mut core, CLEAN_MS + 3000, CLEAN_MS + 7000, &mut sequence);
-    flush_taking(&mut core, CLEAN_MS + 7000, 1000, &mut sequence);
+    // Sent behind a write that the copy acknowledges 300 ms later: the
+    // Flush took 150 ms from there, not 450.
+    assert_eq!(ship(&mut core, 4, Some(1), CLEAN_MS), vec![]);
+    assert_eq!(frames_sent(core.poll_send(CLEAN_MS)), vec![(FrameKind::Write, 3)]);
+    assert_eq!(frames_sent(core.poll_send(CLEAN_MS)), vec![(FrameKind::Flush, 4)]);
+    ack_at(&mut core, FrameKind::WriteAck, 3, CLEAN_MS + 300, &mut nothing_in_flight());
+    ack_at(&mut core, FrameKind::FlushAck, 4, CLEAN_MS + 450, &mut nothing_in_flight());
+    let mut sequence = 5;
+    writes_until(&mut core, CLEAN_MS + 500, CLEAN_MS + 1500, &mut sequence);
+    // That one takes 1 s: the next is due 2 s after it was sent, not 10.
+    flush_taking(&mut core, CLEAN_MS + 1500, 1000, &mut sequence);
+    writes_until(&mut core, CLEAN_MS + 2500, CLEAN_MS + 3500, &mut sequence);
+    flush_taking(&mut core, CLEAN_MS + 3500, 1000, &mut sequence);
     // A last write, then quiet: the next Flush is due CLEAN_INTERVAL after
     // the last one was sent, once the link was quiet for CLEAN_INTERVAL.
-    write_acked_at(&mut core, 4, 3, sequence, CLEAN_MS + 8000);
+    write_acked_at(&mut core, 4, 3, sequence, CLEAN_MS + 4500);
     sequence += 1;
-    assert_eq!(frames_sent(core.poll_send(CLEAN_MS + 8000 + CLEAN_MS - 1)), vec![], "the link was busy");
-    flush_taking(&mut core, CLEAN_MS + 8000 + CLEAN_MS, 10, &mut sequence);
+    assert_eq!(frames_sent(core.poll_send(CLEAN_MS + 4500 + CLEAN_MS - 1)), vec![], "the link was busy");
+    flush_taking(&mut core, CLEAN_MS + 4500 + CLEAN_MS, 10, &mut sequence);
 }
 
 /// `--assume-clean`: dirty regions need no resync when both stores hold no
