@@ -606,12 +606,19 @@ impl CopyHost {
         .map(|arg| arg.to_string())
         .collect();
         args.extend(extra.iter().map(|arg| arg.to_string()));
+        let process = CopyHost::spawn(scratch, &args, address, admin);
+        CopyHost { process, address, admin, args }
+    }
+
+    /// Start a copy host process with `args` (a first start's, or the same
+    /// again for a restart), once both its data port and its admin endpoint
+    /// accept: the admin endpoint may be bound a moment after the data port.
+    pub fn spawn(scratch: &Scratch, args: &[String], address: SocketAddr, admin: SocketAddr) -> Process {
         let borrowed: Vec<&str> = args.iter().map(String::as_str).collect();
         let process = Process::start(scratch, &borrowed, address);
-        // The admin endpoint may be bound a moment after the data port.
         let admin_up = wait_until(Duration::from_secs(10), || TcpStream::connect(admin).is_ok());
         assert!(admin_up, "copy host admin endpoint {admin} never accepted:\n{}", process.log());
-        CopyHost { process, address, admin, args }
+        process
     }
 }
 

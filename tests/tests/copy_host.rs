@@ -47,15 +47,7 @@ fn copy_host_with(label: &str, size: &str, extra: &[&str]) -> Host {
 /// Stop the copy host with SIGTERM and start it again on the same store.
 fn restart(host: &mut Host) {
     assert!(host.process.stop_with(libc::SIGTERM).success(), "{}", host.process.log());
-    let args: Vec<&str> = host.args.iter().map(String::as_str).collect();
-    host.process = Process::start(&host.scratch, &args, host.address);
-    // The admin endpoint may be bound a moment after the data port.
-    let admin = host.admin;
-    assert!(
-        wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(admin).is_ok()),
-        "copy host admin endpoint {admin} never accepted:\n{}",
-        host.process.log()
-    );
+    host.process = CopyHost::spawn(&host.scratch, &host.args, host.address, host.admin);
 }
 
 fn identity() -> VolumeIdentity {
@@ -269,7 +261,14 @@ fn the_socket_changes_hands_between_lone_and_bunched_frames_and_order_holds() {
     for extra in [&[][..], &["--direct"][..]] {
         let host = copy_host_with("copy-host-hands", "8M", extra);
         let volume = identity();
-        let mut connection = connect(&host, volume);
+        // A hand-over that loses the socket shows as an answer that never
+        // comes: fail on it, do not hang.
+        let connected = |host: &Host| {
+            let connection = connect(host, volume);
+            connection.stream().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            connection
+        };
+        let mut connection = connected(&host);
         let mut expected = Expected { store: vec![0u8; SIZE as usize], fill: 0 };
         let lone = |connection: &mut CopyConnection, expected: &mut Expected, count: u64, flushes: bool| {
             for index in 0..count {
@@ -340,7 +339,7 @@ fn the_socket_changes_hands_between_lone_and_bunched_frames_and_order_holds() {
         assert!(connection.receive().is_err(), "{extra:?}: the copy must close the connection");
         assert_rejected(&host, 1);
         // The production host's next session takes over, and is served.
-        let mut connection = connect(&host, volume);
+        let mut connection = connected(&host);
         lone(&mut connection, &mut expected, 10, true);
         assert!(
             contents(&host) == expected.store,

@@ -211,7 +211,8 @@ impl CopyConnection {
         self.stream.write_all(bytes).map_err(|source| ReplicationError::Io { action: "send bytes", source })
     }
 
-    /// The next frame from the copy host; blocks.
+    /// The next frame from the copy host; blocks, up to the stream's read
+    /// timeout if one is set (then an error).
     pub fn receive(&mut self) -> Result<Frame, ReplicationError> {
         self.receive_until(None)
     }
@@ -247,7 +248,9 @@ impl CopyConnection {
                 }
                 Ok(received) => received,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                // With a deadline the loop above says when it passed; without
+                // one, the stream's own read timeout did.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock && deadline.is_some() => continue,
                 Err(source) => return Err(ReplicationError::Io { action: "read from the copy host", source }),
             };
             self.decoder.push(&self.read_buffer[..received])?;
