@@ -78,20 +78,29 @@ use crate::replicator::{Change, MirrorMode, RecordedState};
 const CLEAN_INTERVAL: Duration = Duration::from_millis(500);
 /// A Flush costs the copy's disk its write-back, and every write behind it
 /// waits: on a disk busy with the copy's writes (a virtual disk whose host
-/// caches them, say) one took about 0.2 s, so a Flush every CLEAN_INTERVAL
+/// caches them, say) one took 0.2-0.35 s, so a Flush every CLEAN_INTERVAL
 /// held the copy's writes about 40 % of the time (1M sequential writes QD8
 /// through a sync `--direct` copy). While writes keep the link busy, the
 /// next Flush for clearing waits at least this many times as long as the
 /// last one took the copy (at the front of what it owes: not the writes
-/// before it), up to CLEAN_INTERVAL_MAX. A later Flush has more to write
-/// back, so this spaces out the stops more than it shortens them. The cap
-/// stays well under ACK_TIMEOUT: a sync copy's Flush left unacknowledged
-/// that long drops the link, and a buffered copy's fsync grows with what
-/// was written since the last one. Bits clear later under such a load; a
-/// client's FLUSH or FUA is sent at once as ever, and nothing about what is
-/// acknowledged, or when a bit may clear, changes.
+/// before it), up to the spacing limit: CLEAN_INTERVAL_MAX, or less when
+/// the last one was slow for the time before it, so that the next would
+/// take about CLEAN_FLUSH_BUDGET if a Flush took time in proportion to
+/// the time before it (a buffered copy's fsync writes back what came since
+/// the last one; a sync copy's Flush left unacknowledged for ACK_TIMEOUT
+/// drops the link). Bits clear later under such a load; a client's FLUSH
+/// or FUA is sent at once as ever, and nothing about what is acknowledged,
+/// or when a bit may clear, changes.
 const CLEAN_FLUSH_SPACING: u64 = 10;
-const CLEAN_INTERVAL_MAX: Duration = Duration::from_secs(2);
+const CLEAN_INTERVAL_MAX: Duration = Duration::from_secs(10);
+const CLEAN_FLUSH_BUDGET: Duration = Duration::from_millis(ACK_TIMEOUT.as_millis() as u64 / 4);
+/// A clearing Flush that is due is put off while fewer than one in
+/// CLEAN_YIELD_FRACTION of its candidates could clear, because writes
+/// rewrote the others since their snapshot (a load that rewrites the whole
+/// volume, or its hot set, every few seconds): it would stop the copy's
+/// disk and clear next to nothing. It goes anyway once the link was quiet
+/// for CLEAN_INTERVAL, and at the spacing limit.
+const CLEAN_YIELD_FRACTION: usize = 8;
 /// Frames taken off the queue per send round.
 const SEND_BATCH_FRAMES: usize = 64;
 /// The most payload a writer sends itself on an idle link
@@ -304,6 +313,9 @@ struct Snapshot {
     /// are durable here once a sync numbered above this has completed (see
     /// `local_sync.rs`).
     mark: u64,
+    /// The time since the Flush with a snapshot before this one, when it
+    /// was taken.
+    gap_ms: u64,
 }
 
 /// A frame waiting to be sent, and after it what its acknowledgement does.
@@ -508,6 +520,12 @@ pub(crate) struct LinkCore<H, V> {
     /// owes if that was later, to its acknowledgement (see
     /// CLEAN_FLUSH_SPACING); 0 on a new connection.
     clean_flush_ms: u64,
+    /// The time before that Flush since the one before it (its snapshot's
+    /// `gap_ms`).
+    clean_gap_ms: u64,
+    /// When a due clearing Flush was last put off: looked at again
+    /// CLEAN_INTERVAL later (see CLEAN_YIELD_FRACTION).
+    clean_put_off_ms: Option<u64>,
     last_sent_ms: u64,
     /// When the sender looks at the queue next, by the last wait it was
     /// told (now, while it is not waiting).
@@ -585,6 +603,8 @@ impl<H, V> LinkCore<H, V> {
             resync_sent_bytes: 0,
             last_flush_ms: 0,
             clean_flush_ms: 0,
+            clean_gap_ms: 0,
+            clean_put_off_ms: None,
             last_sent_ms: 0,
             sender_due_ms: 0,
             up_to_date_ms: None,
@@ -972,7 +992,9 @@ impl<H, V> LinkCore<H, V> {
     /// frames keep going out. Candidates no sync covers in time wait for a
     /// later Flush.
     fn take_snapshot(&mut self, now_ms: u64) -> Snapshot {
+        let gap_ms = now_ms.saturating_sub(self.last_flush_ms);
         self.last_flush_ms = now_ms;
+        self.clean_put_off_ms = None;
         let regions: Vec<u64> = self.touched.drain().collect();
         // Read after the drain, under the link lock that every ship takes to
         // touch a region: each write to these regions completed before it,
@@ -1004,7 +1026,7 @@ impl<H, V> LinkCore<H, V> {
         if might_clear && sync_allowed && self.config.local_sync.request_after(previous) {
             self.last_local_sync_ms = Some(now_ms);
         }
-        Snapshot { regions, mark: self.snapshot_mark }
+        Snapshot { regions, mark: self.snapshot_mark, gap_ms }
     }
 }
 
@@ -1129,6 +1151,8 @@ impl<H, V> LinkCore<H, V> {
         self.last_sent_ms = now_ms;
         self.last_ack_ms = now_ms;
         self.clean_flush_ms = 0;
+        self.clean_gap_ms = 0;
+        self.clean_put_off_ms = None;
         self.ack_seen = false;
         self.controller.connected(now_ms);
         self.resync_pending.clear_all();
@@ -1499,9 +1523,11 @@ impl<H, V> LinkCore<H, V> {
         // unacknowledged: the copy would wait for that one's fsync before it
         // started the next, and every frame behind it with it (on a busy
         // disk an fsync can take longer than the interval).
-        let flush_due = !(self.touched.is_empty() && self.clear_candidates.is_empty())
+        let may_clear = !self.touched.is_empty() || !self.clear_candidates.is_empty();
+        let flush_due = may_clear
             && now_ms.saturating_sub(self.last_flush_ms) >= self.clean_interval_ms(now_ms)
-            && !self.unacked.iter().any(|unacked| unacked.frame.kind == FrameKind::Flush);
+            && !self.unacked.iter().any(|unacked| unacked.frame.kind == FrameKind::Flush)
+            && !self.clearing_put_off(now_ms);
         if flush_due {
             self.queue_flush(false, now_ms);
             return self.take_batch(now_ms);
@@ -1778,13 +1804,52 @@ impl<H, V> LinkCore<H, V> {
 
     /// How long after the last Flush the next one for clearing is due:
     /// CLEAN_INTERVAL, or while frames keep going out, CLEAN_FLUSH_SPACING
-    /// times what the last one took the copy (at most CLEAN_INTERVAL_MAX).
+    /// times what the last one took the copy (at most the spacing limit).
     fn clean_interval_ms(&self, now_ms: u64) -> u64 {
         let base = CLEAN_INTERVAL.as_millis() as u64;
         if now_ms.saturating_sub(self.last_sent_ms) >= base {
             return base;
         }
-        self.clean_flush_ms.saturating_mul(CLEAN_FLUSH_SPACING).clamp(base, CLEAN_INTERVAL_MAX.as_millis() as u64)
+        self.clean_flush_ms.saturating_mul(CLEAN_FLUSH_SPACING).min(self.spacing_limit_ms()).max(base)
+    }
+
+    /// Whether a clearing Flush due by the clock waits (see
+    /// CLEAN_YIELD_FRACTION): writes rewrote all but a few of the regions
+    /// it would clear, the link is busy, and the last Flush is recent
+    /// enough. Counted once per CLEAN_INTERVAL while put off.
+    fn clearing_put_off(&mut self, now_ms: u64) -> bool {
+        let base = CLEAN_INTERVAL.as_millis() as u64;
+        let since_ms = now_ms.saturating_sub(self.last_flush_ms);
+        if self.clear_candidates.is_empty()
+            || now_ms.saturating_sub(self.last_sent_ms) >= base
+            || since_ms >= self.spacing_limit_ms()
+        {
+            return false;
+        }
+        if self.clean_put_off_ms.is_some_and(|put_off| now_ms.saturating_sub(put_off) < base) {
+            return true;
+        }
+        let needed = self.clear_candidates.len().div_ceil(CLEAN_YIELD_FRACTION);
+        let clearable = self
+            .clear_candidates
+            .iter()
+            .filter(|&&(region, _)| !self.touched.contains(&region) && !self.resync_pending.contains(region))
+            .take(needed)
+            .count();
+        let put_off = clearable < needed;
+        self.clean_put_off_ms = put_off.then_some(now_ms);
+        put_off
+    }
+
+    /// The spacing limit: how long after the last Flush the next one for
+    /// clearing may wait while the link is busy (CLEAN_FLUSH_SPACING).
+    fn spacing_limit_ms(&self) -> u64 {
+        let most = CLEAN_INTERVAL_MAX.as_millis() as u64;
+        if self.clean_flush_ms == 0 {
+            return most;
+        }
+        let budget = CLEAN_FLUSH_BUDGET.as_millis() as u64;
+        (self.clean_gap_ms.saturating_mul(budget) / self.clean_flush_ms).min(most)
     }
 
     fn queue_flush(&mut self, ends_resync: bool, now_ms: u64) {
@@ -1850,6 +1915,7 @@ impl<H, V> LinkCore<H, V> {
         // lost connection forgets the candidates, so every snapshot is current.)
         if let Some(snapshot) = acked.snapshot {
             self.clean_flush_ms = now_ms.saturating_sub(sent_at_ms.max(front_since_ms));
+            self.clean_gap_ms = snapshot.gap_ms;
             let cleared = self.clear_after_flush(snapshot, in_flight);
             if !cleared.is_empty() {
                 self.progress = true;
@@ -1941,7 +2007,7 @@ impl<H, V> LinkCore<H, V> {
     /// candidates for the next one. This snapshot's regions are the next
     /// candidates.
     fn clear_after_flush(&mut self, snapshot: Snapshot, in_flight: &mut dyn FnMut(u64) -> bool) -> Vec<u64> {
-        let Snapshot { regions, mark } = snapshot;
+        let Snapshot { regions, mark, .. } = snapshot;
         let candidates = std::mem::take(&mut self.clear_candidates);
         let mut cleared = Vec::new();
         let mut quiet = Vec::new();

@@ -514,11 +514,13 @@ fn a_periodic_flush_waits_until_the_one_before_is_acknowledged() {
 /// A Flush for clearing holds every write behind it on the copy while its
 /// disk writes back. While writes keep the link busy, the next one waits
 /// CLEAN_FLUSH_SPACING times as long as the last one took the copy (150 ms
-/// here: 1.5 s), and never longer than CLEAN_INTERVAL_MAX (a Flush of 1 s:
-/// 2 s, not 10). A Flush is timed from when it reached the front of what
-/// the copy owes: the writes before it do not count. Once the link was
-/// quiet for CLEAN_INTERVAL, the next goes CLEAN_INTERVAL after the last,
-/// as before.
+/// here: 1.5 s), but no longer than would make the next take about
+/// CLEAN_FLUSH_BUDGET if Flushes took time in proportion to the time
+/// before them (750 ms after 1.5 s: 2.5 s, not 7.5). A Flush is timed from
+/// when it reached the front of what the copy owes: the writes before it
+/// do not count. Once the link was quiet for CLEAN_INTERVAL, the next goes
+/// CLEAN_INTERVAL after the last, as before. (The writes change regions
+/// between Flushes, so that each Flush has bits to clear.)
 #[test]
 fn a_slow_clearing_flush_spaces_the_next_while_writes_keep_coming() {
     let mut core = up_to_date(MirrorMode::Sync, 0);
@@ -529,10 +531,11 @@ fn a_slow_clearing_flush_spaces_the_next_while_writes_keep_coming() {
         ack_at(core, FrameKind::FlushAck, *sequence, sent_ms + took_ms, &mut nothing_in_flight());
         *sequence += 1;
     };
-    // A write every 100 ms until `due_ms`, and between them no Flush.
-    let writes_until = |core: &mut TestCore, from_ms: u64, due_ms: u64, sequence: &mut u64| {
+    // A write to `region` every 100 ms until `due_ms`, and between them no
+    // Flush.
+    let writes_until = |core: &mut TestCore, region: u64, from_ms: u64, due_ms: u64, sequence: &mut u64| {
         for now_ms in (from_ms..due_ms).step_by(100) {
-            write_acked_at(core, 4, 100 + *sequence, *sequence, now_ms);
+            write_acked_at(core, region, 100 + *sequence, *sequence, now_ms);
             *sequence += 1;
             assert_eq!(frames_sent(core.poll_send(now_ms + 99)), vec![], "a Flush before {due_ms} ms");
         }
@@ -545,17 +548,81 @@ fn a_slow_clearing_flush_spaces_the_next_while_writes_keep_coming() {
     ack_at(&mut core, FrameKind::WriteAck, 3, CLEAN_MS + 300, &mut nothing_in_flight());
     ack_at(&mut core, FrameKind::FlushAck, 4, CLEAN_MS + 450, &mut nothing_in_flight());
     let mut sequence = 5;
-    writes_until(&mut core, CLEAN_MS + 500, CLEAN_MS + 1500, &mut sequence);
-    // That one takes 1 s: the next is due 2 s after it was sent, not 10.
-    flush_taking(&mut core, CLEAN_MS + 1500, 1000, &mut sequence);
-    writes_until(&mut core, CLEAN_MS + 2500, CLEAN_MS + 3500, &mut sequence);
-    flush_taking(&mut core, CLEAN_MS + 3500, 1000, &mut sequence);
+    writes_until(&mut core, 5, CLEAN_MS + 500, CLEAN_MS + 1500, &mut sequence);
+    // That one takes 750 ms, 1.5 s after the last: the next is due 2.5 s
+    // after it was sent, not 7.5.
+    flush_taking(&mut core, CLEAN_MS + 1500, 750, &mut sequence);
+    writes_until(&mut core, 4, CLEAN_MS + 2300, CLEAN_MS + 4000, &mut sequence);
+    flush_taking(&mut core, CLEAN_MS + 4000, 750, &mut sequence);
     // A last write, then quiet: the next Flush is due CLEAN_INTERVAL after
     // the last one was sent, once the link was quiet for CLEAN_INTERVAL.
-    write_acked_at(&mut core, 4, 3, sequence, CLEAN_MS + 4500);
+    write_acked_at(&mut core, 5, 3, sequence, CLEAN_MS + 4800);
     sequence += 1;
-    assert_eq!(frames_sent(core.poll_send(CLEAN_MS + 4500 + CLEAN_MS - 1)), vec![], "the link was busy");
-    flush_taking(&mut core, CLEAN_MS + 4500 + CLEAN_MS, 10, &mut sequence);
+    assert_eq!(frames_sent(core.poll_send(CLEAN_MS + 4800 + CLEAN_MS - 1)), vec![], "the link was busy");
+    flush_taking(&mut core, CLEAN_MS + 4800 + CLEAN_MS, 10, &mut sequence);
+}
+
+/// A clearing Flush whose candidates writes have all rewritten since would
+/// clear nothing and still stop the copy's disk while it writes back: it
+/// waits while the link stays busy, up to CLEAN_INTERVAL_MAX after the last
+/// one, or less after a slow one (a Flush of 2.5 s after 10 s: 5 s, the
+/// time that would make the next one take CLEAN_FLUSH_BUDGET). It goes at
+/// the usual time once one candidate in CLEAN_YIELD_FRACTION could clear,
+/// or once the link was quiet for CLEAN_INTERVAL.
+#[test]
+fn a_clearing_flush_that_would_clear_nothing_waits_while_writes_rewrite_its_regions() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    let mut sequence = 2;
+    // Writes to `regions`, each acknowledged, every 100 ms from `from_ms`
+    // until `until_ms`; no Flush goes meanwhile.
+    let rewrites = |core: &mut TestCore, regions: &[u64], from_ms: u64, until_ms: u64, sequence: &mut u64| {
+        for now_ms in (from_ms..until_ms).step_by(100) {
+            for &region in regions {
+                write_acked_at(core, region, 100 + *sequence, *sequence, now_ms);
+                *sequence += 1;
+            }
+            assert_eq!(frames_sent(core.poll_send(now_ms + 99)), vec![], "a Flush before {until_ms} ms");
+        }
+    };
+    let flush_taking = |core: &mut TestCore, sent_ms: u64, took_ms: u64, sequence: &mut u64| {
+        assert_eq!(frames_sent(core.poll_send(sent_ms)), vec![(FrameKind::Flush, *sequence)], "at {sent_ms} ms");
+        let mut commands = ack_at(core, FrameKind::FlushAck, *sequence, sent_ms + took_ms, &mut nothing_in_flight());
+        *sequence += 1;
+        for command in &mut commands {
+            if let Command::ClearBits(regions) = command {
+                regions.sort_unstable();
+            }
+        }
+        commands
+    };
+    let all: Vec<u64> = (1..=8).collect();
+    rewrites(&mut core, &all, 0, CLEAN_MS, &mut sequence);
+    // Regions 1 to 8 become the candidates; the Flush took 10 ms.
+    assert_eq!(flush_taking(&mut core, CLEAN_MS, 10, &mut sequence), vec![]);
+    // Rewritten every 100 ms: no Flush at 1 s, nor at 2 s, but 10 s after
+    // the last one.
+    rewrites(&mut core, &all, CLEAN_MS + 100, CLEAN_MS + 10_000, &mut sequence);
+    assert_eq!(flush_taking(&mut core, CLEAN_MS + 10_000, 2_500, &mut sequence), vec![]);
+    // That one took 2.5 s after 10 s: the next waits 5 s, not 10.
+    rewrites(&mut core, &all, CLEAN_MS + 10_100, CLEAN_MS + 15_000, &mut sequence);
+    assert_eq!(flush_taking(&mut core, CLEAN_MS + 15_000, 10, &mut sequence), vec![]);
+    // Only region 1 rewritten now: seven of the eight candidates could
+    // clear, and the next Flush is due CLEAN_INTERVAL after the last.
+    rewrites(&mut core, &[1], CLEAN_MS + 15_100, 2 * CLEAN_MS + 15_000, &mut sequence);
+    assert_eq!(
+        flush_taking(&mut core, 2 * CLEAN_MS + 15_000, 10, &mut sequence),
+        vec![Command::ClearBits(vec![2, 3, 4, 5, 6, 7, 8])]
+    );
+    // Region 1 alone, rewritten: put off again, until the link is quiet
+    // for CLEAN_INTERVAL; then it goes and the one after clears region 1.
+    rewrites(&mut core, &[1], 2 * CLEAN_MS + 15_100, 2 * CLEAN_MS + 18_000, &mut sequence);
+    let last_write_ms = 2 * CLEAN_MS + 17_900;
+    assert_eq!(frames_sent(core.poll_send(last_write_ms + CLEAN_MS - 1)), vec![], "the link was busy");
+    assert_eq!(flush_taking(&mut core, last_write_ms + CLEAN_MS, 10, &mut sequence), vec![]);
+    assert_eq!(
+        flush_taking(&mut core, last_write_ms + 2 * CLEAN_MS, 10, &mut sequence),
+        vec![Command::ClearBits(vec![1])]
+    );
 }
 
 /// `--assume-clean`: dirty regions need no resync when both stores hold no
