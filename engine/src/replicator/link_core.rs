@@ -84,21 +84,24 @@ const CLEAN_INTERVAL: Duration = Duration::from_millis(500);
 /// next Flush for clearing waits at least this many times as long as the
 /// last one took the copy (at the front of what it owes: not the writes
 /// before it), up to the spacing limit: CLEAN_INTERVAL_MAX, or less when
-/// the last one was slow for the time before it, so that the next would
-/// take about CLEAN_FLUSH_BUDGET if a Flush took time in proportion to
-/// the time before it (a buffered copy's fsync writes back what came since
-/// the last one; a sync copy's Flush left unacknowledged for ACK_TIMEOUT
-/// drops the link). Bits clear later under such a load; a client's FLUSH
-/// or FUA is sent at once as ever, and nothing about what is acknowledged,
-/// or when a bit may clear, changes.
+/// the last one was slow for the busy time before it, so that the next
+/// would take about CLEAN_FLUSH_BUDGET if a Flush took time in proportion
+/// to the writing since the last one (a buffered copy's fsync writes back
+/// what came since; a sync copy's Flush left unacknowledged for ACK_TIMEOUT
+/// drops the link), but never less than CLEAN_SPACING_FLOOR (the fixed cap
+/// of before: a Flush whose cost does not grow with the time before it
+/// would otherwise run back to back). Bits clear later under such a load;
+/// a client's FLUSH or FUA is sent at once as ever, and nothing about what
+/// is acknowledged, or when a bit may clear, changes.
 const CLEAN_FLUSH_SPACING: u64 = 10;
 const CLEAN_INTERVAL_MAX: Duration = Duration::from_secs(10);
+const CLEAN_SPACING_FLOOR: Duration = Duration::from_secs(2);
 const CLEAN_FLUSH_BUDGET: Duration = Duration::from_millis(ACK_TIMEOUT.as_millis() as u64 / 4);
 /// A clearing Flush that is due is put off while fewer than one in
 /// CLEAN_YIELD_FRACTION of its candidates could clear, because writes
 /// rewrote the others since their snapshot (a load that rewrites the whole
-/// volume, or its hot set, every few seconds): it would stop the copy's
-/// disk and clear next to nothing. It goes anyway once the link was quiet
+/// volume, or its hot set, every few seconds) or they wait for a resync
+/// pass: it would stop the copy's disk and clear next to nothing. It goes anyway once the link was quiet
 /// for CLEAN_INTERVAL, and at the spacing limit.
 const CLEAN_YIELD_FRACTION: usize = 8;
 /// Frames taken off the queue per send round.
@@ -313,8 +316,8 @@ struct Snapshot {
     /// are durable here once a sync numbered above this has completed (see
     /// `local_sync.rs`).
     mark: u64,
-    /// The time since the Flush with a snapshot before this one, when it
-    /// was taken.
+    /// The time the link was busy since the Flush with a snapshot before
+    /// this one, when it was taken (`busy_since_ms`).
     gap_ms: u64,
 }
 
@@ -527,6 +530,10 @@ pub(crate) struct LinkCore<H, V> {
     /// CLEAN_INTERVAL later (see CLEAN_YIELD_FRACTION).
     clean_put_off_ms: Option<u64>,
     last_sent_ms: u64,
+    /// When frames started going out again after the link was quiet for
+    /// longer than CLEAN_INTERVAL, or the connection began: idle time writes nothing
+    /// a Flush must write back, so the flush budget does not count it.
+    busy_since_ms: u64,
     /// When the sender looks at the queue next, by the last wait it was
     /// told (now, while it is not waiting).
     sender_due_ms: u64,
@@ -606,6 +613,7 @@ impl<H, V> LinkCore<H, V> {
             clean_gap_ms: 0,
             clean_put_off_ms: None,
             last_sent_ms: 0,
+            busy_since_ms: 0,
             sender_due_ms: 0,
             up_to_date_ms: None,
             last_ack_ms: 0,
@@ -992,7 +1000,7 @@ impl<H, V> LinkCore<H, V> {
     /// frames keep going out. Candidates no sync covers in time wait for a
     /// later Flush.
     fn take_snapshot(&mut self, now_ms: u64) -> Snapshot {
-        let gap_ms = now_ms.saturating_sub(self.last_flush_ms);
+        let gap_ms = now_ms.saturating_sub(self.last_flush_ms.max(self.busy_since(now_ms)));
         self.last_flush_ms = now_ms;
         self.clean_put_off_ms = None;
         let regions: Vec<u64> = self.touched.drain().collect();
@@ -1149,6 +1157,7 @@ impl<H, V> LinkCore<H, V> {
         self.ending = None;
         self.progress = false;
         self.last_sent_ms = now_ms;
+        self.busy_since_ms = now_ms;
         self.last_ack_ms = now_ms;
         self.clean_flush_ms = 0;
         self.clean_gap_ms = 0;
@@ -1627,6 +1636,7 @@ impl<H, V> LinkCore<H, V> {
             });
             self.unacked.push_back(Unacked { sequence, sent_at_ms: now_ms, frame });
         }
+        self.busy_since_ms = self.busy_since(now_ms);
         self.last_sent_ms = now_ms;
         frames
     }
@@ -1841,6 +1851,16 @@ impl<H, V> LinkCore<H, V> {
         put_off
     }
 
+    /// When the link became busy, for frames going out at `now_ms`: now,
+    /// after it was quiet for longer than CLEAN_INTERVAL.
+    fn busy_since(&self, now_ms: u64) -> u64 {
+        if now_ms.saturating_sub(self.last_sent_ms) > CLEAN_INTERVAL.as_millis() as u64 {
+            now_ms
+        } else {
+            self.busy_since_ms
+        }
+    }
+
     /// The spacing limit: how long after the last Flush the next one for
     /// clearing may wait while the link is busy (CLEAN_FLUSH_SPACING).
     fn spacing_limit_ms(&self) -> u64 {
@@ -1849,7 +1869,8 @@ impl<H, V> LinkCore<H, V> {
             return most;
         }
         let budget = CLEAN_FLUSH_BUDGET.as_millis() as u64;
-        (self.clean_gap_ms.saturating_mul(budget) / self.clean_flush_ms).min(most)
+        let least = CLEAN_SPACING_FLOOR.as_millis() as u64;
+        (self.clean_gap_ms.saturating_mul(budget) / self.clean_flush_ms).clamp(least, most)
     }
 
     fn queue_flush(&mut self, ends_resync: bool, now_ms: u64) {

@@ -562,6 +562,59 @@ fn a_slow_clearing_flush_spaces_the_next_while_writes_keep_coming() {
     flush_taking(&mut core, CLEAN_MS + 4800 + CLEAN_MS, 10, &mut sequence);
 }
 
+/// The flush budget counts the time the link was busy before a Flush, not
+/// the quiet before it: after a minute of quiet, a burst's first Flush
+/// that takes 1 s makes the next wait the floor of 2 s, not 10 (were the
+/// minute counted, the budget would allow far more than 10 s). And a Flush
+/// that takes 1.5 s after 1 s of writing does not bring the next under
+/// CLEAN_SPACING_FLOOR (the budget alone would allow 0.83 s): a Flush that
+/// costs the same whatever came before it must not run back to back.
+#[test]
+fn the_flush_budget_counts_busy_time_and_keeps_a_floor() {
+    let mut core = up_to_date(MirrorMode::Sync, 0);
+    let mut sequence = 2;
+    write_acked_at(&mut core, 2, 100, sequence, 0);
+    sequence += 1;
+    // Region 2 clears over two quick Flushes; then the link is quiet.
+    for (sent_ms, cleared) in [(CLEAN_MS, vec![]), (2 * CLEAN_MS, vec![Command::ClearBits(vec![2])])] {
+        assert_eq!(frames_sent(core.poll_send(sent_ms)), vec![(FrameKind::Flush, sequence)]);
+        assert_eq!(ack_at(&mut core, FrameKind::FlushAck, sequence, sent_ms + 10, &mut nothing_in_flight()), cleared);
+        sequence += 1;
+    }
+    // A minute later a burst: a Flush follows its first write at once,
+    // and the copy takes 990 ms over it once the write is acknowledged.
+    let burst_ms = 60_000;
+    assert_eq!(ship(&mut core, 4, Some(1), burst_ms), vec![]);
+    assert_eq!(frames_sent(core.poll_send(burst_ms)), vec![(FrameKind::Write, sequence)]);
+    assert_eq!(frames_sent(core.poll_send(burst_ms)), vec![(FrameKind::Flush, sequence + 1)]);
+    ack_at(&mut core, FrameKind::WriteAck, sequence, burst_ms + 10, &mut nothing_in_flight());
+    ack_at(&mut core, FrameKind::FlushAck, sequence + 1, burst_ms + 1000, &mut nothing_in_flight());
+    sequence += 2;
+    // Writes every 100 ms (acknowledged at once; a Flush outstanding is
+    // acknowledged at its time) from `from_ms`, and no Flush before
+    // `due_ms`; then the Flush, taking `took_ms`.
+    let mut outstanding: Option<(u64, u64)> = None;
+    let mut writes_then_flush = |core: &mut TestCore, region: u64, from_ms: u64, due_ms: u64, took_ms: u64| {
+        for now_ms in (from_ms..due_ms).step_by(100) {
+            if let Some((flush, ack_ms)) = outstanding.filter(|&(_, ack_ms)| ack_ms <= now_ms) {
+                ack_at(core, FrameKind::FlushAck, flush, ack_ms, &mut nothing_in_flight());
+                outstanding = None;
+            }
+            write_acked_at(core, region, 100 + sequence, sequence, now_ms);
+            sequence += 1;
+            assert_eq!(frames_sent(core.poll_send(now_ms + 99)), vec![], "a Flush before {due_ms} ms");
+        }
+        assert_eq!(frames_sent(core.poll_send(due_ms)), vec![(FrameKind::Flush, sequence)], "at {due_ms} ms");
+        outstanding = Some((sequence, due_ms + took_ms));
+        sequence += 1;
+    };
+    // Due 2 s after the burst's first Flush, not 9.9 s.
+    writes_then_flush(&mut core, 5, burst_ms + 1000, burst_ms + 2000, 1500);
+    // That one took 1.5 s after 1 s of writing: the next is due 2 s after
+    // it, not 0.83 s.
+    writes_then_flush(&mut core, 4, burst_ms + 2100, burst_ms + 4000, 10);
+}
+
 /// A clearing Flush whose candidates writes have all rewritten since would
 /// clear nothing and still stop the copy's disk while it writes back: it
 /// waits while the link stays busy, up to CLEAN_INTERVAL_MAX after the last
