@@ -101,8 +101,9 @@ const CLEAN_FLUSH_BUDGET: Duration = Duration::from_millis(ACK_TIMEOUT.as_millis
 /// CLEAN_YIELD_FRACTION of its candidates could clear, because writes
 /// rewrote the others since their snapshot (a load that rewrites the whole
 /// volume, or its hot set, every few seconds) or they wait for a resync
-/// pass: it would stop the copy's disk and clear next to nothing. It goes anyway once the link was quiet
-/// for CLEAN_INTERVAL, and at the spacing limit.
+/// pass: it would stop the copy's disk and clear next to nothing. It goes
+/// anyway once the link was quiet for CLEAN_INTERVAL, and at the spacing
+/// limit.
 const CLEAN_YIELD_FRACTION: usize = 8;
 /// Frames taken off the queue per send round.
 const SEND_BATCH_FRAMES: usize = 64;
@@ -531,8 +532,9 @@ pub(crate) struct LinkCore<H, V> {
     clean_put_off_ms: Option<u64>,
     last_sent_ms: u64,
     /// When frames started going out again after the link was quiet for
-    /// longer than CLEAN_INTERVAL, or the connection began: idle time writes nothing
-    /// a Flush must write back, so the flush budget does not count it.
+    /// longer than CLEAN_INTERVAL, or the connection began: idle time
+    /// writes nothing a Flush must write back, so the flush budget does not
+    /// count it.
     busy_since_ms: u64,
     /// When the sender looks at the queue next, by the last wait it was
     /// told (now, while it is not waiting).
@@ -1817,7 +1819,7 @@ impl<H, V> LinkCore<H, V> {
     /// times what the last one took the copy (at most the spacing limit).
     fn clean_interval_ms(&self, now_ms: u64) -> u64 {
         let base = CLEAN_INTERVAL.as_millis() as u64;
-        if now_ms.saturating_sub(self.last_sent_ms) >= base {
+        if self.link_quiet(now_ms) {
             return base;
         }
         self.clean_flush_ms.saturating_mul(CLEAN_FLUSH_SPACING).min(self.spacing_limit_ms()).max(base)
@@ -1830,10 +1832,7 @@ impl<H, V> LinkCore<H, V> {
     fn clearing_put_off(&mut self, now_ms: u64) -> bool {
         let base = CLEAN_INTERVAL.as_millis() as u64;
         let since_ms = now_ms.saturating_sub(self.last_flush_ms);
-        if self.clear_candidates.is_empty()
-            || now_ms.saturating_sub(self.last_sent_ms) >= base
-            || since_ms >= self.spacing_limit_ms()
-        {
+        if self.clear_candidates.is_empty() || self.link_quiet(now_ms) || since_ms >= self.spacing_limit_ms() {
             return false;
         }
         if self.clean_put_off_ms.is_some_and(|put_off| now_ms.saturating_sub(put_off) < base) {
@@ -1849,6 +1848,12 @@ impl<H, V> LinkCore<H, V> {
         let put_off = clearable < needed;
         self.clean_put_off_ms = put_off.then_some(now_ms);
         put_off
+    }
+
+    /// Whether nothing went out for CLEAN_INTERVAL: clearing goes back to
+    /// its base interval, and nothing is put off.
+    fn link_quiet(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.last_sent_ms) >= CLEAN_INTERVAL.as_millis() as u64
     }
 
     /// When the link became busy, for frames going out at `now_ms`: now,
