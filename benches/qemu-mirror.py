@@ -58,15 +58,7 @@ each workload starts with the volume written back and dropped from the page cach
 (fdatasync + POSIX_FADV_DONTNEED), so 4k writes find small folios: each workload starts from the
 same state, whatever ran before it.
 
-Dirty pages: with SETTLE=sync (the default since the nineteenth session) each workload starts with
-a `sync`, so nothing written by an earlier run (another configuration's, whose pages the kernel
-would write back 30 s later) is written back during it; the page cache stays as it was. Without
-it (SETTLE=none, as before) that writeback lands on the disk in the middle of a later run, and on
-a virtual disk whose cache flush writes back everything the guest wrote since the last one, a
-crossmirror copy's clearing Flush pays for it; QEMU's mirror never flushes its target. On a real
-pair of hosts the copy's flush covers only the copy's own disk.
-
-Environment: ROUNDS [3], RUNTIME [8] s per fio run, CONFIGS [all four], CACHE [warm], SETTLE [sync],
+Environment: ROUNDS [3], RUNTIME [8] s per fio run, CONFIGS [all four], CACHE [warm],
 WORKLOADS ["4k-randwrite-qd32 1M-seqwrite-qd8 4k-randwrite-qd1
 4k-randwrite-qd1-16M"], CM_BIN
 [$CARGO_TARGET_DIR or target, /release/crossmirror; built unless given],
@@ -97,7 +89,6 @@ WORKLOADS = os.environ.get(
     "WORKLOADS", "4k-randwrite-qd32 1M-seqwrite-qd8 4k-randwrite-qd1 4k-randwrite-qd1-16M").split()
 OUT = os.environ.get("OUT", "")
 COLD = os.environ.get("CACHE", "warm") == "cold"
-SETTLE = os.environ.get("SETTLE", "sync") == "sync"
 SIZE = 1 << 30
 QD1 = "4k-randwrite-qd1"
 # QD1 workloads and the area they write: the whole volume (issue 12's row), and a 16 MiB area
@@ -530,8 +521,6 @@ def measure(scratch, binary, commit):
                 for workload in WORKLOADS:
                     if COLD:
                         mirror.drop_cached(volume)
-                    if SETTLE:
-                        subprocess.run(["sync"], check=True)
                     if workload in QD1_AREAS:
                         iops, p50, p99 = fio_qd1(setup.uri, QD1_AREAS[workload])
                         results.setdefault((config, workload), []).append(p50)
@@ -563,7 +552,7 @@ def render(results, tails, floor, flushes, proofs, load, commit, binary, elapsed
         f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} — crossmirror sync mirror vs QEMU write-blocking "
         f"mirror, and the QD1 floor (commit {commit})",
         "",
-        f"- command: `CM_BIN={binary} CACHE={'cold' if COLD else 'warm'} SETTLE={'sync' if SETTLE else 'none'} ROUNDS={ROUNDS} RUNTIME={RUNTIME} "
+        f"- command: `CM_BIN={binary} CACHE={'cold' if COLD else 'warm'} ROUNDS={ROUNDS} RUNTIME={RUNTIME} "
         f"CONFIGS='{' '.join(CONFIGS)}' "
         f"WORKLOADS='{' '.join(WORKLOADS)}' /usr/bin/python3 benches/qemu-mirror.py` ({elapsed / 60:.0f} min)",
         f"- machine: {os.cpu_count()} CPUs, shared; /proc/loadavg (1/5/15 min) at start {' '.join(load['start'])}, "
@@ -572,9 +561,7 @@ def render(results, tails, floor, flushes, proofs, load, commit, binary, elapsed
         "(buffered on both sides); copies on 127.0.0.2 written with O_DIRECT (crossmirror `--direct`, QEMU "
         "target `cache.direct=on`), both aio io_uring; the volume's page cache "
         + ("written back and dropped before each workload (CACHE=cold)" if COLD else
-           "as the dd fill and the earlier workloads left it (CACHE=warm)")
-        + ("; every dirty page written back (`sync`) before each workload (SETTLE=sync)" if SETTLE else
-           "; dirty pages of earlier runs left to the kernel's writeback (SETTLE=none)"),
+           "as the dd fill and the earlier workloads left it (CACHE=warm)"),
         "- proof, in every round before measuring: " + ", ".join(f"{c} proven synchronous {n}×" for c, n in
                                                                   sorted(proofs.items())) +
         " ((a) an acknowledged write is in the copy's file; (b) a write issued while the copy's process is "
